@@ -1,0 +1,160 @@
+//! The emulated NTB fabric, with the semantics of Linux `include/linux/ntb.h`.
+//!
+//! An NTB link joins two hosts. Each host has a physical address space ([`AddressSpace`]) of
+//! RAM regions and MMIO regions. The link offers, per side:
+//!
+//! - **inbound memory windows** ([`MemoryWindows`]): the owner translates window *i* onto a range
+//!   of its own bus addresses (`mw_set_trans`); the peer reaches that range through its
+//!   **outbound aperture** ([`PeerWindows`]). Accesses through an untranslated window or past a
+//!   window's translated size are errors, never stray accesses: windows are the isolation
+//!   boundary. RAM behind a window is reached by loads/stores; MMIO by posted writes and
+//!   non-posted reads delivered to the region's [`MmioHandler`] on the owning host, in order.
+//! - **doorbells** ([`Doorbells`]): a bit vector the peer sets; unmasked set bits wake waiters.
+//! - **scratchpads** ([`Scratchpads`]) and **message registers** ([`Messages`]).
+//! - **link state** ([`Link`]): up/down, with a dead peer seen as down within a bounded time.
+//!
+//! A direct mapping of a peer window ([`PeerWindows::peer_mw_direct`]) is a fast path that a
+//! backend *may* offer (shared memory does, TCP does not); callers never require it.
+#![warn(missing_docs)]
+
+mod address_space;
+mod error;
+
+pub use address_space::{AddressSpace, MmioHandler, Region, RegionKind, Resolved};
+pub use devlend_memory::{BusAddr, ByteRange, MemSpan, SharedMemory};
+pub use error::FabricError;
+
+use std::time::Duration;
+
+/// Result type of fabric calls.
+pub type Result<T> = std::result::Result<T, FabricError>;
+
+/// An offset inside a memory window (relative to the window's translated base).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WindowOffset(pub u64);
+
+/// Alignment and size limits of an inbound memory window (`ntb_mw_get_align`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MwAlign {
+    /// Required alignment of the translated bus address (a power of two).
+    pub addr_align: u64,
+    /// Required alignment of the translated size (a power of two).
+    pub size_align: u64,
+    /// Largest size the window can translate.
+    pub size_max: u64,
+}
+
+/// State of the link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Both sides are connected; windows, doorbells and registers work.
+    Up,
+    /// The peer is gone or not yet there; peer operations fail with [`FabricError::LinkDown`].
+    Down,
+}
+
+/// Link state and events (`ntb_link_is_up`, the `link_event` callback).
+pub trait Link {
+    /// Current state.
+    fn link_state(&self) -> LinkState;
+    /// Blocks until the link is in `want` or `timeout` passes ([`FabricError::Timeout`]).
+    fn wait_link(&self, want: LinkState, timeout: Duration) -> Result<()>;
+    /// A counter that increases on every up or down transition, so a caller can tell whether
+    /// the peer it set state up with is still the same connection.
+    fn link_generation(&self) -> u64;
+}
+
+/// This side's inbound memory windows, which the peer accesses (`ntb_mw_*`).
+pub trait MemoryWindows {
+    /// Number of inbound windows.
+    fn mw_count(&self) -> usize;
+    /// Alignment and size limits of window `window`.
+    fn mw_get_align(&self, window: usize) -> Result<MwAlign>;
+    /// Points window `window` at `size` bytes of this host's bus addresses from `addr`. The range
+    /// must respect [`MwAlign`] and lie inside one region of the local [`AddressSpace`].
+    fn mw_set_trans(&self, window: usize, addr: BusAddr, size: u64) -> Result<()>;
+    /// Removes the translation; later peer accesses through the window fail.
+    fn mw_clear_trans(&self, window: usize) -> Result<()>;
+}
+
+/// The peer's windows as reached through this side's outbound apertures (`ntb_peer_mw_*`).
+pub trait PeerWindows {
+    /// Number of outbound apertures (the peer's inbound windows).
+    fn peer_mw_count(&self) -> usize;
+    /// Bytes the peer currently translates behind window `window`
+    /// ([`FabricError::WindowNotTranslated`] when none).
+    fn peer_mw_size(&self, window: usize) -> Result<u64>;
+    /// Posted write of `data` at `offset` in the peer's window. Posted writes from this side
+    /// arrive in order; the call may return before the write lands.
+    fn peer_mw_write(&self, window: usize, offset: WindowOffset, data: &[u8]) -> Result<()>;
+    /// Non-posted read at `offset`; it does not pass this side's earlier posted writes to the
+    /// same window.
+    fn peer_mw_read(&self, window: usize, offset: WindowOffset, buf: &mut [u8]) -> Result<()>;
+    /// A direct load/store mapping of the window when it targets peer RAM and the backend can
+    /// map it (shared memory): `Ok(None)` means "use read/write". The span covers exactly the
+    /// translated size.
+    fn peer_mw_direct(&self, window: usize) -> Result<Option<MemSpan>>;
+}
+
+/// The doorbell register (`ntb_db_*`, `ntb_peer_db_set`).
+pub trait Doorbells {
+    /// Bits that exist.
+    fn db_valid_mask(&self) -> u64;
+    /// Currently set bits (masked or not).
+    fn db_read(&self) -> u64;
+    /// Clears `bits`.
+    fn db_clear(&self, bits: u64) -> Result<()>;
+    /// Currently masked bits.
+    fn db_read_mask(&self) -> u64;
+    /// Masks `bits`: they still latch but wake no one.
+    fn db_set_mask(&self, bits: u64) -> Result<()>;
+    /// Unmasks `bits`; a latched bit then wakes waiters.
+    fn db_clear_mask(&self, bits: u64) -> Result<()>;
+    /// Waits until any of `bits` is set and unmasked, returning those bits (not cleared), or
+    /// [`FabricError::Timeout`]. Fails with [`FabricError::LinkDown`] when the link goes down.
+    fn db_wait(&self, bits: u64, timeout: Duration) -> Result<u64>;
+    /// Sets `bits` in the peer's doorbell register.
+    fn peer_db_set(&self, bits: u64) -> Result<()>;
+}
+
+/// Scratchpad registers (`ntb_spad_*`, `ntb_peer_spad_*`).
+pub trait Scratchpads {
+    /// Number of scratchpads on each side.
+    fn spad_count(&self) -> usize;
+    /// Reads a local scratchpad.
+    fn spad_read(&self, index: usize) -> Result<u32>;
+    /// Writes a local scratchpad.
+    fn spad_write(&self, index: usize, value: u32) -> Result<()>;
+    /// Reads one of the peer's scratchpads.
+    fn peer_spad_read(&self, index: usize) -> Result<u32>;
+    /// Writes one of the peer's scratchpads.
+    fn peer_spad_write(&self, index: usize, value: u32) -> Result<()>;
+}
+
+/// Message registers (`ntb_msg_*`, `ntb_peer_msg_write`): a written message latches a status
+/// bit on the receiver until it is cleared.
+pub trait Messages {
+    /// Number of inbound (and outbound) message registers.
+    fn msg_count(&self) -> usize;
+    /// Status bits: bit *i* set means inbound register *i* holds an unread message.
+    fn msg_read_sts(&self) -> u64;
+    /// Reads inbound register `index` (does not clear its status bit).
+    fn msg_read(&self, index: usize) -> Result<u32>;
+    /// Clears status bits, freeing those registers for the peer's next message.
+    fn msg_clear_sts(&self, bits: u64) -> Result<()>;
+    /// Writes `value` into the peer's inbound register `index`; [`FabricError::MessageBusy`]
+    /// while the peer has not cleared the previous one.
+    fn peer_msg_write(&self, index: usize, value: u32) -> Result<()>;
+    /// Waits until any status bit in `bits` is set, returning the set ones.
+    fn msg_wait(&self, bits: u64, timeout: Duration) -> Result<u64>;
+}
+
+/// One side of an NTB link: everything `ntb.h` offers, composed of narrow traits.
+pub trait Ntb:
+    Link + MemoryWindows + PeerWindows + Doorbells + Scratchpads + Messages + Send + Sync
+{
+    /// This host's address space, which inbound windows translate onto.
+    fn address_space(&self) -> &AddressSpace;
+    /// Name of the backend ("loopback", "shm", "tcp"), for status output.
+    fn backend(&self) -> &'static str;
+}

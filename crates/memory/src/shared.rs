@@ -1,0 +1,537 @@
+//! Shared-memory mappings (memfd, `MAP_SHARED`) with bounds-checked, copy-based access.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Errors of shared-memory creation and access.
+#[derive(Debug, thiserror::Error)]
+pub enum MemError {
+    /// An access reached outside the mapping.
+    #[error("access of {len} bytes at offset {offset:#x} is outside a mapping of {size:#x} bytes")]
+    OutOfBounds {
+        /// Offset of the access.
+        offset: u64,
+        /// Length of the access.
+        len: u64,
+        /// Size of the mapping.
+        size: u64,
+    },
+    /// An atomic access was not naturally aligned.
+    #[error("atomic access at offset {offset:#x} is not {align}-byte aligned")]
+    Misaligned {
+        /// Offset of the access.
+        offset: u64,
+        /// Required alignment.
+        align: u64,
+    },
+    /// A mapping must have a non-zero size.
+    #[error("a mapping of zero bytes is not allowed")]
+    ZeroSize,
+    /// The operating system refused (memfd_create, ftruncate, mmap, pread, pwrite).
+    #[error("{op} failed: {source}")]
+    Os {
+        /// What was attempted.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file transfer stopped before the requested length.
+    #[error("{op} transferred {done} of {len} bytes")]
+    ShortTransfer {
+        /// pread or pwrite.
+        op: &'static str,
+        /// Bytes moved before the file ended.
+        done: usize,
+        /// Bytes requested.
+        len: usize,
+    },
+}
+
+fn os(op: &'static str) -> MemError {
+    MemError::Os {
+        op,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+/// A region of memory backed by a file descriptor (normally a memfd) and mapped `MAP_SHARED`,
+/// so that another process mapping the same descriptor sees the same bytes.
+///
+/// Access is by offset, bounds-checked, and never hands out references into the mapping.
+#[derive(Debug)]
+pub struct SharedMemory {
+    fd: OwnedFd,
+    fd_offset: u64,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all access goes through raw-pointer copies or
+// atomics, never through references, so concurrent use from several threads is sound.
+unsafe impl Send for SharedMemory {}
+// SAFETY: see `Send`: no method hands out a reference into the mapping.
+unsafe impl Sync for SharedMemory {}
+
+impl SharedMemory {
+    /// Creates a new zero-filled memfd of `len` bytes and maps it.
+    pub fn new(name: &str, len: usize) -> Result<Self, MemError> {
+        if len == 0 {
+            return Err(MemError::ZeroSize);
+        }
+        let cname = std::ffi::CString::new(name.replace('\0', "_")).unwrap_or_default();
+        // SAFETY: `cname` is a valid NUL-terminated string; the call has no other inputs.
+        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(os("memfd_create"));
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: `fd` is a valid memfd we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(os("ftruncate"));
+        }
+        Self::map(fd, 0, len)
+    }
+
+    /// Maps `len` bytes of `fd` from `fd_offset` (page-aligned), shared and writable.
+    pub fn map(fd: OwnedFd, fd_offset: u64, len: usize) -> Result<Self, MemError> {
+        if len == 0 {
+            return Err(MemError::ZeroSize);
+        }
+        // SAFETY: a fresh mapping chosen by the kernel (NULL hint); `fd` is valid for the call.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                fd_offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(os("mmap"));
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(MemError::ZeroSize)?;
+        Ok(Self {
+            fd,
+            fd_offset,
+            ptr,
+            len,
+        })
+    }
+
+    /// The backing descriptor, e.g. to pass to another process with `SCM_RIGHTS`.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// Offset of this mapping within its descriptor.
+    pub fn fd_offset(&self) -> u64 {
+        self.fd_offset
+    }
+
+    /// Size of the mapping in bytes.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<usize, MemError> {
+        let end = offset.checked_add(len as u64);
+        match end {
+            Some(end) if end <= self.len as u64 => Ok(offset as usize),
+            _ => Err(MemError::OutOfBounds {
+                offset,
+                len: len as u64,
+                size: self.len as u64,
+            }),
+        }
+    }
+
+    fn check_aligned(&self, offset: u64, size: usize) -> Result<usize, MemError> {
+        let off = self.check(offset, size)?;
+        if off % size != 0 {
+            return Err(MemError::Misaligned {
+                offset,
+                align: size as u64,
+            });
+        }
+        Ok(off)
+    }
+
+    /// Raw pointer to `offset`, after checking that `len` bytes from there are inside.
+    ///
+    /// For handing a destination or source to the kernel (`pread`, `pwrite`, `recv`) or to an
+    /// atomic; never turn it into a Rust reference to bytes other parties may write.
+    pub fn ptr_at(&self, offset: u64, len: usize) -> Result<*mut u8, MemError> {
+        let off = self.check(offset, len)?;
+        // SAFETY: `off + len <= self.len`, so the result stays inside the mapping.
+        Ok(unsafe { self.ptr.as_ptr().add(off) })
+    }
+
+    /// Copies `buf.len()` bytes from the mapping at `offset` into `buf`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let src = self.ptr_at(offset, buf.len())?;
+        // SAFETY: `src..src+len` is inside the mapping (checked); `buf` is a distinct local
+        // buffer, so the ranges cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into the mapping at `offset`.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), MemError> {
+        let dst = self.ptr_at(offset, data.len())?;
+        // SAFETY: `dst..dst+len` is inside the mapping (checked); `data` is a distinct buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    /// Fills `len` bytes at `offset` with `byte`.
+    pub fn fill(&self, offset: u64, len: usize, byte: u8) -> Result<(), MemError> {
+        let dst = self.ptr_at(offset, len)?;
+        // SAFETY: `dst..dst+len` is inside the mapping (checked).
+        unsafe { std::ptr::write_bytes(dst, byte, len) };
+        Ok(())
+    }
+
+    fn atomic_u32(&self, offset: u64) -> Result<&AtomicU32, MemError> {
+        let off = self.check_aligned(offset, 4)?;
+        // SAFETY: in bounds and 4-byte aligned (the mapping is page-aligned); the atomic type
+        // is the only way we touch these bytes as a u32, and atomics tolerate concurrent access
+        // from other threads and processes.
+        Ok(unsafe { AtomicU32::from_ptr(self.ptr.as_ptr().add(off).cast::<u32>()) })
+    }
+
+    fn atomic_u64(&self, offset: u64) -> Result<&AtomicU64, MemError> {
+        let off = self.check_aligned(offset, 8)?;
+        // SAFETY: in bounds and 8-byte aligned; see `atomic_u32`.
+        Ok(unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(off).cast::<u64>()) })
+    }
+
+    /// Atomic 32-bit load (acquire) at a 4-byte-aligned offset.
+    pub fn load_u32(&self, offset: u64) -> Result<u32, MemError> {
+        Ok(self.atomic_u32(offset)?.load(Ordering::Acquire))
+    }
+
+    /// Atomic 32-bit store (release) at a 4-byte-aligned offset.
+    pub fn store_u32(&self, offset: u64, value: u32) -> Result<(), MemError> {
+        self.atomic_u32(offset)?.store(value, Ordering::Release);
+        Ok(())
+    }
+
+    /// Atomic 64-bit load (acquire) at an 8-byte-aligned offset.
+    pub fn load_u64(&self, offset: u64) -> Result<u64, MemError> {
+        Ok(self.atomic_u64(offset)?.load(Ordering::Acquire))
+    }
+
+    /// Atomic 64-bit store (release) at an 8-byte-aligned offset.
+    pub fn store_u64(&self, offset: u64, value: u64) -> Result<(), MemError> {
+        self.atomic_u64(offset)?.store(value, Ordering::Release);
+        Ok(())
+    }
+
+    /// The 32-bit atomic at a 4-byte-aligned offset, for read-modify-write and futex words.
+    pub fn atomic_u32_at(&self, offset: u64) -> Result<&AtomicU32, MemError> {
+        self.atomic_u32(offset)
+    }
+
+    /// The 64-bit atomic at an 8-byte-aligned offset, for read-modify-write.
+    pub fn atomic_u64_at(&self, offset: u64) -> Result<&AtomicU64, MemError> {
+        self.atomic_u64(offset)
+    }
+
+    /// Reads `len` bytes of `file` at `file_offset` straight into the mapping at `offset`
+    /// (one copy, by the kernel). A file that ends early is an error.
+    pub fn read_from_file(
+        &self,
+        offset: u64,
+        len: usize,
+        file: &File,
+        file_offset: u64,
+    ) -> Result<(), MemError> {
+        let dst = self.ptr_at(offset, len)?;
+        let mut done = 0usize;
+        while done < len {
+            // SAFETY: `dst + done .. dst + len` is inside the mapping (checked above); the
+            // kernel writes at most `len - done` bytes there.
+            let n = unsafe {
+                libc::pread(
+                    file.as_raw_fd(),
+                    dst.add(done).cast(),
+                    len - done,
+                    (file_offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(MemError::Os {
+                    op: "pread",
+                    source: err,
+                });
+            }
+            if n == 0 {
+                return Err(MemError::ShortTransfer {
+                    op: "pread",
+                    done,
+                    len,
+                });
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Writes `len` bytes from the mapping at `offset` to `file` at `file_offset`.
+    pub fn write_to_file(
+        &self,
+        offset: u64,
+        len: usize,
+        file: &File,
+        file_offset: u64,
+    ) -> Result<(), MemError> {
+        let src = self.ptr_at(offset, len)?;
+        let mut done = 0usize;
+        while done < len {
+            // SAFETY: `src + done .. src + len` is inside the mapping (checked above); the
+            // kernel only reads from it.
+            let n = unsafe {
+                libc::pwrite(
+                    file.as_raw_fd(),
+                    src.add(done).cast(),
+                    len - done,
+                    (file_offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(MemError::Os {
+                    op: "pwrite",
+                    source: err,
+                });
+            }
+            if n == 0 {
+                return Err(MemError::ShortTransfer {
+                    op: "pwrite",
+                    done,
+                    len,
+                });
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe exactly the mapping made in `map`, which nothing else
+        // unmaps; no references into it can outlive `self` (none are ever handed out).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A bounds-checked view of part of a [`SharedMemory`]: what an IOMMU lookup or a direct
+/// window mapping resolves to. Offsets are relative to the span's start.
+#[derive(Clone, Debug)]
+pub struct MemSpan {
+    mem: Arc<SharedMemory>,
+    offset: u64,
+    len: u64,
+}
+
+impl MemSpan {
+    /// `len` bytes of `mem` from `offset`; fails when that reaches outside `mem`.
+    pub fn new(mem: Arc<SharedMemory>, offset: u64, len: u64) -> Result<Self, MemError> {
+        match offset.checked_add(len) {
+            Some(end) if len > 0 && end <= mem.len() as u64 => Ok(Self { mem, offset, len }),
+            _ => Err(MemError::OutOfBounds {
+                offset,
+                len,
+                size: mem.len() as u64,
+            }),
+        }
+    }
+
+    /// The whole of `mem`.
+    pub fn whole(mem: Arc<SharedMemory>) -> Self {
+        let len = mem.len() as u64;
+        Self {
+            mem,
+            offset: 0,
+            len,
+        }
+    }
+
+    /// Length in bytes.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// The underlying mapping and this span's offset in it.
+    pub fn memory(&self) -> (&Arc<SharedMemory>, u64) {
+        (&self.mem, self.offset)
+    }
+
+    /// A sub-span `[offset, offset + len)` of this span.
+    pub fn subspan(&self, offset: u64, len: u64) -> Result<MemSpan, MemError> {
+        self.inner(offset, len)?;
+        MemSpan::new(self.mem.clone(), self.offset + offset, len)
+    }
+
+    fn inner(&self, offset: u64, len: u64) -> Result<u64, MemError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(self.offset + offset),
+            _ => Err(MemError::OutOfBounds {
+                offset,
+                len,
+                size: self.len,
+            }),
+        }
+    }
+
+    /// Copies out of the span.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let at = self.inner(offset, buf.len() as u64)?;
+        self.mem.read_at(at, buf)
+    }
+
+    /// Copies into the span.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), MemError> {
+        let at = self.inner(offset, data.len() as u64)?;
+        self.mem.write_at(at, data)
+    }
+
+    /// Fills part of the span with `byte`.
+    pub fn fill(&self, offset: u64, len: usize, byte: u8) -> Result<(), MemError> {
+        let at = self.inner(offset, len as u64)?;
+        self.mem.fill(at, len, byte)
+    }
+
+    /// Atomic 32-bit load at a span offset.
+    pub fn load_u32(&self, offset: u64) -> Result<u32, MemError> {
+        let at = self.inner(offset, 4)?;
+        self.mem.load_u32(at)
+    }
+
+    /// Atomic 32-bit store at a span offset.
+    pub fn store_u32(&self, offset: u64, value: u32) -> Result<(), MemError> {
+        let at = self.inner(offset, 4)?;
+        self.mem.store_u32(at, value)
+    }
+
+    /// Atomic 64-bit load at a span offset.
+    pub fn load_u64(&self, offset: u64) -> Result<u64, MemError> {
+        let at = self.inner(offset, 8)?;
+        self.mem.load_u64(at)
+    }
+
+    /// Atomic 64-bit store at a span offset.
+    pub fn store_u64(&self, offset: u64, value: u64) -> Result<(), MemError> {
+        let at = self.inner(offset, 8)?;
+        self.mem.store_u64(at, value)
+    }
+
+    /// `pread` from `file` straight into the span.
+    pub fn read_from_file(
+        &self,
+        offset: u64,
+        len: usize,
+        file: &File,
+        file_offset: u64,
+    ) -> Result<(), MemError> {
+        let at = self.inner(offset, len as u64)?;
+        self.mem.read_from_file(at, len, file, file_offset)
+    }
+
+    /// `pwrite` from the span straight to `file`.
+    pub fn write_to_file(
+        &self,
+        offset: u64,
+        len: usize,
+        file: &File,
+        file_offset: u64,
+    ) -> Result<(), MemError> {
+        let at = self.inner(offset, len as u64)?;
+        self.mem.write_to_file(at, len, file, file_offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn bounds_are_checked() {
+        let m = SharedMemory::new("t", 4096).unwrap();
+        m.write_at(4092, &[1, 2, 3, 4]).unwrap();
+        assert!(matches!(
+            m.write_at(4093, &[1, 2, 3, 4]),
+            Err(MemError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            m.read_at(u64::MAX, &mut [0u8; 2]),
+            Err(MemError::OutOfBounds { .. })
+        ));
+        assert!(matches!(m.load_u32(2), Err(MemError::Misaligned { .. })));
+        assert!(matches!(SharedMemory::new("z", 0), Err(MemError::ZeroSize)));
+        let mut b = [0u8; 4];
+        m.read_at(4092, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn two_mappings_of_one_fd_share_bytes() {
+        let a = SharedMemory::new("t", 8192).unwrap();
+        let fd = a.fd().try_clone_to_owned().unwrap();
+        let b = SharedMemory::map(fd, 4096, 4096).unwrap();
+        a.store_u64(4096 + 8, 0xdead_beef).unwrap();
+        assert_eq!(b.load_u64(8).unwrap(), 0xdead_beef);
+    }
+
+    #[test]
+    fn spans_and_files() {
+        let m = Arc::new(SharedMemory::new("t", 8192).unwrap());
+        let s = MemSpan::new(m.clone(), 4096, 4096).unwrap();
+        assert!(MemSpan::new(m.clone(), 4096, 4097).is_err());
+        assert!(s.subspan(4000, 97).is_err());
+        let mut f = tempfile_in_tmp();
+        f.write_all(&[7u8; 512]).unwrap();
+        s.read_from_file(10, 512, &f, 0).unwrap();
+        let mut b = [0u8; 2];
+        m.read_at(4096 + 520, &mut b).unwrap();
+        assert_eq!(b, [7, 7]);
+        assert!(matches!(
+            s.read_from_file(0, 1024, &f, 0),
+            Err(MemError::ShortTransfer { .. })
+        ));
+        s.write_to_file(10, 4, &f, 1000).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 1004);
+    }
+
+    fn tempfile_in_tmp() -> File {
+        let path = std::env::temp_dir().join(format!("devlend-mem-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        f
+    }
+}

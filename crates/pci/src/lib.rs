@@ -1,0 +1,219 @@
+//! The PCIe function model.
+//!
+//! Two seams meet here:
+//!
+//! - **Driver side** ([`PciFunction`] = [`ConfigAccess`] + [`BarAccess`] + [`DmaAlloc`] +
+//!   [`Interrupts`]): what a driver is written against. A local binding implements it by calling
+//!   a device model in-process; a borrowed function implements it across the NTB. A driver never
+//!   knows which it has.
+//! - **Device side** ([`PciDevice`], with [`DmaPort`] and [`InterruptSink`] handed to the model
+//!   when it is built): what a device model implements and what it may use. A model never knows
+//!   whether it is lent: its DMA goes through an IOMMU-like [`DmaPort`] and its MSI-X messages
+//!   to an [`InterruptSink`], both owned by whoever binds it.
+#![warn(missing_docs)]
+
+mod dma;
+mod error;
+
+pub use devlend_memory::{BusAddr, ByteRange, MemSpan, SharedMemory};
+pub use dma::DmaBuffer;
+pub use error::{DmaError, FunctionError};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Size of a config-space access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AccessSize {
+    /// 1 byte.
+    Byte = 1,
+    /// 2 bytes.
+    Word = 2,
+    /// 4 bytes.
+    Dword = 4,
+}
+
+impl AccessSize {
+    /// From a byte count (1, 2 or 4).
+    pub fn from_len(len: usize) -> Option<Self> {
+        match len {
+            1 => Some(Self::Byte),
+            2 => Some(Self::Word),
+            4 => Some(Self::Dword),
+            _ => None,
+        }
+    }
+
+    /// Byte count.
+    pub fn len(self) -> usize {
+        self as usize
+    }
+}
+
+/// A BAR number, 0 to 5.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BarIndex(u8);
+
+impl BarIndex {
+    /// All six BAR slots.
+    pub const ALL: [BarIndex; 6] = [
+        BarIndex(0),
+        BarIndex(1),
+        BarIndex(2),
+        BarIndex(3),
+        BarIndex(4),
+        BarIndex(5),
+    ];
+
+    /// `Some` for 0 to 5.
+    pub fn new(index: u8) -> Option<Self> {
+        (index < 6).then_some(Self(index))
+    }
+
+    /// The raw number.
+    pub fn get(self) -> u8 {
+        self.0
+    }
+}
+
+/// Size and type of a memory BAR, as its writable mask in config space declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarSpec {
+    /// Size in bytes, a power of two of at least 16.
+    pub size: u64,
+    /// A 64-bit BAR (occupies this slot and the next).
+    pub is_64bit: bool,
+    /// Prefetchable.
+    pub prefetchable: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver side
+// ---------------------------------------------------------------------------------------------
+
+/// Config-space access (the `pci_ops` read/write pair).
+pub trait ConfigAccess {
+    /// Reads 1, 2 or 4 bytes at `offset` (naturally aligned, below 4096).
+    fn config_read(&self, offset: u16, size: AccessSize) -> Result<u32, FunctionError>;
+    /// Writes 1, 2 or 4 bytes at `offset`.
+    fn config_write(&self, offset: u16, size: AccessSize, value: u32) -> Result<(), FunctionError>;
+}
+
+/// Memory-mapped BAR access.
+pub trait BarAccess {
+    /// Reads `data.len()` bytes (1, 2, 4 or 8 for registers) at `offset` in BAR `bar`.
+    fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError>;
+    /// Writes `data` at `offset` in BAR `bar`.
+    fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), FunctionError>;
+
+    /// 32-bit register read.
+    fn bar_read_u32(&self, bar: BarIndex, offset: u64) -> Result<u32, FunctionError> {
+        let mut b = [0u8; 4];
+        self.bar_read(bar, offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    /// 32-bit register write.
+    fn bar_write_u32(&self, bar: BarIndex, offset: u64, value: u32) -> Result<(), FunctionError> {
+        self.bar_write(bar, offset, &value.to_le_bytes())
+    }
+    /// 64-bit register read.
+    fn bar_read_u64(&self, bar: BarIndex, offset: u64) -> Result<u64, FunctionError> {
+        let mut b = [0u8; 8];
+        self.bar_read(bar, offset, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    /// 64-bit register write.
+    fn bar_write_u64(&self, bar: BarIndex, offset: u64, value: u64) -> Result<(), FunctionError> {
+        self.bar_write(bar, offset, &value.to_le_bytes())
+    }
+}
+
+/// DMA-able memory for the driver: buffers whose bus addresses the device can reach.
+pub trait DmaAlloc {
+    /// Allocates `len` bytes (rounded up to 4 KiB pages, page-aligned, zeroed).
+    fn dma_alloc(&self, len: usize) -> Result<DmaBuffer, FunctionError>;
+}
+
+/// MSI-X interrupts as the driver sees them: one event per vector.
+pub trait Interrupts {
+    /// Number of MSI-X vectors the function has.
+    fn interrupt_vectors(&self) -> u16;
+    /// Waits until `vector` fires (`Ok(true)`, consuming the event) or `timeout` passes
+    /// (`Ok(false)`). A function that is gone fails with [`FunctionError::Removed`].
+    fn wait_interrupt(&self, vector: u16, timeout: Duration) -> Result<bool, FunctionError>;
+    /// Delivers `vector` to `fd` instead (a VMM's irqfd); `None` restores internal delivery.
+    fn set_interrupt_eventfd(
+        &self,
+        vector: u16,
+        fd: Option<Arc<EventFd>>,
+    ) -> Result<(), FunctionError>;
+}
+
+/// A PCIe function as a driver uses it.
+pub trait PciFunction: ConfigAccess + BarAccess + DmaAlloc + Interrupts + Send + Sync {
+    /// A short description for logs ("local nvme", "borrowed nvme0 from lender-a").
+    fn describe(&self) -> String;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device side
+// ---------------------------------------------------------------------------------------------
+
+/// Direction of a DMA access, checked against mapping permissions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaAccess {
+    /// The device reads memory.
+    Read,
+    /// The device writes memory.
+    Write,
+}
+
+/// A device's bus-master port: every DMA goes through it and is translated (IOMMU-like) onto
+/// exactly the memory the binding granted. Anything else is an error, and touches nothing.
+pub trait DmaPort: Send + Sync {
+    /// Reads `buf.len()` bytes at bus address `addr`.
+    fn dma_read(&self, addr: BusAddr, buf: &mut [u8]) -> Result<(), DmaError>;
+    /// Writes `data` at bus address `addr`.
+    fn dma_write(&self, addr: BusAddr, data: &[u8]) -> Result<(), DmaError>;
+    /// Zero-copy fast path: the memory behind `[addr, addr + len)` when it is one directly
+    /// mapped span (`Ok(None)` when it must go through `dma_read`/`dma_write`). Permissions and
+    /// bounds are checked as for a read or write.
+    fn dma_span(
+        &self,
+        addr: BusAddr,
+        len: u64,
+        access: DmaAccess,
+    ) -> Result<Option<MemSpan>, DmaError>;
+}
+
+/// Where a device's MSI-X messages go, after the device's own MSI-X table has applied enables
+/// and masks.
+pub trait InterruptSink: Send + Sync {
+    /// Vector `vector` fired.
+    fn signal(&self, vector: u16);
+}
+
+/// A PCIe function as the bus sees it: what a device model implements.
+///
+/// Accesses a driver controls cannot fail or panic here: like hardware, a bad read returns
+/// all-ones and a bad write is dropped.
+pub trait PciDevice: Send + Sync {
+    /// Config read (offset below 4096, size 1/2/4).
+    fn config_read(&self, offset: u16, size: AccessSize) -> u32;
+    /// Config write.
+    fn config_write(&self, offset: u16, size: AccessSize, value: u32);
+    /// The BAR in slot `bar`, if that slot starts one.
+    fn bar_spec(&self, bar: BarIndex) -> Option<BarSpec>;
+    /// A read of `data.len()` bytes at `offset` in BAR `bar`.
+    fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]);
+    /// A write at `offset` in BAR `bar`.
+    fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]);
+    /// Function-level reset: config space and device state to power-on values.
+    fn reset(&self);
+    /// Number of MSI-X vectors.
+    fn msix_vectors(&self) -> u16;
+    /// Short name for logs ("nvme").
+    fn kind(&self) -> &'static str;
+}
