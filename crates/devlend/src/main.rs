@@ -1,1 +1,75 @@
-fn main() {}
+//! `devlend`: PCIe device lending over an (emulated) non-transparent bridge.
+//!
+//! One binary: the per-host daemon (`node`), management verbs that talk to it, the demo, the
+//! vfio-user front-end for local devices (`serve`), and the benchmarks.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "devlend",
+    version,
+    about = "PCIe device lending over an emulated NTB"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run this host's daemon.
+    Node(cmd::node::Args),
+    /// Runs the demo: a lender and a borrower host on this machine, lending an NVMe device.
+    Demo(cmd::demo::Args),
+    /// Serve a local device model to a VMM over vfio-user (no lending: the baseline).
+    Serve(cmd::serve::Args),
+    /// Measurements, each beside its same-run baseline.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// Hidden: the peer process of `bench fabric`.
+    #[command(name = "__fabric-bench-peer", hide = true)]
+    FabricBenchPeer(cmd::bench_fabric::PeerArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// NTB fabric: window bandwidth, doorbell round trip, MMIO through a window.
+    Fabric(cmd::bench_fabric::Args),
+    /// The NVMe model driven by the user-space driver, against the backing file's own rate.
+    Nvme(cmd::bench_nvme::Args),
+    /// A device used locally vs borrowed over the fabric, same driver and workload.
+    Lending(cmd::bench_lending::Args),
+    /// A QEMU guest's nvme driver: QEMU's own NVMe vs ours local vs ours borrowed.
+    Vm(cmd::bench_vm::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEVLEND_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Node(a) => cmd::node::run(a),
+        Cmd::Demo(a) => cmd::demo::run(a),
+        Cmd::Serve(a) => cmd::serve::run(a),
+        Cmd::Bench(BenchCmd::Fabric(a)) => cmd::bench_fabric::run(a),
+        Cmd::Bench(BenchCmd::Nvme(a)) => cmd::bench_nvme::run(a),
+        Cmd::Bench(BenchCmd::Lending(a)) => cmd::bench_lending::run(a),
+        Cmd::Bench(BenchCmd::Vm(a)) => cmd::bench_vm::run(a),
+        Cmd::FabricBenchPeer(a) => cmd::bench_fabric::run_peer(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("devlend: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

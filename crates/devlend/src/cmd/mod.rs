@@ -1,0 +1,9 @@
+//! One module per subcommand; each owns its `Args` and `run`.
+
+pub mod bench_fabric;
+pub mod bench_lending;
+pub mod bench_nvme;
+pub mod bench_vm;
+pub mod demo;
+pub mod node;
+pub mod serve;
