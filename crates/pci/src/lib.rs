@@ -136,6 +136,16 @@ pub trait DmaAlloc {
     fn dma_alloc(&self, len: usize) -> Result<DmaBuffer, FunctionError>;
 }
 
+/// Memory the caller already owns (a VMM's guest RAM, handed over by vfio-user `DMA_MAP`),
+/// made reachable by the device at `iova`, as an IOMMU map would.
+pub trait DmaRemap {
+    /// Makes `mem` reachable by the device at bus addresses `[iova, iova + mem.len())`.
+    /// Overlapping an existing mapping is an error.
+    fn dma_map(&self, iova: BusAddr, mem: MemSpan, writable: bool) -> Result<(), FunctionError>;
+    /// Removes mappings inside `[iova, iova + len)`.
+    fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), FunctionError>;
+}
+
 /// MSI-X interrupts as the driver sees them: one event per vector.
 pub trait Interrupts {
     /// Number of MSI-X vectors the function has.
@@ -152,7 +162,9 @@ pub trait Interrupts {
 }
 
 /// A PCIe function as a driver uses it.
-pub trait PciFunction: ConfigAccess + BarAccess + DmaAlloc + Interrupts + Send + Sync {
+pub trait PciFunction:
+    ConfigAccess + BarAccess + DmaAlloc + DmaRemap + Interrupts + Send + Sync
+{
     /// A short description for logs ("local nvme", "borrowed nvme0 from lender-a").
     fn describe(&self) -> String;
 }

@@ -1,0 +1,1 @@
+//! (under construction) tcp rows of `devlend bench fabric`.
