@@ -12,12 +12,16 @@
 //!   to an [`InterruptSink`], both owned by whoever binds it.
 #![warn(missing_docs)]
 
+pub mod config;
 mod dma;
 mod error;
+pub mod msix;
 
+pub use config::{ConfigEffect, ConfigSpace, ConfigSpaceBuilder};
 pub use devlend_memory::{BusAddr, ByteRange, MemSpan, SharedMemory};
 pub use dma::DmaBuffer;
 pub use error::{DmaError, FunctionError};
+pub use msix::MsixTable;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +51,7 @@ impl AccessSize {
     }
 
     /// Byte count.
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(self) -> usize {
         self as usize
     }

@@ -1,0 +1,925 @@
+//! Config space of a type 0 (endpoint) function.
+//!
+//! The 4 KiB space is three byte arrays: the register values, a *writable* mask (bits a write
+//! may change) and a *write-1-to-clear* mask (bits a write of 1 clears). Every behaviour of a
+//! write falls out of those masks: BAR sizing (write all-ones, read back the size), read-only
+//! identification registers, RW1C status bits. A handful of *hooks* watch fields whose change
+//! the device must react to (Command, BARs, MSI-X Message Control, PMCSR, Initiate FLR); a
+//! write returns the [`ConfigEffect`]s they saw instead of reaching into the device.
+//!
+//! Accesses a driver controls never panic: an out-of-range or misaligned read returns all-ones
+//! and such a write is dropped.
+
+use crate::{AccessSize, BarIndex, BarSpec};
+
+/// Size of a PCI Express function's config space in bytes.
+pub const CONFIG_SPACE_SIZE: usize = 4096;
+
+/// First byte after the type 0 header, where capabilities may start.
+pub const CAPABILITIES_START: u16 = 0x40;
+
+/// First byte of extended config space (PCI Express extended capabilities).
+pub const EXTENDED_CONFIG_START: u16 = 0x100;
+
+/// Offsets of the type 0 header registers.
+pub mod header {
+    /// Vendor ID (16 bits, RO).
+    pub const VENDOR_ID: u16 = 0x00;
+    /// Device ID (16 bits, RO).
+    pub const DEVICE_ID: u16 = 0x02;
+    /// Command (16 bits).
+    pub const COMMAND: u16 = 0x04;
+    /// Status (16 bits).
+    pub const STATUS: u16 = 0x06;
+    /// Revision ID (8 bits, RO).
+    pub const REVISION_ID: u16 = 0x08;
+    /// Class code: programming interface, sub-class, base class (24 bits, RO).
+    pub const CLASS_CODE: u16 = 0x09;
+    /// Cache Line Size (8 bits, RW, no effect on PCI Express).
+    pub const CACHE_LINE_SIZE: u16 = 0x0c;
+    /// Header Type (8 bits, RO).
+    pub const HEADER_TYPE: u16 = 0x0e;
+    /// Base Address Register 0; BAR n is at `BAR0 + 4 * n`.
+    pub const BAR0: u16 = 0x10;
+    /// Subsystem Vendor ID (16 bits, RO).
+    pub const SUBSYSTEM_VENDOR_ID: u16 = 0x2c;
+    /// Subsystem ID (16 bits, RO).
+    pub const SUBSYSTEM_ID: u16 = 0x2e;
+    /// Expansion ROM Base Address (not implemented: reads zero).
+    pub const EXPANSION_ROM: u16 = 0x30;
+    /// Capabilities Pointer (8 bits, RO).
+    pub const CAPABILITIES_POINTER: u16 = 0x34;
+    /// Interrupt Line (8 bits, RW scratch for software).
+    pub const INTERRUPT_LINE: u16 = 0x3c;
+    /// Interrupt Pin (8 bits, RO; 0: no INTx).
+    pub const INTERRUPT_PIN: u16 = 0x3d;
+
+    /// Offset of BAR slot `bar`.
+    pub fn bar(bar: crate::BarIndex) -> u16 {
+        BAR0 + 4 * bar.get() as u16
+    }
+}
+
+/// Command register bits.
+pub mod command {
+    /// I/O Space Enable (hardwired 0: no I/O BARs).
+    pub const IO_SPACE: u16 = 1 << 0;
+    /// Memory Space Enable.
+    pub const MEMORY_SPACE: u16 = 1 << 1;
+    /// Bus Master Enable: the function may issue DMA (and MSI-X writes).
+    pub const BUS_MASTER: u16 = 1 << 2;
+    /// Parity Error Response.
+    pub const PARITY_ERROR_RESPONSE: u16 = 1 << 6;
+    /// SERR# Enable.
+    pub const SERR_ENABLE: u16 = 1 << 8;
+    /// Interrupt Disable (INTx).
+    pub const INTX_DISABLE: u16 = 1 << 10;
+    /// Bits software may change.
+    pub const WRITABLE: u16 =
+        MEMORY_SPACE | BUS_MASTER | PARITY_ERROR_RESPONSE | SERR_ENABLE | INTX_DISABLE;
+}
+
+/// Status register bits.
+pub mod status {
+    /// Interrupt Status (RO; always 0: no INTx).
+    pub const INTERRUPT_STATUS: u16 = 1 << 3;
+    /// Capabilities List (RO 1).
+    pub const CAPABILITIES_LIST: u16 = 1 << 4;
+    /// Master Data Parity Error (RW1C).
+    pub const MASTER_DATA_PARITY_ERROR: u16 = 1 << 8;
+    /// Signaled Target Abort (RW1C).
+    pub const SIGNALED_TARGET_ABORT: u16 = 1 << 11;
+    /// Received Target Abort (RW1C).
+    pub const RECEIVED_TARGET_ABORT: u16 = 1 << 12;
+    /// Received Master Abort (RW1C).
+    pub const RECEIVED_MASTER_ABORT: u16 = 1 << 13;
+    /// Signaled System Error (RW1C).
+    pub const SIGNALED_SYSTEM_ERROR: u16 = 1 << 14;
+    /// Detected Parity Error (RW1C).
+    pub const DETECTED_PARITY_ERROR: u16 = 1 << 15;
+    /// The error bits, all write-1-to-clear.
+    pub const RW1C: u16 = MASTER_DATA_PARITY_ERROR
+        | SIGNALED_TARGET_ABORT
+        | RECEIVED_TARGET_ABORT
+        | RECEIVED_MASTER_ABORT
+        | SIGNALED_SYSTEM_ERROR
+        | DETECTED_PARITY_ERROR;
+}
+
+/// Low bits of a memory BAR.
+pub mod bar {
+    /// Bit 0: 1 for an I/O BAR (we only have memory BARs).
+    pub const IO: u32 = 1 << 0;
+    /// Bits 2:1 = 10b: a 64-bit memory BAR.
+    pub const TYPE_64BIT: u32 = 0b10 << 1;
+    /// Bit 3: prefetchable.
+    pub const PREFETCHABLE: u32 = 1 << 3;
+    /// The read-only low bits; address bits start above them.
+    pub const FLAGS_MASK: u32 = 0xf;
+    /// Smallest memory BAR.
+    pub const MIN_SIZE: u64 = 16;
+}
+
+/// Capability IDs and layouts.
+pub mod cap {
+    /// Power Management capability ID.
+    pub const ID_POWER_MANAGEMENT: u8 = 0x01;
+    /// PCI Express capability ID.
+    pub const ID_PCI_EXPRESS: u8 = 0x10;
+    /// MSI-X capability ID.
+    pub const ID_MSIX: u8 = 0x11;
+    /// Offset of the Capability ID byte in every capability.
+    pub const ID: u16 = 0x00;
+    /// Offset of the Next Capability Pointer byte in every capability.
+    pub const NEXT: u16 = 0x01;
+}
+
+/// The Power Management capability (PCI PM 1.2).
+pub mod pm {
+    /// Power Management Capabilities (16 bits, RO).
+    pub const PMC: u16 = 0x02;
+    /// Power Management Control/Status (16 bits).
+    pub const PMCSR: u16 = 0x04;
+    /// Length of the capability.
+    pub const LEN: u16 = 0x08;
+    /// PMC version field: 011b = PCI PM 1.2.
+    pub const PMC_VERSION_1_2: u16 = 0b011;
+    /// PMCSR PowerState field (bits 1:0).
+    pub const PMCSR_POWER_STATE: u16 = 0b11;
+    /// PMCSR No_Soft_Reset: D3hot to D0 keeps the function's state.
+    pub const PMCSR_NO_SOFT_RESET: u16 = 1 << 3;
+}
+
+/// The PCI Express capability (v2, endpoint).
+pub mod pcie {
+    /// PCI Express Capabilities register (16 bits, RO).
+    pub const CAPABILITIES: u16 = 0x02;
+    /// Device Capabilities (32 bits, RO).
+    pub const DEVICE_CAPABILITIES: u16 = 0x04;
+    /// Device Control (16 bits).
+    pub const DEVICE_CONTROL: u16 = 0x08;
+    /// Device Status (16 bits).
+    pub const DEVICE_STATUS: u16 = 0x0a;
+    /// Link Capabilities (32 bits, RO).
+    pub const LINK_CAPABILITIES: u16 = 0x0c;
+    /// Link Control (16 bits).
+    pub const LINK_CONTROL: u16 = 0x10;
+    /// Link Status (16 bits, RO).
+    pub const LINK_STATUS: u16 = 0x12;
+    /// Device Capabilities 2 (32 bits, RO).
+    pub const DEVICE_CAPABILITIES_2: u16 = 0x24;
+    /// Device Control 2 (16 bits).
+    pub const DEVICE_CONTROL_2: u16 = 0x28;
+    /// Link Capabilities 2 (32 bits, RO).
+    pub const LINK_CAPABILITIES_2: u16 = 0x2c;
+    /// Link Control 2 (16 bits).
+    pub const LINK_CONTROL_2: u16 = 0x30;
+    /// Length of a version 2 capability of an endpoint.
+    pub const LEN: u16 = 0x3c;
+
+    /// Capability version 2 (bits 3:0 of the Capabilities register).
+    pub const CAP_VERSION_2: u16 = 0x2;
+    /// Device/Port Type field (bits 7:4): 0000b = PCI Express Endpoint.
+    pub const CAP_TYPE_ENDPOINT: u16 = 0x0 << 4;
+
+    /// Device Capabilities: Role-Based Error Reporting.
+    pub const DEVCAP_ROLE_BASED_ERROR: u32 = 1 << 15;
+    /// Device Capabilities: Function Level Reset Capability.
+    pub const DEVCAP_FLR: u32 = 1 << 28;
+
+    /// Device Control: the four error reporting enables (bits 3:0).
+    pub const DEVCTL_ERROR_REPORTING: u16 = 0xf;
+    /// Device Control: Enable Relaxed Ordering.
+    pub const DEVCTL_RELAXED_ORDERING: u16 = 1 << 4;
+    /// Device Control: Max_Payload_Size (bits 7:5).
+    pub const DEVCTL_MAX_PAYLOAD: u16 = 0b111 << 5;
+    /// Device Control: Extended Tag Field Enable.
+    pub const DEVCTL_EXT_TAG: u16 = 1 << 8;
+    /// Device Control: Enable No Snoop.
+    pub const DEVCTL_NO_SNOOP: u16 = 1 << 11;
+    /// Device Control: Max_Read_Request_Size (bits 14:12).
+    pub const DEVCTL_MAX_READ_REQUEST: u16 = 0b111 << 12;
+    /// Device Control: Initiate Function Level Reset (writing 1 resets; always reads 0).
+    pub const DEVCTL_INITIATE_FLR: u16 = 1 << 15;
+    /// Device Control bits software may change (Initiate FLR is an action, not stored).
+    pub const DEVCTL_WRITABLE: u16 = DEVCTL_ERROR_REPORTING
+        | DEVCTL_RELAXED_ORDERING
+        | DEVCTL_MAX_PAYLOAD
+        | DEVCTL_EXT_TAG
+        | DEVCTL_NO_SNOOP
+        | DEVCTL_MAX_READ_REQUEST;
+    /// Device Control after reset: relaxed ordering and no snoop on, 512-byte read requests.
+    pub const DEVCTL_DEFAULT: u16 = DEVCTL_RELAXED_ORDERING | DEVCTL_NO_SNOOP | (0b010 << 12);
+
+    /// Device Status: the four error-detected bits (RW1C).
+    pub const DEVSTA_RW1C: u16 = 0xf;
+
+    /// Link speed encoding used in Link Capabilities/Status/Control 2: 8.0 GT/s.
+    pub const LINK_SPEED_8GT: u16 = 0x3;
+    /// Link width we report: x4.
+    pub const LINK_WIDTH_X4: u16 = 4;
+    /// Link Capabilities 2: Supported Link Speeds Vector (2.5, 5, 8 GT/s).
+    pub const LINKCAP2_SPEEDS: u32 = 0b111 << 1;
+    /// Link Control: ASPM Control (1:0), Common Clock (6), Extended Synch (7).
+    pub const LINKCTL_WRITABLE: u16 = 0b11 | (1 << 6) | (1 << 7);
+    /// Link Control 2: Target Link Speed (3:0).
+    pub const LINKCTL2_TARGET_SPEED: u16 = 0xf;
+}
+
+/// The MSI-X capability.
+pub mod msix {
+    /// Message Control (16 bits).
+    pub const CONTROL: u16 = 0x02;
+    /// Table Offset / Table BIR (32 bits, RO).
+    pub const TABLE: u16 = 0x04;
+    /// PBA Offset / PBA BIR (32 bits, RO).
+    pub const PBA: u16 = 0x08;
+    /// Length of the capability.
+    pub const LEN: u16 = 0x0c;
+    /// Message Control: Table Size field (N - 1, bits 10:0).
+    pub const CONTROL_TABLE_SIZE: u16 = 0x7ff;
+    /// Message Control: Function Mask.
+    pub const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
+    /// Message Control: MSI-X Enable.
+    pub const CONTROL_ENABLE: u16 = 1 << 15;
+    /// BIR field of the Table/PBA registers (bits 2:0).
+    pub const BIR_MASK: u32 = 0x7;
+    /// Most vectors a function may have.
+    pub const MAX_VECTORS: u16 = 2048;
+}
+
+/// Identification registers of the header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Vendor ID.
+    pub vendor_id: u16,
+    /// Device ID.
+    pub device_id: u16,
+    /// Class code: base class << 16 | sub-class << 8 | programming interface.
+    pub class_code: u32,
+    /// Revision ID.
+    pub revision_id: u8,
+    /// Subsystem Vendor ID.
+    pub subsystem_vendor_id: u16,
+    /// Subsystem ID.
+    pub subsystem_id: u16,
+}
+
+/// A region inside a BAR (where the MSI-X table or PBA lives).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarRegion {
+    /// The BAR.
+    pub bar: BarIndex,
+    /// Offset in the BAR (a multiple of 8).
+    pub offset: u32,
+}
+
+/// Where a function's MSI-X table and PBA live and how many vectors it has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsixLayout {
+    /// Number of vectors, 1 to 2048.
+    pub vectors: u16,
+    /// The table: 16 bytes per vector.
+    pub table: BarRegion,
+    /// The pending bit array: one bit per vector, in 64-bit words.
+    pub pba: BarRegion,
+}
+
+impl MsixLayout {
+    /// Bytes the table occupies.
+    pub fn table_len(&self) -> u64 {
+        u64::from(self.vectors) * crate::msix::ENTRY_LEN
+    }
+
+    /// Bytes the PBA occupies.
+    pub fn pba_len(&self) -> u64 {
+        u64::from(self.vectors).div_ceil(64) * 8
+    }
+}
+
+/// Options of the PCI Express capability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciExpressCap {
+    /// Advertise Function Level Reset (Device Capabilities bit 28) and accept Initiate FLR.
+    pub flr_capable: bool,
+}
+
+impl Default for PciExpressCap {
+    fn default() -> Self {
+        Self { flr_capable: true }
+    }
+}
+
+/// A device power state the function supports (PMCSR PowerState).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerState {
+    /// Fully on.
+    D0,
+    /// Software-visible off; config space stays accessible.
+    D3Hot,
+}
+
+/// What a config write changed, for the device to act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigEffect {
+    /// Memory Space, Bus Master or Interrupt Disable changed; the new values.
+    CommandChanged {
+        /// Memory Space Enable.
+        memory: bool,
+        /// Bus Master Enable.
+        bus_master: bool,
+        /// INTx Disable.
+        intx_disable: bool,
+    },
+    /// The address in a BAR changed (including sizing writes).
+    BarChanged(BarIndex),
+    /// MSI-X Enable or Function Mask changed; the new values.
+    MsixControl {
+        /// MSI-X Enable.
+        enable: bool,
+        /// Function Mask.
+        function_mask: bool,
+    },
+    /// Software wrote 1 to Initiate Function Level Reset: the device must reset (including
+    /// this config space, through [`ConfigSpace::reset`]).
+    FunctionLevelReset,
+    /// PMCSR PowerState changed to a supported state.
+    PowerState(PowerState),
+}
+
+/// Mistakes in a config-space layout (made by a device model's author, not by a driver).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A 64-bit BAR needs the slot after it.
+    #[error("a 64-bit BAR cannot start in slot 5")]
+    Bar64InLastSlot,
+    /// Slot already taken (by a BAR or the upper half of a 64-bit BAR).
+    #[error("BAR slot {0} is already in use")]
+    BarSlotInUse(u8),
+    /// Size not a power of two, below 16 bytes, or above what the BAR width can decode.
+    #[error("BAR size {size:#x} is invalid")]
+    BarSize {
+        /// Size asked for.
+        size: u64,
+    },
+    /// No room left for a capability.
+    #[error("no room for a capability of {len} bytes")]
+    NoRoom {
+        /// Length of the capability.
+        len: u16,
+    },
+    /// A capability was added twice.
+    #[error("capability {0:#04x} was already added")]
+    DuplicateCapability(u8),
+    /// The MSI-X layout does not fit its BARs.
+    #[error("MSI-X layout is invalid: {0}")]
+    MsixLayout(&'static str),
+}
+
+/// What a hook watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HookKind {
+    Command,
+    Bar(BarIndex),
+    MsixControl,
+    PowerState,
+    InitiateFlr,
+}
+
+/// A field the device reacts to: `width` bytes at `offset`, bits `mask`.
+#[derive(Clone, Copy, Debug)]
+struct Hook {
+    offset: u16,
+    width: u16,
+    mask: u64,
+    kind: HookKind,
+}
+
+type Bytes = Box<[u8; CONFIG_SPACE_SIZE]>;
+
+fn zeroed() -> Bytes {
+    Box::new([0u8; CONFIG_SPACE_SIZE])
+}
+
+/// Little-endian load of `width` (at most 8) bytes; bytes outside the space read as zero.
+fn load(bytes: &[u8; CONFIG_SPACE_SIZE], offset: u16, width: u16) -> u64 {
+    (0..width).fold(0u64, |acc, i| {
+        let b = bytes
+            .get(usize::from(offset) + usize::from(i))
+            .copied()
+            .unwrap_or(0);
+        acc | (u64::from(b) << (8 * u32::from(i)))
+    })
+}
+
+/// Little-endian store of `width` (at most 8) bytes; bytes outside the space are dropped.
+fn store(bytes: &mut [u8; CONFIG_SPACE_SIZE], offset: u16, width: u16, value: u64) {
+    for i in 0..width {
+        if let Some(b) = bytes.get_mut(usize::from(offset) + usize::from(i)) {
+            *b = (value >> (8 * u32::from(i))) as u8;
+        }
+    }
+}
+
+/// Whether an access of `size` at `offset` is inside config space and naturally aligned.
+pub fn access_is_valid(offset: u16, size: AccessSize) -> bool {
+    let len = size.len();
+    usize::from(offset).is_multiple_of(len) && usize::from(offset) + len <= CONFIG_SPACE_SIZE
+}
+
+/// The config space of one endpoint function.
+#[derive(Clone, Debug)]
+pub struct ConfigSpace {
+    regs: Bytes,
+    writable: Bytes,
+    rw1c: Bytes,
+    /// Register values at power-on, for [`ConfigSpace::reset`].
+    initial: Bytes,
+    hooks: Vec<Hook>,
+    bars: [Option<BarSpec>; 6],
+    msix: Option<(u16, MsixLayout)>,
+}
+
+impl ConfigSpace {
+    /// Reads `size` bytes at `offset`; all-ones when out of range or misaligned.
+    pub fn read(&self, offset: u16, size: AccessSize) -> u32 {
+        if !access_is_valid(offset, size) {
+            return all_ones(size);
+        }
+        load(&self.regs, offset, size.len() as u16) as u32
+    }
+
+    /// Writes `size` bytes of `value` at `offset` through the masks and returns what changed.
+    /// Out-of-range and misaligned writes are dropped (and change nothing).
+    pub fn write(&mut self, offset: u16, size: AccessSize, value: u32) -> Vec<ConfigEffect> {
+        let mut effects = Vec::new();
+        if !access_is_valid(offset, size) {
+            return effects;
+        }
+        let width = size.len() as u16;
+        let end = offset + width;
+        let touched: Vec<(Hook, u64)> = self
+            .hooks
+            .iter()
+            .filter(|h| h.offset < end && offset < h.offset + h.width)
+            .map(|h| (*h, load(&self.regs, h.offset, h.width)))
+            .collect();
+
+        let value = u64::from(value);
+        for i in 0..width {
+            let at = usize::from(offset + i);
+            let v = (value >> (8 * u32::from(i))) as u8;
+            let w = self.writable.get(at).copied().unwrap_or(0);
+            let c = self.rw1c.get(at).copied().unwrap_or(0);
+            if let Some(reg) = self.regs.get_mut(at) {
+                *reg = ((*reg & !w) | (v & w)) & !(v & c);
+            }
+        }
+
+        for (hook, old) in touched {
+            // The value written, placed in the hook's field (bytes not written are zero).
+            let mut written = 0u64;
+            for i in 0..hook.width {
+                let at = hook.offset + i;
+                if (offset..end).contains(&at) {
+                    let byte = (value >> (8 * u32::from(at - offset))) & 0xff;
+                    written |= byte << (8 * u32::from(i));
+                }
+            }
+            let new = load(&self.regs, hook.offset, hook.width);
+            if let Some(effect) = self.react(hook, old, new, written) {
+                effects.push(effect);
+            }
+        }
+        effects
+    }
+
+    fn react(&mut self, hook: Hook, old: u64, new: u64, written: u64) -> Option<ConfigEffect> {
+        if hook.kind == HookKind::InitiateFlr {
+            return (written & hook.mask != 0).then_some(ConfigEffect::FunctionLevelReset);
+        }
+        if (old ^ new) & hook.mask == 0 {
+            return None;
+        }
+        match hook.kind {
+            HookKind::Command => {
+                let cmd = new as u16;
+                Some(ConfigEffect::CommandChanged {
+                    memory: cmd & command::MEMORY_SPACE != 0,
+                    bus_master: cmd & command::BUS_MASTER != 0,
+                    intx_disable: cmd & command::INTX_DISABLE != 0,
+                })
+            }
+            HookKind::Bar(index) => Some(ConfigEffect::BarChanged(index)),
+            HookKind::MsixControl => {
+                let ctl = new as u16;
+                Some(ConfigEffect::MsixControl {
+                    enable: ctl & msix::CONTROL_ENABLE != 0,
+                    function_mask: ctl & msix::CONTROL_FUNCTION_MASK != 0,
+                })
+            }
+            HookKind::PowerState => match new & hook.mask {
+                0b00 => Some(ConfigEffect::PowerState(PowerState::D0)),
+                0b11 => Some(ConfigEffect::PowerState(PowerState::D3Hot)),
+                _ => {
+                    // D1/D2 are not supported: the write completes but the state is kept.
+                    let kept = (new & !hook.mask) | (old & hook.mask);
+                    store(&mut self.regs, hook.offset, hook.width, kept);
+                    None
+                }
+            },
+            HookKind::InitiateFlr => None,
+        }
+    }
+
+    /// Back to power-on values (Function Level Reset or a conventional reset).
+    pub fn reset(&mut self) {
+        self.regs.copy_from_slice(&self.initial[..]);
+    }
+
+    /// A 16-bit register (e.g. for device-side bookkeeping); all-ones when invalid.
+    pub fn read_u16(&self, offset: u16) -> u16 {
+        self.read(offset, AccessSize::Word) as u16
+    }
+
+    /// The Command register.
+    pub fn command(&self) -> u16 {
+        self.read_u16(header::COMMAND)
+    }
+
+    /// Memory Space Enable: BAR accesses are decoded.
+    pub fn memory_enabled(&self) -> bool {
+        self.command() & command::MEMORY_SPACE != 0
+    }
+
+    /// Bus Master Enable: the function may issue DMA and MSI-X messages.
+    pub fn bus_master_enabled(&self) -> bool {
+        self.command() & command::BUS_MASTER != 0
+    }
+
+    /// Device-side: sets RW1C bits of the Status register (e.g. Received Master Abort after a
+    /// failed DMA). Bits outside [`status::RW1C`] are ignored.
+    pub fn set_status_bits(&mut self, bits: u16) {
+        let bits = bits & status::RW1C;
+        let old = load(&self.regs, header::STATUS, 2);
+        store(&mut self.regs, header::STATUS, 2, old | u64::from(bits));
+    }
+
+    /// The Status register.
+    pub fn status(&self) -> u16 {
+        self.read_u16(header::STATUS)
+    }
+
+    /// The BAR that starts in slot `bar`, if any.
+    pub fn bar_spec(&self, bar: BarIndex) -> Option<BarSpec> {
+        self.bars.get(usize::from(bar.get())).copied().flatten()
+    }
+
+    /// The address software placed the BAR in slot `bar` at, if that slot starts a BAR.
+    pub fn bar_address(&self, bar: BarIndex) -> Option<u64> {
+        let spec = self.bar_spec(bar)?;
+        let offset = header::bar(bar);
+        let width = if spec.is_64bit { 8 } else { 4 };
+        Some(load(&self.regs, offset, width) & !u64::from(self::bar::FLAGS_MASK))
+    }
+
+    /// Offset of the first capability with `id` in the list, walking from 0x34.
+    pub fn capability_offset(&self, id: u8) -> Option<u16> {
+        let mut at = load(&self.regs, header::CAPABILITIES_POINTER, 1) as u16;
+        // Each capability takes at least 4 bytes of the 192 after the header: a bound on the
+        // walk even if the list were corrupt.
+        for _ in 0..48 {
+            if !(CAPABILITIES_START..EXTENDED_CONFIG_START).contains(&at) {
+                return None;
+            }
+            if load(&self.regs, at + cap::ID, 1) as u8 == id {
+                return Some(at);
+            }
+            at = load(&self.regs, at + cap::NEXT, 1) as u16 & !0x3;
+        }
+        None
+    }
+
+    /// The MSI-X layout and the offset of its capability, if the function has MSI-X.
+    pub fn msix(&self) -> Option<(u16, MsixLayout)> {
+        self.msix
+    }
+
+    /// MSI-X (Enable, Function Mask) as currently programmed; `(false, false)` without MSI-X.
+    pub fn msix_control(&self) -> (bool, bool) {
+        match self.msix {
+            Some((at, _)) => {
+                let ctl = self.read_u16(at + msix::CONTROL);
+                (
+                    ctl & msix::CONTROL_ENABLE != 0,
+                    ctl & msix::CONTROL_FUNCTION_MASK != 0,
+                )
+            }
+            None => (false, false),
+        }
+    }
+
+    /// Current power state (D0 without a Power Management capability).
+    pub fn power_state(&self) -> PowerState {
+        match self.capability_offset(cap::ID_POWER_MANAGEMENT) {
+            Some(at) if self.read_u16(at + pm::PMCSR) & pm::PMCSR_POWER_STATE == 0b11 => {
+                PowerState::D3Hot
+            }
+            _ => PowerState::D0,
+        }
+    }
+}
+
+fn all_ones(size: AccessSize) -> u32 {
+    match size {
+        AccessSize::Byte => 0xff,
+        AccessSize::Word => 0xffff,
+        AccessSize::Dword => 0xffff_ffff,
+    }
+}
+
+/// Builds a [`ConfigSpace`]: header, BARs, then capabilities in the order added.
+#[derive(Debug)]
+pub struct ConfigSpaceBuilder {
+    space: ConfigSpace,
+    next_cap: u16,
+    last_next_ptr: u16,
+    added: Vec<u8>,
+}
+
+impl ConfigSpaceBuilder {
+    /// A header with `id`, no BARs and no capabilities.
+    pub fn new(id: Identity) -> Self {
+        let mut space = ConfigSpace {
+            regs: zeroed(),
+            writable: zeroed(),
+            rw1c: zeroed(),
+            initial: zeroed(),
+            hooks: Vec::new(),
+            bars: [None; 6],
+            msix: None,
+        };
+        let r = &mut space.regs;
+        store(r, header::VENDOR_ID, 2, id.vendor_id.into());
+        store(r, header::DEVICE_ID, 2, id.device_id.into());
+        store(r, header::REVISION_ID, 1, id.revision_id.into());
+        store(
+            r,
+            header::CLASS_CODE,
+            3,
+            u64::from(id.class_code & 0xff_ffff),
+        );
+        store(
+            r,
+            header::SUBSYSTEM_VENDOR_ID,
+            2,
+            id.subsystem_vendor_id.into(),
+        );
+        store(r, header::SUBSYSTEM_ID, 2, id.subsystem_id.into());
+        store(r, header::STATUS, 2, status::CAPABILITIES_LIST.into());
+        let w = &mut space.writable;
+        store(w, header::COMMAND, 2, command::WRITABLE.into());
+        store(w, header::CACHE_LINE_SIZE, 1, 0xff);
+        store(w, header::INTERRUPT_LINE, 1, 0xff);
+        store(&mut space.rw1c, header::STATUS, 2, status::RW1C.into());
+        space.hooks.push(Hook {
+            offset: header::COMMAND,
+            width: 2,
+            mask: u64::from(command::MEMORY_SPACE | command::BUS_MASTER | command::INTX_DISABLE),
+            kind: HookKind::Command,
+        });
+        Self {
+            space,
+            next_cap: CAPABILITIES_START,
+            last_next_ptr: header::CAPABILITIES_POINTER,
+            added: Vec::new(),
+        }
+    }
+
+    /// Declares a memory BAR in slot `index` (and `index + 1` for a 64-bit BAR).
+    pub fn bar(&mut self, index: BarIndex, spec: BarSpec) -> Result<&mut Self, ConfigError> {
+        let max = if spec.is_64bit {
+            1u64 << 63
+        } else {
+            1u64 << 31
+        };
+        if !spec.size.is_power_of_two() || spec.size < bar::MIN_SIZE || spec.size > max {
+            return Err(ConfigError::BarSize { size: spec.size });
+        }
+        let slot = usize::from(index.get());
+        let upper = if spec.is_64bit {
+            Some(BarIndex::new(index.get() + 1).ok_or(ConfigError::Bar64InLastSlot)?)
+        } else {
+            None
+        };
+        for s in std::iter::once(index).chain(upper) {
+            if self.slot_in_use(s) {
+                return Err(ConfigError::BarSlotInUse(s.get()));
+            }
+        }
+        let mut flags = 0u32;
+        if spec.is_64bit {
+            flags |= bar::TYPE_64BIT;
+        }
+        if spec.prefetchable {
+            flags |= bar::PREFETCHABLE;
+        }
+        let width = if spec.is_64bit { 8 } else { 4 };
+        // Address bits below the size are hardwired to zero, so writing all-ones reads back
+        // the size; the type bits are read-only.
+        let mask = !(spec.size - 1) & !u64::from(bar::FLAGS_MASK);
+        let mask = if spec.is_64bit {
+            mask
+        } else {
+            mask & 0xffff_ffff
+        };
+        let offset = header::bar(index);
+        store(&mut self.space.regs, offset, 4, flags.into());
+        store(&mut self.space.writable, offset, width, mask);
+        self.space.hooks.push(Hook {
+            offset,
+            width,
+            mask,
+            kind: HookKind::Bar(index),
+        });
+        if let Some(s) = self.space.bars.get_mut(slot) {
+            *s = Some(spec);
+        }
+        Ok(self)
+    }
+
+    fn slot_in_use(&self, s: BarIndex) -> bool {
+        let n = usize::from(s.get());
+        let starts_here = self.space.bars.get(n).copied().flatten().is_some();
+        let upper_of_previous = n
+            .checked_sub(1)
+            .and_then(|p| self.space.bars.get(p).copied().flatten())
+            .is_some_and(|b| b.is_64bit);
+        starts_here || upper_of_previous
+    }
+
+    /// Reserves `len` bytes for a capability with `id`, links it into the list and returns
+    /// its offset.
+    fn add_capability(&mut self, id: u8, len: u16) -> Result<u16, ConfigError> {
+        if self.added.contains(&id) {
+            return Err(ConfigError::DuplicateCapability(id));
+        }
+        let at = self.next_cap;
+        let end = at + len;
+        if end > EXTENDED_CONFIG_START {
+            return Err(ConfigError::NoRoom { len });
+        }
+        store(&mut self.space.regs, at + cap::ID, 1, id.into());
+        store(&mut self.space.regs, self.last_next_ptr, 1, at.into());
+        self.last_next_ptr = at + cap::NEXT;
+        self.next_cap = end.next_multiple_of(4);
+        self.added.push(id);
+        Ok(at)
+    }
+
+    /// Adds the PCI Express capability (version 2, endpoint); returns its offset.
+    pub fn pci_express(&mut self, opts: PciExpressCap) -> Result<u16, ConfigError> {
+        let at = self.add_capability(cap::ID_PCI_EXPRESS, pcie::LEN)?;
+        let r = &mut self.space.regs;
+        let w = &mut self.space.writable;
+        store(
+            r,
+            at + pcie::CAPABILITIES,
+            2,
+            (pcie::CAP_VERSION_2 | pcie::CAP_TYPE_ENDPOINT).into(),
+        );
+        let mut devcap = pcie::DEVCAP_ROLE_BASED_ERROR;
+        if opts.flr_capable {
+            devcap |= pcie::DEVCAP_FLR;
+        }
+        store(r, at + pcie::DEVICE_CAPABILITIES, 4, devcap.into());
+        store(r, at + pcie::DEVICE_CONTROL, 2, pcie::DEVCTL_DEFAULT.into());
+        store(
+            w,
+            at + pcie::DEVICE_CONTROL,
+            2,
+            pcie::DEVCTL_WRITABLE.into(),
+        );
+        store(
+            &mut self.space.rw1c,
+            at + pcie::DEVICE_STATUS,
+            2,
+            pcie::DEVSTA_RW1C.into(),
+        );
+        let link = pcie::LINK_SPEED_8GT | (pcie::LINK_WIDTH_X4 << 4);
+        store(r, at + pcie::LINK_CAPABILITIES, 4, link.into());
+        store(w, at + pcie::LINK_CONTROL, 2, pcie::LINKCTL_WRITABLE.into());
+        store(r, at + pcie::LINK_STATUS, 2, link.into());
+        store(
+            r,
+            at + pcie::LINK_CAPABILITIES_2,
+            4,
+            pcie::LINKCAP2_SPEEDS.into(),
+        );
+        store(r, at + pcie::LINK_CONTROL_2, 2, pcie::LINK_SPEED_8GT.into());
+        store(
+            w,
+            at + pcie::LINK_CONTROL_2,
+            2,
+            pcie::LINKCTL2_TARGET_SPEED.into(),
+        );
+        if opts.flr_capable {
+            self.space.hooks.push(Hook {
+                offset: at + pcie::DEVICE_CONTROL,
+                width: 2,
+                mask: pcie::DEVCTL_INITIATE_FLR.into(),
+                kind: HookKind::InitiateFlr,
+            });
+        }
+        Ok(at)
+    }
+
+    /// Adds the MSI-X capability for `layout` (checked against the BARs in [`Self::build`]);
+    /// returns its offset.
+    pub fn msix(&mut self, layout: MsixLayout) -> Result<u16, ConfigError> {
+        if layout.vectors == 0 || layout.vectors > msix::MAX_VECTORS {
+            return Err(ConfigError::MsixLayout("vector count must be 1 to 2048"));
+        }
+        if !layout.table.offset.is_multiple_of(8) || !layout.pba.offset.is_multiple_of(8) {
+            return Err(ConfigError::MsixLayout("offsets must be multiples of 8"));
+        }
+        let at = self.add_capability(cap::ID_MSIX, msix::LEN)?;
+        let r = &mut self.space.regs;
+        store(r, at + msix::CONTROL, 2, u64::from(layout.vectors - 1));
+        let table = layout.table.offset | u32::from(layout.table.bar.get());
+        let pba = layout.pba.offset | u32::from(layout.pba.bar.get());
+        store(r, at + msix::TABLE, 4, table.into());
+        store(r, at + msix::PBA, 4, pba.into());
+        let control = msix::CONTROL_ENABLE | msix::CONTROL_FUNCTION_MASK;
+        store(
+            &mut self.space.writable,
+            at + msix::CONTROL,
+            2,
+            control.into(),
+        );
+        self.space.hooks.push(Hook {
+            offset: at + msix::CONTROL,
+            width: 2,
+            mask: control.into(),
+            kind: HookKind::MsixControl,
+        });
+        self.space.msix = Some((at, layout));
+        Ok(at)
+    }
+
+    /// Adds the Power Management capability (D0 and D3hot); returns its offset.
+    pub fn power_management(&mut self) -> Result<u16, ConfigError> {
+        let at = self.add_capability(cap::ID_POWER_MANAGEMENT, pm::LEN)?;
+        store(
+            &mut self.space.regs,
+            at + pm::PMC,
+            2,
+            pm::PMC_VERSION_1_2.into(),
+        );
+        store(
+            &mut self.space.regs,
+            at + pm::PMCSR,
+            2,
+            pm::PMCSR_NO_SOFT_RESET.into(),
+        );
+        store(
+            &mut self.space.writable,
+            at + pm::PMCSR,
+            2,
+            pm::PMCSR_POWER_STATE.into(),
+        );
+        self.space.hooks.push(Hook {
+            offset: at + pm::PMCSR,
+            width: 2,
+            mask: pm::PMCSR_POWER_STATE.into(),
+            kind: HookKind::PowerState,
+        });
+        Ok(at)
+    }
+
+    /// Checks the layout and returns the config space at its power-on values.
+    pub fn build(mut self) -> Result<ConfigSpace, ConfigError> {
+        if let Some((_, layout)) = self.space.msix {
+            let fits = |region: BarRegion, len: u64| {
+                self.space
+                    .bar_spec(region.bar)
+                    .is_some_and(|b| u64::from(region.offset) + len <= b.size)
+            };
+            if !fits(layout.table, layout.table_len()) || !fits(layout.pba, layout.pba_len()) {
+                return Err(ConfigError::MsixLayout("table or PBA outside its BAR"));
+            }
+            let same_bar = layout.table.bar == layout.pba.bar;
+            let t = (u64::from(layout.table.offset), layout.table_len());
+            let p = (u64::from(layout.pba.offset), layout.pba_len());
+            if same_bar && t.0 < p.0 + p.1 && p.0 < t.0 + t.1 {
+                return Err(ConfigError::MsixLayout("table and PBA overlap"));
+            }
+        }
+        self.space.initial = self.space.regs.clone();
+        Ok(self.space)
+    }
+}
+
+#[cfg(test)]
+#[path = "tests/config.rs"]
+mod tests;
