@@ -69,6 +69,9 @@ pub enum FabricError {
     /// The access size is not supported (for example a zero-length access).
     #[error("bad access size {0}")]
     BadAccessSize(usize),
+    /// A [`crate::LinkConfig`] outside the supported limits.
+    #[error("invalid link configuration: {0}")]
+    InvalidConfig(&'static str),
     /// The window has no translation.
     #[error("memory window {0} is not translated")]
     WindowNotTranslated(usize),

@@ -18,11 +18,20 @@
 #![warn(missing_docs)]
 
 mod address_space;
+mod config;
+mod endpoint;
 mod error;
+pub mod loopback;
+mod page;
+pub mod shm;
+mod sync;
 
 pub use address_space::{AddressSpace, MmioHandler, Region, RegionKind, Resolved};
+pub use config::LinkConfig;
 pub use devlend_memory::{BusAddr, ByteRange, MemSpan, SharedMemory};
 pub use error::FabricError;
+pub use loopback::{loopback_pair, LoopbackNtb};
+pub use shm::ShmNtb;
 
 use std::time::Duration;
 

@@ -1,0 +1,1061 @@
+//! The backend-independent half of a link side: register semantics over control pages, window
+//! translation tables, the MMIO request ring and its service thread, link state.
+//!
+//! Both `loopback` and `shm` are an [`Endpoint`] plus a way to exchange control pages and
+//! window announcements with the peer: loopback hands `Arc`s across, shm sends fds over a UNIX
+//! socket.
+//!
+//! ## Threads and locks
+//! - Caller threads run every trait method.
+//! - One service thread per connection ([`Endpoint::attach`] spawns it, it exits when the
+//!   connection goes down) consumes the MMIO request ring in this side's page and calls the
+//!   local [`MmioHandler`]s in ring order.
+//! - Lock order: `reads` → `producer`; `windows` → `link` → `peer_windows`. No lock is held
+//!   while calling an [`MmioHandler`] or while sleeping, except `reads`/`producer` (held by a
+//!   caller thread across its own ring wait, which is bounded by the completion timeout and
+//!   ended by link-down).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use devlend_memory::{BusAddr, MemSpan};
+
+use crate::page::{self, ControlPage};
+use crate::sync::WaitEnd;
+use crate::{
+    AddressSpace, FabricError, LinkConfig, LinkState, MwAlign, Resolved, Result, WindowOffset,
+};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Ring entry kinds.
+const KIND_WRITE: u32 = 1;
+const KIND_READ: u32 = 2;
+/// Completion statuses.
+const CPL_OK: u32 = 0;
+const CPL_NOT_TRANSLATED: u32 = 1;
+const CPL_OUTSIDE: u32 = 2;
+const CPL_BAD_REQUEST: u32 = 3;
+
+/// One of this side's inbound translations.
+#[derive(Clone)]
+pub(crate) struct LocalWindow {
+    /// Translated size.
+    pub(crate) size: u64,
+    /// What the range resolves to.
+    pub(crate) target: Resolved,
+}
+
+/// What this side reaches behind one of its outbound apertures.
+#[derive(Clone, Debug)]
+pub(crate) enum PeerWindow {
+    /// Peer RAM, mapped here: exactly the translated range.
+    Ram(MemSpan),
+    /// Peer MMIO of `size` bytes, reached over the ring.
+    Mmio {
+        /// Translated size.
+        size: u64,
+    },
+}
+
+impl PeerWindow {
+    fn size(&self) -> u64 {
+        match self {
+            PeerWindow::Ram(span) => span.len(),
+            PeerWindow::Mmio { size } => *size,
+        }
+    }
+}
+
+/// The peer's register counts, as it announced them (already bounded by the page maxima).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PeerInfo {
+    pub(crate) mw_count: usize,
+    pub(crate) spad_count: usize,
+    pub(crate) msg_count: usize,
+    pub(crate) db_valid: u64,
+}
+
+impl PeerInfo {
+    /// Bounds untrusted counts by what a page can hold.
+    pub(crate) fn bounded(mw_count: u64, spad_count: u64, msg_count: u64, db_count: u64) -> Self {
+        let db_count = db_count.min(64);
+        Self {
+            mw_count: mw_count.min(page::MAX_WINDOWS as u64) as usize,
+            spad_count: spad_count.min(page::MAX_SPADS as u64) as usize,
+            msg_count: msg_count.min(page::MAX_MSGS as u64) as usize,
+            db_valid: if db_count == 64 {
+                u64::MAX
+            } else {
+                (1u64 << db_count) - 1
+            },
+        }
+    }
+
+    pub(crate) fn of(cfg: &LinkConfig) -> Self {
+        Self::bounded(
+            cfg.mw_count as u64,
+            cfg.spad_count as u64,
+            cfg.msg_count as u64,
+            u64::from(cfg.db_count),
+        )
+    }
+}
+
+/// Tells the peer about this side's inbound translations (`None`: cleared).
+pub(crate) trait Announce: Send + Sync {
+    fn announce(&self, window: usize, what: Option<&LocalWindow>) -> Result<()>;
+}
+
+#[derive(Default)]
+struct Producer {
+    /// Next ring position to fill in the peer's ring.
+    position: u32,
+}
+
+/// One connection: this side's page, the peer's page, what the peer exported.
+pub(crate) struct Session {
+    local: Arc<ControlPage>,
+    peer: Arc<ControlPage>,
+    peer_info: PeerInfo,
+    peer_windows: RwLock<Vec<Option<PeerWindow>>>,
+    down: AtomicBool,
+    reads: Mutex<u32>,
+    producer: Mutex<Producer>,
+    announce: Box<dyn Announce>,
+}
+
+impl Session {
+    pub(crate) fn new(
+        local: Arc<ControlPage>,
+        peer: Arc<ControlPage>,
+        peer_info: PeerInfo,
+        announce: Box<dyn Announce>,
+    ) -> Self {
+        Self {
+            local,
+            peer,
+            peer_info,
+            peer_windows: RwLock::new(vec![None; peer_info.mw_count]),
+            down: AtomicBool::new(false),
+            reads: Mutex::new(0),
+            producer: Mutex::new(Producer::default()),
+            announce,
+        }
+    }
+
+    /// Whether this connection has ended.
+    pub(crate) fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+
+    /// Installs (or clears) what the peer exported behind its window `window`.
+    pub(crate) fn set_peer_window(&self, window: usize, what: Option<PeerWindow>) -> Result<()> {
+        let mut table = self.peer_windows.write().unwrap_or_else(|e| e.into_inner());
+        let count = table.len();
+        let slot = table.get_mut(window).ok_or(FabricError::NoSuchIndex {
+            what: "memory window",
+            index: window,
+            count,
+        })?;
+        *slot = what;
+        Ok(())
+    }
+
+    fn peer_window(&self, window: usize) -> Result<PeerWindow> {
+        let table = self.peer_windows.read().unwrap_or_else(|e| e.into_inner());
+        match table.get(window) {
+            None => Err(FabricError::NoSuchIndex {
+                what: "memory window",
+                index: window,
+                count: table.len(),
+            }),
+            Some(None) => Err(FabricError::WindowNotTranslated(window)),
+            Some(Some(w)) => Ok(w.clone()),
+        }
+    }
+
+    fn stop_waiters(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for off in [
+            page::DB_WAIT,
+            page::MSG_WAIT,
+            page::CPL_WAIT,
+            page::RING_WAIT,
+        ] {
+            if let Ok(w) = self.local.wait_word(off) {
+                w.wake_all();
+            }
+        }
+        if let Ok(w) = self.peer.wait_word(page::SPACE_WAIT) {
+            w.wake_all();
+        }
+    }
+
+    fn ended(&self, e: WaitEnd) -> FabricError {
+        match e {
+            WaitEnd::Stopped => FabricError::LinkDown,
+            WaitEnd::Timeout => FabricError::Timeout,
+        }
+    }
+
+    /// Claims the next slot of the peer's ring (waiting for space) and fills it.
+    fn push(
+        &self,
+        producer: &mut Producer,
+        spin: Duration,
+        deadline: Instant,
+        fill: impl FnOnce(&ControlPage, u64) -> Result<()>,
+    ) -> Result<()> {
+        let position = producer.position;
+        let head = self.peer.u32_at(page::RING_HEAD)?;
+        self.peer
+            .wait_word(page::SPACE_WAIT)?
+            .wait(
+                spin,
+                Some(deadline),
+                || {
+                    (position.wrapping_sub(head.load(Ordering::Acquire)) < page::RING_ENTRIES)
+                        .then_some(())
+                },
+                || self.is_down(),
+            )
+            .map_err(|e| self.ended(e))?;
+        let entry = ControlPage::entry_offset(position);
+        fill(&self.peer, entry)?;
+        self.peer
+            .u32_at(entry + page::E_SEQ)?
+            .store(position.wrapping_add(1), Ordering::Release);
+        producer.position = position.wrapping_add(1);
+        self.peer.wait_word(page::RING_WAIT)?.notify();
+        Ok(())
+    }
+
+    fn mmio_write(&self, cfg: &LinkConfig, window: usize, offset: u64, data: &[u8]) -> Result<()> {
+        let deadline = Instant::now() + cfg.completion_timeout;
+        let mut producer = lock(&self.producer);
+        let mut at = offset;
+        for chunk in data.chunks(page::ENTRY_DATA_MAX) {
+            self.push(&mut producer, cfg.spin, deadline, |p, e| {
+                let mem = p.mem();
+                mem.store_u32(e + page::E_KIND, KIND_WRITE)?;
+                mem.store_u32(e + page::E_WINDOW, window as u32)?;
+                mem.store_u32(e + page::E_LEN, chunk.len() as u32)?;
+                mem.store_u64(e + page::E_OFFSET, at)?;
+                mem.write_at(e + page::E_DATA, chunk)?;
+                Ok(())
+            })?;
+            at += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn mmio_read(
+        &self,
+        cfg: &LinkConfig,
+        window: usize,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let mut tag_state = lock(&self.reads);
+        let mut at = offset;
+        for chunk in buf.chunks_mut(page::ENTRY_DATA_MAX) {
+            let deadline = Instant::now() + cfg.completion_timeout;
+            *tag_state = tag_state.wrapping_add(1).max(1);
+            let tag = *tag_state;
+            {
+                let mut producer = lock(&self.producer);
+                self.push(&mut producer, cfg.spin, deadline, |p, e| {
+                    let mem = p.mem();
+                    mem.store_u32(e + page::E_KIND, KIND_READ)?;
+                    mem.store_u32(e + page::E_WINDOW, window as u32)?;
+                    mem.store_u32(e + page::E_LEN, chunk.len() as u32)?;
+                    mem.store_u64(e + page::E_OFFSET, at)?;
+                    mem.store_u32(e + page::E_TAG, tag)?;
+                    Ok(())
+                })?;
+            }
+            let cpl_tag = self.local.u32_at(page::CPL_TAG)?;
+            self.local
+                .wait_word(page::CPL_WAIT)?
+                .wait(
+                    cfg.spin,
+                    Some(deadline),
+                    || (cpl_tag.load(Ordering::Acquire) == tag).then_some(()),
+                    || self.is_down(),
+                )
+                .map_err(|e| self.ended(e))?;
+            match self.local.mem().load_u32(page::CPL_STATUS)? {
+                CPL_OK => self.local.mem().read_at(page::CPL_DATA, chunk)?,
+                CPL_NOT_TRANSLATED => return Err(FabricError::WindowNotTranslated(window)),
+                CPL_OUTSIDE => {
+                    return Err(FabricError::OutsideWindow {
+                        window,
+                        offset: at,
+                        len: chunk.len() as u64,
+                        size: self.peer_window(window).map(|w| w.size()).unwrap_or(0),
+                    })
+                }
+                other => {
+                    return Err(FabricError::Protocol(format!(
+                        "peer answered a read with status {other}"
+                    )))
+                }
+            }
+            at += chunk.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+struct LinkInner {
+    generation: u64,
+    session: Option<Arc<Session>>,
+    /// This side's current page: the session's, or the last one (registers stay readable
+    /// while the link is down; a new connection starts from a fresh page).
+    page: Arc<ControlPage>,
+}
+
+/// One side of a link, independent of how the peer is reached.
+pub(crate) struct Endpoint {
+    cfg: LinkConfig,
+    asp: Arc<AddressSpace>,
+    db_mask: AtomicU64,
+    windows: Mutex<Vec<Option<LocalWindow>>>,
+    link: Mutex<LinkInner>,
+    link_changed: Condvar,
+    msg_write: Mutex<()>,
+}
+
+impl Endpoint {
+    pub(crate) fn new(cfg: LinkConfig, asp: Arc<AddressSpace>) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self {
+            cfg,
+            asp,
+            db_mask: AtomicU64::new(0),
+            windows: Mutex::new(vec![None; cfg.mw_count]),
+            link: Mutex::new(LinkInner {
+                generation: 0,
+                session: None,
+                page: Arc::new(ControlPage::create()?),
+            }),
+            link_changed: Condvar::new(),
+            msg_write: Mutex::new(()),
+        })
+    }
+
+    pub(crate) fn config(&self) -> &LinkConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn asp(&self) -> &AddressSpace {
+        &self.asp
+    }
+
+    /// The current connection, or [`FabricError::LinkDown`].
+    pub(crate) fn session(&self) -> Result<Arc<Session>> {
+        let s = lock(&self.link)
+            .session
+            .clone()
+            .ok_or(FabricError::LinkDown)?;
+        if s.is_down() {
+            return Err(FabricError::LinkDown);
+        }
+        Ok(s)
+    }
+
+    fn page(&self) -> Arc<ControlPage> {
+        lock(&self.link).page.clone()
+    }
+
+    /// Brings the link up on `session`: re-announces every local translation to the new peer
+    /// and starts the ring service thread.
+    pub(crate) fn attach(self: &Arc<Self>, session: Arc<Session>) -> Result<()> {
+        let windows = lock(&self.windows);
+        for (i, w) in windows.iter().enumerate() {
+            if let Some(w) = w {
+                session.announce.announce(i, Some(w))?;
+            }
+        }
+        {
+            let mut link = lock(&self.link);
+            if let Some(old) = link.session.take() {
+                old.stop_waiters();
+                link.generation += 1;
+            }
+            link.page = session.local.clone();
+            link.session = Some(session.clone());
+            link.generation += 1;
+        }
+        drop(windows);
+        self.link_changed.notify_all();
+        let ep = self.clone();
+        std::thread::Builder::new()
+            .name("ntb-mmio-service".into())
+            .spawn(move || ep.serve_ring(&session))
+            .map_err(|e| FabricError::io("spawn ring service thread", e))?;
+        Ok(())
+    }
+
+    /// Takes the link down if `session` is still the current one: every waiter on it returns
+    /// [`FabricError::LinkDown`], and what the peer exported is forgotten.
+    pub(crate) fn detach(&self, session: &Arc<Session>) {
+        session.stop_waiters();
+        let mut link = lock(&self.link);
+        if link
+            .session
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            link.session = None;
+            link.generation += 1;
+            drop(link);
+            self.link_changed.notify_all();
+        }
+    }
+
+    /// The ring service loop of one connection.
+    fn serve_ring(&self, session: &Session) {
+        if let Err(e) = self.serve_ring_inner(session) {
+            if !session.is_down() {
+                tracing::warn!("ntb ring service stopped: {e}");
+            }
+        }
+    }
+
+    fn serve_ring_inner(&self, session: &Session) -> Result<()> {
+        let local = &session.local;
+        let ring_wait = local.wait_word(page::RING_WAIT)?;
+        let space_wait = local.wait_word(page::SPACE_WAIT)?;
+        let head_word = local.u32_at(page::RING_HEAD)?;
+        let mut head: u32 = 0;
+        let mut data = [0u8; page::ENTRY_DATA_MAX];
+        loop {
+            let entry = ControlPage::entry_offset(head);
+            let seq = local.u32_at(entry + page::E_SEQ)?;
+            let want = head.wrapping_add(1);
+            let ready = ring_wait.wait(
+                self.cfg.spin,
+                None,
+                || (seq.load(Ordering::Acquire) == want).then_some(()),
+                || session.is_down(),
+            );
+            if ready.is_err() {
+                return Ok(());
+            }
+            // Drain everything that is ready, then tell a waiting producer about the space.
+            let mut done = 0u32;
+            loop {
+                let entry = ControlPage::entry_offset(head);
+                if local.mem().load_u32(entry + page::E_SEQ)? != head.wrapping_add(1) {
+                    break;
+                }
+                let mem = local.mem();
+                let kind = mem.load_u32(entry + page::E_KIND)?;
+                let window = mem.load_u32(entry + page::E_WINDOW)? as usize;
+                let len = mem.load_u32(entry + page::E_LEN)? as usize;
+                let offset = mem.load_u64(entry + page::E_OFFSET)?;
+                let tag = mem.load_u32(entry + page::E_TAG)?;
+                let mut payload = data.get_mut(..len).filter(|_| len > 0);
+                // Free the slot before calling the handler; the payload is copied out first.
+                if let (KIND_WRITE, Some(buf)) = (kind, payload.as_deref_mut()) {
+                    mem.read_at(entry + page::E_DATA, buf)?;
+                }
+                head = head.wrapping_add(1);
+                head_word.store(head, Ordering::Release);
+                match (kind, payload) {
+                    (KIND_WRITE, Some(buf)) => {
+                        // A posted write to a bad place is dropped, as on PCIe.
+                        let _ = self.local_access(window, offset, Access::Write(buf));
+                    }
+                    (KIND_READ, payload) => {
+                        let code = match payload {
+                            Some(buf) => {
+                                match self.local_access(window, offset, Access::Read(&mut *buf)) {
+                                    Ok(()) => {
+                                        session.peer.mem().write_at(page::CPL_DATA, buf)?;
+                                        CPL_OK
+                                    }
+                                    Err(code) => code,
+                                }
+                            }
+                            None => CPL_BAD_REQUEST,
+                        };
+                        let peer = &session.peer;
+                        peer.mem().store_u32(page::CPL_STATUS, code)?;
+                        peer.u32_at(page::CPL_TAG)?.store(tag, Ordering::Release);
+                        peer.wait_word(page::CPL_WAIT)?.notify();
+                    }
+                    _ => tracing::debug!(
+                        "ntb ring: dropped a malformed request (kind {kind}, len {len})"
+                    ),
+                }
+                done += 1;
+                if done & 31 == 0 {
+                    space_wait.notify();
+                }
+            }
+            space_wait.notify();
+        }
+    }
+
+    /// Performs a peer's access to local window `window` (validated against the local,
+    /// authoritative translation table).
+    fn local_access(
+        &self,
+        window: usize,
+        offset: u64,
+        access: Access<'_>,
+    ) -> std::result::Result<(), u32> {
+        let translation = lock(&self.windows).get(window).cloned().flatten();
+        let Some(w) = translation else {
+            return Err(CPL_NOT_TRANSLATED);
+        };
+        let len = access.len() as u64;
+        match offset.checked_add(len) {
+            Some(end) if end <= w.size => {}
+            _ => return Err(CPL_OUTSIDE),
+        }
+        match (w.target, access) {
+            (Resolved::Mmio(h, base), Access::Write(d)) => h.mmio_write(base + offset, d),
+            (Resolved::Mmio(h, base), Access::Read(b)) => h.mmio_read(base + offset, b),
+            (Resolved::Ram(span), Access::Write(d)) => {
+                span.write_at(offset, d).map_err(|_| CPL_OUTSIDE)?
+            }
+            (Resolved::Ram(span), Access::Read(b)) => {
+                span.read_at(offset, b).map_err(|_| CPL_OUTSIDE)?
+            }
+        }
+        Ok(())
+    }
+
+    // ---- Link ----
+
+    pub(crate) fn link_state(&self) -> LinkState {
+        match self.session() {
+            Ok(_) => LinkState::Up,
+            Err(_) => LinkState::Down,
+        }
+    }
+
+    pub(crate) fn wait_link(&self, want: LinkState, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut link = lock(&self.link);
+        loop {
+            let up = link.session.as_ref().is_some_and(|s| !s.is_down());
+            if (want == LinkState::Up) == up {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(FabricError::Timeout);
+            }
+            link = self
+                .link_changed
+                .wait_timeout(link, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    pub(crate) fn link_generation(&self) -> u64 {
+        lock(&self.link).generation
+    }
+
+    // ---- MemoryWindows ----
+
+    pub(crate) fn mw_get_align(&self, window: usize) -> Result<MwAlign> {
+        self.check_window(window)?;
+        Ok(self.cfg.mw_align())
+    }
+
+    fn check_window(&self, window: usize) -> Result<()> {
+        if window >= self.cfg.mw_count {
+            return Err(FabricError::NoSuchIndex {
+                what: "memory window",
+                index: window,
+                count: self.cfg.mw_count,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn mw_set_trans(&self, window: usize, addr: BusAddr, size: u64) -> Result<()> {
+        self.check_window(window)?;
+        let bad = |why| FabricError::BadTranslation {
+            window,
+            addr,
+            size,
+            why,
+        };
+        if size == 0 {
+            return Err(bad("the size is zero"));
+        }
+        if !addr.is_aligned(self.cfg.mw_addr_align) {
+            return Err(bad("the address is not aligned to addr_align"));
+        }
+        if size & (self.cfg.mw_size_align - 1) != 0 {
+            return Err(bad("the size is not a multiple of size_align"));
+        }
+        if size > self.cfg.mw_size_max {
+            return Err(bad("the size exceeds size_max"));
+        }
+        let target = self.asp.resolve(addr, size)?;
+        let translation = LocalWindow { size, target };
+        let mut windows = lock(&self.windows);
+        let slot = windows.get_mut(window).ok_or(FabricError::NoSuchIndex {
+            what: "memory window",
+            index: window,
+            count: self.cfg.mw_count,
+        })?;
+        *slot = Some(translation.clone());
+        if let Ok(s) = self.session() {
+            s.announce.announce(window, Some(&translation))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn mw_clear_trans(&self, window: usize) -> Result<()> {
+        self.check_window(window)?;
+        let mut windows = lock(&self.windows);
+        if let Some(slot) = windows.get_mut(window) {
+            *slot = None;
+        }
+        if let Ok(s) = self.session() {
+            s.announce.announce(window, None)?;
+        }
+        Ok(())
+    }
+
+    // ---- PeerWindows ----
+
+    pub(crate) fn peer_mw_count(&self) -> usize {
+        self.session().map_or(0, |s| s.peer_info.mw_count)
+    }
+
+    pub(crate) fn peer_mw_size(&self, window: usize) -> Result<u64> {
+        Ok(self.session()?.peer_window(window)?.size())
+    }
+
+    fn checked_peer_window(
+        &self,
+        window: usize,
+        offset: WindowOffset,
+        len: usize,
+    ) -> Result<(Arc<Session>, PeerWindow)> {
+        if len == 0 {
+            return Err(FabricError::BadAccessSize(0));
+        }
+        let s = self.session()?;
+        let w = s.peer_window(window)?;
+        let size = w.size();
+        match offset.0.checked_add(len as u64) {
+            Some(end) if end <= size => Ok((s, w)),
+            _ => Err(FabricError::OutsideWindow {
+                window,
+                offset: offset.0,
+                len: len as u64,
+                size,
+            }),
+        }
+    }
+
+    pub(crate) fn peer_mw_write(
+        &self,
+        window: usize,
+        offset: WindowOffset,
+        data: &[u8],
+    ) -> Result<()> {
+        let (s, w) = self.checked_peer_window(window, offset, data.len())?;
+        match w {
+            PeerWindow::Ram(span) => Ok(span.write_at(offset.0, data)?),
+            PeerWindow::Mmio { .. } => s.mmio_write(&self.cfg, window, offset.0, data),
+        }
+    }
+
+    pub(crate) fn peer_mw_read(
+        &self,
+        window: usize,
+        offset: WindowOffset,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let (s, w) = self.checked_peer_window(window, offset, buf.len())?;
+        match w {
+            PeerWindow::Ram(span) => Ok(span.read_at(offset.0, buf)?),
+            PeerWindow::Mmio { .. } => s.mmio_read(&self.cfg, window, offset.0, buf),
+        }
+    }
+
+    pub(crate) fn peer_mw_direct(&self, window: usize) -> Result<Option<MemSpan>> {
+        Ok(match self.session()?.peer_window(window)? {
+            PeerWindow::Ram(span) => Some(span),
+            PeerWindow::Mmio { .. } => None,
+        })
+    }
+
+    // ---- Doorbells ----
+
+    fn check_db(&self, bits: u64, valid: u64) -> Result<()> {
+        if bits & !valid != 0 {
+            return Err(FabricError::InvalidDoorbell { bits, valid });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn db_valid_mask(&self) -> u64 {
+        self.cfg.db_valid_mask()
+    }
+
+    pub(crate) fn db_read(&self) -> u64 {
+        self.page()
+            .u64_at(page::DB_BITS)
+            .map_or(0, |w| w.load(Ordering::Acquire))
+            & self.db_valid_mask()
+    }
+
+    pub(crate) fn db_clear(&self, bits: u64) -> Result<()> {
+        self.check_db(bits, self.db_valid_mask())?;
+        self.page()
+            .u64_at(page::DB_BITS)?
+            .fetch_and(!bits, Ordering::AcqRel);
+        Ok(())
+    }
+
+    pub(crate) fn db_read_mask(&self) -> u64 {
+        self.db_mask.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn db_set_mask(&self, bits: u64) -> Result<()> {
+        self.check_db(bits, self.db_valid_mask())?;
+        self.db_mask.fetch_or(bits, Ordering::AcqRel);
+        Ok(())
+    }
+
+    pub(crate) fn db_clear_mask(&self, bits: u64) -> Result<()> {
+        self.check_db(bits, self.db_valid_mask())?;
+        self.db_mask.fetch_and(!bits, Ordering::AcqRel);
+        // Latched bits may now be deliverable.
+        self.page().wait_word(page::DB_WAIT)?.wake_all();
+        Ok(())
+    }
+
+    pub(crate) fn db_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
+        let valid = self.db_valid_mask();
+        if bits == 0 {
+            return Err(FabricError::InvalidDoorbell { bits, valid });
+        }
+        self.check_db(bits, valid)?;
+        let s = self.session()?;
+        let db = s.local.u64_at(page::DB_BITS)?;
+        s.local
+            .wait_word(page::DB_WAIT)?
+            .wait(
+                self.cfg.spin,
+                Some(Instant::now() + timeout),
+                || {
+                    let hit = db.load(Ordering::Acquire) & bits & !self.db_read_mask();
+                    (hit != 0).then_some(hit)
+                },
+                || s.is_down(),
+            )
+            .map_err(|e| s.ended(e))
+    }
+
+    pub(crate) fn peer_db_set(&self, bits: u64) -> Result<()> {
+        let s = self.session()?;
+        self.check_db(bits, s.peer_info.db_valid & self.db_valid_mask())?;
+        s.peer
+            .u64_at(page::DB_BITS)?
+            .fetch_or(bits, Ordering::AcqRel);
+        s.peer.wait_word(page::DB_WAIT)?.notify();
+        Ok(())
+    }
+
+    // ---- Scratchpads ----
+
+    fn spad_index(index: usize, count: usize) -> Result<u64> {
+        if index >= count {
+            return Err(FabricError::NoSuchIndex {
+                what: "scratchpad",
+                index,
+                count,
+            });
+        }
+        Ok(ControlPage::spad_offset(index))
+    }
+
+    pub(crate) fn spad_read(&self, index: usize) -> Result<u32> {
+        let off = Self::spad_index(index, self.cfg.spad_count)?;
+        Ok(self.page().mem().load_u32(off)?)
+    }
+
+    pub(crate) fn spad_write(&self, index: usize, value: u32) -> Result<()> {
+        let off = Self::spad_index(index, self.cfg.spad_count)?;
+        Ok(self.page().mem().store_u32(off, value)?)
+    }
+
+    pub(crate) fn peer_spad_read(&self, index: usize) -> Result<u32> {
+        let s = self.session()?;
+        let off = Self::spad_index(index, s.peer_info.spad_count)?;
+        Ok(s.peer.mem().load_u32(off)?)
+    }
+
+    pub(crate) fn peer_spad_write(&self, index: usize, value: u32) -> Result<()> {
+        let s = self.session()?;
+        let off = Self::spad_index(index, s.peer_info.spad_count)?;
+        Ok(s.peer.mem().store_u32(off, value)?)
+    }
+
+    // ---- Messages ----
+
+    fn msg_mask(count: usize) -> u64 {
+        if count >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << count) - 1
+        }
+    }
+
+    fn check_msg_bits(&self, bits: u64) -> Result<()> {
+        let extra = bits & !Self::msg_mask(self.cfg.msg_count);
+        if extra != 0 {
+            return Err(FabricError::NoSuchIndex {
+                what: "message register",
+                index: extra.trailing_zeros() as usize,
+                count: self.cfg.msg_count,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn msg_read_sts(&self) -> u64 {
+        self.page()
+            .u64_at(page::MSG_STS)
+            .map_or(0, |w| w.load(Ordering::Acquire))
+            & Self::msg_mask(self.cfg.msg_count)
+    }
+
+    pub(crate) fn msg_read(&self, index: usize) -> Result<u32> {
+        if index >= self.cfg.msg_count {
+            return Err(FabricError::NoSuchIndex {
+                what: "message register",
+                index,
+                count: self.cfg.msg_count,
+            });
+        }
+        Ok(self.page().mem().load_u32(ControlPage::msg_offset(index))?)
+    }
+
+    pub(crate) fn msg_clear_sts(&self, bits: u64) -> Result<()> {
+        self.check_msg_bits(bits)?;
+        self.page()
+            .u64_at(page::MSG_STS)?
+            .fetch_and(!bits, Ordering::AcqRel);
+        Ok(())
+    }
+
+    pub(crate) fn peer_msg_write(&self, index: usize, value: u32) -> Result<()> {
+        let s = self.session()?;
+        if index >= s.peer_info.msg_count {
+            return Err(FabricError::NoSuchIndex {
+                what: "message register",
+                index,
+                count: s.peer_info.msg_count,
+            });
+        }
+        let bit = 1u64 << index;
+        let _serialize = lock(&self.msg_write);
+        let sts = s.peer.u64_at(page::MSG_STS)?;
+        if sts.load(Ordering::Acquire) & bit != 0 {
+            return Err(FabricError::MessageBusy(index));
+        }
+        s.peer
+            .mem()
+            .store_u32(ControlPage::msg_offset(index), value)?;
+        sts.fetch_or(bit, Ordering::AcqRel);
+        s.peer.wait_word(page::MSG_WAIT)?.notify();
+        Ok(())
+    }
+
+    pub(crate) fn msg_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
+        self.check_msg_bits(bits)?;
+        if bits == 0 {
+            return Err(FabricError::NoSuchIndex {
+                what: "message register",
+                index: 0,
+                count: 0,
+            });
+        }
+        let s = self.session()?;
+        let sts = s.local.u64_at(page::MSG_STS)?;
+        s.local
+            .wait_word(page::MSG_WAIT)?
+            .wait(
+                self.cfg.spin,
+                Some(Instant::now() + timeout),
+                || {
+                    let hit = sts.load(Ordering::Acquire) & bits;
+                    (hit != 0).then_some(hit)
+                },
+                || s.is_down(),
+            )
+            .map_err(|e| s.ended(e))
+    }
+}
+
+enum Access<'a> {
+    Write(&'a [u8]),
+    Read(&'a mut [u8]),
+}
+
+impl Access<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Access::Write(d) => d.len(),
+            Access::Read(b) => b.len(),
+        }
+    }
+}
+
+/// Implements every `ntb.h` trait of `$ty` by delegating to its `ep: Arc<Endpoint>` field.
+macro_rules! delegate_ntb {
+    ($ty:ty, $name:literal) => {
+        impl $crate::Link for $ty {
+            fn link_state(&self) -> $crate::LinkState {
+                self.ep.link_state()
+            }
+            fn wait_link(
+                &self,
+                want: $crate::LinkState,
+                timeout: std::time::Duration,
+            ) -> $crate::Result<()> {
+                self.ep.wait_link(want, timeout)
+            }
+            fn link_generation(&self) -> u64 {
+                self.ep.link_generation()
+            }
+        }
+        impl $crate::MemoryWindows for $ty {
+            fn mw_count(&self) -> usize {
+                self.ep.config().mw_count
+            }
+            fn mw_get_align(&self, window: usize) -> $crate::Result<$crate::MwAlign> {
+                self.ep.mw_get_align(window)
+            }
+            fn mw_set_trans(
+                &self,
+                window: usize,
+                addr: $crate::BusAddr,
+                size: u64,
+            ) -> $crate::Result<()> {
+                self.ep.mw_set_trans(window, addr, size)
+            }
+            fn mw_clear_trans(&self, window: usize) -> $crate::Result<()> {
+                self.ep.mw_clear_trans(window)
+            }
+        }
+        impl $crate::PeerWindows for $ty {
+            fn peer_mw_count(&self) -> usize {
+                self.ep.peer_mw_count()
+            }
+            fn peer_mw_size(&self, window: usize) -> $crate::Result<u64> {
+                self.ep.peer_mw_size(window)
+            }
+            fn peer_mw_write(
+                &self,
+                window: usize,
+                offset: $crate::WindowOffset,
+                data: &[u8],
+            ) -> $crate::Result<()> {
+                self.ep.peer_mw_write(window, offset, data)
+            }
+            fn peer_mw_read(
+                &self,
+                window: usize,
+                offset: $crate::WindowOffset,
+                buf: &mut [u8],
+            ) -> $crate::Result<()> {
+                self.ep.peer_mw_read(window, offset, buf)
+            }
+            fn peer_mw_direct(&self, window: usize) -> $crate::Result<Option<$crate::MemSpan>> {
+                self.ep.peer_mw_direct(window)
+            }
+        }
+        impl $crate::Doorbells for $ty {
+            fn db_valid_mask(&self) -> u64 {
+                self.ep.db_valid_mask()
+            }
+            fn db_read(&self) -> u64 {
+                self.ep.db_read()
+            }
+            fn db_clear(&self, bits: u64) -> $crate::Result<()> {
+                self.ep.db_clear(bits)
+            }
+            fn db_read_mask(&self) -> u64 {
+                self.ep.db_read_mask()
+            }
+            fn db_set_mask(&self, bits: u64) -> $crate::Result<()> {
+                self.ep.db_set_mask(bits)
+            }
+            fn db_clear_mask(&self, bits: u64) -> $crate::Result<()> {
+                self.ep.db_clear_mask(bits)
+            }
+            fn db_wait(&self, bits: u64, timeout: std::time::Duration) -> $crate::Result<u64> {
+                self.ep.db_wait(bits, timeout)
+            }
+            fn peer_db_set(&self, bits: u64) -> $crate::Result<()> {
+                self.ep.peer_db_set(bits)
+            }
+        }
+        impl $crate::Scratchpads for $ty {
+            fn spad_count(&self) -> usize {
+                self.ep.config().spad_count
+            }
+            fn spad_read(&self, index: usize) -> $crate::Result<u32> {
+                self.ep.spad_read(index)
+            }
+            fn spad_write(&self, index: usize, value: u32) -> $crate::Result<()> {
+                self.ep.spad_write(index, value)
+            }
+            fn peer_spad_read(&self, index: usize) -> $crate::Result<u32> {
+                self.ep.peer_spad_read(index)
+            }
+            fn peer_spad_write(&self, index: usize, value: u32) -> $crate::Result<()> {
+                self.ep.peer_spad_write(index, value)
+            }
+        }
+        impl $crate::Messages for $ty {
+            fn msg_count(&self) -> usize {
+                self.ep.config().msg_count
+            }
+            fn msg_read_sts(&self) -> u64 {
+                self.ep.msg_read_sts()
+            }
+            fn msg_read(&self, index: usize) -> $crate::Result<u32> {
+                self.ep.msg_read(index)
+            }
+            fn msg_clear_sts(&self, bits: u64) -> $crate::Result<()> {
+                self.ep.msg_clear_sts(bits)
+            }
+            fn peer_msg_write(&self, index: usize, value: u32) -> $crate::Result<()> {
+                self.ep.peer_msg_write(index, value)
+            }
+            fn msg_wait(&self, bits: u64, timeout: std::time::Duration) -> $crate::Result<u64> {
+                self.ep.msg_wait(bits, timeout)
+            }
+        }
+        impl $crate::Ntb for $ty {
+            fn address_space(&self) -> &$crate::AddressSpace {
+                self.ep.asp()
+            }
+            fn backend(&self) -> &'static str {
+                $name
+            }
+        }
+    };
+}
+pub(crate) use delegate_ntb;

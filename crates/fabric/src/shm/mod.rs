@@ -1,0 +1,394 @@
+//! Shared-memory backend: two OS processes on one machine, rendezvousing through a directory.
+//!
+//! ## Rendezvous
+//! The directory holds `lock` and `sock`. Whoever holds `flock(lock, LOCK_EX)` listens on the
+//! UNIX socket `sock` (unlinking a stale one left by a crashed run first); the other side
+//! connects to it. A killed process loses its lock with its descriptors, so a stale directory
+//! never wedges the next run, and when the listener dies the survivor takes the lock over and
+//! listens itself. One peer is served at a time; later connections wait in the backlog.
+//!
+//! ## The control socket
+//! `SOCK_SEQPACKET` carries a `Hello` with each side's fresh control page (a sealed memfd, see
+//! `page`), then window announcements: a RAM translation carries the RAM region's memfd so the
+//! peer maps exactly the translated range (zero copy); an MMIO translation only its size.
+//! End of stream is link down, immediately: the kernel closes a `kill -9`'d process's socket,
+//! and every waiter on this side (doorbells, messages, read completions, `wait_link`) returns
+//! [`FabricError::LinkDown`]. The background thread then rendezvouses again, and the next peer
+//! brings the link up with `link_generation` advanced and this side's translations re-announced.
+//!
+//! ## Trust
+//! Everything read from the socket and the peer's page is validated. What cannot be enforced:
+//! the peer could shrink the memfd of a RAM region it exported (our RAM regions are not
+//! sealed by `devlend-memory`), which would fault our accesses through that window; a peer that
+//! keeps a RAM mapping after `mw_clear_trans` still reaches that memory, as mappings cannot be
+//! revoked. MMIO windows are enforced on the owning side for every access.
+//!
+//! ## Threads
+//! `ShmNtb::open` starts one rendezvous thread, owned by the returned `ShmNtb` and joined when it
+//! drops; it runs the socket reader of the current connection. Each connection also has the
+//! ring service thread of [`Endpoint`].
+
+mod socket;
+mod wire;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devlend_memory::{MemSpan, SharedMemory};
+
+use crate::endpoint::{
+    delegate_ntb, Announce, Endpoint, LocalWindow, PeerInfo, PeerWindow, Session,
+};
+use crate::page::{self, ControlPage};
+use crate::{AddressSpace, FabricError, LinkConfig, Resolved, Result};
+
+/// How often blocked background calls look at the shutdown flag, and how long a connector
+/// waits before retrying a rendezvous.
+const POLL: Duration = Duration::from_millis(50);
+const RETRY: Duration = Duration::from_millis(10);
+/// How long a new connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends window announcements over the connection.
+struct SocketAnnounce(Arc<OwnedFd>);
+
+impl Announce for SocketAnnounce {
+    fn announce(&self, window: usize, what: Option<&LocalWindow>) -> Result<()> {
+        let w = u32::try_from(window).map_err(|_| FabricError::Protocol("window index".into()))?;
+        let sock = self.0.as_fd();
+        match what {
+            None => socket::send(sock, &wire::clear(w), None),
+            Some(LocalWindow {
+                size,
+                target: Resolved::Mmio(..),
+            }) => socket::send(sock, &wire::trans_mmio(w, *size), None),
+            Some(LocalWindow {
+                size,
+                target: Resolved::Ram(span),
+            }) => {
+                let (mem, offset) = span.memory();
+                let fd_offset = mem
+                    .fd_offset()
+                    .checked_add(offset)
+                    .ok_or_else(|| FabricError::Protocol("RAM window offset overflows".into()))?;
+                socket::send(sock, &wire::trans_ram(w, *size, fd_offset), Some(mem.fd()))
+            }
+        }
+    }
+}
+
+/// State shared by the handle and its rendezvous thread.
+struct Shared {
+    ep: Arc<Endpoint>,
+    dir: PathBuf,
+    shutdown: AtomicBool,
+    /// The current connection, so that dropping the handle can cut it.
+    conn: Mutex<Option<Arc<OwnedFd>>>,
+}
+
+/// One side of a shared-memory link (see the module docs).
+pub struct ShmNtb {
+    ep: Arc<Endpoint>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+delegate_ntb!(ShmNtb, "shm");
+
+impl ShmNtb {
+    /// Opens this host's side of the link rendezvousing in `dir` (created if missing). Returns
+    /// at once with the link down; a background thread connects, and reconnects to each new
+    /// peer after a peer goes away.
+    pub fn open(dir: &Path, asp: Arc<AddressSpace>, cfg: LinkConfig) -> Result<Arc<ShmNtb>> {
+        socket::check_path(&dir.join("sock"))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| FabricError::io(format!("create {}", dir.display()), e))?;
+        let lock_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(dir.join("lock"))
+            .map_err(|e| FabricError::io(format!("open {}/lock", dir.display()), e))?;
+        let ep = Arc::new(Endpoint::new(cfg, asp)?);
+        let shared = Arc::new(Shared {
+            ep: ep.clone(),
+            dir: dir.to_path_buf(),
+            shutdown: AtomicBool::new(false),
+            conn: Mutex::new(None),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ntb-shm-rendezvous".into())
+            .spawn(move || rendezvous(&s, lock_file))
+            .map_err(|e| FabricError::io("spawn rendezvous thread", e))?;
+        Ok(Arc::new(ShmNtb {
+            ep,
+            shared,
+            thread: Some(thread),
+        }))
+    }
+
+    /// The rendezvous directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+}
+
+impl Drop for ShmNtb {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        if let Some(conn) = lock(&self.shared.conn).as_ref() {
+            // SAFETY: a valid socket; shutdown(2) wakes our reader and tells the peer.
+            unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The rendezvous loop: become listener or connector, run a connection, repeat.
+fn rendezvous(shared: &Shared, lock_file: File) {
+    let sock_path = shared.dir.join("sock");
+    let mut listener: Option<OwnedFd> = None;
+    while !shared.shutdown.load(Ordering::SeqCst) {
+        if listener.is_none() {
+            // SAFETY: valid fd, no pointers.
+            if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                let _ = std::fs::remove_file(&sock_path);
+                match socket::listen(&sock_path) {
+                    Ok(l) => listener = Some(l),
+                    Err(e) => {
+                        tracing::warn!("ntb shm: cannot listen at {}: {e}", sock_path.display());
+                        std::thread::sleep(POLL);
+                        continue;
+                    }
+                }
+            }
+        }
+        let conn = match &listener {
+            Some(l) => match socket::wait_readable(l.as_raw_fd(), POLL) {
+                Ok(true) => socket::accept(l).ok(),
+                Ok(false) => None,
+                Err(e) => {
+                    tracing::warn!("ntb shm: {e}");
+                    std::thread::sleep(POLL);
+                    None
+                }
+            },
+            None => match socket::connect(&sock_path) {
+                Ok(c) => Some(c),
+                Err(_) => {
+                    std::thread::sleep(RETRY);
+                    None
+                }
+            },
+        };
+        if let Some(conn) = conn {
+            if let Err(e) = run_connection(shared, conn) {
+                if !shared.shutdown.load(Ordering::SeqCst) {
+                    tracing::warn!("ntb shm: connection ended: {e}");
+                }
+            }
+        }
+    }
+    if listener.is_some() {
+        let _ = std::fs::remove_file(&sock_path);
+    }
+}
+
+/// Receives one message, looking at the shutdown flag while waiting; `None` at end of stream
+/// or shutdown, an error after `limit` without a message.
+fn recv_wire(
+    shared: &Shared,
+    conn: &OwnedFd,
+    limit: Option<Duration>,
+) -> Result<Option<wire::Wire>> {
+    let start = std::time::Instant::now();
+    loop {
+        if shared.shutdown.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        if socket::wait_readable(conn.as_raw_fd(), POLL)? {
+            let mut buf = [0u8; socket::MAX_MSG];
+            return match socket::recv(conn.as_fd(), &mut buf)? {
+                None => Ok(None),
+                Some((n, fds)) => wire::decode(buf.get(..n).unwrap_or(&[]), fds).map(Some),
+            };
+        }
+        if limit.is_some_and(|l| start.elapsed() >= l) {
+            return Err(FabricError::Timeout);
+        }
+    }
+}
+
+/// Maps `size` bytes of the peer's RAM memfd from `fd_offset`.
+fn map_peer_ram(fd: OwnedFd, fd_offset: u64, size: u64) -> Result<MemSpan> {
+    let bad = |why: &str| FabricError::Protocol(format!("RAM window announcement: {why}"));
+    let end = fd_offset
+        .checked_add(size)
+        .ok_or_else(|| bad("range overflows"))?;
+    if page::fd_size(&fd)? < end {
+        return Err(bad("range is larger than the memory it names"));
+    }
+    let page_off = fd_offset & !4095;
+    let delta = fd_offset - page_off;
+    let len = usize::try_from(delta + size).map_err(|_| bad("too large"))?;
+    let mem = Arc::new(SharedMemory::map(fd, page_off, len)?);
+    Ok(MemSpan::new(mem, delta, size)?)
+}
+
+fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
+    let ep = &shared.ep;
+    let cfg = *ep.config();
+    let local = Arc::new(ControlPage::create()?);
+    let hello = wire::hello(
+        cfg.mw_count as u32,
+        cfg.spad_count as u32,
+        cfg.msg_count as u32,
+        cfg.db_count,
+    );
+    socket::send(conn.as_fd(), &hello, Some(local.fd()))?;
+    let Some(first) = recv_wire(shared, &conn, Some(HELLO_TIMEOUT))? else {
+        return Ok(());
+    };
+    let wire::Wire::Hello {
+        mw_count,
+        spad_count,
+        msg_count,
+        db_count,
+        page,
+    } = first
+    else {
+        return Err(FabricError::Protocol("expected Hello first".into()));
+    };
+    let peer = Arc::new(ControlPage::from_peer(page)?);
+    let info = PeerInfo::bounded(
+        u64::from(mw_count),
+        u64::from(spad_count),
+        u64::from(msg_count),
+        u64::from(db_count),
+    );
+    let conn = Arc::new(conn);
+    let session = Arc::new(Session::new(
+        local,
+        peer,
+        info,
+        Box::new(SocketAnnounce(conn.clone())),
+    ));
+    *lock(&shared.conn) = Some(conn.clone());
+    if shared.shutdown.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let result = ep
+        .attach(session.clone())
+        .and_then(|()| serve_control(shared, &conn, &session));
+    ep.detach(&session);
+    *lock(&shared.conn) = None;
+    result
+}
+
+/// Reads window announcements until the connection ends.
+fn serve_control(shared: &Shared, conn: &OwnedFd, session: &Session) -> Result<()> {
+    while let Some(msg) = recv_wire(shared, conn, None)? {
+        let (window, what) = match msg {
+            wire::Wire::TransRam {
+                window,
+                size,
+                fd,
+                fd_offset,
+            } => (
+                window,
+                Some(PeerWindow::Ram(map_peer_ram(fd, fd_offset, size)?)),
+            ),
+            wire::Wire::TransMmio { window, size } => (window, Some(PeerWindow::Mmio { size })),
+            wire::Wire::Clear { window } => (window, None),
+            wire::Wire::Hello { .. } => {
+                return Err(FabricError::Protocol("second Hello".into()));
+            }
+        };
+        session.set_peer_window(window as usize, what)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BusAddr, Doorbells, Link, LinkState, MemoryWindows, PeerWindows, WindowOffset};
+
+    const LONG: Duration = Duration::from_secs(20);
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("devlend-shm-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn two_handles_in_one_process_link_up_and_reconnect() {
+        let dir = tmpdir("pair");
+        let asp_b = Arc::new(AddressSpace::new());
+        let ram = Arc::new(SharedMemory::new("ram", 0x3000).unwrap());
+        asp_b.add_ram(BusAddr(0x1800), ram.clone()).unwrap();
+        let cfg = LinkConfig {
+            mw_addr_align: 0x800,
+            mw_size_align: 0x800,
+            ..LinkConfig::default()
+        };
+        let a = ShmNtb::open(&dir, Arc::new(AddressSpace::new()), cfg).unwrap();
+        let b = ShmNtb::open(&dir, asp_b, cfg).unwrap();
+        a.wait_link(LinkState::Up, LONG).unwrap();
+        b.wait_link(LinkState::Up, LONG).unwrap();
+        // An unaligned-in-page RAM window: mapped from the page below, exact span.
+        b.mw_set_trans(0, BusAddr(0x2000), 0x1800).unwrap();
+        while a.peer_mw_size(0).is_err() {
+            std::thread::yield_now();
+        }
+        a.peer_mw_write(0, WindowOffset(0), b"xy").unwrap();
+        let mut got = [0u8; 2];
+        ram.read_at(0x800, &mut got).unwrap();
+        assert_eq!(&got, b"xy");
+        assert_eq!(a.peer_mw_direct(0).unwrap().unwrap().len(), 0x1800);
+        a.peer_db_set(4).unwrap();
+        assert_eq!(b.db_wait(4, LONG).unwrap(), 4);
+        let gen = a.link_generation();
+        drop(b);
+        a.wait_link(LinkState::Down, LONG).unwrap();
+        assert!(matches!(a.db_wait(1, LONG), Err(FabricError::LinkDown)));
+        let b = ShmNtb::open(&dir, Arc::new(AddressSpace::new()), cfg).unwrap();
+        b.wait_link(LinkState::Up, LONG).unwrap();
+        a.wait_link(LinkState::Up, LONG).unwrap();
+        assert_eq!(a.link_generation(), gen + 2);
+        assert!(matches!(
+            a.peer_mw_size(0),
+            Err(FabricError::WindowNotTranslated(0))
+        ));
+        drop(a);
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn socket_path_too_long_is_an_error() {
+        let long = std::env::temp_dir().join("x".repeat(200));
+        assert!(matches!(
+            ShmNtb::open(&long, Arc::new(AddressSpace::new()), LinkConfig::default()),
+            Err(FabricError::Io { .. })
+        ));
+    }
+}
