@@ -42,6 +42,9 @@ pub enum FunctionError {
         /// Largest free block.
         available: usize,
     },
+    /// An IOMMU map or unmap was refused (overlap, split, bad range).
+    #[error("DMA mapping: {0}")]
+    DmaMap(#[from] crate::iommu::IommuError),
     /// The function is gone (surprise removal: the lender died or took it back).
     #[error("the function was removed: {0}")]
     Removed(String),

@@ -14,13 +14,17 @@
 
 pub mod config;
 mod dma;
+pub mod dma_pool;
 mod error;
+pub mod iommu;
 pub mod msix;
 
 pub use config::{ConfigEffect, ConfigSpace, ConfigSpaceBuilder};
 pub use devlend_memory::{BusAddr, ByteRange, MemSpan, SharedMemory};
 pub use dma::DmaBuffer;
+pub use dma_pool::{DmaPool, DMA_PAGE_SIZE};
 pub use error::{DmaError, FunctionError};
+pub use iommu::{DmaTarget, Iommu, IommuError, RemoteMemory};
 pub use msix::MsixTable;
 
 use std::sync::Arc;
