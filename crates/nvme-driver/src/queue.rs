@@ -1,0 +1,466 @@
+//! Queue pairs: a submission queue, its completion queue, and the commands outstanding on it.
+//!
+//! A queue pair is owned by one thread at a time (the controller keeps each behind a mutex).
+//! A command's data buffer and PRP list pages stay referenced by its slot until the controller
+//! completes it, so memory the device may still write is never freed or reused early.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devlend_pci::{BarIndex, DmaBuffer, PciFunction};
+
+use crate::cmd::{Command, CompletionEntry, Status, CQE_BYTES, SQE_BYTES};
+use crate::error::NvmeError;
+use crate::prp::{self, PrpLayout};
+use crate::regs::{self, Capabilities};
+
+/// How the driver learns that commands completed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CompletionMode {
+    /// Sleep on the completion queue's MSI-X vector ([`devlend_pci::Interrupts`]).
+    #[default]
+    Interrupt,
+    /// Poll the completion queue's phase bit (interrupts disabled on I/O queues).
+    Polling,
+}
+
+/// While sleeping on an interrupt, the driver wakes this often to check CSTS (a controller that
+/// died or was removed never interrupts).
+const INTERRUPT_SLICE: Duration = Duration::from_millis(50);
+/// While polling, the driver reads CSTS this often.
+const POLL_STATUS_INTERVAL: Duration = Duration::from_millis(20);
+/// Busy-wait iterations before a polling waiter starts yielding its CPU.
+const POLL_SPINS: u32 = 200;
+/// PRP list pages a queue keeps for reuse.
+const PRP_PAGE_CACHE: usize = 64;
+
+/// Part of a DMA buffer that a command transfers to or from.
+#[derive(Clone, Debug)]
+pub struct DmaSlice {
+    buf: Arc<DmaBuffer>,
+    offset: usize,
+    len: usize,
+}
+
+impl DmaSlice {
+    /// `len` bytes of `buf` from `offset`. The range must be non-empty, inside the buffer, and
+    /// start on a dword boundary (a PRP requirement).
+    pub fn new(buf: Arc<DmaBuffer>, offset: usize, len: usize) -> Result<Self, NvmeError> {
+        let inside = offset.checked_add(len).is_some_and(|end| end <= buf.len());
+        if len == 0 || !inside || !offset.is_multiple_of(4) {
+            return Err(NvmeError::InvalidRequest(format!(
+                "{len} bytes at offset {offset} of a {}-byte DMA buffer (non-empty, inside, \
+                 dword-aligned)",
+                buf.len()
+            )));
+        }
+        Ok(Self { buf, offset, len })
+    }
+
+    /// The whole buffer.
+    pub fn whole(buf: Arc<DmaBuffer>) -> Self {
+        let len = buf.len();
+        Self {
+            buf,
+            offset: 0,
+            len,
+        }
+    }
+
+    /// The buffer.
+    pub fn buffer(&self) -> &Arc<DmaBuffer> {
+        &self.buf
+    }
+
+    /// Offset in the buffer.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Length in bytes.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// A command's completion, as the queue-depth API returns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The tag given at submission.
+    pub tag: u64,
+    /// The command's opcode.
+    pub opcode: u8,
+    /// Completion status.
+    pub status: Status,
+    /// Command-specific dword 0.
+    pub dw0: u32,
+}
+
+/// The hardware a queue talks to: the function, BAR0 and the doorbell layout.
+pub(crate) struct Hw {
+    pub fun: Arc<dyn PciFunction>,
+    pub bar: BarIndex,
+    pub caps: Capabilities,
+    pub mode: CompletionMode,
+}
+
+impl Hw {
+    pub fn read32(&self, offset: u64) -> Result<u32, NvmeError> {
+        Ok(self.fun.bar_read_u32(self.bar, offset)?)
+    }
+
+    pub fn write32(&self, offset: u64, value: u32) -> Result<(), NvmeError> {
+        Ok(self.fun.bar_write_u32(self.bar, offset, value)?)
+    }
+
+    pub fn write64(&self, offset: u64, value: u64) -> Result<(), NvmeError> {
+        Ok(self.fun.bar_write_u64(self.bar, offset, value)?)
+    }
+
+    /// Reads CSTS; all-ones means the device is gone, CFS that it failed.
+    pub fn check_status(&self) -> Result<u32, NvmeError> {
+        let csts = self.read32(regs::CSTS)?;
+        if csts == u32::MAX {
+            return Err(NvmeError::DeviceRemoved(
+                "CSTS reads all-ones (the device no longer answers)".into(),
+            ));
+        }
+        if csts & regs::CSTS_CFS != 0 {
+            return Err(NvmeError::ControllerFatal);
+        }
+        Ok(csts)
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    busy: bool,
+    tag: u64,
+    opcode: u8,
+    /// Held, never read: the controller may write this memory until the command completes.
+    #[allow(dead_code)]
+    data: Option<Arc<DmaBuffer>>,
+    prp_pages: Vec<DmaBuffer>,
+}
+
+/// A submission queue and its completion queue (same id, same size).
+pub(crate) struct QueuePair {
+    qid: u16,
+    entries: u32,
+    sq: DmaBuffer,
+    cq: DmaBuffer,
+    sq_tail: u32,
+    cq_head: u32,
+    phase: bool,
+    sq_doorbell: u64,
+    cq_doorbell: u64,
+    vector: Option<u16>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    prp_cache: Vec<DmaBuffer>,
+    broken: bool,
+}
+
+impl QueuePair {
+    /// Allocates the rings for queue `qid` with `entries` slots (2 to 65536); `vector` is the
+    /// MSI-X vector to sleep on, `None` to poll.
+    pub fn new(hw: &Hw, qid: u16, entries: u32, vector: Option<u16>) -> Result<Self, NvmeError> {
+        if !(2..=65536).contains(&entries) {
+            return Err(NvmeError::InvalidRequest(format!(
+                "a queue of {entries} entries (2 to 65536)"
+            )));
+        }
+        let n = entries as usize;
+        let sq = hw.fun.dma_alloc(n * SQE_BYTES)?;
+        let cq = hw.fun.dma_alloc(n * CQE_BYTES)?;
+        sq.fill(0)?;
+        cq.fill(0)?;
+        // One command slot fewer than entries: a full queue would look empty.
+        let capacity = n - 1;
+        let free = (0..capacity as u16).rev().collect();
+        let slots = (0..capacity).map(|_| Slot::default()).collect();
+        Ok(Self {
+            qid,
+            entries,
+            sq,
+            cq,
+            sq_tail: 0,
+            cq_head: 0,
+            phase: true,
+            sq_doorbell: hw.caps.sq_tail_doorbell(qid),
+            cq_doorbell: hw.caps.cq_head_doorbell(qid),
+            vector,
+            slots,
+            free,
+            prp_cache: Vec::new(),
+            broken: false,
+        })
+    }
+
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
+    pub fn sq_bus_addr(&self) -> u64 {
+        self.sq.bus_addr().raw()
+    }
+
+    pub fn cq_bus_addr(&self) -> u64 {
+        self.cq.bus_addr().raw()
+    }
+
+    /// Commands that may be outstanding at once.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Places `cmd` (with PRPs for `data`) in the submission queue and rings the doorbell.
+    pub fn submit(
+        &mut self,
+        hw: &Hw,
+        mut cmd: Command,
+        data: Option<&DmaSlice>,
+        tag: u64,
+    ) -> Result<(), NvmeError> {
+        if self.broken {
+            return Err(NvmeError::QueueBroken { qid: self.qid });
+        }
+        let Some(cid) = self.free.pop() else {
+            return Err(NvmeError::QueueFull {
+                qid: self.qid,
+                capacity: self.capacity(),
+            });
+        };
+        match self.place(hw, &mut cmd, cid, data) {
+            Ok(prp_pages) => {
+                if let Some(slot) = self.slots.get_mut(usize::from(cid)) {
+                    *slot = Slot {
+                        busy: true,
+                        tag,
+                        opcode: cmd.opcode,
+                        data: data.map(|d| d.buf.clone()),
+                        prp_pages,
+                    };
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.free.push(cid);
+                Err(e)
+            }
+        }
+    }
+
+    fn place(
+        &mut self,
+        hw: &Hw,
+        cmd: &mut Command,
+        cid: u16,
+        data: Option<&DmaSlice>,
+    ) -> Result<Vec<DmaBuffer>, NvmeError> {
+        let mut pages = Vec::new();
+        if let Some(d) = data {
+            let (prp1, prp2) = self.prps(hw, d, &mut pages)?;
+            cmd.prp1 = prp1;
+            cmd.prp2 = prp2;
+        }
+        cmd.cid = cid;
+        let at = self.sq_tail as usize * SQE_BYTES;
+        if let Err(e) = self.sq.write_at(at, &cmd.to_bytes()) {
+            self.recycle(pages);
+            return Err(e.into());
+        }
+        let tail = (self.sq_tail + 1) % self.entries;
+        if let Err(e) = hw.write32(self.sq_doorbell, tail) {
+            // The entry may or may not have been seen: the queue's state is unknown.
+            self.broken = true;
+            return Err(e);
+        }
+        self.sq_tail = tail;
+        Ok(pages)
+    }
+
+    /// PRP1 and PRP2 for `d`, building list pages into `pages` when more than two are needed.
+    fn prps(
+        &mut self,
+        hw: &Hw,
+        d: &DmaSlice,
+        pages: &mut Vec<DmaBuffer>,
+    ) -> Result<(u64, u64), NvmeError> {
+        let page = regs::HOST_PAGE_BYTES as u64;
+        let start = d.buf.bus_addr().raw().checked_add(d.offset as u64);
+        let layout = start.and_then(|s| prp::layout(s, d.len as u64, page));
+        match layout {
+            None => Err(NvmeError::InvalidRequest(format!(
+                "{} bytes at bus address {:?} cannot be described by PRPs",
+                d.len, start
+            ))),
+            Some(PrpLayout::One { prp1 }) => Ok((prp1, 0)),
+            Some(PrpLayout::Two { prp1, prp2 }) => Ok((prp1, prp2)),
+            Some(PrpLayout::List {
+                prp1,
+                pages: entries,
+            }) => {
+                let per_page = regs::HOST_PAGE_BYTES / 8;
+                let chunks = prp::list_pages(&entries, per_page);
+                for _ in 0..chunks.len() {
+                    let p = match self.prp_cache.pop() {
+                        Some(p) => p,
+                        None => hw.fun.dma_alloc(regs::HOST_PAGE_BYTES)?,
+                    };
+                    pages.push(p);
+                }
+                let mut bytes = Vec::with_capacity(regs::HOST_PAGE_BYTES);
+                for (i, (chunk, list)) in chunks.iter().zip(pages.iter()).enumerate() {
+                    bytes.clear();
+                    for e in chunk.iter() {
+                        bytes.extend_from_slice(&e.to_le_bytes());
+                    }
+                    if let Some(next) = pages.get(i + 1) {
+                        bytes.extend_from_slice(&next.bus_addr().raw().to_le_bytes());
+                    }
+                    list.write_at(0, &bytes)?;
+                }
+                let first = pages.first().map(|p| p.bus_addr().raw()).unwrap_or(0);
+                Ok((prp1, first))
+            }
+        }
+    }
+
+    fn recycle(&mut self, pages: Vec<DmaBuffer>) {
+        for p in pages {
+            if self.prp_cache.len() < PRP_PAGE_CACHE {
+                self.prp_cache.push(p);
+            }
+        }
+    }
+
+    /// Consumes every posted completion entry; returns how many completions it added to `out`.
+    fn drain(&mut self, hw: &Hw, out: &mut Vec<Completion>) -> Result<usize, NvmeError> {
+        let mut consumed = 0usize;
+        let mut added = 0usize;
+        let mut unknown = None;
+        loop {
+            let at = self.cq_head as usize * CQE_BYTES;
+            // The acquire load of dword 3 (phase tag) orders the reads of the other dwords.
+            let dw3 = self.cq.load_u32(at + 12)?;
+            if !CompletionEntry::dw3_has_phase(dw3, self.phase) {
+                break;
+            }
+            let dw0 = self.cq.load_u32(at)?;
+            let dw2 = self.cq.load_u32(at + 8)?;
+            let entry = CompletionEntry::decode([dw0, 0, dw2, dw3]);
+            self.cq_head += 1;
+            if self.cq_head == self.entries {
+                self.cq_head = 0;
+                self.phase = !self.phase;
+            }
+            consumed += 1;
+            let slot = self
+                .slots
+                .get_mut(usize::from(entry.cid))
+                .filter(|s| s.busy);
+            match slot {
+                Some(slot) if entry.sq_id == self.qid => {
+                    let taken = std::mem::take(slot);
+                    self.free.push(entry.cid);
+                    out.push(Completion {
+                        tag: taken.tag,
+                        opcode: taken.opcode,
+                        status: entry.status,
+                        dw0: entry.dw0,
+                    });
+                    added += 1;
+                    self.recycle(taken.prp_pages);
+                }
+                _ => {
+                    unknown.get_or_insert(entry.cid);
+                }
+            }
+        }
+        if consumed > 0 {
+            hw.write32(self.cq_doorbell, self.cq_head)?;
+        }
+        if let Some(cid) = unknown {
+            self.broken = true;
+            return Err(NvmeError::CompletionForUnknownCommand { qid: self.qid, cid });
+        }
+        Ok(added)
+    }
+
+    /// Collects completions into `out` until at least `min` arrived (or nothing is
+    /// outstanding), waiting at most `timeout`. A timeout leaves the queue broken: the commands
+    /// still outstanding keep their buffers until the controller is reset.
+    pub fn reap(
+        &mut self,
+        hw: &Hw,
+        out: &mut Vec<Completion>,
+        min: usize,
+        timeout: Duration,
+    ) -> Result<usize, NvmeError> {
+        let result = self.reap_inner(hw, out, min, timeout);
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    fn reap_inner(
+        &mut self,
+        hw: &Hw,
+        out: &mut Vec<Completion>,
+        min: usize,
+        timeout: Duration,
+    ) -> Result<usize, NvmeError> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut got = self.drain(hw, out)?;
+        let mut idle = 0u32;
+        let mut last_check = start;
+        while got < min && self.in_flight() > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                hw.check_status()?;
+                return Err(NvmeError::Timeout {
+                    what: "command completion",
+                    after: timeout,
+                });
+            }
+            match (hw.mode, self.vector) {
+                (CompletionMode::Interrupt, Some(vector)) => {
+                    let slice = (deadline - now).min(INTERRUPT_SLICE);
+                    if !hw.fun.wait_interrupt(vector, slice)? {
+                        hw.check_status()?;
+                    }
+                }
+                _ => {
+                    idle = idle.saturating_add(1);
+                    if idle < POLL_SPINS {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                    }
+                    if now.duration_since(last_check) >= POLL_STATUS_INTERVAL {
+                        last_check = now;
+                        hw.check_status()?;
+                    }
+                }
+            }
+            let n = self.drain(hw, out)?;
+            if n > 0 {
+                idle = 0;
+            }
+            got += n;
+        }
+        Ok(got)
+    }
+}

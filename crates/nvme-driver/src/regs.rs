@@ -1,0 +1,214 @@
+//! Controller registers in BAR0 (NVMe base specification 1.4, section 3.1) and PCI config
+//! space offsets the driver uses.
+
+use std::time::Duration;
+
+/// Controller Capabilities (64-bit).
+pub const CAP: u64 = 0x00;
+/// Version.
+pub const VS: u64 = 0x08;
+/// Controller Configuration.
+pub const CC: u64 = 0x14;
+/// Controller Status.
+pub const CSTS: u64 = 0x1c;
+/// Admin Queue Attributes.
+pub const AQA: u64 = 0x24;
+/// Admin Submission Queue base address (64-bit).
+pub const ASQ: u64 = 0x28;
+/// Admin Completion Queue base address (64-bit).
+pub const ACQ: u64 = 0x30;
+/// First doorbell register.
+pub const DOORBELL_BASE: u64 = 0x1000;
+
+/// CC.EN: enable.
+pub const CC_EN: u32 = 1 << 0;
+/// CC.CSS shift (I/O command set selected; 0 = NVM).
+pub const CC_CSS_SHIFT: u32 = 4;
+/// CC.MPS shift (memory page size = 2^(12 + MPS)).
+pub const CC_MPS_SHIFT: u32 = 7;
+/// CC.AMS shift (arbitration; 0 = round robin).
+pub const CC_AMS_SHIFT: u32 = 11;
+/// CC.SHN shift (shutdown notification).
+pub const CC_SHN_SHIFT: u32 = 14;
+/// CC.SHN mask (in place).
+pub const CC_SHN_MASK: u32 = 0b11 << CC_SHN_SHIFT;
+/// CC.SHN value for a normal shutdown.
+pub const CC_SHN_NORMAL: u32 = 0b01 << CC_SHN_SHIFT;
+/// CC.IOSQES shift (I/O submission queue entry size, log2).
+pub const CC_IOSQES_SHIFT: u32 = 16;
+/// CC.IOCQES shift (I/O completion queue entry size, log2).
+pub const CC_IOCQES_SHIFT: u32 = 20;
+
+/// CSTS.RDY: ready.
+pub const CSTS_RDY: u32 = 1 << 0;
+/// CSTS.CFS: controller fatal status.
+pub const CSTS_CFS: u32 = 1 << 1;
+/// CSTS.SHST shift (shutdown status).
+pub const CSTS_SHST_SHIFT: u32 = 2;
+/// CSTS.SHST mask (in place).
+pub const CSTS_SHST_MASK: u32 = 0b11 << CSTS_SHST_SHIFT;
+/// CSTS.SHST value: shutdown processing complete.
+pub const CSTS_SHST_COMPLETE: u32 = 0b10 << CSTS_SHST_SHIFT;
+
+/// log2 of a submission queue entry (64 bytes).
+pub const SQE_SIZE_LOG2: u32 = 6;
+/// log2 of a completion queue entry (16 bytes).
+pub const CQE_SIZE_LOG2: u32 = 4;
+
+/// The host memory page size the driver uses: 4 KiB (CC.MPS = 0).
+pub const HOST_PAGE_BYTES: usize = 4096;
+
+/// The decoded fields of CAP that the driver uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Maximum queue entries supported, as a count (MQES + 1).
+    pub max_queue_entries: u32,
+    /// Doorbell stride in bytes (4 << DSTRD).
+    pub doorbell_stride: u64,
+    /// Worst-case time to become ready or not ready.
+    pub ready_timeout: Duration,
+    /// Minimum memory page size in bytes (2^(12 + MPSMIN)).
+    pub min_page_bytes: u64,
+    /// Maximum memory page size in bytes (2^(12 + MPSMAX)).
+    pub max_page_bytes: u64,
+    /// The NVM command set is supported (CSS bit 0).
+    pub nvm_command_set: bool,
+}
+
+impl Capabilities {
+    /// Decodes CAP.
+    pub fn decode(cap: u64) -> Self {
+        let mqes = (cap & 0xffff) as u32;
+        let to_units = (cap >> 24) & 0xff;
+        let dstrd = ((cap >> 32) & 0xf) as u32;
+        let css = (cap >> 37) & 0xff;
+        let mpsmin = ((cap >> 48) & 0xf) as u32;
+        let mpsmax = ((cap >> 52) & 0xf) as u32;
+        Self {
+            max_queue_entries: mqes + 1,
+            doorbell_stride: 4u64 << dstrd,
+            // TO is in 500 ms units; a zero would make every wait fail at once, so the driver
+            // grants at least one unit.
+            ready_timeout: Duration::from_millis(500 * to_units.max(1)),
+            min_page_bytes: 1u64 << (12 + mpsmin),
+            max_page_bytes: 1u64 << (12 + mpsmax),
+            nvm_command_set: css & 1 == 1,
+        }
+    }
+
+    /// BAR0 offset of submission queue `qid`'s tail doorbell.
+    pub fn sq_tail_doorbell(&self, qid: u16) -> u64 {
+        DOORBELL_BASE + (2 * u64::from(qid)) * self.doorbell_stride
+    }
+
+    /// BAR0 offset of completion queue `qid`'s head doorbell.
+    pub fn cq_head_doorbell(&self, qid: u16) -> u64 {
+        DOORBELL_BASE + (2 * u64::from(qid) + 1) * self.doorbell_stride
+    }
+}
+
+/// CC for an NVM command set controller with 4 KiB pages and the standard entry sizes,
+/// without EN.
+pub fn cc_config() -> u32 {
+    (SQE_SIZE_LOG2 << CC_IOSQES_SHIFT)
+        | (CQE_SIZE_LOG2 << CC_IOCQES_SHIFT)
+        | (0 << CC_MPS_SHIFT)
+        | (0 << CC_CSS_SHIFT)
+        | (0 << CC_AMS_SHIFT)
+}
+
+/// AQA for admin queues of `sq_entries` and `cq_entries` (counts, at least 2).
+pub fn aqa(sq_entries: u32, cq_entries: u32) -> u32 {
+    ((cq_entries.saturating_sub(1) & 0xfff) << 16) | (sq_entries.saturating_sub(1) & 0xfff)
+}
+
+/// PCI config space offsets and bits (PCI Local Bus 3.0, PCIe base spec).
+pub mod pci {
+    /// Command register (16-bit).
+    pub const COMMAND: u16 = 0x04;
+    /// Status register (16-bit).
+    pub const STATUS: u16 = 0x06;
+    /// Revision ID (8-bit); the class code follows in the next three bytes.
+    pub const REVISION_CLASS: u16 = 0x08;
+    /// BAR0.
+    pub const BAR0: u16 = 0x10;
+    /// Capabilities pointer (8-bit).
+    pub const CAPABILITIES_POINTER: u16 = 0x34;
+
+    /// Command: respond to memory space accesses.
+    pub const COMMAND_MEMORY: u16 = 1 << 1;
+    /// Command: bus master (the device may DMA).
+    pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
+    /// Command: INTx disable.
+    pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+    /// Status: a capability list is present.
+    pub const STATUS_CAP_LIST: u16 = 1 << 4;
+
+    /// BAR bit 0: an I/O space BAR.
+    pub const BAR_IO_SPACE: u32 = 1;
+
+    /// Class code of an NVM Express controller: mass storage, non-volatile memory, NVMe.
+    pub const CLASS_NVME: u32 = 0x01_08_02;
+
+    /// Capability ID of MSI-X.
+    pub const CAP_ID_MSIX: u8 = 0x11;
+    /// MSI-X Message Control offset from the capability.
+    pub const MSIX_MESSAGE_CONTROL: u16 = 2;
+    /// MSI-X Table offset/BIR offset from the capability.
+    pub const MSIX_TABLE: u16 = 4;
+    /// Message Control: table size (N - 1) mask.
+    pub const MSIX_TABLE_SIZE_MASK: u16 = 0x7ff;
+    /// Message Control: function mask.
+    pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+    /// Message Control: MSI-X enable.
+    pub const MSIX_ENABLE: u16 = 1 << 15;
+    /// Bytes per MSI-X table entry.
+    pub const MSIX_ENTRY_BYTES: u64 = 16;
+    /// Entry offset of Message Address (low).
+    pub const MSIX_ENTRY_ADDR_LO: u64 = 0;
+    /// Entry offset of Message Address (high).
+    pub const MSIX_ENTRY_ADDR_HI: u64 = 4;
+    /// Entry offset of Message Data.
+    pub const MSIX_ENTRY_DATA: u64 = 8;
+    /// Entry offset of Vector Control.
+    pub const MSIX_ENTRY_CONTROL: u64 = 12;
+    /// Vector Control: masked.
+    pub const MSIX_ENTRY_MASKED: u32 = 1;
+    /// The message address the driver programs (the x86 interrupt window; a local binding
+    /// does not interpret it, a lending layer redirects it).
+    pub const MSIX_MESSAGE_ADDRESS: u64 = 0xfee0_0000;
+    /// Capability walks stop after this many entries (a looping list is malformed).
+    pub const MAX_CAPABILITIES: usize = 48;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_fields_decode() {
+        // MQES=1023, TO=20 (10 s), DSTRD=1, CSS=NVM, MPSMIN=0, MPSMAX=4.
+        let cap: u64 = 1023 | (20 << 24) | (1 << 32) | (1 << 37) | (4 << 52);
+        let c = Capabilities::decode(cap);
+        assert_eq!(c.max_queue_entries, 1024);
+        assert_eq!(c.ready_timeout, Duration::from_secs(10));
+        assert_eq!(c.doorbell_stride, 8);
+        assert_eq!(c.min_page_bytes, 4096);
+        assert_eq!(c.max_page_bytes, 65536);
+        assert!(c.nvm_command_set);
+        assert_eq!(c.sq_tail_doorbell(0), 0x1000);
+        assert_eq!(c.cq_head_doorbell(0), 0x1008);
+        assert_eq!(c.sq_tail_doorbell(2), 0x1020);
+        assert_eq!(c.cq_head_doorbell(2), 0x1028);
+        let zero_to = Capabilities::decode(0);
+        assert_eq!(zero_to.ready_timeout, Duration::from_millis(500));
+        assert_eq!(zero_to.doorbell_stride, 4);
+    }
+
+    #[test]
+    fn cc_and_aqa_encode() {
+        assert_eq!(cc_config(), 0x0046_0000);
+        assert_eq!(aqa(32, 32), 0x001f_001f);
+        assert_eq!(aqa(4096, 2), 0x0001_0fff);
+    }
+}
