@@ -17,7 +17,9 @@ mod dma;
 pub mod dma_pool;
 mod error;
 pub mod iommu;
+pub mod local;
 pub mod msix;
+pub mod test_device;
 
 pub use config::{ConfigEffect, ConfigSpace, ConfigSpaceBuilder};
 pub use devlend_memory::{BusAddr, ByteRange, MemSpan, SharedMemory};
@@ -25,6 +27,7 @@ pub use dma::DmaBuffer;
 pub use dma_pool::{DmaPool, DMA_PAGE_SIZE};
 pub use error::{DmaError, FunctionError};
 pub use iommu::{DmaTarget, Iommu, IommuError, RemoteMemory};
+pub use local::{EventFdInterrupts, LocalFunction, LOCAL_DMA_BUS_BASE};
 pub use msix::MsixTable;
 
 use std::sync::Arc;

@@ -1,0 +1,365 @@
+//! The local binding: a device model in this process, driven through [`PciFunction`].
+//!
+//! This is the baseline every lending measurement is compared with: config and BAR accesses
+//! are plain calls into the model, DMA memory is a memfd-backed [`DmaPool`] that the device
+//! reaches through an [`Iommu`] mapping exactly that pool (plus whatever [`DmaRemap`] adds),
+//! and each MSI-X vector is an eventfd.
+//!
+//! Threads: none of its own. [`Interrupts::wait_interrupt`] blocks the caller in `poll(2)`.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use devlend_memory::{MemSpan, SharedMemory};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::access_is_valid;
+use crate::dma_pool::{DmaPool, DMA_PAGE_SIZE};
+use crate::iommu::{DmaTarget, Iommu};
+use crate::{
+    AccessSize, BarAccess, BarIndex, BarSpec, BusAddr, ConfigAccess, DmaAlloc, DmaBuffer, DmaPort,
+    DmaRemap, FunctionError, InterruptSink, Interrupts, PciDevice, PciFunction,
+};
+
+/// Bus address of the local DMA pool: above 4 GiB, so a driver that truncates DMA addresses
+/// to 32 bits fails loudly.
+pub const LOCAL_DMA_BUS_BASE: BusAddr = BusAddr(0x10_0000_0000);
+
+/// Why a [`LocalFunction`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError<E> {
+    /// Setting up DMA memory or interrupts failed.
+    #[error("setting up the local binding")]
+    Setup(#[source] FunctionError),
+    /// The device model's constructor failed.
+    #[error("building the device model")]
+    Device(#[source] E),
+}
+
+struct Vector {
+    own: Arc<EventFd>,
+    redirect: Option<Arc<EventFd>>,
+}
+
+/// An [`InterruptSink`] that turns each vector into an eventfd write: the function's own
+/// eventfd, or one the caller supplied (a VMM's irqfd).
+pub struct EventFdInterrupts {
+    vectors: RwLock<Vec<Vector>>,
+}
+
+impl std::fmt::Debug for EventFdInterrupts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventFdInterrupts")
+            .field("vectors", &self.read().len())
+            .finish()
+    }
+}
+
+fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> FunctionError {
+    move |source| FunctionError::Io { op, source }
+}
+
+impl EventFdInterrupts {
+    /// A sink with `vectors` eventfds (non-blocking).
+    pub fn new(vectors: u16) -> Result<Self, FunctionError> {
+        let sink = Self {
+            vectors: RwLock::new(Vec::new()),
+        };
+        sink.resize(vectors)?;
+        Ok(sink)
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Vec<Vector>> {
+        // Whole-element updates only: never inconsistent after a panic.
+        self.vectors.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Grows (or shrinks) to `vectors` eventfds; existing ones are kept.
+    pub fn resize(&self, vectors: u16) -> Result<(), FunctionError> {
+        let mut v = self.vectors.write().unwrap_or_else(|e| e.into_inner());
+        v.truncate(usize::from(vectors));
+        while v.len() < usize::from(vectors) {
+            let own = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+            v.push(Vector {
+                own: Arc::new(own),
+                redirect: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Number of vectors.
+    pub fn vectors(&self) -> u16 {
+        self.read().len() as u16
+    }
+
+    fn no_such(&self, vector: u16) -> FunctionError {
+        FunctionError::NoSuchVector {
+            vector,
+            count: self.vectors(),
+        }
+    }
+
+    /// The function's own eventfd for `vector` (signalled unless redirected).
+    pub fn eventfd(&self, vector: u16) -> Result<Arc<EventFd>, FunctionError> {
+        self.read()
+            .get(usize::from(vector))
+            .map(|v| v.own.clone())
+            .ok_or_else(|| self.no_such(vector))
+    }
+
+    /// Delivers `vector` to `fd` instead; `None` restores the function's own eventfd.
+    pub fn redirect(&self, vector: u16, fd: Option<Arc<EventFd>>) -> Result<(), FunctionError> {
+        let mut v = self.vectors.write().unwrap_or_else(|e| e.into_inner());
+        match v.get_mut(usize::from(vector)) {
+            Some(slot) => {
+                slot.redirect = fd;
+                Ok(())
+            }
+            None => {
+                let count = v.len() as u16;
+                Err(FunctionError::NoSuchVector { vector, count })
+            }
+        }
+    }
+
+    /// Waits until `vector`'s own eventfd fires (consuming it) or `timeout` passes.
+    pub fn wait(&self, vector: u16, timeout: Duration) -> Result<bool, FunctionError> {
+        let fd = self.eventfd(vector)?;
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            match fd.read() {
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(io("eventfd read")(e)),
+            }
+            let remaining = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => Duration::from_secs(3600),
+            };
+            if remaining.is_zero() {
+                return Ok(false);
+            }
+            // Round up so a short timeout still sleeps rather than spinning.
+            let ms = remaining.as_micros().div_ceil(1000);
+            let ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is a valid, exclusively borrowed pollfd array of length 1, alive for
+            // the call; the fd is kept open by `fd`.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(io("poll")(err));
+                }
+            }
+        }
+    }
+}
+
+impl InterruptSink for EventFdInterrupts {
+    fn signal(&self, vector: u16) {
+        let vectors = self.read();
+        let Some(slot) = vectors.get(usize::from(vector)) else {
+            tracing::warn!(vector, "interrupt for a vector without an eventfd dropped");
+            return;
+        };
+        let fd = slot.redirect.as_ref().unwrap_or(&slot.own);
+        // A full counter (EAGAIN) means the event is already pending: nothing is lost.
+        if let Err(e) = fd.write(1) {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                tracing::warn!(vector, error = %e, "eventfd write failed");
+            }
+        }
+    }
+}
+
+/// A device model bound in-process.
+pub struct LocalFunction {
+    device: Arc<dyn PciDevice>,
+    pool: DmaPool,
+    iommu: Arc<Iommu>,
+    interrupts: Arc<EventFdInterrupts>,
+    bars: [Option<BarSpec>; 6],
+}
+
+impl std::fmt::Debug for LocalFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalFunction")
+            .field("device", &self.device.kind())
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalFunction {
+    /// Creates `dma_bytes` (rounded up to pages) of DMA memory at [`LOCAL_DMA_BUS_BASE`], an
+    /// IOMMU mapping exactly that, and per-vector eventfds, then builds the device model with
+    /// its DMA port and interrupt sink.
+    pub fn new<E>(
+        dma_bytes: usize,
+        build: impl FnOnce(Arc<dyn DmaPort>, Arc<dyn InterruptSink>) -> Result<Arc<dyn PciDevice>, E>,
+    ) -> Result<Self, BindError<E>> {
+        let setup = |e: FunctionError| BindError::Setup(e);
+        let len = dma_bytes
+            .max(1)
+            .checked_next_multiple_of(DMA_PAGE_SIZE)
+            .ok_or(BindError::Setup(FunctionError::OutOfDmaMemory {
+                requested: dma_bytes,
+                available: 0,
+            }))?;
+        let mem = SharedMemory::new("devlend-local-dma", len).map_err(|e| setup(e.into()))?;
+        let pool = DmaPool::new(Arc::new(mem), LOCAL_DMA_BUS_BASE);
+        let iommu = Arc::new(Iommu::new());
+        if let Some(span) = pool.span() {
+            iommu
+                .map(pool.bus_base(), DmaTarget::Direct(span), true)
+                .map_err(|e| setup(e.into()))?;
+        }
+        let interrupts = Arc::new(EventFdInterrupts::new(0).map_err(setup)?);
+        let device = build(iommu.clone(), interrupts.clone()).map_err(BindError::Device)?;
+        interrupts.resize(device.msix_vectors()).map_err(setup)?;
+        let bars = BarIndex::ALL.map(|b| device.bar_spec(b));
+        Ok(Self {
+            device,
+            pool,
+            iommu,
+            interrupts,
+            bars,
+        })
+    }
+
+    /// The device model (for tests).
+    pub fn device(&self) -> &Arc<dyn PciDevice> {
+        &self.device
+    }
+
+    /// The DMA pool [`DmaAlloc`] allocates from.
+    pub fn pool(&self) -> &DmaPool {
+        &self.pool
+    }
+
+    /// The device's IOMMU.
+    pub fn iommu(&self) -> &Arc<Iommu> {
+        &self.iommu
+    }
+
+    /// The per-vector eventfds.
+    pub fn interrupts(&self) -> &Arc<EventFdInterrupts> {
+        &self.interrupts
+    }
+
+    fn check_bar(&self, bar: BarIndex, offset: u64, len: usize) -> Result<(), FunctionError> {
+        let spec = self
+            .bars
+            .get(usize::from(bar.get()))
+            .copied()
+            .flatten()
+            .ok_or(FunctionError::NoSuchBar(bar.get()))?;
+        let bad = FunctionError::BadBarAccess {
+            bar: bar.get(),
+            offset,
+            len,
+        };
+        let inside = len > 0
+            && offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= spec.size);
+        let register_sized = matches!(len, 1 | 2 | 4 | 8);
+        if !inside || (register_sized && !offset.is_multiple_of(len as u64)) {
+            return Err(bad);
+        }
+        Ok(())
+    }
+}
+
+impl ConfigAccess for LocalFunction {
+    fn config_read(&self, offset: u16, size: AccessSize) -> Result<u32, FunctionError> {
+        if !access_is_valid(offset, size) {
+            return Err(FunctionError::BadConfigAccess {
+                offset,
+                size: size.len(),
+            });
+        }
+        Ok(self.device.config_read(offset, size))
+    }
+
+    fn config_write(&self, offset: u16, size: AccessSize, value: u32) -> Result<(), FunctionError> {
+        if !access_is_valid(offset, size) {
+            return Err(FunctionError::BadConfigAccess {
+                offset,
+                size: size.len(),
+            });
+        }
+        self.device.config_write(offset, size, value);
+        Ok(())
+    }
+}
+
+impl BarAccess for LocalFunction {
+    /// Any non-empty access inside the BAR; 1-, 2-, 4- and 8-byte accesses must be naturally
+    /// aligned.
+    fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError> {
+        self.check_bar(bar, offset, data.len())?;
+        self.device.bar_read(bar, offset, data);
+        Ok(())
+    }
+
+    fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), FunctionError> {
+        self.check_bar(bar, offset, data.len())?;
+        self.device.bar_write(bar, offset, data);
+        Ok(())
+    }
+}
+
+impl DmaAlloc for LocalFunction {
+    fn dma_alloc(&self, len: usize) -> Result<DmaBuffer, FunctionError> {
+        self.pool.alloc(len)
+    }
+}
+
+impl DmaRemap for LocalFunction {
+    fn dma_map(&self, iova: BusAddr, mem: MemSpan, writable: bool) -> Result<(), FunctionError> {
+        self.iommu.dma_map(iova, mem, writable)
+    }
+
+    fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), FunctionError> {
+        self.iommu.dma_unmap(iova, len)
+    }
+}
+
+impl Interrupts for LocalFunction {
+    fn interrupt_vectors(&self) -> u16 {
+        self.interrupts.vectors()
+    }
+
+    /// Waits on the vector's own eventfd: while redirected with
+    /// [`Interrupts::set_interrupt_eventfd`] it never fires here (returns `Ok(false)` after
+    /// `timeout`).
+    fn wait_interrupt(&self, vector: u16, timeout: Duration) -> Result<bool, FunctionError> {
+        self.interrupts.wait(vector, timeout)
+    }
+
+    fn set_interrupt_eventfd(
+        &self,
+        vector: u16,
+        fd: Option<Arc<EventFd>>,
+    ) -> Result<(), FunctionError> {
+        self.interrupts.redirect(vector, fd)
+    }
+}
+
+impl PciFunction for LocalFunction {
+    fn describe(&self) -> String {
+        format!("local {}", self.device.kind())
+    }
+}
+
+#[cfg(test)]
+#[path = "tests/local.rs"]
+mod tests;
