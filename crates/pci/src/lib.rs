@@ -241,3 +241,7 @@ pub trait PciDevice: Send + Sync {
     /// Short name for logs ("nvme").
     fn kind(&self) -> &'static str;
 }
+
+#[cfg(test)]
+#[path = "tests/robustness.rs"]
+mod robustness;
