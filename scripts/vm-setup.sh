@@ -9,6 +9,8 @@
 #
 # Idempotent: each step is skipped when its output exists; a second run is offline-safe.
 # Usage: scripts/vm-setup.sh [CACHE_DIR]     (default: ${DEVLEND_CACHE:-<repo>/.cache})
+# Exit status: 0 ready; 2 not root (and nothing cached); 3 a host tool cannot be installed;
+# anything else: a real failure (mirror unreachable, debootstrap failed, ...).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,11 +48,14 @@ need_pkg() { # need_pkg COMMAND PACKAGE
     if ! command -v "$1" >/dev/null 2>&1; then
         if [[ $APT_UPDATED -eq 0 ]]; then
             log "apt-get update"
-            apt-get update -qq >&2
+            apt-get update -qq >&2 || log "apt-get update failed"
             APT_UPDATED=1
         fi
         log "installing $2"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >&2
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >&2; then
+            log "cannot install $2"
+            exit 3
+        fi
     fi
 }
 
@@ -119,7 +124,10 @@ if [[ ! -f $INITRAMFS ]]; then
     if ! dpkg -s busybox-static >/dev/null 2>&1; then
         if [[ $APT_UPDATED -eq 0 ]]; then apt-get update -qq >&2; APT_UPDATED=1; fi
         log "installing busybox-static"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >&2
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >&2; then
+            log "cannot install busybox-static"
+            exit 3
+        fi
     fi
     BUSYBOX=/bin/busybox
     need_pkg cpio cpio
