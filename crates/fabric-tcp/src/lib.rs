@@ -1,0 +1,137 @@
+//! The `tcp` backend of the devlend NTB fabric: two hosts on different machines.
+//!
+//! [`TcpNtb`] implements [`devlend_fabric::Ntb`] with the semantics and ordering of the `shm`
+//! backend, but every window access is a framed message on one TCP connection:
+//!
+//! - **posted writes** ([`devlend_fabric::PeerWindows::peer_mw_write`]) are queued and return
+//!   at once; a writer thread sends whatever is queued in one batch. The queue is bounded
+//!   ([`TcpConfig::send_queue_bytes`]): a producer waits when it is full (back-pressure).
+//! - **non-posted reads** are a round trip. Because every frame travels on one ordered stream
+//!   and the receiver applies them in order, a read never passes earlier posted writes.
+//! - doorbells, scratchpads, message registers, translations and keepalives share the stream.
+//!
+//! Inbound window accesses land in the owner's [`AddressSpace`]: RAM is copied into its
+//! [`devlend_fabric::SharedMemory`], MMIO goes to the region's
+//! [`devlend_fabric::MmioHandler`], in arrival order, on the connection's service thread.
+//! [`devlend_fabric::PeerWindows::peer_mw_direct`] is always `Ok(None)`.
+//!
+//! **Security**: by default the connection is TLS 1.3 with mutual certificate authentication
+//! ([`Credentials::Tls`]; keys from [`keys::generate`]). A peer with the wrong credentials is
+//! refused with a TLS alert, and the refusal is logged (`tracing::warn`). Plain TCP
+//! ([`Credentials::Insecure`]) must be chosen by both sides; a mismatch is refused.
+//!
+//! **Liveness**: each side sends a keepalive when idle for [`TcpConfig::keepalive_interval`];
+//! a connection silent for [`TcpConfig::keepalive_timeout`] (or whose sends stall that long)
+//! is link-down. Every wait then ends with [`devlend_fabric::FabricError::LinkDown`]. The
+//! background thread reconnects (connector) or accepts again (listener), and the link comes up
+//! again with a higher [`devlend_fabric::Link::link_generation`].
+//!
+//! # Threads
+//!
+//! Each [`TcpNtb`] owns a *supervisor* thread that connects or accepts, does the handshake, and
+//! then reads the connection (parsing frames, completing this side's reads). Per connection it
+//! starts a *writer* thread (the only one writing to the socket after the handshake) and a
+//! *service* thread (applies the peer's requests to the local address space and registers, and
+//! queues the replies). Dropping the [`TcpNtb`] stops and joins all of them.
+//!
+//! # Lock order
+//!
+//! `windows` → `session slot` → send queue. Every other lock (link, doorbells, messages,
+//! scratchpads, pending reads, the TLS state, the inbound queue) is a leaf: nothing else is
+//! taken while it is held.
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod frame;
+pub mod keys;
+pub mod netns;
+mod ntb;
+mod queue;
+mod session;
+mod tls;
+
+pub use ntb::{TcpNtb, TcpStats};
+pub use tls::{Credentials, TlsCredentials, TlsError, ALPN};
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use devlend_fabric::LinkConfig;
+
+/// Parameters of a tcp link side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// Window, doorbell and register geometry, and the read completion timeout.
+    pub link: LinkConfig,
+    /// Send a keepalive after this long without sending anything.
+    pub keepalive_interval: Duration,
+    /// A connection from which nothing arrived for this long (or whose sends made no progress
+    /// for this long) is link-down. Must exceed `keepalive_interval`.
+    pub keepalive_timeout: Duration,
+    /// Limit on connecting plus the TLS handshake plus the hello exchange.
+    pub handshake_timeout: Duration,
+    /// Pause between connection attempts of a connector.
+    pub reconnect_interval: Duration,
+    /// Bytes of this side's requests (posted writes, reads) that may wait for the writer thread
+    /// before producers are held back.
+    pub send_queue_bytes: usize,
+    /// Bytes of the peer's requests that may wait for the service thread before this side
+    /// stops reading the socket.
+    pub service_queue_bytes: usize,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            link: LinkConfig::default(),
+            keepalive_interval: Duration::from_millis(500),
+            keepalive_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(5),
+            reconnect_interval: Duration::from_millis(200),
+            send_queue_bytes: 1 << 20,
+            service_queue_bytes: 8 << 20,
+        }
+    }
+}
+
+impl TcpConfig {
+    /// Checks the limits.
+    pub fn validate(&self) -> Result<(), TcpError> {
+        self.link.validate().map_err(TcpError::Link)?;
+        if self.keepalive_interval.is_zero() || self.keepalive_timeout <= self.keepalive_interval {
+            return Err(TcpError::Config(
+                "keepalive_timeout must exceed a non-zero keepalive_interval",
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(TcpError::Config("handshake_timeout must not be zero"));
+        }
+        if self.link.mw_count > frame::MAX_WINDOWS {
+            return Err(TcpError::Config("at most 64 memory windows"));
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`TcpNtb`] could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    /// The link geometry is invalid.
+    #[error("link configuration: {0}")]
+    Link(#[source] devlend_fabric::FabricError),
+    /// A tcp parameter is invalid.
+    #[error("tcp configuration: {0}")]
+    Config(&'static str),
+    /// The listening socket could not be opened.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// Address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread or an event descriptor could not be created.
+    #[error("{0}: {1}")]
+    Os(&'static str, #[source] std::io::Error),
+}

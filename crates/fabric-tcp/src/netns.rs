@@ -1,0 +1,1 @@
+//! Network namespaces (filled in below).

@@ -1,0 +1,954 @@
+//! [`TcpNtb`]: the local registers, the trait implementations, and how the peer's requests are
+//! applied to the local address space.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devlend_fabric::{
+    AddressSpace, BusAddr, Doorbells, FabricError, Link, LinkState, MemSpan, MemoryWindows,
+    Messages, MwAlign, Ntb, PeerWindows, Resolved, Result, Scratchpads, WindowOffset,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::frame::{self, Frame, Hello, Status};
+use crate::session::{self, Inbound, Mode, Reply, Session};
+use crate::{Credentials, TcpConfig, TcpError};
+
+/// Largest single MMIO access handed to an [`devlend_fabric::MmioHandler`]; longer accesses
+/// are split into consecutive pieces of this size.
+const MMIO_CHUNK: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Translation {
+    addr: BusAddr,
+    size: u64,
+}
+
+struct DbRegs {
+    bits: u64,
+    mask: u64,
+}
+
+struct MsgRegs {
+    values: Vec<u32>,
+    sts: u64,
+}
+
+struct LinkInner {
+    up: bool,
+    generation: u64,
+}
+
+/// Counters of a [`TcpNtb`], for status output and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    /// Connections that reached link-up.
+    pub links_up: u64,
+    /// Connections that ended before link-up: refused credentials, an insecure/secure
+    /// mismatch, a protocol mismatch, a handshake timeout.
+    pub refused: u64,
+}
+
+/// State shared by the user's handle and the connection threads.
+pub(crate) struct Inner {
+    pub(crate) cfg: TcpConfig,
+    pub(crate) creds: Credentials,
+    asp: Arc<AddressSpace>,
+    windows: Mutex<Vec<Option<Translation>>>,
+    slot: Mutex<Option<Arc<Session>>>,
+    link: Mutex<LinkInner>,
+    link_cv: Condvar,
+    db: Mutex<DbRegs>,
+    db_cv: Condvar,
+    spads: Mutex<Vec<u32>>,
+    msgs: Mutex<MsgRegs>,
+    msg_cv: Condvar,
+    stop: AtomicBool,
+    stop_lock: Mutex<()>,
+    stop_cv: Condvar,
+    pub(crate) wake: EventFd,
+    links_up: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl Inner {
+    pub(crate) fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Sleeps `d` or until stopped; returns whether stopped.
+    pub(crate) fn pause(&self, d: Duration) -> bool {
+        let g = lock(&self.stop_lock);
+        let _g = self
+            .stop_cv
+            .wait_timeout_while(g, d, |_| !self.stopped())
+            .unwrap_or_else(|e| e.into_inner());
+        self.stopped()
+    }
+
+    pub(crate) fn count_refusal(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        drop(lock(&self.link));
+        self.link_cv.notify_all();
+    }
+
+    /// Makes `s` the current connection and queues the hello, which carries the current
+    /// translations (so that translations and hello cannot cross).
+    pub(crate) fn publish(&self, s: &Arc<Session>) {
+        let windows = lock(&self.windows);
+        let hello = Hello {
+            version: frame::VERSION,
+            spad_count: self.cfg.link.spad_count as u16,
+            msg_count: self.cfg.link.msg_count as u16,
+            db_valid_mask: self.cfg.link.db_valid_mask(),
+            window_sizes: windows.iter().map(|w| w.map_or(0, |t| t.size)).collect(),
+        };
+        let _ = s.out.push_now(|b| Frame::Hello(hello).encode(b));
+        *lock(&self.slot) = Some(s.clone());
+    }
+
+    pub(crate) fn link_up(&self) {
+        let mut l = lock(&self.link);
+        l.up = true;
+        l.generation += 1;
+        drop(l);
+        self.links_up.fetch_add(1, Ordering::Relaxed);
+        self.link_cv.notify_all();
+    }
+
+    /// Ends connection `s` (idempotent): the link goes down if it was up, and every waiter
+    /// wakes up to see it.
+    pub(crate) fn link_down(&self, s: &Session) {
+        let Some(was_up) = s.close() else {
+            return;
+        };
+        {
+            let mut slot = lock(&self.slot);
+            if slot.as_deref().is_some_and(|cur| std::ptr::eq(cur, s)) {
+                *slot = None;
+            }
+        }
+        if was_up {
+            let mut l = lock(&self.link);
+            l.up = false;
+            l.generation += 1;
+        }
+        self.link_cv.notify_all();
+        // Waiters check the session under these locks: taking them orders the wake-up after
+        // the check.
+        drop(lock(&self.db));
+        self.db_cv.notify_all();
+        drop(lock(&self.msgs));
+        self.msg_cv.notify_all();
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        drop(lock(&self.stop_lock));
+        self.stop_cv.notify_all();
+        let _ = self.wake.write(1);
+        let current = lock(&self.slot).clone();
+        if let Some(s) = current {
+            self.link_down(&s);
+        }
+    }
+
+    /// The connection, when the link is up.
+    fn session(&self) -> Result<Arc<Session>> {
+        match lock(&self.slot).clone() {
+            Some(s) if s.is_up() => Ok(s),
+            _ => Err(FabricError::LinkDown),
+        }
+    }
+
+    // ---- the peer's requests, on the service thread ----
+
+    fn resolve(
+        &self,
+        window: u16,
+        offset: u64,
+        len: usize,
+    ) -> std::result::Result<Resolved, Status> {
+        let t = lock(&self.windows)
+            .get(usize::from(window))
+            .copied()
+            .ok_or(Status::NoSuchIndex)?
+            .ok_or(Status::NotTranslated)?;
+        match offset.checked_add(len as u64) {
+            Some(end) if len > 0 && end <= t.size => {}
+            _ => return Err(Status::OutsideWindow),
+        }
+        let addr = t.addr.checked_add(offset).ok_or(Status::OutsideWindow)?;
+        self.asp
+            .resolve(addr, len as u64)
+            .map_err(|_| Status::NoRegion)
+    }
+
+    fn write_window(
+        &self,
+        window: u16,
+        offset: u64,
+        data: &[u8],
+    ) -> std::result::Result<(), Status> {
+        match self.resolve(window, offset, data.len())? {
+            Resolved::Ram(span) => span.write_at(0, data).map_err(|_| Status::NoRegion),
+            Resolved::Mmio(h, base) => {
+                let mut at = base;
+                for piece in data.chunks(MMIO_CHUNK) {
+                    h.mmio_write(at, piece);
+                    at += piece.len() as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn read_window(
+        &self,
+        window: u16,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), Status> {
+        match self.resolve(window, offset, buf.len())? {
+            Resolved::Ram(span) => span.read_at(0, buf).map_err(|_| Status::NoRegion),
+            Resolved::Mmio(h, base) => {
+                let mut at = base;
+                for piece in buf.chunks_mut(MMIO_CHUNK) {
+                    h.mmio_read(at, piece);
+                    at += piece.len() as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn apply(&self, s: &Session, item: Inbound) {
+        match item {
+            Inbound::Write {
+                window,
+                offset,
+                data,
+            } => {
+                if let Err(status) = self.write_window(window, offset, &data) {
+                    tracing::debug!(
+                        window,
+                        offset,
+                        len = data.len(),
+                        ?status,
+                        "dropped a posted write from the peer"
+                    );
+                }
+            }
+            Inbound::Read {
+                tag,
+                window,
+                offset,
+                len,
+            } => {
+                let mut buf = vec![0u8; len as usize];
+                match self.read_window(window, offset, &mut buf) {
+                    Ok(()) => s.reply(tag, Status::Ok, &buf),
+                    Err(status) => s.reply(tag, status, &[]),
+                }
+            }
+            Inbound::DbSet(bits) => {
+                let mut db = lock(&self.db);
+                db.bits |= bits & self.cfg.link.db_valid_mask();
+                drop(db);
+                self.db_cv.notify_all();
+            }
+            Inbound::SpadWrite { index, value } => {
+                if let Some(v) = lock(&self.spads).get_mut(usize::from(index)) {
+                    *v = value;
+                }
+            }
+            Inbound::SpadRead { tag, index } => {
+                let value = lock(&self.spads).get(usize::from(index)).copied();
+                match value {
+                    Some(v) => s.reply(tag, Status::Ok, &v.to_le_bytes()),
+                    None => s.reply(tag, Status::NoSuchIndex, &[]),
+                }
+            }
+            Inbound::MsgWrite { tag, index, value } => {
+                let status = {
+                    let mut m = lock(&self.msgs);
+                    let bit = 1u64 << (index % 64);
+                    let sts = m.sts;
+                    match m.values.get_mut(usize::from(index)) {
+                        None => Status::NoSuchIndex,
+                        Some(_) if sts & bit != 0 => Status::MessageBusy,
+                        Some(v) => {
+                            *v = value;
+                            m.sts |= bit;
+                            Status::Ok
+                        }
+                    }
+                };
+                if status == Status::Ok {
+                    self.msg_cv.notify_all();
+                }
+                s.reply(tag, status, &[]);
+            }
+        }
+    }
+}
+
+/// One side of an NTB link over TCP. See the [crate documentation](crate).
+pub struct TcpNtb {
+    inner: Arc<Inner>,
+    local_addr: Option<SocketAddr>,
+    supervisor: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for TcpNtb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpNtb")
+            .field("local_addr", &self.local_addr)
+            .field("link", &self.link_state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpNtb {
+    fn start(
+        asp: Arc<AddressSpace>,
+        cfg: TcpConfig,
+        creds: Credentials,
+        mode: Mode,
+        local_addr: Option<SocketAddr>,
+    ) -> std::result::Result<Self, TcpError> {
+        cfg.validate()?;
+        let link = cfg.link;
+        let inner = Arc::new(Inner {
+            cfg,
+            creds,
+            asp,
+            windows: Mutex::new(vec![None; link.mw_count]),
+            slot: Mutex::new(None),
+            link: Mutex::new(LinkInner {
+                up: false,
+                generation: 0,
+            }),
+            link_cv: Condvar::new(),
+            db: Mutex::new(DbRegs { bits: 0, mask: 0 }),
+            db_cv: Condvar::new(),
+            spads: Mutex::new(vec![0; link.spad_count]),
+            msgs: Mutex::new(MsgRegs {
+                values: vec![0; link.msg_count],
+                sts: 0,
+            }),
+            msg_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            stop_lock: Mutex::new(()),
+            stop_cv: Condvar::new(),
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(|e| TcpError::Os("eventfd", e))?,
+            links_up: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        });
+        let thread_inner = inner.clone();
+        let supervisor = std::thread::Builder::new()
+            .name("fabric-tcp".into())
+            .spawn(move || session::supervise(thread_inner, mode))
+            .map_err(|e| TcpError::Os("spawning the fabric thread", e))?;
+        Ok(Self {
+            inner,
+            local_addr,
+            supervisor: Some(supervisor),
+        })
+    }
+
+    /// Listens on `addr` (port 0 picks a free port: see [`TcpNtb::local_addr`]) and serves one
+    /// peer connection at a time, accepting again whenever the link goes down. Returns at once;
+    /// the link comes up in the background ([`Link::wait_link`]).
+    pub fn listen(
+        addr: SocketAddr,
+        asp: Arc<AddressSpace>,
+        cfg: TcpConfig,
+        creds: Credentials,
+    ) -> std::result::Result<Self, TcpError> {
+        let listener =
+            TcpListener::bind(addr).map_err(|source| TcpError::Listen { addr, source })?;
+        let setup = || -> std::io::Result<SocketAddr> {
+            listener.set_nonblocking(true)?;
+            listener.local_addr()
+        };
+        let local = setup().map_err(|source| TcpError::Listen { addr, source })?;
+        Self::start(asp, cfg, creds, Mode::Listen(listener), Some(local))
+    }
+
+    /// Connects to a listening peer at `addr`, retrying every
+    /// [`TcpConfig::reconnect_interval`] and reconnecting whenever the link goes down. Returns
+    /// at once; the link comes up in the background ([`Link::wait_link`]).
+    pub fn connect(
+        addr: SocketAddr,
+        asp: Arc<AddressSpace>,
+        cfg: TcpConfig,
+        creds: Credentials,
+    ) -> std::result::Result<Self, TcpError> {
+        Self::start(asp, cfg, creds, Mode::Connect(addr), None)
+    }
+
+    /// The listening address (for a listener).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> TcpStats {
+        TcpStats {
+            links_up: self.inner.links_up.load(Ordering::Relaxed),
+            refused: self.inner.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until at least `count` connections were refused (see [`TcpStats::refused`]).
+    pub fn wait_refused(&self, count: u64, timeout: Duration) -> Result<()> {
+        let l = lock(&self.inner.link);
+        let _l = self
+            .inner
+            .link_cv
+            .wait_timeout_while(l, timeout, |_| {
+                self.inner.refused.load(Ordering::Relaxed) < count
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        if self.inner.refused.load(Ordering::Relaxed) >= count {
+            Ok(())
+        } else {
+            Err(FabricError::Timeout)
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &TcpConfig {
+        &self.inner.cfg
+    }
+
+    fn check_window(&self, window: usize) -> Result<()> {
+        let count = self.inner.cfg.link.mw_count;
+        if window >= count {
+            return Err(FabricError::NoSuchIndex {
+                what: "memory window",
+                index: window,
+                count,
+            });
+        }
+        Ok(())
+    }
+
+    /// The connection and the peer's translated size of `window`, checked for an access of
+    /// `len` bytes at `offset`.
+    fn checked_peer(&self, window: usize, offset: u64, len: usize) -> Result<Arc<Session>> {
+        if len == 0 {
+            return Err(FabricError::BadAccessSize(0));
+        }
+        let s = self.inner.session()?;
+        let size = peer_size(&s, window)?;
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(s),
+            _ => Err(FabricError::OutsideWindow {
+                window,
+                offset,
+                len: len as u64,
+                size,
+            }),
+        }
+    }
+
+    fn msg_mask(&self) -> u64 {
+        mask_of(self.inner.cfg.link.msg_count)
+    }
+
+    fn check_msg_bits(&self, bits: u64) -> Result<()> {
+        let extra = bits & !self.msg_mask();
+        if extra != 0 {
+            return Err(FabricError::NoSuchIndex {
+                what: "message register",
+                index: extra.trailing_zeros() as usize,
+                count: self.inner.cfg.link.msg_count,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_db(&self, bits: u64) -> Result<()> {
+        let valid = self.db_valid_mask();
+        if bits & !valid != 0 {
+            return Err(FabricError::InvalidDoorbell { bits, valid });
+        }
+        Ok(())
+    }
+}
+
+fn mask_of(count: usize) -> u64 {
+    if count >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << count) - 1
+    }
+}
+
+fn peer_size(s: &Session, window: usize) -> Result<u64> {
+    let peer = lock(&s.peer);
+    let size = *peer
+        .window_sizes
+        .get(window)
+        .ok_or(FabricError::NoSuchIndex {
+            what: "memory window",
+            index: window,
+            count: peer.window_sizes.len(),
+        })?;
+    if size == 0 {
+        return Err(FabricError::WindowNotTranslated(window));
+    }
+    Ok(size)
+}
+
+/// Maps a failed reply of the peer to the error the caller sees.
+fn reply_error(status: Status, what: &'static str, index: usize, count: usize) -> FabricError {
+    match status {
+        Status::Ok => FabricError::Protocol("unexpected reply".into()),
+        Status::NotTranslated | Status::NoRegion => FabricError::WindowNotTranslated(index),
+        Status::OutsideWindow => FabricError::OutsideWindow {
+            window: index,
+            offset: 0,
+            len: 0,
+            size: 0,
+        },
+        Status::NoSuchIndex => FabricError::NoSuchIndex { what, index, count },
+        Status::MessageBusy => FabricError::MessageBusy(index),
+        Status::BadAccess => FabricError::BadAccessSize(0),
+    }
+}
+
+impl Drop for TcpNtb {
+    fn drop(&mut self) {
+        self.inner.stop();
+        if let Some(t) = self.supervisor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Link for TcpNtb {
+    fn link_state(&self) -> LinkState {
+        if lock(&self.inner.link).up {
+            LinkState::Up
+        } else {
+            LinkState::Down
+        }
+    }
+
+    fn wait_link(&self, want: LinkState, timeout: Duration) -> Result<()> {
+        let l = lock(&self.inner.link);
+        let (l, _) = self
+            .inner
+            .link_cv
+            .wait_timeout_while(l, timeout, |l| l.up != (want == LinkState::Up))
+            .unwrap_or_else(|e| e.into_inner());
+        if l.up == (want == LinkState::Up) {
+            Ok(())
+        } else {
+            Err(FabricError::Timeout)
+        }
+    }
+
+    fn link_generation(&self) -> u64 {
+        lock(&self.inner.link).generation
+    }
+}
+
+impl MemoryWindows for TcpNtb {
+    fn mw_count(&self) -> usize {
+        self.inner.cfg.link.mw_count
+    }
+
+    fn mw_get_align(&self, window: usize) -> Result<MwAlign> {
+        self.check_window(window)?;
+        Ok(self.inner.cfg.link.mw_align())
+    }
+
+    fn mw_set_trans(&self, window: usize, addr: BusAddr, size: u64) -> Result<()> {
+        self.check_window(window)?;
+        let link = &self.inner.cfg.link;
+        let bad = |why| FabricError::BadTranslation {
+            window,
+            addr,
+            size,
+            why,
+        };
+        if size == 0 {
+            return Err(bad("the size is zero"));
+        }
+        if !addr.is_aligned(link.mw_addr_align) {
+            return Err(bad("the address is not aligned to addr_align"));
+        }
+        if size & (link.mw_size_align - 1) != 0 {
+            return Err(bad("the size is not a multiple of size_align"));
+        }
+        if size > link.mw_size_max {
+            return Err(bad("the size exceeds size_max"));
+        }
+        self.inner.asp.resolve(addr, size)?;
+        let mut windows = lock(&self.inner.windows);
+        if let Some(slot) = windows.get_mut(window) {
+            *slot = Some(Translation { addr, size });
+        }
+        announce(&self.inner, window, size);
+        Ok(())
+    }
+
+    fn mw_clear_trans(&self, window: usize) -> Result<()> {
+        self.check_window(window)?;
+        let mut windows = lock(&self.inner.windows);
+        if let Some(slot) = windows.get_mut(window) {
+            *slot = None;
+        }
+        announce(&self.inner, window, 0);
+        Ok(())
+    }
+}
+
+/// Tells the current connection (up or still in its hello) about a translation change.
+/// Called with the `windows` lock held, so that it cannot cross the hello.
+fn announce(inner: &Inner, window: usize, size: u64) {
+    if let Some(s) = lock(&inner.slot).as_ref() {
+        let _ = s.out.push_now(|b| {
+            Frame::Trans {
+                window: window as u16,
+                size,
+            }
+            .encode(b)
+        });
+    }
+}
+
+impl PeerWindows for TcpNtb {
+    fn peer_mw_count(&self) -> usize {
+        self.inner
+            .session()
+            .map_or(0, |s| lock(&s.peer).window_sizes.len())
+    }
+
+    fn peer_mw_size(&self, window: usize) -> Result<u64> {
+        peer_size(&*self.inner.session()?, window)
+    }
+
+    fn peer_mw_write(&self, window: usize, offset: WindowOffset, data: &[u8]) -> Result<()> {
+        let s = self.checked_peer(window, offset.0, data.len())?;
+        let mut at = offset.0;
+        for piece in data.chunks(frame::MAX_DATA) {
+            s.out
+                .push_request(|b| {
+                    Frame::Write {
+                        window: window as u16,
+                        offset: at,
+                        data: piece,
+                    }
+                    .encode(b)
+                })
+                .map_err(|_| FabricError::LinkDown)?;
+            at += piece.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn peer_mw_read(&self, window: usize, offset: WindowOffset, buf: &mut [u8]) -> Result<()> {
+        let s = self.checked_peer(window, offset.0, buf.len())?;
+        let timeout = self.inner.cfg.link.completion_timeout;
+        let mut at = offset.0;
+        for piece in buf.chunks_mut(frame::MAX_DATA) {
+            let len = piece.len() as u32;
+            let Reply { status, data } = s.call(timeout, |tag, b| {
+                Frame::Read {
+                    tag,
+                    window: window as u16,
+                    offset: at,
+                    len,
+                }
+                .encode(b)
+            })?;
+            if status != Status::Ok {
+                return Err(match reply_error(status, "memory window", window, 0) {
+                    FabricError::OutsideWindow { .. } => FabricError::OutsideWindow {
+                        window,
+                        offset: at,
+                        len: len.into(),
+                        size: peer_size(&s, window).unwrap_or(0),
+                    },
+                    e => e,
+                });
+            }
+            if data.len() != piece.len() {
+                return Err(FabricError::Protocol(format!(
+                    "read of {} bytes answered with {}",
+                    piece.len(),
+                    data.len()
+                )));
+            }
+            piece.copy_from_slice(&data);
+            at += u64::from(len);
+        }
+        Ok(())
+    }
+
+    fn peer_mw_direct(&self, window: usize) -> Result<Option<MemSpan>> {
+        peer_size(&*self.inner.session()?, window)?;
+        Ok(None)
+    }
+}
+
+impl Doorbells for TcpNtb {
+    fn db_valid_mask(&self) -> u64 {
+        self.inner.cfg.link.db_valid_mask()
+    }
+
+    fn db_read(&self) -> u64 {
+        lock(&self.inner.db).bits
+    }
+
+    fn db_clear(&self, bits: u64) -> Result<()> {
+        self.check_db(bits)?;
+        lock(&self.inner.db).bits &= !bits;
+        Ok(())
+    }
+
+    fn db_read_mask(&self) -> u64 {
+        lock(&self.inner.db).mask
+    }
+
+    fn db_set_mask(&self, bits: u64) -> Result<()> {
+        self.check_db(bits)?;
+        lock(&self.inner.db).mask |= bits;
+        Ok(())
+    }
+
+    fn db_clear_mask(&self, bits: u64) -> Result<()> {
+        self.check_db(bits)?;
+        lock(&self.inner.db).mask &= !bits;
+        self.inner.db_cv.notify_all();
+        Ok(())
+    }
+
+    fn db_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
+        if bits == 0 {
+            return Err(FabricError::InvalidDoorbell {
+                bits,
+                valid: self.db_valid_mask(),
+            });
+        }
+        self.check_db(bits)?;
+        let s = self.inner.session()?;
+        let deadline = Instant::now() + timeout;
+        let mut db = lock(&self.inner.db);
+        loop {
+            let hit = db.bits & bits & !db.mask;
+            if hit != 0 {
+                return Ok(hit);
+            }
+            if !s.is_up() {
+                return Err(FabricError::LinkDown);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(FabricError::Timeout);
+            }
+            db = self
+                .inner
+                .db_cv
+                .wait_timeout(db, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn peer_db_set(&self, bits: u64) -> Result<()> {
+        let s = self.inner.session()?;
+        let valid = lock(&s.peer).db_valid_mask;
+        if bits & !valid != 0 {
+            return Err(FabricError::InvalidDoorbell { bits, valid });
+        }
+        s.out
+            .push_request(|b| Frame::DbSet { bits }.encode(b))
+            .map_err(|_| FabricError::LinkDown)
+    }
+}
+
+impl Scratchpads for TcpNtb {
+    fn spad_count(&self) -> usize {
+        self.inner.cfg.link.spad_count
+    }
+
+    fn spad_read(&self, index: usize) -> Result<u32> {
+        lock(&self.inner.spads)
+            .get(index)
+            .copied()
+            .ok_or(FabricError::NoSuchIndex {
+                what: "scratchpad",
+                index,
+                count: self.spad_count(),
+            })
+    }
+
+    fn spad_write(&self, index: usize, value: u32) -> Result<()> {
+        let count = self.spad_count();
+        let mut spads = lock(&self.inner.spads);
+        let v = spads.get_mut(index).ok_or(FabricError::NoSuchIndex {
+            what: "scratchpad",
+            index,
+            count,
+        })?;
+        *v = value;
+        Ok(())
+    }
+
+    fn peer_spad_read(&self, index: usize) -> Result<u32> {
+        let s = self.inner.session()?;
+        let count = lock(&s.peer).spad_count;
+        if index >= count {
+            return Err(FabricError::NoSuchIndex {
+                what: "scratchpad",
+                index,
+                count,
+            });
+        }
+        let Reply { status, data } = s.call(self.inner.cfg.link.completion_timeout, |tag, b| {
+            Frame::SpadRead {
+                tag,
+                index: index as u16,
+            }
+            .encode(b)
+        })?;
+        if status != Status::Ok {
+            return Err(reply_error(status, "scratchpad", index, count));
+        }
+        let bytes: [u8; 4] = data
+            .as_slice()
+            .try_into()
+            .map_err(|_| FabricError::Protocol("scratchpad reply is not 4 bytes".into()))?;
+        Ok(u32::from_le_bytes(bytes))
+    }
+
+    fn peer_spad_write(&self, index: usize, value: u32) -> Result<()> {
+        let s = self.inner.session()?;
+        let count = lock(&s.peer).spad_count;
+        if index >= count {
+            return Err(FabricError::NoSuchIndex {
+                what: "scratchpad",
+                index,
+                count,
+            });
+        }
+        s.out
+            .push_request(|b| {
+                Frame::SpadWrite {
+                    index: index as u16,
+                    value,
+                }
+                .encode(b)
+            })
+            .map_err(|_| FabricError::LinkDown)
+    }
+}
+
+impl Messages for TcpNtb {
+    fn msg_count(&self) -> usize {
+        self.inner.cfg.link.msg_count
+    }
+
+    fn msg_read_sts(&self) -> u64 {
+        lock(&self.inner.msgs).sts
+    }
+
+    fn msg_read(&self, index: usize) -> Result<u32> {
+        lock(&self.inner.msgs)
+            .values
+            .get(index)
+            .copied()
+            .ok_or(FabricError::NoSuchIndex {
+                what: "message register",
+                index,
+                count: self.msg_count(),
+            })
+    }
+
+    fn msg_clear_sts(&self, bits: u64) -> Result<()> {
+        self.check_msg_bits(bits)?;
+        lock(&self.inner.msgs).sts &= !bits;
+        Ok(())
+    }
+
+    fn peer_msg_write(&self, index: usize, value: u32) -> Result<()> {
+        let s = self.inner.session()?;
+        let count = lock(&s.peer).msg_count;
+        if index >= count {
+            return Err(FabricError::NoSuchIndex {
+                what: "message register",
+                index,
+                count,
+            });
+        }
+        let Reply { status, .. } = s.call(self.inner.cfg.link.completion_timeout, |tag, b| {
+            Frame::MsgWrite {
+                tag,
+                index: index as u16,
+                value,
+            }
+            .encode(b)
+        })?;
+        match status {
+            Status::Ok => Ok(()),
+            other => Err(reply_error(other, "message register", index, count)),
+        }
+    }
+
+    fn msg_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
+        self.check_msg_bits(bits)?;
+        if bits == 0 {
+            return Err(FabricError::NoSuchIndex {
+                what: "message register",
+                index: 0,
+                count: 0,
+            });
+        }
+        let s = self.inner.session()?;
+        let deadline = Instant::now() + timeout;
+        let mut m = lock(&self.inner.msgs);
+        loop {
+            let hit = m.sts & bits;
+            if hit != 0 {
+                return Ok(hit);
+            }
+            if !s.is_up() {
+                return Err(FabricError::LinkDown);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(FabricError::Timeout);
+            }
+            m = self
+                .inner
+                .msg_cv
+                .wait_timeout(m, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Ntb for TcpNtb {
+    fn address_space(&self) -> &AddressSpace {
+        &self.inner.asp
+    }
+
+    fn backend(&self) -> &'static str {
+        "tcp"
+    }
+}

@@ -1,0 +1,241 @@
+//! The two bounded queues of a connection: frames waiting to be sent, and inbound requests
+//! waiting for the service thread.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How long a blocked producer sleeps before re-checking whether the queue closed (a guard
+/// only: closing wakes every waiter).
+const RECHECK: Duration = Duration::from_millis(500);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The queue was closed (the connection ended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Closed;
+
+struct OutState {
+    buf: Vec<u8>,
+    request_bytes: usize,
+    closed: bool,
+    kick: bool,
+}
+
+/// Encoded frames waiting for the writer thread, as one byte buffer (so that whatever is
+/// queued goes out in one batch). Requests (this side's own traffic) are bounded: a producer
+/// waits while more than `limit` bytes of requests are queued. Replies and control frames are
+/// not held back: replies are bounded by the peer's outstanding-request credit, control frames
+/// by the number of windows.
+pub(crate) struct OutQueue {
+    state: Mutex<OutState>,
+    ready: Condvar,
+    space: Condvar,
+    limit: usize,
+}
+
+/// What the writer got from [`OutQueue::take`].
+pub(crate) enum Take {
+    /// Bytes to send (possibly none, when only a TLS flush was asked for).
+    Data,
+    /// Nothing was queued for the whole wait.
+    Idle,
+    /// The queue is closed and empty.
+    Closed,
+}
+
+impl OutQueue {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            state: Mutex::new(OutState {
+                buf: Vec::new(),
+                request_bytes: 0,
+                closed: false,
+                kick: false,
+            }),
+            ready: Condvar::new(),
+            space: Condvar::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    /// Appends a request, waiting while the queue is over its limit.
+    pub(crate) fn push_request(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), Closed> {
+        let mut st = lock(&self.state);
+        while !st.closed && st.request_bytes >= self.limit {
+            st = self
+                .space
+                .wait_timeout(st, RECHECK)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if st.closed {
+            return Err(Closed);
+        }
+        let before = st.buf.len();
+        encode(&mut st.buf);
+        st.request_bytes += st.buf.len() - before;
+        drop(st);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Appends a reply or control frame without waiting.
+    pub(crate) fn push_now(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), Closed> {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Err(Closed);
+        }
+        encode(&mut st.buf);
+        drop(st);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Asks the writer to flush (TLS records the reader's processing produced).
+    pub(crate) fn kick(&self) {
+        lock(&self.state).kick = true;
+        self.ready.notify_one();
+    }
+
+    /// Waits up to `idle` for queued bytes and swaps them into `out` (which must be empty).
+    pub(crate) fn take(&self, out: &mut Vec<u8>, idle: Duration) -> Take {
+        let mut st = lock(&self.state);
+        if st.buf.is_empty() && !st.kick && !st.closed {
+            st = self
+                .ready
+                .wait_timeout_while(st, idle, |s| s.buf.is_empty() && !s.kick && !s.closed)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if st.closed {
+            return Take::Closed;
+        }
+        if st.buf.is_empty() && !st.kick {
+            return Take::Idle;
+        }
+        std::mem::swap(&mut st.buf, out);
+        st.request_bytes = 0;
+        st.kick = false;
+        drop(st);
+        self.space.notify_all();
+        Take::Data
+    }
+
+    /// Closes the queue: producers fail, the writer stops.
+    pub(crate) fn close(&self) {
+        lock(&self.state).closed = true;
+        self.ready.notify_all();
+        self.space.notify_all();
+    }
+}
+
+struct InState<T> {
+    items: VecDeque<T>,
+    bytes: usize,
+    closed: bool,
+}
+
+/// Inbound requests for the service thread, bounded in bytes: the reader waits (and so stops
+/// reading the socket, which pushes back on the peer through TCP) while it is full.
+pub(crate) struct InQueue<T> {
+    state: Mutex<InState<T>>,
+    ready: Condvar,
+    space: Condvar,
+    limit: usize,
+}
+
+impl<T> InQueue<T> {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            state: Mutex::new(InState {
+                items: VecDeque::new(),
+                bytes: 0,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            space: Condvar::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    /// Appends a batch of `bytes` total size, waiting while the queue is over its limit.
+    pub(crate) fn push_batch(&self, batch: Vec<T>, bytes: usize) -> Result<(), Closed> {
+        let mut st = lock(&self.state);
+        while !st.closed && st.bytes >= self.limit {
+            st = self
+                .space
+                .wait_timeout(st, RECHECK)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if st.closed {
+            return Err(Closed);
+        }
+        st.items.extend(batch);
+        st.bytes += bytes;
+        drop(st);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Takes everything queued, waiting for something; `None` once closed and drained.
+    pub(crate) fn pop_all(&self) -> Option<(Vec<T>, usize)> {
+        let mut st = lock(&self.state);
+        while st.items.is_empty() && !st.closed {
+            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.items.is_empty() {
+            return None;
+        }
+        let items: Vec<T> = st.items.drain(..).collect();
+        let bytes = std::mem::take(&mut st.bytes);
+        drop(st);
+        self.space.notify_all();
+        Some((items, bytes))
+    }
+
+    /// Closes the queue: what is queued is still handed out, new batches are refused.
+    pub(crate) fn close(&self) {
+        lock(&self.state).closed = true;
+        self.ready.notify_all();
+        self.space.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn requests_block_at_the_limit_until_the_writer_takes() {
+        let q = Arc::new(OutQueue::new(10));
+        q.push_request(|b| b.extend_from_slice(&[1; 12])).unwrap();
+        let q2 = q.clone();
+        let producer = std::thread::spawn(move || q2.push_request(|b| b.push(2)));
+        let mut out = Vec::new();
+        assert!(matches!(q.take(&mut out, RECHECK), Take::Data));
+        assert_eq!(out.len(), 12);
+        producer.join().unwrap().unwrap();
+        out.clear();
+        assert!(matches!(q.take(&mut out, RECHECK), Take::Data));
+        assert_eq!(out, [2]);
+        q.push_now(|b| b.push(3)).unwrap();
+        q.close();
+        assert_eq!(q.push_request(|b| b.push(4)), Err(Closed));
+        assert!(matches!(q.take(&mut out, RECHECK), Take::Closed));
+    }
+
+    #[test]
+    fn inbound_queue_drains_after_close() {
+        let q: InQueue<u8> = InQueue::new(4);
+        q.push_batch(vec![1, 2], 8).unwrap();
+        q.close();
+        assert_eq!(q.push_batch(vec![3], 1), Err(Closed));
+        assert_eq!(q.pop_all(), Some((vec![1, 2], 8)));
+        assert_eq!(q.pop_all(), None);
+    }
+}

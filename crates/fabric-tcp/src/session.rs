@@ -1,0 +1,701 @@
+//! One connection: establishing it (TLS or the explicit insecure preamble), the reader loop, the
+//! writer thread, the service thread, and the supervisor that reconnects.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use devlend_fabric::FabricError;
+
+use crate::frame::{self, Frame, FrameError, Hello, Status};
+use crate::ntb::Inner;
+use crate::queue::{InQueue, OutQueue, Take};
+use crate::tls::ALPN;
+use crate::Credentials;
+
+/// Most requests needing a reply (reads, scratchpad reads, message writes) that one side may
+/// have outstanding; a peer exceeding it breaks the protocol.
+pub(crate) const MAX_OUTSTANDING: usize = 256;
+
+/// First bytes of an insecure connection, both ways.
+const PLAIN_PREAMBLE: &[u8; 16] = b"DEVLEND-PLAIN/1\n";
+/// First byte of a TLS record carrying a handshake message.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EndError {
+    /// Nothing arrived for the keepalive timeout.
+    #[error("the peer stopped answering (keepalive timeout)")]
+    Silent,
+    /// A socket error.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// TLS failed (bad record, alert from the peer).
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// Bad bytes from the peer.
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// Valid frames in an invalid order or with invalid values.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// This side closed the connection.
+    #[error("closed by this side")]
+    Closed,
+}
+
+/// A request of the peer, owned, for the service thread.
+pub(crate) enum Inbound {
+    Write {
+        window: u16,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Read {
+        tag: u32,
+        window: u16,
+        offset: u64,
+        len: u32,
+    },
+    DbSet(u64),
+    SpadWrite {
+        index: u16,
+        value: u32,
+    },
+    SpadRead {
+        tag: u32,
+        index: u16,
+    },
+    MsgWrite {
+        tag: u32,
+        index: u16,
+        value: u32,
+    },
+}
+
+/// What the peer announced in its hello, kept up to date by its translation frames.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PeerInfo {
+    pub(crate) spad_count: usize,
+    pub(crate) msg_count: usize,
+    pub(crate) db_valid_mask: u64,
+    pub(crate) window_sizes: Vec<u64>,
+}
+
+/// A completion of one of this side's requests.
+pub(crate) struct Reply {
+    pub(crate) status: Status,
+    pub(crate) data: Vec<u8>,
+}
+
+struct Pending {
+    next_tag: u32,
+    waiters: HashMap<u32, SyncSender<Reply>>,
+    open: bool,
+}
+
+/// The state of one connection, shared by its threads and by callers.
+pub(crate) struct Session {
+    pub(crate) out: OutQueue,
+    pub(crate) inq: InQueue<Inbound>,
+    pub(crate) peer: Mutex<PeerInfo>,
+    up: AtomicBool,
+    closed: AtomicBool,
+    pending: Mutex<Pending>,
+    credit: Condvar,
+    /// Peer requests received but not yet answered.
+    inflight: AtomicUsize,
+    sock: TcpStream,
+}
+
+impl Session {
+    fn new(sock: TcpStream, send_limit: usize, service_limit: usize) -> Self {
+        Self {
+            out: OutQueue::new(send_limit),
+            inq: InQueue::new(service_limit),
+            peer: Mutex::new(PeerInfo::default()),
+            up: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            pending: Mutex::new(Pending {
+                next_tag: 0,
+                waiters: HashMap::new(),
+                open: true,
+            }),
+            credit: Condvar::new(),
+            inflight: AtomicUsize::new(0),
+            sock,
+        }
+    }
+
+    /// Whether callers may use the connection.
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire) && !self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_up(&self) {
+        self.up.store(true, Ordering::Release);
+    }
+
+    /// Ends the connection; returns whether this call did it (and whether it had been up).
+    pub(crate) fn close(&self) -> Option<bool> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        self.out.close();
+        self.inq.close();
+        {
+            let mut p = lock(&self.pending);
+            p.open = false;
+            // Dropping the senders wakes every waiting caller with "disconnected".
+            p.waiters.clear();
+        }
+        self.credit.notify_all();
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        Some(self.up.load(Ordering::Acquire))
+    }
+
+    /// Sends a request that needs a reply and waits for it (at most `timeout`).
+    pub(crate) fn call(
+        &self,
+        timeout: Duration,
+        encode: impl FnOnce(u32, &mut Vec<u8>),
+    ) -> Result<Reply, FabricError> {
+        let (tx, rx) = sync_channel(1);
+        let tag = {
+            let mut p = lock(&self.pending);
+            while p.open && p.waiters.len() >= MAX_OUTSTANDING {
+                p = self
+                    .credit
+                    .wait_timeout(p, timeout)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            if !p.open {
+                return Err(FabricError::LinkDown);
+            }
+            let mut tag = p.next_tag;
+            while p.waiters.contains_key(&tag) {
+                tag = tag.wrapping_add(1);
+            }
+            p.next_tag = tag.wrapping_add(1);
+            p.waiters.insert(tag, tx);
+            tag
+        };
+        let forget = || {
+            lock(&self.pending).waiters.remove(&tag);
+            self.credit.notify_one();
+        };
+        if self.out.push_request(|b| encode(tag, b)).is_err() {
+            forget();
+            return Err(FabricError::LinkDown);
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(reply) => Ok(reply),
+            Err(RecvTimeoutError::Timeout) => {
+                forget();
+                Err(FabricError::Timeout)
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(FabricError::LinkDown),
+        }
+    }
+
+    fn complete(&self, tag: u32, reply: Reply) {
+        let waiter = lock(&self.pending).waiters.remove(&tag);
+        self.credit.notify_one();
+        match waiter {
+            Some(tx) => {
+                let _ = tx.try_send(reply);
+            }
+            // A reply to a request that timed out here: nobody waits for it any more.
+            None => tracing::debug!(tag, "reply to a forgotten request"),
+        }
+    }
+
+    /// Queues the reply to one of the peer's requests.
+    pub(crate) fn reply(&self, tag: u32, status: Status, data: &[u8]) {
+        let _ = self
+            .out
+            .push_now(|b| Frame::Reply { tag, status, data }.encode(b));
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The byte channel of a connection: TLS state, or nothing for plain TCP.
+struct Channel {
+    tls: Option<Mutex<rustls::Connection>>,
+}
+
+struct Received {
+    eof: bool,
+    kick: bool,
+}
+
+impl Channel {
+    /// Reads once from the socket and appends the plaintext to `rx`.
+    fn recv(
+        &self,
+        stream: &TcpStream,
+        net: &mut [u8],
+        rx: &mut Vec<u8>,
+    ) -> Result<Received, EndError> {
+        let n = loop {
+            match (&*stream).read(net) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(EndError::Silent)
+                }
+                Err(e) => return Err(EndError::Io(e)),
+            }
+        };
+        let input = net.get(..n).unwrap_or_default();
+        let Some(tls) = &self.tls else {
+            rx.extend_from_slice(input);
+            return Ok(Received {
+                eof: n == 0,
+                kick: false,
+            });
+        };
+        if n == 0 {
+            return Ok(Received {
+                eof: true,
+                kick: false,
+            });
+        }
+        let mut conn = lock(tls);
+        let mut input = input;
+        let mut eof = false;
+        while !input.is_empty() {
+            conn.read_tls(&mut input)?;
+            let state = conn.process_new_packets()?;
+            let k = state.plaintext_bytes_to_read();
+            if k > 0 {
+                let start = rx.len();
+                rx.resize(start + k, 0);
+                if let Some(dst) = rx.get_mut(start..) {
+                    conn.reader().read_exact(dst)?;
+                }
+            }
+            eof |= state.peer_has_closed();
+        }
+        Ok(Received {
+            eof,
+            kick: conn.wants_write(),
+        })
+    }
+
+    /// Sends `data` (may be empty: then only pending TLS records are flushed).
+    fn send(&self, stream: &TcpStream, data: &[u8], tls_out: &mut Vec<u8>) -> std::io::Result<()> {
+        let Some(tls) = &self.tls else {
+            return (&*stream).write_all(data);
+        };
+        tls_out.clear();
+        {
+            let mut conn = lock(tls);
+            if !data.is_empty() {
+                conn.writer().write_all(data)?;
+            }
+            while conn.wants_write() {
+                conn.write_tls(tls_out)?;
+            }
+        }
+        (&*stream).write_all(tls_out)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Client,
+    Server,
+}
+
+/// TLS handshake (or the insecure preamble exchange). `Err` is the reason for a refusal.
+fn establish(creds: &Credentials, stream: &TcpStream, role: Role) -> Result<Channel, String> {
+    match creds {
+        Credentials::Insecure => {
+            (&*stream)
+                .write_all(PLAIN_PREAMBLE)
+                .map_err(|e| format!("sending the insecure preamble: {e}"))?;
+            let mut got = [0u8; PLAIN_PREAMBLE.len()];
+            let mut have = 0;
+            while have < got.len() {
+                let dst = got.get_mut(have..).unwrap_or_default();
+                match (&*stream).read(dst) {
+                    Ok(0) => return Err("the peer closed during the insecure preamble".into()),
+                    Ok(n) => have += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("reading the insecure preamble: {e}")),
+                }
+                if got.first() == Some(&TLS_HANDSHAKE_RECORD) {
+                    return Err("the peer requires TLS but this side is configured insecure".into());
+                }
+            }
+            if &got != PLAIN_PREAMBLE {
+                return Err("the peer did not send the devlend insecure preamble".into());
+            }
+            Ok(Channel { tls: None })
+        }
+        Credentials::Tls(t) => {
+            let mut conn: rustls::Connection = match role {
+                Role::Client => t.client_conn().map_err(|e| e.to_string())?.into(),
+                Role::Server => t.server_conn().map_err(|e| e.to_string())?.into(),
+            };
+            conn.set_buffer_limit(None);
+            let mut io = stream;
+            while conn.is_handshaking() {
+                conn.complete_io(&mut io).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        "TLS handshake timed out".to_string()
+                    }
+                    _ => format!("TLS handshake failed: {e}"),
+                })?;
+            }
+            if conn.alpn_protocol() != Some(ALPN) {
+                return Err("the peer does not speak the devlend fabric protocol (ALPN)".into());
+            }
+            if role == Role::Server {
+                t.check_client_name(conn.peer_certificates())?;
+            }
+            Ok(Channel {
+                tls: Some(Mutex::new(conn)),
+            })
+        }
+    }
+}
+
+/// How the supervisor finds its peer.
+pub(crate) enum Mode {
+    Listen(TcpListener),
+    Connect(SocketAddr),
+}
+
+/// The supervisor thread: connects or accepts, runs one connection at a time, and repeats
+/// until the [`Inner`] is stopped.
+pub(crate) fn supervise(inner: Arc<Inner>, mode: Mode) {
+    match mode {
+        Mode::Listen(listener) => {
+            while let Some((stream, addr)) = accept(&inner, &listener) {
+                connection(&inner, stream, addr, Role::Server);
+            }
+        }
+        Mode::Connect(addr) => {
+            while !inner.stopped() {
+                match TcpStream::connect_timeout(&addr, inner.cfg.handshake_timeout) {
+                    Ok(stream) => connection(&inner, stream, addr, Role::Client),
+                    Err(e) => tracing::debug!(peer = %addr, error = %e, "fabric connect failed"),
+                }
+                if inner.pause(inner.cfg.reconnect_interval) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Waits for a connection or for the stop event.
+fn accept(inner: &Inner, listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        if inner.stopped() {
+            return None;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: inner.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd structures for the whole call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                tracing::error!(error = %e, "poll on the fabric listener failed");
+                return None;
+            }
+            continue;
+        }
+        if inner.stopped() {
+            return None;
+        }
+        match listener.accept() {
+            Ok(pair) => return Some(pair),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => tracing::warn!(error = %e, "accept on the fabric listener failed"),
+        }
+    }
+}
+
+fn connection(inner: &Arc<Inner>, stream: TcpStream, peer: SocketAddr, role: Role) {
+    let setup = || -> std::io::Result<()> {
+        stream.set_nonblocking(false)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(inner.cfg.handshake_timeout))?;
+        stream.set_write_timeout(Some(inner.cfg.handshake_timeout))
+    };
+    if let Err(e) = setup() {
+        tracing::warn!(peer = %peer, error = %e, "fabric socket setup failed");
+        return;
+    }
+    let chan = match establish(&inner.creds, &stream, role) {
+        Ok(c) => c,
+        Err(reason) => {
+            inner.count_refusal();
+            tracing::warn!(peer = %peer, %reason, "refused fabric peer");
+            return;
+        }
+    };
+    run_session(inner, stream, chan, peer);
+}
+
+fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: SocketAddr) {
+    let timeouts = || -> std::io::Result<TcpStream> {
+        stream.set_read_timeout(Some(inner.cfg.keepalive_timeout))?;
+        stream.set_write_timeout(Some(inner.cfg.keepalive_timeout))?;
+        stream.try_clone()
+    };
+    let clone = match timeouts() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(peer = %peer, error = %e, "fabric socket setup failed");
+            return;
+        }
+    };
+    let session = Arc::new(Session::new(
+        clone,
+        inner.cfg.send_queue_bytes,
+        inner.cfg.service_queue_bytes,
+    ));
+    inner.publish(&session);
+    let chan = Arc::new(chan);
+    let writer = {
+        let (inner, session, chan) = (inner.clone(), session.clone(), chan.clone());
+        let stream = stream.try_clone();
+        std::thread::Builder::new()
+            .name("fabric-tcp-writer".into())
+            .spawn(move || match stream {
+                Ok(s) => writer_loop(&inner, &session, &chan, &s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "fabric writer could not start");
+                    inner.link_down(&session);
+                }
+            })
+    };
+    let service = {
+        let (inner, session) = (inner.clone(), session.clone());
+        std::thread::Builder::new()
+            .name("fabric-tcp-service".into())
+            .spawn(move || {
+                while let Some((items, _)) = session.inq.pop_all() {
+                    for item in items {
+                        inner.apply(&session, item);
+                    }
+                }
+            })
+    };
+    let result = match (&writer, &service) {
+        (Ok(_), Ok(_)) => reader_loop(inner, &session, &chan, &stream),
+        _ => Err(EndError::Protocol(
+            "could not start the connection threads".into(),
+        )),
+    };
+    let was_up = session.is_up();
+    inner.link_down(&session);
+    match result {
+        Err(e) if !was_up => {
+            inner.count_refusal();
+            tracing::warn!(peer = %peer, reason = %e, "fabric peer refused or failed before link-up");
+        }
+        Err(EndError::Closed) => tracing::debug!(peer = %peer, "fabric link closed"),
+        Err(e) => tracing::warn!(peer = %peer, reason = %e, "fabric link down"),
+        Ok(()) => tracing::info!(peer = %peer, "fabric peer closed the link"),
+    }
+    if let Ok(w) = writer {
+        let _ = w.join();
+    }
+    if let Ok(s) = service {
+        let _ = s.join();
+    }
+}
+
+fn writer_loop(inner: &Inner, session: &Session, chan: &Channel, stream: &TcpStream) {
+    let mut batch = Vec::new();
+    let mut tls_out = Vec::new();
+    loop {
+        batch.clear();
+        match session.out.take(&mut batch, inner.cfg.keepalive_interval) {
+            Take::Closed => break,
+            Take::Idle => Frame::Ping.encode(&mut batch),
+            Take::Data => {}
+        }
+        if let Err(e) = chan.send(stream, &batch, &mut tls_out) {
+            tracing::debug!(error = %e, "fabric send failed");
+            inner.link_down(session);
+            break;
+        }
+    }
+}
+
+fn reader_loop(
+    inner: &Inner,
+    session: &Session,
+    chan: &Channel,
+    stream: &TcpStream,
+) -> Result<(), EndError> {
+    let mut rx: Vec<u8> = Vec::with_capacity(4 * frame::MAX_PAYLOAD);
+    let mut net = vec![0u8; 256 * 1024];
+    let mut hello = false;
+    loop {
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut used = 0usize;
+        while let Some((f, n)) = frame::parse(rx.get(used..).unwrap_or_default())? {
+            used += n;
+            if !hello {
+                let Frame::Hello(h) = f else {
+                    return Err(EndError::Protocol("the first frame is not a hello".into()));
+                };
+                accept_hello(session, h)?;
+                hello = true;
+                inner.link_up();
+                continue;
+            }
+            handle(session, f, &mut batch, &mut batch_bytes)?;
+        }
+        rx.drain(..used);
+        if !batch.is_empty() {
+            session
+                .inq
+                .push_batch(batch, batch_bytes)
+                .map_err(|_| EndError::Closed)?;
+        }
+        let got = chan.recv(stream, &mut net, &mut rx).map_err(|e| {
+            if session.closed.load(Ordering::Acquire) {
+                EndError::Closed
+            } else {
+                e
+            }
+        })?;
+        if got.kick {
+            session.out.kick();
+        }
+        if got.eof {
+            if rx.is_empty() {
+                return Ok(());
+            }
+            return Err(FrameError::Truncated { have: rx.len() }.into());
+        }
+    }
+}
+
+fn accept_hello(session: &Session, h: Hello) -> Result<(), EndError> {
+    if h.version != frame::VERSION {
+        return Err(EndError::Protocol(format!(
+            "peer speaks protocol version {}, this side {}",
+            h.version,
+            frame::VERSION
+        )));
+    }
+    *lock(&session.peer) = PeerInfo {
+        spad_count: usize::from(h.spad_count),
+        msg_count: usize::from(h.msg_count),
+        db_valid_mask: h.db_valid_mask,
+        window_sizes: h.window_sizes,
+    };
+    session.mark_up();
+    Ok(())
+}
+
+fn take_credit(session: &Session) -> Result<(), EndError> {
+    if session.inflight.fetch_add(1, Ordering::AcqRel) >= MAX_OUTSTANDING {
+        return Err(EndError::Protocol(format!(
+            "more than {MAX_OUTSTANDING} outstanding requests"
+        )));
+    }
+    Ok(())
+}
+
+fn handle(
+    session: &Session,
+    f: Frame<'_>,
+    batch: &mut Vec<Inbound>,
+    batch_bytes: &mut usize,
+) -> Result<(), EndError> {
+    match f {
+        Frame::Hello(_) => return Err(EndError::Protocol("a second hello".into())),
+        Frame::Ping => {}
+        Frame::Trans { window, size } => {
+            let mut peer = lock(&session.peer);
+            let slot = peer
+                .window_sizes
+                .get_mut(usize::from(window))
+                .ok_or_else(|| EndError::Protocol(format!("translation of window {window}")))?;
+            *slot = size;
+        }
+        Frame::Write {
+            window,
+            offset,
+            data,
+        } => {
+            *batch_bytes += data.len();
+            batch.push(Inbound::Write {
+                window,
+                offset,
+                data: data.to_vec(),
+            });
+        }
+        Frame::Read {
+            tag,
+            window,
+            offset,
+            len,
+        } => {
+            take_credit(session)?;
+            *batch_bytes += 32;
+            batch.push(Inbound::Read {
+                tag,
+                window,
+                offset,
+                len,
+            });
+        }
+        Frame::DbSet { bits } => batch.push(Inbound::DbSet(bits)),
+        Frame::SpadWrite { index, value } => batch.push(Inbound::SpadWrite { index, value }),
+        Frame::SpadRead { tag, index } => {
+            take_credit(session)?;
+            batch.push(Inbound::SpadRead { tag, index });
+        }
+        Frame::MsgWrite { tag, index, value } => {
+            take_credit(session)?;
+            batch.push(Inbound::MsgWrite { tag, index, value });
+        }
+        Frame::Reply { tag, status, data } => session.complete(
+            tag,
+            Reply {
+                status,
+                data: data.to_vec(),
+            },
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,378 @@
+//! Every fabric behaviour over tcp between two nodes on the loopback address.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use devlend_fabric::{
+    Doorbells, FabricError, Link, LinkState, MemoryWindows, Messages, Ntb, PeerWindows,
+    Scratchpads, WindowOffset,
+};
+use devlend_fabric_tcp::{Credentials, TcpConfig, TcpNtb};
+
+struct Pair {
+    a: TcpNtb,
+    b: TcpNtb,
+    ha: Host,
+    _hb: Host,
+}
+
+/// `a` listens (with RAM behind window 0 and MMIO behind window 1), `b` connects.
+fn pair_with(ca: Credentials, cb: Credentials, cfg: TcpConfig) -> Pair {
+    let ha = host();
+    let hb = host();
+    let a = TcpNtb::listen(localhost(), ha.asp.clone(), cfg, ca).unwrap();
+    a.mw_set_trans(0, RAM_BASE, RAM_LEN as u64).unwrap();
+    a.mw_set_trans(1, MMIO_BASE, MMIO_LEN).unwrap();
+    let b = TcpNtb::connect(a.local_addr().unwrap(), hb.asp.clone(), cfg, cb).unwrap();
+    Pair { a, b, ha, _hb: hb }
+}
+
+fn pair() -> Pair {
+    let keys = deployment();
+    let p = pair_with(creds(&keys, "a", "b"), creds(&keys, "b", "a"), cfg());
+    p.a.wait_link(LinkState::Up, GUARD).unwrap();
+    p.b.wait_link(LinkState::Up, GUARD).unwrap();
+    p
+}
+
+#[test]
+fn ram_window_writes_land_and_reads_return_them() {
+    let p = pair();
+    assert_eq!(p.b.backend(), "tcp");
+    assert_eq!(p.b.peer_mw_count(), p.a.mw_count());
+    assert_eq!(p.b.peer_mw_size(0).unwrap(), RAM_LEN as u64);
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+    p.b.peer_mw_write(0, WindowOffset(100), &data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    p.b.peer_mw_read(0, WindowOffset(100), &mut back).unwrap();
+    assert_eq!(back, data);
+    let mut direct = vec![0u8; data.len()];
+    p.ha.ram.read_at(100, &mut direct).unwrap();
+    assert_eq!(direct, data);
+    assert!(p.b.peer_mw_direct(0).unwrap().is_none());
+}
+
+#[test]
+fn mmio_window_accesses_reach_the_handler_in_order() {
+    let p = pair();
+    for i in 0..100u32 {
+        p.b.peer_mw_write(1, WindowOffset(0x10), &i.to_le_bytes())
+            .unwrap();
+    }
+    let mut v = [0u8; 4];
+    p.b.peer_mw_read(1, WindowOffset(0x10), &mut v).unwrap();
+    assert_eq!(u32::from_le_bytes(v), 99);
+    let writes = p.ha.mmio.writes.lock().unwrap().clone();
+    let seen: Vec<u32> = writes
+        .iter()
+        .map(|(off, d)| {
+            assert_eq!(*off, 0x10);
+            u32::from_le_bytes(d.as_slice().try_into().unwrap())
+        })
+        .collect();
+    assert_eq!(seen, (0..100).collect::<Vec<_>>());
+}
+
+#[test]
+fn ten_thousand_posted_writes_then_a_read_sees_all() {
+    let p = pair();
+    for i in 0..10_000u64 {
+        p.b.peer_mw_write(0, WindowOffset(i * 8), &i.to_le_bytes())
+            .unwrap();
+    }
+    let mut back = vec![0u8; 80_000];
+    p.b.peer_mw_read(0, WindowOffset(0), &mut back).unwrap();
+    for (i, chunk) in back.chunks(8).enumerate() {
+        assert_eq!(u64::from_le_bytes(chunk.try_into().unwrap()), i as u64);
+    }
+}
+
+#[test]
+fn windows_are_the_isolation_boundary() {
+    let p = pair();
+    let size = RAM_LEN as u64;
+    assert!(matches!(
+        p.b.peer_mw_write(0, WindowOffset(size - 2), &[0; 4]),
+        Err(FabricError::OutsideWindow { .. })
+    ));
+    assert!(matches!(
+        p.b.peer_mw_read(0, WindowOffset(u64::MAX), &mut [0; 4]),
+        Err(FabricError::OutsideWindow { .. })
+    ));
+    assert!(matches!(
+        p.b.peer_mw_write(2, WindowOffset(0), &[0; 4]),
+        Err(FabricError::WindowNotTranslated(2))
+    ));
+    assert!(matches!(
+        p.b.peer_mw_write(99, WindowOffset(0), &[0; 4]),
+        Err(FabricError::NoSuchIndex { .. })
+    ));
+    assert!(matches!(
+        p.b.peer_mw_write(0, WindowOffset(0), &[]),
+        Err(FabricError::BadAccessSize(0))
+    ));
+    // Translation limits on the owner.
+    assert!(matches!(
+        p.a.mw_set_trans(2, common::RAM_BASE.checked_add(1).unwrap(), 4096),
+        Err(FabricError::BadTranslation { .. })
+    ));
+    assert!(matches!(
+        p.a.mw_set_trans(2, devlend_fabric::BusAddr(0x9000_0000), 4096),
+        Err(FabricError::NoRegion { .. })
+    ));
+    // Clearing a translation reaches the peer before anything sent after it.
+    p.a.mw_clear_trans(0).unwrap();
+    p.a.peer_db_set(1).unwrap();
+    p.b.db_wait(1, GUARD).unwrap();
+    assert!(matches!(
+        p.b.peer_mw_read(0, WindowOffset(0), &mut [0; 4]),
+        Err(FabricError::WindowNotTranslated(0))
+    ));
+    // Re-translating to a smaller size is seen too.
+    p.a.mw_set_trans(0, RAM_BASE, 4096).unwrap();
+    p.a.peer_db_set(2).unwrap();
+    p.b.db_wait(2, GUARD).unwrap();
+    assert_eq!(p.b.peer_mw_size(0).unwrap(), 4096);
+}
+
+#[test]
+fn doorbells_set_mask_and_wake() {
+    let p = pair();
+    assert!(matches!(
+        p.b.db_wait(0, GUARD),
+        Err(FabricError::InvalidDoorbell { .. })
+    ));
+    let waiter = std::thread::scope(|s| {
+        let w = s.spawn(|| p.a.db_wait(0b100, GUARD));
+        p.b.peer_db_set(0b101).unwrap();
+        w.join().unwrap()
+    });
+    assert_eq!(waiter.unwrap(), 0b100);
+    assert_eq!(p.a.db_read(), 0b101);
+    p.a.db_clear(0b101).unwrap();
+    assert_eq!(p.a.db_read(), 0);
+    p.a.db_set_mask(0b10).unwrap();
+    assert_eq!(p.a.db_read_mask(), 0b10);
+    p.b.peer_db_set(0b10).unwrap();
+    // The masked bit latches but wakes no one; the unmasked one does.
+    p.b.peer_db_set(0b1000).unwrap();
+    assert_eq!(p.a.db_wait(0b1010, GUARD).unwrap(), 0b1000);
+    assert_eq!(p.a.db_read() & 0b10, 0b10);
+    p.a.db_clear_mask(0b10).unwrap();
+    assert_eq!(p.a.db_wait(0b10, GUARD).unwrap(), 0b10);
+    let mut small = cfg();
+    small.link.db_count = 4;
+    let _ = small;
+}
+
+#[test]
+fn scratchpads_local_and_peer() {
+    let p = pair();
+    p.a.spad_write(3, 0xdead_beef).unwrap();
+    assert_eq!(p.b.peer_spad_read(3).unwrap(), 0xdead_beef);
+    p.b.peer_spad_write(2, 77).unwrap();
+    // A read does not pass the posted write before it.
+    assert_eq!(p.b.peer_spad_read(2).unwrap(), 77);
+    assert_eq!(p.a.spad_read(2).unwrap(), 77);
+    let n = p.a.spad_count();
+    assert!(matches!(
+        p.b.peer_spad_read(n),
+        Err(FabricError::NoSuchIndex { .. })
+    ));
+    assert!(matches!(
+        p.a.spad_write(n, 1),
+        Err(FabricError::NoSuchIndex { .. })
+    ));
+}
+
+#[test]
+fn message_registers_latch_until_cleared() {
+    let p = pair();
+    p.b.peer_msg_write(0, 7).unwrap();
+    assert_eq!(p.a.msg_wait(1, GUARD).unwrap(), 1);
+    assert_eq!(p.a.msg_read(0).unwrap(), 7);
+    assert!(matches!(
+        p.b.peer_msg_write(0, 8),
+        Err(FabricError::MessageBusy(0))
+    ));
+    p.a.msg_clear_sts(1).unwrap();
+    assert_eq!(p.a.msg_read_sts(), 0);
+    p.b.peer_msg_write(0, 8).unwrap();
+    assert_eq!(p.a.msg_wait(1, GUARD).unwrap(), 1);
+    assert_eq!(p.a.msg_read(0).unwrap(), 8);
+    let n = p.a.msg_count();
+    assert!(matches!(
+        p.b.peer_msg_write(n, 1),
+        Err(FabricError::NoSuchIndex { .. })
+    ));
+}
+
+#[test]
+fn link_down_ends_every_wait_and_call() {
+    let p = pair();
+    let gen = p.b.link_generation();
+    let Pair { a, b, ha, .. } = p;
+    std::thread::scope(|s| {
+        let db = s.spawn(|| b.db_wait(1, GUARD));
+        let msg = s.spawn(|| b.msg_wait(1, GUARD));
+        // Make sure both waiters are parked before the peer goes: a round trip after
+        // spawning them cannot prove it, but either order must end in LinkDown.
+        drop(a);
+        assert!(matches!(db.join().unwrap(), Err(FabricError::LinkDown)));
+        assert!(matches!(msg.join().unwrap(), Err(FabricError::LinkDown)));
+    });
+    b.wait_link(LinkState::Down, GUARD).unwrap();
+    assert!(b.link_generation() > gen);
+    assert!(matches!(
+        b.peer_mw_write(0, WindowOffset(0), &[1]),
+        Err(FabricError::LinkDown)
+    ));
+    assert!(matches!(
+        b.peer_mw_read(0, WindowOffset(0), &mut [0]),
+        Err(FabricError::LinkDown)
+    ));
+    assert!(matches!(b.peer_spad_read(0), Err(FabricError::LinkDown)));
+    assert!(matches!(b.peer_db_set(1), Err(FabricError::LinkDown)));
+    assert!(matches!(b.db_wait(1, GUARD), Err(FabricError::LinkDown)));
+    assert_eq!(b.peer_mw_count(), 0);
+    drop(ha);
+}
+
+#[test]
+fn a_restarted_listener_is_reached_again() {
+    let keys = deployment();
+    let p = pair_with(creds(&keys, "a", "b"), creds(&keys, "b", "a"), cfg());
+    p.b.wait_link(LinkState::Up, GUARD).unwrap();
+    let addr = p.a.local_addr().unwrap();
+    let gen = p.b.link_generation();
+    let Pair { a, b, ha, .. } = p;
+    drop(a);
+    b.wait_link(LinkState::Down, GUARD).unwrap();
+    let a2 = TcpNtb::listen(addr, ha.asp.clone(), cfg(), creds(&keys, "a", "b")).unwrap();
+    a2.mw_set_trans(0, RAM_BASE, RAM_LEN as u64).unwrap();
+    b.wait_link(LinkState::Up, GUARD).unwrap();
+    assert!(b.link_generation() >= gen + 2);
+    b.peer_mw_write(0, WindowOffset(8), b"again").unwrap();
+    let mut v = [0u8; 5];
+    b.peer_mw_read(0, WindowOffset(8), &mut v).unwrap();
+    assert_eq!(&v, b"again");
+}
+
+#[test]
+fn a_long_lived_listener_accepts_a_restarted_connector() {
+    let keys = deployment();
+    let p = pair_with(creds(&keys, "a", "b"), creds(&keys, "b", "a"), cfg());
+    p.a.wait_link(LinkState::Up, GUARD).unwrap();
+    let gen = p.a.link_generation();
+    let Pair { a, b, .. } = p;
+    drop(b);
+    a.wait_link(LinkState::Down, GUARD).unwrap();
+    let hb = host();
+    let b2 = TcpNtb::connect(
+        a.local_addr().unwrap(),
+        hb.asp.clone(),
+        cfg(),
+        creds(&keys, "b", "a"),
+    )
+    .unwrap();
+    b2.wait_link(LinkState::Up, GUARD).unwrap();
+    a.wait_link(LinkState::Up, GUARD).unwrap();
+    assert!(a.link_generation() >= gen + 2);
+    assert_eq!(b2.peer_mw_size(0).unwrap(), RAM_LEN as u64);
+}
+
+fn assert_refused(p: &Pair) {
+    p.a.wait_refused(1, GUARD).unwrap();
+    p.b.wait_refused(1, GUARD).unwrap();
+    assert_eq!(p.a.link_state(), LinkState::Down);
+    assert_eq!(p.b.link_state(), LinkState::Down);
+    assert_eq!(p.a.stats().links_up, 0);
+    assert_eq!(p.b.stats().links_up, 0);
+}
+
+#[test]
+fn credentials_of_another_deployment_are_refused() {
+    let k1 = deployment();
+    let k2 = deployment();
+    assert_refused(&pair_with(
+        creds(&k1, "a", "b"),
+        creds(&k2, "b", "a"),
+        cfg(),
+    ));
+    assert_refused(&pair_with(
+        creds(&k2, "a", "b"),
+        creds(&k1, "b", "a"),
+        cfg(),
+    ));
+}
+
+#[test]
+fn a_certificate_for_the_wrong_host_is_refused() {
+    let keys = deployment();
+    // Both chain to the same CA, but the listener expects "a" as its client, and the
+    // connector expects the listener to be "b": each side's name check fails.
+    assert_refused(&pair_with(
+        creds(&keys, "a", "a"),
+        creds(&keys, "b", "a"),
+        cfg(),
+    ));
+    assert_refused(&pair_with(
+        creds(&keys, "a", "b"),
+        creds(&keys, "b", "b"),
+        cfg(),
+    ));
+}
+
+#[test]
+fn insecure_works_only_when_both_sides_ask_for_it() {
+    let keys = deployment();
+    assert_refused(&pair_with(
+        Credentials::Insecure,
+        creds(&keys, "b", "a"),
+        cfg(),
+    ));
+    assert_refused(&pair_with(
+        creds(&keys, "a", "b"),
+        Credentials::Insecure,
+        cfg(),
+    ));
+    let p = pair_with(Credentials::Insecure, Credentials::Insecure, cfg());
+    p.b.wait_link(LinkState::Up, GUARD).unwrap();
+    p.b.peer_mw_write(0, WindowOffset(0), b"plain").unwrap();
+    let mut v = [0u8; 5];
+    p.b.peer_mw_read(0, WindowOffset(0), &mut v).unwrap();
+    assert_eq!(&v, b"plain");
+}
+
+#[test]
+fn back_pressure_holds_a_fast_writer_to_a_small_queue() {
+    let keys = deployment();
+    let mut c = cfg();
+    c.send_queue_bytes = 64 * 1024;
+    c.service_queue_bytes = 128 * 1024;
+    let p = pair_with(creds(&keys, "a", "b"), creds(&keys, "b", "a"), c);
+    p.b.wait_link(LinkState::Up, GUARD).unwrap();
+    let chunk = vec![0x5a_u8; 256 * 1024];
+    for i in 0..32u64 {
+        p.b.peer_mw_write(0, WindowOffset((i % 4) * chunk.len() as u64), &chunk)
+            .unwrap();
+    }
+    let mut v = vec![0u8; chunk.len()];
+    p.b.peer_mw_read(0, WindowOffset(0), &mut v).unwrap();
+    assert_eq!(v, chunk);
+}
+
+#[test]
+fn keys_are_written_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = deployment();
+    for f in ["ca.pem", "ca.key", "a.pem", "a.key", "b.pem", "b.key"] {
+        let mode = std::fs::metadata(dir.join(f)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    let _ = Arc::new(());
+    let _ = Duration::ZERO;
+}
