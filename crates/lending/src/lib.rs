@@ -1,1 +1,522 @@
-//! (under construction)
+//! Device lending over the NTB fabric.
+//!
+//! A [`Node`] is one host's lending runtime on one NTB link. It can *lend* the devices it owns
+//! ([`Node::add_device`]) and *borrow* the peer's ([`Node::borrow`]), which yields a
+//! [`BorrowedFunction`]: a [`devlend_pci::PciFunction`] like a local one, so an unmodified
+//! driver drives it.
+//!
+//! What crosses the fabric, and how (the lending code stays off every data path):
+//!
+//! | what | path |
+//! |---|---|
+//! | config reads/writes (`pci_ops`) | management request to the lender, applied to the device; BAR registers are virtualised per borrower |
+//! | BAR MMIO | the lender's inbound window onto the BAR; the fabric delivers posted writes / non-posted reads to the device model |
+//! | device DMA | the lender's IOMMU maps device bus addresses onto the borrower's inbound window onto the borrower's memory (direct mapping on `shm`: zero copy) |
+//! | MSI-X | the device's MSI-X table (on the lender, masks honoured there) signals a doorbell bit on the borrower |
+//! | management | a mailbox ring in each host's window 0 + doorbell bit 63 ([`channel`]) |
+//!
+//! Ownership: one borrower per device; leases kept alive by heartbeats; an expired or returned
+//! lease resets the device and offers it again. A lender that disappears is a surprise removal
+//! on the borrower: every call on the function fails with `Removed`.
+//!
+//! Threads: each node runs one management thread (drains the mailbox, serves the peer's
+//! requests, routes responses to waiting callers, sends heartbeats, expires leases). Lock
+//! order: `Node.pending` and the lender/borrower tables are never held across a fabric wait.
+#![warn(missing_docs)]
+
+pub mod borrower;
+pub mod channel;
+mod error;
+pub mod lender;
+pub mod protocol;
+
+pub use borrower::BorrowedFunction;
+pub use error::LendingError;
+pub use lender::DeviceBuilder;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Weak};
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devlend_fabric::{BusAddr, LinkState, Ntb};
+
+use channel::Channel;
+use protocol::{DeviceDesc, Envelope, Event, Request, Response};
+
+/// Where link *i*'s management mailbox sits in the host's bus address space.
+pub const MAILBOX_BASE: BusAddr = BusAddr(0x7f00_0000_0000);
+const MAILBOX_STRIDE: u64 = 1 << 24;
+
+/// Tunables of a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This host's name.
+    pub name: String,
+    /// Lease timeout granted to (lender) or asked for by (borrower) this node.
+    pub lease: Duration,
+    /// How long a management request may take before it fails.
+    pub request_timeout: Duration,
+    /// DMA memory a borrower sets aside (and exposes to the lender) per borrowed function.
+    pub dma_pool_bytes: usize,
+}
+
+impl NodeConfig {
+    /// Defaults for a host called `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            lease: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
+            dma_pool_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Hands out one link's inbound windows (window 0 is the mailbox).
+pub(crate) struct WindowPool {
+    used: Mutex<Vec<bool>>,
+}
+
+impl WindowPool {
+    fn new(count: usize) -> Self {
+        let mut used = vec![false; count];
+        if let Some(first) = used.first_mut() {
+            *first = true;
+        }
+        Self {
+            used: Mutex::new(used),
+        }
+    }
+
+    pub(crate) fn take(&self) -> Result<usize, LendingError> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let free = used
+            .iter()
+            .position(|u| !u)
+            .ok_or(LendingError::NoFreeWindow)?;
+        if let Some(slot) = used.get_mut(free) {
+            *slot = true;
+        }
+        Ok(free)
+    }
+
+    pub(crate) fn give(&self, window: usize) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if window != channel::MAILBOX_WINDOW {
+            if let Some(slot) = used.get_mut(window) {
+                *slot = false;
+            }
+        }
+    }
+}
+
+/// What all of a host's links share: its name, address space and the devices it lends.
+pub(crate) struct HostCore {
+    pub(crate) cfg: NodeConfig,
+    pub(crate) lender: lender::Lender,
+}
+
+/// One NTB link of a host (one peer): its channel, windows, doorbells and borrowed devices.
+pub(crate) struct Inner {
+    pub(crate) host: Arc<HostCore>,
+    pub(crate) cfg: NodeConfig,
+    pub(crate) ntb: Arc<dyn Ntb>,
+    channel: Channel,
+    pending: Mutex<HashMap<u64, mpsc::Sender<Response>>>,
+    next_id: AtomicU64,
+    pub(crate) windows: WindowPool,
+    pub(crate) doorbells_used: Mutex<u64>,
+    pub(crate) borrower: borrower::Borrower,
+    peer_name: Mutex<Option<String>>,
+    stop: AtomicBool,
+}
+
+struct LinkRuntime {
+    inner: Arc<Inner>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// One host's lending runtime: the devices it lends, and one runtime per NTB link.
+pub struct Node {
+    host: Arc<HostCore>,
+    links: Vec<LinkRuntime>,
+}
+
+/// One link in a status report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LinkStatus {
+    /// Fabric backend.
+    pub fabric: String,
+    /// "up" or "down".
+    pub link: String,
+    /// The peer's name, once known.
+    pub peer: Option<String>,
+}
+
+/// What `status` reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeStatus {
+    /// This host.
+    pub name: String,
+    /// Its links.
+    pub links: Vec<LinkStatus>,
+    /// Devices this host owns.
+    pub lending: Vec<DeviceDesc>,
+    /// Devices this host holds from its peers.
+    pub borrowed: Vec<DeviceDesc>,
+}
+
+impl Node {
+    /// Starts a node on one or more NTB links, which must share one address space (this host's):
+    /// sets up each link's mailbox and management thread.
+    pub fn start(cfg: NodeConfig, ntbs: Vec<Arc<dyn Ntb>>) -> Result<Node, LendingError> {
+        let first = ntbs
+            .first()
+            .ok_or_else(|| LendingError::Protocol("a node needs at least one link".into()))?;
+        let asp: *const devlend_fabric::AddressSpace = first.address_space();
+        if ntbs.iter().any(|n| !std::ptr::eq(n.address_space(), asp)) {
+            return Err(LendingError::Protocol(
+                "all links of a node must share its address space".into(),
+            ));
+        }
+        let host = Arc::new(HostCore {
+            cfg: cfg.clone(),
+            lender: lender::Lender::new(),
+        });
+        let mut links = Vec::new();
+        for (i, ntb) in ntbs.into_iter().enumerate() {
+            let base = BusAddr(MAILBOX_BASE.0 + i as u64 * MAILBOX_STRIDE);
+            let channel = Channel::new(ntb.clone(), base)?;
+            let inner = Arc::new(Inner {
+                host: host.clone(),
+                windows: WindowPool::new(ntb.mw_count()),
+                doorbells_used: Mutex::new(0),
+                borrower: borrower::Borrower::new(),
+                cfg: cfg.clone(),
+                ntb,
+                channel,
+                pending: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                peer_name: Mutex::new(None),
+                stop: AtomicBool::new(false),
+            });
+            let weak = Arc::downgrade(&inner);
+            let ntb = inner.ntb.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("devlend-mgmt-{}-{i}", cfg.name))
+                .spawn(move || management_loop(weak, ntb))
+                .map_err(|e| LendingError::Io {
+                    op: "spawn management thread",
+                    source: e,
+                })?;
+            links.push(LinkRuntime {
+                inner,
+                thread: Some(thread),
+            });
+        }
+        Ok(Node { host, links })
+    }
+
+    /// This host's name.
+    pub fn name(&self) -> &str {
+        &self.host.cfg.name
+    }
+
+    /// The fabric endpoint of link `index`.
+    pub fn ntb(&self, index: usize) -> Option<&Arc<dyn Ntb>> {
+        self.links.get(index).map(|l| &l.inner.ntb)
+    }
+
+    /// Waits until every link is up.
+    pub fn wait_link_up(&self, timeout: Duration) -> Result<(), LendingError> {
+        let deadline = Instant::now() + timeout;
+        for l in &self.links {
+            let left = deadline.saturating_duration_since(Instant::now());
+            l.inner
+                .ntb
+                .wait_link(LinkState::Up, left)
+                .map_err(LendingError::from)?;
+        }
+        Ok(())
+    }
+
+    /// Adds a device this host lends. `build` receives the device's DMA port (an IOMMU the
+    /// lender programs per borrower) and interrupt sink (routed to the current borrower).
+    pub fn add_device(
+        &self,
+        name: &str,
+        detail: &str,
+        build: DeviceBuilder,
+    ) -> Result<DeviceDesc, LendingError> {
+        let ntb = self.ntb(0).ok_or(LendingError::LinkDown)?;
+        self.host.lender.add(
+            ntb.address_space(),
+            &self.host.cfg.name,
+            name,
+            detail,
+            build,
+        )
+    }
+
+    /// Removes a device this host owns (it must not be lent).
+    pub fn remove_device(&self, name: &str) -> Result<(), LendingError> {
+        let ntb = self.ntb(0).ok_or(LendingError::LinkDown)?;
+        self.host.lender.remove(ntb.address_space(), name)
+    }
+
+    /// Devices this host owns.
+    pub fn local_devices(&self) -> Vec<DeviceDesc> {
+        self.host.lender.list(&self.host.cfg.name)
+    }
+
+    fn link_devices(inner: &Inner) -> Result<Vec<DeviceDesc>, LendingError> {
+        match inner.call(Request::List)? {
+            Response::Devices { devices } => {
+                if let Some(d) = devices.first() {
+                    *inner.peer_name.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(d.owner.clone());
+                }
+                Ok(devices)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Devices the peers offer (asks each linked peer; fails only when none answers).
+    pub fn peer_devices(&self) -> Result<Vec<DeviceDesc>, LendingError> {
+        let mut all = Vec::new();
+        let mut last_err = None;
+        for l in &self.links {
+            match Self::link_devices(&l.inner) {
+                Ok(d) => all.extend(d),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        match last_err {
+            Some(e) if all.is_empty() => Err(e),
+            _ => Ok(all),
+        }
+    }
+
+    /// Borrows device `name` from whichever peer offers it.
+    pub fn borrow(&self, name: &str) -> Result<Arc<BorrowedFunction>, LendingError> {
+        let mut last_err = None;
+        for l in &self.links {
+            match Self::link_devices(&l.inner) {
+                Ok(devices) if devices.iter().any(|d| d.name == name) => {
+                    return borrower::borrow(&l.inner, name);
+                }
+                Ok(_) => {}
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| LendingError::NoSuchDevice(name.to_string())))
+    }
+
+    /// The borrowed function `name`, if this host holds it.
+    pub fn borrowed(&self, name: &str) -> Option<Arc<BorrowedFunction>> {
+        self.links.iter().find_map(|l| l.inner.borrower.get(name))
+    }
+
+    /// Gives back the borrowed device `name`.
+    pub fn give_back(&self, name: &str) -> Result<(), LendingError> {
+        let link = self
+            .links
+            .iter()
+            .find(|l| l.inner.borrower.get(name).is_some())
+            .ok_or_else(|| LendingError::NotBorrowed(name.to_string()))?;
+        borrower::give_back(&link.inner, name)
+    }
+
+    /// A status snapshot.
+    pub fn status(&self) -> NodeStatus {
+        let mut links = Vec::new();
+        let mut borrowed = Vec::new();
+        for l in &self.links {
+            let inner = &l.inner;
+            let up = inner.ntb.link_state() == LinkState::Up;
+            if up && inner.peer_name().is_none() {
+                if let Ok(Response::Hello { host }) = inner.call(Request::Hello {
+                    host: self.host.cfg.name.clone(),
+                }) {
+                    *inner.peer_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(host);
+                }
+            }
+            links.push(LinkStatus {
+                fabric: inner.ntb.backend().to_string(),
+                link: if up { "up" } else { "down" }.to_string(),
+                peer: inner.peer_name(),
+            });
+            borrowed.extend(inner.borrower.list());
+        }
+        NodeStatus {
+            name: self.host.cfg.name.clone(),
+            links,
+            lending: self.local_devices(),
+            borrowed,
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for l in &mut self.links {
+            l.inner.borrower.remove_all("this host shut down");
+            l.inner.stop.store(true, Ordering::Release);
+            if let Some(t) = l.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+pub(crate) fn unexpected(r: Response) -> LendingError {
+    match r {
+        Response::Error { message } => LendingError::Refused(message),
+        other => LendingError::Protocol(format!("unexpected response {other:?}")),
+    }
+}
+
+impl Inner {
+    pub(crate) fn peer_name(&self) -> Option<String> {
+        self.peer_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sends a request and waits for its response.
+    pub(crate) fn call(&self, body: Request) -> Result<Response, LendingError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let sent = self.channel.send(
+            &Envelope::Request { id, body }.encode(),
+            self.cfg.request_timeout,
+        );
+        let result = match sent {
+            Ok(()) => match rx.recv_timeout(self.cfg.request_timeout) {
+                Ok(r) => Ok(r),
+                Err(_) if self.ntb.link_state() == LinkState::Down => Err(LendingError::LinkDown),
+                Err(_) => Err(LendingError::Timeout),
+            },
+            Err(e) => Err(e.into()),
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        result
+    }
+
+    /// Sends without waiting for an answer (heartbeats, events).
+    pub(crate) fn post(&self, env: Envelope) -> Result<(), LendingError> {
+        Ok(self.channel.send(&env.encode(), self.cfg.request_timeout)?)
+    }
+
+    fn handle(self: &Arc<Self>, env: Envelope) {
+        match env {
+            Envelope::Request { id, body } => {
+                let response = match body {
+                    Request::Hello { host } => {
+                        *self.peer_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(host);
+                        Response::Hello {
+                            host: self.cfg.name.clone(),
+                        }
+                    }
+                    Request::List => Response::Devices {
+                        devices: self.host.lender.list(&self.cfg.name),
+                    },
+                    other => self.host.lender.handle(self, other),
+                };
+                if let Err(e) = self.post(Envelope::Response { id, body: response }) {
+                    tracing::warn!("could not answer request {id}: {e}");
+                }
+            }
+            Envelope::Response { id, body } => {
+                if let Some(tx) = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id)
+                {
+                    let _ = tx.send(body);
+                }
+            }
+            Envelope::Event {
+                body: Event::Revoked { lease, reason },
+            } => {
+                self.borrower.revoked(lease, &reason);
+            }
+        }
+    }
+}
+
+/// The management thread: drains the mailbox, answers, heartbeats, expires leases, and turns
+/// a link change into a surprise removal of everything borrowed.
+fn management_loop(weak: Weak<Inner>, ntb: Arc<dyn Ntb>) {
+    let mut generation = ntb.link_generation();
+    let mut last_beat = Instant::now();
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let now_generation = ntb.link_generation();
+        if now_generation != generation {
+            generation = now_generation;
+            inner
+                .borrower
+                .remove_all("the link to the lender went down");
+            *inner.peer_name.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        if ntb.link_state() == LinkState::Down {
+            drop(inner);
+            let _ = ntb.wait_link(LinkState::Up, Duration::from_millis(50));
+        } else {
+            let beat = inner.cfg.lease / 4;
+            let wait = beat.min(Duration::from_millis(50));
+            let _ = inner.channel.wait(wait);
+            for record in inner.channel.drain() {
+                match Envelope::parse(&record) {
+                    Ok(env) => inner.handle(env),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+            if last_beat.elapsed() >= beat {
+                last_beat = Instant::now();
+                for lease in inner.borrower.leases() {
+                    let hb = Envelope::Request {
+                        id: 0,
+                        body: Request::Heartbeat { lease },
+                    };
+                    if let Err(e) = inner.post(hb) {
+                        tracing::debug!("heartbeat for lease {lease} not sent: {e}");
+                    }
+                }
+            }
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        for (lease, reason, link) in inner.host.lender.expire() {
+            tracing::warn!("lease {lease} revoked: {reason}");
+            if let Some(link) = link.upgrade() {
+                let _ = link.post(Envelope::Event {
+                    body: Event::Revoked { lease, reason },
+                });
+            }
+        }
+    }
+}
+
+/// The doorbell bits a grant's vectors use.
+pub(crate) fn lender_doorbell_mask(grant: &protocol::Grant) -> u64 {
+    let n = u32::from(grant.device.vectors);
+    let ones = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+    ones.checked_shl(grant.doorbell_base).unwrap_or(0)
+}

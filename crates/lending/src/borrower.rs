@@ -1,0 +1,608 @@
+//! The borrower: a peer's device as a local [`PciFunction`].
+//!
+//! - config accesses are requests to the lender (the `pci_ops` of a virtual bus);
+//! - BAR accesses go through the lender's inbound windows (posted writes, non-posted reads);
+//! - DMA memory is this host's RAM, exposed through one of its inbound windows and mapped by
+//!   the lender's IOMMU at the same bus addresses the driver sees;
+//! - interrupts are doorbell bits: waiting for vector *v* waits for bit `base + v`.
+//!
+//! When the link drops or the lender revokes the lease, the function is *removed*: every call
+//! fails with [`FunctionError::Removed`], waits end at once, nothing hangs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devlend_fabric::{BusAddr, FabricError, SharedMemory, WindowOffset};
+use devlend_pci::dma_pool::DmaPool;
+use devlend_pci::{
+    AccessSize, BarAccess, BarIndex, ConfigAccess, DmaAlloc, DmaBuffer, DmaRemap, FunctionError,
+    Interrupts, MemSpan, PciFunction,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::protocol::{BarGrant, DeviceDesc, Grant, Request, Response};
+use crate::{unexpected, Inner, LendingError};
+
+/// Where a borrower places its DMA pools in its own bus address space.
+const DMA_FLOOR: BusAddr = BusAddr(0x4000_0000_0000);
+
+/// One DMA mapping this borrower set up: its memory region, window and range.
+struct DmaWindow {
+    iova: u64,
+    len: u64,
+    window: usize,
+    region_base: BusAddr,
+}
+
+/// A device borrowed from the peer.
+pub struct BorrowedFunction {
+    node: Weak<Inner>,
+    grant: Grant,
+    bars: [Option<BarGrant>; 6],
+    pool: DmaPool,
+    dma: Mutex<Vec<DmaWindow>>,
+    removed: AtomicBool,
+    reason: Mutex<String>,
+    redirect: Mutex<Redirect>,
+}
+
+#[derive(Default)]
+struct Redirect {
+    fds: HashMap<u16, Arc<EventFd>>,
+    thread: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for BorrowedFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BorrowedFunction({})", self.grant.device.name)
+    }
+}
+
+fn removed_error(f: &BorrowedFunction) -> FunctionError {
+    FunctionError::Removed(f.reason.lock().map(|r| r.clone()).unwrap_or_default())
+}
+
+impl BorrowedFunction {
+    /// The device description from the grant.
+    pub fn device(&self) -> &DeviceDesc {
+        &self.grant.device
+    }
+
+    /// The lease.
+    pub fn lease(&self) -> u64 {
+        self.grant.lease
+    }
+
+    /// Whether the function is gone.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    fn node(&self) -> Result<Arc<Inner>, FunctionError> {
+        if self.is_removed() {
+            return Err(removed_error(self));
+        }
+        self.node
+            .upgrade()
+            .ok_or_else(|| FunctionError::Removed("the node shut down".into()))
+    }
+
+    /// Marks the function removed (surprise removal or revocation) and wakes its waiters.
+    pub(crate) fn mark_removed(&self, why: &str) {
+        if !self.removed.swap(true, Ordering::AcqRel) {
+            *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = why.to_string();
+            tracing::warn!("{} removed: {why}", self.grant.device.name);
+        }
+        let mut r = self.redirect.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((stop, t)) = r.thread.take() {
+            stop.store(true, Ordering::Release);
+            let _ = t.join();
+        }
+    }
+
+    fn fabric_error(&self, e: FabricError) -> FunctionError {
+        match e {
+            FabricError::LinkDown => {
+                self.mark_removed("the link to the lender went down");
+                removed_error(self)
+            }
+            other => FunctionError::Transport(other.to_string()),
+        }
+    }
+
+    fn bar(&self, bar: BarIndex, offset: u64, len: usize) -> Result<&BarGrant, FunctionError> {
+        let g = self
+            .bars
+            .get(bar.get() as usize)
+            .and_then(|b| b.as_ref())
+            .ok_or(FunctionError::NoSuchBar(bar.get()))?;
+        let bad = FunctionError::BadBarAccess {
+            bar: bar.get(),
+            offset,
+            len,
+        };
+        match offset.checked_add(len as u64) {
+            Some(end) if len > 0 && end <= g.size => Ok(g),
+            _ => Err(bad),
+        }
+    }
+
+    fn config_check(offset: u16, size: AccessSize) -> Result<(), FunctionError> {
+        if offset >= 4096 || !offset.is_multiple_of(size.len() as u16) {
+            return Err(FunctionError::BadConfigAccess {
+                offset,
+                size: size.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn call(&self, req: Request) -> Result<Response, FunctionError> {
+        let node = self.node()?;
+        match node.call(req) {
+            Ok(Response::Error { message }) if message.contains("is not held") => {
+                self.mark_removed("the lender no longer holds our lease");
+                Err(removed_error(self))
+            }
+            Ok(r) => Ok(r),
+            Err(LendingError::LinkDown) => {
+                self.mark_removed("the link to the lender went down");
+                Err(removed_error(self))
+            }
+            Err(e) => Err(FunctionError::Transport(e.to_string())),
+        }
+    }
+
+    fn vector_bit(&self, vector: u16) -> Result<u64, FunctionError> {
+        let count = self.grant.device.vectors;
+        if vector >= count {
+            return Err(FunctionError::NoSuchVector { vector, count });
+        }
+        Ok(1u64 << (self.grant.doorbell_base + u32::from(vector)))
+    }
+
+    /// Exposes `mem` (this host's memory) to the lender's IOMMU at `iova`.
+    fn map_memory(
+        &self,
+        node: &Inner,
+        iova: BusAddr,
+        mem: &MemSpan,
+        writable: bool,
+    ) -> Result<DmaWindow, LendingError> {
+        let (shared, offset) = mem.memory();
+        let region_base = BusAddr(
+            iova.0
+                .checked_sub(offset)
+                .ok_or_else(|| LendingError::Refused("IOVA below the memory's offset".into()))?,
+        );
+        let asp = node.ntb.address_space();
+        // The same memory may be registered already (several maps of one guest RAM fd).
+        let registered = asp.find(iova, mem.len()).is_some();
+        if !registered {
+            asp.add_ram(region_base, shared.clone())?;
+        }
+        let cleanup_region = |asp: &devlend_fabric::AddressSpace| {
+            if !registered {
+                asp.remove(region_base);
+            }
+        };
+        let window = match node.windows.take() {
+            Ok(w) => w,
+            Err(e) => {
+                cleanup_region(asp);
+                return Err(e);
+            }
+        };
+        let fail = |e: LendingError| {
+            let _ = node.ntb.mw_clear_trans(window);
+            node.windows.give(window);
+            cleanup_region(asp);
+            e
+        };
+        node.ntb
+            .mw_set_trans(window, iova, mem.len())
+            .map_err(|e| fail(e.into()))?;
+        let req = Request::MapDma {
+            lease: self.grant.lease,
+            iova: iova.0,
+            len: mem.len(),
+            window,
+            writable,
+        };
+        match node.call(req) {
+            Ok(Response::Ok) => {}
+            Ok(other) => return Err(fail(unexpected(other))),
+            Err(e) => return Err(fail(e)),
+        }
+        Ok(DmaWindow {
+            iova: iova.0,
+            len: mem.len(),
+            window,
+            region_base: if registered {
+                BusAddr(u64::MAX)
+            } else {
+                region_base
+            },
+        })
+    }
+
+    fn unmap_window(&self, node: &Inner, w: &DmaWindow) {
+        let req = Request::UnmapDma {
+            lease: self.grant.lease,
+            iova: w.iova,
+            len: w.len,
+        };
+        if let Err(e) = node.call(req) {
+            tracing::debug!("unmapping DMA at the lender: {e}");
+        }
+        let _ = node.ntb.mw_clear_trans(w.window);
+        node.windows.give(w.window);
+        if w.region_base.0 != u64::MAX {
+            node.ntb.address_space().remove(w.region_base);
+        }
+    }
+
+    fn release_all(&self, node: &Inner) {
+        let windows: Vec<DmaWindow> =
+            std::mem::take(&mut *self.dma.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in &windows {
+            let _ = node.ntb.mw_clear_trans(w.window);
+            node.windows.give(w.window);
+            if w.region_base.0 != u64::MAX {
+                node.ntb.address_space().remove(w.region_base);
+            }
+        }
+    }
+}
+
+impl ConfigAccess for BorrowedFunction {
+    fn config_read(&self, offset: u16, size: AccessSize) -> Result<u32, FunctionError> {
+        Self::config_check(offset, size)?;
+        let req = Request::ConfigRead {
+            lease: self.grant.lease,
+            offset,
+            size: size.len() as u8,
+        };
+        match self.call(req)? {
+            Response::Value { value } => Ok(value),
+            other => Err(FunctionError::Transport(unexpected(other).to_string())),
+        }
+    }
+
+    fn config_write(&self, offset: u16, size: AccessSize, value: u32) -> Result<(), FunctionError> {
+        Self::config_check(offset, size)?;
+        let req = Request::ConfigWrite {
+            lease: self.grant.lease,
+            offset,
+            size: size.len() as u8,
+            value,
+        };
+        match self.call(req)? {
+            Response::Ok => Ok(()),
+            other => Err(FunctionError::Transport(unexpected(other).to_string())),
+        }
+    }
+}
+
+impl BarAccess for BorrowedFunction {
+    fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError> {
+        let node = self.node()?;
+        let g = self.bar(bar, offset, data.len())?;
+        node.ntb
+            .peer_mw_read(g.window, WindowOffset(offset), data)
+            .map_err(|e| self.fabric_error(e))
+    }
+
+    fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), FunctionError> {
+        let node = self.node()?;
+        let g = self.bar(bar, offset, data.len())?;
+        node.ntb
+            .peer_mw_write(g.window, WindowOffset(offset), data)
+            .map_err(|e| self.fabric_error(e))
+    }
+}
+
+impl DmaAlloc for BorrowedFunction {
+    fn dma_alloc(&self, len: usize) -> Result<DmaBuffer, FunctionError> {
+        if self.is_removed() {
+            return Err(removed_error(self));
+        }
+        self.pool.alloc(len)
+    }
+}
+
+impl DmaRemap for BorrowedFunction {
+    fn dma_map(&self, iova: BusAddr, mem: MemSpan, writable: bool) -> Result<(), FunctionError> {
+        let node = self.node()?;
+        let w = self
+            .map_memory(&node, iova, &mem, writable)
+            .map_err(|e| match e {
+                LendingError::LinkDown => {
+                    self.mark_removed("the link to the lender went down");
+                    removed_error(self)
+                }
+                other => FunctionError::Transport(other.to_string()),
+            })?;
+        self.dma.lock().unwrap_or_else(|e| e.into_inner()).push(w);
+        Ok(())
+    }
+
+    fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), FunctionError> {
+        let node = self.node()?;
+        let end = iova.0.saturating_add(len);
+        let gone: Vec<DmaWindow> = {
+            let mut dma = self.dma.lock().unwrap_or_else(|e| e.into_inner());
+            let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *dma)
+                .into_iter()
+                .partition(|w| w.iova >= iova.0 && w.iova < end);
+            *dma = keep;
+            gone
+        };
+        for w in &gone {
+            self.unmap_window(&node, w);
+        }
+        Ok(())
+    }
+}
+
+impl Interrupts for BorrowedFunction {
+    fn interrupt_vectors(&self) -> u16 {
+        self.grant.device.vectors
+    }
+
+    fn wait_interrupt(&self, vector: u16, timeout: Duration) -> Result<bool, FunctionError> {
+        let bit = self.vector_bit(vector)?;
+        let node = self.node()?;
+        match node.ntb.db_wait(bit, timeout) {
+            Ok(_) => {
+                node.ntb.db_clear(bit).map_err(|e| self.fabric_error(e))?;
+                if self.is_removed() {
+                    return Err(removed_error(self));
+                }
+                Ok(true)
+            }
+            Err(FabricError::Timeout) => {
+                if self.is_removed() {
+                    return Err(removed_error(self));
+                }
+                Ok(false)
+            }
+            Err(e) => Err(self.fabric_error(e)),
+        }
+    }
+
+    fn set_interrupt_eventfd(
+        &self,
+        vector: u16,
+        fd: Option<Arc<EventFd>>,
+    ) -> Result<(), FunctionError> {
+        self.vector_bit(vector)?;
+        let node = self.node()?;
+        let mut r = self.redirect.lock().unwrap_or_else(|e| e.into_inner());
+        match fd {
+            Some(fd) => r.fds.insert(vector, fd),
+            None => r.fds.remove(&vector),
+        };
+        // Restart the forwarder with the new routing table.
+        if let Some((stop, t)) = r.thread.take() {
+            stop.store(true, Ordering::Release);
+            let _ = t.join();
+        }
+        if r.fds.is_empty() {
+            return Ok(());
+        }
+        let routes: Vec<(u64, Arc<EventFd>)> = r
+            .fds
+            .iter()
+            .filter_map(|(v, fd)| self.vector_bit(*v).ok().map(|b| (b, fd.clone())))
+            .collect();
+        let mask = routes.iter().fold(0u64, |m, (b, _)| m | b);
+        let stop = Arc::new(AtomicBool::new(false));
+        let ntb = node.ntb.clone();
+        let stop2 = stop.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("devlend-irq-{}", self.grant.device.name))
+            .spawn(move || {
+                // Forwards doorbell bits to the caller's eventfds until stopped or link-down.
+                while !stop2.load(Ordering::Acquire) {
+                    match ntb.db_wait(mask, Duration::from_millis(50)) {
+                        Ok(bits) => {
+                            let _ = ntb.db_clear(bits & mask);
+                            for (b, fd) in &routes {
+                                if bits & b != 0 {
+                                    let _ = fd.write(1);
+                                }
+                            }
+                        }
+                        Err(FabricError::Timeout) => {}
+                        Err(_) => return,
+                    }
+                }
+            })
+            .map_err(|e| FunctionError::Io {
+                op: "spawn interrupt forwarder",
+                source: e,
+            })?;
+        r.thread = Some((stop, t));
+        Ok(())
+    }
+}
+
+impl PciFunction for BorrowedFunction {
+    fn describe(&self) -> String {
+        format!(
+            "borrowed {} from {}",
+            self.grant.device.name, self.grant.device.owner
+        )
+    }
+}
+
+impl Drop for BorrowedFunction {
+    fn drop(&mut self) {
+        self.mark_removed("dropped");
+        if let Some(node) = self.node.upgrade() {
+            self.release_all(&node);
+        }
+    }
+}
+
+/// The borrowing half of a node.
+pub(crate) struct Borrower {
+    held: Mutex<HashMap<String, Arc<BorrowedFunction>>>,
+}
+
+impl Borrower {
+    pub(crate) fn new() -> Self {
+        Self {
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<BorrowedFunction>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub(crate) fn list(&self) -> Vec<DeviceDesc> {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|f| f.grant.device.clone())
+            .collect()
+    }
+
+    pub(crate) fn leases(&self) -> Vec<u64> {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|f| f.grant.lease)
+            .collect()
+    }
+
+    /// Surprise removal of everything held.
+    pub(crate) fn remove_all(&self, why: &str) {
+        let held: Vec<_> = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for (_, f) in held {
+            f.mark_removed(why);
+        }
+    }
+
+    pub(crate) fn revoked(&self, lease: u64, why: &str) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let name = held
+            .iter()
+            .find(|(_, f)| f.grant.lease == lease)
+            .map(|(n, _)| n.clone());
+        if let Some(f) = name.and_then(|n| held.remove(&n)) {
+            f.mark_removed(&format!("the lender revoked it: {why}"));
+        }
+    }
+}
+
+pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFunction>, LendingError> {
+    if let Some(f) = node.borrower.get(name) {
+        if !f.is_removed() {
+            return Ok(f);
+        }
+    }
+    let req = Request::Borrow {
+        device: name.to_string(),
+        borrower: node.cfg.name.clone(),
+        lease_ms: node.cfg.lease.as_millis() as u64,
+    };
+    let grant = match node.call(req)? {
+        Response::Granted { grant } => grant,
+        other => return Err(unexpected(other)),
+    };
+    let give_back = |node: &Inner| {
+        let _ = node.call(Request::Return { lease: grant.lease });
+    };
+    let mut bars: [Option<BarGrant>; 6] = Default::default();
+    for b in &grant.bars {
+        match bars.get_mut(usize::from(b.index)) {
+            Some(slot) => *slot = Some(b.clone()),
+            None => {
+                give_back(node);
+                return Err(LendingError::Protocol(format!(
+                    "grant names BAR{}",
+                    b.index
+                )));
+            }
+        }
+    }
+    if grant.doorbell_base + u32::from(grant.device.vectors) > 63 {
+        give_back(node);
+        return Err(LendingError::Protocol(
+            "grant's doorbell bits are out of range".into(),
+        ));
+    }
+    let setup = || -> Result<BorrowedFunction, LendingError> {
+        let bytes = node.cfg.dma_pool_bytes;
+        let mem = Arc::new(SharedMemory::new("devlend-dma", bytes)?);
+        let base = node
+            .ntb
+            .address_space()
+            .free_base(DMA_FLOOR, bytes as u64, 1 << 21)
+            .ok_or(LendingError::NoFreeWindow)?;
+        let f = BorrowedFunction {
+            node: Arc::downgrade(node),
+            bars,
+            pool: DmaPool::new(mem.clone(), base),
+            dma: Mutex::new(Vec::new()),
+            removed: AtomicBool::new(false),
+            reason: Mutex::new(String::new()),
+            redirect: Mutex::new(Redirect::default()),
+            grant: grant.clone(),
+        };
+        let w = f.map_memory(node, base, &MemSpan::whole(mem), true)?;
+        f.dma.lock().unwrap_or_else(|e| e.into_inner()).push(w);
+        Ok(f)
+    };
+    let f = match setup() {
+        Ok(f) => Arc::new(f),
+        Err(e) => {
+            give_back(node);
+            return Err(e);
+        }
+    };
+    // Interrupt bits left over from an earlier holder must not fire into the new driver.
+    let _ = node.ntb.db_clear(crate::lender_doorbell_mask(&f.grant));
+    node.borrower
+        .held
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), f.clone());
+    tracing::info!("borrowed {name} (lease {})", f.grant.lease);
+    Ok(f)
+}
+
+pub(crate) fn give_back(node: &Arc<Inner>, name: &str) -> Result<(), LendingError> {
+    let f = node
+        .borrower
+        .held
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(name)
+        .ok_or_else(|| LendingError::NotBorrowed(name.to_string()))?;
+    f.mark_removed("returned");
+    f.release_all(node);
+    match node.call(Request::Return {
+        lease: f.grant.lease,
+    })? {
+        Response::Ok => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}

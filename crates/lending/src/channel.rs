@@ -1,0 +1,266 @@
+//! A message channel over the fabric, the way Linux's `ntb_transport` builds one: each host
+//! exposes a *mailbox* (RAM) through inbound window [`MAILBOX_WINDOW`]; the peer writes records
+//! into it with posted writes and rings doorbell bit [`MGMT_DOORBELL`].
+//!
+//! Mailbox layout (written only by the peer):
+//!
+//! | offset | field |
+//! |---|---|
+//! | 0x00 | `session`: the peer's session nonce for the current link-up |
+//! | 0x08 | `ack`: `(my session as u32) << 32 \| records of mine the peer consumed` |
+//! | 0x1000 + i * 4096 | slot *i*: `commit: u64`, `len: u32`, pad, payload |
+//!
+//! A record's payload is written first and its commit word (`(session as u32) << 32 \| seq`)
+//! last; posted writes from one source arrive in order, so a matching commit word means the
+//! payload is complete. Aligned 8-byte writes are assumed to land whole, as a PCIe TLP's
+//! aligned qword does. Records from an earlier session never match, so a restarted peer cannot
+//! be confused by stale slots. Every value read from the mailbox is untrusted.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devlend_fabric::{BusAddr, FabricError, LinkState, Ntb, SharedMemory, WindowOffset};
+
+/// Inbound window that holds each host's mailbox.
+pub const MAILBOX_WINDOW: usize = 0;
+/// Doorbell bit that announces new records.
+pub const MGMT_DOORBELL: u64 = 1 << 63;
+
+const HEADER_BYTES: u64 = 0x1000;
+const SLOT_BYTES: u64 = 0x1000;
+const SLOTS: u64 = 63;
+const SLOT_HEADER: u64 = 16;
+/// Size of a mailbox.
+pub const MAILBOX_BYTES: u64 = HEADER_BYTES + SLOTS * SLOT_BYTES;
+/// Largest payload of one record.
+pub const MAX_PAYLOAD: usize = (SLOT_BYTES - SLOT_HEADER) as usize;
+
+const OFF_SESSION: u64 = 0;
+const OFF_ACK: u64 = 8;
+
+/// Errors of the channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The fabric failed (link down, window missing).
+    #[error("fabric: {0}")]
+    Fabric(#[from] FabricError),
+    /// A payload larger than a slot.
+    #[error("message of {0} bytes exceeds the channel's {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    /// The peer did not make room (or did not set up its mailbox) in time.
+    #[error("timed out waiting for the peer's mailbox")]
+    Timeout,
+    /// Local memory could not be set up.
+    #[error("mailbox memory: {0}")]
+    Memory(#[from] devlend_memory::MemError),
+}
+
+struct Tx {
+    generation: u64,
+    session: u64,
+    sent: u64,
+}
+
+struct Rx {
+    session: u64,
+    next: u64,
+}
+
+/// One host's end of the channel.
+pub struct Channel {
+    ntb: Arc<dyn Ntb>,
+    mailbox: Arc<SharedMemory>,
+    tx: Mutex<Tx>,
+    rx: Mutex<Rx>,
+}
+
+fn nonce() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok()
+    {
+        let n = u64::from_le_bytes(b);
+        if n as u32 != 0 {
+            return n;
+        }
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    (t ^ (u64::from(std::process::id()) << 32)) | 1
+}
+
+fn commit_word(session: u64, seq: u64) -> u64 {
+    (u64::from(session as u32) << 32) | u64::from(seq as u32)
+}
+
+impl Channel {
+    /// Creates this host's mailbox at `base` in its address space and translates
+    /// [`MAILBOX_WINDOW`] onto it.
+    pub fn new(ntb: Arc<dyn Ntb>, base: BusAddr) -> Result<Self, ChannelError> {
+        let mailbox = Arc::new(SharedMemory::new(
+            "devlend-mailbox",
+            MAILBOX_BYTES as usize,
+        )?);
+        ntb.address_space().add_ram(base, mailbox.clone())?;
+        ntb.mw_set_trans(MAILBOX_WINDOW, base, MAILBOX_BYTES)?;
+        Ok(Self {
+            ntb,
+            mailbox,
+            tx: Mutex::new(Tx {
+                generation: u64::MAX,
+                session: 0,
+                sent: 0,
+            }),
+            rx: Mutex::new(Rx {
+                session: 0,
+                next: 1,
+            }),
+        })
+    }
+
+    /// Starts a new sending session after (re)link-up: waits for the peer's mailbox window and
+    /// announces our nonce.
+    fn start_session(&self, tx: &mut Tx, deadline: Instant) -> Result<(), ChannelError> {
+        loop {
+            let generation = self.ntb.link_generation();
+            if self.ntb.link_state() == LinkState::Up {
+                match self.ntb.peer_mw_size(MAILBOX_WINDOW) {
+                    Ok(size) if size >= MAILBOX_BYTES => {
+                        let session = nonce();
+                        self.ntb.peer_mw_write(
+                            MAILBOX_WINDOW,
+                            WindowOffset(OFF_SESSION),
+                            &session.to_le_bytes(),
+                        )?;
+                        *tx = Tx {
+                            generation,
+                            session,
+                            sent: 0,
+                        };
+                        return Ok(());
+                    }
+                    Ok(_) | Err(FabricError::WindowNotTranslated(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(if self.ntb.link_state() == LinkState::Down {
+                    ChannelError::Fabric(FabricError::LinkDown)
+                } else {
+                    ChannelError::Timeout
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn acked(&self, session: u64) -> u64 {
+        match self.mailbox.load_u64(OFF_ACK) {
+            Ok(ack) if ack >> 32 == u64::from(session as u32) => ack & 0xffff_ffff,
+            _ => 0,
+        }
+    }
+
+    /// Sends one record, waiting up to `timeout` for the peer's mailbox and for room.
+    pub fn send(&self, payload: &[u8], timeout: Duration) -> Result<(), ChannelError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(ChannelError::TooLarge(payload.len()));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if tx.generation != self.ntb.link_generation() || tx.session == 0 {
+            self.start_session(&mut tx, deadline)?;
+        }
+        let seq = tx.sent + 1;
+        // Flow control: slot (seq - 1) % SLOTS is free once the peer consumed seq - SLOTS.
+        while seq.saturating_sub(self.acked(tx.session)) > SLOTS {
+            if self.ntb.link_generation() != tx.generation {
+                return Err(ChannelError::Fabric(FabricError::LinkDown));
+            }
+            if Instant::now() >= deadline {
+                return Err(ChannelError::Timeout);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let slot = HEADER_BYTES + ((seq - 1) % SLOTS) * SLOT_BYTES;
+        let mut body = Vec::with_capacity(8 + payload.len());
+        body.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        body.extend_from_slice(&[0u8; 4]);
+        body.extend_from_slice(payload);
+        self.ntb
+            .peer_mw_write(MAILBOX_WINDOW, WindowOffset(slot + 8), &body)?;
+        self.ntb.peer_mw_write(
+            MAILBOX_WINDOW,
+            WindowOffset(slot),
+            &commit_word(tx.session, seq).to_le_bytes(),
+        )?;
+        tx.sent = seq;
+        self.ntb.peer_db_set(MGMT_DOORBELL)?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the doorbell; clears it before the caller drains records, so
+    /// no wake-up is lost. Returns whether it rang.
+    pub fn wait(&self, timeout: Duration) -> Result<bool, ChannelError> {
+        match self.ntb.db_wait(MGMT_DOORBELL, timeout) {
+            Ok(_) => {
+                self.ntb.db_clear(MGMT_DOORBELL)?;
+                Ok(true)
+            }
+            Err(FabricError::Timeout) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Takes every complete record the peer has committed, in order, and acknowledges them.
+    pub fn drain(&self) -> Vec<Vec<u8>> {
+        let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        let Ok(session) = self.mailbox.load_u64(OFF_SESSION) else {
+            return out;
+        };
+        if session != rx.session {
+            *rx = Rx { session, next: 1 };
+        }
+        if session == 0 {
+            return out;
+        }
+        loop {
+            let slot = HEADER_BYTES + ((rx.next - 1) % SLOTS) * SLOT_BYTES;
+            match self.mailbox.load_u64(slot) {
+                Ok(c) if c == commit_word(session, rx.next) => {}
+                _ => break,
+            }
+            let len = match self.mailbox.load_u32(slot + 8) {
+                Ok(len) if (len as usize) <= MAX_PAYLOAD => len as usize,
+                _ => {
+                    // A corrupt record: skip it rather than stall the channel forever.
+                    tracing::warn!(seq = rx.next, "dropping a malformed mailbox record");
+                    rx.next += 1;
+                    continue;
+                }
+            };
+            let mut payload = vec![0u8; len];
+            if self
+                .mailbox
+                .read_at(slot + SLOT_HEADER, &mut payload)
+                .is_err()
+            {
+                break;
+            }
+            out.push(payload);
+            rx.next += 1;
+        }
+        if !out.is_empty() {
+            let ack = commit_word(session, rx.next - 1);
+            // Best effort: a lost ack only delays the peer's flow control until the next one.
+            let _ =
+                self.ntb
+                    .peer_mw_write(MAILBOX_WINDOW, WindowOffset(OFF_ACK), &ack.to_le_bytes());
+        }
+        out
+    }
+}

@@ -1,0 +1,85 @@
+//! The lending layer's error type.
+
+/// What lending calls fail with; messages say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LendingError {
+    /// The device is lent to someone else.
+    #[error("device {device} is already lent to {holder}; ask {holder} to return it (devlend return {device})")]
+    AlreadyLent {
+        /// Device.
+        device: String,
+        /// Current borrower.
+        holder: String,
+    },
+    /// No device by that name.
+    #[error("no device named {0}; see `devlend list`")]
+    NoSuchDevice(String),
+    /// A device by that name exists already.
+    #[error("a device named {0} exists already; pick another --name")]
+    DuplicateName(String),
+    /// The device is lent and cannot be removed or changed now.
+    #[error("device {0} is lent; it must be returned first")]
+    Busy(String),
+    /// This host holds no lease on that device.
+    #[error("this host has not borrowed {0}")]
+    NotBorrowed(String),
+    /// All inbound windows are in use.
+    #[error("no free NTB memory window on this host")]
+    NoFreeWindow,
+    /// Not enough doorbell bits for the device's interrupt vectors.
+    #[error("not enough free doorbell bits for {0} interrupt vectors")]
+    NoDoorbellBits(u16),
+    /// The peer refused, with its reason.
+    #[error("the peer refused: {0}")]
+    Refused(String),
+    /// The peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// No answer in time.
+    #[error("the peer did not answer in time")]
+    Timeout,
+    /// The link is down.
+    #[error("the NTB link is down (is the peer's `devlend node` running?)")]
+    LinkDown,
+    /// The device model could not be built.
+    #[error("device: {0}")]
+    Device(String),
+    /// Fabric failure.
+    #[error("fabric: {0}")]
+    Fabric(#[source] devlend_fabric::FabricError),
+    /// Channel failure.
+    #[error("management channel: {0}")]
+    Channel(#[source] crate::channel::ChannelError),
+    /// Memory failure.
+    #[error(transparent)]
+    Memory(#[from] devlend_memory::MemError),
+    /// OS failure.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<devlend_fabric::FabricError> for LendingError {
+    fn from(e: devlend_fabric::FabricError) -> Self {
+        match e {
+            devlend_fabric::FabricError::LinkDown => LendingError::LinkDown,
+            devlend_fabric::FabricError::Timeout => LendingError::Timeout,
+            other => LendingError::Fabric(other),
+        }
+    }
+}
+
+impl From<crate::channel::ChannelError> for LendingError {
+    fn from(e: crate::channel::ChannelError) -> Self {
+        match e {
+            crate::channel::ChannelError::Fabric(f) => f.into(),
+            crate::channel::ChannelError::Timeout => LendingError::Timeout,
+            other => LendingError::Channel(other),
+        }
+    }
+}

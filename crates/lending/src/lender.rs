@@ -1,0 +1,709 @@
+//! The lender: exports device functions across the NTB.
+//!
+//! For each device it owns, the lender keeps the device's BARs in its own bus address space
+//! (MMIO regions whose handler is the device), an IOMMU as the device's DMA port, and an
+//! interrupt sink it can route. Lending a device:
+//!
+//! 1. translates one inbound window per BAR onto the BAR (borrower MMIO then reaches the device
+//!    through the fabric, no lender code on the path);
+//! 2. on the borrower's `MapDma`, maps device bus addresses in the IOMMU onto the borrower's
+//!    window (a direct mapping of borrower RAM on `shm`): the device's DMA lands in borrower
+//!    memory, and nothing else is reachable;
+//! 3. routes the device's MSI-X messages (after its own table's masks) to doorbell bits on the
+//!    borrower;
+//! 4. answers config requests, with BAR registers virtualised per borrower: sizing is answered
+//!    from the device's BAR masks, placement is the borrower's business, the device's real BARs
+//!    never move.
+//!
+//! A lease ends by return or expiry: windows cleared, IOMMU emptied, interrupts cut, device
+//! reset (FLR), offered again.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use devlend_fabric::{AddressSpace, BusAddr, FabricError, MmioHandler, Ntb, WindowOffset};
+use devlend_pci::{AccessSize, BarIndex, BarSpec, DmaPort, InterruptSink, PciDevice};
+use devlend_pci::{DmaError, DmaTarget, Iommu, RemoteMemory};
+
+use crate::protocol::{BarDesc, BarGrant, DeviceDesc, Grant, Request, Response};
+use crate::{Inner, LendingError};
+
+/// Builds a device model given its DMA port and interrupt sink.
+pub type DeviceBuilder = Box<
+    dyn FnOnce(Arc<dyn DmaPort>, Arc<dyn InterruptSink>) -> Result<Arc<dyn PciDevice>, String>
+        + Send,
+>;
+
+/// Where lent devices' BARs live in the lender's bus address space.
+const BAR_FLOOR: BusAddr = BusAddr(0x6000_0000_0000);
+/// Doorbell bits available for interrupt vectors (bit 63 is the management doorbell).
+const IRQ_DOORBELL_BITS: u32 = 48;
+
+/// Where a lent device's vectors go: a doorbell ring on the borrower.
+type InterruptRoute = Arc<dyn Fn(u16) + Send + Sync>;
+
+/// Routes a device's interrupts to whoever holds it (nobody: dropped, as on an unbound device).
+#[derive(Default)]
+struct RoutedSink {
+    target: RwLock<Option<InterruptRoute>>,
+}
+
+impl InterruptSink for RoutedSink {
+    fn signal(&self, vector: u16) {
+        let target = self.target.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = target.as_ref() {
+            t(vector);
+        }
+    }
+}
+
+impl RoutedSink {
+    fn route(&self, target: Option<InterruptRoute>) {
+        *self.target.write().unwrap_or_else(|e| e.into_inner()) = target;
+    }
+}
+
+/// The fabric's view of one BAR: transactions arriving through a window go to the device.
+struct BarHandler {
+    device: Arc<dyn PciDevice>,
+    bar: BarIndex,
+}
+
+impl MmioHandler for BarHandler {
+    fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        self.device.bar_read(self.bar, offset, data);
+    }
+
+    fn mmio_write(&self, offset: u64, data: &[u8]) {
+        self.device.bar_write(self.bar, offset, data);
+    }
+}
+
+/// A borrower's window as DMA target memory, for fabrics without direct mappings (tcp).
+struct PeerWindowMemory {
+    ntb: Arc<dyn Ntb>,
+    window: usize,
+    len: u64,
+}
+
+impl RemoteMemory for PeerWindowMemory {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.ntb
+            .peer_mw_read(self.window, WindowOffset(offset), buf)
+            .map_err(|e| DmaError::Path(e.to_string()))
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.ntb
+            .peer_mw_write(self.window, WindowOffset(offset), data)
+            .map_err(|e| DmaError::Path(e.to_string()))
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// BAR registers as one borrower sees them: sizing from the device's masks, placement its own.
+#[derive(Clone, Debug, Default)]
+pub struct VirtualBars {
+    value: [u32; 6],
+    mask: [u32; 6],
+    flags: [u32; 6],
+}
+
+/// Config-space offset of BAR0.
+const BAR0_OFFSET: u16 = 0x10;
+
+impl VirtualBars {
+    /// Registers for a device with these BARs (from [`PciDevice::bar_spec`]).
+    pub fn new(specs: &[(BarIndex, BarSpec)]) -> Self {
+        let mut v = VirtualBars::default();
+        for (bar, spec) in specs {
+            let i = bar.get() as usize;
+            let size_mask = !(spec.size.max(16) - 1);
+            let flags = (if spec.is_64bit { 0b100 } else { 0 })
+                | (if spec.prefetchable { 0b1000 } else { 0 });
+            if let (Some(m), Some(f)) = (v.mask.get_mut(i), v.flags.get_mut(i)) {
+                *m = (size_mask as u32) & !0xf;
+                *f = flags;
+            }
+            if spec.is_64bit {
+                if let Some(m) = v.mask.get_mut(i + 1) {
+                    *m = (size_mask >> 32) as u32;
+                }
+            }
+        }
+        v
+    }
+
+    /// Whether `offset` falls in the BAR registers.
+    pub fn covers(offset: u16) -> bool {
+        (BAR0_OFFSET..BAR0_OFFSET + 24).contains(&offset)
+    }
+
+    fn dword(&self, index: usize) -> u32 {
+        match (
+            self.value.get(index),
+            self.mask.get(index),
+            self.flags.get(index),
+        ) {
+            (Some(v), Some(m), Some(f)) => (v & m) | f,
+            _ => 0,
+        }
+    }
+
+    /// A config read inside the BAR registers.
+    pub fn read(&self, offset: u16, size: AccessSize) -> u32 {
+        let index = usize::from((offset - BAR0_OFFSET) / 4);
+        let shift = u32::from(offset % 4) * 8;
+        let d = self.dword(index) >> shift;
+        match size {
+            AccessSize::Byte => d & 0xff,
+            AccessSize::Word => d & 0xffff,
+            AccessSize::Dword => d,
+        }
+    }
+
+    /// A config write inside the BAR registers.
+    pub fn write(&mut self, offset: u16, size: AccessSize, value: u32) {
+        let index = usize::from((offset - BAR0_OFFSET) / 4);
+        let shift = u32::from(offset % 4) * 8;
+        let width_mask: u32 = match size {
+            AccessSize::Byte => 0xff,
+            AccessSize::Word => 0xffff,
+            AccessSize::Dword => 0xffff_ffff,
+        };
+        let mask = width_mask.checked_shl(shift).unwrap_or(0);
+        if let Some(v) = self.value.get_mut(index) {
+            *v = (*v & !mask) | (value.checked_shl(shift).unwrap_or(0) & mask);
+        }
+    }
+}
+
+struct Lease {
+    id: u64,
+    link: Weak<Inner>,
+    borrower: String,
+    lease: Duration,
+    deadline: Instant,
+    windows: Vec<BarGrant>,
+    doorbell_base: u32,
+    vbars: VirtualBars,
+    dma: Vec<(u64, u64)>,
+}
+
+struct Exported {
+    name: String,
+    detail: String,
+    device: Arc<dyn PciDevice>,
+    iommu: Arc<Iommu>,
+    sink: Arc<RoutedSink>,
+    bars: Vec<(BarIndex, BarSpec, BusAddr)>,
+    lease: Option<Lease>,
+}
+
+impl Exported {
+    fn desc(&self, owner: &str) -> DeviceDesc {
+        DeviceDesc {
+            name: self.name.clone(),
+            kind: self.device.kind().to_string(),
+            owner: owner.to_string(),
+            borrower: self.lease.as_ref().map(|l| l.borrower.clone()),
+            vectors: self.device.msix_vectors(),
+            bars: self
+                .bars
+                .iter()
+                .map(|(b, s, _)| BarDesc {
+                    index: b.get(),
+                    size: s.size,
+                    is_64bit: s.is_64bit,
+                    prefetchable: s.prefetchable,
+                })
+                .collect(),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    devices: BTreeMap<String, Exported>,
+    next_lease: u64,
+}
+
+/// The lending half of a node.
+pub(crate) struct Lender {
+    state: Mutex<State>,
+}
+
+impl Lender {
+    pub(crate) fn new() -> Self {
+        Self {
+            state: Mutex::new(State {
+                next_lease: 1,
+                ..State::default()
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn add(
+        &self,
+        asp: &AddressSpace,
+        owner: &str,
+        name: &str,
+        detail: &str,
+        build: DeviceBuilder,
+    ) -> Result<DeviceDesc, LendingError> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(LendingError::Device(format!(
+                "invalid device name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        if self.state().devices.contains_key(name) {
+            return Err(LendingError::DuplicateName(name.to_string()));
+        }
+        let iommu = Arc::new(Iommu::new());
+        let sink = Arc::new(RoutedSink::default());
+        let device = build(iommu.clone(), sink.clone()).map_err(LendingError::Device)?;
+        let mut bars = Vec::new();
+        for bar in BarIndex::ALL {
+            let Some(spec) = device.bar_spec(bar) else {
+                continue;
+            };
+            let align = spec.size.max(4096);
+            let base = asp
+                .free_base(BAR_FLOOR, align, align)
+                .ok_or(LendingError::NoFreeWindow)?;
+            asp.add_mmio(
+                base,
+                spec.size,
+                Arc::new(BarHandler {
+                    device: device.clone(),
+                    bar,
+                }),
+            )?;
+            bars.push((bar, spec, base));
+        }
+        let exported = Exported {
+            name: name.to_string(),
+            detail: detail.to_string(),
+            device,
+            iommu,
+            sink,
+            bars,
+            lease: None,
+        };
+        let desc = exported.desc(owner);
+        self.state().devices.insert(name.to_string(), exported);
+        Ok(desc)
+    }
+
+    pub(crate) fn remove(&self, asp: &AddressSpace, name: &str) -> Result<(), LendingError> {
+        let mut st = self.state();
+        let dev = st
+            .devices
+            .get(name)
+            .ok_or_else(|| LendingError::NoSuchDevice(name.to_string()))?;
+        if dev.lease.is_some() {
+            return Err(LendingError::Busy(name.to_string()));
+        }
+        if let Some(dev) = st.devices.remove(name) {
+            for (_, _, base) in dev.bars {
+                asp.remove(base);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn list(&self, owner: &str) -> Vec<DeviceDesc> {
+        self.state()
+            .devices
+            .values()
+            .map(|d| d.desc(owner))
+            .collect()
+    }
+
+    pub(crate) fn handle(&self, node: &Arc<Inner>, req: Request) -> Response {
+        let result = match req {
+            Request::Borrow {
+                device,
+                borrower,
+                lease_ms,
+            } => self
+                .borrow(node, &device, &borrower, lease_ms)
+                .map(|grant| Response::Granted { grant }),
+            Request::Return { lease } => self.end_lease(lease, "returned").map(|_| Response::Ok),
+            Request::Heartbeat { lease } => self.with_lease(lease, |_, l| {
+                l.deadline = Instant::now() + l.lease;
+                Ok(Response::Ok)
+            }),
+            Request::ConfigRead {
+                lease,
+                offset,
+                size,
+            } => self.with_lease(lease, |d, l| {
+                let size = config_size(offset, size)?;
+                let value = if VirtualBars::covers(offset) {
+                    l.vbars.read(offset, size)
+                } else {
+                    d.device.config_read(offset, size)
+                };
+                Ok(Response::Value { value })
+            }),
+            Request::ConfigWrite {
+                lease,
+                offset,
+                size,
+                value,
+            } => self.with_lease(lease, |d, l| {
+                let size = config_size(offset, size)?;
+                if VirtualBars::covers(offset) {
+                    l.vbars.write(offset, size, value);
+                } else {
+                    d.device.config_write(offset, size, value);
+                }
+                Ok(Response::Ok)
+            }),
+            Request::MapDma {
+                lease,
+                iova,
+                len,
+                window,
+                writable,
+            } => self
+                .map_dma(node, lease, iova, len, window, writable)
+                .map(|_| Response::Ok),
+            Request::UnmapDma { lease, iova, len } => self.with_lease(lease, |d, l| {
+                d.iommu
+                    .unmap(BusAddr(iova), len)
+                    .map_err(|e| LendingError::Refused(e.to_string()))?;
+                l.dma
+                    .retain(|(a, _)| !(*a >= iova && *a < iova.saturating_add(len)));
+                Ok(Response::Ok)
+            }),
+            Request::Hello { .. } | Request::List => {
+                Err(LendingError::Protocol("handled by the node".into()))
+            }
+        };
+        result.unwrap_or_else(|e| Response::Error {
+            message: e.to_string(),
+        })
+    }
+
+    fn with_lease(
+        &self,
+        lease: u64,
+        f: impl FnOnce(&Exported, &mut Lease) -> Result<Response, LendingError>,
+    ) -> Result<Response, LendingError> {
+        let mut st = self.state();
+        for dev in st.devices.values_mut() {
+            if let Some(mut l) = dev.lease.take() {
+                if l.id == lease {
+                    let r = f(dev, &mut l);
+                    dev.lease = Some(l);
+                    return r;
+                }
+                dev.lease = Some(l);
+            }
+        }
+        Err(LendingError::Refused(format!(
+            "lease {lease} is not held (expired or returned)"
+        )))
+    }
+
+    fn borrow(
+        &self,
+        node: &Arc<Inner>,
+        name: &str,
+        borrower: &str,
+        lease_ms: u64,
+    ) -> Result<Grant, LendingError> {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let dev = st
+            .devices
+            .get_mut(name)
+            .ok_or_else(|| LendingError::NoSuchDevice(name.to_string()))?;
+        if let Some(l) = &dev.lease {
+            return Err(LendingError::AlreadyLent {
+                device: name.to_string(),
+                holder: l.borrower.clone(),
+            });
+        }
+        let vectors = dev.device.msix_vectors();
+        let mut doorbells_used = node
+            .doorbells_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let doorbell_base = (0..IRQ_DOORBELL_BITS.saturating_sub(u32::from(vectors)) + 1)
+            .find(|b| {
+                let bits = doorbell_bits(*b, vectors);
+                *doorbells_used & bits == 0
+            })
+            .filter(|b| b + u32::from(vectors) <= IRQ_DOORBELL_BITS)
+            .ok_or(LendingError::NoDoorbellBits(vectors))?;
+        let mut windows = Vec::new();
+        let mut setup = || -> Result<(), LendingError> {
+            for (bar, spec, base) in &dev.bars {
+                let window = node.windows.take()?;
+                windows.push(BarGrant {
+                    index: bar.get(),
+                    window,
+                    size: spec.size,
+                });
+                node.ntb.mw_set_trans(window, *base, spec.size)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = setup() {
+            for w in &windows {
+                let _ = node.ntb.mw_clear_trans(w.window);
+                node.windows.give(w.window);
+            }
+            return Err(e);
+        }
+        *doorbells_used |= doorbell_bits(doorbell_base, vectors);
+        drop(doorbells_used);
+        let ntb = node.ntb.clone();
+        dev.sink.route(Some(Arc::new(move |v: u16| {
+            if v < vectors {
+                // A lost interrupt on a dead link is what hardware does too.
+                let _ = ntb.peer_db_set(1u64 << (doorbell_base + u32::from(v)));
+            }
+        })));
+        let lease_len = Duration::from_millis(lease_ms.clamp(200, 600_000));
+        let specs: Vec<(BarIndex, BarSpec)> = dev.bars.iter().map(|(b, s, _)| (*b, *s)).collect();
+        let id = st.next_lease;
+        st.next_lease += 1;
+        dev.lease = Some(Lease {
+            id,
+            link: Arc::downgrade(node),
+            borrower: borrower.to_string(),
+            lease: lease_len,
+            deadline: Instant::now() + lease_len,
+            windows: windows.clone(),
+            doorbell_base,
+            vbars: VirtualBars::new(&specs),
+            dma: Vec::new(),
+        });
+        tracing::info!("lent {name} to {borrower} (lease {id})");
+        Ok(Grant {
+            lease: id,
+            device: dev.desc(&node.cfg.name),
+            bars: windows,
+            doorbell_base,
+            lease_ms: lease_len.as_millis() as u64,
+        })
+    }
+
+    fn map_dma(
+        &self,
+        node: &Inner,
+        lease: u64,
+        iova: u64,
+        len: u64,
+        window: usize,
+        writable: bool,
+    ) -> Result<(), LendingError> {
+        let size = node.ntb.peer_mw_size(window)?;
+        if len == 0 || len > size {
+            return Err(LendingError::Refused(format!(
+                "DMA mapping of {len:#x} bytes does not fit window {window} ({size:#x} bytes)"
+            )));
+        }
+        let direct = node.ntb.peer_mw_direct(window)?;
+        self.with_lease(lease, |d, l| {
+            let result = match direct {
+                Some(span) => {
+                    let span = span.subspan(0, len)?;
+                    d.iommu
+                        .map(BusAddr(iova), DmaTarget::Direct(span), writable)
+                }
+                None => d.iommu.map(
+                    BusAddr(iova),
+                    DmaTarget::Remote(Arc::new(PeerWindowMemory {
+                        ntb: node.ntb.clone(),
+                        window,
+                        len,
+                    })),
+                    writable,
+                ),
+            };
+            result.map_err(|e| LendingError::Refused(e.to_string()))?;
+            l.dma.push((iova, len));
+            Ok(Response::Ok)
+        })
+        .map(|_| ())
+    }
+
+    fn end_lease(&self, lease: u64, why: &str) -> Result<(), LendingError> {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let dev = st
+            .devices
+            .values_mut()
+            .find(|d| d.lease.as_ref().is_some_and(|l| l.id == lease))
+            .ok_or_else(|| LendingError::Refused(format!("lease {lease} is not held")))?;
+        let Some(l) = dev.lease.take() else {
+            return Ok(());
+        };
+        dev.sink.route(None);
+        let link = l.link.upgrade();
+        for w in &l.windows {
+            if let Some(link) = &link {
+                if let Err(e) = link.ntb.mw_clear_trans(w.window) {
+                    tracing::warn!("clearing window {}: {e}", w.window);
+                }
+                link.windows.give(w.window);
+            }
+        }
+        for (iova, len) in &l.dma {
+            let _ = dev.iommu.unmap(BusAddr(*iova), *len);
+        }
+        dev.device.reset();
+        if let Some(link) = &link {
+            *link
+                .doorbells_used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) &=
+                !doorbell_bits(l.doorbell_base, dev.device.msix_vectors());
+        }
+        tracing::info!(
+            "{} is back from {} ({why}); reset and available",
+            dev.name,
+            l.borrower
+        );
+        Ok(())
+    }
+
+    /// Ends every lease whose heartbeats stopped; returns (lease, reason, its link) for each.
+    pub(crate) fn expire(&self) -> Vec<(u64, String, Weak<Inner>)> {
+        let now = Instant::now();
+        let expired: Vec<(u64, String, Weak<Inner>)> = self
+            .state()
+            .devices
+            .values()
+            .filter_map(|d| d.lease.as_ref())
+            .filter(|l| l.deadline <= now)
+            .map(|l| {
+                let why = format!(
+                    "lease of {} expired (no heartbeat for {:?})",
+                    l.borrower, l.lease
+                );
+                (l.id, why, l.link.clone())
+            })
+            .collect();
+        for (id, why, _) in &expired {
+            let _ = self.end_lease(*id, why);
+        }
+        expired
+    }
+}
+
+fn doorbell_bits(base: u32, vectors: u16) -> u64 {
+    let n = u32::from(vectors);
+    if n == 0 {
+        return 0;
+    }
+    let ones = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+    ones.checked_shl(base).unwrap_or(0)
+}
+
+fn config_size(offset: u16, size: u8) -> Result<AccessSize, LendingError> {
+    let s = AccessSize::from_len(usize::from(size))
+        .ok_or_else(|| LendingError::Refused(format!("bad config access size {size}")))?;
+    if offset >= 4096 || !offset.is_multiple_of(u16::from(size)) {
+        return Err(LendingError::Refused(format!(
+            "bad config access at {offset:#x}"
+        )));
+    }
+    Ok(s)
+}
+
+impl From<FabricError> for Response {
+    fn from(e: FabricError) -> Self {
+        Response::Error {
+            message: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bar(i: u8) -> BarIndex {
+        BarIndex::new(i).unwrap()
+    }
+
+    #[test]
+    fn virtual_bars_answer_sizing_from_masks() {
+        let specs = [
+            (
+                bar(0),
+                BarSpec {
+                    size: 0x4000,
+                    is_64bit: true,
+                    prefetchable: false,
+                },
+            ),
+            (
+                bar(2),
+                BarSpec {
+                    size: 0x1000,
+                    is_64bit: false,
+                    prefetchable: true,
+                },
+            ),
+        ];
+        let mut v = VirtualBars::new(&specs);
+        // Sizing: write all-ones, read back.
+        v.write(0x10, AccessSize::Dword, 0xffff_ffff);
+        v.write(0x14, AccessSize::Dword, 0xffff_ffff);
+        assert_eq!(v.read(0x10, AccessSize::Dword), 0xffff_c004);
+        assert_eq!(v.read(0x14, AccessSize::Dword), 0xffff_ffff);
+        v.write(0x18, AccessSize::Dword, 0xffff_ffff);
+        assert_eq!(v.read(0x18, AccessSize::Dword), 0xffff_f008);
+        // Unimplemented slots read zero.
+        v.write(0x1c, AccessSize::Dword, 0xffff_ffff);
+        assert_eq!(v.read(0x1c, AccessSize::Dword), 0);
+        // Placement is the borrower's own, down to byte writes.
+        v.write(0x10, AccessSize::Dword, 0xfebf_0000);
+        v.write(0x14, AccessSize::Dword, 0x1);
+        assert_eq!(v.read(0x10, AccessSize::Dword), 0xfebf_0004);
+        v.write(0x11, AccessSize::Byte, 0x80);
+        assert_eq!(v.read(0x10, AccessSize::Dword), 0xfebf_8004 & 0xffff_c004);
+        assert_eq!(v.read(0x12, AccessSize::Word), 0xfebf);
+        assert!(
+            VirtualBars::covers(0x24) && !VirtualBars::covers(0x28) && !VirtualBars::covers(0x0c)
+        );
+    }
+
+    #[test]
+    fn doorbell_bit_ranges() {
+        assert_eq!(doorbell_bits(0, 3), 0b111);
+        assert_eq!(doorbell_bits(4, 2), 0b11_0000);
+        assert_eq!(doorbell_bits(0, 0), 0);
+        assert_eq!(doorbell_bits(0, 64), u64::MAX);
+        assert_eq!(doorbell_bits(70, 1), 0);
+    }
+
+    #[test]
+    fn config_sizes_are_checked() {
+        assert!(config_size(0x10, 4).is_ok());
+        assert!(config_size(0x11, 4).is_err());
+        assert!(config_size(0x11, 3).is_err());
+        assert!(config_size(4096, 1).is_err());
+    }
+}

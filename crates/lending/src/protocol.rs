@@ -1,0 +1,251 @@
+//! The management protocol between a lender and a borrower, carried by [`crate::channel`].
+//!
+//! Every message is JSON (small, rare, human-debuggable); none is on a data path. Parsing is at
+//! the edge: a malformed message is an error, never a panic.
+
+use serde::{Deserialize, Serialize};
+
+/// One BAR of a device as the lender describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BarDesc {
+    /// BAR slot.
+    pub index: u8,
+    /// Size in bytes.
+    pub size: u64,
+    /// 64-bit BAR.
+    pub is_64bit: bool,
+    /// Prefetchable.
+    pub prefetchable: bool,
+}
+
+/// A device a host offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDesc {
+    /// Name, unique on its host.
+    pub name: String,
+    /// Kind ("nvme").
+    pub kind: String,
+    /// Host that owns it.
+    pub owner: String,
+    /// Borrower holding it, if any.
+    pub borrower: Option<String>,
+    /// MSI-X vectors.
+    pub vectors: u16,
+    /// BARs.
+    pub bars: Vec<BarDesc>,
+    /// Free-form detail (backing image, size).
+    pub detail: String,
+}
+
+/// Where a granted BAR is reached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BarGrant {
+    /// BAR slot.
+    pub index: u8,
+    /// Lender's inbound window that exposes it.
+    pub window: usize,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// What a successful borrow returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Lease identifier, quoted in every later request.
+    pub lease: u64,
+    /// The device.
+    pub device: DeviceDesc,
+    /// BAR windows.
+    pub bars: Vec<BarGrant>,
+    /// Doorbell bit of vector 0; vector *v* rings bit `doorbell_base + v` on the borrower.
+    pub doorbell_base: u32,
+    /// Lease timeout: the borrower must send heartbeats well within it.
+    pub lease_ms: u64,
+}
+
+/// A request from one host to the other.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Introduce ourselves (name) after link-up.
+    Hello {
+        /// The sender's host name.
+        host: String,
+    },
+    /// The devices the receiver offers.
+    List,
+    /// Borrow a device.
+    Borrow {
+        /// Device name.
+        device: String,
+        /// Borrowing host's name.
+        borrower: String,
+        /// Requested lease timeout.
+        lease_ms: u64,
+    },
+    /// Give a device back.
+    Return {
+        /// Lease.
+        lease: u64,
+    },
+    /// Keep a lease alive.
+    Heartbeat {
+        /// Lease.
+        lease: u64,
+    },
+    /// Config-space read (the `pci_ops` read).
+    ConfigRead {
+        /// Lease.
+        lease: u64,
+        /// Offset.
+        offset: u16,
+        /// Size (1, 2, 4).
+        size: u8,
+    },
+    /// Config-space write (the `pci_ops` write).
+    ConfigWrite {
+        /// Lease.
+        lease: u64,
+        /// Offset.
+        offset: u16,
+        /// Size (1, 2, 4).
+        size: u8,
+        /// Value.
+        value: u32,
+    },
+    /// Map borrower memory for the device's DMA: device bus addresses `[iova, iova + len)`
+    /// resolve to the borrower's inbound `window` (which the borrower translated onto that
+    /// memory).
+    MapDma {
+        /// Lease.
+        lease: u64,
+        /// Device-visible address.
+        iova: u64,
+        /// Length.
+        len: u64,
+        /// Borrower's inbound window.
+        window: usize,
+        /// Whether the device may write.
+        writable: bool,
+    },
+    /// Remove DMA mappings inside `[iova, iova + len)`.
+    UnmapDma {
+        /// Lease.
+        lease: u64,
+        /// Start.
+        iova: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Response {
+    /// Done, nothing to return.
+    Ok,
+    /// The peer's name.
+    Hello {
+        /// Host name.
+        host: String,
+    },
+    /// Device list.
+    Devices {
+        /// Devices.
+        devices: Vec<DeviceDesc>,
+    },
+    /// Borrow granted.
+    Granted {
+        /// The grant.
+        grant: Grant,
+    },
+    /// A config read's value.
+    Value {
+        /// Value.
+        value: u32,
+    },
+    /// Refused, with a reason meant for a person.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// An unsolicited notice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The lender took a device back (lease expiry, shutdown).
+    Revoked {
+        /// Lease.
+        lease: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Everything that travels on the channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Envelope {
+    /// A request expecting a response with the same id.
+    Request {
+        /// Correlation id.
+        id: u64,
+        /// The request.
+        body: Request,
+    },
+    /// The response to request `id`.
+    Response {
+        /// Correlation id.
+        id: u64,
+        /// The response.
+        body: Response,
+    },
+    /// A notice.
+    Event {
+        /// The event.
+        body: Event,
+    },
+}
+
+/// A message that could not be understood.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed management message: {0}")]
+pub struct ParseError(#[from] serde_json::Error);
+
+impl Envelope {
+    /// Parses bytes received from the peer.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ParseError> {
+        Ok(serde_json::from_slice(bytes)?)
+    }
+
+    /// Encodes for sending.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising these plain data types cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_garbage() {
+        let e = Envelope::Request {
+            id: 7,
+            body: Request::ConfigWrite {
+                lease: 1,
+                offset: 4,
+                size: 2,
+                value: 6,
+            },
+        };
+        assert_eq!(Envelope::parse(&e.encode()).unwrap(), e);
+        assert!(Envelope::parse(b"{\"kind\":\"request\"").is_err());
+        assert!(Envelope::parse(b"\xff\xfe").is_err());
+        assert!(Envelope::parse(b"{\"kind\":\"nope\",\"id\":1}").is_err());
+    }
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every test of devlend: formatting, lints, unit + integration tests (two-process fabric
+# and lending tests, kill -9 tests, network-namespace tcp tests, QEMU guests driving the NVMe
+# model through vfio-user). Installs what the tests need (QEMU 11 from trixie-backports, a
+# Debian cloud kernel, busybox) through scripts/vm-setup.sh, idempotently and cached.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== setup: VM components (cached in ${DEVLEND_CACHE:-$PWD/.cache})"
+bash scripts/vm-setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== cargo test"
+cargo test --workspace 2>&1
