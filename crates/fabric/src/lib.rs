@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod address_space;
+pub mod baseline;
 mod config;
 mod endpoint;
 mod error;
