@@ -158,6 +158,13 @@ fn pump(ctl: Arc<Ctl>, epoch: u64, mut from: TcpStream, mut to: TcpStream) {
                 }
                 Err(_) => break,
             };
+            // Data read just as the stall began is held back too.
+            while ctl.stall.load(Ordering::Acquire)
+                && !ctl.stop.load(Ordering::Acquire)
+                && ctl.epoch.load(Ordering::Acquire) == epoch
+            {
+                std::thread::sleep(TICK);
+            }
             let d = ctl.delay_us.load(Ordering::Acquire);
             if d > 0 {
                 std::thread::sleep(Duration::from_micros(d));

@@ -1,0 +1,189 @@
+//! Faults between two nodes on the loopback address, through the fault-injection proxy, and
+//! bad bytes from a peer: each is link-down (or a refusal), never a hang or a panic.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::proxy::Proxy;
+use common::*;
+use devlend_fabric::{FabricError, Link, LinkState, MemoryWindows, PeerWindows, WindowOffset};
+use devlend_fabric_tcp::frame::{Frame, Hello, VERSION};
+use devlend_fabric_tcp::{Credentials, TcpNtb};
+
+struct Through {
+    a: TcpNtb,
+    b: TcpNtb,
+    proxy: Proxy,
+    _ha: Host,
+    _hb: Host,
+}
+
+/// `a` listens, `b` connects through a proxy.
+fn through_proxy() -> Through {
+    let keys = deployment();
+    let ha = host();
+    let hb = host();
+    let a = TcpNtb::listen(localhost(), ha.asp.clone(), cfg(), creds(&keys, "a", "b")).unwrap();
+    a.mw_set_trans(0, RAM_BASE, RAM_LEN as u64).unwrap();
+    let proxy = Proxy::start(localhost(), a.local_addr().unwrap());
+    let b = TcpNtb::connect(proxy.addr, hb.asp.clone(), cfg(), creds(&keys, "b", "a")).unwrap();
+    a.wait_link(LinkState::Up, GUARD).unwrap();
+    b.wait_link(LinkState::Up, GUARD).unwrap();
+    Through {
+        a,
+        b,
+        proxy,
+        _ha: ha,
+        _hb: hb,
+    }
+}
+
+fn round_trip(n: &TcpNtb) -> Result<(), FabricError> {
+    n.peer_mw_write(0, WindowOffset(0), b"ping")?;
+    let mut v = [0u8; 4];
+    n.peer_mw_read(0, WindowOffset(0), &mut v)?;
+    assert_eq!(&v, b"ping");
+    Ok(())
+}
+
+fn both_down_then_up_again(t: &Through, gen_a: u64, gen_b: u64) {
+    t.a.wait_link(LinkState::Down, GUARD).unwrap();
+    t.b.wait_link(LinkState::Down, GUARD).unwrap();
+    t.b.wait_link(LinkState::Up, GUARD).unwrap();
+    t.a.wait_link(LinkState::Up, GUARD).unwrap();
+    assert!(t.a.link_generation() >= gen_a + 2);
+    assert!(t.b.link_generation() >= gen_b + 2);
+    round_trip(&t.b).unwrap();
+}
+
+#[test]
+fn added_delay_only_slows_the_link() {
+    let t = through_proxy();
+    t.proxy.delay(Duration::from_millis(20));
+    for _ in 0..5 {
+        round_trip(&t.b).unwrap();
+    }
+    assert_eq!(t.b.stats().links_up, 1);
+}
+
+#[test]
+fn a_stalled_connection_expires_by_keepalive_and_a_read_ends() {
+    let t = through_proxy();
+    let (ga, gb) = (t.a.link_generation(), t.b.link_generation());
+    t.proxy.stall(true);
+    // A read issued into the stall ends with LinkDown (keepalive), not a hang.
+    let mut v = [0u8; 4];
+    assert!(matches!(
+        t.b.peer_mw_read(0, WindowOffset(0), &mut v),
+        Err(FabricError::LinkDown)
+    ));
+    t.a.wait_link(LinkState::Down, GUARD).unwrap();
+    t.proxy.stall(false);
+    both_down_then_up_again(&t, ga, gb);
+}
+
+#[test]
+fn a_dropped_connection_is_link_down_and_reconnects() {
+    let t = through_proxy();
+    let (ga, gb) = (t.a.link_generation(), t.b.link_generation());
+    t.proxy.drop_all();
+    both_down_then_up_again(&t, ga, gb);
+}
+
+#[test]
+fn a_reset_connection_is_link_down_and_reconnects() {
+    let t = through_proxy();
+    let (ga, gb) = (t.a.link_generation(), t.b.link_generation());
+    t.proxy.reset_all();
+    both_down_then_up_again(&t, ga, gb);
+}
+
+/// An insecure listener (so that the test can write raw frames) and a raw client.
+fn raw_peer() -> (TcpNtb, TcpStream, Host) {
+    let ha = host();
+    let a = TcpNtb::listen(localhost(), ha.asp.clone(), cfg(), Credentials::Insecure).unwrap();
+    a.mw_set_trans(0, RAM_BASE, RAM_LEN as u64).unwrap();
+    let mut s = TcpStream::connect(a.local_addr().unwrap()).unwrap();
+    s.set_read_timeout(Some(GUARD)).unwrap();
+    s.write_all(b"DEVLEND-PLAIN/1\n").unwrap();
+    let mut pre = [0u8; 16];
+    s.read_exact(&mut pre).unwrap();
+    (a, s, ha)
+}
+
+fn hello() -> Vec<u8> {
+    let mut b = Vec::new();
+    Frame::Hello(Hello {
+        version: VERSION,
+        spad_count: 4,
+        msg_count: 4,
+        db_valid_mask: 0xf,
+        window_sizes: vec![0],
+    })
+    .encode(&mut b);
+    b
+}
+
+/// Reads until the node closes the connection.
+fn closed_by_node(mut s: TcpStream) {
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+}
+
+#[test]
+fn garbage_before_the_hello_is_refused() {
+    let (a, mut s, _h) = raw_peer();
+    s.write_all(&[0xee; 64]).unwrap();
+    closed_by_node(s);
+    a.wait_refused(1, GUARD).unwrap();
+    assert_eq!(a.stats().links_up, 0);
+}
+
+#[test]
+fn unknown_oversized_and_truncated_frames_end_the_link() {
+    let bad: [&[u8]; 3] = [
+        &[200, 0, 0, 0, 0, 0, 0, 0],
+        &[4, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f],
+        &[4, 0, 0, 0, 100, 0, 0, 0, 1, 2, 3],
+    ];
+    for (i, frame) in bad.iter().enumerate() {
+        let (a, mut s, _h) = raw_peer();
+        s.write_all(&hello()).unwrap();
+        a.wait_link(LinkState::Up, GUARD).unwrap();
+        s.write_all(frame).unwrap();
+        if i == 2 {
+            // Truncated: the connection ends inside the frame.
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        a.wait_link(LinkState::Down, GUARD).unwrap();
+        closed_by_node(s);
+    }
+}
+
+#[test]
+fn a_second_hello_or_a_reply_flood_ends_the_link() {
+    let (a, mut s, _h) = raw_peer();
+    s.write_all(&hello()).unwrap();
+    s.write_all(&hello()).unwrap();
+    a.wait_link(LinkState::Down, GUARD).unwrap();
+    closed_by_node(s);
+
+    // More outstanding reads than the protocol allows, without reading the replies.
+    let (a, mut s, _h) = raw_peer();
+    s.write_all(&hello()).unwrap();
+    let mut reads = Vec::new();
+    for tag in 0..100_000u32 {
+        Frame::Read {
+            tag,
+            window: 0,
+            offset: 0,
+            len: 4,
+        }
+        .encode(&mut reads);
+    }
+    let _ = s.write_all(&reads);
+    a.wait_link(LinkState::Down, GUARD).unwrap();
+}
