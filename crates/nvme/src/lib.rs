@@ -1,1 +1,43 @@
-//! (under construction)
+//! An NVMe controller device model (NVMe base specification 1.4, the subset Linux's `nvme`
+//! driver uses plus what a careful driver expects), backed by a raw image file, behind a PCIe
+//! function.
+//!
+//! - [`NvmeDevice`] implements [`devlend_pci::PciDevice`]: type 0 config space (class
+//!   01:08:02, PCI Express with FLR, MSI-X, PM), BAR0 = registers + doorbells (64-bit, 16 KiB,
+//!   DSTRD 0), BAR4 = MSI-X table (offset 0) and PBA (offset 0x1000).
+//! - Commands run on the device's own worker thread, woken by doorbell writes, with bounded
+//!   adaptive polling; shadow doorbells (Doorbell Buffer Config) keep most doorbell writes off
+//!   a trapped path.
+//! - The untrusted-input parsers are pure and fuzzed: [`Command::parse`], [`AdminOp::parse`],
+//!   [`NvmOp::parse`] and the PRP walker [`prp::walk`].
+//!
+//! Module map: [`regs`] (register layout), [`command`] (entries and typed commands),
+//! [`status`] (status codes), [`prp`] (PRP walker), `queues`, `controller` (transitions,
+//! fetch, completion, interrupts), `admin`, `io` (the namespace), `identify`, `transfer`
+//! (data movement), `device` (PCI function and worker thread).
+#![warn(missing_docs)]
+
+mod admin;
+pub mod command;
+mod config;
+mod controller;
+mod device;
+mod error;
+pub mod identify;
+mod io;
+pub mod prp;
+mod queues;
+pub mod regs;
+pub mod status;
+mod transfer;
+
+pub use admin::{fid, lid};
+pub use command::{AdminOp, Command, Completion, NvmOp};
+pub use config::{BlockSize, NvmeConfig};
+pub use device::{
+    NvmeDevice, MSIX_BAR, MSIX_BAR_SIZE, MSIX_PBA_OFFSET, PCI_CLASS_NVME, PCI_DEVICE_ID,
+    PCI_VENDOR_ID, REGISTER_BAR,
+};
+pub use error::NvmeError;
+pub use io::{NSID, NSID_BROADCAST};
+pub use status::Status;

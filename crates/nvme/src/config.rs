@@ -1,0 +1,111 @@
+//! What an NVMe device model is built from.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::NvmeError;
+
+/// Logical block size of the one namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockSize {
+    /// 512-byte blocks.
+    B512,
+    /// 4096-byte blocks.
+    B4096,
+}
+
+impl BlockSize {
+    /// log2 of the size (`LBADS`).
+    pub fn shift(self) -> u32 {
+        match self {
+            BlockSize::B512 => 9,
+            BlockSize::B4096 => 12,
+        }
+    }
+
+    /// Size in bytes.
+    pub fn bytes(self) -> u32 {
+        1 << self.shift()
+    }
+}
+
+/// Configuration of an NVMe controller model with one namespace backed by a raw image file.
+#[derive(Clone, Debug)]
+pub struct NvmeConfig {
+    /// The raw image file.
+    pub image: PathBuf,
+    /// Create the image with this many bytes when it does not exist (`None`: it must exist).
+    pub create_size: Option<u64>,
+    /// Serial number (at most 20 ASCII characters; longer is cut).
+    pub serial: String,
+    /// Model number (at most 40 ASCII characters).
+    pub model: String,
+    /// Firmware revision (at most 8 ASCII characters).
+    pub firmware_rev: String,
+    /// Most I/O submission/completion queue pairs a driver may create (1 to 64).
+    pub max_io_queue_pairs: u16,
+    /// Most entries per queue (2 to 4096; `CAP.MQES` + 1).
+    pub max_queue_entries: u32,
+    /// Maximum Data Transfer Size as a power of two of 4 KiB pages (1 to 10; 5 = 128 KiB).
+    pub mdts: u8,
+    /// Logical block size.
+    pub block_size: BlockSize,
+    /// How long the worker spins on the doorbells after its last command before sleeping.
+    pub poll_spin: Duration,
+    /// `CAP.TO`: the longest the controller takes to become ready, in 500 ms units.
+    pub ready_timeout_500ms: u8,
+    /// Open the image read-only (writes fail with an error status).
+    pub read_only: bool,
+}
+
+impl NvmeConfig {
+    /// Defaults for an image at `image`: 16 I/O queue pairs of up to 1024 entries, 128 KiB
+    /// MDTS, 512-byte blocks, 30 µs of polling.
+    pub fn new(image: impl Into<PathBuf>) -> Self {
+        NvmeConfig {
+            image: image.into(),
+            create_size: None,
+            serial: "DEVLEND0001".into(),
+            model: "devlend NVMe model".into(),
+            firmware_rev: "0.1".into(),
+            max_io_queue_pairs: 16,
+            max_queue_entries: 1024,
+            mdts: 5,
+            block_size: BlockSize::B512,
+            poll_spin: Duration::from_micros(30),
+            ready_timeout_500ms: 20,
+            read_only: false,
+        }
+    }
+
+    /// Checks the limits.
+    pub fn validate(&self) -> Result<(), NvmeError> {
+        if !(1..=64).contains(&self.max_io_queue_pairs) {
+            return Err(NvmeError::InvalidConfig(
+                "max_io_queue_pairs must be 1 to 64",
+            ));
+        }
+        if !(2..=4096).contains(&self.max_queue_entries) {
+            return Err(NvmeError::InvalidConfig(
+                "max_queue_entries must be 2 to 4096",
+            ));
+        }
+        if !(1..=10).contains(&self.mdts) {
+            return Err(NvmeError::InvalidConfig("mdts must be 1 to 10"));
+        }
+        if self.poll_spin > Duration::from_millis(10) {
+            return Err(NvmeError::InvalidConfig("poll_spin must be at most 10 ms"));
+        }
+        Ok(())
+    }
+
+    /// MSI-X vectors the function has: one per I/O completion queue plus the admin queue.
+    pub fn msix_vectors(&self) -> u16 {
+        self.max_io_queue_pairs + 1
+    }
+
+    /// Largest transfer in bytes (MDTS).
+    pub fn max_transfer_bytes(&self) -> u64 {
+        4096u64 << self.mdts
+    }
+}

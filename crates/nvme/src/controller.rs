@@ -1,0 +1,829 @@
+//! The controller core: queues, the enable / disable / shutdown transitions, command fetch,
+//! completion posting and interrupts. Admin commands are in [`crate::admin`], NVM commands in
+//! [`crate::io`].
+//!
+//! The core is plain data behind one mutex ([`crate::device`] owns it): the worker thread
+//! holds the lock while it processes a batch of commands, the register path holds it to apply
+//! a CC transition. Doorbell values live outside the lock in atomics, so a doorbell write never
+//! waits for a batch.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use devlend_memory::{BusAddr, MemSpan};
+use devlend_pci::{DmaAccess, DmaPort, InterruptSink};
+
+use crate::command::{Command, Completion, NvmOp};
+use crate::config::NvmeConfig;
+use crate::identify::{ControllerInfo, NamespaceInfo};
+use crate::io::{IoCounters, Namespace};
+use crate::queues::{wrap, CompletionQueue, SubmissionQueue};
+use crate::regs::{
+    ControllerConfig, AQA_ACQS_SHIFT, AQA_ASQS_MASK, CC_CSS_NVM, CQE_BYTES, CSTS_CFS, CSTS_RDY,
+    CSTS_SHST_COMPLETE, CSTS_SHST_MASK, DOORBELL_STRIDE, MPSMAX, MPSMIN, SQE_BYTES,
+};
+use crate::status::Status;
+use crate::transfer::Transfer;
+
+/// Commands taken from one submission queue before moving to the next (round robin).
+const SQ_BURST: u32 = 32;
+/// Error log entries kept.
+pub(crate) const ERROR_LOG_ENTRIES: usize = crate::identify::ELPE as usize + 1;
+
+/// Asynchronous event types (completion dword 0 bits 2:0).
+pub(crate) mod event {
+    /// Error status.
+    pub const TYPE_ERROR: u32 = 0;
+    /// SMART / Health status.
+    pub const TYPE_SMART: u32 = 1;
+    /// Error: write to an invalid doorbell register.
+    pub const INFO_INVALID_DOORBELL_REGISTER: u32 = 0x00;
+    /// Error: invalid doorbell write value.
+    pub const INFO_INVALID_DOORBELL_VALUE: u32 = 0x01;
+    /// Log page of error events.
+    pub const LOG_ERROR: u32 = 0x01;
+}
+
+/// Fixed limits from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// I/O queue pairs.
+    pub max_io_queues: u16,
+    /// Entries per queue (1-based).
+    pub max_queue_entries: u32,
+    /// Largest data transfer in bytes.
+    pub max_transfer: u64,
+    /// MSI-X vectors.
+    pub vectors: u16,
+}
+
+/// Feature values (reset to defaults on every controller reset).
+#[derive(Clone, Debug)]
+pub(crate) struct Features {
+    /// Arbitration (FID 0x01).
+    pub arbitration: u32,
+    /// Power Management (FID 0x02).
+    pub power_management: u32,
+    /// Temperature thresholds of the composite sensor: over, under (Kelvin).
+    pub temperature_over: u16,
+    /// Under temperature threshold.
+    pub temperature_under: u16,
+    /// Error Recovery (FID 0x05).
+    pub error_recovery: u32,
+    /// Volatile Write Cache enable (FID 0x06).
+    pub write_cache: bool,
+    /// Interrupt Coalescing (FID 0x08).
+    pub interrupt_coalescing: u32,
+    /// Coalescing Disable per vector (FID 0x09).
+    pub vector_coalescing_disabled: Vec<bool>,
+    /// Write Atomicity Normal (FID 0x0a).
+    pub write_atomicity: u32,
+    /// Asynchronous Event Configuration (FID 0x0b).
+    pub async_event_config: u32,
+}
+
+impl Features {
+    pub(crate) fn defaults(vectors: u16) -> Features {
+        Features {
+            arbitration: 0,
+            power_management: 0,
+            temperature_over: crate::identify::WCTEMP_KELVIN,
+            temperature_under: 0,
+            error_recovery: 0,
+            write_cache: true,
+            interrupt_coalescing: 0,
+            vector_coalescing_disabled: vec![false; usize::from(vectors)],
+            write_atomicity: 0,
+            async_event_config: 0,
+        }
+    }
+}
+
+/// The shadow doorbell and event index pages of Doorbell Buffer Config.
+#[derive(Debug)]
+pub(crate) struct DoorbellBuffer {
+    /// Shadow doorbell page.
+    pub shadow: u64,
+    /// Event index page.
+    pub event_index: u64,
+    /// Direct mapping of the shadow page.
+    pub shadow_span: Option<MemSpan>,
+    /// Direct mapping of the event index page.
+    pub event_span: Option<MemSpan>,
+}
+
+/// The error information log.
+#[derive(Debug, Default)]
+pub(crate) struct ErrorLog {
+    /// Errors ever recorded.
+    pub count: u64,
+    /// Newest first, at most [`ERROR_LOG_ENTRIES`].
+    pub entries: VecDeque<[u8; 64]>,
+}
+
+impl ErrorLog {
+    fn record(&mut self, sqid: u16, cid: u16, status: Status, nsid: u32) {
+        self.count += 1;
+        let mut e = [0u8; 64];
+        e[0..8].copy_from_slice(&self.count.to_le_bytes());
+        e[8..10].copy_from_slice(&sqid.to_le_bytes());
+        e[10..12].copy_from_slice(&cid.to_le_bytes());
+        e[12..14].copy_from_slice(&(status.raw() << 1).to_le_bytes());
+        e[14..16].copy_from_slice(&0xffffu16.to_le_bytes());
+        e[24..28].copy_from_slice(&nsid.to_le_bytes());
+        self.entries.push_front(e);
+        self.entries.truncate(ERROR_LOG_ENTRIES);
+    }
+}
+
+/// What the register path hands the core when CC.EN goes to 1.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AdminQueueRegs {
+    /// CC.
+    pub cc: ControllerConfig,
+    /// AQA.
+    pub aqa: u32,
+    /// ASQ.
+    pub asq: u64,
+    /// ACQ.
+    pub acq: u64,
+}
+
+/// The controller core.
+pub(crate) struct Controller {
+    pub(crate) dma: Arc<dyn DmaPort>,
+    irq: Arc<dyn InterruptSink>,
+    doorbells: Arc<[AtomicU32]>,
+    csts: Arc<AtomicU32>,
+    pub(crate) ns: Namespace,
+    pub(crate) limits: Limits,
+    pub(crate) info: ControllerInfo,
+    pub(crate) ns_info: NamespaceInfo,
+    pub(crate) started: Instant,
+    /// CSTS.RDY as the core sees it.
+    pub(crate) ready: bool,
+    /// A shutdown was requested: no more commands until a reset.
+    pub(crate) shut_down: bool,
+    /// CSTS.CFS: the controller cannot go on until reset.
+    pub(crate) fatal: bool,
+    pub(crate) page_size: u64,
+    pub(crate) cc: ControllerConfig,
+    pub(crate) sqs: Vec<Option<SubmissionQueue>>,
+    pub(crate) cqs: Vec<Option<CompletionQueue>>,
+    pub(crate) features: Features,
+    /// Number of Queues as granted by Set Features (1-based SQs, CQs); `None` before.
+    pub(crate) queues_granted: Option<(u16, u16)>,
+    /// An I/O queue was created since the last reset (Number of Queues is then fixed).
+    pub(crate) io_queue_created: bool,
+    /// CIDs of outstanding Asynchronous Event Requests.
+    pub(crate) aers: Vec<u16>,
+    /// Events waiting for an Asynchronous Event Request.
+    pub(crate) events: VecDeque<u32>,
+    /// Event types reported and not yet acknowledged by reading their log page.
+    pub(crate) masked_event_types: u8,
+    pub(crate) dbbuf: Option<DoorbellBuffer>,
+    pub(crate) counters: IoCounters,
+    pub(crate) errors: ErrorLog,
+    segs: Vec<crate::prp::Segment>,
+    bounce: Vec<u8>,
+}
+
+impl Controller {
+    /// A controller in its reset state (CC.EN = 0).
+    pub(crate) fn new(
+        cfg: &NvmeConfig,
+        dma: Arc<dyn DmaPort>,
+        irq: Arc<dyn InterruptSink>,
+        doorbells: Arc<[AtomicU32]>,
+        csts: Arc<AtomicU32>,
+        vendor_id: u16,
+    ) -> Result<Controller, crate::error::NvmeError> {
+        let ns = Namespace::open(cfg)?;
+        let limits = Limits {
+            max_io_queues: cfg.max_io_queue_pairs,
+            max_queue_entries: cfg.max_queue_entries,
+            max_transfer: cfg.max_transfer_bytes(),
+            vectors: cfg.msix_vectors(),
+        };
+        let (eui64, nguid, uuid) = crate::identify::namespace_ids(&cfg.serial);
+        let ns_info = NamespaceInfo {
+            blocks: ns.blocks(),
+            block_shift: ns.block_shift(),
+            eui64,
+            nguid,
+            uuid,
+        };
+        let info = ControllerInfo {
+            vendor_id,
+            subsystem_vendor_id: vendor_id,
+            serial: cfg.serial.clone(),
+            model: cfg.model.clone(),
+            firmware_rev: cfg.firmware_rev.clone(),
+            mdts: cfg.mdts,
+            capacity_bytes: u128::from(ns.blocks()) << ns.block_shift(),
+            max_commands: u16::try_from(cfg.max_queue_entries).unwrap_or(u16::MAX),
+        };
+        let queue_slots = usize::from(limits.max_io_queues) + 1;
+        Ok(Controller {
+            dma,
+            irq,
+            doorbells,
+            csts,
+            ns,
+            limits,
+            info,
+            ns_info,
+            started: Instant::now(),
+            ready: false,
+            shut_down: false,
+            fatal: false,
+            page_size: 4096,
+            cc: ControllerConfig { raw: 0 },
+            sqs: (0..queue_slots).map(|_| None).collect(),
+            cqs: (0..queue_slots).map(|_| None).collect(),
+            features: Features::defaults(limits.vectors),
+            queues_granted: None,
+            io_queue_created: false,
+            aers: Vec::new(),
+            events: VecDeque::new(),
+            masked_event_types: 0,
+            dbbuf: None,
+            counters: IoCounters::default(),
+            errors: ErrorLog::default(),
+            segs: Vec::new(),
+            bounce: Vec::new(),
+        })
+    }
+
+    fn set_csts(&self, set: u32, clear: u32) {
+        let _ = self
+            .csts
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some((v & !clear) | set)
+            });
+    }
+
+    fn doorbell(&self, slot: usize) -> u32 {
+        self.doorbells
+            .get(slot)
+            .map_or(0, |d| d.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn reset_doorbell(&self, slot: usize) {
+        if let Some(d) = self.doorbells.get(slot) {
+            d.store(0, Ordering::Release);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Transitions
+    // -----------------------------------------------------------------------------------
+
+    /// CC.EN 0 -> 1: validates the configuration and the admin queue registers; on a bad
+    /// value sets CSTS.CFS and stays not ready.
+    pub(crate) fn enable(&mut self, regs: AdminQueueRegs) {
+        self.reset_state();
+        let cc = regs.cc;
+        let asqs = (regs.aqa & AQA_ASQS_MASK) + 1;
+        let acqs = ((regs.aqa >> AQA_ACQS_SHIFT) & AQA_ASQS_MASK) + 1;
+        let valid = cc.css() == CC_CSS_NVM
+            && (MPSMIN..=MPSMAX).contains(&cc.mps())
+            && cc.ams() == 0
+            && asqs >= 2
+            && acqs >= 2
+            && regs.asq != 0
+            && regs.acq != 0
+            && regs.asq.is_multiple_of(cc.page_size())
+            && regs.acq.is_multiple_of(cc.page_size());
+        self.set_csts(0, CSTS_SHST_MASK);
+        if !valid {
+            tracing::warn!(
+                cc = cc.raw,
+                aqa = regs.aqa,
+                "nvme: invalid enable, CSTS.CFS set"
+            );
+            self.fatal = true;
+            self.set_csts(CSTS_CFS, CSTS_RDY);
+            return;
+        }
+        self.cc = cc;
+        self.page_size = cc.page_size();
+        let asq_ring = self.ring(regs.asq, u64::from(asqs) * SQE_BYTES, DmaAccess::Read);
+        let acq_ring = self.ring(regs.acq, u64::from(acqs) * CQE_BYTES, DmaAccess::Write);
+        if let Some(slot) = self.sqs.get_mut(0) {
+            *slot = Some(SubmissionQueue {
+                base: regs.asq,
+                entries: asqs,
+                head: 0,
+                tail: 0,
+                cqid: 0,
+                shadow: false,
+                ring: asq_ring,
+            });
+        }
+        if let Some(slot) = self.cqs.get_mut(0) {
+            *slot = Some(CompletionQueue {
+                base: regs.acq,
+                entries: acqs,
+                tail: 0,
+                head: 0,
+                phase: true,
+                interrupts: true,
+                vector: 0,
+                shadow: false,
+                needs_interrupt: false,
+                sq_count: 1,
+                ring: acq_ring,
+            });
+        }
+        self.ready = true;
+        self.set_csts(CSTS_RDY, CSTS_CFS);
+    }
+
+    /// CC.EN 1 -> 0 (or a function reset): every queue deleted, features and events back to
+    /// their defaults, CSTS.RDY and CSTS.CFS cleared.
+    pub(crate) fn disable(&mut self) {
+        self.reset_state();
+        self.set_csts(0, CSTS_RDY | CSTS_CFS);
+    }
+
+    /// Full reset including CSTS.SHST (function level reset).
+    pub(crate) fn power_on_reset(&mut self) {
+        self.reset_state();
+        self.csts.store(0, Ordering::Release);
+    }
+
+    fn reset_state(&mut self) {
+        self.ready = false;
+        self.shut_down = false;
+        self.fatal = false;
+        self.sqs.iter_mut().for_each(|q| *q = None);
+        self.cqs.iter_mut().for_each(|q| *q = None);
+        for d in self.doorbells.iter() {
+            d.store(0, Ordering::Release);
+        }
+        self.features = Features::defaults(self.limits.vectors);
+        self.queues_granted = None;
+        self.io_queue_created = false;
+        self.aers.clear();
+        self.events.clear();
+        self.masked_event_types = 0;
+        self.dbbuf = None;
+    }
+
+    /// CC.SHN set: flush the image, stop processing, report shutdown complete.
+    pub(crate) fn shutdown(&mut self) {
+        if self.ns.flush().is_err() {
+            tracing::warn!("nvme: flushing the image at shutdown failed");
+        }
+        self.shut_down = true;
+        self.set_csts(CSTS_SHST_COMPLETE, CSTS_SHST_MASK);
+    }
+
+    /// Stops everything after an error that cannot be reported in a completion.
+    fn fail(&mut self, why: &str) {
+        tracing::warn!("nvme: controller fatal status: {why}");
+        self.fatal = true;
+        self.set_csts(CSTS_CFS, 0);
+    }
+
+    /// The direct mapping of a queue ring, if the port offers one.
+    pub(crate) fn ring(&self, base: u64, len: u64, access: DmaAccess) -> Option<MemSpan> {
+        self.dma.dma_span(BusAddr(base), len, access).ok().flatten()
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Doorbells (MMIO or shadow)
+    // -----------------------------------------------------------------------------------
+
+    fn read_shadow(&self, slot: usize) -> Option<u32> {
+        let db = self.dbbuf.as_ref()?;
+        let off = slot as u64 * DOORBELL_STRIDE;
+        match &db.shadow_span {
+            Some(span) => span.load_u32(off).ok(),
+            None => {
+                let mut b = [0u8; 4];
+                let addr = db.shadow.checked_add(off)?;
+                self.dma.dma_read(BusAddr(addr), &mut b).ok()?;
+                Some(u32::from_le_bytes(b))
+            }
+        }
+    }
+
+    fn write_event_index(&self, slot: usize, value: u32) {
+        let Some(db) = self.dbbuf.as_ref() else {
+            return;
+        };
+        let off = slot as u64 * DOORBELL_STRIDE;
+        match &db.event_span {
+            Some(span) => {
+                let _ = span.store_u32(off, value);
+            }
+            None => {
+                if let Some(addr) = db.event_index.checked_add(off) {
+                    let _ = self.dma.dma_write(BusAddr(addr), &value.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    fn sq_doorbell(&self, qid: usize, shadow: bool) -> Option<u32> {
+        if shadow {
+            self.read_shadow(2 * qid)
+        } else {
+            Some(self.doorbell(2 * qid))
+        }
+    }
+
+    fn cq_doorbell(&self, qid: usize, shadow: bool) -> Option<u32> {
+        if shadow {
+            self.read_shadow(2 * qid + 1)
+        } else {
+            Some(self.doorbell(2 * qid + 1))
+        }
+    }
+
+    /// Takes a new CQ head from its doorbell; an invalid value is ignored and reported.
+    fn refresh_cq_head(&mut self, qid: usize) {
+        let Some(shadow) = self.cqs.get(qid).and_then(Option::as_ref).map(|q| q.shadow) else {
+            return;
+        };
+        let Some(head) = self.cq_doorbell(qid, shadow) else {
+            return;
+        };
+        let mut invalid = false;
+        if let Some(cq) = self.cqs.get_mut(qid).and_then(Option::as_mut) {
+            if head != cq.head {
+                if cq.head_is_valid(head) {
+                    cq.head = head;
+                } else {
+                    invalid = true;
+                }
+            }
+        }
+        if invalid {
+            // Ignore the value; stop reporting it once until the driver writes a new one.
+            if !shadow {
+                if let Some(cq) = self.cqs.get(qid).and_then(Option::as_ref) {
+                    if let Some(d) = self.doorbells.get(2 * qid + 1) {
+                        let _ =
+                            d.compare_exchange(head, cq.head, Ordering::AcqRel, Ordering::Acquire);
+                    }
+                }
+            }
+            self.raise_event(
+                event::TYPE_ERROR,
+                event::INFO_INVALID_DOORBELL_VALUE,
+                event::LOG_ERROR,
+            );
+        }
+    }
+
+    /// The SQ tail the driver published, if valid.
+    fn refresh_sq_tail(&mut self, qid: usize) -> Option<()> {
+        let (shadow, entries, tail) = self
+            .sqs
+            .get(qid)
+            .and_then(Option::as_ref)
+            .map(|q| (q.shadow, q.entries, q.tail))?;
+        let new = self.sq_doorbell(qid, shadow)?;
+        if new == tail {
+            return Some(());
+        }
+        if new >= entries {
+            if !shadow {
+                if let Some(d) = self.doorbells.get(2 * qid) {
+                    let _ = d.compare_exchange(new, tail, Ordering::AcqRel, Ordering::Acquire);
+                }
+            }
+            self.raise_event(
+                event::TYPE_ERROR,
+                event::INFO_INVALID_DOORBELL_VALUE,
+                event::LOG_ERROR,
+            );
+            return Some(());
+        }
+        if let Some(q) = self.sqs.get_mut(qid).and_then(Option::as_mut) {
+            q.tail = new;
+        }
+        Some(())
+    }
+
+    /// Whether any doorbell shows work the worker has not taken (for the sleep decision).
+    pub(crate) fn has_work(&self) -> bool {
+        if !self.ready || self.fatal || self.shut_down {
+            return false;
+        }
+        // A full completion queue whose head doorbell has not moved blocks its submission
+        // queues: nothing to do there until the driver consumes entries.
+        let blocked = |cqid: usize| {
+            self.cqs
+                .get(cqid)
+                .and_then(Option::as_ref)
+                .is_none_or(|cq| cq.is_full() && self.cq_doorbell(cqid, cq.shadow) == Some(cq.head))
+        };
+        for (qid, sq) in self.sqs.iter().enumerate() {
+            let Some(sq) = sq else { continue };
+            let pending = self
+                .sq_doorbell(qid, sq.shadow)
+                .is_some_and(|tail| tail < sq.entries && tail != sq.head);
+            if pending && !blocked(usize::from(sq.cqid)) {
+                return true;
+            }
+        }
+        !self.aers.is_empty() && !self.events.is_empty() && !blocked(0)
+    }
+
+    /// Before the worker sleeps: publish event indexes so that the driver's next shadow
+    /// update rings the MMIO doorbell (which wakes the worker), and report doorbell writes to
+    /// queues that do not exist.
+    pub(crate) fn prepare_sleep(&mut self) {
+        if self.dbbuf.is_some() {
+            for (qid, sq) in self.sqs.iter().enumerate() {
+                if let Some(sq) = sq.as_ref().filter(|q| q.shadow) {
+                    self.write_event_index(2 * qid, sq.head);
+                }
+            }
+            for (qid, cq) in self.cqs.iter().enumerate() {
+                if let Some(cq) = cq.as_ref().filter(|q| q.shadow) {
+                    self.write_event_index(2 * qid + 1, cq.head);
+                }
+            }
+        }
+        if self.ready {
+            let mut stray = false;
+            for qid in 0..self.sqs.len() {
+                if self.sqs.get(qid).is_some_and(Option::is_none) && self.doorbell(2 * qid) != 0 {
+                    self.reset_doorbell(2 * qid);
+                    stray = true;
+                }
+                if self.cqs.get(qid).is_some_and(Option::is_none) && self.doorbell(2 * qid + 1) != 0
+                {
+                    self.reset_doorbell(2 * qid + 1);
+                    stray = true;
+                }
+            }
+            if stray {
+                self.raise_event(
+                    event::TYPE_ERROR,
+                    event::INFO_INVALID_DOORBELL_REGISTER,
+                    event::LOG_ERROR,
+                );
+            }
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Processing
+    // -----------------------------------------------------------------------------------
+
+    /// One pass over every submission queue; returns whether anything was done.
+    pub(crate) fn poll(&mut self) -> bool {
+        if !self.ready || self.fatal || self.shut_down {
+            return false;
+        }
+        let mut worked = self.deliver_events();
+        for qid in 0..self.sqs.len() {
+            worked |= self.process_sq(qid);
+            if self.fatal {
+                break;
+            }
+        }
+        self.raise_interrupts();
+        worked
+    }
+
+    fn process_sq(&mut self, qid: usize) -> bool {
+        if self.refresh_sq_tail(qid).is_none() {
+            return false;
+        }
+        let mut done = 0;
+        while done < SQ_BURST {
+            let Some(sq) = self.sqs.get(qid).and_then(Option::as_ref) else {
+                break;
+            };
+            if sq.head == sq.tail {
+                break;
+            }
+            let (head, entries, base, cqid) = (sq.head, sq.entries, sq.base, sq.cqid);
+            let cqi = usize::from(cqid);
+            if self
+                .cqs
+                .get(cqi)
+                .and_then(Option::as_ref)
+                .is_none_or(|c| c.is_full())
+            {
+                self.refresh_cq_head(cqi);
+                if self
+                    .cqs
+                    .get(cqi)
+                    .and_then(Option::as_ref)
+                    .is_none_or(|c| c.is_full())
+                {
+                    break;
+                }
+            }
+            let mut entry = [0u8; Command::BYTES];
+            let offset = u64::from(head) * SQE_BYTES;
+            let fetched = match self
+                .sqs
+                .get(qid)
+                .and_then(Option::as_ref)
+                .and_then(|q| q.ring.as_ref())
+            {
+                Some(ring) => ring.read_at(offset, &mut entry).is_ok(),
+                None => base
+                    .checked_add(offset)
+                    .is_some_and(|a| self.dma.dma_read(BusAddr(a), &mut entry).is_ok()),
+            };
+            if !fetched {
+                self.fail("submission queue entry fetch failed");
+                return true;
+            }
+            let new_head = wrap(head, entries);
+            if let Some(sq) = self.sqs.get_mut(qid).and_then(Option::as_mut) {
+                sq.head = new_head;
+            }
+            let cmd = Command::parse(&entry);
+            let qid16 = qid as u16;
+            let outcome = if qid == 0 {
+                self.admin(&cmd)
+            } else {
+                Some((self.io(&cmd), 0))
+            };
+            if let Some((status, dw0)) = outcome {
+                if !status.is_success() {
+                    self.errors.record(qid16, cmd.cid, status, cmd.nsid);
+                }
+                let sqhd = self
+                    .sqs
+                    .get(qid)
+                    .and_then(Option::as_ref)
+                    .map_or(new_head, |q| q.head) as u16;
+                self.post(
+                    cqi,
+                    Completion {
+                        dw0,
+                        dw1: 0,
+                        sqhd,
+                        sqid: qid16,
+                        cid: cmd.cid,
+                        status,
+                    },
+                );
+            }
+            if self.fatal {
+                return true;
+            }
+            done += 1;
+        }
+        done > 0
+    }
+
+    fn io(&mut self, cmd: &Command) -> Status {
+        let op = match NvmOp::parse(cmd) {
+            Ok(op) => op,
+            Err(s) => return s,
+        };
+        let mut t = Transfer {
+            dma: &*self.dma,
+            page_size: self.page_size,
+            segs: &mut self.segs,
+            bounce: &mut self.bounce,
+        };
+        self.ns.execute(
+            &mut t,
+            &op,
+            cmd.nsid,
+            self.limits.max_transfer,
+            self.features.write_cache,
+            &mut self.counters,
+        )
+    }
+
+    /// A transfer context for admin data.
+    pub(crate) fn transfer(&mut self) -> Transfer<'_> {
+        Transfer {
+            dma: &*self.dma,
+            page_size: self.page_size,
+            segs: &mut self.segs,
+            bounce: &mut self.bounce,
+        }
+    }
+
+    /// Posts `c` to completion queue `cqid` (which has room: callers check).
+    pub(crate) fn post(&mut self, cqid: usize, c: Completion) {
+        let Some(cq) = self.cqs.get_mut(cqid).and_then(Option::as_mut) else {
+            return;
+        };
+        if cq.is_full() {
+            return;
+        }
+        let bytes = c.to_bytes(cq.phase);
+        let mut dw3 = [0u8; 4];
+        dw3.copy_from_slice(&bytes[12..16]);
+        let dw3 = u32::from_le_bytes(dw3);
+        let offset = u64::from(cq.tail) * CQE_BYTES;
+        let ok = match &cq.ring {
+            Some(ring) => {
+                ring.write_at(offset, &bytes[..12]).is_ok()
+                    && ring.store_u32(offset + 12, dw3).is_ok()
+            }
+            None => match cq.base.checked_add(offset) {
+                Some(addr) => {
+                    let first = self.dma.dma_write(BusAddr(addr), &bytes[..12]).is_ok();
+                    fence(Ordering::Release);
+                    first
+                        && self
+                            .dma
+                            .dma_write(BusAddr(addr + 12), &dw3.to_le_bytes())
+                            .is_ok()
+                }
+                None => false,
+            },
+        };
+        if !ok {
+            self.fail("posting a completion failed");
+            return;
+        }
+        cq.tail = wrap(cq.tail, cq.entries);
+        if cq.tail == 0 {
+            cq.phase = !cq.phase;
+        }
+        cq.needs_interrupt = true;
+    }
+
+    fn raise_interrupts(&mut self) {
+        for cq in self.cqs.iter_mut().flatten() {
+            if cq.needs_interrupt {
+                cq.needs_interrupt = false;
+                if cq.interrupts {
+                    self.irq.signal(cq.vector);
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Asynchronous events
+    // -----------------------------------------------------------------------------------
+
+    /// Queues an asynchronous event unless its type is masked (reported, not yet acknowledged).
+    pub(crate) fn raise_event(&mut self, event_type: u32, info: u32, log_page: u32) {
+        if self.masked_event_types & (1 << event_type) != 0 {
+            return;
+        }
+        let dw0 = (event_type & 0x7) | ((info & 0xff) << 8) | ((log_page & 0xff) << 16);
+        if !self.events.contains(&dw0) {
+            self.events.push_back(dw0);
+        }
+    }
+
+    /// Completes outstanding Asynchronous Event Requests with queued events.
+    pub(crate) fn deliver_events(&mut self) -> bool {
+        let mut worked = false;
+        while !self.aers.is_empty() && !self.events.is_empty() {
+            if self
+                .cqs
+                .first()
+                .and_then(Option::as_ref)
+                .is_none_or(|c| c.is_full())
+            {
+                self.refresh_cq_head(0);
+                if self
+                    .cqs
+                    .first()
+                    .and_then(Option::as_ref)
+                    .is_none_or(|c| c.is_full())
+                {
+                    break;
+                }
+            }
+            let (Some(cid), Some(dw0)) = (self.aers.pop(), self.events.pop_front()) else {
+                break;
+            };
+            self.masked_event_types |= 1 << (dw0 & 0x7);
+            let sqhd = self
+                .sqs
+                .first()
+                .and_then(Option::as_ref)
+                .map_or(0, |q| q.head) as u16;
+            self.post(
+                0,
+                Completion {
+                    dw0,
+                    dw1: 0,
+                    sqhd,
+                    sqid: 0,
+                    cid,
+                    status: Status::SUCCESS,
+                },
+            );
+            worked = true;
+        }
+        worked
+    }
+}

@@ -1,0 +1,514 @@
+//! [`NvmeDevice`]: the controller core behind a PCIe function (config space, BAR0 registers
+//! and doorbells, MSI-X in BAR4) with its own worker thread.
+//!
+//! # Threads and locks
+//! - The caller's thread (a local binding, a lender, a vfio-user server) runs config and BAR
+//!   accesses. A doorbell write stores the value in an atomic and, only when the worker sleeps,
+//!   unparks it: no lock, and a syscall only on the idle-to-busy edge.
+//! - The worker thread (`nvme-worker`) owns command processing. It polls the doorbells
+//!   (MMIO atomics, or the shadow doorbell buffer) for up to [`NvmeConfig::poll_spin`] after its
+//!   last command, then announces it will sleep (`sleeping`), publishes event indexes,
+//!   re-checks, and parks. The `sleeping` store and the doorbell store are both `SeqCst`, so a
+//!   doorbell written while it goes to sleep is either seen by the re-check or wakes it.
+//! - Lock order: `core` before `regs`. `config` is never held while taking another lock.
+//!   The worker takes only `core`, once per pass.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use devlend_memory::{BusAddr, MemSpan};
+use devlend_pci::config::{BarRegion, Identity, MsixLayout, PciExpressCap};
+use devlend_pci::{
+    AccessSize, BarIndex, BarSpec, ConfigEffect, ConfigSpace, ConfigSpaceBuilder, DmaAccess,
+    DmaError, DmaPort, InterruptSink, MsixTable, PciDevice,
+};
+
+use crate::config::NvmeConfig;
+use crate::controller::{AdminQueueRegs, Controller};
+use crate::error::NvmeError;
+use crate::regs::{
+    capabilities, ControllerConfig, Doorbell, AQA_WRITABLE, BAR0_SIZE, CC_WRITABLE, DOORBELL_BASE,
+    QUEUE_BASE_MASK, REG_ACQ, REG_AQA, REG_ASQ, REG_CAP, REG_CC, REG_CSTS, REG_INTMC, REG_INTMS,
+    REG_VS, VERSION_1_4,
+};
+
+/// PCI Vendor ID this model reports.
+pub const PCI_VENDOR_ID: u16 = 0x1dec;
+/// PCI Device ID this model reports.
+pub const PCI_DEVICE_ID: u16 = 0x0001;
+/// Class code: mass storage, non-volatile memory controller, NVM Express.
+pub const PCI_CLASS_NVME: u32 = 0x01_08_02;
+/// BAR holding the controller registers and doorbells (64-bit, [`BAR0_SIZE`] bytes).
+pub const REGISTER_BAR: u8 = 0;
+/// BAR holding the MSI-X table (offset 0) and PBA (offset [`MSIX_PBA_OFFSET`]).
+pub const MSIX_BAR: u8 = 4;
+/// Size of the MSI-X BAR.
+pub const MSIX_BAR_SIZE: u64 = 0x2000;
+/// Offset of the PBA in the MSI-X BAR (its own page, apart from the table).
+pub const MSIX_PBA_OFFSET: u32 = 0x1000;
+/// How long an idle worker sleeps before looking at the doorbells anyway.
+const IDLE_RECHECK: Duration = Duration::from_millis(100);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data stays consistent at every await-free step; a panic elsewhere must not
+    // take the device down with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Registers that are plain storage (CSTS and the doorbells live in atomics).
+#[derive(Debug, Default)]
+struct Registers {
+    cc: u32,
+    aqa: u32,
+    asq: u64,
+    acq: u64,
+    intms: u32,
+}
+
+/// DMA through the parent port, refused while Bus Master Enable is clear.
+struct BusMasterGate {
+    port: Arc<dyn DmaPort>,
+    enabled: AtomicBool,
+}
+
+impl DmaPort for BusMasterGate {
+    fn dma_read(&self, addr: BusAddr, buf: &mut [u8]) -> Result<(), DmaError> {
+        if !self.enabled.load(Ordering::Acquire) {
+            return Err(DmaError::BusMasterDisabled);
+        }
+        self.port.dma_read(addr, buf)
+    }
+
+    fn dma_write(&self, addr: BusAddr, data: &[u8]) -> Result<(), DmaError> {
+        if !self.enabled.load(Ordering::Acquire) {
+            return Err(DmaError::BusMasterDisabled);
+        }
+        self.port.dma_write(addr, data)
+    }
+
+    fn dma_span(
+        &self,
+        addr: BusAddr,
+        len: u64,
+        access: DmaAccess,
+    ) -> Result<Option<MemSpan>, DmaError> {
+        if !self.enabled.load(Ordering::Acquire) {
+            return Err(DmaError::BusMasterDisabled);
+        }
+        self.port.dma_span(addr, len, access)
+    }
+}
+
+/// Completion interrupts go through the MSI-X table (enables, masks, pending bits).
+struct MsixTrigger(Arc<MsixTable>);
+
+impl InterruptSink for MsixTrigger {
+    fn signal(&self, vector: u16) {
+        self.0.trigger(vector);
+    }
+}
+
+struct Inner {
+    config: Mutex<ConfigSpace>,
+    msix: Arc<MsixTable>,
+    gate: Arc<BusMasterGate>,
+    memory_enabled: AtomicBool,
+    cap: u64,
+    regs: Mutex<Registers>,
+    csts: Arc<AtomicU32>,
+    doorbells: Arc<[AtomicU32]>,
+    core: Mutex<Controller>,
+    sleeping: AtomicBool,
+    stop: AtomicBool,
+    worker: OnceLock<Thread>,
+    spin: Duration,
+    vectors: u16,
+}
+
+/// An NVMe controller with one namespace backed by a raw image file, as a PCIe function.
+pub struct NvmeDevice {
+    inner: Arc<Inner>,
+    join: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for NvmeDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmeDevice")
+            .field("vectors", &self.inner.vectors)
+            .finish_non_exhaustive()
+    }
+}
+
+fn config_space(vectors: u16) -> Result<ConfigSpace, NvmeError> {
+    let mut b = ConfigSpaceBuilder::new(Identity {
+        vendor_id: PCI_VENDOR_ID,
+        device_id: PCI_DEVICE_ID,
+        class_code: PCI_CLASS_NVME,
+        revision_id: 0,
+        subsystem_vendor_id: PCI_VENDOR_ID,
+        subsystem_id: PCI_DEVICE_ID,
+    });
+    let bar = |i| BarIndex::new(i).ok_or(NvmeError::InvalidConfig("BAR index"));
+    b.bar(
+        bar(REGISTER_BAR)?,
+        BarSpec {
+            size: BAR0_SIZE,
+            is_64bit: true,
+            prefetchable: false,
+        },
+    )?;
+    b.bar(
+        bar(MSIX_BAR)?,
+        BarSpec {
+            size: MSIX_BAR_SIZE,
+            is_64bit: true,
+            prefetchable: false,
+        },
+    )?;
+    b.power_management()?;
+    b.pci_express(PciExpressCap { flr_capable: true })?;
+    b.msix(msix_layout(vectors)?)?;
+    Ok(b.build()?)
+}
+
+fn msix_layout(vectors: u16) -> Result<MsixLayout, NvmeError> {
+    let bar = BarIndex::new(MSIX_BAR).ok_or(NvmeError::InvalidConfig("BAR index"))?;
+    Ok(MsixLayout {
+        vectors,
+        table: BarRegion { bar, offset: 0 },
+        pba: BarRegion {
+            bar,
+            offset: MSIX_PBA_OFFSET,
+        },
+    })
+}
+
+impl NvmeDevice {
+    /// Builds the controller (opening or creating the image) and starts its worker thread.
+    /// DMA goes through `dma`; MSI-X messages, after the function's own table, to `irq`.
+    pub fn new(
+        cfg: NvmeConfig,
+        dma: Arc<dyn DmaPort>,
+        irq: Arc<dyn InterruptSink>,
+    ) -> Result<Arc<NvmeDevice>, NvmeError> {
+        cfg.validate()?;
+        let vectors = cfg.msix_vectors();
+        let config = config_space(vectors)?;
+        let msix = Arc::new(MsixTable::new(msix_layout(vectors)?, irq));
+        let gate = Arc::new(BusMasterGate {
+            port: dma,
+            enabled: AtomicBool::new(false),
+        });
+        let doorbells: Arc<[AtomicU32]> = (0..2 * (usize::from(cfg.max_io_queue_pairs) + 1))
+            .map(|_| AtomicU32::new(0))
+            .collect();
+        let csts = Arc::new(AtomicU32::new(0));
+        let core = Controller::new(
+            &cfg,
+            gate.clone(),
+            Arc::new(MsixTrigger(msix.clone())),
+            doorbells.clone(),
+            csts.clone(),
+            PCI_VENDOR_ID,
+        )?;
+        let inner = Arc::new(Inner {
+            config: Mutex::new(config),
+            msix,
+            gate,
+            memory_enabled: AtomicBool::new(false),
+            cap: capabilities(cfg.max_queue_entries, cfg.ready_timeout_500ms),
+            regs: Mutex::new(Registers::default()),
+            csts,
+            doorbells,
+            core: Mutex::new(core),
+            sleeping: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            worker: OnceLock::new(),
+            spin: cfg.poll_spin,
+            vectors,
+        });
+        let worker_inner = inner.clone();
+        let join = std::thread::Builder::new()
+            .name("nvme-worker".into())
+            .spawn(move || worker_inner.run())
+            .map_err(NvmeError::Thread)?;
+        let _ = inner.worker.set(join.thread().clone());
+        Ok(Arc::new(NvmeDevice {
+            inner,
+            join: Mutex::new(Some(join)),
+        }))
+    }
+
+    /// Stops the worker thread and waits for it. Later doorbells are ignored. Idempotent;
+    /// also done on drop.
+    pub fn shutdown(&self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.inner.worker.get() {
+            t.unpark();
+        }
+        if let Some(j) = lock(&self.join).take() {
+            if j.join().is_err() {
+                tracing::warn!("nvme: the worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for NvmeDevice {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Inner {
+    fn run(&self) {
+        let mut last_work = Instant::now();
+        while !self.stop.load(Ordering::Acquire) {
+            let worked = lock(&self.core).poll();
+            if worked {
+                last_work = Instant::now();
+                continue;
+            }
+            if last_work.elapsed() < self.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.sleeping.store(true, Ordering::SeqCst);
+            let pending = {
+                let mut core = lock(&self.core);
+                core.prepare_sleep();
+                core.has_work()
+            };
+            if !pending && !self.stop.load(Ordering::SeqCst) {
+                std::thread::park_timeout(IDLE_RECHECK);
+            }
+            self.sleeping.store(false, Ordering::SeqCst);
+            last_work = Instant::now();
+        }
+    }
+
+    fn wake(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            if let Some(t) = self.worker.get() {
+                t.unpark();
+            }
+        }
+    }
+
+    fn read_reg32(&self, offset: u64) -> u32 {
+        let regs = lock(&self.regs);
+        match offset {
+            REG_CAP => self.cap as u32,
+            o if o == REG_CAP + 4 => (self.cap >> 32) as u32,
+            REG_VS => VERSION_1_4,
+            REG_INTMS | REG_INTMC => regs.intms,
+            REG_CC => regs.cc,
+            REG_CSTS => self.csts.load(Ordering::Acquire),
+            REG_AQA => regs.aqa,
+            REG_ASQ => regs.asq as u32,
+            o if o == REG_ASQ + 4 => (regs.asq >> 32) as u32,
+            REG_ACQ => regs.acq as u32,
+            o if o == REG_ACQ + 4 => (regs.acq >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    fn write_reg32(&self, offset: u64, v: u32) {
+        if offset == REG_CC {
+            self.write_cc(v);
+            return;
+        }
+        let mut regs = lock(&self.regs);
+        match offset {
+            REG_INTMS => regs.intms |= v,
+            REG_INTMC => regs.intms &= !v,
+            REG_AQA => regs.aqa = v & AQA_WRITABLE,
+            REG_ASQ => regs.asq = (regs.asq & !0xffff_ffff) | u64::from(v) & QUEUE_BASE_MASK,
+            o if o == REG_ASQ + 4 => regs.asq = (regs.asq & 0xffff_ffff) | (u64::from(v) << 32),
+            REG_ACQ => regs.acq = (regs.acq & !0xffff_ffff) | u64::from(v) & QUEUE_BASE_MASK,
+            o if o == REG_ACQ + 4 => regs.acq = (regs.acq & 0xffff_ffff) | (u64::from(v) << 32),
+            _ => {} // read-only or reserved (CAP, VS, CSTS, NSSR unsupported)
+        }
+    }
+
+    fn write_cc(&self, v: u32) {
+        let mut core = lock(&self.core);
+        let mut regs = lock(&self.regs);
+        let old = ControllerConfig { raw: regs.cc };
+        let new = ControllerConfig {
+            raw: v & CC_WRITABLE,
+        };
+        regs.cc = new.raw;
+        let aq = AdminQueueRegs {
+            cc: new,
+            aqa: regs.aqa,
+            asq: regs.asq,
+            acq: regs.acq,
+        };
+        drop(regs);
+        match (old.enabled(), new.enabled()) {
+            (false, true) => core.enable(aq),
+            (true, false) => core.disable(),
+            _ => {}
+        }
+        if new.shn() != 0 && old.shn() == 0 {
+            core.shutdown();
+        }
+        drop(core);
+        self.wake();
+    }
+
+    fn doorbell_write(&self, offset: u64, v: u32) {
+        let Some(db) = Doorbell::from_offset(offset) else {
+            return;
+        };
+        if let Some(slot) = self.doorbells.get(db.slot()) {
+            slot.store(v & 0xffff, Ordering::SeqCst);
+            self.wake();
+        }
+    }
+
+    fn bar0_read(&self, offset: u64, data: &mut [u8]) {
+        let len = data.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > BAR0_SIZE) {
+            data.fill(0xff);
+            return;
+        }
+        let mut cached: Option<(u64, [u8; 4])> = None;
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = offset + i as u64;
+            let dword = at & !3;
+            let bytes = match cached {
+                Some((d, b)) if d == dword => b,
+                _ => {
+                    let b = if dword >= DOORBELL_BASE {
+                        [0; 4]
+                    } else {
+                        self.read_reg32(dword).to_le_bytes()
+                    };
+                    cached = Some((dword, b));
+                    b
+                }
+            };
+            *byte = bytes.get((at & 3) as usize).copied().unwrap_or(0xff);
+        }
+    }
+
+    fn bar0_write(&self, offset: u64, data: &[u8]) {
+        let len = data.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > BAR0_SIZE) {
+            return;
+        }
+        if (len == 4 || len == 8) && offset.is_multiple_of(4) {
+            for (i, chunk) in data.chunks_exact(4).enumerate() {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(chunk);
+                let v = u32::from_le_bytes(b);
+                let at = offset + 4 * i as u64;
+                if at >= DOORBELL_BASE {
+                    self.doorbell_write(at, v);
+                } else {
+                    self.write_reg32(at, v);
+                }
+            }
+            return;
+        }
+        // A narrow register write: read-modify-write of the dword it falls in. Doorbells take
+        // only whole-dword writes.
+        let dword = offset & !3;
+        if dword >= DOORBELL_BASE || (offset & 3) + len > 4 {
+            return;
+        }
+        let mut b = self.read_reg32(dword).to_le_bytes();
+        for (i, v) in data.iter().enumerate() {
+            if let Some(dst) = b.get_mut((offset & 3) as usize + i) {
+                *dst = *v;
+            }
+        }
+        self.write_reg32(dword, u32::from_le_bytes(b));
+    }
+
+    fn reset(&self) {
+        {
+            let mut core = lock(&self.core);
+            core.power_on_reset();
+            *lock(&self.regs) = Registers::default();
+        }
+        lock(&self.config).reset();
+        self.msix.reset();
+        self.gate.enabled.store(false, Ordering::Release);
+        self.memory_enabled.store(false, Ordering::Release);
+    }
+}
+
+impl PciDevice for NvmeDevice {
+    fn config_read(&self, offset: u16, size: AccessSize) -> u32 {
+        lock(&self.inner.config).read(offset, size)
+    }
+
+    fn config_write(&self, offset: u16, size: AccessSize, value: u32) {
+        let effects = lock(&self.inner.config).write(offset, size, value);
+        for effect in effects {
+            match effect {
+                ConfigEffect::CommandChanged {
+                    memory, bus_master, ..
+                } => {
+                    self.inner.memory_enabled.store(memory, Ordering::Release);
+                    self.inner.gate.enabled.store(bus_master, Ordering::Release);
+                    self.inner.wake();
+                }
+                ConfigEffect::MsixControl {
+                    enable,
+                    function_mask,
+                } => self.inner.msix.set_control(enable, function_mask),
+                ConfigEffect::FunctionLevelReset => self.inner.reset(),
+                ConfigEffect::BarChanged(_) | ConfigEffect::PowerState(_) => {}
+            }
+        }
+    }
+
+    fn bar_spec(&self, bar: BarIndex) -> Option<BarSpec> {
+        lock(&self.inner.config).bar_spec(bar)
+    }
+
+    fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) {
+        if !self.inner.memory_enabled.load(Ordering::Acquire) {
+            data.fill(0xff);
+            return;
+        }
+        match bar.get() {
+            REGISTER_BAR => self.inner.bar0_read(offset, data),
+            _ => {
+                if !self.inner.msix.bar_read(bar, offset, data) {
+                    data.fill(0xff);
+                }
+            }
+        }
+    }
+
+    fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) {
+        if !self.inner.memory_enabled.load(Ordering::Acquire) {
+            return;
+        }
+        match bar.get() {
+            REGISTER_BAR => self.inner.bar0_write(offset, data),
+            _ => {
+                let _ = self.inner.msix.bar_write(bar, offset, data);
+            }
+        }
+    }
+
+    fn reset(&self) {
+        self.inner.reset();
+    }
+
+    fn msix_vectors(&self) -> u16 {
+        self.inner.vectors
+    }
+
+    fn kind(&self) -> &'static str {
+        "nvme"
+    }
+}

@@ -1,0 +1,114 @@
+//! Submission and completion queue state as the controller keeps it.
+//!
+//! Head, tail and size are `u32` values below `entries` (at most 4096): every index update
+//! wraps with [`wrap`], and doorbell values a driver writes are checked before use.
+
+use devlend_memory::MemSpan;
+
+/// `(index + 1) % entries`.
+pub fn wrap(index: u32, entries: u32) -> u32 {
+    if index + 1 >= entries {
+        0
+    } else {
+        index + 1
+    }
+}
+
+/// A submission queue.
+#[derive(Debug)]
+pub(crate) struct SubmissionQueue {
+    /// Base bus address (page aligned).
+    pub base: u64,
+    /// Entries (1-based).
+    pub entries: u32,
+    /// Next entry the controller fetches.
+    pub head: u32,
+    /// Last tail the driver published that the controller accepted.
+    pub tail: u32,
+    /// Completion queue this queue posts to.
+    pub cqid: u16,
+    /// Tail comes from the shadow doorbell buffer.
+    pub shadow: bool,
+    /// Direct mapping of the ring (cached translation, like an IOTLB entry).
+    pub ring: Option<MemSpan>,
+}
+
+/// A completion queue.
+#[derive(Debug)]
+pub(crate) struct CompletionQueue {
+    /// Base bus address (page aligned).
+    pub base: u64,
+    /// Entries (1-based).
+    pub entries: u32,
+    /// Next entry the controller posts to.
+    pub tail: u32,
+    /// Last head the driver published.
+    pub head: u32,
+    /// Phase tag of entries posted in the current pass.
+    pub phase: bool,
+    /// Interrupts enabled.
+    pub interrupts: bool,
+    /// MSI-X vector.
+    pub vector: u16,
+    /// Head comes from the shadow doorbell buffer.
+    pub shadow: bool,
+    /// Entries were posted since the last interrupt.
+    pub needs_interrupt: bool,
+    /// Submission queues posting here.
+    pub sq_count: u32,
+    /// Direct mapping of the ring.
+    pub ring: Option<MemSpan>,
+}
+
+impl CompletionQueue {
+    /// No free slot: posting would overwrite an entry the driver has not consumed.
+    pub fn is_full(&self) -> bool {
+        wrap(self.tail, self.entries) == self.head
+    }
+
+    /// Whether `head` is a valid new head: it may only move over posted entries.
+    pub fn head_is_valid(&self, head: u32) -> bool {
+        if head >= self.entries {
+            return false;
+        }
+        let posted = (self.tail + self.entries - self.head) % self.entries;
+        let advance = (head + self.entries - self.head) % self.entries;
+        advance <= posted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cq(entries: u32, head: u32, tail: u32) -> CompletionQueue {
+        CompletionQueue {
+            base: 0,
+            entries,
+            tail,
+            head,
+            phase: true,
+            interrupts: true,
+            vector: 0,
+            shadow: false,
+            needs_interrupt: false,
+            sq_count: 0,
+            ring: None,
+        }
+    }
+
+    #[test]
+    fn full_and_head_checks() {
+        assert!(!cq(4, 0, 0).is_full());
+        assert!(cq(4, 0, 3).is_full());
+        assert!(cq(4, 2, 1).is_full());
+        let q = cq(4, 3, 1); // posted: 3, 0
+        assert!(q.head_is_valid(3));
+        assert!(q.head_is_valid(0));
+        assert!(q.head_is_valid(1));
+        assert!(!q.head_is_valid(2));
+        assert!(!q.head_is_valid(4));
+        assert_eq!(wrap(3, 4), 0);
+        assert_eq!(wrap(1, 4), 2);
+    }
+}
