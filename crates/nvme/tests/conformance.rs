@@ -1,0 +1,808 @@
+//! Conformance of the NVMe model: registers, transitions, admin commands and their error
+//! statuses, driven through BAR writes like a driver would.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use devlend_nvme::command::{admin_opcode, nvm_opcode};
+use devlend_nvme::regs::*;
+use devlend_nvme::{fid, lid, Command, Status, PCI_CLASS_NVME, PCI_VENDOR_ID};
+use devlend_pci::{AccessSize, BarIndex, PciDevice};
+
+#[test]
+fn config_space_identifies_an_nvme_controller() {
+    let h = Harness::new();
+    assert_eq!(
+        h.dev.config_read(0, AccessSize::Word),
+        u32::from(PCI_VENDOR_ID)
+    );
+    assert_eq!(
+        h.dev.config_read(0x08, AccessSize::Dword) >> 8,
+        PCI_CLASS_NVME
+    );
+    let bar0 = h.dev.bar_spec(BarIndex::new(0).unwrap()).unwrap();
+    assert!(bar0.is_64bit);
+    assert_eq!(bar0.size, BAR0_SIZE);
+    let bar4 = h.dev.bar_spec(BarIndex::new(4).unwrap()).unwrap();
+    assert!(bar4.is_64bit);
+    assert_eq!(h.dev.msix_vectors(), 5);
+    // BAR sizing through the masks.
+    h.dev.config_write(0x10, AccessSize::Dword, 0xffff_ffff);
+    assert_eq!(
+        h.dev.config_read(0x10, AccessSize::Dword) & !0xf,
+        !(BAR0_SIZE as u32 - 1)
+    );
+}
+
+#[test]
+fn register_reset_values() {
+    let h = Harness::new();
+    let cap = h.read64(REG_CAP);
+    let table: &[(&str, u64, u64)] = &[
+        ("MQES", cap & 0xffff, 1023),
+        ("CQR", (cap >> 16) & 1, 1),
+        ("TO", (cap >> 24) & 0xff, 20),
+        ("DSTRD", (cap >> 32) & 0xf, 0),
+        ("CSS", (cap >> 37) & 0xff, 1),
+        ("MPSMIN", (cap >> 48) & 0xf, 0),
+        ("VS", u64::from(h.read32(REG_VS)), 0x0001_0400),
+        ("CC", u64::from(h.read32(REG_CC)), 0),
+        ("CSTS", u64::from(h.read32(REG_CSTS)), 0),
+        ("AQA", u64::from(h.read32(REG_AQA)), 0),
+        (
+            "CAP lo/hi = 64-bit",
+            u64::from(h.read32(REG_CAP)) | u64::from(h.read32(REG_CAP + 4)) << 32,
+            cap,
+        ),
+    ];
+    for (name, got, want) in table {
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
+fn register_writes() {
+    let h = Harness::new();
+    // Read-only registers ignore writes.
+    let cap = h.read64(REG_CAP);
+    h.write64(REG_CAP, 0);
+    h.write32(REG_VS, 0);
+    h.write32(REG_CSTS, 0xffff_ffff);
+    assert_eq!(h.read64(REG_CAP), cap);
+    assert_eq!(h.read32(REG_VS), VERSION_1_4);
+    assert_eq!(h.read32(REG_CSTS), 0);
+    // ASQ/ACQ: bits 11:0 reserved; 32-bit halves compose.
+    h.write32(REG_ASQ, 0x1234_5fff);
+    h.write32(REG_ASQ + 4, 0xab);
+    assert_eq!(h.read64(REG_ASQ), 0xab_1234_5000);
+    h.write64(REG_ACQ, 0xdead_beef_f00d_0fff);
+    assert_eq!(h.read64(REG_ACQ), 0xdead_beef_f00d_0000);
+    // AQA reserved bits.
+    h.write32(REG_AQA, 0xffff_ffff);
+    assert_eq!(h.read32(REG_AQA), 0x0fff_0fff);
+    // INTMS / INTMC.
+    h.write32(REG_INTMS, 0b101);
+    assert_eq!(h.read32(REG_INTMC), 0b101);
+    h.write32(REG_INTMC, 0b001);
+    assert_eq!(h.read32(REG_INTMS), 0b100);
+    // Outside BAR0 reads all-ones.
+    let mut b = [0u8; 4];
+    h.dev.bar_read(bar0(), BAR0_SIZE, &mut b);
+    assert_eq!(b, [0xff; 4]);
+    // Narrow reads of a register.
+    let mut b = [0u8; 2];
+    h.dev.bar_read(bar0(), REG_VS + 2, &mut b);
+    assert_eq!(u16::from_le_bytes(b), 1);
+}
+
+#[test]
+fn memory_space_disabled_hides_registers() {
+    let h = Harness::new();
+    h.dev.config_write(0x04, AccessSize::Word, 0x4);
+    assert_eq!(h.read32(REG_VS), 0xffff_ffff);
+}
+
+#[test]
+fn enable_disable_and_shutdown() {
+    let mut h = Harness::new();
+    h.enable();
+    assert_eq!(h.read32(REG_CSTS) & CSTS_RDY, CSTS_RDY);
+    // Disable.
+    h.write32(REG_CC, 0);
+    assert!(h.wait_csts(CSTS_RDY, 0));
+    // Enable again, then shut down: SHST complete.
+    h.enable();
+    h.write32(REG_CC, Harness::CC_READY | (1 << CC_SHN_SHIFT));
+    assert!(h.wait_csts(CSTS_SHST_MASK, CSTS_SHST_COMPLETE));
+    // Commands are no longer processed after shutdown.
+    h.push(0, identify(1, 0, DATA));
+    h.ring_sq(0);
+    assert!(h.reap(0, Duration::from_millis(200)).is_none());
+    // Reset and enable clears SHST.
+    h.write32(REG_CC, 0);
+    assert!(h.wait_csts(CSTS_RDY, 0));
+    h.enable();
+    assert_eq!(h.read32(REG_CSTS) & CSTS_SHST_MASK, 0);
+}
+
+#[test]
+fn bad_enable_sets_cfs() {
+    let cases: &[(&str, u32, u64, u64, u32)] = &[
+        // name, AQA, ASQ, ACQ, CC
+        (
+            "zero-size admin SQ",
+            0x003f_0000,
+            HOST_BASE,
+            HOST_BASE + 0x1000,
+            Harness::CC_READY,
+        ),
+        (
+            "zero-size admin CQ",
+            0x0000_003f,
+            HOST_BASE,
+            HOST_BASE + 0x1000,
+            Harness::CC_READY,
+        ),
+        (
+            "null ASQ",
+            0x003f_003f,
+            0,
+            HOST_BASE + 0x1000,
+            Harness::CC_READY,
+        ),
+        (
+            "bad CSS",
+            0x003f_003f,
+            HOST_BASE,
+            HOST_BASE + 0x1000,
+            Harness::CC_READY | (1 << CC_CSS_SHIFT),
+        ),
+        (
+            "MPS above MPSMAX",
+            0x003f_003f,
+            HOST_BASE,
+            HOST_BASE + 0x1000,
+            Harness::CC_READY | (5 << CC_MPS_SHIFT),
+        ),
+        (
+            "bad AMS",
+            0x003f_003f,
+            HOST_BASE,
+            HOST_BASE + 0x1000,
+            Harness::CC_READY | (1 << CC_AMS_SHIFT),
+        ),
+    ];
+    for (name, aqa, asq, acq, cc) in cases {
+        let h = Harness::new();
+        h.write32(REG_AQA, *aqa);
+        h.write64(REG_ASQ, *asq);
+        h.write64(REG_ACQ, *acq);
+        h.write32(REG_CC, *cc);
+        let csts = h.read32(REG_CSTS);
+        assert_eq!(csts & (CSTS_CFS | CSTS_RDY), CSTS_CFS, "{name}");
+        // A reset clears it.
+        h.write32(REG_CC, 0);
+        assert_eq!(h.read32(REG_CSTS) & CSTS_CFS, 0, "{name}");
+    }
+}
+
+#[test]
+fn function_level_reset() {
+    let mut h = Harness::new();
+    h.enable();
+    // Find the PCI Express capability and write Initiate FLR (Device Control bit 15).
+    let mut cap = h.dev.config_read(0x34, AccessSize::Byte) as u16;
+    while cap != 0 && h.dev.config_read(cap, AccessSize::Byte) != 0x10 {
+        cap = h.dev.config_read(cap + 1, AccessSize::Byte) as u16;
+    }
+    assert_ne!(cap, 0);
+    h.dev.config_write(cap + 8, AccessSize::Word, 1 << 15);
+    // Config space is back at power-on: memory decode off.
+    assert_eq!(h.dev.config_read(0x04, AccessSize::Word) & 0x6, 0);
+    h.pci_enable();
+    assert_eq!(h.read32(REG_CSTS), 0);
+    assert_eq!(h.read32(REG_CC), 0);
+    assert_eq!(h.read64(REG_ASQ), 0);
+    // And it works again.
+    h.enable();
+    assert!(h.admin(identify(1, 0, DATA)).status.is_success());
+    // PciDevice::reset does the same.
+    h.dev.reset();
+    h.pci_enable();
+    assert_eq!(h.read32(REG_CSTS), 0);
+}
+
+#[test]
+fn identify_controller_and_namespace() {
+    let mut h = Harness::with(
+        |c| {
+            c.serial = "SN-TEST-42".into();
+            c.model = "devlend test model".into();
+            c.firmware_rev = "1.2.3".into();
+        },
+        true,
+    );
+    h.enable();
+    let c = h.admin(identify(1, 0, DATA));
+    assert_eq!(c.status, Status::SUCCESS);
+    let id = h.read_mem(DATA, 4096);
+    let u16at = |o: usize| u16::from_le_bytes([id[o], id[o + 1]]);
+    let u32at = |o: usize| u32::from_le_bytes([id[o], id[o + 1], id[o + 2], id[o + 3]]);
+    assert_eq!(u16at(0), PCI_VENDOR_ID);
+    assert_eq!(&id[4..24], b"SN-TEST-42          ");
+    assert_eq!(&id[24..42], b"devlend test model");
+    assert_eq!(&id[64..72], b"1.2.3   ");
+    assert_eq!(id[77], 5, "MDTS");
+    assert_eq!(u32at(80), VERSION_1_4);
+    assert_ne!(u16at(256) & (1 << 8), 0, "OACS doorbell buffer config");
+    assert_eq!(id[259], 3, "AERL");
+    assert_eq!(id[512], 0x66, "SQES");
+    assert_eq!(id[513], 0x44, "CQES");
+    assert_eq!(u32at(516), 1, "NN");
+    assert_eq!(id[525] & 1, 1, "VWC");
+    assert_eq!(u16at(520) & 0b1101, 0b1101, "ONCS compare/dsm/write zeroes");
+
+    // Namespace.
+    assert_eq!(h.status(0, identify(0, 1, DATA)), Status::SUCCESS);
+    let ns = h.read_mem(DATA, 4096);
+    let nsze = u64::from_le_bytes(ns[0..8].try_into().unwrap());
+    assert_eq!(nsze, IMAGE_BYTES / 512);
+    assert_eq!(ns[128 + 2], 9, "LBADS");
+
+    // Active namespace list.
+    h.mem.fill(DATA, 4096, 0xee).unwrap();
+    assert_eq!(h.status(0, identify(2, 0, DATA)), Status::SUCCESS);
+    let list = h.read_mem(DATA, 8);
+    assert_eq!(list, [1, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(h.status(0, identify(2, 1, DATA)), Status::SUCCESS);
+    assert_eq!(h.read_mem(DATA, 4), [0; 4]);
+
+    // Descriptors: EUI64, NGUID, UUID.
+    assert_eq!(h.status(0, identify(3, 1, DATA)), Status::SUCCESS);
+    let d = h.read_mem(DATA, 64);
+    assert_eq!((d[0], d[1]), (1, 8));
+    assert_eq!((d[12], d[13]), (2, 16));
+    assert_eq!((d[32], d[33]), (3, 16));
+    assert_eq!(d[52], 0, "list terminated");
+}
+
+#[test]
+fn admin_error_statuses() {
+    let mut h = Harness::new();
+    h.enable();
+    h.create_io_pair(1, 16);
+    let feat = |opcode: u8, cdw10: u32, cdw11: u32| Command {
+        opcode,
+        cdw: [cdw10, cdw11, 0, 0, 0, 0],
+        ..Command::default()
+    };
+    let log = |lid: u8, numd: u32, offset: u32| Command {
+        opcode: admin_opcode::GET_LOG_PAGE,
+        prp1: HOST_BASE + DATA,
+        cdw: [((numd - 1) << 16) | u32::from(lid), 0, offset, 0, 0, 0],
+        ..Command::default()
+    };
+    let mut sgl = identify(1, 0, DATA);
+    sgl.psdt = 1;
+    let mut fused = identify(1, 0, DATA);
+    fused.fuse = 1;
+    let mut cq_pc0 = create_cq(2, 16, 0xa_0000, 2);
+    cq_pc0.cdw[1] &= !1;
+    let mut cq_unaligned = create_cq(2, 16, 0xa_0000, 2);
+    cq_unaligned.prp1 += 0x200;
+    let cases: Vec<(&str, Command, Status)> = vec![
+        ("unknown opcode", cmd(0x7f), Status::INVALID_OPCODE),
+        (
+            "NVM opcode on admin queue",
+            cmd(0x80),
+            Status::INVALID_OPCODE,
+        ),
+        ("SGL requested", sgl, Status::INVALID_FIELD),
+        ("fused", fused, Status::INVALID_FIELD),
+        (
+            "identify unknown CNS",
+            identify(0x20, 0, DATA),
+            Status::INVALID_FIELD,
+        ),
+        (
+            "identify ns 0",
+            identify(0, 0, DATA),
+            Status::INVALID_NAMESPACE,
+        ),
+        (
+            "identify ns 2",
+            identify(0, 2, DATA),
+            Status::INVALID_NAMESPACE,
+        ),
+        (
+            "identify ns broadcast",
+            identify(0, 0xffff_ffff, DATA),
+            Status::INVALID_NAMESPACE,
+        ),
+        (
+            "active list from FFFFFFFE",
+            identify(2, 0xffff_fffe, DATA),
+            Status::INVALID_NAMESPACE,
+        ),
+        (
+            "identify into unmapped memory",
+            Command {
+                prp1: 0x1000,
+                ..identify(1, 0, DATA)
+            },
+            Status::DATA_TRANSFER_ERROR,
+        ),
+        (
+            "identify misaligned PRP1",
+            Command {
+                prp1: HOST_BASE + DATA + 2,
+                ..identify(1, 0, DATA)
+            },
+            Status::INVALID_PRP_OFFSET,
+        ),
+        (
+            "create CQ qid 0",
+            create_cq(0, 16, 0xa_0000, 0),
+            Status::INVALID_QUEUE_ID,
+        ),
+        (
+            "create CQ qid beyond max",
+            create_cq(5, 16, 0xa_0000, 0),
+            Status::INVALID_QUEUE_ID,
+        ),
+        (
+            "create CQ existing",
+            create_cq(1, 16, 0xa_0000, 0),
+            Status::INVALID_QUEUE_ID,
+        ),
+        (
+            "create CQ 1 entry",
+            create_cq(2, 1, 0xa_0000, 2),
+            Status::INVALID_QUEUE_SIZE,
+        ),
+        (
+            "create CQ above MQES",
+            create_cq(2, 1025, 0xa_0000, 2),
+            Status::INVALID_QUEUE_SIZE,
+        ),
+        ("create CQ not contiguous", cq_pc0, Status::INVALID_FIELD),
+        (
+            "create CQ bad vector",
+            create_cq(2, 16, 0xa_0000, 5),
+            Status::INVALID_INTERRUPT_VECTOR,
+        ),
+        (
+            "create CQ unaligned",
+            cq_unaligned,
+            Status::INVALID_PRP_OFFSET,
+        ),
+        (
+            "create SQ qid 0",
+            create_sq(0, 16, 0xb_0000, 1),
+            Status::INVALID_QUEUE_ID,
+        ),
+        (
+            "create SQ existing",
+            create_sq(1, 16, 0xb_0000, 1),
+            Status::INVALID_QUEUE_ID,
+        ),
+        (
+            "create SQ on CQ 0",
+            create_sq(2, 16, 0xb_0000, 0),
+            Status::COMPLETION_QUEUE_INVALID,
+        ),
+        (
+            "create SQ on missing CQ",
+            create_sq(2, 16, 0xb_0000, 3),
+            Status::COMPLETION_QUEUE_INVALID,
+        ),
+        (
+            "create SQ 1 entry",
+            create_sq(2, 1, 0xb_0000, 1),
+            Status::INVALID_QUEUE_SIZE,
+        ),
+        (
+            "delete SQ 0",
+            feat(admin_opcode::DELETE_IO_SQ, 0, 0),
+            Status::INVALID_QUEUE_ID,
+        ),
+        (
+            "delete missing SQ",
+            feat(admin_opcode::DELETE_IO_SQ, 3, 0),
+            Status::INVALID_QUEUE_ID,
+        ),
+        (
+            "delete CQ 0",
+            feat(admin_opcode::DELETE_IO_CQ, 0, 0),
+            Status::INVALID_QUEUE_ID,
+        ),
+        (
+            "delete CQ in use",
+            feat(admin_opcode::DELETE_IO_CQ, 1, 0),
+            Status::INVALID_QUEUE_DELETION,
+        ),
+        (
+            "get unsupported feature",
+            feat(admin_opcode::GET_FEATURES, 0x03, 0),
+            Status::INVALID_FIELD,
+        ),
+        (
+            "set unsupported feature",
+            feat(admin_opcode::SET_FEATURES, 0x80, 0),
+            Status::INVALID_FIELD,
+        ),
+        (
+            "set feature with save",
+            feat(
+                admin_opcode::SET_FEATURES,
+                (1 << 31) | u32::from(fid::VOLATILE_WRITE_CACHE),
+                1,
+            ),
+            Status::FEATURE_NOT_SAVEABLE,
+        ),
+        (
+            "number of queues after creation",
+            feat(
+                admin_opcode::SET_FEATURES,
+                u32::from(fid::NUMBER_OF_QUEUES),
+                0x0001_0001,
+            ),
+            Status::COMMAND_SEQUENCE_ERROR,
+        ),
+        (
+            "power state 1",
+            feat(
+                admin_opcode::SET_FEATURES,
+                u32::from(fid::POWER_MANAGEMENT),
+                1,
+            ),
+            Status::INVALID_FIELD,
+        ),
+        (
+            "temperature sensor 3",
+            feat(
+                admin_opcode::SET_FEATURES,
+                u32::from(fid::TEMPERATURE_THRESHOLD),
+                3 << 16,
+            ),
+            Status::INVALID_FIELD,
+        ),
+        (
+            "vector config beyond table",
+            feat(
+                admin_opcode::GET_FEATURES,
+                u32::from(fid::INTERRUPT_VECTOR_CONFIG),
+                99,
+            ),
+            Status::INVALID_FIELD,
+        ),
+        (
+            "get features select 4",
+            feat(
+                admin_opcode::GET_FEATURES,
+                (4 << 8) | u32::from(fid::ARBITRATION),
+                0,
+            ),
+            Status::INVALID_FIELD,
+        ),
+        (
+            "unknown log page",
+            log(0x70, 128, 0),
+            Status::INVALID_LOG_PAGE,
+        ),
+        (
+            "log offset not dword aligned",
+            log(lid::SMART_HEALTH, 128, 2),
+            Status::INVALID_FIELD,
+        ),
+        (
+            "log offset beyond log",
+            log(lid::SMART_HEALTH, 128, 4096),
+            Status::INVALID_FIELD,
+        ),
+        (
+            "log above MDTS",
+            log(lid::SMART_HEALTH, 0x10000, 0),
+            Status::INVALID_FIELD,
+        ),
+        (
+            "doorbell buffer unaligned",
+            Command {
+                opcode: admin_opcode::DOORBELL_BUFFER_CONFIG,
+                prp1: HOST_BASE + 0x8_0100,
+                prp2: HOST_BASE + 0x8_1000,
+                ..Command::default()
+            },
+            Status::INVALID_FIELD,
+        ),
+        (
+            "keep alive not supported",
+            cmd(0x18),
+            Status::INVALID_OPCODE,
+        ),
+    ];
+    for (name, c, want) in cases {
+        let got = h.admin(c).status;
+        assert_eq!(got, want, "{name}: got {got}, want {want}");
+    }
+}
+
+#[test]
+fn features_roundtrip() {
+    let mut h = Harness::new();
+    h.enable();
+    let set = |fid: u8, v: u32| Command {
+        opcode: admin_opcode::SET_FEATURES,
+        cdw: [u32::from(fid), v, 0, 0, 0, 0],
+        ..Command::default()
+    };
+    let get = |fid: u8, sel: u32, arg: u32| Command {
+        opcode: admin_opcode::GET_FEATURES,
+        cdw: [(sel << 8) | u32::from(fid), arg, 0, 0, 0, 0],
+        ..Command::default()
+    };
+    // Number of queues: asks for 8+8, max is 4: granted 4 (0-based 3).
+    let c = h.admin(set(fid::NUMBER_OF_QUEUES, 0x0007_0007));
+    assert_eq!((c.status, c.dw0), (Status::SUCCESS, 0x0003_0003));
+    assert_eq!(h.admin(get(fid::NUMBER_OF_QUEUES, 0, 0)).dw0, 0x0003_0003);
+    let c = h.admin(set(fid::NUMBER_OF_QUEUES, 0xffff));
+    assert_eq!(c.status, Status::INVALID_FIELD);
+    // Granted 2 SQs: a third is an invalid queue id.
+    assert_eq!(
+        h.admin(set(fid::NUMBER_OF_QUEUES, 0x0001_0001)).dw0,
+        0x0001_0001
+    );
+    assert_eq!(
+        h.admin(create_cq(3, 16, 0xa_0000, 3)).status,
+        Status::INVALID_QUEUE_ID
+    );
+    let table: &[(u8, u32, u32)] = &[
+        (fid::ARBITRATION, 0x0102_0303, 0),
+        (fid::VOLATILE_WRITE_CACHE, 0, 0),
+        (fid::VOLATILE_WRITE_CACHE, 1, 0),
+        (fid::INTERRUPT_COALESCING, 0x0a05, 0),
+        (fid::ASYNC_EVENT_CONFIG, 0x1f, 0),
+        (fid::WRITE_ATOMICITY, 1, 0),
+        (fid::ERROR_RECOVERY, 0x20, 0),
+        (fid::INTERRUPT_VECTOR_CONFIG, (1 << 16) | 2, 2),
+    ];
+    for &(f, v, arg) in table {
+        assert_eq!(h.admin(set(f, v)).status, Status::SUCCESS, "set {f:#x}");
+        let c = h.admin(get(f, 0, arg));
+        assert_eq!((c.status, c.dw0), (Status::SUCCESS, v), "get {f:#x}");
+    }
+    // Temperature threshold: over, then under.
+    assert!(h
+        .admin(set(fid::TEMPERATURE_THRESHOLD, 350))
+        .status
+        .is_success());
+    assert!(h
+        .admin(set(fid::TEMPERATURE_THRESHOLD, (1 << 20) | 260))
+        .status
+        .is_success());
+    assert_eq!(h.admin(get(fid::TEMPERATURE_THRESHOLD, 0, 0)).dw0, 350);
+    assert_eq!(
+        h.admin(get(fid::TEMPERATURE_THRESHOLD, 0, 1 << 20)).dw0,
+        260
+    );
+    // Defaults (select 1) and capabilities (select 3).
+    assert_eq!(h.admin(get(fid::VOLATILE_WRITE_CACHE, 1, 0)).dw0, 1);
+    assert_eq!(h.admin(get(fid::ARBITRATION, 3, 0)).dw0, 0b100);
+    // A controller reset restores defaults.
+    h.write32(REG_CC, 0);
+    assert!(h.wait_csts(CSTS_RDY, 0));
+    h.enable();
+    assert_eq!(h.admin(get(fid::ARBITRATION, 0, 0)).dw0, 0);
+    assert_eq!(h.admin(get(fid::NUMBER_OF_QUEUES, 0, 0)).dw0, 0x0003_0003);
+}
+
+#[test]
+fn log_pages() {
+    let mut h = Harness::new();
+    h.enable();
+    h.create_io_pair(1, 16);
+    h.mem.write_at(DATA + 0x1000, &[7u8; 4096]).unwrap();
+    for _ in 0..3 {
+        assert!(h.status(1, write(0, 8, DATA + 0x1000)).is_success());
+    }
+    let log = |lid: u8, numd: u32| Command {
+        opcode: admin_opcode::GET_LOG_PAGE,
+        nsid: 0xffff_ffff,
+        prp1: HOST_BASE + DATA,
+        cdw: [((numd - 1) << 16) | u32::from(lid), 0, 0, 0, 0, 0],
+        ..Command::default()
+    };
+    assert!(h.admin(log(lid::SMART_HEALTH, 128)).status.is_success());
+    let s = h.read_mem(DATA, 512);
+    let temp = u16::from_le_bytes([s[1], s[2]]);
+    assert!((273..373).contains(&temp));
+    assert_eq!(s[3], 100, "available spare");
+    let host_writes = u128::from_le_bytes(s[80..96].try_into().unwrap());
+    assert_eq!(host_writes, 3);
+    let units_written = u128::from_le_bytes(s[48..64].try_into().unwrap());
+    assert_eq!(
+        units_written, 1,
+        "24 units of 512 bytes round up to one thousand"
+    );
+
+    assert!(h.admin(log(lid::FIRMWARE_SLOT, 128)).status.is_success());
+    let f = h.read_mem(DATA, 16);
+    assert_eq!(f[0] & 7, 1);
+    assert_eq!(&f[8..11], b"0.1");
+
+    // An error is recorded in the error log.
+    assert_eq!(h.admin(cmd(0x7f)).status, Status::INVALID_OPCODE);
+    assert!(h.admin(log(lid::ERROR_INFORMATION, 16)).status.is_success());
+    let e = h.read_mem(DATA, 64);
+    assert!(u64::from_le_bytes(e[0..8].try_into().unwrap()) >= 1);
+    let status = u16::from_le_bytes([e[12], e[13]]) >> 1;
+    assert_eq!(status & 0xff, 0x01);
+
+    assert!(h.admin(log(lid::COMMAND_EFFECTS, 1024)).status.is_success());
+    let ce = h.read_mem(DATA, 4096);
+    assert_eq!(ce[4 * 6] & 1, 1, "identify supported");
+    assert_eq!(
+        ce[1024 + 4 * usize::from(nvm_opcode::WRITE)] & 3,
+        3,
+        "write changes content"
+    );
+}
+
+#[test]
+fn async_event_requests() {
+    let mut h = Harness::new();
+    h.enable();
+    let aer = cmd(admin_opcode::ASYNC_EVENT_REQUEST);
+    let mut cids = Vec::new();
+    for _ in 0..4 {
+        cids.push(h.push(0, aer));
+    }
+    h.ring_sq(0);
+    // Kept outstanding: no completion.
+    assert!(h.reap(0, Duration::from_millis(100)).is_none());
+    // A fifth exceeds AERL + 1.
+    assert_eq!(h.admin(aer).status, Status::AER_LIMIT_EXCEEDED);
+    // An invalid doorbell value (tail beyond the queue) completes one with an error event.
+    h.write32(DOORBELL_BASE, 1000);
+    let c = h.reap(0, Duration::from_secs(5)).expect("event");
+    assert!(cids.contains(&c.cid));
+    assert_eq!(c.dw0 & 7, 0, "error status event");
+    assert_eq!((c.dw0 >> 8) & 0xff, 1, "invalid doorbell write value");
+    assert_eq!((c.dw0 >> 16) & 0xff, 1, "error log page");
+    // The queue still works (the bad value was dropped).
+    h.write32(DOORBELL_BASE, h.queues[0].as_ref().unwrap().sq_tail);
+    assert!(h.admin(identify(1, 0, DATA)).status.is_success());
+    // Abort: nothing to abort, dword 0 bit 0 says "not aborted".
+    let c = h.admin(Command {
+        opcode: admin_opcode::ABORT,
+        cdw: [u32::from(cids[0]) << 16, 0, 0, 0, 0, 0],
+        ..Command::default()
+    });
+    assert_eq!((c.status, c.dw0 & 1), (Status::SUCCESS, 1));
+}
+
+#[test]
+fn interrupts_fire_per_completion_queue_vector() {
+    let mut h = Harness::new();
+    h.enable();
+    let before = h.irqs.count(0);
+    assert!(h.admin(identify(1, 0, DATA)).status.is_success());
+    assert!(h.irqs.count(0) > before);
+    h.create_io_pair(2, 16);
+    let before = h.irqs.count(2);
+    assert!(h.status(2, read(0, 1, DATA)).is_success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while h.irqs.count(2) == before && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    assert!(h.irqs.count(2) > before);
+    // A CQ created without IEN raises none.
+    let mut c = create_cq(3, 16, 0xd_0000, 3);
+    c.cdw[1] &= !2;
+    assert!(h.admin(c).status.is_success());
+    assert!(h.admin(create_sq(3, 16, 0xe_0000, 3)).status.is_success());
+    h.queues[3] = Some(QueueState {
+        sq_base: 0xe_0000,
+        cq_base: 0xd_0000,
+        entries: 16,
+        cq_entries: 16,
+        sq_tail: 0,
+        cq_head: 0,
+        phase: true,
+    });
+    assert!(h.status(3, read(0, 1, DATA)).is_success());
+    assert_eq!(h.irqs.count(3), 0);
+}
+
+#[test]
+fn queue_deletion_and_reuse() {
+    let mut h = Harness::new();
+    h.enable();
+    h.create_io_pair(1, 8);
+    assert!(h.status(1, read(0, 1, DATA)).is_success());
+    let del = |op: u8, qid: u32| Command {
+        opcode: op,
+        cdw: [qid, 0, 0, 0, 0, 0],
+        ..Command::default()
+    };
+    assert!(h
+        .admin(del(admin_opcode::DELETE_IO_SQ, 1))
+        .status
+        .is_success());
+    assert!(h
+        .admin(del(admin_opcode::DELETE_IO_CQ, 1))
+        .status
+        .is_success());
+    assert_eq!(
+        h.admin(del(admin_opcode::DELETE_IO_CQ, 1)).status,
+        Status::INVALID_QUEUE_ID
+    );
+    // Same id again, fresh state (doorbells start from 0).
+    h.create_io_pair(1, 8);
+    for _ in 0..20 {
+        assert!(h.status(1, read(0, 1, DATA)).is_success());
+    }
+}
+
+#[test]
+fn completion_queue_full_is_not_overwritten() {
+    let mut h = Harness::new();
+    h.enable();
+    // CQ of 2 entries holds one completion; SQ of 8.
+    assert!(h.admin(create_cq(1, 2, 0x4_0000, 1)).status.is_success());
+    assert!(h.admin(create_sq(1, 8, 0x5_0000, 1)).status.is_success());
+    h.queues[1] = Some(QueueState {
+        sq_base: 0x5_0000,
+        cq_base: 0x4_0000,
+        entries: 8,
+        cq_entries: 2,
+        sq_tail: 0,
+        cq_head: 0,
+        phase: true,
+    });
+    let cids: Vec<u16> = (0..3).map(|_| h.push(1, read(0, 1, DATA))).collect();
+    h.ring_sq(1);
+    std::thread::sleep(Duration::from_millis(50));
+    // Exactly one entry posted; the second slot is untouched.
+    let e0 = h.read_mem(0x4_0000, 16);
+    let e1 = h.read_mem(0x4_0010, 16);
+    assert_ne!(e0[14] & 1, 0, "first entry posted");
+    assert_eq!(e1, [0u8; 16], "no entry beyond the free slot");
+    // Consuming entries lets the rest through, in order.
+    for cid in cids {
+        let c = h.reap(1, Duration::from_secs(5)).expect("completion");
+        assert_eq!(c.cid, cid);
+        assert!(c.status.is_success());
+    }
+}
+
+#[test]
+fn sq_head_pointer_and_phase_wrap() {
+    let mut h = Harness::new();
+    h.enable();
+    h.create_io_pair(1, 4);
+    let mut phases_seen = 0;
+    for i in 0..10u32 {
+        let c = h.submit(1, read(0, 1, DATA));
+        assert!(c.status.is_success());
+        assert_eq!(u32::from(c.sqhd), (i + 1) % 4);
+        if !h.queues[1].as_ref().unwrap().phase {
+            phases_seen += 1;
+        }
+    }
+    assert!(phases_seen > 0, "phase tag inverted after wrapping");
+}
+
+#[test]
+fn drop_joins_worker() {
+    let mut h = Harness::new();
+    h.enable();
+    assert!(h.admin(identify(1, 0, DATA)).status.is_success());
+    h.dev.shutdown();
+    // After shutdown, doorbells are ignored.
+    h.push(0, identify(1, 0, DATA));
+    h.ring_sq(0);
+    assert!(h.reap(0, Duration::from_millis(100)).is_none());
+}
