@@ -353,27 +353,27 @@ pub enum ConfigError {
     /// A 64-bit BAR needs the slot after it.
     #[error("a 64-bit BAR cannot start in slot 5")]
     Bar64InLastSlot,
-    /// Slot already taken (by a BAR or the upper half of a 64-bit BAR).
-    #[error("BAR slot {0} is already in use")]
-    BarSlotInUse(u8),
     /// Size not a power of two, below 16 bytes, or above what the BAR width can decode.
     #[error("BAR size {size:#x} is invalid")]
     BarSize {
         /// Size asked for.
         size: u64,
     },
-    /// No room left for a capability.
-    #[error("no room for a capability of {len} bytes")]
-    NoRoom {
-        /// Length of the capability.
-        len: u16,
-    },
+    /// Slot already taken (by a BAR or the upper half of a 64-bit BAR).
+    #[error("BAR slot {0} is already in use")]
+    BarSlotInUse(u8),
     /// A capability was added twice.
     #[error("capability {0:#04x} was already added")]
     DuplicateCapability(u8),
     /// The MSI-X layout does not fit its BARs.
     #[error("MSI-X layout is invalid: {0}")]
     MsixLayout(&'static str),
+    /// No room left for a capability.
+    #[error("no room for a capability of {len} bytes")]
+    NoRoom {
+        /// Length of the capability.
+        len: u16,
+    },
 }
 
 /// What a hook watches.

@@ -65,6 +65,14 @@ impl DmaTarget {
 /// Why a map or unmap was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IommuError {
+    /// The range is empty or runs past the top of the address space.
+    #[error("range of {len:#x} bytes at {iova} is empty or overflows")]
+    BadRange {
+        /// Start.
+        iova: BusAddr,
+        /// Length.
+        len: u64,
+    },
     /// The mapping would overlap an existing one.
     #[error("mapping {new} overlaps existing mapping {existing}")]
     Overlap {
@@ -80,14 +88,6 @@ pub enum IommuError {
         range: ByteRange,
         /// The mapping it cuts.
         mapping: ByteRange,
-    },
-    /// The range is empty or runs past the top of the address space.
-    #[error("range of {len:#x} bytes at {iova} is empty or overflows")]
-    BadRange {
-        /// Start.
-        iova: BusAddr,
-        /// Length.
-        len: u64,
     },
 }
 

@@ -10,6 +10,19 @@
 //!   when it is built): what a device model implements and what it may use. A model never knows
 //!   whether it is lent: its DMA goes through an IOMMU-like [`DmaPort`] and its MSI-X messages
 //!   to an [`InterruptSink`], both owned by whoever binds it.
+//!
+//! The building blocks for both sides:
+//!
+//! - [`config`]: [`ConfigSpace`], a type 0 config space whose behaviour falls out of per-byte
+//!   writable and write-1-to-clear masks; writes return [`ConfigEffect`]s for the device.
+//! - [`msix`]: [`MsixTable`], the MSI-X table and PBA with per-vector and function masking.
+//! - [`iommu`]: [`Iommu`], the [`DmaPort`] that confines a device to the memory it was granted
+//!   (direct [`MemSpan`]s or [`RemoteMemory`] reached by messages).
+//! - [`dma_pool`]: [`DmaPool`], page-granular DMA buffers in one shared-memory region.
+//! - [`local`]: [`LocalFunction`], the in-process binding (the performance baseline).
+//! - [`test_device`]: a small device with a DMA engine and MSI-X, for tests of the layers above.
+//!
+//! A `cargo fuzz` target in `fuzz/` drives the test device with arbitrary accesses.
 #![warn(missing_docs)]
 
 pub mod config;

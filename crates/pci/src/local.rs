@@ -23,7 +23,8 @@ use crate::{
 };
 
 /// Bus address of the local DMA pool: above 4 GiB, so a driver that truncates DMA addresses
-/// to 32 bits fails loudly.
+/// to 32 bits fails loudly. [`DmaRemap::dma_map`] ranges must not overlap the pool (a VMM's
+/// guest RAM above 64 GiB would).
 pub const LOCAL_DMA_BUS_BASE: BusAddr = BusAddr(0x10_0000_0000);
 
 /// Why a [`LocalFunction`] could not be built.

@@ -11,6 +11,9 @@
 //! vfio-user server unmasks vectors by writing Vector Control here through the BAR: the table
 //! behaves the same whoever writes it.
 //!
+//! The table does not see the Command register: a device must not call
+//! [`MsixTable::trigger`] while Bus Master Enable is clear (an MSI-X message is a DMA write).
+//!
 //! Locking: one internal mutex guards the table; the sink is called after it is released, so a
 //! sink may take its own locks (or cross the fabric) without holding up table accesses.
 //!
