@@ -405,12 +405,26 @@ pub fn rw(opcode: u8, slba: u64, blocks: u32, prp1: u64, prp2: u64) -> Command {
     }
 }
 
-pub fn read(slba: u64, blocks: u32, buf: u64) -> Command {
-    rw(nvm_opcode::READ, slba, blocks, HOST_BASE + buf, 0)
+/// PRP2 for a buffer of at most two pages at host offset `buf` (0 when one page suffices).
+pub fn prp2_for(buf: u64, len: u64) -> u64 {
+    let first = PAGE - (buf % PAGE);
+    if len <= first {
+        0
+    } else {
+        HOST_BASE + (buf - buf % PAGE) + PAGE
+    }
 }
 
+/// A Read of 512-byte blocks into a buffer of at most two pages.
+pub fn read(slba: u64, blocks: u32, buf: u64) -> Command {
+    let p2 = prp2_for(buf, u64::from(blocks) * 512);
+    rw(nvm_opcode::READ, slba, blocks, HOST_BASE + buf, p2)
+}
+
+/// A Write of 512-byte blocks from a buffer of at most two pages.
 pub fn write(slba: u64, blocks: u32, buf: u64) -> Command {
-    rw(nvm_opcode::WRITE, slba, blocks, HOST_BASE + buf, 0)
+    let p2 = prp2_for(buf, u64::from(blocks) * 512);
+    rw(nvm_opcode::WRITE, slba, blocks, HOST_BASE + buf, p2)
 }
 
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
