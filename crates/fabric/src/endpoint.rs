@@ -114,6 +114,9 @@ pub(crate) trait Announce: Send + Sync {
 struct Producer {
     /// Next ring position to fill in the peer's ring.
     position: u32,
+    /// The consumer's head as last read: positions before it are free. Re-read from the
+    /// peer's page only when the ring looks full.
+    head: u32,
 }
 
 /// One connection: this side's page, the peer's page, what the peer exported.
@@ -211,19 +214,22 @@ impl Session {
         fill: impl FnOnce(&ControlPage, u64) -> Result<()>,
     ) -> Result<()> {
         let position = producer.position;
-        let head = self.peer.u32_at(page::RING_HEAD)?;
-        self.peer
-            .wait_word(page::SPACE_WAIT)?
-            .wait(
-                spin,
-                Some(deadline),
-                || {
-                    (position.wrapping_sub(head.load(Ordering::Acquire)) < page::RING_ENTRIES)
-                        .then_some(())
-                },
-                || self.is_down(),
-            )
-            .map_err(|e| self.ended(e))?;
+        if position.wrapping_sub(producer.head) >= page::RING_ENTRIES {
+            let head = self.peer.u32_at(page::RING_HEAD)?;
+            producer.head = self
+                .peer
+                .wait_word(page::SPACE_WAIT)?
+                .wait(
+                    spin,
+                    Some(deadline),
+                    || {
+                        let h = head.load(Ordering::Acquire);
+                        (position.wrapping_sub(h) < page::RING_ENTRIES).then_some(h)
+                    },
+                    || self.is_down(),
+                )
+                .map_err(|e| self.ended(e))?;
+        }
         let entry = ControlPage::entry_offset(position);
         fill(&self.peer, entry)?;
         self.peer
@@ -326,6 +332,8 @@ pub(crate) struct Endpoint {
     db_mask: AtomicU64,
     windows: Mutex<Vec<Option<LocalWindow>>>,
     link: Mutex<LinkInner>,
+    /// A copy of `link.session` for the hot paths (written only under `link`).
+    current: RwLock<Option<Arc<Session>>>,
     link_changed: Condvar,
     msg_write: Mutex<()>,
 }
@@ -343,6 +351,7 @@ impl Endpoint {
                 session: None,
                 page: Arc::new(ControlPage::create()?),
             }),
+            current: RwLock::new(None),
             link_changed: Condvar::new(),
             msg_write: Mutex::new(()),
         })
@@ -358,8 +367,10 @@ impl Endpoint {
 
     /// The current connection, or [`FabricError::LinkDown`].
     pub(crate) fn session(&self) -> Result<Arc<Session>> {
-        let s = lock(&self.link)
-            .session
+        let s = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or(FabricError::LinkDown)?;
         if s.is_down() {
@@ -389,6 +400,7 @@ impl Endpoint {
             }
             link.page = session.local.clone();
             link.session = Some(session.clone());
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
             link.generation += 1;
         }
         drop(windows);
@@ -412,6 +424,7 @@ impl Endpoint {
             .is_some_and(|s| Arc::ptr_eq(s, session))
         {
             link.session = None;
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) = None;
             link.generation += 1;
             drop(link);
             self.link_changed.notify_all();
@@ -461,12 +474,11 @@ impl Endpoint {
                 let offset = mem.load_u64(entry + page::E_OFFSET)?;
                 let tag = mem.load_u32(entry + page::E_TAG)?;
                 let mut payload = data.get_mut(..len).filter(|_| len > 0);
-                // Free the slot before calling the handler; the payload is copied out first.
+                // The payload is copied out before the slot counts as consumed.
                 if let (KIND_WRITE, Some(buf)) = (kind, payload.as_deref_mut()) {
                     mem.read_at(entry + page::E_DATA, buf)?;
                 }
                 head = head.wrapping_add(1);
-                head_word.store(head, Ordering::Release);
                 match (kind, payload) {
                     (KIND_WRITE, Some(buf)) => {
                         // A posted write to a bad place is dropped, as on PCIe.
@@ -495,10 +507,13 @@ impl Endpoint {
                     ),
                 }
                 done += 1;
+                // Hand slots back in batches: the producer re-reads the head only when full.
                 if done & 31 == 0 {
+                    head_word.store(head, Ordering::Release);
                     space_wait.notify();
                 }
             }
+            head_word.store(head, Ordering::Release);
             space_wait.notify();
         }
     }
@@ -641,20 +656,38 @@ impl Endpoint {
         Ok(self.session()?.peer_window(window)?.size())
     }
 
-    fn checked_peer_window(
+    /// Runs `f` on the peer window after checking the access `[offset, offset + len)`
+    /// against it, holding read locks (no clones) so that RAM copies cost only the copy.
+    fn with_peer_window<R>(
         &self,
         window: usize,
         offset: WindowOffset,
         len: usize,
-    ) -> Result<(Arc<Session>, PeerWindow)> {
+        f: impl FnOnce(&Arc<Session>, &PeerWindow) -> Result<R>,
+    ) -> Result<R> {
         if len == 0 {
             return Err(FabricError::BadAccessSize(0));
         }
-        let s = self.session()?;
-        let w = s.peer_window(window)?;
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let s = current
+            .as_ref()
+            .filter(|s| !s.is_down())
+            .ok_or(FabricError::LinkDown)?;
+        let table = s.peer_windows.read().unwrap_or_else(|e| e.into_inner());
+        let w = match table.get(window) {
+            None => {
+                return Err(FabricError::NoSuchIndex {
+                    what: "memory window",
+                    index: window,
+                    count: table.len(),
+                })
+            }
+            Some(None) => return Err(FabricError::WindowNotTranslated(window)),
+            Some(Some(w)) => w,
+        };
         let size = w.size();
         match offset.0.checked_add(len as u64) {
-            Some(end) if end <= size => Ok((s, w)),
+            Some(end) if end <= size => f(s, w),
             _ => Err(FabricError::OutsideWindow {
                 window,
                 offset: offset.0,
@@ -670,10 +703,16 @@ impl Endpoint {
         offset: WindowOffset,
         data: &[u8],
     ) -> Result<()> {
-        let (s, w) = self.checked_peer_window(window, offset, data.len())?;
-        match w {
-            PeerWindow::Ram(span) => Ok(span.write_at(offset.0, data)?),
-            PeerWindow::Mmio { .. } => s.mmio_write(&self.cfg, window, offset.0, data),
+        let s = self.with_peer_window(window, offset, data.len(), |s, w| match w {
+            PeerWindow::Ram(span) => {
+                span.write_at(offset.0, data)?;
+                Ok(None)
+            }
+            PeerWindow::Mmio { .. } => Ok(Some(s.clone())),
+        })?;
+        match s {
+            None => Ok(()),
+            Some(s) => s.mmio_write(&self.cfg, window, offset.0, data),
         }
     }
 
@@ -683,10 +722,17 @@ impl Endpoint {
         offset: WindowOffset,
         buf: &mut [u8],
     ) -> Result<()> {
-        let (s, w) = self.checked_peer_window(window, offset, buf.len())?;
-        match w {
-            PeerWindow::Ram(span) => Ok(span.read_at(offset.0, buf)?),
-            PeerWindow::Mmio { .. } => s.mmio_read(&self.cfg, window, offset.0, buf),
+        let len = buf.len();
+        let s = self.with_peer_window(window, offset, len, |s, w| match w {
+            PeerWindow::Ram(span) => {
+                span.read_at(offset.0, buf)?;
+                Ok(None)
+            }
+            PeerWindow::Mmio { .. } => Ok(Some(s.clone())),
+        })?;
+        match s {
+            None => Ok(()),
+            Some(s) => s.mmio_read(&self.cfg, window, offset.0, buf),
         }
     }
 
