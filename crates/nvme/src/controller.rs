@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use devlend_memory::{BusAddr, MemSpan};
-use devlend_pci::{DmaAccess, DmaPort, InterruptSink};
+use devlend_pci::{DmaAccess, DmaPort};
 
 use crate::command::{Command, Completion, NvmOp};
 use crate::config::NvmeConfig;
@@ -154,7 +154,8 @@ pub(crate) struct AdminQueueRegs {
 /// The controller core.
 pub(crate) struct Controller {
     pub(crate) dma: Arc<dyn DmaPort>,
-    irq: Arc<dyn InterruptSink>,
+    /// Vectors to signal once the core lock is released (see [`Controller::take_interrupts`]).
+    fired: Vec<u16>,
     doorbells: Arc<[AtomicU32]>,
     csts: Arc<AtomicU32>,
     pub(crate) ns: Namespace,
@@ -195,7 +196,6 @@ impl Controller {
     pub(crate) fn new(
         cfg: &NvmeConfig,
         dma: Arc<dyn DmaPort>,
-        irq: Arc<dyn InterruptSink>,
         doorbells: Arc<[AtomicU32]>,
         csts: Arc<AtomicU32>,
         vendor_id: u16,
@@ -228,7 +228,7 @@ impl Controller {
         let queue_slots = usize::from(limits.max_io_queues) + 1;
         Ok(Controller {
             dma,
-            irq,
+            fired: Vec::new(),
             doorbells,
             csts,
             ns,
@@ -760,11 +760,23 @@ impl Controller {
         for cq in self.cqs.iter_mut().flatten() {
             if cq.needs_interrupt {
                 cq.needs_interrupt = false;
-                if cq.interrupts {
-                    self.irq.signal(cq.vector);
+                if cq.interrupts && !self.fired.contains(&cq.vector) {
+                    self.fired.push(cq.vector);
                 }
             }
         }
+    }
+
+    /// Whether vectors wait to be signalled.
+    pub(crate) fn has_interrupts(&self) -> bool {
+        !self.fired.is_empty()
+    }
+
+    /// Moves the vectors that must fire into `out` (emptied first). The caller signals them
+    /// after releasing the core lock, so an interrupt sink never runs under it.
+    pub(crate) fn take_interrupts(&mut self, out: &mut Vec<u16>) {
+        out.clear();
+        std::mem::swap(&mut self.fired, out);
     }
 
     // -----------------------------------------------------------------------------------

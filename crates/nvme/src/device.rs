@@ -11,7 +11,8 @@
 //!   re-checks, and parks. The `sleeping` store and the doorbell store are both `SeqCst`, so a
 //!   doorbell written while it goes to sleep is either seen by the re-check or wakes it.
 //! - Lock order: `core` before `regs`. `config` is never held while taking another lock.
-//!   The worker takes only `core`, once per pass.
+//!   The worker takes only `core`, once per pass, and signals the MSI-X vectors of that pass
+//!   after releasing it (an interrupt sink may block or cross the fabric).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -112,6 +113,7 @@ impl InterruptSink for MsixTrigger {
 
 struct Inner {
     config: Mutex<ConfigSpace>,
+    irq: Arc<dyn InterruptSink>,
     msix: Arc<MsixTable>,
     gate: Arc<BusMasterGate>,
     memory_enabled: AtomicBool,
@@ -208,13 +210,13 @@ impl NvmeDevice {
         let core = Controller::new(
             &cfg,
             gate.clone(),
-            Arc::new(MsixTrigger(msix.clone())),
             doorbells.clone(),
             csts.clone(),
             PCI_VENDOR_ID,
         )?;
         let inner = Arc::new(Inner {
             config: Mutex::new(config),
+            irq: Arc::new(MsixTrigger(msix.clone())),
             msix,
             gate,
             memory_enabled: AtomicBool::new(false),
@@ -265,8 +267,17 @@ impl Drop for NvmeDevice {
 impl Inner {
     fn run(&self) {
         let mut last_work = Instant::now();
+        let mut vectors = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
-            let worked = lock(&self.core).poll();
+            let worked = {
+                let mut core = lock(&self.core);
+                let worked = core.poll();
+                core.take_interrupts(&mut vectors);
+                worked
+            };
+            for &v in &vectors {
+                self.irq.signal(v);
+            }
             if worked {
                 last_work = Instant::now();
                 continue;
@@ -279,7 +290,7 @@ impl Inner {
             let pending = {
                 let mut core = lock(&self.core);
                 core.prepare_sleep();
-                core.has_work()
+                core.has_work() || core.has_interrupts()
             };
             if !pending && !self.stop.load(Ordering::SeqCst) {
                 std::thread::park_timeout(IDLE_RECHECK);
