@@ -214,6 +214,7 @@ impl Controller {
             eui64,
             nguid,
             uuid,
+            write_protected: cfg.read_only,
         };
         let info = ControllerInfo {
             vendor_id,

@@ -77,6 +77,8 @@ pub struct NamespaceInfo {
     pub nguid: [u8; 16],
     /// UUID.
     pub uuid: [u8; 16],
+    /// The namespace is write protected (NSATTR bit 0).
+    pub write_protected: bool,
 }
 
 fn put(page: &mut [u8], at: usize, bytes: &[u8]) {
@@ -148,6 +150,7 @@ pub fn namespace(info: &NamespaceInfo) -> Vec<u8> {
     p[25] = 0; // NLBAF: one format
     p[26] = 0; // FLBAS: format 0, no metadata
     p[33] = 0b1001; // DLFEAT: deallocated reads zeroes; Write Zeroes may deallocate
+    p[99] = u8::from(info.write_protected); // NSATTR
     put(&mut p, 104, &info.nguid);
     put(&mut p, 120, &info.eui64);
     // LBA format 0: no metadata, LBADS, best relative performance.

@@ -184,7 +184,7 @@ impl Namespace {
     ) -> Result<(), Status> {
         let (off, len) = self.transfer_extent(r, max_transfer)?;
         if self.read_only {
-            return Err(Status::INTERNAL_ERROR);
+            return Err(Status::NAMESPACE_WRITE_PROTECTED);
         }
         t.host_to_file(r.data, len, &self.file, off)?;
         if r.fua || !write_cache {
@@ -226,7 +226,7 @@ impl Namespace {
     ) -> Result<(), Status> {
         let (off, len) = self.extent(r.slba, u64::from(r.blocks))?;
         if self.read_only {
-            return Err(Status::INTERNAL_ERROR);
+            return Err(Status::NAMESPACE_WRITE_PROTECTED);
         }
         let mode = if deallocate {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
@@ -269,7 +269,7 @@ impl Namespace {
             return Ok(());
         }
         if self.read_only {
-            return Err(Status::INTERNAL_ERROR);
+            return Err(Status::NAMESPACE_WRITE_PROTECTED);
         }
         for (off, len) in extents {
             self.zero(

@@ -38,6 +38,8 @@ impl Status {
     pub const INVALID_NAMESPACE: Status = Status::dnr(SCT_GENERIC, 0x0b);
     /// Command Sequence Error.
     pub const COMMAND_SEQUENCE_ERROR: Status = Status::dnr(SCT_GENERIC, 0x0c);
+    /// Namespace is Write Protected.
+    pub const NAMESPACE_WRITE_PROTECTED: Status = Status::dnr(SCT_GENERIC, 0x20);
     /// PRP Offset Invalid.
     pub const INVALID_PRP_OFFSET: Status = Status::dnr(SCT_GENERIC, 0x13);
     /// LBA Out of Range.

@@ -481,3 +481,55 @@ fn shadow_doorbells_with_event_indexes() {
     // How many submissions needed an MMIO ring depends on how often the worker slept.
     assert!((4..=200).contains(&mmio_rings), "MMIO rings: {mmio_rings}");
 }
+
+#[test]
+fn read_only_image_rejects_writes() {
+    let img = TempImage::new();
+    std::fs::write(&img.0, pattern(1 << 20, 9)).unwrap();
+    let path = img.0.clone();
+    let mut h = Harness::with(
+        move |c| {
+            c.image = path;
+            c.read_only = true;
+        },
+        true,
+    );
+    h.enable();
+    h.create_io_pair(1, 16);
+    assert!(h.admin(identify(0, 1, DATA)).status.is_success());
+    assert_eq!(h.read_mem(DATA + 99, 1), [1], "NSATTR write protected");
+    assert_eq!(
+        h.status(1, write(0, 1, DATA)),
+        Status::NAMESPACE_WRITE_PROTECTED
+    );
+    assert!(h.status(1, read(0, 8, DATA)).is_success());
+    assert_eq!(h.read_mem(DATA, 4096), pattern(1 << 20, 9)[..4096]);
+    drop(img);
+}
+
+/// Rough per-command cost of the model: QD1 4 KiB reads, polled completions. Run with
+/// `cargo test --release -p devlend-nvme --test io -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn qd1_latency_smoke() {
+    let mut h = setup(true);
+    let blocks = IMAGE_BYTES / 4096;
+    let mut lat = Vec::new();
+    let mut x = 12345u64;
+    for _ in 0..20000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let lba = (x >> 33) % blocks * 8;
+        let t = std::time::Instant::now();
+        let c = h.submit(1, read(lba, 8, DATA));
+        lat.push(t.elapsed());
+        assert!(c.status.is_success());
+    }
+    lat.sort();
+    println!(
+        "QD1 4K read: median {:?}, p99 {:?}",
+        lat[lat.len() / 2],
+        lat[lat.len() * 99 / 100]
+    );
+}
