@@ -10,7 +10,7 @@
 //! - One service thread per connection ([`Endpoint::attach`] spawns it, it exits when the
 //!   connection goes down) consumes the MMIO request ring in this side's page and calls the
 //!   local [`MmioHandler`]s in ring order.
-//! - Lock order: `reads` → `producer`; `windows` → `link` → `peer_windows`. No lock is held
+//! - Lock order: `reads` → `producer`; `windows` → `link` → `current`. No lock is held
 //!   while calling an [`MmioHandler`] or while sleeping, except `reads`/`producer` (held by a
 //!   caller thread across its own ring wait, which is bounded by the completion timeout and
 //!   ended by link-down).
@@ -124,7 +124,6 @@ pub(crate) struct Session {
     local: Arc<ControlPage>,
     peer: Arc<ControlPage>,
     peer_info: PeerInfo,
-    peer_windows: RwLock<Vec<Option<PeerWindow>>>,
     down: AtomicBool,
     reads: Mutex<u32>,
     producer: Mutex<Producer>,
@@ -142,7 +141,6 @@ impl Session {
             local,
             peer,
             peer_info,
-            peer_windows: RwLock::new(vec![None; peer_info.mw_count]),
             down: AtomicBool::new(false),
             reads: Mutex::new(0),
             producer: Mutex::new(Producer::default()),
@@ -153,32 +151,6 @@ impl Session {
     /// Whether this connection has ended.
     pub(crate) fn is_down(&self) -> bool {
         self.down.load(Ordering::SeqCst)
-    }
-
-    /// Installs (or clears) what the peer exported behind its window `window`.
-    pub(crate) fn set_peer_window(&self, window: usize, what: Option<PeerWindow>) -> Result<()> {
-        let mut table = self.peer_windows.write().unwrap_or_else(|e| e.into_inner());
-        let count = table.len();
-        let slot = table.get_mut(window).ok_or(FabricError::NoSuchIndex {
-            what: "memory window",
-            index: window,
-            count,
-        })?;
-        *slot = what;
-        Ok(())
-    }
-
-    fn peer_window(&self, window: usize) -> Result<PeerWindow> {
-        let table = self.peer_windows.read().unwrap_or_else(|e| e.into_inner());
-        match table.get(window) {
-            None => Err(FabricError::NoSuchIndex {
-                what: "memory window",
-                index: window,
-                count: table.len(),
-            }),
-            Some(None) => Err(FabricError::WindowNotTranslated(window)),
-            Some(Some(w)) => Ok(w.clone()),
-        }
     }
 
     fn stop_waiters(&self) {
@@ -263,6 +235,7 @@ impl Session {
         &self,
         cfg: &LinkConfig,
         window: usize,
+        size: u64,
         offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
@@ -302,7 +275,7 @@ impl Session {
                         window,
                         offset: at,
                         len: chunk.len() as u64,
-                        size: self.peer_window(window).map(|w| w.size()).unwrap_or(0),
+                        size,
                     })
                 }
                 other => {
@@ -315,6 +288,13 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// The live connection as the hot paths see it.
+struct Live {
+    session: Arc<Session>,
+    /// The peer's announced translations, indexed by its window number.
+    windows: Vec<Option<PeerWindow>>,
 }
 
 struct LinkInner {
@@ -332,8 +312,10 @@ pub(crate) struct Endpoint {
     db_mask: AtomicU64,
     windows: Mutex<Vec<Option<LocalWindow>>>,
     link: Mutex<LinkInner>,
-    /// A copy of `link.session` for the hot paths (written only under `link`).
-    current: RwLock<Option<Arc<Session>>>,
+    /// The current connection and what the peer exported over it: a copy of `link.session`
+    /// (written only under `link`) plus the peer's window table, behind one lock so that a
+    /// RAM window access costs one uncontended read lock.
+    current: RwLock<Option<Live>>,
     link_changed: Condvar,
     msg_write: Mutex<()>,
 }
@@ -371,7 +353,8 @@ impl Endpoint {
             .current
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .as_ref()
+            .map(|live| live.session.clone())
             .ok_or(FabricError::LinkDown)?;
         if s.is_down() {
             return Err(FabricError::LinkDown);
@@ -383,15 +366,16 @@ impl Endpoint {
         lock(&self.link).page.clone()
     }
 
-    /// Brings the link up on `session`: re-announces every local translation to the new peer
-    /// and starts the ring service thread.
+    /// Brings the link up on `session`: installs it, re-announces every local translation to
+    /// the new peer, and starts the ring service thread.
     pub(crate) fn attach(self: &Arc<Self>, session: Arc<Session>) -> Result<()> {
-        let windows = lock(&self.windows);
-        for (i, w) in windows.iter().enumerate() {
-            if let Some(w) = w {
-                session.announce.announce(i, Some(w))?;
-            }
-        }
+        self.install(&session);
+        self.announce_all(&session)?;
+        self.start_service(session)
+    }
+
+    /// Makes `session` the current connection (link up, generation advanced).
+    pub(crate) fn install(&self, session: &Arc<Session>) {
         {
             let mut link = lock(&self.link);
             if let Some(old) = link.session.take() {
@@ -400,17 +384,67 @@ impl Endpoint {
             }
             link.page = session.local.clone();
             link.session = Some(session.clone());
-            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Live {
+                session: session.clone(),
+                windows: vec![None; session.peer_info.mw_count],
+            });
             link.generation += 1;
         }
-        drop(windows);
         self.link_changed.notify_all();
+    }
+
+    /// Tells the peer of `session` about every local translation.
+    pub(crate) fn announce_all(&self, session: &Session) -> Result<()> {
+        let windows = lock(&self.windows);
+        for (i, w) in windows.iter().enumerate() {
+            if let Some(w) = w {
+                session.announce.announce(i, Some(w))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the ring service thread of `session`; it ends when the session goes down.
+    pub(crate) fn start_service(self: &Arc<Self>, session: Arc<Session>) -> Result<()> {
         let ep = self.clone();
         std::thread::Builder::new()
             .name("ntb-mmio-service".into())
             .spawn(move || ep.serve_ring(&session))
             .map_err(|e| FabricError::io("spawn ring service thread", e))?;
         Ok(())
+    }
+
+    /// Installs (or clears) what the peer of `session` exported behind its window `window`;
+    /// ignored when `session` is no longer the current connection.
+    pub(crate) fn set_peer_window(
+        &self,
+        session: &Arc<Session>,
+        window: usize,
+        what: Option<PeerWindow>,
+    ) -> Result<()> {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let Some(live) = current
+            .as_mut()
+            .filter(|live| Arc::ptr_eq(&live.session, session))
+        else {
+            return Ok(());
+        };
+        let count = live.windows.len();
+        let slot = live
+            .windows
+            .get_mut(window)
+            .ok_or(FabricError::NoSuchIndex {
+                what: "memory window",
+                index: window,
+                count,
+            })?;
+        *slot = what;
+        Ok(())
+    }
+
+    /// A copy of what the peer exported behind `window`.
+    fn peer_window(&self, window: usize) -> Result<PeerWindow> {
+        self.with_window(window, |_, w| Ok(w.clone()))
     }
 
     /// Takes the link down if `session` is still the current one: every waiter on it returns
@@ -653,11 +687,34 @@ impl Endpoint {
     }
 
     pub(crate) fn peer_mw_size(&self, window: usize) -> Result<u64> {
-        Ok(self.session()?.peer_window(window)?.size())
+        Ok(self.peer_window(window)?.size())
+    }
+
+    /// Runs `f` on the live session and peer window `window`, under the `current` read lock.
+    fn with_window<R>(
+        &self,
+        window: usize,
+        f: impl FnOnce(&Arc<Session>, &PeerWindow) -> Result<R>,
+    ) -> Result<R> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let live = current
+            .as_ref()
+            .filter(|live| !live.session.is_down())
+            .ok_or(FabricError::LinkDown)?;
+        match live.windows.get(window) {
+            None => Err(FabricError::NoSuchIndex {
+                what: "memory window",
+                index: window,
+                count: live.windows.len(),
+            }),
+            Some(None) => Err(FabricError::WindowNotTranslated(window)),
+            Some(Some(w)) => f(&live.session, w),
+        }
     }
 
     /// Runs `f` on the peer window after checking the access `[offset, offset + len)`
-    /// against it, holding read locks (no clones) so that RAM copies cost only the copy.
+    /// against it, under one read lock and without clones, so that a RAM copy costs little
+    /// more than the copy.
     fn with_peer_window<R>(
         &self,
         window: usize,
@@ -668,33 +725,18 @@ impl Endpoint {
         if len == 0 {
             return Err(FabricError::BadAccessSize(0));
         }
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        let s = current
-            .as_ref()
-            .filter(|s| !s.is_down())
-            .ok_or(FabricError::LinkDown)?;
-        let table = s.peer_windows.read().unwrap_or_else(|e| e.into_inner());
-        let w = match table.get(window) {
-            None => {
-                return Err(FabricError::NoSuchIndex {
-                    what: "memory window",
-                    index: window,
-                    count: table.len(),
-                })
+        self.with_window(window, |s, w| {
+            let size = w.size();
+            match offset.0.checked_add(len as u64) {
+                Some(end) if end <= size => f(s, w),
+                _ => Err(FabricError::OutsideWindow {
+                    window,
+                    offset: offset.0,
+                    len: len as u64,
+                    size,
+                }),
             }
-            Some(None) => return Err(FabricError::WindowNotTranslated(window)),
-            Some(Some(w)) => w,
-        };
-        let size = w.size();
-        match offset.0.checked_add(len as u64) {
-            Some(end) if end <= size => f(s, w),
-            _ => Err(FabricError::OutsideWindow {
-                window,
-                offset: offset.0,
-                len: len as u64,
-                size,
-            }),
-        }
+        })
     }
 
     pub(crate) fn peer_mw_write(
@@ -728,16 +770,16 @@ impl Endpoint {
                 span.read_at(offset.0, buf)?;
                 Ok(None)
             }
-            PeerWindow::Mmio { .. } => Ok(Some(s.clone())),
+            PeerWindow::Mmio { size } => Ok(Some((s.clone(), *size))),
         })?;
         match s {
             None => Ok(()),
-            Some(s) => s.mmio_read(&self.cfg, window, offset.0, buf),
+            Some((s, size)) => s.mmio_read(&self.cfg, window, size, offset.0, buf),
         }
     }
 
     pub(crate) fn peer_mw_direct(&self, window: usize) -> Result<Option<MemSpan>> {
-        Ok(match self.session()?.peer_window(window)? {
+        Ok(match self.peer_window(window)? {
             PeerWindow::Ram(span) => Some(span),
             PeerWindow::Mmio { .. } => None,
         })

@@ -10,19 +10,26 @@ use crate::endpoint::{
 use crate::page::ControlPage;
 use crate::{AddressSpace, LinkConfig, Resolved, Result};
 
-/// Announces translations straight into the peer's session.
-struct DirectAnnounce(Arc<OnceLock<Weak<Session>>>);
+/// The peer's endpoint and its side of the connection.
+type PeerSlot = Arc<OnceLock<(Weak<Endpoint>, Weak<Session>)>>;
+
+/// Announces translations straight into the peer's endpoint.
+struct DirectAnnounce(PeerSlot);
 
 impl Announce for DirectAnnounce {
     fn announce(&self, window: usize, what: Option<&LocalWindow>) -> Result<()> {
-        let Some(peer) = self.0.get().and_then(Weak::upgrade) else {
+        let Some((ep, session)) = self
+            .0
+            .get()
+            .and_then(|(e, s)| Some((e.upgrade()?, s.upgrade()?)))
+        else {
             return Ok(());
         };
         let exported = what.map(|w| match &w.target {
             Resolved::Ram(span) => PeerWindow::Ram(span.clone()),
             Resolved::Mmio(..) => PeerWindow::Mmio { size: w.size },
         });
-        peer.set_peer_window(window, exported)
+        ep.set_peer_window(&session, window, exported)
     }
 }
 
@@ -43,7 +50,7 @@ impl Pair {
             Arc::new(ControlPage::create()?),
             Arc::new(ControlPage::create()?),
         ];
-        let slots = [Arc::new(OnceLock::new()), Arc::new(OnceLock::new())];
+        let slots: [PeerSlot; 2] = [Arc::new(OnceLock::new()), Arc::new(OnceLock::new())];
         let [pa, pb] = pages;
         let sa = Arc::new(Session::new(
             pa.clone(),
@@ -57,11 +64,19 @@ impl Pair {
             PeerInfo::of(a.config()),
             Box::new(DirectAnnounce(slots[1].clone())),
         ));
-        let _ = slots[0].set(Arc::downgrade(&sb));
-        let _ = slots[1].set(Arc::downgrade(&sa));
-        a.attach(sa.clone())?;
-        if let Err(e) = b.attach(sb.clone()) {
+        let _ = slots[0].set((Arc::downgrade(b), Arc::downgrade(&sb)));
+        let _ = slots[1].set((Arc::downgrade(a), Arc::downgrade(&sa)));
+        // Both sides must be installed before either announces its windows.
+        a.install(&sa);
+        b.install(&sb);
+        let started = a
+            .announce_all(&sa)
+            .and_then(|()| b.announce_all(&sb))
+            .and_then(|()| a.start_service(sa.clone()))
+            .and_then(|()| b.start_service(sb.clone()));
+        if let Err(e) = started {
             a.detach(&sa);
+            b.detach(&sb);
             return Err(e);
         }
         *sessions = Some([sa, sb]);

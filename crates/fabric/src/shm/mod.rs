@@ -302,7 +302,7 @@ fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
 }
 
 /// Reads window announcements until the connection ends.
-fn serve_control(shared: &Shared, conn: &OwnedFd, session: &Session) -> Result<()> {
+fn serve_control(shared: &Shared, conn: &OwnedFd, session: &Arc<Session>) -> Result<()> {
     while let Some(msg) = recv_wire(shared, conn, None)? {
         let (window, what) = match msg {
             wire::Wire::TransRam {
@@ -320,7 +320,7 @@ fn serve_control(shared: &Shared, conn: &OwnedFd, session: &Session) -> Result<(
                 return Err(FabricError::Protocol("second Hello".into()));
             }
         };
-        session.set_peer_window(window as usize, what)?;
+        shared.ep.set_peer_window(session, window as usize, what)?;
     }
     Ok(())
 }
