@@ -14,7 +14,7 @@ use devlend_fabric::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::frame::{self, Frame, Hello, Status};
-use crate::session::{self, Inbound, Mode, Reply, Session};
+use crate::session::{self, Flush, Inbound, Mode, Reply, Session};
 use crate::{Credentials, TcpConfig, TcpError};
 
 /// Largest single MMIO access handed to an [`devlend_fabric::MmioHandler`]; longer accesses
@@ -226,6 +226,82 @@ impl Inner {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Applies a request of the peer on the reader thread, when that keeps the order (the
+    /// caller checked that nothing is queued for the service thread) and cannot block (RAM
+    /// and registers; MMIO handlers run on the service thread). Returns whether it did.
+    pub(crate) fn apply_inline(
+        &self,
+        s: &Session,
+        f: &Frame<'_>,
+    ) -> std::result::Result<bool, session::EndError> {
+        match *f {
+            Frame::Write {
+                window,
+                offset,
+                data,
+            } => match self.resolve(window, offset, data.len()) {
+                Ok(Resolved::Ram(span)) => {
+                    if span.write_at(0, data).is_err() {
+                        tracing::debug!(window, offset, "dropped a posted write from the peer");
+                    }
+                    Ok(true)
+                }
+                Ok(Resolved::Mmio(..)) => Ok(false),
+                Err(status) => {
+                    tracing::debug!(
+                        window,
+                        offset,
+                        len = data.len(),
+                        ?status,
+                        "dropped a posted write from the peer"
+                    );
+                    Ok(true)
+                }
+            },
+            Frame::Read {
+                tag,
+                window,
+                offset,
+                len,
+            } => match self.resolve(window, offset, len as usize) {
+                Ok(Resolved::Ram(span)) => {
+                    session::take_credit(s)?;
+                    let mut buf = vec![0u8; len as usize];
+                    match span.read_at(0, &mut buf) {
+                        Ok(()) => s.reply(tag, Status::Ok, &buf),
+                        Err(_) => s.reply(tag, Status::NoRegion, &[]),
+                    }
+                    Ok(true)
+                }
+                Ok(Resolved::Mmio(..)) => Ok(false),
+                Err(status) => {
+                    session::take_credit(s)?;
+                    s.reply(tag, status, &[]);
+                    Ok(true)
+                }
+            },
+            Frame::DbSet { bits } => {
+                self.apply(s, Inbound::DbSet(bits));
+                Ok(true)
+            }
+            Frame::SpadWrite { index, value } => {
+                self.apply(s, Inbound::SpadWrite { index, value });
+                Ok(true)
+            }
+            Frame::SpadRead { tag, index } => {
+                session::take_credit(s)?;
+                self.apply(s, Inbound::SpadRead { tag, index });
+                Ok(true)
+            }
+            Frame::MsgWrite { tag, index, value } => {
+                session::take_credit(s)?;
+                self.apply(s, Inbound::MsgWrite { tag, index, value });
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 
@@ -627,6 +703,7 @@ fn announce(inner: &Inner, window: usize, size: u64) {
             }
             .encode(b)
         });
+        s.out.kick();
     }
 }
 
@@ -657,7 +734,7 @@ impl PeerWindows for TcpNtb {
                 .map_err(|_| FabricError::LinkDown)?;
             at += piece.len() as u64;
         }
-        Ok(())
+        s.flush(Flush::Caller).map_err(|_| FabricError::LinkDown)
     }
 
     fn peer_mw_read(&self, window: usize, offset: WindowOffset, buf: &mut [u8]) -> Result<()> {
@@ -777,7 +854,8 @@ impl Doorbells for TcpNtb {
         }
         s.out
             .push_request(|b| Frame::DbSet { bits }.encode(b))
-            .map_err(|_| FabricError::LinkDown)
+            .map_err(|_| FabricError::LinkDown)?;
+        s.flush(Flush::Caller).map_err(|_| FabricError::LinkDown)
     }
 }
 
@@ -854,7 +932,8 @@ impl Scratchpads for TcpNtb {
                 }
                 .encode(b)
             })
-            .map_err(|_| FabricError::LinkDown)
+            .map_err(|_| FabricError::LinkDown)?;
+        s.flush(Flush::Caller).map_err(|_| FabricError::LinkDown)
     }
 }
 

@@ -36,9 +36,9 @@ pub(crate) struct OutQueue {
     limit: usize,
 }
 
-/// What the writer got from [`OutQueue::take`].
+/// What the writer saw in [`OutQueue::wait`].
 pub(crate) enum Take {
-    /// Bytes to send (possibly none, when only a TLS flush was asked for).
+    /// Bytes to send, or a flush request.
     Data,
     /// Nothing was queued for the whole wait.
     Idle,
@@ -65,6 +65,7 @@ impl OutQueue {
     pub(crate) fn push_request(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), Closed> {
         let mut st = lock(&self.state);
         while !st.closed && st.request_bytes >= self.limit {
+            self.ready.notify_one();
             st = self
                 .space
                 .wait_timeout(st, RECHECK)
@@ -77,8 +78,6 @@ impl OutQueue {
         let before = st.buf.len();
         encode(&mut st.buf);
         st.request_bytes += st.buf.len() - before;
-        drop(st);
-        self.ready.notify_one();
         Ok(())
     }
 
@@ -89,8 +88,6 @@ impl OutQueue {
             return Err(Closed);
         }
         encode(&mut st.buf);
-        drop(st);
-        self.ready.notify_one();
         Ok(())
     }
 
@@ -100,28 +97,43 @@ impl OutQueue {
         self.ready.notify_one();
     }
 
-    /// Waits up to `idle` for queued bytes and swaps them into `out` (which must be empty).
-    pub(crate) fn take(&self, out: &mut Vec<u8>, idle: Duration) -> Take {
-        let mut st = lock(&self.state);
-        if st.buf.is_empty() && !st.kick && !st.closed {
-            st = self
-                .ready
-                .wait_timeout_while(st, idle, |s| s.buf.is_empty() && !s.kick && !s.closed)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+    /// Waits up to `idle` until something is queued (or a flush was asked for).
+    pub(crate) fn wait(&self, idle: Duration) -> Take {
+        let st = lock(&self.state);
+        let (st, _) = self
+            .ready
+            .wait_timeout_while(st, idle, |s| s.buf.is_empty() && !s.kick && !s.closed)
+            .unwrap_or_else(|e| e.into_inner());
         if st.closed {
-            return Take::Closed;
+            Take::Closed
+        } else if st.buf.is_empty() && !st.kick {
+            Take::Idle
+        } else {
+            Take::Data
+        }
+    }
+
+    /// Swaps whatever is queued into `out` (which must be empty) without waiting; returns
+    /// whether there was anything (or a flush request).
+    pub(crate) fn take_now(&self, out: &mut Vec<u8>) -> Result<bool, Closed> {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Err(Closed);
         }
         if st.buf.is_empty() && !st.kick {
-            return Take::Idle;
+            return Ok(false);
         }
         std::mem::swap(&mut st.buf, out);
         st.request_bytes = 0;
         st.kick = false;
         drop(st);
         self.space.notify_all();
-        Take::Data
+        Ok(true)
+    }
+
+    /// Wakes the writer thread.
+    pub(crate) fn notify_writer(&self) {
+        self.ready.notify_one();
     }
 
     /// Closes the queue: producers fail, the writer stops.
@@ -136,6 +148,8 @@ struct InState<T> {
     items: VecDeque<T>,
     bytes: usize,
     closed: bool,
+    /// The service thread is applying a batch it took.
+    busy: bool,
 }
 
 /// Inbound requests for the service thread, bounded in bytes: the reader waits (and so stops
@@ -154,6 +168,7 @@ impl<T> InQueue<T> {
                 items: VecDeque::new(),
                 bytes: 0,
                 closed: false,
+                busy: false,
             }),
             ready: Condvar::new(),
             space: Condvar::new(),
@@ -192,9 +207,22 @@ impl<T> InQueue<T> {
         }
         let items: Vec<T> = st.items.drain(..).collect();
         let bytes = std::mem::take(&mut st.bytes);
+        st.busy = true;
         drop(st);
         self.space.notify_all();
         Some((items, bytes))
+    }
+
+    /// The service thread finished the batch it took.
+    pub(crate) fn done(&self) {
+        lock(&self.state).busy = false;
+    }
+
+    /// Nothing is queued and the service thread is not applying anything: the reader may
+    /// apply a request itself without breaking the order.
+    pub(crate) fn idle(&self) -> bool {
+        let st = lock(&self.state);
+        st.items.is_empty() && !st.busy
     }
 
     /// Closes the queue: what is queued is still handed out, new batches are refused.
@@ -215,18 +243,27 @@ mod tests {
         let q = Arc::new(OutQueue::new(10));
         q.push_request(|b| b.extend_from_slice(&[1; 12])).unwrap();
         let q2 = q.clone();
-        let producer = std::thread::spawn(move || q2.push_request(|b| b.push(2)));
+        let producer = std::thread::spawn(move || {
+            let r = q2.push_request(|b| b.push(2));
+            q2.notify_writer();
+            r
+        });
         let mut out = Vec::new();
-        assert!(matches!(q.take(&mut out, RECHECK), Take::Data));
+        assert!(matches!(q.wait(RECHECK), Take::Data));
+        assert_eq!(q.take_now(&mut out), Ok(true));
         assert_eq!(out.len(), 12);
         producer.join().unwrap().unwrap();
         out.clear();
-        assert!(matches!(q.take(&mut out, RECHECK), Take::Data));
+        assert!(matches!(q.wait(RECHECK), Take::Data));
+        assert_eq!(q.take_now(&mut out), Ok(true));
         assert_eq!(out, [2]);
+        out.clear();
+        assert_eq!(q.take_now(&mut out), Ok(false));
         q.push_now(|b| b.push(3)).unwrap();
         q.close();
         assert_eq!(q.push_request(|b| b.push(4)), Err(Closed));
-        assert!(matches!(q.take(&mut out, RECHECK), Take::Closed));
+        assert!(matches!(q.wait(RECHECK), Take::Closed));
+        assert_eq!(q.take_now(&mut out), Err(Closed));
     }
 
     #[test]
@@ -235,7 +272,11 @@ mod tests {
         q.push_batch(vec![1, 2], 8).unwrap();
         q.close();
         assert_eq!(q.push_batch(vec![3], 1), Err(Closed));
+        assert!(!q.idle());
         assert_eq!(q.pop_all(), Some((vec![1, 2], 8)));
+        assert!(!q.idle());
+        q.done();
+        assert!(q.idle());
         assert_eq!(q.pop_all(), None);
     }
 }

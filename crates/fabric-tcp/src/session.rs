@@ -15,6 +15,7 @@ use devlend_fabric::FabricError;
 use crate::frame::{self, Frame, FrameError, Hello, Status};
 use crate::ntb::Inner;
 use crate::queue::{InQueue, OutQueue, Take};
+
 use crate::tls::ALPN;
 use crate::Credentials;
 
@@ -116,10 +117,60 @@ pub(crate) struct Session {
     /// Peer requests received but not yet answered.
     inflight: AtomicUsize,
     sock: TcpStream,
+    chan: Channel,
+    /// Held by whoever moves queued frames to the socket; keeps TLS records in order.
+    send: Mutex<SendState>,
+}
+
+/// Buffers of the sender that holds [`Session::send`].
+#[derive(Default)]
+struct SendState {
+    /// Plaintext frames taken from the queue.
+    batch: Vec<u8>,
+    /// Wire bytes (TLS records or plain frames) not yet written to the socket, oldest first.
+    wire: Vec<u8>,
+}
+
+/// How a thread moves queued frames to the socket (see [`Session::flush`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flush {
+    /// The writer thread: waits for the send lock, blocks on the socket.
+    Writer,
+    /// A caller: sends itself unless someone else is sending (then the writer thread is
+    /// woken); may block on the socket (back-pressure).
+    Caller,
+    /// The reader and service threads: never block, on the lock or on the socket; what
+    /// cannot go out now is left to the writer thread.
+    NonBlocking,
+}
+
+/// Writes what the socket takes without blocking; returns the bytes written.
+fn send_nonblocking(sock: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
+    loop {
+        // SAFETY: `data` is a valid buffer of `data.len()` bytes for the whole call, and the
+        // descriptor belongs to `sock`.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(e),
+        }
+    }
 }
 
 impl Session {
-    fn new(sock: TcpStream, send_limit: usize, service_limit: usize) -> Self {
+    fn new(sock: TcpStream, chan: Channel, send_limit: usize, service_limit: usize) -> Self {
         Self {
             out: OutQueue::new(send_limit),
             inq: InQueue::new(service_limit),
@@ -134,6 +185,46 @@ impl Session {
             credit: Condvar::new(),
             inflight: AtomicUsize::new(0),
             sock,
+            chan,
+            send: Mutex::new(SendState::default()),
+        }
+    }
+
+    /// Moves queued frames to the socket, as `how` allows. Frames that stay queued are sent
+    /// by the writer thread, which this wakes.
+    pub(crate) fn flush(&self, how: Flush) -> Result<(), EndError> {
+        let mut st = match how {
+            Flush::Writer => lock(&self.send),
+            Flush::Caller | Flush::NonBlocking => match self.send.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    self.out.notify_writer();
+                    return Ok(());
+                }
+            },
+        };
+        let SendState { batch, wire } = &mut *st;
+        loop {
+            batch.clear();
+            let took = self.out.take_now(batch).map_err(|_| EndError::Closed)?;
+            if took {
+                self.chan.encrypt(batch, wire)?;
+            }
+            if wire.is_empty() {
+                return Ok(());
+            }
+            if how == Flush::NonBlocking {
+                let n = send_nonblocking(&self.sock, wire)?;
+                wire.drain(..n);
+                if !wire.is_empty() {
+                    self.out.kick();
+                    return Ok(());
+                }
+            } else {
+                (&self.sock).write_all(wire)?;
+                wire.clear();
+            }
         }
     }
 
@@ -195,7 +286,8 @@ impl Session {
             lock(&self.pending).waiters.remove(&tag);
             self.credit.notify_one();
         };
-        if self.out.push_request(|b| encode(tag, b)).is_err() {
+        if self.out.push_request(|b| encode(tag, b)).is_err() || self.flush(Flush::Caller).is_err()
+        {
             forget();
             return Err(FabricError::LinkDown);
         }
@@ -299,22 +391,21 @@ impl Channel {
         })
     }
 
-    /// Sends `data` (may be empty: then only pending TLS records are flushed).
-    fn send(&self, stream: &TcpStream, data: &[u8], tls_out: &mut Vec<u8>) -> std::io::Result<()> {
+    /// Appends the wire form of `data` (plus any TLS records pending, such as alerts or key
+    /// updates) to `wire`.
+    fn encrypt(&self, data: &[u8], wire: &mut Vec<u8>) -> std::io::Result<()> {
         let Some(tls) = &self.tls else {
-            return (&*stream).write_all(data);
+            wire.extend_from_slice(data);
+            return Ok(());
         };
-        tls_out.clear();
-        {
-            let mut conn = lock(tls);
-            if !data.is_empty() {
-                conn.writer().write_all(data)?;
-            }
-            while conn.wants_write() {
-                conn.write_tls(tls_out)?;
-            }
+        let mut conn = lock(tls);
+        if !data.is_empty() {
+            conn.writer().write_all(data)?;
         }
-        (&*stream).write_all(tls_out)
+        while conn.wants_write() {
+            conn.write_tls(wire)?;
+        }
+        Ok(())
     }
 }
 
@@ -483,23 +574,16 @@ fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: Socke
     };
     let session = Arc::new(Session::new(
         clone,
+        chan,
         inner.cfg.send_queue_bytes,
         inner.cfg.service_queue_bytes,
     ));
     inner.publish(&session);
-    let chan = Arc::new(chan);
     let writer = {
-        let (inner, session, chan) = (inner.clone(), session.clone(), chan.clone());
-        let stream = stream.try_clone();
+        let (inner, session) = (inner.clone(), session.clone());
         std::thread::Builder::new()
             .name("fabric-tcp-writer".into())
-            .spawn(move || match stream {
-                Ok(s) => writer_loop(&inner, &session, &chan, &s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "fabric writer could not start");
-                    inner.link_down(&session);
-                }
-            })
+            .spawn(move || writer_loop(&inner, &session))
     };
     let service = {
         let (inner, session) = (inner.clone(), session.clone());
@@ -510,11 +594,16 @@ fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: Socke
                     for item in items {
                         inner.apply(&session, item);
                     }
+                    session.inq.done();
+                    if let Err(e) = session.flush(Flush::NonBlocking) {
+                        tracing::debug!(error = %e, "fabric send failed");
+                        inner.link_down(&session);
+                    }
                 }
             })
     };
     let result = match (&writer, &service) {
-        (Ok(_), Ok(_)) => reader_loop(inner, &session, &chan, &stream),
+        (Ok(_), Ok(_)) => reader_loop(inner, &session, &stream),
         _ => Err(EndError::Protocol(
             "could not start the connection threads".into(),
         )),
@@ -538,30 +627,30 @@ fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: Socke
     }
 }
 
-fn writer_loop(inner: &Inner, session: &Session, chan: &Channel, stream: &TcpStream) {
-    let mut batch = Vec::new();
-    let mut tls_out = Vec::new();
+fn writer_loop(inner: &Inner, session: &Session) {
     loop {
-        batch.clear();
-        match session.out.take(&mut batch, inner.cfg.keepalive_interval) {
+        match session.out.wait(inner.cfg.keepalive_interval) {
             Take::Closed => break,
-            Take::Idle => Frame::Ping.encode(&mut batch),
+            Take::Idle => {
+                if session.out.push_now(|b| Frame::Ping.encode(b)).is_err() {
+                    break;
+                }
+            }
             Take::Data => {}
         }
-        if let Err(e) = chan.send(stream, &batch, &mut tls_out) {
-            tracing::debug!(error = %e, "fabric send failed");
-            inner.link_down(session);
-            break;
+        match session.flush(Flush::Writer) {
+            Ok(()) => {}
+            Err(EndError::Closed) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "fabric send failed");
+                inner.link_down(session);
+                break;
+            }
         }
     }
 }
 
-fn reader_loop(
-    inner: &Inner,
-    session: &Session,
-    chan: &Channel,
-    stream: &TcpStream,
-) -> Result<(), EndError> {
+fn reader_loop(inner: &Inner, session: &Session, stream: &TcpStream) -> Result<(), EndError> {
     let mut rx: Vec<u8> = Vec::with_capacity(4 * frame::MAX_PAYLOAD);
     let mut net = vec![0u8; 256 * 1024];
     let mut hello = false;
@@ -580,16 +669,21 @@ fn reader_loop(
                 inner.link_up();
                 continue;
             }
+            if batch.is_empty() && session.inq.idle() && inner.apply_inline(session, &f)? {
+                continue;
+            }
             handle(session, f, &mut batch, &mut batch_bytes)?;
         }
         rx.drain(..used);
+        // Replies to requests applied here go out now, or are left to the writer thread.
+        session.flush(Flush::NonBlocking)?;
         if !batch.is_empty() {
             session
                 .inq
                 .push_batch(batch, batch_bytes)
                 .map_err(|_| EndError::Closed)?;
         }
-        let got = chan.recv(stream, &mut net, &mut rx).map_err(|e| {
+        let got = session.chan.recv(stream, &mut net, &mut rx).map_err(|e| {
             if session.closed.load(Ordering::Acquire) {
                 EndError::Closed
             } else {
@@ -626,7 +720,7 @@ fn accept_hello(session: &Session, h: Hello) -> Result<(), EndError> {
     Ok(())
 }
 
-fn take_credit(session: &Session) -> Result<(), EndError> {
+pub(crate) fn take_credit(session: &Session) -> Result<(), EndError> {
     if session.inflight.fetch_add(1, Ordering::AcqRel) >= MAX_OUTSTANDING {
         return Err(EndError::Protocol(format!(
             "more than {MAX_OUTSTANDING} outstanding requests"
