@@ -1,0 +1,47 @@
+//! Smoke test of `devlend bench fabric --quick --json`: the JSON follows BENCH.md and every
+//! figure carries its same-run baseline. Never checks the numbers.
+
+use std::process::Command;
+
+#[test]
+fn bench_fabric_quick_json_has_figures_with_baselines() {
+    let out = Command::new(env!("CARGO_BIN_EXE_devlend"))
+        .args(["bench", "fabric", "--quick", "--json"])
+        .output()
+        .expect("run devlend");
+    assert!(
+        out.status.success(),
+        "devlend bench fabric failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["bench"], "fabric");
+    let figures = v["figures"].as_array().expect("figures");
+    let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
+    for want in [
+        "window-write-4k",
+        "window-read-64k",
+        "window-write-1m",
+        "doorbell-rtt-futex",
+        "doorbell-rtt-busy-poll",
+        "mmio-posted-writes",
+        "mmio-read-latency",
+    ] {
+        assert!(
+            names.iter().any(|n| n.starts_with(want)),
+            "no {want} in {names:?}"
+        );
+    }
+    for f in figures {
+        assert!(f["unit"].is_string() && f["value"].is_number(), "{f}");
+        assert!(
+            f["baseline_name"].is_string(),
+            "figure without a baseline: {f}"
+        );
+        assert!(f["baseline"].is_number() && f["ratio"].is_number(), "{f}");
+        if f.get("target").is_some() {
+            assert!(f["target"].is_string() && f["meets"].is_boolean(), "{f}");
+        }
+    }
+    assert!(figures.iter().filter(|f| f.get("target").is_some()).count() >= 8);
+}
