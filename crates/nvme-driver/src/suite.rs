@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use devlend_pci::PciFunction;
+use devlend_pci::{
+    AccessSize, BarAccess, BarIndex, BusAddr, ConfigAccess, DmaAlloc, DmaBuffer, DmaRemap,
+    FunctionError, Interrupts, MemSpan, PciFunction,
+};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::controller::{Controller, DriverConfig, IoRequest};
 use crate::error::NvmeError;
@@ -68,6 +72,8 @@ pub const CASES: &[(&str, Case)] = &[
     ("reinit_after_reset", reinit_after_reset),
     ("shutdown", shutdown),
     ("workload_runs", workload_runs),
+    ("removal_errors", removal_errors),
+    ("removal_all_ones", removal_all_ones),
 ];
 
 /// Runs every case in order; stops at the first failure.
@@ -565,4 +571,174 @@ pub fn workload_runs(t: &Target) -> Result<(), SuiteError> {
     let s = x.step("timed run", workload::run(&c, &w))?;
     x.check(s.ops > 0, || "a timed run completed nothing".into())?;
     x.step("shutdown", c.shutdown())
+}
+
+/// How [`Vanishing`] behaves once pulled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VanishMode {
+    /// Every call fails with [`FunctionError::Removed`] (what a lending layer reports).
+    Removed,
+    /// Reads return all-ones and writes are dropped; interrupts never fire (what a bus does
+    /// when a device falls off it).
+    AllOnes,
+}
+
+/// A function that works until [`Vanishing::pull`], then behaves as a removed device.
+struct Vanishing {
+    inner: Arc<dyn PciFunction>,
+    pulled: std::sync::atomic::AtomicBool,
+    mode: VanishMode,
+}
+
+impl Vanishing {
+    fn pull(&self) {
+        self.pulled.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn gone(&self) -> bool {
+        self.pulled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn removed(&self) -> FunctionError {
+        FunctionError::Removed("test: device pulled".into())
+    }
+}
+
+impl ConfigAccess for Vanishing {
+    fn config_read(&self, offset: u16, size: AccessSize) -> Result<u32, FunctionError> {
+        match (self.gone(), self.mode) {
+            (false, _) => self.inner.config_read(offset, size),
+            (true, VanishMode::Removed) => Err(self.removed()),
+            (true, VanishMode::AllOnes) => Ok(u32::MAX),
+        }
+    }
+
+    fn config_write(&self, offset: u16, size: AccessSize, value: u32) -> Result<(), FunctionError> {
+        match (self.gone(), self.mode) {
+            (false, _) => self.inner.config_write(offset, size, value),
+            (true, VanishMode::Removed) => Err(self.removed()),
+            (true, VanishMode::AllOnes) => Ok(()),
+        }
+    }
+}
+
+impl BarAccess for Vanishing {
+    fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError> {
+        match (self.gone(), self.mode) {
+            (false, _) => self.inner.bar_read(bar, offset, data),
+            (true, VanishMode::Removed) => Err(self.removed()),
+            (true, VanishMode::AllOnes) => {
+                data.fill(0xff);
+                Ok(())
+            }
+        }
+    }
+
+    fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), FunctionError> {
+        match (self.gone(), self.mode) {
+            (false, _) => self.inner.bar_write(bar, offset, data),
+            (true, VanishMode::Removed) => Err(self.removed()),
+            (true, VanishMode::AllOnes) => Ok(()),
+        }
+    }
+}
+
+impl DmaAlloc for Vanishing {
+    fn dma_alloc(&self, len: usize) -> Result<DmaBuffer, FunctionError> {
+        self.inner.dma_alloc(len)
+    }
+}
+
+impl DmaRemap for Vanishing {
+    fn dma_map(&self, iova: BusAddr, mem: MemSpan, writable: bool) -> Result<(), FunctionError> {
+        self.inner.dma_map(iova, mem, writable)
+    }
+
+    fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), FunctionError> {
+        self.inner.dma_unmap(iova, len)
+    }
+}
+
+impl Interrupts for Vanishing {
+    fn interrupt_vectors(&self) -> u16 {
+        self.inner.interrupt_vectors()
+    }
+
+    fn wait_interrupt(&self, vector: u16, timeout: Duration) -> Result<bool, FunctionError> {
+        match (self.gone(), self.mode) {
+            (false, _) => self.inner.wait_interrupt(vector, timeout),
+            (true, VanishMode::Removed) => Err(self.removed()),
+            // A dead device never interrupts: the waiter's own deadline must end the wait.
+            (true, VanishMode::AllOnes) => {
+                std::thread::sleep(timeout);
+                Ok(false)
+            }
+        }
+    }
+
+    fn set_interrupt_eventfd(
+        &self,
+        vector: u16,
+        fd: Option<Arc<EventFd>>,
+    ) -> Result<(), FunctionError> {
+        self.inner.set_interrupt_eventfd(vector, fd)
+    }
+}
+
+impl PciFunction for Vanishing {
+    fn describe(&self) -> String {
+        format!("vanishing {}", self.inner.describe())
+    }
+}
+
+fn removal_case(t: &Target, case: &'static str, mode: VanishMode) -> Result<(), SuiteError> {
+    let x = Ctx { case };
+    let inner = (t.make)();
+    for completion in [CompletionMode::Interrupt, CompletionMode::Polling] {
+        let fun = Arc::new(Vanishing {
+            inner: inner.clone(),
+            pulled: false.into(),
+            mode,
+        });
+        let c = x.step(
+            "bring-up",
+            Controller::with_config(fun.clone(), config(1, completion)),
+        )?;
+        x.round_trip(&c, 0, 4096, 1)?;
+        fun.pull();
+        let mut b = vec![0u8; 4096];
+        let r = c.read_at(0, &mut b);
+        x.check(matches!(r, Err(NvmeError::DeviceRemoved(_))), || {
+            format!("{completion:?}: read after removal gave {r:?}")
+        })?;
+        let r = c.write_at(0, &b);
+        x.check(r.is_err(), || {
+            format!("{completion:?}: write after removal gave {r:?}")
+        })?;
+        let r = c.shutdown();
+        x.check(matches!(r, Err(NvmeError::DeviceRemoved(_))), || {
+            format!("{completion:?}: shutdown after removal gave {r:?}")
+        })?;
+        drop(c);
+        let r = Controller::new(fun);
+        x.check(matches!(r, Err(NvmeError::DeviceRemoved(_))), || {
+            format!("{completion:?}: bring-up after removal gave {:?}", r.err())
+        })?;
+    }
+    // The real function is unharmed: a fresh controller works.
+    let c = x.step("bring-up on the real function", Controller::new(inner))?;
+    x.round_trip(&c, 8192, 4096, 2)?;
+    x.step("shutdown", c.shutdown())
+}
+
+/// A function that starts failing with `Removed` ends I/O, shutdown and bring-up with
+/// [`NvmeError::DeviceRemoved`] instead of hanging.
+pub fn removal_errors(t: &Target) -> Result<(), SuiteError> {
+    removal_case(t, "removal_errors", VanishMode::Removed)
+}
+
+/// A device whose registers read all-ones (it fell off the bus) is detected as removed by the
+/// bounded waits (CSTS all-ones), in interrupt and in polling mode.
+pub fn removal_all_ones(t: &Target) -> Result<(), SuiteError> {
+    removal_case(t, "removal_all_ones", VanishMode::AllOnes)
 }
