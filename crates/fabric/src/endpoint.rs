@@ -31,6 +31,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `timeout` from now; `None` (no deadline) when that is beyond what `Instant` can hold.
+fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
 /// Ring entry kinds.
 const KIND_WRITE: u32 = 1;
 const KIND_READ: u32 = 2;
@@ -182,7 +187,7 @@ impl Session {
         &self,
         producer: &mut Producer,
         spin: Duration,
-        deadline: Instant,
+        deadline: Option<Instant>,
         fill: impl FnOnce(&ControlPage, u64) -> Result<()>,
     ) -> Result<()> {
         let position = producer.position;
@@ -193,7 +198,7 @@ impl Session {
                 .wait_word(page::SPACE_WAIT)?
                 .wait(
                     spin,
-                    Some(deadline),
+                    deadline,
                     || {
                         let h = head.load(Ordering::Acquire);
                         (position.wrapping_sub(h) < page::RING_ENTRIES).then_some(h)
@@ -213,7 +218,7 @@ impl Session {
     }
 
     fn mmio_write(&self, cfg: &LinkConfig, window: usize, offset: u64, data: &[u8]) -> Result<()> {
-        let deadline = Instant::now() + cfg.completion_timeout;
+        let deadline = deadline_after(cfg.completion_timeout);
         let mut producer = lock(&self.producer);
         let mut at = offset;
         for chunk in data.chunks(page::ENTRY_DATA_MAX) {
@@ -242,7 +247,7 @@ impl Session {
         let mut tag_state = lock(&self.reads);
         let mut at = offset;
         for chunk in buf.chunks_mut(page::ENTRY_DATA_MAX) {
-            let deadline = Instant::now() + cfg.completion_timeout;
+            let deadline = deadline_after(cfg.completion_timeout);
             *tag_state = tag_state.wrapping_add(1).max(1);
             let tag = *tag_state;
             {
@@ -262,7 +267,7 @@ impl Session {
                 .wait_word(page::CPL_WAIT)?
                 .wait(
                     cfg.spin,
-                    Some(deadline),
+                    deadline,
                     || (cpl_tag.load(Ordering::Acquire) == tag).then_some(()),
                     || self.is_down(),
                 )
@@ -592,14 +597,17 @@ impl Endpoint {
     }
 
     pub(crate) fn wait_link(&self, want: LinkState, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let mut link = lock(&self.link);
         loop {
             let up = link.session.as_ref().is_some_and(|s| !s.is_down());
             if (want == LinkState::Up) == up {
                 return Ok(());
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            // Without a representable deadline, wake up once a day to re-check.
+            let left = deadline.map_or(Duration::from_secs(86_400), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
             if left.is_zero() {
                 return Err(FabricError::Timeout);
             }
@@ -834,7 +842,7 @@ impl Endpoint {
     pub(crate) fn db_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
         let valid = self.db_valid_mask();
         if bits == 0 {
-            return Err(FabricError::InvalidDoorbell { bits, valid });
+            return Err(FabricError::EmptyWait);
         }
         self.check_db(bits, valid)?;
         let s = self.session()?;
@@ -843,7 +851,7 @@ impl Endpoint {
             .wait_word(page::DB_WAIT)?
             .wait(
                 self.cfg.spin,
-                Some(Instant::now() + timeout),
+                deadline_after(timeout),
                 || {
                     let hit = db.load(Ordering::Acquire) & bits & !self.db_read_mask();
                     (hit != 0).then_some(hit)
@@ -972,11 +980,7 @@ impl Endpoint {
     pub(crate) fn msg_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
         self.check_msg_bits(bits)?;
         if bits == 0 {
-            return Err(FabricError::NoSuchIndex {
-                what: "message register",
-                index: 0,
-                count: 0,
-            });
+            return Err(FabricError::EmptyWait);
         }
         let s = self.session()?;
         let sts = s.local.u64_at(page::MSG_STS)?;
@@ -984,7 +988,7 @@ impl Endpoint {
             .wait_word(page::MSG_WAIT)?
             .wait(
                 self.cfg.spin,
-                Some(Instant::now() + timeout),
+                deadline_after(timeout),
                 || {
                     let hit = sts.load(Ordering::Acquire) & bits;
                     (hit != 0).then_some(hit)

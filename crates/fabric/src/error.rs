@@ -69,6 +69,9 @@ pub enum FabricError {
     /// The access size is not supported (for example a zero-length access).
     #[error("bad access size {0}")]
     BadAccessSize(usize),
+    /// A wait for an empty set of bits (it could never end).
+    #[error("waiting for no bits at all")]
+    EmptyWait,
     /// A [`crate::LinkConfig`] outside the supported limits.
     #[error("invalid link configuration: {0}")]
     InvalidConfig(&'static str),
