@@ -1151,3 +1151,150 @@ macro_rules! delegate_ntb {
     };
 }
 pub(crate) use delegate_ntb;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MmioHandler;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, Vec<u8>)>>);
+
+    impl MmioHandler for Recorder {
+        fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn mmio_write(&self, offset: u64, data: &[u8]) {
+            lock(&self.0).push((offset, data.to_vec()));
+        }
+    }
+
+    struct Silent;
+    impl Announce for Silent {
+        fn announce(&self, _: usize, _: Option<&LocalWindow>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// An endpoint with a recording device behind window 0, attached to a session whose peer
+    /// page the test writes as a (misbehaving) peer would.
+    fn fake_peer(cfg: LinkConfig) -> (Arc<Endpoint>, Arc<Session>, Arc<Recorder>) {
+        let asp = Arc::new(AddressSpace::new());
+        let rec = Arc::new(Recorder::default());
+        asp.add_mmio(BusAddr(0x10000), 0x1000, rec.clone()).unwrap();
+        let ep = Arc::new(Endpoint::new(cfg, asp).unwrap());
+        ep.mw_set_trans(0, BusAddr(0x10000), 0x1000).unwrap();
+        let session = Arc::new(Session::new(
+            Arc::new(ControlPage::create().unwrap()),
+            Arc::new(ControlPage::create().unwrap()),
+            PeerInfo::of(&cfg),
+            Box::new(Silent),
+        ));
+        ep.attach(session.clone()).unwrap();
+        (ep, session, rec)
+    }
+
+    /// Produces one raw entry into the endpoint's ring, as the peer process would.
+    #[allow(clippy::too_many_arguments)]
+    fn produce(s: &Session, pos: u32, kind: u32, window: u32, len: u32, offset: u64, tag: u32) {
+        let m = s.local.mem();
+        let e = ControlPage::entry_offset(pos);
+        m.store_u32(e + page::E_KIND, kind).unwrap();
+        m.store_u32(e + page::E_WINDOW, window).unwrap();
+        m.store_u32(e + page::E_LEN, len).unwrap();
+        m.store_u64(e + page::E_OFFSET, offset).unwrap();
+        m.store_u32(e + page::E_TAG, tag).unwrap();
+        m.write_at(e + page::E_DATA, &[1, 2, 3, 4]).unwrap();
+        m.store_u32(e + page::E_SEQ, pos.wrapping_add(1)).unwrap();
+        s.local.wait_word(page::RING_WAIT).unwrap().notify();
+    }
+
+    /// Waits (failure guard: 20 s) for the completion `tag` in the fake peer's page.
+    fn completion(s: &Session, tag: u32) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while s.peer.mem().load_u32(page::CPL_TAG).unwrap() != tag {
+            assert!(Instant::now() < deadline, "no completion {tag}");
+            std::thread::yield_now();
+        }
+        s.peer.mem().load_u32(page::CPL_STATUS).unwrap()
+    }
+
+    #[test]
+    fn malformed_ring_entries_are_dropped_or_refused_never_fatal() {
+        let (ep, s, rec) = fake_peer(LinkConfig::default());
+        let table: &[(u32, u32, u32, u64)] = &[
+            (KIND_WRITE, 0, 0, 0),
+            (KIND_WRITE, 0, 65, 0),
+            (KIND_WRITE, 0, u32::MAX, 0),
+            (99, 0, 4, 0),
+            (KIND_WRITE, 7, 4, 0),
+            (KIND_WRITE, u32::MAX, 4, 0),
+            (KIND_WRITE, 0, 4, u64::MAX - 1),
+            (KIND_WRITE, 0, 4, 0xffe),
+        ];
+        let mut pos = 0u32;
+        for &(kind, window, len, offset) in table {
+            produce(&s, pos, kind, window, len, offset, 0);
+            pos += 1;
+        }
+        for (tag, window, len, offset, want) in [
+            (5, 0, 100, 0, CPL_BAD_REQUEST),
+            (6, 0, 0, 0, CPL_BAD_REQUEST),
+            (7, 9, 4, 0, CPL_NOT_TRANSLATED),
+            (8, 0, 4, 0xffe, CPL_OUTSIDE),
+            (9, 0, 8, u64::MAX, CPL_OUTSIDE),
+        ] {
+            produce(&s, pos, KIND_READ, window, len, offset, tag);
+            pos += 1;
+            assert_eq!(completion(&s, tag), want, "tag {tag}");
+        }
+        produce(&s, pos, KIND_WRITE, 0, 4, 4, 0);
+        produce(&s, pos + 1, KIND_READ, 0, 8, 0x10, 10);
+        assert_eq!(completion(&s, 10), CPL_OK);
+        let mut got = [0u8; 8];
+        s.peer.mem().read_at(page::CPL_DATA, &mut got).unwrap();
+        assert_eq!(got, [0x10; 8]);
+        assert_eq!(lock(&rec.0).as_slice(), &[(4, vec![1, 2, 3, 4])]);
+        // A stale sequence number in the next slot is not taken as a new entry.
+        let next = ControlPage::entry_offset(pos + 2);
+        s.local.mem().store_u32(next + page::E_SEQ, 12345).unwrap();
+        s.local.wait_word(page::RING_WAIT).unwrap().notify();
+        produce(&s, pos + 2, KIND_READ, 0, 4, 0, 11);
+        assert_eq!(completion(&s, 11), CPL_OK);
+        ep.detach(&s);
+    }
+
+    #[test]
+    fn a_peer_that_never_consumes_times_out_posted_writes_and_reads() {
+        let cfg = LinkConfig {
+            completion_timeout: Duration::from_millis(20),
+            spin: Duration::ZERO,
+            ..LinkConfig::default()
+        };
+        let (ep, s, _) = fake_peer(cfg);
+        ep.set_peer_window(&s, 0, Some(PeerWindow::Mmio { size: 0x1000 }))
+            .unwrap();
+        // The peer's ring head is garbage: the ring fills, then writes time out.
+        s.peer
+            .mem()
+            .store_u32(page::RING_HEAD, 0x8000_0000)
+            .unwrap();
+        let mut result = Ok(());
+        for _ in 0..=page::RING_ENTRIES {
+            result = ep.peer_mw_write(0, WindowOffset(0), &[1; 4]);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert!(matches!(result, Err(FabricError::Timeout)), "{result:?}");
+        assert!(matches!(
+            ep.peer_mw_read(0, WindowOffset(0), &mut [0; 4]),
+            Err(FabricError::Timeout)
+        ));
+        ep.detach(&s);
+        assert!(matches!(
+            ep.peer_mw_write(0, WindowOffset(0), &[1; 4]),
+            Err(FabricError::LinkDown)
+        ));
+    }
+}
