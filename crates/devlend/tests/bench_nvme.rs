@@ -1,0 +1,43 @@
+//! Smoke test of `devlend bench nvme`: it runs, and `--json` has the BENCH.md shape. The
+//! numbers themselves are never checked (shared machines are noisy).
+
+use std::process::Command;
+
+#[test]
+fn bench_nvme_quick_json_has_the_bench_md_shape() {
+    let out = Command::new(env!("CARGO_BIN_EXE_devlend"))
+        .args(["bench", "nvme", "--quick", "--json", "--seconds", "0.05"])
+        .output()
+        .expect("running devlend");
+    assert!(
+        out.status.success(),
+        "devlend bench nvme failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(json["bench"], "nvme");
+    let figures = json["figures"].as_array().expect("figures array");
+    let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
+    for pattern in ["randread", "randwrite"] {
+        for qd in [1, 32] {
+            for suffix in ["", "-median", "-p99"] {
+                let name = format!("{pattern}-4k-qd{qd}{suffix}");
+                assert!(
+                    names.contains(&name.as_str()),
+                    "missing figure {name} in {names:?}"
+                );
+            }
+        }
+    }
+    for f in figures {
+        assert!(f["value"].is_number(), "{f}");
+        assert!(f["unit"].is_string(), "{f}");
+        assert!(
+            f["baseline"].is_number(),
+            "every figure has its same-run baseline: {f}"
+        );
+        assert!(f["baseline_name"].is_string(), "{f}");
+        assert!(f["ratio"].is_number() || f["baseline"] == 0.0, "{f}");
+    }
+}
