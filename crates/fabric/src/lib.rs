@@ -15,6 +15,26 @@
 //!
 //! A direct mapping of a peer window ([`PeerWindows::peer_mw_direct`]) is a fast path that a
 //! backend *may* offer (shared memory does, TCP does not); callers never require it.
+//!
+//! ## Backends
+//! - [`ShmNtb`] (`shm`): two processes on one machine rendezvous through a directory; RAM
+//!   windows are shared mappings of the RAM's memfd (zero copy), MMIO requests travel on a
+//!   shared ring to a service thread on the owning side, doorbells and completions wake through
+//!   futexes in shared control pages. Socket end-of-stream is link down.
+//! - [`loopback_pair`] (`loopback`): both sides in one process, same control pages and ring,
+//!   with [`LoopbackNtb::link_down`] / [`LoopbackNtb::link_up`] to exercise reconnection.
+//!
+//! Both share one implementation of the register semantics (`endpoint`, over `page`). Every
+//! waiter (doorbells, messages, read completions, the ring consumer) polls for at most
+//! [`LinkConfig::spin`] and then sleeps on a futex, so producers pay a wake-up system call only
+//! when the other side sleeps.
+//!
+//! ## Connections and generations
+//! Registers (doorbells, scratchpads, messages) start from zero on every new connection, and
+//! what the peer exported is forgotten at link down; this side's translations are re-announced
+//! to each new peer. [`Link::link_generation`] advances on every up and every down, so a layer
+//! above can tell a reconnected peer from the one it set state up with: redo handshakes (write
+//! scratchpads, exchange messages) after each link-up.
 #![warn(missing_docs)]
 
 mod address_space;

@@ -26,7 +26,7 @@
 //! ## Threads
 //! `ShmNtb::open` starts one rendezvous thread, owned by the returned `ShmNtb` and joined when it
 //! drops; it runs the socket reader of the current connection. Each connection also has the
-//! ring service thread of [`Endpoint`].
+//! ring service thread of the shared `endpoint` core.
 
 mod socket;
 mod wire;
