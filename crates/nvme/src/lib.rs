@@ -23,6 +23,8 @@ mod config;
 mod controller;
 mod device;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identify;
 mod io;
 pub mod prp;
