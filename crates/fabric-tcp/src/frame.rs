@@ -372,6 +372,21 @@ fn parse_payload(kind: u8, payload: &[u8]) -> Result<Frame<'_>, FrameError> {
     Ok(frame)
 }
 
+/// Bytes of a write frame before its data.
+pub const WRITE_HEADER_LEN: usize = HEADER_LEN + 10;
+
+/// The header of a write frame of `len` data bytes (1 to [`MAX_DATA`]): send it followed by
+/// the data, without copying the data into a frame buffer.
+pub fn write_header(window: u16, offset: u64, len: usize) -> [u8; WRITE_HEADER_LEN] {
+    let mut h = Vec::with_capacity(WRITE_HEADER_LEN);
+    header(&mut h, kind::WRITE, 10 + len);
+    h.extend_from_slice(&window.to_le_bytes());
+    h.extend_from_slice(&offset.to_le_bytes());
+    let mut out = [0u8; WRITE_HEADER_LEN];
+    out.copy_from_slice(&h);
+    out
+}
+
 fn header(out: &mut Vec<u8>, kind: u8, len: usize) {
     out.push(kind);
     out.extend_from_slice(&[0, 0, 0]);
@@ -566,6 +581,20 @@ mod tests {
         for (bytes, want) in table {
             assert_eq!(parse(bytes).as_ref().err(), Some(want), "{bytes:?}");
         }
+    }
+
+    #[test]
+    fn a_write_header_plus_data_is_a_write_frame() {
+        let mut buf = write_header(3, 0x99, 5).to_vec();
+        buf.extend_from_slice(b"hello");
+        let mut want = Vec::new();
+        Frame::Write {
+            window: 3,
+            offset: 0x99,
+            data: b"hello",
+        }
+        .encode(&mut want);
+        assert_eq!(buf, want);
     }
 
     #[test]

@@ -720,21 +720,7 @@ impl PeerWindows for TcpNtb {
 
     fn peer_mw_write(&self, window: usize, offset: WindowOffset, data: &[u8]) -> Result<()> {
         let s = self.checked_peer(window, offset.0, data.len())?;
-        let mut at = offset.0;
-        for piece in data.chunks(frame::MAX_DATA) {
-            s.out
-                .push_request(|b| {
-                    Frame::Write {
-                        window: window as u16,
-                        offset: at,
-                        data: piece,
-                    }
-                    .encode(b)
-                })
-                .map_err(|_| FabricError::LinkDown)?;
-            at += piece.len() as u64;
-        }
-        s.flush(Flush::Caller).map_err(|_| FabricError::LinkDown)
+        s.write_posted(window as u16, offset.0, data)
     }
 
     fn peer_mw_read(&self, window: usize, offset: WindowOffset, buf: &mut [u8]) -> Result<()> {

@@ -190,6 +190,75 @@ impl Session {
         }
     }
 
+    /// A posted write of `data` (any length) at `offset` of the peer's `window`: sent by this
+    /// thread straight from `data` when no one else is sending (after what is queued, so the
+    /// order holds), else queued for whoever is.
+    pub(crate) fn write_posted(
+        &self,
+        window: u16,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), FabricError> {
+        let down = |_| FabricError::LinkDown;
+        let mut st = match self.send.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let mut at = offset;
+                for piece in data.chunks(frame::MAX_DATA) {
+                    self.out
+                        .push_request(|b| {
+                            Frame::Write {
+                                window,
+                                offset: at,
+                                data: piece,
+                            }
+                            .encode(b)
+                        })
+                        .map_err(down)?;
+                    at += piece.len() as u64;
+                }
+                self.out.notify_writer();
+                return Ok(());
+            }
+        };
+        let SendState { batch, wire } = &mut *st;
+        let io = |e: std::io::Error| {
+            tracing::debug!(error = %e, "fabric send failed");
+            FabricError::LinkDown
+        };
+        // What was queued before goes first.
+        batch.clear();
+        if self.out.take_now(batch).map_err(down)? {
+            self.chan.encrypt(batch, wire).map_err(io)?;
+        }
+        let mut at = offset;
+        for piece in data.chunks(frame::MAX_DATA) {
+            let header = frame::write_header(window, at, piece.len());
+            match &self.chan.tls {
+                None => {
+                    if !wire.is_empty() {
+                        (&self.sock).write_all(wire).map_err(io)?;
+                        wire.clear();
+                    }
+                    (&self.sock).write_all(&header).map_err(io)?;
+                    (&self.sock).write_all(piece).map_err(io)?;
+                }
+                Some(_) => {
+                    self.chan.encrypt_parts(&header, piece, wire).map_err(io)?;
+                    (&self.sock).write_all(wire).map_err(io)?;
+                    wire.clear();
+                }
+            }
+            at += piece.len() as u64;
+        }
+        if !wire.is_empty() {
+            (&self.sock).write_all(wire).map_err(io)?;
+            wire.clear();
+        }
+        Ok(())
+    }
+
     /// Moves queued frames to the socket, as `how` allows. Frames that stay queued are sent
     /// by the writer thread, which this wakes.
     pub(crate) fn flush(&self, how: Flush) -> Result<(), EndError> {
@@ -389,6 +458,40 @@ impl Channel {
             eof,
             kick: conn.wants_write(),
         })
+    }
+
+    /// Appends the TLS records of `head` followed by `body` to `wire` (TLS only).
+    fn encrypt_parts(&self, head: &[u8], body: &[u8], wire: &mut Vec<u8>) -> std::io::Result<()> {
+        let Some(tls) = &self.tls else {
+            wire.extend_from_slice(head);
+            wire.extend_from_slice(body);
+            return Ok(());
+        };
+        let mut conn = lock(tls);
+        let total = head.len() + body.len();
+        let mut done = 0;
+        while done < total {
+            let parts = if done < head.len() {
+                [
+                    std::io::IoSlice::new(head.get(done..).unwrap_or_default()),
+                    std::io::IoSlice::new(body),
+                ]
+            } else {
+                [
+                    std::io::IoSlice::new(body.get(done - head.len()..).unwrap_or_default()),
+                    std::io::IoSlice::new(&[]),
+                ]
+            };
+            let n = conn.writer().write_vectored(&parts)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            done += n;
+        }
+        while conn.wants_write() {
+            conn.write_tls(wire)?;
+        }
+        Ok(())
     }
 
     /// Appends the wire form of `data` (plus any TLS records pending, such as alerts or key
