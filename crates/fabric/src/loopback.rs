@@ -248,6 +248,42 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_producers_keep_per_thread_order() {
+        let (a, b, _, rec) = setup();
+        b.mw_set_trans(1, BusAddr(0x20_0000), 0x2000).unwrap();
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 8];
+                    for i in 0..500u32 {
+                        a.peer_mw_write(1, WindowOffset(t * 8), &i.to_le_bytes())
+                            .unwrap();
+                        if i % 100 == 0 {
+                            a.peer_mw_read(1, WindowOffset(0x100), &mut buf).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut buf = [0u8; 8];
+        a.peer_mw_read(1, WindowOffset(0), &mut buf).unwrap();
+        let log = rec.log.lock().unwrap();
+        assert_eq!(log.len(), 2000);
+        for t in 0..4u64 {
+            let seen: Vec<u32> = log
+                .iter()
+                .filter(|(off, _)| *off == t * 8)
+                .map(|(_, d)| u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
+                .collect();
+            assert_eq!(seen, (0..500).collect::<Vec<u32>>(), "thread {t}");
+        }
+    }
+
+    #[test]
     fn isolation_errors() {
         let (a, b, _, _) = setup();
         let bad = |r: Result<()>| {
