@@ -207,10 +207,27 @@ impl Drop for Peer {
     }
 }
 
-fn tmpdir(name: &str) -> PathBuf {
+/// A unique rendezvous directory, removed on drop (declare it first so that it drops after
+/// the peers and links using it).
+struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmpdir(name: &str) -> TestDir {
     let d = std::env::temp_dir().join(format!("devlend-fabric-it-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
-    d
+    TestDir(d)
 }
 
 /// Polls until the peer's announcement of `window` has arrived (failure guard: 30 s).
@@ -232,7 +249,7 @@ fn call(ntb: &ShmNtb, op: u32, arg: u32) -> u32 {
 }
 
 /// This side with 64 KiB of RAM translated behind window 0, linked to a fresh peer.
-fn linked(name: &str) -> (PathBuf, Arc<ShmNtb>, Arc<SharedMemory>, Peer) {
+fn linked(name: &str) -> (TestDir, Arc<ShmNtb>, Arc<SharedMemory>, Peer) {
     let dir = tmpdir(name);
     let asp = Arc::new(AddressSpace::new());
     let ram = Arc::new(SharedMemory::new("my-ram", RAM_BYTES).unwrap());
@@ -248,7 +265,7 @@ fn linked(name: &str) -> (PathBuf, Arc<ShmNtb>, Arc<SharedMemory>, Peer) {
 
 #[test]
 fn ram_windows_both_ways_direct_and_copy() {
-    let (dir, ntb, ram, _peer) = linked("ram");
+    let (_dir, ntb, ram, _peer) = linked("ram");
     assert_eq!(ntb.backend(), "shm");
     assert_eq!(ntb.peer_mw_size(0).unwrap(), RAM_BYTES as u64);
     // Into the peer: copy and direct stores, checked by the peer on its own RAM.
@@ -269,13 +286,11 @@ fn ram_windows_both_ways_direct_and_copy() {
     assert!(mine[4096..].iter().all(|b| *b == 0x5a));
     ram.fill(0, 8192, 0x3c).unwrap();
     assert_eq!(call(&ntb, CHECK_PEER, 0x3c), 1);
-    drop(ntb);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn doorbells_set_clear_mask_wait_timeout() {
-    let (dir, ntb, _, _peer) = linked("db");
+    let (_dir, ntb, _, _peer) = linked("db");
     ntb.db_set_mask(1 << 5).unwrap();
     assert_eq!(ntb.db_read_mask(), 1 << 5);
     assert_eq!(call(&ntb, RING, 5), 1);
@@ -298,13 +313,11 @@ fn doorbells_set_clear_mask_wait_timeout() {
         ntb.db_wait(1, Duration::from_millis(1)),
         Err(FabricError::Timeout)
     ));
-    drop(ntb);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn scratchpads_and_messages() {
-    let (dir, ntb, _, _peer) = linked("spad");
+    let (_dir, ntb, _, _peer) = linked("spad");
     ntb.peer_spad_write(4, 0x1234).unwrap();
     assert_eq!(call(&ntb, SPADS, 0), 0x1234);
     assert_eq!(ntb.peer_spad_read(2).unwrap(), 0xfeed);
@@ -318,13 +331,11 @@ fn scratchpads_and_messages() {
         Err(FabricError::MessageBusy(1))
     ));
     assert_eq!(ntb.msg_read_sts(), 0);
-    drop(ntb);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn mmio_posted_writes_stay_ordered_and_reads_do_not_pass_them() {
-    let (dir, ntb, _, _peer) = linked("mmio");
+    let (_dir, ntb, _, _peer) = linked("mmio");
     assert!(ntb.peer_mw_direct(1).unwrap().is_none());
     const N: u32 = 10_000;
     for i in 0..N {
@@ -342,13 +353,11 @@ fn mmio_posted_writes_stay_ordered_and_reads_do_not_pass_them() {
     let mut back = vec![0u8; 200];
     ntb.peer_mw_read(1, WindowOffset(0x100), &mut back).unwrap();
     assert_eq!(back, long);
-    drop(ntb);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn isolation_errors_across_processes() {
-    let (dir, ntb, _, _peer) = linked("iso");
+    let (_dir, ntb, _, _peer) = linked("iso");
     let mut b8 = [0u8; 8];
     let outside = |r: Result<(), FabricError>| {
         assert!(matches!(r, Err(FabricError::OutsideWindow { .. })), "{r:?}")
@@ -428,8 +437,6 @@ fn isolation_errors_across_processes() {
         ntb.peer_mw_direct(0),
         Err(FabricError::WindowNotTranslated(0))
     ));
-    drop(ntb);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -471,8 +478,6 @@ fn kill_9_is_link_down_for_every_waiter_then_a_new_peer_links_up() {
         .unwrap();
     assert_eq!(call(&ntb, CHECK_OWN, 0x77), 1);
     assert_eq!(call(&ntb, WRITE_PEER, 0), 1);
-    drop(ntb);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -493,6 +498,4 @@ fn stale_directory_from_a_killed_listener_does_not_wedge_the_next_run() {
     wait_peer_window(&ntb, 0);
     assert_eq!(call(&ntb, RING, 1), 1);
     assert_eq!(ntb.db_wait(2, LONG).unwrap(), 2);
-    drop(ntb);
-    let _ = std::fs::remove_dir_all(dir);
 }
