@@ -462,12 +462,14 @@ fn shadow_doorbells_with_event_indexes() {
         if i % 50 == 0 {
             // Let the worker go to sleep: it publishes the tail it has consumed as the event
             // index, so the next shadow update rings the MMIO doorbell and wakes it.
-            std::thread::sleep(Duration::from_millis(20));
-            assert_eq!(
-                h.mem.load_u32(events + 8).unwrap() as u16,
-                tail,
-                "SQ event index"
-            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while h.mem.load_u32(events + 8).unwrap() as u16 != tail {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "SQ event index not published"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
     let img = h.image_bytes();
