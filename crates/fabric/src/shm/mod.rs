@@ -52,6 +52,9 @@ use crate::{AddressSpace, FabricError, LinkConfig, Resolved, Result};
 /// waits before retrying a rendezvous.
 const POLL: Duration = Duration::from_millis(50);
 const RETRY: Duration = Duration::from_millis(10);
+/// How long a control message may wait for room in the socket before the connection is
+/// considered wedged.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -254,6 +257,7 @@ fn map_peer_ram(fd: OwnedFd, fd_offset: u64, size: u64) -> Result<MemSpan> {
 fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
     let ep = &shared.ep;
     let cfg = *ep.config();
+    socket::set_send_timeout(&conn, SEND_TIMEOUT)?;
     let local = Arc::new(ControlPage::create()?);
     let hello = wire::hello(
         cfg.mw_count as u32,

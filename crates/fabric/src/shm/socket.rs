@@ -111,6 +111,28 @@ pub(super) fn accept(listener: &OwnedFd) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// Bounds how long a send may block (a peer that stops reading cannot wedge us).
+pub(super) fn set_send_timeout(sock: &OwnedFd, timeout: Duration) -> Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid socket; `tv` is a live timeval of the declared size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(last("setsockopt(SO_SNDTIMEO)"));
+    }
+    Ok(())
+}
+
 /// Waits up to `timeout` for `fd` to be readable (or hung up); `Ok(false)` on timeout.
 pub(super) fn wait_readable(fd: RawFd, timeout: Duration) -> Result<bool> {
     let mut pfd = libc::pollfd {
