@@ -4,6 +4,8 @@
 //! vfio-user front-end for local devices (`serve`), and the benchmarks.
 
 mod cmd;
+mod host;
+mod pair;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +24,20 @@ struct Cli {
 enum Cmd {
     /// Run this host's daemon.
     Node(cmd::node::Args),
+    /// Add a device this host lends (`devlend add nvme --image PATH`).
+    Add(cmd::verbs::AddArgs),
+    /// List devices on this host and its peer, with owner and borrower.
+    List(cmd::verbs::PlainArgs),
+    /// Borrow a device from the peer.
+    Borrow(cmd::verbs::NameArgs),
+    /// Give a borrowed device back.
+    Return(cmd::verbs::NameArgs),
+    /// Show this node's link, peer, lent and borrowed devices.
+    Status(cmd::verbs::PlainArgs),
+    /// Run the user-space NVMe driver on a borrowed device: write, flush, read back, verify.
+    Check(cmd::verbs::CheckArgs),
+    /// Create TLS keys for hosts that link over tcp (a private CA plus one key pair per host).
+    Keygen(cmd::verbs::KeygenArgs),
     /// Runs the demo: a lender and a borrower host on this machine, lending an NVMe device.
     Demo(cmd::demo::Args),
     /// Serve a local device model to a VMM over vfio-user (no lending: the baseline).
@@ -57,6 +73,13 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Node(a) => cmd::node::run(a),
+        Cmd::Add(a) => cmd::verbs::add(a),
+        Cmd::List(a) => cmd::verbs::list(a),
+        Cmd::Borrow(a) => cmd::verbs::borrow(a),
+        Cmd::Return(a) => cmd::verbs::give_back(a),
+        Cmd::Status(a) => cmd::verbs::status(a),
+        Cmd::Check(a) => cmd::verbs::check(a),
+        Cmd::Keygen(a) => cmd::verbs::keygen(a),
         Cmd::Demo(a) => cmd::demo::run(a),
         Cmd::Serve(a) => cmd::serve::run(a),
         Cmd::Bench(BenchCmd::Fabric(a)) => cmd::bench_fabric::run(a),

@@ -94,7 +94,11 @@ impl BorrowedFunction {
     pub(crate) fn mark_removed(&self, why: &str) {
         if !self.removed.swap(true, Ordering::AcqRel) {
             *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = why.to_string();
-            tracing::warn!("{} removed: {why}", self.grant.device.name);
+            if why == "returned" || why == "dropped" {
+                tracing::info!("{} {why}", self.grant.device.name);
+            } else {
+                tracing::warn!("{} removed: {why}", self.grant.device.name);
+            }
         }
         let mut r = self.redirect.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((stop, t)) = r.thread.take() {

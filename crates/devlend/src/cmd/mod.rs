@@ -5,6 +5,8 @@ pub mod bench_fabric_tcp;
 pub mod bench_lending;
 pub mod bench_nvme;
 pub mod bench_vm;
+pub mod ctl;
 pub mod demo;
 pub mod node;
 pub mod serve;
+pub mod verbs;

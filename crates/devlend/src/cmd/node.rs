@@ -1,10 +1,300 @@
-//! (under construction)
+//! `devlend node`: one host's daemon.
+//!
+//! It owns the host's NTB endpoint and lending runtime, and serves the management verbs on a
+//! UNIX socket in its state directory. Borrowed devices live here: the verbs `check` (run the
+//! user-space driver on one) and `borrow --vfio-user` (serve one to a VMM) use them in-process.
 
-/// Arguments.
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use devlend_lending::{Node, NodeConfig};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::ctl::{CtlRequest, CtlResponse, DEFAULT_STATE, SOCKET_NAME};
+use crate::host;
+
+/// `devlend node` flags; each may also come from `--config FILE` (TOML, same keys).
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// This host's name (default: the machine's hostname).
+    #[arg(long)]
+    name: Option<String>,
+    /// An NTB link: `shm:DIR` (both hosts on this machine rendezvous in DIR), or
+    /// `tcp-listen:PEER@ADDR:PORT` / `tcp-connect:PEER@ADDR:PORT` (hosts on different machines,
+    /// TLS with the keys from `devlend keygen`). Repeat for a host with several links.
+    #[arg(long)]
+    fabric: Vec<String>,
+    /// State directory (management socket, lock).
+    #[arg(long, env = "DEVLEND_STATE")]
+    state: Option<PathBuf>,
+    /// Directory with this host's TLS key pair and the deployment CA (`devlend keygen`).
+    #[arg(long)]
+    keys: Option<PathBuf>,
+    /// Plain, unauthenticated TCP (only when both hosts ask for it; for isolated test rigs).
+    #[arg(long)]
+    insecure_tcp: bool,
+    /// Lease timeout in milliseconds: a silent borrower loses its devices after this long.
+    #[arg(long)]
+    lease_ms: Option<u64>,
+    /// A TOML file with any of: name, fabric, state, keys, lease_ms.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
 
-/// Runs the subcommand.
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    fabric: Option<Vec<String>>,
+    state: Option<PathBuf>,
+    keys: Option<PathBuf>,
+    lease_ms: Option<u64>,
+}
+
+/// The resolved settings of a node.
+pub struct Settings {
+    /// Host name.
+    pub name: String,
+    /// Links.
+    pub fabrics: Vec<host::FabricSpec>,
+    /// TCP authentication.
+    pub auth: host::TcpAuth,
+    /// State directory.
+    pub state: PathBuf,
+    /// Lease length.
+    pub lease: Duration,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "host".into())
+}
+
+impl Args {
+    fn resolve(self) -> anyhow::Result<Settings> {
+        let file: FileConfig = match &self.config {
+            Some(p) => toml::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("parsing {}", p.display()))?,
+            None => FileConfig::default(),
+        };
+        let keys = self.keys.or(file.keys);
+        let mut fabrics = if self.fabric.is_empty() {
+            file.fabric.unwrap_or_default()
+        } else {
+            self.fabric
+        };
+        if fabrics.is_empty() {
+            fabrics.push("shm:/tmp/devlend-fabric".into());
+        }
+        let name = self.name.or(file.name).unwrap_or_else(hostname);
+        Ok(Settings {
+            auth: host::TcpAuth {
+                host: name.clone(),
+                keys,
+                insecure: self.insecure_tcp,
+            },
+            name,
+            fabrics: fabrics
+                .iter()
+                .map(|f| host::FabricSpec::parse(f))
+                .collect::<anyhow::Result<_>>()?,
+            state: self
+                .state
+                .or(file.state)
+                .unwrap_or_else(|| DEFAULT_STATE.into()),
+            lease: Duration::from_millis(self.lease_ms.or(file.lease_ms).unwrap_or(3000)),
+        })
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Release);
+}
+
+/// Per-daemon state shared by connection threads.
+struct Daemon {
+    node: Node,
+    servers: Mutex<HashMap<String, host::VfioServer>>,
+}
+
+/// Runs the daemon until SIGINT/SIGTERM or a `shutdown` request.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let s = args.resolve()?;
+    std::fs::create_dir_all(&s.state).with_context(|| format!("creating {}", s.state.display()))?;
+    let _lock = host::lock_exclusive(&s.state.join("node.lock")).with_context(|| {
+        format!(
+            "another devlend node is running with state directory {}",
+            s.state.display()
+        )
+    })?;
+    let sock_path = s.state.join(SOCKET_NAME);
+    let _ = std::fs::remove_file(&sock_path);
+    let listener = UnixListener::bind(&sock_path)
+        .with_context(|| format!("binding {}", sock_path.display()))?;
+    listener.set_nonblocking(true)?;
+    let ntbs = host::open_fabrics(&s.fabrics, &s.auth)?;
+    let mut cfg = NodeConfig::new(&s.name);
+    cfg.lease = s.lease;
+    let node = Node::start(cfg, ntbs)?;
+    // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let links: Vec<String> = s.fabrics.iter().map(|f| f.to_string()).collect();
+    eprintln!(
+        "devlend node {}: links {}, management socket {}",
+        s.name,
+        links.join(", "),
+        sock_path.display()
+    );
+    let daemon = Arc::new(Daemon {
+        node,
+        servers: Mutex::new(HashMap::new()),
+    });
+    while !STOP.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let d = daemon.clone();
+                std::thread::spawn(move || serve_connection(&d, stream));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Idle: wait for a connection or a signal.
+                let mut pfd = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, 200 ms timeout.
+                unsafe { libc::poll(&mut pfd, 1, 200) };
+            }
+            Err(e) => return Err(e).context("accepting a management connection"),
+        }
+    }
+    eprintln!("devlend node {}: shutting down", s.name);
+    for name in daemon.node.status().borrowed.iter().map(|d| d.name.clone()) {
+        let _ = daemon.node.give_back(&name);
+    }
+    let _ = std::fs::remove_file(&sock_path);
+    Ok(())
+}
+
+fn serve_connection(d: &Daemon, stream: UnixStream) {
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut writer = stream;
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let resp = match serde_json::from_str::<CtlRequest>(&line) {
+        Ok(req) => match handle(d, req) {
+            Ok(result) => CtlResponse {
+                ok: true,
+                result,
+                error: None,
+            },
+            Err(e) => CtlResponse {
+                ok: false,
+                result: json!(null),
+                error: Some(format!("{e:#}")),
+            },
+        },
+        Err(e) => CtlResponse {
+            ok: false,
+            result: json!(null),
+            error: Some(format!("bad request: {e}")),
+        },
+    };
+    if let Ok(mut out) = serde_json::to_vec(&resp) {
+        out.push(b'\n');
+        let _ = writer.write_all(&out);
+    }
+}
+
+fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
+    Ok(match req {
+        CtlRequest::Add {
+            kind,
+            name,
+            image,
+            size,
+            serial,
+            model,
+        } => {
+            anyhow::ensure!(
+                kind == "nvme",
+                "unknown device kind {kind:?}: only `nvme` is supported"
+            );
+            let opts = host::NvmeOptions {
+                image,
+                size,
+                serial,
+                model,
+            };
+            let detail = opts.detail()?;
+            let desc = d
+                .node
+                .add_device(&name, &detail, host::nvme_builder(opts))?;
+            serde_json::to_value(desc)?
+        }
+        CtlRequest::List => {
+            let local = d.node.local_devices();
+            match d.node.peer_devices() {
+                Ok(peer) => json!({"local": local, "peer": peer}),
+                Err(e) => json!({"local": local, "peer": [], "peer_error": e.to_string()}),
+            }
+        }
+        CtlRequest::Borrow { name, vfio_user } => {
+            let f = d.node.borrow(&name)?;
+            let mut out = json!({"name": name, "owner": f.device().owner, "lease": f.lease()});
+            if let Some(sock) = vfio_user {
+                let server = host::VfioServer::start(f, &sock)?;
+                out["vfio_user"] = json!(sock);
+                d.servers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name, server);
+            }
+            out
+        }
+        CtlRequest::Return { name } => {
+            d.servers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+            d.node.give_back(&name)?;
+            json!({"name": name})
+        }
+        CtlRequest::Status => serde_json::to_value(d.node.status())?,
+        CtlRequest::Check {
+            name,
+            bytes,
+            offset,
+        } => {
+            let f = d.node.borrowed(&name).ok_or_else(|| {
+                anyhow::anyhow!("{name} is not borrowed here; run `devlend borrow {name}` first")
+            })?;
+            let summary = host::check_device(f, offset, bytes)?;
+            json!({"summary": summary})
+        }
+        CtlRequest::Shutdown => {
+            STOP.store(true, Ordering::Release);
+            json!({})
+        }
+    })
 }

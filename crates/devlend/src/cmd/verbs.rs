@@ -1,0 +1,273 @@
+//! The management verbs: `add`, `list`, `borrow`, `return`, `status`, `check`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::ctl::{call, CtlRequest, Target};
+
+/// `devlend add nvme ...`
+#[derive(clap::Args)]
+pub struct AddArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Device kind (only `nvme` today).
+    kind: String,
+    /// Raw image file that backs the device.
+    #[arg(long)]
+    image: PathBuf,
+    /// Name to lend it under (default: the image's file stem).
+    #[arg(long)]
+    name: Option<String>,
+    /// Create the image with this size if it does not exist (bytes, or with K/M/G suffix).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// NVMe serial number.
+    #[arg(long)]
+    serial: Option<String>,
+    /// NVMe model string.
+    #[arg(long)]
+    model: Option<String>,
+}
+
+/// `devlend list`, `devlend status`
+#[derive(clap::Args)]
+pub struct PlainArgs {
+    #[command(flatten)]
+    target: Target,
+}
+
+/// `devlend borrow NAME`, `devlend return NAME`
+#[derive(clap::Args)]
+pub struct NameArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Device name (see `devlend list`).
+    name: String,
+    /// Serve the borrowed device to a VMM on this vfio-user socket (borrow only).
+    #[arg(long)]
+    vfio_user: Option<PathBuf>,
+}
+
+/// `devlend check NAME`
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Borrowed device name.
+    name: String,
+    /// Bytes to write, read back and verify.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    bytes: u64,
+    /// Byte offset on the device.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    offset: u64,
+}
+
+/// `devlend keygen`
+#[derive(clap::Args)]
+pub struct KeygenArgs {
+    /// Directory to write the deployment CA and each host's certificate and key into.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Host names (each node's --name), at least two.
+    #[arg(required = true, num_args = 2..)]
+    hosts: Vec<String>,
+}
+
+/// Runs `keygen`.
+pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
+    let names: Vec<&str> = a.hosts.iter().map(String::as_str).collect();
+    devlend_fabric_tcp::keys::generate(&a.dir, &names)?;
+    println!(
+        "wrote a CA and keys for {} into {}",
+        names.join(", "),
+        a.dir.display()
+    );
+    println!(
+        "copy ca.pem and each host's <name>.pem/<name>.key to that host; keep the keys private"
+    );
+    Ok(())
+}
+
+/// Parses "4096", "64K", "256M", "2G".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        Some('T') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (examples: 4096, 64K, 256M, 2G)"))
+}
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn emit(target: &Target, v: &Value, human: impl FnOnce(&Value) -> String) {
+    if target.json {
+        println!("{v}");
+    } else {
+        print!("{}", human(v));
+    }
+}
+
+fn device_line(d: &Value) -> String {
+    let borrower = d["borrower"]
+        .as_str()
+        .map(|b| format!("lent to {b}"))
+        .unwrap_or_else(|| "available".into());
+    format!(
+        "{:<12} {:<6} owner {:<12} {:<22} {}\n",
+        d["name"].as_str().unwrap_or("?"),
+        d["kind"].as_str().unwrap_or("?"),
+        d["owner"].as_str().unwrap_or("?"),
+        borrower,
+        d["detail"].as_str().unwrap_or("")
+    )
+}
+
+/// Runs `add`.
+pub fn add(a: AddArgs) -> anyhow::Result<()> {
+    let name = match a.name {
+        Some(n) => n,
+        None => a
+            .image
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("give the device a --name"))?,
+    };
+    let image = std::path::absolute(&a.image)?;
+    let req = CtlRequest::Add {
+        kind: a.kind,
+        name,
+        image,
+        size: a.size,
+        serial: a.serial,
+        model: a.model,
+    };
+    let v = call(&a.target.state, &req, TIMEOUT)?;
+    emit(&a.target, &v, |v| format!("added {}", device_line(v)));
+    Ok(())
+}
+
+/// Runs `list`.
+pub fn list(a: PlainArgs) -> anyhow::Result<()> {
+    let v = call(&a.target.state, &CtlRequest::List, TIMEOUT)?;
+    emit(&a.target, &v, |v| {
+        let mut out = String::new();
+        for key in ["local", "peer"] {
+            for d in v[key].as_array().into_iter().flatten() {
+                out.push_str(&device_line(d));
+            }
+        }
+        if let Some(e) = v["peer_error"].as_str() {
+            out.push_str(&format!("(peer devices unavailable: {e})\n"));
+        }
+        if out.is_empty() {
+            out.push_str("no devices (add one with `devlend add nvme --image PATH`)\n");
+        }
+        out
+    });
+    Ok(())
+}
+
+/// Runs `borrow`.
+pub fn borrow(a: NameArgs) -> anyhow::Result<()> {
+    let vfio_user = a.vfio_user.map(|p| std::path::absolute(&p)).transpose()?;
+    let v = call(
+        &a.target.state,
+        &CtlRequest::Borrow {
+            name: a.name.clone(),
+            vfio_user,
+        },
+        TIMEOUT,
+    )?;
+    emit(&a.target, &v, |v| {
+        let mut s = format!(
+            "borrowed {} from {} (lease {})\n",
+            a.name,
+            v["owner"].as_str().unwrap_or("?"),
+            v["lease"]
+        );
+        if let Some(sock) = v["vfio_user"].as_str() {
+            s.push_str(&format!(
+                "serving it over vfio-user at {sock}: -device '{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{sock}\",\"type\":\"unix\"}}}}'\n"
+            ));
+        }
+        s
+    });
+    Ok(())
+}
+
+/// Runs `return`.
+pub fn give_back(a: NameArgs) -> anyhow::Result<()> {
+    let v = call(
+        &a.target.state,
+        &CtlRequest::Return {
+            name: a.name.clone(),
+        },
+        TIMEOUT,
+    )?;
+    emit(&a.target, &v, |_| format!("returned {}\n", a.name));
+    Ok(())
+}
+
+/// Runs `status`.
+pub fn status(a: PlainArgs) -> anyhow::Result<()> {
+    let v = call(&a.target.state, &CtlRequest::Status, TIMEOUT)?;
+    emit(&a.target, &v, |v| {
+        let mut s = format!("node {}\n", v["name"].as_str().unwrap_or("?"));
+        for l in v["links"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "  link over {}: {}, peer {}\n",
+                l["fabric"].as_str().unwrap_or("?"),
+                l["link"].as_str().unwrap_or("?"),
+                l["peer"].as_str().unwrap_or("(unknown)")
+            ));
+        }
+        for d in v["lending"].as_array().into_iter().flatten() {
+            s.push_str(&format!("  lending  {}", device_line(d)));
+        }
+        for d in v["borrowed"].as_array().into_iter().flatten() {
+            s.push_str(&format!("  borrowed {}", device_line(d)));
+        }
+        s
+    });
+    Ok(())
+}
+
+/// Runs `check`.
+pub fn check(a: CheckArgs) -> anyhow::Result<()> {
+    let req = CtlRequest::Check {
+        name: a.name,
+        bytes: a.bytes,
+        offset: a.offset,
+    };
+    let v = call(&a.target.state, &req, Duration::from_secs(300))?;
+    emit(&a.target, &v, |v| {
+        format!("{}\n", v["summary"].as_str().unwrap_or(""))
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999999T").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

@@ -1,0 +1,323 @@
+//! What every host-level command shares: opening the fabric, building NVMe devices, running the
+//! user-space driver on a function, serving a function over vfio-user.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use devlend_fabric::{AddressSpace, Ntb};
+use devlend_lending::DeviceBuilder;
+use devlend_pci::PciFunction;
+
+/// Which fabric backend a link uses.
+#[derive(Clone, Debug)]
+pub enum FabricSpec {
+    /// Shared memory: both hosts on this machine rendezvous in a directory.
+    Shm(PathBuf),
+    /// TCP, this host listens for `peer`.
+    TcpListen {
+        /// The peer host's name (its certificate must carry it).
+        peer: String,
+        /// Address to listen on.
+        addr: SocketAddr,
+    },
+    /// TCP, this host connects to `peer`.
+    TcpConnect {
+        /// The peer host's name.
+        peer: String,
+        /// Address to connect to.
+        addr: SocketAddr,
+    },
+}
+
+const FABRIC_FORMS: &str = "shm:DIR, tcp-listen:PEER@ADDR:PORT or tcp-connect:PEER@ADDR:PORT";
+
+impl FabricSpec {
+    /// Parses `shm:DIR`, `tcp-listen:PEER@ADDR:PORT`, `tcp-connect:PEER@ADDR:PORT`.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
+        anyhow::ensure!(
+            !rest.is_empty(),
+            "fabric {s:?} needs an argument: {FABRIC_FORMS}"
+        );
+        let tcp = |rest: &str| -> anyhow::Result<(String, SocketAddr)> {
+            let (peer, addr) = rest.split_once('@').ok_or_else(|| {
+                anyhow::anyhow!("fabric {s:?}: name the peer host, as in {FABRIC_FORMS}")
+            })?;
+            let addr = addr
+                .parse()
+                .with_context(|| format!("fabric {s:?}: {addr:?} is not ADDR:PORT"))?;
+            anyhow::ensure!(!peer.is_empty(), "fabric {s:?}: empty peer name");
+            Ok((peer.to_string(), addr))
+        };
+        Ok(match kind {
+            "shm" => FabricSpec::Shm(PathBuf::from(rest)),
+            "tcp-listen" => {
+                let (peer, addr) = tcp(rest)?;
+                FabricSpec::TcpListen { peer, addr }
+            }
+            "tcp-connect" => {
+                let (peer, addr) = tcp(rest)?;
+                FabricSpec::TcpConnect { peer, addr }
+            }
+            other => anyhow::bail!("unknown fabric {other:?}: use {FABRIC_FORMS}"),
+        })
+    }
+}
+
+impl fmt::Display for FabricSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FabricSpec::Shm(d) => write!(f, "shm:{}", d.display()),
+            FabricSpec::TcpListen { peer, addr } => write!(f, "tcp-listen:{peer}@{addr}"),
+            FabricSpec::TcpConnect { peer, addr } => write!(f, "tcp-connect:{peer}@{addr}"),
+        }
+    }
+}
+
+/// How a host authenticates on tcp links.
+#[derive(Clone, Debug, Default)]
+pub struct TcpAuth {
+    /// This host's name (its certificate's name).
+    pub host: String,
+    /// Directory from `devlend keygen` (CA certificate, this host's certificate and key).
+    pub keys: Option<PathBuf>,
+    /// Plain TCP without authentication (both sides must ask for it).
+    pub insecure: bool,
+}
+
+impl TcpAuth {
+    fn credentials(&self, peer: &str) -> anyhow::Result<devlend_fabric_tcp::Credentials> {
+        if self.insecure {
+            return Ok(devlend_fabric_tcp::Credentials::Insecure);
+        }
+        let dir = self.keys.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("a tcp link needs --keys DIR (create it with `devlend keygen`), or --insecure-tcp on both hosts")
+        })?;
+        let creds =
+            devlend_fabric_tcp::TlsCredentials::load(dir, &self.host, peer).with_context(|| {
+                format!(
+                    "loading TLS credentials for {} from {}",
+                    self.host,
+                    dir.display()
+                )
+            })?;
+        Ok(devlend_fabric_tcp::Credentials::Tls(Arc::new(creds)))
+    }
+}
+
+/// Opens this host's ends of its links, all onto one address space; each comes up when its
+/// peer arrives.
+pub fn open_fabrics(specs: &[FabricSpec], auth: &TcpAuth) -> anyhow::Result<Vec<Arc<dyn Ntb>>> {
+    let asp = Arc::new(AddressSpace::new());
+    specs
+        .iter()
+        .map(|s| open_fabric(s, asp.clone(), auth))
+        .collect()
+}
+
+/// Opens one end of a link onto `asp`; it comes up when the peer arrives.
+pub fn open_fabric(
+    spec: &FabricSpec,
+    asp: Arc<AddressSpace>,
+    auth: &TcpAuth,
+) -> anyhow::Result<Arc<dyn Ntb>> {
+    let cfg = devlend_fabric::LinkConfig::default();
+    let tcp_cfg = devlend_fabric_tcp::TcpConfig {
+        link: cfg,
+        ..Default::default()
+    };
+    Ok(match spec {
+        FabricSpec::Shm(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            devlend_fabric::shm::ShmNtb::open(dir, asp, cfg)
+                .with_context(|| format!("opening the shm fabric in {}", dir.display()))?
+        }
+        FabricSpec::TcpListen { peer, addr } => Arc::new(
+            devlend_fabric_tcp::TcpNtb::listen(*addr, asp, tcp_cfg, auth.credentials(peer)?)
+                .with_context(|| format!("listening on {addr}"))?,
+        ),
+        FabricSpec::TcpConnect { peer, addr } => Arc::new(
+            devlend_fabric_tcp::TcpNtb::connect(*addr, asp, tcp_cfg, auth.credentials(peer)?)
+                .with_context(|| format!("connecting to {addr}"))?,
+        ),
+    })
+}
+
+/// Takes an exclusive `flock` on `path` (created if needed) for as long as the file lives.
+pub fn lock_exclusive(path: &Path) -> anyhow::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(f)
+}
+
+/// How to build an NVMe device.
+#[derive(Clone, Debug)]
+pub struct NvmeOptions {
+    /// Backing raw image.
+    pub image: PathBuf,
+    /// Create it with this size if missing.
+    pub size: Option<u64>,
+    /// Serial.
+    pub serial: Option<String>,
+    /// Model.
+    pub model: Option<String>,
+}
+
+impl NvmeOptions {
+    /// One line for listings.
+    pub fn detail(&self) -> anyhow::Result<String> {
+        let size = match std::fs::metadata(&self.image) {
+            Ok(m) => m.len(),
+            Err(_) => self.size.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} does not exist; give --size to create it",
+                    self.image.display()
+                )
+            })?,
+        };
+        Ok(format!("{} ({} MiB)", self.image.display(), size >> 20))
+    }
+
+    fn config(&self) -> devlend_nvme::NvmeConfig {
+        let mut cfg = devlend_nvme::NvmeConfig::new(&self.image);
+        cfg.create_size = self.size;
+        if let Some(s) = &self.serial {
+            cfg.serial = s.clone();
+        }
+        if let Some(m) = &self.model {
+            cfg.model = m.clone();
+        }
+        cfg
+    }
+}
+
+/// A builder the lender (or a local binding) calls with the device's DMA port and interrupt sink.
+pub fn nvme_builder(opts: NvmeOptions) -> DeviceBuilder {
+    Box::new(move |dma, irq| {
+        let dev =
+            devlend_nvme::NvmeDevice::new(opts.config(), dma, irq).map_err(|e| e.to_string())?;
+        Ok(dev as Arc<dyn devlend_pci::PciDevice>)
+    })
+}
+
+/// A local NVMe function (the baseline): the model bound in-process.
+pub fn local_nvme(opts: NvmeOptions) -> anyhow::Result<Arc<dyn PciFunction>> {
+    let f = devlend_pci::local::LocalFunction::new(64 << 20, |dma, irq| {
+        devlend_nvme::NvmeDevice::new(opts.config(), dma, irq)
+            .map(|d| d as Arc<dyn devlend_pci::PciDevice>)
+    })?;
+    Ok(Arc::new(f))
+}
+
+/// Runs the unmodified user-space driver on `f`: writes a pattern, reads it back, flushes.
+pub fn check_device(f: Arc<dyn PciFunction>, offset: u64, bytes: u64) -> anyhow::Result<String> {
+    let what = f.describe();
+    let drv = devlend_nvme_driver::Controller::new(f).context("initialising the NVMe driver")?;
+    let len = usize::try_from(bytes)?;
+    let pattern: Vec<u8> = (0..len)
+        .map(|i| (i as u64).wrapping_mul(2654435761).wrapping_add(offset) as u8 ^ (i >> 12) as u8)
+        .collect();
+    drv.write_at(offset, &pattern).context("writing")?;
+    drv.flush().context("flushing")?;
+    let mut back = vec![0u8; len];
+    drv.read_at(offset, &mut back).context("reading back")?;
+    anyhow::ensure!(back == pattern, "read-back differs from what was written");
+    drv.shutdown().context("shutting the controller down")?;
+    Ok(format!(
+        "{what}: wrote {bytes} bytes at offset {offset}, flushed, read back and verified ({} blocks of {} bytes)",
+        drv.capacity_bytes() / u64::from(drv.lba_bytes()),
+        drv.lba_bytes()
+    ))
+}
+
+/// A vfio-user server serving one function on a socket, in its own thread, one client at a
+/// time, until dropped.
+pub struct VfioServer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    socket: PathBuf,
+}
+
+impl VfioServer {
+    /// Starts serving `f` on `socket` (a stale socket file is replaced).
+    pub fn start(f: Arc<dyn PciFunction>, socket: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        use std::sync::atomic::Ordering;
+        if let Ok(meta) = std::fs::symlink_metadata(socket) {
+            anyhow::ensure!(
+                meta.file_type().is_socket(),
+                "{} exists and is not a socket",
+                socket.display()
+            );
+            std::fs::remove_file(socket)?;
+        }
+        let listener = std::os::unix::net::UnixListener::bind(socket)
+            .with_context(|| format!("binding the vfio-user socket {}", socket.display()))?;
+        listener.set_nonblocking(true)?;
+        let server = devlend_vfio_user::Server::new(f)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("devlend-vfio-user".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Acquire) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            if stream.set_nonblocking(false).is_ok() {
+                                let end = server.serve_connection(&stream);
+                                tracing::info!("vfio-user client gone: {end:?}");
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            let mut pfd = libc::pollfd {
+                                fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                                events: libc::POLLIN,
+                                revents: 0,
+                            };
+                            // SAFETY: one valid pollfd, 200 ms timeout.
+                            unsafe { libc::poll(&mut pfd, 1, 200) };
+                        }
+                        Err(e) => {
+                            tracing::warn!("vfio-user accept failed: {e}");
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            socket: socket.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for VfioServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = std::fs::remove_file(&self.socket);
+        // A connected client keeps the thread until it disconnects; the function is removed
+        // by then, so its accesses fail and QEMU sees the device go away.
+        if let Some(t) = self.thread.take() {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}
