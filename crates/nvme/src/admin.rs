@@ -536,14 +536,19 @@ impl Controller {
             Ok(s) => s,
             Err(_) => return Status::DATA_TRANSFER_ERROR,
         };
-        // Queues that exist keep using their MMIO doorbells; queues created from now on use
-        // the shadow buffer (the driver zeroes its slots before creating them).
         self.dbbuf = Some(DoorbellBuffer {
             shadow,
             event_index,
             shadow_span,
             event_span,
         });
+        // I/O queues switch to the shadow buffer now (Linux sends this command after creating
+        // them) and queues created later use it from the start. The admin queue keeps its MMIO
+        // doorbells: Linux never updates its shadow slots. Each switched queue's slots are
+        // seeded with the doorbell value the controller has, so nothing is lost or replayed.
+        for qid in 1..self.sqs.len() {
+            self.switch_to_shadow(qid);
+        }
         Status::SUCCESS
     }
 }

@@ -430,6 +430,53 @@ impl Controller {
         }
     }
 
+    /// Moves I/O queue pair slot `qid` from MMIO doorbells to the shadow buffer, seeding its
+    /// shadow and event index slots with the values the controller last accepted.
+    pub(crate) fn switch_to_shadow(&mut self, qid: usize) {
+        if qid == 0 || self.dbbuf.is_none() {
+            return;
+        }
+        if self
+            .sqs
+            .get(qid)
+            .and_then(Option::as_ref)
+            .is_some_and(|q| !q.shadow)
+        {
+            let _ = self.refresh_sq_tail(qid);
+            if let Some(tail) = self.sqs.get(qid).and_then(Option::as_ref).map(|q| q.tail) {
+                self.write_shadow(2 * qid, tail);
+                self.write_event_index(2 * qid, tail);
+            }
+            if let Some(q) = self.sqs.get_mut(qid).and_then(Option::as_mut) {
+                q.shadow = true;
+            }
+        }
+        if self
+            .cqs
+            .get(qid)
+            .and_then(Option::as_ref)
+            .is_some_and(|q| !q.shadow)
+        {
+            self.refresh_cq_head(qid);
+            if let Some(head) = self.cqs.get(qid).and_then(Option::as_ref).map(|q| q.head) {
+                self.write_shadow(2 * qid + 1, head);
+                self.write_event_index(2 * qid + 1, head);
+            }
+            if let Some(q) = self.cqs.get_mut(qid).and_then(Option::as_mut) {
+                q.shadow = true;
+            }
+        }
+    }
+
+    fn write_shadow(&self, slot: usize, value: u32) {
+        let Some(db) = self.dbbuf.as_ref() else {
+            return;
+        };
+        if let Some(addr) = db.shadow.checked_add(slot as u64 * DOORBELL_STRIDE) {
+            let _ = self.dma.dma_write(BusAddr(addr), &value.to_le_bytes());
+        }
+    }
+
     fn sq_doorbell(&self, qid: usize, shadow: bool) -> Option<u32> {
         if shadow {
             self.read_shadow(2 * qid)

@@ -399,8 +399,10 @@ fn many_queues_in_parallel() {
 
 /// Doorbell Buffer Config: the driver updates shadow doorbells in memory and rings the MMIO
 /// doorbell only when the event index says the controller may be asleep.
-#[test]
-fn shadow_doorbells_with_event_indexes() {
+///
+/// `config_first`: the command comes before the queues are created; otherwise after, as
+/// Linux sends it, and after some I/O through the MMIO doorbells.
+fn shadow_doorbells(config_first: bool) {
     let mut h = Harness::new();
     h.enable();
     let shadow = 0xf_0000u64;
@@ -411,14 +413,27 @@ fn shadow_doorbells_with_event_indexes() {
         prp2: HOST_BASE + events,
         ..Command::default()
     };
-    assert!(h.admin(dbbc).status.is_success());
-    h.create_io_pair(1, 32);
+    if config_first {
+        assert!(h.admin(dbbc).status.is_success());
+        h.create_io_pair(1, 32);
+    } else {
+        h.create_io_pair(1, 32);
+        for _ in 0..5 {
+            assert!(h.status(1, read(0, 1, DATA)).is_success());
+        }
+        assert!(h.admin(dbbc).status.is_success());
+        // The controller seeded the shadow slots with the values it had.
+        assert_eq!(h.mem.load_u32(shadow + 8).unwrap(), 5);
+        assert_eq!(h.mem.load_u32(shadow + 12).unwrap(), 5);
+        // The admin queue stays on MMIO doorbells.
+        assert!(h.admin(identify(1, 0, DATA)).status.is_success());
+    }
     let need_event = |event: u16, new: u16, old: u16| {
         new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
     };
     let mut mmio_rings = 0;
-    let mut old_tail = 0u16;
-    let mut old_head = 0u16;
+    let mut old_tail = h.queues[1].as_ref().unwrap().sq_tail as u16;
+    let mut old_head = h.queues[1].as_ref().unwrap().cq_head as u16;
     for i in 0..200u64 {
         h.mem.write_at(DATA, &pattern(512, i as u8)).unwrap();
         h.push(1, write(i, 1, DATA));
@@ -482,6 +497,16 @@ fn shadow_doorbells_with_event_indexes() {
     }
     // How many submissions needed an MMIO ring depends on how often the worker slept.
     assert!((4..=200).contains(&mmio_rings), "MMIO rings: {mmio_rings}");
+}
+
+#[test]
+fn shadow_doorbells_configured_before_queues() {
+    shadow_doorbells(true);
+}
+
+#[test]
+fn shadow_doorbells_configured_after_queues_like_linux() {
+    shadow_doorbells(false);
 }
 
 #[test]
