@@ -158,7 +158,7 @@ impl Controller {
             return Status::INVALID_PRP_OFFSET;
         }
         let ring = self.ring(base, u64::from(entries) * CQE_BYTES, DmaAccess::Write);
-        let shadow = self.dbbuf.is_some();
+        let shadow = false;
         if let Some(s) = self.cqs.get_mut(slot) {
             *s = Some(CompletionQueue {
                 base,
@@ -175,6 +175,7 @@ impl Controller {
             });
         }
         self.io_queue_created = true;
+        self.switch_to_shadow(slot);
         Status::SUCCESS
     }
 
@@ -203,7 +204,7 @@ impl Controller {
             return Status::INVALID_PRP_OFFSET;
         }
         let ring = self.ring(base, u64::from(entries) * SQE_BYTES, DmaAccess::Read);
-        let shadow = self.dbbuf.is_some();
+        let shadow = false;
         if let Some(cq) = self.cqs.get_mut(usize::from(cqid)).and_then(Option::as_mut) {
             cq.sq_count += 1;
         }
@@ -219,6 +220,7 @@ impl Controller {
             });
         }
         self.io_queue_created = true;
+        self.switch_to_shadow(slot);
         Status::SUCCESS
     }
 

@@ -458,9 +458,15 @@ impl Controller {
             .is_some_and(|q| !q.shadow)
         {
             self.refresh_cq_head(qid);
-            if let Some(head) = self.cqs.get(qid).and_then(Option::as_ref).map(|q| q.head) {
+            if let Some((head, entries)) = self
+                .cqs
+                .get(qid)
+                .and_then(Option::as_ref)
+                .map(|q| (q.head, q.entries))
+            {
                 self.write_shadow(2 * qid + 1, head);
-                self.write_event_index(2 * qid + 1, head);
+                // Just behind the head: head updates need no MMIO ring until the queue fills.
+                self.write_event_index(2 * qid + 1, (head + entries - 1) % entries);
             }
             if let Some(q) = self.cqs.get_mut(qid).and_then(Option::as_mut) {
                 q.shadow = true;
@@ -594,8 +600,10 @@ impl Controller {
                     self.write_event_index(2 * qid, sq.head);
                 }
             }
+            // A completion queue head matters only when the queue is full (it blocks
+            // submissions): only then ask for an MMIO ring on the next head update.
             for (qid, cq) in self.cqs.iter().enumerate() {
-                if let Some(cq) = cq.as_ref().filter(|q| q.shadow) {
+                if let Some(cq) = cq.as_ref().filter(|q| q.shadow && q.is_full()) {
                     self.write_event_index(2 * qid + 1, cq.head);
                 }
             }
