@@ -789,15 +789,18 @@ impl Controller {
                     && ring.store_u32(offset + 12, dw3).is_ok()
             }
             None => match cq.base.checked_add(offset) {
-                Some(addr) => {
-                    let first = self.dma.dma_write(BusAddr(addr), &bytes[..12]).is_ok();
-                    fence(Ordering::Release);
-                    first
-                        && self
-                            .dma
-                            .dma_write(BusAddr(addr + 12), &dw3.to_le_bytes())
-                            .is_ok()
-                }
+                Some(addr) => match addr.checked_add(12) {
+                    Some(last) => {
+                        let first = self.dma.dma_write(BusAddr(addr), &bytes[..12]).is_ok();
+                        fence(Ordering::Release);
+                        first
+                            && self
+                                .dma
+                                .dma_write(BusAddr(last), &dw3.to_le_bytes())
+                                .is_ok()
+                    }
+                    None => false,
+                },
                 None => false,
             },
         };
