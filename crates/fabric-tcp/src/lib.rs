@@ -28,17 +28,31 @@
 //!
 //! # Threads
 //!
-//! Each [`TcpNtb`] owns a *supervisor* thread that connects or accepts, does the handshake, and
-//! then reads the connection (parsing frames, completing this side's reads). Per connection it
-//! starts a *writer* thread (the only one writing to the socket after the handshake) and a
-//! *service* thread (applies the peer's requests to the local address space and registers, and
-//! queues the replies). Dropping the [`TcpNtb`] stops and joins all of them.
+//! Each [`TcpNtb`] owns a *supervisor* thread that connects or accepts and does the handshake,
+//! then reads the connection whenever no caller does (parsing frames, applying the peer's RAM
+//! and register requests itself when nothing is queued ahead of them, completing this side's
+//! reads). Per connection it starts a *writer* thread and a *service* thread:
+//!
+//! - the writer sends keepalives and whatever callers could not send themselves (a caller
+//!   that finds the socket free sends its own frames, and a posted write straight from its
+//!   buffer; the reader and service threads never block on the socket and leave the rest to
+//!   the writer);
+//! - the service thread applies the peer's MMIO accesses (and everything queued behind them)
+//!   in order, so that a device model that blocks cannot stall the reading of the socket.
+//!
+//! A caller waiting for a reply reads the socket itself when no other caller does (the
+//! supervisor steps aside), so the reply wakes it directly. Dropping the [`TcpNtb`] stops and
+//! joins every thread.
+//!
+//! A limit: an MMIO handler that waits for a fabric read of its own while the peer has more
+//! than [`TcpConfig::service_queue_bytes`] of requests queued behind it stalls the reading
+//! until the keepalive timeout ends the link.
 //!
 //! # Lock order
 //!
-//! `windows` → `session slot` → send queue. Every other lock (link, doorbells, messages,
-//! scratchpads, pending reads, the TLS state, the inbound queue) is a leaf: nothing else is
-//! taken while it is held.
+//! `windows` → `session slot` → send queue, and receive buffers (`rx`) → send lock → send
+//! queue / TLS state. Every other lock (link, doorbells, messages, scratchpads, pending reads,
+//! leaders, the inbound queue) is a leaf: nothing else is taken while it is held.
 #![warn(missing_docs)]
 
 pub mod bench;

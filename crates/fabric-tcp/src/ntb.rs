@@ -729,7 +729,7 @@ impl PeerWindows for TcpNtb {
         let mut at = offset.0;
         for piece in buf.chunks_mut(frame::MAX_DATA) {
             let len = piece.len() as u32;
-            let Reply { status, data } = s.call(timeout, |tag, b| {
+            let Reply { status, data } = s.call(&self.inner, timeout, |tag, b| {
                 Frame::Read {
                     tag,
                     window: window as u16,
@@ -883,13 +883,17 @@ impl Scratchpads for TcpNtb {
                 count,
             });
         }
-        let Reply { status, data } = s.call(self.inner.cfg.link.completion_timeout, |tag, b| {
-            Frame::SpadRead {
-                tag,
-                index: index as u16,
-            }
-            .encode(b)
-        })?;
+        let Reply { status, data } = s.call(
+            &self.inner,
+            self.inner.cfg.link.completion_timeout,
+            |tag, b| {
+                Frame::SpadRead {
+                    tag,
+                    index: index as u16,
+                }
+                .encode(b)
+            },
+        )?;
         if status != Status::Ok {
             return Err(reply_error(status, "scratchpad", index, count));
         }
@@ -960,14 +964,18 @@ impl Messages for TcpNtb {
                 count,
             });
         }
-        let Reply { status, .. } = s.call(self.inner.cfg.link.completion_timeout, |tag, b| {
-            Frame::MsgWrite {
-                tag,
-                index: index as u16,
-                value,
-            }
-            .encode(b)
-        })?;
+        let Reply { status, .. } = s.call(
+            &self.inner,
+            self.inner.cfg.link.completion_timeout,
+            |tag, b| {
+                Frame::MsgWrite {
+                    tag,
+                    index: index as u16,
+                    value,
+                }
+                .encode(b)
+            },
+        )?;
         match status {
             Status::Ok => Ok(()),
             other => Err(reply_error(other, "message register", index, count)),

@@ -6,9 +6,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devlend_fabric::FabricError;
 
@@ -18,6 +18,7 @@ use crate::queue::{InQueue, OutQueue, Take};
 
 use crate::tls::ALPN;
 use crate::Credentials;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Most requests needing a reply (reads, scratchpad reads, message writes) that one side may
 /// have outstanding; a peer exceeding it breaks the protocol.
@@ -120,6 +121,78 @@ pub(crate) struct Session {
     chan: Channel,
     /// Held by whoever moves queued frames to the socket; keeps TLS records in order.
     send: Mutex<SendState>,
+    /// Held by whoever reads the socket: the reader thread, or a caller waiting for its reply
+    /// (so that the reply wakes the caller directly, not through the reader thread).
+    rx: Mutex<RxState>,
+    /// Callers that want to read; the reader thread leaves the socket to them meanwhile.
+    leaders: Mutex<usize>,
+    leaders_gone: Condvar,
+    /// A caller is reading: other callers wait for their reply instead of taking over.
+    leading: AtomicBool,
+    /// Written by a caller that wants the reader thread to let go of [`Session::rx`].
+    wake: EventFd,
+    /// When bytes last arrived (for the keepalive timeout).
+    last_rx: Mutex<Instant>,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+}
+
+/// The receive buffers.
+struct RxState {
+    /// Plaintext not yet parsed (at most one incomplete frame after a pump).
+    rx: Vec<u8>,
+    /// Bytes from the socket.
+    net: Vec<u8>,
+    /// The peer's hello arrived.
+    hello: bool,
+}
+
+/// What waiting for the socket gave.
+enum Ready {
+    Readable,
+    Woken,
+    Timeout,
+}
+
+/// Waits until `sock` is readable (or has an error), `wake` (if any) is readable, or `timeout`.
+fn wait_readable(
+    sock: &TcpStream,
+    wake: Option<&EventFd>,
+    timeout: Duration,
+) -> Result<Ready, EndError> {
+    let mut fds = [
+        libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.map_or(-1, |w| w.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd structures for the whole call (a
+        // negative descriptor is ignored by poll).
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if r >= 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(EndError::Io(e));
+        }
+    }
+    let [s, w] = fds;
+    Ok(if s.revents != 0 {
+        Ready::Readable
+    } else if w.revents != 0 {
+        Ready::Woken
+    } else {
+        Ready::Timeout
+    })
 }
 
 /// Buffers of the sender that holds [`Session::send`].
@@ -170,8 +243,9 @@ fn send_nonblocking(sock: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
 }
 
 impl Session {
-    fn new(sock: TcpStream, chan: Channel, send_limit: usize, service_limit: usize) -> Self {
-        Self {
+    fn new(sock: TcpStream, chan: Channel, cfg: &crate::TcpConfig) -> std::io::Result<Self> {
+        let (send_limit, service_limit) = (cfg.send_queue_bytes, cfg.service_queue_bytes);
+        Ok(Self {
             out: OutQueue::new(send_limit),
             inq: InQueue::new(service_limit),
             peer: Mutex::new(PeerInfo::default()),
@@ -187,6 +261,203 @@ impl Session {
             sock,
             chan,
             send: Mutex::new(SendState::default()),
+            rx: Mutex::new(RxState {
+                rx: Vec::with_capacity(4 * frame::MAX_PAYLOAD),
+                net: vec![0u8; 256 * 1024],
+                hello: false,
+            }),
+            leaders: Mutex::new(0),
+            leaders_gone: Condvar::new(),
+            leading: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            last_rx: Mutex::new(Instant::now()),
+            keepalive_interval: cfg.keepalive_interval,
+            keepalive_timeout: cfg.keepalive_timeout,
+        })
+    }
+
+    fn silent_too_long(&self) -> bool {
+        lock(&self.last_rx).elapsed() > self.keepalive_timeout
+    }
+
+    /// Reads what the socket holds and handles every complete frame: the peer's requests
+    /// (applied here when that keeps the order, else queued for the service thread), replies
+    /// to this side's requests (handed to their callers). Returns whether the peer closed.
+    fn pump(&self, inner: &Inner, st: &mut RxState) -> Result<bool, EndError> {
+        let RxState { rx, net, hello } = st;
+        let got = match self.chan.recv(&self.sock, net, rx) {
+            Ok(Some(got)) => got,
+            Ok(None) => return Ok(false),
+            Err(e) if self.closed.load(Ordering::Acquire) => {
+                tracing::debug!(error = %e, "read after close");
+                return Err(EndError::Closed);
+            }
+            Err(e) => return Err(e),
+        };
+        *lock(&self.last_rx) = Instant::now();
+        if got.kick {
+            self.out.kick();
+        }
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut used = 0usize;
+        while let Some((f, n)) = frame::parse(rx.get(used..).unwrap_or_default())? {
+            used += n;
+            if !*hello {
+                let Frame::Hello(h) = f else {
+                    return Err(EndError::Protocol("the first frame is not a hello".into()));
+                };
+                accept_hello(self, h)?;
+                *hello = true;
+                inner.link_up();
+                continue;
+            }
+            if batch.is_empty() && self.inq.idle() && inner.apply_inline(self, &f)? {
+                continue;
+            }
+            handle(self, f, &mut batch, &mut batch_bytes)?;
+        }
+        rx.drain(..used);
+        // Replies to requests applied here go out now, or are left to the writer thread.
+        self.flush(Flush::NonBlocking)?;
+        if !batch.is_empty() {
+            self.inq
+                .push_batch(batch, batch_bytes)
+                .map_err(|_| EndError::Closed)?;
+        }
+        if got.eof {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(EndError::Closed);
+            }
+            if !rx.is_empty() {
+                return Err(FrameError::Truncated { have: rx.len() }.into());
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Waits for the reply on `reply`, reading the socket itself when no one else is.
+    fn await_reply(
+        &self,
+        inner: &Inner,
+        reply: &Receiver<Reply>,
+        deadline: Instant,
+    ) -> Result<Reply, FabricError> {
+        loop {
+            match reply.try_recv() {
+                Ok(r) => return Ok(r),
+                Err(TryRecvError::Disconnected) => return Err(FabricError::LinkDown),
+                Err(TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(FabricError::Timeout);
+            }
+            if self.leading.load(Ordering::Acquire) {
+                // Another caller reads the socket and hands our reply over.
+                match reply.recv_timeout((deadline - now).min(self.keepalive_interval)) {
+                    Ok(r) => return Ok(r),
+                    Err(RecvTimeoutError::Disconnected) => return Err(FabricError::LinkDown),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                }
+            }
+            *lock(&self.leaders) += 1;
+            let _ = self.wake.write(1);
+            let result = {
+                let mut st = lock(&self.rx);
+                if self.leading.swap(true, Ordering::AcqRel) {
+                    // Lost the race to another caller: wait for it instead.
+                    None
+                } else {
+                    let r = self.lead(inner, &mut st, reply, deadline);
+                    self.leading.store(false, Ordering::Release);
+                    Some(r)
+                }
+            };
+            {
+                let mut n = lock(&self.leaders);
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.leaders_gone.notify_all();
+                }
+            }
+            if let Some(r) = result {
+                return r;
+            }
+        }
+    }
+
+    fn lead(
+        &self,
+        inner: &Inner,
+        st: &mut RxState,
+        reply: &Receiver<Reply>,
+        deadline: Instant,
+    ) -> Result<Reply, FabricError> {
+        let end = |e: EndError| {
+            if !matches!(e, EndError::Closed) {
+                tracing::warn!(reason = %e, "fabric link down");
+            }
+            inner.link_down(self);
+            FabricError::LinkDown
+        };
+        loop {
+            match reply.try_recv() {
+                Ok(r) => return Ok(r),
+                Err(TryRecvError::Disconnected) => return Err(FabricError::LinkDown),
+                Err(TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(FabricError::Timeout);
+            }
+            let wait = (deadline - now).min(self.keepalive_interval);
+            match wait_readable(&self.sock, None, wait).map_err(end)? {
+                Ready::Readable => match self.pump(inner, st) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        tracing::info!("fabric peer closed the link");
+                        return Err(end(EndError::Closed));
+                    }
+                    Err(e) => return Err(end(e)),
+                },
+                Ready::Woken | Ready::Timeout => {
+                    if self.silent_too_long() {
+                        return Err(end(EndError::Silent));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The reader thread: reads the socket whenever no caller does.
+    fn read_loop(&self, inner: &Inner) -> Result<(), EndError> {
+        loop {
+            {
+                let mut n = lock(&self.leaders);
+                while *n > 0 && !self.closed.load(Ordering::Acquire) {
+                    n = self.leaders_gone.wait(n).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return Err(EndError::Closed);
+            }
+            let mut st = lock(&self.rx);
+            match wait_readable(&self.sock, Some(&self.wake), self.keepalive_interval)? {
+                Ready::Readable => {
+                    if self.pump(inner, &mut st)? {
+                        return Ok(());
+                    }
+                }
+                Ready::Woken => {
+                    let _ = self.wake.read();
+                }
+                Ready::Timeout => {}
+            }
+            if self.silent_too_long() {
+                return Err(EndError::Silent);
+            }
         }
     }
 
@@ -321,12 +592,16 @@ impl Session {
         }
         self.credit.notify_all();
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        drop(lock(&self.leaders));
+        self.leaders_gone.notify_all();
+        let _ = self.wake.write(1);
         Some(self.up.load(Ordering::Acquire))
     }
 
     /// Sends a request that needs a reply and waits for it (at most `timeout`).
     pub(crate) fn call(
         &self,
+        inner: &Inner,
         timeout: Duration,
         encode: impl FnOnce(u32, &mut Vec<u8>),
     ) -> Result<Reply, FabricError> {
@@ -360,13 +635,12 @@ impl Session {
             forget();
             return Err(FabricError::LinkDown);
         }
-        match rx.recv_timeout(timeout) {
-            Ok(reply) => Ok(reply),
-            Err(RecvTimeoutError::Timeout) => {
+        match self.await_reply(inner, &rx, Instant::now() + timeout) {
+            Err(FabricError::Timeout) => {
                 forget();
                 Err(FabricError::Timeout)
             }
-            Err(RecvTimeoutError::Disconnected) => Err(FabricError::LinkDown),
+            other => other,
         }
     }
 
@@ -402,41 +676,48 @@ struct Received {
 }
 
 impl Channel {
-    /// Reads once from the socket and appends the plaintext to `rx`.
+    /// Reads what the socket holds (without blocking) and appends the plaintext to `rx`.
+    /// Returns `None` when there was nothing to read.
     fn recv(
         &self,
         stream: &TcpStream,
         net: &mut [u8],
         rx: &mut Vec<u8>,
-    ) -> Result<Received, EndError> {
+    ) -> Result<Option<Received>, EndError> {
         let n = loop {
-            match (&*stream).read(net) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(EndError::Silent)
-                }
-                Err(e) => return Err(EndError::Io(e)),
+            // SAFETY: `net` is a valid writable buffer of `net.len()` bytes for the whole call,
+            // and the descriptor belongs to `stream`.
+            let n = unsafe {
+                libc::recv(
+                    stream.as_raw_fd(),
+                    net.as_mut_ptr().cast(),
+                    net.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(EndError::Io(e)),
             }
         };
         let input = net.get(..n).unwrap_or_default();
         let Some(tls) = &self.tls else {
             rx.extend_from_slice(input);
-            return Ok(Received {
+            return Ok(Some(Received {
                 eof: n == 0,
                 kick: false,
-            });
+            }));
         };
         if n == 0 {
-            return Ok(Received {
+            return Ok(Some(Received {
                 eof: true,
                 kick: false,
-            });
+            }));
         }
         let mut conn = lock(tls);
         let mut input = input;
@@ -454,10 +735,10 @@ impl Channel {
             }
             eof |= state.peer_has_closed();
         }
-        Ok(Received {
+        Ok(Some(Received {
             eof,
             kick: conn.wants_write(),
-        })
+        }))
     }
 
     /// Appends the TLS records of `head` followed by `body` to `wire` (TLS only).
@@ -675,12 +956,13 @@ fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: Socke
             return;
         }
     };
-    let session = Arc::new(Session::new(
-        clone,
-        chan,
-        inner.cfg.send_queue_bytes,
-        inner.cfg.service_queue_bytes,
-    ));
+    let session = match Session::new(clone, chan, &inner.cfg) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::warn!(peer = %peer, error = %e, "fabric session setup failed");
+            return;
+        }
+    };
     inner.publish(&session);
     let writer = {
         let (inner, session) = (inner.clone(), session.clone());
@@ -706,7 +988,7 @@ fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: Socke
             })
     };
     let result = match (&writer, &service) {
-        (Ok(_), Ok(_)) => reader_loop(inner, &session, &stream),
+        (Ok(_), Ok(_)) => session.read_loop(inner),
         _ => Err(EndError::Protocol(
             "could not start the connection threads".into(),
         )),
@@ -749,58 +1031,6 @@ fn writer_loop(inner: &Inner, session: &Session) {
                 inner.link_down(session);
                 break;
             }
-        }
-    }
-}
-
-fn reader_loop(inner: &Inner, session: &Session, stream: &TcpStream) -> Result<(), EndError> {
-    let mut rx: Vec<u8> = Vec::with_capacity(4 * frame::MAX_PAYLOAD);
-    let mut net = vec![0u8; 256 * 1024];
-    let mut hello = false;
-    loop {
-        let mut batch = Vec::new();
-        let mut batch_bytes = 0usize;
-        let mut used = 0usize;
-        while let Some((f, n)) = frame::parse(rx.get(used..).unwrap_or_default())? {
-            used += n;
-            if !hello {
-                let Frame::Hello(h) = f else {
-                    return Err(EndError::Protocol("the first frame is not a hello".into()));
-                };
-                accept_hello(session, h)?;
-                hello = true;
-                inner.link_up();
-                continue;
-            }
-            if batch.is_empty() && session.inq.idle() && inner.apply_inline(session, &f)? {
-                continue;
-            }
-            handle(session, f, &mut batch, &mut batch_bytes)?;
-        }
-        rx.drain(..used);
-        // Replies to requests applied here go out now, or are left to the writer thread.
-        session.flush(Flush::NonBlocking)?;
-        if !batch.is_empty() {
-            session
-                .inq
-                .push_batch(batch, batch_bytes)
-                .map_err(|_| EndError::Closed)?;
-        }
-        let got = session.chan.recv(stream, &mut net, &mut rx).map_err(|e| {
-            if session.closed.load(Ordering::Acquire) {
-                EndError::Closed
-            } else {
-                e
-            }
-        })?;
-        if got.kick {
-            session.out.kick();
-        }
-        if got.eof {
-            if rx.is_empty() {
-                return Ok(());
-            }
-            return Err(FrameError::Truncated { have: rx.len() }.into());
         }
     }
 }
