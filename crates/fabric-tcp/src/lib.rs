@@ -10,7 +10,7 @@
 //!   and the receiver applies them in order, a read never passes earlier posted writes.
 //! - doorbells, scratchpads, message registers, translations and keepalives share the stream.
 //!
-//! Inbound window accesses land in the owner's [`AddressSpace`]: RAM is copied into its
+//! Inbound window accesses land in the owner's [`devlend_fabric::AddressSpace`]: RAM is copied into its
 //! [`devlend_fabric::SharedMemory`], MMIO goes to the region's
 //! [`devlend_fabric::MmioHandler`], in arrival order, on the connection's service thread.
 //! [`devlend_fabric::PeerWindows::peer_mw_direct`] is always `Ok(None)`.
@@ -25,6 +25,30 @@
 //! is link-down. Every wait then ends with [`devlend_fabric::FabricError::LinkDown`]. The
 //! background thread reconnects (connector) or accepts again (listener), and the link comes up
 //! again with a higher [`devlend_fabric::Link::link_generation`].
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use devlend_fabric::{AddressSpace, Link, LinkState, PeerWindows, WindowOffset};
+//! use devlend_fabric_tcp::{keys, Credentials, TcpConfig, TcpNtb, TlsCredentials};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Once per deployment (then copy ca.pem, lender.{pem,key} to the lender host, and
+//! // ca.pem, borrower.{pem,key} to the borrower host).
+//! let dir = std::path::Path::new("/etc/devlend/keys");
+//! keys::generate(dir, &["lender", "borrower"])?;
+//!
+//! // On the borrower host:
+//! let creds = Credentials::Tls(Arc::new(TlsCredentials::load(dir, "borrower", "lender")?));
+//! let asp = Arc::new(AddressSpace::new());
+//! let ntb = TcpNtb::connect("10.0.0.1:7400".parse()?, asp, TcpConfig::default(), creds)?;
+//! ntb.wait_link(LinkState::Up, Duration::from_secs(10))?;
+//! ntb.peer_mw_write(0, WindowOffset(0), b"hello")?;
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Threads
 //!
