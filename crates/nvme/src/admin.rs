@@ -169,7 +169,8 @@ impl Controller {
                 interrupts,
                 vector,
                 shadow,
-                needs_interrupt: false,
+                pending: 0,
+                pending_since: None,
                 sq_count: 0,
                 ring,
             });

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use devlend_memory::{BusAddr, MemSpan};
 use devlend_pci::{DmaAccess, DmaPort};
@@ -334,7 +334,8 @@ impl Controller {
                 interrupts: true,
                 vector: 0,
                 shadow: false,
-                needs_interrupt: false,
+                pending: 0,
+                pending_since: None,
                 sq_count: 1,
                 ring: acq_ring,
             });
@@ -812,18 +813,79 @@ impl Controller {
         if cq.tail == 0 {
             cq.phase = !cq.phase;
         }
-        cq.needs_interrupt = true;
+        cq.pending += 1;
+        if cq.pending_since.is_none() {
+            cq.pending_since = Some(Instant::now());
+        }
     }
 
+    /// Interrupt Coalescing for an I/O completion queue on `vector`: the aggregation
+    /// threshold (entries) and time, or `None` when interrupts are not delayed.
+    fn coalescing(&self, qid: usize, vector: u16) -> Option<(u32, Duration)> {
+        let f = &self.features;
+        let time_100us = (f.interrupt_coalescing >> 8) & 0xff;
+        let disabled = f
+            .vector_coalescing_disabled
+            .get(usize::from(vector))
+            .copied()
+            .unwrap_or(true);
+        if qid == 0 || time_100us == 0 || disabled {
+            return None;
+        }
+        let threshold = (f.interrupt_coalescing & 0xff) + 1;
+        Some((
+            threshold,
+            Duration::from_micros(100 * u64::from(time_100us)),
+        ))
+    }
+
+    /// Signals the completion queues with new entries, unless Interrupt Coalescing lets the
+    /// interrupt wait (fewer entries than the threshold, and younger than the time limit).
     fn raise_interrupts(&mut self) {
-        for cq in self.cqs.iter_mut().flatten() {
-            if cq.needs_interrupt {
-                cq.needs_interrupt = false;
-                if cq.interrupts && !self.fired.contains(&cq.vector) {
-                    self.fired.push(cq.vector);
+        let now = Instant::now();
+        for qid in 0..self.cqs.len() {
+            let Some((pending, since, vector, enabled)) = self
+                .cqs
+                .get(qid)
+                .and_then(Option::as_ref)
+                .map(|q| (q.pending, q.pending_since, q.vector, q.interrupts))
+            else {
+                continue;
+            };
+            if pending == 0 {
+                continue;
+            }
+            let due = match self.coalescing(qid, vector) {
+                None => true,
+                Some((threshold, time)) => {
+                    pending >= threshold
+                        || since.is_none_or(|t| now.saturating_duration_since(t) >= time)
                 }
+            };
+            if !due && enabled {
+                continue;
+            }
+            if let Some(cq) = self.cqs.get_mut(qid).and_then(Option::as_mut) {
+                cq.pending = 0;
+                cq.pending_since = None;
+            }
+            if enabled && !self.fired.contains(&vector) {
+                self.fired.push(vector);
             }
         }
+    }
+
+    /// When the earliest interrupt held back by coalescing falls due.
+    pub(crate) fn interrupt_deadline(&self) -> Option<Instant> {
+        self.cqs
+            .iter()
+            .enumerate()
+            .filter_map(|(qid, q)| {
+                let q = q.as_ref()?;
+                let (_, time) = self.coalescing(qid, q.vector)?;
+                q.pending_since.map(|t| t + time)
+            })
+            .min()
     }
 
     /// Whether vectors wait to be signalled.

@@ -287,13 +287,22 @@ impl Inner {
                 continue;
             }
             self.sleeping.store(true, Ordering::SeqCst);
-            let pending = {
+            let (pending, deadline) = {
                 let mut core = lock(&self.core);
                 core.prepare_sleep();
-                core.has_work() || core.has_interrupts()
+                (
+                    core.has_work() || core.has_interrupts(),
+                    core.interrupt_deadline(),
+                )
             };
             if !pending && !self.stop.load(Ordering::SeqCst) {
-                std::thread::park_timeout(IDLE_RECHECK);
+                // Sleep until woken, or until a coalesced interrupt falls due.
+                let timeout = deadline
+                    .map_or(IDLE_RECHECK, |d| {
+                        d.saturating_duration_since(Instant::now())
+                    })
+                    .min(IDLE_RECHECK);
+                std::thread::park_timeout(timeout);
             }
             self.sleeping.store(false, Ordering::SeqCst);
             last_work = Instant::now();

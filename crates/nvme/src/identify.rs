@@ -146,7 +146,7 @@ pub fn namespace(info: &NamespaceInfo) -> Vec<u8> {
     put(&mut p, 0, &info.blocks.to_le_bytes()); // NSZE
     put(&mut p, 8, &info.blocks.to_le_bytes()); // NCAP
     put(&mut p, 16, &info.blocks.to_le_bytes()); // NUSE
-    p[24] = 1 << 3; // NSFEAT: UIDREUSE clear, NGUID/EUI64 never reused
+    p[24] = 1 << 3; // NSFEAT.UIDREUSE: this NGUID and EUI64 are never reused for another namespace
     p[25] = 0; // NLBAF: one format
     p[26] = 0; // FLBAS: format 0, no metadata
     p[33] = 0b1001; // DLFEAT: deallocated reads zeroes; Write Zeroes may deallocate

@@ -52,8 +52,10 @@ pub(crate) struct CompletionQueue {
     pub vector: u16,
     /// Head comes from the shadow doorbell buffer.
     pub shadow: bool,
-    /// Entries were posted since the last interrupt.
-    pub needs_interrupt: bool,
+    /// Entries posted since the last interrupt.
+    pub pending: u32,
+    /// When the oldest of them was posted.
+    pub pending_since: Option<std::time::Instant>,
     /// Submission queues posting here.
     pub sq_count: u32,
     /// Direct mapping of the ring.
@@ -91,7 +93,8 @@ mod tests {
             interrupts: true,
             vector: 0,
             shadow: false,
-            needs_interrupt: false,
+            pending: 0,
+            pending_since: None,
             sq_count: 0,
             ring: None,
         }

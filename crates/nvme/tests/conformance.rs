@@ -812,3 +812,74 @@ fn drop_joins_worker() {
     h.ring_sq(0);
     assert!(h.reap(0, Duration::from_millis(100)).is_none());
 }
+
+#[test]
+fn interrupt_coalescing() {
+    let mut h = Harness::new();
+    h.enable();
+    h.create_io_pair(1, 32);
+    let set = |fid: u8, v: u32| Command {
+        opcode: admin_opcode::SET_FEATURES,
+        cdw: [u32::from(fid), v, 0, 0, 0, 0],
+        ..Command::default()
+    };
+    // Threshold 4 entries (0-based 3), time 25.5 ms.
+    assert!(h
+        .admin(set(fid::INTERRUPT_COALESCING, (255 << 8) | 3))
+        .status
+        .is_success());
+    let wait_irq = |h: &Harness, before: u64, within: Duration| {
+        let deadline = std::time::Instant::now() + within;
+        while h.irqs.count(1) == before {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    };
+    // Two completions: posted at once, the interrupt waits for the time limit.
+    let before = h.irqs.count(1);
+    let start = std::time::Instant::now();
+    for _ in 0..2 {
+        assert!(h.submit(1, read(0, 1, DATA)).status.is_success());
+    }
+    assert!(
+        wait_irq(&h, before, Duration::from_secs(2)),
+        "time limit fires it"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(20),
+        "held back by coalescing"
+    );
+    // Four at once reach the threshold: signalled without waiting for the time limit.
+    let before = h.irqs.count(1);
+    for _ in 0..4 {
+        h.push(1, read(0, 1, DATA));
+    }
+    let start = std::time::Instant::now();
+    h.ring_sq(1);
+    assert!(wait_irq(&h, before, Duration::from_secs(2)));
+    let threshold_latency = start.elapsed();
+    for _ in 0..4 {
+        assert!(h
+            .reap(1, Duration::from_secs(1))
+            .unwrap()
+            .status
+            .is_success());
+    }
+    // Coalescing Disable on the vector: immediate.
+    assert!(h
+        .admin(set(fid::INTERRUPT_VECTOR_CONFIG, (1 << 16) | 1))
+        .status
+        .is_success());
+    let before = h.irqs.count(1);
+    let start = std::time::Instant::now();
+    assert!(h.submit(1, read(0, 1, DATA)).status.is_success());
+    assert!(wait_irq(&h, before, Duration::from_secs(2)));
+    assert!(
+        threshold_latency < Duration::from_millis(20)
+            || start.elapsed() < Duration::from_millis(20),
+        "threshold or disable bypass the time limit"
+    );
+}
