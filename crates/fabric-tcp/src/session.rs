@@ -2,7 +2,7 @@
 //! writer thread, the service thread, and the supervisor that reconnects.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -215,6 +215,23 @@ pub(crate) enum Flush {
     /// The reader and service threads: never block, on the lock or on the socket; what
     /// cannot go out now is left to the writer thread.
     NonBlocking,
+}
+
+/// Most bytes of posted writes gathered into one system call.
+const SEND_BATCH: usize = 1 << 20;
+
+/// `write_all` over several buffers (one `writev` per round).
+fn write_all_vectored(sock: &TcpStream, mut parts: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
+        match (&*sock).write_vectored(parts) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Writes what the socket takes without blocking; returns the bytes written.
@@ -503,25 +520,35 @@ impl Session {
         if self.out.take_now(batch).map_err(down)? {
             self.chan.encrypt(batch, wire).map_err(io)?;
         }
+        // Frames go out in batches of up to SEND_BATCH bytes per system call: the kernel pushes
+        // each write at once (TCP_NODELAY), so small writes would mean small segments.
+        let pieces: Vec<&[u8]> = data.chunks(frame::MAX_DATA).collect();
         let mut at = offset;
-        for piece in data.chunks(frame::MAX_DATA) {
-            let header = frame::write_header(window, at, piece.len());
+        for group in pieces.chunks(SEND_BATCH / frame::MAX_DATA) {
+            let mut headers = Vec::with_capacity(group.len());
+            for piece in group {
+                headers.push(frame::write_header(window, at, piece.len()));
+                at += piece.len() as u64;
+            }
             match &self.chan.tls {
                 None => {
-                    if !wire.is_empty() {
-                        (&self.sock).write_all(wire).map_err(io)?;
-                        wire.clear();
+                    let mut parts = Vec::with_capacity(1 + 2 * group.len());
+                    parts.push(IoSlice::new(wire));
+                    for (h, piece) in headers.iter().zip(group) {
+                        parts.push(IoSlice::new(h));
+                        parts.push(IoSlice::new(piece));
                     }
-                    (&self.sock).write_all(&header).map_err(io)?;
-                    (&self.sock).write_all(piece).map_err(io)?;
+                    write_all_vectored(&self.sock, &mut parts).map_err(io)?;
+                    wire.clear();
                 }
                 Some(_) => {
-                    self.chan.encrypt_parts(&header, piece, wire).map_err(io)?;
+                    for (h, piece) in headers.iter().zip(group) {
+                        self.chan.encrypt_parts(h, piece, wire).map_err(io)?;
+                    }
                     (&self.sock).write_all(wire).map_err(io)?;
                     wire.clear();
                 }
             }
-            at += piece.len() as u64;
         }
         if !wire.is_empty() {
             (&self.sock).write_all(wire).map_err(io)?;

@@ -345,6 +345,12 @@ fn insecure_works_only_when_both_sides_ask_for_it() {
     let mut v = [0u8; 5];
     p.b.peer_mw_read(0, WindowOffset(0), &mut v).unwrap();
     assert_eq!(&v, b"plain");
+    // A large write goes out gathered (writev) on the plain path.
+    let big: Vec<u8> = (0..RAM_LEN as u32 - 64).map(|i| (i % 253) as u8).collect();
+    p.b.peer_mw_write(0, WindowOffset(64), &big).unwrap();
+    let mut back = vec![0u8; big.len()];
+    p.b.peer_mw_read(0, WindowOffset(64), &mut back).unwrap();
+    assert_eq!(back, big);
 }
 
 #[test]
