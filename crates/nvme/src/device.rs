@@ -14,7 +14,7 @@
 //!   The worker takes only `core`, once per pass, and signals the MSI-X vectors of that pass
 //!   after releasing it (an interrupt sink may block or cross the fabric).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -111,7 +111,29 @@ impl InterruptSink for MsixTrigger {
     }
 }
 
+/// Counters of the doorbell/wake-up path, for benchmarks and tuning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NvmeStats {
+    /// Doorbell registers written through BAR0.
+    pub doorbell_writes: u64,
+    /// Doorbell writes that found the worker asleep and woke it (one syscall each).
+    pub wakeups: u64,
+    /// Times the worker went to sleep.
+    pub sleeps: u64,
+    /// Worker passes that processed at least one command.
+    pub busy_passes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    doorbell_writes: AtomicU64,
+    wakeups: AtomicU64,
+    sleeps: AtomicU64,
+    busy_passes: AtomicU64,
+}
+
 struct Inner {
+    counters: Counters,
     config: Mutex<ConfigSpace>,
     irq: Arc<dyn InterruptSink>,
     msix: Arc<MsixTable>,
@@ -215,6 +237,7 @@ impl NvmeDevice {
             PCI_VENDOR_ID,
         )?;
         let inner = Arc::new(Inner {
+            counters: Counters::default(),
             config: Mutex::new(config),
             irq: Arc::new(MsixTrigger(msix.clone())),
             msix,
@@ -241,6 +264,17 @@ impl NvmeDevice {
             inner,
             join: Mutex::new(Some(join)),
         }))
+    }
+
+    /// Counters of the doorbell and wake-up path since the device was built.
+    pub fn stats(&self) -> NvmeStats {
+        let c = &self.inner.counters;
+        NvmeStats {
+            doorbell_writes: c.doorbell_writes.load(Ordering::Relaxed),
+            wakeups: c.wakeups.load(Ordering::Relaxed),
+            sleeps: c.sleeps.load(Ordering::Relaxed),
+            busy_passes: c.busy_passes.load(Ordering::Relaxed),
+        }
     }
 
     /// Stops the worker thread and waits for it. Later doorbells are ignored. Idempotent;
@@ -279,6 +313,7 @@ impl Inner {
                 self.irq.signal(v);
             }
             if worked {
+                self.counters.busy_passes.fetch_add(1, Ordering::Relaxed);
                 last_work = Instant::now();
                 continue;
             }
@@ -287,6 +322,7 @@ impl Inner {
                 continue;
             }
             self.sleeping.store(true, Ordering::SeqCst);
+            self.counters.sleeps.fetch_add(1, Ordering::Relaxed);
             let (pending, deadline) = {
                 let mut core = lock(&self.core);
                 core.prepare_sleep();
@@ -312,6 +348,7 @@ impl Inner {
     fn wake(&self) {
         if self.sleeping.load(Ordering::SeqCst) {
             if let Some(t) = self.worker.get() {
+                self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
                 t.unpark();
             }
         }
@@ -385,6 +422,9 @@ impl Inner {
             return;
         };
         if let Some(slot) = self.doorbells.get(db.slot()) {
+            self.counters
+                .doorbell_writes
+                .fetch_add(1, Ordering::Relaxed);
             slot.store(v & 0xffff, Ordering::SeqCst);
             self.wake();
         }

@@ -37,7 +37,7 @@ pub use admin::{fid, lid};
 pub use command::{AdminOp, Command, Completion, NvmOp};
 pub use config::{BlockSize, NvmeConfig};
 pub use device::{
-    NvmeDevice, MSIX_BAR, MSIX_BAR_SIZE, MSIX_PBA_OFFSET, PCI_CLASS_NVME, PCI_DEVICE_ID,
+    NvmeDevice, NvmeStats, MSIX_BAR, MSIX_BAR_SIZE, MSIX_PBA_OFFSET, PCI_CLASS_NVME, PCI_DEVICE_ID,
     PCI_VENDOR_ID, REGISTER_BAR,
 };
 pub use error::NvmeError;

@@ -497,6 +497,9 @@ fn shadow_doorbells(config_first: bool) {
     }
     // How many submissions needed an MMIO ring depends on how often the worker slept.
     assert!((4..=200).contains(&mmio_rings), "MMIO rings: {mmio_rings}");
+    let stats = h.dev.stats();
+    assert!(stats.doorbell_writes >= mmio_rings);
+    assert!(stats.sleeps >= 4 && stats.wakeups >= 1, "{stats:?}");
 }
 
 #[test]
@@ -554,6 +557,7 @@ fn qd1_latency_smoke() {
         assert!(c.status.is_success());
     }
     lat.sort();
+    println!("{:?}", h.dev.stats());
     println!(
         "QD1 4K read: median {:?}, p99 {:?}",
         lat[lat.len() / 2],
