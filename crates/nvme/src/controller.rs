@@ -19,7 +19,7 @@ use crate::command::{Command, Completion, NvmOp};
 use crate::config::NvmeConfig;
 use crate::identify::{ControllerInfo, NamespaceInfo};
 use crate::io::{IoCounters, Namespace};
-use crate::queues::{wrap, CompletionQueue, SubmissionQueue};
+use crate::queues::{wrap, CompletionQueue, DoorbellArray, SubmissionQueue};
 use crate::regs::{
     ControllerConfig, AQA_ACQS_SHIFT, AQA_ASQS_MASK, CC_CSS_NVM, CQE_BYTES, CSTS_CFS, CSTS_RDY,
     CSTS_SHST_COMPLETE, CSTS_SHST_MASK, DOORBELL_STRIDE, MPSMAX, MPSMIN, SQE_BYTES,
@@ -156,7 +156,7 @@ pub(crate) struct Controller {
     pub(crate) dma: Arc<dyn DmaPort>,
     /// Vectors to signal once the core lock is released (see [`Controller::take_interrupts`]).
     fired: Vec<u16>,
-    doorbells: Arc<[AtomicU32]>,
+    doorbells: Arc<DoorbellArray>,
     csts: Arc<AtomicU32>,
     pub(crate) ns: Namespace,
     pub(crate) limits: Limits,
@@ -196,7 +196,7 @@ impl Controller {
     pub(crate) fn new(
         cfg: &NvmeConfig,
         dma: Arc<dyn DmaPort>,
-        doorbells: Arc<[AtomicU32]>,
+        doorbells: Arc<DoorbellArray>,
         csts: Arc<AtomicU32>,
         vendor_id: u16,
     ) -> Result<Controller, crate::error::NvmeError> {

@@ -14,7 +14,7 @@
 //!   The worker takes only `core`, once per pass, and signals the MSI-X vectors of that pass
 //!   after releasing it (an interrupt sink may block or cross the fabric).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ use devlend_pci::{
 use crate::config::NvmeConfig;
 use crate::controller::{AdminQueueRegs, Controller};
 use crate::error::NvmeError;
+use crate::queues::DoorbellArray;
 use crate::regs::{
     capabilities, ControllerConfig, Doorbell, AQA_WRITABLE, BAR0_SIZE, CC_WRITABLE, DOORBELL_BASE,
     QUEUE_BASE_MASK, REG_ACQ, REG_AQA, REG_ASQ, REG_CAP, REG_CC, REG_CSTS, REG_INTMC, REG_INTMS,
@@ -49,8 +50,6 @@ pub const MSIX_BAR: u8 = 4;
 pub const MSIX_BAR_SIZE: u64 = 0x2000;
 /// Offset of the PBA in the MSI-X BAR (its own page, apart from the table).
 pub const MSIX_PBA_OFFSET: u32 = 0x1000;
-/// How long an idle worker sleeps before looking at the doorbells anyway.
-const IDLE_RECHECK: Duration = Duration::from_millis(100);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded data stays consistent at every await-free step; a panic elsewhere must not
@@ -142,12 +141,13 @@ struct Inner {
     cap: u64,
     regs: Mutex<Registers>,
     csts: Arc<AtomicU32>,
-    doorbells: Arc<[AtomicU32]>,
+    doorbells: Arc<DoorbellArray>,
     core: Mutex<Controller>,
     sleeping: AtomicBool,
     stop: AtomicBool,
     worker: OnceLock<Thread>,
     spin: Duration,
+    idle_recheck: Duration,
     vectors: u16,
 }
 
@@ -225,9 +225,10 @@ impl NvmeDevice {
             port: dma,
             enabled: AtomicBool::new(false),
         });
-        let doorbells: Arc<[AtomicU32]> = (0..2 * (usize::from(cfg.max_io_queue_pairs) + 1))
-            .map(|_| AtomicU32::new(0))
-            .collect();
+        let doorbells = Arc::new(
+            DoorbellArray::new(2 * (usize::from(cfg.max_io_queue_pairs) + 1))
+                .map_err(|_| NvmeError::InvalidConfig("cannot allocate the doorbell page"))?,
+        );
         let csts = Arc::new(AtomicU32::new(0));
         let core = Controller::new(
             &cfg,
@@ -252,6 +253,7 @@ impl NvmeDevice {
             stop: AtomicBool::new(false),
             worker: OnceLock::new(),
             spin: cfg.poll_spin,
+            idle_recheck: cfg.idle_recheck,
             vectors,
         });
         let worker_inner = inner.clone();
@@ -264,6 +266,14 @@ impl NvmeDevice {
             inner,
             join: Mutex::new(Some(join)),
         }))
+    }
+
+    /// The doorbell page: BAR0 offsets `0x1000..0x2000` (SQ y tail at `8 * y`, CQ y head at
+    /// `8 * y + 4`). A front-end may map it into the driver (a vfio-user sparse mmap area)
+    /// so doorbell stores do not trap; the worker then sees them by polling only (see
+    /// [`NvmeConfig::idle_recheck`]). Writes through [`PciDevice::bar_write`] land here too.
+    pub fn doorbell_page(&self) -> MemSpan {
+        self.inner.doorbells.page()
     }
 
     /// Counters of the doorbell and wake-up path since the device was built.
@@ -334,10 +344,10 @@ impl Inner {
             if !pending && !self.stop.load(Ordering::SeqCst) {
                 // Sleep until woken, or until a coalesced interrupt falls due.
                 let timeout = deadline
-                    .map_or(IDLE_RECHECK, |d| {
+                    .map_or(self.idle_recheck, |d| {
                         d.saturating_duration_since(Instant::now())
                     })
-                    .min(IDLE_RECHECK);
+                    .min(self.idle_recheck);
                 std::thread::park_timeout(timeout);
             }
             self.sleeping.store(false, Ordering::SeqCst);
@@ -426,6 +436,7 @@ impl Inner {
                 .doorbell_writes
                 .fetch_add(1, Ordering::Relaxed);
             slot.store(v & 0xffff, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
             self.wake();
         }
     }

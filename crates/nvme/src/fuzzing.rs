@@ -13,6 +13,7 @@ use devlend_pci::{DmaAccess, DmaError, DmaPort};
 use crate::config::NvmeConfig;
 use crate::controller::{AdminQueueRegs, Controller};
 use crate::error::NvmeError;
+use crate::queues::DoorbellArray;
 use crate::regs::{ControllerConfig, CC_EN, CC_IOCQES_SHIFT, CC_IOSQES_SHIFT};
 
 /// Bus address of the harness's host memory.
@@ -71,7 +72,7 @@ impl DmaPort for Port {
 pub struct FuzzController {
     core: Controller,
     mem: Arc<SharedMemory>,
-    doorbells: Arc<[AtomicU32]>,
+    doorbells: Arc<DoorbellArray>,
     tails: [u32; 2],
 }
 
@@ -86,7 +87,9 @@ impl FuzzController {
             SharedMemory::new("nvme-fuzz", HOST_LEN)
                 .map_err(|_| NvmeError::InvalidConfig("fuzz memory"))?,
         );
-        let doorbells: Arc<[AtomicU32]> = (0..6).map(|_| AtomicU32::new(0)).collect();
+        let doorbells = Arc::new(
+            DoorbellArray::new(6).map_err(|_| NvmeError::InvalidConfig("fuzz doorbells"))?,
+        );
         let core = Controller::new(
             &cfg,
             Arc::new(Port { mem: mem.clone() }),

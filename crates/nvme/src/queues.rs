@@ -3,7 +3,51 @@
 //! Head, tail and size are `u32` values below `entries` (at most 4096): every index update
 //! wraps with [`wrap`], and doorbell values a driver writes are checked before use.
 
-use devlend_memory::MemSpan;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+
+use devlend_memory::{MemError, MemSpan, SharedMemory};
+
+/// The doorbell registers (SQ tails, CQ heads; slot `2 * qid` and `2 * qid + 1`), kept in one
+/// shared page so that a front-end may map it straight into a driver (the doorbell page of
+/// BAR0 at `0x1000`): stores there then reach the controller without a trap.
+#[derive(Debug)]
+pub(crate) struct DoorbellArray {
+    mem: Arc<SharedMemory>,
+    slots: usize,
+}
+
+/// Size of the doorbell page.
+pub(crate) const DOORBELL_PAGE_BYTES: usize = 4096;
+
+impl DoorbellArray {
+    /// A zeroed page with `slots` doorbells (at most 1024).
+    pub fn new(slots: usize) -> Result<DoorbellArray, MemError> {
+        let mem = Arc::new(SharedMemory::new("nvme-doorbells", DOORBELL_PAGE_BYTES)?);
+        Ok(DoorbellArray {
+            mem,
+            slots: slots.min(DOORBELL_PAGE_BYTES / 4),
+        })
+    }
+
+    /// Doorbell `slot`, if it exists.
+    pub fn get(&self, slot: usize) -> Option<&AtomicU32> {
+        if slot >= self.slots {
+            return None;
+        }
+        self.mem.atomic_u32_at(slot as u64 * 4).ok()
+    }
+
+    /// Every doorbell.
+    pub fn iter(&self) -> impl Iterator<Item = &AtomicU32> {
+        (0..self.slots).filter_map(|s| self.get(s))
+    }
+
+    /// The page itself.
+    pub fn page(&self) -> MemSpan {
+        MemSpan::whole(self.mem.clone())
+    }
+}
 
 /// `(index + 1) % entries`.
 pub fn wrap(index: u32, entries: u32) -> u32 {
