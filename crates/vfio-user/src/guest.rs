@@ -143,6 +143,8 @@ pub struct GuestSpec {
     pub cpus: u32,
     /// Where to put the per-run initramfs (a scratch directory).
     pub work_dir: PathBuf,
+    /// Extra kernel command-line words (e.g. `loglevel=7` for debugging).
+    pub append: String,
 }
 
 impl GuestSpec {
@@ -161,6 +163,7 @@ impl GuestSpec {
             mem_mib: 512,
             cpus: 1,
             work_dir: work_dir.to_path_buf(),
+            append: String::new(),
         }
     }
 }
@@ -237,7 +240,8 @@ pub fn boot_with(
         .arg(&spec.assets.kernel)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1 nvme.poll_queues=0"]);
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 {}", spec.append));
     match &spec.disk {
         GuestDisk::VfioUser { socket } => {
             let dev = serde_json::json!({
@@ -402,6 +406,89 @@ mod tests {
     }
 }
 
+/// What a vfio-user server process prints on stderr (followed by the socket path) once it
+/// accepts connections. `devlend serve` prints it; any server command run by
+/// [`ServerProcess::spawn`] must.
+pub const SERVER_READY: &str = "vfio-user server listening on ";
+
+/// A vfio-user server running as a child process (`devlend serve ...`, `devlend borrow ...`),
+/// killed when dropped. Its stderr is collected.
+pub struct ServerProcess {
+    child: Child,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerProcess {
+    /// Starts `cmd` and waits (at most `timeout`) until it prints [`SERVER_READY`].
+    pub fn spawn(mut cmd: Command, timeout: Duration) -> Result<Self, GuestError> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io(format!("starting {cmd:?}")))?;
+        let stderr = child.stderr.take();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel::<()>();
+        let log2 = log.clone();
+        let reader = std::thread::spawn(move || {
+            let Some(err) = stderr else { return };
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let ready = line.contains(SERVER_READY);
+                if let Ok(mut l) = log2.lock() {
+                    l.push(line);
+                }
+                if ready {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let mut me = Self {
+            child,
+            log,
+            reader: Some(reader),
+        };
+        match rx.recv_timeout(timeout) {
+            Ok(()) => Ok(me),
+            Err(_) => {
+                let log = me.stop();
+                Err(GuestError::Io {
+                    what: format!("server did not get ready: {}", log.join("\n")),
+                    source: std::io::ErrorKind::TimedOut.into(),
+                })
+            }
+        }
+    }
+
+    /// Its stderr so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills it and returns its whole stderr.
+    pub fn stop(&mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.log()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Provisioning for a test: `Ok(Some(assets))` when ready, `Ok(None)` (with the reason
 /// printed) when this machine cannot run guests — not root, or a host tool cannot be
 /// installed — and never `Ok(None)` when the `CI` environment variable is set.
@@ -489,4 +576,71 @@ echo "{pass}"
             pass = PASS_MARKER,
         )
     }
+}
+
+/// The VM acceptance run shared by `tests/vm_*.rs`: a vfio-user server from `server` serving
+/// the NVMe device backed by `image` (of `disk_bytes`), a guest running
+/// [`acceptance::script`], and the host-side check of the image afterwards.
+///
+/// Returns the guest's output; panics (it is test support) with the full transcript when a
+/// check fails.
+pub fn run_acceptance(
+    assets: VmAssets,
+    server: Command,
+    socket: &Path,
+    image: &Path,
+    disk_bytes: u64,
+    work_dir: &Path,
+) -> GuestOutput {
+    let mut srv = match ServerProcess::spawn(server, Duration::from_secs(30)) {
+        Ok(s) => s,
+        Err(e) => panic!("vfio-user server: {e}"),
+    };
+    let mut spec = GuestSpec::new(
+        assets,
+        GuestDisk::VfioUser {
+            socket: socket.to_path_buf(),
+        },
+        acceptance::script(disk_bytes),
+        work_dir,
+    );
+    spec.timeout = Duration::from_secs(110);
+    let out = match boot(&spec) {
+        Ok(o) => o,
+        Err(e) => panic!("booting the guest: {e}"),
+    };
+    let alive = srv.is_running();
+    let server_log = srv.stop();
+    let context = || {
+        format!(
+            "{}\n--- server stderr ---\n{}",
+            out.transcript(),
+            server_log.join("\n")
+        )
+    };
+    assert!(
+        !out.timed_out,
+        "guest timed out after {:?}\n{}",
+        out.elapsed,
+        context()
+    );
+    assert!(alive, "the server died during the run\n{}", context());
+    assert!(
+        out.passed() && out.lines_with(acceptance::PASS_MARKER).next().is_some(),
+        "guest checks failed (exit {:?})\n{}",
+        out.exit_code,
+        context()
+    );
+    let mut f = std::fs::File::open(image).unwrap_or_else(|e| panic!("opening the image: {e}"));
+    let mut got = vec![0u8; acceptance::PATTERN_LEN];
+    let read = std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(acceptance::PATTERN_OFFSET))
+        .and_then(|_| f.read_exact(&mut got));
+    assert!(read.is_ok(), "reading the image: {read:?}");
+    assert!(
+        got == acceptance::pattern(),
+        "the image does not hold the guest's O_DIRECT pattern at {:#x}\n{}",
+        acceptance::PATTERN_OFFSET,
+        context()
+    );
+    out
 }

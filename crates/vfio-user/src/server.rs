@@ -167,26 +167,42 @@ impl Server {
     /// Listens on `socket_path` (replacing a stale socket file) and serves clients one after
     /// another, forever.
     pub fn serve(&self, socket_path: &Path) -> Result<(), ServerError> {
-        let sock_err = |op, source| ServerError::Socket {
-            op,
-            path: socket_path.display().to_string(),
-            source,
-        };
+        let listener = Self::bind(socket_path)?;
+        self.serve_listener(&listener, socket_path, |end, stats| {
+            tracing::info!("client gone ({end:?}); {}", stats.summary());
+        })
+    }
+
+    /// Binds the listening socket, replacing a stale socket file (never another kind of file).
+    pub fn bind(socket_path: &Path) -> Result<UnixListener, ServerError> {
         if let Ok(meta) = std::fs::symlink_metadata(socket_path) {
             if meta.file_type().is_socket() {
-                std::fs::remove_file(socket_path).map_err(|e| sock_err("remove stale", e))?;
+                std::fs::remove_file(socket_path)
+                    .map_err(|e| sock_err("remove stale", socket_path, e))?;
             }
         }
-        let listener = UnixListener::bind(socket_path).map_err(|e| sock_err("bind", e))?;
+        UnixListener::bind(socket_path).map_err(|e| sock_err("bind", socket_path, e))
+    }
+
+    /// Serves clients from `listener` one after another, forever; `on_disconnect` sees how each
+    /// client left and the counters after it.
+    pub fn serve_listener(
+        &self,
+        listener: &UnixListener,
+        socket_path: &Path,
+        mut on_disconnect: impl FnMut(&Disconnect, &StatsSnapshot),
+    ) -> Result<(), ServerError> {
         tracing::info!(
             "serving {} on {}",
             self.function.describe(),
             socket_path.display()
         );
         loop {
-            let (stream, _) = listener.accept().map_err(|e| sock_err("accept", e))?;
+            let (stream, _) = listener
+                .accept()
+                .map_err(|e| sock_err("accept", socket_path, e))?;
             let end = self.serve_connection(&stream);
-            tracing::info!("client gone ({end:?}); {}", self.stats.snapshot().summary());
+            on_disconnect(&end, &self.stats.snapshot());
         }
     }
 
@@ -254,6 +270,14 @@ impl<'a> Session<'a> {
         if posted {
             stats.posted.fetch_add(1, Ordering::Relaxed);
         }
+        tracing::trace!(
+            "{} id {} size {} flags {:#x} fds {}",
+            wire::command_name(h.command),
+            h.msg_id,
+            h.size,
+            h.flags,
+            msg.fds.len()
+        );
         let result = self.dispatch(msg);
         match result {
             Ok(payload) if !posted => Some(wire::reply(&h, &payload)),
@@ -436,6 +460,7 @@ impl<'a> Session<'a> {
     }
 
     fn region_write(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), RequestError> {
+        tracing::trace!("write region {region} {offset:#x} {data:02x?}");
         self.check_access(region, offset, data.len() as u64)?;
         if region == region::CONFIG {
             let mut copy = data.to_vec();
@@ -719,6 +744,14 @@ impl<'a> Session<'a> {
         }
         self.intx_fd = None;
         self.unmap_all();
+    }
+}
+
+fn sock_err(op: &'static str, path: &Path, source: std::io::Error) -> ServerError {
+    ServerError::Socket {
+        op,
+        path: path.display().to_string(),
+        source,
     }
 }
 

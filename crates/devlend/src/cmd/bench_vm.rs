@@ -1,10 +1,369 @@
-//! (under construction)
+//! `devlend bench vm`: one guest workload (O_DIRECT 4 KiB and 128 KiB sequential writes and
+//! reads with busybox `dd`, timed inside the guest) on each backend, same guest configuration
+//! (TCG, 1 vCPU, 512 MiB memfd RAM), same image, boots interleaved (A B A B):
+//!
+//! 1. `qemu-nvme`: QEMU's built-in NVMe controller (the baseline);
+//! 2. `vfio-user-local`: our NVMe model bound locally, served by our vfio-user server.
+//!
+//! A further row is one more [`Backend::VfioUser`] with another function (e.g. a borrowed one).
+//! For vfio-user rows the server's message counters are read at the guest's markers, so the
+//! report says how many socket messages (and, from the guest's `/proc/interrupts`, how many
+//! interrupts) each I/O costs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use devlend_bench::{median, Figure, Report};
+use devlend_pci::PciFunction;
+use devlend_vfio_user::guest::{self, GuestDisk, GuestSpec, VmAssets};
+use devlend_vfio_user::{Server, Stats, StatsSnapshot};
+
+use super::serve::{local_nvme, parse_size, NvmeArgs};
 
 /// Arguments.
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Print one JSON object (BENCH.md) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Guest boots per backend (interleaved A B A B); each boot runs every workload 3 times.
+    #[arg(long, default_value_t = 2)]
+    boots: u32,
+    /// Image size (bytes; K, M, G suffixes). The workloads use the first 32 MiB.
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    size: u64,
+    /// Scratch directory (image, sockets); default: a fresh directory under the system temp.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// `vm.env` from `scripts/vm-setup.sh`; default: run the script (cached after the first run).
+    #[arg(long)]
+    vm_env: Option<PathBuf>,
+}
+
+/// A workload: `dd` with O_DIRECT, sequential, queue depth 1.
+struct Workload {
+    name: &'static str,
+    write: bool,
+    block: u64,
+    count: u64,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload {
+        name: "write-4k",
+        write: true,
+        block: 4096,
+        count: 4096,
+    },
+    Workload {
+        name: "read-4k",
+        write: false,
+        block: 4096,
+        count: 4096,
+    },
+    Workload {
+        name: "write-128k",
+        write: true,
+        block: 128 << 10,
+        count: 256,
+    },
+    Workload {
+        name: "read-128k",
+        write: false,
+        block: 128 << 10,
+        count: 256,
+    },
+];
+
+const ROUNDS_PER_BOOT: u32 = 3;
+
+/// How a row's guest reaches its NVMe device.
+pub enum Backend {
+    /// QEMU's `-device nvme` on the image.
+    QemuNvme,
+    /// A vfio-user server (in this process) for this function.
+    VfioUser(Arc<dyn PciFunction>),
+}
+
+/// One row of the comparison.
+pub struct Row {
+    /// Name in the report ("qemu-nvme", "vfio-user-local").
+    pub name: String,
+    /// The device.
+    pub backend: Backend,
+}
+
+/// Samples of one workload on one row.
+#[derive(Default)]
+struct Samples {
+    mbps: Vec<f64>,
+    iops: Vec<f64>,
+    msgs_per_io: Vec<f64>,
+    sync_msgs_per_io: Vec<f64>,
+    irqs_per_io: Vec<f64>,
+}
+
+fn guest_script() -> String {
+    let mut s = String::from(
+        r#"#!/bin/sh
+i=0
+while [ ! -e /sys/block/nvme0n1 ]; do
+    i=$((i + 1)); [ $i -gt 300 ] && { echo "BENCH-FAIL no nvme0n1"; exit 1; }
+    sleep 0.1
+done
+cs() { awk '{ split($1, a, "."); print a[1] * 100 + a[2] }' /proc/uptime; }
+irqs() { grep nvme0q /proc/interrupts | awk '{ s += $2 } END { print s + 0 }'; }
+run() { # run NAME ROUND dd-arguments...
+    name=$1; round=$2; shift 2
+    echo "BENCH-BEGIN $name $round"
+    i0=$(irqs); t0=$(cs)
+    dd "$@" 2>/dev/null || { echo "BENCH-FAIL $name"; exit 1; }
+    t1=$(cs); i1=$(irqs)
+    echo "BENCH-END $name $round cs=$((t1 - t0)) irqs=$((i1 - i0))"
+}
+"#,
+    );
+    for round in 0..ROUNDS_PER_BOOT {
+        for w in &WORKLOADS {
+            let dd = if w.write {
+                format!(
+                    "if=/dev/zero of=/dev/nvme0n1 bs={} count={} oflag=direct",
+                    w.block, w.count
+                )
+            } else {
+                format!(
+                    "if=/dev/nvme0n1 of=/dev/null bs={} count={} iflag=direct",
+                    w.block, w.count
+                )
+            };
+            s.push_str(&format!("run {} {round} {dd}\n", w.name));
+        }
+    }
+    s.push_str("echo BENCH-DONE\n");
+    s
+}
 
 /// Runs the subcommand.
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let assets = match &args.vm_env {
+        Some(p) => VmAssets::from_env_file(p)?,
+        None => {
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            VmAssets::provision(&repo).context("provisioning QEMU, kernel and initramfs")?
+        }
+    };
+    let dir = match &args.work_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("devlend-bench-vm-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let image = dir.join("bench.img");
+    let _ = std::fs::remove_file(&image);
+
+    let local = local_nvme(&NvmeArgs {
+        image: image.clone(),
+        size: Some(args.size),
+        serial: Some("bench-local".into()),
+        model: None,
+        vfio_user: dir.join("unused"),
+    })?;
+    let rows = vec![
+        Row {
+            name: "qemu-nvme".into(),
+            backend: Backend::QemuNvme,
+        },
+        Row {
+            name: "vfio-user-local".into(),
+            backend: Backend::VfioUser(local),
+        },
+    ];
+    let report = measure(&assets, &dir, &image, rows, args.boots)?;
+    report.emit(args.json);
+    Ok(())
+}
+
+/// Boots each row `boots` times, interleaved, and builds the report (first row = baseline).
+pub fn measure(
+    assets: &VmAssets,
+    dir: &Path,
+    image: &Path,
+    rows: Vec<Row>,
+    boots: u32,
+) -> anyhow::Result<Report> {
+    // Start a server thread per vfio-user row; each serves one guest after another.
+    let mut disks = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        match &row.backend {
+            Backend::QemuNvme => disks.push((
+                GuestDisk::QemuNvme {
+                    image: image.to_path_buf(),
+                },
+                None,
+            )),
+            Backend::VfioUser(function) => {
+                let socket = dir.join(format!("row{i}.sock"));
+                let server = Server::new(function.clone()).context("probing the function")?;
+                let stats = server.stats();
+                let listener = Server::bind(&socket)?;
+                let path = socket.clone();
+                std::thread::spawn(move || {
+                    let _ = server.serve_listener(&listener, &path, |_, _| {});
+                });
+                disks.push((GuestDisk::VfioUser { socket }, Some(stats)));
+            }
+        }
+    }
+
+    let script = guest_script();
+    let mut results: Vec<BTreeMap<&'static str, Samples>> =
+        rows.iter().map(|_| BTreeMap::new()).collect();
+    for boot in 0..boots {
+        for (i, row) in rows.iter().enumerate() {
+            let Some((disk, stats)) = disks.get(i) else {
+                continue;
+            };
+            eprintln!("bench vm: boot {}/{boots}: {}", boot + 1, row.name);
+            let per_row = results.get_mut(i).context("row index")?;
+            run_boot(assets, dir, disk.clone(), stats.as_ref(), &script, per_row)
+                .with_context(|| format!("{} (boot {})", row.name, boot + 1))?;
+        }
+    }
+
+    let mut report = Report::new("vm");
+    let baseline_name = rows.first().map(|r| r.name.clone()).unwrap_or_default();
+    for w in &WORKLOADS {
+        let (bm, bi) = results
+            .first()
+            .and_then(|b| b.get(w.name))
+            .map(|s| (median(&mut s.mbps.clone()), median(&mut s.iops.clone())))
+            .unwrap_or((0.0, 0.0));
+        for (i, row) in rows.iter().enumerate() {
+            let Some(s) = results.get_mut(i).and_then(|r| r.get_mut(w.name)) else {
+                continue;
+            };
+            let (mbps, iops) = (median(&mut s.mbps), median(&mut s.iops));
+            let unit_name = format!("{}-qd1 {}", w.name, row.name);
+            if i == 0 {
+                report.push(Figure::new(format!("{unit_name} MB/s"), "MB/s", mbps));
+                report.push(Figure::new(format!("{unit_name} IOPS"), "IOPS", iops));
+            } else {
+                report.push(
+                    Figure::new(format!("{unit_name} MB/s"), "MB/s", mbps)
+                        .against(baseline_name.clone(), bm),
+                );
+                report.push(
+                    Figure::new(format!("{unit_name} IOPS"), "IOPS", iops)
+                        .against(baseline_name.clone(), bi),
+                );
+            }
+            if !s.msgs_per_io.is_empty() {
+                report.push(Figure::new(
+                    format!("{unit_name} socket messages per I/O"),
+                    "msgs/IO",
+                    median(&mut s.msgs_per_io),
+                ));
+            }
+            if !s.sync_msgs_per_io.is_empty() {
+                report.push(Figure::new(
+                    format!("{unit_name} of which waited on (not posted)"),
+                    "msgs/IO",
+                    median(&mut s.sync_msgs_per_io),
+                ));
+            }
+            if !s.irqs_per_io.is_empty() {
+                report.push(Figure::new(
+                    format!("{unit_name} guest interrupts per I/O"),
+                    "irqs/IO",
+                    median(&mut s.irqs_per_io),
+                ));
+            }
+        }
+    }
+    report.notes.push(format!(
+        "guest: TCG, 1 vCPU, 512 MiB memfd RAM; busybox dd O_DIRECT sequential qd1, {} boots per row interleaved, {} rounds per boot, medians; time from the guest's /proc/uptime (10 ms ticks)",
+        boots, ROUNDS_PER_BOOT
+    ));
+    report.notes.push(
+        "vfio-user: guest RAM is DMA-mapped from QEMU's memfd (no copies); each MMIO access is one socket message (doorbell writes are posted: the vCPU does not wait), each completion one eventfd write that QEMU's main loop turns into an MSI-X message under TCG".into(),
+    );
+    Ok(report)
+}
+
+/// One workload run as the guest reported it: name, centiseconds, interrupts, and the server's
+/// (all, non-posted) message counts over it.
+type Measured = (String, f64, f64, Option<(u64, u64)>);
+
+fn run_boot(
+    assets: &VmAssets,
+    dir: &Path,
+    disk: GuestDisk,
+    stats: Option<&Arc<Stats>>,
+    script: &str,
+    per_row: &mut BTreeMap<&'static str, Samples>,
+) -> anyhow::Result<()> {
+    let mut spec = GuestSpec::new(assets.clone(), disk, script, dir);
+    spec.timeout = Duration::from_secs(600);
+    let begin: Mutex<Option<StatsSnapshot>> = Mutex::new(None);
+    let collected: Mutex<Vec<Measured>> = Mutex::new(Vec::new());
+    let out = guest::boot_with(&spec, |line| {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("BENCH-BEGIN") => {
+                if let Ok(mut b) = begin.lock() {
+                    *b = stats.map(|s| s.snapshot());
+                }
+            }
+            Some("BENCH-END") => {
+                let name = words.next().unwrap_or_default().to_string();
+                let _round = words.next();
+                let mut cs = None;
+                let mut irqs = None;
+                for kv in words {
+                    match kv.split_once('=') {
+                        Some(("cs", v)) => cs = v.parse::<f64>().ok(),
+                        Some(("irqs", v)) => irqs = v.parse::<f64>().ok(),
+                        _ => {}
+                    }
+                }
+                let msgs = stats.and_then(|s| {
+                    let start = begin.lock().ok()?.take()?;
+                    let now = s.snapshot();
+                    let total = now.total().saturating_sub(start.total());
+                    let posted = now.posted.saturating_sub(start.posted);
+                    Some((total, total.saturating_sub(posted)))
+                });
+                if let (Some(cs), Some(irqs), Ok(mut c)) = (cs, irqs, collected.lock()) {
+                    c.push((name, cs, irqs, msgs));
+                }
+            }
+            _ => {}
+        }
+    })?;
+    if !out.passed() || out.lines_with("BENCH-DONE").next().is_none() {
+        bail!(
+            "the guest workload failed (exit {:?}, timed out: {})\n{}",
+            out.exit_code,
+            out.timed_out,
+            out.transcript()
+        );
+    }
+    let collected = collected.into_inner().unwrap_or_default();
+    for (name, cs, irqs, msgs) in collected {
+        let Some(w) = WORKLOADS.iter().find(|w| w.name == name) else {
+            continue;
+        };
+        let secs = (cs / 100.0).max(0.01);
+        let s = per_row.entry(w.name).or_default();
+        s.mbps.push((w.block * w.count) as f64 / secs / 1e6);
+        s.iops.push(w.count as f64 / secs);
+        s.irqs_per_io.push(irqs / w.count as f64);
+        if let Some((total, sync)) = msgs {
+            s.msgs_per_io.push(total as f64 / w.count as f64);
+            s.sync_msgs_per_io.push(sync as f64 / w.count as f64);
+        }
+    }
+    Ok(())
 }
