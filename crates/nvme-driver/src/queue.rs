@@ -29,8 +29,9 @@ pub enum CompletionMode {
 const INTERRUPT_SLICE: Duration = Duration::from_millis(50);
 /// While polling, the driver reads CSTS this often.
 const POLL_STATUS_INTERVAL: Duration = Duration::from_millis(20);
-/// Busy-wait iterations before a polling waiter starts yielding its CPU.
-const POLL_SPINS: u32 = 200;
+/// How long a polling waiter busy-waits after its last progress before it starts yielding its
+/// CPU between probes (yielding early hands the CPU to other work for a whole time slice).
+const POLL_SPIN_TIME: Duration = Duration::from_micros(50);
 /// PRP list pages a queue keeps for reuse.
 const PRP_PAGE_CACHE: usize = 64;
 
@@ -424,7 +425,7 @@ impl QueuePair {
         let start = Instant::now();
         let deadline = start + timeout;
         let mut got = self.drain(hw, out)?;
-        let mut idle = 0u32;
+        let mut last_progress = start;
         let mut last_check = start;
         while got < min && self.in_flight() > 0 {
             let now = Instant::now();
@@ -443,8 +444,7 @@ impl QueuePair {
                     }
                 }
                 _ => {
-                    idle = idle.saturating_add(1);
-                    if idle < POLL_SPINS {
+                    if now.duration_since(last_progress) < POLL_SPIN_TIME {
                         std::hint::spin_loop();
                     } else {
                         std::thread::yield_now();
@@ -457,7 +457,7 @@ impl QueuePair {
             }
             let n = self.drain(hw, out)?;
             if n > 0 {
-                idle = 0;
+                last_progress = Instant::now();
             }
             got += n;
         }
