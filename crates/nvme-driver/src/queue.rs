@@ -464,3 +464,286 @@ impl QueuePair {
         Ok(got)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Queue mechanics against a scripted function: the tests play the controller by writing
+    //! completion entries into the CQ memory themselves.
+
+    use std::sync::atomic::{AtomicU32, AtomicU64};
+    use std::sync::Mutex;
+
+    use devlend_pci::{
+        AccessSize, BarAccess, BusAddr, ConfigAccess, DmaAlloc, DmaRemap, FunctionError,
+        Interrupts, MemSpan, SharedMemory,
+    };
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::cmd::io;
+
+    const BUS_BASE: u64 = 0x10_0000_0000;
+
+    struct Scripted {
+        mem: Arc<SharedMemory>,
+        next: AtomicU64,
+        csts: AtomicU32,
+        writes: Mutex<Vec<(u64, u32)>>,
+    }
+
+    impl Scripted {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                mem: Arc::new(SharedMemory::new("scripted", 4 << 20).unwrap()),
+                next: AtomicU64::new(0),
+                csts: AtomicU32::new(regs::CSTS_RDY),
+                writes: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn last_write(&self, offset: u64) -> Option<u32> {
+            let w = self.writes.lock().unwrap();
+            w.iter().rev().find(|(o, _)| *o == offset).map(|(_, v)| *v)
+        }
+    }
+
+    impl ConfigAccess for Scripted {
+        fn config_read(&self, _: u16, _: AccessSize) -> Result<u32, FunctionError> {
+            Ok(0)
+        }
+        fn config_write(&self, _: u16, _: AccessSize, _: u32) -> Result<(), FunctionError> {
+            Ok(())
+        }
+    }
+
+    impl BarAccess for Scripted {
+        fn bar_read(&self, _: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError> {
+            let v = if offset == regs::CSTS {
+                self.csts.load(std::sync::atomic::Ordering::SeqCst)
+            } else {
+                0
+            };
+            for (d, s) in data.iter_mut().zip(v.to_le_bytes()) {
+                *d = s;
+            }
+            Ok(())
+        }
+        fn bar_write(&self, _: BarIndex, offset: u64, data: &[u8]) -> Result<(), FunctionError> {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&data[..4]);
+            self.writes
+                .lock()
+                .unwrap()
+                .push((offset, u32::from_le_bytes(b)));
+            Ok(())
+        }
+    }
+
+    impl DmaAlloc for Scripted {
+        fn dma_alloc(&self, len: usize) -> Result<DmaBuffer, FunctionError> {
+            let len = len.next_multiple_of(4096) as u64;
+            let off = self
+                .next
+                .fetch_add(len, std::sync::atomic::Ordering::SeqCst);
+            let span = MemSpan::new(self.mem.clone(), off, len)?;
+            Ok(DmaBuffer::new(span, BusAddr(BUS_BASE + off), None))
+        }
+    }
+
+    impl DmaRemap for Scripted {
+        fn dma_map(&self, _: BusAddr, _: MemSpan, _: bool) -> Result<(), FunctionError> {
+            Ok(())
+        }
+        fn dma_unmap(&self, _: BusAddr, _: u64) -> Result<(), FunctionError> {
+            Ok(())
+        }
+    }
+
+    impl Interrupts for Scripted {
+        fn interrupt_vectors(&self) -> u16 {
+            1
+        }
+        fn wait_interrupt(&self, _: u16, timeout: Duration) -> Result<bool, FunctionError> {
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            Ok(false)
+        }
+        fn set_interrupt_eventfd(
+            &self,
+            _: u16,
+            _: Option<Arc<EventFd>>,
+        ) -> Result<(), FunctionError> {
+            Ok(())
+        }
+    }
+
+    impl PciFunction for Scripted {
+        fn describe(&self) -> String {
+            "scripted".into()
+        }
+    }
+
+    fn hw(f: &Arc<Scripted>, mode: CompletionMode) -> Hw {
+        Hw {
+            fun: f.clone(),
+            bar: BarIndex::new(0).unwrap(),
+            caps: Capabilities::decode(0),
+            mode,
+        }
+    }
+
+    /// Plays the controller: posts a completion for `cid` at CQ slot `slot`.
+    fn post(q: &QueuePair, slot: u32, cid: u16, phase: bool, status_field: u16) {
+        let at = slot as usize * CQE_BYTES;
+        q.cq.store_u32(at, 0xabc).unwrap();
+        q.cq.store_u32(at + 8, u32::from(q.qid) << 16).unwrap();
+        let dw3 = u32::from(cid) | (u32::from(phase) << 16) | (u32::from(status_field) << 17);
+        q.cq.store_u32(at + 12, dw3).unwrap();
+    }
+
+    fn sqe(q: &QueuePair, slot: usize) -> [u8; SQE_BYTES] {
+        let mut b = [0u8; SQE_BYTES];
+        q.sq.read_at(slot * SQE_BYTES, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn submit_complete_and_wrap_the_phase() {
+        let f = Scripted::new();
+        let hw = hw(&f, CompletionMode::Polling);
+        let mut q = QueuePair::new(&hw, 1, 2, None).unwrap();
+        assert_eq!(q.capacity(), 1);
+        let mut out = Vec::new();
+        for round in 0..5u32 {
+            q.submit(
+                &hw,
+                Command::new(io::FLUSH, 1),
+                None,
+                100 + u64::from(round),
+            )
+            .unwrap();
+            let full = q.submit(&hw, Command::new(io::FLUSH, 1), None, 0);
+            assert!(matches!(full, Err(NvmeError::QueueFull { .. })));
+            // Tail doorbell of SQ 1 with the stride of 4 bytes.
+            assert_eq!(f.last_write(0x1008), Some((round + 1) % 2));
+            let cid = u16::from_le_bytes(sqe(&q, (round % 2) as usize)[2..4].try_into().unwrap());
+            // Phase is 1 on the first pass through the ring, 0 on the second, ...
+            post(&q, round % 2, cid, (round / 2) % 2 == 0, 0);
+            out.clear();
+            let n = q.reap(&hw, &mut out, 1, Duration::from_secs(5)).unwrap();
+            assert_eq!(n, 1);
+            assert_eq!(out[0].tag, 100 + u64::from(round));
+            assert_eq!(out[0].dw0, 0xabc);
+            assert!(out[0].status.is_success());
+            // Head doorbell of CQ 1.
+            assert_eq!(f.last_write(0x100c), Some((round + 1) % 2));
+            assert_eq!(q.in_flight(), 0);
+        }
+    }
+
+    #[test]
+    fn a_completion_for_an_unknown_command_breaks_the_queue() {
+        let f = Scripted::new();
+        let hw = hw(&f, CompletionMode::Polling);
+        let mut q = QueuePair::new(&hw, 1, 8, None).unwrap();
+        q.submit(&hw, Command::new(io::FLUSH, 1), None, 1).unwrap();
+        post(&q, 0, 999, true, 0);
+        let r = q.reap(&hw, &mut Vec::new(), 1, Duration::from_secs(5));
+        assert!(matches!(
+            r,
+            Err(NvmeError::CompletionForUnknownCommand { cid: 999, .. })
+        ));
+        assert!(q.is_broken());
+        let again = q.submit(&hw, Command::new(io::FLUSH, 1), None, 2);
+        assert!(matches!(again, Err(NvmeError::QueueBroken { qid: 1 })));
+    }
+
+    #[test]
+    fn waits_end_with_timeout_removal_or_fatal_status() {
+        for mode in [CompletionMode::Polling, CompletionMode::Interrupt] {
+            let f = Scripted::new();
+            let hw = hw(&f, mode);
+            let vector = (mode == CompletionMode::Interrupt).then_some(0);
+            let mut q = QueuePair::new(&hw, 1, 8, vector).unwrap();
+            q.submit(&hw, Command::new(io::FLUSH, 1), None, 1).unwrap();
+            let r = q.reap(&hw, &mut Vec::new(), 1, Duration::from_millis(30));
+            assert!(
+                matches!(r, Err(NvmeError::Timeout { .. })),
+                "{mode:?}: {r:?}"
+            );
+
+            let mut q = QueuePair::new(&hw, 2, 8, vector).unwrap();
+            q.submit(&hw, Command::new(io::FLUSH, 1), None, 1).unwrap();
+            f.csts.store(
+                regs::CSTS_RDY | regs::CSTS_CFS,
+                std::sync::atomic::Ordering::SeqCst,
+            );
+            let r = q.reap(&hw, &mut Vec::new(), 1, Duration::from_secs(30));
+            assert!(
+                matches!(r, Err(NvmeError::ControllerFatal)),
+                "{mode:?}: {r:?}"
+            );
+
+            let mut q = QueuePair::new(&hw, 3, 8, vector).unwrap();
+            q.submit(&hw, Command::new(io::FLUSH, 1), None, 1).unwrap();
+            f.csts.store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+            let r = q.reap(&hw, &mut Vec::new(), 1, Duration::from_secs(30));
+            assert!(
+                matches!(r, Err(NvmeError::DeviceRemoved(_))),
+                "{mode:?}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn prp_lists_are_written_and_chained() {
+        let f = Scripted::new();
+        let hw = hw(&f, CompletionMode::Polling);
+        let mut q = QueuePair::new(&hw, 1, 8, None).unwrap();
+        // 600 pages from an offset of 512 bytes: PRP1 + 600 list entries over two list pages.
+        let buf = Arc::new(f.dma_alloc(601 * 4096).unwrap());
+        let base = buf.bus_addr().raw();
+        let data = DmaSlice::new(buf, 512, 600 * 4096).unwrap();
+        q.submit(&hw, Command::new(io::READ, 1), Some(&data), 7)
+            .unwrap();
+        let e = sqe(&q, 0);
+        let prp1 = u64::from_le_bytes(e[24..32].try_into().unwrap());
+        let prp2 = u64::from_le_bytes(e[32..40].try_into().unwrap());
+        assert_eq!(prp1, base + 512);
+        let read_list = |bus: u64| {
+            let mut b = vec![0u8; 4096];
+            f.mem.read_at(bus - BUS_BASE, &mut b).unwrap();
+            b.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .collect::<Vec<u64>>()
+        };
+        let first = read_list(prp2);
+        let want: Vec<u64> = (1..=600).map(|i| base + i * 4096).collect();
+        assert_eq!(&first[..511], &want[..511]);
+        let second = read_list(first[511]);
+        assert_eq!(&second[..89], &want[511..]);
+        // Completing the command returns its list page to the cache for the next one.
+        post(&q, 0, 0, true, 0);
+        q.reap(&hw, &mut Vec::new(), 1, Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(q.prp_cache.len(), 2);
+        // A slice that is not dword-aligned is refused before anything is queued.
+        let buf = Arc::new(f.dma_alloc(4096).unwrap());
+        assert!(DmaSlice::new(buf.clone(), 2, 8).is_err());
+        assert!(DmaSlice::new(buf.clone(), 0, 4097).is_err());
+        assert!(DmaSlice::new(buf, 0, 0).is_err());
+    }
+
+    #[test]
+    fn error_statuses_reach_the_caller() {
+        let f = Scripted::new();
+        let hw = hw(&f, CompletionMode::Polling);
+        let mut q = QueuePair::new(&hw, 1, 8, None).unwrap();
+        q.submit(&hw, Command::new(io::READ, 1), None, 5).unwrap();
+        post(&q, 0, 0, true, 0x80 | (1 << 14));
+        let mut out = Vec::new();
+        q.reap(&hw, &mut out, 1, Duration::from_secs(5)).unwrap();
+        assert!(out[0].status.is_lba_out_of_range());
+        assert!(out[0].status.dnr);
+        assert_eq!(out[0].opcode, io::READ);
+    }
+}
