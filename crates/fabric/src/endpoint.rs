@@ -153,6 +153,16 @@ impl Session {
         }
     }
 
+    /// This side's page of the connection.
+    pub(crate) fn local_page(&self) -> &ControlPage {
+        &self.local
+    }
+
+    /// The peer's page of the connection.
+    pub(crate) fn peer_page(&self) -> &ControlPage {
+        &self.peer
+    }
+
     /// Whether this connection has ended.
     pub(crate) fn is_down(&self) -> bool {
         self.down.load(Ordering::SeqCst)

@@ -42,6 +42,8 @@ pub mod baseline;
 mod config;
 mod endpoint;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod loopback;
 mod page;
 pub mod shm;

@@ -254,6 +254,21 @@ fn map_peer_ram(fd: OwnedFd, fd_offset: u64, size: u64) -> Result<MemSpan> {
     Ok(MemSpan::new(mem, delta, size)?)
 }
 
+/// Parses a control message as the reader does and acts on what it announces (maps a RAM
+/// window, maps a Hello's control page), for `crate::fuzzing`.
+pub(crate) fn parse_untrusted_control(bytes: &[u8], fds: Vec<OwnedFd>) -> Result<()> {
+    match wire::decode(bytes, fds)? {
+        wire::Wire::TransRam {
+            size,
+            fd,
+            fd_offset,
+            ..
+        } => map_peer_ram(fd, fd_offset, size).map(|_| ()),
+        wire::Wire::Hello { page, .. } => ControlPage::from_peer(page).map(|_| ()),
+        wire::Wire::TransMmio { .. } | wire::Wire::Clear { .. } => Ok(()),
+    }
+}
+
 fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
     let ep = &shared.ep;
     let cfg = *ep.config();
