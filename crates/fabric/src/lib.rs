@@ -34,7 +34,11 @@
 //! what the peer exported is forgotten at link down; this side's translations are re-announced
 //! to each new peer. [`Link::link_generation`] advances on every up and every down, so a layer
 //! above can tell a reconnected peer from the one it set state up with: redo handshakes (write
-//! scratchpads, exchange messages) after each link-up.
+//! scratchpads, exchange messages) after each link-up. A span returned by
+//! [`PeerWindows::peer_mw_direct`] keeps its mapping alive for as long as it is held, also
+//! after the peer cleared the translation or the link went down: fetch it again when the
+//! generation changes, and prefer it for bulk RAM access (the copy calls take one uncontended
+//! read lock each; the span costs only the bounds check).
 #![warn(missing_docs)]
 
 mod address_space;
