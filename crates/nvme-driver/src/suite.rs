@@ -5,6 +5,18 @@
 //! Each case brings up its own controller(s) from [`Target::make`] and writes the data it later
 //! reads back, so it needs no particular image contents; cases are meant to run one after
 //! another on one device (they may also run in parallel on separate devices).
+//!
+//! ```no_run
+//! # fn borrow() -> std::sync::Arc<dyn devlend_pci::PciFunction> { unimplemented!() }
+//! use devlend_nvme_driver::suite::{self, Target};
+//! let fun = borrow(); // a local or a borrowed function presenting the NVMe model
+//! let target = Target {
+//!     make: Box::new(move || fun.clone()),
+//!     image: None, // or Some(path) when this process can read the backing image
+//! };
+//! suite::run_all(&target).expect("the driver works on this function");
+//! // Or one case at a time (one #[test] each): for (name, case) in suite::CASES { .. }
+//! ```
 
 use std::path::PathBuf;
 use std::sync::Arc;
