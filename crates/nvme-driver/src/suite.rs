@@ -521,6 +521,21 @@ pub fn reinit_after_reset(t: &Target) -> Result<(), SuiteError> {
     let data = pattern(8192, 200);
     x.step("write", c.write_at(offset, &data))?;
     x.step("flush", c.flush())?;
+    // Leave commands outstanding (submitted, never reaped) across the reset: the reset must
+    // neither hang nor let them corrupt the data read afterwards.
+    {
+        let junk = x.step("alloc", c.alloc_dma(4096))?;
+        let mut q = x.step("queue", c.io_queue(0))?;
+        for i in 0..8u64 {
+            let data = DmaSlice::whole(junk.clone());
+            let req = IoRequest::Read {
+                lba: (offset + 65536) / lba + i * (4096 / lba),
+                blocks: (4096 / lba) as u32,
+                data,
+            };
+            x.step("submit without reaping", q.submit(req, i))?;
+        }
+    }
     x.step("reset", c.reset())?;
     let mut back = vec![0u8; data.len()];
     x.step("read after reset", c.read_at(offset, &mut back))?;
