@@ -9,8 +9,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
+use devlend_nvme::{NvmeConfig, NvmeDevice};
+use devlend_pci::{
+    AccessSize, BarAccess, BarIndex, BusAddr, ConfigAccess, DmaAlloc, DmaBuffer, DmaRemap,
+    FunctionError, Interrupts, LocalFunction, MemSpan, PciDevice, PciFunction,
+};
 use devlend_vfio_user::guest::{self, acceptance};
+use devlend_vfio_user::Server;
+use vmm_sys_util::eventfd::EventFd;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -45,5 +55,179 @@ fn guest_nvme_driver_on_local_model_over_vfio_user() {
         println!("guest: {line}");
     }
     println!("guest run took {:?}", out.elapsed);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A function whose far side disappears on demand, as a borrowed function does when its lender
+/// dies: every access then fails with `Removed` and no interrupt arrives any more.
+struct Severable {
+    inner: Arc<dyn PciFunction>,
+    gone: AtomicBool,
+}
+
+impl Severable {
+    fn check(&self) -> Result<(), FunctionError> {
+        if self.gone.load(Ordering::SeqCst) {
+            Err(FunctionError::Removed("lender died (test)".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn sever(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        for v in 0..self.inner.interrupt_vectors() {
+            let _ = self.inner.set_interrupt_eventfd(v, None);
+        }
+    }
+}
+
+impl ConfigAccess for Severable {
+    fn config_read(&self, offset: u16, size: AccessSize) -> Result<u32, FunctionError> {
+        self.check()?;
+        self.inner.config_read(offset, size)
+    }
+    fn config_write(&self, offset: u16, size: AccessSize, value: u32) -> Result<(), FunctionError> {
+        self.check()?;
+        self.inner.config_write(offset, size, value)
+    }
+}
+
+impl BarAccess for Severable {
+    fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError> {
+        self.check()?;
+        self.inner.bar_read(bar, offset, data)
+    }
+    fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), FunctionError> {
+        self.check()?;
+        self.inner.bar_write(bar, offset, data)
+    }
+}
+
+impl DmaAlloc for Severable {
+    fn dma_alloc(&self, len: usize) -> Result<DmaBuffer, FunctionError> {
+        self.check()?;
+        self.inner.dma_alloc(len)
+    }
+}
+
+impl DmaRemap for Severable {
+    fn dma_map(&self, iova: BusAddr, mem: MemSpan, writable: bool) -> Result<(), FunctionError> {
+        self.check()?;
+        self.inner.dma_map(iova, mem, writable)
+    }
+    fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), FunctionError> {
+        self.inner.dma_unmap(iova, len)
+    }
+}
+
+impl Interrupts for Severable {
+    fn interrupt_vectors(&self) -> u16 {
+        self.inner.interrupt_vectors()
+    }
+    fn wait_interrupt(&self, vector: u16, timeout: Duration) -> Result<bool, FunctionError> {
+        self.check()?;
+        self.inner.wait_interrupt(vector, timeout)
+    }
+    fn set_interrupt_eventfd(
+        &self,
+        vector: u16,
+        fd: Option<Arc<EventFd>>,
+    ) -> Result<(), FunctionError> {
+        if fd.is_some() {
+            self.check()?;
+        }
+        self.inner.set_interrupt_eventfd(vector, fd)
+    }
+}
+
+impl PciFunction for Severable {
+    fn describe(&self) -> String {
+        format!("severable {}", self.inner.describe())
+    }
+}
+
+/// The device disappears under a running guest (as a borrowed device does when its lender
+/// dies): the server keeps answering, with errors, so QEMU reads all-ones, the guest's driver
+/// declares the controller dead and its I/O fails; nothing hangs and the guest powers off.
+#[test]
+fn guest_survives_a_device_that_disappears() {
+    let Some(assets) = guest::provision_for_tests(&repo_root()).expect("provisioning VM assets")
+    else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("devlend-vm-gone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("work dir");
+    let image = dir.join("disk.img");
+    let socket = dir.join("nvme.sock");
+    let mut config = NvmeConfig::new(&image);
+    config.create_size = Some(64 << 20);
+    let local = LocalFunction::new(4096, |dma, irq| {
+        NvmeDevice::new(config, dma, irq).map(|d| d as Arc<dyn PciDevice>)
+    })
+    .expect("NVMe model");
+    let function = Arc::new(Severable {
+        inner: Arc::new(local),
+        gone: AtomicBool::new(false),
+    });
+    let server = Server::new(function.clone()).expect("probe");
+    let listener = Server::bind(&socket).expect("bind");
+    let path = socket.clone();
+    std::thread::spawn(move || server.serve_listener(&listener, &path, |_, _| {}));
+
+    let script = r#"#!/bin/sh
+while [ ! -e /sys/block/nvme0n1 ]; do sleep 0.1; done
+dd if=/dev/zero of=/dev/nvme0n1 bs=4096 count=16 oflag=direct 2>/dev/null && echo "IO-BEFORE-OK"
+echo "SEVER-THE-DEVICE-NOW"
+# Keep reading until the device is gone (bounded): the host severs it on the line above.
+i=0
+while dd if=/dev/nvme0n1 of=/dev/null bs=4096 count=16 iflag=direct 2>/dev/null; do
+    i=$((i + 1))
+    [ $i -gt 20000 ] && { echo "IO-AFTER never failed"; exit 1; }
+done
+echo "IO-AFTER-FAILED after $i more reads"
+dmesg | grep -i nvme | tail -4
+"#;
+    let mut spec = guest::GuestSpec::new(
+        assets,
+        guest::GuestDisk::VfioUser {
+            socket: socket.clone(),
+        },
+        script,
+        &dir,
+    );
+    spec.timeout = Duration::from_secs(110);
+    spec.append = "nvme_core.io_timeout=5 nvme_core.admin_timeout=5".into();
+    let out = guest::boot_with(&spec, |line| {
+        if line.contains("SEVER-THE-DEVICE-NOW") {
+            function.sever();
+        }
+    })
+    .expect("boot");
+    let transcript = out.transcript();
+    assert!(
+        !out.timed_out,
+        "guest hung after the device went away\n{transcript}"
+    );
+    assert!(
+        out.lines_with("IO-BEFORE-OK").next().is_some(),
+        "I/O before the device went away\n{transcript}"
+    );
+    assert!(
+        out.console.iter().any(|l| l.contains("IO-AFTER-FAILED")),
+        "I/O after the device went away must fail\n{transcript}"
+    );
+    for l in out
+        .console
+        .iter()
+        .filter(|l| l.contains("IO-AFTER") || l.contains("nvme"))
+    {
+        println!("guest: {l}");
+    }
+    println!(
+        "guest saw the dead device and powered off after {:?}",
+        out.elapsed
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
