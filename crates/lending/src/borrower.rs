@@ -19,7 +19,7 @@ use devlend_fabric::{BusAddr, FabricError, SharedMemory, WindowOffset};
 use devlend_pci::dma_pool::DmaPool;
 use devlend_pci::{
     AccessSize, BarAccess, BarIndex, ConfigAccess, DmaAlloc, DmaBuffer, DmaRemap, FunctionError,
-    Interrupts, MemSpan, PciFunction,
+    Interrupts, MemSpan, MemoryArea, PciFunction,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -37,11 +37,18 @@ struct DmaWindow {
     region_base: BusAddr,
 }
 
+/// A BAR memory area reached by direct stores (on fabrics that map windows).
+struct DirectArea {
+    bar: u8,
+    area: MemoryArea,
+}
+
 /// A device borrowed from the peer.
 pub struct BorrowedFunction {
     node: Weak<Inner>,
     grant: Grant,
     bars: [Option<BarGrant>; 6],
+    areas: Vec<DirectArea>,
     pool: DmaPool,
     dma: Mutex<Vec<DmaWindow>>,
     removed: AtomicBool,
@@ -303,6 +310,16 @@ impl BarAccess for BorrowedFunction {
     fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), FunctionError> {
         let node = self.node()?;
         let g = self.bar(bar, offset, data.len())?;
+        // Doorbell-style memory: a direct store through the window, and a wake-up only when
+        // the device sleeps. No message, no lender thread.
+        for d in &self.areas {
+            if d.bar == bar.get() && offset >= d.area.offset {
+                let at = offset - d.area.offset;
+                if at.saturating_add(data.len() as u64) <= d.area.mem.len() {
+                    return d.area.write_and_wake(at, data).map_err(FunctionError::from);
+                }
+            }
+        }
         node.ntb
             .peer_mw_write(g.window, WindowOffset(offset), data)
             .map_err(|e| self.fabric_error(e))
@@ -554,6 +571,23 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
         ));
     }
     let setup = || -> Result<BorrowedFunction, LendingError> {
+        let mut areas = Vec::new();
+        for b in &grant.bars {
+            crate::wait_peer_window(&*node.ntb, b.window, b.size, node.cfg.request_timeout)?;
+            for a in &b.areas {
+                crate::wait_peer_window(&*node.ntb, a.window, a.len, node.cfg.request_timeout)?;
+                if let Some(mem) = node.ntb.peer_mw_direct(a.window)? {
+                    if a.wake_word.saturating_add(4) <= mem.len() {
+                        let area = MemoryArea {
+                            offset: a.offset,
+                            mem,
+                            wake_word: a.wake_word,
+                        };
+                        areas.push(DirectArea { bar: b.index, area });
+                    }
+                }
+            }
+        }
         let bytes = node.cfg.dma_pool_bytes;
         let mem = Arc::new(SharedMemory::new("devlend-dma", bytes)?);
         let base = node
@@ -564,6 +598,7 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
         let f = BorrowedFunction {
             node: Arc::downgrade(node),
             bars,
+            areas,
             pool: DmaPool::new(mem.clone(), base),
             dma: Mutex::new(Vec::new()),
             removed: AtomicBool::new(false),

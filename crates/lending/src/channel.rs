@@ -126,7 +126,12 @@ impl Channel {
     fn start_session(&self, tx: &mut Tx, deadline: Instant) -> Result<(), ChannelError> {
         loop {
             let generation = self.ntb.link_generation();
-            if self.ntb.link_state() == LinkState::Up {
+            // A link that is down has no peer mailbox to wait for: fail now, never stall the
+            // caller (a management thread) for the whole timeout.
+            if self.ntb.link_state() == LinkState::Down {
+                return Err(ChannelError::Fabric(FabricError::LinkDown));
+            }
+            {
                 match self.ntb.peer_mw_size(MAILBOX_WINDOW) {
                     Ok(size) if size >= MAILBOX_BYTES => {
                         let session = nonce();
@@ -147,11 +152,7 @@ impl Channel {
                 }
             }
             if Instant::now() >= deadline {
-                return Err(if self.ntb.link_state() == LinkState::Down {
-                    ChannelError::Fabric(FabricError::LinkDown)
-                } else {
-                    ChannelError::Timeout
-                });
+                return Err(ChannelError::Timeout);
             }
             std::thread::sleep(Duration::from_millis(2));
         }

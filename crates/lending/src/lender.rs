@@ -23,10 +23,10 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use devlend_fabric::{AddressSpace, BusAddr, FabricError, MmioHandler, Ntb, WindowOffset};
-use devlend_pci::{AccessSize, BarIndex, BarSpec, DmaPort, InterruptSink, PciDevice};
+use devlend_pci::{AccessSize, BarIndex, BarSpec, DmaPort, InterruptSink, MemoryArea, PciDevice};
 use devlend_pci::{DmaError, DmaTarget, Iommu, RemoteMemory};
 
-use crate::protocol::{BarDesc, BarGrant, DeviceDesc, Grant, Request, Response};
+use crate::protocol::{AreaGrant, BarDesc, BarGrant, DeviceDesc, Grant, Request, Response};
 use crate::{Inner, LendingError};
 
 /// Builds a device model given its DMA port and interrupt sink.
@@ -194,6 +194,16 @@ struct Lease {
     dma: Vec<(u64, u64)>,
 }
 
+/// A memory area of a BAR as placed in the lender's address space.
+struct PlacedArea {
+    bar: BarIndex,
+    area: MemoryArea,
+    /// Bus address of the area's first byte.
+    addr: BusAddr,
+    /// Base of the RAM region that holds it (removed with the device).
+    region: BusAddr,
+}
+
 struct Exported {
     name: String,
     detail: String,
@@ -201,6 +211,7 @@ struct Exported {
     iommu: Arc<Iommu>,
     sink: Arc<RoutedSink>,
     bars: Vec<(BarIndex, BarSpec, BusAddr)>,
+    areas: Vec<PlacedArea>,
     lease: Option<Lease>,
 }
 
@@ -295,6 +306,23 @@ impl Lender {
             )?;
             bars.push((bar, spec, base));
         }
+        let mut areas = Vec::new();
+        for (bar, _, _) in &bars {
+            for area in device.bar_memory(*bar) {
+                let (mem, offset) = area.mem.memory();
+                let len = mem.len() as u64;
+                let region = asp
+                    .free_base(BAR_FLOOR, len, 4096)
+                    .ok_or(LendingError::NoFreeWindow)?;
+                asp.add_ram(region, mem.clone())?;
+                areas.push(PlacedArea {
+                    bar: *bar,
+                    addr: BusAddr(region.0 + offset),
+                    region,
+                    area,
+                });
+            }
+        }
         let exported = Exported {
             name: name.to_string(),
             detail: detail.to_string(),
@@ -302,6 +330,7 @@ impl Lender {
             iommu,
             sink,
             bars,
+            areas,
             lease: None,
         };
         let desc = exported.desc(owner);
@@ -321,6 +350,9 @@ impl Lender {
         if let Some(dev) = st.devices.remove(name) {
             for (_, _, base) in dev.bars {
                 asp.remove(base);
+            }
+            for a in dev.areas {
+                asp.remove(a.region);
             }
         }
         Ok(())
@@ -461,15 +493,30 @@ impl Lender {
                     index: bar.get(),
                     window,
                     size: spec.size,
+                    areas: Vec::new(),
                 });
                 node.ntb.mw_set_trans(window, *base, spec.size)?;
+                for a in dev.areas.iter().filter(|a| a.bar == *bar) {
+                    let window = node.windows.take()?;
+                    let len = a.area.mem.len();
+                    let grant = AreaGrant {
+                        offset: a.area.offset,
+                        len,
+                        window,
+                        wake_word: a.area.wake_word,
+                    };
+                    if let Some(g) = windows.last_mut() {
+                        g.areas.push(grant);
+                    }
+                    node.ntb.mw_set_trans(window, a.addr, len)?;
+                }
             }
             Ok(())
         };
         if let Err(e) = setup() {
-            for w in &windows {
-                let _ = node.ntb.mw_clear_trans(w.window);
-                node.windows.give(w.window);
+            for w in all_windows(&windows) {
+                let _ = node.ntb.mw_clear_trans(w);
+                node.windows.give(w);
             }
             return Err(e);
         }
@@ -516,6 +563,7 @@ impl Lender {
         window: usize,
         writable: bool,
     ) -> Result<(), LendingError> {
+        crate::wait_peer_window(&*node.ntb, window, len, Duration::from_secs(5))?;
         let size = node.ntb.peer_mw_size(window)?;
         if len == 0 || len > size {
             return Err(LendingError::Refused(format!(
@@ -560,12 +608,12 @@ impl Lender {
         };
         dev.sink.route(None);
         let link = l.link.upgrade();
-        for w in &l.windows {
+        for w in all_windows(&l.windows) {
             if let Some(link) = &link {
-                if let Err(e) = link.ntb.mw_clear_trans(w.window) {
-                    tracing::warn!("clearing window {}: {e}", w.window);
+                if let Err(e) = link.ntb.mw_clear_trans(w) {
+                    tracing::warn!("clearing window {w}: {e}");
                 }
-                link.windows.give(w.window);
+                link.windows.give(w);
             }
         }
         for (iova, len) in &l.dma {
@@ -609,6 +657,14 @@ impl Lender {
         }
         expired
     }
+}
+
+/// Every window a grant uses (BARs and their memory areas).
+fn all_windows(grants: &[BarGrant]) -> Vec<usize> {
+    grants
+        .iter()
+        .flat_map(|g| std::iter::once(g.window).chain(g.areas.iter().map(|a| a.window)))
+        .collect()
 }
 
 fn doorbell_bits(base: u32, vectors: u16) -> u64 {

@@ -514,6 +514,30 @@ fn management_loop(weak: Weak<Inner>, ntb: Arc<dyn Ntb>) {
     }
 }
 
+/// Waits until the peer's window `window` is translated onto at least `len` bytes: translations
+/// and management records travel on different paths, so a record may arrive first.
+pub(crate) fn wait_peer_window(
+    ntb: &dyn Ntb,
+    window: usize,
+    len: u64,
+    timeout: Duration,
+) -> Result<(), LendingError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match ntb.peer_mw_size(window) {
+            Ok(size) if size >= len => return Ok(()),
+            Ok(_) | Err(devlend_fabric::FabricError::WindowNotTranslated(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if Instant::now() >= deadline {
+            return Err(LendingError::Protocol(format!(
+                "the peer's window {window} was not translated in time"
+            )));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// The doorbell bits a grant's vectors use.
 pub(crate) fn lender_doorbell_mask(grant: &protocol::Grant) -> u64 {
     let n = u32::from(grant.device.vectors);

@@ -37,15 +37,32 @@ pub struct DeviceDesc {
     pub detail: String,
 }
 
+/// Part of a BAR that is memory the device polls (doorbells), exposed through its own window:
+/// the borrower stores into it directly and wakes the device through its sleep word.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AreaGrant {
+    /// Offset of the area in the BAR.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+    /// Lender's inbound window onto the area's memory.
+    pub window: usize,
+    /// Offset of the device's sleep word inside the window.
+    pub wake_word: u64,
+}
+
 /// Where a granted BAR is reached.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BarGrant {
     /// BAR slot.
     pub index: u8,
-    /// Lender's inbound window that exposes it.
+    /// Lender's inbound window that exposes it (all of it, as MMIO).
     pub window: usize,
     /// Size in bytes.
     pub size: u64,
+    /// Memory areas of the BAR with their own windows.
+    #[serde(default)]
+    pub areas: Vec<AreaGrant>,
 }
 
 /// What a successful borrow returns.

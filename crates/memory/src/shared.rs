@@ -246,6 +246,59 @@ impl SharedMemory {
         self.atomic_u64(offset)
     }
 
+    /// Sleeps while the 32-bit word at `offset` (4-byte aligned) holds `expected`, for at most
+    /// `timeout` (`None`: no limit). Works across processes that map the same memory (a
+    /// non-private futex). Returns when woken, when the value differs, on timeout, or on a
+    /// signal; callers re-check their condition.
+    pub fn futex_wait(
+        &self,
+        offset: u64,
+        expected: u32,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<(), MemError> {
+        let word = self.atomic_u32(offset)?;
+        let ts = timeout.map(|t| libc::timespec {
+            tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+        });
+        let ts_ptr = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: `word` is a valid, aligned u32 inside a live shared mapping; the timespec (if
+        // any) outlives the call. FUTEX_WAIT (not PRIVATE) keys on the backing page, so other
+        // processes mapping the same memfd page wake us.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAIT,
+                expected,
+                ts_ptr,
+                std::ptr::null::<u32>(),
+                0u32,
+            )
+        };
+        Ok(())
+    }
+
+    /// Wakes up to `count` waiters sleeping on the 32-bit word at `offset` (in any process).
+    pub fn futex_wake(&self, offset: u64, count: u32) -> Result<(), MemError> {
+        let word = self.atomic_u32(offset)?;
+        // SAFETY: `word` is a valid, aligned u32 inside a live shared mapping.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAKE,
+                count.min(i32::MAX as u32),
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null::<u32>(),
+                0u32,
+            )
+        };
+        Ok(())
+    }
+
     /// Reads `len` bytes of `file` at `file_offset` straight into the mapping at `offset`
     /// (one copy, by the kernel). A file that ends early is an error.
     pub fn read_from_file(
@@ -444,6 +497,29 @@ impl MemSpan {
         self.mem.store_u64(at, value)
     }
 
+    /// The 32-bit atomic at a span offset (4-byte aligned).
+    pub fn atomic_u32_at(&self, offset: u64) -> Result<&AtomicU32, MemError> {
+        let at = self.inner(offset, 4)?;
+        self.mem.atomic_u32_at(at)
+    }
+
+    /// [`SharedMemory::futex_wait`] at a span offset.
+    pub fn futex_wait(
+        &self,
+        offset: u64,
+        expected: u32,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<(), MemError> {
+        let at = self.inner(offset, 4)?;
+        self.mem.futex_wait(at, expected, timeout)
+    }
+
+    /// [`SharedMemory::futex_wake`] at a span offset.
+    pub fn futex_wake(&self, offset: u64, count: u32) -> Result<(), MemError> {
+        let at = self.inner(offset, 4)?;
+        self.mem.futex_wake(at, count)
+    }
+
     /// `pread` from `file` straight into the span.
     pub fn read_from_file(
         &self,
@@ -520,6 +596,28 @@ mod tests {
         ));
         s.write_to_file(10, 4, &f, 1000).unwrap();
         assert_eq!(f.metadata().unwrap().len(), 1004);
+    }
+
+    #[test]
+    fn futex_wakes_across_mappings() {
+        let a = Arc::new(SharedMemory::new("t", 4096).unwrap());
+        let b = SharedMemory::map(a.fd().try_clone_to_owned().unwrap(), 0, 4096).unwrap();
+        a.store_u32(64, 1).unwrap();
+        let waiter = {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                while a.load_u32(64).unwrap() == 1 {
+                    a.futex_wait(64, 1, Some(std::time::Duration::from_secs(5)))
+                        .unwrap();
+                }
+            })
+        };
+        b.store_u32(64, 0).unwrap();
+        b.futex_wake(64, 1).unwrap();
+        waiter.join().unwrap();
+        // A value that differs returns at once; misaligned words are errors.
+        a.futex_wait(64, 7, None).unwrap();
+        assert!(a.futex_wake(66, 1).is_err());
     }
 
     fn tempfile_in_tmp() -> File {

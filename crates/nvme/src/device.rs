@@ -23,13 +23,13 @@ use devlend_memory::{BusAddr, MemSpan};
 use devlend_pci::config::{BarRegion, Identity, MsixLayout, PciExpressCap};
 use devlend_pci::{
     AccessSize, BarIndex, BarSpec, ConfigEffect, ConfigSpace, ConfigSpaceBuilder, DmaAccess,
-    DmaError, DmaPort, InterruptSink, MsixTable, PciDevice,
+    DmaError, DmaPort, InterruptSink, MemoryArea, MsixTable, PciDevice,
 };
 
 use crate::config::NvmeConfig;
 use crate::controller::{AdminQueueRegs, Controller};
 use crate::error::NvmeError;
-use crate::queues::DoorbellArray;
+use crate::queues::{DoorbellArray, WAKE_WORD};
 use crate::regs::{
     capabilities, ControllerConfig, Doorbell, AQA_WRITABLE, BAR0_SIZE, CC_WRITABLE, DOORBELL_BASE,
     QUEUE_BASE_MASK, REG_ACQ, REG_AQA, REG_ASQ, REG_CAP, REG_CC, REG_CSTS, REG_INTMC, REG_INTMS,
@@ -143,7 +143,6 @@ struct Inner {
     csts: Arc<AtomicU32>,
     doorbells: Arc<DoorbellArray>,
     core: Mutex<Controller>,
-    sleeping: AtomicBool,
     stop: AtomicBool,
     worker: OnceLock<Thread>,
     spin: Duration,
@@ -249,7 +248,6 @@ impl NvmeDevice {
             csts,
             doorbells,
             core: Mutex::new(core),
-            sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             worker: OnceLock::new(),
             spin: cfg.poll_spin,
@@ -291,9 +289,7 @@ impl NvmeDevice {
     /// also done on drop.
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.inner.worker.get() {
-            t.unpark();
-        }
+        let _ = self.inner.doorbells.page().futex_wake(WAKE_WORD, 1);
         if let Some(j) = lock(&self.join).take() {
             if j.join().is_err() {
                 tracing::warn!("nvme: the worker thread panicked");
@@ -331,7 +327,7 @@ impl Inner {
                 std::hint::spin_loop();
                 continue;
             }
-            self.sleeping.store(true, Ordering::SeqCst);
+            self.set_sleeping(1);
             self.counters.sleeps.fetch_add(1, Ordering::Relaxed);
             let (pending, deadline) = {
                 let mut core = lock(&self.core);
@@ -348,19 +344,33 @@ impl Inner {
                         d.saturating_duration_since(Instant::now())
                     })
                     .min(self.idle_recheck);
-                std::thread::park_timeout(timeout);
+                let _ = self
+                    .doorbells
+                    .page()
+                    .futex_wait(WAKE_WORD, 1, Some(timeout));
             }
-            self.sleeping.store(false, Ordering::SeqCst);
+            self.set_sleeping(0);
             last_work = Instant::now();
         }
     }
 
+    /// The sleep word lives in the doorbell page so that a front-end that stores doorbells
+    /// straight into the page (a lender's NTB window, a vfio-user mapping) can wake the
+    /// worker with a futex wake from any process.
+    fn set_sleeping(&self, v: u32) {
+        if let Ok(w) = self.doorbells.page().atomic_u32_at(WAKE_WORD) {
+            w.store(v, Ordering::SeqCst);
+        }
+    }
+
     fn wake(&self) {
-        if self.sleeping.load(Ordering::SeqCst) {
-            if let Some(t) = self.worker.get() {
-                self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
-                t.unpark();
-            }
+        let page = self.doorbells.page();
+        let asleep = page
+            .atomic_u32_at(WAKE_WORD)
+            .map(|w| w.load(Ordering::SeqCst) != 0);
+        if asleep.unwrap_or(false) {
+            self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+            let _ = page.futex_wake(WAKE_WORD, 1);
         }
     }
 
@@ -573,6 +583,17 @@ impl PciDevice for NvmeDevice {
 
     fn reset(&self) {
         self.inner.reset();
+    }
+
+    fn bar_memory(&self, bar: BarIndex) -> Vec<MemoryArea> {
+        if bar.get() != REGISTER_BAR {
+            return Vec::new();
+        }
+        vec![MemoryArea {
+            offset: DOORBELL_BASE,
+            mem: self.doorbell_page(),
+            wake_word: WAKE_WORD,
+        }]
     }
 
     fn msix_vectors(&self) -> u16 {

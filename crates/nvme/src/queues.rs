@@ -17,6 +17,10 @@ pub(crate) struct DoorbellArray {
     slots: usize,
 }
 
+/// Offset in the doorbell page of the worker's sleep word (non-zero while it sleeps; a futex
+/// word, so a writer in any process that maps the page can wake it).
+pub(crate) const WAKE_WORD: u64 = DOORBELL_PAGE_BYTES as u64 - 4;
+
 /// Size of the doorbell page.
 pub(crate) const DOORBELL_PAGE_BYTES: usize = 4096;
 
@@ -26,7 +30,7 @@ impl DoorbellArray {
         let mem = Arc::new(SharedMemory::new("nvme-doorbells", DOORBELL_PAGE_BYTES)?);
         Ok(DoorbellArray {
             mem,
-            slots: slots.min(DOORBELL_PAGE_BYTES / 4),
+            slots: slots.min(DOORBELL_PAGE_BYTES / 4 - 1),
         })
     }
 

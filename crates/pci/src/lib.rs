@@ -232,6 +232,46 @@ pub trait InterruptSink: Send + Sync {
     fn signal(&self, vector: u16);
 }
 
+/// Part of a BAR that is plain memory the device polls (doorbell-style registers, as SPDK's
+/// vfio-user NVMe target keeps them): a write there may be done as a store into `mem`, after
+/// which the writer wakes the device if it sleeps: when the 32-bit word at `wake_word` (an
+/// offset in `mem`) is non-zero, `futex_wake` it. Whoever binds the device (a local binding,
+/// a lender exporting it through an NTB window, a vfio-user server mapping it into a guest)
+/// may take this fast path; going through [`PciDevice::bar_write`] is always correct too.
+#[derive(Clone, Debug)]
+pub struct MemoryArea {
+    /// Offset of the area in its BAR (page-aligned).
+    pub offset: u64,
+    /// The memory (its length is the area's length; page-granular).
+    pub mem: MemSpan,
+    /// Offset in `mem` of the device's sleep word.
+    pub wake_word: u64,
+}
+
+impl MemoryArea {
+    /// Stores `data` at `offset` inside the area and wakes the device if it sleeps.
+    pub fn write_and_wake(&self, offset: u64, data: &[u8]) -> Result<(), devlend_memory::MemError> {
+        if let (4, Some(v)) = (data.len(), data.try_into().ok().map(u32::from_le_bytes)) {
+            // An aligned 32-bit register store must land whole: use an atomic store.
+            self.mem
+                .atomic_u32_at(offset)?
+                .store(v, std::sync::atomic::Ordering::SeqCst);
+        } else {
+            self.mem.write_at(offset, data)?;
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
+        if self
+            .mem
+            .atomic_u32_at(self.wake_word)?
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != 0
+        {
+            self.mem.futex_wake(self.wake_word, 1)?;
+        }
+        Ok(())
+    }
+}
+
 /// A PCIe function as the bus sees it: what a device model implements.
 ///
 /// Accesses a driver controls cannot fail or panic here: like hardware, a bad read returns
@@ -251,6 +291,12 @@ pub trait PciDevice: Send + Sync {
     fn reset(&self);
     /// Number of MSI-X vectors.
     fn msix_vectors(&self) -> u16;
+    /// The parts of BAR `bar` that are memory the device polls (see [`MemoryArea`]); none by
+    /// default.
+    fn bar_memory(&self, bar: BarIndex) -> Vec<MemoryArea> {
+        let _ = bar;
+        Vec::new()
+    }
     /// Short name for logs ("nvme").
     fn kind(&self) -> &'static str;
 }
