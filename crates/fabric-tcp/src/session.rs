@@ -18,7 +18,6 @@ use crate::queue::{InQueue, OutQueue, Take};
 
 use crate::tls::ALPN;
 use crate::Credentials;
-use vmm_sys_util::eventfd::EventFd;
 
 /// Most requests needing a reply (reads, scratchpad reads, message writes) that one side may
 /// have outstanding; a peer exceeding it breaks the protocol.
@@ -129,8 +128,6 @@ pub(crate) struct Session {
     leaders_gone: Condvar,
     /// A caller is reading: other callers wait for their reply instead of taking over.
     leading: AtomicBool,
-    /// Written by a caller that wants the reader thread to let go of [`Session::rx`].
-    wake: EventFd,
     /// When bytes last arrived (for the keepalive timeout).
     last_rx: Mutex<Instant>,
     keepalive_interval: Duration,
@@ -147,52 +144,25 @@ struct RxState {
     hello: bool,
 }
 
-/// What waiting for the socket gave.
-enum Ready {
-    Readable,
-    Woken,
-    Timeout,
-}
-
-/// Waits until `sock` is readable (or has an error), `wake` (if any) is readable, or `timeout`.
-fn wait_readable(
-    sock: &TcpStream,
-    wake: Option<&EventFd>,
-    timeout: Duration,
-) -> Result<Ready, EndError> {
-    let mut fds = [
-        libc::pollfd {
-            fd: sock.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake.map_or(-1, |w| w.as_raw_fd()),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+/// Waits until `sock` is readable (or has an error or hang-up); `false` after `timeout`.
+fn wait_readable(sock: &TcpStream, timeout: Duration) -> Result<bool, EndError> {
+    let mut fd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
     loop {
-        // SAFETY: `fds` is a valid array of two pollfd structures for the whole call (a
-        // negative descriptor is ignored by poll).
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        // SAFETY: `fd` is a valid pollfd for the whole call.
+        let r = unsafe { libc::poll(&mut fd, 1, ms) };
         if r >= 0 {
-            break;
+            return Ok(r > 0);
         }
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {
             return Err(EndError::Io(e));
         }
     }
-    let [s, w] = fds;
-    Ok(if s.revents != 0 {
-        Ready::Readable
-    } else if w.revents != 0 {
-        Ready::Woken
-    } else {
-        Ready::Timeout
-    })
 }
 
 /// Buffers of the sender that holds [`Session::send`].
@@ -286,7 +256,6 @@ impl Session {
             leaders: Mutex::new(0),
             leaders_gone: Condvar::new(),
             leading: AtomicBool::new(false),
-            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             last_rx: Mutex::new(Instant::now()),
             keepalive_interval: cfg.keepalive_interval,
             keepalive_timeout: cfg.keepalive_timeout,
@@ -380,7 +349,6 @@ impl Session {
                 }
             }
             *lock(&self.leaders) += 1;
-            let _ = self.wake.write(1);
             let result = {
                 let mut st = lock(&self.rx);
                 if self.leading.swap(true, Ordering::AcqRel) {
@@ -430,25 +398,24 @@ impl Session {
                 return Err(FabricError::Timeout);
             }
             let wait = (deadline - now).min(self.keepalive_interval);
-            match wait_readable(&self.sock, None, wait).map_err(end)? {
-                Ready::Readable => match self.pump(inner, st) {
+            if wait_readable(&self.sock, wait).map_err(end)? {
+                match self.pump(inner, st) {
                     Ok(false) => {}
                     Ok(true) => {
                         tracing::info!("fabric peer closed the link");
                         return Err(end(EndError::Closed));
                     }
                     Err(e) => return Err(end(e)),
-                },
-                Ready::Woken | Ready::Timeout => {
-                    if self.silent_too_long() {
-                        return Err(end(EndError::Silent));
-                    }
                 }
+            } else if self.silent_too_long() {
+                return Err(end(EndError::Silent));
             }
         }
     }
 
-    /// The reader thread: reads the socket whenever no caller does.
+    /// The reader thread: reads the socket whenever no caller does. It waits for data without
+    /// holding the receive buffers, so a caller can take over at any time without waiting
+    /// for this thread to be scheduled.
     fn read_loop(&self, inner: &Inner) -> Result<(), EndError> {
         loop {
             {
@@ -460,19 +427,16 @@ impl Session {
             if self.closed.load(Ordering::Acquire) {
                 return Err(EndError::Closed);
             }
-            let mut st = lock(&self.rx);
-            match wait_readable(&self.sock, Some(&self.wake), self.keepalive_interval)? {
-                Ready::Readable => {
-                    if self.pump(inner, &mut st)? {
-                        return Ok(());
-                    }
+            if wait_readable(&self.sock, self.keepalive_interval)? {
+                if *lock(&self.leaders) > 0 {
+                    // A caller reads (and may have read this already).
+                    continue;
                 }
-                Ready::Woken => {
-                    let _ = self.wake.read();
+                let mut st = lock(&self.rx);
+                if self.pump(inner, &mut st)? {
+                    return Ok(());
                 }
-                Ready::Timeout => {}
-            }
-            if self.silent_too_long() {
+            } else if self.silent_too_long() {
                 return Err(EndError::Silent);
             }
         }
@@ -621,7 +585,6 @@ impl Session {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         drop(lock(&self.leaders));
         self.leaders_gone.notify_all();
-        let _ = self.wake.write(1);
         Some(self.up.load(Ordering::Acquire))
     }
 
