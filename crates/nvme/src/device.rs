@@ -324,7 +324,9 @@ impl Inner {
                 continue;
             }
             if last_work.elapsed() < self.spin {
-                std::hint::spin_loop();
+                // Yield rather than spin hard: on an oversubscribed host the thread that will
+                // ring the next doorbell may be waiting for this very core.
+                std::thread::yield_now();
                 continue;
             }
             self.set_sleeping(1);
