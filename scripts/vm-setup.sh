@@ -120,28 +120,12 @@ fi
 
 # --- busybox initramfs ---------------------------------------------------------------------
 INITRAMFS=$CACHE/initramfs.cpio
-if [[ ! -f $INITRAMFS ]]; then
-    if ! dpkg -s busybox-static >/dev/null 2>&1; then
-        if [[ $APT_UPDATED -eq 0 ]]; then apt-get update -qq >&2; APT_UPDATED=1; fi
-        log "installing busybox-static"
-        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >&2; then
-            log "cannot install busybox-static"
-            exit 3
-        fi
-    fi
-    BUSYBOX=/bin/busybox
-    need_pkg cpio cpio
-    ROOT=$CACHE/initramfs-root
-    rm -rf "$ROOT"
-    mkdir -p "$ROOT"/{bin,sbin,dev,proc,sys,tmp,mnt,etc}
-    cp "$BUSYBOX" "$ROOT/bin/busybox"
-    for applet in $("$ROOT/bin/busybox" --list); do
-        [[ $applet == busybox ]] || ln -sf busybox "$ROOT/bin/$applet"
-    done
-    cat >"$ROOT/init" <<'EOF'
+INIT_SRC=$CACHE/init.new
+cat >"$INIT_SRC" <<'EOF'
 #!/bin/sh
-# devlend test guest: mount the basics, run /test.sh (appended as a second cpio archive by the
-# harness), print its exit status, power off.
+# devlend guest: mount the basics, run /test.sh (appended as a second cpio archive by the test
+# harness) and print its exit status, or give an interactive shell when there is none; then
+# power off.
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
@@ -150,15 +134,40 @@ if [ -x /test.sh ]; then
     /test.sh
     echo "DEVLEND-TEST-EXIT $?"
 else
-    echo "DEVLEND-TEST-EXIT 127 (no /test.sh)"
+    echo "no /test.sh: interactive shell (exit to power off)"
+    setsid cttyhack sh
 fi
 sync
 poweroff -f
 EOF
+# Rebuilt when missing or when /init changed.
+if [[ ! -f $INITRAMFS ]] || ! cmp -s "$INIT_SRC" "$CACHE/init.built"; then
+    if ! dpkg -s busybox-static >/dev/null 2>&1; then
+        if [[ $APT_UPDATED -eq 0 ]]; then
+            apt-get update -qq >&2 || log "apt-get update failed"
+            APT_UPDATED=1
+        fi
+        log "installing busybox-static"
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >&2; then
+            log "cannot install busybox-static"
+            exit 3
+        fi
+    fi
+    need_pkg cpio cpio
+    ROOT=$CACHE/initramfs-root
+    rm -rf "$ROOT"
+    mkdir -p "$ROOT"/{bin,sbin,dev,proc,sys,tmp,mnt,etc}
+    cp /bin/busybox "$ROOT/bin/busybox"
+    for applet in $("$ROOT/bin/busybox" --list); do
+        [[ $applet == busybox ]] || ln -sf busybox "$ROOT/bin/$applet"
+    done
+    cp "$INIT_SRC" "$ROOT/init"
     chmod +x "$ROOT/init"
     (cd "$ROOT" && find . | cpio -o -H newc --quiet) >"$INITRAMFS.tmp"
     mv -f "$INITRAMFS.tmp" "$INITRAMFS"
+    cp "$INIT_SRC" "$CACHE/init.built"
 fi
+rm -f "$INIT_SRC"
 
 cat >"$ENV_FILE" <<EOF
 DEVLEND_QEMU=$QEMU
