@@ -317,6 +317,8 @@ impl Harness {
     pub fn create_io_pair(&mut self, qid: u16, entries: u32) {
         let cq_base = 0x4_0000 + u64::from(qid) * 0x2_0000;
         let sq_base = cq_base + 0x1_0000;
+        // A fresh completion queue starts zeroed (no stale phase tags), as a driver makes it.
+        self.mem.fill(cq_base, entries as usize * 16, 0).unwrap();
         let s = self.status(0, create_cq(qid, entries, cq_base, qid));
         assert_eq!(s, Status::SUCCESS, "create cq");
         let s = self.status(0, create_sq(qid, entries, sq_base, qid));
