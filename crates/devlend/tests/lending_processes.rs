@@ -1,0 +1,278 @@
+//! Lending across real processes on the `shm` fabric: `devlend node` daemons as hosts, driven
+//! through the CLI, with `kill -9` of either side.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use devlend_fabric::{AddressSpace, LinkConfig, Ntb, ShmNtb};
+use devlend_lending::{Node, NodeConfig};
+use devlend_nvme_driver::suite::{self, Target};
+use devlend_nvme_driver::Controller;
+use devlend_pci::PciFunction;
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_devlend")
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("devlend-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A `devlend node` process, killed on drop.
+struct NodeProcess {
+    child: Child,
+    state: PathBuf,
+}
+
+impl NodeProcess {
+    fn start(dir: &Path, name: &str, fabrics: &[&Path], lease_ms: u64) -> NodeProcess {
+        let state = dir.join(name);
+        let mut cmd = Command::new(exe());
+        cmd.args([
+            "node",
+            "--name",
+            name,
+            "--lease-ms",
+            &lease_ms.to_string(),
+            "--state",
+        ])
+        .arg(&state);
+        for f in fabrics {
+            cmd.arg("--fabric").arg(format!("shm:{}", f.display()));
+        }
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let node = NodeProcess { child, state };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !node.ctl(&["status"]).status.success() {
+            assert!(Instant::now() < deadline, "node {name} did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(exe())
+            .args(args)
+            .arg("--state")
+            .arg(&self.state)
+            .output()
+            .unwrap()
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "devlend {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    fn borrower_of(&self, device: &str) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.ctl_ok(&["list", "--json"])).unwrap();
+        let d = v["local"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == device)
+            .cloned()
+            .unwrap();
+        d["borrower"].as_str().map(str::to_string)
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// This test process as the borrower host on `fabric`.
+fn borrower_here(fabric: &Path) -> Node {
+    let ntb = ShmNtb::open(fabric, Arc::new(AddressSpace::new()), LinkConfig::default()).unwrap();
+    let node = Node::start(NodeConfig::new("test-borrower"), vec![ntb as Arc<dyn Ntb>]).unwrap();
+    node.wait_link_up(Duration::from_secs(30)).unwrap();
+    node
+}
+
+fn add_nvme(lender: &NodeProcess, image: &Path, size: &str) {
+    lender.ctl_ok(&[
+        "add",
+        "nvme",
+        "--name",
+        "nvme0",
+        "--size",
+        size,
+        "--image",
+        image.to_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn driver_suite_runs_unchanged_on_a_borrowed_device() {
+    let dir = scratch("suite");
+    let fabric = dir.join("fabric");
+    let lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
+    let image = dir.join("lent.img");
+    add_nvme(&lender, &image, "64M");
+    let node = borrower_here(&fabric);
+    let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
+    let target = Target {
+        make: Box::new(move || f.clone()),
+        image: Some(image),
+    };
+    suite::run_all(&target).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_borrower_loses_the_device_when_its_lease_expires() {
+    let dir = scratch("lease");
+    let fabric = dir.join("fabric");
+    let lender = NodeProcess::start(&dir, "lender", &[&fabric], 1000);
+    add_nvme(&lender, &dir.join("lent.img"), "16M");
+    let mut borrower = NodeProcess::start(&dir, "borrower", &[&fabric], 1000);
+    borrower.ctl_ok(&["borrow", "nvme0"]);
+    assert_eq!(lender.borrower_of("nvme0").as_deref(), Some("borrower"));
+    borrower.kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lender.borrower_of("nvme0").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the lease of a killed borrower never expired"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Reset and offered again: a new borrower host gets it and the driver works on it.
+    let again = NodeProcess::start(&dir, "borrower2", &[&fabric], 1000);
+    again.ctl_ok(&["borrow", "nvme0"]);
+    assert!(again
+        .ctl_ok(&["check", "nvme0", "--bytes", "256K"])
+        .contains("verified"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_lender_is_a_surprise_removal_and_completed_writes_survive() {
+    let dir = scratch("surprise");
+    let fabric = dir.join("fabric");
+    let mut lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
+    let image = dir.join("lent.img");
+    add_nvme(&lender, &image, "32M");
+    let node = borrower_here(&fabric);
+    let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
+    let ctrl = Controller::new(f).unwrap();
+    let chunk = 64 * 1024;
+    let written: Vec<Vec<u8>> = (0..32u8)
+        .map(|i| vec![i.wrapping_mul(37) ^ 0x5a; chunk])
+        .collect();
+    for (i, data) in written.iter().enumerate() {
+        ctrl.write_at((i * chunk) as u64, data).unwrap(); // completed: must not be lost
+    }
+    lender.kill9();
+    // New and outstanding I/O fail with errors; nothing hangs.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        let read = ctrl.read_at(0, &mut buf);
+        let write = ctrl.write_at(0, &buf);
+        let _ = tx.send((read.is_err(), write.is_err()));
+    });
+    let (read_failed, write_failed) = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("I/O hung after the lender died");
+    assert!(
+        read_failed && write_failed,
+        "I/O on a removed device must fail"
+    );
+    // Every write the driver saw completed is in the lender's image.
+    let file = std::fs::File::open(&image).unwrap();
+    for (i, data) in written.iter().enumerate() {
+        let mut back = vec![0u8; chunk];
+        file.read_exact_at(&mut back, (i * chunk) as u64).unwrap();
+        assert!(
+            back == *data,
+            "completed write {i} is missing from the image"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_borrower_is_refused_with_the_holders_name() {
+    let dir = scratch("owner");
+    let (fa, fb) = (dir.join("fabric-a"), dir.join("fabric-b"));
+    let lender = NodeProcess::start(&dir, "lender", &[&fa, &fb], 5000);
+    add_nvme(&lender, &dir.join("lent.img"), "16M");
+    let alice = NodeProcess::start(&dir, "alice", &[&fa], 5000);
+    let bob = NodeProcess::start(&dir, "bob", &[&fb], 5000);
+    assert!(bob.ctl_ok(&["list"]).contains("nvme0"));
+    alice.ctl_ok(&["borrow", "nvme0"]);
+    let refused = bob.ctl(&["borrow", "nvme0"]);
+    assert!(!refused.status.success());
+    let msg = String::from_utf8_lossy(&refused.stderr);
+    assert!(msg.contains("alice"), "the refusal names the holder: {msg}");
+    assert!(bob.ctl_ok(&["list"]).contains("lent to alice"));
+    alice.ctl_ok(&["return", "nvme0"]);
+    bob.ctl_ok(&["borrow", "nvme0"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&bob.ctl_ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["borrowed"][0]["name"], "nvme0");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_verbs_say_what_to_do() {
+    let dir = scratch("verbs");
+    let out = Command::new(exe())
+        .args(["list", "--state"])
+        .arg(dir.join("nobody"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("devlend node"));
+    let fabric = dir.join("fabric");
+    let lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
+    let out = lender.ctl(&["add", "nvme", "--image", "/nonexistent/dir/x.img"]);
+    assert!(!out.status.success());
+    let out = lender.ctl(&["add", "floppy", "--image", "/tmp/x.img"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only `nvme`"));
+    let out = lender.ctl(&["borrow", "nvme9"]);
+    assert!(!out.status.success());
+    let out = lender.ctl(&["return", "nvme9"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not borrowed"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn demo_runs_with_no_arguments() {
+    let out = Command::new(exe()).arg("demo").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("read-back matches"));
+    assert!(text.contains("holds the 4 MiB written"));
+    assert!(text.contains("demo complete"));
+}
