@@ -1,6 +1,7 @@
-//! The controller core: queues, the enable / disable / shutdown transitions, command fetch,
-//! completion posting and interrupts. Admin commands are in [`crate::admin`], NVM commands in
-//! [`crate::io`].
+//! The controller core: state, the enable / disable / shutdown transitions, command fetch and
+//! completion posting. Admin commands are in [`crate::admin`], NVM commands in [`crate::io`],
+//! doorbells (MMIO and shadow) in [`crate::doorbells`], interrupts and asynchronous events in
+//! [`crate::interrupts`].
 //!
 //! The core is plain data behind one mutex ([`crate::device`] owns it): the worker thread
 //! holds the lock while it processes a batch of commands, the register path holds it to apply
@@ -10,7 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use devlend_memory::{BusAddr, MemSpan};
 use devlend_pci::{DmaAccess, DmaPort};
@@ -22,7 +23,7 @@ use crate::io::{IoCounters, Namespace};
 use crate::queues::{wrap, CompletionQueue, DoorbellArray, SubmissionQueue};
 use crate::regs::{
     ControllerConfig, AQA_ACQS_SHIFT, AQA_ASQS_MASK, CC_CSS_NVM, CQE_BYTES, CSTS_CFS, CSTS_RDY,
-    CSTS_SHST_COMPLETE, CSTS_SHST_MASK, DOORBELL_STRIDE, MPSMAX, MPSMIN, SQE_BYTES,
+    CSTS_SHST_COMPLETE, CSTS_SHST_MASK, MPSMAX, MPSMIN, SQE_BYTES,
 };
 use crate::status::Status;
 use crate::transfer::Transfer;
@@ -155,8 +156,8 @@ pub(crate) struct AdminQueueRegs {
 pub(crate) struct Controller {
     pub(crate) dma: Arc<dyn DmaPort>,
     /// Vectors to signal once the core lock is released (see [`Controller::take_interrupts`]).
-    fired: Vec<u16>,
-    doorbells: Arc<DoorbellArray>,
+    pub(crate) fired: Vec<u16>,
+    pub(crate) doorbells: Arc<DoorbellArray>,
     csts: Arc<AtomicU32>,
     pub(crate) ns: Namespace,
     pub(crate) limits: Limits,
@@ -266,7 +267,7 @@ impl Controller {
             });
     }
 
-    fn doorbell(&self, slot: usize) -> u32 {
+    pub(crate) fn doorbell(&self, slot: usize) -> u32 {
         self.doorbells
             .get(slot)
             .map_or(0, |d| d.load(Ordering::Acquire))
@@ -385,7 +386,7 @@ impl Controller {
     }
 
     /// Stops everything after an error that cannot be reported in a completion.
-    fn fail(&mut self, why: &str) {
+    pub(crate) fn fail(&mut self, why: &str) {
         tracing::warn!("nvme: controller fatal status: {why}");
         self.fatal = true;
         self.set_csts(CSTS_CFS, 0);
@@ -394,243 +395,6 @@ impl Controller {
     /// The direct mapping of a queue ring, if the port offers one.
     pub(crate) fn ring(&self, base: u64, len: u64, access: DmaAccess) -> Option<MemSpan> {
         self.dma.dma_span(BusAddr(base), len, access).ok().flatten()
-    }
-
-    // -----------------------------------------------------------------------------------
-    // Doorbells (MMIO or shadow)
-    // -----------------------------------------------------------------------------------
-
-    fn read_shadow(&self, slot: usize) -> Option<u32> {
-        let db = self.dbbuf.as_ref()?;
-        let off = slot as u64 * DOORBELL_STRIDE;
-        match &db.shadow_span {
-            Some(span) => span.load_u32(off).ok(),
-            None => {
-                let mut b = [0u8; 4];
-                let addr = db.shadow.checked_add(off)?;
-                self.dma.dma_read(BusAddr(addr), &mut b).ok()?;
-                Some(u32::from_le_bytes(b))
-            }
-        }
-    }
-
-    fn write_event_index(&self, slot: usize, value: u32) {
-        let Some(db) = self.dbbuf.as_ref() else {
-            return;
-        };
-        let off = slot as u64 * DOORBELL_STRIDE;
-        match &db.event_span {
-            Some(span) => {
-                let _ = span.store_u32(off, value);
-            }
-            None => {
-                if let Some(addr) = db.event_index.checked_add(off) {
-                    let _ = self.dma.dma_write(BusAddr(addr), &value.to_le_bytes());
-                }
-            }
-        }
-    }
-
-    /// Moves I/O queue pair slot `qid` from MMIO doorbells to the shadow buffer, seeding its
-    /// shadow and event index slots with the values the controller last accepted.
-    pub(crate) fn switch_to_shadow(&mut self, qid: usize) {
-        if qid == 0 || self.dbbuf.is_none() {
-            return;
-        }
-        if self
-            .sqs
-            .get(qid)
-            .and_then(Option::as_ref)
-            .is_some_and(|q| !q.shadow)
-        {
-            let _ = self.refresh_sq_tail(qid);
-            if let Some(tail) = self.sqs.get(qid).and_then(Option::as_ref).map(|q| q.tail) {
-                self.write_shadow(2 * qid, tail);
-                self.write_event_index(2 * qid, tail);
-            }
-            if let Some(q) = self.sqs.get_mut(qid).and_then(Option::as_mut) {
-                q.shadow = true;
-            }
-        }
-        if self
-            .cqs
-            .get(qid)
-            .and_then(Option::as_ref)
-            .is_some_and(|q| !q.shadow)
-        {
-            self.refresh_cq_head(qid);
-            if let Some((head, entries)) = self
-                .cqs
-                .get(qid)
-                .and_then(Option::as_ref)
-                .map(|q| (q.head, q.entries))
-            {
-                self.write_shadow(2 * qid + 1, head);
-                // Just behind the head: head updates need no MMIO ring until the queue fills.
-                self.write_event_index(2 * qid + 1, (head + entries - 1) % entries);
-            }
-            if let Some(q) = self.cqs.get_mut(qid).and_then(Option::as_mut) {
-                q.shadow = true;
-            }
-        }
-    }
-
-    fn write_shadow(&self, slot: usize, value: u32) {
-        let Some(db) = self.dbbuf.as_ref() else {
-            return;
-        };
-        if let Some(addr) = db.shadow.checked_add(slot as u64 * DOORBELL_STRIDE) {
-            let _ = self.dma.dma_write(BusAddr(addr), &value.to_le_bytes());
-        }
-    }
-
-    fn sq_doorbell(&self, qid: usize, shadow: bool) -> Option<u32> {
-        if shadow {
-            self.read_shadow(2 * qid)
-        } else {
-            Some(self.doorbell(2 * qid))
-        }
-    }
-
-    fn cq_doorbell(&self, qid: usize, shadow: bool) -> Option<u32> {
-        if shadow {
-            self.read_shadow(2 * qid + 1)
-        } else {
-            Some(self.doorbell(2 * qid + 1))
-        }
-    }
-
-    /// Takes a new CQ head from its doorbell; an invalid value is ignored and reported.
-    fn refresh_cq_head(&mut self, qid: usize) {
-        let Some(shadow) = self.cqs.get(qid).and_then(Option::as_ref).map(|q| q.shadow) else {
-            return;
-        };
-        let Some(head) = self.cq_doorbell(qid, shadow) else {
-            return;
-        };
-        let mut invalid = false;
-        if let Some(cq) = self.cqs.get_mut(qid).and_then(Option::as_mut) {
-            if head != cq.head {
-                if cq.head_is_valid(head) {
-                    cq.head = head;
-                } else {
-                    invalid = true;
-                }
-            }
-        }
-        if invalid {
-            // Ignore the value; stop reporting it once until the driver writes a new one.
-            if !shadow {
-                if let Some(cq) = self.cqs.get(qid).and_then(Option::as_ref) {
-                    if let Some(d) = self.doorbells.get(2 * qid + 1) {
-                        let _ =
-                            d.compare_exchange(head, cq.head, Ordering::AcqRel, Ordering::Acquire);
-                    }
-                }
-            }
-            self.raise_event(
-                event::TYPE_ERROR,
-                event::INFO_INVALID_DOORBELL_VALUE,
-                event::LOG_ERROR,
-            );
-        }
-    }
-
-    /// The SQ tail the driver published, if valid.
-    fn refresh_sq_tail(&mut self, qid: usize) -> Option<()> {
-        let (shadow, entries, tail) = self
-            .sqs
-            .get(qid)
-            .and_then(Option::as_ref)
-            .map(|q| (q.shadow, q.entries, q.tail))?;
-        let new = self.sq_doorbell(qid, shadow)?;
-        if new == tail {
-            return Some(());
-        }
-        if new >= entries {
-            if !shadow {
-                if let Some(d) = self.doorbells.get(2 * qid) {
-                    let _ = d.compare_exchange(new, tail, Ordering::AcqRel, Ordering::Acquire);
-                }
-            }
-            self.raise_event(
-                event::TYPE_ERROR,
-                event::INFO_INVALID_DOORBELL_VALUE,
-                event::LOG_ERROR,
-            );
-            return Some(());
-        }
-        if let Some(q) = self.sqs.get_mut(qid).and_then(Option::as_mut) {
-            q.tail = new;
-        }
-        Some(())
-    }
-
-    /// Whether any doorbell shows work the worker has not taken (for the sleep decision).
-    pub(crate) fn has_work(&self) -> bool {
-        if !self.ready || self.fatal || self.shut_down {
-            return false;
-        }
-        // A full completion queue whose head doorbell has not moved blocks its submission
-        // queues: nothing to do there until the driver consumes entries.
-        let blocked = |cqid: usize| {
-            self.cqs
-                .get(cqid)
-                .and_then(Option::as_ref)
-                .is_none_or(|cq| cq.is_full() && self.cq_doorbell(cqid, cq.shadow) == Some(cq.head))
-        };
-        for (qid, sq) in self.sqs.iter().enumerate() {
-            let Some(sq) = sq else { continue };
-            let pending = self
-                .sq_doorbell(qid, sq.shadow)
-                .is_some_and(|tail| tail < sq.entries && tail != sq.head);
-            if pending && !blocked(usize::from(sq.cqid)) {
-                return true;
-            }
-        }
-        !self.aers.is_empty() && !self.events.is_empty() && !blocked(0)
-    }
-
-    /// Before the worker sleeps: publish event indexes so that the driver's next shadow
-    /// update rings the MMIO doorbell (which wakes the worker), and report doorbell writes to
-    /// queues that do not exist.
-    pub(crate) fn prepare_sleep(&mut self) {
-        if self.dbbuf.is_some() {
-            for (qid, sq) in self.sqs.iter().enumerate() {
-                if let Some(sq) = sq.as_ref().filter(|q| q.shadow) {
-                    self.write_event_index(2 * qid, sq.head);
-                }
-            }
-            // A completion queue head matters only when the queue is full (it blocks
-            // submissions): only then ask for an MMIO ring on the next head update.
-            for (qid, cq) in self.cqs.iter().enumerate() {
-                if let Some(cq) = cq.as_ref().filter(|q| q.shadow && q.is_full()) {
-                    self.write_event_index(2 * qid + 1, cq.head);
-                }
-            }
-        }
-        if self.ready {
-            let mut stray = false;
-            for qid in 0..self.sqs.len() {
-                if self.sqs.get(qid).is_some_and(Option::is_none) && self.doorbell(2 * qid) != 0 {
-                    self.reset_doorbell(2 * qid);
-                    stray = true;
-                }
-                if self.cqs.get(qid).is_some_and(Option::is_none) && self.doorbell(2 * qid + 1) != 0
-                {
-                    self.reset_doorbell(2 * qid + 1);
-                    stray = true;
-                }
-            }
-            if stray {
-                self.raise_event(
-                    event::TYPE_ERROR,
-                    event::INFO_INVALID_DOORBELL_REGISTER,
-                    event::LOG_ERROR,
-                );
-            }
-        }
-        fence(Ordering::SeqCst);
     }
 
     // -----------------------------------------------------------------------------------
@@ -817,146 +581,5 @@ impl Controller {
         if cq.pending_since.is_none() {
             cq.pending_since = Some(Instant::now());
         }
-    }
-
-    /// Interrupt Coalescing for an I/O completion queue on `vector`: the aggregation
-    /// threshold (entries) and time, or `None` when interrupts are not delayed.
-    fn coalescing(&self, qid: usize, vector: u16) -> Option<(u32, Duration)> {
-        let f = &self.features;
-        let time_100us = (f.interrupt_coalescing >> 8) & 0xff;
-        let disabled = f
-            .vector_coalescing_disabled
-            .get(usize::from(vector))
-            .copied()
-            .unwrap_or(true);
-        if qid == 0 || time_100us == 0 || disabled {
-            return None;
-        }
-        let threshold = (f.interrupt_coalescing & 0xff) + 1;
-        Some((
-            threshold,
-            Duration::from_micros(100 * u64::from(time_100us)),
-        ))
-    }
-
-    /// Signals the completion queues with new entries, unless Interrupt Coalescing lets the
-    /// interrupt wait (fewer entries than the threshold, and younger than the time limit).
-    fn raise_interrupts(&mut self) {
-        let now = Instant::now();
-        for qid in 0..self.cqs.len() {
-            let Some((pending, since, vector, enabled)) = self
-                .cqs
-                .get(qid)
-                .and_then(Option::as_ref)
-                .map(|q| (q.pending, q.pending_since, q.vector, q.interrupts))
-            else {
-                continue;
-            };
-            if pending == 0 {
-                continue;
-            }
-            let due = match self.coalescing(qid, vector) {
-                None => true,
-                Some((threshold, time)) => {
-                    pending >= threshold
-                        || since.is_none_or(|t| now.saturating_duration_since(t) >= time)
-                }
-            };
-            if !due && enabled {
-                continue;
-            }
-            if let Some(cq) = self.cqs.get_mut(qid).and_then(Option::as_mut) {
-                cq.pending = 0;
-                cq.pending_since = None;
-            }
-            if enabled && !self.fired.contains(&vector) {
-                self.fired.push(vector);
-            }
-        }
-    }
-
-    /// When the earliest interrupt held back by coalescing falls due.
-    pub(crate) fn interrupt_deadline(&self) -> Option<Instant> {
-        self.cqs
-            .iter()
-            .enumerate()
-            .filter_map(|(qid, q)| {
-                let q = q.as_ref()?;
-                let (_, time) = self.coalescing(qid, q.vector)?;
-                q.pending_since.map(|t| t + time)
-            })
-            .min()
-    }
-
-    /// Whether vectors wait to be signalled.
-    pub(crate) fn has_interrupts(&self) -> bool {
-        !self.fired.is_empty()
-    }
-
-    /// Moves the vectors that must fire into `out` (emptied first). The caller signals them
-    /// after releasing the core lock, so an interrupt sink never runs under it.
-    pub(crate) fn take_interrupts(&mut self, out: &mut Vec<u16>) {
-        out.clear();
-        std::mem::swap(&mut self.fired, out);
-    }
-
-    // -----------------------------------------------------------------------------------
-    // Asynchronous events
-    // -----------------------------------------------------------------------------------
-
-    /// Queues an asynchronous event unless its type is masked (reported, not yet acknowledged).
-    pub(crate) fn raise_event(&mut self, event_type: u32, info: u32, log_page: u32) {
-        if self.masked_event_types & (1 << event_type) != 0 {
-            return;
-        }
-        let dw0 = (event_type & 0x7) | ((info & 0xff) << 8) | ((log_page & 0xff) << 16);
-        if !self.events.contains(&dw0) {
-            self.events.push_back(dw0);
-        }
-    }
-
-    /// Completes outstanding Asynchronous Event Requests with queued events.
-    pub(crate) fn deliver_events(&mut self) -> bool {
-        let mut worked = false;
-        while !self.aers.is_empty() && !self.events.is_empty() {
-            if self
-                .cqs
-                .first()
-                .and_then(Option::as_ref)
-                .is_none_or(|c| c.is_full())
-            {
-                self.refresh_cq_head(0);
-                if self
-                    .cqs
-                    .first()
-                    .and_then(Option::as_ref)
-                    .is_none_or(|c| c.is_full())
-                {
-                    break;
-                }
-            }
-            let (Some(cid), Some(dw0)) = (self.aers.pop(), self.events.pop_front()) else {
-                break;
-            };
-            self.masked_event_types |= 1 << (dw0 & 0x7);
-            let sqhd = self
-                .sqs
-                .first()
-                .and_then(Option::as_ref)
-                .map_or(0, |q| q.head) as u16;
-            self.post(
-                0,
-                Completion {
-                    dw0,
-                    dw1: 0,
-                    sqhd,
-                    sqid: 0,
-                    cid,
-                    status: Status::SUCCESS,
-                },
-            );
-            worked = true;
-        }
-        worked
     }
 }

@@ -13,7 +13,8 @@
 //!
 //! Module map: [`regs`] (register layout), [`command`] (entries and typed commands),
 //! [`status`] (status codes), [`prp`] (PRP walker), `queues`, `controller` (transitions,
-//! fetch, completion, interrupts), `admin`, `io` (the namespace), `identify`, `transfer`
+//! fetch, completion), `doorbells` (MMIO and shadow doorbells), `interrupts` (MSI-X,
+//! coalescing, asynchronous events), `admin`, `io` (the namespace), [`identify`], `transfer`
 //! (data movement), `device` (PCI function and worker thread).
 #![warn(missing_docs)]
 
@@ -22,10 +23,12 @@ pub mod command;
 mod config;
 mod controller;
 mod device;
+mod doorbells;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identify;
+mod interrupts;
 mod io;
 pub mod prp;
 mod queues;
