@@ -360,19 +360,21 @@ impl Inner {
     /// straight into the page (a lender's NTB window, a vfio-user mapping) can wake the
     /// worker with a futex wake from any process.
     fn set_sleeping(&self, v: u32) {
-        if let Ok(w) = self.doorbells.page().atomic_u32_at(WAKE_WORD) {
+        if let Some(w) = self.doorbells.wake_word() {
             w.store(v, Ordering::SeqCst);
         }
     }
 
+    /// After a doorbell store: a futex wake only when the worker sleeps (the common, busy
+    /// case costs one atomic load).
     fn wake(&self) {
-        let page = self.doorbells.page();
-        let asleep = page
-            .atomic_u32_at(WAKE_WORD)
-            .map(|w| w.load(Ordering::SeqCst) != 0);
-        if asleep.unwrap_or(false) {
+        let asleep = self
+            .doorbells
+            .wake_word()
+            .is_some_and(|w| w.load(Ordering::SeqCst) != 0);
+        if asleep {
             self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
-            let _ = page.futex_wake(WAKE_WORD, 1);
+            let _ = self.doorbells.page().futex_wake(WAKE_WORD, 1);
         }
     }
 

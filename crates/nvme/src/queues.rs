@@ -47,6 +47,11 @@ impl DoorbellArray {
         (0..self.slots).filter_map(|s| self.get(s))
     }
 
+    /// The worker's sleep word ([`WAKE_WORD`]).
+    pub fn wake_word(&self) -> Option<&AtomicU32> {
+        self.mem.atomic_u32_at(WAKE_WORD).ok()
+    }
+
     /// The page itself.
     pub fn page(&self) -> MemSpan {
         MemSpan::whole(self.mem.clone())
