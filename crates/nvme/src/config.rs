@@ -53,8 +53,9 @@ pub struct NvmeConfig {
     /// How long the worker spins on the doorbells after its last command before sleeping.
     pub poll_spin: Duration,
     /// The longest an idle worker sleeps before looking at the doorbells anyway. Doorbell
-    /// writes through BAR0 wake it at once; lower this (e.g. to 50 µs) only when a front-end
-    /// maps [`crate::NvmeDevice::doorbell_page`] into the driver, whose stores wake nothing.
+    /// writes through BAR0 wake it at once, and so does a futex wake on the sleep word of
+    /// [`crate::NvmeDevice::doorbell_page`]; lower this (e.g. to 50 µs) only for a front-end
+    /// that maps the page into a driver and cannot wake the worker.
     pub idle_recheck: Duration,
     /// `CAP.TO`: the longest the controller takes to become ready, in 500 ms units.
     pub ready_timeout_500ms: u8,

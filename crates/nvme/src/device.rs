@@ -3,13 +3,16 @@
 //!
 //! # Threads and locks
 //! - The caller's thread (a local binding, a lender, a vfio-user server) runs config and BAR
-//!   accesses. A doorbell write stores the value in an atomic and, only when the worker sleeps,
-//!   unparks it: no lock, and a syscall only on the idle-to-busy edge.
+//!   accesses. A doorbell write stores the value in the doorbell page and, only when the
+//!   worker sleeps, wakes it with a futex wake on the page's sleep word: no lock, and a
+//!   syscall only on the idle-to-busy edge. A front-end that maps the page
+//!   ([`PciDevice::bar_memory`]) does the same from its own process.
 //! - The worker thread (`nvme-worker`) owns command processing. It polls the doorbells
-//!   (MMIO atomics, or the shadow doorbell buffer) for up to [`NvmeConfig::poll_spin`] after its
-//!   last command, then announces it will sleep (`sleeping`), publishes event indexes,
-//!   re-checks, and parks. The `sleeping` store and the doorbell store are both `SeqCst`, so a
-//!   doorbell written while it goes to sleep is either seen by the re-check or wakes it.
+//!   (the page, or the shadow doorbell buffer) for up to [`NvmeConfig::poll_spin`] after its
+//!   last command, yielding between passes, then sets the sleep word, publishes event
+//!   indexes, re-checks, and waits on the word (at most [`NvmeConfig::idle_recheck`]). The
+//!   sleep-word store and the doorbell store are both `SeqCst`, so a doorbell written while it
+//!   goes to sleep is either seen by the re-check or wakes it.
 //! - Lock order: `core` before `regs`. `config` is never held while taking another lock.
 //!   The worker takes only `core`, once per pass, and signals the MSI-X vectors of that pass
 //!   after releasing it (an interrupt sink may block or cross the fabric).
