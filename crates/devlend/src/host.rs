@@ -124,7 +124,13 @@ pub fn open_fabric(
     asp: Arc<AddressSpace>,
     auth: &TcpAuth,
 ) -> anyhow::Result<Arc<dyn Ntb>> {
-    let cfg = devlend_fabric::LinkConfig::default();
+    let mut cfg = devlend_fabric::LinkConfig::default();
+    if let Some(us) = std::env::var("DEVLEND_FABRIC_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.spin = std::time::Duration::from_micros(us);
+    }
     let tcp_cfg = devlend_fabric_tcp::TcpConfig {
         link: cfg,
         ..Default::default()

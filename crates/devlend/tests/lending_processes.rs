@@ -2,8 +2,8 @@
 //! through the CLI, with `kill -9` of either side.
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -13,98 +13,9 @@ use devlend_nvme_driver::suite::{self, Target};
 use devlend_nvme_driver::Controller;
 use devlend_pci::PciFunction;
 
-fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_devlend")
-}
+mod common;
 
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("devlend-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A `devlend node` process, killed on drop.
-struct NodeProcess {
-    child: Child,
-    state: PathBuf,
-}
-
-impl NodeProcess {
-    fn start(dir: &Path, name: &str, fabrics: &[&Path], lease_ms: u64) -> NodeProcess {
-        let state = dir.join(name);
-        let mut cmd = Command::new(exe());
-        cmd.args([
-            "node",
-            "--name",
-            name,
-            "--lease-ms",
-            &lease_ms.to_string(),
-            "--state",
-        ])
-        .arg(&state);
-        for f in fabrics {
-            cmd.arg("--fabric").arg(format!("shm:{}", f.display()));
-        }
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let node = NodeProcess { child, state };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !node.ctl(&["status"]).status.success() {
-            assert!(Instant::now() < deadline, "node {name} did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        node
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(exe())
-            .args(args)
-            .arg("--state")
-            .arg(&self.state)
-            .output()
-            .unwrap()
-    }
-
-    fn ctl_ok(&self, args: &[&str]) -> String {
-        let out = self.ctl(args);
-        assert!(
-            out.status.success(),
-            "devlend {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-
-    fn borrower_of(&self, device: &str) -> Option<String> {
-        let v: serde_json::Value = serde_json::from_str(&self.ctl_ok(&["list", "--json"])).unwrap();
-        let d = v["local"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["name"] == device)
-            .cloned()
-            .unwrap();
-        d["borrower"].as_str().map(str::to_string)
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{exe, scratch, NodeProcess};
 
 /// This test process as the borrower host on `fabric`.
 fn borrower_here(fabric: &Path) -> Node {

@@ -624,7 +624,11 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(name.to_string(), f.clone());
-    tracing::info!("borrowed {name} (lease {})", f.grant.lease);
+    tracing::info!(
+        "borrowed {name} (lease {}, {} doorbell area(s) reached by direct stores)",
+        f.grant.lease,
+        f.areas.len()
+    );
     Ok(f)
 }
 

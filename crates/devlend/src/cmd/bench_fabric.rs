@@ -46,6 +46,9 @@ pub struct Args {
     /// Spin budget of the adaptive (busy-poll) link, in microseconds.
     #[arg(long, default_value_t = 50)]
     pub poll_spin_us: u64,
+    /// Skip the tcp rows (they need root: two network namespaces joined by a veth pair).
+    #[arg(long)]
+    pub no_tcp: bool,
 }
 
 /// Arguments of the hidden peer process.
@@ -334,6 +337,13 @@ fn measure(args: &Args, plan: &Plan, dir: &Path) -> anyhow::Result<Report> {
     );
     for l in links {
         drop(l);
+    }
+    if !args.no_tcp {
+        progress("tcp backend over a veth link between two network namespaces");
+        match super::bench_fabric_tcp::figures(args.quick) {
+            Ok(figures) => report.figures.extend(figures),
+            Err(e) => report.notes.push(format!("tcp rows not measured: {e:#}")),
+        }
     }
     Ok(report)
 }

@@ -1,0 +1,144 @@
+//! Helpers shared by the integration tests: `devlend node` processes driven through the CLI.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_devlend")
+}
+
+/// A fresh scratch directory.
+pub fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("devlend-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A `devlend node` process, killed on drop.
+pub struct NodeProcess {
+    child: Child,
+    /// Its state directory.
+    pub state: PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts a node on shm links in `fabric_dirs`.
+    pub fn start(dir: &Path, name: &str, fabric_dirs: &[&Path], lease_ms: u64) -> NodeProcess {
+        let fabrics: Vec<String> = fabric_dirs
+            .iter()
+            .map(|f| format!("shm:{}", f.display()))
+            .collect();
+        Self::start_with(Command::new(exe()), dir, name, &fabrics, lease_ms, &[])
+    }
+
+    /// Starts a node from `cmd` (e.g. `ip netns exec NS devlend`) with these links and extra flags.
+    pub fn start_with(
+        mut cmd: Command,
+        dir: &Path,
+        name: &str,
+        fabrics: &[String],
+        lease_ms: u64,
+        extra: &[&str],
+    ) -> NodeProcess {
+        let state = dir.join(name);
+        cmd.args([
+            "node",
+            "--name",
+            name,
+            "--lease-ms",
+            &lease_ms.to_string(),
+            "--state",
+        ])
+        .arg(&state);
+        for f in fabrics {
+            cmd.arg("--fabric").arg(f);
+        }
+        cmd.args(extra);
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let node = NodeProcess { child, state };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !node.ctl(&["status"]).status.success() {
+            assert!(Instant::now() < deadline, "node {name} did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    /// Runs a management verb against this node.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(exe())
+            .args(args)
+            .arg("--state")
+            .arg(&self.state)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a verb that must succeed; returns its stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "devlend {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Who holds `device` according to this (lending) node.
+    pub fn borrower_of(&self, device: &str) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.ctl_ok(&["list", "--json"])).unwrap();
+        let d = v["local"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == device)
+            .cloned()
+            .unwrap();
+        d["borrower"].as_str().map(str::to_string)
+    }
+
+    /// Waits until the peer's devices are listed (the link is up and answering).
+    pub fn wait_peer_lists(&self, device: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.ctl(&["list"]);
+            if out.status.success() && String::from_utf8_lossy(&out.stdout).contains(device) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the peer's {device} never showed up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bytes `devlend check --offset OFF` writes at position `i` of its buffer.
+pub fn check_pattern_byte(i: usize, offset: u64) -> u8 {
+    ((i as u64).wrapping_mul(2654435761).wrapping_add(offset) as u8) ^ ((i >> 12) as u8)
+}

@@ -1,0 +1,139 @@
+//! Lending over the `tcp` fabric between two network namespaces joined by a veth pair, each
+//! host a `devlend node` process, mutually authenticated with keys from `devlend keygen`:
+//! ownership, data in the lender's image, lease expiry after `kill -9` of a borrower, and a
+//! surprise removal after `kill -9` of the lender.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{check_pattern_byte, exe, scratch, NodeProcess};
+use devlend_fabric_tcp::netns::NetnsPair;
+
+fn namespaces() -> Option<NetnsPair> {
+    match NetnsPair::create() {
+        Ok(p) => Some(p),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("CI needs network namespaces (run as root): {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping the tcp lending test: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn lending_over_tcp_between_namespaces() {
+    let Some(ns) = namespaces() else { return };
+    let dir = scratch("tcp");
+    let keys = dir.join("keys");
+    let out = Command::new(exe())
+        .args(["keygen", "--dir"])
+        .arg(&keys)
+        .args(["lender", "alice", "bob"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let keys_arg = keys.to_str().unwrap();
+    let lender_ip = ns.addr(0);
+    let node = |side: usize, name: &str, fabrics: &[String]| {
+        NodeProcess::start_with(
+            ns.command(side, exe()),
+            &dir,
+            name,
+            fabrics,
+            1500,
+            &["--keys", keys_arg],
+        )
+    };
+    let mut lender = node(
+        0,
+        "lender",
+        &[
+            format!("tcp-listen:alice@{lender_ip}:7701"),
+            format!("tcp-listen:bob@{lender_ip}:7702"),
+        ],
+    );
+    let image = dir.join("lent.img");
+    lender.ctl_ok(&[
+        "add",
+        "nvme",
+        "--name",
+        "nvme0",
+        "--size",
+        "16M",
+        "--image",
+        image.to_str().unwrap(),
+    ]);
+    let alice = node(
+        1,
+        "alice",
+        &[format!("tcp-connect:lender@{lender_ip}:7701")],
+    );
+    let mut bob = node(1, "bob", &[format!("tcp-connect:lender@{lender_ip}:7702")]);
+    alice.wait_peer_lists("nvme0");
+    bob.wait_peer_lists("nvme0");
+
+    // One borrower at a time; the refusal names the holder.
+    alice.ctl_ok(&["borrow", "nvme0"]);
+    let refused = bob.ctl(&["borrow", "nvme0"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("alice"));
+
+    // The user-space driver on the borrowed device, across the network; bytes in the image.
+    let offset = 1u64 << 20;
+    let len = 256 * 1024;
+    let report = alice.ctl_ok(&["check", "nvme0", "--bytes", "256K", "--offset", "1M"]);
+    assert!(report.contains("verified"), "{report}");
+    let mut back = vec![0u8; len];
+    std::fs::File::open(&image)
+        .unwrap()
+        .read_exact_at(&mut back, offset)
+        .unwrap();
+    assert!(
+        back.iter()
+            .enumerate()
+            .all(|(i, b)| *b == check_pattern_byte(i, offset)),
+        "the image lacks the written bytes"
+    );
+
+    // Hand over, then kill -9 the new holder: its lease expires and the device is offered again.
+    alice.ctl_ok(&["return", "nvme0"]);
+    bob.ctl_ok(&["borrow", "nvme0"]);
+    bob.kill9();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lender.borrower_of("nvme0").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the killed borrower's lease never expired"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    alice.ctl_ok(&["borrow", "nvme0"]);
+
+    // kill -9 of the lender: the borrower's I/O fails with an error, nothing hangs.
+    lender.kill9();
+    let (tx, rx) = mpsc::channel();
+    let state = alice.state.clone();
+    std::thread::spawn(move || {
+        let out = Command::new(exe())
+            .args(["check", "nvme0", "--bytes", "64K", "--state"])
+            .arg(&state)
+            .output();
+        let _ = tx.send(out.map(|o| o.status.success()).unwrap_or(false));
+    });
+    let ok = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("I/O hung after the lender died");
+    assert!(!ok, "I/O on a device whose lender died must fail");
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
+}
