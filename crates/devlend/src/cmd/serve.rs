@@ -38,6 +38,10 @@ pub struct NvmeArgs {
     /// Controller model number.
     #[arg(long)]
     pub model: Option<String>,
+    /// How long the model's worker polls doorbells after its last command before sleeping
+    /// (µs; default: the model's).
+    #[arg(long)]
+    pub poll_spin_us: Option<u64>,
     /// The UNIX socket to listen on (QEMU: `-device '{"driver":"vfio-user-pci","socket":{...}}'`).
     #[arg(long = "vfio-user")]
     pub vfio_user: PathBuf,
@@ -76,6 +80,9 @@ pub fn local_nvme(a: &NvmeArgs) -> anyhow::Result<Arc<dyn PciFunction>> {
     }
     if let Some(m) = &a.model {
         config.model = m.clone();
+    }
+    if let Some(us) = a.poll_spin_us {
+        config.poll_spin = std::time::Duration::from_micros(us);
     }
     // The driver side of the binding allocates nothing here (guest RAM arrives by DMA_MAP), so
     // the local DMA pool stays one page.
