@@ -14,6 +14,8 @@ use crate::host::{self, FabricSpec};
 
 /// A lender process and a borrower node.
 pub struct Pair {
+    /// Network namespaces of a tcp pair (lender in side 0, this process's link in side 1).
+    netns: Option<devlend_fabric_tcp::netns::NetnsPair>,
     /// Scratch directory holding the fabric rendezvous, the lender's state and the images.
     pub dir: PathBuf,
     /// The lender's state directory.
@@ -25,27 +27,94 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// Starts both hosts under a fresh scratch directory in `parent`, and waits for the link.
-    pub fn start(parent: &Path, fabric: Option<FabricSpec>) -> anyhow::Result<Pair> {
-        let dir = parent.join(format!("devlend-pair-{}", std::process::id()));
+    /// Starts both hosts on the `shm` fabric under a fresh scratch directory in `parent`, and
+    /// waits for the link.
+    pub fn start(parent: &Path) -> anyhow::Result<Pair> {
+        let dir = Self::scratch(parent, "shm")?;
+        let fabric = FabricSpec::Shm(dir.join("fabric"));
+        let exe = std::env::current_exe()?;
+        Self::launch(
+            dir,
+            Command::new(exe),
+            &fabric,
+            fabric.clone(),
+            &[],
+            host::TcpAuth::default(),
+            None,
+        )
+    }
+
+    /// Starts both hosts on the `tcp` fabric: the lender in a network namespace, this process's
+    /// link in another, joined by a veth pair, TLS with freshly generated keys. Needs root.
+    pub fn start_tcp(parent: &Path) -> anyhow::Result<Pair> {
+        let ns = devlend_fabric_tcp::netns::NetnsPair::create()
+            .context("creating network namespaces (needs root)")?;
+        let dir = Self::scratch(parent, "tcp")?;
+        let keys = dir.join("keys");
+        devlend_fabric_tcp::keys::generate(&keys, &["lender", "borrower"])?;
+        let addr = std::net::SocketAddr::new(ns.addr(0).into(), 7790);
+        let lender_fabric = FabricSpec::TcpListen {
+            peer: "borrower".into(),
+            addr,
+        };
+        let ours = FabricSpec::TcpConnect {
+            peer: "lender".into(),
+            addr,
+        };
+        let exe = std::env::current_exe()?;
+        let cmd = ns.command(0, &exe.to_string_lossy());
+        // This thread (and the fabric threads it starts) live in namespace 1 from here on.
+        ns.enter(1)
+            .context("entering the borrower's network namespace")?;
+        let keys_arg = keys.to_string_lossy().into_owned();
+        let auth = host::TcpAuth {
+            host: "borrower".into(),
+            keys: Some(keys),
+            insecure: false,
+        };
+        Self::launch(
+            dir,
+            cmd,
+            &lender_fabric,
+            ours,
+            &["--keys", &keys_arg],
+            auth,
+            Some(ns),
+        )
+    }
+
+    fn scratch(parent: &Path, tag: &str) -> anyhow::Result<PathBuf> {
+        let dir = parent.join(format!("devlend-pair-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let fabric = fabric.unwrap_or_else(|| FabricSpec::Shm(dir.join("fabric")));
+        Ok(dir)
+    }
+
+    fn launch(
+        dir: PathBuf,
+        mut lender_cmd: Command,
+        lender_fabric: &FabricSpec,
+        ours: FabricSpec,
+        lender_extra: &[&str],
+        auth: host::TcpAuth,
+        netns: Option<devlend_fabric_tcp::netns::NetnsPair>,
+    ) -> anyhow::Result<Pair> {
         let lender_state = dir.join("lender");
         let log = std::fs::File::create(dir.join("lender.log"))?;
-        let exe = std::env::current_exe()?;
-        let lender = Command::new(exe)
+        let lender = lender_cmd
             .args(["node", "--name", "lender", "--lease-ms", "2000", "--fabric"])
-            .arg(fabric.to_string())
+            .arg(lender_fabric.to_string())
             .arg("--state")
             .arg(&lender_state)
+            .args(lender_extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting the lender node")?;
-        let ntbs = host::open_fabrics(std::slice::from_ref(&fabric), &host::TcpAuth::default())?;
+        let ntbs = host::open_fabrics(std::slice::from_ref(&ours), &auth)?;
         let mut pair = Pair {
+            netns,
             dir,
             lender_state,
             lender: Some(lender),
@@ -129,5 +198,6 @@ impl Drop for Pair {
         if !self.keep_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+        drop(self.netns.take());
     }
 }

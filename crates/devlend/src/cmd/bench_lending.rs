@@ -32,6 +32,12 @@ pub struct Args {
     /// Print JSON (BENCH.md) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Reap completions by polling instead of waiting for MSI-X interrupts (both sides).
+    #[arg(long)]
+    polling: bool,
+    /// Skip the row of a device borrowed over tcp (it needs root: two network namespaces).
+    #[arg(long)]
+    no_tcp: bool,
     /// Scratch directory.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
@@ -60,7 +66,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (a.seconds.max(0.1), a.reps.max(1))
     };
     let size = 256u64 << 20;
-    let pair = Pair::start(&a.dir, None)?;
+    let pair = Pair::start(&a.dir)?;
     pair.lender_add_nvme("bench0", &pair.dir.join("lent.img"), size)?;
     let borrowed: Arc<dyn PciFunction> = pair.borrow("bench0")?;
     let local = host::local_nvme(NvmeOptions {
@@ -69,8 +75,33 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         serial: None,
         model: None,
     })?;
-    let local = Controller::new(local)?;
-    let borrowed = Controller::new(borrowed)?;
+    let mut notes = Vec::new();
+    let cfg = devlend_nvme_driver::DriverConfig {
+        completion: if a.polling {
+            devlend_nvme_driver::CompletionMode::Polling
+        } else {
+            devlend_nvme_driver::CompletionMode::Interrupt
+        },
+        ..Default::default()
+    };
+    // The tcp pair last: it moves this thread into a network namespace.
+    let tcp = if a.no_tcp {
+        None
+    } else {
+        match Pair::start_tcp(&a.dir) {
+            Ok(p) => {
+                p.lender_add_nvme("bench1", &p.dir.join("lent.img"), size)?;
+                let f: Arc<dyn PciFunction> = p.borrow("bench1")?;
+                Some((p, Controller::with_config(f, cfg.clone())?))
+            }
+            Err(e) => {
+                notes.push(format!("tcp row not measured: {e:#}"));
+                None
+            }
+        }
+    };
+    let local = Controller::with_config(local, cfg.clone())?;
+    let borrowed = Controller::with_config(borrowed, cfg)?;
     let mut report = Report::new("lending");
     for (name, pattern, qd) in [
         ("randread-4k-qd1", Pattern::RandRead, 1),
@@ -79,32 +110,40 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ("randwrite-4k-qd32", Pattern::RandWrite, 32),
     ] {
         let w = Workload::new(pattern, qd, Limit::Duration(Duration::from_secs_f64(secs)));
-        let (mut l, mut b) = (Vec::new(), Vec::new());
+        let (mut l, mut b, mut t) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
             l.push(sample(&local, &w)?);
             b.push(sample(&borrowed, &w)?);
+            if let Some((_, c)) = &tcp {
+                t.push(sample(c, &w)?);
+            }
             eprint!(".");
         }
         let pick =
             |v: &[Sample], f: fn(&Sample) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
+        let (l_iops, l_med, l_p99) = (
+            pick(&l, |s| s.iops),
+            pick(&l, |s| s.median_us),
+            pick(&l, |s| s.p99_us),
+        );
         let iops = Figure::new(
             format!("{name} IOPS, borrowed over shm"),
             "IOPS",
             pick(&b, |s| s.iops),
         )
-        .against("local", pick(&l, |s| s.iops));
+        .against("local", l_iops);
         let lat = Figure::new(
             format!("{name} median latency, borrowed over shm"),
             "us",
             pick(&b, |s| s.median_us),
         )
-        .against("local", pick(&l, |s| s.median_us));
+        .against("local", l_med);
         let p99 = Figure::new(
             format!("{name} p99 latency, borrowed over shm"),
             "us",
             pick(&b, |s| s.p99_us),
         )
-        .against("local", pick(&l, |s| s.p99_us));
+        .against("local", l_p99);
         if qd == 1 {
             report.push(lat.target(Target::AtMost(1.25)));
             report.push(iops);
@@ -113,13 +152,39 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             report.push(lat);
         }
         report.push(p99);
+        if !t.is_empty() {
+            report.push(
+                Figure::new(
+                    format!("{name} IOPS, borrowed over tcp"),
+                    "IOPS",
+                    pick(&t, |s| s.iops),
+                )
+                .against("local", l_iops),
+            );
+            report.push(
+                Figure::new(
+                    format!("{name} median latency, borrowed over tcp"),
+                    "us",
+                    pick(&t, |s| s.median_us),
+                )
+                .against("local", l_med),
+            );
+        }
     }
     eprintln!();
     local.shutdown()?;
     borrowed.shutdown()?;
+    pair.borrower.give_back("bench0")?;
+    if let Some((p, c)) = tcp {
+        c.shutdown()?;
+        p.borrower.give_back("bench1")?;
+        drop(p);
+    }
     report.notes.push(format!(
-        "same driver and workload; {reps} interleaved sample(s) of {secs} s per side, medians; local = the same NVMe model bound in-process with its own worker thread"
+        "same driver and workload ({} completions); {reps} interleaved sample(s) of {secs} s per side, medians; local = the same NVMe model bound in-process with its own worker thread; tcp = TLS 1.3 over a veth link between two network namespaces",
+        if a.polling { "polled" } else { "interrupt-driven" }
     ));
+    report.notes.extend(notes);
     report.emit(a.json);
     Ok(())
 }

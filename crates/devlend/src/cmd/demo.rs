@@ -51,7 +51,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         1,
         "start two hosts: a lender node (child process) and a borrower node (this process)",
     );
-    let mut pair = Pair::start(&a.dir, None)?;
+    let mut pair = Pair::start(&a.dir)?;
     if a.keep {
         pair.keep();
     }
