@@ -30,6 +30,10 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 2
 fi
 
+# One provisioning at a time per cache (tests run this concurrently).
+exec 9>>"$CACHE/.lock"
+flock 9
+
 # The Debian mirror this machine uses (deb822 sources; there may be no sources.list).
 mirror() {
     local m=""
