@@ -113,7 +113,7 @@ if [[ ! -f $KERNEL ]]; then
         log "could not resolve linux-image-cloud-amd64"
         exit 1
     fi
-    (cd "$TRIXIE/tmp/kernel-deb" && chroot "$TRIXIE" sh -c "cd /tmp/kernel-deb && apt-get download -qq $KPKG") >&2
+    (cd "$TRIXIE/tmp/kernel-deb" && chroot "$TRIXIE" sh -c "cd /tmp/kernel-deb && apt-get download -qq -o APT::Sandbox::User=root $KPKG") >&2
     mkdir -p "$CACHE/kernel-deb"
     dpkg -x "$TRIXIE"/tmp/kernel-deb/*.deb "$CACHE/kernel-deb"
     rm -rf "$TRIXIE/tmp/kernel-deb"
