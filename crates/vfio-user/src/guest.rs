@@ -411,11 +411,16 @@ mod tests {
 /// [`ServerProcess::spawn`] must.
 pub const SERVER_READY: &str = "vfio-user server listening on ";
 
+/// What a vfio-user server process prints on stderr after a client left and the device was
+/// reset (followed by its message counters).
+pub const CLIENT_LEFT: &str = "client left";
+
 /// A vfio-user server running as a child process (`devlend serve ...`, `devlend borrow ...`),
 /// killed when dropped. Its stderr is collected.
 pub struct ServerProcess {
     child: Child,
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    lines: mpsc::Receiver<String>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -430,34 +435,46 @@ impl ServerProcess {
             .map_err(io(format!("starting {cmd:?}")))?;
         let stderr = child.stderr.take();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel::<()>();
+        let (tx, rx) = mpsc::channel::<String>();
         let log2 = log.clone();
         let reader = std::thread::spawn(move || {
             let Some(err) = stderr else { return };
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
-                let ready = line.contains(SERVER_READY);
                 if let Ok(mut l) = log2.lock() {
-                    l.push(line);
+                    l.push(line.clone());
                 }
-                if ready {
-                    let _ = tx.send(());
-                }
+                let _ = tx.send(line);
             }
         });
         let mut me = Self {
             child,
             log,
+            lines: rx,
             reader: Some(reader),
         };
-        match rx.recv_timeout(timeout) {
-            Ok(()) => Ok(me),
-            Err(_) => {
+        match me.wait_for(SERVER_READY, timeout) {
+            Some(_) => Ok(me),
+            None => {
                 let log = me.stop();
                 Err(GuestError::Io {
                     what: format!("server did not get ready: {}", log.join("\n")),
                     source: std::io::ErrorKind::TimedOut.into(),
                 })
+            }
+        }
+    }
+
+    /// Waits (at most `timeout`) for a stderr line containing `needle` that this method has not
+    /// yet seen; returns it, or `None` at the timeout or when the process's stderr ends.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => continue,
+                Err(_) => return None,
             }
         }
     }
@@ -610,7 +627,12 @@ pub fn run_acceptance(
         Err(e) => panic!("booting the guest: {e}"),
     };
     let alive = srv.is_running();
+    // QEMU is gone, so the server sees the client leave, resets the device and reports.
+    let left = srv.wait_for(CLIENT_LEFT, Duration::from_secs(20));
     let server_log = srv.stop();
+    if let Some(l) = &left {
+        println!("server: {l}");
+    }
     let context = || {
         format!(
             "{}\n--- server stderr ---\n{}",
@@ -625,6 +647,11 @@ pub fn run_acceptance(
         context()
     );
     assert!(alive, "the server died during the run\n{}", context());
+    assert!(
+        left.is_some(),
+        "the server did not report the client leaving\n{}",
+        context()
+    );
     assert!(
         out.passed() && out.lines_with(acceptance::PASS_MARKER).next().is_some(),
         "guest checks failed (exit {:?})\n{}",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use devlend_nvme::{NvmeConfig, NvmeDevice};
 use devlend_pci::{LocalFunction, PciDevice, PciFunction};
-use devlend_vfio_user::guest::SERVER_READY;
+use devlend_vfio_user::guest::{CLIENT_LEFT, SERVER_READY};
 use devlend_vfio_user::Server;
 
 /// Arguments.
@@ -102,7 +102,7 @@ pub fn serve(function: Arc<dyn PciFunction>, socket: &Path) -> anyhow::Result<()
     eprintln!("devlend serve: {what}: {SERVER_READY}{}", socket.display());
     server.serve_listener(&listener, socket, |end, stats| {
         eprintln!(
-            "devlend serve: client left ({end:?}); device reset; {}",
+            "devlend serve: {CLIENT_LEFT} ({end:?}); device reset; {}",
             stats.summary()
         );
     })?;
