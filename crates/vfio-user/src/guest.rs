@@ -547,6 +547,32 @@ pub mod acceptance {
             .collect()
     }
 
+    /// Printed by the second guest when the first guest's files survived.
+    pub const REUSE_MARKER: &str = "DEVLEND-VM-REUSE-PASS";
+
+    /// The `/test.sh` of a second guest on the same server after [`script`]'s guest left: the
+    /// device was reset and is served again, and the file system written before is intact.
+    pub fn reuse_script(disk_bytes: u64) -> String {
+        let sectors = disk_bytes / 512;
+        format!(
+            r#"#!/bin/sh
+fail() {{ echo "DEVLEND-VM-FAIL: $*"; exit 1; }}
+i=0
+while [ ! -e /sys/block/nvme0n1 ]; do
+    i=$((i + 1)); [ $i -gt 300 ] && fail "no /sys/block/nvme0n1 after 30 s"
+    sleep 0.1
+done
+[ "$(cat /sys/block/nvme0n1/size)" = "{sectors}" ] || fail "size after reconnect"
+mount -t ext2 /dev/nvme0n1 /mnt || fail "mount after reconnect"
+cmp /bin/busybox /mnt/busybox.copy || fail "busybox copy differs after reconnect"
+[ "$(cat /mnt/dir/small)" = hello-devlend ] || fail "small file differs after reconnect"
+umount /mnt || fail "umount"
+echo "{marker}"
+"#,
+            marker = REUSE_MARKER,
+        )
+    }
+
     /// The `/test.sh` for a disk of `disk_bytes`: driver binds, namespace size, O_DIRECT
     /// write/read-back, mke2fs + mount + write + remount + read back.
     pub fn script(disk_bytes: u64) -> String {
@@ -597,7 +623,8 @@ echo "{pass}"
 
 /// The VM acceptance run shared by `tests/vm_*.rs`: a vfio-user server from `server` serving
 /// the NVMe device backed by `image` (of `disk_bytes`), a guest running
-/// [`acceptance::script`], and the host-side check of the image afterwards.
+/// [`acceptance::script`], a second guest on the same server running
+/// [`acceptance::reuse_script`], and the host-side check of the image afterwards.
 ///
 /// Returns the guest's output; panics (it is test support) with the full transcript when a
 /// check fails.
@@ -626,9 +653,16 @@ pub fn run_acceptance(
         Ok(o) => o,
         Err(e) => panic!("booting the guest: {e}"),
     };
-    let alive = srv.is_running();
     // QEMU is gone, so the server sees the client leave, resets the device and reports.
     let left = srv.wait_for(CLIENT_LEFT, Duration::from_secs(20));
+    // A second guest on the same server: served again after the reset, data intact.
+    let reuse = if out.passed() && left.is_some() {
+        spec.script = acceptance::reuse_script(disk_bytes);
+        boot(&spec).ok()
+    } else {
+        None
+    };
+    let alive = srv.is_running();
     let server_log = srv.stop();
     if let Some(l) = &left {
         println!("server: {l}");
@@ -657,6 +691,15 @@ pub fn run_acceptance(
         "guest checks failed (exit {:?})\n{}",
         out.exit_code,
         context()
+    );
+    let reused = reuse
+        .as_ref()
+        .is_some_and(|r| r.passed() && r.lines_with(acceptance::REUSE_MARKER).next().is_some());
+    assert!(
+        reused,
+        "a second guest on the same server failed\n{}\n--- second guest ---\n{}",
+        context(),
+        reuse.map(|r| r.transcript()).unwrap_or_default()
     );
     let mut f = std::fs::File::open(image).unwrap_or_else(|e| panic!("opening the image: {e}"));
     let mut got = vec![0u8; acceptance::PATTERN_LEN];

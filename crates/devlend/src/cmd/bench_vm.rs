@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use devlend_bench::{median, Figure, Report};
+use devlend_bench::{median, Figure, Report, Target};
 use devlend_pci::PciFunction;
 use devlend_vfio_user::guest::{self, GuestDisk, GuestSpec, VmAssets};
 use devlend_vfio_user::{Server, Stats, StatsSnapshot};
@@ -99,6 +99,9 @@ pub struct Row {
     pub name: String,
     /// The device.
     pub backend: Backend,
+    /// Goal for this row's ratio to the first row (the target for a borrowed device:
+    /// at least as fast as QEMU's own NVMe).
+    pub target: Option<Target>,
 }
 
 /// Samples of one workload on one row.
@@ -182,16 +185,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Row {
             name: "qemu-nvme".into(),
             backend: Backend::QemuNvme,
+            target: None,
         },
         Row {
             name: "vfio-user-local".into(),
             backend: Backend::VfioUser(local(None)?),
+            target: None,
         },
     ];
     if args.poll_row_us > 0 {
         rows.push(Row {
             name: format!("vfio-user-local-poll{}us", args.poll_row_us),
             backend: Backend::VfioUser(local(Some(args.poll_row_us))?),
+            target: None,
         });
     }
     let report = measure(&assets, &dir, &image, rows, args.boots)?;
@@ -265,14 +271,16 @@ pub fn measure(
                 report.push(Figure::new(format!("{unit_name} MB/s"), "MB/s", mbps));
                 report.push(Figure::new(format!("{unit_name} IOPS"), "IOPS", iops));
             } else {
-                report.push(
-                    Figure::new(format!("{unit_name} MB/s"), "MB/s", mbps)
-                        .against(baseline_name.clone(), bm),
-                );
-                report.push(
-                    Figure::new(format!("{unit_name} IOPS"), "IOPS", iops)
-                        .against(baseline_name.clone(), bi),
-                );
+                let mut by_rate = Figure::new(format!("{unit_name} MB/s"), "MB/s", mbps)
+                    .against(baseline_name.clone(), bm);
+                let mut by_ops = Figure::new(format!("{unit_name} IOPS"), "IOPS", iops)
+                    .against(baseline_name.clone(), bi);
+                if let Some(t) = row.target {
+                    by_rate = by_rate.target(t);
+                    by_ops = by_ops.target(t);
+                }
+                report.push(by_rate);
+                report.push(by_ops);
             }
             let msgs = median(&mut s.msgs_per_io);
             let sync = median(&mut s.sync_msgs_per_io);
