@@ -653,10 +653,11 @@ pub fn run_acceptance(
         Ok(o) => o,
         Err(e) => panic!("booting the guest: {e}"),
     };
-    // QEMU is gone, so the server sees the client leave, resets the device and reports.
-    let left = srv.wait_for(CLIENT_LEFT, Duration::from_secs(20));
+    // QEMU is gone, so the server sees the client leave, resets the device and (if it prints
+    // [`CLIENT_LEFT`], as `devlend serve` does) reports its counters.
+    let left = srv.wait_for(CLIENT_LEFT, Duration::from_secs(5));
     // A second guest on the same server: served again after the reset, data intact.
-    let reuse = if out.passed() && left.is_some() {
+    let reuse = if out.passed() {
         spec.script = acceptance::reuse_script(disk_bytes);
         boot(&spec).ok()
     } else {
@@ -681,11 +682,6 @@ pub fn run_acceptance(
         context()
     );
     assert!(alive, "the server died during the run\n{}", context());
-    assert!(
-        left.is_some(),
-        "the server did not report the client leaving\n{}",
-        context()
-    );
     assert!(
         out.passed() && out.lines_with(acceptance::PASS_MARKER).next().is_some(),
         "guest checks failed (exit {:?})\n{}",
