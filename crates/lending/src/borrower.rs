@@ -26,15 +26,47 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::protocol::{BarGrant, DeviceDesc, Grant, Request, Response};
 use crate::{unexpected, Inner, LendingError};
 
-/// Where a borrower places its DMA pools in its own bus address space.
-const DMA_FLOOR: BusAddr = BusAddr(0x4000_0000_0000);
+/// Device-visible address (IOVA) of a borrowed function's DMA pool.
+const POOL_IOVA: BusAddr = BusAddr(0x4000_0000_0000);
+/// Where a borrower places the memory it exposes through windows, in its own address space.
+const EXPOSE_FLOOR: BusAddr = BusAddr(0x5000_0000_0000);
 
 /// One DMA mapping this borrower set up: its memory region, window and range.
-struct DmaWindow {
-    iova: u64,
-    len: u64,
+/// One memory object of this host (a memfd: the DMA pool, a VMM's guest RAM) exposed to the
+/// lender through one inbound window, as SmartIO exposes one DMA window per borrower: the
+/// lender's IOMMU then maps device addresses to offsets inside it.
+struct Exposure {
     window: usize,
     region_base: BusAddr,
+    maps: usize,
+}
+
+/// One device mapping: `[iova, iova + len)` onto an exposure.
+struct DmaMapping {
+    iova: u64,
+    len: u64,
+    key: (u64, u64),
+}
+
+#[derive(Default)]
+struct DmaState {
+    exposures: HashMap<(u64, u64), Exposure>,
+    maps: Vec<DmaMapping>,
+}
+
+/// Identity (device, inode) and size of the file behind `mem`.
+fn memory_identity(mem: &SharedMemory) -> Result<((u64, u64), u64), LendingError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero `stat` is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a valid out-pointer for the duration of the call.
+    if unsafe { libc::fstat(mem.fd().as_raw_fd(), &mut st) } != 0 {
+        return Err(LendingError::Io {
+            op: "fstat of DMA memory",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(((st.st_dev as u64, st.st_ino as u64), st.st_size as u64))
 }
 
 /// A BAR memory area reached by direct stores (on fabrics that map windows).
@@ -50,7 +82,7 @@ pub struct BorrowedFunction {
     bars: [Option<BarGrant>; 6],
     areas: Vec<DirectArea>,
     pool: DmaPool,
-    dma: Mutex<Vec<DmaWindow>>,
+    dma: Mutex<DmaState>,
     removed: AtomicBool,
     reason: Mutex<String>,
     redirect: Mutex<Redirect>,
@@ -175,96 +207,129 @@ impl BorrowedFunction {
         Ok(1u64 << (self.grant.doorbell_base + u32::from(vector)))
     }
 
-    /// Exposes `mem` (this host's memory) to the lender's IOMMU at `iova`.
+    /// The window exposing the memory object behind `shared`, exposing it first if needed.
+    fn expose(
+        &self,
+        node: &Inner,
+        st: &mut DmaState,
+        shared: &Arc<SharedMemory>,
+    ) -> Result<((u64, u64), usize), LendingError> {
+        let (key, size) = memory_identity(shared)?;
+        if let Some(e) = st.exposures.get(&key) {
+            return Ok((key, e.window));
+        }
+        // Map the whole object once (the caller may hold only part of it).
+        let whole = if shared.fd_offset() == 0 && shared.len() as u64 == size {
+            shared.clone()
+        } else {
+            let fd = shared
+                .fd()
+                .try_clone_to_owned()
+                .map_err(|e| LendingError::Io {
+                    op: "dup of DMA memory",
+                    source: e,
+                })?;
+            Arc::new(SharedMemory::map(fd, 0, size as usize)?)
+        };
+        let asp = node.ntb.address_space();
+        let region_base = asp
+            .free_base(EXPOSE_FLOOR, size, 1 << 21)
+            .ok_or(LendingError::NoFreeWindow)?;
+        asp.add_ram(region_base, whole)?;
+        let window = match node.windows.take() {
+            Ok(w) => w,
+            Err(e) => {
+                asp.remove(region_base);
+                return Err(e);
+            }
+        };
+        if let Err(e) = node.ntb.mw_set_trans(window, region_base, size) {
+            node.windows.give(window);
+            asp.remove(region_base);
+            return Err(e.into());
+        }
+        st.exposures.insert(
+            key,
+            Exposure {
+                window,
+                region_base,
+                maps: 0,
+            },
+        );
+        Ok((key, window))
+    }
+
+    fn release_exposure(node: &Inner, e: &Exposure) {
+        let _ = node.ntb.mw_clear_trans(e.window);
+        node.windows.give(e.window);
+        node.ntb.address_space().remove(e.region_base);
+    }
+
+    /// Makes `mem` (this host's memory) reachable by the device at `iova`.
     fn map_memory(
         &self,
         node: &Inner,
         iova: BusAddr,
         mem: &MemSpan,
         writable: bool,
-    ) -> Result<DmaWindow, LendingError> {
-        let (shared, offset) = mem.memory();
-        let region_base = BusAddr(
-            iova.0
-                .checked_sub(offset)
-                .ok_or_else(|| LendingError::Refused("IOVA below the memory's offset".into()))?,
-        );
-        let asp = node.ntb.address_space();
-        // The same memory may be registered already (several maps of one guest RAM fd).
-        let registered = asp.find(iova, mem.len()).is_some();
-        if !registered {
-            asp.add_ram(region_base, shared.clone())?;
+    ) -> Result<(), LendingError> {
+        let (shared, span_offset) = mem.memory();
+        let mut st = self.dma.lock().unwrap_or_else(|e| e.into_inner());
+        let end = iova
+            .0
+            .checked_add(mem.len())
+            .ok_or_else(|| LendingError::Refused("IOVA range overflows".into()))?;
+        if st
+            .maps
+            .iter()
+            .any(|m| m.iova < end && iova.0 < m.iova.saturating_add(m.len))
+        {
+            return Err(LendingError::Refused(format!(
+                "DMA range {iova} + {:#x} overlaps an existing mapping",
+                mem.len()
+            )));
         }
-        let cleanup_region = |asp: &devlend_fabric::AddressSpace| {
-            if !registered {
-                asp.remove(region_base);
-            }
-        };
-        let window = match node.windows.take() {
-            Ok(w) => w,
-            Err(e) => {
-                cleanup_region(asp);
-                return Err(e);
-            }
-        };
-        let fail = |e: LendingError| {
-            let _ = node.ntb.mw_clear_trans(window);
-            node.windows.give(window);
-            cleanup_region(asp);
-            e
-        };
-        node.ntb
-            .mw_set_trans(window, iova, mem.len())
-            .map_err(|e| fail(e.into()))?;
+        let (key, window) = self.expose(node, &mut st, shared)?;
         let req = Request::MapDma {
             lease: self.grant.lease,
             iova: iova.0,
             len: mem.len(),
             window,
+            offset: shared.fd_offset() + span_offset,
             writable,
         };
-        match node.call(req) {
-            Ok(Response::Ok) => {}
-            Ok(other) => return Err(fail(unexpected(other))),
-            Err(e) => return Err(fail(e)),
-        }
-        Ok(DmaWindow {
-            iova: iova.0,
-            len: mem.len(),
-            window,
-            region_base: if registered {
-                BusAddr(u64::MAX)
-            } else {
-                region_base
-            },
-        })
-    }
-
-    fn unmap_window(&self, node: &Inner, w: &DmaWindow) {
-        let req = Request::UnmapDma {
-            lease: self.grant.lease,
-            iova: w.iova,
-            len: w.len,
+        let result = match node.call(req) {
+            Ok(Response::Ok) => Ok(()),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(e),
         };
-        if let Err(e) = node.call(req) {
-            tracing::debug!("unmapping DMA at the lender: {e}");
-        }
-        let _ = node.ntb.mw_clear_trans(w.window);
-        node.windows.give(w.window);
-        if w.region_base.0 != u64::MAX {
-            node.ntb.address_space().remove(w.region_base);
+        match result {
+            Ok(()) => {
+                if let Some(e) = st.exposures.get_mut(&key) {
+                    e.maps += 1;
+                }
+                st.maps.push(DmaMapping {
+                    iova: iova.0,
+                    len: mem.len(),
+                    key,
+                });
+                Ok(())
+            }
+            Err(err) => {
+                if st.exposures.get(&key).is_some_and(|e| e.maps == 0) {
+                    if let Some(e) = st.exposures.remove(&key) {
+                        Self::release_exposure(node, &e);
+                    }
+                }
+                Err(err)
+            }
         }
     }
 
     fn release_all(&self, node: &Inner) {
-        let windows: Vec<DmaWindow> =
-            std::mem::take(&mut *self.dma.lock().unwrap_or_else(|e| e.into_inner()));
-        for w in &windows {
-            let _ = node.ntb.mw_clear_trans(w.window);
-            node.windows.give(w.window);
-            if w.region_base.0 != u64::MAX {
-                node.ntb.address_space().remove(w.region_base);
-            }
+        let st = std::mem::take(&mut *self.dma.lock().unwrap_or_else(|e| e.into_inner()));
+        for e in st.exposures.values() {
+            Self::release_exposure(node, e);
         }
     }
 }
@@ -338,32 +403,45 @@ impl DmaAlloc for BorrowedFunction {
 impl DmaRemap for BorrowedFunction {
     fn dma_map(&self, iova: BusAddr, mem: MemSpan, writable: bool) -> Result<(), FunctionError> {
         let node = self.node()?;
-        let w = self
-            .map_memory(&node, iova, &mem, writable)
+        self.map_memory(&node, iova, &mem, writable)
             .map_err(|e| match e {
                 LendingError::LinkDown => {
                     self.mark_removed("the link to the lender went down");
                     removed_error(self)
                 }
                 other => FunctionError::Transport(other.to_string()),
-            })?;
-        self.dma.lock().unwrap_or_else(|e| e.into_inner()).push(w);
-        Ok(())
+            })
     }
 
     fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), FunctionError> {
         let node = self.node()?;
         let end = iova.0.saturating_add(len);
-        let gone: Vec<DmaWindow> = {
-            let mut dma = self.dma.lock().unwrap_or_else(|e| e.into_inner());
-            let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *dma)
-                .into_iter()
-                .partition(|w| w.iova >= iova.0 && w.iova < end);
-            *dma = keep;
-            gone
-        };
-        for w in &gone {
-            self.unmap_window(&node, w);
+        let mut st = self.dma.lock().unwrap_or_else(|e| e.into_inner());
+        let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut st.maps)
+            .into_iter()
+            .partition(|m| m.iova >= iova.0 && m.iova < end);
+        st.maps = keep;
+        for m in gone {
+            let req = Request::UnmapDma {
+                lease: self.grant.lease,
+                iova: m.iova,
+                len: m.len,
+            };
+            if let Err(e) = node.call(req) {
+                tracing::debug!("unmapping DMA at the lender: {e}");
+            }
+            let release = match st.exposures.get_mut(&m.key) {
+                Some(e) => {
+                    e.maps = e.maps.saturating_sub(1);
+                    e.maps == 0
+                }
+                None => false,
+            };
+            if release {
+                if let Some(e) = st.exposures.remove(&m.key) {
+                    Self::release_exposure(&node, &e);
+                }
+            }
         }
         Ok(())
     }
@@ -590,24 +668,19 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
         }
         let bytes = node.cfg.dma_pool_bytes;
         let mem = Arc::new(SharedMemory::new("devlend-dma", bytes)?);
-        let base = node
-            .ntb
-            .address_space()
-            .free_base(DMA_FLOOR, bytes as u64, 1 << 21)
-            .ok_or(LendingError::NoFreeWindow)?;
+        let base = POOL_IOVA;
         let f = BorrowedFunction {
             node: Arc::downgrade(node),
             bars,
             areas,
             pool: DmaPool::new(mem.clone(), base),
-            dma: Mutex::new(Vec::new()),
+            dma: Mutex::new(DmaState::default()),
             removed: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
             redirect: Mutex::new(Redirect::default()),
             grant: grant.clone(),
         };
-        let w = f.map_memory(node, base, &MemSpan::whole(mem), true)?;
-        f.dma.lock().unwrap_or_else(|e| e.into_inner()).push(w);
+        f.map_memory(node, base, &MemSpan::whole(mem), true)?;
         Ok(f)
     };
     let f = match setup() {

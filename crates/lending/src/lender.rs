@@ -84,19 +84,30 @@ impl MmioHandler for BarHandler {
 struct PeerWindowMemory {
     ntb: Arc<dyn Ntb>,
     window: usize,
+    /// Where this memory starts inside the window.
+    base: u64,
     len: u64,
+}
+
+impl PeerWindowMemory {
+    fn at(&self, offset: u64) -> Result<WindowOffset, DmaError> {
+        self.base
+            .checked_add(offset)
+            .map(WindowOffset)
+            .ok_or_else(|| DmaError::Path("window offset overflows".into()))
+    }
 }
 
 impl RemoteMemory for PeerWindowMemory {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         self.ntb
-            .peer_mw_read(self.window, WindowOffset(offset), buf)
+            .peer_mw_read(self.window, self.at(offset)?, buf)
             .map_err(|e| DmaError::Path(e.to_string()))
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
         self.ntb
-            .peer_mw_write(self.window, WindowOffset(offset), data)
+            .peer_mw_write(self.window, self.at(offset)?, data)
             .map_err(|e| DmaError::Path(e.to_string()))
     }
 
@@ -412,9 +423,10 @@ impl Lender {
                 iova,
                 len,
                 window,
+                offset,
                 writable,
             } => self
-                .map_dma(node, lease, iova, len, window, writable)
+                .map_dma(node, lease, iova, len, (window, offset), writable)
                 .map(|_| Response::Ok),
             Request::UnmapDma { lease, iova, len } => self.with_lease(lease, |d, l| {
                 d.iommu
@@ -554,41 +566,41 @@ impl Lender {
         })
     }
 
+    /// Maps device addresses `[iova, iova + len)` onto `[offset, offset + len)` of the
+    /// borrower's window `window`: a direct span where the fabric maps windows (zero copy),
+    /// transfers through the window otherwise.
     fn map_dma(
         &self,
         node: &Inner,
         lease: u64,
         iova: u64,
         len: u64,
-        window: usize,
+        (window, offset): (usize, u64),
         writable: bool,
     ) -> Result<(), LendingError> {
-        crate::wait_peer_window(&*node.ntb, window, len, Duration::from_secs(5))?;
+        let end = offset.checked_add(len).filter(|_| len > 0).ok_or_else(|| {
+            LendingError::Refused(format!("bad DMA range {offset:#x} + {len:#x}"))
+        })?;
+        crate::wait_peer_window(&*node.ntb, window, end, Duration::from_secs(5))?;
         let size = node.ntb.peer_mw_size(window)?;
-        if len == 0 || len > size {
+        if end > size {
             return Err(LendingError::Refused(format!(
-                "DMA mapping of {len:#x} bytes does not fit window {window} ({size:#x} bytes)"
+                "DMA mapping of {len:#x} bytes at {offset:#x} does not fit window {window} ({size:#x} bytes)"
             )));
         }
-        let direct = node.ntb.peer_mw_direct(window)?;
+        let target = match node.ntb.peer_mw_direct(window)? {
+            Some(span) => DmaTarget::Direct(span.subspan(offset, len)?),
+            None => DmaTarget::Remote(Arc::new(PeerWindowMemory {
+                ntb: node.ntb.clone(),
+                window,
+                base: offset,
+                len,
+            })),
+        };
         self.with_lease(lease, |d, l| {
-            let result = match direct {
-                Some(span) => {
-                    let span = span.subspan(0, len)?;
-                    d.iommu
-                        .map(BusAddr(iova), DmaTarget::Direct(span), writable)
-                }
-                None => d.iommu.map(
-                    BusAddr(iova),
-                    DmaTarget::Remote(Arc::new(PeerWindowMemory {
-                        ntb: node.ntb.clone(),
-                        window,
-                        len,
-                    })),
-                    writable,
-                ),
-            };
-            result.map_err(|e| LendingError::Refused(e.to_string()))?;
+            d.iommu
+                .map(BusAddr(iova), target, writable)
+                .map_err(|e| LendingError::Refused(e.to_string()))?;
             l.dma.push((iova, len));
             Ok(Response::Ok)
         })

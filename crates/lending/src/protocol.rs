@@ -131,8 +131,8 @@ pub enum Request {
         value: u32,
     },
     /// Map borrower memory for the device's DMA: device bus addresses `[iova, iova + len)`
-    /// resolve to the borrower's inbound `window` (which the borrower translated onto that
-    /// memory).
+    /// resolve to `[offset, offset + len)` of the borrower's inbound `window` (which the borrower
+    /// translated onto that memory).
     MapDma {
         /// Lease.
         lease: u64,
@@ -142,6 +142,9 @@ pub enum Request {
         len: u64,
         /// Borrower's inbound window.
         window: usize,
+        /// Offset of `iova`'s memory inside the window.
+        #[serde(default)]
+        offset: u64,
         /// Whether the device may write.
         writable: bool,
     },

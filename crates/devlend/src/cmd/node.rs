@@ -43,6 +43,12 @@ pub struct Args {
     /// Lease timeout in milliseconds: a silent borrower loses its devices after this long.
     #[arg(long)]
     lease_ms: Option<u64>,
+    /// Borrow this device from a peer as soon as the link is up (retrying until it is offered).
+    #[arg(long)]
+    borrow: Option<String>,
+    /// With --borrow: serve the borrowed device to a VMM on this vfio-user socket.
+    #[arg(long, requires = "borrow")]
+    vfio_user: Option<PathBuf>,
     /// A TOML file with any of: name, fabric, state, keys, lease_ms.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -70,6 +76,8 @@ pub struct Settings {
     pub state: PathBuf,
     /// Lease length.
     pub lease: Duration,
+    /// Start-up borrow: device and optional vfio-user socket.
+    pub borrow: Option<(String, Option<PathBuf>)>,
 }
 
 fn hostname() -> String {
@@ -113,6 +121,7 @@ impl Args {
                 .or(file.state)
                 .unwrap_or_else(|| DEFAULT_STATE.into()),
             lease: Duration::from_millis(self.lease_ms.or(file.lease_ms).unwrap_or(3000)),
+            borrow: self.borrow.map(|b| (b, self.vfio_user)),
         })
     }
 }
@@ -164,6 +173,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         node,
         servers: Mutex::new(HashMap::new()),
     });
+    if let Some((name, socket)) = s.borrow.clone() {
+        let d = daemon.clone();
+        std::thread::spawn(move || startup_borrow(&d, &name, socket));
+    }
     while !STOP.load(Ordering::Acquire) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -189,6 +202,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&sock_path);
     Ok(())
+}
+
+/// `--borrow`: waits for the link and the device, borrows it, serves it if asked. Retries
+/// until it works or the daemon stops; each failure is logged once per reason.
+fn startup_borrow(d: &Daemon, name: &str, socket: Option<PathBuf>) {
+    let mut last = String::new();
+    while !STOP.load(Ordering::Acquire) {
+        let attempt = || -> anyhow::Result<()> {
+            d.node.wait_link_up(Duration::from_secs(1))?;
+            let req = CtlRequest::Borrow {
+                name: name.to_string(),
+                vfio_user: socket.clone(),
+            };
+            handle(d, req)?;
+            Ok(())
+        };
+        match attempt() {
+            Ok(()) => {
+                eprintln!("devlend node: borrowed {name}");
+                return;
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if msg != last {
+                    eprintln!("devlend node: borrowing {name} at start-up: {msg} (retrying)");
+                    last = msg;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
 }
 
 fn serve_connection(d: &Daemon, stream: UnixStream) {
@@ -264,6 +308,11 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             let mut out = json!({"name": name, "owner": f.device().owner, "lease": f.lease()});
             if let Some(sock) = vfio_user {
                 let server = host::VfioServer::start(f, &sock)?;
+                eprintln!(
+                    "{}{}",
+                    devlend_vfio_user::guest::SERVER_READY,
+                    sock.display()
+                );
                 out["vfio_user"] = json!(sock);
                 d.servers
                     .lock()
