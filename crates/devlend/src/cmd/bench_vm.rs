@@ -200,7 +200,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             target: None,
         });
     }
+    // The borrowed row: the same image, owned by a lender host (a `devlend node` process),
+    // borrowed over the shm fabric by this process and served to QEMU over vfio-user.
+    let pair = crate::pair::Pair::start(&dir)?;
+    pair.lender_add_nvme("vm0", &image, args.size)?;
+    let borrowed: Arc<dyn PciFunction> = pair.borrow("vm0")?;
+    rows.push(Row {
+        name: "vfio-user-borrowed-shm".into(),
+        backend: Backend::VfioUser(borrowed),
+        target: Some(Target::AtLeast(1.0)),
+    });
     let report = measure(&assets, &dir, &image, rows, args.boots)?;
+    pair.borrower.give_back("vm0")?;
     report.emit(args.json);
     Ok(())
 }
