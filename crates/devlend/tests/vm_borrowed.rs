@@ -112,46 +112,13 @@ fn guest_survives_a_lender_that_dies() {
         Duration::from_secs(60),
     )
     .expect("the borrower serves the borrowed device");
-    let script = r#"#!/bin/sh
-while [ ! -e /sys/block/nvme0n1 ]; do sleep 0.1; done
-dd if=/dev/zero of=/dev/nvme0n1 bs=4096 count=16 oflag=direct 2>/dev/null && echo "IO-BEFORE-OK"
-echo "KILL-THE-LENDER-NOW"
-i=0
-while dd if=/dev/nvme0n1 of=/dev/null bs=4096 count=16 iflag=direct 2>/dev/null; do
-    i=$((i + 1))
-    [ $i -gt 20000 ] && { echo "IO-AFTER never failed"; exit 1; }
-done
-echo "IO-AFTER-FAILED after $i more reads"
-dmesg | grep -i nvme | tail -4
-"#;
-    let mut spec = guest::GuestSpec::new(
-        assets,
-        guest::GuestDisk::VfioUser {
-            socket: socket.clone(),
-        },
-        script,
-        &dir,
-    );
-    spec.timeout = Duration::from_secs(110);
-    spec.append = "nvme_core.io_timeout=5 nvme_core.admin_timeout=5".into();
+    let spec = guest::vanish::spec(assets, &socket, &dir);
     let out = guest::boot_with(&spec, |line| {
-        if line.contains("KILL-THE-LENDER-NOW") {
+        if line.contains(guest::vanish::MARKER) {
             lender.kill9();
         }
     })
     .expect("boot");
-    let transcript = out.transcript();
-    assert!(
-        !out.timed_out,
-        "guest hung after the lender died\n{transcript}"
-    );
-    assert!(
-        out.lines_with("IO-BEFORE-OK").next().is_some(),
-        "I/O before the lender died\n{transcript}"
-    );
-    assert!(
-        out.console.iter().any(|l| l.contains("IO-AFTER-FAILED")),
-        "I/O after the lender died must fail in the guest\n{transcript}"
-    );
+    guest::vanish::check(&out);
     let _ = std::fs::remove_dir_all(&dir);
 }

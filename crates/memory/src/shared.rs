@@ -308,39 +308,7 @@ impl SharedMemory {
         file: &File,
         file_offset: u64,
     ) -> Result<(), MemError> {
-        let dst = self.ptr_at(offset, len)?;
-        let mut done = 0usize;
-        while done < len {
-            // SAFETY: `dst + done .. dst + len` is inside the mapping (checked above); the
-            // kernel writes at most `len - done` bytes there.
-            let n = unsafe {
-                libc::pread(
-                    file.as_raw_fd(),
-                    dst.add(done).cast(),
-                    len - done,
-                    (file_offset + done as u64) as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(MemError::Os {
-                    op: "pread",
-                    source: err,
-                });
-            }
-            if n == 0 {
-                return Err(MemError::ShortTransfer {
-                    op: "pread",
-                    done,
-                    len,
-                });
-            }
-            done += n as usize;
-        }
-        Ok(())
+        self.file_transfer(FileOp::Pread, offset, len, file, file_offset)
     }
 
     /// Writes `len` bytes from the mapping at `offset` to `file` at `file_offset`.
@@ -351,18 +319,35 @@ impl SharedMemory {
         file: &File,
         file_offset: u64,
     ) -> Result<(), MemError> {
-        let src = self.ptr_at(offset, len)?;
+        self.file_transfer(FileOp::Pwrite, offset, len, file, file_offset)
+    }
+
+    /// `pread`s into, or `pwrite`s from, `len` bytes of the mapping at `offset`, resuming
+    /// after short transfers and EINTR.
+    fn file_transfer(
+        &self,
+        op: FileOp,
+        offset: u64,
+        len: usize,
+        file: &File,
+        file_offset: u64,
+    ) -> Result<(), MemError> {
+        let mem = self.ptr_at(offset, len)?;
         let mut done = 0usize;
         while done < len {
-            // SAFETY: `src + done .. src + len` is inside the mapping (checked above); the
-            // kernel only reads from it.
+            // SAFETY: `mem + done .. mem + len` is inside the mapping (checked above); the
+            // kernel reads from (pwrite) or writes to (pread) at most `len - done` bytes there.
             let n = unsafe {
-                libc::pwrite(
-                    file.as_raw_fd(),
-                    src.add(done).cast(),
-                    len - done,
-                    (file_offset + done as u64) as libc::off_t,
-                )
+                let at = mem.add(done).cast();
+                let pos = (file_offset + done as u64) as libc::off_t;
+                match op {
+                    FileOp::Pread => libc::pread(file.as_raw_fd(), at, len - done, pos),
+                    FileOp::Pwrite => libc::pwrite(file.as_raw_fd(), at, len - done, pos),
+                }
+            };
+            let name = match op {
+                FileOp::Pread => "pread",
+                FileOp::Pwrite => "pwrite",
             };
             if n < 0 {
                 let err = std::io::Error::last_os_error();
@@ -370,13 +355,13 @@ impl SharedMemory {
                     continue;
                 }
                 return Err(MemError::Os {
-                    op: "pwrite",
+                    op: name,
                     source: err,
                 });
             }
             if n == 0 {
                 return Err(MemError::ShortTransfer {
-                    op: "pwrite",
+                    op: name,
                     done,
                     len,
                 });
@@ -385,6 +370,12 @@ impl SharedMemory {
         }
         Ok(())
     }
+}
+
+#[derive(Clone, Copy)]
+enum FileOp {
+    Pread,
+    Pwrite,
 }
 
 impl Drop for SharedMemory {

@@ -523,6 +523,62 @@ pub fn provision_for_tests(repo: &Path) -> Result<Option<VmAssets>, GuestError> 
     }
 }
 
+/// A device that disappears under a running guest (a borrowed device whose lender dies): the
+/// guest does I/O, prints [`vanish::MARKER`] for the host to take the device away, then reads
+/// until its I/O fails. The guest must see errors and power off; nothing may hang.
+pub mod vanish {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::{GuestDisk, GuestOutput, GuestSpec, VmAssets};
+
+    /// The console line on which the host takes the device away.
+    pub const MARKER: &str = "TAKE-THE-DEVICE-AWAY-NOW";
+
+    const SCRIPT: &str = r#"#!/bin/sh
+while [ ! -e /sys/block/nvme0n1 ]; do sleep 0.1; done
+dd if=/dev/zero of=/dev/nvme0n1 bs=4096 count=16 oflag=direct 2>/dev/null && echo "IO-BEFORE-OK"
+echo "TAKE-THE-DEVICE-AWAY-NOW"
+# Keep reading until the device is gone (bounded): the host takes it away on the line above.
+i=0
+while dd if=/dev/nvme0n1 of=/dev/null bs=4096 count=16 iflag=direct 2>/dev/null; do
+    i=$((i + 1))
+    [ $i -gt 20000 ] && { echo "IO-AFTER never failed"; exit 1; }
+done
+echo "IO-AFTER-FAILED after $i more reads"
+dmesg | grep -i nvme | tail -4
+"#;
+
+    /// The guest for a vfio-user device on `socket`, with short nvme timeouts.
+    pub fn spec(assets: VmAssets, socket: &Path, work_dir: &Path) -> GuestSpec {
+        let disk = GuestDisk::VfioUser {
+            socket: socket.to_path_buf(),
+        };
+        let mut spec = GuestSpec::new(assets, disk, SCRIPT, work_dir);
+        spec.timeout = Duration::from_secs(110);
+        spec.append = "nvme_core.io_timeout=5 nvme_core.admin_timeout=5".into();
+        spec
+    }
+
+    /// Panics with the transcript unless the guest did I/O, saw it fail after the device went
+    /// away, and finished in time.
+    pub fn check(out: &GuestOutput) {
+        let transcript = out.transcript();
+        assert!(
+            !out.timed_out,
+            "guest hung after the device went away\n{transcript}"
+        );
+        assert!(
+            out.lines_with("IO-BEFORE-OK").next().is_some(),
+            "no I/O before the device went away\n{transcript}"
+        );
+        assert!(
+            out.console.iter().any(|l| l.contains("IO-AFTER-FAILED")),
+            "I/O after the device went away must fail\n{transcript}"
+        );
+    }
+}
+
 /// The guest workload shared by the VM tests: what the guest must show for an NVMe device to
 /// count as working, and what the host checks afterwards in the backing image.
 pub mod acceptance {
