@@ -47,6 +47,10 @@ fn driver_suite_runs_unchanged_on_a_borrowed_device() {
     add_nvme(&lender, &image, "64M");
     let node = borrower_here(&fabric);
     let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
+    // The doorbell page is memory the device polls: on shm the borrower reaches it directly.
+    let areas = f.bar_mappings(devlend_pci::BarIndex::ALL[0]);
+    assert_eq!(areas.len(), 1, "one directly mapped doorbell area in BAR0");
+    assert_eq!(areas[0].offset, 0x1000);
     let target = Target {
         make: Box::new(move || f.clone()),
         image: Some(image),

@@ -364,6 +364,14 @@ impl ConfigAccess for BorrowedFunction {
 }
 
 impl BarAccess for BorrowedFunction {
+    fn bar_mappings(&self, bar: BarIndex) -> Vec<MemoryArea> {
+        self.areas
+            .iter()
+            .filter(|d| d.bar == bar.get())
+            .map(|d| d.area.clone())
+            .collect()
+    }
+
     fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError> {
         let node = self.node()?;
         let g = self.bar(bar, offset, data.len())?;

@@ -153,6 +153,13 @@ pub trait BarAccess {
     fn bar_write_u64(&self, bar: BarIndex, offset: u64, value: u64) -> Result<(), FunctionError> {
         self.bar_write(bar, offset, &value.to_le_bytes())
     }
+    /// The parts of BAR `bar` that are memory-backed and may be mapped directly (doorbell pages
+    /// the device polls): stores go to [`MemoryArea::mem`], followed by
+    /// [`MemoryArea::write_and_wake`]'s wake-up. None by default; `bar_write` is always correct.
+    fn bar_mappings(&self, bar: BarIndex) -> Vec<MemoryArea> {
+        let _ = bar;
+        Vec::new()
+    }
 }
 
 /// DMA-able memory for the driver: buffers whose bus addresses the device can reach.

@@ -303,6 +303,10 @@ impl ConfigAccess for LocalFunction {
 }
 
 impl BarAccess for LocalFunction {
+    fn bar_mappings(&self, bar: BarIndex) -> Vec<crate::MemoryArea> {
+        self.device.bar_memory(bar)
+    }
+
     /// Any non-empty access inside the BAR; 1-, 2-, 4- and 8-byte accesses must be naturally
     /// aligned.
     fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError> {
