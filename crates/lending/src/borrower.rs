@@ -463,6 +463,15 @@ impl Interrupts for BorrowedFunction {
     fn wait_interrupt(&self, vector: u16, timeout: Duration) -> Result<bool, FunctionError> {
         let bit = self.vector_bit(vector)?;
         let node = self.node()?;
+        // Poll the doorbell first, with the same budget a local binding polls its vector.
+        let spin = devlend_pci::INTERRUPT_SPIN.min(timeout);
+        if devlend_pci::spin_until(spin, || node.ntb.db_read() & bit != 0 || self.is_removed()) {
+            if self.is_removed() {
+                return Err(removed_error(self));
+            }
+            node.ntb.db_clear(bit).map_err(|e| self.fabric_error(e))?;
+            return Ok(true);
+        }
         match node.ntb.db_wait(bit, timeout) {
             Ok(_) => {
                 node.ntb.db_clear(bit).map_err(|e| self.fabric_error(e))?;

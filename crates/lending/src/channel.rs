@@ -1,6 +1,8 @@
 //! A message channel over the fabric, the way Linux's `ntb_transport` builds one: each host
 //! exposes a *mailbox* (RAM) through inbound window [`MAILBOX_WINDOW`]; the peer writes records
-//! into it with posted writes and rings doorbell bit [`MGMT_DOORBELL`].
+//! into it with posted writes and then announces them in message register [`MGMT_MESSAGE`].
+//! (Not a doorbell bit: doorbells carry the lent devices' MSI-X vectors, and their waiters
+//! should be woken by interrupts only.)
 //!
 //! Mailbox layout (written only by the peer):
 //!
@@ -23,8 +25,8 @@ use devlend_fabric::{BusAddr, FabricError, LinkState, Ntb, SharedMemory, WindowO
 
 /// Inbound window that holds each host's mailbox.
 pub const MAILBOX_WINDOW: usize = 0;
-/// Doorbell bit that announces new records.
-pub const MGMT_DOORBELL: u64 = 1 << 63;
+/// Message register that announces new records.
+pub const MGMT_MESSAGE: usize = 0;
 
 const HEADER_BYTES: u64 = 0x1000;
 const SLOT_BYTES: u64 = 0x1000;
@@ -199,16 +201,21 @@ impl Channel {
             &commit_word(tx.session, seq).to_le_bytes(),
         )?;
         tx.sent = seq;
-        self.ntb.peer_db_set(MGMT_DOORBELL)?;
-        Ok(())
+        // A busy register means the peer has not taken the previous announcement yet: it
+        // clears the status before draining, so it will see this record too.
+        match self.ntb.peer_msg_write(MGMT_MESSAGE, seq as u32) {
+            Ok(()) | Err(FabricError::MessageBusy(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
-    /// Waits up to `timeout` for the doorbell; clears it before the caller drains records, so
-    /// no wake-up is lost. Returns whether it rang.
+    /// Waits up to `timeout` for an announcement; clears it before the caller drains records,
+    /// so no wake-up is lost. Returns whether one came.
     pub fn wait(&self, timeout: Duration) -> Result<bool, ChannelError> {
-        match self.ntb.db_wait(MGMT_DOORBELL, timeout) {
+        let bit = 1u64 << MGMT_MESSAGE;
+        match self.ntb.msg_wait(bit, timeout) {
             Ok(_) => {
-                self.ntb.db_clear(MGMT_DOORBELL)?;
+                self.ntb.msg_clear_sts(bit)?;
                 Ok(true)
             }
             Err(FabricError::Timeout) => Ok(false),

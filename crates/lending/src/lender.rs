@@ -37,7 +37,7 @@ pub type DeviceBuilder = Box<
 
 /// Where lent devices' BARs live in the lender's bus address space.
 const BAR_FLOOR: BusAddr = BusAddr(0x6000_0000_0000);
-/// Doorbell bits available for interrupt vectors (bit 63 is the management doorbell).
+/// Doorbell bits available for interrupt vectors.
 const IRQ_DOORBELL_BITS: u32 = 48;
 
 /// Where a lent device's vectors go: a doorbell ring on the borrower.

@@ -13,7 +13,7 @@
 //! | BAR MMIO | the lender's inbound window onto the BAR; the fabric delivers posted writes / non-posted reads to the device model |
 //! | device DMA | the lender's IOMMU maps device bus addresses onto the borrower's inbound window onto the borrower's memory (direct mapping on `shm`: zero copy) |
 //! | MSI-X | the device's MSI-X table (on the lender, masks honoured there) signals a doorbell bit on the borrower |
-//! | management | a mailbox ring in each host's window 0 + doorbell bit 63 ([`channel`]) |
+//! | management | a mailbox ring in each host's window 0, announced in message register 0 ([`channel`]) |
 //!
 //! Ownership: one borrower per device; leases kept alive by heartbeats; an expired or returned
 //! lease resets the device and offers it again. A lender that disappears is a surprise removal

@@ -41,6 +41,10 @@ pub enum BindError<E> {
 struct Vector {
     own: Arc<EventFd>,
     redirect: Option<Arc<EventFd>>,
+    /// Set by `signal`, taken by `wait`: a waiter that polls sees it without a syscall.
+    pending: Arc<std::sync::atomic::AtomicBool>,
+    /// Waiters asleep on `own`: `signal` writes the eventfd only when there are some.
+    sleepers: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// An [`InterruptSink`] that turns each vector into an eventfd write: the function's own
@@ -85,6 +89,8 @@ impl EventFdInterrupts {
             v.push(Vector {
                 own: Arc::new(own),
                 redirect: None,
+                pending: Arc::default(),
+                sleepers: Arc::default(),
             });
         }
         Ok(())
@@ -102,7 +108,9 @@ impl EventFdInterrupts {
         }
     }
 
-    /// The function's own eventfd for `vector` (signalled unless redirected).
+    /// The function's own eventfd for `vector`. It is written only while a [`Self::wait`]er
+    /// sleeps (a polling waiter takes the event from a flag); to receive every interrupt on an
+    /// eventfd, [`Self::redirect`] the vector to it.
     pub fn eventfd(&self, vector: u16) -> Result<Arc<EventFd>, FunctionError> {
         self.read()
             .get(usize::from(vector))
@@ -125,21 +133,40 @@ impl EventFdInterrupts {
         }
     }
 
-    /// Waits until `vector`'s own eventfd fires (consuming it) or `timeout` passes.
+    /// Waits until `vector` fires (consuming it) or `timeout` passes: polls for up to
+    /// [`crate::INTERRUPT_SPIN`], then sleeps on the vector's eventfd.
     pub fn wait(&self, vector: u16, timeout: Duration) -> Result<bool, FunctionError> {
-        let fd = self.eventfd(vector)?;
+        use std::sync::atomic::Ordering::SeqCst;
+        let (fd, pending, sleepers) = {
+            let v = self.read();
+            let slot = v
+                .get(usize::from(vector))
+                .ok_or_else(|| self.no_such(vector))?;
+            (
+                slot.own.clone(),
+                slot.pending.clone(),
+                slot.sleepers.clone(),
+            )
+        };
+        let spin = crate::INTERRUPT_SPIN.min(timeout);
+        if crate::spin_until(spin, || pending.load(SeqCst)) && pending.swap(false, SeqCst) {
+            return Ok(true);
+        }
         let deadline = Instant::now().checked_add(timeout);
         loop {
-            match fd.read() {
-                Ok(_) => return Ok(true),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(io("eventfd read")(e)),
+            // Announce the sleep, then re-check: a signal either sees a sleeper (and writes the
+            // eventfd) or is seen here.
+            sleepers.fetch_add(1, SeqCst);
+            if pending.swap(false, SeqCst) {
+                sleepers.fetch_sub(1, SeqCst);
+                return Ok(true);
             }
             let remaining = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
                 None => Duration::from_secs(3600),
             };
             if remaining.is_zero() {
+                sleepers.fetch_sub(1, SeqCst);
                 return Ok(false);
             }
             // Round up so a short timeout still sleeps rather than spinning.
@@ -153,11 +180,21 @@ impl EventFdInterrupts {
             // SAFETY: `pfd` is a valid, exclusively borrowed pollfd array of length 1, alive for
             // the call; the fd is kept open by `fd`.
             let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
+            let err = (n < 0).then(std::io::Error::last_os_error);
+            sleepers.fetch_sub(1, SeqCst);
+            if let Some(err) = err {
                 if err.kind() != std::io::ErrorKind::Interrupted {
                     return Err(io("poll")(err));
                 }
+            }
+            // Drain the wake-up; the event itself is the pending flag.
+            match fd.read() {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(io("eventfd read")(e)),
+            }
+            if pending.swap(false, SeqCst) {
+                return Ok(true);
             }
         }
     }
@@ -170,7 +207,17 @@ impl InterruptSink for EventFdInterrupts {
             tracing::warn!(vector, "interrupt for a vector without an eventfd dropped");
             return;
         };
-        let fd = slot.redirect.as_ref().unwrap_or(&slot.own);
+        let fd = match &slot.redirect {
+            Some(fd) => fd,
+            None => {
+                use std::sync::atomic::Ordering::SeqCst;
+                slot.pending.store(true, SeqCst);
+                if slot.sleepers.load(SeqCst) == 0 {
+                    return; // a polling waiter takes it without a syscall
+                }
+                &slot.own
+            }
+        };
         // A full counter (EAGAIN) means the event is already pending: nothing is lost.
         if let Err(e) = fd.write(1) {
             if e.kind() != std::io::ErrorKind::WouldBlock {
@@ -187,6 +234,8 @@ pub struct LocalFunction {
     iommu: Arc<Iommu>,
     interrupts: Arc<EventFdInterrupts>,
     bars: [Option<BarSpec>; 6],
+    /// Memory-backed BAR areas (doorbell pages): written by direct stores, as a borrower does.
+    areas: Vec<(BarIndex, crate::MemoryArea)>,
 }
 
 impl std::fmt::Debug for LocalFunction {
@@ -226,12 +275,17 @@ impl LocalFunction {
         let device = build(iommu.clone(), interrupts.clone()).map_err(BindError::Device)?;
         interrupts.resize(device.msix_vectors()).map_err(setup)?;
         let bars = BarIndex::ALL.map(|b| device.bar_spec(b));
+        let areas = BarIndex::ALL
+            .iter()
+            .flat_map(|b| device.bar_memory(*b).into_iter().map(move |a| (*b, a)))
+            .collect();
         Ok(Self {
             device,
             pool,
             iommu,
             interrupts,
             bars,
+            areas,
         })
     }
 
@@ -304,7 +358,11 @@ impl ConfigAccess for LocalFunction {
 
 impl BarAccess for LocalFunction {
     fn bar_mappings(&self, bar: BarIndex) -> Vec<crate::MemoryArea> {
-        self.device.bar_memory(bar)
+        self.areas
+            .iter()
+            .filter(|(b, _)| *b == bar)
+            .map(|(_, a)| a.clone())
+            .collect()
     }
 
     /// Any non-empty access inside the BAR; 1-, 2-, 4- and 8-byte accesses must be naturally
@@ -317,6 +375,16 @@ impl BarAccess for LocalFunction {
 
     fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), FunctionError> {
         self.check_bar(bar, offset, data.len())?;
+        // Doorbell-style memory the device polls: a direct store and a wake-up only when the
+        // device sleeps, exactly as a borrowed function reaches it through its window.
+        for (b, area) in &self.areas {
+            if *b == bar && offset >= area.offset {
+                let at = offset - area.offset;
+                if at.saturating_add(data.len() as u64) <= area.mem.len() {
+                    return area.write_and_wake(at, data).map_err(FunctionError::from);
+                }
+            }
+        }
         self.device.bar_write(bar, offset, data);
         Ok(())
     }
