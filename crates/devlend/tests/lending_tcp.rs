@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{check_pattern_byte, exe, scratch, NodeProcess};
 use devlend_fabric_tcp::netns::NetnsPair;
@@ -109,14 +109,11 @@ fn lending_over_tcp_between_namespaces() {
     alice.ctl_ok(&["return", "nvme0"]);
     bob.ctl_ok(&["borrow", "nvme0"]);
     bob.kill9();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lender.borrower_of("nvme0").is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "the killed borrower's lease never expired"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    lender.wait_available(
+        "nvme0",
+        Duration::from_secs(60),
+        "the killed borrower's lease never expired",
+    );
     alice.ctl_ok(&["borrow", "nvme0"]);
 
     // kill -9 of the lender: the borrower's I/O fails with an error, nothing hangs.

@@ -40,19 +40,22 @@ fn borrower_server(dir: &Path, fabric: &Path, socket: &Path) -> Command {
     server
 }
 
-#[test]
-fn guest_nvme_driver_on_borrowed_device_over_vfio_user() {
-    let Some(assets) = guest::provision_for_tests(&repo_root()).expect("provisioning VM assets")
-    else {
-        return;
-    };
-    let dir = scratch("vm-borrowed");
+/// A scratch directory, a lender node process lending `nvme0` on an image of `size` bytes,
+/// and the paths of the fabric, the image and the vfio-user socket the borrower will serve.
+struct Lent {
+    dir: PathBuf,
+    fabric: PathBuf,
+    image: PathBuf,
+    socket: PathBuf,
+    lender: NodeProcess,
+}
+
+fn lend_nvme(tag: &str, size: u64) -> Lent {
+    let dir = scratch(tag);
     let fabric = dir.join("fabric");
     let image = dir.join("lent.img");
-    let socket = dir.join("nvme.sock");
-    let disk_bytes = acceptance::MIN_DISK_BYTES;
     let lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
-    let size = disk_bytes.to_string();
+    let size = size.to_string();
     lender.ctl_ok(&[
         "add",
         "nvme",
@@ -63,6 +66,29 @@ fn guest_nvme_driver_on_borrowed_device_over_vfio_user() {
         "--image",
         image.to_str().unwrap(),
     ]);
+    Lent {
+        socket: dir.join("nvme.sock"),
+        dir,
+        fabric,
+        image,
+        lender,
+    }
+}
+
+#[test]
+fn guest_nvme_driver_on_borrowed_device_over_vfio_user() {
+    let Some(assets) = guest::provision_for_tests(&repo_root()).expect("provisioning VM assets")
+    else {
+        return;
+    };
+    let disk_bytes = acceptance::MIN_DISK_BYTES;
+    let Lent {
+        dir,
+        fabric,
+        image,
+        socket,
+        lender,
+    } = lend_nvme("vm-borrowed", disk_bytes);
     let server = borrower_server(&dir, &fabric, &socket);
     let out = guest::run_acceptance(assets, server, &socket, &image, disk_bytes, &dir);
     for line in out
@@ -73,14 +99,11 @@ fn guest_nvme_driver_on_borrowed_device_over_vfio_user() {
         println!("guest: {line}");
     }
     // The borrower is gone (stopped after the guest): its lease ends and the device is offered again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while lender.borrower_of("nvme0").is_some() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the device never came back to the lender"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    lender.wait_available(
+        "nvme0",
+        Duration::from_secs(60),
+        "the device never came back to the lender",
+    );
     println!("guest run took {:?}", out.elapsed);
     drop(lender);
     let _ = std::fs::remove_dir_all(&dir);
@@ -92,21 +115,13 @@ fn guest_survives_a_lender_that_dies() {
     else {
         return;
     };
-    let dir = scratch("vm-lender-dies");
-    let fabric = dir.join("fabric");
-    let image = dir.join("lent.img");
-    let socket = dir.join("nvme.sock");
-    let mut lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
-    lender.ctl_ok(&[
-        "add",
-        "nvme",
-        "--name",
-        "nvme0",
-        "--size",
-        "64M",
-        "--image",
-        image.to_str().unwrap(),
-    ]);
+    let Lent {
+        dir,
+        fabric,
+        socket,
+        mut lender,
+        ..
+    } = lend_nvme("vm-lender-dies", 64 << 20);
     let _server = guest::ServerProcess::spawn(
         borrower_server(&dir, &fabric, &socket),
         Duration::from_secs(60),

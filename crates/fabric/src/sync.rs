@@ -24,43 +24,12 @@ pub(crate) enum WaitEnd {
 
 /// Sleeps while `*word == expected`, at most `timeout` (forever for `None`).
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: t.subsec_nanos() as libc::c_long,
-    });
-    let ts_ptr = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `word` is a valid, aligned u32 for the duration of the call (it lives in a
-    // mapping the caller keeps alive); `ts_ptr` is null or points to a live timespec. The
-    // kernel only reads both. Errors (EAGAIN, EINTR, ETIMEDOUT) are all "re-check".
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            ts_ptr,
-            std::ptr::null::<u32>(),
-            0u32,
-        );
-    }
+    devlend_memory::futex_wait(word, expected, timeout);
 }
 
 /// Wakes every sleeper on `word`.
 fn futex_wake_all(word: &AtomicU32) {
-    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE does not dereference other pointers.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            i32::MAX,
-            std::ptr::null::<libc::timespec>(),
-            std::ptr::null::<u32>(),
-            0u32,
-        );
-    }
+    devlend_memory::futex_wake(word, u32::MAX);
 }
 
 /// A sequence word and a sleeper count in shared memory (see the module docs).

@@ -12,4 +12,4 @@ mod addr;
 mod shared;
 
 pub use addr::{BusAddr, ByteRange, RangeError};
-pub use shared::{MemError, MemSpan, SharedMemory};
+pub use shared::{futex_wait, futex_wake, MemError, MemSpan, SharedMemory};

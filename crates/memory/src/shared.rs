@@ -247,55 +247,20 @@ impl SharedMemory {
     }
 
     /// Sleeps while the 32-bit word at `offset` (4-byte aligned) holds `expected`, for at most
-    /// `timeout` (`None`: no limit). Works across processes that map the same memory (a
-    /// non-private futex). Returns when woken, when the value differs, on timeout, or on a
-    /// signal; callers re-check their condition.
+    /// `timeout` (`None`: no limit); see [`futex_wait`].
     pub fn futex_wait(
         &self,
         offset: u64,
         expected: u32,
         timeout: Option<std::time::Duration>,
     ) -> Result<(), MemError> {
-        let word = self.atomic_u32(offset)?;
-        let ts = timeout.map(|t| libc::timespec {
-            tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
-            tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
-        });
-        let ts_ptr = ts
-            .as_ref()
-            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-        // SAFETY: `word` is a valid, aligned u32 inside a live shared mapping; the timespec (if
-        // any) outlives the call. FUTEX_WAIT (not PRIVATE) keys on the backing page, so other
-        // processes mapping the same memfd page wake us.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                word.as_ptr(),
-                libc::FUTEX_WAIT,
-                expected,
-                ts_ptr,
-                std::ptr::null::<u32>(),
-                0u32,
-            )
-        };
+        futex_wait(self.atomic_u32(offset)?, expected, timeout);
         Ok(())
     }
 
     /// Wakes up to `count` waiters sleeping on the 32-bit word at `offset` (in any process).
     pub fn futex_wake(&self, offset: u64, count: u32) -> Result<(), MemError> {
-        let word = self.atomic_u32(offset)?;
-        // SAFETY: `word` is a valid, aligned u32 inside a live shared mapping.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                word.as_ptr(),
-                libc::FUTEX_WAKE,
-                count.min(i32::MAX as u32),
-                std::ptr::null::<libc::timespec>(),
-                std::ptr::null::<u32>(),
-                0u32,
-            )
-        };
+        futex_wake(self.atomic_u32(offset)?, count);
         Ok(())
     }
 
@@ -384,6 +349,49 @@ impl Drop for SharedMemory {
         // unmaps; no references into it can outlive `self` (none are ever handed out).
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
+}
+
+/// Sleeps while `word` holds `expected`, for at most `timeout` (`None`: no limit). When the
+/// word lives in shared memory this works across processes (a non-private futex). Returns when
+/// woken, when the value differs, on timeout or on a signal: callers re-check their condition.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<std::time::Duration>) {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a valid, aligned u32 for the duration of the call; `ts_ptr` is null or
+    // points to a live timespec. The kernel only reads both. Every error (EAGAIN, EINTR,
+    // ETIMEDOUT) means "re-check".
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+}
+
+/// Wakes up to `count` waiters sleeping on `word` (in any process, for shared memory).
+pub fn futex_wake(word: &AtomicU32, count: u32) {
+    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE dereferences no other pointer.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            count.min(i32::MAX as u32),
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
 }
 
 /// A bounds-checked view of part of a [`SharedMemory`]: what an IOMMU lookup or a direct

@@ -114,6 +114,16 @@ impl NodeProcess {
         d["borrower"].as_str().map(str::to_string)
     }
 
+    /// Waits until `device` is no longer lent (returned, or its lease expired), at most
+    /// `timeout`; panics with `why` otherwise.
+    pub fn wait_available(&self, device: &str, timeout: Duration, why: &str) {
+        let deadline = Instant::now() + timeout;
+        while self.borrower_of(device).is_some() {
+            assert!(Instant::now() < deadline, "{why}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until the peer's devices are listed (the link is up and answering).
     pub fn wait_peer_lists(&self, device: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
