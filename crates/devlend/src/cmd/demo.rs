@@ -180,6 +180,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
 
+    println!("    (one sample each; `devlend bench lending` interleaves repetitions and reports medians)");
+
     step(
         8,
         "return the device; the lender resets it and offers it again",
