@@ -25,6 +25,41 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Waits on `cv` until `hit` finds bits in the state behind `state` (returning them), the
+/// session goes down, or `timeout` passes: the shape of every register wait (doorbells,
+/// message status).
+fn wait_on<T>(
+    state: &Mutex<T>,
+    cv: &Condvar,
+    session: &Session,
+    timeout: Duration,
+    mut hit: impl FnMut(&T) -> u64,
+) -> Result<u64> {
+    // A timeout too large to add to now means no deadline (never an overflow panic).
+    let deadline = Instant::now().checked_add(timeout);
+    let mut guard = lock(state);
+    loop {
+        let bits = hit(&guard);
+        if bits != 0 {
+            return Ok(bits);
+        }
+        if !session.is_up() {
+            return Err(FabricError::LinkDown);
+        }
+        let left = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => Duration::from_secs(3600),
+        };
+        if left.is_zero() {
+            return Err(FabricError::Timeout);
+        }
+        guard = cv
+            .wait_timeout(guard, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Translation {
     addr: BusAddr,
@@ -809,27 +844,9 @@ impl Doorbells for TcpNtb {
         }
         self.check_db(bits)?;
         let s = self.inner.session()?;
-        let deadline = Instant::now() + timeout;
-        let mut db = lock(&self.inner.db);
-        loop {
-            let hit = db.bits & bits & !db.mask;
-            if hit != 0 {
-                return Ok(hit);
-            }
-            if !s.is_up() {
-                return Err(FabricError::LinkDown);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(FabricError::Timeout);
-            }
-            db = self
-                .inner
-                .db_cv
-                .wait_timeout(db, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        wait_on(&self.inner.db, &self.inner.db_cv, &s, timeout, |db| {
+            db.bits & bits & !db.mask
+        })
     }
 
     fn peer_db_set(&self, bits: u64) -> Result<()> {
@@ -992,27 +1009,9 @@ impl Messages for TcpNtb {
             });
         }
         let s = self.inner.session()?;
-        let deadline = Instant::now() + timeout;
-        let mut m = lock(&self.inner.msgs);
-        loop {
-            let hit = m.sts & bits;
-            if hit != 0 {
-                return Ok(hit);
-            }
-            if !s.is_up() {
-                return Err(FabricError::LinkDown);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(FabricError::Timeout);
-            }
-            m = self
-                .inner
-                .msg_cv
-                .wait_timeout(m, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        wait_on(&self.inner.msgs, &self.inner.msg_cv, &s, timeout, |m| {
+            m.sts & bits
+        })
     }
 }
 
