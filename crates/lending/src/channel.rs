@@ -94,6 +94,32 @@ fn nonce() -> u64 {
     (t ^ (u64::from(std::process::id()) << 32)) | 1
 }
 
+/// Waits until the peer's window `window` is translated onto at least `len` bytes, or fails:
+/// at once when the link is down (never stalling a management thread), with
+/// [`ChannelError::Timeout`] at `deadline`. Translations and management records travel on
+/// different paths, so a record can arrive before the translation it relies on.
+pub(crate) fn wait_peer_window(
+    ntb: &dyn Ntb,
+    window: usize,
+    len: u64,
+    deadline: Instant,
+) -> Result<(), ChannelError> {
+    loop {
+        if ntb.link_state() == LinkState::Down {
+            return Err(ChannelError::Fabric(FabricError::LinkDown));
+        }
+        match ntb.peer_mw_size(window) {
+            Ok(size) if size >= len => return Ok(()),
+            Ok(_) | Err(FabricError::WindowNotTranslated(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if Instant::now() >= deadline {
+            return Err(ChannelError::Timeout);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 fn commit_word(session: u64, seq: u64) -> u64 {
     (u64::from(session as u32) << 32) | u64::from(seq as u32)
 }
@@ -126,38 +152,22 @@ impl Channel {
     /// Starts a new sending session after (re)link-up: waits for the peer's mailbox window and
     /// announces our nonce.
     fn start_session(&self, tx: &mut Tx, deadline: Instant) -> Result<(), ChannelError> {
-        loop {
-            let generation = self.ntb.link_generation();
-            // A link that is down has no peer mailbox to wait for: fail now, never stall the
-            // caller (a management thread) for the whole timeout.
-            if self.ntb.link_state() == LinkState::Down {
-                return Err(ChannelError::Fabric(FabricError::LinkDown));
-            }
-            {
-                match self.ntb.peer_mw_size(MAILBOX_WINDOW) {
-                    Ok(size) if size >= MAILBOX_BYTES => {
-                        let session = nonce();
-                        self.ntb.peer_mw_write(
-                            MAILBOX_WINDOW,
-                            WindowOffset(OFF_SESSION),
-                            &session.to_le_bytes(),
-                        )?;
-                        *tx = Tx {
-                            generation,
-                            session,
-                            sent: 0,
-                        };
-                        return Ok(());
-                    }
-                    Ok(_) | Err(FabricError::WindowNotTranslated(_)) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(ChannelError::Timeout);
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        // Read before waiting: if the link flaps meanwhile, the next send sees a newer
+        // generation and starts over.
+        let generation = self.ntb.link_generation();
+        wait_peer_window(&*self.ntb, MAILBOX_WINDOW, MAILBOX_BYTES, deadline)?;
+        let session = nonce();
+        self.ntb.peer_mw_write(
+            MAILBOX_WINDOW,
+            WindowOffset(OFF_SESSION),
+            &session.to_le_bytes(),
+        )?;
+        *tx = Tx {
+            generation,
+            session,
+            sent: 0,
+        };
+        Ok(())
     }
 
     fn acked(&self, session: u64) -> u64 {

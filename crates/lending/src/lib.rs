@@ -514,28 +514,23 @@ fn management_loop(weak: Weak<Inner>, ntb: Arc<dyn Ntb>) {
     }
 }
 
-/// Waits until the peer's window `window` is translated onto at least `len` bytes: translations
-/// and management records travel on different paths, so a record may arrive first.
+/// [`channel::wait_peer_window`] for the lending layer: a translation that never comes is
+/// the peer breaking the protocol.
 pub(crate) fn wait_peer_window(
     ntb: &dyn Ntb,
     window: usize,
     len: u64,
     timeout: Duration,
 ) -> Result<(), LendingError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match ntb.peer_mw_size(window) {
-            Ok(size) if size >= len => return Ok(()),
-            Ok(_) | Err(devlend_fabric::FabricError::WindowNotTranslated(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-        if Instant::now() >= deadline {
-            return Err(LendingError::Protocol(format!(
-                "the peer's window {window} was not translated in time"
-            )));
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    let deadline = Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+    channel::wait_peer_window(ntb, window, len, deadline).map_err(|e| match e {
+        channel::ChannelError::Timeout => LendingError::Protocol(format!(
+            "the peer's window {window} was not translated in time"
+        )),
+        other => other.into(),
+    })
 }
 
 /// The doorbell bits a grant's vectors use.
