@@ -125,6 +125,7 @@ pub fn open_fabric(
     auth: &TcpAuth,
 ) -> anyhow::Result<Arc<dyn Ntb>> {
     let mut cfg = devlend_fabric::LinkConfig::default();
+    // The spin budget of fabric waits, for tuning (README, "Benchmarks").
     if let Some(us) = std::env::var("DEVLEND_FABRIC_SPIN_US")
         .ok()
         .and_then(|v| v.parse().ok())
