@@ -629,8 +629,13 @@ impl Endpoint {
         }
     }
 
+    /// Counts every up and every down. A session that has ended but is not yet detached counts
+    /// as down already: its waiters are stopped, and [`Self::link_state`] and
+    /// [`Self::wait_link`] report the link down from that moment, so the generation must too.
     pub(crate) fn link_generation(&self) -> u64 {
-        lock(&self.link).generation
+        let link = lock(&self.link);
+        let ended = link.session.as_ref().is_some_and(|s| s.is_down());
+        link.generation + u64::from(ended)
     }
 
     // ---- MemoryWindows ----
