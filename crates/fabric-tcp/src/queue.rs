@@ -22,6 +22,10 @@ struct OutState {
     request_bytes: usize,
     closed: bool,
     kick: bool,
+    /// Producers waiting for space, and whether the writer waits (a condition variable's
+    /// notify is a system call even with no one to wake, so it is made only for a waiter).
+    space_waiters: usize,
+    writer_waiting: bool,
 }
 
 /// Encoded frames waiting for the writer thread, as one byte buffer (so that whatever is
@@ -54,6 +58,8 @@ impl OutQueue {
                 request_bytes: 0,
                 closed: false,
                 kick: false,
+                space_waiters: 0,
+                writer_waiting: false,
             }),
             ready: Condvar::new(),
             space: Condvar::new(),
@@ -66,11 +72,13 @@ impl OutQueue {
         let mut st = lock(&self.state);
         while !st.closed && st.request_bytes >= self.limit {
             self.ready.notify_one();
+            st.space_waiters += 1;
             st = self
                 .space
                 .wait_timeout(st, RECHECK)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            st.space_waiters -= 1;
         }
         if st.closed {
             return Err(Closed);
@@ -93,17 +101,22 @@ impl OutQueue {
 
     /// Asks the writer to flush (TLS records the reader's processing produced).
     pub(crate) fn kick(&self) {
-        lock(&self.state).kick = true;
-        self.ready.notify_one();
+        let mut st = lock(&self.state);
+        st.kick = true;
+        if st.writer_waiting {
+            self.ready.notify_one();
+        }
     }
 
     /// Waits up to `idle` until something is queued (or a flush was asked for).
     pub(crate) fn wait(&self, idle: Duration) -> Take {
-        let st = lock(&self.state);
-        let (st, _) = self
+        let mut st = lock(&self.state);
+        st.writer_waiting = true;
+        let (mut st, _) = self
             .ready
             .wait_timeout_while(st, idle, |s| s.buf.is_empty() && !s.kick && !s.closed)
             .unwrap_or_else(|e| e.into_inner());
+        st.writer_waiting = false;
         if st.closed {
             Take::Closed
         } else if st.buf.is_empty() && !st.kick {
@@ -126,14 +139,19 @@ impl OutQueue {
         std::mem::swap(&mut st.buf, out);
         st.request_bytes = 0;
         st.kick = false;
+        let waiters = st.space_waiters > 0;
         drop(st);
-        self.space.notify_all();
+        if waiters {
+            self.space.notify_all();
+        }
         Ok(true)
     }
 
     /// Wakes the writer thread.
     pub(crate) fn notify_writer(&self) {
-        self.ready.notify_one();
+        if lock(&self.state).writer_waiting {
+            self.ready.notify_one();
+        }
     }
 
     /// Closes the queue: producers fail, the writer stops.
@@ -150,6 +168,9 @@ struct InState<T> {
     closed: bool,
     /// The service thread is applying a batch it took.
     busy: bool,
+    /// The reader waits for space, the service thread for items (notified only then).
+    space_waiting: bool,
+    ready_waiting: bool,
 }
 
 /// Inbound requests for the service thread, bounded in bytes: the reader waits (and so stops
@@ -169,6 +190,8 @@ impl<T> InQueue<T> {
                 bytes: 0,
                 closed: false,
                 busy: false,
+                space_waiting: false,
+                ready_waiting: false,
             }),
             ready: Condvar::new(),
             space: Condvar::new(),
@@ -180,19 +203,24 @@ impl<T> InQueue<T> {
     pub(crate) fn push_batch(&self, batch: Vec<T>, bytes: usize) -> Result<(), Closed> {
         let mut st = lock(&self.state);
         while !st.closed && st.bytes >= self.limit {
+            st.space_waiting = true;
             st = self
                 .space
                 .wait_timeout(st, RECHECK)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            st.space_waiting = false;
         }
         if st.closed {
             return Err(Closed);
         }
         st.items.extend(batch);
         st.bytes += bytes;
+        let waiting = st.ready_waiting;
         drop(st);
-        self.ready.notify_one();
+        if waiting {
+            self.ready.notify_one();
+        }
         Ok(())
     }
 
@@ -200,7 +228,9 @@ impl<T> InQueue<T> {
     pub(crate) fn pop_all(&self) -> Option<(Vec<T>, usize)> {
         let mut st = lock(&self.state);
         while st.items.is_empty() && !st.closed {
+            st.ready_waiting = true;
             st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.ready_waiting = false;
         }
         if st.items.is_empty() {
             return None;
@@ -208,8 +238,11 @@ impl<T> InQueue<T> {
         let items: Vec<T> = st.items.drain(..).collect();
         let bytes = std::mem::take(&mut st.bytes);
         st.busy = true;
+        let waiting = st.space_waiting;
         drop(st);
-        self.space.notify_all();
+        if waiting {
+            self.space.notify_all();
+        }
         Some((items, bytes))
     }
 
