@@ -64,9 +64,11 @@
 //! - the service thread applies the peer's MMIO accesses (and everything queued behind them)
 //!   in order, so that a device model that blocks cannot stall the reading of the socket.
 //!
-//! A caller waiting for a reply reads the socket itself when no other caller does (the
-//! supervisor steps aside), so the reply wakes it directly. Dropping the [`TcpNtb`] stops and
-//! joins every thread.
+//! A caller waiting for a reply reads the socket itself when no other caller does: it takes
+//! the socket out of the reader thread's one-shot epoll watch for the time, so the reply wakes
+//! nobody else. Every reader polls the socket adaptively: for the fabric's spin budget
+//! ([`LinkConfig::spin`]) before it sleeps, because a wake-up of an idle vCPU costs far more
+//! than the round trip itself. Dropping the [`TcpNtb`] stops and joins every thread.
 //!
 //! A limit: an MMIO handler that waits for a fabric read of its own while the peer has more
 //! than [`TcpConfig::service_queue_bytes`] of requests queued behind it stalls the reading
@@ -87,6 +89,7 @@ mod ntb;
 mod queue;
 mod session;
 mod tls;
+mod watch;
 
 pub use ntb::{TcpNtb, TcpStats};
 pub use tls::{Credentials, TlsCredentials, TlsError, ALPN};

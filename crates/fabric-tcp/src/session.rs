@@ -15,6 +15,7 @@ use devlend_fabric::FabricError;
 use crate::frame::{self, Frame, FrameError, Hello, Status};
 use crate::ntb::Inner;
 use crate::queue::{InQueue, OutQueue, Take};
+use crate::watch::Watch;
 
 use crate::tls::ALPN;
 use crate::Credentials;
@@ -103,6 +104,9 @@ struct Pending {
     next_tag: u32,
     waiters: HashMap<u32, SyncSender<Reply>>,
     open: bool,
+    /// Callers waiting for a free tag (`credit` is notified only then: a notify is a system
+    /// call even with no one to wake).
+    starved: usize,
 }
 
 /// The state of one connection, shared by its threads and by callers.
@@ -123,11 +127,17 @@ pub(crate) struct Session {
     /// Held by whoever reads the socket: the reader thread, or a caller waiting for its reply
     /// (so that the reply wakes the caller directly, not through the reader thread).
     rx: Mutex<RxState>,
-    /// Callers that want to read; the reader thread leaves the socket to them meanwhile.
-    leaders: Mutex<usize>,
-    leaders_gone: Condvar,
+    /// The reader thread's wait for the socket; a caller reading the socket disarms it, so
+    /// that the reply wakes nobody else.
+    watch: Watch,
+    /// Callers that want to read; the reader thread leaves the socket to them meanwhile, and
+    /// the last one re-arms [`Session::watch`].
+    leaders: AtomicUsize,
     /// A caller is reading: other callers wait for their reply instead of taking over.
     leading: AtomicBool,
+    /// How long a reader keeps polling the socket before it sleeps (adaptive polling: a
+    /// reply or the peer's next request usually comes within it, and a wake-up costs more).
+    spin: Duration,
     /// When bytes last arrived (for the keepalive timeout).
     last_rx: Mutex<Instant>,
     keepalive_interval: Duration,
@@ -142,6 +152,19 @@ struct RxState {
     net: Vec<u8>,
     /// The peer's hello arrived.
     hello: bool,
+    /// [`Session::watch`] may be armed (a caller taking over the socket disarms it first).
+    armed: bool,
+}
+
+/// What one [`Session::pump`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pumped {
+    /// The socket held nothing.
+    Nothing,
+    /// Bytes arrived and every complete frame was handled.
+    Data,
+    /// The peer closed the connection.
+    Eof,
 }
 
 /// Waits until `sock` is readable (or has an error or hang-up); `false` after `timeout`.
@@ -186,6 +209,10 @@ pub(crate) enum Flush {
     /// cannot go out now is left to the writer thread.
     NonBlocking,
 }
+
+/// A spinning reader yields the CPU every this many polls of the socket (on two cores, a pure
+/// spin would starve the thread it waits for).
+const SPIN_YIELD_EVERY: u32 = 8;
 
 /// Most bytes of posted writes gathered into one system call.
 const SEND_BATCH: usize = 1 << 20;
@@ -232,6 +259,7 @@ fn send_nonblocking(sock: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
 impl Session {
     fn new(sock: TcpStream, chan: Channel, cfg: &crate::TcpConfig) -> std::io::Result<Self> {
         let (send_limit, service_limit) = (cfg.send_queue_bytes, cfg.service_queue_bytes);
+        let watch = Watch::new(&sock)?;
         Ok(Self {
             out: OutQueue::new(send_limit),
             inq: InQueue::new(service_limit),
@@ -242,6 +270,7 @@ impl Session {
                 next_tag: 0,
                 waiters: HashMap::new(),
                 open: true,
+                starved: 0,
             }),
             credit: Condvar::new(),
             inflight: AtomicUsize::new(0),
@@ -252,10 +281,12 @@ impl Session {
                 rx: Vec::with_capacity(4 * frame::MAX_PAYLOAD),
                 net: vec![0u8; 256 * 1024],
                 hello: false,
+                armed: true,
             }),
-            leaders: Mutex::new(0),
-            leaders_gone: Condvar::new(),
+            watch,
+            leaders: AtomicUsize::new(0),
             leading: AtomicBool::new(false),
+            spin: cfg.link.spin,
             last_rx: Mutex::new(Instant::now()),
             keepalive_interval: cfg.keepalive_interval,
             keepalive_timeout: cfg.keepalive_timeout,
@@ -268,12 +299,12 @@ impl Session {
 
     /// Reads what the socket holds and handles every complete frame: the peer's requests
     /// (applied here when that keeps the order, else queued for the service thread), replies
-    /// to this side's requests (handed to their callers). Returns whether the peer closed.
-    fn pump(&self, inner: &Inner, st: &mut RxState) -> Result<bool, EndError> {
-        let RxState { rx, net, hello } = st;
+    /// to this side's requests (handed to their callers).
+    fn pump(&self, inner: &Inner, st: &mut RxState) -> Result<Pumped, EndError> {
+        let RxState { rx, net, hello, .. } = st;
         let got = match self.chan.recv(&self.sock, net, rx) {
             Ok(Some(got)) => got,
-            Ok(None) => return Ok(false),
+            Ok(None) => return Ok(Pumped::Nothing),
             Err(e) if self.closed.load(Ordering::Acquire) => {
                 tracing::debug!(error = %e, "read after close");
                 return Err(EndError::Closed);
@@ -318,9 +349,9 @@ impl Session {
             if !rx.is_empty() {
                 return Err(FrameError::Truncated { have: rx.len() }.into());
             }
-            return Ok(true);
+            return Ok(Pumped::Eof);
         }
-        Ok(false)
+        Ok(Pumped::Data)
     }
 
     /// Waits for the reply on `reply`, reading the socket itself when no one else is.
@@ -348,25 +379,32 @@ impl Session {
                     Err(RecvTimeoutError::Timeout) => continue,
                 }
             }
-            *lock(&self.leaders) += 1;
-            let result = {
-                let mut st = lock(&self.rx);
-                if self.leading.swap(true, Ordering::AcqRel) {
-                    // Lost the race to another caller: wait for it instead.
-                    None
-                } else {
-                    let r = self.lead(inner, &mut st, reply, deadline);
-                    self.leading.store(false, Ordering::Release);
-                    Some(r)
+            self.leaders.fetch_add(1, Ordering::AcqRel);
+            let mut st = lock(&self.rx);
+            let result = if self.leading.swap(true, Ordering::AcqRel) {
+                // Lost the race to another caller: wait for it instead.
+                None
+            } else {
+                if st.armed {
+                    // A failure only costs the reader thread a spurious wake-up.
+                    let _ = self.watch.disarm();
+                    st.armed = false;
                 }
+                let r = self.lead(inner, &mut st, reply, deadline);
+                self.leading.store(false, Ordering::Release);
+                Some(r)
             };
-            {
-                let mut n = lock(&self.leaders);
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.leaders_gone.notify_all();
+            if self.leaders.fetch_sub(1, Ordering::AcqRel) == 1 && !st.armed {
+                // The last caller out hands the socket back to the reader thread.
+                if let Err(e) = self.watch.arm() {
+                    tracing::warn!(error = %e, "fabric link down: cannot watch the socket");
+                    drop(st);
+                    inner.link_down(self);
+                    return Err(FabricError::LinkDown);
                 }
+                st.armed = true;
             }
+            drop(st);
             if let Some(r) = result {
                 return r;
             }
@@ -387,6 +425,8 @@ impl Session {
             inner.link_down(self);
             FabricError::LinkDown
         };
+        let spin_start = Instant::now();
+        let mut polls = 0u32;
         loop {
             match reply.try_recv() {
                 Ok(r) => return Ok(r),
@@ -397,11 +437,21 @@ impl Session {
             if now >= deadline {
                 return Err(FabricError::Timeout);
             }
-            let wait = (deadline - now).min(self.keepalive_interval);
-            if wait_readable(&self.sock, wait).map_err(end)? {
+            // Poll for the spin budget, then sleep until the socket is readable.
+            let readable = if now.duration_since(spin_start) < self.spin {
+                polls = polls.wrapping_add(1);
+                if polls.is_multiple_of(SPIN_YIELD_EVERY) {
+                    std::thread::yield_now();
+                }
+                true
+            } else {
+                let wait = (deadline - now).min(self.keepalive_interval);
+                wait_readable(&self.sock, wait).map_err(end)?
+            };
+            if readable {
                 match self.pump(inner, st) {
-                    Ok(false) => {}
-                    Ok(true) => {
+                    Ok(Pumped::Nothing | Pumped::Data) => {}
+                    Ok(Pumped::Eof) => {
                         tracing::info!("fabric peer closed the link");
                         return Err(end(EndError::Closed));
                     }
@@ -415,31 +465,52 @@ impl Session {
 
     /// The reader thread: reads the socket whenever no caller does. It waits for data without
     /// holding the receive buffers, so a caller can take over at any time without waiting
-    /// for this thread to be scheduled.
+    /// for this thread to be scheduled; a caller that does disarms the thread's watch, so
+    /// that the caller's reply does not wake it.
     fn read_loop(&self, inner: &Inner) -> Result<(), EndError> {
         loop {
-            {
-                let mut n = lock(&self.leaders);
-                while *n > 0 && !self.closed.load(Ordering::Acquire) {
-                    n = self.leaders_gone.wait(n).unwrap_or_else(|e| e.into_inner());
-                }
-            }
             if self.closed.load(Ordering::Acquire) {
                 return Err(EndError::Closed);
             }
-            if wait_readable(&self.sock, self.keepalive_interval)? {
-                if *lock(&self.leaders) > 0 {
-                    // A caller reads (and may have read this already).
-                    continue;
+            if !self.watch.wait(self.keepalive_interval)? {
+                if self.silent_too_long() {
+                    return Err(EndError::Silent);
                 }
-                let mut st = lock(&self.rx);
-                if self.pump(inner, &mut st)? {
-                    return Ok(());
+                continue;
+            }
+            let mut st = lock(&self.rx);
+            // The event disarmed the watch; `armed` stays set (a caller disarming again is
+            // harmless).
+            if self.read_while_busy(inner, &mut st)? == Pumped::Eof {
+                return Ok(());
+            }
+            if self.leaders.load(Ordering::Acquire) == 0 {
+                self.watch.arm()?;
+                st.armed = true;
+            }
+            // Else a caller waits for the socket and re-arms the watch when it is done.
+        }
+    }
+
+    /// Reads the socket until it has been quiet for the spin budget, or until a caller wants
+    /// it (adaptive polling: the peer's next request usually follows within the budget).
+    fn read_while_busy(&self, inner: &Inner, st: &mut RxState) -> Result<Pumped, EndError> {
+        let mut last = Instant::now();
+        let mut polls = 0u32;
+        while self.leaders.load(Ordering::Acquire) == 0 {
+            match self.pump(inner, st)? {
+                Pumped::Eof => return Ok(Pumped::Eof),
+                Pumped::Data => last = Instant::now(),
+                Pumped::Nothing if last.elapsed() >= self.spin => break,
+                Pumped::Nothing => {
+                    polls = polls.wrapping_add(1);
+                    if polls.is_multiple_of(SPIN_YIELD_EVERY) {
+                        std::thread::yield_now();
+                    }
                 }
-            } else if self.silent_too_long() {
-                return Err(EndError::Silent);
             }
         }
+        Ok(Pumped::Nothing)
     }
 
     /// A posted write of `data` (any length) at `offset` of the peer's `window`: sent by this
@@ -582,9 +653,8 @@ impl Session {
             p.waiters.clear();
         }
         self.credit.notify_all();
+        // Wakes the reader thread (the watch reports the hang-up) and any caller reading.
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
-        drop(lock(&self.leaders));
-        self.leaders_gone.notify_all();
         Some(self.up.load(Ordering::Acquire))
     }
 
@@ -599,11 +669,13 @@ impl Session {
         let tag = {
             let mut p = lock(&self.pending);
             while p.open && p.waiters.len() >= MAX_OUTSTANDING {
+                p.starved += 1;
                 p = self
                     .credit
                     .wait_timeout(p, timeout)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
+                p.starved -= 1;
             }
             if !p.open {
                 return Err(FabricError::LinkDown);
@@ -616,10 +688,7 @@ impl Session {
             p.waiters.insert(tag, tx);
             tag
         };
-        let forget = || {
-            lock(&self.pending).waiters.remove(&tag);
-            self.credit.notify_one();
-        };
+        let forget = || self.release_tag(tag);
         if self.out.push_request(|b| encode(tag, b)).is_err() || self.flush(Flush::Caller).is_err()
         {
             forget();
@@ -634,10 +703,18 @@ impl Session {
         }
     }
 
+    /// Frees `tag`, returning its waiter.
+    fn release_tag(&self, tag: u32) -> Option<SyncSender<Reply>> {
+        let mut p = lock(&self.pending);
+        let waiter = p.waiters.remove(&tag);
+        if p.starved > 0 {
+            self.credit.notify_one();
+        }
+        waiter
+    }
+
     fn complete(&self, tag: u32, reply: Reply) {
-        let waiter = lock(&self.pending).waiters.remove(&tag);
-        self.credit.notify_one();
-        match waiter {
+        match self.release_tag(tag) {
             Some(tx) => {
                 let _ = tx.try_send(reply);
             }
