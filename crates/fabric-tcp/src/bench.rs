@@ -4,9 +4,16 @@
 //!
 //! - window write bandwidth (posted writes, TLS) vs a raw TCP stream;
 //! - non-posted read latency (8 bytes, TLS) vs a raw TCP ping-pong of 8 bytes.
+//!
+//! Both ends of the raw ping-pong wait the way the fabric does: they poll the socket for the
+//! fabric's spin budget ([`devlend_fabric::LinkConfig::spin`]) before they sleep in `poll`.
+//! With plain blocking reads the baseline swings between ~4 µs and ~65 µs from run to run on
+//! these 2-vCPU machines, depending on whether the two threads share a vCPU (waking an idle
+//! vCPU is what costs); like must be compared with like.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -107,7 +114,8 @@ pub fn figures_with(quick: bool, secure: bool) -> Result<Vec<Figure>, BenchError
         Ok((n, raw))
     })?;
     let (lender, raw_listener) = lender;
-    let raw_server = std::thread::spawn(move || raw_server(raw_listener));
+    let spin = cfg.link.spin;
+    let raw_server = std::thread::spawn(move || raw_server(raw_listener, spin));
 
     let reps = if quick { 3 } else { 5 };
     let total: usize = if quick { 64 << 20 } else { 256 << 20 };
@@ -130,7 +138,7 @@ pub fn figures_with(quick: bool, secure: bool) -> Result<Vec<Figure>, BenchError
             bw.push(window_bandwidth(&b, &chunk, total)?);
             bw_raw.push(raw_bandwidth(&mut raw, &chunk, total)?);
             lat.push(read_latency(&b, pings)?);
-            lat_raw.push(raw_latency(&mut raw, pings)?);
+            lat_raw.push(raw_latency(&mut raw, pings, spin)?);
         }
         raw.write_all(b"q")?;
         Ok(vec![
@@ -172,15 +180,63 @@ fn read_latency(b: &TcpNtb, n: usize) -> Result<f64, BenchError> {
     Ok(median(samples))
 }
 
+/// Reads what `s` holds into `buf`, polling for up to `spin` before sleeping until readable
+/// (the fabric's adaptive wait). `Ok(0)` at end of stream.
+fn recv_adaptive(s: &TcpStream, buf: &mut [u8], spin: Duration) -> std::io::Result<usize> {
+    let start = Instant::now();
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call, and the
+        // descriptor belongs to `s`.
+        let n = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock if start.elapsed() < spin => {}
+            std::io::ErrorKind::WouldBlock => {
+                let mut fd = libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: `fd` is a valid pollfd for the whole call.
+                unsafe { libc::poll(&mut fd, 1, 1000) };
+            }
+            std::io::ErrorKind::Interrupted => {}
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Fills `buf` with [`recv_adaptive`].
+fn read_exact_adaptive(s: &TcpStream, buf: &mut [u8], spin: Duration) -> std::io::Result<()> {
+    let mut have = 0;
+    while have < buf.len() {
+        match recv_adaptive(s, buf.get_mut(have..).unwrap_or_default(), spin)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => have += n,
+        }
+    }
+    Ok(())
+}
+
 /// Raw protocol: b's' + u64 length, then the bytes, answered by one byte; b'p' + 8 bytes,
 /// answered by the same 8 bytes; b'q' ends.
-fn raw_server(listener: TcpListener) -> std::io::Result<()> {
+fn raw_server(listener: TcpListener, spin: Duration) -> std::io::Result<()> {
     let (mut s, _) = listener.accept()?;
     s.set_nodelay(true)?;
     let mut buf = vec![0u8; CHUNK];
     loop {
         let mut op = [0u8; 1];
-        if s.read(&mut op)? == 0 {
+        if recv_adaptive(&s, &mut op, spin)? == 0 {
             return Ok(());
         }
         match op {
@@ -200,7 +256,7 @@ fn raw_server(listener: TcpListener) -> std::io::Result<()> {
             }
             [b'p'] => {
                 let mut v = [0u8; 8];
-                s.read_exact(&mut v)?;
+                read_exact_adaptive(&s, &mut v, spin)?;
                 s.write_all(&v)?;
             }
             _ => return Ok(()),
@@ -222,7 +278,7 @@ fn raw_bandwidth(s: &mut TcpStream, chunk: &[u8], total: usize) -> Result<f64, B
     Ok(total as f64 / start.elapsed().as_secs_f64() / 1e9)
 }
 
-fn raw_latency(s: &mut TcpStream, n: usize) -> Result<f64, BenchError> {
+fn raw_latency(s: &mut TcpStream, n: usize, spin: Duration) -> Result<f64, BenchError> {
     let mut samples = Vec::with_capacity(n);
     let mut v = [0u8; 9];
     v[0] = b'p';
@@ -230,7 +286,7 @@ fn raw_latency(s: &mut TcpStream, n: usize) -> Result<f64, BenchError> {
     for _ in 0..n {
         let t = Instant::now();
         s.write_all(&v)?;
-        s.read_exact(&mut back)?;
+        read_exact_adaptive(s, &mut back, spin)?;
         samples.push(t.elapsed().as_secs_f64() * 1e6);
     }
     Ok(median(samples))
