@@ -87,11 +87,14 @@ pub mod keys;
 pub mod netns;
 mod ntb;
 mod queue;
+mod record;
 mod session;
 mod tls;
 mod watch;
 
 pub use ntb::{TcpNtb, TcpStats};
+#[cfg(feature = "fuzzing")]
+pub use record::fuzz as fuzz_records;
 pub use tls::{Credentials, TlsCredentials, TlsError, ALPN};
 
 use std::net::SocketAddr;

@@ -17,7 +17,8 @@ use crate::ntb::Inner;
 use crate::queue::{InQueue, OutQueue, Take};
 use crate::watch::Watch;
 
-use crate::tls::ALPN;
+use crate::record::{Opener, RecordError, Sealer, MAX_PLAINTEXT, MAX_RECORD};
+use crate::tls;
 use crate::Credentials;
 
 /// Most requests needing a reply (reads, scratchpad reads, message writes) that one side may
@@ -44,7 +45,7 @@ pub(crate) enum EndError {
     Io(#[from] std::io::Error),
     /// TLS failed (bad record, alert from the peer).
     #[error("TLS: {0}")]
-    Tls(#[from] rustls::Error),
+    Tls(#[from] RecordError),
     /// Bad bytes from the peer.
     #[error("bad frame: {0}")]
     Frame(#[from] FrameError),
@@ -148,8 +149,8 @@ pub(crate) struct Session {
 struct RxState {
     /// Plaintext not yet parsed (at most one incomplete frame after a pump).
     rx: Vec<u8>,
-    /// Bytes from the socket.
-    net: Vec<u8>,
+    /// Bytes from the socket (a partial TLS record waits here for the rest).
+    net: NetBuf,
     /// The peer's hello arrived.
     hello: bool,
     /// [`Session::watch`] may be armed (a caller taking over the socket disarms it first).
@@ -279,7 +280,10 @@ impl Session {
             send: Mutex::new(SendState::default()),
             rx: Mutex::new(RxState {
                 rx: Vec::with_capacity(4 * frame::MAX_PAYLOAD),
-                net: vec![0u8; 256 * 1024],
+                net: NetBuf {
+                    buf: vec![0u8; 256 * 1024 + MAX_RECORD],
+                    len: 0,
+                },
                 hello: false,
                 armed: true,
             }),
@@ -345,6 +349,11 @@ impl Session {
         if got.eof {
             if self.closed.load(Ordering::Acquire) {
                 return Err(EndError::Closed);
+            }
+            if !*hello {
+                return Err(EndError::Protocol(
+                    "the peer closed the connection before its hello".into(),
+                ));
             }
             if !rx.is_empty() {
                 return Err(FrameError::Truncated { have: rx.len() }.into());
@@ -468,6 +477,10 @@ impl Session {
     /// for this thread to be scheduled; a caller that does disarms the thread's watch, so
     /// that the caller's reply does not wake it.
     fn read_loop(&self, inner: &Inner) -> Result<(), EndError> {
+        // What came with the end of the handshake, before any wake-up.
+        if self.pump(inner, &mut lock(&self.rx))? == Pumped::Eof {
+            return Ok(());
+        }
         loop {
             if self.closed.load(Ordering::Acquire) {
                 return Err(EndError::Closed);
@@ -553,36 +566,43 @@ impl Session {
         // What was queued before goes first.
         batch.clear();
         if self.out.take_now(batch).map_err(down)? {
-            self.chan.encrypt(batch, wire).map_err(io)?;
+            self.chan
+                .encrypt(&[batch], wire)
+                .map_err(|_| FabricError::LinkDown)?;
         }
         // Frames go out in batches of up to SEND_BATCH bytes per system call: the kernel pushes
-        // each write at once (TCP_NODELAY), so small writes would mean small segments.
-        let pieces: Vec<&[u8]> = data.chunks(frame::MAX_DATA).collect();
+        // each write at once (TCP_NODELAY), so small writes would mean small segments. Under
+        // TLS each frame fills one record exactly, so that the peer can open it in place.
+        let piece_len = if self.chan.is_tls() {
+            MAX_PLAINTEXT - frame::WRITE_HEADER_LEN
+        } else {
+            frame::MAX_DATA
+        };
+        let pieces: Vec<&[u8]> = data.chunks(piece_len).collect();
         let mut at = offset;
-        for group in pieces.chunks(SEND_BATCH / frame::MAX_DATA) {
+        for group in pieces.chunks(SEND_BATCH / piece_len) {
             let mut headers = Vec::with_capacity(group.len());
             for piece in group {
                 headers.push(frame::write_header(window, at, piece.len()));
                 at += piece.len() as u64;
             }
-            match &self.chan.tls {
-                None => {
-                    let mut parts = Vec::with_capacity(1 + 2 * group.len());
-                    parts.push(IoSlice::new(wire));
-                    for (h, piece) in headers.iter().zip(group) {
-                        parts.push(IoSlice::new(h));
-                        parts.push(IoSlice::new(piece));
-                    }
-                    write_all_vectored(&self.sock, &mut parts).map_err(io)?;
-                    wire.clear();
+            if self.chan.is_tls() {
+                for (h, piece) in headers.iter().zip(group) {
+                    self.chan
+                        .encrypt(&[h, piece], wire)
+                        .map_err(|_| FabricError::LinkDown)?;
                 }
-                Some(_) => {
-                    for (h, piece) in headers.iter().zip(group) {
-                        self.chan.encrypt_parts(h, piece, wire).map_err(io)?;
-                    }
-                    (&self.sock).write_all(wire).map_err(io)?;
-                    wire.clear();
+                (&self.sock).write_all(wire).map_err(io)?;
+                wire.clear();
+            } else {
+                let mut parts = Vec::with_capacity(1 + 2 * group.len());
+                parts.push(IoSlice::new(wire));
+                for (h, piece) in headers.iter().zip(group) {
+                    parts.push(IoSlice::new(h));
+                    parts.push(IoSlice::new(piece));
                 }
+                write_all_vectored(&self.sock, &mut parts).map_err(io)?;
+                wire.clear();
             }
         }
         if !wire.is_empty() {
@@ -611,7 +631,7 @@ impl Session {
             batch.clear();
             let took = self.out.take_now(batch).map_err(|_| EndError::Closed)?;
             if took {
-                self.chan.encrypt(batch, wire)?;
+                self.chan.encrypt(&[batch], wire)?;
             }
             if wire.is_empty() {
                 return Ok(());
@@ -732,9 +752,18 @@ impl Session {
     }
 }
 
-/// The byte channel of a connection: TLS state, or nothing for plain TCP.
-struct Channel {
-    tls: Option<Mutex<rustls::Connection>>,
+/// The byte channel of a connection: the TLS record layer's two directions, or nothing for
+/// plain TCP.
+pub(crate) struct Channel {
+    tls: Option<Tls>,
+    /// What arrived with the end of the handshake: plaintext, then the start of the records
+    /// that follow (handled by the first [`Session::pump`]).
+    early: Mutex<Option<(Vec<u8>, Vec<u8>)>>,
+}
+
+struct Tls {
+    sealer: Mutex<Sealer>,
+    opener: Mutex<Opener>,
 }
 
 struct Received {
@@ -742,43 +771,73 @@ struct Received {
     kick: bool,
 }
 
+/// Receives `buf.len()` bytes at most without blocking; `None` when there was nothing.
+fn recv_nonblocking(stream: &TcpStream, buf: &mut [u8]) -> Result<Option<usize>, EndError> {
+    loop {
+        // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes for the whole call, and
+        // the descriptor belongs to `stream`.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(EndError::Io(e)),
+        }
+    }
+}
+
 impl Channel {
-    /// Reads what the socket holds (without blocking) and appends the plaintext to `rx`.
-    /// Returns `None` when there was nothing to read.
+    fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    fn plain() -> Self {
+        Self {
+            tls: None,
+            early: Mutex::new(None),
+        }
+    }
+
+    /// Reads what the socket holds (without blocking) and appends the plaintext to `rx`;
+    /// `net` keeps a partial record between calls. Returns `None` when there was nothing.
     fn recv(
         &self,
         stream: &TcpStream,
-        net: &mut [u8],
+        net: &mut NetBuf,
         rx: &mut Vec<u8>,
     ) -> Result<Option<Received>, EndError> {
-        let n = loop {
-            // SAFETY: `net` is a valid writable buffer of `net.len()` bytes for the whole call,
-            // and the descriptor belongs to `stream`.
-            let n = unsafe {
-                libc::recv(
-                    stream.as_raw_fd(),
-                    net.as_mut_ptr().cast(),
-                    net.len(),
-                    libc::MSG_DONTWAIT,
-                )
+        if let Some((plain, cipher)) = lock(&self.early).take() {
+            rx.extend_from_slice(&plain);
+            let dst = net.buf.get_mut(..cipher.len()).ok_or(EndError::Protocol(
+                "more than a buffer of data with the handshake".into(),
+            ))?;
+            dst.copy_from_slice(&cipher);
+            net.len = cipher.len();
+            return self.open(net, rx).map(Some);
+        }
+        if !self.is_tls() {
+            let Some(n) = recv_nonblocking(stream, &mut net.buf)? else {
+                return Ok(None);
             };
-            if n >= 0 {
-                break n as usize;
-            }
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
-                std::io::ErrorKind::Interrupted => continue,
-                std::io::ErrorKind::WouldBlock => return Ok(None),
-                _ => return Err(EndError::Io(e)),
-            }
-        };
-        let input = net.get(..n).unwrap_or_default();
-        let Some(tls) = &self.tls else {
-            rx.extend_from_slice(input);
+            rx.extend_from_slice(net.buf.get(..n).unwrap_or_default());
             return Ok(Some(Received {
                 eof: n == 0,
                 kick: false,
             }));
+        }
+        let free = net.buf.get_mut(net.len..).unwrap_or_default();
+        let Some(n) = recv_nonblocking(stream, free)? else {
+            return Ok(None);
         };
         if n == 0 {
             return Ok(Some(Received {
@@ -786,78 +845,47 @@ impl Channel {
                 kick: false,
             }));
         }
-        let mut conn = lock(tls);
-        let mut input = input;
-        let mut eof = false;
-        while !input.is_empty() {
-            conn.read_tls(&mut input)?;
-            let state = conn.process_new_packets()?;
-            let k = state.plaintext_bytes_to_read();
-            if k > 0 {
-                let start = rx.len();
-                rx.resize(start + k, 0);
-                if let Some(dst) = rx.get_mut(start..) {
-                    conn.reader().read_exact(dst)?;
+        net.len += n;
+        self.open(net, rx).map(Some)
+    }
+
+    /// Opens the whole records in `net` into `rx` and keeps the partial one.
+    fn open(&self, net: &mut NetBuf, rx: &mut Vec<u8>) -> Result<Received, EndError> {
+        let Some(tls) = &self.tls else {
+            return Ok(Received {
+                eof: false,
+                kick: false,
+            });
+        };
+        let filled = net.buf.get_mut(..net.len).unwrap_or_default();
+        let opened = lock(&tls.opener).open(filled, rx)?;
+        net.buf.copy_within(opened.consumed..net.len, 0);
+        net.len -= opened.consumed;
+        Ok(Received {
+            eof: opened.closed,
+            kick: opened.answer,
+        })
+    }
+
+    /// Appends the wire form of the concatenation of `parts` to `wire` (for TLS: sealed
+    /// records, preceded by a key update when one is due or was asked for).
+    fn encrypt(&self, parts: &[&[u8]], wire: &mut Vec<u8>) -> Result<(), EndError> {
+        match &self.tls {
+            None => {
+                for p in parts {
+                    wire.extend_from_slice(p);
                 }
+                Ok(())
             }
-            eof |= state.peer_has_closed();
+            Some(tls) => Ok(lock(&tls.sealer).seal(parts, wire)?),
         }
-        Ok(Some(Received {
-            eof,
-            kick: conn.wants_write(),
-        }))
     }
+}
 
-    /// Appends the TLS records of `head` followed by `body` to `wire` (TLS only).
-    fn encrypt_parts(&self, head: &[u8], body: &[u8], wire: &mut Vec<u8>) -> std::io::Result<()> {
-        let Some(tls) = &self.tls else {
-            wire.extend_from_slice(head);
-            wire.extend_from_slice(body);
-            return Ok(());
-        };
-        let mut conn = lock(tls);
-        let total = head.len() + body.len();
-        let mut done = 0;
-        while done < total {
-            let parts = if done < head.len() {
-                [
-                    std::io::IoSlice::new(head.get(done..).unwrap_or_default()),
-                    std::io::IoSlice::new(body),
-                ]
-            } else {
-                [
-                    std::io::IoSlice::new(body.get(done - head.len()..).unwrap_or_default()),
-                    std::io::IoSlice::new(&[]),
-                ]
-            };
-            let n = conn.writer().write_vectored(&parts)?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            done += n;
-        }
-        while conn.wants_write() {
-            conn.write_tls(wire)?;
-        }
-        Ok(())
-    }
-
-    /// Appends the wire form of `data` (plus any TLS records pending, such as alerts or key
-    /// updates) to `wire`.
-    fn encrypt(&self, data: &[u8], wire: &mut Vec<u8>) -> std::io::Result<()> {
-        let Some(tls) = &self.tls else {
-            wire.extend_from_slice(data);
-            return Ok(());
-        };
-        let mut conn = lock(tls);
-        if !data.is_empty() {
-            conn.writer().write_all(data)?;
-        }
-        while conn.wants_write() {
-            conn.write_tls(wire)?;
-        }
-        Ok(())
-    }
+/// The receive buffer of the socket: ciphertext of a partial record is kept at its start.
+pub(crate) struct NetBuf {
+    buf: Vec<u8>,
+    len: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -890,31 +918,16 @@ fn establish(creds: &Credentials, stream: &TcpStream, role: Role) -> Result<Chan
             if &got != PLAIN_PREAMBLE {
                 return Err("the peer did not send the devlend insecure preamble".into());
             }
-            Ok(Channel { tls: None })
+            Ok(Channel::plain())
         }
         Credentials::Tls(t) => {
-            let mut conn: rustls::Connection = match role {
-                Role::Client => t.client_conn().map_err(|e| e.to_string())?.into(),
-                Role::Server => t.server_conn().map_err(|e| e.to_string())?.into(),
-            };
-            conn.set_buffer_limit(None);
-            let mut io = stream;
-            while conn.is_handshaking() {
-                conn.complete_io(&mut io).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                        "TLS handshake timed out".to_string()
-                    }
-                    _ => format!("TLS handshake failed: {e}"),
-                })?;
-            }
-            if conn.alpn_protocol() != Some(ALPN) {
-                return Err("the peer does not speak the devlend fabric protocol (ALPN)".into());
-            }
-            if role == Role::Server {
-                t.check_client_name(conn.peer_certificates())?;
-            }
+            let e = tls::handshake(t, stream, role == Role::Client)?;
             Ok(Channel {
-                tls: Some(Mutex::new(conn)),
+                tls: Some(Tls {
+                    sealer: Mutex::new(e.sealer),
+                    opener: Mutex::new(e.opener),
+                }),
+                early: Mutex::new(Some((e.plaintext, e.ciphertext))),
             })
         }
     }
