@@ -276,13 +276,14 @@ impl Sealer {
 }
 
 impl Opener {
-    /// Opens, in place, the whole records at the start of `net`, appending their application
-    /// data to `out`. A partial record at the end is left for the next call.
-    pub(crate) fn open(
+    /// Opens, in place, the whole records at the start of `net`, handing each record's
+    /// application data to `sink` (in order, straight from `net`). A partial record at the
+    /// end is left for the next call.
+    pub(crate) fn open<E: From<RecordError>>(
         &mut self,
         net: &mut [u8],
-        out: &mut Vec<u8>,
-    ) -> Result<Opened, RecordError> {
+        mut sink: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<Opened, E> {
         let mut done = Opened::default();
         loop {
             let rest = net.get_mut(done.consumed..).unwrap_or_default();
@@ -290,11 +291,11 @@ impl Opener {
                 return Ok(done);
             };
             if typ != APPLICATION_DATA {
-                return Err(RecordError::Type(typ));
+                return Err(RecordError::Type(typ).into());
             }
             let len = usize::from(u16::from_be_bytes([l0, l1]));
             if len > MAX_CIPHERTEXT {
-                return Err(RecordError::Overflow(len));
+                return Err(RecordError::Overflow(len).into());
             }
             let Some(record) = rest.get_mut(..HEADER_LEN + len) else {
                 return Ok(done);
@@ -309,22 +310,22 @@ impl Opener {
                 .map_err(|_| RecordError::Auth)?;
             done.consumed += HEADER_LEN + len;
             let Some(end) = inner.iter().rposition(|&b| b != 0) else {
-                return Err(RecordError::NoContentType);
+                return Err(RecordError::NoContentType.into());
             };
             let (content, kind) = inner.split_at(end);
             match kind.first().copied() {
-                Some(APPLICATION_DATA) => out.extend_from_slice(content),
+                Some(APPLICATION_DATA) => sink(content)?,
                 Some(ALERT) => match content {
                     [_, CLOSE_NOTIFY] => {
                         done.closed = true;
                         return Ok(done);
                     }
-                    [_, d] => return Err(RecordError::Alert(*d)),
-                    _ => return Err(RecordError::Handshake("malformed alert")),
+                    [_, d] => return Err(RecordError::Alert(*d).into()),
+                    _ => return Err(RecordError::Handshake("malformed alert").into()),
                 },
                 Some(HANDSHAKE) => self.handshake(content, &mut done)?,
-                Some(other) => return Err(RecordError::Type(other)),
-                None => return Err(RecordError::NoContentType),
+                Some(other) => return Err(RecordError::Type(other).into()),
+                None => return Err(RecordError::NoContentType.into()),
             }
         }
     }
@@ -368,10 +369,10 @@ pub fn fuzz(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let mut out = Vec::new();
+    let sink = |_: &[u8]| Ok::<(), RecordError>(());
     if mode % 2 == 0 {
         let mut net = rest.to_vec();
-        let _ = opener.open(&mut net, &mut out);
+        let _ = opener.open(&mut net, sink);
         return;
     }
     let mut wire = Vec::new();
@@ -388,7 +389,7 @@ pub fn fuzz(data: &[u8]) {
         }
         rest = next;
     }
-    let _ = opener.open(&mut wire, &mut out);
+    let _ = opener.open(&mut wire, sink);
 }
 
 #[cfg(test)]
@@ -407,11 +408,21 @@ pub(crate) mod tests {
         crate::tls::tests::established_pair()
     }
 
+    impl Opener {
+        /// [`Opener::open`] appending to `out`.
+        fn open_into(&mut self, net: &mut [u8], out: &mut Vec<u8>) -> Result<Opened, RecordError> {
+            self.open(net, |d| {
+                out.extend_from_slice(d);
+                Ok::<(), RecordError>(())
+            })
+        }
+    }
+
     fn roundtrip(s: &mut Sealer, o: &mut Opener, data: &[u8]) -> Vec<u8> {
         let mut wire = Vec::new();
         s.seal(&[data], &mut wire).unwrap();
         let mut out = Vec::new();
-        let got = o.open(&mut wire, &mut out).unwrap();
+        let got = o.open_into(&mut wire, &mut out).unwrap();
         assert_eq!(got.consumed, wire.len());
         out
     }
@@ -426,7 +437,7 @@ pub(crate) mod tests {
         cs.seal(&[b"ab", b"", b"cde"], &mut wire).unwrap();
         assert_eq!(wire.len(), HEADER_LEN + 5 + 1 + TAG_LEN);
         let mut out = Vec::new();
-        so.open(&mut wire, &mut out).unwrap();
+        so.open_into(&mut wire, &mut out).unwrap();
         assert_eq!(out, b"abcde");
     }
 
@@ -437,10 +448,10 @@ pub(crate) mod tests {
         cs.seal(&[&[7u8; 40_000]], &mut wire).unwrap();
         let mut out = Vec::new();
         let cut = HEADER_LEN + 100;
-        let first = so.open(&mut wire[..cut], &mut out).unwrap();
+        let first = so.open_into(&mut wire[..cut], &mut out).unwrap();
         assert_eq!(first.consumed, 0);
         assert!(out.is_empty());
-        let all = so.open(&mut wire, &mut out).unwrap();
+        let all = so.open_into(&mut wire, &mut out).unwrap();
         assert_eq!(all.consumed, wire.len());
         assert_eq!(out, vec![7u8; 40_000]);
     }
@@ -454,7 +465,7 @@ pub(crate) mod tests {
         tampered[HEADER_LEN + 2] ^= 1;
         let mut out = Vec::new();
         assert!(matches!(
-            so.open(&mut tampered, &mut out),
+            so.open_into(&mut tampered, &mut out),
             Err(RecordError::Auth)
         ));
 
@@ -462,22 +473,22 @@ pub(crate) mod tests {
         let mut wire = Vec::new();
         cs.seal(&[b"hello"], &mut wire).unwrap();
         let mut again = wire.clone();
-        so.open(&mut wire, &mut out).unwrap();
+        so.open_into(&mut wire, &mut out).unwrap();
         // The same record a second time has the wrong sequence number.
         assert!(matches!(
-            so.open(&mut again, &mut out),
+            so.open_into(&mut again, &mut out),
             Err(RecordError::Auth)
         ));
 
         let mut bad_type = vec![22, 3, 3, 0, 20];
         bad_type.resize(25, 0);
         assert!(matches!(
-            so.open(&mut bad_type, &mut out),
+            so.open_into(&mut bad_type, &mut out),
             Err(RecordError::Type(22))
         ));
         let mut huge = vec![23, 3, 3, 0xff, 0xff];
         assert!(matches!(
-            so.open(&mut huge, &mut out),
+            so.open_into(&mut huge, &mut out),
             Err(RecordError::Overflow(_))
         ));
     }
@@ -508,13 +519,13 @@ pub(crate) mod tests {
         let (seq, secrets) = lock(&cs.kernel).next(true).unwrap();
         cs.keys = Keys::new(seq, &secrets).unwrap();
         let mut out = Vec::new();
-        let got = so.open(&mut wire, &mut out).unwrap();
+        let got = so.open_into(&mut wire, &mut out).unwrap();
         assert!(got.answer);
         // The server's next seal carries its own update first; the client follows it.
         let mut reply = Vec::new();
         ss.seal(&[], &mut reply).unwrap();
         assert!(!reply.is_empty());
-        co.open(&mut reply, &mut out).unwrap();
+        co.open_into(&mut reply, &mut out).unwrap();
         assert_eq!(roundtrip(&mut ss, &mut co, b"after"), b"after");
         assert_eq!(roundtrip(&mut cs, &mut so, b"both"), b"both");
     }
@@ -529,7 +540,7 @@ pub(crate) mod tests {
             wire.push(ALERT);
             cs.seal_tail(0, &mut wire).unwrap();
             let mut out = Vec::new();
-            match so.open(&mut wire, &mut out) {
+            match so.open_into(&mut wire, &mut out) {
                 Ok(o) => assert!(closed && o.closed),
                 Err(RecordError::Alert(d)) => assert!(!closed && d == desc),
                 Err(e) => panic!("{e}"),

@@ -1,7 +1,7 @@
 //! One connection: establishing it (TLS or the explicit insecure preamble), the reader loop, the
 //! writer thread, the service thread, and the supervisor that reconnects.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -125,6 +125,10 @@ pub(crate) struct Session {
     chan: Channel,
     /// Held by whoever moves queued frames to the socket; keeps TLS records in order.
     send: Mutex<SendState>,
+    /// TLS: records sealed in order, waiting for the holder of `send` (a bulk writer seals
+    /// while the writer thread sends: two cores share the work).
+    sealed: Mutex<Sealed>,
+    sealed_space: Condvar,
     /// Held by whoever reads the socket: the reader thread, or a caller waiting for its reply
     /// (so that the reply wakes the caller directly, not through the reader thread).
     rx: Mutex<RxState>,
@@ -198,6 +202,25 @@ struct SendState {
     wire: Vec<u8>,
 }
 
+/// Sealed records waiting for the socket, oldest first, and spare buffers.
+#[derive(Default)]
+struct Sealed {
+    bufs: VecDeque<Vec<u8>>,
+    bytes: usize,
+    free: Vec<Vec<u8>>,
+    space_waiting: bool,
+}
+
+/// Most bytes of sealed records a bulk writer may have waiting for the socket.
+const SEALED_LIMIT: usize = 1 << 20;
+/// Bytes of posted writes a bulk writer seals per buffer.
+const SEAL_GROUP: usize = 1 << 18;
+/// Posted writes up to this size are sent by the calling thread when the socket is free
+/// (latency); larger ones are left to the writer thread while the caller seals the next part.
+const INLINE_WRITE: usize = 64 * 1024;
+/// Spare sealed-record buffers kept.
+const FREE_BUFS: usize = 8;
+
 /// How a thread moves queued frames to the socket (see [`Session::flush`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Flush {
@@ -213,7 +236,7 @@ pub(crate) enum Flush {
 
 /// A spinning reader yields the CPU every this many polls of the socket (on two cores, a pure
 /// spin would starve the thread it waits for).
-const SPIN_YIELD_EVERY: u32 = 8;
+const SPIN_YIELD_EVERY: u32 = 1;
 
 /// Most bytes of posted writes gathered into one system call.
 const SEND_BATCH: usize = 1 << 20;
@@ -278,6 +301,8 @@ impl Session {
             sock,
             chan,
             send: Mutex::new(SendState::default()),
+            sealed: Mutex::new(Sealed::default()),
+            sealed_space: Condvar::new(),
             rx: Mutex::new(RxState {
                 rx: Vec::with_capacity(4 * frame::MAX_PAYLOAD),
                 net: NetBuf {
@@ -306,7 +331,22 @@ impl Session {
     /// to this side's requests (handed to their callers).
     fn pump(&self, inner: &Inner, st: &mut RxState) -> Result<Pumped, EndError> {
         let RxState { rx, net, hello, .. } = st;
-        let got = match self.chan.recv(&self.sock, net, rx) {
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0usize;
+        // Frames are handled straight from what was received (a record opened in place);
+        // only an incomplete frame at the end is kept in `rx` for the rest.
+        let sink = |bytes: &[u8]| -> Result<(), EndError> {
+            if rx.is_empty() {
+                let used = self.frames(inner, bytes, hello, &mut batch, &mut batch_bytes)?;
+                rx.extend_from_slice(bytes.get(used..).unwrap_or_default());
+            } else {
+                rx.extend_from_slice(bytes);
+                let used = self.frames(inner, rx, hello, &mut batch, &mut batch_bytes)?;
+                rx.drain(..used);
+            }
+            Ok(())
+        };
+        let got = match self.chan.recv(&self.sock, net, sink) {
             Ok(Some(got)) => got,
             Ok(None) => return Ok(Pumped::Nothing),
             Err(e) if self.closed.load(Ordering::Acquire) => {
@@ -319,26 +359,6 @@ impl Session {
         if got.kick {
             self.out.kick();
         }
-        let mut batch = Vec::new();
-        let mut batch_bytes = 0usize;
-        let mut used = 0usize;
-        while let Some((f, n)) = frame::parse(rx.get(used..).unwrap_or_default())? {
-            used += n;
-            if !*hello {
-                let Frame::Hello(h) = f else {
-                    return Err(EndError::Protocol("the first frame is not a hello".into()));
-                };
-                accept_hello(self, h)?;
-                *hello = true;
-                inner.link_up();
-                continue;
-            }
-            if batch.is_empty() && self.inq.idle() && inner.apply_inline(self, &f)? {
-                continue;
-            }
-            handle(self, f, &mut batch, &mut batch_bytes)?;
-        }
-        rx.drain(..used);
         // Replies to requests applied here go out now, or are left to the writer thread.
         self.flush(Flush::NonBlocking)?;
         if !batch.is_empty() {
@@ -361,6 +381,37 @@ impl Session {
             return Ok(Pumped::Eof);
         }
         Ok(Pumped::Data)
+    }
+
+    /// Handles the complete frames at the start of `bytes`: the peer's requests (applied here
+    /// when that keeps the order, else added to `batch` for the service thread), replies to
+    /// this side's requests. Returns the bytes used.
+    fn frames(
+        &self,
+        inner: &Inner,
+        bytes: &[u8],
+        hello: &mut bool,
+        batch: &mut Vec<Inbound>,
+        batch_bytes: &mut usize,
+    ) -> Result<usize, EndError> {
+        let mut used = 0usize;
+        while let Some((f, n)) = frame::parse(bytes.get(used..).unwrap_or_default())? {
+            used += n;
+            if !*hello {
+                let Frame::Hello(h) = f else {
+                    return Err(EndError::Protocol("the first frame is not a hello".into()));
+                };
+                accept_hello(self, h)?;
+                *hello = true;
+                inner.link_up();
+                continue;
+            }
+            if batch.is_empty() && self.inq.idle() && inner.apply_inline(self, &f)? {
+                continue;
+            }
+            handle(self, f, batch, batch_bytes)?;
+        }
+        Ok(used)
     }
 
     /// Waits for the reply on `reply`, reading the socket itself when no one else is.
@@ -526,15 +577,22 @@ impl Session {
         Ok(Pumped::Nothing)
     }
 
-    /// A posted write of `data` (any length) at `offset` of the peer's `window`: sent by this
-    /// thread straight from `data` when no one else is sending (after what is queued, so the
-    /// order holds), else queued for whoever is.
+    /// A posted write of `data` (any length) at `offset` of the peer's `window`. Plain TCP: sent
+    /// by this thread straight from `data` when no one else is sending (after what is queued,
+    /// so the order holds), else queued for whoever is. TLS: see
+    /// [`Session::write_posted_sealed`].
     pub(crate) fn write_posted(
         &self,
         window: u16,
         offset: u64,
         data: &[u8],
     ) -> Result<(), FabricError> {
+        if self.chan.is_tls() {
+            return self.write_posted_sealed(window, offset, data).map_err(|e| {
+                tracing::debug!(error = %e, "fabric send failed");
+                FabricError::LinkDown
+            });
+        }
         let down = |_| FabricError::LinkDown;
         let mut st = match self.send.try_lock() {
             Ok(g) => g,
@@ -571,39 +629,23 @@ impl Session {
                 .map_err(|_| FabricError::LinkDown)?;
         }
         // Frames go out in batches of up to SEND_BATCH bytes per system call: the kernel pushes
-        // each write at once (TCP_NODELAY), so small writes would mean small segments. Under
-        // TLS each frame fills one record exactly, so that the peer can open it in place.
-        let piece_len = if self.chan.is_tls() {
-            MAX_PLAINTEXT - frame::WRITE_HEADER_LEN
-        } else {
-            frame::MAX_DATA
-        };
-        let pieces: Vec<&[u8]> = data.chunks(piece_len).collect();
+        // each write at once (TCP_NODELAY), so small writes would mean small segments.
+        let pieces: Vec<&[u8]> = data.chunks(frame::MAX_DATA).collect();
         let mut at = offset;
-        for group in pieces.chunks(SEND_BATCH / piece_len) {
+        for group in pieces.chunks(SEND_BATCH / frame::MAX_DATA) {
             let mut headers = Vec::with_capacity(group.len());
             for piece in group {
                 headers.push(frame::write_header(window, at, piece.len()));
                 at += piece.len() as u64;
             }
-            if self.chan.is_tls() {
-                for (h, piece) in headers.iter().zip(group) {
-                    self.chan
-                        .encrypt(&[h, piece], wire)
-                        .map_err(|_| FabricError::LinkDown)?;
-                }
-                (&self.sock).write_all(wire).map_err(io)?;
-                wire.clear();
-            } else {
-                let mut parts = Vec::with_capacity(1 + 2 * group.len());
-                parts.push(IoSlice::new(wire));
-                for (h, piece) in headers.iter().zip(group) {
-                    parts.push(IoSlice::new(h));
-                    parts.push(IoSlice::new(piece));
-                }
-                write_all_vectored(&self.sock, &mut parts).map_err(io)?;
-                wire.clear();
+            let mut parts = Vec::with_capacity(1 + 2 * group.len());
+            parts.push(IoSlice::new(wire));
+            for (h, piece) in headers.iter().zip(group) {
+                parts.push(IoSlice::new(h));
+                parts.push(IoSlice::new(piece));
             }
+            write_all_vectored(&self.sock, &mut parts).map_err(io)?;
+            wire.clear();
         }
         if !wire.is_empty() {
             (&self.sock).write_all(wire).map_err(io)?;
@@ -615,6 +657,9 @@ impl Session {
     /// Moves queued frames to the socket, as `how` allows. Frames that stay queued are sent
     /// by the writer thread, which this wakes.
     pub(crate) fn flush(&self, how: Flush) -> Result<(), EndError> {
+        if self.chan.is_tls() {
+            return self.flush_sealed(how);
+        }
         let mut st = match how {
             Flush::Writer => lock(&self.send),
             Flush::Caller | Flush::NonBlocking => match self.send.try_lock() {
@@ -646,6 +691,131 @@ impl Session {
             } else {
                 (&self.sock).write_all(wire)?;
                 wire.clear();
+            }
+        }
+    }
+
+    /// TLS posted write: each frame one record, sealed in groups into the sealed queue (in
+    /// order after what was queued before); small writes are then sent by this thread when
+    /// the socket is free, bulk ones by the writer thread while this one seals on.
+    fn write_posted_sealed(&self, window: u16, offset: u64, data: &[u8]) -> Result<(), EndError> {
+        let piece_len = MAX_PLAINTEXT - frame::WRITE_HEADER_LEN;
+        let pieces: Vec<&[u8]> = data.chunks(piece_len).collect();
+        let mut at = offset;
+        for group in pieces.chunks(SEAL_GROUP / piece_len) {
+            self.wait_sealed_space()?;
+            let mut frames = Vec::with_capacity(group.len());
+            for piece in group {
+                frames.push((frame::write_header(window, at, piece.len()), *piece));
+                at += piece.len() as u64;
+            }
+            self.seal_queued(&frames)?;
+            if data.len() > INLINE_WRITE {
+                self.out.kick();
+            } else {
+                self.flush_sealed(Flush::Caller)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits while the sealed queue is over its limit.
+    fn wait_sealed_space(&self) -> Result<(), EndError> {
+        let mut q = lock(&self.sealed);
+        while q.bytes >= SEALED_LIMIT {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(EndError::Closed);
+            }
+            q.space_waiting = true;
+            self.out.kick();
+            q = self
+                .sealed_space
+                .wait_timeout(q, self.keepalive_interval)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            q.space_waiting = false;
+        }
+        Ok(())
+    }
+
+    /// Seals what the send queue holds, then `frames` (header and data each), into one buffer
+    /// of the sealed queue; the sealer's lock keeps the queue in sealing order. Returns whether
+    /// anything was sealed.
+    fn seal_queued(
+        &self,
+        frames: &[([u8; frame::WRITE_HEADER_LEN], &[u8])],
+    ) -> Result<bool, EndError> {
+        let mut sealer = self.chan.sealer().ok_or(EndError::Closed)?;
+        let mut batch = Vec::new();
+        let took = self
+            .out
+            .take_now(&mut batch)
+            .map_err(|_| EndError::Closed)?;
+        if !took && frames.is_empty() {
+            return Ok(false);
+        }
+        let mut buf = lock(&self.sealed).free.pop().unwrap_or_default();
+        buf.clear();
+        sealer.seal(&[&batch], &mut buf)?;
+        for (h, d) in frames {
+            sealer.seal(&[h, d], &mut buf)?;
+        }
+        let mut q = lock(&self.sealed);
+        if buf.is_empty() {
+            q.free.push(buf);
+        } else {
+            q.bytes += buf.len();
+            q.bufs.push_back(buf);
+        }
+        Ok(true)
+    }
+
+    /// TLS flush: seals what is queued, then writes the sealed queue as `how` allows.
+    fn flush_sealed(&self, how: Flush) -> Result<(), EndError> {
+        let mut st = match how {
+            Flush::Writer => lock(&self.send),
+            Flush::Caller | Flush::NonBlocking => {
+                self.seal_queued(&[])?;
+                match self.send.try_lock() {
+                    Ok(g) => g,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        // The holder may have finished just before: the writer makes sure.
+                        self.out.kick();
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        loop {
+            let sealed = self.seal_queued(&[])?;
+            if st.wire.is_empty() {
+                let mut q = lock(&self.sealed);
+                match q.bufs.pop_front() {
+                    Some(buf) => {
+                        q.bytes -= buf.len();
+                        let old = std::mem::replace(&mut st.wire, buf);
+                        if q.free.len() < FREE_BUFS {
+                            q.free.push(old);
+                        }
+                        if q.space_waiting {
+                            self.sealed_space.notify_all();
+                        }
+                    }
+                    None if sealed => continue,
+                    None => return Ok(()),
+                }
+            }
+            if how == Flush::NonBlocking {
+                let n = send_nonblocking(&self.sock, &st.wire)?;
+                st.wire.drain(..n);
+                if !st.wire.is_empty() {
+                    self.out.kick();
+                    return Ok(());
+                }
+            } else {
+                (&self.sock).write_all(&st.wire)?;
+                st.wire.clear();
             }
         }
     }
@@ -801,6 +971,11 @@ impl Channel {
         self.tls.is_some()
     }
 
+    /// The sending direction's record layer (TLS only); its lock orders sealed records.
+    fn sealer(&self) -> Option<MutexGuard<'_, Sealer>> {
+        self.tls.as_ref().map(|t| lock(&t.sealer))
+    }
+
     fn plain() -> Self {
         Self {
             tls: None,
@@ -808,28 +983,29 @@ impl Channel {
         }
     }
 
-    /// Reads what the socket holds (without blocking) and appends the plaintext to `rx`;
-    /// `net` keeps a partial record between calls. Returns `None` when there was nothing.
+    /// Reads what the socket holds (without blocking) and hands the plaintext to `sink`, in
+    /// pieces; `net` keeps a partial record between calls. Returns `None` when there was
+    /// nothing.
     fn recv(
         &self,
         stream: &TcpStream,
         net: &mut NetBuf,
-        rx: &mut Vec<u8>,
+        mut sink: impl FnMut(&[u8]) -> Result<(), EndError>,
     ) -> Result<Option<Received>, EndError> {
         if let Some((plain, cipher)) = lock(&self.early).take() {
-            rx.extend_from_slice(&plain);
+            sink(&plain)?;
             let dst = net.buf.get_mut(..cipher.len()).ok_or(EndError::Protocol(
                 "more than a buffer of data with the handshake".into(),
             ))?;
             dst.copy_from_slice(&cipher);
             net.len = cipher.len();
-            return self.open(net, rx).map(Some);
+            return self.open(net, sink).map(Some);
         }
         if !self.is_tls() {
             let Some(n) = recv_nonblocking(stream, &mut net.buf)? else {
                 return Ok(None);
             };
-            rx.extend_from_slice(net.buf.get(..n).unwrap_or_default());
+            sink(net.buf.get(..n).unwrap_or_default())?;
             return Ok(Some(Received {
                 eof: n == 0,
                 kick: false,
@@ -846,11 +1022,15 @@ impl Channel {
             }));
         }
         net.len += n;
-        self.open(net, rx).map(Some)
+        self.open(net, sink).map(Some)
     }
 
-    /// Opens the whole records in `net` into `rx` and keeps the partial one.
-    fn open(&self, net: &mut NetBuf, rx: &mut Vec<u8>) -> Result<Received, EndError> {
+    /// Opens the whole records in `net` (into `sink`) and keeps the partial one.
+    fn open(
+        &self,
+        net: &mut NetBuf,
+        sink: impl FnMut(&[u8]) -> Result<(), EndError>,
+    ) -> Result<Received, EndError> {
         let Some(tls) = &self.tls else {
             return Ok(Received {
                 eof: false,
@@ -858,7 +1038,7 @@ impl Channel {
             });
         };
         let filled = net.buf.get_mut(..net.len).unwrap_or_default();
-        let opened = lock(&tls.opener).open(filled, rx)?;
+        let opened = lock(&tls.opener).open(filled, sink)?;
         net.buf.copy_within(opened.consumed..net.len, 0);
         net.len -= opened.consumed;
         Ok(Received {
