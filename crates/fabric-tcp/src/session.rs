@@ -1256,11 +1256,12 @@ fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: Socke
     let was_up = session.is_up();
     inner.link_down(&session);
     match result {
+        // Closed by this side (the node is stopping): not the peer's failure.
+        Err(EndError::Closed) => tracing::debug!(peer = %peer, "fabric link closed"),
         Err(e) if !was_up => {
             inner.count_refusal();
             tracing::warn!(peer = %peer, reason = %e, "fabric peer refused or failed before link-up");
         }
-        Err(EndError::Closed) => tracing::debug!(peer = %peer, "fabric link closed"),
         Err(e) => tracing::warn!(peer = %peer, reason = %e, "fabric link down"),
         Ok(()) => tracing::info!(peer = %peer, "fabric peer closed the link"),
     }
