@@ -185,33 +185,17 @@ fn read_latency(b: &TcpNtb, n: usize) -> Result<f64, BenchError> {
 fn recv_adaptive(s: &TcpStream, buf: &mut [u8], spin: Duration) -> std::io::Result<usize> {
     let start = Instant::now();
     loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call, and the
-        // descriptor belongs to `s`.
-        let n = unsafe {
-            libc::recv(
-                s.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
+        if let Some(n) = crate::session::recv_nonblocking(s, buf)? {
+            return Ok(n);
         }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::WouldBlock if start.elapsed() < spin => {}
-            std::io::ErrorKind::WouldBlock => {
-                let mut fd = libc::pollfd {
-                    fd: s.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: `fd` is a valid pollfd for the whole call.
-                unsafe { libc::poll(&mut fd, 1, 1000) };
-            }
-            std::io::ErrorKind::Interrupted => {}
-            _ => return Err(e),
+        if start.elapsed() >= spin {
+            let mut fd = libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `fd` is a valid pollfd for the whole call.
+            unsafe { libc::poll(&mut fd, 1, 1000) };
         }
     }
 }

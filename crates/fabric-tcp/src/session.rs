@@ -255,29 +255,53 @@ fn write_all_vectored(sock: &TcpStream, mut parts: &mut [IoSlice<'_>]) -> std::i
     Ok(())
 }
 
-/// Writes what the socket takes without blocking; returns the bytes written.
-fn send_nonblocking(sock: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
+/// Runs a non-blocking socket call (`MSG_DONTWAIT`) until it is not interrupted: `None` when
+/// it would have blocked.
+fn nonblocking(mut call: impl FnMut() -> libc::ssize_t) -> std::io::Result<Option<usize>> {
     loop {
-        // SAFETY: `data` is a valid buffer of `data.len()` bytes for the whole call, and the
-        // descriptor belongs to `sock`.
-        let n = unsafe {
-            libc::send(
-                sock.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
+        let n = call();
         if n >= 0 {
-            return Ok(n as usize);
+            return Ok(Some(n as usize));
         }
         let e = std::io::Error::last_os_error();
         match e.kind() {
             std::io::ErrorKind::Interrupted => continue,
-            std::io::ErrorKind::WouldBlock => return Ok(0),
+            std::io::ErrorKind::WouldBlock => return Ok(None),
             _ => return Err(e),
         }
     }
+}
+
+/// Writes what the socket takes without blocking; returns the bytes written.
+fn send_nonblocking(sock: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: `data` is a valid buffer of `data.len()` bytes for the whole call, and the
+    // descriptor belongs to `sock`.
+    let sent = nonblocking(|| unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })?;
+    Ok(sent.unwrap_or(0))
+}
+
+/// Receives `buf.len()` bytes at most without blocking; `None` when there was nothing.
+pub(crate) fn recv_nonblocking(
+    stream: &TcpStream,
+    buf: &mut [u8],
+) -> std::io::Result<Option<usize>> {
+    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes for the whole call, and
+    // the descriptor belongs to `stream`.
+    nonblocking(|| unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    })
 }
 
 impl Session {
@@ -939,31 +963,6 @@ struct Tls {
 struct Received {
     eof: bool,
     kick: bool,
-}
-
-/// Receives `buf.len()` bytes at most without blocking; `None` when there was nothing.
-fn recv_nonblocking(stream: &TcpStream, buf: &mut [u8]) -> Result<Option<usize>, EndError> {
-    loop {
-        // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes for the whole call, and
-        // the descriptor belongs to `stream`.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(Some(n as usize));
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::Interrupted => continue,
-            std::io::ErrorKind::WouldBlock => return Ok(None),
-            _ => return Err(EndError::Io(e)),
-        }
-    }
 }
 
 impl Channel {
