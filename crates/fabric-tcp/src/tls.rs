@@ -329,19 +329,16 @@ macro_rules! drive {
             }
         };
         if result.is_err() {
-            // The alert of a failed handshake is queued in the connection: encode it and send
-            // it (rustls reports the error again instead of asking for transmission).
-            for _ in 0..4 {
-                let UnbufferedStatus { discard, state } =
-                    $conn.process_tls_records(inc.buf.get_mut(..inc.len).unwrap_or_default());
-                let encode = matches!(state, Ok(ConnectionState::EncodeTlsData(_)));
-                let stepped = encode && out.step(state, $stream).is_ok();
-                inc.discard(discard);
-                if !stepped {
-                    break;
-                }
-            }
-            if out.len > 0 {
+            // The alert of a failed handshake is queued in the connection: the next call hands
+            // it over before it looks at the input again (a second call would process the bad
+            // input again); rustls reports the error again instead of asking for transmission,
+            // so the encoded alert is sent here.
+            let UnbufferedStatus { state, .. } =
+                $conn.process_tls_records(inc.buf.get_mut(..inc.len).unwrap_or_default());
+            if matches!(state, Ok(ConnectionState::EncodeTlsData(_)))
+                && out.step(state, $stream).is_ok()
+                && out.len > 0
+            {
                 let _ = (&*$stream).write_all(out.buf.get(..out.len).unwrap_or_default());
             }
         }
