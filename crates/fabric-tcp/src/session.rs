@@ -159,6 +159,9 @@ struct RxState {
     hello: bool,
     /// [`Session::watch`] may be armed (a caller taking over the socket disarms it first).
     armed: bool,
+    /// What came with the end of the handshake (plaintext, then the start of the records
+    /// that follow), for the first [`Session::pump`].
+    early: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// What one [`Session::pump`] found.
@@ -305,7 +308,8 @@ pub(crate) fn recv_nonblocking(
 }
 
 impl Session {
-    fn new(sock: TcpStream, chan: Channel, cfg: &crate::TcpConfig) -> std::io::Result<Self> {
+    fn new(sock: TcpStream, mut chan: Channel, cfg: &crate::TcpConfig) -> std::io::Result<Self> {
+        let early = chan.early.take();
         let (send_limit, service_limit) = (cfg.send_queue_bytes, cfg.service_queue_bytes);
         let watch = Watch::new(&sock)?;
         Ok(Self {
@@ -335,6 +339,7 @@ impl Session {
                 },
                 hello: false,
                 armed: true,
+                early,
             }),
             watch,
             leaders: AtomicUsize::new(0),
@@ -354,7 +359,13 @@ impl Session {
     /// (applied here when that keeps the order, else queued for the service thread), replies
     /// to this side's requests (handed to their callers).
     fn pump(&self, inner: &Inner, st: &mut RxState) -> Result<Pumped, EndError> {
-        let RxState { rx, net, hello, .. } = st;
+        let RxState {
+            rx,
+            net,
+            hello,
+            early,
+            ..
+        } = st;
         let mut batch = Vec::new();
         let mut batch_bytes = 0usize;
         // Frames are handled straight from what was received (a record opened in place);
@@ -370,7 +381,7 @@ impl Session {
             }
             Ok(())
         };
-        let got = match self.chan.recv(&self.sock, net, sink) {
+        let got = match self.chan.recv(&self.sock, net, early, sink) {
             Ok(Some(got)) => got,
             Ok(None) => return Ok(Pumped::Nothing),
             Err(e) if self.closed.load(Ordering::Acquire) => {
@@ -648,9 +659,7 @@ impl Session {
         // What was queued before goes first.
         batch.clear();
         if self.out.take_now(batch).map_err(down)? {
-            self.chan
-                .encrypt(&[batch], wire)
-                .map_err(|_| FabricError::LinkDown)?;
+            wire.extend_from_slice(batch);
         }
         // Frames go out in batches of up to SEND_BATCH bytes per system call: the kernel pushes
         // each write at once (TCP_NODELAY), so small writes would mean small segments.
@@ -698,25 +707,34 @@ impl Session {
         let SendState { batch, wire } = &mut *st;
         loop {
             batch.clear();
-            let took = self.out.take_now(batch).map_err(|_| EndError::Closed)?;
-            if took {
-                self.chan.encrypt(&[batch], wire)?;
+            if self.out.take_now(batch).map_err(|_| EndError::Closed)? {
+                wire.extend_from_slice(batch);
             }
             if wire.is_empty() {
                 return Ok(());
             }
-            if how == Flush::NonBlocking {
-                let n = send_nonblocking(&self.sock, wire)?;
-                wire.drain(..n);
-                if !wire.is_empty() {
-                    self.out.kick();
-                    return Ok(());
-                }
-            } else {
-                (&self.sock).write_all(wire)?;
-                wire.clear();
+            if !self.write_wire(wire, how)? {
+                return Ok(());
             }
         }
+    }
+
+    /// Writes `wire` to the socket: all of it (blocking), or for [`Flush::NonBlocking`] what
+    /// the socket takes now, keeping the rest and asking the writer thread to send it.
+    /// Returns whether everything went out.
+    fn write_wire(&self, wire: &mut Vec<u8>, how: Flush) -> Result<bool, EndError> {
+        if how == Flush::NonBlocking {
+            let n = send_nonblocking(&self.sock, wire)?;
+            wire.drain(..n);
+            if !wire.is_empty() {
+                self.out.kick();
+                return Ok(false);
+            }
+        } else {
+            (&self.sock).write_all(wire)?;
+            wire.clear();
+        }
+        Ok(true)
     }
 
     /// TLS posted write: each frame one record, sealed in groups into the sealed queue (in
@@ -830,16 +848,8 @@ impl Session {
                     None => return Ok(()),
                 }
             }
-            if how == Flush::NonBlocking {
-                let n = send_nonblocking(&self.sock, &st.wire)?;
-                st.wire.drain(..n);
-                if !st.wire.is_empty() {
-                    self.out.kick();
-                    return Ok(());
-                }
-            } else {
-                (&self.sock).write_all(&st.wire)?;
-                st.wire.clear();
+            if !self.write_wire(&mut st.wire, how)? {
+                return Ok(());
             }
         }
     }
@@ -951,8 +961,8 @@ impl Session {
 pub(crate) struct Channel {
     tls: Option<Tls>,
     /// What arrived with the end of the handshake: plaintext, then the start of the records
-    /// that follow (handled by the first [`Session::pump`]).
-    early: Mutex<Option<(Vec<u8>, Vec<u8>)>>,
+    /// that follow (moved to the receive state when the session starts).
+    early: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 struct Tls {
@@ -978,7 +988,7 @@ impl Channel {
     fn plain() -> Self {
         Self {
             tls: None,
-            early: Mutex::new(None),
+            early: None,
         }
     }
 
@@ -989,9 +999,10 @@ impl Channel {
         &self,
         stream: &TcpStream,
         net: &mut NetBuf,
+        early: &mut Option<(Vec<u8>, Vec<u8>)>,
         mut sink: impl FnMut(&[u8]) -> Result<(), EndError>,
     ) -> Result<Option<Received>, EndError> {
-        if let Some((plain, cipher)) = lock(&self.early).take() {
+        if let Some((plain, cipher)) = early.take() {
             sink(&plain)?;
             let dst = net.buf.get_mut(..cipher.len()).ok_or(EndError::Protocol(
                 "more than a buffer of data with the handshake".into(),
@@ -1045,20 +1056,6 @@ impl Channel {
             kick: opened.answer,
         })
     }
-
-    /// Appends the wire form of the concatenation of `parts` to `wire` (for TLS: sealed
-    /// records, preceded by a key update when one is due or was asked for).
-    fn encrypt(&self, parts: &[&[u8]], wire: &mut Vec<u8>) -> Result<(), EndError> {
-        match &self.tls {
-            None => {
-                for p in parts {
-                    wire.extend_from_slice(p);
-                }
-                Ok(())
-            }
-            Some(tls) => Ok(lock(&tls.sealer).seal(parts, wire)?),
-        }
-    }
 }
 
 /// The receive buffer of the socket: ciphertext of a partial record is kept at its start.
@@ -1106,7 +1103,7 @@ fn establish(creds: &Credentials, stream: &TcpStream, role: Role) -> Result<Chan
                     sealer: Mutex::new(e.sealer),
                     opener: Mutex::new(e.opener),
                 }),
-                early: Mutex::new(Some((e.plaintext, e.ciphertext))),
+                early: Some((e.plaintext, e.ciphertext)),
             })
         }
     }
