@@ -248,21 +248,27 @@ impl Sealer {
 
     /// Appends a fatal alert (`description`, RFC 8446 §6) to `wire`.
     pub(crate) fn alert(&mut self, description: u8, wire: &mut Vec<u8>) -> Result<(), RecordError> {
+        self.seal_record(ALERT, &[2, description], wire)
+    }
+
+    /// Appends one record of inner content type `kind` carrying `content` (at most
+    /// [`MAX_PLAINTEXT`] bytes) to `wire`.
+    fn seal_record(
+        &mut self,
+        kind: u8,
+        content: &[u8],
+        wire: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
         let start = wire.len();
-        wire.extend_from_slice(&header(2 + 1 + TAG_LEN));
-        wire.extend_from_slice(&[2, description]);
-        wire.push(ALERT);
+        wire.extend_from_slice(&header(content.len() + 1 + TAG_LEN));
+        wire.extend_from_slice(content);
+        wire.push(kind);
         self.seal_tail(start, wire)
     }
 
     /// Sends a `KeyUpdate` (not asking the peer to update) and moves to the next key.
     fn update(&mut self, wire: &mut Vec<u8>) -> Result<(), RecordError> {
-        let start = wire.len();
-        let msg = [KEY_UPDATE, 0, 0, 1, 0];
-        wire.extend_from_slice(&header(msg.len() + 1 + TAG_LEN));
-        wire.extend_from_slice(&msg);
-        wire.push(HANDSHAKE);
-        self.seal_tail(start, wire)?;
+        self.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], wire)?;
         let (seq, secrets) = lock(&self.kernel).next(true)?;
         self.keys = Keys::new(seq, &secrets)?;
         Ok(())
@@ -380,11 +386,7 @@ pub fn fuzz(data: &[u8]) {
     while let [typ, len, tail @ ..] = rest {
         let n = usize::from(*len).min(tail.len());
         let (content, next) = tail.split_at(n);
-        let start = wire.len();
-        wire.extend_from_slice(&header(n + 1 + TAG_LEN));
-        wire.extend_from_slice(content);
-        wire.push(*typ);
-        if sealer.seal_tail(start, &mut wire).is_err() {
+        if sealer.seal_record(*typ, content, &mut wire).is_err() {
             return;
         }
         rest = next;
@@ -510,12 +512,8 @@ pub(crate) mod tests {
         let ((mut cs, mut co), (mut ss, mut so)) = pair();
         // The client asks the server to update (request_update = 1) with its own update.
         let mut wire = Vec::new();
-        let start = wire.len();
-        let msg = [KEY_UPDATE, 0, 0, 1, 1];
-        wire.extend_from_slice(&header(msg.len() + 1 + TAG_LEN));
-        wire.extend_from_slice(&msg);
-        wire.push(HANDSHAKE);
-        cs.seal_tail(start, &mut wire).unwrap();
+        cs.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 1], &mut wire)
+            .unwrap();
         let (seq, secrets) = lock(&cs.kernel).next(true).unwrap();
         cs.keys = Keys::new(seq, &secrets).unwrap();
         let mut out = Vec::new();
@@ -535,10 +533,7 @@ pub(crate) mod tests {
         let ((mut cs, _), (_, mut so)) = pair();
         for (desc, closed) in [(CLOSE_NOTIFY, true), (42u8, false)] {
             let mut wire = Vec::new();
-            wire.extend_from_slice(&header(2 + 1 + TAG_LEN));
-            wire.extend_from_slice(&[1, desc]);
-            wire.push(ALERT);
-            cs.seal_tail(0, &mut wire).unwrap();
+            cs.seal_record(ALERT, &[1, desc], &mut wire).unwrap();
             let mut out = Vec::new();
             match so.open_into(&mut wire, &mut out) {
                 Ok(o) => assert!(closed && o.closed),
