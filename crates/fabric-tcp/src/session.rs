@@ -34,6 +34,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `m`'s guard if no one holds it.
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum EndError {
@@ -216,6 +225,9 @@ struct Sealed {
 
 /// Most bytes of sealed records a bulk writer may have waiting for the socket.
 const SEALED_LIMIT: usize = 1 << 20;
+/// A bulk writer that waits for space is woken when the sealed queue is down to this (so it
+/// seals several groups per wake-up).
+const SEALED_RESUME: usize = SEALED_LIMIT / 2;
 /// Bytes of posted writes a bulk writer seals per buffer.
 const SEAL_GROUP: usize = 1 << 18;
 /// Posted writes up to this size are sent by the calling thread when the socket is free
@@ -629,27 +641,23 @@ impl Session {
             });
         }
         let down = |_| FabricError::LinkDown;
-        let mut st = match self.send.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                let mut at = offset;
-                for piece in data.chunks(frame::MAX_DATA) {
-                    self.out
-                        .push_request(|b| {
-                            Frame::Write {
-                                window,
-                                offset: at,
-                                data: piece,
-                            }
-                            .encode(b)
-                        })
-                        .map_err(down)?;
-                    at += piece.len() as u64;
-                }
-                self.out.notify_writer();
-                return Ok(());
+        let Some(mut st) = try_lock(&self.send) else {
+            let mut at = offset;
+            for piece in data.chunks(frame::MAX_DATA) {
+                self.out
+                    .push_request(|b| {
+                        Frame::Write {
+                            window,
+                            offset: at,
+                            data: piece,
+                        }
+                        .encode(b)
+                    })
+                    .map_err(down)?;
+                at += piece.len() as u64;
             }
+            self.out.notify_writer();
+            return Ok(());
         };
         let SendState { batch, wire } = &mut *st;
         let io = |e: std::io::Error| {
@@ -695,10 +703,9 @@ impl Session {
         }
         let mut st = match how {
             Flush::Writer => lock(&self.send),
-            Flush::Caller | Flush::NonBlocking => match self.send.try_lock() {
-                Ok(g) => g,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => {
+            Flush::Caller | Flush::NonBlocking => match try_lock(&self.send) {
+                Some(g) => g,
+                None => {
                     self.out.notify_writer();
                     return Ok(());
                 }
@@ -751,7 +758,7 @@ impl Session {
                 frames.push((frame::write_header(window, at, piece.len()), *piece));
                 at += piece.len() as u64;
             }
-            self.seal_queued(&frames)?;
+            self.seal_queued(&frames, true)?;
             if data.len() > INLINE_WRITE {
                 self.out.kick();
             } else {
@@ -775,19 +782,28 @@ impl Session {
                 .wait_timeout(q, self.keepalive_interval)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-            q.space_waiting = false;
         }
         Ok(())
     }
 
     /// Seals what the send queue holds, then `frames` (header and data each), into one buffer
-    /// of the sealed queue; the sealer's lock keeps the queue in sealing order. Returns whether
-    /// anything was sealed.
+    /// of the sealed queue; the sealer's lock keeps the queue in sealing order. Without `wait`
+    /// nothing is sealed while another thread seals: the writer thread is asked to seal what
+    /// is queued later. Returns whether anything was sealed.
     fn seal_queued(
         &self,
         frames: &[([u8; frame::WRITE_HEADER_LEN], &[u8])],
+        wait: bool,
     ) -> Result<bool, EndError> {
-        let mut sealer = self.chan.sealer().ok_or(EndError::Closed)?;
+        let tls = self.chan.tls.as_ref().ok_or(EndError::Closed)?;
+        let Some(mut sealer) = (if wait {
+            Some(lock(&tls.sealer))
+        } else {
+            try_lock(&tls.sealer)
+        }) else {
+            self.out.kick();
+            return Ok(false);
+        };
         let mut batch = Vec::new();
         let took = self
             .out
@@ -812,16 +828,35 @@ impl Session {
         Ok(true)
     }
 
-    /// TLS flush: seals what is queued, then writes the sealed queue as `how` allows.
+    /// The oldest buffer of sealed records, if any (a bulk writer waiting for space is told).
+    fn pop_sealed(&self) -> Option<Vec<u8>> {
+        let mut q = lock(&self.sealed);
+        let buf = q.bufs.pop_front()?;
+        q.bytes -= buf.len();
+        let wake = q.space_waiting && q.bytes <= SEALED_RESUME;
+        if wake {
+            q.space_waiting = false;
+        }
+        drop(q);
+        if wake {
+            // After the lock is dropped: a woken writer would otherwise block on it at once.
+            self.sealed_space.notify_all();
+        }
+        Some(buf)
+    }
+
+    /// TLS flush: writes the sealed queue as `how` allows, sealing what the send queue holds
+    /// once the sealed queue is empty. The reader and service threads never wait for a thread
+    /// that is sealing: the writer thread seals their frames after it.
     fn flush_sealed(&self, how: Flush) -> Result<(), EndError> {
+        let wait = how != Flush::NonBlocking;
         let mut st = match how {
             Flush::Writer => lock(&self.send),
             Flush::Caller | Flush::NonBlocking => {
-                self.seal_queued(&[])?;
-                match self.send.try_lock() {
-                    Ok(g) => g,
-                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                    Err(std::sync::TryLockError::WouldBlock) => {
+                self.seal_queued(&[], wait)?;
+                match try_lock(&self.send) {
+                    Some(g) => g,
+                    None => {
                         // The holder may have finished just before: the writer makes sure.
                         self.out.kick();
                         return Ok(());
@@ -830,21 +865,16 @@ impl Session {
             }
         };
         loop {
-            let sealed = self.seal_queued(&[])?;
             if st.wire.is_empty() {
-                let mut q = lock(&self.sealed);
-                match q.bufs.pop_front() {
+                match self.pop_sealed() {
                     Some(buf) => {
-                        q.bytes -= buf.len();
                         let old = std::mem::replace(&mut st.wire, buf);
+                        let mut q = lock(&self.sealed);
                         if q.free.len() < FREE_BUFS {
                             q.free.push(old);
                         }
-                        if q.space_waiting {
-                            self.sealed_space.notify_all();
-                        }
                     }
-                    None if sealed => continue,
+                    None if self.seal_queued(&[], wait)? => continue,
                     None => return Ok(()),
                 }
             }
@@ -877,6 +907,7 @@ impl Session {
             p.waiters.clear();
         }
         self.credit.notify_all();
+        self.sealed_space.notify_all();
         // Wakes the reader thread (the watch reports the hang-up) and any caller reading.
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         Some(self.up.load(Ordering::Acquire))
@@ -978,11 +1009,6 @@ struct Received {
 impl Channel {
     fn is_tls(&self) -> bool {
         self.tls.is_some()
-    }
-
-    /// The sending direction's record layer (TLS only); its lock orders sealed records.
-    fn sealer(&self) -> Option<MutexGuard<'_, Sealer>> {
-        self.tls.as_ref().map(|t| lock(&t.sealer))
     }
 
     fn plain() -> Self {
