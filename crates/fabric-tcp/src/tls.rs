@@ -1,4 +1,4 @@
-//! Credentials and the TLS 1.3 configuration built from them (rustls, `ring` provider).
+//! Credentials and the TLS 1.3 configuration built from them (rustls, `aws-lc-rs` provider).
 //!
 //! Both ends authenticate: the listener presents its certificate and requires one from the
 //! connector; both must chain to the deployment's CA, and each must name the host the other
@@ -69,10 +69,10 @@ pub struct TlsCredentials {
     server: Arc<ServerConfig>,
 }
 
-/// The `ring` provider, preferring AES-128-GCM (the fastest suite with AES instructions; all
+/// The `aws-lc-rs` provider, preferring AES-128-GCM (the fastest suite with AES instructions; all
 /// TLS 1.3 suites stay available).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
     p.cipher_suites
         .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     Arc::new(p)
