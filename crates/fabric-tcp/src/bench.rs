@@ -5,6 +5,11 @@
 //! - window write bandwidth (posted writes, TLS) vs a raw TCP stream;
 //! - non-posted read latency (8 bytes, TLS) vs a raw TCP ping-pong of 8 bytes.
 //!
+//! Where the process may use two CPUs, both the fabric and the raw baseline run with one
+//! placement rule: the sending side's socket writer on the first CPU, every other thread on
+//! the second (see [`crate::cpu`] for why). The bandwidth and latency left to the scheduler are
+//! reported as well (`-unpinned`, beside raw TCP left to the scheduler), without a target.
+//!
 //! Both ends of the raw ping-pong wait the way the fabric does: they poll the socket for the
 //! fabric's spin budget ([`devlend_fabric::LinkConfig::spin`]) before they sleep in `poll`.
 //! With plain blocking reads the baseline swings between ~4 µs and ~65 µs from run to run on
@@ -23,7 +28,7 @@ use devlend_fabric::{
 };
 
 use crate::netns::{NetnsError, NetnsPair};
-use crate::{keys, Credentials, TcpConfig, TcpNtb, TlsCredentials};
+use crate::{cpu, keys, Credentials, TcpConfig, TcpNtb, ThreadCpus, TlsCredentials};
 
 /// Why the benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +50,8 @@ pub enum BenchError {
 const RAM_BASE: u64 = 0x1_0000_0000;
 const WINDOW: u64 = 16 << 20;
 const CHUNK: usize = 1 << 20;
-const PORT_NTB: u16 = 7511;
-const PORT_RAW: u16 = 7512;
+/// First port: each pair uses two (fabric, raw).
+const PORT_BASE: u16 = 7511;
 
 fn setup(e: impl std::fmt::Display) -> BenchError {
     BenchError::Setup(e.to_string())
@@ -76,83 +81,249 @@ pub fn figures(quick: bool) -> Result<Vec<Figure>, BenchError> {
     figures_with(quick, true)
 }
 
+/// Where the threads of a measurement run: the sending side's socket writer on CPU `send`,
+/// every other thread (the caller sealing records, both readers, the raw receiver) on CPU
+/// `rest`. The same rule places the fabric and its raw-TCP baseline.
+#[derive(Clone, Copy, Debug)]
+struct Placement {
+    send: usize,
+    rest: usize,
+}
+
+impl Placement {
+    /// The first two CPUs this process may use, if it may use two.
+    fn pick() -> Option<Self> {
+        let cpus = cpu::allowed().ok()?;
+        match cpus.as_slice() {
+            [send, rest, ..] => Some(Self {
+                send: *send,
+                rest: *rest,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// One fabric connection and one raw-TCP connection between the namespaces, both placed by
+/// `placement` (or left to the scheduler).
+struct Pair {
+    placement: Option<Placement>,
+    lender: TcpNtb,
+    borrower: Option<TcpNtb>,
+    raw: Option<TcpStream>,
+    raw_server: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Pair {
+    /// Side 0: the lender node (RAM behind window 0) and the raw-TCP server.
+    fn listen(
+        ns: &Arc<NetnsPair>,
+        port: u16,
+        placement: Option<Placement>,
+        creds: Credentials,
+    ) -> Result<(Self, TcpListener), BenchError> {
+        let server_ip = ns.addr(0);
+        let mut cfg = TcpConfig::default();
+        if let Some(p) = placement {
+            cfg.cpus = ThreadCpus {
+                writer: Some(p.rest),
+                reader: Some(p.rest),
+            };
+        }
+        let (lender, raw) = in_ns(ns, 0, move || {
+            let asp = Arc::new(AddressSpace::new());
+            let ram = Arc::new(SharedMemory::new("bench-ram", WINDOW as usize).map_err(setup)?);
+            asp.add_ram(BusAddr(RAM_BASE), ram)?;
+            let n = TcpNtb::listen(SocketAddr::new(server_ip.into(), port), asp, cfg, creds)
+                .map_err(setup)?;
+            n.mw_set_trans(0, BusAddr(RAM_BASE), WINDOW)?;
+            let raw = TcpListener::bind(SocketAddr::new(server_ip.into(), port + 1))?;
+            Ok((n, raw))
+        })?;
+        let pair = Self {
+            placement,
+            lender,
+            borrower: None,
+            raw: None,
+            raw_server: None,
+        };
+        Ok((pair, raw))
+    }
+
+    /// Side 1 (called on a thread inside namespace 1): connects both.
+    fn connect(&mut self, ns: &NetnsPair, port: u16, creds: Credentials) -> Result<(), BenchError> {
+        let server = ns.addr(0);
+        let mut cfg = TcpConfig::default();
+        if let Some(p) = self.placement {
+            cfg.cpus = ThreadCpus {
+                writer: Some(p.send),
+                reader: Some(p.rest),
+            };
+        }
+        let b = TcpNtb::connect(
+            SocketAddr::new(server.into(), port),
+            Arc::new(AddressSpace::new()),
+            cfg,
+            creds,
+        )
+        .map_err(setup)?;
+        b.wait_link(LinkState::Up, Duration::from_secs(10))?;
+        let raw = TcpStream::connect(SocketAddr::new(server.into(), port + 1))?;
+        raw.set_nodelay(true)?;
+        self.borrower = Some(b);
+        self.raw = Some(raw);
+        Ok(())
+    }
+}
+
+/// Pins the calling thread to the CPU `pick` chooses of `placement`, or to every CPU in `all`
+/// when there is no placement.
+fn pin_caller(
+    placement: Option<Placement>,
+    all: &[usize],
+    pick: impl Fn(Placement) -> usize,
+) -> std::io::Result<()> {
+    match placement {
+        Some(p) => cpu::pin(&[pick(p)]),
+        None => cpu::pin(all),
+    }
+}
+
 /// The tcp figures over TLS (`secure`) or plain TCP ([`Credentials::Insecure`], to see what
 /// TLS costs).
+///
+/// The figures with targets are measured with one thread placement (module docs) when the process may use two
+/// CPUs: on a two-CPU machine the scheduler otherwise often wakes the sealing caller on the
+/// CPU of the socket writer (see [`crate::cpu`]). The same bandwidth left to the scheduler is
+/// reported too, as `-unpinned`, beside raw TCP left to the scheduler.
 pub fn figures_with(quick: bool, secure: bool) -> Result<Vec<Figure>, BenchError> {
     let ns = Arc::new(NetnsPair::create()?);
     let dir = std::env::temp_dir().join(format!("devlend-bench-tcp-{}", std::process::id()));
     keys::generate(&dir, &["lender", "borrower"]).map_err(setup)?;
     let creds = |me: &str, peer: &str| -> Result<Credentials, BenchError> {
+        if !secure {
+            return Ok(Credentials::Insecure);
+        }
         Ok(Credentials::Tls(Arc::new(
             TlsCredentials::load(&dir, me, peer).map_err(setup)?,
         )))
     };
-    let (lender_creds, borrower_creds) = if secure {
-        (creds("lender", "borrower")?, creds("borrower", "lender")?)
-    } else {
-        (Credentials::Insecure, Credentials::Insecure)
-    };
     let suffix = if secure { "" } else { "-insecure" };
-    let _ = std::fs::remove_dir_all(&dir);
-    let server_ip = ns.addr(0);
-    let cfg = TcpConfig::default();
+    let placement = Placement::pick();
+    let spin = TcpConfig::default().link.spin;
 
-    // Side 0: the lender node (RAM behind window 0) and the raw-TCP baseline server.
-    let lender = in_ns(&ns, 0, move || {
-        let asp = Arc::new(AddressSpace::new());
-        let ram = Arc::new(SharedMemory::new("bench-ram", WINDOW as usize).map_err(setup)?);
-        asp.add_ram(BusAddr(RAM_BASE), ram)?;
-        let n = TcpNtb::listen(
-            SocketAddr::new(server_ip.into(), PORT_NTB),
-            asp,
-            cfg,
-            lender_creds,
-        )
-        .map_err(setup)?;
-        n.mw_set_trans(0, BusAddr(RAM_BASE), WINDOW)?;
-        let raw = TcpListener::bind(SocketAddr::new(server_ip.into(), PORT_RAW))?;
-        Ok((n, raw))
-    })?;
-    let (lender, raw_listener) = lender;
-    let spin = cfg.link.spin;
-    let raw_server = std::thread::spawn(move || raw_server(raw_listener, spin));
+    // The measured pair (placed when possible), and an unplaced one for comparison.
+    let mut pairs = Vec::new();
+    let mut plans = vec![placement];
+    if placement.is_some() {
+        plans.push(None);
+    }
+    for (i, plan) in plans.into_iter().enumerate() {
+        let port = PORT_BASE + 2 * i as u16;
+        let (mut pair, raw) = Pair::listen(&ns, port, plan, creds("lender", "borrower")?)?;
+        pair.raw_server = Some(std::thread::spawn(move || {
+            if let Some(p) = plan {
+                cpu::pin(&[p.rest])?;
+            }
+            raw_server(raw, spin)
+        }));
+        pairs.push((pair, port, creds("borrower", "lender")?));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 
     let reps = if quick { 3 } else { 5 };
     let total: usize = if quick { 64 << 20 } else { 256 << 20 };
     let pings = if quick { 2000 } else { 10_000 };
-    let result = in_ns(&ns, 1, move || {
-        let asp = Arc::new(AddressSpace::new());
-        let b = TcpNtb::connect(
-            SocketAddr::new(server_ip.into(), PORT_NTB),
-            asp,
-            cfg,
-            borrower_creds,
-        )
-        .map_err(setup)?;
-        b.wait_link(LinkState::Up, Duration::from_secs(10))?;
-        let mut raw = TcpStream::connect(SocketAddr::new(server_ip.into(), PORT_RAW))?;
-        raw.set_nodelay(true)?;
-        let chunk = vec![0xa5u8; CHUNK];
-        let (mut bw, mut bw_raw, mut lat, mut lat_raw) = (vec![], vec![], vec![], vec![]);
-        for _ in 0..reps {
-            bw.push(window_bandwidth(&b, &chunk, total)?);
-            bw_raw.push(raw_bandwidth(&mut raw, &chunk, total)?);
-            lat.push(read_latency(&b, pings)?);
-            lat_raw.push(raw_latency(&mut raw, pings, spin)?);
+    let ns1 = ns.clone();
+    let result = std::thread::spawn(move || -> Result<_, BenchError> {
+        ns1.enter(1)?;
+        let all = cpu::allowed()?;
+        for (pair, port, creds) in pairs.iter_mut() {
+            pair.connect(&ns1, *port, creds.clone())?;
         }
-        raw.write_all(b"q")?;
-        Ok(vec![
-            Figure::new(format!("tcp-window-write-1MiB{suffix}"), "GB/s", median(bw))
-                .against("raw-tcp-stream", median(bw_raw))
+        let chunk = vec![0xa5u8; CHUNK];
+        let mut runs = vec![Runs::default(); pairs.len()];
+        for _ in 0..reps {
+            for ((pair, _, _), r) in pairs.iter_mut().zip(runs.iter_mut()) {
+                let plan = pair.placement;
+                let (Some(b), Some(raw)) = (&pair.borrower, &mut pair.raw) else {
+                    return Err(setup("a pair did not connect"));
+                };
+                // The caller seals: with the receiver's threads, away from the socket writer.
+                pin_caller(plan, &all, |p| p.rest)?;
+                r.bw.push(window_bandwidth(b, &chunk, total)?);
+                // The raw sender is its own socket writer.
+                pin_caller(plan, &all, |p| p.send)?;
+                r.bw_raw.push(raw_bandwidth(raw, &chunk, total)?);
+                r.lat.push(read_latency(b, pings)?);
+                r.lat_raw.push(raw_latency(raw, pings, spin)?);
+            }
+        }
+        for (pair, _, _) in pairs.iter_mut() {
+            if let Some(raw) = &mut pair.raw {
+                raw.write_all(b"q")?;
+            }
+        }
+        cpu::pin(&all)?;
+        let mut figs = Vec::new();
+        let mut runs = runs.into_iter();
+        if let Some(r) = runs.next() {
+            figs.push(
+                Figure::new(
+                    format!("tcp-window-write-1MiB{suffix}"),
+                    "GB/s",
+                    median(r.bw),
+                )
+                .against("raw-tcp-stream", median(r.bw_raw))
                 .target(Target::AtLeast(0.8)),
-            Figure::new(format!("tcp-read-latency-8B{suffix}"), "us", median(lat))
-                .against("raw-tcp-pingpong-8B", median(lat_raw))
-                .target(Target::AtMost(1.5)),
-        ])
-    });
-    drop(lender);
-    let _ = raw_server.join();
-    result
+            );
+            figs.push(
+                Figure::new(format!("tcp-read-latency-8B{suffix}"), "us", median(r.lat))
+                    .against("raw-tcp-pingpong-8B", median(r.lat_raw))
+                    .target(Target::AtMost(1.5)),
+            );
+        }
+        if let Some(r) = runs.next() {
+            figs.push(
+                Figure::new(
+                    format!("tcp-window-write-1MiB-unpinned{suffix}"),
+                    "GB/s",
+                    median(r.bw),
+                )
+                .against("raw-tcp-stream-unpinned", median(r.bw_raw)),
+            );
+            figs.push(
+                Figure::new(
+                    format!("tcp-read-latency-8B-unpinned{suffix}"),
+                    "us",
+                    median(r.lat),
+                )
+                .against("raw-tcp-pingpong-8B-unpinned", median(r.lat_raw)),
+            );
+        }
+        Ok((figs, pairs))
+    })
+    .join()
+    .map_err(|_| setup("a benchmark thread panicked"))?;
+    let (figs, pairs) = result?;
+    for (mut pair, _, _) in pairs {
+        drop(pair.borrower.take());
+        drop(pair.raw.take());
+        drop(pair.lender);
+        if let Some(h) = pair.raw_server.take() {
+            let _ = h.join();
+        }
+    }
+    Ok(figs)
+}
+
+/// The samples of one pair.
+#[derive(Clone, Default)]
+struct Runs {
+    bw: Vec<f64>,
+    bw_raw: Vec<f64>,
+    lat: Vec<f64>,
+    lat_raw: Vec<f64>,
 }
 
 fn window_bandwidth(b: &TcpNtb, chunk: &[u8], total: usize) -> Result<f64, BenchError> {

@@ -70,6 +70,9 @@
 //! ([`LinkConfig::spin`]) before it sleeps, because a wake-up of an idle vCPU costs far more
 //! than the round trip itself. Dropping the [`TcpNtb`] stops and joins every thread.
 //!
+//! [`TcpConfig::cpus`] pins the writer thread, and the supervisor and service threads, to
+//! CPUs of the caller's choice ([`cpu`] explains when that matters: few CPUs, bulk TLS).
+//!
 //! A limit: an MMIO handler that waits for a fabric read of its own while the peer has more
 //! than [`TcpConfig::service_queue_bytes`] of requests queued behind it stalls the reading
 //! until the keepalive timeout ends the link.
@@ -82,6 +85,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod cpu;
 pub mod frame;
 pub mod keys;
 pub mod netns;
@@ -122,6 +126,18 @@ pub struct TcpConfig {
     /// Bytes of the peer's requests that may wait for the service thread before this side
     /// stops reading the socket.
     pub service_queue_bytes: usize,
+    /// CPUs to pin the link's threads to (none by default: the scheduler places them).
+    pub cpus: ThreadCpus,
+}
+
+/// CPUs for a link side's own threads (see [`cpu`]). A CPU the process may not run on is
+/// refused by [`TcpConfig::validate`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadCpus {
+    /// The writer thread, which moves sealed records to the socket.
+    pub writer: Option<usize>,
+    /// The supervisor thread (which reads the socket) and the service thread.
+    pub reader: Option<usize>,
 }
 
 impl Default for TcpConfig {
@@ -134,6 +150,7 @@ impl Default for TcpConfig {
             reconnect_interval: Duration::from_millis(200),
             send_queue_bytes: 1 << 20,
             service_queue_bytes: 8 << 20,
+            cpus: ThreadCpus::default(),
         }
     }
 }
@@ -153,6 +170,12 @@ impl TcpConfig {
         if self.link.mw_count > frame::MAX_WINDOWS {
             return Err(TcpError::Config("at most 64 memory windows"));
         }
+        for cpu in [self.cpus.writer, self.cpus.reader].into_iter().flatten() {
+            let allowed = cpu::allowed().map_err(|e| TcpError::Os("reading the CPU set", e))?;
+            if !allowed.contains(&cpu) {
+                return Err(TcpError::Cpu { cpu, allowed });
+            }
+        }
         Ok(())
     }
 }
@@ -166,6 +189,14 @@ pub enum TcpError {
     /// A tcp parameter is invalid.
     #[error("tcp configuration: {0}")]
     Config(&'static str),
+    /// A thread was to be pinned to a CPU this process may not run on.
+    #[error("CPU {cpu} is not one this process may run on ({allowed:?})")]
+    Cpu {
+        /// The CPU asked for.
+        cpu: usize,
+        /// The CPUs the process may run on.
+        allowed: Vec<usize>,
+    },
     /// The listening socket could not be opened.
     #[error("listen on {addr}: {source}")]
     Listen {
@@ -178,4 +209,44 @@ pub enum TcpError {
     /// A thread or an event descriptor could not be created.
     #[error("{0}: {1}")]
     Os(&'static str, #[source] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_configuration_is_valid() {
+        TcpConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_limits_are_refused() {
+        let mut c = TcpConfig::default();
+        c.keepalive_timeout = c.keepalive_interval;
+        assert!(matches!(c.validate(), Err(TcpError::Config(_))));
+        let mut c = TcpConfig::default();
+        c.link.mw_count = frame::MAX_WINDOWS + 1;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn threads_are_pinned_only_to_cpus_the_process_may_use() {
+        let allowed = cpu::allowed().unwrap();
+        let mut c = TcpConfig::default();
+        c.cpus.writer = allowed.first().copied();
+        c.cpus.reader = allowed.last().copied();
+        c.validate().unwrap();
+        let outside = (0..=allowed.len())
+            .find(|cpu| !allowed.contains(cpu))
+            .unwrap();
+        c.cpus.reader = Some(outside);
+        match c.validate() {
+            Err(TcpError::Cpu { cpu, allowed: a }) => {
+                assert_eq!(cpu, outside);
+                assert_eq!(a, allowed);
+            }
+            other => panic!("accepted CPU {outside}: {other:?}"),
+        }
+    }
 }

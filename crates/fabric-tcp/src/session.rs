@@ -1144,6 +1144,7 @@ pub(crate) enum Mode {
 /// The supervisor thread: connects or accepts, runs one connection at a time, and repeats
 /// until the [`Inner`] is stopped.
 pub(crate) fn supervise(inner: Arc<Inner>, mode: Mode) {
+    crate::cpu::place(inner.cfg.cpus.reader, "supervisor");
     match mode {
         Mode::Listen(listener) => {
             while let Some((stream, addr)) = accept(&inner, &listener) {
@@ -1250,13 +1251,17 @@ fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: Socke
         let (inner, session) = (inner.clone(), session.clone());
         std::thread::Builder::new()
             .name("fabric-tcp-writer".into())
-            .spawn(move || writer_loop(&inner, &session))
+            .spawn(move || {
+                crate::cpu::place(inner.cfg.cpus.writer, "writer");
+                writer_loop(&inner, &session)
+            })
     };
     let service = {
         let (inner, session) = (inner.clone(), session.clone());
         std::thread::Builder::new()
             .name("fabric-tcp-service".into())
             .spawn(move || {
+                crate::cpu::place(inner.cfg.cpus.reader, "service");
                 while let Some((items, _)) = session.inq.pop_all() {
                     for item in items {
                         inner.apply(&session, item);
