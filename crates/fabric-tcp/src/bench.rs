@@ -81,9 +81,11 @@ pub fn figures(quick: bool) -> Result<Vec<Figure>, BenchError> {
     figures_with(quick, true)
 }
 
-/// Where the threads of a measurement run: the sending side's socket writer on CPU `send`,
-/// every other thread (the caller sealing records, both readers, the raw receiver) on CPU
-/// `rest`. The same rule places the fabric and its raw-TCP baseline.
+/// Where the threads of a measurement run: the thread that writes the sending side's socket
+/// on CPU `send`, every other thread on CPU `rest`. Over TLS the socket writer is the fabric's
+/// writer thread, and the caller (which seals) goes to `rest` with both readers; over plain
+/// TCP the caller writes the socket itself; for raw TCP the sender is the socket writer. The
+/// same rule places the fabric and its raw-TCP baseline.
 #[derive(Clone, Copy, Debug)]
 struct Placement {
     send: usize,
@@ -249,8 +251,9 @@ pub fn figures_with(quick: bool, secure: bool) -> Result<Vec<Figure>, BenchError
                 let (Some(b), Some(raw)) = (&pair.borrower, &mut pair.raw) else {
                     return Err(setup("a pair did not connect"));
                 };
-                // The caller seals: with the receiver's threads, away from the socket writer.
-                pin_caller(plan, &all, |p| p.rest)?;
+                // Over TLS the caller seals and the writer thread sends: the caller goes with
+                // the receiver's threads. Over plain TCP the caller sends bulk writes itself.
+                pin_caller(plan, &all, |p| if secure { p.rest } else { p.send })?;
                 r.bw.push(window_bandwidth(b, &chunk, total)?);
                 // The raw sender is its own socket writer.
                 pin_caller(plan, &all, |p| p.send)?;

@@ -375,6 +375,34 @@ fn parse_payload(kind: u8, payload: &[u8]) -> Result<Frame<'_>, FrameError> {
 /// Bytes of a write frame before its data.
 pub const WRITE_HEADER_LEN: usize = HEADER_LEN + 10;
 
+/// A write frame that arrived split after its header (the TLS sender seals each write's data
+/// in a record of its own): `head` holds exactly the header of a write frame, `tail` starts
+/// with its data. Returns the frame, its data borrowed from `tail`, and the bytes of `tail` it
+/// used. `None` whenever that is not the case (then gather `head` and `tail` and [`parse`]
+/// them, which also reports what is wrong); when `Some`, [`parse`] of the two gathered gives
+/// the same frame.
+pub fn split_write<'a>(head: &[u8], tail: &'a [u8]) -> Option<(Frame<'a>, usize)> {
+    let mut r = Reader { buf: head };
+    let (kind, r0, r1, len, window, offset) =
+        (r.u8()?, r.u8()?, r.u16()?, r.u32()?, r.u16()?, r.u64()?);
+    if kind != kind::WRITE || r0 != 0 || r1 != 0 || !r.buf.is_empty() {
+        return None;
+    }
+    let n = (len as usize).checked_sub(10)?;
+    if n == 0 || n > MAX_DATA {
+        return None;
+    }
+    let data = tail.get(..n)?;
+    Some((
+        Frame::Write {
+            window,
+            offset,
+            data,
+        },
+        n,
+    ))
+}
+
 /// The header of a write frame of `len` data bytes (1 to [`MAX_DATA`]): send it followed by
 /// the data, without copying the data into a frame buffer.
 pub fn write_header(window: u16, offset: u64, len: usize) -> [u8; WRITE_HEADER_LEN] {
@@ -471,6 +499,32 @@ impl Frame<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_split_after_its_header_parses_as_the_whole() {
+        let frame = Frame::Write {
+            window: 3,
+            offset: 0x1234_5678,
+            data: &[9u8; 300],
+        };
+        let mut bytes = Vec::new();
+        frame.encode(&mut bytes);
+        bytes.extend_from_slice(b"next");
+        let (head, tail) = bytes.split_at(WRITE_HEADER_LEN);
+        let (f, used) = split_write(head, tail).unwrap();
+        assert_eq!((f, used), (frame.clone(), 300));
+        let (whole, n) = parse(&bytes).unwrap().unwrap();
+        assert_eq!((whole, n), (frame, WRITE_HEADER_LEN + 300));
+        // Not all of the data yet, a header cut elsewhere, or another kind of frame: gather.
+        assert_eq!(split_write(head, &tail[..299]), None);
+        let (short, long) = (WRITE_HEADER_LEN - 1, WRITE_HEADER_LEN + 1);
+        assert_eq!(split_write(&bytes[..short], &bytes[short..]), None);
+        assert_eq!(split_write(&bytes[..long], &bytes[long..]), None);
+        let mut ping = Vec::new();
+        Frame::Ping.encode(&mut ping);
+        ping.resize(WRITE_HEADER_LEN, 0);
+        assert_eq!(split_write(&ping, &[0; 64]), None);
+    }
 
     fn samples() -> Vec<Frame<'static>> {
         vec![

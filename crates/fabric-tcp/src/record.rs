@@ -23,6 +23,8 @@ use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 use rustls::ConnectionTrafficSecrets;
 
+use crate::frame::WRITE_HEADER_LEN;
+
 /// Most content bytes in one record.
 pub(crate) const MAX_PLAINTEXT: usize = 1 << 14;
 /// Record header: type, legacy version, length.
@@ -70,6 +72,9 @@ pub enum RecordError {
     /// rustls could not derive the next traffic secret.
     #[error("key update: {0}")]
     KeyUpdate(rustls::Error),
+    /// This side asked for a record over the TLS limit (a bug: never the peer's doing).
+    #[error("a record of {0} plaintext bytes (at most {MAX_PLAINTEXT} and its type)")]
+    TooLarge(usize),
     /// A cipher suite this record layer does not implement.
     #[error("cipher suite not supported by the record layer")]
     Suite,
@@ -140,6 +145,56 @@ fn header(len: usize) -> [u8; HEADER_LEN] {
     [APPLICATION_DATA, 3, 3, l[0], l[1]]
 }
 
+/// Bytes for the socket, in a buffer whose room past them stays initialised from earlier use:
+/// records are sealed straight into that room, without zero-filling it first (zero-filling
+/// costs as much as the copy that sealing in place needs). Derefs to the bytes held.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct WireBuf {
+    /// Initialised up to its length; `len` bytes are held.
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl WireBuf {
+    /// `n` more bytes at the end, to be written (they hold stale bytes, not zeroes).
+    pub(crate) fn grow(&mut self, n: usize) -> &mut [u8] {
+        let end = self.len + n;
+        if self.buf.len() < end {
+            self.buf.resize(end.max(2 * self.buf.len()), 0);
+        }
+        let start = std::mem::replace(&mut self.len, end);
+        self.buf.get_mut(start..end).unwrap_or_default()
+    }
+
+    pub(crate) fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.grow(bytes.len()).copy_from_slice(bytes);
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Drops the first `n` bytes (those sent).
+    pub(crate) fn consume(&mut self, n: usize) {
+        let n = n.min(self.len);
+        self.buf.copy_within(n..self.len, 0);
+        self.len -= n;
+    }
+}
+
+impl std::ops::Deref for WireBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
+    }
+}
+
+impl std::ops::DerefMut for WireBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.buf.get_mut(..self.len).unwrap_or_default()
+    }
+}
+
 /// The sending direction.
 pub(crate) struct Sealer {
     keys: Keys,
@@ -197,10 +252,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Sealer {
     /// Appends to `wire` the records carrying the concatenation of `parts`, each record as
     /// full as possible; and a key update first when one is due.
-    pub(crate) fn seal(&mut self, parts: &[&[u8]], wire: &mut Vec<u8>) -> Result<(), RecordError> {
-        if self.keys.seq >= self.update_after || self.asked.swap(false, Ordering::AcqRel) {
-            self.update(wire)?;
-        }
+    pub(crate) fn seal(&mut self, parts: &[&[u8]], wire: &mut WireBuf) -> Result<(), RecordError> {
+        self.update_if_due(wire)?;
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let mut part = 0;
         let mut at = 0;
@@ -221,16 +274,79 @@ impl Sealer {
                     at = 0;
                 }
             }
-            wire.push(APPLICATION_DATA);
+            wire.extend_from_slice(&[APPLICATION_DATA]);
             self.seal_tail(start, wire)?;
             left -= take;
         }
         Ok(())
     }
 
+    /// Appends records carrying `head` (encoded frames) and then the write frames `frames`
+    /// (header, data): each data part is sealed from where it lies, never copied first, in a
+    /// record of its own that also carries the next frame's header. A data part may fill a
+    /// record but for a frame header ([`MAX_PLAINTEXT`] minus [`WRITE_HEADER_LEN`] bytes).
+    pub(crate) fn seal_writes(
+        &mut self,
+        head: &[u8],
+        frames: &[([u8; WRITE_HEADER_LEN], &[u8])],
+        wire: &mut WireBuf,
+    ) -> Result<(), RecordError> {
+        let Some(((first, _), _)) = frames.split_first() else {
+            return self.seal(&[head], wire);
+        };
+        self.seal(&[head, first], wire)?;
+        for (i, (_, data)) in frames.iter().enumerate() {
+            let next = frames
+                .get(i + 1)
+                .map(|(h, _)| h.as_slice())
+                .unwrap_or_default();
+            self.seal_data(data, next, wire)?;
+        }
+        Ok(())
+    }
+
+    /// One record carrying `data`, sealed out of place into `wire`, then `after` (a frame
+    /// header, or nothing).
+    fn seal_data(
+        &mut self,
+        data: &[u8],
+        after: &[u8],
+        wire: &mut WireBuf,
+    ) -> Result<(), RecordError> {
+        self.update_if_due(wire)?;
+        let mut extra = [0u8; WRITE_HEADER_LEN + 1];
+        let extra = extra
+            .get_mut(..after.len() + 1)
+            .ok_or(RecordError::TooLarge(after.len()))?;
+        let (tail, kind) = extra.split_at_mut(after.len());
+        tail.copy_from_slice(after);
+        kind[0] = APPLICATION_DATA;
+        let inner = data.len() + extra.len();
+        if inner > MAX_PLAINTEXT + 1 {
+            return Err(RecordError::TooLarge(inner));
+        }
+        let head = header(inner + TAG_LEN);
+        wire.extend_from_slice(&head);
+        let body = wire.grow(inner + TAG_LEN);
+        let (out, extra_out) = body.split_at_mut(data.len());
+        let nonce = self.keys.next_nonce();
+        self.keys
+            .key
+            .seal_out_of_place_scatter(nonce, Aad::from(head), data, out, extra, extra_out)
+            .map_err(|_| RecordError::Auth)
+    }
+
+    /// Sends a key update first when one is due (by count, or asked for by the peer).
+    fn update_if_due(&mut self, wire: &mut WireBuf) -> Result<(), RecordError> {
+        if self.keys.seq >= self.update_after || self.asked.swap(false, Ordering::AcqRel) {
+            self.update(wire)?;
+        }
+        Ok(())
+    }
+
     /// Seals the record whose header starts at `start` of `wire` and whose inner plaintext
     /// (content and type) follows it up to the end; appends the tag.
-    fn seal_tail(&mut self, start: usize, wire: &mut Vec<u8>) -> Result<(), RecordError> {
+    fn seal_tail(&mut self, start: usize, wire: &mut WireBuf) -> Result<(), RecordError> {
         let nonce = self.keys.next_nonce();
         let (head, body) = wire.split_at_mut(start + HEADER_LEN);
         let aad: [u8; HEADER_LEN] = head
@@ -247,7 +363,7 @@ impl Sealer {
     }
 
     /// Appends a fatal alert (`description`, RFC 8446 §6) to `wire`.
-    pub(crate) fn alert(&mut self, description: u8, wire: &mut Vec<u8>) -> Result<(), RecordError> {
+    pub(crate) fn alert(&mut self, description: u8, wire: &mut WireBuf) -> Result<(), RecordError> {
         self.seal_record(ALERT, &[2, description], wire)
     }
 
@@ -257,17 +373,17 @@ impl Sealer {
         &mut self,
         kind: u8,
         content: &[u8],
-        wire: &mut Vec<u8>,
+        wire: &mut WireBuf,
     ) -> Result<(), RecordError> {
         let start = wire.len();
         wire.extend_from_slice(&header(content.len() + 1 + TAG_LEN));
         wire.extend_from_slice(content);
-        wire.push(kind);
+        wire.extend_from_slice(&[kind]);
         self.seal_tail(start, wire)
     }
 
     /// Sends a `KeyUpdate` (not asking the peer to update) and moves to the next key.
-    fn update(&mut self, wire: &mut Vec<u8>) -> Result<(), RecordError> {
+    fn update(&mut self, wire: &mut WireBuf) -> Result<(), RecordError> {
         self.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], wire)?;
         let (seq, secrets) = lock(&self.kernel).next(true)?;
         self.keys = Keys::new(seq, &secrets)?;
@@ -381,7 +497,7 @@ pub fn fuzz(data: &[u8]) {
         let _ = opener.open(&mut net, sink);
         return;
     }
-    let mut wire = Vec::new();
+    let mut wire = WireBuf::default();
     let mut rest = rest;
     while let [typ, len, tail @ ..] = rest {
         let n = usize::from(*len).min(tail.len());
@@ -421,7 +537,7 @@ pub(crate) mod tests {
     }
 
     fn roundtrip(s: &mut Sealer, o: &mut Opener, data: &[u8]) -> Vec<u8> {
-        let mut wire = Vec::new();
+        let mut wire = WireBuf::default();
         s.seal(&[data], &mut wire).unwrap();
         let mut out = Vec::new();
         let got = o.open_into(&mut wire, &mut out).unwrap();
@@ -435,7 +551,7 @@ pub(crate) mod tests {
         let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
         assert_eq!(roundtrip(&mut cs, &mut so, &big), big);
         assert_eq!(roundtrip(&mut ss, &mut co, b"reply"), b"reply");
-        let mut wire = Vec::new();
+        let mut wire = WireBuf::default();
         cs.seal(&[b"ab", b"", b"cde"], &mut wire).unwrap();
         assert_eq!(wire.len(), HEADER_LEN + 5 + 1 + TAG_LEN);
         let mut out = Vec::new();
@@ -444,9 +560,53 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn write_data_is_sealed_from_where_it_lies_and_opens_to_the_same_stream() {
+        let ((mut cs, _), (_, mut so)) = pair();
+        let full = MAX_PLAINTEXT - WRITE_HEADER_LEN;
+        let datas: Vec<Vec<u8>> = [full, 1, 5000]
+            .iter()
+            .map(|&n| (0..n).map(|i| (i * 7) as u8).collect())
+            .collect();
+        let frames: Vec<([u8; WRITE_HEADER_LEN], &[u8])> = datas
+            .iter()
+            .enumerate()
+            .map(|(i, d)| ([i as u8 + 1; WRITE_HEADER_LEN], d.as_slice()))
+            .collect();
+        let mut wire = WireBuf::default();
+        // A buffer used before: its stale bytes must not leak into the records.
+        wire.extend_from_slice(&[0xee; 70_000]);
+        wire.clear();
+        cs.seal_writes(b"queued frames", &frames, &mut wire)
+            .unwrap();
+        let mut pieces = Vec::new();
+        let got = so
+            .open(&mut wire, |d| {
+                pieces.push(d.to_vec());
+                Ok::<(), RecordError>(())
+            })
+            .unwrap();
+        assert_eq!(got.consumed, wire.len());
+        // One record for what was queued and the first header, then one per data part.
+        let mut want = vec![[&b"queued frames"[..], &frames[0].0].concat()];
+        for (i, (_, d)) in frames.iter().enumerate() {
+            let next = frames
+                .get(i + 1)
+                .map(|(h, _)| h.as_slice())
+                .unwrap_or_default();
+            want.push([*d, next].concat());
+        }
+        assert_eq!(pieces, want);
+        let too_big = [([0u8; WRITE_HEADER_LEN], &[0u8; MAX_PLAINTEXT + 1][..])];
+        assert!(matches!(
+            cs.seal_writes(b"", &too_big, &mut wire),
+            Err(RecordError::TooLarge(_))
+        ));
+    }
+
+    #[test]
     fn partial_records_wait_for_the_rest() {
         let ((mut cs, _), (_, mut so)) = pair();
-        let mut wire = Vec::new();
+        let mut wire = WireBuf::default();
         cs.seal(&[&[7u8; 40_000]], &mut wire).unwrap();
         let mut out = Vec::new();
         let cut = HEADER_LEN + 100;
@@ -461,7 +621,7 @@ pub(crate) mod tests {
     #[test]
     fn a_flipped_bit_a_replay_or_a_bad_header_is_an_error() {
         let ((mut cs, _), (_, mut so)) = pair();
-        let mut wire = Vec::new();
+        let mut wire = WireBuf::default();
         cs.seal(&[b"hello"], &mut wire).unwrap();
         let mut tampered = wire.clone();
         tampered[HEADER_LEN + 2] ^= 1;
@@ -472,7 +632,7 @@ pub(crate) mod tests {
         ));
 
         let ((mut cs, _), (_, mut so)) = pair();
-        let mut wire = Vec::new();
+        let mut wire = WireBuf::default();
         cs.seal(&[b"hello"], &mut wire).unwrap();
         let mut again = wire.clone();
         so.open_into(&mut wire, &mut out).unwrap();
@@ -511,7 +671,7 @@ pub(crate) mod tests {
     fn a_key_update_request_is_answered() {
         let ((mut cs, mut co), (mut ss, mut so)) = pair();
         // The client asks the server to update (request_update = 1) with its own update.
-        let mut wire = Vec::new();
+        let mut wire = WireBuf::default();
         cs.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 1], &mut wire)
             .unwrap();
         let (seq, secrets) = lock(&cs.kernel).next(true).unwrap();
@@ -520,7 +680,7 @@ pub(crate) mod tests {
         let got = so.open_into(&mut wire, &mut out).unwrap();
         assert!(got.answer);
         // The server's next seal carries its own update first; the client follows it.
-        let mut reply = Vec::new();
+        let mut reply = WireBuf::default();
         ss.seal(&[], &mut reply).unwrap();
         assert!(!reply.is_empty());
         co.open_into(&mut reply, &mut out).unwrap();
@@ -532,7 +692,7 @@ pub(crate) mod tests {
     fn close_notify_ends_and_other_alerts_are_errors() {
         let ((mut cs, _), (_, mut so)) = pair();
         for (desc, closed) in [(CLOSE_NOTIFY, true), (42u8, false)] {
-            let mut wire = Vec::new();
+            let mut wire = WireBuf::default();
             cs.seal_record(ALERT, &[1, desc], &mut wire).unwrap();
             let mut out = Vec::new();
             match so.open_into(&mut wire, &mut out) {

@@ -17,7 +17,7 @@ use crate::ntb::Inner;
 use crate::queue::{InQueue, OutQueue, Take};
 use crate::watch::Watch;
 
-use crate::record::{Opener, RecordError, Sealer, MAX_PLAINTEXT, MAX_RECORD};
+use crate::record::{Opener, RecordError, Sealer, WireBuf, MAX_PLAINTEXT, MAX_RECORD};
 use crate::tls;
 use crate::Credentials;
 
@@ -211,15 +211,15 @@ struct SendState {
     /// Plaintext frames taken from the queue.
     batch: Vec<u8>,
     /// Wire bytes (TLS records or plain frames) not yet written to the socket, oldest first.
-    wire: Vec<u8>,
+    wire: WireBuf,
 }
 
 /// Sealed records waiting for the socket, oldest first, and spare buffers.
 #[derive(Default)]
 struct Sealed {
-    bufs: VecDeque<Vec<u8>>,
+    bufs: VecDeque<WireBuf>,
     bytes: usize,
-    free: Vec<Vec<u8>>,
+    free: Vec<WireBuf>,
     space_waiting: bool,
 }
 
@@ -381,8 +381,14 @@ impl Session {
         let mut batch = Vec::new();
         let mut batch_bytes = 0usize;
         // Frames are handled straight from what was received (a record opened in place);
-        // only an incomplete frame at the end is kept in `rx` for the rest.
-        let sink = |bytes: &[u8]| -> Result<(), EndError> {
+        // only an incomplete frame at the end is kept in `rx` for the rest. A write whose
+        // header ended the last piece takes its data straight from this one.
+        let sink = |mut bytes: &[u8]| -> Result<(), EndError> {
+            if let Some((f, used)) = frame::split_write(rx, bytes) {
+                rx.clear();
+                self.frame(inner, f, hello, &mut batch, &mut batch_bytes)?;
+                bytes = bytes.get(used..).unwrap_or_default();
+            }
             if rx.is_empty() {
                 let used = self.frames(inner, bytes, hello, &mut batch, &mut batch_bytes)?;
                 rx.extend_from_slice(bytes.get(used..).unwrap_or_default());
@@ -444,21 +450,33 @@ impl Session {
         let mut used = 0usize;
         while let Some((f, n)) = frame::parse(bytes.get(used..).unwrap_or_default())? {
             used += n;
-            if !*hello {
-                let Frame::Hello(h) = f else {
-                    return Err(EndError::Protocol("the first frame is not a hello".into()));
-                };
-                accept_hello(self, h)?;
-                *hello = true;
-                inner.link_up();
-                continue;
-            }
-            if batch.is_empty() && self.inq.idle() && inner.apply_inline(self, &f)? {
-                continue;
-            }
-            handle(self, f, batch, batch_bytes)?;
+            self.frame(inner, f, hello, batch, batch_bytes)?;
         }
         Ok(used)
+    }
+
+    /// Handles one frame from the peer (see [`Session::frames`]).
+    fn frame(
+        &self,
+        inner: &Inner,
+        f: Frame<'_>,
+        hello: &mut bool,
+        batch: &mut Vec<Inbound>,
+        batch_bytes: &mut usize,
+    ) -> Result<(), EndError> {
+        if !*hello {
+            let Frame::Hello(h) = f else {
+                return Err(EndError::Protocol("the first frame is not a hello".into()));
+            };
+            accept_hello(self, h)?;
+            *hello = true;
+            inner.link_up();
+            return Ok(());
+        }
+        if batch.is_empty() && self.inq.idle() && inner.apply_inline(self, &f)? {
+            return Ok(());
+        }
+        handle(self, f, batch, batch_bytes)
     }
 
     /// Waits for the reply on `reply`, reading the socket itself when no one else is.
@@ -729,10 +747,10 @@ impl Session {
     /// Writes `wire` to the socket: all of it (blocking), or for [`Flush::NonBlocking`] what
     /// the socket takes now, keeping the rest and asking the writer thread to send it.
     /// Returns whether everything went out.
-    fn write_wire(&self, wire: &mut Vec<u8>, how: Flush) -> Result<bool, EndError> {
+    fn write_wire(&self, wire: &mut WireBuf, how: Flush) -> Result<bool, EndError> {
         if how == Flush::NonBlocking {
             let n = send_nonblocking(&self.sock, wire)?;
-            wire.drain(..n);
+            wire.consume(n);
             if !wire.is_empty() {
                 self.out.kick();
                 return Ok(false);
@@ -814,10 +832,7 @@ impl Session {
         }
         let mut buf = lock(&self.sealed).free.pop().unwrap_or_default();
         buf.clear();
-        sealer.seal(&[&batch], &mut buf)?;
-        for (h, d) in frames {
-            sealer.seal(&[h, d], &mut buf)?;
-        }
+        sealer.seal_writes(&batch, frames, &mut buf)?;
         let mut q = lock(&self.sealed);
         if buf.is_empty() {
             q.free.push(buf);
@@ -829,7 +844,7 @@ impl Session {
     }
 
     /// The oldest buffer of sealed records, if any (a bulk writer waiting for space is told).
-    fn pop_sealed(&self) -> Option<Vec<u8>> {
+    fn pop_sealed(&self) -> Option<WireBuf> {
         let mut q = lock(&self.sealed);
         let buf = q.bufs.pop_front()?;
         q.bytes -= buf.len();

@@ -373,7 +373,7 @@ pub(crate) fn handshake(
         if let Err(reason) = named {
             // Tell the client why, as TLS would have during the handshake.
             if let Ok((mut sealer, _)) = record::split(Kernel::Server(k), secrets.tx, secrets.rx) {
-                let mut wire = Vec::new();
+                let mut wire = record::WireBuf::default();
                 if sealer.alert(record::BAD_CERTIFICATE, &mut wire).is_ok() {
                     let _ = (&*stream).write_all(&wire);
                 }
