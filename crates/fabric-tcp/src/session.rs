@@ -225,8 +225,8 @@ struct Sealed {
 
 /// Most bytes of sealed records a bulk writer may have waiting for the socket.
 const SEALED_LIMIT: usize = 1 << 20;
-/// A bulk writer that waits for space is woken when the sealed queue is down to this (so it
-/// seals several groups per wake-up).
+/// A caller with a bulk write that waits for space is woken when the sealed queue is down to
+/// this (so that it seals several groups per wake-up).
 const SEALED_RESUME: usize = SEALED_LIMIT / 2;
 /// Bytes of posted writes a bulk writer seals per buffer.
 const SEAL_GROUP: usize = 1 << 18;
@@ -843,7 +843,8 @@ impl Session {
         Ok(true)
     }
 
-    /// The oldest buffer of sealed records, if any (a bulk writer waiting for space is told).
+    /// The oldest buffer of sealed records, if any (a bulk-writing caller waiting for space is
+    /// woken when enough has gone).
     fn pop_sealed(&self) -> Option<WireBuf> {
         let mut q = lock(&self.sealed);
         let buf = q.bufs.pop_front()?;
@@ -854,7 +855,7 @@ impl Session {
         }
         drop(q);
         if wake {
-            // After the lock is dropped: a woken writer would otherwise block on it at once.
+            // After the lock is dropped: the woken caller would otherwise block on it at once.
             self.sealed_space.notify_all();
         }
         Some(buf)
