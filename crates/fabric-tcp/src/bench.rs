@@ -194,10 +194,10 @@ fn pin_caller(
 /// The tcp figures over TLS (`secure`) or plain TCP ([`Credentials::Insecure`], to see what
 /// TLS costs).
 ///
-/// The figures with targets are measured with one thread placement (module docs) when the process may use two
-/// CPUs: on a two-CPU machine the scheduler otherwise often wakes the sealing caller on the
-/// CPU of the socket writer (see [`crate::cpu`]). The same bandwidth left to the scheduler is
-/// reported too, as `-unpinned`, beside raw TCP left to the scheduler.
+/// The figures with targets are measured with one thread placement (module docs) when the
+/// process may use two CPUs: on a two-CPU machine the scheduler otherwise often wakes the
+/// sealing caller on the CPU of the socket writer (see [`crate::cpu`]). The same figures left
+/// to the scheduler are reported too, as `-unpinned`, beside raw TCP left to the scheduler.
 pub fn figures_with(quick: bool, secure: bool) -> Result<Vec<Figure>, BenchError> {
     let ns = Arc::new(NetnsPair::create()?);
     let dir = std::env::temp_dir().join(format!("devlend-bench-tcp-{}", std::process::id()));
@@ -255,7 +255,8 @@ pub fn figures_with(quick: bool, secure: bool) -> Result<Vec<Figure>, BenchError
                 // the receiver's threads. Over plain TCP the caller sends bulk writes itself.
                 pin_caller(plan, &all, |p| if secure { p.rest } else { p.send })?;
                 r.bw.push(window_bandwidth(b, &chunk, total)?);
-                // The raw sender is its own socket writer.
+                // The raw sender is its own socket writer; the requester of both ping-pongs
+                // stays there too, its peers (the lender's reader, the raw server) on `rest`.
                 pin_caller(plan, &all, |p| p.send)?;
                 r.bw_raw.push(raw_bandwidth(raw, &chunk, total)?);
                 r.lat.push(read_latency(b, pings)?);
