@@ -77,18 +77,33 @@ impl fmt::Display for FabricSpec {
     }
 }
 
-/// How a host authenticates on tcp links.
+/// How a host's tcp links authenticate, and where their threads run.
 #[derive(Clone, Debug, Default)]
-pub struct TcpAuth {
+pub struct TcpOptions {
     /// This host's name (its certificate's name).
     pub host: String,
     /// Directory from `devlend keygen` (CA certificate, this host's certificate and key).
     pub keys: Option<PathBuf>,
     /// Plain TCP without authentication (both sides must ask for it).
     pub insecure: bool,
+    /// CPUs to pin each link's threads to (`--tcp-cpus`; none: the scheduler places them).
+    pub cpus: devlend_fabric_tcp::ThreadCpus,
 }
 
-impl TcpAuth {
+/// Parses `--tcp-cpus WRITER,READER`: the CPU of each tcp link's writer thread, and of its
+/// reading and serving threads.
+pub fn parse_tcp_cpus(s: &str) -> anyhow::Result<devlend_fabric_tcp::ThreadCpus> {
+    let bad =
+        || anyhow::anyhow!("--tcp-cpus wants WRITER,READER: two CPU numbers, e.g. 0,1 (got {s:?})");
+    let (w, r) = s.split_once(',').ok_or_else(bad)?;
+    let cpu = |v: &str| v.trim().parse::<usize>().map_err(|_| bad());
+    Ok(devlend_fabric_tcp::ThreadCpus {
+        writer: Some(cpu(w)?),
+        reader: Some(cpu(r)?),
+    })
+}
+
+impl TcpOptions {
     fn credentials(&self, peer: &str) -> anyhow::Result<devlend_fabric_tcp::Credentials> {
         if self.insecure {
             return Ok(devlend_fabric_tcp::Credentials::Insecure);
@@ -110,11 +125,11 @@ impl TcpAuth {
 
 /// Opens this host's ends of its links, all onto one address space; each comes up when its
 /// peer arrives.
-pub fn open_fabrics(specs: &[FabricSpec], auth: &TcpAuth) -> anyhow::Result<Vec<Arc<dyn Ntb>>> {
+pub fn open_fabrics(specs: &[FabricSpec], tcp: &TcpOptions) -> anyhow::Result<Vec<Arc<dyn Ntb>>> {
     let asp = Arc::new(AddressSpace::new());
     specs
         .iter()
-        .map(|s| open_fabric(s, asp.clone(), auth))
+        .map(|s| open_fabric(s, asp.clone(), tcp))
         .collect()
 }
 
@@ -122,7 +137,7 @@ pub fn open_fabrics(specs: &[FabricSpec], auth: &TcpAuth) -> anyhow::Result<Vec<
 pub fn open_fabric(
     spec: &FabricSpec,
     asp: Arc<AddressSpace>,
-    auth: &TcpAuth,
+    tcp: &TcpOptions,
 ) -> anyhow::Result<Arc<dyn Ntb>> {
     let mut cfg = devlend_fabric::LinkConfig::default();
     // The spin budget of fabric waits, for tuning (README, "Benchmarks").
@@ -134,6 +149,7 @@ pub fn open_fabric(
     }
     let tcp_cfg = devlend_fabric_tcp::TcpConfig {
         link: cfg,
+        cpus: tcp.cpus,
         ..Default::default()
     };
     Ok(match spec {
@@ -143,11 +159,11 @@ pub fn open_fabric(
                 .with_context(|| format!("opening the shm fabric in {}", dir.display()))?
         }
         FabricSpec::TcpListen { peer, addr } => Arc::new(
-            devlend_fabric_tcp::TcpNtb::listen(*addr, asp, tcp_cfg, auth.credentials(peer)?)
+            devlend_fabric_tcp::TcpNtb::listen(*addr, asp, tcp_cfg, tcp.credentials(peer)?)
                 .with_context(|| format!("listening on {addr}"))?,
         ),
         FabricSpec::TcpConnect { peer, addr } => Arc::new(
-            devlend_fabric_tcp::TcpNtb::connect(*addr, asp, tcp_cfg, auth.credentials(peer)?)
+            devlend_fabric_tcp::TcpNtb::connect(*addr, asp, tcp_cfg, tcp.credentials(peer)?)
                 .with_context(|| format!("connecting to {addr}"))?,
         ),
     })
@@ -325,6 +341,22 @@ impl Drop for VfioServer {
             if t.is_finished() {
                 let _ = t.join();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_cpus_are_two_cpu_numbers() {
+        let c = parse_tcp_cpus("0,1").unwrap();
+        assert_eq!((c.writer, c.reader), (Some(0), Some(1)));
+        assert_eq!(parse_tcp_cpus(" 3 , 3").unwrap().writer, Some(3));
+        for bad in ["", "0", "0,", ",1", "a,b", "-1,0", "0;1"] {
+            let e = parse_tcp_cpus(bad).unwrap_err().to_string();
+            assert!(e.contains("WRITER,READER"), "{bad:?}: {e}");
         }
     }
 }

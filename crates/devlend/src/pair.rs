@@ -39,7 +39,7 @@ impl Pair {
             &fabric,
             fabric.clone(),
             &[],
-            host::TcpAuth::default(),
+            host::TcpOptions::default(),
             None,
         )
     }
@@ -67,10 +67,11 @@ impl Pair {
         ns.enter(1)
             .context("entering the borrower's network namespace")?;
         let keys_arg = keys.to_string_lossy().into_owned();
-        let auth = host::TcpAuth {
+        let auth = host::TcpOptions {
             host: "borrower".into(),
             keys: Some(keys),
             insecure: false,
+            cpus: Default::default(),
         };
         Self::launch(
             dir,
@@ -96,7 +97,7 @@ impl Pair {
         lender_fabric: &FabricSpec,
         ours: FabricSpec,
         lender_extra: &[&str],
-        auth: host::TcpAuth,
+        auth: host::TcpOptions,
         netns: Option<devlend_fabric_tcp::netns::NetnsPair>,
     ) -> anyhow::Result<Pair> {
         let lender_state = dir.join("lender");

@@ -40,6 +40,10 @@ pub struct Args {
     /// Plain, unauthenticated TCP (only when both hosts ask for it; for isolated test rigs).
     #[arg(long)]
     insecure_tcp: bool,
+    /// Pin each tcp link's threads: the writer thread (which sends bulk data) on CPU WRITER,
+    /// the threads that read the socket and serve the peer on CPU READER (off by default).
+    #[arg(long, value_name = "WRITER,READER")]
+    tcp_cpus: Option<String>,
     /// Lease timeout in milliseconds: a silent borrower loses its devices after this long.
     #[arg(long)]
     lease_ms: Option<u64>,
@@ -49,7 +53,7 @@ pub struct Args {
     /// With --borrow: serve the borrowed device to a VMM on this vfio-user socket.
     #[arg(long, requires = "borrow")]
     vfio_user: Option<PathBuf>,
-    /// A TOML file with any of: name, fabric, state, keys, lease_ms.
+    /// A TOML file with any of: name, fabric, state, keys, lease_ms, tcp_cpus.
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -62,6 +66,7 @@ struct FileConfig {
     state: Option<PathBuf>,
     keys: Option<PathBuf>,
     lease_ms: Option<u64>,
+    tcp_cpus: Option<String>,
 }
 
 /// The resolved settings of a node.
@@ -70,8 +75,8 @@ pub struct Settings {
     pub name: String,
     /// Links.
     pub fabrics: Vec<host::FabricSpec>,
-    /// TCP authentication.
-    pub auth: host::TcpAuth,
+    /// TCP authentication and thread placement.
+    pub tcp: host::TcpOptions,
     /// State directory.
     pub state: PathBuf,
     /// Lease length.
@@ -105,11 +110,16 @@ impl Args {
             fabrics.push("shm:/tmp/devlend-fabric".into());
         }
         let name = self.name.or(file.name).unwrap_or_else(hostname);
+        let cpus = match self.tcp_cpus.or(file.tcp_cpus) {
+            Some(s) => host::parse_tcp_cpus(&s)?,
+            None => Default::default(),
+        };
         Ok(Settings {
-            auth: host::TcpAuth {
+            tcp: host::TcpOptions {
                 host: name.clone(),
                 keys,
                 insecure: self.insecure_tcp,
+                cpus,
             },
             name,
             fabrics: fabrics
@@ -153,7 +163,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let listener = UnixListener::bind(&sock_path)
         .with_context(|| format!("binding {}", sock_path.display()))?;
     listener.set_nonblocking(true)?;
-    let ntbs = host::open_fabrics(&s.fabrics, &s.auth)?;
+    let ntbs = host::open_fabrics(&s.fabrics, &s.tcp)?;
     let mut cfg = NodeConfig::new(&s.name);
     cfg.lease = s.lease;
     let node = Node::start(cfg, ntbs)?;

@@ -74,6 +74,11 @@ impl NodeProcess {
         node
     }
 
+    /// The node's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Runs a management verb against this node.
     pub fn ctl(&self, args: &[&str]) -> Output {
         Command::new(exe())
