@@ -170,9 +170,13 @@ impl TcpConfig {
         if self.link.mw_count > frame::MAX_WINDOWS {
             return Err(TcpError::Config("at most 64 memory windows"));
         }
-        for cpu in [self.cpus.writer, self.cpus.reader].into_iter().flatten() {
+        let pinned: Vec<usize> = [self.cpus.writer, self.cpus.reader]
+            .into_iter()
+            .flatten()
+            .collect();
+        if !pinned.is_empty() {
             let allowed = cpu::allowed().map_err(|e| TcpError::Os("reading the CPU set", e))?;
-            if !allowed.contains(&cpu) {
+            if let Some(&cpu) = pinned.iter().find(|c| !allowed.contains(c)) {
                 return Err(TcpError::Cpu { cpu, allowed });
             }
         }
