@@ -31,6 +31,7 @@ pub mod dma_pool;
 mod error;
 pub mod iommu;
 pub mod local;
+pub mod lspci;
 pub mod msix;
 pub mod test_device;
 
