@@ -552,7 +552,10 @@ impl PciDevice for NvmeDevice {
                     function_mask,
                 } => self.inner.msix.set_control(enable, function_mask),
                 ConfigEffect::FunctionLevelReset => self.inner.reset(),
-                ConfigEffect::BarChanged(_) | ConfigEffect::PowerState(_) => {}
+                ConfigEffect::BarChanged(_)
+                | ConfigEffect::PowerState(_)
+                | ConfigEffect::VfEnable { .. }
+                | ConfigEffect::VfMemorySpace(_) => {}
             }
         }
     }

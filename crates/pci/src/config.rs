@@ -248,6 +248,121 @@ pub mod msix {
     pub const MAX_VECTORS: u16 = 2048;
 }
 
+/// The Single Root I/O Virtualization extended capability (PCIe Base Specification 9.3.3), as
+/// Linux `drivers/pci/iov.c` reads it.
+pub mod sriov {
+    /// Extended Capability ID of SR-IOV.
+    pub const EXT_CAP_ID: u16 = 0x0010;
+    /// Capability version.
+    pub const VERSION: u32 = 1;
+    /// SR-IOV Capabilities (32 bits, RO).
+    pub const CAPABILITIES: u16 = 0x04;
+    /// SR-IOV Control (16 bits).
+    pub const CONTROL: u16 = 0x08;
+    /// SR-IOV Status (16 bits).
+    pub const STATUS: u16 = 0x0a;
+    /// InitialVFs (16 bits, RO).
+    pub const INITIAL_VFS: u16 = 0x0c;
+    /// TotalVFs (16 bits, RO).
+    pub const TOTAL_VFS: u16 = 0x0e;
+    /// NumVFs (16 bits; read-only while VF Enable is set).
+    pub const NUM_VFS: u16 = 0x10;
+    /// Function Dependency Link (8 bits, RO).
+    pub const FUNCTION_DEPENDENCY_LINK: u16 = 0x12;
+    /// First VF Offset (16 bits, RO; follows NumVFs and ARI Capable Hierarchy).
+    pub const FIRST_VF_OFFSET: u16 = 0x14;
+    /// VF Stride (16 bits, RO; follows NumVFs and ARI Capable Hierarchy).
+    pub const VF_STRIDE: u16 = 0x16;
+    /// VF Device ID (16 bits, RO).
+    pub const VF_DEVICE_ID: u16 = 0x1a;
+    /// Supported Page Sizes (32 bits, RO): bit n set = 2^(n+12) bytes supported.
+    pub const SUPPORTED_PAGE_SIZES: u16 = 0x1c;
+    /// System Page Size (32 bits; one bit of the supported sizes).
+    pub const SYSTEM_PAGE_SIZE: u16 = 0x20;
+    /// VF BAR0; VF BAR n is at `VF_BAR0 + 4 * n`.
+    pub const VF_BAR0: u16 = 0x24;
+    /// VF Migration State Array Offset (32 bits, RO; 0: no migration).
+    pub const VF_MIGRATION_STATE: u16 = 0x3c;
+    /// Length of the capability.
+    pub const LEN: u16 = 0x40;
+
+    /// Control: VF Enable.
+    pub const CTRL_VF_ENABLE: u16 = 1 << 0;
+    /// Control: VF Migration Enable (hardwired 0: no migration).
+    pub const CTRL_VF_MIGRATION: u16 = 1 << 1;
+    /// Control: VF Memory Space Enable (decode of every VF's BARs).
+    pub const CTRL_VF_MSE: u16 = 1 << 3;
+    /// Control: ARI Capable Hierarchy (the PF's routing allows functions up to 255).
+    pub const CTRL_ARI_HIERARCHY: u16 = 1 << 4;
+    /// Capabilities: ARI Capable Hierarchy Preserved.
+    pub const CAP_ARI_PRESERVED: u32 = 1 << 1;
+    /// Supported page size bit of 4 KiB.
+    pub const PAGE_4K: u32 = 1;
+
+    /// Offset of VF BAR `bar`.
+    pub fn vf_bar(bar: crate::BarIndex) -> u16 {
+        VF_BAR0 + 4 * bar.get() as u16
+    }
+
+    /// First VF Offset and VF Stride for `num_vfs` VFs of a PF at function 0, with or without
+    /// an ARI capable hierarchy. Without ARI only 8 functions of a device are reachable on
+    /// the PF's bus, so VFs begin on the next device number and take one device each; with
+    /// ARI they follow the PF. Both are non-zero for every NumVFs, as Linux requires, and the
+    /// last VF's routing ID stays below 65536 for every NumVFs up to 7936.
+    pub fn routing(num_vfs: u16, ari: bool) -> (u16, u16) {
+        match (ari, num_vfs) {
+            (true, _) => (1, 1),
+            // One VF: it may take the next function of the PF's device.
+            (false, 0..=1) => (1, 1),
+            (false, _) => (8, 8),
+        }
+    }
+}
+
+/// What a physical function's SR-IOV capability offers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SriovCap {
+    /// TotalVFs: most VFs the PF can enable (1 to 7936 here).
+    pub total_vfs: u16,
+    /// InitialVFs (at most `total_vfs`).
+    pub initial_vfs: u16,
+    /// Device ID every VF has (read from the PF: a VF's own Device ID reads 0xFFFF).
+    pub vf_device_id: u16,
+    /// Supported Page Sizes; must include 4 KiB ([`sriov::PAGE_4K`]).
+    pub supported_page_sizes: u32,
+    /// Each VF's BARs (memory BARs; a 64-bit one takes two slots). A VF BAR's decoded size is
+    /// this size rounded up to the System Page Size.
+    pub vf_bars: [Option<BarSpec>; 6],
+}
+
+/// Where a function's SR-IOV capability is and what it was built with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SriovLayout {
+    at: u16,
+    cap: SriovCap,
+}
+
+/// The SR-IOV state as software programmed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SriovState {
+    /// TotalVFs.
+    pub total_vfs: u16,
+    /// NumVFs.
+    pub num_vfs: u16,
+    /// VF Enable.
+    pub vf_enable: bool,
+    /// VF Memory Space Enable.
+    pub vf_memory: bool,
+    /// ARI Capable Hierarchy.
+    pub ari: bool,
+    /// First VF Offset.
+    pub first_vf_offset: u16,
+    /// VF Stride.
+    pub vf_stride: u16,
+    /// System Page Size in bytes.
+    pub page_size: u64,
+}
+
 /// Identification registers of the header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Identity {
@@ -345,6 +460,15 @@ pub enum ConfigEffect {
     FunctionLevelReset,
     /// PMCSR PowerState changed to a supported state.
     PowerState(PowerState),
+    /// SR-IOV VF Enable changed: the VFs (`num_vfs` of them) appear or disappear.
+    VfEnable {
+        /// VF Enable.
+        enabled: bool,
+        /// NumVFs at the time (NumVFs cannot change while VF Enable is set).
+        num_vfs: u16,
+    },
+    /// SR-IOV VF Memory Space Enable changed: every VF's BARs are decoded or not.
+    VfMemorySpace(bool),
 }
 
 /// Mistakes in a config-space layout (made by a device model's author, not by a driver).
@@ -374,6 +498,9 @@ pub enum ConfigError {
         /// Length of the capability.
         len: u16,
     },
+    /// The SR-IOV capability's options are inconsistent.
+    #[error("SR-IOV capability is invalid: {0}")]
+    Sriov(&'static str),
 }
 
 /// What a hook watches.
@@ -384,6 +511,9 @@ enum HookKind {
     MsixControl,
     PowerState,
     InitiateFlr,
+    SriovControl,
+    SriovNumVfs,
+    SriovPageSize,
 }
 
 /// A field the device reacts to: `width` bytes at `offset`, bits `mask`.
@@ -438,6 +568,11 @@ pub struct ConfigSpace {
     hooks: Vec<Hook>,
     bars: [Option<BarSpec>; 6],
     msix: Option<(u16, MsixLayout)>,
+    /// Writable masks at power-on (SR-IOV locks fields while VF Enable is set).
+    initial_writable: Bytes,
+    sriov: Option<SriovLayout>,
+    /// A virtual function: BAR registers read zero (a VF's BARs are in its PF's capability).
+    virtual_function: bool,
 }
 
 impl ConfigSpace {
@@ -487,20 +622,37 @@ impl ConfigSpace {
                 }
             }
             let new = load(&self.regs, hook.offset, hook.width);
-            if let Some(effect) = self.react(hook, old, new, written) {
-                effects.push(effect);
-            }
+            self.react(hook, old, new, written, &mut effects);
         }
         effects
     }
 
-    fn react(&mut self, hook: Hook, old: u64, new: u64, written: u64) -> Option<ConfigEffect> {
+    fn react(
+        &mut self,
+        hook: Hook,
+        old: u64,
+        new: u64,
+        written: u64,
+        effects: &mut Vec<ConfigEffect>,
+    ) {
         if hook.kind == HookKind::InitiateFlr {
-            return (written & hook.mask != 0).then_some(ConfigEffect::FunctionLevelReset);
+            if written & hook.mask != 0 {
+                effects.push(ConfigEffect::FunctionLevelReset);
+            }
+            return;
         }
         if (old ^ new) & hook.mask == 0 {
-            return None;
+            return;
         }
+        match hook.kind {
+            HookKind::SriovControl => self.react_sriov_control(old as u16, new as u16, effects),
+            HookKind::SriovNumVfs => self.react_num_vfs(old, new),
+            HookKind::SriovPageSize => self.react_page_size(old, new),
+            _ => effects.extend(self.react_header(hook, old, new)),
+        }
+    }
+
+    fn react_header(&mut self, hook: Hook, old: u64, new: u64) -> Option<ConfigEffect> {
         match hook.kind {
             HookKind::Command => {
                 let cmd = new as u16;
@@ -528,13 +680,180 @@ impl ConfigSpace {
                     None
                 }
             },
-            HookKind::InitiateFlr => None,
+            HookKind::InitiateFlr
+            | HookKind::SriovControl
+            | HookKind::SriovNumVfs
+            | HookKind::SriovPageSize => None,
         }
+    }
+
+    /// VF Enable locks NumVFs, System Page Size and ARI Capable Hierarchy (the spec leaves
+    /// changing them while VFs exist undefined; here such writes are dropped), and reports
+    /// VF Enable and VF MSE edges.
+    fn react_sriov_control(&mut self, old: u16, new: u16, effects: &mut Vec<ConfigEffect>) {
+        let Some(at) = self.sriov.as_ref().map(|l| l.at) else {
+            return;
+        };
+        let was_enabled = old & sriov::CTRL_VF_ENABLE != 0;
+        if was_enabled && (old ^ new) & sriov::CTRL_ARI_HIERARCHY != 0 {
+            // ARI Capable Hierarchy is writable only while VF Enable is clear.
+            let kept = (new & !sriov::CTRL_ARI_HIERARCHY) | (old & sriov::CTRL_ARI_HIERARCHY);
+            store(&mut self.regs, at + sriov::CONTROL, 2, kept.into());
+        }
+        let new = self.read_u16(at + sriov::CONTROL);
+        let enabled = new & sriov::CTRL_VF_ENABLE != 0;
+        if (old ^ new) & sriov::CTRL_ARI_HIERARCHY != 0 {
+            self.update_vf_routing();
+        }
+        if enabled != was_enabled {
+            for (field, width) in [(sriov::NUM_VFS, 2), (sriov::SYSTEM_PAGE_SIZE, 4)] {
+                let mask = if enabled {
+                    0
+                } else {
+                    load(&self.initial_writable, at + field, width)
+                };
+                store(&mut self.writable, at + field, width, mask);
+            }
+            let ari_mask = u64::from(sriov::CTRL_ARI_HIERARCHY);
+            let ctl = load(&self.writable, at + sriov::CONTROL, 2);
+            let ctl = if enabled {
+                ctl & !ari_mask
+            } else {
+                ctl | (load(&self.initial_writable, at + sriov::CONTROL, 2) & ari_mask)
+            };
+            store(&mut self.writable, at + sriov::CONTROL, 2, ctl);
+            effects.push(ConfigEffect::VfEnable {
+                enabled,
+                num_vfs: self.read_u16(at + sriov::NUM_VFS),
+            });
+        }
+        if (old ^ new) & sriov::CTRL_VF_MSE != 0 {
+            effects.push(ConfigEffect::VfMemorySpace(new & sriov::CTRL_VF_MSE != 0));
+        }
+    }
+
+    /// NumVFs above TotalVFs is dropped (the old value stays); otherwise the VF routing
+    /// registers follow it.
+    fn react_num_vfs(&mut self, old: u64, new: u64) {
+        let Some((at, total)) = self.sriov.as_ref().map(|l| (l.at, l.cap.total_vfs)) else {
+            return;
+        };
+        if new > u64::from(total) {
+            store(&mut self.regs, at + sriov::NUM_VFS, 2, old);
+            return;
+        }
+        self.update_vf_routing();
+    }
+
+    /// A System Page Size that is not exactly one supported size is dropped; otherwise the VF
+    /// BARs' writable masks follow it (each VF BAR is aligned to the page size).
+    fn react_page_size(&mut self, old: u64, new: u64) {
+        let Some(layout) = self.sriov.clone() else {
+            return;
+        };
+        let supported = u64::from(layout.cap.supported_page_sizes);
+        if new.count_ones() != 1 || new & supported == 0 {
+            store(&mut self.regs, layout.at + sriov::SYSTEM_PAGE_SIZE, 4, old);
+            return;
+        }
+        self.update_vf_bar_masks(&layout);
+    }
+
+    fn update_vf_routing(&mut self) {
+        let Some(at) = self.sriov.as_ref().map(|l| l.at) else {
+            return;
+        };
+        let num = self.read_u16(at + sriov::NUM_VFS);
+        let ari = self.read_u16(at + sriov::CONTROL) & sriov::CTRL_ARI_HIERARCHY != 0;
+        let (offset, stride) = sriov::routing(num, ari);
+        store(
+            &mut self.regs,
+            at + sriov::FIRST_VF_OFFSET,
+            2,
+            offset.into(),
+        );
+        store(&mut self.regs, at + sriov::VF_STRIDE, 2, stride.into());
+    }
+
+    fn update_vf_bar_masks(&mut self, layout: &SriovLayout) {
+        let page = self.sriov_page_size(layout.at);
+        for index in BarIndex::ALL {
+            let Some(spec) = layout
+                .cap
+                .vf_bars
+                .get(usize::from(index.get()))
+                .copied()
+                .flatten()
+            else {
+                continue;
+            };
+            let offset = layout.at + sriov::vf_bar(index);
+            let (width, mask) = bar_mask(vf_bar_spec(spec, page));
+            store(&mut self.writable, offset, width, mask);
+            let value = load(&self.regs, offset, width);
+            let flags = value & u64::from(bar::FLAGS_MASK);
+            store(&mut self.regs, offset, width, (value & mask) | flags);
+        }
+    }
+
+    fn sriov_page_size(&self, at: u16) -> u64 {
+        let bits = load(&self.regs, at + sriov::SYSTEM_PAGE_SIZE, 4);
+        4096u64 << bits.trailing_zeros().min(51)
+    }
+
+    /// The SR-IOV state, if the function has the capability.
+    pub fn sriov(&self) -> Option<SriovState> {
+        let layout = self.sriov.as_ref()?;
+        let at = layout.at;
+        let ctl = self.read_u16(at + sriov::CONTROL);
+        Some(SriovState {
+            total_vfs: layout.cap.total_vfs,
+            num_vfs: self.read_u16(at + sriov::NUM_VFS),
+            vf_enable: ctl & sriov::CTRL_VF_ENABLE != 0,
+            vf_memory: ctl & sriov::CTRL_VF_MSE != 0,
+            ari: ctl & sriov::CTRL_ARI_HIERARCHY != 0,
+            first_vf_offset: self.read_u16(at + sriov::FIRST_VF_OFFSET),
+            vf_stride: self.read_u16(at + sriov::VF_STRIDE),
+            page_size: self.sriov_page_size(at),
+        })
+    }
+
+    /// Each VF's BAR in slot `bar` as the VF decodes it (its size rounded up to the System
+    /// Page Size), if the SR-IOV capability declares one there.
+    pub fn vf_bar_spec(&self, bar: BarIndex) -> Option<BarSpec> {
+        let layout = self.sriov.as_ref()?;
+        let spec = layout
+            .cap
+            .vf_bars
+            .get(usize::from(bar.get()))
+            .copied()
+            .flatten()?;
+        Some(vf_bar_spec(spec, self.sriov_page_size(layout.at)))
+    }
+
+    /// Where software placed VF BAR `bar` of the first VF (VF n's is `n - 1` BAR sizes on).
+    pub fn vf_bar_address(&self, bar: BarIndex) -> Option<u64> {
+        let layout = self.sriov.as_ref()?;
+        let spec = layout
+            .cap
+            .vf_bars
+            .get(usize::from(bar.get()))
+            .copied()
+            .flatten()?;
+        let width = if spec.is_64bit { 8 } else { 4 };
+        let value = load(&self.regs, layout.at + sriov::vf_bar(bar), width);
+        Some(value & !u64::from(self::bar::FLAGS_MASK))
+    }
+
+    /// Whether this is a virtual function's config space.
+    pub fn is_virtual_function(&self) -> bool {
+        self.virtual_function
     }
 
     /// Back to power-on values (Function Level Reset or a conventional reset).
     pub fn reset(&mut self) {
         self.regs.copy_from_slice(&self.initial[..]);
+        self.writable.copy_from_slice(&self.initial_writable[..]);
     }
 
     /// A 16-bit register (e.g. for device-side bookkeeping); all-ones when invalid.
@@ -578,6 +897,9 @@ impl ConfigSpace {
     /// The address software placed the BAR in slot `bar` at, if that slot starts a BAR.
     pub fn bar_address(&self, bar: BarIndex) -> Option<u64> {
         let spec = self.bar_spec(bar)?;
+        if self.virtual_function {
+            return Some(0);
+        }
         let offset = header::bar(bar);
         let width = if spec.is_64bit { 8 } else { 4 };
         Some(load(&self.regs, offset, width) & !u64::from(self::bar::FLAGS_MASK))
@@ -630,6 +952,37 @@ impl ConfigSpace {
     }
 }
 
+/// A VF BAR's decoded size: its own size, at least one system page.
+fn vf_bar_spec(spec: BarSpec, page_size: u64) -> BarSpec {
+    BarSpec {
+        size: spec.size.max(page_size),
+        ..spec
+    }
+}
+
+/// Register width and writable mask of a memory BAR: address bits below the size are
+/// hardwired to zero, so writing all-ones reads back the size; the type bits are read-only.
+fn bar_mask(spec: BarSpec) -> (u16, u64) {
+    let mask = !(spec.size.wrapping_sub(1)) & !u64::from(bar::FLAGS_MASK);
+    if spec.is_64bit {
+        (8, mask)
+    } else {
+        (4, mask & 0xffff_ffff)
+    }
+}
+
+/// The read-only type bits of a memory BAR.
+fn bar_flags(spec: BarSpec) -> u32 {
+    let mut flags = 0u32;
+    if spec.is_64bit {
+        flags |= bar::TYPE_64BIT;
+    }
+    if spec.prefetchable {
+        flags |= bar::PREFETCHABLE;
+    }
+    flags
+}
+
 fn all_ones(size: AccessSize) -> u32 {
     match size {
         AccessSize::Byte => 0xff,
@@ -645,6 +998,9 @@ pub struct ConfigSpaceBuilder {
     next_cap: u16,
     last_next_ptr: u16,
     added: Vec<u8>,
+    /// Offset of the last extended capability's header (its Next field is bits 31:20).
+    last_ext: Option<u16>,
+    next_ext: u16,
 }
 
 impl ConfigSpaceBuilder {
@@ -658,6 +1014,9 @@ impl ConfigSpaceBuilder {
             hooks: Vec::new(),
             bars: [None; 6],
             msix: None,
+            initial_writable: zeroed(),
+            sriov: None,
+            virtual_function: false,
         };
         let r = &mut space.regs;
         store(r, header::VENDOR_ID, 2, id.vendor_id.into());
@@ -693,7 +1052,30 @@ impl ConfigSpaceBuilder {
             next_cap: CAPABILITIES_START,
             last_next_ptr: header::CAPABILITIES_POINTER,
             added: Vec::new(),
+            last_ext: None,
+            next_ext: EXTENDED_CONFIG_START,
         }
+    }
+
+    /// The header of a virtual function of a PF identified by `pf`: Vendor and Device ID read
+    /// 0xFFFF (software takes them from the PF and its VF Device ID), Memory Space Enable is
+    /// hardwired 0 (the PF's VF MSE decodes every VF's BARs), no INTx. BARs declared with
+    /// [`Self::bar`] are the VF's as its device model decodes them; their registers read zero
+    /// (they live in the PF's SR-IOV capability).
+    pub fn new_virtual_function(pf: Identity) -> Self {
+        let mut b = Self::new(Identity {
+            vendor_id: 0xffff,
+            device_id: 0xffff,
+            ..pf
+        });
+        b.space.virtual_function = true;
+        store(
+            &mut b.space.writable,
+            header::COMMAND,
+            2,
+            u64::from(command::WRITABLE & !(command::MEMORY_SPACE | command::INTX_DISABLE)),
+        );
+        b
     }
 
     /// Declares a memory BAR in slot `index` (and `index + 1` for a 64-bit BAR).
@@ -717,24 +1099,15 @@ impl ConfigSpaceBuilder {
                 return Err(ConfigError::BarSlotInUse(s.get()));
             }
         }
-        let mut flags = 0u32;
-        if spec.is_64bit {
-            flags |= bar::TYPE_64BIT;
+        if let Some(s) = self.space.bars.get_mut(slot) {
+            *s = Some(spec);
         }
-        if spec.prefetchable {
-            flags |= bar::PREFETCHABLE;
+        if self.space.virtual_function {
+            return Ok(self);
         }
-        let width = if spec.is_64bit { 8 } else { 4 };
-        // Address bits below the size are hardwired to zero, so writing all-ones reads back
-        // the size; the type bits are read-only.
-        let mask = !(spec.size - 1) & !u64::from(bar::FLAGS_MASK);
-        let mask = if spec.is_64bit {
-            mask
-        } else {
-            mask & 0xffff_ffff
-        };
+        let (width, mask) = bar_mask(spec);
         let offset = header::bar(index);
-        store(&mut self.space.regs, offset, 4, flags.into());
+        store(&mut self.space.regs, offset, 4, bar_flags(spec).into());
         store(&mut self.space.writable, offset, width, mask);
         self.space.hooks.push(Hook {
             offset,
@@ -742,9 +1115,6 @@ impl ConfigSpaceBuilder {
             mask,
             kind: HookKind::Bar(index),
         });
-        if let Some(s) = self.space.bars.get_mut(slot) {
-            *s = Some(spec);
-        }
         Ok(self)
     }
 
@@ -897,6 +1267,139 @@ impl ConfigSpaceBuilder {
         Ok(at)
     }
 
+    /// Reserves `len` bytes of extended config space for an extended capability with `id`,
+    /// links it into the list that starts at 0x100 and returns its offset.
+    fn add_extended_capability(
+        &mut self,
+        id: u16,
+        version: u32,
+        len: u16,
+    ) -> Result<u16, ConfigError> {
+        let key = (id & 0xff) as u8 | 0x80;
+        if self.added.contains(&key) {
+            return Err(ConfigError::DuplicateCapability(key));
+        }
+        let at = self.next_ext;
+        let end = usize::from(at) + usize::from(len);
+        if end > CONFIG_SPACE_SIZE {
+            return Err(ConfigError::NoRoom { len });
+        }
+        let header = u64::from(id) | (u64::from(version & 0xf) << 16);
+        store(&mut self.space.regs, at, 4, header);
+        if let Some(prev) = self.last_ext {
+            let h = load(&self.space.regs, prev, 4);
+            store(&mut self.space.regs, prev, 4, h | (u64::from(at) << 20));
+        }
+        self.last_ext = Some(at);
+        self.next_ext = (at + len).next_multiple_of(4);
+        self.added.push(key);
+        Ok(at)
+    }
+
+    /// Adds the SR-IOV extended capability (a physical function); returns its offset.
+    /// NumVFs, VF Enable, VF MSE, ARI Capable Hierarchy, System Page Size and the VF BARs are
+    /// writable; every other register is read-only. Writes the spec leaves undefined (NumVFs
+    /// above TotalVFs, NumVFs / page size / ARI while VF Enable is set, a page size that is
+    /// not one supported size) are dropped.
+    pub fn sriov(&mut self, cap: SriovCap) -> Result<u16, ConfigError> {
+        if cap.total_vfs == 0 || cap.total_vfs > 7936 {
+            return Err(ConfigError::Sriov("TotalVFs must be 1 to 7936"));
+        }
+        if cap.initial_vfs > cap.total_vfs {
+            return Err(ConfigError::Sriov("InitialVFs above TotalVFs"));
+        }
+        if cap.supported_page_sizes & sriov::PAGE_4K == 0 {
+            return Err(ConfigError::Sriov("4 KiB pages must be supported"));
+        }
+        let mut used = [false; 6];
+        for index in BarIndex::ALL {
+            let Some(spec) = cap.vf_bars.get(usize::from(index.get())).copied().flatten() else {
+                continue;
+            };
+            let max = if spec.is_64bit {
+                1u64 << 63
+            } else {
+                1u64 << 31
+            };
+            if !spec.size.is_power_of_two() || spec.size < bar::MIN_SIZE || spec.size > max {
+                return Err(ConfigError::BarSize { size: spec.size });
+            }
+            let slots = if spec.is_64bit { 2 } else { 1 };
+            for s in usize::from(index.get())..usize::from(index.get()) + slots {
+                match used.get_mut(s) {
+                    Some(u) if !*u => *u = true,
+                    Some(_) => return Err(ConfigError::BarSlotInUse(s as u8)),
+                    None => return Err(ConfigError::Bar64InLastSlot),
+                }
+            }
+        }
+        let at = self.add_extended_capability(sriov::EXT_CAP_ID, sriov::VERSION, sriov::LEN)?;
+        let r = &mut self.space.regs;
+        store(
+            r,
+            at + sriov::CAPABILITIES,
+            4,
+            sriov::CAP_ARI_PRESERVED.into(),
+        );
+        store(r, at + sriov::INITIAL_VFS, 2, cap.initial_vfs.into());
+        store(r, at + sriov::TOTAL_VFS, 2, cap.total_vfs.into());
+        store(r, at + sriov::VF_DEVICE_ID, 2, cap.vf_device_id.into());
+        store(
+            r,
+            at + sriov::SUPPORTED_PAGE_SIZES,
+            4,
+            cap.supported_page_sizes.into(),
+        );
+        store(r, at + sriov::SYSTEM_PAGE_SIZE, 4, sriov::PAGE_4K.into());
+        let (offset, stride) = sriov::routing(0, false);
+        store(r, at + sriov::FIRST_VF_OFFSET, 2, offset.into());
+        store(r, at + sriov::VF_STRIDE, 2, stride.into());
+        let w = &mut self.space.writable;
+        let control = sriov::CTRL_VF_ENABLE | sriov::CTRL_VF_MSE | sriov::CTRL_ARI_HIERARCHY;
+        store(w, at + sriov::CONTROL, 2, control.into());
+        store(w, at + sriov::NUM_VFS, 2, 0xffff);
+        store(
+            w,
+            at + sriov::SYSTEM_PAGE_SIZE,
+            4,
+            cap.supported_page_sizes.into(),
+        );
+        for index in BarIndex::ALL {
+            let Some(spec) = cap.vf_bars.get(usize::from(index.get())).copied().flatten() else {
+                continue;
+            };
+            let offset = at + sriov::vf_bar(index);
+            let (width, mask) = bar_mask(vf_bar_spec(spec, 4096));
+            store(&mut self.space.regs, offset, 4, bar_flags(spec).into());
+            store(&mut self.space.writable, offset, width, mask);
+        }
+        let hooks = [
+            (
+                sriov::CONTROL,
+                2,
+                u64::from(control),
+                HookKind::SriovControl,
+            ),
+            (sriov::NUM_VFS, 2, 0xffff, HookKind::SriovNumVfs),
+            (
+                sriov::SYSTEM_PAGE_SIZE,
+                4,
+                0xffff_ffff,
+                HookKind::SriovPageSize,
+            ),
+        ];
+        for (field, width, mask, kind) in hooks {
+            self.space.hooks.push(Hook {
+                offset: at + field,
+                width,
+                mask,
+                kind,
+            });
+        }
+        self.space.sriov = Some(SriovLayout { at, cap });
+        Ok(at)
+    }
+
     /// Checks the layout and returns the config space at its power-on values.
     pub fn build(mut self) -> Result<ConfigSpace, ConfigError> {
         if let Some((_, layout)) = self.space.msix {
@@ -916,6 +1419,7 @@ impl ConfigSpaceBuilder {
             }
         }
         self.space.initial = self.space.regs.clone();
+        self.space.initial_writable = self.space.writable.clone();
         Ok(self.space)
     }
 }

@@ -19,6 +19,8 @@
 //! - [`iommu`]: [`Iommu`], the [`DmaPort`] that confines a device to the memory it was granted
 //!   (direct [`MemSpan`]s or [`RemoteMemory`] reached by messages).
 //! - [`dma_pool`]: [`DmaPool`], page-granular DMA buffers in one shared-memory region.
+//! - [`sriov`]: [`PresentedVf`], a virtual function presented as a function of its own (the
+//!   SR-IOV capability itself is part of [`ConfigSpace`]).
 //! - [`local`]: [`LocalFunction`], the in-process binding (the performance baseline).
 //! - [`test_device`]: a small device with a DMA engine and MSI-X, for tests of the layers above.
 //!
@@ -33,9 +35,10 @@ pub mod iommu;
 pub mod local;
 pub mod lspci;
 pub mod msix;
+pub mod sriov;
 pub mod test_device;
 
-pub use config::{ConfigEffect, ConfigSpace, ConfigSpaceBuilder};
+pub use config::{ConfigEffect, ConfigSpace, ConfigSpaceBuilder, SriovCap, SriovState};
 pub use devlend_memory::{BusAddr, ByteRange, MemSpan, SharedMemory};
 pub use dma::DmaBuffer;
 pub use dma_pool::{DmaPool, DMA_PAGE_SIZE};
@@ -43,6 +46,7 @@ pub use error::{DmaError, FunctionError};
 pub use iommu::{DmaTarget, Iommu, IommuError, RemoteMemory};
 pub use local::{EventFdInterrupts, LocalFunction, LOCAL_DMA_BUS_BASE};
 pub use msix::MsixTable;
+pub use sriov::{PresentedVf, SriovError};
 
 use std::sync::Arc;
 use std::time::Duration;

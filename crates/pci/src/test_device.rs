@@ -283,7 +283,9 @@ impl PciDevice for TestDevice {
                 ConfigEffect::FunctionLevelReset => self.reset_locked(&mut state),
                 ConfigEffect::CommandChanged { .. }
                 | ConfigEffect::BarChanged(_)
-                | ConfigEffect::PowerState(_) => {}
+                | ConfigEffect::PowerState(_)
+                | ConfigEffect::VfEnable { .. }
+                | ConfigEffect::VfMemorySpace(_) => {}
             }
         }
     }
