@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 echo "== setup: VM components (cached in ${DEVLEND_CACHE:-$PWD/.cache})"
 bash scripts/vm-setup.sh
 
+echo "== setup: system packages (etcd for the cluster tests)"
+bash scripts/deps.sh
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
