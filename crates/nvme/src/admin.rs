@@ -11,6 +11,7 @@ use crate::io::{NSID, NSID_BROADCAST};
 use crate::queues::{CompletionQueue, SubmissionQueue};
 use crate::regs::{CQES_LOG2, CQE_BYTES, SQES_LOG2, SQE_BYTES};
 use crate::status::Status;
+use crate::virt::Role;
 
 /// Feature identifiers.
 pub mod fid {
@@ -92,7 +93,12 @@ impl Controller {
             } => done(self.create_io_sq(qid, entries, contiguous, cqid, base)),
             AdminOp::DeleteIoSq { qid } => done(self.delete_io_sq(qid)),
             AdminOp::DeleteIoCq { qid } => done(self.delete_io_cq(qid)),
-            AdminOp::Identify { cns, nsid, data } => done(self.identify(cns, nsid, data)),
+            AdminOp::Identify {
+                cns,
+                cntid,
+                nsid,
+                data,
+            } => done(self.identify(cns, cntid, nsid, data)),
             AdminOp::GetLogPage {
                 lid,
                 rae,
@@ -123,6 +129,21 @@ impl Controller {
                 shadow,
                 event_index,
             } => done(self.doorbell_buffer_config(shadow, event_index)),
+            AdminOp::VirtualizationManagement {
+                action,
+                resource,
+                cntlid,
+                count,
+            } => {
+                let Role::Primary(virt) = &self.role else {
+                    // Only a primary controller supports it (OACS bit 7).
+                    return done(Status::INVALID_OPCODE);
+                };
+                match virt.manage(action, resource, cntlid, count, self.role.cntlid()) {
+                    Ok(dw0) => value(dw0),
+                    Err(s) => done(s),
+                }
+            }
         }
     }
 
@@ -262,7 +283,7 @@ impl Controller {
         Status::SUCCESS
     }
 
-    fn identify(&mut self, cns: u8, nsid: u32, data: DataPointer) -> Status {
+    fn identify(&mut self, cns: u8, cntid: u16, nsid: u32, data: DataPointer) -> Status {
         let page = match cns {
             cns::NAMESPACE => {
                 if nsid != NSID {
@@ -283,6 +304,14 @@ impl Controller {
                 }
                 identify::namespace_descriptors(&self.ns_info)
             }
+            cns::PRIMARY_CONTROLLER_CAPABILITIES => match &self.role {
+                Role::Primary(virt) => virt.primary_capabilities(self.role.cntlid()),
+                _ => return Status::INVALID_FIELD,
+            },
+            cns::SECONDARY_CONTROLLER_LIST => match &self.role {
+                Role::Primary(virt) => virt.secondary_list(self.role.cntlid(), cntid),
+                _ => return Status::INVALID_FIELD,
+            },
             _ => return Status::INVALID_FIELD,
         };
         debug_assert_eq!(page.len(), IDENTIFY_BYTES);

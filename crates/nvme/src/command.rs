@@ -30,6 +30,8 @@ pub mod admin_opcode {
     pub const ASYNC_EVENT_REQUEST: u8 = 0x0c;
     /// Doorbell Buffer Config.
     pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
+    /// Virtualization Management.
+    pub const VIRTUALIZATION_MANAGEMENT: u8 = 0x1c;
 }
 
 /// NVM command set opcodes (NVM command set, figure 346).
@@ -307,6 +309,8 @@ pub enum AdminOp {
     Identify {
         /// Controller or Namespace Structure.
         cns: u8,
+        /// Controller Identifier (CDW10 bits 31:16; where a list starts).
+        cntid: u16,
         /// Namespace.
         nsid: u32,
         /// Data buffer (4 KiB).
@@ -349,6 +353,17 @@ pub enum AdminOp {
         shadow: u64,
         /// Event index page (PRP Entry 2).
         event_index: u64,
+    },
+    /// Virtualization Management.
+    VirtualizationManagement {
+        /// Action (CDW10 bits 3:0), see [`crate::virt::action`].
+        action: u8,
+        /// Resource type (CDW10 bits 10:8): 0 VQ, 1 VI.
+        resource: u8,
+        /// Controller the action is for (CDW10 bits 31:16).
+        cntlid: u16,
+        /// Number of resources (CDW11 bits 15:0).
+        count: u16,
     },
 }
 
@@ -396,6 +411,7 @@ impl AdminOp {
             },
             IDENTIFY => AdminOp::Identify {
                 cns: (c.cdw10() & 0xff) as u8,
+                cntid: high16(c.cdw10()),
                 nsid: c.nsid,
                 data: c.into(),
             },
@@ -419,6 +435,12 @@ impl AdminOp {
             DOORBELL_BUFFER_CONFIG => AdminOp::DoorbellBufferConfig {
                 shadow: c.prp1,
                 event_index: c.prp2,
+            },
+            VIRTUALIZATION_MANAGEMENT => AdminOp::VirtualizationManagement {
+                action: (c.cdw10() & 0xf) as u8,
+                resource: ((c.cdw10() >> 8) & 0x7) as u8,
+                cntlid: high16(c.cdw10()),
+                count: low16(c.cdw11()),
             },
             _ => return Err(Status::INVALID_OPCODE),
         })

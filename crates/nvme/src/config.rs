@@ -61,6 +61,9 @@ pub struct NvmeConfig {
     pub ready_timeout_500ms: u8,
     /// Open the image read-only (writes fail with an error status).
     pub read_only: bool,
+    /// SR-IOV: the physical function gets the SR-IOV capability and a primary controller
+    /// whose secondaries are the VFs ([`crate::NvmeDevice::new_virtual_function`]).
+    pub sriov: Option<crate::virt::SriovConfig>,
 }
 
 impl NvmeConfig {
@@ -81,6 +84,7 @@ impl NvmeConfig {
             idle_recheck: Duration::from_millis(100),
             ready_timeout_500ms: 20,
             read_only: false,
+            sriov: None,
         }
     }
 
@@ -108,6 +112,11 @@ impl NvmeConfig {
         }
         if self.poll_spin > Duration::from_millis(10) {
             return Err(NvmeError::InvalidConfig("poll_spin must be at most 10 ms"));
+        }
+        if let Some(s) = &self.sriov {
+            if s.total_vfs == 0 || s.total_vfs > crate::virt::MAX_SECONDARIES {
+                return Err(NvmeError::InvalidConfig("total_vfs must be 1 to 127"));
+            }
         }
         Ok(())
     }

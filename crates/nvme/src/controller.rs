@@ -27,6 +27,7 @@ use crate::regs::{
 };
 use crate::status::Status;
 use crate::transfer::Transfer;
+use crate::virt::{Role, VfNamespaces};
 
 /// Commands taken from one submission queue before moving to the next (round robin).
 const SQ_BURST: u32 = 32;
@@ -161,6 +162,10 @@ pub(crate) struct Controller {
     csts: Arc<AtomicU32>,
     pub(crate) ns: Namespace,
     pub(crate) limits: Limits,
+    /// The limits of the configuration (a secondary's `limits` shrink to its resources).
+    full_limits: Limits,
+    /// Plain, primary or secondary controller.
+    pub(crate) role: Role,
     pub(crate) info: ControllerInfo,
     pub(crate) ns_info: NamespaceInfo,
     pub(crate) started: Instant,
@@ -200,15 +205,28 @@ impl Controller {
         doorbells: Arc<DoorbellArray>,
         csts: Arc<AtomicU32>,
         vendor_id: u16,
+        role: Role,
     ) -> Result<Controller, crate::error::NvmeError> {
-        let ns = Namespace::open(cfg)?;
+        let cntlid = role.cntlid();
+        let (slice, ns_serial) = match &role {
+            Role::Primary(v) | Role::Secondary { virt: v, .. }
+                if v.namespaces() == VfNamespaces::Private =>
+            {
+                (
+                    Some((cntlid, v.total_vfs() + 1)),
+                    format!("{}/ns{cntlid}", cfg.serial),
+                )
+            }
+            _ => (None, cfg.serial.clone()),
+        };
+        let ns = Namespace::open(cfg, slice)?;
         let limits = Limits {
             max_io_queues: cfg.max_io_queue_pairs,
             max_queue_entries: cfg.max_queue_entries,
             max_transfer: cfg.max_transfer_bytes(),
             vectors: cfg.msix_vectors(),
         };
-        let (eui64, nguid, uuid) = crate::identify::namespace_ids(&cfg.serial);
+        let (eui64, nguid, uuid) = crate::identify::namespace_ids(&ns_serial);
         let ns_info = NamespaceInfo {
             blocks: ns.blocks(),
             block_shift: ns.block_shift(),
@@ -226,6 +244,8 @@ impl Controller {
             mdts: cfg.mdts,
             capacity_bytes: u128::from(ns.blocks()) << ns.block_shift(),
             max_commands: u16::try_from(cfg.max_queue_entries).unwrap_or(u16::MAX),
+            cntlid,
+            virtualization_management: matches!(role, Role::Primary(_)),
         };
         let queue_slots = usize::from(limits.max_io_queues) + 1;
         Ok(Controller {
@@ -235,6 +255,8 @@ impl Controller {
             csts,
             ns,
             limits,
+            full_limits: limits,
+            role,
             info,
             ns_info,
             started: Instant::now(),
@@ -287,6 +309,25 @@ impl Controller {
     /// value sets CSTS.CFS and stays not ready.
     pub(crate) fn enable(&mut self, regs: AdminQueueRegs) {
         self.reset_state();
+        if let Role::Secondary { virt, vf } = &self.role {
+            // A secondary runs on the resources assigned to it, and only while online.
+            let entry = virt.secondary(*vf).unwrap_or_default();
+            if !entry.online || !virt.vf_enabled(*vf) {
+                tracing::warn!(
+                    vf,
+                    "nvme: CC.EN on an offline secondary controller, CSTS.CFS set"
+                );
+                self.fatal = true;
+                self.set_csts(CSTS_CFS, CSTS_RDY);
+                return;
+            }
+            self.limits.max_io_queues = self
+                .full_limits
+                .max_io_queues
+                .min(entry.nvq.saturating_sub(1));
+            self.limits.vectors = self.full_limits.vectors.min(entry.nvi);
+            self.features = Features::defaults(self.limits.vectors);
+        }
         let cc = regs.cc;
         let asqs = (regs.aqa & AQA_ASQS_MASK) + 1;
         let acqs = ((regs.aqa >> AQA_ACQS_SHIFT) & AQA_ASQS_MASK) + 1;
@@ -405,6 +446,16 @@ impl Controller {
     pub(crate) fn poll(&mut self) -> bool {
         if !self.ready || self.fatal || self.shut_down {
             return false;
+        }
+        if let Role::Secondary { virt, vf } = &self.role {
+            if !virt.is_online(*vf) {
+                // Taken offline (or its VF disabled) while enabled: it stops, as after a
+                // fatal error, until the host resets it.
+                self.ready = false;
+                self.fail("secondary controller taken offline");
+                self.set_csts(0, CSTS_RDY);
+                return false;
+            }
         }
         let mut worked = self.deliver_events();
         for qid in 0..self.sqs.len() {

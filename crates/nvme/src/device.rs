@@ -23,7 +23,7 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use devlend_memory::{BusAddr, MemSpan};
-use devlend_pci::config::{BarRegion, Identity, MsixLayout, PciExpressCap};
+use devlend_pci::config::{sriov, BarRegion, Identity, MsixLayout, PciExpressCap, SriovCap};
 use devlend_pci::{
     AccessSize, BarIndex, BarSpec, ConfigEffect, ConfigSpace, ConfigSpaceBuilder, DmaAccess,
     DmaError, DmaPort, InterruptSink, MemoryArea, MsixTable, PciDevice,
@@ -38,6 +38,7 @@ use crate::regs::{
     QUEUE_BASE_MASK, REG_ACQ, REG_AQA, REG_ASQ, REG_CAP, REG_CC, REG_CSTS, REG_INTMC, REG_INTMS,
     REG_VS, VERSION_1_4,
 };
+use crate::virt::{Role, Virtualization};
 
 /// PCI Vendor ID this model reports.
 pub const PCI_VENDOR_ID: u16 = 0x1dec;
@@ -53,6 +54,8 @@ pub const MSIX_BAR: u8 = 4;
 pub const MSIX_BAR_SIZE: u64 = 0x2000;
 /// Offset of the PBA in the MSI-X BAR (its own page, apart from the table).
 pub const MSIX_PBA_OFFSET: u32 = 0x1000;
+/// PCI Device ID of this model's virtual functions (the PF's SR-IOV VF Device ID).
+pub const PCI_VF_DEVICE_ID: u16 = 0x0002;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded data stays consistent at every await-free step; a panic elsewhere must not
@@ -151,12 +154,15 @@ struct Inner {
     spin: Duration,
     idle_recheck: Duration,
     vectors: u16,
+    role: Role,
 }
 
 /// An NVMe controller with one namespace backed by a raw image file, as a PCIe function.
 pub struct NvmeDevice {
     inner: Arc<Inner>,
     join: Mutex<Option<JoinHandle<()>>>,
+    /// What it was built from (a primary builds its secondaries from it).
+    cfg: NvmeConfig,
 }
 
 impl std::fmt::Debug for NvmeDevice {
@@ -167,15 +173,41 @@ impl std::fmt::Debug for NvmeDevice {
     }
 }
 
-fn config_space(vectors: u16) -> Result<ConfigSpace, NvmeError> {
-    let mut b = ConfigSpaceBuilder::new(Identity {
-        vendor_id: PCI_VENDOR_ID,
-        device_id: PCI_DEVICE_ID,
-        class_code: PCI_CLASS_NVME,
-        revision_id: 0,
-        subsystem_vendor_id: PCI_VENDOR_ID,
-        subsystem_id: PCI_DEVICE_ID,
-    });
+const IDENTITY: Identity = Identity {
+    vendor_id: PCI_VENDOR_ID,
+    device_id: PCI_DEVICE_ID,
+    class_code: PCI_CLASS_NVME,
+    revision_id: 0,
+    subsystem_vendor_id: PCI_VENDOR_ID,
+    subsystem_id: PCI_DEVICE_ID,
+};
+
+fn bar_specs() -> [Option<BarSpec>; 6] {
+    let bar = |size| {
+        Some(BarSpec {
+            size,
+            is_64bit: true,
+            prefetchable: false,
+        })
+    };
+    let mut bars = [None; 6];
+    bars[usize::from(REGISTER_BAR)] = bar(BAR0_SIZE);
+    bars[usize::from(MSIX_BAR)] = bar(MSIX_BAR_SIZE);
+    bars
+}
+
+/// The config space of a physical function (with SR-IOV when `total_vfs` is given) or, for
+/// `virtual_function`, of a VF (IDs 0xFFFF, BARs in the PF's capability, no PM).
+fn config_space(
+    vectors: u16,
+    total_vfs: Option<u16>,
+    virtual_function: bool,
+) -> Result<ConfigSpace, NvmeError> {
+    let mut b = if virtual_function {
+        ConfigSpaceBuilder::new_virtual_function(IDENTITY)
+    } else {
+        ConfigSpaceBuilder::new(IDENTITY)
+    };
     let bar = |i| BarIndex::new(i).ok_or(NvmeError::InvalidConfig("BAR index"));
     b.bar(
         bar(REGISTER_BAR)?,
@@ -193,9 +225,20 @@ fn config_space(vectors: u16) -> Result<ConfigSpace, NvmeError> {
             prefetchable: false,
         },
     )?;
-    b.power_management()?;
+    if !virtual_function {
+        b.power_management()?;
+    }
     b.pci_express(PciExpressCap { flr_capable: true })?;
     b.msix(msix_layout(vectors)?)?;
+    if let Some(total_vfs) = total_vfs {
+        b.sriov(SriovCap {
+            total_vfs,
+            initial_vfs: total_vfs,
+            vf_device_id: PCI_VF_DEVICE_ID,
+            supported_page_sizes: sriov::PAGE_4K,
+            vf_bars: bar_specs(),
+        })?;
+    }
     Ok(b.build()?)
 }
 
@@ -220,8 +263,66 @@ impl NvmeDevice {
         irq: Arc<dyn InterruptSink>,
     ) -> Result<Arc<NvmeDevice>, NvmeError> {
         cfg.validate()?;
+        let role = match cfg.sriov {
+            Some(s) => {
+                let per_function = cfg.max_io_queue_pairs + 1;
+                Role::Primary(Arc::new(Virtualization::new(s, per_function, per_function)))
+            }
+            None => Role::Plain,
+        };
+        Self::build(cfg, role, dma, irq)
+    }
+
+    /// The secondary controller of VF `vf` (1 to NumVFs) of this primary, as a PCIe function
+    /// of its own: its own config space (a VF's: IDs read 0xFFFF), BARs, MSI-X table, worker
+    /// thread and namespace (shared or private, as configured), with DMA through `dma` (its own
+    /// IOMMU domain) and MSI-X messages to `irq`. The VF must be enabled (VF Enable set and
+    /// `vf <= NumVFs` in the PF's SR-IOV capability). Present it to a driver with
+    /// [`devlend_pci::PresentedVf`] ([`PCI_VENDOR_ID`], [`PCI_VF_DEVICE_ID`]).
+    pub fn new_virtual_function(
+        &self,
+        vf: u16,
+        dma: Arc<dyn DmaPort>,
+        irq: Arc<dyn InterruptSink>,
+    ) -> Result<Arc<NvmeDevice>, NvmeError> {
+        let Role::Primary(virt) = &self.inner.role else {
+            return Err(NvmeError::InvalidConfig(
+                "not a physical function with SR-IOV",
+            ));
+        };
+        if !virt.vf_enabled(vf) {
+            return Err(NvmeError::VfNotEnabled(vf));
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.create_size = None;
+        let role = Role::Secondary {
+            virt: virt.clone(),
+            vf,
+        };
+        Self::build(cfg, role, dma, irq)
+    }
+
+    /// Whether VF `vf`'s secondary controller is online (false without SR-IOV).
+    pub fn secondary_online(&self, vf: u16) -> bool {
+        match &self.inner.role {
+            Role::Primary(virt) => virt.is_online(vf),
+            _ => false,
+        }
+    }
+
+    fn build(
+        cfg: NvmeConfig,
+        role: Role,
+        dma: Arc<dyn DmaPort>,
+        irq: Arc<dyn InterruptSink>,
+    ) -> Result<Arc<NvmeDevice>, NvmeError> {
         let vectors = cfg.msix_vectors();
-        let config = config_space(vectors)?;
+        let (total_vfs, is_vf) = match &role {
+            Role::Plain => (None, false),
+            Role::Primary(v) => (Some(v.total_vfs()), false),
+            Role::Secondary { .. } => (None, true),
+        };
+        let config = config_space(vectors, total_vfs, is_vf)?;
         let msix = Arc::new(MsixTable::new(msix_layout(vectors)?, irq));
         let gate = Arc::new(BusMasterGate {
             port: dma,
@@ -238,6 +339,7 @@ impl NvmeDevice {
             doorbells.clone(),
             csts.clone(),
             PCI_VENDOR_ID,
+            role.clone(),
         )?;
         let inner = Arc::new(Inner {
             counters: Counters::default(),
@@ -256,6 +358,7 @@ impl NvmeDevice {
             spin: cfg.poll_spin,
             idle_recheck: cfg.idle_recheck,
             vectors,
+            role,
         });
         let worker_inner = inner.clone();
         let join = std::thread::Builder::new()
@@ -266,6 +369,7 @@ impl NvmeDevice {
         Ok(Arc::new(NvmeDevice {
             inner,
             join: Mutex::new(Some(join)),
+            cfg,
         }))
     }
 
@@ -528,6 +632,19 @@ impl Inner {
         self.msix.reset();
         self.gate.enabled.store(false, Ordering::Release);
         self.memory_enabled.store(false, Ordering::Release);
+        if let Role::Primary(virt) = &self.role {
+            // The PF's reset clears VF Enable: its VFs disappear.
+            virt.pf_reset();
+        }
+    }
+
+    /// BAR accesses are decoded: Memory Space Enable, or for a VF the PF's VF MSE with the
+    /// VF enabled.
+    fn decodes(&self) -> bool {
+        match &self.role {
+            Role::Secondary { virt, vf } => virt.vf_decodes(*vf),
+            _ => self.memory_enabled.load(Ordering::Acquire),
+        }
     }
 }
 
@@ -552,10 +669,17 @@ impl PciDevice for NvmeDevice {
                     function_mask,
                 } => self.inner.msix.set_control(enable, function_mask),
                 ConfigEffect::FunctionLevelReset => self.inner.reset(),
-                ConfigEffect::BarChanged(_)
-                | ConfigEffect::PowerState(_)
-                | ConfigEffect::VfEnable { .. }
-                | ConfigEffect::VfMemorySpace(_) => {}
+                ConfigEffect::VfEnable { enabled, num_vfs } => {
+                    if let Role::Primary(virt) = &self.inner.role {
+                        virt.set_vf_enable(enabled, num_vfs);
+                    }
+                }
+                ConfigEffect::VfMemorySpace(on) => {
+                    if let Role::Primary(virt) = &self.inner.role {
+                        virt.set_vf_memory(on);
+                    }
+                }
+                ConfigEffect::BarChanged(_) | ConfigEffect::PowerState(_) => {}
             }
         }
     }
@@ -565,7 +689,7 @@ impl PciDevice for NvmeDevice {
     }
 
     fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) {
-        if !self.inner.memory_enabled.load(Ordering::Acquire) {
+        if !self.inner.decodes() {
             data.fill(0xff);
             return;
         }
@@ -580,7 +704,7 @@ impl PciDevice for NvmeDevice {
     }
 
     fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) {
-        if !self.inner.memory_enabled.load(Ordering::Acquire) {
+        if !self.inner.decodes() {
             return;
         }
         match bar.get() {

@@ -32,6 +32,9 @@ pub enum NvmeError {
     /// The PCI config space layout was rejected (a bug in this model).
     #[error("config space layout: {0}")]
     ConfigSpace(#[from] devlend_pci::config::ConfigError),
+    /// A VF's controller was asked for while that VF is not enabled on the PF.
+    #[error("VF {0} is not enabled (set NumVFs and VF Enable in the PF's SR-IOV capability)")]
+    VfNotEnabled(u16),
     /// The worker thread could not be started.
     #[error("starting the controller thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -96,6 +96,16 @@ impl FuzzController {
             doorbells.clone(),
             Arc::new(AtomicU32::new(0)),
             0,
+            // A primary controller, so that Virtualization Management and the
+            // virtualization Identify pages are fuzzed too.
+            crate::virt::Role::Primary(Arc::new(crate::virt::Virtualization::new(
+                crate::virt::SriovConfig {
+                    total_vfs: 4,
+                    namespaces: crate::virt::VfNamespaces::Shared,
+                },
+                2,
+                2,
+            ))),
         )?;
         Ok(FuzzController {
             core,

@@ -16,8 +16,14 @@ pub mod cns {
     pub const ACTIVE_NAMESPACES: u8 = 0x02;
     /// Namespace Identification Descriptor list.
     pub const NAMESPACE_DESCRIPTORS: u8 = 0x03;
+    /// Primary Controller Capabilities (the physical function's controller only).
+    pub const PRIMARY_CONTROLLER_CAPABILITIES: u8 = 0x14;
+    /// Secondary Controller List (the physical function's controller only).
+    pub const SECONDARY_CONTROLLER_LIST: u8 = 0x15;
 }
 
+/// OACS bit: Virtualization Management supported.
+pub const OACS_VIRTUALIZATION_MANAGEMENT: u16 = 1 << 7;
 /// OACS bit: Doorbell Buffer Config supported.
 pub const OACS_DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
 /// ONCS bits: Compare, Dataset Management, Write Zeroes, Save/Select in features.
@@ -62,6 +68,10 @@ pub struct ControllerInfo {
     pub capacity_bytes: u128,
     /// Most outstanding commands (MAXCMD).
     pub max_commands: u16,
+    /// Controller ID (0 for a primary or plain controller; the VF number for a secondary).
+    pub cntlid: u16,
+    /// Virtualization Management is supported (a primary controller).
+    pub virtualization_management: bool,
 }
 
 /// What the namespace structure reports.
@@ -110,10 +120,14 @@ pub fn controller(info: &ControllerInfo) -> Vec<u8> {
     put_ascii(&mut p, 64, 8, &info.firmware_rev);
     p[72] = 6; // RAB: recommended arbitration burst (2^6)
     p[77] = info.mdts;
-    put(&mut p, 78, &0u16.to_le_bytes()); // CNTLID
+    put(&mut p, 78, &info.cntlid.to_le_bytes()); // CNTLID
     put(&mut p, 80, &VERSION_1_4.to_le_bytes());
     p[111] = 1; // CNTRLTYPE: I/O controller
-    put(&mut p, 256, &OACS_DOORBELL_BUFFER_CONFIG.to_le_bytes());
+    let mut oacs = OACS_DOORBELL_BUFFER_CONFIG;
+    if info.virtualization_management {
+        oacs |= OACS_VIRTUALIZATION_MANAGEMENT;
+    }
+    put(&mut p, 256, &oacs.to_le_bytes());
     p[258] = ACL;
     p[259] = AERL;
     p[260] = FRMW;

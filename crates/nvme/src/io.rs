@@ -41,14 +41,17 @@ pub(crate) struct IoCounters {
 #[derive(Debug)]
 pub(crate) struct Namespace {
     file: File,
+    /// Byte offset of block 0 in the image (a private namespace's slice).
+    base: u64,
     block_shift: u32,
     blocks: u64,
     read_only: bool,
 }
 
 impl Namespace {
-    /// Opens (or creates) the image of `cfg`.
-    pub fn open(cfg: &NvmeConfig) -> Result<Namespace, NvmeError> {
+    /// Opens (or creates) the image of `cfg`: all of it, or slice `index` of `slices` equal
+    /// 1 MiB-aligned slices (a private namespace of a virtualized controller).
+    pub fn open(cfg: &NvmeConfig, slice: Option<(u16, u16)>) -> Result<Namespace, NvmeError> {
         let path = &cfg.image;
         let err = |op, source| NvmeError::Image {
             path: path.clone(),
@@ -70,7 +73,14 @@ impl Namespace {
         }
         let len = file.metadata().map_err(|e| err("stat", e))?.len();
         let block_shift = cfg.block_size.shift();
-        let blocks = len >> block_shift;
+        let (base, usable) = match slice {
+            Some((index, slices)) => {
+                let part = (len / u64::from(slices.max(1))) & !((1u64 << 20) - 1);
+                (part * u64::from(index), part)
+            }
+            None => (0, len),
+        };
+        let blocks = usable >> block_shift;
         if blocks == 0 {
             return Err(NvmeError::ImageTooSmall {
                 path: path.clone(),
@@ -80,6 +90,7 @@ impl Namespace {
         }
         Ok(Namespace {
             file,
+            base,
             block_shift,
             blocks,
             read_only: cfg.read_only,
@@ -107,7 +118,10 @@ impl Namespace {
         if end > self.blocks {
             return Err(Status::LBA_OUT_OF_RANGE);
         }
-        Ok((slba << self.block_shift, blocks << self.block_shift))
+        Ok((
+            self.base + (slba << self.block_shift),
+            blocks << self.block_shift,
+        ))
     }
 
     /// Runs one NVM command for namespace `nsid`.

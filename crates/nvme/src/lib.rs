@@ -35,14 +35,16 @@ mod queues;
 pub mod regs;
 pub mod status;
 mod transfer;
+pub mod virt;
 
 pub use admin::{fid, lid};
 pub use command::{AdminOp, Command, Completion, NvmOp};
 pub use config::{BlockSize, NvmeConfig};
 pub use device::{
     NvmeDevice, NvmeStats, MSIX_BAR, MSIX_BAR_SIZE, MSIX_PBA_OFFSET, PCI_CLASS_NVME, PCI_DEVICE_ID,
-    PCI_VENDOR_ID, REGISTER_BAR,
+    PCI_VENDOR_ID, PCI_VF_DEVICE_ID, REGISTER_BAR,
 };
 pub use error::NvmeError;
 pub use io::{NSID, NSID_BROADCAST};
 pub use status::Status;
+pub use virt::{SriovConfig, VfNamespaces};

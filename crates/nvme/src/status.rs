@@ -64,6 +64,15 @@ impl Status {
     pub const INVALID_QUEUE_DELETION: Status = Status::dnr(SCT_COMMAND_SPECIFIC, 0x0c);
     /// Feature Identifier Not Saveable.
     pub const FEATURE_NOT_SAVEABLE: Status = Status::dnr(SCT_COMMAND_SPECIFIC, 0x0d);
+    /// Virtualization Management: no such controller (or not the primary).
+    pub const INVALID_CONTROLLER_ID: Status = Status::dnr(SCT_COMMAND_SPECIFIC, 0x1f);
+    /// Virtualization Management: the secondary controller is in the wrong state (assigning
+    /// to an online one; online without resources or without its VF).
+    pub const INVALID_SECONDARY_STATE: Status = Status::dnr(SCT_COMMAND_SPECIFIC, 0x20);
+    /// Virtualization Management: more resources than a secondary may have or the pool holds.
+    pub const INVALID_CONTROLLER_RESOURCES: Status = Status::dnr(SCT_COMMAND_SPECIFIC, 0x21);
+    /// Virtualization Management: no such resource type.
+    pub const INVALID_RESOURCE_ID: Status = Status::dnr(SCT_COMMAND_SPECIFIC, 0x22);
 
     // Media and data integrity errors (SCT 2).
     /// Compare Failure.

@@ -891,3 +891,615 @@ fn interrupt_coalescing() {
         "threshold or disable bypass the time limit"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Virtualization: SR-IOV physical function, primary and secondary controllers.
+// ---------------------------------------------------------------------------------------------
+
+use devlend_nvme::virt::action;
+use devlend_nvme::{NvmeError, VfNamespaces, PCI_VF_DEVICE_ID};
+use std::sync::Arc;
+
+const VQ: u8 = 0;
+const VI: u8 = 1;
+
+#[test]
+fn sriov_capability_and_vf_functions() {
+    let pf = Harness::sriov(4, VfNamespaces::Shared);
+    let at = Harness::SRIOV;
+    // (register, width, value): the capability the PF offers.
+    let table: &[(&str, u16, AccessSize, u32)] = &[
+        ("header ID", 0x00, AccessSize::Word, 0x0010),
+        ("TotalVFs", 0x0e, AccessSize::Word, 4),
+        ("InitialVFs", 0x0c, AccessSize::Word, 4),
+        (
+            "VF Device ID",
+            0x1a,
+            AccessSize::Word,
+            u32::from(PCI_VF_DEVICE_ID),
+        ),
+        ("VF BAR0 type: 64-bit", 0x24, AccessSize::Dword, 0x4),
+        ("VF BAR4 type: 64-bit", 0x34, AccessSize::Dword, 0x4),
+    ];
+    for (name, reg, size, want) in table {
+        assert_eq!(pf.dev.config_read(at + reg, *size), *want, "{name}");
+    }
+    // No VF before VF Enable.
+    let port = || {
+        Arc::new(common::MemPort {
+            mem: pf.mem.clone(),
+            direct: true,
+        })
+    };
+    let irqs = Arc::new(common::Irqs::default());
+    assert!(matches!(
+        pf.dev.new_virtual_function(1, port(), irqs.clone()),
+        Err(NvmeError::VfNotEnabled(1))
+    ));
+    pf.enable_vfs(2);
+    for bad in [0u16, 3, 5] {
+        assert!(
+            matches!(
+                pf.dev.new_virtual_function(bad, port(), irqs.clone()),
+                Err(NvmeError::VfNotEnabled(v)) if v == bad
+            ),
+            "VF {bad} of 2"
+        );
+    }
+    let vf = pf.virtual_function(2);
+    assert_eq!(
+        vf.dev.config_read(0, AccessSize::Dword),
+        0xffff_ffff,
+        "VF IDs"
+    );
+    assert_eq!(
+        vf.dev.config_read(0x08, AccessSize::Dword) >> 8,
+        PCI_CLASS_NVME
+    );
+    assert_eq!(
+        vf.dev.config_read(0x10, AccessSize::Dword),
+        0,
+        "VF BAR0 register"
+    );
+    assert_eq!(
+        vf.dev.bar_spec(BarIndex::new(0).unwrap()).unwrap().size,
+        BAR0_SIZE
+    );
+    // Its registers decode while the PF's VF MSE is set, and not after it is cleared.
+    assert_eq!(vf.read32(REG_VS), VERSION_1_4);
+    pf.dev.config_write(at + 0x08, AccessSize::Word, 0b0001);
+    assert_eq!(vf.read32(REG_VS), 0xffff_ffff, "VF MSE clear");
+    // The PF itself is not a VF, and a VF cannot make VFs.
+    assert!(matches!(
+        vf.dev.new_virtual_function(1, port(), irqs),
+        Err(NvmeError::InvalidConfig(_))
+    ));
+}
+
+fn u16le(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32le(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[test]
+fn identify_primary_capabilities_and_secondary_list() {
+    let mut pf = Harness::sriov(3, VfNamespaces::Shared);
+    pf.enable();
+    pf.enable_vfs(3);
+    // Identify Controller: the primary supports Virtualization Management (OACS bit 7).
+    assert_eq!(pf.status(0, identify(1, 0, DATA)), Status::SUCCESS);
+    let id = pf.read_mem(DATA, 4096);
+    assert_ne!(
+        u16le(&id, 256) & (1 << 7),
+        0,
+        "OACS virtualization management"
+    );
+    assert_eq!(u16le(&id, 78), 0, "primary CNTLID");
+
+    // Resources: a secondary may take 5 (4 I/O queue pairs + admin; 5 vectors).
+    for (rt, nr) in [(VQ, 3), (VI, 2)] {
+        assert_eq!(
+            pf.admin(virt_mgmt(action::SECONDARY_ASSIGN, rt, 2, nr))
+                .status,
+            Status::SUCCESS
+        );
+    }
+    assert_eq!(
+        pf.admin(virt_mgmt(action::SECONDARY_ONLINE, 0, 2, 0))
+            .status,
+        Status::SUCCESS
+    );
+
+    assert_eq!(pf.status(0, identify(0x14, 0, DATA)), Status::SUCCESS);
+    let p = pf.read_mem(DATA, 4096);
+    let table: &[(&str, u32, u32)] = &[
+        ("CNTLID", u32::from(u16le(&p, 0x00)), 0),
+        ("CRT", u32::from(p[0x04]), 0b11),
+        ("VQFRT", u32le(&p, 0x20), 15),
+        ("VQRFA", u32le(&p, 0x24), 3),
+        ("VQRFAP", u32::from(u16le(&p, 0x28)), 0),
+        ("VQPRT", u32::from(u16le(&p, 0x2a)), 5),
+        ("VQFRSM", u32::from(u16le(&p, 0x2c)), 5),
+        ("VQGRAN", u32::from(u16le(&p, 0x2e)), 1),
+        ("VIFRT", u32le(&p, 0x50), 15),
+        ("VIRFA", u32le(&p, 0x54), 2),
+        ("VIRFAP", u32::from(u16le(&p, 0x58)), 0),
+        ("VIPRT", u32::from(u16le(&p, 0x5a)), 5),
+        ("VIFRSM", u32::from(u16le(&p, 0x5c)), 5),
+        ("VIGRAN", u32::from(u16le(&p, 0x5e)), 1),
+    ];
+    for (name, got, want) in table {
+        assert_eq!(got, want, "primary controller capabilities: {name}");
+    }
+
+    // The secondary controller list: every secondary, then from CNTID 2 on.
+    for (from, want_ids) in [(0u16, vec![1u16, 2, 3]), (2, vec![2, 3]), (4, vec![])] {
+        pf.mem.fill(DATA, 4096, 0xee).unwrap();
+        let mut c = identify(0x15, 0, DATA);
+        c.cdw[0] |= u32::from(from) << 16;
+        assert_eq!(pf.status(0, c), Status::SUCCESS);
+        let l = pf.read_mem(DATA, 4096);
+        assert_eq!(usize::from(l[0]), want_ids.len(), "entries from {from}");
+        for (i, scid) in want_ids.iter().enumerate() {
+            let e = &l[32 + 32 * i..64 + 32 * i];
+            let (online, nvq, nvi) = if *scid == 2 { (1, 3, 2) } else { (0, 0, 0) };
+            assert_eq!(
+                (
+                    u16le(e, 0),
+                    u16le(e, 2),
+                    e[4],
+                    u16le(e, 8),
+                    u16le(e, 12),
+                    u16le(e, 14)
+                ),
+                (*scid, 0, online, *scid, nvq, nvi),
+                "entry {i} from {from}: SCID, PCID, SCS, VFN, NVQ, NVI"
+            );
+        }
+    }
+
+    // A plain controller has neither page, nor Virtualization Management.
+    let mut plain = Harness::new();
+    plain.enable();
+    for cns in [0x14u8, 0x15] {
+        assert_eq!(
+            plain.status(0, identify(cns, 0, DATA)),
+            Status::INVALID_FIELD,
+            "CNS {cns:#x}"
+        );
+    }
+    assert_eq!(
+        plain
+            .admin(virt_mgmt(action::SECONDARY_ONLINE, 0, 1, 0))
+            .status,
+        Status::INVALID_OPCODE
+    );
+}
+
+#[test]
+fn virtualization_management_statuses() {
+    let mut pf = Harness::sriov(2, VfNamespaces::Shared);
+    pf.enable();
+    pf.enable_vfs(1);
+    // (what, action, rt, cntlid, nr, status, dw0), in order: each row sees the rows before.
+    let table: &[(&str, u8, u8, u16, u16, Status, u32)] = &[
+        (
+            "online without resources",
+            action::SECONDARY_ONLINE,
+            0,
+            1,
+            0,
+            Status::INVALID_SECONDARY_STATE,
+            0,
+        ),
+        (
+            "assign VQ",
+            action::SECONDARY_ASSIGN,
+            VQ,
+            1,
+            2,
+            Status::SUCCESS,
+            2,
+        ),
+        (
+            "online without VI",
+            action::SECONDARY_ONLINE,
+            0,
+            1,
+            0,
+            Status::INVALID_SECONDARY_STATE,
+            0,
+        ),
+        (
+            "assign VI",
+            action::SECONDARY_ASSIGN,
+            VI,
+            1,
+            1,
+            Status::SUCCESS,
+            1,
+        ),
+        (
+            "more than a secondary may take",
+            action::SECONDARY_ASSIGN,
+            VQ,
+            2,
+            6,
+            Status::INVALID_CONTROLLER_RESOURCES,
+            0,
+        ),
+        (
+            "no such resource type",
+            action::SECONDARY_ASSIGN,
+            2,
+            1,
+            1,
+            Status::INVALID_RESOURCE_ID,
+            0,
+        ),
+        (
+            "controller 0 is the primary",
+            action::SECONDARY_ASSIGN,
+            VQ,
+            0,
+            1,
+            Status::INVALID_CONTROLLER_ID,
+            0,
+        ),
+        (
+            "beyond TotalVFs",
+            action::SECONDARY_ASSIGN,
+            VQ,
+            3,
+            1,
+            Status::INVALID_CONTROLLER_ID,
+            0,
+        ),
+        (
+            "online 0xffff",
+            action::SECONDARY_ONLINE,
+            0,
+            0xffff,
+            0,
+            Status::INVALID_CONTROLLER_ID,
+            0,
+        ),
+        (
+            "VF 2 not enabled",
+            action::SECONDARY_ASSIGN,
+            VQ,
+            2,
+            2,
+            Status::SUCCESS,
+            2,
+        ),
+        (
+            "VF 2 assign VI",
+            action::SECONDARY_ASSIGN,
+            VI,
+            2,
+            1,
+            Status::SUCCESS,
+            1,
+        ),
+        (
+            "online a disabled VF",
+            action::SECONDARY_ONLINE,
+            0,
+            2,
+            0,
+            Status::INVALID_SECONDARY_STATE,
+            0,
+        ),
+        (
+            "online",
+            action::SECONDARY_ONLINE,
+            0,
+            1,
+            0,
+            Status::SUCCESS,
+            0,
+        ),
+        (
+            "assign to an online secondary",
+            action::SECONDARY_ASSIGN,
+            VQ,
+            1,
+            3,
+            Status::INVALID_SECONDARY_STATE,
+            0,
+        ),
+        (
+            "primary allocation for another controller",
+            action::PRIMARY_FLEXIBLE_ALLOCATION,
+            VQ,
+            1,
+            1,
+            Status::INVALID_CONTROLLER_ID,
+            0,
+        ),
+        (
+            "primary allocation beyond the pool",
+            action::PRIMARY_FLEXIBLE_ALLOCATION,
+            VQ,
+            0,
+            9,
+            Status::INVALID_CONTROLLER_RESOURCES,
+            0,
+        ),
+        (
+            "primary allocation",
+            action::PRIMARY_FLEXIBLE_ALLOCATION,
+            VQ,
+            0,
+            6,
+            Status::SUCCESS,
+            6,
+        ),
+        (
+            "pool exhausted by the primary",
+            action::SECONDARY_ASSIGN,
+            VQ,
+            2,
+            3,
+            Status::INVALID_CONTROLLER_RESOURCES,
+            0,
+        ),
+        ("unknown action", 0x3, 0, 1, 0, Status::INVALID_FIELD, 0),
+        (
+            "offline",
+            action::SECONDARY_OFFLINE,
+            0,
+            1,
+            0,
+            Status::SUCCESS,
+            0,
+        ),
+        (
+            "offline again",
+            action::SECONDARY_OFFLINE,
+            0,
+            1,
+            0,
+            Status::SUCCESS,
+            0,
+        ),
+    ];
+    for &(what, act, rt, cntlid, nr, status, dw0) in table {
+        let c = pf.admin(virt_mgmt(act, rt, cntlid, nr));
+        assert_eq!(c.status, status, "{what}");
+        if status == Status::SUCCESS {
+            assert_eq!(c.dw0, dw0, "{what}: resources allocated");
+        }
+    }
+    assert!(!pf.dev.secondary_online(1));
+
+    // A secondary controller has no Virtualization Management.
+    pf.admin(virt_mgmt(action::SECONDARY_ASSIGN, VQ, 1, 2));
+    pf.admin(virt_mgmt(action::SECONDARY_ONLINE, 0, 1, 0));
+    let mut vf = pf.virtual_function(1);
+    vf.enable();
+    assert_eq!(
+        vf.admin(virt_mgmt(action::SECONDARY_OFFLINE, 0, 1, 0))
+            .status,
+        Status::INVALID_OPCODE
+    );
+    assert_eq!(vf.status(0, identify(0x14, 0, DATA)), Status::INVALID_FIELD);
+    assert!(
+        pf.dev.secondary_online(1),
+        "the secondary's own command changed nothing"
+    );
+}
+
+/// Brings VF `vf` online with `nvq` queue and `nvi` interrupt resources through the PF.
+fn online(pf: &mut Harness, vf: u16, nvq: u16, nvi: u16) {
+    for (rt, nr) in [(VQ, nvq), (VI, nvi)] {
+        assert_eq!(
+            pf.admin(virt_mgmt(action::SECONDARY_ASSIGN, rt, vf, nr))
+                .status,
+            Status::SUCCESS
+        );
+    }
+    assert_eq!(
+        pf.admin(virt_mgmt(action::SECONDARY_ONLINE, 0, vf, 0))
+            .status,
+        Status::SUCCESS
+    );
+}
+
+#[test]
+fn offline_secondary_fails_cc_en_and_an_online_one_runs_on_its_resources() {
+    let mut pf = Harness::sriov(2, VfNamespaces::Shared);
+    pf.enable();
+    pf.enable_vfs(2);
+    let mut vf = pf.virtual_function(1);
+    assert!(
+        vf.enable_expecting_cfs(),
+        "CC.EN on an offline secondary sets CFS"
+    );
+    vf.write32(REG_CC, 0);
+    assert!(vf.wait_csts(CSTS_CFS | CSTS_RDY, 0));
+
+    online(&mut pf, 1, 3, 3);
+    vf.enable();
+    assert_eq!(vf.status(0, identify(1, 0, DATA)), Status::SUCCESS);
+    let id = vf.read_mem(DATA, 4096);
+    assert_eq!(u16le(&id, 78), 1, "secondary CNTLID is its VF number");
+    assert_eq!(
+        u16le(&id, 256) & (1 << 7),
+        0,
+        "no Virtualization Management on a secondary"
+    );
+    // Three VQ resources: the admin queue and two I/O queue pairs; three vectors.
+    let mut c = cmd(admin_opcode::GET_FEATURES);
+    c.cdw[0] = u32::from(fid::NUMBER_OF_QUEUES);
+    let got = vf.admin(c);
+    assert_eq!((got.status, got.dw0), (Status::SUCCESS, 0x0001_0001));
+    vf.create_io_pair(1, 16);
+    vf.create_io_pair(2, 16);
+    assert_eq!(
+        vf.status(0, create_cq(3, 16, 0x40_0000, 0)),
+        Status::INVALID_QUEUE_ID,
+        "a third I/O queue exceeds the VQ resources"
+    );
+    assert_eq!(
+        vf.status(0, create_cq(3, 16, 0x40_0000, 2)),
+        Status::INVALID_QUEUE_ID
+    );
+    let data = pattern(512, 7);
+    vf.mem.write_at(DATA, &data).unwrap();
+    assert_eq!(vf.status(1, write(0, 1, DATA)), Status::SUCCESS);
+    assert_eq!(
+        &pf.image_bytes()[..512],
+        &data[..],
+        "shared namespace: the whole image"
+    );
+
+    // Taken offline while running: the secondary stops with CFS.
+    assert_eq!(
+        pf.admin(virt_mgmt(action::SECONDARY_OFFLINE, 0, 1, 0))
+            .status,
+        Status::SUCCESS
+    );
+    vf.push(1, write(1, 1, DATA));
+    vf.ring_sq(1);
+    assert!(
+        vf.wait_csts(CSTS_CFS, CSTS_CFS),
+        "offline secondary reports CFS"
+    );
+    assert_eq!(
+        &pf.image_bytes()[512..1024],
+        &[0u8; 512][..],
+        "nothing written after offline"
+    );
+
+    // VF Enable cleared on the PF takes every secondary offline.
+    online(&mut pf, 2, 2, 1);
+    pf.dev
+        .config_write(Harness::SRIOV + 0x08, AccessSize::Word, 0);
+    assert!(!pf.dev.secondary_online(2));
+}
+
+#[test]
+fn private_namespaces_are_slices_of_the_image_and_shared_is_one_disk() {
+    // Private: 3 VFs -> four 1 MiB slices of the 4 MiB image; VF n writes into slice n.
+    let mut pf = Harness::sriov(3, VfNamespaces::Private);
+    pf.enable();
+    pf.enable_vfs(3);
+    let slice = (IMAGE_BYTES / 4) as usize;
+    assert_eq!(pf.status(0, identify(0, 1, DATA)), Status::SUCCESS);
+    let ns = pf.read_mem(DATA, 8);
+    assert_eq!(
+        u64::from_le_bytes(ns.try_into().unwrap()),
+        slice as u64 / 512,
+        "PF NSZE"
+    );
+    let mut nguids = vec![];
+    for n in 1..=3u16 {
+        online(&mut pf, n, 2, 2);
+        let mut vf = pf.virtual_function(n);
+        vf.enable();
+        vf.create_io_pair(1, 16);
+        assert_eq!(vf.status(0, identify(0, 1, DATA)), Status::SUCCESS);
+        let ns = vf.read_mem(DATA, 4096);
+        assert_eq!(
+            u64::from_le_bytes(ns[0..8].try_into().unwrap()),
+            slice as u64 / 512,
+            "VF {n} NSZE"
+        );
+        nguids.push(ns[104..120].to_vec());
+        let data = pattern(512, n as u8);
+        vf.mem.write_at(DATA, &data).unwrap();
+        assert_eq!(vf.status(1, write(0, 1, DATA)), Status::SUCCESS);
+        // The last block is in range, one past it is not.
+        let last = slice as u64 / 512 - 1;
+        assert_eq!(vf.status(1, write(last, 1, DATA)), Status::SUCCESS);
+        assert_eq!(
+            vf.status(1, write(last + 1, 1, DATA)),
+            Status::LBA_OUT_OF_RANGE
+        );
+        let img = pf.image_bytes();
+        let at = usize::from(n) * slice;
+        assert_eq!(
+            &img[at..at + 512],
+            &data[..],
+            "VF {n}'s block 0 is at slice {n}"
+        );
+        assert_eq!(
+            &img[at + slice - 512..at + slice],
+            &data[..],
+            "VF {n}'s last block"
+        );
+    }
+    assert_ne!(
+        nguids[0], nguids[1],
+        "private namespaces have their own NGUIDs"
+    );
+    assert!(
+        pf.image_bytes()[..slice].iter().all(|&b| b == 0),
+        "PF slice untouched"
+    );
+
+    // Shared: a write through VF 1 is read through VF 2 and the PF.
+    let mut pf = Harness::sriov(2, VfNamespaces::Shared);
+    pf.enable();
+    pf.create_io_pair(1, 16);
+    pf.enable_vfs(2);
+    let mut vfs: Vec<Harness> = (1..=2u16)
+        .map(|n| {
+            online(&mut pf, n, 2, 2);
+            let mut vf = pf.virtual_function(n);
+            vf.enable();
+            vf.create_io_pair(1, 16);
+            vf
+        })
+        .collect();
+    let data = pattern(512, 0x5a);
+    vfs[0].mem.write_at(DATA, &data).unwrap();
+    assert_eq!(vfs[0].status(1, write(100, 1, DATA)), Status::SUCCESS);
+    assert_eq!(vfs[1].status(1, read(100, 1, DATA)), Status::SUCCESS);
+    assert_eq!(vfs[1].read_mem(DATA, 512), data);
+    assert_eq!(pf.status(1, read(100, 1, DATA)), Status::SUCCESS);
+    assert_eq!(pf.read_mem(DATA, 512), data);
+}
+
+#[test]
+fn vf_function_level_reset_resets_that_vf_alone() {
+    let mut pf = Harness::sriov(2, VfNamespaces::Shared);
+    pf.enable();
+    pf.enable_vfs(2);
+    online(&mut pf, 1, 2, 2);
+    online(&mut pf, 2, 2, 2);
+    let mut a = pf.virtual_function(1);
+    let mut b = pf.virtual_function(2);
+    a.enable();
+    b.enable();
+    a.create_io_pair(1, 16);
+    b.create_io_pair(1, 16);
+    // FLR of VF 1 through its own PCI Express capability.
+    let mut cap = a.dev.config_read(0x34, AccessSize::Byte) as u16;
+    while a.dev.config_read(cap, AccessSize::Byte) != 0x10 {
+        cap = a.dev.config_read(cap + 1, AccessSize::Byte) as u16;
+    }
+    assert_eq!(a.read32(REG_CSTS) & CSTS_RDY, CSTS_RDY);
+    a.dev.config_write(cap + 8, AccessSize::Word, 1 << 15);
+    assert_eq!(a.read32(REG_CSTS) & CSTS_RDY, 0, "VF 1 reset");
+    assert_eq!(b.read32(REG_CSTS) & CSTS_RDY, CSTS_RDY, "VF 2 still ready");
+    assert_eq!(
+        b.status(1, read(0, 1, DATA)),
+        Status::SUCCESS,
+        "VF 2 still runs I/O"
+    );
+    assert!(pf.dev.secondary_online(1), "FLR keeps the secondary online");
+    a.pci_enable();
+    a.enable();
+    a.create_io_pair(1, 16);
+    assert_eq!(
+        a.status(1, read(0, 1, DATA)),
+        Status::SUCCESS,
+        "VF 1 usable again"
+    );
+}

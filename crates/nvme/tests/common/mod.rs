@@ -343,6 +343,85 @@ impl Harness {
     pub fn image_bytes(&self) -> Vec<u8> {
         std::fs::read(&self.image.0).unwrap()
     }
+
+    /// A physical function with SR-IOV (`total` VFs, `namespaces`), PCI enabled.
+    pub fn sriov(total: u16, namespaces: devlend_nvme::VfNamespaces) -> Harness {
+        Harness::with(
+            |c| {
+                c.sriov = Some(devlend_nvme::SriovConfig {
+                    total_vfs: total,
+                    namespaces,
+                })
+            },
+            true,
+        )
+    }
+
+    /// Offset of the PF's SR-IOV capability (the first extended capability).
+    pub const SRIOV: u16 = 0x100;
+
+    /// Sets NumVFs = `n`, then VF Enable and VF MSE, through the PF's SR-IOV capability.
+    pub fn enable_vfs(&self, n: u16) {
+        self.dev
+            .config_write(Self::SRIOV + 0x10, AccessSize::Word, u32::from(n));
+        self.dev
+            .config_write(Self::SRIOV + 0x08, AccessSize::Word, 0b1001);
+    }
+
+    /// VF `vf`'s secondary controller as a harness of its own: its own host memory (its own
+    /// DMA domain) and interrupt sink; PCI enabled.
+    pub fn virtual_function(&self, vf: u16) -> Harness {
+        let mem = Arc::new(SharedMemory::new("nvme-test-vf", HOST_LEN).unwrap());
+        let irqs = Arc::new(Irqs::default());
+        let port = Arc::new(MemPort {
+            mem: mem.clone(),
+            direct: true,
+        });
+        let dev = self
+            .dev
+            .new_virtual_function(vf, port, irqs.clone())
+            .unwrap();
+        // The image is the PF's; this path is never created, so dropping it removes nothing.
+        let image = TempImage(self.image.0.with_extension(format!("vf{vf}-unused")));
+        let h = Harness {
+            dev,
+            mem,
+            irqs,
+            image,
+            cfg: self.cfg.clone(),
+            queues: (0..8).map(|_| None).collect(),
+            next_cid: 1,
+        };
+        h.pci_enable();
+        h
+    }
+
+    /// Writes CC.EN with admin queues programmed like [`Self::enable`] and waits for CFS.
+    pub fn enable_expecting_cfs(&mut self) -> bool {
+        self.mem.fill(0, HOST_LEN, 0).unwrap();
+        self.write32(REG_AQA, (63 << 16) | 63);
+        self.write64(REG_ASQ, HOST_BASE + ADMIN_SQ);
+        self.write64(REG_ACQ, HOST_BASE + ADMIN_CQ);
+        self.write32(REG_CC, Self::CC_READY);
+        self.wait_csts(CSTS_CFS, CSTS_CFS) && self.read32(REG_CSTS) & CSTS_RDY == 0
+    }
+}
+
+/// Virtualization Management: `action` for controller `cntlid`, resource type `rt`, `nr`
+/// resources.
+pub fn virt_mgmt(action: u8, rt: u8, cntlid: u16, nr: u16) -> Command {
+    Command {
+        opcode: admin_opcode::VIRTUALIZATION_MANAGEMENT,
+        cdw: [
+            u32::from(action) | (u32::from(rt) << 8) | (u32::from(cntlid) << 16),
+            u32::from(nr),
+            0,
+            0,
+            0,
+            0,
+        ],
+        ..Command::default()
+    }
 }
 
 pub fn cmd(opcode: u8) -> Command {
