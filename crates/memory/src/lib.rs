@@ -12,4 +12,6 @@ mod addr;
 mod shared;
 
 pub use addr::{BusAddr, ByteRange, RangeError};
-pub use shared::{futex_wait, futex_wake, MemError, MemSpan, SharedMemory};
+pub use shared::{
+    check_mappable, file_info, futex_wait, futex_wake, FileInfo, MemError, MemSpan, SharedMemory,
+};

@@ -1,7 +1,7 @@
 //! Shared-memory mappings (memfd, `MAP_SHARED`) with bounds-checked, copy-based access.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,6 +39,21 @@ pub enum MemError {
         #[source]
         source: std::io::Error,
     },
+    /// Memory from elsewhere (a peer, a VMM) whose file could be truncated under our mapping.
+    #[error(
+        "the shared memory fd is not sealed against shrinking (F_SEAL_SHRINK): whoever holds it \
+         could truncate it and crash this process on its next access; share a sealed memfd \
+         (QEMU: -object memory-backend-memfd,share=on, which seals by default)"
+    )]
+    NotSealed,
+    /// Memory from elsewhere whose file is shorter than the range to be mapped.
+    #[error("the shared memory fd holds {size:#x} bytes, but {needed:#x} are to be mapped")]
+    FileTooSmall {
+        /// Size of the file.
+        size: u64,
+        /// End of the range to map (`fd_offset + len`).
+        needed: u64,
+    },
     /// A file transfer stopped before the requested length.
     #[error("{op} transferred {done} of {len} bytes")]
     ShortTransfer {
@@ -56,6 +71,52 @@ fn os(op: &'static str) -> MemError {
         op,
         source: std::io::Error::last_os_error(),
     }
+}
+
+fn errno(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> MemError {
+    move |e| MemError::Os {
+        op,
+        source: e.into(),
+    }
+}
+
+/// Identity and size of the file behind a descriptor (from `fstat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Device and inode: the same for every descriptor of one memory object.
+    pub id: (u64, u64),
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// `fstat` of `fd`: identity and size.
+pub fn file_info(fd: BorrowedFd<'_>) -> Result<FileInfo, MemError> {
+    let st = rustix::fs::fstat(fd).map_err(errno("fstat"))?;
+    Ok(FileInfo {
+        id: (st.st_dev, st.st_ino),
+        size: u64::try_from(st.st_size).unwrap_or(0),
+    })
+}
+
+/// Checks that `fd` may be mapped over `[fd_offset, fd_offset + len)` without another holder
+/// being able to make an access fault: the file is sealed against shrinking (so nobody can
+/// truncate it later) and already holds the whole range. Every fd received from another
+/// process goes through this before it is mapped ([`SharedMemory::map`] calls it).
+pub fn check_mappable(fd: BorrowedFd<'_>, fd_offset: u64, len: u64) -> Result<(), MemError> {
+    let seals = rustix::fs::fcntl_get_seals(fd).map_err(|_| MemError::NotSealed)?;
+    if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+        return Err(MemError::NotSealed);
+    }
+    let needed = fd_offset.checked_add(len).ok_or(MemError::OutOfBounds {
+        offset: fd_offset,
+        len,
+        size: u64::MAX,
+    })?;
+    let size = file_info(fd)?.size;
+    if size < needed {
+        return Err(MemError::FileTooSmall { size, needed });
+    }
+    Ok(())
 }
 
 /// A region of memory backed by a file descriptor (normally a memfd) and mapped `MAP_SHARED`,
@@ -77,31 +138,37 @@ unsafe impl Send for SharedMemory {}
 unsafe impl Sync for SharedMemory {}
 
 impl SharedMemory {
-    /// Creates a new zero-filled memfd of `len` bytes and maps it.
+    /// Creates a new zero-filled memfd of `len` bytes and maps it. The memfd is sealed
+    /// against shrinking and growing at once, so no process it is shared with (a peer, a
+    /// device's lender) can truncate it under anybody's mapping.
     pub fn new(name: &str, len: usize) -> Result<Self, MemError> {
+        use rustix::fs::{MemfdFlags, SealFlags};
         if len == 0 {
             return Err(MemError::ZeroSize);
         }
-        let cname = std::ffi::CString::new(name.replace('\0', "_")).unwrap_or_default();
-        // SAFETY: `cname` is a valid NUL-terminated string; the call has no other inputs.
-        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(os("memfd_create"));
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: `fd` is a valid memfd we own.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-            return Err(os("ftruncate"));
-        }
+        let fd = rustix::fs::memfd_create(
+            name.replace('\0', "_"),
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(errno("memfd_create"))?;
+        rustix::fs::ftruncate(&fd, len as u64).map_err(errno("ftruncate"))?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW)
+            .map_err(errno("fcntl(F_ADD_SEALS)"))?;
         Self::map(fd, 0, len)
     }
 
     /// Maps `len` bytes of `fd` from `fd_offset` (page-aligned), shared and writable.
+    ///
+    /// The fd may come from another process, so it must pass [`check_mappable`]: sealed
+    /// against shrinking, and holding the whole range. Otherwise it is refused
+    /// ([`MemError::NotSealed`], [`MemError::FileTooSmall`]): an access past the end of a
+    /// truncated file would kill this process with SIGBUS.
     pub fn map(fd: OwnedFd, fd_offset: u64, len: usize) -> Result<Self, MemError> {
         if len == 0 {
             return Err(MemError::ZeroSize);
         }
+        use std::os::fd::AsFd;
+        check_mappable(fd.as_fd(), fd_offset, len as u64)?;
         // SAFETY: a fresh mapping chosen by the kernel (NULL hint); `fd` is valid for the call.
         let ptr = unsafe {
             libc::mmap(
@@ -617,6 +684,50 @@ mod tests {
         // A value that differs returns at once; misaligned words are errors.
         a.futex_wait(64, 7, None).unwrap();
         assert!(a.futex_wake(66, 1).is_err());
+    }
+
+    /// A memfd as another process might hand one over: unsealed.
+    fn unsealed_memfd(len: u64) -> OwnedFd {
+        let fd = rustix::fs::memfd_create("plain", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, len).unwrap();
+        fd
+    }
+
+    #[test]
+    fn own_memfds_cannot_be_truncated_or_grown() {
+        let m = SharedMemory::new("t", 8192).unwrap();
+        let fd = m.fd().try_clone_to_owned().unwrap();
+        assert!(rustix::fs::ftruncate(&fd, 0).is_err(), "shrinking refused");
+        assert!(
+            rustix::fs::ftruncate(&fd, 1 << 20).is_err(),
+            "growing refused"
+        );
+        assert_eq!(file_info(m.fd()).unwrap().size, 8192);
+        // Still mappable elsewhere, whole.
+        SharedMemory::map(fd, 0, 8192).unwrap();
+    }
+
+    #[test]
+    fn unsealed_or_short_fds_are_refused() {
+        assert!(matches!(
+            SharedMemory::map(unsealed_memfd(8192), 0, 4096),
+            Err(MemError::NotSealed)
+        ));
+        let m = SharedMemory::new("t", 8192).unwrap();
+        let fd = || m.fd().try_clone_to_owned().unwrap();
+        assert!(matches!(
+            SharedMemory::map(fd(), 4096, 8192),
+            Err(MemError::FileTooSmall {
+                size: 8192,
+                needed: 12288
+            })
+        ));
+        assert!(matches!(
+            SharedMemory::map(fd(), u64::MAX - 4095, 8192),
+            Err(MemError::OutOfBounds { .. })
+        ));
+        let msg = MemError::NotSealed.to_string();
+        assert!(msg.contains("memory-backend-memfd"), "{msg}");
     }
 
     fn tempfile_in_tmp() -> File {

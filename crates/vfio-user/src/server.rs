@@ -499,11 +499,15 @@ impl<'a> Session<'a> {
             Some(fd) => {
                 let len = usize::try_from(m.size)
                     .map_err(|_| RequestError::OutOfRange(format!("map of {:#x} bytes", m.size)))?;
+                // The fd is the VMM's: `map` refuses one that is not sealed against shrinking
+                // or is shorter than the range (a truncation would SIGBUS this process).
                 let mem = SharedMemory::map(fd, m.fd_offset, len).map_err(|e| {
-                    RequestError::BadFd(format!(
-                        "cannot map the DMA_MAP fd at {:#x}: {e}",
-                        m.fd_offset
-                    ))
+                    let e = RequestError::BadFd(format!(
+                        "cannot map guest RAM (DMA_MAP fd at {:#x}, {:#x} bytes): {e}",
+                        m.fd_offset, m.size
+                    ));
+                    tracing::warn!("{e}");
+                    e
                 })?;
                 let span = MemSpan::whole(Arc::new(mem));
                 self.function().dma_map(BusAddr(m.iova), span, m.writable)?;

@@ -223,6 +223,37 @@ fn overlapping_and_bad_dma_maps_are_refused() {
 }
 
 #[test]
+fn unsealed_or_short_guest_ram_is_refused() {
+    let f = MockFunction::new();
+    let (mut c, t) = start(f.clone());
+    c.version();
+    // A VMM's fd that anyone holding it could truncate under our mapping: refused.
+    let loose = unsealed_memfd(0x10_0000);
+    assert_eq!(
+        c.call(2, &dma_map(3, 0, 0x10_0000, 0x1_0000), &[raw(&loose)])
+            .errno(),
+        libc::EBADF
+    );
+    // A sealed fd shorter than the range it is to back: refused.
+    let small = memfd(0x1_0000);
+    assert_eq!(
+        c.call(2, &dma_map(3, 0x1000, 0x10_0000, 0x1_0000), &[raw(&small)])
+            .errno(),
+        libc::EBADF
+    );
+    assert!(f.state.lock().unwrap().maps.is_empty());
+    // A sealed one that covers the range is mapped, and can no longer be truncated.
+    assert!(!c
+        .call(2, &dma_map(3, 0, 0x10_0000, 0x1_0000), &[raw(&small)])
+        .is_error());
+    assert!(small.set_len(0).is_err());
+    assert_eq!(f.state.lock().unwrap().maps.len(), 1);
+    still_works(&mut c);
+    drop(c);
+    t.join().unwrap();
+}
+
+#[test]
 fn unexpected_fds_are_closed_and_refused() {
     let (mut c, t) = start(MockFunction::new());
     c.version();

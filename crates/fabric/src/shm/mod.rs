@@ -403,6 +403,25 @@ mod tests {
     }
 
     #[test]
+    fn peer_ram_that_could_be_truncated_is_refused() {
+        // A peer that announces a RAM window on an unsealed memfd could truncate it later and
+        // crash us on the next access: refused when announced.
+        let plain = rustix::fs::memfd_create("plain", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&plain, 0x2000).unwrap();
+        let msg = wire::trans_ram(1, 0x1000, 0);
+        let err = parse_untrusted_control(&msg, vec![plain]).unwrap_err();
+        assert!(err.to_string().contains("F_SEAL_SHRINK"), "{err}");
+        // A sealed one shorter than the window it claims to back: refused too.
+        let small = SharedMemory::new("small", 0x1000).unwrap();
+        let fd = small.fd().try_clone_to_owned().unwrap();
+        let msg = wire::trans_ram(1, 0x1000, 0x1000);
+        assert!(parse_untrusted_control(&msg, vec![fd]).is_err());
+        // Our own memory is sealed: mapped.
+        let fd = small.fd().try_clone_to_owned().unwrap();
+        parse_untrusted_control(&wire::trans_ram(1, 0x1000, 0), vec![fd]).unwrap();
+    }
+
+    #[test]
     fn socket_path_too_long_is_an_error() {
         let long = std::env::temp_dir().join("x".repeat(200));
         assert!(matches!(

@@ -366,10 +366,27 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// Guest RAM as QEMU's memory-backend-memfd makes it: a memfd sealed against resizing.
 pub fn memfd(len: u64) -> std::fs::File {
+    let f = unsealed_memfd(len);
+    // SAFETY: `f` is a valid memfd made with MFD_ALLOW_SEALING; F_ADD_SEALS takes an int.
+    let r = unsafe {
+        libc::fcntl(
+            f.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    assert_eq!(r, 0);
+    f
+}
+
+/// A memfd nobody sealed: whoever holds it can truncate it.
+pub fn unsealed_memfd(len: u64) -> std::fs::File {
     let name = std::ffi::CString::new("guest-ram").unwrap();
     // SAFETY: valid C string; a fresh descriptor.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     assert!(fd >= 0);
     // SAFETY: `fd` is ours.
     let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
