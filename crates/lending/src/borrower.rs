@@ -56,17 +56,8 @@ struct DmaState {
 
 /// Identity (device, inode) and size of the file behind `mem`.
 fn memory_identity(mem: &SharedMemory) -> Result<((u64, u64), u64), LendingError> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: an all-zero `stat` is a valid value for fstat to overwrite.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid descriptor and a valid out-pointer for the duration of the call.
-    if unsafe { libc::fstat(mem.fd().as_raw_fd(), &mut st) } != 0 {
-        return Err(LendingError::Io {
-            op: "fstat of DMA memory",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(((st.st_dev as u64, st.st_ino as u64), st.st_size as u64))
+    let info = devlend_memory::file_info(mem.fd())?;
+    Ok((info.id, info.size))
 }
 
 /// A BAR memory area reached by direct stores (on fabrics that map windows).
@@ -204,7 +195,13 @@ impl BorrowedFunction {
         if vector >= count {
             return Err(FunctionError::NoSuchVector { vector, count });
         }
-        Ok(1u64 << (self.grant.doorbell_base + u32::from(vector)))
+        // The grant's range was checked when it arrived (`borrow`); checked again here so no
+        // peer value reaches a shift unchecked.
+        self.grant
+            .doorbell_base
+            .checked_add(u32::from(vector))
+            .and_then(|bit| 1u64.checked_shl(bit))
+            .ok_or(FunctionError::NoSuchVector { vector, count })
     }
 
     /// The window exposing the memory object behind `shared`, exposing it first if needed.
@@ -659,11 +656,9 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
             }
         }
     }
-    if grant.doorbell_base + u32::from(grant.device.vectors) > 63 {
+    if let Err(e) = check_grant(&grant) {
         give_back(node);
-        return Err(LendingError::Protocol(
-            "grant's doorbell bits are out of range".into(),
-        ));
+        return Err(e);
     }
     let setup = || -> Result<BorrowedFunction, LendingError> {
         let mut areas = Vec::new();
@@ -722,6 +717,59 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
     Ok(f)
 }
 
+/// Most MSI-X vectors a device may have (PCI's limit).
+const MAX_VECTORS: u16 = 2048;
+/// Most BAR areas a grant may name per BAR.
+const MAX_AREAS: usize = 16;
+
+/// Range checks of a grant's values before any of them is used in arithmetic: the lender is a
+/// peer, and a hostile one must get an error, not a wrapped shift or a huge allocation.
+pub(crate) fn check_grant(grant: &Grant) -> Result<(), LendingError> {
+    let bad = |why: String| Err(LendingError::Protocol(format!("grant refused: {why}")));
+    let vectors = grant.device.vectors;
+    if vectors > MAX_VECTORS {
+        return bad(format!("{vectors} interrupt vectors"));
+    }
+    match grant.doorbell_base.checked_add(u32::from(vectors)) {
+        Some(end) if end <= 63 => {}
+        _ => {
+            return bad(format!(
+                "doorbell bits {} + {vectors} are outside the 63 a link has",
+                grant.doorbell_base
+            ))
+        }
+    }
+    if grant.bars.len() > 6 {
+        return bad(format!("{} BARs", grant.bars.len()));
+    }
+    for b in &grant.bars {
+        if b.index > 5 {
+            return bad(format!("BAR{}", b.index));
+        }
+        if b.size == 0 || !b.size.is_power_of_two() {
+            return bad(format!("BAR{} of {:#x} bytes", b.index, b.size));
+        }
+        if b.areas.len() > MAX_AREAS {
+            return bad(format!("{} areas in BAR{}", b.areas.len(), b.index));
+        }
+        for a in &b.areas {
+            match a.offset.checked_add(a.len) {
+                Some(end) if a.len > 0 && end <= b.size => {}
+                _ => {
+                    return bad(format!(
+                        "area {:#x} + {:#x} outside BAR{} ({:#x} bytes)",
+                        a.offset, a.len, b.index, b.size
+                    ))
+                }
+            }
+            if a.wake_word.checked_add(4).is_none_or(|end| end > a.len) {
+                return bad(format!("wake word at {:#x}", a.wake_word));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn give_back(node: &Arc<Inner>, name: &str) -> Result<(), LendingError> {
     let f = node
         .borrower
@@ -737,5 +785,67 @@ pub(crate) fn give_back(node: &Arc<Inner>, name: &str) -> Result<(), LendingErro
     })? {
         Response::Ok => Ok(()),
         other => Err(unexpected(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::AreaGrant;
+
+    fn grant(doorbell_base: u32, vectors: u16) -> Grant {
+        Grant {
+            lease: 1,
+            device: DeviceDesc {
+                name: "d".into(),
+                kind: "nvme".into(),
+                owner: "l".into(),
+                borrower: None,
+                vectors,
+                bars: Vec::new(),
+                detail: String::new(),
+            },
+            bars: vec![BarGrant {
+                index: 0,
+                window: 1,
+                size: 0x4000,
+                areas: vec![AreaGrant {
+                    offset: 0x1000,
+                    len: 0x1000,
+                    window: 2,
+                    wake_word: 0xffc,
+                }],
+            }],
+            doorbell_base,
+            lease_ms: 3000,
+        }
+    }
+
+    #[test]
+    fn grants_with_values_out_of_range_are_refused() {
+        check_grant(&grant(0, 17)).unwrap();
+        check_grant(&grant(46, 17)).unwrap();
+        // The sum must not wrap: 0xfffffff0 + 0x20 is 0x10 in 32 bits.
+        for (base, vectors) in [(0xffff_fff0, 0x20), (47, 17), (0, 64), (u32::MAX, 1)] {
+            assert!(
+                matches!(
+                    check_grant(&grant(base, vectors)),
+                    Err(LendingError::Protocol(_))
+                ),
+                "doorbell_base {base:#x} vectors {vectors}"
+            );
+        }
+        let mut g = grant(0, 1);
+        g.bars[0].index = 6;
+        assert!(check_grant(&g).is_err());
+        let mut g = grant(0, 1);
+        g.bars[0].size = 0x3000;
+        assert!(check_grant(&g).is_err());
+        let mut g = grant(0, 1);
+        g.bars[0].areas[0].offset = u64::MAX - 0xfff;
+        assert!(check_grant(&g).is_err());
+        let mut g = grant(0, 1);
+        g.bars[0].areas[0].wake_word = u64::MAX - 1;
+        assert!(check_grant(&g).is_err());
     }
 }

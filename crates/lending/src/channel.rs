@@ -34,6 +34,8 @@ const SLOTS: u64 = 63;
 const SLOT_HEADER: u64 = 16;
 /// Size of a mailbox.
 pub const MAILBOX_BYTES: u64 = HEADER_BYTES + SLOTS * SLOT_BYTES;
+/// Most records [`Channel::drain`] takes per call.
+pub const DRAIN_MAX: usize = SLOTS as usize;
 /// Largest payload of one record.
 pub const MAX_PAYLOAD: usize = (SLOT_BYTES - SLOT_HEADER) as usize;
 
@@ -233,31 +235,41 @@ impl Channel {
         }
     }
 
-    /// Takes every complete record the peer has committed, in order, and acknowledges them.
-    pub fn drain(&self) -> Vec<Vec<u8>> {
+    /// Takes the complete records the peer has committed, in order, and acknowledges them: at
+    /// most [`DRAIN_MAX`] per call (one mailbox's worth), so a peer that keeps committing
+    /// records cannot hold the caller. The flag says whether the batch was cut short (more
+    /// records may be waiting: drain again before sleeping).
+    pub fn drain(&self) -> (Vec<Vec<u8>>, bool) {
         let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         let Ok(session) = self.mailbox.load_u64(OFF_SESSION) else {
-            return out;
+            return (out, false);
         };
         if session != rx.session {
             *rx = Rx { session, next: 1 };
         }
         if session == 0 {
-            return out;
+            return (out, false);
         }
-        loop {
-            let slot = HEADER_BYTES + ((rx.next - 1) % SLOTS) * SLOT_BYTES;
+        let first = rx.next;
+        let mut looked = 0;
+        let mut cut_short = true;
+        while looked < DRAIN_MAX {
+            looked += 1;
+            let slot = HEADER_BYTES + (rx.next.wrapping_sub(1) % SLOTS) * SLOT_BYTES;
             match self.mailbox.load_u64(slot) {
                 Ok(c) if c == commit_word(session, rx.next) => {}
-                _ => break,
+                _ => {
+                    cut_short = false;
+                    break;
+                }
             }
             let len = match self.mailbox.load_u32(slot + 8) {
                 Ok(len) if (len as usize) <= MAX_PAYLOAD => len as usize,
                 _ => {
                     // A corrupt record: skip it rather than stall the channel forever.
                     tracing::warn!(seq = rx.next, "dropping a malformed mailbox record");
-                    rx.next += 1;
+                    rx.next = rx.next.wrapping_add(1);
                     continue;
                 }
             };
@@ -267,18 +279,19 @@ impl Channel {
                 .read_at(slot + SLOT_HEADER, &mut payload)
                 .is_err()
             {
+                cut_short = false;
                 break;
             }
             out.push(payload);
-            rx.next += 1;
+            rx.next = rx.next.wrapping_add(1);
         }
-        if !out.is_empty() {
-            let ack = commit_word(session, rx.next - 1);
+        if rx.next != first {
+            let ack = commit_word(session, rx.next.wrapping_sub(1));
             // Best effort: a lost ack only delays the peer's flow control until the next one.
             let _ =
                 self.ntb
                     .peer_mw_write(MAILBOX_WINDOW, WindowOffset(OFF_ACK), &ack.to_le_bytes());
         }
-        out
+        (out, cut_short)
     }
 }

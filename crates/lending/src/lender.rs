@@ -37,6 +37,11 @@ pub type DeviceBuilder = Box<
 
 /// Where lent devices' BARs live in the lender's bus address space.
 const BAR_FLOOR: BusAddr = BusAddr(0x6000_0000_0000);
+/// Most DMA mappings one lease may hold (each costs lender memory).
+const MAX_DMA_MAPS: usize = 4096;
+/// How long a `MapDma` waits for the borrower's window translation to arrive (translations
+/// and management records travel on different paths).
+const DMA_WINDOW_WAIT: Duration = Duration::from_secs(5);
 /// Doorbell bits available for interrupt vectors.
 const IRQ_DOORBELL_BITS: u32 = 48;
 
@@ -581,7 +586,22 @@ impl Lender {
         let end = offset.checked_add(len).filter(|_| len > 0).ok_or_else(|| {
             LendingError::Refused(format!("bad DMA range {offset:#x} + {len:#x}"))
         })?;
-        crate::wait_peer_window(&*node.ntb, window, end, Duration::from_secs(5))?;
+        if iova.checked_add(len).is_none() {
+            return Err(LendingError::Refused(format!(
+                "bad DMA range {iova:#x} + {len:#x}"
+            )));
+        }
+        // The lease (and the room for another mapping) first: a peer without one must get its
+        // refusal at once, not hold this link's management thread while a window is awaited.
+        self.with_lease(lease, |_, l| {
+            if l.dma.len() >= MAX_DMA_MAPS {
+                return Err(LendingError::Refused(format!(
+                    "a lease holds at most {MAX_DMA_MAPS} DMA mappings"
+                )));
+            }
+            Ok(Response::Ok)
+        })?;
+        crate::wait_peer_window(&*node.ntb, window, end, DMA_WINDOW_WAIT)?;
         let size = node.ntb.peer_mw_size(window)?;
         if end > size {
             return Err(LendingError::Refused(format!(

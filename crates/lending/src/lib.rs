@@ -131,6 +131,8 @@ pub(crate) struct Inner {
     pub(crate) doorbells_used: Mutex<u64>,
     pub(crate) borrower: borrower::Borrower,
     peer_name: Mutex<Option<String>>,
+    /// Notices for this link's peer, sent by this link's management thread.
+    events: Mutex<Vec<Event>>,
     stop: AtomicBool,
 }
 
@@ -201,6 +203,7 @@ impl Node {
                 pending: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 peer_name: Mutex::new(None),
+                events: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
             });
             let weak = Arc::downgrade(&inner);
@@ -463,6 +466,7 @@ impl Inner {
 fn management_loop(weak: Weak<Inner>, ntb: Arc<dyn Ntb>) {
     let mut generation = ntb.link_generation();
     let mut last_beat = Instant::now();
+    let mut more_records = false;
     loop {
         let Some(inner) = weak.upgrade() else { return };
         if inner.stop.load(Ordering::Acquire) {
@@ -482,8 +486,14 @@ fn management_loop(weak: Weak<Inner>, ntb: Arc<dyn Ntb>) {
         } else {
             let beat = inner.cfg.lease / 4;
             let wait = beat.min(Duration::from_millis(50));
-            let _ = inner.channel.wait(wait);
-            for record in inner.channel.drain() {
+            // Sleep only when the last batch took everything: a batch is bounded, so a peer
+            // that floods the mailbox cannot keep this thread from its other duties.
+            if !more_records {
+                let _ = inner.channel.wait(wait);
+            }
+            let (records, more) = inner.channel.drain();
+            more_records = more;
+            for record in records {
                 match Envelope::parse(&record) {
                     Ok(env) => inner.handle(env),
                     Err(e) => tracing::warn!("{e}"),
@@ -506,9 +516,18 @@ fn management_loop(weak: Weak<Inner>, ntb: Arc<dyn Ntb>) {
         for (lease, reason, link) in inner.host.lender.expire() {
             tracing::warn!("lease {lease} revoked: {reason}");
             if let Some(link) = link.upgrade() {
-                let _ = link.post(Envelope::Event {
-                    body: Event::Revoked { lease, reason },
-                });
+                link.events
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Event::Revoked { lease, reason });
+            }
+        }
+        // Each link tells its own peer: a peer that does not make room in its mailbox holds
+        // its own link's thread, never another's.
+        let events = std::mem::take(&mut *inner.events.lock().unwrap_or_else(|e| e.into_inner()));
+        for body in events {
+            if let Err(e) = inner.post(Envelope::Event { body }) {
+                tracing::debug!("event not delivered: {e}");
             }
         }
     }
