@@ -434,6 +434,9 @@ impl Lender {
                 .map_dma(node, lease, iova, len, (window, offset), writable)
                 .map(|_| Response::Ok),
             Request::UnmapDma { lease, iova, len } => self.with_lease(lease, |d, l| {
+                d.device
+                    .dma_unmap(BusAddr(iova), len)
+                    .map_err(|e| LendingError::Refused(e.to_string()))?;
                 d.iommu
                     .unmap(BusAddr(iova), len)
                     .map_err(|e| LendingError::Refused(e.to_string()))?;
@@ -489,6 +492,9 @@ impl Lender {
                 device: name.to_string(),
                 holder: l.borrower.clone(),
             });
+        }
+        if dev.device.needs_direct_dma() && node.ntb.backend() == "tcp" {
+            return Err(LendingError::Refused(direct_dma_refusal(name, "tcp")));
         }
         let vectors = dev.device.msix_vectors();
         let mut doorbells_used = node
@@ -608,8 +614,12 @@ impl Lender {
                 "DMA mapping of {len:#x} bytes at {offset:#x} does not fit window {window} ({size:#x} bytes)"
             )));
         }
-        let target = match node.ntb.peer_mw_direct(window)? {
-            Some(span) => DmaTarget::Direct(span.subspan(offset, len)?),
+        let direct = match node.ntb.peer_mw_direct(window)? {
+            Some(span) => Some(span.subspan(offset, len)?),
+            None => None,
+        };
+        let target = match &direct {
+            Some(span) => DmaTarget::Direct(span.clone()),
             None => DmaTarget::Remote(Arc::new(PeerWindowMemory {
                 ntb: node.ntb.clone(),
                 window,
@@ -618,9 +628,20 @@ impl Lender {
             })),
         };
         self.with_lease(lease, |d, l| {
-            d.iommu
-                .map(BusAddr(iova), target, writable)
-                .map_err(|e| LendingError::Refused(e.to_string()))?;
+            if let Some(span) = &direct {
+                d.device
+                    .dma_map(BusAddr(iova), span, writable)
+                    .map_err(|e| LendingError::Refused(e.to_string()))?;
+            } else if d.device.needs_direct_dma() {
+                return Err(LendingError::Refused(direct_dma_refusal(
+                    &d.name,
+                    node.ntb.backend(),
+                )));
+            }
+            if let Err(e) = d.iommu.map(BusAddr(iova), target, writable) {
+                let _ = d.device.dma_unmap(BusAddr(iova), len);
+                return Err(LendingError::Refused(e.to_string()));
+            }
             l.dma.push((iova, len));
             Ok(Response::Ok)
         })
@@ -649,6 +670,9 @@ impl Lender {
             }
         }
         for (iova, len) in &l.dma {
+            if let Err(e) = dev.device.dma_unmap(BusAddr(*iova), *len) {
+                tracing::warn!("unmapping DMA at {iova:#x} from {}: {e}", dev.name);
+            }
             let _ = dev.iommu.unmap(BusAddr(*iova), *len);
         }
         dev.device.reset();
@@ -697,6 +721,14 @@ fn all_windows(grants: &[BarGrant]) -> Vec<usize> {
         .iter()
         .flat_map(|g| std::iter::once(g.window).chain(g.areas.iter().map(|a| a.window)))
         .collect()
+}
+
+/// Why a real device (its DMA bypasses any software path) is not lent over `fabric`.
+fn direct_dma_refusal(device: &str, fabric: &str) -> String {
+    format!(
+        "{device} is a real device: its DMA cannot be intercepted, so it can be lent only over a \
+         fabric on which it reaches borrower memory directly (shm, a hardware NTB), not over {fabric}"
+    )
 }
 
 fn doorbell_bits(base: u32, vectors: u16) -> u64 {

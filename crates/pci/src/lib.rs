@@ -341,6 +341,25 @@ pub trait PciDevice: Send + Sync {
     }
     /// Short name for logs ("nvme").
     fn kind(&self) -> &'static str;
+    /// Whether the device's DMA bypasses its [`DmaPort`] (a real device behind a hardware
+    /// IOMMU): then it can reach only memory mapped directly into this process (a [`MemSpan`]),
+    /// never memory reached by messages, and whoever binds it must tell it each mapping with
+    /// [`PciDevice::dma_map`]. A model's DMA goes through its port: `false`.
+    fn needs_direct_dma(&self) -> bool {
+        false
+    }
+    /// The binding granted bus addresses `[iova, iova + mem.len())` onto `mem` (also mapped in
+    /// the device's [`DmaPort`]). Only a device that [`PciDevice::needs_direct_dma`] acts on it
+    /// (programming its hardware IOMMU); a model does nothing.
+    fn dma_map(&self, iova: BusAddr, mem: &MemSpan, writable: bool) -> Result<(), DmaError> {
+        let _ = (iova, mem, writable);
+        Ok(())
+    }
+    /// The binding removed the grants that start inside `[iova, iova + len)`.
+    fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), DmaError> {
+        let _ = (iova, len);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

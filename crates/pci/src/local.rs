@@ -273,6 +273,12 @@ impl LocalFunction {
         }
         let interrupts = Arc::new(EventFdInterrupts::new(0).map_err(setup)?);
         let device = build(iommu.clone(), interrupts.clone()).map_err(BindError::Device)?;
+        // A device whose DMA bypasses the port (real hardware) is told the pool's mapping too.
+        if let Some(span) = pool.span() {
+            device
+                .dma_map(pool.bus_base(), &span, true)
+                .map_err(|e| setup(FunctionError::Transport(e.to_string())))?;
+        }
         interrupts.resize(device.msix_vectors()).map_err(setup)?;
         let bars = BarIndex::ALL.map(|b| device.bar_spec(b));
         let areas = BarIndex::ALL
@@ -398,11 +404,18 @@ impl DmaAlloc for LocalFunction {
 
 impl DmaRemap for LocalFunction {
     fn dma_map(&self, iova: BusAddr, mem: MemSpan, writable: bool) -> Result<(), FunctionError> {
-        self.iommu.dma_map(iova, mem, writable)
+        self.iommu.dma_map(iova, mem.clone(), writable)?;
+        if let Err(e) = self.device.dma_map(iova, &mem, writable) {
+            let _ = self.iommu.dma_unmap(iova, mem.len());
+            return Err(FunctionError::Transport(e.to_string()));
+        }
+        Ok(())
     }
 
     fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), FunctionError> {
-        self.iommu.dma_unmap(iova, len)
+        let device = self.device.dma_unmap(iova, len);
+        self.iommu.dma_unmap(iova, len)?;
+        device.map_err(|e| FunctionError::Transport(e.to_string()))
     }
 }
 
