@@ -1,0 +1,359 @@
+//! [`VfioFunction`]: a real function as a [`PciDevice`].
+
+use std::any::Any;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use devlend_memory::{BusAddr, MemSpan};
+use devlend_pci::{AccessSize, BarIndex, BarSpec, DmaError, InterruptSink, MsixTable, PciDevice};
+use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
+
+use crate::dma::DmaMaps;
+use crate::hw::{BarMapping, VfioHw};
+use crate::irq::MsixIrqs;
+use crate::layout::{self, BAR0, CAP_ID_MSIX};
+use crate::VfioError;
+
+const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
+/// MSI-X Enable and Function Mask: bits 7 and 6 of the Message Control word's upper byte.
+const MSIX_ENABLE_BIT: u32 = 0x80;
+const MSIX_MASK_BIT: u32 = 0x40;
+
+struct Bar {
+    spec: BarSpec,
+    /// mmapped parts: (offset in the BAR, mapping).
+    maps: Vec<(u64, BarMapping)>,
+}
+
+impl Bar {
+    fn mapping(&self, offset: u64, len: usize) -> Option<(&BarMapping, u64)> {
+        self.maps.iter().find_map(|(start, m)| {
+            let at = offset.checked_sub(*start)?;
+            (at.checked_add(len as u64)? <= m.len()).then_some((m, at))
+        })
+    }
+}
+
+/// A real PCIe function behind VFIO, as a [`PciDevice`] (see the crate documentation for how
+/// each kind of traffic is carried).
+///
+/// Lock order: `irqs` before `dma`; neither is held while calling into the interrupt sink
+/// (the table calls it after releasing its own lock).
+pub struct VfioFunction {
+    hw: Arc<dyn VfioHw>,
+    config_len: u64,
+    bars: [Option<Bar>; 6],
+    /// Config offset of the MSI-X capability, with the emulated table.
+    msix: Option<(u16, Arc<MsixTable>)>,
+    irqs: Mutex<Option<MsixIrqs>>,
+    dma: Mutex<DmaMaps>,
+    /// Dropped last, after the device's mappings and descriptors are gone (e.g. the sysfs
+    /// binding that gives the function back to its driver).
+    owner: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for VfioFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioFunction")
+            .field("config_len", &self.config_len)
+            .field(
+                "msix",
+                &self.msix.as_ref().map(|(cap, t)| (cap, t.vectors())),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl VfioFunction {
+    /// Reads the function's layout through `hw` (config space, BAR regions, MSI-X) and maps
+    /// what may be mapped. MSI-X messages go to `sink` once the driver enables them.
+    pub fn new(hw: Arc<dyn VfioHw>, sink: Arc<dyn InterruptSink>) -> Result<Self, VfioError> {
+        let config = hw
+            .region(CONFIG)
+            .filter(|r| r.size >= 64 && r.readable())
+            .ok_or(VfioError::NoRegion(CONFIG))?;
+        let read = |offset: u16, size: AccessSize| -> Result<u32, VfioError> {
+            let mut b = [0u8; 4];
+            let buf = b.get_mut(..size.len()).ok_or(VfioError::NoRegion(CONFIG))?;
+            hw.region_read(CONFIG, u64::from(offset), buf)?;
+            Ok(u32::from_le_bytes(b))
+        };
+        let id = read(0, AccessSize::Dword)?;
+        if id & 0xffff == 0xffff {
+            return Err(VfioError::Config(format!(
+                "vendor ID reads {:#06x}: the function does not answer",
+                id & 0xffff
+            )));
+        }
+        let msix = match layout::find_capability(&read, CAP_ID_MSIX)? {
+            Some(cap) => Some((cap, layout::msix_layout(&read, cap)?)),
+            None => None,
+        };
+        let mut bars: [Option<Bar>; 6] = Default::default();
+        let mut skip = false;
+        for bar in BarIndex::ALL {
+            if std::mem::take(&mut skip) {
+                continue;
+            }
+            let i = bar.get();
+            let register = read(BAR0 + 4 * u16::from(i), AccessSize::Dword)?;
+            let region = hw.region(u32::from(i));
+            let Some(spec) = layout::bar_spec(region.as_ref(), register) else {
+                continue;
+            };
+            skip = spec.is_64bit;
+            let mut maps = Vec::new();
+            if let Some(region) = &region {
+                for (off, len) in layout::mappable_areas(region, bar, msix.as_ref().map(|m| &m.1)) {
+                    match hw.region_mmap(u32::from(i), off, len) {
+                        Ok(Some(m)) => maps.push((off, m)),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("BAR{i} at {off:#x}: not mapped ({e}); trapped"),
+                    }
+                }
+            }
+            if let Some(slot) = bars.get_mut(usize::from(i)) {
+                *slot = Some(Bar { spec, maps });
+            }
+        }
+        let msix = msix.map(|(cap, l)| (cap, Arc::new(MsixTable::new(l, sink))));
+        let irqs = msix.as_ref().map(|(_, t)| MsixIrqs::new(t.clone()));
+        Ok(Self {
+            hw,
+            config_len: config.size.min(4096),
+            bars,
+            msix,
+            irqs: Mutex::new(irqs),
+            dma: Mutex::new(DmaMaps::default()),
+            owner: None,
+        })
+    }
+
+    /// Keeps `owner` until this function is dropped, and drops it after everything else
+    /// (e.g. a binding that restores the function's driver).
+    pub fn with_owner(mut self, owner: Box<dyn Any + Send + Sync>) -> Self {
+        self.owner = Some(owner);
+        self
+    }
+
+    fn irqs(&self) -> MutexGuard<'_, Option<MsixIrqs>> {
+        // Whole-value updates only: consistent after a panic.
+        self.irqs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dma(&self) -> MutexGuard<'_, DmaMaps> {
+        self.dma.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resets the function through VFIO (MSI-X off first, the emulated table back to its
+    /// power-on state after); an error when the kernel cannot reset it.
+    pub fn try_reset(&self) -> Result<(), VfioError> {
+        let mut irqs = self.irqs();
+        if let Some(i) = irqs.as_mut() {
+            i.stop(&*self.hw);
+        }
+        let r = self.hw.reset();
+        if let Some(i) = irqs.as_mut() {
+            i.reset();
+        }
+        r
+    }
+
+    /// Bus addresses mapped in the device's IOMMU (address, length).
+    pub fn dma_ranges(&self) -> Vec<(u64, u64)> {
+        self.dma().ranges()
+    }
+
+    /// MSI-X vectors currently routed through VFIO eventfds (0 while MSI-X is disabled).
+    pub fn routed_vectors(&self) -> usize {
+        self.irqs().as_ref().map_or(0, MsixIrqs::routed)
+    }
+
+    fn bar(&self, bar: BarIndex) -> Option<&Bar> {
+        self.bars.get(usize::from(bar.get()))?.as_ref()
+    }
+
+    fn inside(&self, bar: BarIndex, offset: u64, len: usize) -> bool {
+        self.bar(bar).is_some_and(|b| {
+            len > 0
+                && offset
+                    .checked_add(len as u64)
+                    .is_some_and(|e| e <= b.spec.size)
+        })
+    }
+
+    /// Where the upper byte of MSI-X Message Control sits inside an access, as a bit shift.
+    fn msix_control_shift(&self, offset: u16, size: AccessSize) -> Option<(u32, &Arc<MsixTable>)> {
+        let (cap, table) = self.msix.as_ref()?;
+        let hi = cap.checked_add(3)?;
+        let at = hi.checked_sub(offset)?;
+        (usize::from(at) < size.len()).then_some((u32::from(at) * 8, table))
+    }
+}
+
+fn all_ones(size: AccessSize) -> u32 {
+    match size {
+        AccessSize::Byte => 0xff,
+        AccessSize::Word => 0xffff,
+        AccessSize::Dword => 0xffff_ffff,
+    }
+}
+
+impl PciDevice for VfioFunction {
+    fn config_read(&self, offset: u16, size: AccessSize) -> u32 {
+        if u64::from(offset) + size.len() as u64 > self.config_len {
+            return all_ones(size);
+        }
+        let mut b = [0u8; 4];
+        let Some(buf) = b.get_mut(..size.len()) else {
+            return all_ones(size);
+        };
+        if self.hw.region_read(CONFIG, u64::from(offset), buf).is_err() {
+            return all_ones(size);
+        }
+        let mut v = u32::from_le_bytes(b);
+        // MSI-X Enable and Function Mask are ours; the kernel owns the real ones.
+        if let Some((shift, table)) = self.msix_control_shift(offset, size) {
+            let (enable, mask) = table.control();
+            let bits =
+                (if enable { MSIX_ENABLE_BIT } else { 0 }) | (if mask { MSIX_MASK_BIT } else { 0 });
+            v = (v & !((MSIX_ENABLE_BIT | MSIX_MASK_BIT) << shift)) | (bits << shift);
+        }
+        v
+    }
+
+    fn config_write(&self, offset: u16, size: AccessSize, value: u32) {
+        if u64::from(offset) + size.len() as u64 > self.config_len {
+            return;
+        }
+        if let Some((shift, _)) = self.msix_control_shift(offset, size) {
+            // The rest of the capability's first dword is read-only: nothing to forward.
+            let byte = (value >> shift) & 0xff;
+            let enable = byte & MSIX_ENABLE_BIT != 0;
+            let mask = byte & MSIX_MASK_BIT != 0;
+            if let Some(irqs) = self.irqs().as_mut() {
+                if let Err(e) = irqs.set_control(&*self.hw, enable, mask) {
+                    tracing::warn!("MSI-X control {enable}/{mask}: {e}");
+                }
+            }
+            return;
+        }
+        let b = value.to_le_bytes();
+        let Some(data) = b.get(..size.len()) else {
+            return;
+        };
+        if let Err(e) = self.hw.region_write(CONFIG, u64::from(offset), data) {
+            tracing::debug!("config write at {offset:#x} dropped: {e}");
+        }
+    }
+
+    fn bar_spec(&self, bar: BarIndex) -> Option<BarSpec> {
+        self.bar(bar).map(|b| b.spec)
+    }
+
+    fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) {
+        if !self.inside(bar, offset, data.len()) {
+            data.fill(0xff);
+            return;
+        }
+        if let Some((_, table)) = &self.msix {
+            if table.bar_read(bar, offset, data) {
+                return;
+            }
+        }
+        if let Some((m, at)) = self.bar(bar).and_then(|b| b.mapping(offset, data.len())) {
+            if m.read(at, data) {
+                return;
+            }
+        }
+        if self
+            .hw
+            .region_read(u32::from(bar.get()), offset, data)
+            .is_err()
+        {
+            data.fill(0xff);
+        }
+    }
+
+    fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) {
+        if !self.inside(bar, offset, data.len()) {
+            return;
+        }
+        if let Some((_, table)) = &self.msix {
+            if table.bar_write(bar, offset, data) {
+                return;
+            }
+        }
+        if let Some((m, at)) = self.bar(bar).and_then(|b| b.mapping(offset, data.len())) {
+            if m.write(at, data) {
+                return;
+            }
+        }
+        if let Err(e) = self.hw.region_write(u32::from(bar.get()), offset, data) {
+            tracing::debug!("BAR{} write at {offset:#x} dropped: {e}", bar.get());
+        }
+    }
+
+    fn reset(&self) {
+        if let Err(e) = self.try_reset() {
+            tracing::error!("VFIO reset failed: {e}");
+        }
+    }
+
+    fn msix_vectors(&self) -> u16 {
+        self.msix.as_ref().map_or(0, |(_, t)| t.vectors())
+    }
+
+    fn kind(&self) -> &'static str {
+        "vfio"
+    }
+
+    fn needs_direct_dma(&self) -> bool {
+        true
+    }
+
+    fn dma_map(&self, iova: BusAddr, mem: &MemSpan, writable: bool) -> Result<(), DmaError> {
+        let mut dma = self.dma();
+        let len = mem.len();
+        dma.check_new(iova.0, len)
+            .map_err(|e| DmaError::Path(e.to_string()))?;
+        let (shared, offset) = mem.memory();
+        let n = usize::try_from(len).map_err(|_| DmaError::Path("mapping too large".into()))?;
+        let ptr = shared.ptr_at(offset, n)?;
+        // SAFETY: `ptr .. ptr + len` is inside `shared`, which `dma` keeps alive (the span
+        // holds it) until the mapping is removed; shared memory is only ever accessed with
+        // volatile/atomic copies (devlend_memory's contract), so the device writing it is sound.
+        unsafe { self.hw.dma_map(iova.0, len, ptr, writable) }
+            .map_err(|e| DmaError::Path(e.to_string()))?;
+        dma.insert(iova.0, len, mem.clone());
+        Ok(())
+    }
+
+    fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), DmaError> {
+        let taken = self.dma().take_range(iova.0, len);
+        let mut first = None;
+        for (a, l, _mem) in taken {
+            if let Err(e) = self.hw.dma_unmap(a, l) {
+                first.get_or_insert(DmaError::Path(e.to_string()));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for VfioFunction {
+    fn drop(&mut self) {
+        if let Some(i) = self.irqs().as_mut() {
+            i.stop(&*self.hw);
+        }
+        for (a, l, _mem) in self.dma().take_all() {
+            if let Err(e) = self.hw.dma_unmap(a, l) {
+                tracing::warn!("unmapping DMA at {a:#x}: {e}");
+            }
+        }
+        // Fields drop in order after this: the device and its mappings, then the owner.
+    }
+}
+
+#[cfg(test)]
+#[path = "tests/device.rs"]
+mod tests;

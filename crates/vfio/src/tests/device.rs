@@ -1,0 +1,327 @@
+//! The backend against a mock kernel: layout, config virtualisation, MSI-X routing and masks,
+//! BAR access, DMA mapping bookkeeping, reset.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devlend_memory::{MemSpan, SharedMemory};
+use devlend_pci::{AccessSize, BarIndex, BusAddr, InterruptSink, PciDevice};
+use vfio_bindings::bindings::vfio::{VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::VfioFunction;
+use crate::hw::{BarMapping, RegionInfo, VfioHw};
+use crate::VfioError;
+
+const RW: u32 = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+const MSIX_CAP: usize = 0x50;
+const VECTORS: u16 = 4;
+
+#[derive(Default)]
+struct Calls {
+    msix: Vec<usize>,
+    fds: Vec<EventFd>,
+    maps: Vec<(u64, u64, bool)>,
+    unmaps: Vec<(u64, u64)>,
+    resets: usize,
+}
+
+/// A function with a 16 KiB 64-bit BAR0 (registers; MSI-X table at 0x2000, PBA at 0x3000),
+/// nothing else.
+struct MockHw {
+    config: Mutex<[u8; 256]>,
+    bar0: Mutex<Vec<u8>>,
+    calls: Mutex<Calls>,
+    reset_fails: bool,
+}
+
+impl MockHw {
+    fn new(reset_fails: bool) -> Arc<Self> {
+        let mut c = [0u8; 256];
+        c[0..4].copy_from_slice(&0x0010_1b36u32.to_le_bytes());
+        c[0x06] = 0x10;
+        c[0x10..0x14].copy_from_slice(&0x0000_0004u32.to_le_bytes()); // 64-bit memory BAR
+        c[0x34] = MSIX_CAP as u8;
+        c[MSIX_CAP] = 0x11;
+        c[MSIX_CAP + 2..MSIX_CAP + 4].copy_from_slice(&(VECTORS - 1).to_le_bytes());
+        c[MSIX_CAP + 4..MSIX_CAP + 8].copy_from_slice(&0x2000u32.to_le_bytes());
+        c[MSIX_CAP + 8..MSIX_CAP + 12].copy_from_slice(&0x3000u32.to_le_bytes());
+        Arc::new(Self {
+            config: Mutex::new(c),
+            bar0: Mutex::new(vec![0; 0x4000]),
+            calls: Mutex::default(),
+            reset_fails,
+        })
+    }
+
+    fn calls(&self) -> std::sync::MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap()
+    }
+}
+
+fn range(len: usize, offset: u64, n: usize) -> Result<std::ops::Range<usize>, VfioError> {
+    let s = usize::try_from(offset).unwrap();
+    if s + n > len {
+        return Err(VfioError::NoRegion(99));
+    }
+    Ok(s..s + n)
+}
+
+impl VfioHw for MockHw {
+    fn region(&self, index: u32) -> Option<RegionInfo> {
+        let size = match index {
+            0 => 0x4000,
+            7 => 256,
+            _ => return None,
+        };
+        Some(RegionInfo {
+            size,
+            flags: RW,
+            sparse: None,
+        })
+    }
+
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), VfioError> {
+        match index {
+            0 => {
+                let b = self.bar0.lock().unwrap();
+                buf.copy_from_slice(&b[range(b.len(), offset, buf.len())?]);
+            }
+            7 => {
+                let c = self.config.lock().unwrap();
+                buf.copy_from_slice(&c[range(256, offset, buf.len())?]);
+            }
+            i => return Err(VfioError::NoRegion(i)),
+        }
+        Ok(())
+    }
+
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioError> {
+        match index {
+            0 => {
+                let mut b = self.bar0.lock().unwrap();
+                let r = range(b.len(), offset, data.len())?;
+                b[r].copy_from_slice(data);
+            }
+            7 => {
+                let mut c = self.config.lock().unwrap();
+                c[range(256, offset, data.len())?].copy_from_slice(data);
+            }
+            i => return Err(VfioError::NoRegion(i)),
+        }
+        Ok(())
+    }
+
+    fn region_mmap(&self, _: u32, _: u64, _: u64) -> Result<Option<BarMapping>, VfioError> {
+        Ok(None)
+    }
+
+    fn msix_count(&self) -> u32 {
+        u32::from(VECTORS)
+    }
+
+    fn set_msix(&self, fds: &[&EventFd]) -> Result<(), VfioError> {
+        let mut c = self.calls();
+        c.msix.push(fds.len());
+        c.fds = fds.iter().map(|f| f.try_clone().unwrap()).collect();
+        Ok(())
+    }
+
+    unsafe fn dma_map(&self, iova: u64, len: u64, _: *mut u8, w: bool) -> Result<(), VfioError> {
+        self.calls().maps.push((iova, len, w));
+        Ok(())
+    }
+
+    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), VfioError> {
+        self.calls().unmaps.push((iova, len));
+        Ok(())
+    }
+
+    fn reset(&self) -> Result<(), VfioError> {
+        self.calls().resets += 1;
+        if self.reset_fails {
+            return Err(VfioError::Reset("mock: no reset method".into()));
+        }
+        Ok(())
+    }
+}
+
+struct ChannelSink(Mutex<mpsc::Sender<u16>>);
+
+impl InterruptSink for ChannelSink {
+    fn signal(&self, vector: u16) {
+        let _ = self.0.lock().unwrap().send(vector);
+    }
+}
+
+fn function(reset_fails: bool) -> (Arc<MockHw>, VfioFunction, mpsc::Receiver<u16>) {
+    let hw = MockHw::new(reset_fails);
+    let (tx, rx) = mpsc::channel();
+    let f = VfioFunction::new(hw.clone(), Arc::new(ChannelSink(Mutex::new(tx)))).unwrap();
+    (hw, f, rx)
+}
+
+const BAR0: BarIndex = BarIndex::ALL[0];
+
+fn entry_write(f: &VfioFunction, vector: u64, control: u32) {
+    let e = 0x2000 + vector * 16;
+    f.bar_write(BAR0, e, &0xfee0_0000u32.to_le_bytes());
+    f.bar_write(BAR0, e + 8, &(vector as u32).to_le_bytes());
+    f.bar_write(BAR0, e + 12, &control.to_le_bytes());
+}
+
+#[test]
+fn layout_from_config_and_regions() {
+    let (_hw, f, _rx) = function(false);
+    let spec = f.bar_spec(BAR0).unwrap();
+    assert_eq!(
+        (spec.size, spec.is_64bit, spec.prefetchable),
+        (0x4000, true, false)
+    );
+    assert!(f.bar_spec(BarIndex::ALL[1]).is_none(), "upper half of BAR0");
+    assert_eq!(f.msix_vectors(), VECTORS);
+    assert_eq!(f.kind(), "vfio");
+    assert!(f.needs_direct_dma());
+    assert_eq!(f.config_read(0, AccessSize::Dword), 0x0010_1b36);
+    assert_eq!(
+        f.config_read(0x100, AccessSize::Dword),
+        0xffff_ffff,
+        "beyond the region"
+    );
+}
+
+#[test]
+fn msix_control_is_virtual_and_routes_vectors_through_vfio() {
+    let (hw, f, rx) = function(false);
+    let ctl = MSIX_CAP as u16 + 2;
+    assert_eq!(f.config_read(ctl, AccessSize::Word) & 0xc000, 0);
+    assert!(hw.calls().msix.is_empty());
+    // Enable with the function masked, as a driver does while it programs the table.
+    f.config_write(ctl, AccessSize::Word, 0xc000);
+    assert_eq!(
+        hw.calls().msix,
+        vec![VECTORS as usize],
+        "every vector gets an eventfd"
+    );
+    assert_eq!(f.routed_vectors(), VECTORS as usize);
+    assert_eq!(f.config_read(ctl, AccessSize::Word) & 0xc000, 0xc000);
+    assert_eq!(
+        hw.config.lock().unwrap()[MSIX_CAP + 3] & 0xc0,
+        0,
+        "the kernel's MSI-X bits are left alone"
+    );
+    entry_write(&f, 1, 0);
+    entry_write(&f, 2, 1); // masked
+    f.config_write(ctl + 1, AccessSize::Byte, 0x80); // function mask off, byte access
+    assert_eq!(f.config_read(ctl, AccessSize::Word) & 0xc000, 0x8000);
+
+    // Vector 2 is masked: its message waits in the PBA.
+    hw.calls().fds[2].write(1).unwrap();
+    let pba = |f: &VfioFunction| {
+        let mut b = [0u8; 8];
+        f.bar_read(BAR0, 0x3000, &mut b);
+        u64::from_le_bytes(b)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pba(&f) & 0b100 == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the masked vector never became pending"
+        );
+        std::thread::yield_now();
+    }
+    assert!(
+        rx.try_recv().is_err(),
+        "a masked vector must not be delivered"
+    );
+    // Vector 1 is live.
+    hw.calls().fds[1].write(1).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(1));
+    // Unmasking vector 2 sends its pending message.
+    f.bar_write(BAR0, 0x2000 + 2 * 16 + 12, &0u32.to_le_bytes());
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(2));
+    assert_eq!(pba(&f), 0);
+    // The table lives here, not in the device's BAR.
+    assert!(hw.bar0.lock().unwrap()[0x2000..0x3008]
+        .iter()
+        .all(|b| *b == 0));
+
+    // Disable: VFIO's MSI-X is turned off, the thread stops.
+    f.config_write(ctl, AccessSize::Word, 0);
+    assert_eq!(hw.calls().msix, vec![VECTORS as usize, 0]);
+    assert_eq!(f.routed_vectors(), 0);
+}
+
+#[test]
+fn bar_and_config_accesses_reach_the_regions() {
+    let (hw, f, _rx) = function(false);
+    f.bar_write(BAR0, 0x14, &0x0046_0001u32.to_le_bytes());
+    assert_eq!(
+        &hw.bar0.lock().unwrap()[0x14..0x18],
+        &0x0046_0001u32.to_le_bytes()
+    );
+    hw.bar0.lock().unwrap()[0x1c] = 1;
+    let mut b = [0u8; 4];
+    f.bar_read(BAR0, 0x1c, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 1);
+    // Outside the BAR: all-ones, nothing written.
+    let mut b = [0u8; 4];
+    f.bar_read(BAR0, 0x4000, &mut b);
+    assert_eq!(b, [0xff; 4]);
+    f.bar_write(BarIndex::ALL[2], 0, &[1, 2, 3, 4]);
+    // Command register writes go to the kernel's config region.
+    f.config_write(0x04, AccessSize::Word, 0x0006);
+    assert_eq!(hw.config.lock().unwrap()[4], 6);
+}
+
+#[test]
+fn dma_grants_become_iommu_mappings_and_are_unmapped() {
+    let (hw, f, _rx) = function(false);
+    let mem = MemSpan::whole(Arc::new(SharedMemory::new("t", 0x4000).unwrap()));
+    f.dma_map(BusAddr(0x4000_0000_0000), &mem, true).unwrap();
+    let ro = mem.subspan(0, 0x1000).unwrap();
+    f.dma_map(BusAddr(0x4000_1000_0000), &ro, false).unwrap();
+    assert!(
+        f.dma_map(BusAddr(0x4000_0000_2000), &ro, true).is_err(),
+        "overlap"
+    );
+    let odd = mem.subspan(0, 0x800).unwrap();
+    assert!(
+        f.dma_map(BusAddr(0x5000_0000_0000), &odd, true).is_err(),
+        "partial page"
+    );
+    assert_eq!(
+        hw.calls().maps,
+        vec![
+            (0x4000_0000_0000, 0x4000, true),
+            (0x4000_1000_0000, 0x1000, false)
+        ]
+    );
+    f.dma_unmap(BusAddr(0x4000_0000_0000), 0x4000).unwrap();
+    assert_eq!(hw.calls().unmaps, vec![(0x4000_0000_0000, 0x4000)]);
+    assert_eq!(f.dma_ranges(), vec![(0x4000_1000_0000, 0x1000)]);
+    drop(f);
+    assert_eq!(
+        hw.calls().unmaps,
+        vec![(0x4000_0000_0000, 0x4000), (0x4000_1000_0000, 0x1000)],
+        "what is left is unmapped when the function goes"
+    );
+}
+
+#[test]
+fn reset_turns_msix_off_and_reports_failure() {
+    let (hw, f, _rx) = function(false);
+    f.config_write(MSIX_CAP as u16 + 2, AccessSize::Word, 0x8000);
+    f.try_reset().unwrap();
+    assert_eq!(hw.calls().resets, 1);
+    assert_eq!(hw.calls().msix, vec![VECTORS as usize, 0]);
+    assert_eq!(
+        f.config_read(MSIX_CAP as u16 + 2, AccessSize::Word) & 0xc000,
+        0
+    );
+    let (hw, f, _rx) = function(true);
+    let e = f.try_reset().unwrap_err().to_string();
+    assert!(e.contains("cannot be reset"), "{e}");
+    assert_eq!(hw.calls().resets, 1);
+}
