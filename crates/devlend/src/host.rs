@@ -280,6 +280,17 @@ pub struct VfioServer {
 impl VfioServer {
     /// Starts serving `f` on `socket` (a stale socket file is replaced).
     pub fn start(f: Arc<dyn PciFunction>, socket: &Path) -> anyhow::Result<Self> {
+        Self::start_server(devlend_vfio_user::Server::new(f)?, socket)
+    }
+
+    /// As [`VfioServer::start`], for a device hot-added to a running VM: its MSI-X is shown as
+    /// one MSI vector, because QEMU 11.1 aborts when it finalizes a hot-unplugged
+    /// `vfio-user-pci` device with MSI-X (`devlend_vfio_user::Server::msi_only`).
+    pub fn start_hotpluggable(f: Arc<dyn PciFunction>, socket: &Path) -> anyhow::Result<Self> {
+        Self::start_server(devlend_vfio_user::Server::new(f)?.msi_only(), socket)
+    }
+
+    fn start_server(server: devlend_vfio_user::Server, socket: &Path) -> anyhow::Result<Self> {
         use std::os::unix::fs::FileTypeExt;
         use std::sync::atomic::Ordering;
         if let Ok(meta) = std::fs::symlink_metadata(socket) {
@@ -293,7 +304,6 @@ impl VfioServer {
         let listener = std::os::unix::net::UnixListener::bind(socket)
             .with_context(|| format!("binding the vfio-user socket {}", socket.display()))?;
         listener.set_nonblocking(true)?;
-        let server = devlend_vfio_user::Server::new(f)?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -328,6 +338,13 @@ impl VfioServer {
             thread: Some(thread),
             socket: socket.to_path_buf(),
         })
+    }
+}
+
+impl VfioServer {
+    /// The socket it serves on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 }
 

@@ -6,6 +6,7 @@
 mod cmd;
 mod host;
 mod pair;
+mod vm;
 
 use clap::{Parser, Subcommand};
 

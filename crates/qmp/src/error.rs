@@ -17,7 +17,7 @@ pub enum Error {
         desc: String,
     },
     /// Connecting to the socket failed.
-    #[error("cannot connect to the QMP socket {path}: {source}")]
+    #[error("cannot connect to the QMP socket {path}")]
     Connect {
         /// The socket.
         path: PathBuf,
@@ -34,7 +34,7 @@ pub enum Error {
         while_: &'static str,
     },
     /// Reading or writing the socket failed.
-    #[error("QMP socket {path}: {what}: {source}")]
+    #[error("QMP socket {path}: {what}")]
     Io {
         /// The socket.
         path: PathBuf,
@@ -61,7 +61,7 @@ pub enum Error {
         line: String,
     },
     /// A reply or event that does not parse as the expected type.
-    #[error("QMP socket {path}: unexpected {what}: {source} (in {line:?})")]
+    #[error("QMP socket {path}: unexpected {what} (in {line:?})")]
     Parse {
         /// The socket.
         path: PathBuf,

@@ -21,6 +21,7 @@ pub mod conn;
 mod error;
 pub mod guest;
 mod layout;
+mod msi;
 mod server;
 pub mod wire;
 

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::conn::{send_all, Framing, MessageReader, RawMessage};
 use crate::layout::{probe, DeviceLayout};
+use crate::msi::MsiCap;
 use crate::wire::{
     self, parse_request, Command, DmaMap, DmaUnmap, IrqAction, IrqData, Request, SetIrqs, Writer,
     MAX_DMA_MAPS, MAX_MESSAGE,
@@ -132,6 +133,8 @@ pub struct Server {
     function: Arc<dyn PciFunction>,
     layout: DeviceLayout,
     stats: Arc<Stats>,
+    /// Present MSI-X as one MSI vector (see `msi.rs`: what makes hot-unplug from QEMU safe).
+    msi_only: bool,
 }
 
 /// How one client's connection ended.
@@ -151,7 +154,17 @@ impl Server {
             function,
             layout,
             stats: Arc::new(Stats::default()),
+            msi_only: false,
         })
+    }
+
+    /// Presents the function's MSI-X as a single MSI vector to clients: QEMU 11.1 aborts when
+    /// it finalizes a hot-unplugged `vfio-user-pci` device that has MSI-X, and a device that
+    /// shows MSI does not take that path. Use it for devices hot-added to running VMs. No
+    /// effect on a function without MSI-X.
+    pub fn msi_only(mut self) -> Self {
+        self.msi_only = self.layout.msix.is_some();
+        self
     }
 
     /// What the probe found.
@@ -242,16 +255,29 @@ struct Session<'a> {
     maps: BTreeMap<u64, Mapping>,
     msix_fds: Vec<Option<Arc<EventFd>>>,
     intx_fd: Option<OwnedFd>,
+    /// In MSI-only mode: the MSI capability the client sees instead of MSI-X.
+    msi: Option<MsiCap>,
 }
 
 impl<'a> Session<'a> {
     fn new(server: &'a Server) -> Self {
         let vectors = server.layout.msix.map(|m| m.vectors).unwrap_or(0);
+        let msi = match server.layout.msix {
+            Some(m) if server.msi_only => {
+                let next = server
+                    .function
+                    .config_read(m.cap_offset + 1, AccessSize::Byte)
+                    .unwrap_or(0);
+                Some(MsiCap::new(m.cap_offset, next as u8))
+            }
+            _ => None,
+        };
         Self {
             server,
             maps: BTreeMap::new(),
             msix_fds: (0..vectors).map(|_| None).collect(),
             intx_fd: None,
+            msi,
         }
     }
 
@@ -452,6 +478,13 @@ impl<'a> Session<'a> {
                 piece.copy_from_slice(v.to_le_bytes().get(..piece.len()).unwrap_or(&[]));
                 Ok(())
             })?;
+            if let Some(msi) = &self.msi {
+                for (i, b) in data.iter_mut().enumerate() {
+                    if let Some(v) = msi.byte(offset + i as u64) {
+                        *b = v;
+                    }
+                }
+            }
         } else {
             let bar = bar_index(region)?;
             self.function().bar_read(bar, offset, &mut data)?;
@@ -459,18 +492,27 @@ impl<'a> Session<'a> {
         Ok(data)
     }
 
-    fn region_write(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), RequestError> {
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), RequestError> {
         tracing::trace!("write region {region} {offset:#x} {data:02x?}");
         self.check_access(region, offset, data.len() as u64)?;
         if region == region::CONFIG {
             let mut copy = data.to_vec();
+            let msi = &mut self.msi;
+            let function = self.server.function.as_ref();
             for_config_pieces(offset, &mut copy, |off, size, piece| {
+                // Pieces are naturally aligned and the capability is dword aligned: a piece
+                // lies wholly inside it or wholly outside.
+                if let Some(msi) = msi.as_mut().filter(|m| m.covers(u64::from(off))) {
+                    for (i, b) in piece.iter().enumerate() {
+                        msi.write_byte(u64::from(off) + i as u64, *b);
+                    }
+                    return Ok(());
+                }
                 let mut v = [0u8; 4];
                 if let Some(dst) = v.get_mut(..piece.len()) {
                     dst.copy_from_slice(piece);
                 }
-                self.function()
-                    .config_write(off, size, u32::from_le_bytes(v))?;
+                function.config_write(off, size, u32::from_le_bytes(v))?;
                 Ok(())
             })
         } else {
@@ -578,8 +620,10 @@ impl<'a> Session<'a> {
     fn irq_count(&self, index: u32) -> Result<u32, RequestError> {
         match index {
             irq::INTX => Ok(u32::from(self.server.layout.has_intx_pin)),
+            irq::MSIX if self.msi.is_some() => Ok(0),
             irq::MSIX => Ok(u32::from(self.msix_fds.len() as u16)),
-            irq::MSI | irq::ERR | irq::REQ => Ok(0),
+            irq::MSI => Ok(u32::from(self.msi.is_some())),
+            irq::ERR | irq::REQ => Ok(0),
             _ => Err(RequestError::OutOfRange(format!("no IRQ index {index}"))),
         }
     }
@@ -588,7 +632,7 @@ impl<'a> Session<'a> {
         let count = self.irq_count(s.index)?;
         let disable_all = s.count == 0 && s.action == IrqAction::Trigger && s.data == IrqData::None;
         if disable_all {
-            if s.index == irq::MSIX {
+            if s.index == irq::MSIX || s.index == irq::MSI {
                 for v in 0..self.msix_fds.len() as u16 {
                     self.route_vector(v, None)?;
                 }
@@ -610,7 +654,11 @@ impl<'a> Session<'a> {
             }
             return Ok(());
         }
-        // Only MSI-X is left: the other indexes have no vectors and failed the range check.
+        // Only MSI-X, or MSI standing in for MSI-X vector 0, is left: the other indexes have
+        // no vectors and failed the range check.
+        if s.index == irq::MSI {
+            self.enable_function_msix()?;
+        }
         let vectors = s.start..s.start + s.count;
         match (&s.action, &s.data) {
             (IrqAction::Trigger, IrqData::EventFds(0)) => {
@@ -654,6 +702,24 @@ impl<'a> Session<'a> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// MSI-only mode: the client never sees MSI-X, so the server enables it in the function
+    /// (Enable set, Function Mask clear) before routing vector 0 to the client's MSI eventfd.
+    fn enable_function_msix(&self) -> Result<(), RequestError> {
+        let Some(msix) = self.server.layout.msix else {
+            return Err(RequestError::NotSupported(
+                "the function has no MSI-X".into(),
+            ));
+        };
+        let f = self.function();
+        let ctrl = f.config_read(msix.cap_offset + 2, AccessSize::Word)?;
+        f.config_write(
+            msix.cap_offset + 2,
+            AccessSize::Word,
+            (ctrl | 0x8000) & !0x4000,
+        )?;
         Ok(())
     }
 

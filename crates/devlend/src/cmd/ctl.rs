@@ -54,11 +54,23 @@ pub enum CtlRequest {
         name: String,
         /// Also serve it to a VMM on this vfio-user socket.
         vfio_user: Option<PathBuf>,
+        /// Hot-add it to the running VM whose QMP socket this is.
+        #[serde(default)]
+        vm: Option<PathBuf>,
+        /// The VM's hot-pluggable port to use (default: the first free one).
+        #[serde(default)]
+        port: Option<String>,
+        /// The QEMU device id (default: `devlend-NAME`).
+        #[serde(default)]
+        id: Option<String>,
     },
     /// Give a borrowed device back.
     Return {
         /// Device name.
         name: String,
+        /// For a device in a VM: how long the guest has to release it (milliseconds).
+        #[serde(default)]
+        grace_ms: Option<u64>,
     },
     /// Node status.
     Status,

@@ -19,6 +19,7 @@ use serde_json::json;
 
 use super::ctl::{CtlRequest, CtlResponse, DEFAULT_STATE, SOCKET_NAME};
 use crate::host;
+use crate::vm;
 
 /// `devlend node` flags; each may also come from `--config FILE` (TOML, same keys).
 #[derive(clap::Args)]
@@ -146,6 +147,10 @@ extern "C" fn on_signal(_: libc::c_int) {
 struct Daemon {
     node: Node,
     servers: Mutex<HashMap<String, host::VfioServer>>,
+    /// Borrowed devices hot-added to running VMs, by device name.
+    vms: Mutex<HashMap<String, vm::Attachment>>,
+    /// The state directory (default home of vfio-user sockets for VMs).
+    state: PathBuf,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or a `shutdown` request.
@@ -182,6 +187,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let daemon = Arc::new(Daemon {
         node,
         servers: Mutex::new(HashMap::new()),
+        vms: Mutex::new(HashMap::new()),
+        state: s.state.clone(),
     });
     if let Some((name, socket)) = s.borrow.clone() {
         let d = daemon.clone();
@@ -208,7 +215,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     eprintln!("devlend node {}: shutting down", s.name);
     for name in daemon.node.status().borrowed.iter().map(|d| d.name.clone()) {
-        let _ = daemon.node.give_back(&name);
+        // Devices in VMs leave them the same way as on `return`: unplug request, grace, then
+        // surprise removal.
+        match take_back(&daemon, &name, vm::DEFAULT_GRACE) {
+            Ok(Some(how)) => eprintln!(
+                "devlend node: {name} left its VM: {}",
+                how.describe(vm::DEFAULT_GRACE)
+            ),
+            Ok(None) => {}
+            Err(e) => eprintln!("devlend node: returning {name}: {e:#}"),
+        }
     }
     let _ = std::fs::remove_file(&sock_path);
     Ok(())
@@ -224,6 +240,9 @@ fn startup_borrow(d: &Daemon, name: &str, socket: Option<PathBuf>) {
             let req = CtlRequest::Borrow {
                 name: name.to_string(),
                 vfio_user: socket.clone(),
+                vm: None,
+                port: None,
+                id: None,
             };
             handle(d, req)?;
             Ok(())
@@ -313,7 +332,19 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
                 Err(e) => json!({"local": local, "peer": [], "peer_error": e.to_string()}),
             }
         }
-        CtlRequest::Borrow { name, vfio_user } => {
+        CtlRequest::Borrow {
+            name,
+            vfio_user,
+            vm: Some(qmp),
+            port,
+            id,
+        } => borrow_into_vm(d, &name, vfio_user, &qmp, port.as_deref(), id)?,
+        CtlRequest::Borrow {
+            name,
+            vfio_user,
+            vm: None,
+            ..
+        } => {
             let f = d.node.borrow(&name)?;
             let mut out = json!({"name": name, "owner": f.device().owner, "lease": f.lease()});
             if let Some(sock) = vfio_user {
@@ -331,15 +362,34 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             }
             out
         }
-        CtlRequest::Return { name } => {
-            d.servers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&name);
-            d.node.give_back(&name)?;
-            json!({"name": name})
+        CtlRequest::Return { name, grace_ms } => {
+            let grace = grace_ms.map_or(vm::DEFAULT_GRACE, Duration::from_millis);
+            match take_back(d, &name, grace)? {
+                Some(how) => json!({
+                    "name": name,
+                    "removal": how,
+                    "removal_text": how.describe(grace),
+                }),
+                None => json!({"name": name}),
+            }
         }
-        CtlRequest::Status => serde_json::to_value(d.node.status())?,
+        CtlRequest::Status => {
+            let mut v = serde_json::to_value(d.node.status())?;
+            let vms = d.vms.lock().unwrap_or_else(|e| e.into_inner());
+            let servers = d.servers.lock().unwrap_or_else(|e| e.into_inner());
+            for b in v["borrowed"].as_array_mut().into_iter().flatten() {
+                let Some(name) = b["name"].as_str().map(str::to_string) else {
+                    continue;
+                };
+                if let Some(att) = vms.get(&name) {
+                    b["vm"] = serde_json::to_value(att)?;
+                }
+                if let Some(server) = servers.get(&name) {
+                    b["vfio_user"] = json!(server.socket());
+                }
+            }
+            v
+        }
         CtlRequest::Check {
             name,
             bytes,
@@ -356,4 +406,93 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             json!({})
         }
     })
+}
+
+/// `borrow NAME --vm QMP`: checks the VM first (nothing is borrowed when it cannot take the
+/// device), then borrows, serves over vfio-user and hot-adds; any failure after the borrow
+/// stops serving and returns the lease.
+fn borrow_into_vm(
+    d: &Daemon,
+    name: &str,
+    socket: Option<PathBuf>,
+    qmp_path: &std::path::Path,
+    port: Option<&str>,
+    id: Option<String>,
+) -> anyhow::Result<serde_json::Value> {
+    let id = match id {
+        Some(id) => id,
+        None => vm::device_id(name)?,
+    };
+    anyhow::ensure!(
+        !d.vms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name),
+        "{name} is already in a VM"
+    );
+    let (qmp, port) = vm::preflight(qmp_path, port, &id)?;
+    let socket = match socket {
+        Some(s) => s,
+        None => {
+            // Absolute: QEMU resolves the path from its own working directory.
+            let dir = std::path::absolute(d.state.join("vfio-user"))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            dir.join(format!("{name}.sock"))
+        }
+    };
+    let f = d.node.borrow(name)?;
+    let owner = f.device().owner.clone();
+    let lease = f.lease();
+    let attached = host::VfioServer::start_hotpluggable(f, &socket).and_then(|server| {
+        let att = vm::attach(qmp, qmp_path, &id, &port, &socket)
+            .with_context(|| format!("hot-adding {name} to the VM at {}", qmp_path.display()))?;
+        Ok((server, att))
+    });
+    let (server, att) = match attached {
+        Ok(x) => x,
+        Err(e) => {
+            if let Err(back) = d.node.give_back(name) {
+                eprintln!("devlend node: returning {name} after a failed hot-add: {back}");
+            }
+            return Err(e);
+        }
+    };
+    d.servers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), server);
+    let out = json!({"name": name, "owner": owner, "lease": lease, "vfio_user": socket, "vm": att});
+    d.vms
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), att);
+    Ok(out)
+}
+
+/// Gives a borrowed device back. A device in a VM leaves it first: unplug request, at most
+/// `grace` for the guest to release it, then (if it did not) surprise removal. Returns how it
+/// left the VM (`None`: it was in none). The same path serves `return`, the daemon's shutdown
+/// and a lender's forced take-back.
+fn take_back(d: &Daemon, name: &str, grace: Duration) -> anyhow::Result<Option<vm::Removal>> {
+    let att = d
+        .vms
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(name)
+        .cloned();
+    let removal = match &att {
+        Some(att) => Some(vm::detach(att, grace).with_context(|| {
+            format!("asking the VM at {} to release {name}", att.qmp.display())
+        })?),
+        None => None,
+    };
+    d.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+    // Stop serving first: after a surprise removal QEMU may still send requests, which the
+    // removed function answers with errors.
+    d.servers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(name);
+    d.node.give_back(name)?;
+    Ok(removal)
 }

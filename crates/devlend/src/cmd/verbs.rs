@@ -48,6 +48,41 @@ pub struct NameArgs {
     /// Serve the borrowed device to a VMM on this vfio-user socket (borrow only).
     #[arg(long)]
     vfio_user: Option<PathBuf>,
+    /// Hot-add the borrowed device to the running VM whose QMP socket this is (borrow only;
+    /// QEMU's `-qmp unix:PATH,server=on,wait=off`).
+    #[arg(long, value_name = "QMP_SOCKET")]
+    vm: Option<PathBuf>,
+    /// With --vm: the hot-pluggable port (a pcie-root-port's id) to use (default: the first free).
+    #[arg(long, requires = "vm")]
+    port: Option<String>,
+    /// With --vm: the QEMU device id (default: devlend-NAME).
+    #[arg(long, requires = "vm")]
+    id: Option<String>,
+    /// Return only: how long a VM's guest has to release the device before it is removed by
+    /// surprise (e.g. 20s, 500ms; default 20s).
+    #[arg(long, value_parser = parse_duration)]
+    grace: Option<Duration>,
+}
+
+/// Parses "20s", "500ms", "2m" or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let bad = || format!("{s:?} is not a duration (examples: 20s, 500ms, 2m)");
+    let (num, mult_ms) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (s, 1000)
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult_ms))
+        .map(Duration::from_millis)
+        .ok_or_else(bad)
 }
 
 /// `devlend check NAME`
@@ -181,11 +216,15 @@ pub fn list(a: PlainArgs) -> anyhow::Result<()> {
 /// Runs `borrow`.
 pub fn borrow(a: NameArgs) -> anyhow::Result<()> {
     let vfio_user = a.vfio_user.map(|p| std::path::absolute(&p)).transpose()?;
+    let vm = a.vm.map(|p| std::path::absolute(&p)).transpose()?;
     let v = call(
         &a.target.state,
         &CtlRequest::Borrow {
             name: a.name.clone(),
             vfio_user,
+            vm,
+            port: a.port,
+            id: a.id,
         },
         TIMEOUT,
     )?;
@@ -196,7 +235,16 @@ pub fn borrow(a: NameArgs) -> anyhow::Result<()> {
             v["owner"].as_str().unwrap_or("?"),
             v["lease"]
         );
-        if let Some(sock) = v["vfio_user"].as_str() {
+        if let Some(vm) = v.get("vm").filter(|v| !v.is_null()) {
+            s.push_str(&format!(
+                "hot-added to the VM at {} as {} on port {} (guest address {}), served over vfio-user at {}\n",
+                vm["qmp"].as_str().unwrap_or("?"),
+                vm["device_id"].as_str().unwrap_or("?"),
+                vm["port"].as_str().unwrap_or("?"),
+                vm["guest_address"].as_str().unwrap_or("not yet assigned"),
+                vm["vfio_user"].as_str().unwrap_or("?"),
+            ));
+        } else if let Some(sock) = v["vfio_user"].as_str() {
             s.push_str(&format!(
                 "serving it over vfio-user at {sock}: -device '{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{sock}\",\"type\":\"unix\"}}}}'\n"
             ));
@@ -208,14 +256,22 @@ pub fn borrow(a: NameArgs) -> anyhow::Result<()> {
 
 /// Runs `return`.
 pub fn give_back(a: NameArgs) -> anyhow::Result<()> {
+    let grace_ms = a
+        .grace
+        .map(|g| u64::try_from(g.as_millis()).unwrap_or(u64::MAX));
+    let wait = TIMEOUT + a.grace.unwrap_or(crate::vm::DEFAULT_GRACE);
     let v = call(
         &a.target.state,
         &CtlRequest::Return {
             name: a.name.clone(),
+            grace_ms,
         },
-        TIMEOUT,
+        wait,
     )?;
-    emit(&a.target, &v, |_| format!("returned {}\n", a.name));
+    emit(&a.target, &v, |v| match v["removal_text"].as_str() {
+        Some(how) => format!("returned {}: {how}\n", a.name),
+        None => format!("returned {}\n", a.name),
+    });
     Ok(())
 }
 
@@ -237,6 +293,18 @@ pub fn status(a: PlainArgs) -> anyhow::Result<()> {
         }
         for d in v["borrowed"].as_array().into_iter().flatten() {
             s.push_str(&format!("  borrowed {}", device_line(d)));
+            if let Some(vm) = d.get("vm").filter(|v| !v.is_null()) {
+                s.push_str(&format!(
+                    "           in the VM at {} as {} (port {}, guest address {}), vfio-user {}\n",
+                    vm["qmp"].as_str().unwrap_or("?"),
+                    vm["device_id"].as_str().unwrap_or("?"),
+                    vm["port"].as_str().unwrap_or("?"),
+                    vm["guest_address"].as_str().unwrap_or("?"),
+                    vm["vfio_user"].as_str().unwrap_or("?"),
+                ));
+            } else if let Some(sock) = d["vfio_user"].as_str() {
+                s.push_str(&format!("           served over vfio-user at {sock}\n"));
+            }
         }
         s
     });
@@ -259,7 +327,18 @@ pub fn check(a: CheckArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_duration, parse_size};
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
 
     #[test]
     fn sizes() {
