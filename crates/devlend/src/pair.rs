@@ -15,7 +15,7 @@ use crate::host::{self, FabricSpec};
 /// A lender process and a borrower node.
 pub struct Pair {
     /// Network namespaces of a tcp pair (lender in side 0, this process's link in side 1).
-    netns: Option<devlend_fabric_tcp::netns::NetnsPair>,
+    netns: Option<devlend_testkit::netns::NetnsPair>,
     /// Scratch directory holding the fabric rendezvous, the lender's state and the images.
     pub dir: PathBuf,
     /// The lender's state directory.
@@ -47,7 +47,7 @@ impl Pair {
     /// Starts both hosts on the `tcp` fabric: the lender in a network namespace, this process's
     /// link in another, joined by a veth pair, TLS with freshly generated keys. Needs root.
     pub fn start_tcp(parent: &Path) -> anyhow::Result<Pair> {
-        let ns = devlend_fabric_tcp::netns::NetnsPair::create()
+        let ns = devlend_testkit::netns::NetnsPair::create()
             .context("creating network namespaces (needs root)")?;
         let dir = Self::scratch(parent, "tcp")?;
         let keys = dir.join("keys");
@@ -98,7 +98,7 @@ impl Pair {
         ours: FabricSpec,
         lender_extra: &[&str],
         auth: host::TcpOptions,
-        netns: Option<devlend_fabric_tcp::netns::NetnsPair>,
+        netns: Option<devlend_testkit::netns::NetnsPair>,
     ) -> anyhow::Result<Pair> {
         let lender_state = dir.join("lender");
         let log = std::fs::File::create(dir.join("lender.log"))?;

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{check_pattern_byte, exe, scratch, NodeProcess};
-use devlend_fabric_tcp::netns::NetnsPair;
+use devlend_testkit::netns::NetnsPair;
 
 fn namespaces() -> Option<NetnsPair> {
     match NetnsPair::create() {

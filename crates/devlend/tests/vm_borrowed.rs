@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{exe, scratch, NodeProcess};
-use devlend_vfio_user::guest::{self, acceptance};
+use devlend_testkit::guest::{self, acceptance};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -18,7 +18,7 @@ use devlend_pci::{
     AccessSize, BarAccess, BarIndex, BusAddr, ConfigAccess, DmaAlloc, DmaBuffer, DmaRemap,
     FunctionError, Interrupts, LocalFunction, MemSpan, PciDevice, PciFunction,
 };
-use devlend_vfio_user::guest::{self, acceptance};
+use devlend_testkit::guest::{self, acceptance};
 use devlend_vfio_user::Server;
 use vmm_sys_util::eventfd::EventFd;
 

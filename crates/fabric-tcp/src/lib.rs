@@ -84,11 +84,9 @@
 //! leaders, the inbound queue) is a leaf: nothing else is taken while it is held.
 #![warn(missing_docs)]
 
-pub mod bench;
 pub mod cpu;
 pub mod frame;
 pub mod keys;
-pub mod netns;
 mod ntb;
 mod queue;
 mod record;

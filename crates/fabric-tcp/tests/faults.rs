@@ -1,17 +1,15 @@
 //! Faults between two nodes on the loopback address, through the fault-injection proxy, and
 //! bad bytes from a peer: each is link-down (or a refusal), never a hang or a panic.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::proxy::Proxy;
-use common::*;
 use devlend_fabric::{FabricError, Link, LinkState, MemoryWindows, PeerWindows, WindowOffset};
 use devlend_fabric_tcp::frame::{Frame, Hello, VERSION};
 use devlend_fabric_tcp::{Credentials, TcpNtb};
+use devlend_testkit::proxy::Proxy;
+use devlend_testkit::tcp::*;
 
 struct Through {
     a: TcpNtb,

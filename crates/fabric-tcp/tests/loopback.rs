@@ -1,16 +1,14 @@
 //! Every fabric behaviour over tcp between two nodes on the loopback address.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use devlend_fabric::{
     Doorbells, FabricError, Link, LinkState, MemoryWindows, Messages, Ntb, PeerWindows,
     Scratchpads, WindowOffset,
 };
 use devlend_fabric_tcp::{Credentials, TcpConfig, TcpNtb};
+use devlend_testkit::tcp::*;
 
 struct Pair {
     a: TcpNtb,
@@ -116,7 +114,11 @@ fn windows_are_the_isolation_boundary() {
     ));
     // Translation limits on the owner.
     assert!(matches!(
-        p.a.mw_set_trans(2, common::RAM_BASE.checked_add(1).unwrap(), 4096),
+        p.a.mw_set_trans(
+            2,
+            devlend_testkit::tcp::RAM_BASE.checked_add(1).unwrap(),
+            4096
+        ),
         Err(FabricError::BadTranslation { .. })
     ));
     assert!(matches!(

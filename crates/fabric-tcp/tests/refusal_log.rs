@@ -1,12 +1,10 @@
 //! A refused peer is logged (`tracing::warn`) with its address and the reason.
 
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::*;
 use devlend_fabric_tcp::TcpNtb;
+use devlend_testkit::tcp::*;
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);

@@ -154,11 +154,13 @@ impl Session {
     }
 
     /// This side's page of the connection.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn local_page(&self) -> &ControlPage {
         &self.local
     }
 
     /// The peer's page of the connection.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn peer_page(&self) -> &ControlPage {
         &self.peer
     }

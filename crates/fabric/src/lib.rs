@@ -42,10 +42,11 @@
 #![warn(missing_docs)]
 
 mod address_space;
-pub mod baseline;
 mod config;
 mod endpoint;
 mod error;
+/// Fuzzing entry points (the `fuzzing` feature, enabled by `fuzz/` only).
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod loopback;

@@ -26,6 +26,7 @@ mod device;
 mod doorbells;
 mod error;
 #[doc(hidden)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod identify;
 mod interrupts;

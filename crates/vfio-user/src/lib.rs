@@ -10,8 +10,6 @@
 //!   eventfds with [`devlend_pci::Interrupts::set_interrupt_eventfd`]. A client that leaves
 //!   (cleanly or not) gets the device reset, its routes removed and its DMA unmapped.
 //!
-//! - [`guest`]: boots a throw-away QEMU guest (VM tests, `devlend bench vm`).
-//!
 //! Doorbells are trapped: every BAR write is a `REGION_WRITE` message, which QEMU posts (no
 //! reply, the vCPU does not wait) as long as no region is mmap-able.
 #![warn(missing_docs)]
@@ -19,7 +17,6 @@
 
 pub mod conn;
 mod error;
-pub mod guest;
 mod layout;
 mod msi;
 mod server;

@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::baseline::RawEventFd;
 use anyhow::{bail, Context};
 use devlend_bench::{median, Figure, Report, Target};
-use devlend_fabric::baseline::RawEventFd;
 use devlend_fabric::{
     AddressSpace, BusAddr, Doorbells, FabricError, Link, LinkConfig, LinkState, MemoryWindows,
     MmioHandler, PeerWindows, SharedMemory, ShmNtb, WindowOffset,

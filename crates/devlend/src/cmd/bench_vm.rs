@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use devlend_bench::{median, Figure, Report, Target};
 use devlend_pci::PciFunction;
-use devlend_vfio_user::guest::{self, GuestDisk, GuestSpec, VmAssets};
+use devlend_testkit::guest::{self, GuestDisk, GuestSpec, VmAssets};
 use devlend_vfio_user::{Server, Stats, StatsSnapshot};
 
 use super::serve::{local_nvme, parse_size, NvmeArgs};

@@ -350,8 +350,7 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             if let Some(sock) = vfio_user {
                 let server = host::VfioServer::start(f, &sock)?;
                 eprintln!(
-                    "{}{}",
-                    devlend_vfio_user::guest::SERVER_READY,
+                    "devlend node: {name}: vfio-user server listening on {}",
                     sock.display()
                 );
                 out["vfio_user"] = json!(sock);

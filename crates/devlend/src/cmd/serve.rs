@@ -7,7 +7,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use devlend_nvme::{NvmeConfig, NvmeDevice};
 use devlend_pci::{LocalFunction, PciDevice, PciFunction};
-use devlend_vfio_user::guest::{CLIENT_LEFT, SERVER_READY};
 use devlend_vfio_user::Server;
 
 /// Arguments.
@@ -94,15 +93,19 @@ pub fn local_nvme(a: &NvmeArgs) -> anyhow::Result<Arc<dyn PciFunction>> {
 }
 
 /// Serves `function` on `socket` until killed, one client at a time; prints
-/// [`SERVER_READY`] once listening and a line of message counters after each client.
+/// `vfio-user server listening on SOCKET` once listening and a line of message counters after
+/// each client (`client left (...)`).
 pub fn serve(function: Arc<dyn PciFunction>, socket: &Path) -> anyhow::Result<()> {
     let what = function.describe();
     let server = Server::new(function).context("probing the function")?;
     let listener = Server::bind(socket)?;
-    eprintln!("devlend serve: {what}: {SERVER_READY}{}", socket.display());
+    eprintln!(
+        "devlend serve: {what}: vfio-user server listening on {}",
+        socket.display()
+    );
     server.serve_listener(&listener, socket, |end, stats| {
         eprintln!(
-            "devlend serve: {CLIENT_LEFT} ({end:?}); device reset; {}",
+            "devlend serve: client left ({end:?}); device reset; {}",
             stats.summary()
         );
     })?;

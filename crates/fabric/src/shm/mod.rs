@@ -256,6 +256,7 @@ fn map_peer_ram(fd: OwnedFd, fd_offset: u64, size: u64) -> Result<MemSpan> {
 
 /// Parses a control message as the reader does and acts on what it announces (maps a RAM
 /// window, maps a Hello's control page), for `crate::fuzzing`.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn parse_untrusted_control(bytes: &[u8], fds: Vec<OwnedFd>) -> Result<()> {
     match wire::decode(bytes, fds)? {
         wire::Wire::TransRam {

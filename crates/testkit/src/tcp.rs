@@ -1,8 +1,6 @@
-//! Shared helpers of the tcp fabric integration tests: hosts with RAM and MMIO, keys, and a
-//! fault-injection proxy.
-#![allow(dead_code)]
-
-pub mod proxy;
+//! Hosts for tcp fabric tests: an address space with RAM and a recording MMIO region, keys of a
+//! two-host deployment, short-keepalive configurations. The fault-injection proxy is
+//! [`crate::proxy`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -407,8 +407,8 @@ mod tests {
 }
 
 /// What a vfio-user server process prints on stderr (followed by the socket path) once it
-/// accepts connections. `devlend serve` prints it; any server command run by
-/// [`ServerProcess::spawn`] must.
+/// accepts connections: `devlend serve` and `devlend node` (for `borrow --vfio-user`) print
+/// it in their logs; any server command run by [`ServerProcess::spawn`] must.
 pub const SERVER_READY: &str = "vfio-user server listening on ";
 
 /// What a vfio-user server process prints on stderr after a client left and the device was

@@ -2,20 +2,18 @@
 //! (`devlend-tcp-host`) in one namespace, this test's node in the other. Needs root; without
 //! it the tests are skipped with a reason, except under CI (env `CI` set), where that fails.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use common::proxy::Proxy;
-use common::*;
 use devlend_fabric::{
     Doorbells, FabricError, Link, LinkState, Messages, PeerWindows, Scratchpads, WindowOffset,
 };
-use devlend_fabric_tcp::netns::NetnsPair;
 use devlend_fabric_tcp::TcpNtb;
+use devlend_testkit::netns::NetnsPair;
+use devlend_testkit::proxy::Proxy;
+use devlend_testkit::tcp::*;
 
 const PORT: u16 = 7411;
 
