@@ -7,6 +7,7 @@ mod cmd;
 mod host;
 mod pair;
 mod vm;
+mod vfio;
 
 use clap::{Parser, Subcommand};
 

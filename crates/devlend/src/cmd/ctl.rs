@@ -46,6 +46,15 @@ pub enum CtlRequest {
         /// Model string.
         model: Option<String>,
     },
+    /// Lend a real PCI function through VFIO.
+    AddVfio {
+        /// Name.
+        name: String,
+        /// PCI address (DDDD:BB:DD.F).
+        bdf: String,
+        /// Move it to vfio-pci from the driver it has (given back when removed).
+        bind: bool,
+    },
     /// Devices here and on the peer.
     List,
     /// Borrow the peer's device.

@@ -226,6 +226,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Err(e) => eprintln!("devlend node: returning {name}: {e:#}"),
         }
     }
+    // Devices go away with the node (a real function back to its driver).
+    for dev in daemon.node.local_devices() {
+        let _ = daemon.node.remove_device(&dev.name);
+    }
     let _ = std::fs::remove_file(&sock_path);
     Ok(())
 }
@@ -324,6 +328,18 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
                 .node
                 .add_device(&name, &detail, host::nvme_builder(opts))?;
             serde_json::to_value(desc)?
+        }
+        CtlRequest::AddVfio { name, bdf, bind } => {
+            let tcp = (0..)
+                .map_while(|i| d.node.ntb(i))
+                .any(|n| n.backend() == "tcp");
+            anyhow::ensure!(
+                !tcp,
+                "cannot lend {bdf} from this node: it has a tcp link, and {}",
+                crate::vfio::TCP_REFUSAL
+            );
+            let (detail, build) = crate::vfio::builder(&bdf, bind)?;
+            serde_json::to_value(d.node.add_device(&name, &detail, build)?)?
         }
         CtlRequest::List => {
             let local = d.node.local_devices();

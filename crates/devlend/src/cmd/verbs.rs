@@ -12,11 +12,17 @@ use super::ctl::{call, CtlRequest, Target};
 pub struct AddArgs {
     #[command(flatten)]
     target: Target,
-    /// Device kind (only `nvme` today).
+    /// Device kind: `nvme` (the emulated controller) or `vfio` (a real PCI function).
     kind: String,
-    /// Raw image file that backs the device.
+    /// `vfio`: the function's PCI address (DDDD:BB:DD.F, as `lspci -D` shows it).
+    bdf: Option<String>,
+    /// `nvme`: raw image file that backs the device.
     #[arg(long)]
-    image: PathBuf,
+    image: Option<PathBuf>,
+    /// `vfio`: move the function to vfio-pci from the driver it has (it goes back to that
+    /// driver when devlend removes it).
+    #[arg(long)]
+    bind: bool,
     /// Name to lend it under (default: the image's file stem).
     #[arg(long)]
     name: Option<String>,
@@ -169,16 +175,25 @@ fn device_line(d: &Value) -> String {
 
 /// Runs `add`.
 pub fn add(a: AddArgs) -> anyhow::Result<()> {
+    if a.kind == "vfio" {
+        return add_vfio(a);
+    }
+    anyhow::ensure!(
+        a.bdf.is_none() && !a.bind,
+        "a PCI address and --bind are for `devlend add vfio BDF`"
+    );
+    let image = a
+        .image
+        .ok_or_else(|| anyhow::anyhow!("`devlend add nvme` needs --image PATH"))?;
     let name = match a.name {
         Some(n) => n,
-        None => a
-            .image
+        None => image
             .file_stem()
             .and_then(|s| s.to_str())
             .map(str::to_string)
             .ok_or_else(|| anyhow::anyhow!("give the device a --name"))?,
     };
-    let image = std::path::absolute(&a.image)?;
+    let image = std::path::absolute(&image)?;
     let req = CtlRequest::Add {
         kind: a.kind,
         name,
@@ -186,6 +201,29 @@ pub fn add(a: AddArgs) -> anyhow::Result<()> {
         size: a.size,
         serial: a.serial,
         model: a.model,
+    };
+    let v = call(&a.target.state, &req, TIMEOUT)?;
+    emit(&a.target, &v, |v| format!("added {}", device_line(v)));
+    Ok(())
+}
+
+/// `devlend add vfio BDF [--name NAME] [--bind]`.
+fn add_vfio(a: AddArgs) -> anyhow::Result<()> {
+    let bdf = a.bdf.ok_or_else(|| {
+        anyhow::anyhow!("`devlend add vfio` needs the function's PCI address, e.g. 0000:01:00.0")
+    })?;
+    anyhow::ensure!(
+        a.image.is_none() && a.size.is_none() && a.serial.is_none() && a.model.is_none(),
+        "--image, --size, --serial and --model are for `devlend add nvme`; a real device brings its own"
+    );
+    let name = match a.name {
+        Some(n) => n,
+        None => crate::vfio::default_name(&bdf)?,
+    };
+    let req = CtlRequest::AddVfio {
+        name,
+        bdf,
+        bind: a.bind,
     };
     let v = call(&a.target.state, &req, TIMEOUT)?;
     emit(&a.target, &v, |v| format!("added {}", device_line(v)));
