@@ -163,8 +163,10 @@ fn unknown_oversized_and_truncated_frames_end_the_link() {
 
 #[test]
 fn a_second_hello_or_a_reply_flood_ends_the_link() {
+    // The link starts down: each case first sees it up, so that down is the peer's doing.
     let (a, mut s, _h) = raw_peer();
     s.write_all(&hello()).unwrap();
+    a.wait_link(LinkState::Up, GUARD).unwrap();
     s.write_all(&hello()).unwrap();
     a.wait_link(LinkState::Down, GUARD).unwrap();
     closed_by_node(s);
@@ -172,6 +174,7 @@ fn a_second_hello_or_a_reply_flood_ends_the_link() {
     // More outstanding reads than the protocol allows, without reading the replies.
     let (a, mut s, _h) = raw_peer();
     s.write_all(&hello()).unwrap();
+    a.wait_link(LinkState::Up, GUARD).unwrap();
     let mut reads = Vec::new();
     for tag in 0..100_000u32 {
         Frame::Read {

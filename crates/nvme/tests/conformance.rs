@@ -780,7 +780,16 @@ fn completion_queue_full_is_not_overwritten() {
         );
         std::thread::yield_now();
     }
-    std::thread::sleep(Duration::from_millis(50));
+    // Then the worker goes to sleep (a counter): it has looked at the rest and found nothing
+    // it may post while the queue is full.
+    let sleeps = h.dev.stats().sleeps;
+    while h.dev.stats().sleeps == sleeps {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never slept"
+        );
+        std::thread::yield_now();
+    }
     // Exactly one entry posted; the second slot is untouched.
     let e1 = h.read_mem(0x4_0010, 16);
     assert_eq!(e1, [0u8; 16], "no entry beyond the free slot");

@@ -359,7 +359,17 @@ fn wait_interrupt_wakes_from_another_thread() {
     let f = Arc::new(enabled());
     let g = f.clone();
     let t = std::thread::spawn(move || g.wait_interrupt(0, WAIT).unwrap());
-    std::thread::sleep(Duration::from_millis(20));
+    // Fire only once the waiter has announced its sleep (its sleeper count), so the wake-up
+    // from another thread is what is tested, not a pending bit found at once.
+    let sleepers = f.interrupts.read()[0].sleepers.clone();
+    let deadline = std::time::Instant::now() + WAIT;
+    while sleepers.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiter never slept"
+        );
+        std::thread::yield_now();
+    }
     f.bar_write_u32(REGS_BAR, regs::IRQ_FIRE, 0).unwrap();
     assert!(t.join().unwrap());
 }
