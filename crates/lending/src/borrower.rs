@@ -643,6 +643,10 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
     let give_back = |node: &Inner| {
         let _ = node.call(Request::Return { lease: grant.lease });
     };
+    if let Err(e) = check_grant(&grant) {
+        give_back(node);
+        return Err(e);
+    }
     let mut bars: [Option<BarGrant>; 6] = Default::default();
     for b in &grant.bars {
         match bars.get_mut(usize::from(b.index)) {
@@ -656,10 +660,7 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
             }
         }
     }
-    if let Err(e) = check_grant(&grant) {
-        give_back(node);
-        return Err(e);
-    }
+
     let setup = || -> Result<BorrowedFunction, LendingError> {
         let mut areas = Vec::new();
         for b in &grant.bars {
@@ -717,57 +718,12 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
     Ok(f)
 }
 
-/// Most MSI-X vectors a device may have (PCI's limit).
-const MAX_VECTORS: u16 = 2048;
-/// Most BAR areas a grant may name per BAR.
-const MAX_AREAS: usize = 16;
-
-/// Range checks of a grant's values before any of them is used in arithmetic: the lender is a
-/// peer, and a hostile one must get an error, not a wrapped shift or a huge allocation.
+/// Range checks of a grant's values before any of them is used: the lender is a peer, and a
+/// hostile one must get an error, not a wrapped shift or a huge allocation.
 pub(crate) fn check_grant(grant: &Grant) -> Result<(), LendingError> {
-    let bad = |why: String| Err(LendingError::Protocol(format!("grant refused: {why}")));
-    let vectors = grant.device.vectors;
-    if vectors > MAX_VECTORS {
-        return bad(format!("{vectors} interrupt vectors"));
-    }
-    match grant.doorbell_base.checked_add(u32::from(vectors)) {
-        Some(end) if end <= 63 => {}
-        _ => {
-            return bad(format!(
-                "doorbell bits {} + {vectors} are outside the 63 a link has",
-                grant.doorbell_base
-            ))
-        }
-    }
-    if grant.bars.len() > 6 {
-        return bad(format!("{} BARs", grant.bars.len()));
-    }
-    for b in &grant.bars {
-        if b.index > 5 {
-            return bad(format!("BAR{}", b.index));
-        }
-        if b.size == 0 || !b.size.is_power_of_two() {
-            return bad(format!("BAR{} of {:#x} bytes", b.index, b.size));
-        }
-        if b.areas.len() > MAX_AREAS {
-            return bad(format!("{} areas in BAR{}", b.areas.len(), b.index));
-        }
-        for a in &b.areas {
-            match a.offset.checked_add(a.len) {
-                Some(end) if a.len > 0 && end <= b.size => {}
-                _ => {
-                    return bad(format!(
-                        "area {:#x} + {:#x} outside BAR{} ({:#x} bytes)",
-                        a.offset, a.len, b.index, b.size
-                    ))
-                }
-            }
-            if a.wake_word.checked_add(4).is_none_or(|end| end > a.len) {
-                return bad(format!("wake word at {:#x}", a.wake_word));
-            }
-        }
-    }
-    Ok(())
+    grant
+        .validate()
+        .map_err(|why| LendingError::Protocol(format!("grant refused: {why}")))
 }
 
 pub(crate) fn give_back(node: &Arc<Inner>, name: &str) -> Result<(), LendingError> {

@@ -80,6 +80,63 @@ pub struct Grant {
     pub lease_ms: u64,
 }
 
+/// Most MSI-X vectors a function may have (PCI's limit).
+pub const MAX_VECTORS: u16 = 2048;
+/// Most memory areas a grant may name per BAR.
+pub const MAX_AREAS: usize = 16;
+/// Doorbell bits a link has for interrupt vectors (bit 63 is never one of them).
+pub const DOORBELL_BITS: u32 = 63;
+
+impl Grant {
+    /// Range checks of every value a borrower later computes with (doorbell bits, BAR slots
+    /// and sizes, areas and their wake words), so that none of them can wrap or index out of
+    /// range: a grant comes from a peer.
+    pub fn validate(&self) -> Result<(), String> {
+        let vectors = self.device.vectors;
+        if vectors > MAX_VECTORS {
+            return Err(format!("{vectors} interrupt vectors"));
+        }
+        match self.doorbell_base.checked_add(u32::from(vectors)) {
+            Some(end) if end <= DOORBELL_BITS => {}
+            _ => {
+                return Err(format!(
+                    "doorbell bits {} + {vectors} are outside the {DOORBELL_BITS} a link has",
+                    self.doorbell_base
+                ))
+            }
+        }
+        if self.bars.len() > 6 {
+            return Err(format!("{} BARs", self.bars.len()));
+        }
+        for b in &self.bars {
+            if b.index > 5 {
+                return Err(format!("BAR{}", b.index));
+            }
+            if b.size == 0 || !b.size.is_power_of_two() {
+                return Err(format!("BAR{} of {:#x} bytes", b.index, b.size));
+            }
+            if b.areas.len() > MAX_AREAS {
+                return Err(format!("{} areas in BAR{}", b.areas.len(), b.index));
+            }
+            for a in &b.areas {
+                match a.offset.checked_add(a.len) {
+                    Some(end) if a.len > 0 && end <= b.size => {}
+                    _ => {
+                        return Err(format!(
+                            "area {:#x} + {:#x} outside BAR{} ({:#x} bytes)",
+                            a.offset, a.len, b.index, b.size
+                        ))
+                    }
+                }
+                if a.wake_word.checked_add(4).is_none_or(|end| end > a.len) {
+                    return Err(format!("wake word at {:#x}", a.wake_word));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A request from one host to the other.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]

@@ -1,0 +1,476 @@
+//! Hostile peers against a real node, over the in-process loopback fabric: a peer that speaks
+//! the management protocol by hand ([`RawPeer`]) as a borrower (out-of-range values, replayed
+//! leases, DMA maps without a lease, a mailbox flood) and as a lender (absurd device
+//! descriptions and grants). Each time the node stays up, gives the bad peer errors, and its
+//! honest peer on another link keeps doing I/O. (The same over processes and shared memory,
+//! with truncated memfds: `crates/devlend/tests/hostile_borrower.rs`.)
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devlend_fabric::{
+    loopback_pair, AddressSpace, BusAddr, LinkConfig, LoopbackNtb, MemoryWindows, Messages, Ntb,
+    PeerWindows, WindowOffset,
+};
+use devlend_lending::channel::{Channel, MAILBOX_WINDOW};
+use devlend_lending::protocol::{
+    AreaGrant, BarDesc, BarGrant, DeviceDesc, Envelope, Grant, Request, Response,
+};
+use devlend_lending::{LendingError, Node, NodeConfig, MAILBOX_BASE};
+use devlend_pci::test_device::{dma_status, regs, TestDevice, REGS_BAR};
+use devlend_pci::{AccessSize, PciFunction};
+
+const GUARD: Duration = Duration::from_secs(20);
+
+/// A peer that speaks the management protocol by hand.
+struct RawPeer {
+    ntb: Arc<LoopbackNtb>,
+    ch: Channel,
+    next_id: u64,
+}
+
+impl RawPeer {
+    fn new(ntb: Arc<LoopbackNtb>) -> Self {
+        let ch = Channel::new(ntb.clone() as Arc<dyn Ntb>, MAILBOX_BASE).unwrap();
+        Self {
+            ntb,
+            ch,
+            next_id: 1,
+        }
+    }
+
+    /// Sends a request and waits for its answer.
+    fn call(&mut self, body: Request) -> Response {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ch
+            .send(&Envelope::Request { id, body }.encode(), GUARD)
+            .unwrap();
+        let deadline = Instant::now() + GUARD;
+        loop {
+            assert!(Instant::now() < deadline, "no answer to request {id}");
+            let _ = self.ch.wait(Duration::from_millis(20));
+            for record in self.ch.drain().0 {
+                if let Ok(Envelope::Response { id: got, body }) = Envelope::parse(&record) {
+                    if got == id {
+                        return body;
+                    }
+                }
+            }
+        }
+    }
+
+    fn refused(&mut self, body: Request) -> String {
+        match self.call(body.clone()) {
+            Response::Error { message } => message,
+            other => panic!("{body:?} was answered with {other:?}"),
+        }
+    }
+}
+
+fn link() -> (Arc<LoopbackNtb>, Arc<LoopbackNtb>, Arc<AddressSpace>) {
+    let asp = Arc::new(AddressSpace::new());
+    let (a, b) = loopback_pair(
+        LinkConfig::default(),
+        asp.clone(),
+        Arc::new(AddressSpace::new()),
+    )
+    .unwrap();
+    (a, b, asp)
+}
+
+fn test_device() -> devlend_lending::DeviceBuilder {
+    Box::new(|dma, irq| TestDevice::build(dma, irq).map_err(|e| e.to_string()))
+}
+
+/// One DMA copy by the device through the borrowed function, checked.
+fn io_works(f: &dyn PciFunction, seed: u8) {
+    f.config_write(0x04, AccessSize::Word, 0x0006).unwrap();
+    let src = f.dma_alloc(4096).unwrap();
+    let dst = f.dma_alloc(4096).unwrap();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i as u8) ^ seed).collect();
+    src.write_at(0, &data).unwrap();
+    f.bar_write_u64(REGS_BAR, regs::DMA_SRC, src.bus_addr().0)
+        .unwrap();
+    f.bar_write_u64(REGS_BAR, regs::DMA_DST, dst.bus_addr().0)
+        .unwrap();
+    f.bar_write_u32(REGS_BAR, regs::DMA_LEN, 4096).unwrap();
+    f.bar_write_u32(REGS_BAR, regs::DMA_GO, 1).unwrap();
+    assert_eq!(
+        f.bar_read_u32(REGS_BAR, regs::DMA_STATUS).unwrap(),
+        dma_status::OK
+    );
+    let mut back = vec![0u8; 4096];
+    dst.read_at(0, &mut back).unwrap();
+    assert_eq!(back, data);
+}
+
+#[test]
+fn a_hostile_borrower_gets_errors_and_the_honest_one_keeps_working() {
+    // Two links into one lender host (one address space): a hostile and an honest borrower.
+    let lender_asp = Arc::new(AddressSpace::new());
+    let (l0, hostile_end) = loopback_pair(
+        LinkConfig::default(),
+        lender_asp.clone(),
+        Arc::new(AddressSpace::new()),
+    )
+    .unwrap();
+    let (l1, honest_end) = loopback_pair(
+        LinkConfig::default(),
+        lender_asp,
+        Arc::new(AddressSpace::new()),
+    )
+    .unwrap();
+    let mut cfg = NodeConfig::new("lender");
+    cfg.lease = Duration::from_millis(1000);
+    let lender = Node::start(cfg, vec![l0 as Arc<dyn Ntb>, l1 as Arc<dyn Ntb>]).unwrap();
+    lender.add_device("td0", "", test_device()).unwrap();
+    lender.add_device("td1", "", test_device()).unwrap();
+    let honest = Node::start(NodeConfig::new("honest"), vec![honest_end as Arc<dyn Ntb>]).unwrap();
+    let f1 = honest.borrow("td1").unwrap();
+    io_works(&*f1, 1);
+
+    let mut bad = RawPeer::new(hostile_end);
+    // A DMA map without a lease, naming a window that will never be translated: refused for
+    // the lease at once (it used to wait 5 s for the window first, holding the link's thread).
+    let t = Instant::now();
+    let msg = bad.refused(Request::MapDma {
+        lease: 12345,
+        iova: 0,
+        len: 4096,
+        window: 5,
+        offset: 0,
+        writable: true,
+    });
+    assert!(msg.contains("not held"), "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+
+    // An absurd lease length is clamped; the device already lent is refused, naming its holder.
+    let grant = match bad.call(Request::Borrow {
+        device: "td0".into(),
+        borrower: "x".repeat(3000),
+        lease_ms: u64::MAX,
+    }) {
+        Response::Granted { grant } => grant,
+        other => panic!("{other:?}"),
+    };
+    assert!(grant.lease_ms <= 600_000);
+    let msg = bad.refused(Request::Borrow {
+        device: "td1".into(),
+        borrower: "x".into(),
+        lease_ms: 1000,
+    });
+    assert!(msg.contains("honest"), "{msg}");
+    let lease = grant.lease;
+
+    // Out-of-range values: errors, never a panic or a wrapped range.
+    for (offset, size) in [(0xffff, 4), (4094, 4), (0, 3), (1, 2), (0, 0), (0, 255)] {
+        bad.refused(Request::ConfigRead {
+            lease,
+            offset,
+            size,
+        });
+        bad.refused(Request::ConfigWrite {
+            lease,
+            offset,
+            size,
+            value: u32::MAX,
+        });
+    }
+    for (iova, len, window, offset) in [
+        (0, 2, 1, u64::MAX),
+        (u64::MAX - 1, 16, 1, 0),
+        (0, 0, 1, 0),
+        (0, 4096, 1000, 0),
+        (0, 4096, usize::MAX, 0),
+        (0, u64::MAX, 1, 0),
+    ] {
+        bad.refused(Request::MapDma {
+            lease,
+            iova,
+            len,
+            window,
+            offset,
+            writable: true,
+        });
+    }
+    let _ = bad.call(Request::UnmapDma {
+        lease,
+        iova: u64::MAX,
+        len: u64::MAX,
+    });
+    // Replays of a returned lease are refused.
+    assert_eq!(bad.call(Request::Return { lease }), Response::Ok);
+    for req in [
+        Request::Heartbeat { lease },
+        Request::ConfigRead {
+            lease,
+            offset: 0,
+            size: 4,
+        },
+        Request::Return { lease },
+        Request::MapDma {
+            lease,
+            iova: 0,
+            len: 4096,
+            window: 1,
+            offset: 0,
+            writable: true,
+        },
+    ] {
+        let msg = bad.refused(req);
+        assert!(msg.contains("not held"), "{msg}");
+    }
+    io_works(&*f1, 2);
+
+    // Borrow td0 again, stop heart-beating and flood the lender's mailbox: records committed
+    // far ahead of what it consumed, garbage and well-formed, as fast as this thread can.
+    let lease = match bad.call(Request::Borrow {
+        device: "td0".into(),
+        borrower: "bad".into(),
+        lease_ms: 200,
+    }) {
+        Response::Granted { grant } => grant.lease,
+        other => panic!("{other:?}"),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let (ntb, stop, written) = (bad.ntb.clone(), stop.clone(), written.clone());
+        std::thread::spawn(move || {
+            let session: u64 = 0x5eed_0001_0000_0001;
+            let _ = ntb.peer_mw_write(MAILBOX_WINDOW, WindowOffset(0), &session.to_le_bytes());
+            let hb = Envelope::Request {
+                id: 7,
+                body: Request::Heartbeat { lease: 999 },
+            }
+            .encode();
+            let mut seq: u64 = 1;
+            while !stop.load(Ordering::Relaxed) {
+                let slot = 0x1000 + ((seq - 1) % 63) * 0x1000;
+                let payload: &[u8] = if seq % 3 == 0 { &[0xff; 64] } else { &hb };
+                let mut body = (payload.len() as u32).to_le_bytes().to_vec();
+                body.extend_from_slice(&[0; 4]);
+                body.extend_from_slice(payload);
+                let commit = ((session & 0xffff_ffff) << 32) | (seq & 0xffff_ffff);
+                if ntb
+                    .peer_mw_write(MAILBOX_WINDOW, WindowOffset(slot + 8), &body)
+                    .and_then(|()| {
+                        ntb.peer_mw_write(MAILBOX_WINDOW, WindowOffset(slot), &commit.to_le_bytes())
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                let _ = ntb.peer_msg_write(0, seq as u32);
+                seq += 1;
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // Meanwhile the lender expires the silent lease (td0 lent, then free again) and the
+    // honest borrower keeps doing I/O.
+    let deadline = Instant::now() + GUARD;
+    let holder = |name: &str| {
+        lender
+            .local_devices()
+            .into_iter()
+            .find(|d| d.name == name)
+            .and_then(|d| d.borrower)
+    };
+    assert_eq!(holder("td0").as_deref(), Some("bad"));
+    let mut rounds = 0u8;
+    while holder("td0").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the flooding peer's lease never expired"
+        );
+        io_works(&*f1, rounds);
+        rounds = rounds.wrapping_add(1);
+    }
+    let _ = lease;
+    for i in 0..3 {
+        io_works(&*f1, 100 + i);
+    }
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    assert!(
+        written.load(Ordering::Relaxed) > 63,
+        "the flood overran the mailbox"
+    );
+    // The honest link still gets fresh grants: give back and borrow again.
+    honest.give_back("td1").unwrap();
+    let f1 = honest.borrow("td1").unwrap();
+    io_works(&*f1, 7);
+    drop(f1);
+    drop(honest);
+    drop(lender);
+}
+
+/// A device description and grant with one absurd value each, by device name.
+fn absurd(name: &str, lease: u64) -> (DeviceDesc, Grant) {
+    let mut desc = DeviceDesc {
+        name: name.to_string(),
+        kind: "nvme".into(),
+        owner: "evil".into(),
+        borrower: None,
+        vectors: 4,
+        bars: vec![BarDesc {
+            index: 0,
+            size: 0x4000,
+            is_64bit: true,
+            prefetchable: false,
+        }],
+        detail: String::new(),
+    };
+    let mut grant = Grant {
+        lease,
+        device: desc.clone(),
+        bars: vec![BarGrant {
+            index: 0,
+            window: 1,
+            size: 0x4000,
+            areas: Vec::new(),
+        }],
+        doorbell_base: 0,
+        lease_ms: 3000,
+    };
+    match name {
+        "doorbells-wrap" => {
+            grant.doorbell_base = 0xffff_fff0;
+            grant.device.vectors = 0x20;
+        }
+        "too-many-vectors" => grant.device.vectors = u16::MAX,
+        "bar-index" => grant.bars[0].index = 9,
+        "bar-size-zero" => grant.bars[0].size = 0,
+        "bar-size-odd" => grant.bars[0].size = 0x3000,
+        "window-out-of-range" => grant.bars[0].window = usize::MAX,
+        "window-too-small" => grant.bars[0].size = 1 << 62,
+        "area-outside" => grant.bars[0].areas.push(AreaGrant {
+            offset: u64::MAX - 0xfff,
+            len: 0x2000,
+            window: 2,
+            wake_word: 0,
+        }),
+        "wake-word" => grant.bars[0].areas.push(AreaGrant {
+            offset: 0x1000,
+            len: 0x1000,
+            window: 2,
+            wake_word: u64::MAX - 2,
+        }),
+        "many-bars" => {
+            grant.bars = (0..40)
+                .map(|i| BarGrant {
+                    index: (i % 6) as u8,
+                    window: 1,
+                    size: 0x1000,
+                    areas: Vec::new(),
+                })
+                .collect()
+        }
+        _ => {}
+    }
+    desc.vectors = grant.device.vectors;
+    (desc, grant)
+}
+
+const ABSURD: [&str; 10] = [
+    "doorbells-wrap",
+    "too-many-vectors",
+    "bar-index",
+    "bar-size-zero",
+    "bar-size-odd",
+    "window-out-of-range",
+    "window-too-small",
+    "area-outside",
+    "wake-word",
+    "many-bars",
+];
+
+#[test]
+fn a_hostile_lender_gets_its_grants_refused_and_given_back() {
+    let (evil_end, borrower_end, _) = link();
+    let mut cfg = NodeConfig::new("victim");
+    cfg.request_timeout = Duration::from_millis(1500);
+    let node = Node::start(cfg, vec![borrower_end as Arc<dyn Ntb>]).unwrap();
+    // The hostile lender: translates window 1 onto a small region, answers every List with
+    // absurd descriptions and every Borrow with an absurd grant, and counts returns.
+    let evil = RawPeer::new(evil_end.clone());
+    evil_end
+        .address_space()
+        .add_ram(
+            BusAddr(0x10_0000),
+            Arc::new(devlend_fabric::SharedMemory::new("bar", 0x4000).unwrap()),
+        )
+        .unwrap();
+    evil_end
+        .mw_set_trans(1, BusAddr(0x10_0000), 0x4000)
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let returns = Arc::new(AtomicU64::new(0));
+    let server = {
+        let (stop, returns) = (stop.clone(), returns.clone());
+        std::thread::spawn(move || {
+            let mut next_lease = 1;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = evil.ch.wait(Duration::from_millis(20));
+                for record in evil.ch.drain().0 {
+                    let Ok(Envelope::Request { id, body }) = Envelope::parse(&record) else {
+                        continue;
+                    };
+                    let answer = match body {
+                        Request::List => {
+                            let mut devices: Vec<DeviceDesc> =
+                                ABSURD.iter().map(|n| absurd(n, 0).0).collect();
+                            devices[0].detail = "y".repeat(1000);
+                            Response::Devices { devices }
+                        }
+                        Request::Borrow { device, .. } => {
+                            next_lease += 1;
+                            Response::Granted {
+                                grant: absurd(&device, next_lease).1,
+                            }
+                        }
+                        Request::Return { .. } => {
+                            returns.fetch_add(1, Ordering::Relaxed);
+                            Response::Ok
+                        }
+                        Request::Hello { .. } => Response::Hello {
+                            host: "evil".into(),
+                        },
+                        _ => Response::Error {
+                            message: "no".into(),
+                        },
+                    };
+                    if id != 0 {
+                        let _ = evil
+                            .ch
+                            .send(&Envelope::Response { id, body: answer }.encode(), GUARD);
+                    }
+                }
+            }
+        })
+    };
+    node.wait_link_up(GUARD).unwrap();
+    assert_eq!(node.peer_devices().unwrap().len(), ABSURD.len());
+    for (i, name) in ABSURD.iter().enumerate() {
+        match node.borrow(name) {
+            // Refused by the range checks (a protocol error), or by the fabric (a window the
+            // link does not have).
+            Err(e @ (LendingError::Protocol(_) | LendingError::Fabric(_))) => {
+                println!("{name}: {e}");
+            }
+            Err(other) => panic!("{name}: expected a refusal, got {other}"),
+            Ok(_) => panic!("{name}: an absurd grant was accepted"),
+        }
+        // The lender was told: the grant is given back.
+        assert_eq!(returns.load(Ordering::Relaxed), i as u64 + 1, "{name}");
+        assert!(node.borrowed(name).is_none());
+    }
+    // The node is still whole: it answers status and lists the peer's devices.
+    assert_eq!(node.status().links[0].link, "up");
+    assert_eq!(node.peer_devices().unwrap().len(), ABSURD.len());
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+}
