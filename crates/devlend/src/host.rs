@@ -104,7 +104,8 @@ pub fn parse_tcp_cpus(s: &str) -> anyhow::Result<devlend_fabric_tcp::ThreadCpus>
 }
 
 impl TcpOptions {
-    fn credentials(&self, peer: &str) -> anyhow::Result<devlend_fabric_tcp::Credentials> {
+    /// The credentials of a link to `peer` (TLS from the keys directory, or insecure).
+    pub fn credentials(&self, peer: &str) -> anyhow::Result<devlend_fabric_tcp::Credentials> {
         if self.insecure {
             return Ok(devlend_fabric_tcp::Credentials::Insecure);
         }
@@ -133,12 +134,23 @@ pub fn open_fabrics(specs: &[FabricSpec], tcp: &TcpOptions) -> anyhow::Result<Ve
         .collect()
 }
 
-/// Opens one end of a link onto `asp`; it comes up when the peer arrives.
-pub fn open_fabric(
-    spec: &FabricSpec,
-    asp: Arc<AddressSpace>,
+/// The tcp link configuration for these options (spin budget from the environment).
+pub fn tcp_config(tcp: &TcpOptions) -> devlend_fabric_tcp::TcpConfig {
+    tcp_config_with(link_config(), tcp)
+}
+
+fn tcp_config_with(
+    link: devlend_fabric::LinkConfig,
     tcp: &TcpOptions,
-) -> anyhow::Result<Arc<dyn Ntb>> {
+) -> devlend_fabric_tcp::TcpConfig {
+    devlend_fabric_tcp::TcpConfig {
+        link,
+        cpus: tcp.cpus,
+        ..Default::default()
+    }
+}
+
+fn link_config() -> devlend_fabric::LinkConfig {
     let mut cfg = devlend_fabric::LinkConfig::default();
     // The spin budget of fabric waits, for tuning (README, "Benchmarks").
     if let Some(us) = std::env::var("DEVLEND_FABRIC_SPIN_US")
@@ -147,11 +159,17 @@ pub fn open_fabric(
     {
         cfg.spin = std::time::Duration::from_micros(us);
     }
-    let tcp_cfg = devlend_fabric_tcp::TcpConfig {
-        link: cfg,
-        cpus: tcp.cpus,
-        ..Default::default()
-    };
+    cfg
+}
+
+/// Opens one end of a link onto `asp`; it comes up when the peer arrives.
+pub fn open_fabric(
+    spec: &FabricSpec,
+    asp: Arc<AddressSpace>,
+    tcp: &TcpOptions,
+) -> anyhow::Result<Arc<dyn Ntb>> {
+    let cfg = link_config();
+    let tcp_cfg = tcp_config_with(cfg, tcp);
     Ok(match spec {
         FabricSpec::Shm(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -3,11 +3,12 @@
 //! One binary: the per-host daemon (`node`), management verbs that talk to it, the demo, the
 //! vfio-user front-end for local devices (`serve`), and the benchmarks.
 
+mod cluster;
 mod cmd;
 mod host;
 mod pair;
-mod vm;
 mod vfio;
+mod vm;
 
 use clap::{Parser, Subcommand};
 

@@ -35,13 +35,13 @@ pub use error::LendingError;
 pub use lender::DeviceBuilder;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devlend_fabric::{BusAddr, LinkState, Ntb};
+use devlend_fabric::{AddressSpace, BusAddr, LinkState, Ntb};
 
 use channel::Channel;
 use protocol::{DeviceDesc, Envelope, Event, Request, Response};
@@ -50,8 +50,17 @@ use protocol::{DeviceDesc, Envelope, Event, Request, Response};
 pub const MAILBOX_BASE: BusAddr = BusAddr(0x7f00_0000_0000);
 const MAILBOX_STRIDE: u64 = 1 << 24;
 
+/// Decides whether a borrow request arriving on a link may be granted, beyond the lender's own
+/// one-borrower rule: called with the link's id, the device and the borrower's name; an `Err`
+/// is sent to the borrower as the refusal. (A cluster node checks the registry's owner record.)
+pub type AdmitFn = Arc<dyn Fn(LinkId, &str, &str) -> Result<(), String> + Send + Sync>;
+
+/// Identifies one link of a node (stable while it is attached).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinkId(pub usize);
+
 /// Tunables of a node.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NodeConfig {
     /// This host's name.
     pub name: String,
@@ -61,6 +70,20 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// DMA memory a borrower sets aside (and exposes to the lender) per borrowed function.
     pub dma_pool_bytes: usize,
+    /// An extra admission check on borrow requests (none: the lender's own rules only).
+    pub admit: Option<AdmitFn>,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("name", &self.name)
+            .field("lease", &self.lease)
+            .field("request_timeout", &self.request_timeout)
+            .field("dma_pool_bytes", &self.dma_pool_bytes)
+            .field("admit", &self.admit.is_some())
+            .finish()
+    }
 }
 
 impl NodeConfig {
@@ -71,6 +94,7 @@ impl NodeConfig {
             lease: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
             dma_pool_bytes: 64 << 20,
+            admit: None,
         }
     }
 }
@@ -121,6 +145,7 @@ pub(crate) struct HostCore {
 
 /// One NTB link of a host (one peer): its channel, windows, doorbells and borrowed devices.
 pub(crate) struct Inner {
+    id: LinkId,
     pub(crate) host: Arc<HostCore>,
     pub(crate) cfg: NodeConfig,
     pub(crate) ntb: Arc<dyn Ntb>,
@@ -138,13 +163,47 @@ pub(crate) struct Inner {
 
 struct LinkRuntime {
     inner: Arc<Inner>,
-    thread: Option<JoinHandle<()>>,
+    mailbox: BusAddr,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl LinkRuntime {
+    /// Stops the management thread and waits for it.
+    fn stop(&self) {
+        self.inner.stop.store(true, Ordering::Release);
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The host's address space: given at start, or the first link's.
+enum HostSpace {
+    Own(Arc<AddressSpace>),
+    Link(Arc<dyn Ntb>),
+}
+
+impl std::ops::Deref for HostSpace {
+    type Target = AddressSpace;
+    fn deref(&self) -> &AddressSpace {
+        match self {
+            HostSpace::Own(a) => a,
+            HostSpace::Link(n) => n.address_space(),
+        }
+    }
 }
 
 /// One host's lending runtime: the devices it lends, and one runtime per NTB link.
+///
+/// Links may be attached and detached while the node runs ([`Node::attach`],
+/// [`Node::detach`]): `links` is locked only to copy or change the list, never across a
+/// fabric wait.
 pub struct Node {
     host: Arc<HostCore>,
-    links: Vec<LinkRuntime>,
+    asp: HostSpace,
+    links: Mutex<Vec<Arc<LinkRuntime>>>,
+    next_slot: AtomicUsize,
 }
 
 /// One link in a status report.
@@ -178,21 +237,61 @@ impl Node {
         let first = ntbs
             .first()
             .ok_or_else(|| LendingError::Protocol("a node needs at least one link".into()))?;
-        let asp: *const devlend_fabric::AddressSpace = first.address_space();
-        if ntbs.iter().any(|n| !std::ptr::eq(n.address_space(), asp)) {
+        let node = Self::start_in(cfg, HostSpace::Link(first.clone()));
+        for ntb in ntbs {
+            node.attach(ntb)?;
+        }
+        Ok(node)
+    }
+
+    /// Starts a node with no link yet on the host's address space `asp`; links come with
+    /// [`Node::attach`].
+    pub fn start_on(cfg: NodeConfig, asp: Arc<AddressSpace>) -> Node {
+        Self::start_in(cfg, HostSpace::Own(asp))
+    }
+
+    fn start_in(cfg: NodeConfig, asp: HostSpace) -> Node {
+        let host = Arc::new(HostCore {
+            cfg,
+            lender: lender::Lender::new(),
+        });
+        Node {
+            host,
+            asp,
+            links: Mutex::new(Vec::new()),
+            next_slot: AtomicUsize::new(0),
+        }
+    }
+
+    fn links(&self) -> Vec<Arc<LinkRuntime>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn link(&self, id: LinkId) -> Option<Arc<LinkRuntime>> {
+        self.links().into_iter().find(|l| l.inner.id == id)
+    }
+
+    /// Attaches a link (which must be on this host's address space): sets up its mailbox and
+    /// management thread. Returns its id.
+    pub fn attach(&self, ntb: Arc<dyn Ntb>) -> Result<LinkId, LendingError> {
+        if !std::ptr::eq(ntb.address_space(), &*self.asp) {
             return Err(LendingError::Protocol(
                 "all links of a node must share its address space".into(),
             ));
         }
-        let host = Arc::new(HostCore {
-            cfg: cfg.clone(),
-            lender: lender::Lender::new(),
-        });
-        let mut links = Vec::new();
-        for (i, ntb) in ntbs.into_iter().enumerate() {
-            let base = BusAddr(MAILBOX_BASE.0 + i as u64 * MAILBOX_STRIDE);
+        let cfg = self.host.cfg.clone();
+        let host = self.host.clone();
+        let i = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let offset = u64::try_from(i)
+            .ok()
+            .and_then(|i| i.checked_mul(MAILBOX_STRIDE))
+            .and_then(|o| MAILBOX_BASE.0.checked_add(o))
+            .ok_or_else(|| LendingError::Protocol("no room for another link's mailbox".into()))?;
+        let base = BusAddr(offset);
+        {
             let channel = Channel::new(ntb.clone(), base)?;
             let inner = Arc::new(Inner {
+                id: LinkId(i),
                 host: host.clone(),
                 windows: WindowPool::new(ntb.mw_count()),
                 doorbells_used: Mutex::new(0),
@@ -211,16 +310,72 @@ impl Node {
             let thread = std::thread::Builder::new()
                 .name(format!("devlend-mgmt-{}-{i}", cfg.name))
                 .spawn(move || management_loop(weak, ntb))
-                .map_err(|e| LendingError::Io {
-                    op: "spawn management thread",
-                    source: e,
+                .map_err(|e| {
+                    self.asp.remove(base);
+                    LendingError::Io {
+                        op: "spawn management thread",
+                        source: e,
+                    }
                 })?;
-            links.push(LinkRuntime {
-                inner,
-                thread: Some(thread),
-            });
+            self.links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Arc::new(LinkRuntime {
+                    inner,
+                    mailbox: base,
+                    thread: Mutex::new(Some(thread)),
+                }));
         }
-        Ok(Node { host, links })
+        Ok(LinkId(i))
+    }
+
+    /// Detaches a link: what was borrowed over it is removed (surprise removal for its users),
+    /// its management thread stops and its mailbox goes. Devices lent over it are reclaimed
+    /// when their leases expire (no more heartbeats come).
+    pub fn detach(&self, id: LinkId) -> Result<(), LendingError> {
+        let link = {
+            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            let pos = links
+                .iter()
+                .position(|l| l.inner.id == id)
+                .ok_or_else(|| LendingError::Protocol(format!("no link {}", id.0)))?;
+            links.remove(pos)
+        };
+        link.inner
+            .borrower
+            .remove_all("the link to the lender was closed");
+        link.stop();
+        self.asp.remove(link.mailbox);
+        Ok(())
+    }
+
+    /// The ids of the attached links.
+    pub fn link_ids(&self) -> Vec<LinkId> {
+        self.links().iter().map(|l| l.inner.id).collect()
+    }
+
+    /// Devices borrowed over link `id`.
+    pub fn borrowed_on(&self, id: LinkId) -> Vec<DeviceDesc> {
+        self.link(id)
+            .map(|l| l.inner.borrower.list())
+            .unwrap_or_default()
+    }
+
+    /// Borrows device `name` over link `id` (no listing of other links first).
+    pub fn borrow_via(
+        &self,
+        id: LinkId,
+        name: &str,
+    ) -> Result<Arc<BorrowedFunction>, LendingError> {
+        let link = self
+            .link(id)
+            .ok_or_else(|| LendingError::Protocol(format!("no link {}", id.0)))?;
+        borrower::borrow(&link.inner, name)
+    }
+
+    /// The host's address space (every link's).
+    pub fn address_space(&self) -> &AddressSpace {
+        &self.asp
     }
 
     /// This host's name.
@@ -228,15 +383,15 @@ impl Node {
         &self.host.cfg.name
     }
 
-    /// The fabric endpoint of link `index`.
-    pub fn ntb(&self, index: usize) -> Option<&Arc<dyn Ntb>> {
-        self.links.get(index).map(|l| &l.inner.ntb)
+    /// The fabric endpoint of the `index`th attached link.
+    pub fn ntb(&self, index: usize) -> Option<Arc<dyn Ntb>> {
+        self.links().get(index).map(|l| l.inner.ntb.clone())
     }
 
     /// Waits until every link is up.
     pub fn wait_link_up(&self, timeout: Duration) -> Result<(), LendingError> {
         let deadline = Instant::now() + timeout;
-        for l in &self.links {
+        for l in &self.links() {
             let left = deadline.saturating_duration_since(Instant::now());
             l.inner
                 .ntb
@@ -254,20 +409,14 @@ impl Node {
         detail: &str,
         build: DeviceBuilder,
     ) -> Result<DeviceDesc, LendingError> {
-        let ntb = self.ntb(0).ok_or(LendingError::LinkDown)?;
-        self.host.lender.add(
-            ntb.address_space(),
-            &self.host.cfg.name,
-            name,
-            detail,
-            build,
-        )
+        self.host
+            .lender
+            .add(&self.asp, &self.host.cfg.name, name, detail, build)
     }
 
     /// Removes a device this host owns (it must not be lent).
     pub fn remove_device(&self, name: &str) -> Result<(), LendingError> {
-        let ntb = self.ntb(0).ok_or(LendingError::LinkDown)?;
-        self.host.lender.remove(ntb.address_space(), name)
+        self.host.lender.remove(&self.asp, name)
     }
 
     /// Devices this host owns.
@@ -292,7 +441,7 @@ impl Node {
     pub fn peer_devices(&self) -> Result<Vec<DeviceDesc>, LendingError> {
         let mut all = Vec::new();
         let mut last_err = None;
-        for l in &self.links {
+        for l in &self.links() {
             match Self::link_devices(&l.inner) {
                 Ok(d) => all.extend(d),
                 Err(e) => last_err = Some(e),
@@ -307,7 +456,7 @@ impl Node {
     /// Borrows device `name` from whichever peer offers it.
     pub fn borrow(&self, name: &str) -> Result<Arc<BorrowedFunction>, LendingError> {
         let mut last_err = None;
-        for l in &self.links {
+        for l in &self.links() {
             match Self::link_devices(&l.inner) {
                 Ok(devices) if devices.iter().any(|d| d.name == name) => {
                     return borrower::borrow(&l.inner, name);
@@ -321,14 +470,14 @@ impl Node {
 
     /// The borrowed function `name`, if this host holds it.
     pub fn borrowed(&self, name: &str) -> Option<Arc<BorrowedFunction>> {
-        self.links.iter().find_map(|l| l.inner.borrower.get(name))
+        self.links().iter().find_map(|l| l.inner.borrower.get(name))
     }
 
     /// Gives back the borrowed device `name`.
     pub fn give_back(&self, name: &str) -> Result<(), LendingError> {
         let link = self
-            .links
-            .iter()
+            .links()
+            .into_iter()
             .find(|l| l.inner.borrower.get(name).is_some())
             .ok_or_else(|| LendingError::NotBorrowed(name.to_string()))?;
         borrower::give_back(&link.inner, name)
@@ -338,7 +487,7 @@ impl Node {
     pub fn status(&self) -> NodeStatus {
         let mut links = Vec::new();
         let mut borrowed = Vec::new();
-        for l in &self.links {
+        for l in &self.links() {
             let inner = &l.inner;
             let up = inner.ntb.link_state() == LinkState::Up;
             if up && inner.peer_name().is_none() {
@@ -366,12 +515,9 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        for l in &mut self.links {
+        for l in self.links() {
             l.inner.borrower.remove_all("this host shut down");
-            l.inner.stop.store(true, Ordering::Release);
-            if let Some(t) = l.thread.take() {
-                let _ = t.join();
-            }
+            l.stop();
         }
     }
 }
@@ -389,6 +535,12 @@ impl Inner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The admission hook's refusal of a borrow request, if any.
+    fn refused(&self, device: &str, borrower: &str) -> Option<String> {
+        let admit = self.host.cfg.admit.as_ref()?;
+        admit(self.id, device, borrower).err()
     }
 
     /// Sends a request and waits for its response.
@@ -436,6 +588,18 @@ impl Inner {
                     Request::List => Response::Devices {
                         devices: self.host.lender.list(&self.cfg.name),
                     },
+                    borrow @ Request::Borrow { .. } => {
+                        let refusal = match &borrow {
+                            Request::Borrow {
+                                device, borrower, ..
+                            } => self.refused(device, borrower),
+                            _ => None,
+                        };
+                        match refusal {
+                            Some(message) => Response::Error { message },
+                            None => self.host.lender.handle(self, borrow),
+                        }
+                    }
                     other => self.host.lender.handle(self, other),
                 };
                 if let Err(e) = self.post(Envelope::Response { id, body: response }) {

@@ -249,7 +249,11 @@ fn a_hostile_borrower_gets_errors_and_the_honest_one_keeps_working() {
             let mut seq: u64 = 1;
             while !stop.load(Ordering::Relaxed) {
                 let slot = 0x1000 + ((seq - 1) % 63) * 0x1000;
-                let payload: &[u8] = if seq.is_multiple_of(3) { &[0xff; 64] } else { &hb };
+                let payload: &[u8] = if seq.is_multiple_of(3) {
+                    &[0xff; 64]
+                } else {
+                    &hb
+                };
                 let mut body = (payload.len() as u32).to_le_bytes().to_vec();
                 body.extend_from_slice(&[0; 4]);
                 body.extend_from_slice(payload);

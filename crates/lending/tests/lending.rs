@@ -181,7 +181,8 @@ fn device_dma_reaches_granted_memory_and_nothing_else() {
     // Borrower memory that was never granted: the device cannot reach it.
     let secret = Arc::new(SharedMemory::new("secret", 8192).unwrap());
     secret.fill(0, 8192, 0xAA).unwrap();
-    let asp = h.borrowers[0].ntb(0).unwrap().address_space();
+    let ntb = h.borrowers[0].ntb(0).unwrap();
+    let asp = ntb.address_space();
     asp.add_ram(BusAddr(0x9000_0000), secret.clone()).unwrap();
     assert_eq!(
         dma(src.bus_addr().0, 0x9000_0000, 4096),

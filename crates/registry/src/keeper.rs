@@ -18,6 +18,9 @@ pub type OnLease = Box<dyn FnMut(&Registry, LeaseId) -> Result<(), RegistryError
 #[derive(Default)]
 struct State {
     lease: Option<LeaseId>,
+    /// The lease given up as lost (revoked before registering again: etcd restores leases
+    /// with a fresh TTL when it restarts, and the old records would block the new ones).
+    lost: Option<LeaseId>,
     /// Counts new leases (1 after start).
     generation: u64,
     last_error: Option<String>,
@@ -27,6 +30,17 @@ struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     stop: AtomicBool,
+}
+
+/// Reads a [`LeaseKeeper`]'s lease from another thread.
+#[derive(Clone)]
+pub struct LeaseView(Arc<Shared>);
+
+impl LeaseView {
+    /// The lease in force, or `None` while the host is not registered.
+    pub fn lease(&self) -> Option<LeaseId> {
+        lock(&self.0.state).lease
+    }
 }
 
 /// A lease kept alive by a thread; see the [module documentation](self).
@@ -52,6 +66,7 @@ impl LeaseKeeper {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 lease: Some(lease),
+                lost: None,
                 generation: 1,
                 last_error: None,
             }),
@@ -78,6 +93,11 @@ impl LeaseKeeper {
     /// The lease in force, or `None` while the host is not registered (etcd unreachable).
     pub fn lease(&self) -> Option<LeaseId> {
         lock(&self.shared.state).lease
+    }
+
+    /// A handle that reads the lease in force from other threads.
+    pub fn view(&self) -> LeaseView {
+        LeaseView(self.shared.clone())
     }
 
     /// The lease's TTL.
@@ -193,7 +213,8 @@ fn keep(registry: &Registry, shared: &Shared, ttl: Duration, mut on_lease: OnLea
 
 fn lose(shared: &Shared, why: &str) {
     let mut st = lock(&shared.state);
-    if st.lease.take().is_some() {
+    if let Some(old) = st.lease.take() {
+        st.lost = Some(old);
         tracing::warn!("registry: lease lost: {why}; registering again when etcd answers");
         shared.changed.notify_all();
     }
@@ -207,6 +228,13 @@ fn renew(
     on_lease: &mut OnLease,
     last_ok: &mut Instant,
 ) -> Option<String> {
+    let lost = lock(&shared.state).lost;
+    if let Some(old) = lost {
+        if let Err(e) = registry.etcd().revoke(old) {
+            return Some(e.to_string());
+        }
+        lock(&shared.state).lost = None;
+    }
     let lease = match registry.grant(ttl) {
         Ok(l) => l,
         Err(e) => return Some(e.to_string()),

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 pub use addr::{AddrError, Endpoint, RegistryAddr};
 pub use etcd::{EtcdClient, EtcdError, LeaseId, Watch, WatchEvent};
-pub use keeper::{LeaseKeeper, OnLease};
+pub use keeper::{LeaseKeeper, LeaseView, OnLease};
 
 use etcd::{Compare, Op};
 use serde::{Deserialize, Serialize};

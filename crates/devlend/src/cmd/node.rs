@@ -54,7 +54,23 @@ pub struct Args {
     /// With --borrow: serve the borrowed device to a VMM on this vfio-user socket.
     #[arg(long, requires = "borrow")]
     vfio_user: Option<PathBuf>,
-    /// A TOML file with any of: name, fabric, state, keys, lease_ms, tcp_cpus.
+    /// Join a cluster: register this node and its devices on etcd
+    /// (`etcd://HOST:PORT[,HOST:PORT...]`), borrow any device of the cluster by name, links
+    /// made on demand. Needs --cluster-addr (or --cluster-shm) and --keys (or --insecure-tcp).
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
+    registry: Option<String>,
+    /// With --registry: the IP address other hosts reach this one at (links listen there).
+    #[arg(long, value_name = "IP")]
+    cluster_addr: Option<std::net::IpAddr>,
+    /// With --registry, hosts on one machine: make links through the shm fabric under DIR.
+    #[arg(long, value_name = "DIR", conflicts_with = "cluster_addr")]
+    cluster_shm: Option<PathBuf>,
+    /// With --registry: the etcd lease TTL in whole seconds; a dead node's records vanish
+    /// this long after it stopped (default 3).
+    #[arg(long, value_name = "SECONDS")]
+    registry_ttl: Option<u64>,
+    /// A TOML file with any of: name, fabric, state, keys, lease_ms, tcp_cpus, registry,
+    /// cluster_addr, cluster_shm, registry_ttl.
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -68,6 +84,10 @@ struct FileConfig {
     keys: Option<PathBuf>,
     lease_ms: Option<u64>,
     tcp_cpus: Option<String>,
+    registry: Option<String>,
+    cluster_addr: Option<std::net::IpAddr>,
+    cluster_shm: Option<PathBuf>,
+    registry_ttl: Option<u64>,
 }
 
 /// The resolved settings of a node.
@@ -84,6 +104,8 @@ pub struct Settings {
     pub lease: Duration,
     /// Start-up borrow: device and optional vfio-user socket.
     pub borrow: Option<(String, Option<PathBuf>)>,
+    /// Cluster membership (`--registry`).
+    pub cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 fn hostname() -> String {
@@ -107,7 +129,38 @@ impl Args {
         } else {
             self.fabric
         };
-        if fabrics.is_empty() {
+        let cluster = match self.registry.or(file.registry) {
+            None => None,
+            Some(r) => {
+                anyhow::ensure!(
+                    fabrics.is_empty(),
+                    "--registry makes links on demand: give no --fabric"
+                );
+                let registry = devlend_registry::RegistryAddr::parse(&r)?;
+                let reach = match (
+                    self.cluster_addr.or(file.cluster_addr),
+                    self.cluster_shm.or(file.cluster_shm),
+                ) {
+                    (Some(addr), None) => devlend_registry::Reach::Tcp { addr },
+                    (None, Some(dir)) => devlend_registry::Reach::Shm { dir },
+                    _ => anyhow::bail!(
+                        "--registry needs --cluster-addr IP (how other hosts reach this one) or --cluster-shm DIR (hosts on one machine)"
+                    ),
+                };
+                let ttl = self.registry_ttl.or(file.registry_ttl).unwrap_or(3);
+                anyhow::ensure!(
+                    (1..=3600).contains(&ttl),
+                    "--registry-ttl is whole seconds, 1 to 3600"
+                );
+                Some(crate::cluster::ClusterOptions {
+                    registry,
+                    reach,
+                    ttl: Duration::from_secs(ttl),
+                    root: devlend_registry::DEFAULT_ROOT.into(),
+                })
+            }
+        };
+        if fabrics.is_empty() && cluster.is_none() {
             fabrics.push("shm:/tmp/devlend-fabric".into());
         }
         let name = self.name.or(file.name).unwrap_or_else(hostname);
@@ -133,6 +186,7 @@ impl Args {
                 .unwrap_or_else(|| DEFAULT_STATE.into()),
             lease: Duration::from_millis(self.lease_ms.or(file.lease_ms).unwrap_or(3000)),
             borrow: self.borrow.map(|b| (b, self.vfio_user)),
+            cluster,
         })
     }
 }
@@ -145,7 +199,8 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// Per-daemon state shared by connection threads.
 struct Daemon {
-    node: Node,
+    node: Arc<Node>,
+    cluster: Option<crate::cluster::Cluster>,
     servers: Mutex<HashMap<String, host::VfioServer>>,
     /// Borrowed devices hot-added to running VMs, by device name.
     vms: Mutex<HashMap<String, vm::Attachment>>,
@@ -168,16 +223,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let listener = UnixListener::bind(&sock_path)
         .with_context(|| format!("binding {}", sock_path.display()))?;
     listener.set_nonblocking(true)?;
-    let ntbs = host::open_fabrics(&s.fabrics, &s.tcp)?;
     let mut cfg = NodeConfig::new(&s.name);
     cfg.lease = s.lease;
-    let node = Node::start(cfg, ntbs)?;
+    let (node, cluster) = match &s.cluster {
+        Some(c) => {
+            let (cluster, node) =
+                crate::cluster::Cluster::start(&s.name, c.clone(), s.tcp.clone(), cfg)?;
+            (node, Some(cluster))
+        }
+        None => {
+            let ntbs = host::open_fabrics(&s.fabrics, &s.tcp)?;
+            (Arc::new(Node::start(cfg, ntbs)?), None)
+        }
+    };
     // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let links: Vec<String> = s.fabrics.iter().map(|f| f.to_string()).collect();
+    let links: Vec<String> = match &s.cluster {
+        Some(c) => vec![format!("on demand through the registry {}", c.registry)],
+        None => s.fabrics.iter().map(|f| f.to_string()).collect(),
+    };
     eprintln!(
         "devlend node {}: links {}, management socket {}",
         s.name,
@@ -186,6 +253,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let daemon = Arc::new(Daemon {
         node,
+        cluster,
         servers: Mutex::new(HashMap::new()),
         vms: Mutex::new(HashMap::new()),
         state: s.state.clone(),
@@ -324,12 +392,27 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
                 model,
             };
             let detail = opts.detail()?;
+            if let Some(c) = &d.cluster {
+                c.check_device_name(&name)?;
+            }
             let desc = d
                 .node
                 .add_device(&name, &detail, host::nvme_builder(opts))?;
+            if let Some(c) = &d.cluster {
+                // A name that exists elsewhere in the cluster is refused; nothing stays.
+                if let Err(e) = c.register_device(&name, &detail) {
+                    let _ = d.node.remove_device(&name);
+                    return Err(e);
+                }
+            }
             serde_json::to_value(desc)?
         }
         CtlRequest::AddVfio { name, bdf, bind } => {
+            anyhow::ensure!(
+                d.cluster.is_none(),
+                "cannot lend {bdf} through the registry: cluster links are made on demand over tcp, and {}",
+                crate::vfio::TCP_REFUSAL
+            );
             let tcp = (0..)
                 .map_while(|i| d.node.ntb(i))
                 .any(|n| n.backend() == "tcp");
@@ -341,6 +424,10 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             let (detail, build) = crate::vfio::builder(&bdf, bind)?;
             serde_json::to_value(d.node.add_device(&name, &detail, build)?)?
         }
+        CtlRequest::List if d.cluster.is_some() => match &d.cluster {
+            Some(c) => c.list()?,
+            None => json!(null),
+        },
         CtlRequest::List => {
             let local = d.node.local_devices();
             match d.node.peer_devices() {
@@ -361,7 +448,7 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             vm: None,
             ..
         } => {
-            let f = d.node.borrow(&name)?;
+            let f = borrow_fn(d, &name)?;
             let mut out = json!({"name": name, "owner": f.device().owner, "lease": f.lease()});
             if let Some(sock) = vfio_user {
                 let server = host::VfioServer::start(f, &sock)?;
@@ -390,6 +477,9 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
         }
         CtlRequest::Status => {
             let mut v = serde_json::to_value(d.node.status())?;
+            if let Some(c) = &d.cluster {
+                v["cluster"] = c.status();
+            }
             let vms = d.vms.lock().unwrap_or_else(|e| e.into_inner());
             let servers = d.servers.lock().unwrap_or_else(|e| e.into_inner());
             for b in v["borrowed"].as_array_mut().into_iter().flatten() {
@@ -426,6 +516,23 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
 /// `borrow NAME --vm QMP`: checks the VM first (nothing is borrowed when it cannot take the
 /// device), then borrows, serves over vfio-user and hot-adds; any failure after the borrow
 /// stops serving and returns the lease.
+/// Borrows `name`: by name through the registry in a cluster, from a linked peer otherwise.
+fn borrow_fn(d: &Daemon, name: &str) -> anyhow::Result<Arc<devlend_lending::BorrowedFunction>> {
+    Ok(match &d.cluster {
+        Some(c) => c.borrow(name)?,
+        None => d.node.borrow(name)?,
+    })
+}
+
+/// Gives `name` back (and, in a cluster, releases the claim and closes an unneeded link).
+fn give_back_fn(d: &Daemon, name: &str) -> anyhow::Result<()> {
+    d.node.give_back(name)?;
+    if let Some(c) = &d.cluster {
+        c.returned(name)?;
+    }
+    Ok(())
+}
+
 fn borrow_into_vm(
     d: &Daemon,
     name: &str,
@@ -455,7 +562,7 @@ fn borrow_into_vm(
             dir.join(format!("{name}.sock"))
         }
     };
-    let f = d.node.borrow(name)?;
+    let f = borrow_fn(d, name)?;
     let owner = f.device().owner.clone();
     let lease = f.lease();
     let attached = host::VfioServer::start_hotpluggable(f, &socket).and_then(|server| {
@@ -466,7 +573,7 @@ fn borrow_into_vm(
     let (server, att) = match attached {
         Ok(x) => x,
         Err(e) => {
-            if let Err(back) = d.node.give_back(name) {
+            if let Err(back) = give_back_fn(d, name) {
                 eprintln!("devlend node: returning {name} after a failed hot-add: {back}");
             }
             return Err(e);
@@ -508,6 +615,6 @@ fn take_back(d: &Daemon, name: &str, grace: Duration) -> anyhow::Result<Option<v
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(name);
-    d.node.give_back(name)?;
+    give_back_fn(d, name)?;
     Ok(removal)
 }

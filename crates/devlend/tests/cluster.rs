@@ -1,0 +1,356 @@
+//! `devlend node --registry`: hosts on loopback joined through a real etcd started by the
+//! test; borrowing by name with links made on demand (TLS with `devlend keygen` keys), the
+//! refusals, and the failures (etcd away and back, a member of three killed, a lender killed,
+//! a borrower killed).
+
+mod common;
+#[path = "../../registry/tests/common/mod.rs"]
+mod etcd_rig;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{exe, scratch, NodeProcess};
+use etcd_rig::EtcdCluster;
+use serde_json::Value;
+
+/// Registry lease TTL of the nodes (seconds) and lending lease (ms).
+const TTL_S: u64 = 2;
+const LEASE_MS: u64 = 1000;
+
+fn keygen(dir: &Path, names: &[&str]) {
+    let out = Command::new(exe())
+        .args(["keygen", "--dir"])
+        .arg(dir.join("keys"))
+        .args(names)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn cluster_node(dir: &Path, name: &str, etcd: &EtcdCluster) -> NodeProcess {
+    let registry = etcd.addr().to_string();
+    let keys = dir.join("keys");
+    let ttl = TTL_S.to_string();
+    NodeProcess::start_with(
+        Command::new(exe()),
+        dir,
+        name,
+        &[],
+        LEASE_MS,
+        &[
+            "--registry",
+            &registry,
+            "--cluster-addr",
+            "127.0.0.1",
+            "--keys",
+            keys.to_str().unwrap(),
+            "--registry-ttl",
+            &ttl,
+        ],
+    )
+}
+
+fn list(node: &NodeProcess) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&node.ctl_ok(&["list", "--json"])).unwrap();
+    let mut all: Vec<Value> = v["local"].as_array().unwrap().clone();
+    all.extend(v["peer"].as_array().unwrap().iter().cloned());
+    all
+}
+
+fn find(node: &NodeProcess, device: &str) -> Option<Value> {
+    list(node).into_iter().find(|d| d["name"] == device)
+}
+
+fn err(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "expected a failure");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn add(node: &NodeProcess, dir: &Path, name: &str) -> std::process::Output {
+    let img = dir.join(format!(
+        "{name}-{}.img",
+        node.state.file_name().unwrap().to_string_lossy()
+    ));
+    node.ctl(&[
+        "add",
+        "nvme",
+        "--image",
+        img.to_str().unwrap(),
+        "--size",
+        "8M",
+        "--name",
+        name,
+    ])
+}
+
+fn status(node: &NodeProcess) -> Value {
+    serde_json::from_str(&node.ctl_ok(&["status", "--json"])).unwrap()
+}
+
+/// Waits for `cond` on this node's view, at most `secs`.
+fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what}: not within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+fn etcd_ready(test: &str) -> bool {
+    etcd_rig::etcd_or_skip(test)
+}
+
+#[test]
+fn borrow_by_name_across_hosts_with_links_made_on_demand() {
+    if !etcd_ready("cluster") {
+        return;
+    }
+    let etcd = EtcdCluster::start(1);
+    let dir = scratch("cluster-borrow");
+    keygen(&dir, &["alpha", "beta", "gamma"]);
+    let alpha = cluster_node(&dir, "alpha", &etcd);
+    let beta = cluster_node(&dir, "beta", &etcd);
+    let gamma = cluster_node(&dir, "gamma", &etcd);
+
+    let out = add(&alpha, &dir, "disk0");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same name elsewhere is refused at registration, and leaves nothing behind.
+    let e = err(&add(&beta, &dir, "disk0"));
+    assert!(
+        e.contains("device name \"disk0\" already exists in the cluster (lent by alpha)"),
+        "{e}"
+    );
+    let s = status(&beta);
+    assert!(s["lending"].as_array().unwrap().is_empty(), "{s}");
+    // A node name a live node holds is refused.
+    let out = Command::new(exe())
+        .args(["node", "--name", "alpha", "--state"])
+        .arg(dir.join("alpha2"))
+        .args([
+            "--registry",
+            &etcd.addr().to_string(),
+            "--cluster-addr",
+            "127.0.0.1",
+        ])
+        .arg("--keys")
+        .arg(dir.join("keys"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let e = err(&out);
+    assert!(
+        e.contains("node name \"alpha\" is already registered by a live node (tcp 127.0.0.1)"),
+        "{e}"
+    );
+    // Malformed and unreachable registries.
+    let out = Command::new(exe())
+        .args([
+            "node",
+            "--name",
+            "delta",
+            "--registry",
+            "http://127.0.0.1:1",
+            "--state",
+        ])
+        .arg(dir.join("delta"))
+        .output()
+        .unwrap();
+    assert!(err(&out).contains("must start with etcd://"));
+    let out = Command::new(exe())
+        .args([
+            "node",
+            "--name",
+            "delta",
+            "--registry",
+            "etcd://127.0.0.1:1",
+            "--cluster-addr",
+            "127.0.0.1",
+            "--state",
+        ])
+        .arg(dir.join("delta"))
+        .output()
+        .unwrap();
+    let e = err(&out);
+    assert!(e.contains("etcd unreachable at etcd://127.0.0.1:1"), "{e}");
+
+    // Every host sees the cluster's device, its lender, no borrower.
+    let d = find(&gamma, "disk0").expect("gamma lists disk0");
+    assert_eq!(
+        (d["owner"].as_str(), d["borrower"].as_str()),
+        (Some("alpha"), None),
+        "{d}"
+    );
+    assert_eq!(d["vendor"], devlend_nvme::PCI_VENDOR_ID, "{d}");
+    // No link exists before a borrow.
+    assert!(status(&beta)["links"].as_array().unwrap().is_empty());
+
+    // beta and gamma race for it: one wins, the other is told who.
+    let (rb, rg) = std::thread::scope(|s| {
+        let b = s.spawn(|| beta.ctl(&["borrow", "disk0"]));
+        let g = s.spawn(|| gamma.ctl(&["borrow", "disk0"]));
+        (b.join().unwrap(), g.join().unwrap())
+    });
+    let (winner, loser, lost) = match (rb.status.success(), rg.status.success()) {
+        (true, false) => (&beta, &gamma, rg),
+        (false, true) => (&gamma, &beta, rb),
+        other => panic!(
+            "exactly one borrow must win, got {other:?}: {} / {}",
+            String::from_utf8_lossy(&rb.stderr),
+            String::from_utf8_lossy(&rg.stderr)
+        ),
+    };
+    let winner_name = winner
+        .state
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let e = err(&lost);
+    assert!(
+        e.contains(&format!("device disk0 is already lent to {winner_name}")),
+        "{e}"
+    );
+    assert_eq!(
+        find(&alpha, "disk0").unwrap()["borrower"].as_str(),
+        Some(winner_name.as_str())
+    );
+    // The device works across the link made on demand.
+    let out = winner.ctl_ok(&["check", "disk0", "--bytes", "64K"]);
+    assert!(out.contains("verified"), "{out}");
+    let s = status(winner);
+    assert_eq!(
+        s["cluster"]["links_to_lenders"],
+        serde_json::json!(["alpha"]),
+        "{s}"
+    );
+    assert_eq!(
+        status(&alpha)["cluster"]["links_to_borrowers"],
+        serde_json::json!([winner_name])
+    );
+
+    // Returned: free again, and the link is closed on both sides.
+    winner.ctl_ok(&["return", "disk0"]);
+    assert!(find(loser, "disk0").unwrap()["borrower"].is_null());
+    assert!(status(winner)["links"].as_array().unwrap().is_empty());
+    wait_for("alpha closes the unneeded link", 10, || {
+        status(&alpha)["cluster"]["links_to_borrowers"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
+    // The lender reset it and offers it again: the loser gets it now.
+    wait_for("the loser borrows after the return", 15, || {
+        loser.ctl(&["borrow", "disk0"]).status.success()
+    });
+    let out = loser.ctl_ok(&["check", "disk0", "--bytes", "64K"]);
+    assert!(out.contains("verified"), "{out}");
+    drop((alpha, beta, gamma));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
+    if !etcd_ready("cluster") {
+        return;
+    }
+    let mut etcd = EtcdCluster::start(3);
+    let dir = scratch("cluster-failures");
+    keygen(&dir, &["lender", "user", "other"]);
+    let mut lender = cluster_node(&dir, "lender", &etcd);
+    let mut user = cluster_node(&dir, "user", &etcd);
+    let other = cluster_node(&dir, "other", &etcd);
+    for n in ["d1", "d2"] {
+        let out = add(&lender, &dir, n);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    user.ctl_ok(&["borrow", "d1"]);
+
+    // One etcd member of three killed: borrowing and listing go on.
+    etcd.kill(0);
+    other.ctl_ok(&["borrow", "d2"]);
+    other.ctl_ok(&["return", "d2"]);
+    assert_eq!(
+        find(&other, "d1").unwrap()["borrower"].as_str(),
+        Some("user")
+    );
+
+    // etcd unreachable: lending in place goes on, new borrows fail clearly.
+    etcd.kill_all();
+    user.ctl_ok(&["check", "d1", "--bytes", "64K"]);
+    let e = err(&other.ctl(&["borrow", "d2"]));
+    assert!(e.contains("etcd unreachable"), "{e}");
+    wait_for("the nodes notice they lost their registration", 15, || {
+        status(&user)["cluster"]["registered"] == Value::Bool(false)
+    });
+    let e = err(&other.ctl(&["borrow", "d2"]));
+    assert!(
+        e.contains("not registered: etcd at etcd://") || e.contains("etcd unreachable"),
+        "{e}"
+    );
+    user.ctl_ok(&["check", "d1", "--bytes", "64K"]);
+    // etcd back: every node registers again, devices and claims included.
+    etcd.restart(&[0, 1, 2]);
+    wait_for("re-registration", 30, || {
+        [&lender, &user, &other]
+            .iter()
+            .all(|n| status(n)["cluster"]["registrations"].as_u64() >= Some(2))
+    });
+    wait_for("the inventory is back", 10, || {
+        find(&other, "d1").is_some_and(|d| d["borrower"].as_str() == Some("user"))
+            && find(&other, "d2").is_some()
+    });
+    other.ctl_ok(&["borrow", "d2"]);
+    user.ctl_ok(&["check", "d1", "--bytes", "64K"]);
+
+    // The borrower of d1 killed: its claim goes with its lease, the lender reclaims d1 when
+    // the heartbeats stop, and another host gets it.
+    user.kill9();
+    let t = wait_for("d1 freed in the registry", 15, || {
+        find(&other, "d1").is_some_and(|d| d["borrower"].is_null())
+    });
+    eprintln!("borrower killed: d1 free in the registry after {t:?}");
+    wait_for("d1 borrowed by another host", 15, || {
+        other.ctl(&["borrow", "d1"]).status.success()
+    });
+    other.ctl_ok(&["check", "d1", "--bytes", "64K"]);
+
+    // The lender killed: its devices leave the inventory within the TTL, the borrower sees a
+    // surprise removal (I/O fails, nothing hangs) and drops its claims and link.
+    assert!(find(&other, "d1").is_some());
+    lender.kill9();
+    let t = wait_for("the dead lender's devices leave the inventory", 15, || {
+        list(&other).is_empty()
+    });
+    eprintln!("lender killed: devices gone from the inventory after {t:?} (TTL {TTL_S} s)");
+    assert!(t < Duration::from_secs(TTL_S + 3), "{t:?}");
+    let e = err(&other.ctl(&["check", "d1", "--bytes", "4K"]));
+    assert!(!e.is_empty());
+    wait_for("the borrower drops what the dead lender lent", 15, || {
+        let s = status(&other);
+        s["borrowed"].as_array().unwrap().is_empty()
+            && s["cluster"]["links_to_lenders"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+    });
+    drop(other);
+    let _ = std::fs::remove_dir_all(&dir);
+}
