@@ -122,6 +122,8 @@ struct State {
     held: BTreeMap<String, (String, Hold)>,
     /// Links served to borrowers.
     inbound: BTreeMap<String, InLink>,
+    /// Devices given back whose claim could not be released yet (etcd away).
+    unreleased: std::collections::BTreeSet<String>,
 }
 
 struct Shared {
@@ -307,9 +309,12 @@ impl Cluster {
             }
             Claim::Held { by } => anyhow::bail!("device {device} is already lent to {by}"),
         }
-        lock(&s.state)
-            .held
-            .insert(device.to_string(), (lender.clone(), Hold::Pending));
+        {
+            let mut st = lock(&s.state);
+            st.unreleased.remove(device);
+            st.held
+                .insert(device.to_string(), (lender.clone(), Hold::Pending));
+        }
         let result = s
             .link_to(&lender, lease)
             .and_then(|link| Ok(s.node.borrow_via(link, device)?));
@@ -331,13 +336,17 @@ impl Cluster {
         }
     }
 
-    /// After `give_back`: releases the claim and closes the link if nothing else uses it.
+    /// After `give_back`: releases the claim (later, if etcd is away: the device is given
+    /// back either way) and closes the link if nothing else uses it.
     pub fn returned(&self, device: &str) -> anyhow::Result<()> {
         let s = &self.shared;
         lock(&s.state).held.remove(device);
-        let released = s.registry.release(device, &s.name);
+        if let Err(e) = s.registry.release(device, &s.name) {
+            tracing::warn!("{device} given back; its claim is released when etcd answers: {e}");
+            lock(&s.state).unreleased.insert(device.to_string());
+        }
         s.close_unneeded();
-        Ok(released?)
+        Ok(())
     }
 
     /// Cluster facts for `status`.
@@ -525,6 +534,23 @@ impl Shared {
         }
     }
 
+    /// Borrower side: releases the claims that could not be released at return.
+    fn release_backlog(&self) {
+        let backlog: Vec<String> = {
+            let st = lock(&self.state);
+            st.unreleased
+                .iter()
+                .filter(|d| !st.held.contains_key(*d))
+                .cloned()
+                .collect()
+        };
+        for device in backlog {
+            if self.registry.release(&device, &self.name).is_ok() {
+                lock(&self.state).unreleased.remove(&device);
+            }
+        }
+    }
+
     /// Borrower side: claims that vanished (after an etcd outage, registered again before the
     /// lender registered its devices) are made again.
     fn renew_claims(&self, lease: devlend_registry::LeaseId) {
@@ -662,6 +688,7 @@ impl Shared {
                 }
             }
             self.release_removed();
+            self.release_backlog();
             if let Some(lease) = lease {
                 self.renew_claims(lease);
             }

@@ -106,6 +106,15 @@ fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> Duration {
     start.elapsed()
 }
 
+/// Removes a scratch directory even when the test fails.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn etcd_ready(test: &str) -> bool {
     etcd_rig::etcd_or_skip(test)
 }
@@ -117,6 +126,7 @@ fn borrow_by_name_across_hosts_with_links_made_on_demand() {
     }
     let etcd = EtcdCluster::start(1);
     let dir = scratch("cluster-borrow");
+    let _cleanup = Scratch(dir.clone());
     keygen(&dir, &["alpha", "beta", "gamma"]);
     let alpha = cluster_node(&dir, "alpha", &etcd);
     let beta = cluster_node(&dir, "beta", &etcd);
@@ -259,7 +269,6 @@ fn borrow_by_name_across_hosts_with_links_made_on_demand() {
     let out = loser.ctl_ok(&["check", "disk0", "--bytes", "64K"]);
     assert!(out.contains("verified"), "{out}");
     drop((alpha, beta, gamma));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -269,6 +278,7 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
     }
     let mut etcd = EtcdCluster::start(3);
     let dir = scratch("cluster-failures");
+    let _cleanup = Scratch(dir.clone());
     keygen(&dir, &["lender", "user", "other"]);
     let mut lender = cluster_node(&dir, "lender", &etcd);
     let mut user = cluster_node(&dir, "user", &etcd);
@@ -352,5 +362,4 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
                 .is_empty()
     });
     drop(other);
-    let _ = std::fs::remove_dir_all(&dir);
 }
