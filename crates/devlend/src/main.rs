@@ -63,6 +63,8 @@ enum BenchCmd {
     Lending(cmd::bench_lending::Args),
     /// A QEMU guest's nvme driver: QEMU's own NVMe vs ours local vs ours borrowed.
     Vm(cmd::bench_vm::Args),
+    /// A cluster on etcd: borrow-by-name time at 2, 8, 16 hosts; a dead lender's exit time.
+    Cluster(cmd::bench_cluster::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -89,6 +91,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench(BenchCmd::Nvme(a)) => cmd::bench_nvme::run(a),
         Cmd::Bench(BenchCmd::Lending(a)) => cmd::bench_lending::run(a),
         Cmd::Bench(BenchCmd::Vm(a)) => cmd::bench_vm::run(a),
+        Cmd::Bench(BenchCmd::Cluster(a)) => cmd::bench_cluster::run(a),
         Cmd::FabricBenchPeer(a) => cmd::bench_fabric::run_peer(a),
     };
     match result {

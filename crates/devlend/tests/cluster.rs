@@ -363,3 +363,45 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
     });
     drop(other);
 }
+
+#[test]
+fn bench_cluster_quick_reports_every_figure_beside_its_baseline() {
+    if !etcd_ready("bench cluster") {
+        return;
+    }
+    let dir = scratch("cluster-bench");
+    let _cleanup = Scratch(dir.clone());
+    let out = Command::new(exe())
+        .args(["bench", "cluster", "--quick", "--json", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let figures = v["figures"].as_array().unwrap();
+    let names: Vec<&str> = figures
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "borrow-by-name-p50-2-hosts",
+            "borrow-by-name-p99-2-hosts",
+            "borrow-by-name-p50-4-hosts",
+            "borrow-by-name-p99-4-hosts",
+            "lender-death-to-inventory-exit"
+        ]
+    );
+    for f in figures {
+        assert!(f["value"].as_f64().unwrap() > 0.0, "{f}");
+        assert!(f["baseline"].as_f64().unwrap() > 0.0, "{f}");
+    }
+    // The bench removes what it started: its scratch directory is gone.
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}

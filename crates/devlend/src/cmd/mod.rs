@@ -1,6 +1,7 @@
 //! One module per subcommand; each owns its `Args` and `run`.
 
 pub mod baseline;
+pub mod bench_cluster;
 pub mod bench_fabric;
 pub mod bench_fabric_tcp;
 pub mod bench_lending;
