@@ -405,3 +405,47 @@ fn bench_cluster_quick_reports_every_figure_beside_its_baseline() {
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn hosts_on_one_machine_link_through_shm_on_demand() {
+    if !etcd_ready("cluster shm") {
+        return;
+    }
+    let etcd = EtcdCluster::start(1);
+    let dir = scratch("cluster-shm");
+    let _cleanup = Scratch(dir.clone());
+    let registry = etcd.addr().to_string();
+    let shm = dir.join("fabric");
+    let start = |name: &str| {
+        NodeProcess::start_with(
+            Command::new(exe()),
+            &dir,
+            name,
+            &[],
+            LEASE_MS,
+            &[
+                "--registry",
+                &registry,
+                "--cluster-shm",
+                shm.to_str().unwrap(),
+                "--registry-ttl",
+                "2",
+            ],
+        )
+    };
+    let lender = start("left");
+    let borrower = start("right");
+    let out = add(&lender, &dir, "shm0");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    borrower.ctl_ok(&["borrow", "shm0"]);
+    let s = status(&borrower);
+    assert_eq!(s["links"][0]["fabric"], "shm", "{s}");
+    let out = borrower.ctl_ok(&["check", "shm0", "--bytes", "256K"]);
+    assert!(out.contains("verified"), "{out}");
+    borrower.ctl_ok(&["return", "shm0"]);
+    assert!(status(&borrower)["links"].as_array().unwrap().is_empty());
+}
