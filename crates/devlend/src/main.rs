@@ -35,6 +35,8 @@ enum Cmd {
     Borrow(cmd::verbs::NameArgs),
     /// Give a borrowed device back.
     Return(cmd::verbs::NameArgs),
+    /// Take a lent device back (on the lender): the borrower gets a grace period, then loses it.
+    Reclaim(cmd::verbs::ReclaimArgs),
     /// Show this node's link, peer, lent and borrowed devices.
     Status(cmd::verbs::PlainArgs),
     /// Run the user-space NVMe driver on a borrowed device: write, flush, read back, verify.
@@ -82,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Cmd::List(a) => cmd::verbs::list(a),
         Cmd::Borrow(a) => cmd::verbs::borrow(a),
         Cmd::Return(a) => cmd::verbs::give_back(a),
+        Cmd::Reclaim(a) => cmd::verbs::reclaim(a),
         Cmd::Status(a) => cmd::verbs::status(a),
         Cmd::Check(a) => cmd::verbs::check(a),
         Cmd::Keygen(a) => cmd::verbs::keygen(a),

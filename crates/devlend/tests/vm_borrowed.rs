@@ -137,3 +137,57 @@ fn guest_survives_a_lender_that_dies() {
     guest::vanish::check(&out);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn guest_sees_a_reclaimed_device_fail_and_qemu_survives() {
+    let Some(assets) = guest::provision_for_tests(&repo_root()).expect("provisioning VM assets")
+    else {
+        return;
+    };
+    let Lent {
+        dir,
+        fabric,
+        socket,
+        lender,
+        ..
+    } = lend_nvme("vm-reclaim", 64 << 20);
+    let _server = guest::ServerProcess::spawn(
+        borrower_server(&dir, &fabric, &socket),
+        Duration::from_secs(60),
+    )
+    .expect("the borrower serves the borrowed device");
+    let spec = guest::vanish::spec(assets, &socket, &dir);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let state = lender.state.clone();
+    // `devlend reclaim` on the lender while the guest reads: after the grace the guest's
+    // device fails (I/O errors, the controller looks dead), and QEMU keeps running.
+    let out = guest::boot_with(&spec, |line| {
+        if line.contains(guest::vanish::MARKER) {
+            let (state, tx) = (state.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let out = Command::new(exe())
+                    .args(["reclaim", "nvme0", "--grace", "1s", "--json", "--state"])
+                    .arg(&state)
+                    .output();
+                let _ = tx.send(out);
+            });
+        }
+    })
+    .expect("boot");
+    guest::vanish::check(&out);
+    let reclaimed = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("reclaim never finished")
+        .expect("devlend reclaim ran");
+    assert!(
+        reclaimed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reclaimed.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&reclaimed.stdout).unwrap();
+    assert_eq!(v["returned"], false, "{v}");
+    // Reset and offered again.
+    assert_eq!(lender.borrower_of("nvme0"), None);
+    drop(lender);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -613,6 +613,16 @@ impl Borrower {
         }
     }
 
+    /// The device held under `lease`.
+    pub(crate) fn name_of(&self, lease: u64) -> Option<String> {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(_, f)| f.grant.lease == lease)
+            .map(|(n, _)| n.clone())
+    }
+
     pub(crate) fn revoked(&self, lease: u64, why: &str) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let name = held

@@ -23,6 +23,9 @@ pub enum LendingError {
     /// This host holds no lease on that device.
     #[error("this host has not borrowed {0}")]
     NotBorrowed(String),
+    /// This host lends no such device to anyone right now.
+    #[error("{0} is not lent to anyone")]
+    NotLent(String),
     /// All inbound windows are in use.
     #[error("no free NTB memory window on this host")]
     NoFreeWindow,

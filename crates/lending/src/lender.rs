@@ -648,7 +648,24 @@ impl Lender {
         .map(|_| ())
     }
 
-    fn end_lease(&self, lease: u64, why: &str) -> Result<(), LendingError> {
+    /// The lease on device `name`: (lease, its link, the borrower's name).
+    pub(crate) fn lease_of(&self, name: &str) -> Option<(u64, Weak<Inner>, String)> {
+        let st = self.state();
+        let l = st.devices.get(name)?.lease.as_ref()?;
+        Some((l.id, l.link.clone(), l.borrower.clone()))
+    }
+
+    /// Whether `lease` is still held.
+    pub(crate) fn is_held(&self, lease: u64) -> bool {
+        self.state()
+            .devices
+            .values()
+            .any(|d| d.lease.as_ref().is_some_and(|l| l.id == lease))
+    }
+
+    /// Ends a lease: windows cleared (the borrower's accesses fail), IOMMU emptied (the
+    /// device's DMA fails), interrupts cut, device reset, offered again.
+    pub(crate) fn end_lease(&self, lease: u64, why: &str) -> Result<(), LendingError> {
         let mut guard = self.state();
         let st = &mut *guard;
         let dev = st

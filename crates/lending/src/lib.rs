@@ -137,10 +137,27 @@ impl WindowPool {
     }
 }
 
+/// Called on a borrower when a lender announces a forced take-back: (device, grace).
+pub type ReclaimHook = Arc<dyn Fn(&str, Duration) + Send + Sync>;
+
 /// What all of a host's links share: its name, address space and the devices it lends.
 pub(crate) struct HostCore {
     pub(crate) cfg: NodeConfig,
     pub(crate) lender: lender::Lender,
+    reclaim_hook: Mutex<Option<ReclaimHook>>,
+}
+
+/// How a forced take-back ([`Node::reclaim`]) ended.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Reclaimed {
+    /// The device.
+    pub device: String,
+    /// Who held it.
+    pub borrower: String,
+    /// Whether the borrower gave it back within the grace period (else: revoked).
+    pub returned: bool,
+    /// From the announcement to the device being free again, in milliseconds.
+    pub elapsed_ms: u64,
 }
 
 /// One NTB link of a host (one peer): its channel, windows, doorbells and borrowed devices.
@@ -254,6 +271,7 @@ impl Node {
         let host = Arc::new(HostCore {
             cfg,
             lender: lender::Lender::new(),
+            reclaim_hook: Mutex::new(None),
         });
         Node {
             host,
@@ -483,6 +501,66 @@ impl Node {
         borrower::give_back(&link.inner, name)
     }
 
+    /// Forced take-back of a device this host lends: the borrower is told and has `grace`
+    /// to finish outstanding I/O and give it back; if it has not, the lease is revoked (its
+    /// windows cleared and DMA unmapped, so it sees a surprise removal), the device is reset
+    /// and offered again. Blocks for at most `grace` (plus the reset).
+    pub fn reclaim(&self, name: &str, grace: Duration) -> Result<Reclaimed, LendingError> {
+        let lender = &self.host.lender;
+        let (lease, link, borrower) = lender
+            .lease_of(name)
+            .ok_or_else(|| LendingError::NotLent(name.to_string()))?;
+        let start = Instant::now();
+        let reason = format!("{} reclaims {name}", self.host.cfg.name);
+        tracing::warn!("reclaiming {name} from {borrower} (grace {grace:?})");
+        if let Some(link) = link.upgrade() {
+            let notice = Envelope::Event {
+                body: Event::Reclaiming {
+                    lease,
+                    grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+                    reason: reason.clone(),
+                },
+            };
+            if let Err(e) = link.post(notice) {
+                tracing::warn!("could not tell {borrower} of the take-back: {e}");
+            }
+        }
+        let deadline = start.checked_add(grace).unwrap_or(start);
+        while lender.is_held(lease) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let returned = match lender.end_lease(lease, &reason) {
+            Ok(()) => {
+                if let Some(link) = link.upgrade() {
+                    link.events
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Event::Revoked { lease, reason });
+                }
+                false
+            }
+            // Given back meanwhile (or it expired): nothing left to revoke.
+            Err(_) => true,
+        };
+        Ok(Reclaimed {
+            device: name.to_string(),
+            borrower,
+            returned,
+            elapsed_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// Sets what a borrower does when a lender announces a forced take-back of a device it
+    /// holds (e.g. ask a VM to release it); called on its own thread. Without one, the
+    /// borrower's driver keeps the device for the grace period and then sees it removed.
+    pub fn set_reclaim_hook(&self, hook: Option<ReclaimHook>) {
+        *self
+            .host
+            .reclaim_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
     /// A status snapshot.
     pub fn status(&self) -> NodeStatus {
         let mut links = Vec::new();
@@ -620,6 +698,34 @@ impl Inner {
                 body: Event::Revoked { lease, reason },
             } => {
                 self.borrower.revoked(lease, &reason);
+            }
+            Envelope::Event {
+                body:
+                    Event::Reclaiming {
+                        lease,
+                        grace_ms,
+                        reason,
+                    },
+            } => {
+                let Some(name) = self.borrower.name_of(lease) else {
+                    return;
+                };
+                let grace = Duration::from_millis(grace_ms);
+                tracing::warn!("{reason}: {name} goes in {grace:?}");
+                let hook = self
+                    .host
+                    .reclaim_hook
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(hook) = hook {
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("devlend-reclaim-{name}"))
+                        .spawn(move || hook(&name, grace));
+                    if let Err(e) = spawned {
+                        tracing::warn!("reclaim hook not run: {e}");
+                    }
+                }
             }
         }
     }

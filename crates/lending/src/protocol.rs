@@ -253,7 +253,17 @@ pub enum Response {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    /// The lender took a device back (lease expiry, shutdown).
+    /// The lender is taking the device back (`devlend reclaim`): the borrower has `grace_ms`
+    /// to finish outstanding I/O and give it back; then the lease is revoked.
+    Reclaiming {
+        /// Lease.
+        lease: u64,
+        /// Milliseconds until the lease is revoked.
+        grace_ms: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The lender took a device back (lease expiry, forced take-back, shutdown).
     Revoked {
         /// Lease.
         lease: u64,

@@ -81,6 +81,13 @@ pub enum CtlRequest {
         #[serde(default)]
         grace_ms: Option<u64>,
     },
+    /// Forced take-back of a device this host lends.
+    Reclaim {
+        /// Device name.
+        name: String,
+        /// Grace for the borrower, milliseconds.
+        grace_ms: u64,
+    },
     /// Node status.
     Status,
     /// Run the user-space NVMe driver on a borrowed device: write, read back, flush.

@@ -475,6 +475,9 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
                 None => json!({"name": name}),
             }
         }
+        CtlRequest::Reclaim { name, grace_ms } => {
+            serde_json::to_value(d.node.reclaim(&name, Duration::from_millis(grace_ms))?)?
+        }
         CtlRequest::Status => {
             let mut v = serde_json::to_value(d.node.status())?;
             if let Some(c) = &d.cluster {

@@ -313,6 +313,43 @@ pub fn give_back(a: NameArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `devlend reclaim NAME [--grace DURATION]`
+#[derive(clap::Args)]
+pub struct ReclaimArgs {
+    #[command(flatten)]
+    target: Target,
+    /// A device this host lends (see `devlend list`).
+    name: String,
+    /// How long the borrower has to finish outstanding I/O and give it back before it is
+    /// revoked (e.g. 5s, 500ms; default 5s).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    grace: Duration,
+}
+
+/// Runs `reclaim` (on the lender).
+pub fn reclaim(a: ReclaimArgs) -> anyhow::Result<()> {
+    let grace_ms = u64::try_from(a.grace.as_millis()).unwrap_or(u64::MAX);
+    let req = CtlRequest::Reclaim {
+        name: a.name.clone(),
+        grace_ms,
+    };
+    let v = call(&a.target.state, &req, TIMEOUT + a.grace)?;
+    emit(&a.target, &v, |v| {
+        let how = if v["returned"].as_bool() == Some(true) {
+            "given back"
+        } else {
+            "revoked"
+        };
+        format!(
+            "reclaimed {} from {} ({how} after {} ms); reset and available\n",
+            a.name,
+            v["borrower"].as_str().unwrap_or("?"),
+            v["elapsed_ms"]
+        )
+    });
+    Ok(())
+}
+
 /// Runs `status`.
 pub fn status(a: PlainArgs) -> anyhow::Result<()> {
     let v = call(&a.target.state, &CtlRequest::Status, TIMEOUT)?;
