@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 mod addr;
+mod copy;
 mod shared;
 
 pub use addr::{BusAddr, ByteRange, RangeError};

@@ -122,7 +122,8 @@ pub fn check_mappable(fd: BorrowedFd<'_>, fd_offset: u64, len: u64) -> Result<()
 /// A region of memory backed by a file descriptor (normally a memfd) and mapped `MAP_SHARED`,
 /// so that another process mapping the same descriptor sees the same bytes.
 ///
-/// Access is by offset, bounds-checked, and never hands out references into the mapping.
+/// Access is by offset, bounds-checked, atomic or volatile (other processes write the same
+/// bytes at any time), and never hands out references to plain bytes of the mapping.
 #[derive(Debug)]
 pub struct SharedMemory {
     fd: OwnedFd,
@@ -131,10 +132,15 @@ pub struct SharedMemory {
     len: usize,
 }
 
-// SAFETY: the mapping is plain shared memory; all access goes through raw-pointer copies or
-// atomics, never through references, so concurrent use from several threads is sound.
+// SAFETY: `SharedMemory` owns its mapping (unmapped only in `Drop`) and its fd; nothing in it
+// is tied to the creating thread, so it may move to another thread.
 unsafe impl Send for SharedMemory {}
-// SAFETY: see `Send`: no method hands out a reference into the mapping.
+// SAFETY: no access this process makes to the mapped bytes through `&SharedMemory` is a plain
+// one, and none creates a Rust reference to plain bytes: copies and fills are atomic loads and
+// stores at their ends and volatile aligned accesses in their middle (`crate::copy`), register
+// accesses hand out `&AtomicU32`/`&AtomicU64`, and `ptr_at` is for the kernel (pread, pwrite,
+// futex) only. Memory that other threads and processes write at any time is treated as such,
+// as vm-memory treats guest memory, so sharing it between threads is sound.
 unsafe impl Sync for SharedMemory {}
 
 impl SharedMemory {
@@ -245,25 +251,25 @@ impl SharedMemory {
     /// Copies `buf.len()` bytes from the mapping at `offset` into `buf`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemError> {
         let src = self.ptr_at(offset, buf.len())?;
-        // SAFETY: `src..src+len` is inside the mapping (checked); `buf` is a distinct local
-        // buffer, so the ranges cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: `src..src+len` is inside the mapping (checked), which lives as long as
+        // `self`; this process touches mapped bytes only atomically (module docs of `copy`).
+        unsafe { crate::copy::copy_from_shared(buf, src) };
         Ok(())
     }
 
     /// Copies `data` into the mapping at `offset`.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), MemError> {
         let dst = self.ptr_at(offset, data.len())?;
-        // SAFETY: `dst..dst+len` is inside the mapping (checked); `data` is a distinct buffer.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        // SAFETY: `dst..dst+len` is inside the mapping (checked); see `read_at`.
+        unsafe { crate::copy::copy_to_shared(dst, data) };
         Ok(())
     }
 
     /// Fills `len` bytes at `offset` with `byte`.
     pub fn fill(&self, offset: u64, len: usize, byte: u8) -> Result<(), MemError> {
         let dst = self.ptr_at(offset, len)?;
-        // SAFETY: `dst..dst+len` is inside the mapping (checked).
-        unsafe { std::ptr::write_bytes(dst, byte, len) };
+        // SAFETY: `dst..dst+len` is inside the mapping (checked); see `read_at`.
+        unsafe { crate::copy::fill_shared(dst, len, byte) };
         Ok(())
     }
 

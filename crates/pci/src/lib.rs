@@ -293,15 +293,12 @@ pub struct MemoryArea {
 impl MemoryArea {
     /// Stores `data` at `offset` inside the area and wakes the device if it sleeps.
     pub fn write_and_wake(&self, offset: u64, data: &[u8]) -> Result<(), devlend_memory::MemError> {
-        if let (4, Some(v)) = (data.len(), data.try_into().ok().map(u32::from_le_bytes)) {
-            // An aligned 32-bit register store must land whole: use an atomic store.
-            self.mem
-                .atomic_u32_at(offset)?
-                .store(v, std::sync::atomic::Ordering::SeqCst);
-        } else {
-            self.mem.write_at(offset, data)?;
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        }
+        // Every store into shared memory is atomic, and an aligned register-sized store is a
+        // single one, so a 32-bit doorbell lands whole (devlend_memory's copies).
+        self.mem.write_at(offset, data)?;
+        // Store the doorbell, then look at the sleep word; the device stores its sleep word,
+        // then looks at the doorbells. The fences make at least one side see the other.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         if self
             .mem
             .atomic_u32_at(self.wake_word)?

@@ -240,3 +240,24 @@ fn local_function_survives_random_driver_accesses() {
         }
     }
 }
+
+/// A doorbell-style store into a memory area lands whole at any alignment (it used to be an
+/// atomic store only when 4-byte aligned, and an error otherwise).
+#[test]
+fn memory_area_stores_land_at_any_alignment() {
+    use std::sync::Arc;
+    let mem = Arc::new(devlend_memory::SharedMemory::new("area", 4096).unwrap());
+    let area = crate::MemoryArea {
+        offset: 0x1000,
+        mem: devlend_memory::MemSpan::whole(mem.clone()),
+        wake_word: 0xffc,
+    };
+    area.write_and_wake(0x8, &0x1234_5678u32.to_le_bytes())
+        .unwrap();
+    assert_eq!(mem.load_u32(0x8).unwrap(), 0x1234_5678);
+    area.write_and_wake(0x12, &[1, 2, 3, 4]).unwrap();
+    let mut back = [0u8; 4];
+    mem.read_at(0x12, &mut back).unwrap();
+    assert_eq!(back, [1, 2, 3, 4]);
+    assert!(area.write_and_wake(4093, &[0; 4]).is_err());
+}
