@@ -49,6 +49,8 @@ use protocol::{DeviceDesc, Envelope, Event, Request, Response};
 /// Where link *i*'s management mailbox sits in the host's bus address space.
 pub const MAILBOX_BASE: BusAddr = BusAddr(0x7f00_0000_0000);
 const MAILBOX_STRIDE: u64 = 1 << 24;
+/// How long a status report waits for a peer's name.
+const STATUS_HELLO_WAIT: Duration = Duration::from_millis(200);
 
 /// Decides whether a borrow request arriving on a link may be granted, beyond the lender's own
 /// one-borrower rule: called with the link's id, the device and the borrower's name; an `Err`
@@ -569,9 +571,13 @@ impl Node {
             let inner = &l.inner;
             let up = inner.ntb.link_state() == LinkState::Up;
             if up && inner.peer_name().is_none() {
-                if let Ok(Response::Hello { host }) = inner.call(Request::Hello {
+                // Briefly: a frozen peer must not make a status report wait out the request
+                // timeout.
+                let hello = Request::Hello {
                     host: self.host.cfg.name.clone(),
-                }) {
+                };
+                if let Ok(Response::Hello { host }) = inner.call_within(hello, STATUS_HELLO_WAIT)
+                {
                     *inner.peer_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(host);
                 }
             }
@@ -623,18 +629,26 @@ impl Inner {
 
     /// Sends a request and waits for its response.
     pub(crate) fn call(&self, body: Request) -> Result<Response, LendingError> {
+        self.call_within(body, self.cfg.request_timeout)
+    }
+
+    /// [`Inner::call`] with its own time limit for sending and for the answer.
+    pub(crate) fn call_within(
+        &self,
+        body: Request,
+        timeout: Duration,
+    ) -> Result<Response, LendingError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
-        let sent = self.channel.send(
-            &Envelope::Request { id, body }.encode(),
-            self.cfg.request_timeout,
-        );
+        let sent = self
+            .channel
+            .send(&Envelope::Request { id, body }.encode(), timeout);
         let result = match sent {
-            Ok(()) => match rx.recv_timeout(self.cfg.request_timeout) {
+            Ok(()) => match rx.recv_timeout(timeout) {
                 Ok(r) => Ok(r),
                 Err(_) if self.ntb.link_state() == LinkState::Down => Err(LendingError::LinkDown),
                 Err(_) => Err(LendingError::Timeout),

@@ -1,0 +1,305 @@
+//! The fault matrix: faults during sustained verified writes, each repeated, with counts.
+//!
+//! - `kill -9` of the lender while this process writes through a borrowed device;
+//! - `kill -9` of the borrower (a child process that writes and reports each acknowledged
+//!   write on stdout) while it writes;
+//! - SIGSTOP of the borrower past its lease, then SIGCONT.
+//!
+//! Each repetition counts acknowledged writes missing from the lender's image afterwards
+//! (must be 0), hangs (I/O that neither completes nor fails within a minute; must be 0) and,
+//! for borrower faults, the time until the device is back in the lender's pool. Repetitions:
+//! `DEVLEND_FAULT_REPS` (default 3; the reliability run uses 20). The table is printed.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devlend_fabric::{AddressSpace, LinkConfig, Ntb, ShmNtb};
+use devlend_lending::{Node, NodeConfig};
+use devlend_nvme_driver::Controller;
+use devlend_pci::PciFunction;
+
+mod common;
+
+use common::{scratch, NodeProcess};
+
+const BLOCK: usize = 4096;
+const SLOTS: u64 = 2048;
+const LEASE_MS: u64 = 1000;
+const HANG: Duration = Duration::from_secs(60);
+const CHILD_ENV: &str = "DEVLEND_FAULT_CHILD_FABRIC";
+
+fn block(i: u64) -> Vec<u8> {
+    (0..BLOCK)
+        .map(|j| (i as u8).wrapping_mul(29) ^ (j as u8) ^ ((i >> 8) as u8) ^ 0xa5)
+        .collect()
+}
+
+fn reps() -> usize {
+    std::env::var("DEVLEND_FAULT_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+fn lender(dir: &Path, fabric: &Path) -> NodeProcess {
+    let lender = NodeProcess::start(dir, "lender", &[fabric], LEASE_MS);
+    lender.ctl_ok(&[
+        "add",
+        "nvme",
+        "--name",
+        "nvme0",
+        "--size",
+        "16M",
+        "--image",
+        dir.join("lent.img").to_str().unwrap(),
+    ]);
+    lender
+}
+
+fn borrow_here(fabric: &Path, name: &str) -> (Node, Controller) {
+    let ntb = ShmNtb::open(fabric, Arc::new(AddressSpace::new()), LinkConfig::default()).unwrap();
+    let mut cfg = NodeConfig::new(name);
+    cfg.lease = Duration::from_millis(LEASE_MS);
+    let node = Node::start(cfg, vec![ntb as Arc<dyn Ntb>]).unwrap();
+    node.wait_link_up(Duration::from_secs(30)).unwrap();
+    let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
+    (node, Controller::new(f).unwrap())
+}
+
+/// Acknowledged writes (`acked` of them, block i at slot i % SLOTS) missing from the image.
+fn lost(image: &Path, acked: u64) -> usize {
+    let file = std::fs::File::open(image).unwrap();
+    (acked.saturating_sub(SLOTS)..acked)
+        .filter(|i| {
+            let mut back = vec![0u8; BLOCK];
+            file.read_exact_at(&mut back, (i % SLOTS) * BLOCK as u64)
+                .is_err()
+                || back != block(*i)
+        })
+        .count()
+}
+
+#[derive(Default)]
+struct Row {
+    runs: usize,
+    acked: u64,
+    lost: usize,
+    hangs: usize,
+    reclaim_ms: Vec<u64>,
+}
+
+impl Row {
+    fn line(&self, name: &str) -> String {
+        let mut t = self.reclaim_ms.clone();
+        t.sort_unstable();
+        let (median, max) = match (t.get(t.len() / 2), t.last()) {
+            (Some(m), Some(x)) => (format!("{m} ms"), format!("{x} ms")),
+            _ => ("-".into(), "-".into()),
+        };
+        format!(
+            "| {name} | {} | {} | {} | {} | {median} | {max} |",
+            self.runs, self.acked, self.lost, self.hangs
+        )
+    }
+}
+
+/// kill -9 of the lender while this process writes.
+fn lender_killed(rep: usize) -> Row {
+    let dir = scratch(&format!("faults-lender-{rep}"));
+    let fabric = dir.join("fabric");
+    let mut lender = lender(&dir, &fabric);
+    let (node, ctrl) = borrow_here(&fabric, "writer");
+    let acked = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel();
+    {
+        let acked = acked.clone();
+        std::thread::spawn(move || {
+            let mut i = 0;
+            loop {
+                if ctrl.write_at((i % SLOTS) * BLOCK as u64, &block(i)).is_err() {
+                    let _ = tx.send(());
+                    return;
+                }
+                i += 1;
+                acked.store(i, Ordering::SeqCst);
+            }
+        });
+    }
+    let target = 20 + (rep as u64 * 7) % 30;
+    while acked.load(Ordering::SeqCst) < target {
+        std::thread::yield_now();
+    }
+    lender.kill9();
+    let hung = rx.recv_timeout(HANG).is_err();
+    let n = acked.load(Ordering::SeqCst);
+    let row = Row {
+        runs: 1,
+        acked: n,
+        lost: lost(&dir.join("lent.img"), n),
+        hangs: usize::from(hung),
+        reclaim_ms: Vec::new(),
+    };
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+    row
+}
+
+/// Waits until the lender's own view (`status`, which asks the peer nothing: `list` would
+/// wait for a frozen peer's answer) shows nvme0 free.
+fn wait_in_pool(lender: &NodeProcess, since: Instant) {
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&lender.ctl_ok(&["status", "--json"])).unwrap();
+        let lent = v["lending"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "nvme0" && !d["borrower"].is_null());
+        if !lent {
+            return;
+        }
+        assert!(since.elapsed() < HANG, "the device never came back to the pool");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A child process (this test binary) that borrows and writes, one `ACK i` line per
+/// acknowledged write.
+fn spawn_writer(fabric: &Path) -> (std::process::Child, Arc<AtomicU64>, mpsc::Receiver<()>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "fault_matrix_writer_child", "--include-ignored", "--nocapture"])
+        .env(CHILD_ENV, fabric)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let acked = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel();
+    {
+        let acked = acked.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Some(n) = line.strip_prefix("ACK ").and_then(|n| n.parse().ok()) {
+                    acked.store(n, Ordering::SeqCst);
+                }
+            }
+            // Stdout closed: the writer exited (killed, or its I/O failed).
+            let _ = tx.send(());
+        });
+    }
+    (child, acked, rx)
+}
+
+/// kill -9 (or SIGSTOP past the lease, then SIGCONT) of a borrower that writes.
+fn borrower_fault(rep: usize, stop_instead: bool) -> Row {
+    let dir = scratch(&format!("faults-borrower-{rep}-{stop_instead}"));
+    let fabric = dir.join("fabric");
+    let lender = lender(&dir, &fabric);
+    let (mut child, acked, ended) = spawn_writer(&fabric);
+    let target = 20 + (rep as u64 * 7) % 30;
+    let deadline = Instant::now() + HANG;
+    while acked.load(Ordering::SeqCst) < target {
+        assert!(Instant::now() < deadline, "the writer child never wrote");
+        std::thread::yield_now();
+    }
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: `pid` is our own child, not yet reaped.
+    let sig = if stop_instead { libc::SIGSTOP } else { libc::SIGKILL };
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    let start = Instant::now();
+    wait_in_pool(&lender, start);
+    let reclaim_ms = start.elapsed().as_millis() as u64;
+    let mut hangs = 0;
+    if stop_instead {
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        // Woken past its lease, the writer's next I/O fails and it exits: no hang.
+        if ended.recv_timeout(HANG).is_err() {
+            hangs += 1;
+        }
+    } else {
+        let _ = ended.recv_timeout(HANG);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let n = acked.load(Ordering::SeqCst);
+    let row = Row {
+        runs: 1,
+        acked: n,
+        lost: lost(&dir.join("lent.img"), n),
+        hangs,
+        reclaim_ms: vec![reclaim_ms],
+    };
+    drop(lender);
+    let _ = std::fs::remove_dir_all(&dir);
+    row
+}
+
+fn add(total: &Mutex<Row>, r: Row) {
+    let mut t = total.lock().unwrap();
+    t.runs += r.runs;
+    t.acked += r.acked;
+    t.lost += r.lost;
+    t.hangs += r.hangs;
+    t.reclaim_ms.extend(r.reclaim_ms);
+}
+
+#[test]
+fn fault_matrix_loses_no_acknowledged_write_and_hangs_nothing() {
+    let reps = reps();
+    let rows = [
+        ("kill -9 lender", Mutex::new(Row::default())),
+        ("kill -9 borrower", Mutex::new(Row::default())),
+        ("SIGSTOP borrower past the lease", Mutex::new(Row::default())),
+    ];
+    for rep in 0..reps {
+        add(&rows[0].1, lender_killed(rep));
+        add(&rows[1].1, borrower_fault(rep, false));
+        add(&rows[2].1, borrower_fault(rep, true));
+    }
+    let mut table = String::from(
+        "| fault | runs | acknowledged writes | lost | hangs | back in pool (median) | (max) |\n|---|---|---|---|---|---|---|\n",
+    );
+    for (name, row) in &rows {
+        table.push_str(&row.lock().unwrap().line(name));
+        table.push('\n');
+    }
+    println!("lease {LEASE_MS} ms\n{table}");
+    let _ = std::io::stdout().flush();
+    for (name, row) in &rows {
+        let row = row.lock().unwrap();
+        assert_eq!(row.runs, reps);
+        assert_eq!(row.lost, 0, "{name}: acknowledged writes lost\n{table}");
+        assert_eq!(row.hangs, 0, "{name}: hangs\n{table}");
+        assert!(row.acked > 0, "{name}: nothing was written\n{table}");
+        for ms in &row.reclaim_ms {
+            // Within the lease, plus the lender's expiry check and the CLI poll.
+            assert!(*ms <= LEASE_MS + 2000, "{name}: back after {ms} ms\n{table}");
+        }
+    }
+}
+
+/// The writer child of the borrower faults (run by the test above, with its fabric in the
+/// environment; ignored on its own).
+#[test]
+#[ignore = "a child process of fault_matrix_loses_no_acknowledged_write_and_hangs_nothing"]
+fn fault_matrix_writer_child() {
+    let fabric = std::env::var_os(CHILD_ENV).expect("run by the fault matrix");
+    let (node, ctrl) = borrow_here(Path::new(&fabric), "child");
+    let mut out = std::io::stdout().lock();
+    let mut i = 0;
+    while ctrl.write_at((i % SLOTS) * BLOCK as u64, &block(i)).is_ok() {
+        i += 1;
+        if writeln!(out, "ACK {i}").and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    drop(node);
+}
