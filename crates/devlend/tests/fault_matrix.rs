@@ -121,7 +121,10 @@ fn lender_killed(rep: usize) -> Row {
         std::thread::spawn(move || {
             let mut i = 0;
             loop {
-                if ctrl.write_at((i % SLOTS) * BLOCK as u64, &block(i)).is_err() {
+                if ctrl
+                    .write_at((i % SLOTS) * BLOCK as u64, &block(i))
+                    .is_err()
+                {
                     let _ = tx.send(());
                     return;
                 }
@@ -163,7 +166,10 @@ fn wait_in_pool(lender: &NodeProcess, since: Instant) {
         if !lent {
             return;
         }
-        assert!(since.elapsed() < HANG, "the device never came back to the pool");
+        assert!(
+            since.elapsed() < HANG,
+            "the device never came back to the pool"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -172,7 +178,12 @@ fn wait_in_pool(lender: &NodeProcess, since: Instant) {
 /// acknowledged write.
 fn spawn_writer(fabric: &Path) -> (std::process::Child, Arc<AtomicU64>, mpsc::Receiver<()>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "fault_matrix_writer_child", "--include-ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "fault_matrix_writer_child",
+            "--include-ignored",
+            "--nocapture",
+        ])
         .env(CHILD_ENV, fabric)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -210,16 +221,22 @@ fn borrower_fault(rep: usize, stop_instead: bool) -> Row {
         std::thread::yield_now();
     }
     let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let sig = if stop_instead {
+        libc::SIGSTOP
+    } else {
+        libc::SIGKILL
+    };
     // SAFETY: `pid` is our own child, not yet reaped.
-    let sig = if stop_instead { libc::SIGSTOP } else { libc::SIGKILL };
-    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    let sent = unsafe { libc::kill(pid, sig) };
+    assert_eq!(sent, 0);
     let start = Instant::now();
     wait_in_pool(&lender, start);
     let reclaim_ms = start.elapsed().as_millis() as u64;
     let mut hangs = 0;
     if stop_instead {
         // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        let sent = unsafe { libc::kill(pid, libc::SIGCONT) };
+        assert_eq!(sent, 0);
         // Woken past its lease, the writer's next I/O fails and it exits: no hang.
         if ended.recv_timeout(HANG).is_err() {
             hangs += 1;
@@ -257,7 +274,10 @@ fn fault_matrix_loses_no_acknowledged_write_and_hangs_nothing() {
     let rows = [
         ("kill -9 lender", Mutex::new(Row::default())),
         ("kill -9 borrower", Mutex::new(Row::default())),
-        ("SIGSTOP borrower past the lease", Mutex::new(Row::default())),
+        (
+            "SIGSTOP borrower past the lease",
+            Mutex::new(Row::default()),
+        ),
     ];
     for rep in 0..reps {
         add(&rows[0].1, lender_killed(rep));
@@ -281,7 +301,10 @@ fn fault_matrix_loses_no_acknowledged_write_and_hangs_nothing() {
         assert!(row.acked > 0, "{name}: nothing was written\n{table}");
         for ms in &row.reclaim_ms {
             // Within the lease, plus the lender's expiry check and the CLI poll.
-            assert!(*ms <= LEASE_MS + 2000, "{name}: back after {ms} ms\n{table}");
+            assert!(
+                *ms <= LEASE_MS + 2000,
+                "{name}: back after {ms} ms\n{table}"
+            );
         }
     }
 }

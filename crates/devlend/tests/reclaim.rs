@@ -81,9 +81,15 @@ fn reclaim_gives_a_grace_then_removes_and_offers_the_device_again() {
     let before = acked.load(Ordering::SeqCst);
     let v = reclaim(&lender, "1s");
     let during = acked.load(Ordering::SeqCst) - before;
-    assert_eq!(v["returned"], false, "our driver does not give it back: {v}");
+    assert_eq!(
+        v["returned"], false,
+        "our driver does not give it back: {v}"
+    );
     assert!(v["elapsed_ms"].as_u64().unwrap() >= 1000, "{v}");
-    assert!(during > 0, "no write was acknowledged during the grace period");
+    assert!(
+        during > 0,
+        "no write was acknowledged during the grace period"
+    );
     // The writer ends with an error, not a hang.
     let err = rx
         .recv_timeout(Duration::from_secs(60))
@@ -105,7 +111,8 @@ fn reclaim_gives_a_grace_then_removes_and_offers_the_device_again() {
     let ctrl = Controller::new(f).unwrap();
     let mut back = vec![0u8; BLOCK];
     let last = n - 1;
-    ctrl.read_at((last % 4000) * BLOCK as u64, &mut back).unwrap();
+    ctrl.read_at((last % 4000) * BLOCK as u64, &mut back)
+        .unwrap();
     assert!(back == block(last));
     drop(ctrl);
 

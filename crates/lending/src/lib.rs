@@ -576,8 +576,7 @@ impl Node {
                 let hello = Request::Hello {
                     host: self.host.cfg.name.clone(),
                 };
-                if let Ok(Response::Hello { host }) = inner.call_within(hello, STATUS_HELLO_WAIT)
-                {
+                if let Ok(Response::Hello { host }) = inner.call_within(hello, STATUS_HELLO_WAIT) {
                     *inner.peer_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(host);
                 }
             }

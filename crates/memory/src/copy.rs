@@ -78,7 +78,7 @@ unsafe fn body_store(dst: *mut u8, src: &[u8]) {
 /// The widest access (8, 4, 2 or 1 bytes) that `addr` is aligned for and `left` allows.
 fn width(addr: usize, left: usize) -> usize {
     let mut w = 8;
-    while w > 1 && (addr % w != 0 || left < w) {
+    while w > 1 && (!addr.is_multiple_of(w) || left < w) {
         w /= 2;
     }
     w
@@ -110,7 +110,7 @@ pub(crate) unsafe fn copy_from_shared(dst: &mut [u8], src: *const u8) {
         // SAFETY: `done < len`, so `src + done` is inside the range the caller vouches for.
         let at = unsafe { src.add(done) };
         let w = width(at as usize, len - done);
-        // SAFETY (each arm): `at` is aligned for the width chosen (see `width`), the `w` bytes
+        // SAFETY: (each arm) `at` is aligned for the width chosen (see `width`), the `w` bytes
         // from it lie inside the range (`w <= len - done`), and they are only ever accessed
         // atomically by this process; other processes are outside this program's memory model.
         let bytes: [u8; 8] = unsafe {
@@ -166,7 +166,7 @@ pub(crate) unsafe fn copy_to_shared(dst: *mut u8, src: &[u8]) {
         if let (Some(d), Some(s)) = (bytes.get_mut(..w), src.get(done..done + w)) {
             d.copy_from_slice(s);
         }
-        // SAFETY (each arm): as in `copy_from_shared`: aligned, inside the range, atomic only.
+        // SAFETY: (each arm) as in `copy_from_shared`: aligned, inside the range, atomic only.
         unsafe {
             match w {
                 8 => AtomicU64::from_ptr(at.cast()).store(u64::from_ne_bytes(bytes), Relaxed),
