@@ -122,6 +122,8 @@ struct State {
     held: BTreeMap<String, (String, Hold)>,
     /// Links served to borrowers.
     inbound: BTreeMap<String, InLink>,
+    /// How the last borrow of each device spent its time (for `bench cluster`).
+    timing: BTreeMap<String, serde_json::Value>,
     /// Devices given back whose claim could not be released yet (etcd away).
     unreleased: std::collections::BTreeSet<String>,
 }
@@ -286,7 +288,9 @@ impl Cluster {
     pub fn borrow(&self, device: &str) -> anyhow::Result<Arc<BorrowedFunction>> {
         let lease = self.lease()?;
         let s = &self.shared;
+        let t0 = Instant::now();
         let view = s.registry.device(device)?;
+        let t_lookup = t0.elapsed();
         let lender = view.record.lender.clone();
         anyhow::ensure!(lender != s.name, "{device} is lent by this host");
         {
@@ -302,7 +306,10 @@ impl Cluster {
                 );
             }
         }
-        match s.registry.claim(device, &s.name, lease)? {
+        let t1 = Instant::now();
+        let claim = s.registry.claim(device, &s.name, lease)?;
+        let t_claim = t1.elapsed();
+        match claim {
             Claim::Won => {}
             Claim::Held { by } if by.is_empty() => {
                 anyhow::bail!("device {device} was being released; try again")
@@ -315,14 +322,27 @@ impl Cluster {
             st.held
                 .insert(device.to_string(), (lender.clone(), Hold::Pending));
         }
-        let result = s
-            .link_to(&lender, lease)
-            .and_then(|link| Ok(s.node.borrow_via(link, device)?));
+        let t2 = Instant::now();
+        let mut t_link = Duration::ZERO;
+        let result = s.link_to(&lender, lease).and_then(|link| {
+            t_link = t2.elapsed();
+            Ok(s.node.borrow_via(link, device)?)
+        });
         match result {
             Ok(f) => {
-                if let Some(h) = lock(&s.state).held.get_mut(device) {
+                let mut st = lock(&s.state);
+                if let Some(h) = st.held.get_mut(device) {
                     h.1 = Hold::Active;
                 }
+                st.timing.insert(
+                    device.to_string(),
+                    json!({
+                        "lookup_us": t_lookup.as_micros() as u64,
+                        "claim_us": t_claim.as_micros() as u64,
+                        "link_us": t_link.as_micros() as u64,
+                        "lease_us": t2.elapsed().saturating_sub(t_link).as_micros() as u64,
+                    }),
+                );
                 Ok(f)
             }
             Err(e) => {
@@ -334,6 +354,12 @@ impl Cluster {
                 Err(e.context(format!("borrowing {device} from {lender}")))
             }
         }
+    }
+
+    /// How the last borrow of `device` by this node spent its time: registry lookup, claim
+    /// transaction, link (request, answer, connect, attach; 0 when one existed), lending lease.
+    pub fn borrow_timing(&self, device: &str) -> Option<serde_json::Value> {
+        lock(&self.shared.state).timing.get(device).cloned()
     }
 
     /// After `give_back`: releases the claim (later, if etcd is away: the device is given

@@ -394,10 +394,17 @@ fn bench_cluster_quick_reports_every_figure_beside_its_baseline() {
             "borrow-by-name-p99-2-hosts",
             "borrow-by-name-p50-4-hosts",
             "borrow-by-name-p99-4-hosts",
+            "phase-lookup-p50-4-hosts",
+            "phase-claim-p50-4-hosts",
+            "phase-link-p50-4-hosts",
+            "phase-lease-p50-4-hosts",
             "lender-death-to-inventory-exit"
         ]
     );
-    for f in figures {
+    for f in figures
+        .iter()
+        .filter(|f| !f["name"].as_str().unwrap().starts_with("phase-"))
+    {
         assert!(f["value"].as_f64().unwrap() > 0.0, "{f}");
         assert!(f["baseline"].as_f64().unwrap() > 0.0, "{f}");
     }

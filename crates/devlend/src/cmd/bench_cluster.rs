@@ -174,13 +174,27 @@ fn return_req(name: &str) -> CtlRequest {
     }
 }
 
-/// Times one borrow, then returns the device.
-fn timed_borrow(state: &Path, device: &str) -> anyhow::Result<f64> {
+/// The phases of a borrow by name, in microseconds, as the node measured them.
+const PHASES: [&str; 4] = ["lookup", "claim", "link", "lease"];
+
+/// Times one borrow, then returns the device; also the node's phase times, if any.
+fn timed_borrow(state: &Path, device: &str) -> anyhow::Result<(f64, Option<[f64; 4]>)> {
     let t = Instant::now();
-    call(state, &borrow_req(device), CTL_TIMEOUT).with_context(|| format!("borrowing {device}"))?;
+    let v = call(state, &borrow_req(device), CTL_TIMEOUT)
+        .with_context(|| format!("borrowing {device}"))?;
     let us = devlend_bench::micros(t.elapsed());
     call(state, &return_req(device), CTL_TIMEOUT)?;
-    Ok(us)
+    let phase = |p: &str| v["timing"][format!("{p}_us")].as_f64();
+    let phases = match (
+        phase("lookup"),
+        phase("claim"),
+        phase("link"),
+        phase("lease"),
+    ) {
+        (Some(a), Some(b), Some(c), Some(d)) => Some([a, b, c, d]),
+        _ => None,
+    };
+    Ok((us, phases))
 }
 
 fn ms(us: f64) -> f64 {
@@ -234,7 +248,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     call(&bstate, &return_req("base0"), CTL_TIMEOUT)?;
     let mut base = Vec::new();
     for _ in 0..rounds * 4 {
-        base.push(timed_borrow(&bstate, "base0")?);
+        base.push(timed_borrow(&bstate, "base0")?.0);
     }
     rig.extra.clear();
     let base_p50 = percentile(&mut base, 50.0);
@@ -261,10 +275,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         eprintln!("bench cluster: {n} hosts, {rounds} borrows by name per host");
         let mut samples = Vec::new();
+        let mut phases: [Vec<f64>; 4] = Default::default();
         for _ in 0..rounds {
             for i in 0..n {
                 let device = format!("d{}", (i + 1) % n);
-                samples.push(timed_borrow(&rig.nodes[i].1, &device)?);
+                let (us, ph) = timed_borrow(&rig.nodes[i].1, &device)?;
+                samples.push(us);
+                for (all, v) in phases.iter_mut().zip(ph.into_iter().flatten()) {
+                    all.push(v);
+                }
             }
         }
         let p50 = percentile(&mut samples, 50.0);
@@ -277,6 +296,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Figure::new(format!("borrow-by-name-p99-{n}-hosts"), "ms", ms(p99))
                 .against("link configured in advance, p99", ms(base_p99)),
         );
+        if n == largest {
+            for (name, all) in PHASES.iter().zip(phases.iter_mut()) {
+                report.push(Figure::new(
+                    format!("phase-{name}-p50-{n}-hosts"),
+                    "ms",
+                    ms(percentile(all, 50.0)),
+                ));
+            }
+        }
     }
 
     // A lender's death: how long until its device leaves the inventory (3 lenders, median).

@@ -450,6 +450,9 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
         } => {
             let f = borrow_fn(d, &name)?;
             let mut out = json!({"name": name, "owner": f.device().owner, "lease": f.lease()});
+            if let Some(t) = d.cluster.as_ref().and_then(|c| c.borrow_timing(&name)) {
+                out["timing"] = t;
+            }
             if let Some(sock) = vfio_user {
                 let server = host::VfioServer::start(f, &sock)?;
                 eprintln!(
