@@ -395,9 +395,13 @@ fn bench_cluster_quick_reports_every_figure_beside_its_baseline() {
             "borrow-by-name-p50-4-hosts",
             "borrow-by-name-p99-4-hosts",
             "phase-lookup-p50-4-hosts",
+            "phase-lookup-p99-4-hosts",
             "phase-claim-p50-4-hosts",
+            "phase-claim-p99-4-hosts",
             "phase-link-p50-4-hosts",
+            "phase-link-p99-4-hosts",
             "phase-lease-p50-4-hosts",
+            "phase-lease-p99-4-hosts",
             "lender-death-to-inventory-exit"
         ]
     );

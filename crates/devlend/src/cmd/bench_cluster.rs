@@ -303,6 +303,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     "ms",
                     ms(percentile(all, 50.0)),
                 ));
+                report.push(Figure::new(
+                    format!("phase-{name}-p99-{n}-hosts"),
+                    "ms",
+                    ms(percentile(all, 99.0)),
+                ));
             }
         }
     }
