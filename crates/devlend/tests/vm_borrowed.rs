@@ -175,6 +175,9 @@ fn guest_sees_a_reclaimed_device_fail_and_qemu_survives() {
     })
     .expect("boot");
     guest::vanish::check(&out);
+    for line in out.console.iter().filter(|l| l.contains("IO-") || l.contains("nvme")) {
+        println!("guest: {line}");
+    }
     let reclaimed = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("reclaim never finished")

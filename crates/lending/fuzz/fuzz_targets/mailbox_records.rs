@@ -1,6 +1,8 @@
-//! The management channel's mailbox as a hostile peer may fill it: any session word, commit
-//! words, lengths and payloads, written in any order. Draining must not panic, must take at
-//! most one mailbox of records per call, each within the payload limit.
+//! The management channel's mailbox as a hostile peer may fill it. The input is a session
+//! word, then records, each: a flag byte (bit 0: commit word right for the next sequence
+//! number, else taken from the input; bit 1: skip ahead one sequence number), a length field
+//! (u32, any value), a slot index and payload bytes; and raw writes anywhere. Draining must not
+//! panic, must take at most one mailbox of records per call, each within the payload limit.
 #![no_main]
 
 use std::sync::{Arc, Mutex, OnceLock};
@@ -9,6 +11,9 @@ use devlend_fabric::{
     loopback_pair, AddressSpace, BusAddr, LinkConfig, Ntb, PeerWindows, WindowOffset,
 };
 use devlend_lending::channel::{Channel, DRAIN_MAX, MAILBOX_BYTES, MAILBOX_WINDOW, MAX_PAYLOAD};
+
+const SLOT_BYTES: u64 = 0x1000;
+const SLOTS: u64 = 63;
 
 struct Rig {
     peer: Arc<dyn Ntb>,
@@ -32,20 +37,62 @@ fn rig() -> &'static Mutex<Rig> {
     })
 }
 
+fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    let (head, tail) = rest.split_at_checked(n)?;
+    *rest = tail;
+    Some(head)
+}
+
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let rig = rig().lock().unwrap_or_else(|e| e.into_inner());
-    // Each write: offset (u32, wrapped into the mailbox), length (u8), bytes.
-    let mut rest = data;
-    while rest.len() >= 5 {
-        let offset =
-            u64::from(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]])) % MAILBOX_BYTES;
-        let len = usize::from(rest[4]).min(rest.len() - 5);
-        let bytes = &rest[5..5 + len];
+    let write = |offset: u64, bytes: &[u8]| {
+        let offset = offset % MAILBOX_BYTES;
         let len = bytes.len().min((MAILBOX_BYTES - offset) as usize);
         let _ = rig
             .peer
             .peer_mw_write(MAILBOX_WINDOW, WindowOffset(offset), &bytes[..len]);
-        rest = &rest[5 + bytes.len()..];
+    };
+    let mut rest = data;
+    let Some(session) = take(&mut rest, 8) else {
+        return;
+    };
+    let mut s = [0u8; 8];
+    s.copy_from_slice(session);
+    let session = u64::from_le_bytes(s);
+    write(0, &session.to_le_bytes());
+    let mut seq: u64 = 1;
+    while let Some(head) = take(&mut rest, 6) {
+        let (flags, len_field, slot_pick) =
+            (head[0], [head[1], head[2], head[3], head[4]], head[5]);
+        if flags & 2 != 0 {
+            seq += 1;
+        }
+        let slot = if flags & 4 != 0 {
+            u64::from(slot_pick) % SLOTS
+        } else {
+            (seq - 1) % SLOTS
+        };
+        let at = 0x1000 + slot * SLOT_BYTES;
+        let n = usize::from(slot_pick).min(rest.len());
+        let payload = take(&mut rest, n).unwrap_or(&[]);
+        write(at + 16, payload);
+        write(at + 8, &len_field);
+        let commit = if flags & 1 != 0 {
+            ((session & 0xffff_ffff) << 32) | (seq & 0xffff_ffff)
+        } else {
+            u64::from_le_bytes([
+                flags,
+                len_field[0],
+                len_field[1],
+                len_field[2],
+                len_field[3],
+                slot_pick,
+                0,
+                0,
+            ])
+        };
+        write(at, &commit.to_le_bytes());
+        seq += 1;
     }
     for _ in 0..2 {
         let (records, _more) = rig.channel.drain();
