@@ -3,7 +3,9 @@
 //! - `kill -9` of the lender while this process writes through a borrowed device;
 //! - `kill -9` of the borrower (a child process that writes and reports each acknowledged
 //!   write on stdout) while it writes;
-//! - SIGSTOP of the borrower past its lease, then SIGCONT.
+//! - SIGSTOP of the borrower past its lease, then SIGCONT;
+//! - a cut tcp link (the veth between two network namespaces goes down) under a borrower
+//!   writing over `tcp` (needs root; skipped with a reason otherwise, unless `CI` is set).
 //!
 //! Each repetition counts acknowledged writes missing from the lender's image afterwards
 //! (must be 0), hangs (I/O that neither completes nor fails within a minute; must be 0) and,
@@ -26,10 +28,12 @@ use devlend_pci::PciFunction;
 mod common;
 
 use common::{scratch, NodeProcess};
+use devlend_testkit::netns::NetnsPair;
 
 const BLOCK: usize = 4096;
 const SLOTS: u64 = 2048;
 const LEASE_MS: u64 = 1000;
+const TCP_KEEPALIVE_MS: u64 = 3000;
 const HANG: Duration = Duration::from_secs(60);
 const CHILD_ENV: &str = "DEVLEND_FAULT_CHILD_FABRIC";
 
@@ -62,10 +66,23 @@ fn lender(dir: &Path, fabric: &Path) -> NodeProcess {
 }
 
 fn borrow_here(fabric: &Path, name: &str) -> (Node, Controller) {
-    let ntb = ShmNtb::open(fabric, Arc::new(AddressSpace::new()), LinkConfig::default()).unwrap();
+    let asp = Arc::new(AddressSpace::new());
+    let spec = fabric.to_string_lossy();
+    let ntb: Arc<dyn Ntb> = match spec.strip_prefix("tcp:") {
+        Some(addr) => Arc::new(
+            devlend_fabric_tcp::TcpNtb::connect(
+                addr.parse().unwrap(),
+                asp,
+                devlend_fabric_tcp::TcpConfig::default(),
+                devlend_fabric_tcp::Credentials::Insecure,
+            )
+            .unwrap(),
+        ),
+        None => ShmNtb::open(fabric, asp, LinkConfig::default()).unwrap(),
+    };
     let mut cfg = NodeConfig::new(name);
     cfg.lease = Duration::from_millis(LEASE_MS);
-    let node = Node::start(cfg, vec![ntb as Arc<dyn Ntb>]).unwrap();
+    let node = Node::start(cfg, vec![ntb]).unwrap();
     node.wait_link_up(Duration::from_secs(30)).unwrap();
     let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
     (node, Controller::new(f).unwrap())
@@ -176,8 +193,11 @@ fn wait_in_pool(lender: &NodeProcess, since: Instant) {
 
 /// A child process (this test binary) that borrows and writes, one `ACK i` line per
 /// acknowledged write.
-fn spawn_writer(fabric: &Path) -> (std::process::Child, Arc<AtomicU64>, mpsc::Receiver<()>) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+fn spawn_writer(
+    mut cmd: Command,
+    fabric: &Path,
+) -> (std::process::Child, Arc<AtomicU64>, mpsc::Receiver<()>) {
+    let mut child = cmd
         .args([
             "--exact",
             "fault_matrix_writer_child",
@@ -213,7 +233,8 @@ fn borrower_fault(rep: usize, stop_instead: bool) -> Row {
     let dir = scratch(&format!("faults-borrower-{rep}-{stop_instead}"));
     let fabric = dir.join("fabric");
     let lender = lender(&dir, &fabric);
-    let (mut child, acked, ended) = spawn_writer(&fabric);
+    let (mut child, acked, ended) =
+        spawn_writer(Command::new(std::env::current_exe().unwrap()), &fabric);
     let target = 20 + (rep as u64 * 7) % 30;
     let deadline = Instant::now() + HANG;
     while acked.load(Ordering::SeqCst) < target {
@@ -259,6 +280,79 @@ fn borrower_fault(rep: usize, stop_instead: bool) -> Row {
     row
 }
 
+/// A cut tcp link (the veth between two network namespaces goes down) under a borrower
+/// child that writes over `tcp`; the link is restored afterwards.
+fn tcp_cut(ns: &NetnsPair, rep: usize) -> Row {
+    let dir = scratch(&format!("faults-tcp-{rep}"));
+    let port = 7800 + rep as u16;
+    let lender_ip = ns.addr(0);
+    let lender = NodeProcess::start_with(
+        ns.command(0, common::exe()),
+        &dir,
+        "lender",
+        &[format!("tcp-listen:writer@{lender_ip}:{port}")],
+        LEASE_MS,
+        &["--insecure-tcp"],
+    );
+    lender.ctl_ok(&[
+        "add",
+        "nvme",
+        "--name",
+        "nvme0",
+        "--size",
+        "16M",
+        "--image",
+        dir.join("lent.img").to_str().unwrap(),
+    ]);
+    let fabric = std::path::PathBuf::from(format!("tcp:{lender_ip}:{port}"));
+    let exe = std::env::current_exe().unwrap();
+    let (mut child, acked, ended) = spawn_writer(ns.command(1, exe.to_str().unwrap()), &fabric);
+    let target = 10 + (rep as u64 * 3) % 10;
+    let deadline = Instant::now() + HANG;
+    while acked.load(Ordering::SeqCst) < target {
+        assert!(
+            Instant::now() < deadline,
+            "the tcp writer child never wrote"
+        );
+        std::thread::yield_now();
+    }
+    ns.set_link(false).unwrap();
+    let start = Instant::now();
+    wait_in_pool(&lender, start);
+    let reclaim_ms = start.elapsed().as_millis() as u64;
+    // The writer's I/O fails once its side sees the link down (keepalive): no hang.
+    let hangs = usize::from(ended.recv_timeout(HANG).is_err());
+    let _ = child.kill();
+    let _ = child.wait();
+    ns.set_link(true).unwrap();
+    let n = acked.load(Ordering::SeqCst);
+    let row = Row {
+        runs: 1,
+        acked: n,
+        lost: lost(&dir.join("lent.img"), n),
+        hangs,
+        reclaim_ms: vec![reclaim_ms],
+    };
+    drop(lender);
+    let _ = std::fs::remove_dir_all(&dir);
+    row
+}
+
+/// Network namespaces for the tcp row: skipped with a reason when they cannot be made and
+/// `CI` is unset; under `CI` their absence fails the test.
+fn namespaces() -> Option<NetnsPair> {
+    match NetnsPair::create() {
+        Ok(p) => Some(p),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("CI needs network namespaces (run as root): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED the cut-tcp-link row: {e}");
+            None
+        }
+    }
+}
+
 fn add(total: &Mutex<Row>, r: Row) {
     let mut t = total.lock().unwrap();
     t.runs += r.runs;
@@ -278,11 +372,16 @@ fn fault_matrix_loses_no_acknowledged_write_and_hangs_nothing() {
             "SIGSTOP borrower past the lease",
             Mutex::new(Row::default()),
         ),
+        ("cut tcp link", Mutex::new(Row::default())),
     ];
+    let ns = namespaces();
     for rep in 0..reps {
         add(&rows[0].1, lender_killed(rep));
         add(&rows[1].1, borrower_fault(rep, false));
         add(&rows[2].1, borrower_fault(rep, true));
+        if let Some(ns) = &ns {
+            add(&rows[3].1, tcp_cut(ns, rep));
+        }
     }
     let mut table = String::from(
         "| fault | runs | acknowledged writes | lost | hangs | back in pool (median) | (max) |\n|---|---|---|---|---|---|---|\n",
@@ -295,16 +394,23 @@ fn fault_matrix_loses_no_acknowledged_write_and_hangs_nothing() {
     let _ = std::io::stdout().flush();
     for (name, row) in &rows {
         let row = row.lock().unwrap();
+        if row.runs == 0 && ns.is_none() {
+            continue;
+        }
         assert_eq!(row.runs, reps);
         assert_eq!(row.lost, 0, "{name}: acknowledged writes lost\n{table}");
         assert_eq!(row.hangs, 0, "{name}: hangs\n{table}");
         assert!(row.acked > 0, "{name}: nothing was written\n{table}");
+        // Over tcp the lender's reset waits for a device DMA round trip in flight to the cut
+        // peer, which ends at link-down (the 3 s keepalive), so that row gets the keepalive.
+        let bound = if name.contains("tcp") {
+            LEASE_MS.max(TCP_KEEPALIVE_MS) + 2000
+        } else {
+            LEASE_MS + 2000
+        };
         for ms in &row.reclaim_ms {
             // Within the lease, plus the lender's expiry check and the CLI poll.
-            assert!(
-                *ms <= LEASE_MS + 2000,
-                "{name}: back after {ms} ms\n{table}"
-            );
+            assert!(*ms <= bound, "{name}: back after {ms} ms\n{table}");
         }
     }
 }
