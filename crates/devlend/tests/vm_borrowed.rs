@@ -175,7 +175,11 @@ fn guest_sees_a_reclaimed_device_fail_and_qemu_survives() {
     })
     .expect("boot");
     guest::vanish::check(&out);
-    for line in out.console.iter().filter(|l| l.contains("IO-") || l.contains("nvme")) {
+    for line in out
+        .console
+        .iter()
+        .filter(|l| l.contains("IO-") || l.contains("nvme"))
+    {
         println!("guest: {line}");
     }
     let reclaimed = rx
