@@ -468,18 +468,40 @@ impl Shared {
             .node(lender)?
             .ok_or_else(|| anyhow::anyhow!("lender {lender} is not registered (it is down)"))?;
         self.registry.request_link(lender, &self.name, lease)?;
-        let port = self.wait_answer(lender)?;
-        let spec = match &rec.reach {
-            Reach::Tcp { addr } => FabricSpec::TcpConnect {
-                peer: lender.to_string(),
-                addr: SocketAddr::new(*addr, port),
-            },
-            Reach::Shm { dir } => FabricSpec::Shm(shm_dir(dir, lender, &self.name)),
+        // The answer may be a listener the lender is just closing (it closes a link whose
+        // request was gone for a while): if the link does not come up, read the answer again
+        // and follow a new port.
+        let deadline = Instant::now() + LINK_TIMEOUT;
+        let mut port = self.wait_answer(lender)?;
+        let open = |port: u16| -> anyhow::Result<(Arc<dyn Ntb>, FabricSpec)> {
+            let spec = match &rec.reach {
+                Reach::Tcp { addr } => FabricSpec::TcpConnect {
+                    peer: lender.to_string(),
+                    addr: SocketAddr::new(*addr, port),
+                },
+                Reach::Shm { dir } => FabricSpec::Shm(shm_dir(dir, lender, &self.name)),
+            };
+            let ntb = host::open_fabric(&spec, self.asp.clone(), &self.tcp)
+                .with_context(|| format!("opening a link to {lender} ({spec})"))?;
+            Ok((ntb, spec))
         };
-        let ntb = host::open_fabric(&spec, self.asp.clone(), &self.tcp)
-            .with_context(|| format!("opening a link to {lender} ({spec})"))?;
-        ntb.wait_link(LinkState::Up, LINK_TIMEOUT)
-            .with_context(|| format!("the link to {lender} ({spec}) did not come up"))?;
+        let (mut ntb, mut spec) = open(port)?;
+        while ntb
+            .wait_link(LinkState::Up, Duration::from_millis(500))
+            .is_err()
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the link to {lender} ({spec}) did not come up in {LINK_TIMEOUT:?}"
+            );
+            if let Some(now) = self.registry.link_port(lender, &self.name)? {
+                if now != port {
+                    tracing::info!("{lender} answers on port {now} now, not {port}");
+                    port = now;
+                    (ntb, spec) = open(port)?;
+                }
+            }
+        }
         let id = self.node.attach(ntb.clone())?;
         *link = Some(OutLink { id, _ntb: ntb });
         Ok(id)
