@@ -401,8 +401,8 @@ fn fault_matrix_loses_no_acknowledged_write_and_hangs_nothing() {
         assert_eq!(row.lost, 0, "{name}: acknowledged writes lost\n{table}");
         assert_eq!(row.hangs, 0, "{name}: hangs\n{table}");
         assert!(row.acked > 0, "{name}: nothing was written\n{table}");
-        // Over tcp the lender's reset waits for a device DMA round trip in flight to the cut
-        // peer, which ends at link-down (the 3 s keepalive), so that row gets the keepalive.
+        // Over a cut tcp link the device comes back at link-down (the 3 s keepalive), not at
+        // the lease (likely: the reset waits for a DMA round trip in flight to the cut peer).
         let bound = if name.contains("tcp") {
             LEASE_MS.max(TCP_KEEPALIVE_MS) + 2000
         } else {
