@@ -8,8 +8,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devlend_fabric::{
-    AddressSpace, BusAddr, Doorbells, FabricError, Link, LinkState, MemSpan, MemoryWindows,
-    Messages, MwAlign, Ntb, PeerWindows, Resolved, Result, Scratchpads, WindowOffset,
+    registers, AddressSpace, BusAddr, Doorbells, FabricError, Link, LinkState, MemSpan,
+    MemoryWindows, Messages, MwAlign, Ntb, PeerWindows, Resolved, Result, Scratchpads,
+    WindowOffset,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -543,15 +544,7 @@ impl TcpNtb {
     }
 
     fn check_window(&self, window: usize) -> Result<()> {
-        let count = self.inner.cfg.link.mw_count;
-        if window >= count {
-            return Err(FabricError::NoSuchIndex {
-                what: "memory window",
-                index: window,
-                count,
-            });
-        }
-        Ok(())
+        registers::check_window(window, self.inner.cfg.link.mw_count)
     }
 
     /// The connection and the peer's translated size of `window`, checked for an access of
@@ -561,48 +554,12 @@ impl TcpNtb {
             return Err(FabricError::BadAccessSize(0));
         }
         let s = self.inner.session()?;
-        let size = peer_size(&s, window)?;
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= size => Ok(s),
-            _ => Err(FabricError::OutsideWindow {
-                window,
-                offset,
-                len: len as u64,
-                size,
-            }),
-        }
-    }
-
-    fn msg_mask(&self) -> u64 {
-        mask_of(self.inner.cfg.link.msg_count)
-    }
-
-    fn check_msg_bits(&self, bits: u64) -> Result<()> {
-        let extra = bits & !self.msg_mask();
-        if extra != 0 {
-            return Err(FabricError::NoSuchIndex {
-                what: "message register",
-                index: extra.trailing_zeros() as usize,
-                count: self.inner.cfg.link.msg_count,
-            });
-        }
-        Ok(())
+        registers::check_access(window, offset, len, peer_size(&s, window)?)?;
+        Ok(s)
     }
 
     fn check_db(&self, bits: u64) -> Result<()> {
-        let valid = self.db_valid_mask();
-        if bits & !valid != 0 {
-            return Err(FabricError::InvalidDoorbell { bits, valid });
-        }
-        Ok(())
-    }
-}
-
-fn mask_of(count: usize) -> u64 {
-    if count >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << count) - 1
+        registers::check_doorbells(bits, self.db_valid_mask())
     }
 }
 
@@ -622,16 +579,22 @@ fn peer_size(s: &Session, window: usize) -> Result<u64> {
     Ok(size)
 }
 
-/// Maps a failed reply of the peer to the error the caller sees.
-fn reply_error(status: Status, what: &'static str, index: usize, count: usize) -> FabricError {
+/// Maps a failed reply of the peer to the error the caller sees. `access` is the window access
+/// the request made (window, offset, length, the size it was checked against here), for
+/// [`Status::OutsideWindow`]; requests that access no window pass `None`.
+fn reply_error(
+    status: Status,
+    what: &'static str,
+    index: usize,
+    count: usize,
+    access: Option<(u64, usize, u64)>,
+) -> FabricError {
     match status {
         Status::Ok => FabricError::Protocol("unexpected reply".into()),
         Status::NotTranslated | Status::NoRegion => FabricError::WindowNotTranslated(index),
-        Status::OutsideWindow => FabricError::OutsideWindow {
-            window: index,
-            offset: 0,
-            len: 0,
-            size: 0,
+        Status::OutsideWindow => match access {
+            Some((offset, len, size)) => registers::outside_window(index, offset, len, size),
+            None => FabricError::Protocol(format!("{what} {index}: answered 'outside window'")),
         },
         Status::NoSuchIndex => FabricError::NoSuchIndex { what, index, count },
         Status::MessageBusy => FabricError::MessageBusy(index),
@@ -688,32 +651,13 @@ impl MemoryWindows for TcpNtb {
 
     fn mw_set_trans(&self, window: usize, addr: BusAddr, size: u64) -> Result<()> {
         self.check_window(window)?;
-        let link = &self.inner.cfg.link;
-        let bad = |why| FabricError::BadTranslation {
-            window,
-            addr,
-            size,
-            why,
-        };
-        if size == 0 {
-            return Err(bad("the size is zero"));
-        }
-        if !addr.is_aligned(link.mw_addr_align) {
-            return Err(bad("the address is not aligned to addr_align"));
-        }
-        if size & (link.mw_size_align - 1) != 0 {
-            return Err(bad("the size is not a multiple of size_align"));
-        }
-        if size > link.mw_size_max {
-            return Err(bad("the size exceeds size_max"));
-        }
+        registers::check_translation(&self.inner.cfg.link, window, addr, size)?;
         self.inner.asp.resolve(addr, size)?;
         let mut windows = lock(&self.inner.windows);
         if let Some(slot) = windows.get_mut(window) {
             *slot = Some(Translation { addr, size });
         }
-        announce(&self.inner, window, size);
-        Ok(())
+        announce(&self.inner, window, size)
     }
 
     fn mw_clear_trans(&self, window: usize) -> Result<()> {
@@ -722,24 +666,25 @@ impl MemoryWindows for TcpNtb {
         if let Some(slot) = windows.get_mut(window) {
             *slot = None;
         }
-        announce(&self.inner, window, 0);
-        Ok(())
+        announce(&self.inner, window, 0)
     }
 }
 
 /// Tells the current connection (up or still in its hello) about a translation change.
-/// Called with the `windows` lock held, so that it cannot cross the hello.
-fn announce(inner: &Inner, window: usize, size: u64) {
+/// Called with the `windows` lock held, so that it cannot cross the hello. A connection that
+/// is closing takes no more frames: that is [`registers::announced`]'s link-down.
+fn announce(inner: &Inner, window: usize, size: u64) -> Result<()> {
     if let Some(s) = lock(&inner.slot).as_ref() {
-        let _ = s.out.push_now(|b| {
+        registers::announced(s.out.push_now(|b| {
             Frame::Trans {
                 window: window as u16,
                 size,
             }
             .encode(b)
-        });
+        }))?;
         s.out.kick();
     }
+    Ok(())
 }
 
 impl PeerWindows for TcpNtb {
@@ -774,15 +719,9 @@ impl PeerWindows for TcpNtb {
                 .encode(b)
             })?;
             if status != Status::Ok {
-                return Err(match reply_error(status, "memory window", window, 0) {
-                    FabricError::OutsideWindow { .. } => FabricError::OutsideWindow {
-                        window,
-                        offset: at,
-                        len: len.into(),
-                        size: peer_size(&s, window).unwrap_or(0),
-                    },
-                    e => e,
-                });
+                let size = peer_size(&s, window).unwrap_or(0);
+                let access = Some((at, piece.len(), size));
+                return Err(reply_error(status, "memory window", window, 0, access));
             }
             if data.len() != piece.len() {
                 return Err(FabricError::Protocol(format!(
@@ -836,25 +775,17 @@ impl Doorbells for TcpNtb {
     }
 
     fn db_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
-        if bits == 0 {
-            return Err(FabricError::InvalidDoorbell {
-                bits,
-                valid: self.db_valid_mask(),
-            });
-        }
-        self.check_db(bits)?;
+        registers::check_db_wait(bits, self.db_valid_mask())?;
         let s = self.inner.session()?;
         wait_on(&self.inner.db, &self.inner.db_cv, &s, timeout, |db| {
-            db.bits & bits & !db.mask
+            registers::deliverable(db.bits, db.mask, bits)
         })
     }
 
     fn peer_db_set(&self, bits: u64) -> Result<()> {
         let s = self.inner.session()?;
-        let valid = lock(&s.peer).db_valid_mask;
-        if bits & !valid != 0 {
-            return Err(FabricError::InvalidDoorbell { bits, valid });
-        }
+        let peer_valid = lock(&s.peer).db_valid_mask;
+        registers::check_peer_doorbells(bits, self.db_valid_mask(), peer_valid)?;
         s.out
             .push_request(|b| Frame::DbSet { bits }.encode(b))
             .map_err(|_| FabricError::LinkDown)?;
@@ -893,13 +824,7 @@ impl Scratchpads for TcpNtb {
     fn peer_spad_read(&self, index: usize) -> Result<u32> {
         let s = self.inner.session()?;
         let count = lock(&s.peer).spad_count;
-        if index >= count {
-            return Err(FabricError::NoSuchIndex {
-                what: "scratchpad",
-                index,
-                count,
-            });
-        }
+        registers::check_index("scratchpad", index, count)?;
         let Reply { status, data } = s.call(
             &self.inner,
             self.inner.cfg.link.completion_timeout,
@@ -912,7 +837,7 @@ impl Scratchpads for TcpNtb {
             },
         )?;
         if status != Status::Ok {
-            return Err(reply_error(status, "scratchpad", index, count));
+            return Err(reply_error(status, "scratchpad", index, count, None));
         }
         let bytes: [u8; 4] = data
             .as_slice()
@@ -924,13 +849,7 @@ impl Scratchpads for TcpNtb {
     fn peer_spad_write(&self, index: usize, value: u32) -> Result<()> {
         let s = self.inner.session()?;
         let count = lock(&s.peer).spad_count;
-        if index >= count {
-            return Err(FabricError::NoSuchIndex {
-                what: "scratchpad",
-                index,
-                count,
-            });
-        }
+        registers::check_index("scratchpad", index, count)?;
         s.out
             .push_request(|b| {
                 Frame::SpadWrite {
@@ -966,7 +885,7 @@ impl Messages for TcpNtb {
     }
 
     fn msg_clear_sts(&self, bits: u64) -> Result<()> {
-        self.check_msg_bits(bits)?;
+        registers::check_messages(bits, self.msg_count())?;
         lock(&self.inner.msgs).sts &= !bits;
         Ok(())
     }
@@ -974,13 +893,7 @@ impl Messages for TcpNtb {
     fn peer_msg_write(&self, index: usize, value: u32) -> Result<()> {
         let s = self.inner.session()?;
         let count = lock(&s.peer).msg_count;
-        if index >= count {
-            return Err(FabricError::NoSuchIndex {
-                what: "message register",
-                index,
-                count,
-            });
-        }
+        registers::check_index("message register", index, count)?;
         let Reply { status, .. } = s.call(
             &self.inner,
             self.inner.cfg.link.completion_timeout,
@@ -995,19 +908,12 @@ impl Messages for TcpNtb {
         )?;
         match status {
             Status::Ok => Ok(()),
-            other => Err(reply_error(other, "message register", index, count)),
+            other => Err(reply_error(other, "message register", index, count, None)),
         }
     }
 
     fn msg_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
-        self.check_msg_bits(bits)?;
-        if bits == 0 {
-            return Err(FabricError::NoSuchIndex {
-                what: "message register",
-                index: 0,
-                count: 0,
-            });
-        }
+        registers::check_msg_wait(bits, self.msg_count())?;
         let s = self.inner.session()?;
         wait_on(&self.inner.msgs, &self.inner.msg_cv, &s, timeout, |m| {
             m.sts & bits

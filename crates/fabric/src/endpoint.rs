@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use devlend_memory::{BusAddr, MemSpan};
 
 use crate::page::{self, ControlPage};
+use crate::registers;
 use crate::sync::WaitEnd;
 use crate::{
     AddressSpace, FabricError, LinkConfig, LinkState, MwAlign, Resolved, Result, WindowOffset,
@@ -288,12 +289,7 @@ impl Session {
                 CPL_OK => self.local.mem().read_at(page::CPL_DATA, chunk)?,
                 CPL_NOT_TRANSLATED => return Err(FabricError::WindowNotTranslated(window)),
                 CPL_OUTSIDE => {
-                    return Err(FabricError::OutsideWindow {
-                        window,
-                        offset: at,
-                        len: chunk.len() as u64,
-                        size,
-                    })
+                    return Err(registers::outside_window(window, at, chunk.len(), size))
                 }
                 other => {
                     return Err(FabricError::Protocol(format!(
@@ -648,36 +644,11 @@ impl Endpoint {
     }
 
     fn check_window(&self, window: usize) -> Result<()> {
-        if window >= self.cfg.mw_count {
-            return Err(FabricError::NoSuchIndex {
-                what: "memory window",
-                index: window,
-                count: self.cfg.mw_count,
-            });
-        }
-        Ok(())
+        registers::check_window(window, self.cfg.mw_count)
     }
 
     pub(crate) fn mw_set_trans(&self, window: usize, addr: BusAddr, size: u64) -> Result<()> {
-        self.check_window(window)?;
-        let bad = |why| FabricError::BadTranslation {
-            window,
-            addr,
-            size,
-            why,
-        };
-        if size == 0 {
-            return Err(bad("the size is zero"));
-        }
-        if !addr.is_aligned(self.cfg.mw_addr_align) {
-            return Err(bad("the address is not aligned to addr_align"));
-        }
-        if size & (self.cfg.mw_size_align - 1) != 0 {
-            return Err(bad("the size is not a multiple of size_align"));
-        }
-        if size > self.cfg.mw_size_max {
-            return Err(bad("the size exceeds size_max"));
-        }
+        registers::check_translation(&self.cfg, window, addr, size)?;
         let target = self.asp.resolve(addr, size)?;
         let translation = LocalWindow { size, target };
         let mut windows = lock(&self.windows);
@@ -688,7 +659,7 @@ impl Endpoint {
         })?;
         *slot = Some(translation.clone());
         if let Ok(s) = self.session() {
-            s.announce.announce(window, Some(&translation))?;
+            registers::announced(s.announce.announce(window, Some(&translation)))?;
         }
         Ok(())
     }
@@ -700,7 +671,7 @@ impl Endpoint {
             *slot = None;
         }
         if let Ok(s) = self.session() {
-            s.announce.announce(window, None)?;
+            registers::announced(s.announce.announce(window, None))?;
         }
         Ok(())
     }
@@ -751,16 +722,8 @@ impl Endpoint {
             return Err(FabricError::BadAccessSize(0));
         }
         self.with_window(window, |s, w| {
-            let size = w.size();
-            match offset.0.checked_add(len as u64) {
-                Some(end) if end <= size => f(s, w),
-                _ => Err(FabricError::OutsideWindow {
-                    window,
-                    offset: offset.0,
-                    len: len as u64,
-                    size,
-                }),
-            }
+            registers::check_access(window, offset.0, len, w.size())?;
+            f(s, w)
         })
     }
 
@@ -812,13 +775,6 @@ impl Endpoint {
 
     // ---- Doorbells ----
 
-    fn check_db(&self, bits: u64, valid: u64) -> Result<()> {
-        if bits & !valid != 0 {
-            return Err(FabricError::InvalidDoorbell { bits, valid });
-        }
-        Ok(())
-    }
-
     pub(crate) fn db_valid_mask(&self) -> u64 {
         self.cfg.db_valid_mask()
     }
@@ -831,7 +787,7 @@ impl Endpoint {
     }
 
     pub(crate) fn db_clear(&self, bits: u64) -> Result<()> {
-        self.check_db(bits, self.db_valid_mask())?;
+        registers::check_doorbells(bits, self.db_valid_mask())?;
         self.page()
             .u64_at(page::DB_BITS)?
             .fetch_and(!bits, Ordering::AcqRel);
@@ -843,13 +799,13 @@ impl Endpoint {
     }
 
     pub(crate) fn db_set_mask(&self, bits: u64) -> Result<()> {
-        self.check_db(bits, self.db_valid_mask())?;
+        registers::check_doorbells(bits, self.db_valid_mask())?;
         self.db_mask.fetch_or(bits, Ordering::AcqRel);
         Ok(())
     }
 
     pub(crate) fn db_clear_mask(&self, bits: u64) -> Result<()> {
-        self.check_db(bits, self.db_valid_mask())?;
+        registers::check_doorbells(bits, self.db_valid_mask())?;
         self.db_mask.fetch_and(!bits, Ordering::AcqRel);
         // Latched bits may now be deliverable.
         self.page().wait_word(page::DB_WAIT)?.wake_all();
@@ -857,11 +813,7 @@ impl Endpoint {
     }
 
     pub(crate) fn db_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
-        let valid = self.db_valid_mask();
-        if bits == 0 {
-            return Err(FabricError::EmptyWait);
-        }
-        self.check_db(bits, valid)?;
+        registers::check_db_wait(bits, self.db_valid_mask())?;
         let s = self.session()?;
         let db = s.local.u64_at(page::DB_BITS)?;
         s.local
@@ -870,7 +822,11 @@ impl Endpoint {
                 self.cfg.spin,
                 deadline_after(timeout),
                 || {
-                    let hit = db.load(Ordering::Acquire) & bits & !self.db_read_mask();
+                    let hit = registers::deliverable(
+                        db.load(Ordering::Acquire),
+                        self.db_read_mask(),
+                        bits,
+                    );
                     (hit != 0).then_some(hit)
                 },
                 || s.is_down(),
@@ -880,7 +836,7 @@ impl Endpoint {
 
     pub(crate) fn peer_db_set(&self, bits: u64) -> Result<()> {
         let s = self.session()?;
-        self.check_db(bits, s.peer_info.db_valid & self.db_valid_mask())?;
+        registers::check_peer_doorbells(bits, self.db_valid_mask(), s.peer_info.db_valid)?;
         s.peer
             .u64_at(page::DB_BITS)?
             .fetch_or(bits, Ordering::AcqRel);
@@ -891,13 +847,7 @@ impl Endpoint {
     // ---- Scratchpads ----
 
     fn spad_index(index: usize, count: usize) -> Result<u64> {
-        if index >= count {
-            return Err(FabricError::NoSuchIndex {
-                what: "scratchpad",
-                index,
-                count,
-            });
-        }
+        registers::check_index("scratchpad", index, count)?;
         Ok(ControlPage::spad_offset(index))
     }
 
@@ -925,46 +875,20 @@ impl Endpoint {
 
     // ---- Messages ----
 
-    fn msg_mask(count: usize) -> u64 {
-        if count >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << count) - 1
-        }
-    }
-
-    fn check_msg_bits(&self, bits: u64) -> Result<()> {
-        let extra = bits & !Self::msg_mask(self.cfg.msg_count);
-        if extra != 0 {
-            return Err(FabricError::NoSuchIndex {
-                what: "message register",
-                index: extra.trailing_zeros() as usize,
-                count: self.cfg.msg_count,
-            });
-        }
-        Ok(())
-    }
-
     pub(crate) fn msg_read_sts(&self) -> u64 {
         self.page()
             .u64_at(page::MSG_STS)
             .map_or(0, |w| w.load(Ordering::Acquire))
-            & Self::msg_mask(self.cfg.msg_count)
+            & registers::mask_of(self.cfg.msg_count)
     }
 
     pub(crate) fn msg_read(&self, index: usize) -> Result<u32> {
-        if index >= self.cfg.msg_count {
-            return Err(FabricError::NoSuchIndex {
-                what: "message register",
-                index,
-                count: self.cfg.msg_count,
-            });
-        }
+        registers::check_index("message register", index, self.cfg.msg_count)?;
         Ok(self.page().mem().load_u32(ControlPage::msg_offset(index))?)
     }
 
     pub(crate) fn msg_clear_sts(&self, bits: u64) -> Result<()> {
-        self.check_msg_bits(bits)?;
+        registers::check_messages(bits, self.cfg.msg_count)?;
         self.page()
             .u64_at(page::MSG_STS)?
             .fetch_and(!bits, Ordering::AcqRel);
@@ -973,13 +897,7 @@ impl Endpoint {
 
     pub(crate) fn peer_msg_write(&self, index: usize, value: u32) -> Result<()> {
         let s = self.session()?;
-        if index >= s.peer_info.msg_count {
-            return Err(FabricError::NoSuchIndex {
-                what: "message register",
-                index,
-                count: s.peer_info.msg_count,
-            });
-        }
+        registers::check_index("message register", index, s.peer_info.msg_count)?;
         let bit = 1u64 << index;
         let _serialize = lock(&self.msg_write);
         let sts = s.peer.u64_at(page::MSG_STS)?;
@@ -995,10 +913,7 @@ impl Endpoint {
     }
 
     pub(crate) fn msg_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
-        self.check_msg_bits(bits)?;
-        if bits == 0 {
-            return Err(FabricError::EmptyWait);
-        }
+        registers::check_msg_wait(bits, self.cfg.msg_count)?;
         let s = self.session()?;
         let sts = s.local.u64_at(page::MSG_STS)?;
         s.local

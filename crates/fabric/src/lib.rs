@@ -51,6 +51,7 @@ mod error;
 pub mod fuzzing;
 pub mod loopback;
 mod page;
+pub mod registers;
 pub mod shm;
 mod sync;
 

@@ -6,6 +6,7 @@
 //! - [`netns`]: two network namespaces joined by a veth pair (runs `ip`, calls `setns`; root).
 //! - [`guest`]: boots a throw-away QEMU guest that runs one script (VM tests, `bench vm`), and
 //!   runs vfio-user servers as child processes.
+//! - [`conformance`]: one NTB conformance suite, run against every backend.
 //! - [`tcp`], [`proxy`]: hosts for tcp fabric tests and a TCP proxy that injects faults.
 //! - the `devlend-tcp-host` binary: one side of a tcp link, run in a namespace by
 //!   `tests/tcp_netns.rs`.
@@ -13,6 +14,7 @@
 //! Fuzzing entry points stay in the crates whose internals they reach, behind each crate's
 //! `fuzzing` feature (enabled only by its `fuzz/` package).
 
+pub mod conformance;
 pub mod guest;
 pub mod netns;
 pub mod proxy;
