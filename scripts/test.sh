@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 echo "== setup: VM components (cached in ${DEVLEND_CACHE:-$PWD/.cache})"
 bash scripts/vm-setup.sh
 
-echo "== setup: system packages (etcd for the cluster tests)"
+echo "== setup: system packages (etcd, pciutils, prometheus's promtool, tmux)"
 bash scripts/deps.sh
 
 echo "== cargo fmt --check"

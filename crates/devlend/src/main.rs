@@ -41,6 +41,10 @@ enum Cmd {
     Status(cmd::verbs::PlainArgs),
     /// Run the user-space NVMe driver on a borrowed device: write, flush, read back, verify.
     Check(cmd::verbs::CheckArgs),
+    /// Show the devices this host sees (its own and borrowed) as `lspci` would (-v, -vv).
+    Lspci(cmd::lspci::Args),
+    /// A live view of this node's links and devices and their rates.
+    Top(cmd::top::Args),
     /// Create TLS keys for hosts that link over tcp (a private CA plus one key pair per host).
     Keygen(cmd::verbs::KeygenArgs),
     /// Runs the demo: a lender and a borrower host on this machine, lending an NVMe device.
@@ -87,6 +91,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Reclaim(a) => cmd::verbs::reclaim(a),
         Cmd::Status(a) => cmd::verbs::status(a),
         Cmd::Check(a) => cmd::verbs::check(a),
+        Cmd::Lspci(a) => cmd::lspci::run(a),
+        Cmd::Top(a) => cmd::top::run(a),
         Cmd::Keygen(a) => cmd::verbs::keygen(a),
         Cmd::Demo(a) => cmd::demo::run(a),
         Cmd::Serve(a) => cmd::serve::run(a),

@@ -198,6 +198,19 @@ impl VirtualBars {
     }
 }
 
+/// A lease this host granted, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseStatus {
+    /// The lent device.
+    pub device: String,
+    /// Lease id.
+    pub lease: u64,
+    /// The borrower holding it.
+    pub holder: String,
+    /// Milliseconds until it expires unless renewed.
+    pub expires_in_ms: u64,
+}
+
 struct Lease {
     id: u64,
     link: Weak<Inner>,
@@ -263,6 +276,8 @@ struct State {
 /// The lending half of a node.
 pub(crate) struct Lender {
     state: Mutex<State>,
+    /// Heartbeats that renewed a lease (for metrics).
+    pub(crate) renewals: std::sync::atomic::AtomicU64,
 }
 
 impl Lender {
@@ -272,6 +287,7 @@ impl Lender {
                 next_lease: 1,
                 ..State::default()
             }),
+            renewals: Default::default(),
         }
     }
 
@@ -374,6 +390,25 @@ impl Lender {
         Ok(())
     }
 
+    pub(crate) fn leases(&self) -> Vec<LeaseStatus> {
+        let now = Instant::now();
+        self.state()
+            .devices
+            .values()
+            .filter_map(|d| {
+                d.lease.as_ref().map(|l| LeaseStatus {
+                    device: d.name.clone(),
+                    lease: l.id,
+                    holder: l.borrower.clone(),
+                    expires_in_ms: u64::try_from(
+                        l.deadline.saturating_duration_since(now).as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
+                })
+            })
+            .collect()
+    }
+
     pub(crate) fn list(&self, owner: &str) -> Vec<DeviceDesc> {
         self.state()
             .devices
@@ -394,6 +429,8 @@ impl Lender {
             Request::Return { lease } => self.end_lease(lease, "returned").map(|_| Response::Ok),
             Request::Heartbeat { lease } => self.with_lease(lease, |_, l| {
                 l.deadline = Instant::now() + l.lease;
+                self.renewals
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(Response::Ok)
             }),
             Request::ConfigRead {

@@ -32,7 +32,7 @@ pub mod protocol;
 
 pub use borrower::BorrowedFunction;
 pub use error::LendingError;
-pub use lender::DeviceBuilder;
+pub use lender::{DeviceBuilder, LeaseStatus};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -247,6 +247,8 @@ pub struct NodeStatus {
     pub lending: Vec<DeviceDesc>,
     /// Devices this host holds from its peers.
     pub borrowed: Vec<DeviceDesc>,
+    /// Leases this host granted (lender side).
+    pub leases: Vec<LeaseStatus>,
 }
 
 impl Node {
@@ -563,6 +565,11 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner()) = hook;
     }
 
+    /// Lease renewals (heartbeats) this node granted as a lender, since it started.
+    pub fn lease_renewals(&self) -> u64 {
+        self.host.lender.renewals.load(Ordering::Relaxed)
+    }
+
     /// A status snapshot.
     pub fn status(&self) -> NodeStatus {
         let mut links = Vec::new();
@@ -592,6 +599,7 @@ impl Node {
             links,
             lending: self.local_devices(),
             borrowed,
+            leases: self.host.lender.leases(),
         }
     }
 }

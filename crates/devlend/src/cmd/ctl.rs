@@ -99,6 +99,13 @@ pub enum CtlRequest {
         /// Byte offset on the device.
         offset: u64,
     },
+    /// Config-space snapshots of the devices this host sees (all, or one).
+    Lspci {
+        /// Only this device.
+        name: Option<String>,
+    },
+    /// Every counter now (for `devlend top`).
+    Metrics,
     /// Stop the daemon.
     Shutdown,
 }

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::ctl::{CtlRequest, CtlResponse, DEFAULT_STATE, SOCKET_NAME};
+use super::observe::Observe;
 use crate::host;
 use crate::vm;
 
@@ -70,9 +71,12 @@ pub struct Args {
     #[arg(long, value_name = "SECONDS")]
     registry_ttl: Option<u64>,
     /// A TOML file with any of: name, fabric, state, keys, lease_ms, tcp_cpus, registry,
-    /// cluster_addr, cluster_shm, registry_ttl.
+    /// cluster_addr, cluster_shm, registry_ttl, metrics.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics (text format) on http://ADDR:PORT/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Deserialize, Default)]
@@ -88,6 +92,7 @@ struct FileConfig {
     cluster_addr: Option<std::net::IpAddr>,
     cluster_shm: Option<PathBuf>,
     registry_ttl: Option<u64>,
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// The resolved settings of a node.
@@ -106,6 +111,8 @@ pub struct Settings {
     pub borrow: Option<(String, Option<PathBuf>)>,
     /// Cluster membership (`--registry`).
     pub cluster: Option<crate::cluster::ClusterOptions>,
+    /// Where to serve metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 fn hostname() -> String {
@@ -187,6 +194,7 @@ impl Args {
             lease: Duration::from_millis(self.lease_ms.or(file.lease_ms).unwrap_or(3000)),
             borrow: self.borrow.map(|b| (b, self.vfio_user)),
             cluster,
+            metrics: self.metrics.or(file.metrics),
         })
     }
 }
@@ -206,6 +214,9 @@ struct Daemon {
     vms: Mutex<HashMap<String, vm::Attachment>>,
     /// The state directory (default home of vfio-user sockets for VMs).
     state: PathBuf,
+    /// Counters, the metrics page, lspci snapshots.
+    observe: Arc<Observe>,
+    insecure_tcp: bool,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or a `shutdown` request.
@@ -225,15 +236,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let mut cfg = NodeConfig::new(&s.name);
     cfg.lease = s.lease;
-    let (node, cluster) = match &s.cluster {
+    let (node, cluster, observe) = match &s.cluster {
         Some(c) => {
             let (cluster, node) =
                 crate::cluster::Cluster::start(&s.name, c.clone(), s.tcp.clone(), cfg)?;
-            (node, Some(cluster))
+            (node, Some(cluster), Observe::new(&[], Vec::new()).0)
         }
         None => {
             let ntbs = host::open_fabrics(&s.fabrics, &s.tcp)?;
-            (Arc::new(Node::start(cfg, ntbs)?), None)
+            let (observe, ntbs) = Observe::new(&s.fabrics, ntbs);
+            (Arc::new(Node::start(cfg, ntbs)?), None, observe)
         }
     };
     // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
@@ -257,7 +269,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         servers: Mutex::new(HashMap::new()),
         vms: Mutex::new(HashMap::new()),
         state: s.state.clone(),
+        observe: Arc::new(observe),
+        insecure_tcp: s.tcp.insecure,
     });
+    if let Some(addr) = s.metrics {
+        let d = daemon.clone();
+        let bound = super::observe::serve_metrics(addr, move || d.observe.render(&d.node))?;
+        eprintln!("devlend node {}: metrics on http://{bound}/metrics", s.name);
+    }
     if let Some((name, socket)) = s.borrow.clone() {
         let d = daemon.clone();
         std::thread::spawn(move || startup_borrow(&d, &name, socket));
@@ -395,9 +414,11 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             if let Some(c) = &d.cluster {
                 c.check_device_name(&name)?;
             }
-            let desc = d
-                .node
-                .add_device(&name, &detail, host::nvme_builder(opts))?;
+            let desc = d.node.add_device(
+                &name,
+                &detail,
+                d.observe.meter_builder(&name, host::nvme_builder(opts)),
+            )?;
             if let Some(c) = &d.cluster {
                 // A name that exists elsewhere in the cluster is refused; nothing stays.
                 if let Err(e) = c.register_device(&name, &detail) {
@@ -449,12 +470,14 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             ..
         } => {
             let f = borrow_fn(d, &name)?;
+            d.observe.note_borrowed(&name);
             let mut out = json!({"name": name, "owner": f.device().owner, "lease": f.lease()});
             if let Some(t) = d.cluster.as_ref().and_then(|c| c.borrow_timing(&name)) {
                 out["timing"] = t;
             }
             if let Some(sock) = vfio_user {
-                let server = host::VfioServer::start(f, &sock)?;
+                let server =
+                    host::VfioServer::start(d.observe.meter_borrowed(&name, f.clone()), &sock)?;
                 eprintln!(
                     "devlend node: {name}: vfio-user server listening on {}",
                     sock.display()
@@ -486,6 +509,7 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             if let Some(c) = &d.cluster {
                 v["cluster"] = c.status();
             }
+            v["link_details"] = serde_json::to_value(d.observe.link_details(d.insecure_tcp))?;
             let vms = d.vms.lock().unwrap_or_else(|e| e.into_inner());
             let servers = d.servers.lock().unwrap_or_else(|e| e.into_inner());
             for b in v["borrowed"].as_array_mut().into_iter().flatten() {
@@ -509,9 +533,13 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             let f = d.node.borrowed(&name).ok_or_else(|| {
                 anyhow::anyhow!("{name} is not borrowed here; run `devlend borrow {name}` first")
             })?;
-            let summary = host::check_device(f, offset, bytes)?;
+            let summary = host::check_device(d.observe.meter_borrowed(&name, f), offset, bytes)?;
             json!({"summary": summary})
         }
+        CtlRequest::Lspci { name } => {
+            serde_json::to_value(d.observe.lspci(&d.node, name.as_deref())?)?
+        }
+        CtlRequest::Metrics => serde_json::to_value(d.observe.snapshot(&d.node))?,
         CtlRequest::Shutdown => {
             STOP.store(true, Ordering::Release);
             json!({})

@@ -381,6 +381,31 @@ pub fn status(a: PlainArgs) -> anyhow::Result<()> {
                 s.push_str(&format!("           served over vfio-user at {sock}\n"));
             }
         }
+        for l in v["link_details"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "  link {}: peer address {}, TLS identity {}\n",
+                l["spec"].as_str().unwrap_or("?"),
+                l["address"].as_str().unwrap_or("?"),
+                l["tls_identity"].as_str().unwrap_or("?")
+            ));
+        }
+        for l in v["leases"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "  lease {} on {} held by {}, expires in {} ms unless renewed\n",
+                l["lease"],
+                l["device"].as_str().unwrap_or("?"),
+                l["holder"].as_str().unwrap_or("?"),
+                l["expires_in_ms"]
+            ));
+        }
+        for b in v["borrowed"].as_array().into_iter().flatten() {
+            if let Some(sock) = b["vfio_user"].as_str() {
+                s.push_str(&format!(
+                    "  vfio-user: {} served at {sock}\n",
+                    b["name"].as_str().unwrap_or("?")
+                ));
+            }
+        }
         s
     });
     Ok(())

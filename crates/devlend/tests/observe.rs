@@ -1,0 +1,352 @@
+//! What an operator sees of running nodes: `devlend lspci`, `status`'s leases and links, the
+//! Prometheus endpoint (checked by Prometheus's own `promtool`), and `devlend top` in a real
+//! terminal (tmux). Two `devlend node` processes on `shm`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{exe, scratch, NodeProcess};
+
+/// A tool the tests compare against, installed by scripts/deps.sh; missing only fails with CI.
+fn tool(name: &str) -> Option<String> {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is missing: run scripts/deps.sh"
+        );
+        eprintln!("skipping: {name} is not installed (scripts/deps.sh installs it)");
+    }
+    found
+}
+
+/// The metrics address a node printed at start-up (it was given port 0).
+fn metrics_addr(log: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(rest) = text.split("metrics on http://").nth(1) {
+            return rest.split('/').next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no metrics address in {log:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn get(addr: &str, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.to_string(), body.to_string())
+}
+
+/// The value of the series starting with `prefix` on a metrics page.
+fn series(page: &str, prefix: &str) -> u64 {
+    page.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no series {prefix} in\n{page}"))
+}
+
+fn pair(dir: &Path) -> (NodeProcess, NodeProcess) {
+    let fabric = format!("shm:{}", dir.join("fabric").display());
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let lender = NodeProcess::start_with(
+        Command::new(exe()),
+        dir,
+        "lender",
+        std::slice::from_ref(&fabric),
+        3000,
+        &metrics,
+    );
+    let borrower = NodeProcess::start_with(
+        Command::new(exe()),
+        dir,
+        "borrower",
+        &[fabric],
+        3000,
+        &metrics,
+    );
+    let image = dir.join("disk.img");
+    lender.ctl_ok(&[
+        "add",
+        "nvme",
+        "--name",
+        "nvme0",
+        "--size",
+        "64M",
+        "--image",
+        image.to_str().unwrap(),
+    ]);
+    borrower.wait_peer_lists("nvme0");
+    (lender, borrower)
+}
+
+#[test]
+fn lspci_and_status_show_devices_leases_and_links() {
+    let dir = scratch("observe-lspci");
+    let (lender, borrower) = pair(&dir);
+    // Before the borrow: the lender's own device, not lent; the borrower sees nothing.
+    let own = lender.ctl_ok(&["lspci", "-vv"]);
+    assert!(
+        own.contains("\tDevlend: nvme0 owned here, not lent\n"),
+        "{own}"
+    );
+    assert_eq!(
+        borrower.ctl_ok(&["lspci"]),
+        "no devices (add one with `devlend add nvme --image PATH`, or borrow one)\n"
+    );
+    borrower.ctl_ok(&["borrow", "nvme0"]);
+    let vv = borrower.ctl_ok(&["lspci", "nvme0", "-vv"]);
+    for line in [
+        "dl:00.0 Non-Volatile memory controller: Device 1dec:0001 (prog-if 02 [NVM Express])\n",
+        "\tDevlend: nvme0 borrowed from lender\n",
+        "\tRegion 0: Memory at <unassigned> (64-bit, non-prefetchable) [disabled] [size=16K]\n",
+        "\tCapabilities: [40] Power Management version 3\n",
+        "\tCapabilities: [48] Express (v2) Endpoint, MSI 00\n",
+        "\tCapabilities: [84] MSI-X: Enable- Count=17 Masked-\n",
+    ] {
+        assert!(vv.contains(line), "missing {line:?} in\n{vv}");
+    }
+    // The driver's set-up (memory, bus mastering, MSI-X) shows in the borrower's view.
+    borrower.ctl_ok(&["check", "nvme0", "--bytes", "64K", "--offset", "1M"]);
+    let after = borrower.ctl_ok(&["lspci", "nvme0", "-vv"]);
+    assert!(after.contains("\tControl: I/O- Mem+ BusMaster+"), "{after}");
+    assert!(after.contains("MSI-X: Enable+ Count=17"), "{after}");
+    let lent = lender.ctl_ok(&["lspci", "-v"]);
+    assert!(
+        lent.contains("\tDevlend: nvme0 owned here, lent to borrower\n"),
+        "{lent}"
+    );
+    let missing = borrower.ctl(&["lspci", "nvme9"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no device \"nvme9\" here"));
+
+    let st: serde_json::Value =
+        serde_json::from_str(&lender.ctl_ok(&["status", "--json"])).unwrap();
+    let lease = &st["leases"][0];
+    assert_eq!(lease["device"], "nvme0");
+    assert_eq!(lease["holder"], "borrower");
+    assert!(lease["lease"].as_u64().unwrap() >= 1);
+    assert!(lease["expires_in_ms"].as_u64().unwrap() <= 3000);
+    assert_eq!(st["link_details"][0]["tls_identity"], "none (shm)");
+    let text = lender.ctl_ok(&["status"]);
+    assert!(text.contains("lease "), "{text}");
+    assert!(text.contains("held by borrower"), "{text}");
+    drop((lender, borrower));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn metrics_endpoint_counts_io_and_passes_promtool() {
+    let dir = scratch("observe-metrics");
+    let (lender, borrower) = pair(&dir);
+    let b_addr = metrics_addr(&dir.join("borrower.log"));
+    let l_addr = metrics_addr(&dir.join("lender.log"));
+    borrower.ctl_ok(&["borrow", "nvme0"]);
+    let (head, before) = get(&b_addr, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert!(get(&b_addr, "/other").0.starts_with("HTTP/1.1 404"));
+    let dev = "{node=\"borrower\",device=\"nvme0\",role=\"borrowed\"}";
+    let lent = "{node=\"lender\",device=\"nvme0\",role=\"lent\"}";
+    let mmio_before = before
+        .lines()
+        .find(|l| l.starts_with(&format!("devlend_device_mmio_writes_total{dev}")))
+        .map(|_| series(&before, &format!("devlend_device_mmio_writes_total{dev}")))
+        .unwrap_or(0);
+    let (_, l_before) = get(&l_addr, "/metrics");
+    let dma_before = series(
+        &l_before,
+        &format!("devlend_device_dma_write_bytes_total{lent}"),
+    );
+    borrower.ctl_ok(&["check", "nvme0", "--bytes", "256K", "--offset", "1M"]);
+    let (_, page) = get(&b_addr, "/metrics");
+    let (_, l_page) = get(&l_addr, "/metrics");
+    assert!(series(&page, &format!("devlend_device_mmio_writes_total{dev}")) > mmio_before);
+    assert!(series(&page, &format!("devlend_device_interrupts_total{dev}")) > 0);
+    assert!(
+        series(
+            &page,
+            &format!("devlend_device_round_trip_seconds_count{dev}")
+        ) > 0
+    );
+    assert!(
+        series(
+            &l_page,
+            &format!("devlend_device_dma_read_bytes_total{lent}")
+        ) >= 256 << 10,
+        "the device read the written data from borrower memory"
+    );
+    assert!(
+        series(
+            &l_page,
+            &format!("devlend_device_dma_write_bytes_total{lent}")
+        ) >= dma_before + (256 << 10),
+        "the device wrote the read-back data into borrower memory"
+    );
+    // Heartbeats renew the lease every quarter of it (750 ms here): the count starts moving.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while series(
+        &get(&l_addr, "/metrics").1,
+        "devlend_lease_renewals_total{node=\"lender\"}",
+    ) == 0
+    {
+        assert!(Instant::now() < deadline, "no lease renewal counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        series(&page, "devlend_link_up{node=\"borrower\",link=\"0\""),
+        1
+    );
+    if let Some(promtool) = tool("promtool") {
+        for p in [&page, &l_page] {
+            let mut child = Command::new(&promtool)
+                .args(["check", "metrics"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(p.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    drop((lender, borrower));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A tmux server of this test's own (its own socket), killed on drop.
+struct Tmux {
+    bin: String,
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.bin)
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tmux {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.bin)
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+    }
+}
+
+/// The MMIO-WR/s figure of nvme0 on a captured `top` screen.
+fn mmio_writes_per_s(screen: &str) -> Option<f64> {
+    let line = screen
+        .lines()
+        .find(|l| l.starts_with("nvme0") && l.contains("borrowed"))?;
+    line.split_whitespace().nth(4)?.parse().ok()
+}
+
+#[test]
+fn top_shows_rates_that_change_while_io_runs() {
+    let Some(bin) = tool("tmux") else { return };
+    let dir = scratch("observe-top");
+    let (lender, borrower) = pair(&dir);
+    borrower.ctl_ok(&["borrow", "nvme0"]);
+    let tmux = Tmux {
+        bin,
+        socket: format!("devlend-top-{}", std::process::id()),
+    };
+    let cmd = format!(
+        "{} top --state {} --interval 0.3",
+        exe(),
+        borrower.state.display()
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-x",
+        "150",
+        "-y",
+        "30",
+        "-s",
+        "top",
+        "sh",
+    ]);
+    tmux.run(&["send-keys", "-t", "top", &cmd, "Enter"]);
+    // Idle first: the view is up and nvme0 shows no writes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let idle = loop {
+        let screen = tmux.run(&["capture-pane", "-p", "-t", "top"]);
+        if screen.contains("devlend top - node borrower") && !screen.contains("rates from the next")
+        {
+            if let Some(v) = mmio_writes_per_s(&screen) {
+                break v;
+            }
+        }
+        assert!(Instant::now() < deadline, "top never drew:\n{screen}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(idle, 0.0, "no I/O yet");
+    // I/O in the background; the figure must rise above zero on the live screen.
+    let state = borrower.state.clone();
+    let io = std::thread::spawn(move || {
+        for i in 0..20u64 {
+            let out = Command::new(exe())
+                .args(["check", "nvme0", "--bytes", "256K", "--offset"])
+                .arg(format!("{}M", 1 + i))
+                .arg("--state")
+                .arg(&state)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let busy = loop {
+        let screen = tmux.run(&["capture-pane", "-p", "-t", "top"]);
+        if let Some(v) = mmio_writes_per_s(&screen).filter(|v| *v > 0.0) {
+            break (v, screen);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rates never moved:\n{screen}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    io.join().unwrap();
+    assert!(busy.0 > 0.0, "{}", busy.1);
+    assert!(
+        !busy.1.contains('\x1b'),
+        "capture-pane shows text, not escapes"
+    );
+    tmux.run(&["send-keys", "-t", "top", "C-c", ""]);
+    drop((lender, borrower));
+    let _ = std::fs::remove_dir_all(&dir);
+}
