@@ -16,7 +16,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "devlend",
     version,
-    about = "PCIe device lending over an emulated NTB"
+    about = "PCIe device lending over an emulated NTB",
+    after_help = "Environment:\n  DEVLEND_LOG    log level or filter for stderr (error, warn [default], info, debug, trace; \n                 or per module, e.g. devlend_lending=debug); lend, return, lease expiry and\n                 removal are logged at info\n  DEVLEND_STATE  the node's state directory (instead of --state)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -80,6 +81,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a log file or pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.cmd {

@@ -350,3 +350,56 @@ fn top_shows_rates_that_change_while_io_runs() {
     drop((lender, borrower));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn logs_have_no_colour_codes_off_a_terminal_and_help_names_devlend_log() {
+    let dir = scratch("observe-logs");
+    let fabric = format!("shm:{}", dir.join("fabric").display());
+    let mut cmd = Command::new(exe());
+    cmd.env("DEVLEND_LOG", "info");
+    let lender = NodeProcess::start_with(
+        cmd,
+        &dir,
+        "lender",
+        std::slice::from_ref(&fabric),
+        3000,
+        &[],
+    );
+    let borrower =
+        NodeProcess::start_with(Command::new(exe()), &dir, "borrower", &[fabric], 3000, &[]);
+    let image = dir.join("disk.img");
+    lender.ctl_ok(&[
+        "add",
+        "nvme",
+        "--name",
+        "nvme0",
+        "--size",
+        "16M",
+        "--image",
+        image.to_str().unwrap(),
+    ]);
+    borrower.wait_peer_lists("nvme0");
+    borrower.ctl_ok(&["borrow", "nvme0"]);
+    let log = dir.join("lender.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("lent nvme0 to borrower") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no info line for the lend in\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(text.contains(" INFO "), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes in a log file:\n{text:?}"
+    );
+    let help = Command::new(exe()).arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("DEVLEND_LOG"));
+    drop((lender, borrower));
+    let _ = std::fs::remove_dir_all(&dir);
+}
