@@ -46,6 +46,13 @@ enum Cmd {
     Lspci(cmd::lspci::Args),
     /// A live view of this node's links and devices and their rates.
     Top(cmd::top::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `devlend man > devlend.1 && man ./devlend.1`.
+    Man,
     /// Create TLS keys for hosts that link over tcp (a private CA plus one key pair per host).
     Keygen(cmd::verbs::KeygenArgs),
     /// Runs the demo: a lender and a borrower host on this machine, lending an NVMe device.
@@ -95,6 +102,14 @@ fn main() -> std::process::ExitCode {
         Cmd::Status(a) => cmd::verbs::status(a),
         Cmd::Check(a) => cmd::verbs::check(a),
         Cmd::Lspci(a) => cmd::lspci::run(a),
+        Cmd::Completions { shell } => {
+            let mut c = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut c, "devlend", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .map_err(anyhow::Error::from),
         Cmd::Top(a) => cmd::top::run(a),
         Cmd::Keygen(a) => cmd::verbs::keygen(a),
         Cmd::Demo(a) => cmd::demo::run(a),

@@ -403,3 +403,46 @@ fn logs_have_no_colour_codes_off_a_terminal_and_help_names_devlend_log() {
     drop((lender, borrower));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn completions_man_page_and_the_example_config() {
+    let bash = Command::new(exe())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(bash.status.success());
+    let bash = String::from_utf8_lossy(&bash.stdout);
+    assert!(
+        bash.contains("_devlend()") && bash.contains("lspci"),
+        "{bash}"
+    );
+    let man = Command::new(exe()).arg("man").output().unwrap();
+    assert!(man.status.success());
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH devlend"),
+        "{man}"
+    );
+    assert!(man.contains("lspci"));
+    // The repository's example config parses and starts a node (its state, fabric and metrics
+    // address overridden so the test owns them).
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/node.toml");
+    let text = std::fs::read_to_string(example).unwrap();
+    assert!(text.contains("metrics = "));
+    let dir = scratch("observe-config");
+    let fabric = format!("shm:{}", dir.join("fabric").display());
+    let node = NodeProcess::start_with(
+        Command::new(exe()),
+        &dir,
+        "lender",
+        &[fabric],
+        3000,
+        &["--config", example, "--metrics", "127.0.0.1:0"],
+    );
+    let st: serde_json::Value = serde_json::from_str(&node.ctl_ok(&["status", "--json"])).unwrap();
+    assert_eq!(st["name"], "lender");
+    let addr = metrics_addr(&dir.join("lender.log"));
+    assert!(get(&addr, "/metrics").0.starts_with("HTTP/1.1 200"));
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
