@@ -446,3 +446,40 @@ fn completions_man_page_and_the_example_config() {
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_restarted_lender_lends_again_and_a_restarted_borrower_says_what_it_held() {
+    let dir = scratch("observe-restart");
+    let (mut lender, mut borrower) = pair(&dir);
+    assert!(dir.join("lender/devices.json").exists());
+    borrower.ctl_ok(&["borrow", "nvme0"]);
+    // The borrower dies holding nvme0; a new one on the same state says so.
+    borrower.kill9();
+    let fabric = format!("shm:{}", dir.join("fabric").display());
+    let borrower = NodeProcess::start_with(
+        Command::new(exe()),
+        &dir,
+        "borrower",
+        std::slice::from_ref(&fabric),
+        3000,
+        &[],
+    );
+    let log = std::fs::read_to_string(dir.join("borrower.log")).unwrap();
+    assert!(
+        log.contains("held nvme0 before the restart; no longer holds it"),
+        "{log}"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&borrower.ctl_ok(&["status", "--json"])).unwrap();
+    assert_eq!(st["borrowed"].as_array().unwrap().len(), 0);
+    // The lender dies; restarted on its state directory it offers nvme0 again, unasked.
+    lender.kill9();
+    let lender = NodeProcess::start_with(Command::new(exe()), &dir, "lender", &[fabric], 3000, &[]);
+    let list = lender.ctl_ok(&["list"]);
+    assert!(list.contains("nvme0"), "{list}");
+    borrower.wait_peer_lists("nvme0");
+    borrower.ctl_ok(&["borrow", "nvme0"]);
+    borrower.ctl_ok(&["check", "nvme0", "--bytes", "64K", "--offset", "1M"]);
+    drop((lender, borrower));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod lspci;
 pub mod node;
 pub mod observe;
+pub mod persist;
 pub mod serve;
 pub mod top;
 pub mod verbs;

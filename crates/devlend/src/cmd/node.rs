@@ -277,6 +277,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let bound = super::observe::serve_metrics(addr, move || d.observe.render(&d.node))?;
         eprintln!("devlend node {}: metrics on http://{bound}/metrics", s.name);
     }
+    for name in super::persist::take_held(&s.state)? {
+        tracing::warn!(
+            "before this node restarted it held {name}; it no longer holds it (its lease ended with the old process)"
+        );
+        eprintln!(
+            "devlend node {}: held {name} before the restart; no longer holds it",
+            s.name
+        );
+    }
+    for req in super::persist::devices(&s.state)? {
+        if let CtlRequest::Add { name, .. } = &req {
+            match handle(&daemon, req.clone()) {
+                Ok(_) => eprintln!(
+                    "devlend node {}: lending {name} again (from {})",
+                    s.name,
+                    super::persist::DEVICES
+                ),
+                Err(e) => eprintln!(
+                    "devlend node {}: could not lend {name} again: {e:#}",
+                    s.name
+                ),
+            }
+        }
+    }
     if let Some((name, socket)) = s.borrow.clone() {
         let d = daemon.clone();
         std::thread::spawn(move || startup_borrow(&d, &name, socket));
@@ -366,7 +390,10 @@ fn serve_connection(d: &Daemon, stream: UnixStream) {
         return;
     }
     let resp = match serde_json::from_str::<CtlRequest>(&line) {
-        Ok(req) => match handle(d, req) {
+        Ok(req) => match handle(d, req.clone()).and_then(|v| {
+            super::persist::record(&d.state, &req)?;
+            Ok(v)
+        }) {
             Ok(result) => CtlResponse {
                 ok: true,
                 result,
