@@ -483,3 +483,68 @@ fn a_restarted_lender_lends_again_and_a_restarted_borrower_says_what_it_held() {
     drop((lender, borrower));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_long_check_prints_no_progress_when_stderr_is_not_a_terminal() {
+    let dir = scratch("observe-progress");
+    let (lender, borrower) = pair(&dir);
+    borrower.ctl_ok(&["borrow", "nvme0"]);
+    let start = Instant::now();
+    // 16 MiB through the borrowed device takes well over the progress delay here.
+    let out = borrower.ctl(&["check", "nvme0", "--bytes", "16M", "--offset", "1M"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        start.elapsed() > Duration::from_secs(1),
+        "the check was too short to show progress; make it longer"
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "progress bytes on a pipe: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop((lender, borrower));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_long_check_shows_progress_in_a_terminal() {
+    let Some(bin) = tool("tmux") else { return };
+    let dir = scratch("observe-progress-tty");
+    let (lender, borrower) = pair(&dir);
+    borrower.ctl_ok(&["borrow", "nvme0"]);
+    let tmux = Tmux {
+        bin,
+        socket: format!("devlend-progress-{}", std::process::id()),
+    };
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-x",
+        "150",
+        "-y",
+        "20",
+        "-s",
+        "p",
+        "sh",
+    ]);
+    let cmd = format!(
+        "{} check nvme0 --bytes 48M --offset 1M --state {}; echo CHECK-DONE",
+        exe(),
+        borrower.state.display()
+    );
+    tmux.run(&["send-keys", "-t", "p", &cmd, "Enter"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = false;
+    loop {
+        let screen = tmux.run(&["capture-pane", "-p", "-t", "p"]);
+        seen |= screen.contains("devlend: check... ");
+        if screen.contains("\nCHECK-DONE") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "check never ended:\n{screen}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(seen, "no progress line while the check ran");
+    drop((lender, borrower));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -129,6 +129,11 @@ pub fn call(
     req: &CtlRequest,
     timeout: Duration,
 ) -> anyhow::Result<serde_json::Value> {
+    let what = serde_json::to_value(req)
+        .ok()
+        .and_then(|v| v["verb"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "working".into());
+    let _progress = super::progress::Progress::start(what);
     let path = state.join(SOCKET_NAME);
     let mut stream = UnixStream::connect(&path).with_context(|| {
         format!(

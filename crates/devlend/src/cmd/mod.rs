@@ -13,6 +13,7 @@ pub mod lspci;
 pub mod node;
 pub mod observe;
 pub mod persist;
+pub mod progress;
 pub mod serve;
 pub mod top;
 pub mod verbs;
