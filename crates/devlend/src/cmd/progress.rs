@@ -29,7 +29,7 @@ impl Progress {
                 while !done.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(100));
                     let t = start.elapsed();
-                    if t >= Self::DELAY && t.subsec_millis() < 100 || (!shown && t >= Self::DELAY) {
+                    if t >= Self::DELAY && (t.subsec_millis() < 100 || !shown) {
                         let mut e = std::io::stderr().lock();
                         let _ = write!(e, "\r\x1b[2Kdevlend: {what}... {} s", t.as_secs());
                         let _ = e.flush();
