@@ -20,3 +20,11 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "== cargo test"
 cargo test --workspace 2>&1
+
+# The README's commands as it prints them (extracted from README.md, so they cannot drift).
+echo "== README: the files it names"
+bash scripts/readme.sh references
+echo "== README: the first command"
+bash scripts/readme.sh first-command
+echo "== README: Lending by hand"
+bash scripts/readme.sh lending-by-hand

@@ -1,4 +1,4 @@
-//! Benchmark figures and reports (see `shared/design/BENCH.md`): every figure carries the
+//! Benchmark figures and reports (see `docs/BENCH.md`): every figure carries the
 //! baseline measured in the same run, the ratio, the target and whether it is met.
 #![warn(missing_docs)]
 
@@ -126,7 +126,7 @@ impl Report {
         self.figures.push(figure);
     }
 
-    /// The JSON object of `shared/design/BENCH.md`.
+    /// The JSON object of `docs/BENCH.md`.
     pub fn to_json(&self) -> serde_json::Value {
         let mut o = serde_json::json!({
             "bench": self.bench,

@@ -37,7 +37,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Arguments.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Print one JSON object (shared/design/BENCH.md) instead of the table.
+    /// Print one JSON object (docs/BENCH.md) instead of the table.
     #[arg(long)]
     pub json: bool,
     /// A short run (a few seconds, rougher numbers), for smoke tests.

@@ -29,9 +29,9 @@ pub struct Args {
     /// A short run (for smoke tests).
     #[arg(long)]
     quick: bool,
-    /// Print JSON (BENCH.md) instead of a table.
+    /// Print JSON (docs/BENCH.md) instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Reap completions by polling instead of waiting for MSI-X interrupts (both sides).
     #[arg(long)]
     polling: bool,
@@ -74,6 +74,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         size: Some(size),
         serial: None,
         model: None,
+        io_queues: None,
     })?;
     let mut notes = Vec::new();
     let cfg = devlend_nvme_driver::DriverConfig {

@@ -37,9 +37,9 @@ pub struct Args {
     /// A short run (64 MiB image, 0.2 s, one repetition) to check that everything works.
     #[arg(long)]
     quick: bool,
-    /// Print one JSON object (shared/design/BENCH.md) instead of the table.
+    /// Print one JSON object (docs/BENCH.md) instead of the table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 const BLOCK_BYTES: usize = 4096;
