@@ -1,11 +1,13 @@
 //! Smoke test of `devlend bench fabric --quick --json`: the JSON follows BENCH.md and every
 //! figure carries its same-run baseline. Never checks the numbers.
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn bench_fabric_quick_json_has_figures_with_baselines() {
-    let out = Command::new(env!("CARGO_BIN_EXE_devlend"))
+    let tmp = common::TempRoot::new("bench-fabric");
+    let out = tmp
+        .command(env!("CARGO_BIN_EXE_devlend"))
         .args(["bench", "fabric", "--quick", "--json"])
         .output()
         .expect("run devlend");
@@ -44,4 +46,5 @@ fn bench_fabric_quick_json_has_figures_with_baselines() {
         }
     }
     assert!(figures.iter().filter(|f| f.get("target").is_some()).count() >= 8);
+    tmp.assert_empty();
 }

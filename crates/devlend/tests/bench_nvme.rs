@@ -1,11 +1,13 @@
 //! Smoke test of `devlend bench nvme`: it runs, and `--json` has the BENCH.md shape. The
 //! numbers themselves are never checked (shared machines are noisy).
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn bench_nvme_quick_json_has_the_bench_md_shape() {
-    let out = Command::new(env!("CARGO_BIN_EXE_devlend"))
+    let tmp = common::TempRoot::new("bench-nvme");
+    let out = tmp
+        .command(env!("CARGO_BIN_EXE_devlend"))
         .args(["bench", "nvme", "--quick", "--json", "--seconds", "0.05"])
         .output()
         .expect("running devlend");
@@ -40,4 +42,5 @@ fn bench_nvme_quick_json_has_the_bench_md_shape() {
         assert!(f["baseline_name"].is_string(), "{f}");
         assert!(f["ratio"].is_number() || f["baseline"] == 0.0, "{f}");
     }
+    tmp.assert_empty();
 }

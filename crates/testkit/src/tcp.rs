@@ -82,11 +82,33 @@ pub fn temp_dir(what: &str) -> PathBuf {
     d
 }
 
-/// Keys of a new deployment with hosts "a" and "b".
-pub fn deployment() -> PathBuf {
+/// A directory removed (with the CA private key in it) when dropped.
+pub struct KeysDir(PathBuf);
+
+impl std::ops::Deref for KeysDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for KeysDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for KeysDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Keys of a new deployment with hosts "a" and "b", removed when dropped.
+pub fn deployment() -> KeysDir {
     let dir = temp_dir("keys");
     keys::generate(&dir, &["a", "b"]).unwrap();
-    dir
+    KeysDir(dir)
 }
 
 pub fn creds(dir: &std::path::Path, me: &str, peer: &str) -> Credentials {

@@ -26,9 +26,9 @@ use super::serve::{local_nvme, parse_size, NvmeArgs};
 /// Arguments.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Print one JSON object (BENCH.md) instead of the table.
+    /// Print one JSON object (docs/BENCH.md) instead of the table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Guest boots per backend (interleaved A B A B); each boot runs every workload 3 times.
     #[arg(long, default_value_t = 2)]
     boots: u32,
@@ -154,6 +154,24 @@ run() { # run NAME ROUND dd-arguments...
     s
 }
 
+/// Removes a directory tree when dropped.
+struct RemoveDirOnDrop(PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes a file when dropped.
+struct RemoveFileOnDrop(PathBuf);
+
+impl Drop for RemoveFileOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Runs the subcommand.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let assets = match &args.vm_env {
@@ -163,11 +181,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             VmAssets::provision(&repo).context("provisioning QEMU, kernel and initramfs")?
         }
     };
-    let dir = match &args.work_dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("devlend-bench-vm-{}", std::process::id())),
+    // A directory of our own is removed when the run ends, whatever happened (its image is
+    // as large as --size); a --work-dir given is left, without the image.
+    let (dir, _scratch) = match &args.work_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let d = std::env::temp_dir().join(format!("devlend-bench-vm-{}", std::process::id()));
+            (d.clone(), Some(RemoveDirOnDrop(d)))
+        }
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _image_gone = RemoveFileOnDrop(dir.join("bench.img"));
     let image = dir.join("bench.img");
     let _ = std::fs::remove_file(&image);
 

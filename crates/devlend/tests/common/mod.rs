@@ -157,3 +157,86 @@ impl Drop for NodeProcess {
 pub fn check_pattern_byte(i: usize, offset: u64) -> u8 {
     ((i as u64).wrapping_mul(2654435761).wrapping_add(offset) as u8) ^ ((i >> 12) as u8)
 }
+
+impl NodeProcess {
+    /// Runs a verb with `--json` that must succeed; returns its parsed stdout.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ctl_ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("devlend {args:?}: {e}: {out}"))
+    }
+
+    /// Runs a verb with `--json` that must fail; returns its JSON error's code and message.
+    pub fn ctl_err(&self, args: &[&str]) -> (String, String) {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ctl(&a);
+        assert!(
+            !out.status.success(),
+            "devlend {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        json_error(&out.stderr)
+    }
+}
+
+/// The code and message of a `--json` error on stderr.
+pub fn json_error(stderr: &[u8]) -> (String, String) {
+    let text = String::from_utf8_lossy(stderr);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON error on stderr: {text}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    (
+        v["error"]["code"].as_str().unwrap_or("").to_string(),
+        v["error"]["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Fills `path` with `len` bytes of a pattern derived from `seed`; returns them.
+pub fn fill_image(path: &Path, len: usize, seed: u8) -> Vec<u8> {
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect();
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// A fresh temporary root for child processes (`TMPDIR`): whatever they leave there is found
+/// by [`TempRoot::assert_empty`], and the root itself is removed on drop.
+pub struct TempRoot {
+    /// The directory.
+    pub path: PathBuf,
+}
+
+impl TempRoot {
+    /// A new, empty root.
+    pub fn new(tag: &str) -> TempRoot {
+        let path = scratch(&format!("tmproot-{tag}"));
+        TempRoot { path }
+    }
+
+    /// `cmd` with `TMPDIR` pointing here.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("TMPDIR", &self.path);
+        c
+    }
+
+    /// Panics, naming them, if files or directories are left in the root.
+    pub fn assert_empty(&self) {
+        let left: Vec<String> = std::fs::read_dir(&self.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(left.is_empty(), "left behind in the temp root: {left:?}");
+    }
+}
+
+impl Drop for TempRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
