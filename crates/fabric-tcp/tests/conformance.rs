@@ -8,15 +8,6 @@ use devlend_fabric_tcp::{TcpConfig, TcpNtb};
 use devlend_testkit::conformance::Pair;
 use devlend_testkit::tcp::{cfg, creds, deployment, localhost, Host, GUARD};
 
-/// Removes the keys after both sides are gone.
-struct Keys(std::path::PathBuf);
-
-impl Drop for Keys {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn make(link: LinkConfig, ha: &Host, hb: &Host) -> Pair {
     let keys = deployment();
     let c = TcpConfig { link, ..cfg() };
@@ -28,7 +19,8 @@ fn make(link: LinkConfig, ha: &Host, hb: &Host) -> Pair {
     Pair {
         a: Arc::new(a),
         b: Arc::new(b),
-        keep: Box::new(Keys(keys)),
+        // The keys directory is removed when the pair (and so `keys`) is dropped.
+        keep: Box::new(keys),
     }
 }
 

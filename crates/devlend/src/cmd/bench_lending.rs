@@ -74,7 +74,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         size: Some(size),
         serial: None,
         model: None,
-        io_queues: None,
     })?;
     let mut notes = Vec::new();
     let cfg = devlend_nvme_driver::DriverConfig {
