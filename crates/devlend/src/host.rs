@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use devlend_fabric::{AddressSpace, Ntb};
@@ -255,6 +255,143 @@ pub fn nvme_builder(opts: NvmeOptions) -> DeviceBuilder {
             devlend_nvme::NvmeDevice::new(opts.config(), dma, irq).map_err(|e| e.to_string())?;
         Ok(dev as Arc<dyn devlend_pci::PciDevice>)
     })
+}
+
+/// TotalVFs of the NVMe model's physical function when it is added with `--vfs`.
+pub const SRIOV_TOTAL_VFS: u16 = 8;
+
+/// An SR-IOV physical function the lender manages: its function bound in-process and our
+/// driver on its primary controller (which enabled the VFs and brought their secondary
+/// controllers online). Kept alive by the lender while the VFs are offered.
+pub struct ManagedPf {
+    _driver: devlend_nvme_driver::Controller,
+    _device: Arc<devlend_nvme::NvmeDevice>,
+}
+
+/// One virtual function to offer: its name, listing detail and builder.
+pub type VfOffer = (String, String, DeviceBuilder);
+
+/// Parses `--vf-namespaces`.
+pub fn parse_vf_namespaces(s: &str) -> anyhow::Result<devlend_nvme::VfNamespaces> {
+    match s {
+        "shared" => Ok(devlend_nvme::VfNamespaces::Shared),
+        "private" => Ok(devlend_nvme::VfNamespaces::Private),
+        other => anyhow::bail!("--vf-namespaces must be `shared` or `private`, not {other:?}"),
+    }
+}
+
+/// Offset of the function's SR-IOV extended capability, walking the extended list.
+fn sriov_capability(f: &dyn PciFunction) -> anyhow::Result<u16> {
+    use devlend_pci::config::sriov;
+    let mut at = devlend_pci::config::EXTENDED_CONFIG_START;
+    for _ in 0..64 {
+        let header = f.config_read(at, devlend_pci::AccessSize::Dword)?;
+        if header & 0xffff == u32::from(sriov::EXT_CAP_ID) {
+            return Ok(at);
+        }
+        let next = (header >> 20) as u16;
+        anyhow::ensure!(next >= at + 4, "the function has no SR-IOV capability");
+        at = next;
+    }
+    anyhow::bail!("the function has no SR-IOV capability")
+}
+
+/// Builds an NVMe physical function with SR-IOV on the lender and makes `vfs` of its virtual
+/// functions ready to lend: NumVFs and VF Enable / VF MSE written in its SR-IOV capability,
+/// then, through our driver on the primary controller, each secondary controller given the
+/// most queue and interrupt resources a secondary may have and brought online. Each VF is
+/// offered as `NAME-vfK`: its own function (config space, BARs, MSI-X, FLR) with its own IOMMU
+/// domain and worker, presented with the model's vendor and VF device IDs.
+pub fn nvme_sriov(
+    opts: &NvmeOptions,
+    name: &str,
+    vfs: u16,
+    namespaces: devlend_nvme::VfNamespaces,
+) -> anyhow::Result<(Arc<ManagedPf>, Vec<VfOffer>)> {
+    use devlend_pci::config::sriov;
+    anyhow::ensure!(
+        (1..=SRIOV_TOTAL_VFS).contains(&vfs),
+        "--vfs must be 1 to {SRIOV_TOTAL_VFS} (the device's TotalVFs), not {vfs}"
+    );
+    let mut cfg = opts.config();
+    cfg.sriov = Some(devlend_nvme::SriovConfig {
+        total_vfs: SRIOV_TOTAL_VFS,
+        namespaces,
+    });
+    let per_secondary = cfg.max_io_queue_pairs + 1;
+    let slot: Arc<Mutex<Option<Arc<devlend_nvme::NvmeDevice>>>> = Arc::new(Mutex::new(None));
+    let keep = slot.clone();
+    let f = devlend_pci::local::LocalFunction::new(16 << 20, move |dma, irq| {
+        let d = devlend_nvme::NvmeDevice::new(cfg, dma, irq)?;
+        *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.clone());
+        Ok::<_, devlend_nvme::NvmeError>(d as Arc<dyn devlend_pci::PciDevice>)
+    })?;
+    let device = slot
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("the physical function was not built"))?;
+    let f: Arc<dyn PciFunction> = Arc::new(f);
+    let at = sriov_capability(f.as_ref())?;
+    let word = devlend_pci::AccessSize::Word;
+    f.config_write(at + sriov::NUM_VFS, word, u32::from(vfs))?;
+    f.config_write(
+        at + sriov::CONTROL,
+        word,
+        u32::from(sriov::CTRL_VF_ENABLE | sriov::CTRL_VF_MSE),
+    )?;
+    let num = f.config_read(at + sriov::NUM_VFS, word)?;
+    anyhow::ensure!(num == u32::from(vfs), "the device kept NumVFs at {num}");
+    let driver = devlend_nvme_driver::Controller::new(f.clone())
+        .context("initialising the primary controller")?;
+    for vf in 1..=vfs {
+        for resource in [0u8, 1] {
+            driver
+                .virtualization_management(0x8, resource, vf, per_secondary)
+                .with_context(|| format!("assigning resources to VF {vf}"))?;
+        }
+        driver
+            .virtualization_management(0x9, 0, vf, 0)
+            .with_context(|| format!("bringing VF {vf}'s controller online"))?;
+    }
+    let image = opts.detail()?;
+    let sharing = match namespaces {
+        devlend_nvme::VfNamespaces::Shared => "shared namespace".to_string(),
+        devlend_nvme::VfNamespaces::Private => {
+            format!("private namespace, slice K of {}", SRIOV_TOTAL_VFS + 1)
+        }
+    };
+    let mut offers = Vec::new();
+    for vf in 1..=vfs {
+        let pf = device.clone();
+        let build: DeviceBuilder = Box::new(move |dma, irq| {
+            let d = pf
+                .new_virtual_function(vf, dma, irq)
+                .map_err(|e| e.to_string())?;
+            let presented = devlend_pci::PresentedVf::new(
+                d,
+                devlend_nvme::PCI_VENDOR_ID,
+                devlend_nvme::PCI_VF_DEVICE_ID,
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(presented as Arc<dyn devlend_pci::PciDevice>)
+        });
+        offers.push((
+            format!("{name}-vf{vf}"),
+            format!(
+                "VF {vf} of {name}: {image}, {}",
+                sharing.replace('K', &vf.to_string())
+            ),
+            build,
+        ));
+    }
+    Ok((
+        Arc::new(ManagedPf {
+            _driver: driver,
+            _device: device,
+        }),
+        offers,
+    ))
 }
 
 /// A local NVMe function (the baseline): the model bound in-process.

@@ -162,6 +162,8 @@ impl Pair {
             size: Some(size),
             serial: Some(format!("DEVLEND-{name}")),
             model: Some("devlend lent NVMe".into()),
+            vfs: None,
+            vf_namespaces: None,
         };
         ctl::call(&self.lender_state, &req, Duration::from_secs(30))?;
         Ok(())

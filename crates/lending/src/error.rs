@@ -20,6 +20,14 @@ pub enum LendingError {
     /// The device is lent and cannot be removed or changed now.
     #[error("device {0} is lent; it must be returned first")]
     Busy(String),
+    /// The device is an SR-IOV physical function whose virtual functions are offered.
+    #[error("device {device} is the physical function of {vfs}; it is not lendable while its virtual functions are offered: borrow one of them")]
+    PhysicalFunction {
+        /// The physical function.
+        device: String,
+        /// Its virtual functions, comma-separated.
+        vfs: String,
+    },
     /// This host holds no lease on that device.
     #[error("this host has not borrowed {0}")]
     NotBorrowed(String),

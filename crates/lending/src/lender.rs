@@ -267,9 +267,19 @@ impl Exported {
     }
 }
 
+/// An SR-IOV physical function the lender manages: not lendable itself while its virtual
+/// functions (lendable devices of their own) are offered.
+struct ManagedPf {
+    desc: DeviceDesc,
+    vfs: Vec<String>,
+    /// Whatever keeps the PF running (its driver, its function); dropped with the PF.
+    _keep: Arc<dyn std::any::Any + Send + Sync>,
+}
+
 #[derive(Default)]
 struct State {
     devices: BTreeMap<String, Exported>,
+    pfs: BTreeMap<String, ManagedPf>,
     next_lease: u64,
 }
 
@@ -313,8 +323,11 @@ impl Lender {
                 "invalid device name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"
             )));
         }
-        if self.state().devices.contains_key(name) {
-            return Err(LendingError::DuplicateName(name.to_string()));
+        {
+            let st = self.state();
+            if st.devices.contains_key(name) || st.pfs.contains_key(name) {
+                return Err(LendingError::DuplicateName(name.to_string()));
+            }
         }
         let iommu = Arc::new(Iommu::new());
         let sink = Arc::new(RoutedSink::default());
@@ -370,7 +383,47 @@ impl Lender {
         Ok(desc)
     }
 
+    /// Registers `name` as a managed physical function whose VFs `vfs` were added with
+    /// [`Self::add`]; `desc` is how it is listed, `keep` what keeps it running.
+    pub(crate) fn add_physical_function(
+        &self,
+        desc: DeviceDesc,
+        vfs: Vec<String>,
+        keep: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<(), LendingError> {
+        let mut st = self.state();
+        if st.devices.contains_key(&desc.name) || st.pfs.contains_key(&desc.name) {
+            return Err(LendingError::DuplicateName(desc.name));
+        }
+        st.pfs.insert(
+            desc.name.clone(),
+            ManagedPf {
+                desc,
+                vfs,
+                _keep: keep,
+            },
+        );
+        Ok(())
+    }
+
     pub(crate) fn remove(&self, asp: &AddressSpace, name: &str) -> Result<(), LendingError> {
+        let vfs = self.state().pfs.get(name).map(|pf| pf.vfs.clone());
+        if let Some(vfs) = vfs {
+            // A managed PF goes with its VFs, none of which may be lent.
+            if let Some(lent) = vfs.iter().find(|v| {
+                self.state()
+                    .devices
+                    .get(*v)
+                    .is_some_and(|d| d.lease.is_some())
+            }) {
+                return Err(LendingError::Busy(lent.clone()));
+            }
+            for vf in &vfs {
+                self.remove(asp, vf)?;
+            }
+            self.state().pfs.remove(name);
+            return Ok(());
+        }
         let mut st = self.state();
         let dev = st
             .devices
@@ -410,11 +463,11 @@ impl Lender {
     }
 
     pub(crate) fn list(&self, owner: &str) -> Vec<DeviceDesc> {
-        self.state()
-            .devices
-            .values()
-            .map(|d| d.desc(owner))
-            .collect()
+        let st = self.state();
+        let mut out: Vec<DeviceDesc> = st.pfs.values().map(|pf| pf.desc.clone()).collect();
+        out.extend(st.devices.values().map(|d| d.desc(owner)));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     pub(crate) fn handle(&self, node: &Arc<Inner>, req: Request) -> Response {
@@ -520,6 +573,12 @@ impl Lender {
     ) -> Result<Grant, LendingError> {
         let mut guard = self.state();
         let st = &mut *guard;
+        if let Some(pf) = st.pfs.get(name) {
+            return Err(LendingError::PhysicalFunction {
+                device: name.to_string(),
+                vfs: pf.vfs.join(", "),
+            });
+        }
         let dev = st
             .devices
             .get_mut(name)

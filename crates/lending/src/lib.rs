@@ -436,6 +436,58 @@ impl Node {
             .add(&self.asp, &self.host.cfg.name, name, detail, build)
     }
 
+    /// Adds an SR-IOV physical function this host manages, with its virtual functions: each
+    /// VF in `vfs` (name, detail, builder) becomes a device of its own that any peer may
+    /// borrow, independently of the others; the PF, listed as `pf` with `pf_detail`, is not
+    /// lendable while they are offered. `keep` (the PF's function and driver) lives as long
+    /// as the PF is registered. Nothing is added when any VF fails.
+    pub fn add_sriov_device(
+        &self,
+        pf: &str,
+        pf_detail: &str,
+        keep: Arc<dyn std::any::Any + Send + Sync>,
+        vfs: Vec<(String, String, DeviceBuilder)>,
+    ) -> Result<Vec<DeviceDesc>, LendingError> {
+        let ntb = self.ntb(0).ok_or(LendingError::LinkDown)?;
+        let asp = ntb.address_space();
+        let owner = &self.host.cfg.name;
+        let mut added: Vec<DeviceDesc> = Vec::new();
+        let undo = |added: &[DeviceDesc]| {
+            for d in added {
+                let _ = self.host.lender.remove(asp, &d.name);
+            }
+        };
+        for (name, detail, build) in vfs {
+            match self.host.lender.add(asp, owner, &name, &detail, build) {
+                Ok(d) => added.push(d),
+                Err(e) => {
+                    undo(&added);
+                    return Err(e);
+                }
+            }
+        }
+        let desc = DeviceDesc {
+            name: pf.to_string(),
+            kind: "nvme-pf".to_string(),
+            owner: owner.clone(),
+            borrower: None,
+            vectors: 0,
+            bars: Vec::new(),
+            detail: pf_detail.to_string(),
+        };
+        let names = added.iter().map(|d| d.name.clone()).collect();
+        if let Err(e) = self
+            .host
+            .lender
+            .add_physical_function(desc.clone(), names, keep)
+        {
+            undo(&added);
+            return Err(e);
+        }
+        added.insert(0, desc);
+        Ok(added)
+    }
+
     /// Removes a device this host owns (it must not be lent).
     pub fn remove_device(&self, name: &str) -> Result<(), LendingError> {
         self.host.lender.remove(&self.asp, name)

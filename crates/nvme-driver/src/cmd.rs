@@ -23,6 +23,8 @@ pub mod admin {
     pub const SET_FEATURES: u8 = 0x09;
     /// Get Features.
     pub const GET_FEATURES: u8 = 0x0a;
+    /// Virtualization Management (a primary controller's).
+    pub const VIRTUALIZATION_MANAGEMENT: u8 = 0x1c;
 
     /// Identify CNS: namespace data structure.
     pub const CNS_NAMESPACE: u32 = 0x00;

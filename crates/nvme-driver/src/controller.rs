@@ -332,6 +332,28 @@ impl Controller {
         }
     }
 
+    /// Virtualization Management on a primary controller: `action` (0x1 primary flexible
+    /// allocation, 0x7 secondary offline, 0x8 secondary assign, 0x9 secondary online) for
+    /// controller `cntlid`, resource type `resource` (0 queues, 1 interrupts), `count`
+    /// resources. Returns the resources allocated (completion dword 0).
+    pub fn virtualization_management(
+        &self,
+        action: u8,
+        resource: u8,
+        cntlid: u16,
+        count: u16,
+    ) -> Result<u32, NvmeError> {
+        let cdw10 =
+            u32::from(action & 0xf) | (u32::from(resource & 0x7) << 8) | (u32::from(cntlid) << 16);
+        self.admin_command(
+            "virtualization management",
+            Command::new(admin::VIRTUALIZATION_MANAGEMENT, 0)
+                .with_cdw(10, cdw10)
+                .with_cdw(11, u32::from(count)),
+            None,
+        )
+    }
+
     /// The function this driver runs on.
     pub fn function(&self) -> &Arc<dyn PciFunction> {
         &self.hw.fun

@@ -45,6 +45,13 @@ pub enum CtlRequest {
         serial: Option<String>,
         /// Model string.
         model: Option<String>,
+        /// Lend this many SR-IOV virtual functions (each its own device) instead of the
+        /// device itself.
+        #[serde(default)]
+        vfs: Option<u16>,
+        /// With `vfs`: `shared` (one namespace for all) or `private` (one per VF).
+        #[serde(default)]
+        vf_namespaces: Option<String>,
     },
     /// Lend a real PCI function through VFIO.
     AddVfio {

@@ -426,6 +426,8 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             size,
             serial,
             model,
+            vfs,
+            vf_namespaces,
         } => {
             anyhow::ensure!(
                 kind == "nvme",
@@ -438,6 +440,17 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
                 model,
             };
             let detail = opts.detail()?;
+            if let Some(vfs) = vfs {
+                let ns = host::parse_vf_namespaces(vf_namespaces.as_deref().unwrap_or("shared"))?;
+                let (pf, offers) = host::nvme_sriov(&opts, &name, vfs, ns)?;
+                let pf_detail = format!(
+                    "SR-IOV physical function ({vfs} of {} VFs enabled): {detail}",
+                    host::SRIOV_TOTAL_VFS
+                );
+                let descs = d.node.add_sriov_device(&name, &pf_detail, pf, offers)?;
+                return Ok(serde_json::to_value(descs)?);
+            }
+            anyhow::ensure!(vf_namespaces.is_none(), "--vf-namespaces needs --vfs N");
             if let Some(c) = &d.cluster {
                 c.check_device_name(&name)?;
             }

@@ -35,6 +35,14 @@ pub struct AddArgs {
     /// NVMe model string.
     #[arg(long)]
     model: Option<String>,
+    /// Lend N SR-IOV virtual functions (NAME-vf1 ... NAME-vfN, each borrowable on its own)
+    /// instead of the device: this host manages the physical function.
+    #[arg(long, value_name = "N")]
+    vfs: Option<u16>,
+    /// With --vfs: `shared` (every VF sees the whole image, the default) or `private` (each VF
+    /// its own slice of the image).
+    #[arg(long, value_name = "shared|private", requires = "vfs")]
+    vf_namespaces: Option<String>,
 }
 
 /// `devlend list`, `devlend status`
@@ -159,10 +167,11 @@ fn emit(target: &Target, v: &Value, human: impl FnOnce(&Value) -> String) {
 }
 
 fn device_line(d: &Value) -> String {
-    let borrower = d["borrower"]
-        .as_str()
-        .map(|b| format!("lent to {b}"))
-        .unwrap_or_else(|| "available".into());
+    let borrower = match (d["borrower"].as_str(), d["kind"].as_str()) {
+        (Some(b), _) => format!("lent to {b}"),
+        (None, Some("nvme-pf")) => "manages its VFs".into(),
+        (None, _) => "available".into(),
+    };
     format!(
         "{:<12} {:<6} owner {:<12} {:<22} {}\n",
         d["name"].as_str().unwrap_or("?"),
@@ -201,9 +210,17 @@ pub fn add(a: AddArgs) -> anyhow::Result<()> {
         size: a.size,
         serial: a.serial,
         model: a.model,
+        vfs: a.vfs,
+        vf_namespaces: a.vf_namespaces,
     };
     let v = call(&a.target.state, &req, TIMEOUT)?;
-    emit(&a.target, &v, |v| format!("added {}", device_line(v)));
+    emit(&a.target, &v, |v| match v.as_array() {
+        Some(devices) => devices
+            .iter()
+            .map(|d| format!("added {}", device_line(d)))
+            .collect(),
+        None => format!("added {}", device_line(v)),
+    });
     Ok(())
 }
 
