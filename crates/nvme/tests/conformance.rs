@@ -1512,3 +1512,34 @@ fn vf_function_level_reset_resets_that_vf_alone() {
         "VF 1 usable again"
     );
 }
+
+#[test]
+fn a_vfs_dma_reaches_only_its_own_domain() {
+    let mut pf = Harness::sriov(2, VfNamespaces::Shared);
+    pf.enable();
+    pf.enable_vfs(2);
+    online(&mut pf, 1, 2, 2);
+    online(&mut pf, 2, 2, 2);
+    let mut a = pf.virtual_function(1);
+    let mut b = pf.virtual_function(2);
+    for h in [&mut a, &mut b] {
+        h.enable();
+        h.create_io_pair(1, 16);
+    }
+    b.mem.fill(DATA, 8192, 0xaa).unwrap();
+    a.mem.write_at(DATA, &pattern(512, 3)).unwrap();
+    assert_eq!(a.status(1, write(0, 1, DATA)), Status::SUCCESS);
+    // A read lands in VF 1's memory only, at the same bus address VF 2 uses for its own.
+    assert_eq!(a.status(1, read(0, 1, DATA + 4096)), Status::SUCCESS);
+    assert_eq!(a.read_mem(DATA + 4096, 512), pattern(512, 3));
+    // Outside VF 1's domain: an error, and no byte anywhere.
+    let outside = HOST_LEN as u64;
+    assert_eq!(
+        a.status(1, read(0, 1, outside)),
+        Status::DATA_TRANSFER_ERROR
+    );
+    assert!(
+        b.read_mem(DATA, 8192).iter().all(|&x| x == 0xaa),
+        "VF 2's memory untouched by VF 1's DMA"
+    );
+}
