@@ -150,6 +150,8 @@ impl Rig {
                 size: Some(4 << 20),
                 serial: None,
                 model: None,
+                vfs: None,
+                vf_namespaces: None,
             },
             CTL_TIMEOUT,
         )?;
