@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use devlend_fabric::FabricError;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::frame::{self, Frame, FrameError, Hello, Status};
 use crate::ntb::Inner;
@@ -186,21 +187,13 @@ enum Pumped {
 
 /// Waits until `sock` is readable (or has an error or hang-up); `false` after `timeout`.
 fn wait_readable(sock: &TcpStream, timeout: Duration) -> Result<bool, EndError> {
-    let mut fd = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+    let timeout = Timespec::try_from(timeout.max(Duration::from_millis(1))).ok();
     loop {
-        // SAFETY: `fd` is a valid pollfd for the whole call.
-        let r = unsafe { libc::poll(&mut fd, 1, ms) };
-        if r >= 0 {
-            return Ok(r > 0);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(EndError::Io(e));
+        let mut fds = [PollFd::new(sock, PollFlags::IN)];
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(EndError::Io(e.into())),
         }
     }
 }
@@ -1187,27 +1180,20 @@ fn accept(inner: &Inner, listener: &TcpListener) -> Option<(TcpStream, SocketAdd
         if inner.stopped() {
             return None;
         }
+        // SAFETY: `inner.wake` owns this descriptor and outlives the borrow (vmm-sys-util's
+        // EventFd offers no `AsFd`).
+        let wake = unsafe { std::os::fd::BorrowedFd::borrow_raw(inner.wake.as_raw_fd()) };
         let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: inner.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            PollFd::new(listener, PollFlags::IN),
+            PollFd::from_borrowed_fd(wake, PollFlags::IN),
         ];
-        // SAFETY: `fds` is a valid array of two pollfd structures for the whole call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
+        match poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
                 tracing::error!(error = %e, "poll on the fabric listener failed");
                 return None;
             }
-            continue;
         }
         if inner.stopped() {
             return None;

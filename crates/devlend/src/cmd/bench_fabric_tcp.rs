@@ -18,7 +18,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -379,13 +378,14 @@ fn recv_adaptive(s: &TcpStream, buf: &mut [u8], spin: Duration) -> std::io::Resu
             return Ok(n);
         }
         if start.elapsed() >= spin {
-            let mut fd = libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
+            let second = rustix::event::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
             };
-            // SAFETY: `fd` is a valid pollfd for the whole call.
-            unsafe { libc::poll(&mut fd, 1, 1000) };
+            let _ = rustix::event::poll(
+                &mut [rustix::event::PollFd::new(s, rustix::event::PollFlags::IN)],
+                Some(&second),
+            );
         }
     }
 }

@@ -313,13 +313,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // Idle: wait for a connection or a signal.
-                let mut pfd = libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
-                    events: libc::POLLIN,
-                    revents: 0,
+                let wait = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 200_000_000,
                 };
-                // SAFETY: one valid pollfd, 200 ms timeout.
-                unsafe { libc::poll(&mut pfd, 1, 200) };
+                let mut fds = [rustix::event::PollFd::new(
+                    &listener,
+                    rustix::event::PollFlags::IN,
+                )];
+                let _ = rustix::event::poll(&mut fds, Some(&wait));
             }
             Err(e) => return Err(e).context("accepting a management connection"),
         }
