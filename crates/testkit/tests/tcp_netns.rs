@@ -73,7 +73,7 @@ fn addr(ns: &NetnsPair, side: usize) -> SocketAddr {
 }
 
 /// Host process listening in namespace 0; this thread's node connects from namespace 1.
-fn setup() -> Option<(NetnsPair, common::KeysDir, HostProcess, TcpNtb, Host)> {
+fn setup() -> Option<(NetnsPair, KeysDir, HostProcess, TcpNtb, Host)> {
     let ns = namespaces()?;
     let keys = deployment();
     let child = spawn_host(&ns, 0, "listen", addr(&ns, 0), &keys);
