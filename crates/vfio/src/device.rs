@@ -17,6 +17,11 @@ const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
 /// MSI-X Enable and Function Mask: bits 7 and 6 of the Message Control word's upper byte.
 const MSIX_ENABLE_BIT: u32 = 0x80;
 const MSIX_MASK_BIT: u32 = 0x40;
+/// The most MSI-X vectors a function presents: a borrower gets each as a doorbell bit on its
+/// link, and the lender has 48 of those for all the devices it lends over one link (real
+/// NVMe SSDs have 65 to 130+). The Table Size field the driver reads is lowered to match;
+/// the vectors beyond it are never enabled.
+pub const MAX_VECTORS: u16 = 16;
 
 struct Bar {
     spec: BarSpec,
@@ -85,7 +90,11 @@ impl VfioFunction {
             )));
         }
         let msix = match layout::find_capability(&read, CAP_ID_MSIX)? {
-            Some(cap) => Some((cap, layout::msix_layout(&read, cap)?)),
+            Some(cap) => {
+                let mut l = layout::msix_layout(&read, cap)?;
+                l.vectors = l.vectors.min(MAX_VECTORS);
+                Some((cap, l))
+            }
             None => None,
         };
         let mut bars: [Option<Bar>; 6] = Default::default();
@@ -188,6 +197,17 @@ impl VfioFunction {
         let at = hi.checked_sub(offset)?;
         (usize::from(at) < size.len()).then_some((u32::from(at) * 8, table))
     }
+
+    /// Message Control as this function presents it: the kernel's word with Table Size lowered
+    /// to the vectors presented and Enable / Function Mask from the emulated table.
+    fn msix_control(&self, hw_control: u16, table: &MsixTable) -> u16 {
+        let (enable, mask) = table.control();
+        let size = table.vectors().saturating_sub(1) & 0x7ff;
+        (hw_control & !0xc7ff)
+            | size
+            | if enable { 0x8000 } else { 0 }
+            | if mask { 0x4000 } else { 0 }
+    }
 }
 
 fn all_ones(size: AccessSize) -> u32 {
@@ -210,13 +230,28 @@ impl PciDevice for VfioFunction {
         if self.hw.region_read(CONFIG, u64::from(offset), buf).is_err() {
             return all_ones(size);
         }
-        let mut v = u32::from_le_bytes(b);
-        // MSI-X Enable and Function Mask are ours; the kernel owns the real ones.
-        if let Some((shift, table)) = self.msix_control_shift(offset, size) {
-            let (enable, mask) = table.control();
-            let bits =
-                (if enable { MSIX_ENABLE_BIT } else { 0 }) | (if mask { MSIX_MASK_BIT } else { 0 });
-            v = (v & !((MSIX_ENABLE_BIT | MSIX_MASK_BIT) << shift)) | (bits << shift);
+        let v = u32::from_le_bytes(b);
+        // Message Control is presented (see `msix_control`); the kernel owns the real one.
+        // Capabilities are dword-aligned, so an aligned access touching Message Control lies
+        // inside the capability's first dword.
+        if let Some((cap, table)) = &self.msix {
+            let touches = offset < cap.saturating_add(4)
+                && offset.saturating_add(size.len() as u16) > cap.saturating_add(2);
+            if touches {
+                let mut d = [0u8; 4];
+                if self
+                    .hw
+                    .region_read(CONFIG, u64::from(*cap), &mut d)
+                    .is_err()
+                {
+                    return all_ones(size);
+                }
+                let dword = u32::from_le_bytes(d);
+                let control = self.msix_control((dword >> 16) as u16, table);
+                let dword = (dword & 0xffff) | (u32::from(control) << 16);
+                let shift = u32::from(offset.saturating_sub(*cap)) * 8;
+                return dword.checked_shr(shift).unwrap_or(0) & all_ones(size);
+            }
         }
         v
     }

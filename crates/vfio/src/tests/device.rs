@@ -10,13 +10,14 @@ use devlend_pci::{AccessSize, BarIndex, BusAddr, InterruptSink, PciDevice};
 use vfio_bindings::bindings::vfio::{VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::VfioFunction;
+use super::{VfioFunction, MAX_VECTORS};
 use crate::hw::{BarMapping, RegionInfo, VfioHw};
 use crate::VfioError;
 
 const RW: u32 = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
 const MSIX_CAP: usize = 0x50;
-const VECTORS: u16 = 4;
+/// What the mock device declares: more than a function presents.
+const DEVICE_VECTORS: u16 = 65;
 
 #[derive(Default)]
 struct Calls {
@@ -44,7 +45,7 @@ impl MockHw {
         c[0x10..0x14].copy_from_slice(&0x0000_0004u32.to_le_bytes()); // 64-bit memory BAR
         c[0x34] = MSIX_CAP as u8;
         c[MSIX_CAP] = 0x11;
-        c[MSIX_CAP + 2..MSIX_CAP + 4].copy_from_slice(&(VECTORS - 1).to_le_bytes());
+        c[MSIX_CAP + 2..MSIX_CAP + 4].copy_from_slice(&(DEVICE_VECTORS - 1).to_le_bytes());
         c[MSIX_CAP + 4..MSIX_CAP + 8].copy_from_slice(&0x2000u32.to_le_bytes());
         c[MSIX_CAP + 8..MSIX_CAP + 12].copy_from_slice(&0x3000u32.to_le_bytes());
         Arc::new(Self {
@@ -118,7 +119,7 @@ impl VfioHw for MockHw {
     }
 
     fn msix_count(&self) -> u32 {
-        u32::from(VECTORS)
+        u32::from(DEVICE_VECTORS)
     }
 
     fn set_msix(&self, fds: &[&EventFd]) -> Result<(), VfioError> {
@@ -180,7 +181,16 @@ fn layout_from_config_and_regions() {
         (0x4000, true, false)
     );
     assert!(f.bar_spec(BarIndex::ALL[1]).is_none(), "upper half of BAR0");
-    assert_eq!(f.msix_vectors(), VECTORS);
+    assert_eq!(f.msix_vectors(), MAX_VECTORS, "65 vectors presented as 16");
+    assert_eq!(
+        f.config_read(MSIX_CAP as u16 + 2, AccessSize::Word) & 0x7ff,
+        u32::from(MAX_VECTORS - 1),
+        "Table Size as the driver reads it"
+    );
+    assert_eq!(
+        f.config_read(MSIX_CAP as u16, AccessSize::Dword),
+        (u32::from(MAX_VECTORS - 1) << 16) | 0x11
+    );
     assert_eq!(f.kind(), "vfio");
     assert!(f.needs_direct_dma());
     assert_eq!(f.config_read(0, AccessSize::Dword), 0x0010_1b36);
@@ -201,10 +211,10 @@ fn msix_control_is_virtual_and_routes_vectors_through_vfio() {
     f.config_write(ctl, AccessSize::Word, 0xc000);
     assert_eq!(
         hw.calls().msix,
-        vec![VECTORS as usize],
+        vec![MAX_VECTORS as usize],
         "every vector gets an eventfd"
     );
-    assert_eq!(f.routed_vectors(), VECTORS as usize);
+    assert_eq!(f.routed_vectors(), MAX_VECTORS as usize);
     assert_eq!(f.config_read(ctl, AccessSize::Word) & 0xc000, 0xc000);
     assert_eq!(
         hw.config.lock().unwrap()[MSIX_CAP + 3] & 0xc0,
@@ -249,7 +259,7 @@ fn msix_control_is_virtual_and_routes_vectors_through_vfio() {
 
     // Disable: VFIO's MSI-X is turned off, the thread stops.
     f.config_write(ctl, AccessSize::Word, 0);
-    assert_eq!(hw.calls().msix, vec![VECTORS as usize, 0]);
+    assert_eq!(hw.calls().msix, vec![MAX_VECTORS as usize, 0]);
     assert_eq!(f.routed_vectors(), 0);
 }
 
@@ -315,7 +325,7 @@ fn reset_turns_msix_off_and_reports_failure() {
     f.config_write(MSIX_CAP as u16 + 2, AccessSize::Word, 0x8000);
     f.try_reset().unwrap();
     assert_eq!(hw.calls().resets, 1);
-    assert_eq!(hw.calls().msix, vec![VECTORS as usize, 0]);
+    assert_eq!(hw.calls().msix, vec![MAX_VECTORS as usize, 0]);
     assert_eq!(
         f.config_read(MSIX_CAP as u16 + 2, AccessSize::Word) & 0xc000,
         0

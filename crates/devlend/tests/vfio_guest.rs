@@ -1,0 +1,497 @@
+//! A real device lent through VFIO, in a QEMU guest (TCG) with a virtual IOMMU: QEMU's own
+//! emulated NVMe controller, which nobody in this project wrote.
+//!
+//! One boot does everything, driven by `/test.sh` inside the guest:
+//! 1. the guest kernel's VFIO modules are loaded; a `devlend node` lender runs
+//!    `devlend add vfio BDF --bind` on the controller (it moves from nvme to vfio-pci);
+//! 2. a borrower on the `shm` fabric (this test binary, re-run in the guest as `borrower`)
+//!    runs the user-space driver's whole acceptance suite on the borrowed device, then writes
+//!    a known pattern and flushes it;
+//! 3. a second borrower writes another pattern, flushes, and is killed with `kill -9`; the
+//!    lender's lease expires, it resets the function through VFIO and offers it again; a third
+//!    borrower reads the killed one's completed write back;
+//! 4. the benchmark row: the same driver and workload on the device used directly through
+//!    VFIO by one process, then borrowed through devlend (4 KiB random reads, QD1 and QD32);
+//! 5. the lender stops and the controller goes back to the guest's nvme driver.
+//!
+//! From the host, after the guest powers off: both patterns are in the disk image behind
+//! QEMU's controller.
+//!
+//! Needs root (QEMU provisioning); skips with a reason when not root and `CI` is unset.
+//! Takes about 4 minutes here.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use devlend_nvme_driver::workload::{self, Limit, Pattern, Stats, Workload};
+use devlend_nvme_driver::Controller;
+use devlend_pci::PciFunction;
+
+/// Where the suite borrower leaves its pattern, and the killed borrower its own.
+const SUITE_OFFSET: u64 = 96 << 20;
+const KILLED_OFFSET: u64 = 112 << 20;
+const PATTERN_LEN: usize = 1 << 20;
+const DISK_BYTES: u64 = 256 << 20;
+const BENCH_SECS: u64 = 6;
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..PATTERN_LEN)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("borrower") => guest_borrower(&args[2..]),
+        Some("bench-direct") => guest_bench_direct(&args[2..]),
+        _ => host_test(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inside the guest
+// ---------------------------------------------------------------------------------------------
+
+fn borrow(fabric: &Path, device: &str) -> (devlend_lending::Node, Arc<dyn PciFunction>) {
+    let asp = Arc::new(devlend_fabric::AddressSpace::new());
+    let ntb = devlend_fabric::shm::ShmNtb::open(fabric, asp, Default::default())
+        .expect("opening the shm fabric");
+    let mut cfg = devlend_lending::NodeConfig::new("borrower");
+    cfg.lease = Duration::from_secs(5);
+    let node = devlend_lending::Node::start(cfg, vec![ntb as Arc<dyn devlend_fabric::Ntb>])
+        .expect("starting the borrower node");
+    node.wait_link_up(Duration::from_secs(120))
+        .expect("the link to the lender comes up");
+    // The device may still be on its way back from a dead borrower: retry until it is offered.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match node.borrow(device) {
+            Ok(f) => return (node, f as Arc<dyn PciFunction>),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("borrow {device}: {e} (retrying)");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => panic!("borrowing {device}: {e}"),
+        }
+    }
+}
+
+fn report(what: &str, qd: usize, s: &Stats) {
+    println!(
+        "VFIO-BENCH {what} qd{qd} iops={:.0} median_us={:.1} ops={}",
+        s.iops, s.median_us, s.ops
+    );
+}
+
+fn bench(what: &str, f: Arc<dyn PciFunction>) {
+    let ctrl = Controller::new(f).expect("driver bring-up for the benchmark");
+    for qd in [1usize, 32] {
+        let w = Workload::new(
+            Pattern::RandRead,
+            qd,
+            Limit::Duration(Duration::from_secs(BENCH_SECS)),
+        );
+        let s = workload::run(&ctrl, &w).expect("benchmark workload");
+        report(what, qd, &s);
+    }
+    ctrl.shutdown().expect("shutdown after the benchmark");
+}
+
+/// `borrower DIR DEVICE suite|hold|readback|bench`
+fn guest_borrower(args: &[String]) {
+    let [dir, device, role] = args else {
+        panic!("usage: borrower DIR DEVICE ROLE");
+    };
+    let (node, f) = borrow(Path::new(dir), device);
+    println!("VFIO-BORROWED {device} ({role}): {}", f.describe());
+    match role.as_str() {
+        "suite" => {
+            let f2 = f.clone();
+            let target = devlend_nvme_driver::suite::Target {
+                make: Box::new(move || f2.clone()),
+                image: None,
+            };
+            for (name, case) in devlend_nvme_driver::suite::CASES {
+                let t = Instant::now();
+                case(&target).unwrap_or_else(|e| panic!("suite case {name}: {e}"));
+                println!("VFIO-CASE-OK {name} {:.1}s", t.elapsed().as_secs_f64());
+            }
+            let c = Controller::new(f.clone()).expect("bring-up");
+            c.write_at(SUITE_OFFSET, &pattern(0xa5)).expect("write");
+            c.flush().expect("flush");
+            c.shutdown().expect("shutdown");
+            println!("VFIO-SUITE-OK");
+        }
+        "hold" => {
+            let c = Controller::new(f.clone()).expect("bring-up");
+            c.write_at(KILLED_OFFSET, &pattern(0x3c)).expect("write");
+            c.flush().expect("flush");
+            println!("VFIO-WROTE");
+            // Held until this process is killed (the test's kill -9).
+            loop {
+                std::thread::park();
+            }
+        }
+        "readback" => {
+            let c = Controller::new(f.clone()).expect("bring-up");
+            let mut back = vec![0u8; PATTERN_LEN];
+            c.read_at(KILLED_OFFSET, &mut back).expect("read");
+            assert!(
+                back == pattern(0x3c),
+                "the killed borrower's completed write did not read back"
+            );
+            c.shutdown().expect("shutdown");
+            println!("VFIO-READBACK-OK");
+        }
+        "bench" => bench("borrowed", f.clone()),
+        other => panic!("unknown role {other}"),
+    }
+    drop(f);
+    node.give_back(device).expect("returning the device");
+}
+
+/// `bench-direct BDF`: the device through VFIO in this process (the baseline).
+fn guest_bench_direct(args: &[String]) {
+    let [bdf] = args else {
+        panic!("usage: bench-direct BDF");
+    };
+    let bdf: devlend_vfio::Bdf = bdf.parse().expect("a PCI address");
+    let sysfs = devlend_vfio::PciSysfs::default();
+    let binding = sysfs.bind_vfio(bdf, true).expect("binding to vfio-pci");
+    let dir = sysfs.device_dir(bdf).expect("device dir");
+    let f = devlend_pci::LocalFunction::new(64 << 20, |_dma, irq| {
+        let hw = devlend_vfio::KernelVfio::open(&dir)?;
+        devlend_vfio::VfioFunction::new(Arc::new(hw), irq)
+            .map(|d| Arc::new(d.with_owner(Box::new(binding))) as Arc<dyn devlend_pci::PciDevice>)
+    })
+    .expect("opening the device through VFIO");
+    println!("VFIO-DIRECT {bdf}: {}", f.describe());
+    bench("direct", Arc::new(f));
+}
+
+// ---------------------------------------------------------------------------------------------
+// On the host
+// ---------------------------------------------------------------------------------------------
+
+const SCRIPT: &str = r#"#!/bin/sh
+export PATH=/devlend:$PATH
+fail() { echo "VFIO-FAIL $*"; cat /tmp/lender.log 2>/dev/null | sed 's/^/lender: /'; exit 1; }
+for m in $(cat /lib/vfio/order); do insmod /lib/vfio/$m.ko || fail "insmod $m"; done
+BDF=
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/class)" = 0x010802 ] && BDF=$(basename $d)
+done
+[ -n "$BDF" ] || fail "no NVMe controller"
+echo "VFIO-BDF $BDF driver=$(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
+lender() {
+    DEVLEND_LOG=info devlend node --name lender --state /tmp/l --fabric shm:/tmp/f --lease-ms 5000 2>>/tmp/lender.log &
+    LENDER=$!
+    i=0
+    until devlend status --state /tmp/l >/dev/null 2>&1; do
+        i=$((i + 1)); [ $i -gt 600 ] && fail "lender did not start"; sleep 0.1
+    done
+    devlend add vfio $BDF --bind --name nvme0 --state /tmp/l || fail "devlend add vfio"
+}
+lender
+echo "VFIO-DRIVER-LENT $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
+devlend list --state /tmp/l | sed 's/^/VFIO-LIST /'
+vfio-guest borrower /tmp/f nvme0 suite || fail "suite borrower"
+vfio-guest borrower /tmp/f nvme0 hold >/tmp/hold.log 2>&1 &
+HOLD=$!
+i=0
+until grep -q VFIO-WROTE /tmp/hold.log; do
+    i=$((i + 1)); [ $i -gt 3000 ] && { cat /tmp/hold.log; fail "holder never wrote"; }; sleep 0.1
+done
+kill -9 $HOLD
+echo "VFIO-KILLED"
+i=0
+until grep -q "is back from borrower (lease" /tmp/lender.log; do
+    i=$((i + 1)); [ $i -gt 3000 ] && fail "the lease never expired"; sleep 0.1
+done
+echo "VFIO-EXPIRED $(grep 'is back from borrower (lease' /tmp/lender.log | head -1)"
+vfio-guest borrower /tmp/f nvme0 readback || fail "readback borrower"
+kill $LENDER
+wait $LENDER
+echo "VFIO-DRIVER-AFTER $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
+vfio-guest bench-direct $BDF || fail "direct benchmark"
+lender
+vfio-guest borrower /tmp/f nvme0 bench || fail "borrowed benchmark"
+kill $LENDER
+wait $LENDER
+grep -i "reset failed" /tmp/lender.log && fail "a VFIO reset failed"
+sed 's/^/lender: /' /tmp/lender.log | tail -20
+sync
+echo VFIO-ALL-DONE
+"#;
+
+fn skip_or_fail(why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("vfio_guest cannot run: {why}");
+    }
+    println!("SKIPPED vfio_guest: {why}");
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("running a host tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The binary and the shared libraries it needs (ldd), stripped when `strip` exists.
+fn add_binary(files: &mut Vec<(String, u32, Vec<u8>)>, src: &Path, dst: &str, work: &Path) {
+    let stripped = work.join(dst.replace('/', "_"));
+    let ok = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(src)
+        .status()
+        .is_ok_and(|s| s.success());
+    let bytes = std::fs::read(if ok { &stripped } else { src }).expect("reading a binary");
+    files.push((dst.to_string(), 0o100755, bytes));
+    for line in run(Command::new("ldd").arg(src)).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(PathBuf::from);
+        if let Some(lib) = path {
+            let name = lib.to_string_lossy().trim_start_matches('/').to_string();
+            if !files.iter().any(|f| f.0 == name) {
+                let real = std::fs::canonicalize(&lib).expect("library path");
+                files.push((
+                    name,
+                    0o100755,
+                    std::fs::read(real).expect("reading a library"),
+                ));
+            }
+        }
+    }
+}
+
+fn host_test() {
+    let start = Instant::now();
+    if !rustix_is_root() {
+        return skip_or_fail("needs root (QEMU provisioning, as the other guest tests)");
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let Some(assets) =
+        devlend_testkit::guest::provision_for_tests(&repo).expect("provisioning QEMU")
+    else {
+        return;
+    };
+    let cache = std::env::var("DEVLEND_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo.join(".cache"));
+    let modules = run(Command::new("bash")
+        .arg(repo.join("scripts/vfio-guest.sh"))
+        .arg(&cache));
+    let modules = PathBuf::from(
+        modules
+            .lines()
+            .find_map(|l| l.strip_prefix("VFIO_MODULES="))
+            .expect("vfio-guest.sh prints VFIO_MODULES="),
+    );
+
+    let work = std::env::temp_dir().join(format!("devlend-vfio-guest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let mut files: Vec<(String, u32, Vec<u8>)> = Vec::new();
+    for d in [
+        "devlend",
+        "lib",
+        "lib64",
+        "lib/x86_64-linux-gnu",
+        "usr",
+        "usr/lib",
+        "usr/lib/x86_64-linux-gnu",
+    ] {
+        files.push((d.to_string(), 0o040755, Vec::new()));
+    }
+    add_binary(
+        &mut files,
+        Path::new(env!("CARGO_BIN_EXE_devlend")),
+        "devlend/devlend",
+        &work,
+    );
+    let me = std::env::current_exe().unwrap();
+    add_binary(&mut files, &me, "devlend/vfio-guest", &work);
+    files.push(("test.sh".into(), 0o100755, SCRIPT.as_bytes().to_vec()));
+    let refs: Vec<(&str, u32, &[u8])> = files
+        .iter()
+        .map(|(n, m, b)| (n.as_str(), *m, b.as_slice()))
+        .collect();
+    let mut initrd = std::fs::read(&assets.initramfs).unwrap();
+    initrd.extend(std::fs::read(&modules).unwrap());
+    initrd.extend(devlend_testkit::guest::cpio_newc(&refs));
+    let initrd_path = work.join("initrd.cpio");
+    std::fs::write(&initrd_path, &initrd).unwrap();
+    let disk = work.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+
+    let mut child = Command::new(&assets.qemu)
+        .args(["-accel", "tcg", "-M", "q35,kernel-irqchip=split"])
+        .args(["-device", "intel-iommu,intremap=on,aw-bits=48"])
+        .args([
+            "-m",
+            "1536",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ])
+        .arg("-kernel")
+        .arg(&assets.kernel)
+        .arg("-initrd")
+        .arg(&initrd_path)
+        .args(["-append", "console=ttyS0 intel_iommu=on quiet panic=-1"])
+        .arg("-drive")
+        .arg(format!("file={},if=none,id=d0,format=raw", disk.display()))
+        .args(["-device", "nvme,drive=d0,serial=vfio-guest"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting QEMU");
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let l = String::from_utf8_lossy(&line)
+                .trim_end_matches('\r')
+                .to_string();
+            println!("guest: {l}");
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    let mut console = Vec::new();
+    let mut timed_out = false;
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => console.push(l),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    let qemu_err = err_reader.join().unwrap_or_default();
+    let has = |m: &str| console.iter().any(|l| l.contains(m));
+    let transcript = || format!("{}\n--- qemu ---\n{qemu_err}", console.join("\n"));
+    assert!(
+        !timed_out,
+        "the guest did not finish in time:\n{}",
+        transcript()
+    );
+    for marker in [
+        "VFIO-DRIVER-LENT vfio-pci",
+        "VFIO-SUITE-OK",
+        "VFIO-KILLED",
+        "VFIO-EXPIRED",
+        "VFIO-READBACK-OK",
+        "VFIO-DRIVER-AFTER nvme",
+        "VFIO-ALL-DONE",
+        "DEVLEND-TEST-EXIT 0",
+    ] {
+        assert!(
+            has(marker),
+            "missing {marker:?} in the guest's run:\n{}",
+            transcript()
+        );
+    }
+    assert!(!has("VFIO-FAIL"), "{}", transcript());
+    let cases = console
+        .iter()
+        .filter(|l| l.contains("VFIO-CASE-OK"))
+        .count();
+    assert_eq!(
+        cases,
+        devlend_nvme_driver::suite::CASES.len(),
+        "every suite case ran"
+    );
+    let list = console
+        .iter()
+        .find(|l| l.contains("VFIO-LIST nvme0"))
+        .unwrap_or_else(|| panic!("devlend list shows nvme0:\n{}", transcript()));
+    assert!(
+        list.contains("[1b36:0010] class 010802"),
+        "the listing shows the real vendor, device and class: {list}"
+    );
+
+    // The bytes the borrowers wrote are in the image behind QEMU's controller.
+    let image = std::fs::read(&disk).unwrap();
+    for (offset, seed, who) in [
+        (SUITE_OFFSET, 0xa5, "the suite borrower"),
+        (KILLED_OFFSET, 0x3c, "the killed borrower"),
+    ] {
+        let at = usize::try_from(offset).unwrap();
+        assert!(
+            image.get(at..at + PATTERN_LEN) == Some(pattern(seed).as_slice()),
+            "{who}'s flushed write is not in the disk image"
+        );
+    }
+
+    // The benchmark row.
+    let figure = |what: &str, qd: usize, key: &str| -> f64 {
+        let prefix = format!("VFIO-BENCH {what} qd{qd} ");
+        console
+            .iter()
+            .find_map(|l| l.split_once(&prefix).map(|(_, r)| r.to_string()))
+            .and_then(|r| {
+                r.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_string))
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {what} qd{qd} {key}:\n{}", transcript()))
+    };
+    let (d32, b32) = (figure("direct", 32, "iops"), figure("borrowed", 32, "iops"));
+    let (d1, b1) = (
+        figure("direct", 1, "median_us"),
+        figure("borrowed", 1, "median_us"),
+    );
+    println!("vfio bench (QEMU nvme in a TCG guest, 4 KiB random read, {BENCH_SECS} s each):");
+    println!(
+        "  QD32: borrowed {b32:.0} IOPS vs direct {d32:.0} IOPS: ratio {:.2} (target >= 0.9: {})",
+        b32 / d32,
+        b32 / d32 >= 0.9
+    );
+    println!(
+        "  QD1 median: borrowed {b1:.1} us vs direct {d1:.1} us: ratio {:.2} (target <= 1.25: {})",
+        b1 / d1,
+        b1 / d1 <= 1.25
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    println!(
+        "vfio_guest passed in {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+fn rustix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
