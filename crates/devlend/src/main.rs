@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
     name = "devlend",
     version,
     about = "PCIe device lending over an emulated NTB",
-    after_help = "Environment:\n  DEVLEND_LOG    log level or filter for stderr (error, warn [default], info, debug, trace; \n                 or per module, e.g. devlend_lending=debug); lend, return, lease expiry and\n                 removal are logged at info\n  DEVLEND_STATE  the node's state directory (instead of --state)"
+    after_help = "Environment:\n  DEVLEND_LOG    log level or filter for stderr (error, warn [default], info, debug, trace; \n                 or per module, e.g. devlend_lending=debug); lend, return, lease expiry and\n                 removal are logged at info\n  DEVLEND_STATE  the node's state directory (instead of --state)\n  DEVLEND_PROGRESS_DELAY_MS\n                 how long a verb waits before it shows progress on a terminal (1000)"
 )]
 struct Cli {
     #[command(subcommand)]
