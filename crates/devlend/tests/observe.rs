@@ -492,7 +492,9 @@ fn a_long_check_prints_no_progress_when_stderr_is_not_a_terminal() {
     // A zero delay makes progress due from the first instant, however fast the check runs:
     // only stderr not being a terminal keeps it off the pipe.
     let out = Command::new(exe())
-        .args(["check", "nvme0", "--bytes", "4M", "--offset", "1M", "--state"])
+        .args([
+            "check", "nvme0", "--bytes", "4M", "--offset", "1M", "--state",
+        ])
         .arg(&borrower.state)
         .env("DEVLEND_PROGRESS_DELAY_MS", "0")
         .output()
@@ -558,11 +560,15 @@ fn a_long_check_shows_progress_in_a_terminal() {
     // reads CHECK-""DONE, so only the echo's output matches.)
     let deadline = Instant::now() + Duration::from_secs(30);
     let seen = loop {
-        let log = String::from_utf8_lossy(&std::fs::read(&pane_log).unwrap_or_default()).into_owned();
+        let log =
+            String::from_utf8_lossy(&std::fs::read(&pane_log).unwrap_or_default()).into_owned();
         if log.contains("CHECK-DONE") {
             break log;
         }
-        assert!(Instant::now() < deadline, "the pane's log never got CHECK-DONE:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "the pane's log never got CHECK-DONE:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(
