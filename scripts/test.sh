@@ -26,5 +26,5 @@ echo "== README: the files it names"
 bash scripts/readme.sh references
 echo "== README: the first command"
 bash scripts/readme.sh first-command
-# (scripts/readme.sh lending-by-hand runs the "Lending by hand" block the same way; it joins
-# this list once that block waits for its nodes before using them.)
+echo "== README: the 'Lending by hand' block"
+bash scripts/readme.sh lending-by-hand

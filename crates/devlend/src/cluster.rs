@@ -39,7 +39,6 @@ use devlend_registry::{
     Claim, DeviceRecord, LeaseKeeper, LeaseView, NodeRecord, Reach, Registry, RegistryAddr,
     RegistryError,
 };
-use serde_json::json;
 
 use crate::host::{self, FabricSpec, TcpOptions};
 
@@ -123,7 +122,7 @@ struct State {
     /// Links served to borrowers.
     inbound: BTreeMap<String, InLink>,
     /// How the last borrow of each device spent its time (for `bench cluster`).
-    timing: BTreeMap<String, serde_json::Value>,
+    timing: BTreeMap<String, crate::proto::BorrowTiming>,
     /// Devices given back whose claim could not be released yet (etcd away).
     unreleased: std::collections::BTreeSet<String>,
 }
@@ -155,7 +154,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn nvme_record(name: &str, lender: &str, detail: &str) -> DeviceRecord {
+fn nvme_record(name: &str, lender: &str, detail: &str, size_bytes: Option<u64>) -> DeviceRecord {
     DeviceRecord {
         name: name.to_string(),
         kind: "nvme".into(),
@@ -165,6 +164,7 @@ fn nvme_record(name: &str, lender: &str, detail: &str) -> DeviceRecord {
         state: "available".into(),
         lender: lender.to_string(),
         detail: detail.to_string(),
+        size_bytes,
     }
 }
 
@@ -251,9 +251,14 @@ impl Cluster {
 
     /// Registers a device this node added (refused, and to be removed by the caller, when
     /// its name exists in the cluster).
-    pub fn register_device(&self, name: &str, detail: &str) -> anyhow::Result<()> {
+    pub fn register_device(
+        &self,
+        name: &str,
+        detail: &str,
+        size_bytes: Option<u64>,
+    ) -> anyhow::Result<()> {
         let lease = self.lease()?;
-        let rec = nvme_record(name, &self.shared.name, detail);
+        let rec = nvme_record(name, &self.shared.name, detail, size_bytes);
         self.shared.registry.register_device(&rec, lease)?;
         lock(&self.shared.state)
             .lending
@@ -263,25 +268,42 @@ impl Cluster {
 
     /// Every device of the cluster, in the shape of the local listing: this node's under
     /// `local`, the others' under `peer` (owner = lender), each with its borrower.
-    pub fn list(&self) -> anyhow::Result<serde_json::Value> {
+    pub fn list(&self) -> anyhow::Result<crate::proto::ListReply> {
+        use crate::proto::{Device, DeviceState};
         let devices = self.shared.registry.devices()?;
         let (local, peer): (Vec<_>, Vec<_>) = devices
             .into_iter()
             .map(|d| {
-                json!({
-                    "name": d.record.name,
-                    "kind": d.record.kind,
-                    "owner": d.record.lender,
-                    "borrower": d.borrower,
-                    "vendor": d.record.vendor,
-                    "device": d.record.device,
-                    "vfs": d.record.vfs,
-                    "state": d.record.state,
-                    "detail": d.record.detail,
-                })
+                let held = d.borrower.as_deref() == Some(self.shared.name.as_str());
+                let state = match (&d.borrower, d.record.state.as_str()) {
+                    (Some(_), _) if held => DeviceState::Borrowed,
+                    (Some(_), _) => DeviceState::Lent,
+                    (None, _) if d.record.vfs > 0 => DeviceState::ManagingVfs,
+                    (None, _) => DeviceState::Available,
+                };
+                Device {
+                    name: d.record.name,
+                    kind: d.record.kind,
+                    owner: d.record.lender,
+                    borrower: d.borrower,
+                    state,
+                    size_bytes: d.record.size_bytes,
+                    vectors: None,
+                    vendor: Some(d.record.vendor),
+                    device: Some(d.record.device),
+                    vfs: Some(d.record.vfs),
+                    detail: d.record.detail,
+                    vfio_user: None,
+                    vm: None,
+                }
             })
-            .partition(|d| d["owner"].as_str() == Some(self.shared.name.as_str()));
-        Ok(json!({"local": local, "peer": peer, "registry": self.shared.opts.registry.to_string()}))
+            .partition(|d| d.owner == self.shared.name);
+        Ok(crate::proto::ListReply {
+            local,
+            peer,
+            peer_error: None,
+            registry: Some(self.shared.opts.registry.to_string()),
+        })
     }
 
     /// Borrows a device of the cluster by name.
@@ -336,12 +358,12 @@ impl Cluster {
                 }
                 st.timing.insert(
                     device.to_string(),
-                    json!({
-                        "lookup_us": t_lookup.as_micros() as u64,
-                        "claim_us": t_claim.as_micros() as u64,
-                        "link_us": t_link.as_micros() as u64,
-                        "lease_us": t2.elapsed().saturating_sub(t_link).as_micros() as u64,
-                    }),
+                    crate::proto::BorrowTiming {
+                        lookup_us: micros(t_lookup),
+                        claim_us: micros(t_claim),
+                        link_us: micros(t_link),
+                        lease_us: micros(t2.elapsed().saturating_sub(t_link)),
+                    },
                 );
                 Ok(f)
             }
@@ -358,8 +380,8 @@ impl Cluster {
 
     /// How the last borrow of `device` by this node spent its time: registry lookup, claim
     /// transaction, link (request, answer, connect, attach; 0 when one existed), lending lease.
-    pub fn borrow_timing(&self, device: &str) -> Option<serde_json::Value> {
-        lock(&self.shared.state).timing.get(device).cloned()
+    pub fn borrow_timing(&self, device: &str) -> Option<crate::proto::BorrowTiming> {
+        lock(&self.shared.state).timing.get(device).copied()
     }
 
     /// After `give_back`: releases the claim (later, if etcd is away: the device is given
@@ -376,21 +398,25 @@ impl Cluster {
     }
 
     /// Cluster facts for `status`.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> crate::proto::ClusterStatus {
         let st = lock(&self.shared.state);
         let lenders: Vec<String> = lock(&self.shared.outbound)
             .iter()
             .filter(|(_, slot)| slot.try_lock().map(|g| g.is_some()).unwrap_or(true))
             .map(|(l, _)| l.clone())
             .collect();
-        json!({
-            "registry": self.shared.opts.registry.to_string(),
-            "registered": self.keeper.as_ref().and_then(|k| k.lease()).is_some(),
-            "registrations": self.keeper.as_ref().map(|k| k.generation()),
-            "links_to_lenders": lenders,
-            "links_to_borrowers": st.inbound.keys().collect::<Vec<_>>(),
-        })
+        crate::proto::ClusterStatus {
+            registry: self.shared.opts.registry.to_string(),
+            registered: self.keeper.as_ref().and_then(|k| k.lease()).is_some(),
+            registrations: self.keeper.as_ref().map(|k| k.generation()),
+            links_to_lenders: lenders,
+            links_to_borrowers: st.inbound.keys().cloned().collect(),
+        }
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 impl Drop for Cluster {

@@ -7,6 +7,7 @@ mod cluster;
 mod cmd;
 mod host;
 mod pair;
+mod proto;
 mod vfio;
 mod vm;
 
@@ -17,7 +18,7 @@ use clap::{Parser, Subcommand};
     name = "devlend",
     version,
     about = "PCIe device lending over an emulated NTB",
-    after_help = "Environment:\n  DEVLEND_LOG    log level or filter for stderr (error, warn [default], info, debug, trace; \n                 or per module, e.g. devlend_lending=debug); lend, return, lease expiry and\n                 removal are logged at info\n  DEVLEND_STATE  the node's state directory (instead of --state)\n  DEVLEND_PROGRESS_DELAY_MS\n                 how long a verb waits before it shows progress on a terminal (1000)"
+    after_help = "Environment:\n  DEVLEND_LOG    log level or filter for stderr (error, warn [default], info, debug, trace; \n                 or per module, e.g. devlend_lending=debug); lend, return, lease expiry and\n                 removal are logged at info\n  DEVLEND_STATE  the node's state directory (instead of --state)\n  DEVLEND_PROGRESS_DELAY_MS\n                 how long a verb waits before it shows progress on a terminal (1000)\n  DEVLEND_MGMT_MAX_CONNECTIONS\n                 management connections a node serves at once (64)\n  DEVLEND_MGMT_IDLE_MS\n                 how long a node waits for a connection's request line (10000)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,6 +41,8 @@ enum Cmd {
     Reclaim(cmd::verbs::ReclaimArgs),
     /// Show this node's link, peer, lent and borrowed devices.
     Status(cmd::verbs::PlainArgs),
+    /// Wait until the node answers (and, with --peer/--device, a peer is linked, a device listed).
+    Wait(cmd::wait::Args),
     /// Run the user-space NVMe driver on a borrowed device: write, flush, read back, verify.
     Check(cmd::verbs::CheckArgs),
     /// Show the devices this host sees (its own and borrowed) as `lspci` would (-v, -vv).
@@ -91,7 +94,21 @@ fn main() -> std::process::ExitCode {
         // Colour codes only for a person at a terminal, never into a log file or pipe.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let wants_json = std::env::args().skip(1).any(|a| a == "--json");
+            if wants_json && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+            {
+                let body = proto::ErrorBody::new(proto::ErrorCode::Usage, e.to_string().trim_end());
+                print_json_error(body);
+                return std::process::ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
+    let json = cli.cmd.json();
     let result = match cli.cmd {
         Cmd::Node(a) => cmd::node::run(a),
         Cmd::Add(a) => cmd::verbs::add(a),
@@ -100,6 +117,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Return(a) => cmd::verbs::give_back(a),
         Cmd::Reclaim(a) => cmd::verbs::reclaim(a),
         Cmd::Status(a) => cmd::verbs::status(a),
+        Cmd::Wait(a) => cmd::wait::run(a),
         Cmd::Check(a) => cmd::verbs::check(a),
         Cmd::Lspci(a) => cmd::lspci::run(a),
         Cmd::Completions { shell } => {
@@ -123,9 +141,39 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if json => {
+            print_json_error(proto::ErrorBody::from_anyhow(&e));
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("devlend: error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `{"error":{"code":...,"message":...}}` on stderr.
+fn print_json_error(error: proto::ErrorBody) {
+    match serde_json::to_string(&proto::ErrorReport { error }) {
+        Ok(line) => eprintln!("{line}"),
+        Err(e) => eprintln!("devlend: error: {e}"),
+    }
+}
+
+impl Cmd {
+    /// Whether the verb was asked for JSON (then its errors are JSON too).
+    fn json(&self) -> bool {
+        match self {
+            Cmd::Add(a) => a.json(),
+            Cmd::List(a) | Cmd::Status(a) => a.json(),
+            Cmd::Borrow(a) | Cmd::Return(a) => a.json(),
+            Cmd::Reclaim(a) => a.json(),
+            Cmd::Check(a) => a.json(),
+            Cmd::Wait(a) => a.json(),
+            Cmd::Lspci(a) => a.json(),
+            Cmd::Top(a) => a.json(),
+            Cmd::Keygen(a) => a.json,
+            _ => false,
         }
     }
 }

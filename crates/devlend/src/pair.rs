@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use devlend_lending::{BorrowedFunction, Node, NodeConfig};
 
-use crate::cmd::ctl::{self, CtlRequest};
+use crate::cmd::ctl;
 use crate::host::{self, FabricSpec};
+use crate::proto;
 
 /// A lender process and a borrower node.
 pub struct Pair {
@@ -134,7 +135,7 @@ impl Pair {
         loop {
             if ctl::call(
                 &self.lender_state,
-                &CtlRequest::Status,
+                proto::StatusRequest,
                 Duration::from_secs(5),
             )
             .is_ok()
@@ -155,7 +156,7 @@ impl Pair {
 
     /// Asks the lender to add an NVMe device backed by `image` (created with `size`).
     pub fn lender_add_nvme(&self, name: &str, image: &Path, size: u64) -> anyhow::Result<()> {
-        let req = CtlRequest::Add {
+        let req = proto::AddRequest {
             kind: "nvme".into(),
             name: name.into(),
             image: image.to_path_buf(),
@@ -165,7 +166,7 @@ impl Pair {
             vfs: None,
             vf_namespaces: None,
         };
-        ctl::call(&self.lender_state, &req, Duration::from_secs(30))?;
+        ctl::call(&self.lender_state, req, Duration::from_secs(30))?;
         Ok(())
     }
 
@@ -185,7 +186,7 @@ impl Drop for Pair {
         if let Some(mut child) = self.lender.take() {
             let _ = ctl::call(
                 &self.lender_state,
-                &CtlRequest::Shutdown,
+                proto::ShutdownRequest,
                 Duration::from_secs(2),
             );
             let deadline = Instant::now() + Duration::from_secs(5);

@@ -13,7 +13,6 @@ use devlend_qmp::command::{
     QueryPci,
 };
 use devlend_qmp::Qmp;
-use serde::Serialize;
 
 /// How long a QMP command may take before the VM counts as not answering.
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,32 +93,7 @@ pub struct Port {
     pub id: String,
 }
 
-/// A device attached to a running VM.
-#[derive(Clone, Debug, Serialize)]
-pub struct Attachment {
-    /// The VM's QMP socket.
-    pub qmp: PathBuf,
-    /// The device's QEMU id.
-    pub device_id: String,
-    /// The port it sits on.
-    pub port: String,
-    /// Where the guest sees it (`0000:01:00.0`), when QEMU reported it.
-    pub guest_address: Option<String>,
-    /// The vfio-user socket QEMU reaches the device through.
-    pub vfio_user: PathBuf,
-}
-
-/// How a device left a VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Removal {
-    /// The guest released it (`DEVICE_DELETED` within the grace period).
-    Orderly,
-    /// The guest did not release it in time: the device was cut off under it.
-    Surprise,
-    /// The VM no longer had it (or QEMU was gone).
-    AlreadyGone,
-}
+pub use crate::proto::{Removal, VmAttachment as Attachment};
 
 impl Removal {
     /// One line for people.

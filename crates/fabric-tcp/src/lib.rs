@@ -116,8 +116,12 @@ pub struct TcpConfig {
     pub keepalive_timeout: Duration,
     /// Limit on connecting plus the TLS handshake plus the hello exchange.
     pub handshake_timeout: Duration,
-    /// Pause between connection attempts of a connector.
+    /// Pause between connection attempts of a connector (after a link that came up, or the
+    /// first failed attempt); each further refused or failed attempt in a row doubles it, up to
+    /// `reconnect_max`.
     pub reconnect_interval: Duration,
+    /// The longest pause between a connector's attempts (back-off ceiling).
+    pub reconnect_max: Duration,
     /// Bytes of this side's requests (posted writes, reads) that may wait for the writer thread
     /// before producers are held back.
     pub send_queue_bytes: usize,
@@ -146,6 +150,7 @@ impl Default for TcpConfig {
             keepalive_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(5),
             reconnect_interval: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(10),
             send_queue_bytes: 1 << 20,
             service_queue_bytes: 8 << 20,
             cpus: ThreadCpus::default(),

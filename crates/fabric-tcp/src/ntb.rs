@@ -112,6 +112,9 @@ pub(crate) struct Inner {
     pub(crate) wake: EventFd,
     links_up: AtomicU64,
     refused: AtomicU64,
+    /// Connections refused or failed before link-up since the last link-up (the back-off
+    /// and the log's rate both follow it).
+    streak: AtomicU64,
 }
 
 impl Inner {
@@ -129,10 +132,21 @@ impl Inner {
         self.stopped()
     }
 
-    pub(crate) fn count_refusal(&self) {
+    /// Counts a connection that ended before link-up; returns how many did in a row.
+    pub(crate) fn count_refusal(&self) -> u64 {
         self.refused.fetch_add(1, Ordering::Relaxed);
+        let streak = self
+            .streak
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         drop(lock(&self.link));
         self.link_cv.notify_all();
+        streak
+    }
+
+    /// Connections that ended before link-up since the last link-up.
+    pub(crate) fn refusal_streak(&self) -> u64 {
+        self.streak.load(Ordering::Relaxed)
     }
 
     /// Makes `s` the current connection and queues the hello, which carries the current
@@ -156,6 +170,7 @@ impl Inner {
         l.generation += 1;
         drop(l);
         self.links_up.fetch_add(1, Ordering::Relaxed);
+        self.streak.store(0, Ordering::Relaxed);
         self.link_cv.notify_all();
     }
 
@@ -464,6 +479,7 @@ impl TcpNtb {
                 .map_err(|e| TcpError::Os("eventfd", e))?,
             links_up: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            streak: AtomicU64::new(0),
         });
         let thread_inner = inner.clone();
         let supervisor = std::thread::Builder::new()

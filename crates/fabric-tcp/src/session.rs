@@ -1166,11 +1166,49 @@ pub(crate) fn supervise(inner: Arc<Inner>, mode: Mode) {
                     Ok(stream) => connection(&inner, stream, addr, Role::Client),
                     Err(e) => tracing::debug!(peer = %addr, error = %e, "fabric connect failed"),
                 }
-                if inner.pause(inner.cfg.reconnect_interval) {
+                let pause = backoff(
+                    inner.cfg.reconnect_interval,
+                    inner.cfg.reconnect_max,
+                    inner.refusal_streak(),
+                );
+                if inner.pause(pause) {
                     break;
                 }
             }
         }
+    }
+}
+
+/// The pause before a connector's next attempt after `streak` refused attempts in a row:
+/// `base`, doubled for each refusal after the first, at most `max`.
+pub(crate) fn backoff(base: Duration, max: Duration, streak: u64) -> Duration {
+    let doublings = u32::try_from(streak.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(20);
+    base.checked_mul(1u32 << doublings)
+        .unwrap_or(max)
+        .min(max.max(base))
+}
+
+/// Whether the `streak`-th refusal in a row is logged as a warning: the 1st, 2nd, 4th, 8th, ...
+/// (the others at debug level), so a peer that keeps being refused costs a handful of lines
+/// rather than a few a second.
+pub(crate) fn refusal_is_warned(streak: u64) -> bool {
+    streak.is_power_of_two()
+}
+
+/// Logs a refusal: a warning when [`refusal_is_warned`], debug otherwise.
+fn log_refusal(peer: SocketAddr, streak: u64, what: &str, reason: &dyn std::fmt::Display) {
+    if refusal_is_warned(streak) {
+        tracing::warn!(
+            peer = %peer,
+            %reason,
+            refusals_in_a_row = streak,
+            "{what} (retried with back-off; next warned at {} refusals in a row)",
+            streak.saturating_mul(2)
+        );
+    } else {
+        tracing::debug!(peer = %peer, %reason, refusals_in_a_row = streak, "{what}");
     }
 }
 
@@ -1220,8 +1258,8 @@ fn connection(inner: &Arc<Inner>, stream: TcpStream, peer: SocketAddr, role: Rol
     let chan = match establish(&inner.creds, &stream, role) {
         Ok(c) => c,
         Err(reason) => {
-            inner.count_refusal();
-            tracing::warn!(peer = %peer, %reason, "refused fabric peer");
+            let streak = inner.count_refusal();
+            log_refusal(peer, streak, "refused fabric peer", &reason);
             return;
         }
     };
@@ -1288,8 +1326,13 @@ fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: Socke
         // Closed by this side (the node is stopping): not the peer's failure.
         Err(EndError::Closed) => tracing::debug!(peer = %peer, "fabric link closed"),
         Err(e) if !was_up => {
-            inner.count_refusal();
-            tracing::warn!(peer = %peer, reason = %e, "fabric peer refused or failed before link-up");
+            let streak = inner.count_refusal();
+            log_refusal(
+                peer,
+                streak,
+                "fabric peer refused or failed before link-up",
+                &e,
+            );
         }
         Err(e) => tracing::warn!(peer = %peer, reason = %e, "fabric link down"),
         Ok(()) => tracing::info!(peer = %peer, "fabric peer closed the link"),
@@ -1415,4 +1458,30 @@ fn handle(
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::{backoff, refusal_is_warned};
+    use std::time::Duration;
+
+    #[test]
+    fn the_pause_doubles_per_refusal_up_to_the_ceiling() {
+        let (base, max) = (Duration::from_millis(200), Duration::from_secs(10));
+        let pauses: Vec<u128> = (0..10).map(|n| backoff(base, max, n).as_millis()).collect();
+        assert_eq!(
+            pauses,
+            [200, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
+        );
+        assert_eq!(backoff(base, max, u64::MAX), max);
+        // A ceiling below the base never shortens the base.
+        assert_eq!(backoff(base, Duration::ZERO, 5), base);
+    }
+
+    #[test]
+    fn refusals_are_warned_at_powers_of_two() {
+        let warned: Vec<u64> = (1..=100).filter(|n| refusal_is_warned(*n)).collect();
+        assert_eq!(warned, [1, 2, 4, 8, 16, 32, 64]);
+        assert!(!refusal_is_warned(0));
+    }
 }

@@ -770,6 +770,7 @@ mod tests {
                 vectors,
                 bars: Vec::new(),
                 detail: String::new(),
+                size_bytes: None,
             },
             bars: vec![BarGrant {
                 index: 0,

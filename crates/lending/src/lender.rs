@@ -263,6 +263,7 @@ impl Exported {
                 })
                 .collect(),
             detail: self.detail.clone(),
+            size_bytes: self.device.capacity_bytes(),
         }
     }
 }

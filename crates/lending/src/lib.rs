@@ -474,6 +474,7 @@ impl Node {
             vectors: 0,
             bars: Vec::new(),
             detail: pf_detail.to_string(),
+            size_bytes: None,
         };
         let names = added.iter().map(|d| d.name.clone()).collect();
         if let Err(e) = self

@@ -35,6 +35,9 @@ pub struct DeviceDesc {
     pub bars: Vec<BarDesc>,
     /// Free-form detail (backing image, size).
     pub detail: String,
+    /// Storage capacity in bytes, for a device that has one (absent from older peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
 }
 
 /// Part of a BAR that is memory the device polls (doorbells), exposed through its own window:

@@ -328,6 +328,7 @@ fn absurd(name: &str, lease: u64) -> (DeviceDesc, Grant) {
             prefetchable: false,
         }],
         detail: String::new(),
+        size_bytes: None,
     };
     let mut grant = Grant {
         lease,

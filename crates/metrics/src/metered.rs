@@ -117,6 +117,9 @@ impl PciDevice for MeteredDevice {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
+    fn capacity_bytes(&self) -> Option<u64> {
+        self.inner.capacity_bytes()
+    }
 }
 
 struct MeteredDma {

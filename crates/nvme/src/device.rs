@@ -737,4 +737,10 @@ impl PciDevice for NvmeDevice {
     fn kind(&self) -> &'static str {
         "nvme"
     }
+
+    fn capacity_bytes(&self) -> Option<u64> {
+        let core = lock(&self.inner.core);
+        1u64.checked_shl(core.ns.block_shift())
+            .and_then(|block| core.ns.blocks().checked_mul(block))
+    }
 }

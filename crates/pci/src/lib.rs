@@ -338,6 +338,11 @@ pub trait PciDevice: Send + Sync {
     }
     /// Short name for logs ("nvme").
     fn kind(&self) -> &'static str;
+    /// Storage capacity in bytes, for a device that has one (an NVMe namespace); `None`
+    /// otherwise (the default).
+    fn capacity_bytes(&self) -> Option<u64> {
+        None
+    }
     /// Whether the device's DMA bypasses its [`DmaPort`] (a real device behind a hardware
     /// IOMMU): then it can reach only memory mapped directly into this process (a [`MemSpan`]),
     /// never memory reached by messages, and whoever binds it must tell it each mapping with

@@ -201,6 +201,10 @@ impl PciDevice for PresentedVf {
     fn kind(&self) -> &'static str {
         self.vf.kind()
     }
+
+    fn capacity_bytes(&self) -> Option<u64> {
+        self.vf.capacity_bytes()
+    }
 }
 
 #[cfg(test)]

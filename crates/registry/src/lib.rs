@@ -135,6 +135,9 @@ pub struct DeviceRecord {
     pub lender: String,
     /// One line for listings.
     pub detail: String,
+    /// Storage capacity in bytes, when the device has one (absent from older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
 }
 
 /// Who holds a device.

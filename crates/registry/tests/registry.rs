@@ -31,6 +31,7 @@ fn device(name: &str, lender: &str) -> DeviceRecord {
         state: "available".into(),
         lender: lender.into(),
         detail: "test".into(),
+        size_bytes: None,
     }
 }
 

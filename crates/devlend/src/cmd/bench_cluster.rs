@@ -16,7 +16,8 @@ use anyhow::Context;
 use devlend_bench::{percentile, Figure, Report, Target};
 use devlend_registry::{EtcdClient, LeaseId, Registry, RegistryAddr};
 
-use super::ctl::{call, CtlRequest};
+use super::ctl::call;
+use crate::proto::{AddRequest, BorrowRequest, ReturnRequest, StatusRequest};
 
 /// Options.
 #[derive(clap::Args)]
@@ -129,7 +130,7 @@ impl Rig {
             .spawn()?;
         let proc = Proc(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while call(&state, &CtlRequest::Status, CTL_TIMEOUT).is_err() {
+        while call(&state, StatusRequest, CTL_TIMEOUT).is_err() {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "node {name} did not come up (log: {})",
@@ -143,7 +144,7 @@ impl Rig {
     fn add(&self, state: &Path, device: &str) -> anyhow::Result<()> {
         call(
             state,
-            &CtlRequest::Add {
+            AddRequest {
                 kind: "nvme".into(),
                 name: device.into(),
                 image: self.dir.join(format!("{device}.img")),
@@ -159,8 +160,8 @@ impl Rig {
     }
 }
 
-fn borrow_req(name: &str) -> CtlRequest {
-    CtlRequest::Borrow {
+fn borrow_req(name: &str) -> BorrowRequest {
+    BorrowRequest {
         name: name.into(),
         vfio_user: None,
         vm: None,
@@ -169,8 +170,8 @@ fn borrow_req(name: &str) -> CtlRequest {
     }
 }
 
-fn return_req(name: &str) -> CtlRequest {
-    CtlRequest::Return {
+fn return_req(name: &str) -> ReturnRequest {
+    ReturnRequest {
         name: name.into(),
         grace_ms: None,
     }
@@ -182,20 +183,13 @@ const PHASES: [&str; 4] = ["lookup", "claim", "link", "lease"];
 /// Times one borrow, then returns the device; also the node's phase times, if any.
 fn timed_borrow(state: &Path, device: &str) -> anyhow::Result<(f64, Option<[f64; 4]>)> {
     let t = Instant::now();
-    let v = call(state, &borrow_req(device), CTL_TIMEOUT)
+    let v = call(state, borrow_req(device), CTL_TIMEOUT)
         .with_context(|| format!("borrowing {device}"))?;
     let us = devlend_bench::micros(t.elapsed());
-    call(state, &return_req(device), CTL_TIMEOUT)?;
-    let phase = |p: &str| v["timing"][format!("{p}_us")].as_f64();
-    let phases = match (
-        phase("lookup"),
-        phase("claim"),
-        phase("link"),
-        phase("lease"),
-    ) {
-        (Some(a), Some(b), Some(c), Some(d)) => Some([a, b, c, d]),
-        _ => None,
-    };
+    call(state, return_req(device), CTL_TIMEOUT)?;
+    let phases = v
+        .timing
+        .map(|t| [t.lookup_us, t.claim_us, t.link_us, t.lease_us].map(|us| us as f64));
     Ok((us, phases))
 }
 
@@ -240,14 +234,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     rig.extra.push(b);
     rig.add(&lstate, "base0")?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while call(&bstate, &borrow_req("base0"), CTL_TIMEOUT).is_err() {
+    while call(&bstate, borrow_req("base0"), CTL_TIMEOUT).is_err() {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the baseline link did not come up"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    call(&bstate, &return_req("base0"), CTL_TIMEOUT)?;
+    call(&bstate, return_req("base0"), CTL_TIMEOUT)?;
     let mut base = Vec::new();
     for _ in 0..rounds * 4 {
         base.push(timed_borrow(&bstate, "base0")?.0);

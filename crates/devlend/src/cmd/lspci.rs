@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use devlend_pci::lspci::{render, Function, Verbosity};
 
-use super::ctl::{call, CtlRequest, Target};
+use super::ctl::{call, Target};
 use super::observe::PciSnapshot;
 
 /// `devlend lspci`
@@ -28,16 +28,16 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let v = call(
         &a.target.state,
-        &CtlRequest::Lspci {
+        crate::proto::LspciRequest {
             name: a.name.clone(),
         },
         Duration::from_secs(30),
     )?;
     if a.target.json {
-        println!("{v}");
+        println!("{}", serde_json::to_string(&v)?);
         return Ok(());
     }
-    let snaps: Vec<PciSnapshot> = serde_json::from_value(v)?;
+    let snaps = v.devices;
     let verbosity = match a.verbose {
         0 => Verbosity::Terse,
         1 => Verbosity::Verbose,
@@ -81,4 +81,11 @@ pub fn text(snaps: &[PciSnapshot], verbosity: Verbosity) -> String {
         out.push_str("no devices (add one with `devlend add nvme --image PATH`, or borrow one)\n");
     }
     out
+}
+
+impl Args {
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.target.json
+    }
 }

@@ -17,3 +17,4 @@ pub mod progress;
 pub mod serve;
 pub mod top;
 pub mod verbs;
+pub mod wait;

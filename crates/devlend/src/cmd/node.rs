@@ -5,7 +5,7 @@
 //! user-space driver on one) and `borrow --vfio-user` (serve one to a VMM) use them in-process.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,11 +15,11 @@ use std::time::Duration;
 use anyhow::Context;
 use devlend_lending::{Node, NodeConfig};
 use serde::Deserialize;
-use serde_json::json;
 
-use super::ctl::{CtlRequest, CtlResponse, DEFAULT_STATE, SOCKET_NAME};
+use super::ctl::{DEFAULT_STATE, SOCKET_NAME};
 use super::observe::Observe;
 use crate::host;
+use crate::proto::{self, ErrorBody, ErrorCode, Reply, Request};
 use crate::vm;
 
 /// `devlend node` flags; each may also come from `--config FILE` (TOML, same keys).
@@ -287,7 +287,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     for req in super::persist::devices(&s.state)? {
-        if let CtlRequest::Add { name, .. } = &req {
+        if let Request::Add(add) = &req {
+            let name = &add.name;
             match handle(&daemon, req.clone()) {
                 Ok(_) => eprintln!(
                     "devlend node {}: lending {name} again (from {})",
@@ -305,11 +306,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let d = daemon.clone();
         std::thread::spawn(move || startup_borrow(&d, &name, socket));
     }
+    let limits = Limits::from_env();
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !STOP.load(Ordering::Acquire) {
         match listener.accept() {
             Ok((stream, _)) => {
+                if active.load(Ordering::Acquire) >= limits.max_connections {
+                    // Refused at once, in this thread: a short line into an empty socket
+                    // buffer does not block.
+                    let _ = stream.set_nonblocking(true);
+                    let _ = (&stream).write_all(&proto::reply_line(Err(ErrorBody::new(
+                        ErrorCode::Busy,
+                        format!(
+                            "the node serves {} management connections already; try again",
+                            limits.max_connections
+                        ),
+                    ))));
+                    continue;
+                }
+                active.fetch_add(1, Ordering::AcqRel);
+                let guard = ActiveGuard(active.clone());
                 let d = daemon.clone();
-                std::thread::spawn(move || serve_connection(&d, stream));
+                let spawned = std::thread::Builder::new()
+                    .name("devlend-mgmt".into())
+                    .spawn(move || serve_connection(&d, stream, limits, guard));
+                if let Err(e) = spawned {
+                    tracing::warn!("cannot serve a management connection: {e}");
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // Idle: wait for a connection or a signal.
@@ -354,13 +377,13 @@ fn startup_borrow(d: &Daemon, name: &str, socket: Option<PathBuf>) {
     while !STOP.load(Ordering::Acquire) {
         let attempt = || -> anyhow::Result<()> {
             d.node.wait_link_up(Duration::from_secs(1))?;
-            let req = CtlRequest::Borrow {
+            let req = Request::Borrow(proto::BorrowRequest {
                 name: name.to_string(),
                 vfio_user: socket.clone(),
                 vm: None,
                 port: None,
                 id: None,
-            };
+            });
             handle(d, req)?;
             Ok(())
         };
@@ -381,47 +404,133 @@ fn startup_borrow(d: &Daemon, name: &str, socket: Option<PathBuf>) {
     }
 }
 
-fn serve_connection(d: &Daemon, stream: UnixStream) {
-    let Ok(read_half) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(read_half);
-    let mut writer = stream;
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let resp = match serde_json::from_str::<CtlRequest>(&line) {
-        Ok(req) => match handle(d, req.clone()).and_then(|v| {
-            super::persist::record(&d.state, &req)?;
-            Ok(v)
-        }) {
-            Ok(result) => CtlResponse {
-                ok: true,
-                result,
-                error: None,
-            },
-            Err(e) => CtlResponse {
-                ok: false,
-                result: json!(null),
-                error: Some(format!("{e:#}")),
-            },
-        },
-        Err(e) => CtlResponse {
-            ok: false,
-            result: json!(null),
-            error: Some(format!("bad request: {e}")),
-        },
-    };
-    if let Ok(mut out) = serde_json::to_vec(&resp) {
-        out.push(b'\n');
-        let _ = writer.write_all(&out);
+/// How the management socket protects itself from its clients.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// Connections served at once; one more is answered `busy` and closed.
+    max_connections: usize,
+    /// How long a connection may take to send its request line.
+    idle: Duration,
+}
+
+impl Limits {
+    /// Defaults (64 connections, 10 s), or `DEVLEND_MGMT_MAX_CONNECTIONS` and
+    /// `DEVLEND_MGMT_IDLE_MS`.
+    fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+        Limits {
+            max_connections: var("DEVLEND_MGMT_MAX_CONNECTIONS")
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(64),
+            idle: Duration::from_millis(var("DEVLEND_MGMT_IDLE_MS").unwrap_or(10_000).max(1)),
+        }
     }
 }
 
-fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
+/// Counts a connection as served until dropped.
+struct ActiveGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Reads one request line: at most [`proto::MAX_LINE`] bytes, all of it within
+/// `limits.idle`. `Ok(None)`: the client closed without sending anything.
+fn read_request(stream: &UnixStream, limits: Limits) -> Result<Option<Vec<u8>>, ErrorBody> {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + limits.idle;
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let idle = || {
+            ErrorBody::new(
+                ErrorCode::IdleTimeout,
+                format!(
+                    "no complete request within {} ms; closing",
+                    limits.idle.as_millis()
+                ),
+            )
+        };
+        if left.is_zero() {
+            return Err(idle());
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| ErrorBody::new(ErrorCode::Failed, e.to_string()))?;
+        let n = match (&*stream).read(&mut chunk) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(idle())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ErrorBody::new(ErrorCode::Failed, e.to_string())),
+        };
+        let got = chunk.get(..n).unwrap_or_default();
+        if n == 0 {
+            // The client closed: what it sent is the request (or nothing).
+            return Ok((!line.is_empty()).then_some(line));
+        }
+        if let Some(end) = got.iter().position(|b| *b == b'\n') {
+            line.extend_from_slice(got.get(..end).unwrap_or_default());
+        } else {
+            line.extend_from_slice(got);
+        }
+        if line.len() >= proto::MAX_LINE {
+            return Err(ErrorBody::new(
+                ErrorCode::LineTooLong,
+                format!(
+                    "a request line is at most {} bytes; closing",
+                    proto::MAX_LINE - 1
+                ),
+            ));
+        }
+        if got.contains(&b'\n') {
+            return Ok(Some(line));
+        }
+    }
+}
+
+/// Serves one connection: one request, one reply. Whatever the client sends, it gets a
+/// reply line (a JSON error for anything that is not a request) or, if it sent nothing and
+/// closed, none.
+///
+/// The connection stops counting against the limit (`guard`) before the reply is written, so
+/// a client that got its reply never finds its own connection still counted.
+fn serve_connection(d: &Daemon, stream: UnixStream, limits: Limits, guard: ActiveGuard) {
+    let answer = match read_request(&stream, limits) {
+        Ok(None) => return,
+        Ok(Some(line)) => proto::parse_request(&line).and_then(|req| {
+            handle(d, req.clone())
+                .and_then(|v| {
+                    super::persist::record(&d.state, &req)?;
+                    Ok(v)
+                })
+                .map_err(|e| ErrorBody::from_anyhow(&e))
+        }),
+        Err(e) => Err(e),
+    };
+    let line = proto::reply_line(answer);
+    drop(guard);
+    let _ = stream.set_write_timeout(Some(limits.idle));
+    let _ = (&stream).write_all(&line);
+}
+
+fn device_of(d: &devlend_lending::protocol::DeviceDesc, held: bool) -> proto::Device {
+    proto::Device::from_desc(d, held)
+}
+
+fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
     Ok(match req {
-        CtlRequest::Add {
+        Request::Add(proto::AddRequest {
             kind,
             name,
             image,
@@ -430,11 +539,14 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             model,
             vfs,
             vf_namespaces,
-        } => {
-            anyhow::ensure!(
-                kind == "nvme",
-                "unknown device kind {kind:?}: only `nvme` is supported"
-            );
+        }) => {
+            if kind != "nvme" {
+                return Err(ErrorBody::new(
+                    ErrorCode::Invalid,
+                    format!("unknown device kind {kind:?}: only `nvme` is supported"),
+                )
+                .into());
+            }
             let opts = host::NvmeOptions {
                 image,
                 size,
@@ -450,7 +562,9 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
                     host::SRIOV_TOTAL_VFS
                 );
                 let descs = d.node.add_sriov_device(&name, &pf_detail, pf, offers)?;
-                return Ok(serde_json::to_value(descs)?);
+                return Ok(Reply::Add(proto::AddReply {
+                    devices: descs.iter().map(|x| device_of(x, false)).collect(),
+                }));
             }
             anyhow::ensure!(vf_namespaces.is_none(), "--vf-namespaces needs --vfs N");
             if let Some(c) = &d.cluster {
@@ -463,14 +577,16 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
             )?;
             if let Some(c) = &d.cluster {
                 // A name that exists elsewhere in the cluster is refused; nothing stays.
-                if let Err(e) = c.register_device(&name, &detail) {
+                if let Err(e) = c.register_device(&name, &detail, desc.size_bytes) {
                     let _ = d.node.remove_device(&name);
                     return Err(e);
                 }
             }
-            serde_json::to_value(desc)?
+            Reply::Add(proto::AddReply {
+                devices: vec![device_of(&desc, false)],
+            })
         }
-        CtlRequest::AddVfio { name, bdf, bind } => {
+        Request::AddVfio(proto::AddVfioRequest { name, bdf, bind }) => {
             anyhow::ensure!(
                 d.cluster.is_none(),
                 "cannot lend {bdf} through the registry: cluster links are made on demand over tcp, and {}",
@@ -485,38 +601,74 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
                 crate::vfio::TCP_REFUSAL
             );
             let (detail, build) = crate::vfio::builder(&bdf, bind)?;
-            serde_json::to_value(d.node.add_device(&name, &detail, build)?)?
+            let desc = d.node.add_device(&name, &detail, build)?;
+            Reply::Add(proto::AddReply {
+                devices: vec![device_of(&desc, false)],
+            })
         }
-        CtlRequest::List if d.cluster.is_some() => match &d.cluster {
-            Some(c) => c.list()?,
-            None => json!(null),
-        },
-        CtlRequest::List => {
-            let local = d.node.local_devices();
-            match d.node.peer_devices() {
-                Ok(peer) => json!({"local": local, "peer": peer}),
-                Err(e) => json!({"local": local, "peer": [], "peer_error": e.to_string()}),
+        Request::List(_) => match &d.cluster {
+            Some(c) => Reply::List(c.list()?),
+            None => {
+                let local = d
+                    .node
+                    .local_devices()
+                    .iter()
+                    .map(|x| device_of(x, false))
+                    .collect();
+                let held: Vec<String> = d
+                    .node
+                    .status()
+                    .borrowed
+                    .iter()
+                    .map(|b| b.name.clone())
+                    .collect();
+                let (peer, peer_error) = match d.node.peer_devices() {
+                    Ok(peer) => (
+                        peer.iter()
+                            .map(|x| device_of(x, held.contains(&x.name)))
+                            .collect(),
+                        None,
+                    ),
+                    Err(e) => (Vec::new(), Some(e.to_string())),
+                };
+                Reply::List(proto::ListReply {
+                    local,
+                    peer,
+                    peer_error,
+                    registry: None,
+                })
             }
-        }
-        CtlRequest::Borrow {
+        },
+        Request::Borrow(proto::BorrowRequest {
             name,
             vfio_user,
             vm: Some(qmp),
             port,
             id,
-        } => borrow_into_vm(d, &name, vfio_user, &qmp, port.as_deref(), id)?,
-        CtlRequest::Borrow {
+        }) => Reply::Borrow(borrow_into_vm(
+            d,
+            &name,
+            vfio_user,
+            &qmp,
+            port.as_deref(),
+            id,
+        )?),
+        Request::Borrow(proto::BorrowRequest {
             name,
             vfio_user,
             vm: None,
             ..
-        } => {
+        }) => {
             let f = borrow_fn(d, &name)?;
             d.observe.note_borrowed(&name);
-            let mut out = json!({"name": name, "owner": f.device().owner, "lease": f.lease()});
-            if let Some(t) = d.cluster.as_ref().and_then(|c| c.borrow_timing(&name)) {
-                out["timing"] = t;
-            }
+            let mut out = proto::BorrowReply {
+                name: name.clone(),
+                owner: f.device().owner.clone(),
+                lease: f.lease(),
+                vfio_user: None,
+                vm: None,
+                timing: d.cluster.as_ref().and_then(|c| c.borrow_timing(&name)),
+            };
             if let Some(sock) = vfio_user {
                 let server =
                     host::VfioServer::start(d.observe.meter_borrowed(&name, f.clone()), &sock)?;
@@ -524,67 +676,90 @@ fn handle(d: &Daemon, req: CtlRequest) -> anyhow::Result<serde_json::Value> {
                     "devlend node: {name}: vfio-user server listening on {}",
                     sock.display()
                 );
-                out["vfio_user"] = json!(sock);
+                out.vfio_user = Some(sock);
                 d.servers
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(name, server);
             }
-            out
+            Reply::Borrow(out)
         }
-        CtlRequest::Return { name, grace_ms } => {
+        Request::Return(proto::ReturnRequest { name, grace_ms }) => {
             let grace = grace_ms.map_or(vm::DEFAULT_GRACE, Duration::from_millis);
-            match take_back(d, &name, grace)? {
-                Some(how) => json!({
-                    "name": name,
-                    "removal": how,
-                    "removal_text": how.describe(grace),
-                }),
-                None => json!({"name": name}),
-            }
+            let removal = take_back(d, &name, grace)?;
+            Reply::Return(proto::ReturnReply {
+                name,
+                removal,
+                removal_text: removal.map(|how| how.describe(grace)),
+            })
         }
-        CtlRequest::Reclaim { name, grace_ms } => {
-            serde_json::to_value(d.node.reclaim(&name, Duration::from_millis(grace_ms))?)?
+        Request::Reclaim(proto::ReclaimRequest { name, grace_ms }) => {
+            let r = d.node.reclaim(&name, Duration::from_millis(grace_ms))?;
+            Reply::Reclaim(proto::ReclaimReply {
+                device: r.device,
+                borrower: r.borrower,
+                returned: r.returned,
+                elapsed_ms: r.elapsed_ms,
+            })
         }
-        CtlRequest::Status => {
-            let mut v = serde_json::to_value(d.node.status())?;
-            if let Some(c) = &d.cluster {
-                v["cluster"] = c.status();
-            }
-            v["link_details"] = serde_json::to_value(d.observe.link_details(d.insecure_tcp))?;
+        Request::Status(_) => {
+            let st = d.node.status();
             let vms = d.vms.lock().unwrap_or_else(|e| e.into_inner());
             let servers = d.servers.lock().unwrap_or_else(|e| e.into_inner());
-            for b in v["borrowed"].as_array_mut().into_iter().flatten() {
-                let Some(name) = b["name"].as_str().map(str::to_string) else {
-                    continue;
-                };
-                if let Some(att) = vms.get(&name) {
-                    b["vm"] = serde_json::to_value(att)?;
-                }
-                if let Some(server) = servers.get(&name) {
-                    b["vfio_user"] = json!(server.socket());
-                }
-            }
-            v
+            let borrowed = st
+                .borrowed
+                .iter()
+                .map(|b| {
+                    let mut dev = device_of(b, true);
+                    dev.vm = vms.get(&b.name).cloned();
+                    dev.vfio_user = servers.get(&b.name).map(|s| s.socket().to_path_buf());
+                    dev
+                })
+                .collect();
+            Reply::Status(Box::new(proto::StatusReply {
+                name: st.name,
+                links: st
+                    .links
+                    .into_iter()
+                    .map(|l| proto::LinkStatus {
+                        fabric: l.fabric,
+                        link: l.link,
+                        peer: l.peer,
+                    })
+                    .collect(),
+                lending: st.lending.iter().map(|x| device_of(x, false)).collect(),
+                borrowed,
+                leases: st.leases,
+                link_details: d.observe.link_details(d.insecure_tcp),
+                cluster: d.cluster.as_ref().map(|c| c.status()),
+            }))
         }
-        CtlRequest::Check {
+        Request::Check(proto::CheckRequest {
             name,
             bytes,
             offset,
-        } => {
+        }) => {
             let f = d.node.borrowed(&name).ok_or_else(|| {
-                anyhow::anyhow!("{name} is not borrowed here; run `devlend borrow {name}` first")
+                ErrorBody::new(
+                    ErrorCode::NotHeld,
+                    format!("{name} is not borrowed here; run `devlend borrow {name}` first"),
+                )
             })?;
             let summary = host::check_device(d.observe.meter_borrowed(&name, f), offset, bytes)?;
-            json!({"summary": summary})
+            Reply::Check(proto::CheckReply {
+                name,
+                bytes,
+                offset,
+                summary,
+            })
         }
-        CtlRequest::Lspci { name } => {
-            serde_json::to_value(d.observe.lspci(&d.node, name.as_deref())?)?
-        }
-        CtlRequest::Metrics => serde_json::to_value(d.observe.snapshot(&d.node))?,
-        CtlRequest::Shutdown => {
+        Request::Lspci(proto::LspciRequest { name }) => Reply::Lspci(proto::LspciReply {
+            devices: d.observe.lspci(&d.node, name.as_deref())?,
+        }),
+        Request::Metrics(_) => Reply::Metrics(Box::new(d.observe.snapshot(&d.node))),
+        Request::Shutdown(_) => {
             STOP.store(true, Ordering::Release);
-            json!({})
+            Reply::Empty(proto::Empty {})
         }
     })
 }
@@ -616,7 +791,7 @@ fn borrow_into_vm(
     qmp_path: &std::path::Path,
     port: Option<&str>,
     id: Option<String>,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<proto::BorrowReply> {
     let id = match id {
         Some(id) => id,
         None => vm::device_id(name)?,
@@ -659,7 +834,14 @@ fn borrow_into_vm(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(name.to_string(), server);
-    let out = json!({"name": name, "owner": owner, "lease": lease, "vfio_user": socket, "vm": att});
+    let out = proto::BorrowReply {
+        name: name.to_string(),
+        owner,
+        lease,
+        vfio_user: Some(socket),
+        vm: Some(att.clone()),
+        timing: None,
+    };
     d.vms
         .lock()
         .unwrap_or_else(|e| e.into_inner())

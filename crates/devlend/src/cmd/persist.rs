@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use super::ctl::CtlRequest;
+use crate::proto::Request;
 
 /// Lent devices: the `add` requests, in order.
 pub const DEVICES: &str = "devices.json";
@@ -34,29 +34,29 @@ fn read<T: serde::de::DeserializeOwned + Default>(path: &Path) -> anyhow::Result
 }
 
 /// The saved `add` requests.
-pub fn devices(state: &Path) -> anyhow::Result<Vec<CtlRequest>> {
+pub fn devices(state: &Path) -> anyhow::Result<Vec<Request>> {
     read(&state.join(DEVICES))
 }
 
 /// Records a successful request that changes what persists.
-pub fn record(state: &Path, req: &CtlRequest) -> anyhow::Result<()> {
+pub fn record(state: &Path, req: &Request) -> anyhow::Result<()> {
     match req {
-        CtlRequest::Add { name, .. } => {
+        Request::Add(add) => {
             let mut all = devices(state)?;
-            all.retain(|r| !matches!(r, CtlRequest::Add { name: n, .. } if n == name));
+            all.retain(|r| !matches!(r, Request::Add(a) if a.name == add.name));
             all.push(req.clone());
             write_atomic(&state.join(DEVICES), &serde_json::to_vec_pretty(&all)?)
         }
-        CtlRequest::Borrow { name, .. } => {
+        Request::Borrow(b) => {
             let mut held: Vec<String> = read(&state.join(BORROWED))?;
-            if !held.contains(name) {
-                held.push(name.clone());
+            if !held.contains(&b.name) {
+                held.push(b.name.clone());
             }
             write_atomic(&state.join(BORROWED), &serde_json::to_vec(&held)?)
         }
-        CtlRequest::Return { name, .. } => {
+        Request::Return(r) => {
             let mut held: Vec<String> = read(&state.join(BORROWED))?;
-            held.retain(|n| n != name);
+            held.retain(|n| *n != r.name);
             write_atomic(&state.join(BORROWED), &serde_json::to_vec(&held)?)
         }
         _ => Ok(()),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use devlend_metrics::Snapshot;
 
-use super::ctl::{call, CtlRequest, Target};
+use super::ctl::{call, Target};
 
 /// `devlend top`
 #[derive(clap::Args)]
@@ -32,16 +32,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut prev: Option<(Instant, Snapshot)> = None;
     let mut n = 0u64;
     loop {
-        let v = call(
+        let snap: Snapshot = call(
             &a.target.state,
-            &CtlRequest::Metrics,
+            crate::proto::MetricsRequest,
             Duration::from_secs(10),
         )?;
         let now = Instant::now();
-        let snap: Snapshot = serde_json::from_value(v.clone())?;
         let mut out = std::io::stdout().lock();
         if a.target.json {
-            writeln!(out, "{v}")?;
+            writeln!(out, "{}", serde_json::to_string(&snap)?)?;
         } else {
             if tty {
                 // Home and clear: redraw in place.
@@ -198,4 +197,11 @@ pub fn screen(
         now.lease_renewals
     ));
     out
+}
+
+impl Args {
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.target.json
+    }
 }

@@ -3,9 +3,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
-
-use super::ctl::{call, CtlRequest, Target};
+use super::ctl::{call, Target};
+use crate::proto::{
+    AddRequest, AddVfioRequest, BorrowRequest, CheckRequest, Device, DeviceState, ListRequest,
+    ReclaimRequest, ReturnRequest, StatusRequest, VmAttachment,
+};
 
 /// `devlend add nvme ...`
 #[derive(clap::Args)]
@@ -123,12 +125,32 @@ pub struct KeygenArgs {
     /// Host names (each node's --name), at least two.
     #[arg(required = true, num_args = 2..)]
     hosts: Vec<String>,
+    /// Print JSON instead of text (an error too, on stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `keygen --json` prints.
+#[derive(serde::Serialize)]
+struct KeygenReply<'a> {
+    dir: &'a std::path::Path,
+    hosts: &'a [String],
 }
 
 /// Runs `keygen`.
 pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     let names: Vec<&str> = a.hosts.iter().map(String::as_str).collect();
     devlend_fabric_tcp::keys::generate(&a.dir, &names)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&KeygenReply {
+                dir: &a.dir,
+                hosts: &a.hosts
+            })?
+        );
+        return Ok(());
+    }
     println!(
         "wrote a CA and keys for {} into {}",
         names.join(", "),
@@ -158,27 +180,41 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn emit(target: &Target, v: &Value, human: impl FnOnce(&Value) -> String) {
+/// Prints `v` as JSON (`--json`) or as `human` says.
+pub fn emit<T: serde::Serialize>(
+    target: &Target,
+    v: &T,
+    human: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
     if target.json {
-        println!("{v}");
+        println!("{}", serde_json::to_string(v)?);
     } else {
         print!("{}", human(v));
     }
+    Ok(())
 }
 
-fn device_line(d: &Value) -> String {
-    let borrower = match (d["borrower"].as_str(), d["kind"].as_str()) {
-        (Some(b), _) => format!("lent to {b}"),
-        (None, Some("nvme-pf")) => "manages its VFs".into(),
-        (None, _) => "available".into(),
+fn device_line(d: &Device) -> String {
+    let state = match (&d.state, &d.borrower) {
+        (DeviceState::Lent | DeviceState::Borrowed, Some(b)) => format!("lent to {b}"),
+        (DeviceState::ManagingVfs, _) => "manages its VFs".into(),
+        (DeviceState::Borrowed, None) => "borrowed".into(),
+        _ => "available".into(),
     };
     format!(
         "{:<12} {:<6} owner {:<12} {:<22} {}\n",
-        d["name"].as_str().unwrap_or("?"),
-        d["kind"].as_str().unwrap_or("?"),
-        d["owner"].as_str().unwrap_or("?"),
-        borrower,
-        d["detail"].as_str().unwrap_or("")
+        d.name, d.kind, d.owner, state, d.detail
+    )
+}
+
+fn vm_line(vm: &VmAttachment) -> String {
+    format!(
+        "in the VM at {} as {} (port {}, guest address {}), vfio-user {}",
+        vm.qmp.display(),
+        vm.device_id,
+        vm.port,
+        vm.guest_address.as_deref().unwrap_or("not yet assigned"),
+        vm.vfio_user.display(),
     )
 }
 
@@ -203,7 +239,7 @@ pub fn add(a: AddArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("give the device a --name"))?,
     };
     let image = std::path::absolute(&image)?;
-    let req = CtlRequest::Add {
+    let req = AddRequest {
         kind: a.kind,
         name,
         image,
@@ -213,15 +249,13 @@ pub fn add(a: AddArgs) -> anyhow::Result<()> {
         vfs: a.vfs,
         vf_namespaces: a.vf_namespaces,
     };
-    let v = call(&a.target.state, &req, TIMEOUT)?;
-    emit(&a.target, &v, |v| match v.as_array() {
-        Some(devices) => devices
+    let v = call(&a.target.state, req, TIMEOUT)?;
+    emit(&a.target, &v, |v| {
+        v.devices
             .iter()
             .map(|d| format!("added {}", device_line(d)))
-            .collect(),
-        None => format!("added {}", device_line(v)),
-    });
-    Ok(())
+            .collect()
+    })
 }
 
 /// `devlend add vfio BDF [--name NAME] [--bind]`.
@@ -237,35 +271,33 @@ fn add_vfio(a: AddArgs) -> anyhow::Result<()> {
         Some(n) => n,
         None => crate::vfio::default_name(&bdf)?,
     };
-    let req = CtlRequest::AddVfio {
+    let req = AddVfioRequest {
         name,
         bdf,
         bind: a.bind,
     };
-    let v = call(&a.target.state, &req, TIMEOUT)?;
-    emit(&a.target, &v, |v| format!("added {}", device_line(v)));
-    Ok(())
+    let v = call(&a.target.state, req, TIMEOUT)?;
+    emit(&a.target, &v, |v| {
+        v.devices
+            .iter()
+            .map(|d| format!("added {}", device_line(d)))
+            .collect()
+    })
 }
 
 /// Runs `list`.
 pub fn list(a: PlainArgs) -> anyhow::Result<()> {
-    let v = call(&a.target.state, &CtlRequest::List, TIMEOUT)?;
+    let v = call(&a.target.state, ListRequest, TIMEOUT)?;
     emit(&a.target, &v, |v| {
-        let mut out = String::new();
-        for key in ["local", "peer"] {
-            for d in v[key].as_array().into_iter().flatten() {
-                out.push_str(&device_line(d));
-            }
-        }
-        if let Some(e) = v["peer_error"].as_str() {
+        let mut out: String = v.local.iter().chain(&v.peer).map(device_line).collect();
+        if let Some(e) = &v.peer_error {
             out.push_str(&format!("(peer devices unavailable: {e})\n"));
         }
         if out.is_empty() {
             out.push_str("no devices (add one with `devlend add nvme --image PATH`)\n");
         }
         out
-    });
-    Ok(())
+    })
 }
 
 /// Runs `borrow`.
@@ -274,7 +306,7 @@ pub fn borrow(a: NameArgs) -> anyhow::Result<()> {
     let vm = a.vm.map(|p| std::path::absolute(&p)).transpose()?;
     let v = call(
         &a.target.state,
-        &CtlRequest::Borrow {
+        BorrowRequest {
             name: a.name.clone(),
             vfio_user,
             vm,
@@ -284,29 +316,17 @@ pub fn borrow(a: NameArgs) -> anyhow::Result<()> {
         TIMEOUT,
     )?;
     emit(&a.target, &v, |v| {
-        let mut s = format!(
-            "borrowed {} from {} (lease {})\n",
-            a.name,
-            v["owner"].as_str().unwrap_or("?"),
-            v["lease"]
-        );
-        if let Some(vm) = v.get("vm").filter(|v| !v.is_null()) {
-            s.push_str(&format!(
-                "hot-added to the VM at {} as {} on port {} (guest address {}), served over vfio-user at {}\n",
-                vm["qmp"].as_str().unwrap_or("?"),
-                vm["device_id"].as_str().unwrap_or("?"),
-                vm["port"].as_str().unwrap_or("?"),
-                vm["guest_address"].as_str().unwrap_or("not yet assigned"),
-                vm["vfio_user"].as_str().unwrap_or("?"),
-            ));
-        } else if let Some(sock) = v["vfio_user"].as_str() {
+        let mut s = format!("borrowed {} from {} (lease {})\n", v.name, v.owner, v.lease);
+        if let Some(vm) = &v.vm {
+            s.push_str(&format!("hot-added: {}\n", vm_line(vm)));
+        } else if let Some(sock) = &v.vfio_user {
+            let sock = sock.display();
             s.push_str(&format!(
                 "serving it over vfio-user at {sock}: -device '{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{sock}\",\"type\":\"unix\"}}}}'\n"
             ));
         }
         s
-    });
-    Ok(())
+    })
 }
 
 /// Runs `return`.
@@ -317,17 +337,16 @@ pub fn give_back(a: NameArgs) -> anyhow::Result<()> {
     let wait = TIMEOUT + a.grace.unwrap_or(crate::vm::DEFAULT_GRACE);
     let v = call(
         &a.target.state,
-        &CtlRequest::Return {
+        ReturnRequest {
             name: a.name.clone(),
             grace_ms,
         },
         wait,
     )?;
-    emit(&a.target, &v, |v| match v["removal_text"].as_str() {
-        Some(how) => format!("returned {}: {how}\n", a.name),
-        None => format!("returned {}\n", a.name),
-    });
-    Ok(())
+    emit(&a.target, &v, |v| match &v.removal_text {
+        Some(how) => format!("returned {}: {how}\n", v.name),
+        None => format!("returned {}\n", v.name),
+    })
 }
 
 /// `devlend reclaim NAME [--grace DURATION]`
@@ -346,100 +365,116 @@ pub struct ReclaimArgs {
 /// Runs `reclaim` (on the lender).
 pub fn reclaim(a: ReclaimArgs) -> anyhow::Result<()> {
     let grace_ms = u64::try_from(a.grace.as_millis()).unwrap_or(u64::MAX);
-    let req = CtlRequest::Reclaim {
+    let req = ReclaimRequest {
         name: a.name.clone(),
         grace_ms,
     };
-    let v = call(&a.target.state, &req, TIMEOUT + a.grace)?;
+    let v = call(&a.target.state, req, TIMEOUT + a.grace)?;
     emit(&a.target, &v, |v| {
-        let how = if v["returned"].as_bool() == Some(true) {
-            "given back"
-        } else {
-            "revoked"
-        };
+        let how = if v.returned { "given back" } else { "revoked" };
         format!(
             "reclaimed {} from {} ({how} after {} ms); reset and available\n",
-            a.name,
-            v["borrower"].as_str().unwrap_or("?"),
-            v["elapsed_ms"]
+            v.device, v.borrower, v.elapsed_ms
         )
-    });
-    Ok(())
+    })
 }
 
 /// Runs `status`.
 pub fn status(a: PlainArgs) -> anyhow::Result<()> {
-    let v = call(&a.target.state, &CtlRequest::Status, TIMEOUT)?;
+    let v = call(&a.target.state, StatusRequest, TIMEOUT)?;
     emit(&a.target, &v, |v| {
-        let mut s = format!("node {}\n", v["name"].as_str().unwrap_or("?"));
-        for l in v["links"].as_array().into_iter().flatten() {
+        let mut s = format!("node {}\n", v.name);
+        for l in &v.links {
             s.push_str(&format!(
                 "  link over {}: {}, peer {}\n",
-                l["fabric"].as_str().unwrap_or("?"),
-                l["link"].as_str().unwrap_or("?"),
-                l["peer"].as_str().unwrap_or("(unknown)")
+                l.fabric,
+                l.link,
+                l.peer.as_deref().unwrap_or("(unknown)")
             ));
         }
-        for d in v["lending"].as_array().into_iter().flatten() {
+        for d in &v.lending {
             s.push_str(&format!("  lending  {}", device_line(d)));
         }
-        for d in v["borrowed"].as_array().into_iter().flatten() {
+        for d in &v.borrowed {
             s.push_str(&format!("  borrowed {}", device_line(d)));
-            if let Some(vm) = d.get("vm").filter(|v| !v.is_null()) {
+            if let Some(vm) = &d.vm {
+                s.push_str(&format!("           {}\n", vm_line(vm)));
+            } else if let Some(sock) = &d.vfio_user {
                 s.push_str(&format!(
-                    "           in the VM at {} as {} (port {}, guest address {}), vfio-user {}\n",
-                    vm["qmp"].as_str().unwrap_or("?"),
-                    vm["device_id"].as_str().unwrap_or("?"),
-                    vm["port"].as_str().unwrap_or("?"),
-                    vm["guest_address"].as_str().unwrap_or("?"),
-                    vm["vfio_user"].as_str().unwrap_or("?"),
+                    "           served over vfio-user at {}\n",
+                    sock.display()
                 ));
-            } else if let Some(sock) = d["vfio_user"].as_str() {
-                s.push_str(&format!("           served over vfio-user at {sock}\n"));
             }
         }
-        for l in v["link_details"].as_array().into_iter().flatten() {
+        for l in &v.link_details {
             s.push_str(&format!(
                 "  link {}: peer address {}, TLS identity {}\n",
-                l["spec"].as_str().unwrap_or("?"),
-                l["address"].as_str().unwrap_or("?"),
-                l["tls_identity"].as_str().unwrap_or("?")
+                l.spec, l.address, l.tls_identity
             ));
         }
-        for l in v["leases"].as_array().into_iter().flatten() {
+        for l in &v.leases {
             s.push_str(&format!(
                 "  lease {} on {} held by {}, expires in {} ms unless renewed\n",
-                l["lease"],
-                l["device"].as_str().unwrap_or("?"),
-                l["holder"].as_str().unwrap_or("?"),
-                l["expires_in_ms"]
+                l.lease, l.device, l.holder, l.expires_in_ms
             ));
         }
-        for b in v["borrowed"].as_array().into_iter().flatten() {
-            if let Some(sock) = b["vfio_user"].as_str() {
+        for b in &v.borrowed {
+            if let Some(sock) = &b.vfio_user {
                 s.push_str(&format!(
-                    "  vfio-user: {} served at {sock}\n",
-                    b["name"].as_str().unwrap_or("?")
+                    "  vfio-user: {} served at {}\n",
+                    b.name,
+                    sock.display()
                 ));
             }
         }
         s
-    });
-    Ok(())
+    })
 }
 
 /// Runs `check`.
 pub fn check(a: CheckArgs) -> anyhow::Result<()> {
-    let req = CtlRequest::Check {
+    let req = CheckRequest {
         name: a.name,
         bytes: a.bytes,
         offset: a.offset,
     };
-    let v = call(&a.target.state, &req, Duration::from_secs(300))?;
-    emit(&a.target, &v, |v| {
-        format!("{}\n", v["summary"].as_str().unwrap_or(""))
-    });
-    Ok(())
+    let v = call(&a.target.state, req, Duration::from_secs(300))?;
+    emit(&a.target, &v, |v| format!("{}\n", v.summary))
+}
+
+impl AddArgs {
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.target.json
+    }
+}
+
+impl PlainArgs {
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.target.json
+    }
+}
+
+impl NameArgs {
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.target.json
+    }
+}
+
+impl ReclaimArgs {
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.target.json
+    }
+}
+
+impl CheckArgs {
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.target.json
+    }
 }
 
 #[cfg(test)]
