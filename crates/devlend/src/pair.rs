@@ -24,6 +24,9 @@ pub struct Pair {
     lender: Option<Child>,
     /// The borrower (this process).
     pub borrower: Node,
+    /// More borrower hosts in this process, each with its own address space and its own shm
+    /// link to the lender (`Pair::start_with_borrowers`).
+    pub more_borrowers: Vec<Node>,
     keep_dir: bool,
 }
 
@@ -31,18 +34,39 @@ impl Pair {
     /// Starts both hosts on the `shm` fabric under a fresh scratch directory in `parent`, and
     /// waits for the link.
     pub fn start(parent: &Path) -> anyhow::Result<Pair> {
+        Self::start_with_borrowers(parent, 0)
+    }
+
+    /// Like [`Pair::start`], with `more` further borrower hosts in this process
+    /// (`borrower2`, `borrower3`, ...), each on its own shm link to the lender.
+    pub fn start_with_borrowers(parent: &Path, more: usize) -> anyhow::Result<Pair> {
         let dir = Self::scratch(parent, "shm")?;
         let fabric = FabricSpec::Shm(dir.join("fabric"));
+        let extra: Vec<FabricSpec> = (2..more + 2)
+            .map(|i| FabricSpec::Shm(dir.join(format!("fabric-{i}"))))
+            .collect();
+        let mut lender_fabrics = vec![fabric.clone()];
+        lender_fabrics.extend(extra.iter().cloned());
         let exe = std::env::current_exe()?;
-        Self::launch(
+        let mut pair = Self::launch(
             dir,
             Command::new(exe),
-            &fabric,
-            fabric.clone(),
+            &lender_fabrics,
+            fabric,
             &[],
             host::TcpOptions::default(),
             None,
-        )
+        )?;
+        for (i, spec) in (2..).zip(&extra) {
+            // Its own address space: a host of its own that happens to share this process.
+            let ntbs =
+                host::open_fabrics(std::slice::from_ref(spec), &host::TcpOptions::default())?;
+            let node = Node::start(NodeConfig::new(format!("borrower{i}")), ntbs)?;
+            node.wait_link_up(Duration::from_secs(20))
+                .with_context(|| format!("the NTB link of borrower{i} did not come up"))?;
+            pair.more_borrowers.push(node);
+        }
+        Ok(pair)
     }
 
     /// Starts both hosts on the `tcp` fabric: the lender in a network namespace, this process's
@@ -77,7 +101,7 @@ impl Pair {
         Self::launch(
             dir,
             cmd,
-            &lender_fabric,
+            std::slice::from_ref(&lender_fabric),
             ours,
             &["--keys", &keys_arg],
             auth,
@@ -95,7 +119,7 @@ impl Pair {
     fn launch(
         dir: PathBuf,
         mut lender_cmd: Command,
-        lender_fabric: &FabricSpec,
+        lender_fabrics: &[FabricSpec],
         ours: FabricSpec,
         lender_extra: &[&str],
         auth: host::TcpOptions,
@@ -103,9 +127,11 @@ impl Pair {
     ) -> anyhow::Result<Pair> {
         let lender_state = dir.join("lender");
         let log = std::fs::File::create(dir.join("lender.log"))?;
+        lender_cmd.args(["node", "--name", "lender", "--lease-ms", "2000"]);
+        for f in lender_fabrics {
+            lender_cmd.arg("--fabric").arg(f.to_string());
+        }
         let lender = lender_cmd
-            .args(["node", "--name", "lender", "--lease-ms", "2000", "--fabric"])
-            .arg(lender_fabric.to_string())
             .arg("--state")
             .arg(&lender_state)
             .args(lender_extra)
@@ -121,6 +147,7 @@ impl Pair {
             lender_state,
             lender: Some(lender),
             borrower: Node::start(NodeConfig::new("borrower"), ntbs)?,
+            more_borrowers: Vec::new(),
             keep_dir: false,
         };
         pair.wait_lender()?;
@@ -168,6 +195,29 @@ impl Pair {
         };
         ctl::call(&self.lender_state, req, Duration::from_secs(30))?;
         Ok(())
+    }
+
+    /// Asks the lender to add an NVMe physical function backed by `image` with `vfs` virtual
+    /// functions offered as `NAME-vf1` ... (`devlend add nvme --vfs N --vf-namespaces NS`).
+    pub fn lender_add_nvme_vfs(
+        &self,
+        name: &str,
+        image: &Path,
+        size: u64,
+        vfs: u16,
+        namespaces: &str,
+    ) -> anyhow::Result<proto::AddReply> {
+        let req = proto::AddRequest {
+            kind: "nvme".into(),
+            name: name.into(),
+            image: image.to_path_buf(),
+            size: Some(size),
+            serial: Some(format!("DEVLEND-{name}")),
+            model: Some("devlend lent NVMe".into()),
+            vfs: Some(vfs),
+            vf_namespaces: Some(namespaces.into()),
+        };
+        ctl::call(&self.lender_state, req, Duration::from_secs(30))
     }
 
     /// Borrows `name` from the lender.

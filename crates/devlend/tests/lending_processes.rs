@@ -186,5 +186,36 @@ fn demo_runs_with_no_arguments() {
     );
     assert!(text.contains("read-back matches"));
     assert!(text.contains("holds the 4 MiB written"));
+    // The sharing step: two borrower hosts, one VF each of one device, private namespaces.
+    assert!(
+        text.contains("link up between 'borrower2' and 'lender'"),
+        "{text}"
+    );
+    for (who, vf, slice) in [
+        ("borrower", 1, "slice 1 of 9"),
+        ("borrower2", 2, "slice 2 of 9"),
+    ] {
+        assert!(
+            text.contains(&format!("lender offers nvme1-vf{vf}: VF {vf} of nvme1"))
+                && text.contains(slice),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{who} borrowed nvme1-vf{vf} ")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "after both wrote there, {who} reads back its own bytes"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("holds {who}'s bytes at byte "))
+                && text.contains(&format!("(VF {vf}'s private slice)")),
+            "{text}"
+        );
+    }
+    assert!(text.contains("nvme1-vf2 is available"), "{text}");
     assert!(text.contains("demo complete"));
 }

@@ -3,6 +3,8 @@
 //! Two emulated hosts on this machine, joined by the `shm` NTB fabric: a *lender* (a
 //! `devlend node` child process) owns an NVMe device backed by a temporary image; the
 //! *borrower* (this process) borrows it and runs the unmodified user-space NVMe driver on it.
+//! A second borrower host (also in this process, with its own address space and its own shm
+//! link) joins for the sharing step: two SR-IOV virtual functions of one device, one each.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -49,9 +51,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     step(
         1,
-        "start two hosts: a lender node (child process) and a borrower node (this process)",
+        "start three hosts: a lender node (child process) and two borrower nodes (this process)",
     );
-    let mut pair = Pair::start(&a.dir)?;
+    let mut pair = Pair::start_with_borrowers(&a.dir, 1)?;
     if a.keep {
         pair.keep();
     }
@@ -59,6 +61,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!(
         "    link up between 'borrower' and 'lender' over shm:{}",
         pair.dir.join("fabric").display()
+    );
+    println!(
+        "    link up between 'borrower2' and 'lender' over shm:{}",
+        pair.dir.join("fabric-2").display()
     );
 
     step(
@@ -138,6 +144,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     step(
         7,
+        "two borrowers share one device: each borrows its own SR-IOV virtual function",
+    );
+    share(&pair)?;
+
+    step(
+        8,
         "performance: the same driver and workload, local device vs borrowed device",
     );
     let local_image = pair.dir.join("local-nvme.img");
@@ -183,7 +195,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("    (one sample each; `devlend bench lending` interleaves repetitions and reports medians)");
 
     step(
-        8,
+        9,
         "return the device; the lender resets it and offers it again",
     );
     borrowed_ctrl.shutdown()?;
@@ -200,6 +212,100 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     println!("\ndemo complete: an unmodified driver used a device owned by another host.");
+    Ok(())
+}
+
+/// Bytes a borrower writes in the sharing step: its own pattern, different for each.
+fn own_pattern(who: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(13) as u8) ^ (i >> 10) as u8 ^ who.wrapping_mul(0x5b))
+        .collect()
+}
+
+/// Byte offset of VF `vf`'s private namespace in an image of `image_len` bytes: slice `vf` of
+/// `TotalVFs + 1` equal 1 MiB-aligned slices (the PF has slice 0).
+fn private_slice(image_len: u64, vf: u64) -> u64 {
+    let slices = u64::from(host::SRIOV_TOTAL_VFS) + 1;
+    ((image_len / slices) & !((1u64 << 20) - 1)) * vf
+}
+
+/// The sharing step: the lender adds `nvme1` with two VFs on private namespaces; `borrower`
+/// borrows VF 1 and `borrower2` VF 2; both, at the same time, write their own 1 MiB at the same
+/// namespace offset, then each reads its own bytes back; the lender's image holds each in that
+/// VF's slice.
+fn share(pair: &Pair) -> anyhow::Result<()> {
+    let second = pair
+        .more_borrowers
+        .first()
+        .context("the demo starts a second borrower")?;
+    let image = pair.dir.join("lender-nvme1.img");
+    let added = pair.lender_add_nvme_vfs("nvme1", &image, 64 << 20, 2, "private")?;
+    for d in &added.devices {
+        println!("    lender offers {}: {}", d.name, d.detail);
+    }
+    let offset = 1u64 << 20;
+    let len = 1usize << 20;
+    let hosts: [(&str, &devlend_lending::Node, &str, u8); 2] = [
+        ("borrower", &pair.borrower, "nvme1-vf1", 1),
+        ("borrower2", second, "nvme1-vf2", 2),
+    ];
+    // Both write at the same time, each to its own VF at the same namespace offset ...
+    let drivers: Vec<anyhow::Result<Controller>> = std::thread::scope(|s| {
+        let running: Vec<_> = hosts
+            .iter()
+            .map(|&(who, node, dev, vf)| {
+                s.spawn(move || -> anyhow::Result<Controller> {
+                    let f: Arc<dyn PciFunction> = node
+                        .borrow(dev)
+                        .with_context(|| format!("{who} borrowing {dev}"))?;
+                    let drv = Controller::new(f)
+                        .with_context(|| format!("driver initialisation on {dev}"))?;
+                    drv.write_at(offset, &own_pattern(vf, len))?;
+                    drv.flush()?;
+                    Ok(drv)
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a borrower thread panicked")))
+            })
+            .collect()
+    });
+    // ... then, once both have written, each reads its own bytes back.
+    let drivers = drivers.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    for ((who, node, dev, vf), drv) in hosts.iter().zip(drivers) {
+        let mut back = vec![0u8; len];
+        drv.read_at(offset, &mut back)?;
+        anyhow::ensure!(
+            back == own_pattern(*vf, len),
+            "{who} read back different bytes from {dev}"
+        );
+        println!(
+            "    {who} borrowed {dev} ({} MiB namespace), wrote its own 1 MiB at offset 1 MiB",
+            drv.capacity_bytes() >> 20
+        );
+        println!("      after both wrote there, {who} reads back its own bytes");
+        drv.shutdown()?;
+        drop(drv);
+        node.give_back(dev)?;
+    }
+    let image_len = std::fs::metadata(&image)?.len();
+    for (who, _, _, vf) in hosts {
+        let at = private_slice(image_len, u64::from(vf)) + offset;
+        let on_disk = read_file_at(&image, at, len)?;
+        anyhow::ensure!(
+            on_disk == own_pattern(vf, len),
+            "the lender's image does not hold {who}'s bytes in VF {vf}'s slice"
+        );
+        println!(
+            "    {} holds {who}'s bytes at byte {at} (VF {vf}'s private slice)",
+            image.display()
+        );
+    }
+    println!("    both VFs returned; each borrower saw only its own slice of the one device");
     Ok(())
 }
 
