@@ -311,7 +311,14 @@ fn sixteen_hosts_borrow_storm_and_failures() {
         }
     }
     for (device, w) in winners.iter().enumerate() {
-        let w = w.as_ref().unwrap_or_else(|| panic!("nobody won d{device}"));
+        let w = w.as_ref().unwrap_or_else(|| {
+            let why: Vec<String> = results
+                .iter()
+                .filter(|(_, d, _)| *d == device)
+                .map(|(h, _, out)| format!("h{h}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+                .collect();
+            panic!("nobody won d{device}: {}", why.join("; "))
+        });
         for (host, d, out) in &results {
             if *d == device && !out.status.success() {
                 let e = String::from_utf8_lossy(&out.stderr);

@@ -1,9 +1,13 @@
 //! State that survives a restart, in the node's state directory: the devices it lends (the
 //! `add` requests that made them, replayed at start-up) and the devices it held as a borrower
 //! (reported at start-up: a lease does not survive its holder). Each file is replaced
-//! atomically (written to a temporary file, synced, renamed over the old one).
+//! atomically (written to a temporary file, synced, renamed over the old one), and every
+//! read-modify-write of them holds one process-wide lock: the node serves requests on many
+//! threads at once, and two borrows recorded together must both be kept (without the lock, the
+//! second rename found the temporary file already gone, and one borrow was lost).
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use anyhow::Context;
 
@@ -13,6 +17,14 @@ use crate::proto::Request;
 pub const DEVICES: &str = "devices.json";
 /// Borrowed devices: names.
 pub const BORROWED: &str = "borrowed.json";
+
+/// Held across each read-modify-write of the state files.
+static STATE_FILES: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    // The guarded data is `()`: a panic while it was held leaves nothing half-updated in memory.
+    STATE_FILES.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
@@ -35,14 +47,16 @@ fn read<T: serde::de::DeserializeOwned + Default>(path: &Path) -> anyhow::Result
 
 /// The saved `add` requests.
 pub fn devices(state: &Path) -> anyhow::Result<Vec<Request>> {
+    let _held = lock();
     read(&state.join(DEVICES))
 }
 
 /// Records a successful request that changes what persists.
 pub fn record(state: &Path, req: &Request) -> anyhow::Result<()> {
+    let _held = lock();
     match req {
         Request::Add(add) => {
-            let mut all = devices(state)?;
+            let mut all: Vec<Request> = read(&state.join(DEVICES))?;
             all.retain(|r| !matches!(r, Request::Add(a) if a.name == add.name));
             all.push(req.clone());
             write_atomic(&state.join(DEVICES), &serde_json::to_vec_pretty(&all)?)
@@ -65,9 +79,54 @@ pub fn record(state: &Path, req: &Request) -> anyhow::Result<()> {
 
 /// What this node held before it restarted (and forgets it: it holds none of it now).
 pub fn take_held(state: &Path) -> anyhow::Result<Vec<String>> {
+    let _held = lock();
     let held: Vec<String> = read(&state.join(BORROWED))?;
     if !held.is_empty() {
         write_atomic(&state.join(BORROWED), b"[]")?;
     }
     Ok(held)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::BorrowRequest;
+
+    fn borrow(name: String) -> Request {
+        Request::Borrow(BorrowRequest {
+            name,
+            vfio_user: None,
+            vm: None,
+            port: None,
+            id: None,
+        })
+    }
+
+    /// The node records requests from many threads at once (a borrow storm): every one is kept
+    /// and none fails.
+    #[test]
+    fn concurrent_records_keep_every_borrow() {
+        let dir = std::env::temp_dir().join(format!("devlend-persist-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        const THREADS: usize = 8;
+        const EACH: usize = 25;
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let dir = &dir;
+                s.spawn(move || {
+                    for i in 0..EACH {
+                        record(dir, &borrow(format!("d{t}-{i}"))).expect("recording a borrow");
+                    }
+                });
+            }
+        });
+        let mut held = take_held(&dir).expect("reading what was held");
+        held.sort();
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut want: Vec<String> = (0..THREADS)
+            .flat_map(|t| (0..EACH).map(move |i| format!("d{t}-{i}")))
+            .collect();
+        want.sort();
+        assert_eq!(held, want);
+    }
 }
