@@ -355,7 +355,10 @@ fn host_test() {
         .arg(&assets.kernel)
         .arg("-initrd")
         .arg(&initrd_path)
-        .args(["-append", "console=ttyS0 intel_iommu=on quiet panic=-1"])
+        .args([
+            "-append",
+            "console=ttyS0 intel_iommu=on quiet panic=-1 no_timer_check",
+        ])
         .arg("-drive")
         .arg(format!("file={},if=none,id=d0,format=raw", disk.display()))
         .args(["-device", "nvme,drive=d0,serial=vfio-guest"])
