@@ -9,10 +9,11 @@
 //!
 //! The peer writes this memory at will: every value read from it is untrusted.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use devlend_memory::SharedMemory;
+use rustix::fs::{MemfdFlags, SealFlags};
 
 use crate::sync::WaitWord;
 use crate::{FabricError, Result};
@@ -62,10 +63,12 @@ pub(crate) const E_DATA: u64 = 64;
 /// Size of a control page.
 pub(crate) const PAGE_SIZE: usize = (RING_BASE + RING_ENTRIES as u64 * ENTRY_SIZE) as usize;
 
-const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+const SEALS: SealFlags = SealFlags::SHRINK
+    .union(SealFlags::GROW)
+    .union(SealFlags::SEAL);
 
-fn os(op: &str) -> FabricError {
-    FabricError::io(op, std::io::Error::last_os_error())
+fn failed(op: &str) -> impl FnOnce(rustix::io::Errno) -> FabricError + '_ {
+    move |e| FabricError::io(op, e.into())
 }
 
 /// One side's registers (see the module docs).
@@ -78,24 +81,13 @@ impl ControlPage {
     /// A fresh, zeroed page in a sealed memfd (its size can never change, so a peer mapping it
     /// cannot be made to fault).
     pub(crate) fn create() -> Result<Self> {
-        let name = c"devlend-ntb-control";
-        // SAFETY: `name` is NUL-terminated; no other inputs.
-        let raw = unsafe {
-            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        if raw < 0 {
-            return Err(os("memfd_create"));
-        }
-        // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: valid fd we own.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), PAGE_SIZE as libc::off_t) } != 0 {
-            return Err(os("ftruncate"));
-        }
-        // SAFETY: valid fd; F_ADD_SEALS takes an int argument.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } != 0 {
-            return Err(os("fcntl(F_ADD_SEALS)"));
-        }
+        let fd = rustix::fs::memfd_create(
+            "devlend-ntb-control",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(failed("memfd_create"))?;
+        rustix::fs::ftruncate(&fd, PAGE_SIZE as u64).map_err(failed("ftruncate"))?;
+        rustix::fs::fcntl_add_seals(&fd, SEALS).map_err(failed("fcntl(F_ADD_SEALS)"))?;
         let page = Self {
             mem: SharedMemory::map(fd, 0, PAGE_SIZE)?,
         };
@@ -106,9 +98,8 @@ impl ControlPage {
     /// Maps a page the peer sent, after checking that it is sealed at the right size and
     /// carries the magic number.
     pub(crate) fn from_peer(fd: OwnedFd) -> Result<Self> {
-        // SAFETY: valid fd; F_GET_SEALS has no pointer arguments.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & SEALS != SEALS {
+        let sealed = rustix::fs::fcntl_get_seals(&fd).is_ok_and(|seals| seals.contains(SEALS));
+        if !sealed {
             return Err(FabricError::Protocol(
                 "peer control page is not a sealed memfd".into(),
             ));
@@ -171,13 +162,7 @@ impl ControlPage {
 
 /// Size of the file behind `fd`.
 pub(crate) fn fd_size(fd: &OwnedFd) -> Result<u64> {
-    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd; `st` is a live, writable stat buffer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(os("fstat"));
-    }
-    Ok(u64::try_from(st.st_size).unwrap_or(0))
+    Ok(devlend_memory::file_info(fd.as_fd())?.size)
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ mod socket;
 mod wire;
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +41,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devlend_memory::{MemSpan, SharedMemory};
+use rustix::fs::FlockOperation;
 
 use crate::endpoint::{
     delegate_ntb, Announce, Endpoint, LocalWindow, PeerInfo, PeerWindow, Session,
@@ -154,8 +155,8 @@ impl Drop for ShmNtb {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         if let Some(conn) = lock(&self.shared.conn).as_ref() {
-            // SAFETY: a valid socket; shutdown(2) wakes our reader and tells the peer.
-            unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_RDWR) };
+            // shutdown(2) wakes our reader and tells the peer.
+            let _ = rustix::net::shutdown(conn, rustix::net::Shutdown::Both);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -168,22 +169,21 @@ fn rendezvous(shared: &Shared, lock_file: File) {
     let sock_path = shared.dir.join("sock");
     let mut listener: Option<OwnedFd> = None;
     while !shared.shutdown.load(Ordering::SeqCst) {
-        if listener.is_none() {
-            // SAFETY: valid fd, no pointers.
-            if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                let _ = std::fs::remove_file(&sock_path);
-                match socket::listen(&sock_path) {
-                    Ok(l) => listener = Some(l),
-                    Err(e) => {
-                        tracing::warn!("ntb shm: cannot listen at {}: {e}", sock_path.display());
-                        std::thread::sleep(POLL);
-                        continue;
-                    }
+        if listener.is_none()
+            && rustix::fs::flock(&lock_file, FlockOperation::NonBlockingLockExclusive).is_ok()
+        {
+            let _ = std::fs::remove_file(&sock_path);
+            match socket::listen(&sock_path) {
+                Ok(l) => listener = Some(l),
+                Err(e) => {
+                    tracing::warn!("ntb shm: cannot listen at {}: {e}", sock_path.display());
+                    std::thread::sleep(POLL);
+                    continue;
                 }
             }
         }
         let conn = match &listener {
-            Some(l) => match socket::wait_readable(l.as_raw_fd(), POLL) {
+            Some(l) => match socket::wait_readable(l.as_fd(), POLL) {
                 Ok(true) => socket::accept(l).ok(),
                 Ok(false) => None,
                 Err(e) => {
@@ -225,7 +225,7 @@ fn recv_wire(
         if shared.shutdown.load(Ordering::SeqCst) {
             return Ok(None);
         }
-        if socket::wait_readable(conn.as_raw_fd(), POLL)? {
+        if socket::wait_readable(conn.as_fd(), POLL)? {
             let mut buf = [0u8; socket::MAX_MSG];
             return match socket::recv(conn.as_fd(), &mut buf)? {
                 None => Ok(None),
