@@ -26,41 +26,43 @@ use crate::wire::{
 };
 use crate::{RequestError, ServerError, WireError};
 
-/// Region indexes (`linux/vfio.h` `VFIO_PCI_*_REGION_INDEX`).
+/// Region indexes (`linux/vfio.h` `VFIO_PCI_*_REGION_INDEX`, from `vfio-bindings`).
 pub mod region {
+    use vfio_bindings::bindings::vfio as v;
     /// BAR0; BARn is n.
-    pub const BAR0: u32 = 0;
+    pub const BAR0: u32 = v::VFIO_PCI_BAR0_REGION_INDEX;
     /// Expansion ROM (not served).
-    pub const ROM: u32 = 6;
+    pub const ROM: u32 = v::VFIO_PCI_ROM_REGION_INDEX;
     /// Config space.
-    pub const CONFIG: u32 = 7;
+    pub const CONFIG: u32 = v::VFIO_PCI_CONFIG_REGION_INDEX;
     /// VGA (not served).
-    pub const VGA: u32 = 8;
+    pub const VGA: u32 = v::VFIO_PCI_VGA_REGION_INDEX;
     /// Regions reported.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = v::VFIO_PCI_NUM_REGIONS;
 }
 
-/// IRQ indexes (`VFIO_PCI_*_IRQ_INDEX`).
+/// IRQ indexes (`VFIO_PCI_*_IRQ_INDEX`, from `vfio-bindings`).
 pub mod irq {
+    use vfio_bindings::bindings::vfio as v;
     /// Legacy INTx.
-    pub const INTX: u32 = 0;
+    pub const INTX: u32 = v::VFIO_PCI_INTX_IRQ_INDEX;
     /// MSI.
-    pub const MSI: u32 = 1;
+    pub const MSI: u32 = v::VFIO_PCI_MSI_IRQ_INDEX;
     /// MSI-X.
-    pub const MSIX: u32 = 2;
+    pub const MSIX: u32 = v::VFIO_PCI_MSIX_IRQ_INDEX;
     /// Error notification.
-    pub const ERR: u32 = 3;
+    pub const ERR: u32 = v::VFIO_PCI_ERR_IRQ_INDEX;
     /// Device request.
-    pub const REQ: u32 = 4;
+    pub const REQ: u32 = v::VFIO_PCI_REQ_IRQ_INDEX;
     /// IRQ indexes reported.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = v::VFIO_PCI_NUM_IRQS;
 }
 
-const REGION_FLAG_READ: u32 = 1;
-const REGION_FLAG_WRITE: u32 = 2;
-const DEVICE_FLAG_RESET: u32 = 1;
-const DEVICE_FLAG_PCI: u32 = 2;
-const IRQ_INFO_EVENTFD: u32 = 1;
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FLAGS_PCI as DEVICE_FLAG_PCI, VFIO_DEVICE_FLAGS_RESET as DEVICE_FLAG_RESET,
+    VFIO_IRQ_INFO_EVENTFD as IRQ_INFO_EVENTFD, VFIO_REGION_INFO_FLAG_READ as REGION_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE as REGION_FLAG_WRITE,
+};
 const MSIX_VECTOR_MASKED: u32 = 1;
 
 /// Message counters, readable while the server runs (e.g. to count messages per guest I/O).

@@ -205,36 +205,38 @@ pub struct DmaUnmap {
     pub all: bool,
 }
 
-/// DMA_MAP flag bits.
+/// DMA_MAP flag bits (`linux/vfio.h`, from `vfio-bindings`).
 pub mod dma_flags {
+    use vfio_bindings::bindings::vfio as v;
     /// The device may read.
-    pub const READ: u32 = 1;
+    pub const READ: u32 = v::VFIO_DMA_MAP_FLAG_READ;
     /// The device may write.
-    pub const WRITE: u32 = 2;
+    pub const WRITE: u32 = v::VFIO_DMA_MAP_FLAG_WRITE;
     /// DMA_UNMAP: also return a dirty bitmap (not supported).
-    pub const UNMAP_GET_DIRTY_BITMAP: u32 = 1;
-    /// DMA_UNMAP: unmap everything (`linux/vfio.h` `VFIO_DMA_UNMAP_FLAG_ALL`).
-    pub const UNMAP_ALL: u32 = 2;
+    pub const UNMAP_GET_DIRTY_BITMAP: u32 = v::VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP;
+    /// DMA_UNMAP: unmap everything (`VFIO_DMA_UNMAP_FLAG_ALL`).
+    pub const UNMAP_ALL: u32 = v::VFIO_DMA_UNMAP_FLAG_ALL;
 }
 
-/// DEVICE_SET_IRQS flag bits (`linux/vfio.h`).
+/// DEVICE_SET_IRQS flag bits (`linux/vfio.h`, from `vfio-bindings`).
 pub mod irq_set_flags {
+    use vfio_bindings::bindings::vfio as v;
     /// No data.
-    pub const DATA_NONE: u32 = 1 << 0;
+    pub const DATA_NONE: u32 = v::VFIO_IRQ_SET_DATA_NONE;
     /// Data is an array of bools.
-    pub const DATA_BOOL: u32 = 1 << 1;
+    pub const DATA_BOOL: u32 = v::VFIO_IRQ_SET_DATA_BOOL;
     /// Data is eventfds (here: passed as fds with the message).
-    pub const DATA_EVENTFD: u32 = 1 << 2;
+    pub const DATA_EVENTFD: u32 = v::VFIO_IRQ_SET_DATA_EVENTFD;
     /// Mask the vectors.
-    pub const ACTION_MASK: u32 = 1 << 3;
+    pub const ACTION_MASK: u32 = v::VFIO_IRQ_SET_ACTION_MASK;
     /// Unmask the vectors.
-    pub const ACTION_UNMASK: u32 = 1 << 4;
+    pub const ACTION_UNMASK: u32 = v::VFIO_IRQ_SET_ACTION_UNMASK;
     /// Trigger / route the vectors.
-    pub const ACTION_TRIGGER: u32 = 1 << 5;
+    pub const ACTION_TRIGGER: u32 = v::VFIO_IRQ_SET_ACTION_TRIGGER;
     /// All data-type bits.
-    pub const DATA_MASK: u32 = DATA_NONE | DATA_BOOL | DATA_EVENTFD;
+    pub const DATA_MASK: u32 = v::VFIO_IRQ_SET_DATA_TYPE_MASK;
     /// All action bits.
-    pub const ACTION_MASK_ALL: u32 = ACTION_MASK | ACTION_UNMASK | ACTION_TRIGGER;
+    pub const ACTION_MASK_ALL: u32 = v::VFIO_IRQ_SET_ACTION_TYPE_MASK;
 }
 
 /// What a SET_IRQS carries.

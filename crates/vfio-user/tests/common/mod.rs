@@ -1,7 +1,7 @@
 //! A tiny in-test PCIe function and a raw vfio-user client for driving the server.
 #![allow(dead_code)]
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -256,12 +256,18 @@ impl Client {
     }
 
     /// Sends raw bytes (for malformed messages).
-    pub fn send_raw(&mut self, bytes: &[u8], fds: &[RawFd]) {
+    pub fn send_raw(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
         send_with_fds(&self.sock, bytes, fds).unwrap();
     }
 
     /// Sends a well-framed message; returns its id.
-    pub fn send(&mut self, command: u16, flags: u32, payload: &[u8], fds: &[RawFd]) -> u16 {
+    pub fn send(
+        &mut self,
+        command: u16,
+        flags: u32,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> u16 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let h = Header {
@@ -289,7 +295,7 @@ impl Client {
     }
 
     /// Sends a command and waits for its reply (checking the id).
-    pub fn call(&mut self, command: u16, payload: &[u8], fds: &[RawFd]) -> Reply {
+    pub fn call(&mut self, command: u16, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Reply {
         let id = self.send(command, 0, payload, fds);
         let r = self.recv();
         assert_eq!(r.header.msg_id, id, "reply id");
@@ -369,31 +375,26 @@ pub fn open_fds() -> usize {
 /// Guest RAM as QEMU's memory-backend-memfd makes it: a memfd sealed against resizing.
 pub fn memfd(len: u64) -> std::fs::File {
     let f = unsealed_memfd(len);
-    // SAFETY: `f` is a valid memfd made with MFD_ALLOW_SEALING; F_ADD_SEALS takes an int.
-    let r = unsafe {
-        libc::fcntl(
-            f.as_raw_fd(),
-            libc::F_ADD_SEALS,
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
-        )
-    };
-    assert_eq!(r, 0);
+    rustix::fs::fcntl_add_seals(
+        &f,
+        rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW,
+    )
+    .unwrap();
     f
 }
 
 /// A memfd nobody sealed: whoever holds it can truncate it.
 pub fn unsealed_memfd(len: u64) -> std::fs::File {
-    let name = std::ffi::CString::new("guest-ram").unwrap();
-    // SAFETY: valid C string; a fresh descriptor.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    assert!(fd >= 0);
-    // SAFETY: `fd` is ours.
-    let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    use rustix::fs::MemfdFlags;
+    let fd = rustix::fs::memfd_create("guest-ram", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+        .unwrap();
+    let f = std::fs::File::from(fd);
     f.set_len(len).unwrap();
     f
 }
 
-pub fn raw(f: &impl AsRawFd) -> RawFd {
-    f.as_raw_fd()
+/// `f`'s descriptor, borrowed for as long as `f` is (`EventFd` has no `AsFd`).
+pub fn raw(f: &impl AsRawFd) -> BorrowedFd<'_> {
+    // SAFETY: `f` owns the descriptor and outlives the returned borrow.
+    unsafe { BorrowedFd::borrow_raw(f.as_raw_fd()) }
 }
