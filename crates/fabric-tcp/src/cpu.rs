@@ -9,41 +9,29 @@
 
 use std::io;
 
+use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+
 /// The CPUs the calling thread may run on, in ascending order.
 pub fn allowed() -> io::Result<Vec<usize>> {
-    // SAFETY: an all-zero `cpu_set_t` is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, writable `cpu_set_t` of the size passed; pid 0 is this thread.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `cpu` is below CPU_SETSIZE, the size of `set`.
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+    let set = sched_getaffinity(None)?;
+    Ok((0..CpuSet::MAX_CPU)
+        .filter(|&cpu| set.is_set(cpu))
         .collect())
 }
 
 /// Restricts the calling thread to `cpus` (which must not be empty).
 pub fn pin(cpus: &[usize]) -> io::Result<()> {
-    // SAFETY: an all-zero `cpu_set_t` is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let mut set = CpuSet::new();
     for &cpu in cpus {
-        if cpu >= libc::CPU_SETSIZE as usize {
+        if cpu >= CpuSet::MAX_CPU {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("CPU {cpu} is beyond the largest CPU set"),
             ));
         }
-        // SAFETY: `cpu` is below CPU_SETSIZE, the size of `set`.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
+        set.set(cpu);
     }
-    // SAFETY: `set` is a valid `cpu_set_t` of the size passed; pid 0 is this thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    sched_setaffinity(None, &set)?;
     Ok(())
 }
 

@@ -4,8 +4,12 @@
 //! that waits for it.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
+
+use rustix::buffer::spare_capacity;
+use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
+use rustix::event::Timespec;
 
 /// One socket watched by one epoll instance, one-shot.
 pub(crate) struct Watch {
@@ -13,62 +17,61 @@ pub(crate) struct Watch {
     sock: RawFd,
 }
 
-fn check(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
 impl Watch {
     /// Watches `sock` (which must outlive the watch), armed.
     pub(crate) fn new(sock: &impl AsRawFd) -> io::Result<Self> {
-        // SAFETY: a plain system call without pointers.
-        let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
-        // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
         let w = Self {
-            epoll,
+            epoll: epoll::create(CreateFlags::CLOEXEC)?,
             sock: sock.as_raw_fd(),
         };
-        w.ctl(libc::EPOLL_CTL_ADD, Self::ARMED)?;
+        epoll::add(&w.epoll, w.sock(), EventData::new_u64(0), Self::ARMED)?;
         Ok(w)
     }
 
-    const ARMED: u32 =
-        (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLERR | libc::EPOLLONESHOT) as u32;
+    const ARMED: EventFlags = EventFlags::IN
+        .union(EventFlags::RDHUP)
+        .union(EventFlags::ERR)
+        .union(EventFlags::ONESHOT);
 
-    fn ctl(&self, op: libc::c_int, events: u32) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: 0 };
-        // SAFETY: `ev` is a valid epoll_event for the whole call; both descriptors are open.
-        check(unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, self.sock, &mut ev) })?;
-        Ok(())
+    /// The watched socket. The one `unsafe` here: the socket is held by the session that owns
+    /// this watch (`Watch::new`'s contract), which `session.rs` keeps as a raw descriptor.
+    fn sock(&self) -> BorrowedFd<'_> {
+        // SAFETY: `new`'s caller keeps the socket open for as long as the watch lives, so the
+        // descriptor is open for the borrow (which cannot outlive `self`).
+        unsafe { BorrowedFd::borrow_raw(self.sock) }
     }
 
     /// Lets the next event (or one already pending) wake [`Watch::wait`], once.
     pub(crate) fn arm(&self) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, Self::ARMED)
+        epoll::modify(&self.epoll, self.sock(), EventData::new_u64(0), Self::ARMED)?;
+        Ok(())
     }
 
     /// Keeps events from waking [`Watch::wait`] until the next [`Watch::arm`].
     pub(crate) fn disarm(&self) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, libc::EPOLLONESHOT as u32)
+        epoll::modify(
+            &self.epoll,
+            self.sock(),
+            EventData::new_u64(0),
+            EventFlags::ONESHOT,
+        )?;
+        Ok(())
     }
 
     /// Waits up to `timeout` for an armed event; `true` if one fired (which disarms the watch).
     pub(crate) fn wait(&self, timeout: Duration) -> io::Result<bool> {
-        let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // At least a millisecond, as epoll_wait's millisecond timeout had it.
+        let timeout = timeout.max(Duration::from_millis(1));
+        let wait = Timespec {
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        let mut events = Vec::with_capacity(1);
         loop {
-            // SAFETY: `ev` is valid for one event for the whole call.
-            let r = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut ev, 1, ms) };
-            if r >= 0 {
-                return Ok(r > 0);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            match epoll::wait(&self.epoll, spare_capacity(&mut events), Some(&wait)) {
+                Ok(n) => return Ok(n > 0),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
             }
         }
     }
