@@ -6,6 +6,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use rustix::thread::futex::Flags as FutexFlags;
+
 /// Errors of shared-memory creation and access.
 #[derive(Debug, thiserror::Error)]
 pub enum MemError {
@@ -428,43 +430,18 @@ impl Drop for SharedMemory {
 /// word lives in shared memory this works across processes (a non-private futex). Returns when
 /// woken, when the value differs, on timeout or on a signal: callers re-check their condition.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<std::time::Duration>) {
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+    let ts = timeout.map(|t| rustix::thread::futex::Timespec {
+        tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(t.subsec_nanos()),
     });
-    let ts_ptr = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `word` is a valid, aligned u32 for the duration of the call; `ts_ptr` is null or
-    // points to a live timespec. The kernel only reads both. Every error (EAGAIN, EINTR,
-    // ETIMEDOUT) means "re-check".
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            ts_ptr,
-            std::ptr::null::<u32>(),
-            0u32,
-        )
-    };
+    // Not FUTEX_PRIVATE: the word may be shared with another process. Every error (EAGAIN,
+    // EINTR, ETIMEDOUT) means "re-check".
+    let _ = rustix::thread::futex::wait(word, FutexFlags::empty(), expected, ts.as_ref());
 }
 
 /// Wakes up to `count` waiters sleeping on `word` (in any process, for shared memory).
 pub fn futex_wake(word: &AtomicU32, count: u32) {
-    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE dereferences no other pointer.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            count.min(i32::MAX as u32),
-            std::ptr::null::<libc::timespec>(),
-            std::ptr::null::<u32>(),
-            0u32,
-        )
-    };
+    let _ = rustix::thread::futex::wake(word, FutexFlags::empty(), count.min(i32::MAX as u32));
 }
 
 /// A bounds-checked view of part of a [`SharedMemory`]: what an IOMMU lookup or a direct

@@ -2,8 +2,9 @@
 //! Dataset Management and Compare against a raw image file.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+
+use rustix::fs::FallocateFlags;
 
 use crate::command::{BlockRange, NvmOp};
 use crate::config::NvmeConfig;
@@ -243,9 +244,9 @@ impl Namespace {
             return Err(Status::NAMESPACE_WRITE_PROTECTED);
         }
         let mode = if deallocate {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
         } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
         };
         self.zero(off, len, mode)?;
         if r.fua || !write_cache {
@@ -289,7 +290,7 @@ impl Namespace {
             self.zero(
                 off,
                 len,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
             )?;
         }
         Ok(())
@@ -297,13 +298,11 @@ impl Namespace {
 
     /// Zeroes `[off, off + len)` with `fallocate(mode)`, or by writing zeroes when the file
     /// system does not support it. Deallocated blocks read back as zeroes (`DLFEAT` = 1).
-    fn zero(&self, off: u64, len: u64, mode: libc::c_int) -> Result<(), Status> {
-        let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+    fn zero(&self, off: u64, len: u64, mode: FallocateFlags) -> Result<(), Status> {
+        if i64::try_from(off).is_err() || i64::try_from(len).is_err() {
             return Err(Status::LBA_OUT_OF_RANGE);
-        };
-        // SAFETY: fallocate on a file descriptor we own; it touches no memory of ours.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, o, l) };
-        if rc == 0 {
+        }
+        if rustix::fs::fallocate(&self.file, mode, off, len).is_ok() {
             return Ok(());
         }
         let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];

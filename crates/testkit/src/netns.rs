@@ -7,8 +7,10 @@
 
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::process::Command;
+
+use rustix::thread::LinkNameSpaceType;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Why the namespaces could not be made or entered.
@@ -80,8 +82,7 @@ impl NetnsPair {
 
     /// Creates the pair (root only).
     pub fn create() -> Result<Self, NetnsError> {
-        // SAFETY: geteuid has no preconditions.
-        let uid = unsafe { libc::geteuid() };
+        let uid = rustix::process::geteuid().as_raw();
         if uid != 0 {
             return Err(NetnsError::NotRoot(uid));
         }
@@ -129,13 +130,11 @@ impl NetnsPair {
             name: name.clone(),
             source,
         })?;
-        // SAFETY: `f` is an open namespace file for the whole call.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(NetnsError::Enter {
+        rustix::thread::move_into_link_name_space(f.as_fd(), Some(LinkNameSpaceType::Network))
+            .map_err(|e| NetnsError::Enter {
                 name,
-                source: std::io::Error::last_os_error(),
-            });
-        }
+                source: e.into(),
+            })?;
         Ok(())
     }
 
