@@ -653,6 +653,16 @@ impl Link for TcpNtb {
     fn link_generation(&self) -> u64 {
         lock(&self.inner.link).generation
     }
+
+    /// Closes the connection at once (the peer's waits end too once it notices); the
+    /// background thread reconnects or accepts again as after any link-down.
+    fn drop_peer(&self, reason: &str) {
+        let current = lock(&self.inner.slot).clone();
+        if let Some(s) = current {
+            tracing::warn!(reason, "fabric link down: dropping the peer");
+            self.inner.link_down(&s);
+        }
+    }
 }
 
 impl MemoryWindows for TcpNtb {

@@ -100,6 +100,13 @@ pub trait Link {
     /// A counter that increases on every up or down transition, so a caller can tell whether
     /// the peer it set state up with is still the same connection.
     fn link_generation(&self) -> u64;
+    /// Declares the peer gone now, not at the fabric's own liveness timeout: the link goes
+    /// down (every wait on it ends with [`FabricError::LinkDown`]) and comes up again when the
+    /// peer answers anew. `reason` is logged. For fabrics whose waits on a silent peer end on
+    /// their own (`shm`: memory copies) this does nothing, which is the default.
+    fn drop_peer(&self, reason: &str) {
+        let _ = reason;
+    }
 }
 
 /// This side's inbound memory windows, which the peer accesses (`ntb_mw_*`).

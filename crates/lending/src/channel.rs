@@ -18,7 +18,7 @@
 //! aligned qword does. Records from an earlier session never match, so a restarted peer cannot
 //! be confused by stale slots. Every value read from the mailbox is untrusted.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use devlend_fabric::{BusAddr, FabricError, LinkState, Ntb, SharedMemory, WindowOffset};
@@ -74,8 +74,23 @@ struct Rx {
 pub struct Channel {
     ntb: Arc<dyn Ntb>,
     mailbox: Arc<SharedMemory>,
+    /// Whether a sender is at work; the next one waits for its turn with its own deadline
+    /// (never longer), so a send held by a peer that stopped answering holds no other caller
+    /// past its time limit.
+    sending: Mutex<bool>,
+    turn: Condvar,
     tx: Mutex<Tx>,
     rx: Mutex<Rx>,
+}
+
+/// A sender's turn on the channel (see [`Channel::take_turn`]); ends on drop.
+struct Turn<'a>(&'a Channel);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *self.0.sending.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.0.turn.notify_one();
+    }
 }
 
 fn nonce() -> u64 {
@@ -139,6 +154,8 @@ impl Channel {
         Ok(Self {
             ntb,
             mailbox,
+            sending: Mutex::new(false),
+            turn: Condvar::new(),
             tx: Mutex::new(Tx {
                 generation: u64::MAX,
                 session: 0,
@@ -179,12 +196,32 @@ impl Channel {
         }
     }
 
-    /// Sends one record, waiting up to `timeout` for the peer's mailbox and for room.
+    /// Waits until no other sender is at work, at most until `deadline`.
+    fn take_turn(&self, deadline: Instant) -> Result<Turn<'_>, ChannelError> {
+        let mut busy = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ChannelError::Timeout);
+            }
+            busy = self
+                .turn
+                .wait_timeout(busy, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *busy = true;
+        Ok(Turn(self))
+    }
+
+    /// Sends one record, waiting up to `timeout` for another sender to finish, for the peer's
+    /// mailbox and for room.
     pub fn send(&self, payload: &[u8], timeout: Duration) -> Result<(), ChannelError> {
         if payload.len() > MAX_PAYLOAD {
             return Err(ChannelError::TooLarge(payload.len()));
         }
         let deadline = Instant::now() + timeout;
+        let _turn = self.take_turn(deadline)?;
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         if tx.generation != self.ntb.link_generation() || tx.session == 0 {
             self.start_session(&mut tx, deadline)?;

@@ -241,6 +241,11 @@ struct Exported {
     sink: Arc<RoutedSink>,
     bars: Vec<(BarIndex, BarSpec, BusAddr)>,
     areas: Vec<PlacedArea>,
+    /// The device's capacity, asked once when it is added: describing a device (`list`,
+    /// `status`, a grant) must not wait for the device, which may be held by a DMA transfer
+    /// to a peer that stopped answering, while the lender's table is locked (that would hold
+    /// the lease expiry too).
+    size_bytes: Option<u64>,
     lease: Option<Lease>,
 }
 
@@ -263,7 +268,7 @@ impl Exported {
                 })
                 .collect(),
             detail: self.detail.clone(),
-            size_bytes: self.device.capacity_bytes(),
+            size_bytes: self.size_bytes,
         }
     }
 }
@@ -372,6 +377,7 @@ impl Lender {
         let exported = Exported {
             name: name.to_string(),
             detail: detail.to_string(),
+            size_bytes: device.capacity_bytes(),
             device,
             iommu,
             sink,
@@ -805,7 +811,8 @@ impl Lender {
         Ok(())
     }
 
-    /// Ends every lease whose heartbeats stopped; returns (lease, reason, its link) for each.
+    /// Ends every lease whose heartbeats stopped; returns (lease, reason, its link) for each
+    /// lease this call ended.
     pub(crate) fn expire(&self) -> Vec<(u64, String, Weak<Inner>)> {
         let now = Instant::now();
         let expired: Vec<(u64, String, Weak<Inner>)> = self
@@ -822,10 +829,24 @@ impl Lender {
                 (l.id, why, l.link.clone())
             })
             .collect();
-        for (id, why, _) in &expired {
-            let _ = self.end_lease(*id, why);
-        }
+        // Another thread may have ended one meanwhile (expiry runs on the host's thread and
+        // on each link's): report only the leases this call ended.
         expired
+            .into_iter()
+            .filter(|(id, why, link)| {
+                if !self.is_held(*id) {
+                    return false;
+                }
+                // A borrower silent for a whole lease is gone: its link is dropped first, so
+                // that a device transfer waiting on it (a DMA read over tcp, a posted write
+                // held by back-pressure) fails now and the reset below need not wait for the
+                // fabric's own liveness timeout (3 s over tcp).
+                if let Some(link) = link.upgrade() {
+                    link.ntb.drop_peer(why);
+                }
+                self.end_lease(*id, why).is_ok()
+            })
+            .collect()
     }
 }
 

@@ -19,8 +19,10 @@
 //! lease resets the device and offers it again. A lender that disappears is a surprise removal
 //! on the borrower: every call on the function fails with `Removed`.
 //!
-//! Threads: each node runs one management thread (drains the mailbox, serves the peer's
-//! requests, routes responses to waiting callers, sends heartbeats, expires leases). Lock
+//! Threads: each link runs one management thread (drains the mailbox, serves the peer's
+//! requests, routes responses to waiting callers, sends heartbeats and notices); each node
+//! runs one expiry thread that ends leases whose heartbeats stopped, whatever its links wait
+//! for. Lock
 //! order: `Node.pending` and the lender/borrower tables are never held across a fabric wait.
 #![warn(missing_docs)]
 
@@ -223,6 +225,16 @@ pub struct Node {
     asp: HostSpace,
     links: Mutex<Vec<Arc<LinkRuntime>>>,
     next_slot: AtomicUsize,
+    expiry: Option<Expiry>,
+}
+
+/// How often the host's expiry thread looks for leases whose heartbeats stopped.
+const EXPIRY_TICK: Duration = Duration::from_millis(20);
+
+/// The host's lease-expiry thread (see [`expiry_loop`]) and its stop signal.
+struct Expiry {
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    thread: JoinHandle<()>,
 }
 
 /// One link in a status report.
@@ -277,11 +289,28 @@ impl Node {
             lender: lender::Lender::new(),
             reclaim_hook: Mutex::new(None),
         });
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let expiry = {
+            let (host, stop) = (Arc::downgrade(&host), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("devlend-expiry-{}", host_name(&host)))
+                .spawn(move || expiry_loop(host, stop))
+        };
+        let expiry = match expiry {
+            Ok(thread) => Some(Expiry { stop, thread }),
+            Err(e) => {
+                // The links' management threads still expire leases, only not independently
+                // of their own link's waits.
+                tracing::error!("cannot start the lease expiry thread: {e}");
+                None
+            }
+        };
         Node {
             host,
             asp,
             links: Mutex::new(Vec::new()),
             next_slot: AtomicUsize::new(0),
+            expiry,
         }
     }
 
@@ -659,10 +688,61 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        if let Some(e) = self.expiry.take() {
+            let (stopped, cv) = &*e.stop;
+            *stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            cv.notify_all();
+            let _ = e.thread.join();
+        }
         for l in self.links() {
             l.inner.borrower.remove_all("this host shut down");
             l.stop();
         }
+    }
+}
+
+fn host_name(host: &Weak<HostCore>) -> String {
+    host.upgrade()
+        .map(|h| h.cfg.name.clone())
+        .unwrap_or_default()
+}
+
+/// Ends every expired lease of the host and queues the revocation notice on its link.
+fn expire_leases(host: &HostCore) {
+    for (lease, reason, link) in host.lender.expire() {
+        tracing::warn!("lease {lease} revoked: {reason}");
+        if let Some(link) = link.upgrade() {
+            link.events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Event::Revoked { lease, reason });
+        }
+    }
+}
+
+/// The host's lease-expiry thread: every [`EXPIRY_TICK`], ends the leases whose heartbeats
+/// stopped. It waits on nothing a peer controls, so a link whose management thread is held
+/// (a send to a peer that stopped answering waits for room until the link is declared down)
+/// cannot delay the take-back of its devices.
+fn expiry_loop(host: Weak<HostCore>, stop: Arc<(Mutex<bool>, std::sync::Condvar)>) {
+    let (stopped, cv) = &*stop;
+    let mut guard = stopped.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if *guard {
+            return;
+        }
+        guard = cv
+            .wait_timeout(guard, EXPIRY_TICK)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        if *guard {
+            return;
+        }
+        drop(guard);
+        let Some(h) = host.upgrade() else { return };
+        expire_leases(&h);
+        drop(h);
+        guard = stopped.lock().unwrap_or_else(|e| e.into_inner());
     }
 }
 
@@ -857,15 +937,8 @@ fn management_loop(weak: Weak<Inner>, ntb: Arc<dyn Ntb>) {
             }
         }
         let Some(inner) = weak.upgrade() else { return };
-        for (lease, reason, link) in inner.host.lender.expire() {
-            tracing::warn!("lease {lease} revoked: {reason}");
-            if let Some(link) = link.upgrade() {
-                link.events
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(Event::Revoked { lease, reason });
-            }
-        }
+        // The host's expiry thread does this on its own; here too, in case it could not start.
+        expire_leases(&inner.host);
         // Each link tells its own peer: a peer that does not make room in its mailbox holds
         // its own link's thread, never another's.
         let events = std::mem::take(&mut *inner.events.lock().unwrap_or_else(|e| e.into_inner()));

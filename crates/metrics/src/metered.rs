@@ -329,6 +329,9 @@ impl Link for MeteredNtb {
     fn link_generation(&self) -> u64 {
         self.inner.link_generation()
     }
+    fn drop_peer(&self, reason: &str) {
+        self.inner.drop_peer(reason);
+    }
 }
 
 impl MemoryWindows for MeteredNtb {
