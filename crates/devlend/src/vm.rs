@@ -183,17 +183,46 @@ pub fn preflight(qmp_path: &Path, port: Option<&str>, id: &str) -> Result<(Qmp, 
         ports.push(p.name.clone());
     }
     let pci = qmp.execute(&QueryPci)?;
+    // What each device created on the command line or by device_add sits on: query-pci lists
+    // a bridge's devices only once the firmware numbered its bus (not in a VM started with
+    // -S and not yet run), so the QOM parent bus decides too.
+    let mut on_bus: Vec<(String, String)> = Vec::new();
+    for container in ["/machine/peripheral", "/machine/peripheral-anon"] {
+        let children = match qmp.execute(&QomList {
+            path: container.into(),
+        }) {
+            Ok(c) => c,
+            Err(devlend_qmp::Error::Command { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        for c in children.iter().filter(|c| c.type_.starts_with("child<")) {
+            let dev = format!("{container}/{}", c.name);
+            if let Ok(serde_json::Value::String(bus)) = qmp.execute(&QomGet {
+                path: dev,
+                property: "parent_bus".into(),
+            }) {
+                on_bus.push((c.name.clone(), bus));
+            }
+        }
+    }
     let occupant = |port: &str| -> Option<String> {
-        let bridge = pci
+        let listed = pci
             .iter()
             .flat_map(|b| all_devices(&b.devices))
-            .find(|d| d.qdev_id == port)?;
-        let first = bridge.pci_bridge.as_ref()?.devices.first()?;
-        Some(if first.qdev_id.is_empty() {
-            first.address()
-        } else {
-            format!("{} at {}", first.qdev_id, first.address())
-        })
+            .find(|d| d.qdev_id == port)
+            .and_then(|bridge| bridge.pci_bridge.as_ref()?.devices.first());
+        if let Some(first) = listed {
+            return Some(if first.qdev_id.is_empty() {
+                first.address()
+            } else {
+                format!("{} at {}", first.qdev_id, first.address())
+            });
+        }
+        let below = format!("/machine/peripheral/{port}/");
+        on_bus
+            .iter()
+            .find(|(_, bus)| bus.starts_with(&below))
+            .map(|(name, _)| name.clone())
     };
     let chosen = match port {
         Some(p) => {
