@@ -536,6 +536,10 @@ pub struct ReturnReply {
     /// The same, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removal_text: Option<String>,
+    /// The device had lost its lease before (its lender died or revoked it while it sat in a
+    /// VM): it left the VM, and there was nothing to give back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lease_had_ended: bool,
 }
 
 /// `reclaim`.

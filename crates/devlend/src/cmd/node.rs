@@ -4,7 +4,7 @@
 //! UNIX socket in its state directory. Borrowed devices live here: the verbs `check` (run the
 //! user-space driver on one) and `borrow --vfio-user` (serve one to a VMM) use them in-process.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -212,6 +212,9 @@ struct Daemon {
     servers: Mutex<HashMap<String, host::VfioServer>>,
     /// Borrowed devices hot-added to running VMs, by device name.
     vms: Mutex<HashMap<String, vm::Attachment>>,
+    /// Devices being taken out of their VMs right now (by `return`, a lender's take-back or
+    /// the shutdown): a second take-back of one of them is refused, not run twice.
+    leaving: Mutex<HashSet<String>>,
     /// The state directory (default home of vfio-user sockets for VMs).
     state: PathBuf,
     /// Counters, the metrics page, lspci snapshots.
@@ -268,10 +271,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cluster,
         servers: Mutex::new(HashMap::new()),
         vms: Mutex::new(HashMap::new()),
+        leaving: Mutex::new(HashSet::new()),
         state: s.state.clone(),
         observe: Arc::new(observe),
         insecure_tcp: s.tcp.insecure,
     });
+    // A lender's forced take-back of a device in a VM takes the path of `return`: the guest is
+    // asked to release it. Weak: the node (which keeps the hook) lives inside the daemon.
+    let weak = Arc::downgrade(&daemon);
+    daemon
+        .node
+        .set_reclaim_hook(Some(Arc::new(move |name: &str, grace: Duration| {
+            if let Some(d) = weak.upgrade() {
+                on_reclaim(&d, name, grace);
+            }
+        })));
     if let Some(addr) = s.metrics {
         let d = daemon.clone();
         let bound = super::observe::serve_metrics(addr, move || d.observe.render(&d.node))?;
@@ -350,15 +364,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     eprintln!("devlend node {}: shutting down", s.name);
-    for name in daemon.node.status().borrowed.iter().map(|d| d.name.clone()) {
+    let mut held: Vec<String> = daemon
+        .node
+        .status()
+        .borrowed
+        .iter()
+        .map(|d| d.name.clone())
+        .collect();
+    // Also devices still in a VM whose lease ended (their lender died): they leave the VM.
+    for name in daemon.vms.lock().unwrap_or_else(|e| e.into_inner()).keys() {
+        if !held.contains(name) {
+            held.push(name.clone());
+        }
+    }
+    for name in held {
         // Devices in VMs leave them the same way as on `return`: unplug request, grace, then
         // surprise removal.
-        match take_back(&daemon, &name, vm::DEFAULT_GRACE) {
-            Ok(Some(how)) => eprintln!(
+        match take_back(&daemon, &name, vm::DEFAULT_GRACE, Why::Return) {
+            Ok(TakenBack {
+                removal: Some(how), ..
+            }) => eprintln!(
                 "devlend node: {name} left its VM: {}",
                 how.describe(vm::DEFAULT_GRACE)
             ),
-            Ok(None) => {}
+            Ok(_) => {}
             Err(e) => eprintln!("devlend node: returning {name}: {e:#}"),
         }
     }
@@ -686,11 +715,15 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
         }
         Request::Return(proto::ReturnRequest { name, grace_ms }) => {
             let grace = grace_ms.map_or(vm::DEFAULT_GRACE, Duration::from_millis);
-            let removal = take_back(d, &name, grace)?;
+            let TakenBack {
+                removal,
+                lease_had_ended,
+            } = take_back(d, &name, grace, Why::Return)?;
             Reply::Return(proto::ReturnReply {
                 name,
                 removal,
                 removal_text: removal.map(|how| how.describe(grace)),
+                lease_had_ended,
             })
         }
         Request::Reclaim(proto::ReclaimRequest { name, grace_ms }) => {
@@ -776,8 +809,12 @@ fn borrow_fn(d: &Daemon, name: &str) -> anyhow::Result<Arc<devlend_lending::Borr
 }
 
 /// Gives `name` back (and, in a cluster, releases the claim and closes an unneeded link).
-fn give_back_fn(d: &Daemon, name: &str) -> anyhow::Result<()> {
-    d.node.give_back(name)?;
+/// `lease_ended`: the lease is over already (the lender revoked it or is gone), so only the
+/// claim is released.
+fn give_back_fn(d: &Daemon, name: &str, lease_ended: bool) -> anyhow::Result<()> {
+    if !lease_ended {
+        d.node.give_back(name)?;
+    }
     if let Some(c) = &d.cluster {
         c.returned(name)?;
     }
@@ -824,7 +861,7 @@ fn borrow_into_vm(
     let (server, att) = match attached {
         Ok(x) => x,
         Err(e) => {
-            if let Err(back) = give_back_fn(d, name) {
+            if let Err(back) = give_back_fn(d, name, false) {
                 eprintln!("devlend node: returning {name} after a failed hot-add: {back}");
             }
             return Err(e);
@@ -849,11 +886,61 @@ fn borrow_into_vm(
     Ok(out)
 }
 
+/// Who takes a device back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    /// This host: `return`, or the daemon's shutdown.
+    Return,
+    /// The lender, by a forced take-back: a device the guest did not release in time is cut
+    /// off here and left to the lender to revoke, so the lender reports it as revoked.
+    Reclaim,
+}
+
+/// How a take-back went.
+#[derive(Clone, Copy, Debug)]
+struct TakenBack {
+    /// How it left its VM (`None`: it was in none).
+    removal: Option<vm::Removal>,
+    /// The lease had ended before (the lender revoked it or is gone): nothing was given back.
+    lease_had_ended: bool,
+}
+
+/// Marks a device as leaving its VM for as long as it lives.
+struct Leaving<'a> {
+    d: &'a Daemon,
+    name: String,
+}
+
+impl<'a> Leaving<'a> {
+    fn start(d: &'a Daemon, name: &str) -> anyhow::Result<Self> {
+        let fresh = d
+            .leaving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        anyhow::ensure!(fresh, "{name} is being taken back already");
+        Ok(Self {
+            d,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        self.d
+            .leaving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+    }
+}
+
 /// Gives a borrowed device back. A device in a VM leaves it first: unplug request, at most
-/// `grace` for the guest to release it, then (if it did not) surprise removal. Returns how it
-/// left the VM (`None`: it was in none). The same path serves `return`, the daemon's shutdown
-/// and a lender's forced take-back.
-fn take_back(d: &Daemon, name: &str, grace: Duration) -> anyhow::Result<Option<vm::Removal>> {
+/// `grace` for the guest to release it, then (if it did not) surprise removal. The same path
+/// serves `return`, the daemon's shutdown and a lender's forced take-back ([`on_reclaim`]).
+fn take_back(d: &Daemon, name: &str, grace: Duration, why: Why) -> anyhow::Result<TakenBack> {
+    let _leaving = Leaving::start(d, name)?;
     let att = d
         .vms
         .lock()
@@ -873,6 +960,48 @@ fn take_back(d: &Daemon, name: &str, grace: Duration) -> anyhow::Result<Option<v
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(name);
-    give_back_fn(d, name)?;
-    Ok(removal)
+    // A device whose lender died or revoked it while it sat in a VM: it has left the VM now,
+    // and there is no lease left to give back.
+    let lease_had_ended = att.is_some() && d.node.borrowed(name).is_none();
+    if why == Why::Reclaim && removal == Some(vm::Removal::Surprise) {
+        // Not given back: the lender revokes it when its grace ends.
+        return Ok(TakenBack {
+            removal,
+            lease_had_ended,
+        });
+    }
+    give_back_fn(d, name, lease_had_ended)?;
+    Ok(TakenBack {
+        removal,
+        lease_had_ended,
+    })
+}
+
+/// The lender announced a forced take-back of `name` with `grace`: a device in a VM is asked
+/// out of it as on `return`, leaving a margin of the grace for the lease to travel back.
+/// (Other borrowed devices keep their users until the lender revokes them.)
+fn on_reclaim(d: &Daemon, name: &str, grace: Duration) {
+    let in_vm = d
+        .vms
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(name);
+    if !in_vm {
+        return;
+    }
+    let margin = (grace / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let guest_grace = grace.saturating_sub(margin);
+    eprintln!(
+        "devlend node: the lender takes {name} back within {grace:?}: asking its VM to release it"
+    );
+    match take_back(d, name, guest_grace, Why::Reclaim) {
+        Ok(TakenBack {
+            removal: Some(how), ..
+        }) => eprintln!(
+            "devlend node: {name} taken back by its lender; it left its VM: {}",
+            how.describe(guest_grace)
+        ),
+        Ok(_) => eprintln!("devlend node: {name} taken back by its lender"),
+        Err(e) => eprintln!("devlend node: {name} taken back by its lender: {e:#}"),
+    }
 }

@@ -343,9 +343,16 @@ pub fn give_back(a: NameArgs) -> anyhow::Result<()> {
         },
         wait,
     )?;
-    emit(&a.target, &v, |v| match &v.removal_text {
-        Some(how) => format!("returned {}: {how}\n", v.name),
-        None => format!("returned {}\n", v.name),
+    emit(&a.target, &v, |v| {
+        let ended = if v.lease_had_ended {
+            "; its lease had ended already (the lender is gone or revoked it), nothing to give back"
+        } else {
+            ""
+        };
+        match &v.removal_text {
+            Some(how) => format!("returned {}: {how}{ended}\n", v.name),
+            None => format!("returned {}{ended}\n", v.name),
+        }
     })
 }
 
