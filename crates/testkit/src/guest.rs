@@ -12,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod live;
+
 /// Printed by the guest's `/init` with the script's exit status.
 pub const EXIT_MARKER: &str = "DEVLEND-TEST-EXIT ";
 

@@ -4,7 +4,8 @@
 //! namespaces for the tcp rows, QEMU guests for `bench vm`).
 //!
 //! - [`netns`]: two network namespaces joined by a veth pair (runs `ip`, calls `setns`; root).
-//! - [`guest`]: boots a throw-away QEMU guest that runs one script (VM tests, `bench vm`), and
+//! - [`guest`]: boots a throw-away QEMU guest that runs one script (VM tests, `bench vm`), or
+//!   one that keeps running and takes commands ([`guest::live`], the hot-plug tests), and
 //!   runs vfio-user servers as child processes.
 //! - [`conformance`]: one NTB conformance suite, run against every backend.
 //! - [`tcp`], [`proxy`]: hosts for tcp fabric tests and a TCP proxy that injects faults.
