@@ -374,6 +374,9 @@ pub enum DeviceState {
     Borrowed,
     /// An SR-IOV physical function: not lendable itself while its VFs are offered.
     ManagingVfs,
+    /// Hot-added to a VM here, but its lease ended (the lender died or revoked it): the
+    /// guest sees a failed device until `devlend return` takes it out of the VM.
+    LeaseEnded,
 }
 
 /// A device in a listing or status.

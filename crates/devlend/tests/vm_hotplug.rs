@@ -380,6 +380,18 @@ fn hot_add_return_move_two_devices_reclaim_lender_death() {
     assert_eq!(ok(&mut b, "echo b-still-here"), ["b-still-here"]);
     assert!(b.is_running(), "QEMU B died\n{}", b.transcript());
     assert!(qemu_answers(&b), "QEMU B does not answer QMP");
+    // The borrower still shows it, in B, with its lease ended.
+    let st: serde_json::Value =
+        serde_json::from_str(&rig.borrower.ctl_ok(&["status", "--json"])).unwrap();
+    let dead = st["borrowed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "nvme0")
+        .cloned()
+        .unwrap_or_else(|| panic!("nvme0 not in the borrower's status: {st}"));
+    assert_eq!(dead["state"], "lease_ended", "{dead}");
+    assert_eq!(dead["vm"]["device_id"], "devlend-nvme0", "{dead}");
     // `return` takes the dead device out of B (the guest releases it), and says the lease
     // had ended already.
     let ret = rig.borrower.ctl(&["return", "nvme0", "--json"]);
@@ -388,6 +400,7 @@ fn hot_add_return_move_two_devices_reclaim_lender_death() {
     assert_eq!(v["removal"], "orderly", "{v}");
     assert_eq!(v["lease_had_ended"], true, "{v}");
     ok(&mut b, &wait_gone_cmd("DLHP0"));
+    assert!(rig.borrowed().is_empty());
     assert!(b.is_running() && a.is_running(), "a QEMU died");
     assert_eq!(ok(&mut a, "echo a-at-the-end"), ["a-at-the-end"]);
     assert!(

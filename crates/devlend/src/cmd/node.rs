@@ -205,13 +205,20 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Release);
 }
 
+/// A borrowed device in a VM: where, and what it is (reported after its lease ended too).
+#[derive(Clone)]
+struct InVm {
+    att: vm::Attachment,
+    desc: devlend_lending::protocol::DeviceDesc,
+}
+
 /// Per-daemon state shared by connection threads.
 struct Daemon {
     node: Arc<Node>,
     cluster: Option<crate::cluster::Cluster>,
     servers: Mutex<HashMap<String, host::VfioServer>>,
     /// Borrowed devices hot-added to running VMs, by device name.
-    vms: Mutex<HashMap<String, vm::Attachment>>,
+    vms: Mutex<HashMap<String, InVm>>,
     /// Devices being taken out of their VMs right now (by `return`, a lender's take-back or
     /// the shutdown): a second take-back of one of them is refused, not run twice.
     leaving: Mutex<HashSet<String>>,
@@ -739,16 +746,27 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
             let st = d.node.status();
             let vms = d.vms.lock().unwrap_or_else(|e| e.into_inner());
             let servers = d.servers.lock().unwrap_or_else(|e| e.into_inner());
-            let borrowed = st
+            let mut borrowed: Vec<proto::Device> = st
                 .borrowed
                 .iter()
                 .map(|b| {
                     let mut dev = device_of(b, true);
-                    dev.vm = vms.get(&b.name).cloned();
+                    dev.vm = vms.get(&b.name).map(|v| v.att.clone());
                     dev.vfio_user = servers.get(&b.name).map(|s| s.socket().to_path_buf());
                     dev
                 })
                 .collect();
+            // Still in a VM, but no longer held: the lender died or revoked it.
+            for (name, v) in vms.iter() {
+                if !st.borrowed.iter().any(|b| &b.name == name) {
+                    let mut dev = device_of(&v.desc, true);
+                    dev.state = proto::DeviceState::LeaseEnded;
+                    dev.borrower = None;
+                    dev.vm = Some(v.att.clone());
+                    dev.vfio_user = servers.get(name).map(|s| s.socket().to_path_buf());
+                    borrowed.push(dev);
+                }
+            }
             Reply::Status(Box::new(proto::StatusReply {
                 name: st.name,
                 links: st
@@ -851,7 +869,8 @@ fn borrow_into_vm(
         }
     };
     let f = borrow_fn(d, name)?;
-    let owner = f.device().owner.clone();
+    let desc = f.device().clone();
+    let owner = desc.owner.clone();
     let lease = f.lease();
     let attached = host::VfioServer::start_hotpluggable(f, &socket).and_then(|server| {
         let att = vm::attach(qmp, qmp_path, &id, &port, &socket)
@@ -882,7 +901,7 @@ fn borrow_into_vm(
     d.vms
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(name.to_string(), att);
+        .insert(name.to_string(), InVm { att, desc });
     Ok(out)
 }
 
@@ -946,7 +965,7 @@ fn take_back(d: &Daemon, name: &str, grace: Duration, why: Why) -> anyhow::Resul
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(name)
-        .cloned();
+        .map(|v| v.att.clone());
     let removal = match &att {
         Some(att) => Some(vm::detach(att, grace).with_context(|| {
             format!("asking the VM at {} to release {name}", att.qmp.display())

@@ -199,6 +199,7 @@ fn device_line(d: &Device) -> String {
         (DeviceState::Lent | DeviceState::Borrowed, Some(b)) => format!("lent to {b}"),
         (DeviceState::ManagingVfs, _) => "manages its VFs".into(),
         (DeviceState::Borrowed, None) => "borrowed".into(),
+        (DeviceState::LeaseEnded, _) => "lease ended".into(),
         _ => "available".into(),
     };
     format!(
