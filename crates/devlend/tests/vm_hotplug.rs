@@ -12,7 +12,8 @@
 //!   lender killed under B: I/O errors in B, B and QEMU keep running, `return` takes the dead
 //!   device out of B.
 //! - `a_guest_that_ignores_the_unplug_request_gets_a_surprise_removal`: a guest with no
-//!   hot-plug driver; `return --grace 3s` ends in a surprise removal, said so.
+//!   hot-plug driver; `return --grace 3s` ends in a surprise removal, said so; the lender's
+//!   `reclaim --grace 3s` of a second device ends with it cut off and revoked.
 //! - `refusals_borrow_nothing`: no guest boots (QEMU paused before its firmware): a socket
 //!   that is not QEMU, one that does not answer, a missing one, guest RAM that is not
 //!   shareable, an unknown port, an occupied port, a device id in use, an id QEMU would not
@@ -419,7 +420,10 @@ fn a_guest_that_ignores_the_unplug_request_gets_a_surprise_removal() {
         return;
     };
     let start = Instant::now();
-    let rig = Rig::new("vm-hotplug-ignore", &[("nvme0", "DLHPX")]);
+    let rig = Rig::new(
+        "vm-hotplug-ignore",
+        &[("nvme0", "DLHPX"), ("nvme1", "DLHPY")],
+    );
     let mut c = boot(&assets, &rig.dir, Hotplug::Ignored, "c");
     ok(&mut c, &absent_cmd("DLHPX"));
     let reply = rig.borrow_into("nvme0", &c);
@@ -427,8 +431,8 @@ fn a_guest_that_ignores_the_unplug_request_gets_a_surprise_removal() {
     let address = reply["vm"]["guest_address"].as_str().unwrap().to_string();
     let bus = address.rsplit_once(':').unwrap().0;
     ok(&mut c, &format!("BUS={bus}; {POWER_ON_AND_RESCAN}"));
-    let disk = disk(&mut c, "DLHPX");
-    let out = ok(&mut c, &write_check_cmd(&disk, "guest-c"));
+    let disk0 = disk(&mut c, "DLHPX");
+    let out = ok(&mut c, &write_check_cmd(&disk0, "guest-c"));
     assert!(out.iter().any(|l| l == "WRITE-CHECK-OK"), "{out:?}");
     assert_image_has(&rig.image("nvme0"), "guest-c");
 
@@ -467,11 +471,64 @@ fn a_guest_that_ignores_the_unplug_request_gets_a_surprise_removal() {
     // The guest's driver sees the device fail; the guest and QEMU keep running.
     let io = c
         .run(
-            &format!("dd if=/dev/{disk} of=/dev/null bs=4096 count=16 iflag=direct"),
+            &format!("dd if=/dev/{disk0} of=/dev/null bs=4096 count=16 iflag=direct"),
             GUEST_CMD,
         )
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(!io.ok(), "I/O after a surprise removal must fail: {io:?}");
+    assert_eq!(ok(&mut c, "echo c-still-here"), ["c-still-here"]);
+    assert!(c.is_running(), "QEMU died\n{}", c.transcript());
+    assert!(qemu_answers(&c));
+
+    // The lender's forced take-back from this guest: the borrower asks the VM to release the
+    // device, the guest ignores that too, so it is cut off and the lender revokes it at the
+    // end of the grace.
+    let reply = rig.borrow_into("nvme1", &c);
+    assert_eq!(reply["vm"]["port"], "rp2", "{reply}");
+    let address = reply["vm"]["guest_address"].as_str().unwrap().to_string();
+    let bus = address.rsplit_once(':').unwrap().0;
+    ok(&mut c, &format!("BUS={bus}; {POWER_ON_AND_RESCAN}"));
+    let disk1 = disk(&mut c, "DLHPY");
+    let out = ok(&mut c, &write_check_cmd(&disk1, "guest-c-second"));
+    assert!(out.iter().any(|l| l == "WRITE-CHECK-OK"), "{out:?}");
+    let rec = rig
+        .lender
+        .ctl(&["reclaim", "nvme1", "--grace", "3s", "--json"]);
+    assert!(rec.status.success(), "{}", stderr(&rec));
+    let v: serde_json::Value = serde_json::from_slice(&rec.stdout).unwrap();
+    assert_eq!(v["returned"], false, "{v}");
+    assert_eq!(rig.lender_state("nvme1"), "available");
+    let log = rig.dir.join("borrower.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(
+            "nvme1 taken back by its lender; it left its VM: the guest did not release it",
+        ) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the borrower never cut nvme1 off:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !rig.borrowed().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the borrower still lists {:?}",
+            rig.borrowed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let io = c
+        .run(
+            &format!("dd if=/dev/{disk1} of=/dev/null bs=4096 count=16 iflag=direct"),
+            GUEST_CMD,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!io.ok(), "I/O after a revoked take-back must fail: {io:?}");
     assert_eq!(ok(&mut c, "echo c-still-here"), ["c-still-here"]);
     assert!(c.is_running(), "QEMU died\n{}", c.transcript());
     assert!(qemu_answers(&c));
