@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,7 @@ use devlend_registry::{
 };
 
 use crate::host::{self, FabricSpec, TcpOptions};
+use devlend_sync::lock;
 
 /// How long a borrower waits for a lender to answer a link request and the link to come up.
 const LINK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,10 +149,6 @@ pub struct Cluster {
     shared: Arc<Shared>,
     keeper: Option<LeaseKeeper>,
     manager: Option<JoinHandle<()>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn nvme_record(name: &str, lender: &str, detail: &str, size_bytes: Option<u64>) -> DeviceRecord {

@@ -315,12 +315,10 @@ pub fn nvme_sriov(
     let keep = slot.clone();
     let f = devlend_pci::local::LocalFunction::new(16 << 20, move |dma, irq| {
         let d = devlend_nvme::NvmeDevice::new(cfg, dma, irq)?;
-        *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.clone());
+        *devlend_sync::lock(&keep) = Some(d.clone());
         Ok::<_, devlend_nvme::NvmeError>(d as Arc<dyn devlend_pci::PciDevice>)
     })?;
-    let device = slot
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    let device = devlend_sync::lock(&slot)
         .take()
         .ok_or_else(|| anyhow::anyhow!("the physical function was not built"))?;
     let f: Arc<dyn PciFunction> = Arc::new(f);

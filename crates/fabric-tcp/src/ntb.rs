@@ -3,7 +3,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,14 +17,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::frame::{self, Frame, Hello, Status};
 use crate::session::{self, Flush, Inbound, Mode, Reply, Session};
 use crate::{Credentials, TcpConfig, TcpError};
+use devlend_sync::lock;
 
 /// Largest single MMIO access handed to an [`devlend_fabric::MmioHandler`]; longer accesses
 /// are split into consecutive pieces of this size.
 const MMIO_CHUNK: usize = 64;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Waits on `cv` until `hit` finds bits in the state behind `state` (returning them), the
 /// session goes down, or `timeout` passes: the shape of every register wait (doorbells,
@@ -54,10 +51,7 @@ fn wait_on<T>(
         if left.is_zero() {
             return Err(FabricError::Timeout);
         }
-        guard = cv
-            .wait_timeout(guard, left)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
+        guard = devlend_sync::wait_timeout(cv, guard, left).0;
     }
 }
 
@@ -125,10 +119,7 @@ impl Inner {
     /// Sleeps `d` or until stopped; returns whether stopped.
     pub(crate) fn pause(&self, d: Duration) -> bool {
         let g = lock(&self.stop_lock);
-        let _g = self
-            .stop_cv
-            .wait_timeout_while(g, d, |_| !self.stopped())
-            .unwrap_or_else(|e| e.into_inner());
+        let _g = devlend_sync::wait_timeout_while(&self.stop_cv, g, d, |_| !self.stopped());
         self.stopped()
     }
 
@@ -540,13 +531,9 @@ impl TcpNtb {
     /// Waits until at least `count` connections were refused (see [`TcpStats::refused`]).
     pub fn wait_refused(&self, count: u64, timeout: Duration) -> Result<()> {
         let l = lock(&self.inner.link);
-        let _l = self
-            .inner
-            .link_cv
-            .wait_timeout_while(l, timeout, |_| {
-                self.inner.refused.load(Ordering::Relaxed) < count
-            })
-            .unwrap_or_else(|e| e.into_inner());
+        let _l = devlend_sync::wait_timeout_while(&self.inner.link_cv, l, timeout, |_| {
+            self.inner.refused.load(Ordering::Relaxed) < count
+        });
         if self.inner.refused.load(Ordering::Relaxed) >= count {
             Ok(())
         } else {
@@ -638,11 +625,9 @@ impl Link for TcpNtb {
 
     fn wait_link(&self, want: LinkState, timeout: Duration) -> Result<()> {
         let l = lock(&self.inner.link);
-        let (l, _) = self
-            .inner
-            .link_cv
-            .wait_timeout_while(l, timeout, |l| l.up != (want == LinkState::Up))
-            .unwrap_or_else(|e| e.into_inner());
+        let (l, _) = devlend_sync::wait_timeout_while(&self.inner.link_cv, l, timeout, |l| {
+            l.up != (want == LinkState::Up)
+        });
         if l.up == (want == LinkState::Up) {
             Ok(())
         } else {

@@ -1,17 +1,14 @@
 //! The two bounded queues of a connection: frames waiting to be sent, and inbound requests
 //! waiting for the service thread.
 
+use devlend_sync::lock;
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 /// How long a blocked producer sleeps before re-checking whether the queue closed (a guard
 /// only: closing wakes every waiter).
 const RECHECK: Duration = Duration::from_millis(500);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The queue was closed (the connection ended).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,11 +70,7 @@ impl OutQueue {
         while !st.closed && st.request_bytes >= self.limit {
             self.ready.notify_one();
             st.space_waiters += 1;
-            st = self
-                .space
-                .wait_timeout(st, RECHECK)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = devlend_sync::wait_timeout(&self.space, st, RECHECK).0;
             st.space_waiters -= 1;
         }
         if st.closed {
@@ -112,10 +105,9 @@ impl OutQueue {
     pub(crate) fn wait(&self, idle: Duration) -> Take {
         let mut st = lock(&self.state);
         st.writer_waiting = true;
-        let (mut st, _) = self
-            .ready
-            .wait_timeout_while(st, idle, |s| s.buf.is_empty() && !s.kick && !s.closed)
-            .unwrap_or_else(|e| e.into_inner());
+        let (mut st, _) = devlend_sync::wait_timeout_while(&self.ready, st, idle, |s| {
+            s.buf.is_empty() && !s.kick && !s.closed
+        });
         st.writer_waiting = false;
         if st.closed {
             Take::Closed
@@ -204,11 +196,7 @@ impl<T> InQueue<T> {
         let mut st = lock(&self.state);
         while !st.closed && st.bytes >= self.limit {
             st.space_waiting = true;
-            st = self
-                .space
-                .wait_timeout(st, RECHECK)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = devlend_sync::wait_timeout(&self.space, st, RECHECK).0;
             st.space_waiting = false;
         }
         if st.closed {
@@ -229,7 +217,7 @@ impl<T> InQueue<T> {
         let mut st = lock(&self.state);
         while st.items.is_empty() && !st.closed {
             st.ready_waiting = true;
-            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = devlend_sync::wait(&self.ready, st);
             st.ready_waiting = false;
         }
         if st.items.is_empty() {

@@ -24,6 +24,7 @@ use rustls::server::ServerConnectionData;
 use rustls::ConnectionTrafficSecrets;
 
 use crate::frame::WRITE_HEADER_LEN;
+use devlend_sync::lock;
 
 /// Most content bytes in one record.
 pub(crate) const MAX_PLAINTEXT: usize = 1 << 14;
@@ -243,10 +244,6 @@ pub(crate) fn split(
             asked,
         },
     ))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Sealer {

@@ -68,7 +68,7 @@ impl AddressSpace {
     }
 
     fn insert(&self, range: ByteRange, kind: RegionKind) -> Result<()> {
-        let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        let mut regions = devlend_sync::write(&self.regions);
         if regions.iter().any(|r| r.range.overlaps(&range)) {
             return Err(FabricError::RegionOverlap {
                 addr: BusAddr(range.start()),
@@ -98,7 +98,7 @@ impl AddressSpace {
 
     /// Removes the region that starts at `base`; returns whether one was there.
     pub fn remove(&self, base: BusAddr) -> bool {
-        let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        let mut regions = devlend_sync::write(&self.regions);
         let before = regions.len();
         regions.retain(|r| r.range.start() != base.0);
         regions.len() != before
@@ -106,7 +106,7 @@ impl AddressSpace {
 
     /// The region holding all of `[addr, addr + len)`, if one does.
     pub fn find(&self, addr: BusAddr, len: u64) -> Option<Region> {
-        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        let regions = devlend_sync::read(&self.regions);
         regions
             .iter()
             .find(|r| r.range.contains_range(addr.0, len))
@@ -129,7 +129,7 @@ impl AddressSpace {
     /// place regions (a borrower's DMA memory, a lender's BARs).
     pub fn free_base(&self, floor: BusAddr, len: u64, align: u64) -> Option<BusAddr> {
         let align = align.max(1).next_power_of_two();
-        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        let regions = devlend_sync::read(&self.regions);
         let mut sorted: Vec<ByteRange> = regions.iter().map(|r| r.range).collect();
         sorted.sort_by_key(|r| r.start());
         let mut candidate = floor.0.checked_add(align - 1)? & !(align - 1);

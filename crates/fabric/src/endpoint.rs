@@ -16,7 +16,7 @@
 //!   ended by link-down).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use devlend_memory::{BusAddr, MemSpan};
@@ -27,10 +27,7 @@ use crate::sync::WaitEnd;
 use crate::{
     AddressSpace, FabricError, LinkConfig, LinkState, MwAlign, Resolved, Result, WindowOffset,
 };
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use devlend_sync::lock;
 
 /// `timeout` from now; `None` (no deadline) when that is beyond what `Instant` can hold.
 fn deadline_after(timeout: Duration) -> Option<Instant> {
@@ -362,10 +359,7 @@ impl Endpoint {
 
     /// The current connection, or [`FabricError::LinkDown`].
     pub(crate) fn session(&self) -> Result<Arc<Session>> {
-        let s = self
-            .current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        let s = devlend_sync::read(&self.current)
             .as_ref()
             .map(|live| live.session.clone())
             .ok_or(FabricError::LinkDown)?;
@@ -397,7 +391,7 @@ impl Endpoint {
             }
             link.page = session.local.clone();
             link.session = Some(session.clone());
-            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Live {
+            *devlend_sync::write(&self.current) = Some(Live {
                 session: session.clone(),
                 windows: vec![None; session.peer_info.mw_count],
             });
@@ -435,7 +429,7 @@ impl Endpoint {
         window: usize,
         what: Option<PeerWindow>,
     ) -> Result<()> {
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let mut current = devlend_sync::write(&self.current);
         let Some(live) = current
             .as_mut()
             .filter(|live| Arc::ptr_eq(&live.session, session))
@@ -471,7 +465,7 @@ impl Endpoint {
             .is_some_and(|s| Arc::ptr_eq(s, session))
         {
             link.session = None;
-            *self.current.write().unwrap_or_else(|e| e.into_inner()) = None;
+            *devlend_sync::write(&self.current) = None;
             link.generation += 1;
             drop(link);
             self.link_changed.notify_all();
@@ -619,11 +613,7 @@ impl Endpoint {
             if left.is_zero() {
                 return Err(FabricError::Timeout);
             }
-            link = self
-                .link_changed
-                .wait_timeout(link, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            link = devlend_sync::wait_timeout(&self.link_changed, link, left).0;
         }
     }
 
@@ -692,7 +682,7 @@ impl Endpoint {
         window: usize,
         f: impl FnOnce(&Arc<Session>, &PeerWindow) -> Result<R>,
     ) -> Result<R> {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let current = devlend_sync::read(&self.current);
         let live = current
             .as_ref()
             .filter(|live| !live.session.is_down())

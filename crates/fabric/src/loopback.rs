@@ -41,7 +41,7 @@ struct Pair {
 
 impl Pair {
     fn up(&self) -> Result<()> {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sessions = devlend_sync::lock(&self.sessions);
         if sessions.is_some() {
             return Ok(());
         }
@@ -84,11 +84,7 @@ impl Pair {
     }
 
     fn down(&self) {
-        let taken = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let taken = devlend_sync::lock(&self.sessions).take();
         if let Some([sa, sb]) = taken {
             let [a, b] = &self.ends;
             a.detach(&sa);

@@ -13,6 +13,8 @@
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use devlend_sync::{Pause, Spin};
+
 /// Why a wait ended without its condition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum WaitEnd {
@@ -77,26 +79,21 @@ impl<'a> WaitWord<'a> {
             return Err(WaitEnd::Stopped);
         }
         if !spin.is_zero() {
-            // Poll, and every few polls yield the CPU: on a machine with fewer cores than
-            // runnable threads, the thread we wait for may be queued behind us, and a pure
-            // spin would burn exactly the time it needs (measured: round trips of ~3x the
-            // spin budget instead of ~1 us on a loaded 2-core VM).
-            let start = Instant::now();
-            let mut polls = 0u32;
+            // The shared spin-then-yield cadence (see `devlend_sync`); `stopped` is looked at
+            // after every yield.
+            let mut cadence = Spin::new(spin);
             loop {
                 if let Some(v) = ready() {
                     return Ok(v);
                 }
-                polls = polls.wrapping_add(1);
-                if polls & 15 != 0 {
-                    std::hint::spin_loop();
+                let pause = cadence.pause();
+                if pause == Pause::Spun {
                     continue;
                 }
-                std::thread::yield_now();
                 if stopped() {
                     return Err(WaitEnd::Stopped);
                 }
-                if start.elapsed() >= spin {
+                if pause == Pause::Spent {
                     break;
                 }
             }

@@ -52,7 +52,7 @@ impl MmioHandler for Device {
                 std::thread::park();
             },
             o if o >= 0x100 => {
-                let mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+                let mem = devlend_sync::lock(&self.mem);
                 let start = (o - 0x100) as usize;
                 match mem.get(start..start + data.len()) {
                     Some(src) => data.copy_from_slice(src),
@@ -72,7 +72,7 @@ impl MmioHandler for Device {
                 self.errors.fetch_add(1, Ordering::SeqCst);
             }
         } else if offset >= 0x100 {
-            let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+            let mut mem = devlend_sync::lock(&self.mem);
             let start = (offset - 0x100) as usize;
             if let Some(dst) = mem.get_mut(start..start + data.len()) {
                 dst.copy_from_slice(data);

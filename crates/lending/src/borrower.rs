@@ -123,14 +123,14 @@ impl BorrowedFunction {
     /// Marks the function removed (surprise removal or revocation) and wakes its waiters.
     pub(crate) fn mark_removed(&self, why: &str) {
         if !self.removed.swap(true, Ordering::AcqRel) {
-            *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = why.to_string();
+            *devlend_sync::lock(&self.reason) = why.to_string();
             if why == "returned" || why == "dropped" {
                 tracing::info!("{} {why}", self.grant.device.name);
             } else {
                 tracing::warn!("{} removed: {why}", self.grant.device.name);
             }
         }
-        let mut r = self.redirect.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = devlend_sync::lock(&self.redirect);
         if let Some((stop, t)) = r.thread.take() {
             stop.store(true, Ordering::Release);
             let _ = t.join();
@@ -271,7 +271,7 @@ impl BorrowedFunction {
         writable: bool,
     ) -> Result<(), LendingError> {
         let (shared, span_offset) = mem.memory();
-        let mut st = self.dma.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = devlend_sync::lock(&self.dma);
         let end = iova
             .0
             .checked_add(mem.len())
@@ -324,7 +324,7 @@ impl BorrowedFunction {
     }
 
     fn release_all(&self, node: &Inner) {
-        let st = std::mem::take(&mut *self.dma.lock().unwrap_or_else(|e| e.into_inner()));
+        let st = std::mem::take(&mut *devlend_sync::lock(&self.dma));
         for e in st.exposures.values() {
             Self::release_exposure(node, e);
         }
@@ -421,7 +421,7 @@ impl DmaRemap for BorrowedFunction {
     fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), FunctionError> {
         let node = self.node()?;
         let end = iova.0.saturating_add(len);
-        let mut st = self.dma.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = devlend_sync::lock(&self.dma);
         let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut st.maps)
             .into_iter()
             .partition(|m| m.iova >= iova.0 && m.iova < end);
@@ -494,7 +494,7 @@ impl Interrupts for BorrowedFunction {
     ) -> Result<(), FunctionError> {
         self.vector_bit(vector)?;
         let node = self.node()?;
-        let mut r = self.redirect.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = devlend_sync::lock(&self.redirect);
         match fd {
             Some(fd) => r.fds.insert(vector, fd),
             None => r.fds.remove(&vector),
@@ -575,26 +575,18 @@ impl Borrower {
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<Arc<BorrowedFunction>> {
-        self.held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        devlend_sync::lock(&self.held).get(name).cloned()
     }
 
     pub(crate) fn list(&self) -> Vec<DeviceDesc> {
-        self.held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.held)
             .values()
             .map(|f| f.grant.device.clone())
             .collect()
     }
 
     pub(crate) fn leases(&self) -> Vec<u64> {
-        self.held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.held)
             .values()
             .map(|f| f.grant.lease)
             .collect()
@@ -602,12 +594,7 @@ impl Borrower {
 
     /// Surprise removal of everything held.
     pub(crate) fn remove_all(&self, why: &str) {
-        let held: Vec<_> = self
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .collect();
+        let held: Vec<_> = devlend_sync::lock(&self.held).drain().collect();
         for (_, f) in held {
             f.mark_removed(why);
         }
@@ -615,16 +602,14 @@ impl Borrower {
 
     /// The device held under `lease`.
     pub(crate) fn name_of(&self, lease: u64) -> Option<String> {
-        self.held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.held)
             .iter()
             .find(|(_, f)| f.grant.lease == lease)
             .map(|(n, _)| n.clone())
     }
 
     pub(crate) fn revoked(&self, lease: u64, why: &str) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = devlend_sync::lock(&self.held);
         let name = held
             .iter()
             .find(|(_, f)| f.grant.lease == lease)
@@ -715,11 +700,7 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
     };
     // Interrupt bits left over from an earlier holder must not fire into the new driver.
     let _ = node.ntb.db_clear(crate::lender_doorbell_mask(&f.grant));
-    node.borrower
-        .held
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(name.to_string(), f.clone());
+    devlend_sync::lock(&node.borrower.held).insert(name.to_string(), f.clone());
     tracing::info!(
         "borrowed {name} (lease {}, {} doorbell area(s) reached by direct stores)",
         f.grant.lease,
@@ -737,11 +718,7 @@ pub(crate) fn check_grant(grant: &Grant) -> Result<(), LendingError> {
 }
 
 pub(crate) fn give_back(node: &Arc<Inner>, name: &str) -> Result<(), LendingError> {
-    let f = node
-        .borrower
-        .held
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    let f = devlend_sync::lock(&node.borrower.held)
         .remove(name)
         .ok_or_else(|| LendingError::NotBorrowed(name.to_string()))?;
     f.mark_removed("returned");

@@ -88,7 +88,7 @@ struct Turn<'a>(&'a Channel);
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        *self.0.sending.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        *devlend_sync::lock(&self.0.sending) = false;
         self.0.turn.notify_one();
     }
 }
@@ -198,17 +198,13 @@ impl Channel {
 
     /// Waits until no other sender is at work, at most until `deadline`.
     fn take_turn(&self, deadline: Instant) -> Result<Turn<'_>, ChannelError> {
-        let mut busy = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut busy = devlend_sync::lock(&self.sending);
         while *busy {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(ChannelError::Timeout);
             }
-            busy = self
-                .turn
-                .wait_timeout(busy, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            busy = devlend_sync::wait_timeout(&self.turn, busy, left).0;
         }
         *busy = true;
         Ok(Turn(self))
@@ -222,7 +218,7 @@ impl Channel {
         }
         let deadline = Instant::now() + timeout;
         let _turn = self.take_turn(deadline)?;
-        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tx = devlend_sync::lock(&self.tx);
         if tx.generation != self.ntb.link_generation() || tx.session == 0 {
             self.start_session(&mut tx, deadline)?;
         }
@@ -277,7 +273,7 @@ impl Channel {
     /// records cannot hold the caller. The flag says whether the batch was cut short (more
     /// records may be waiting: drain again before sleeping).
     pub fn drain(&self) -> (Vec<Vec<u8>>, bool) {
-        let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rx = devlend_sync::lock(&self.rx);
         let mut out = Vec::new();
         let Ok(session) = self.mailbox.load_u64(OFF_SESSION) else {
             return (out, false);

@@ -56,7 +56,7 @@ struct RoutedSink {
 
 impl InterruptSink for RoutedSink {
     fn signal(&self, vector: u16) {
-        let target = self.target.read().unwrap_or_else(|e| e.into_inner());
+        let target = devlend_sync::read(&self.target);
         if let Some(t) = target.as_ref() {
             t(vector);
         }
@@ -65,7 +65,7 @@ impl InterruptSink for RoutedSink {
 
 impl RoutedSink {
     fn route(&self, target: Option<InterruptRoute>) {
-        *self.target.write().unwrap_or_else(|e| e.into_inner()) = target;
+        *devlend_sync::write(&self.target) = target;
     }
 }
 
@@ -308,7 +308,7 @@ impl Lender {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.state)
     }
 
     pub(crate) fn add(
@@ -600,10 +600,7 @@ impl Lender {
             return Err(LendingError::Refused(direct_dma_refusal(name, "tcp")));
         }
         let vectors = dev.device.msix_vectors();
-        let mut doorbells_used = node
-            .doorbells_used
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut doorbells_used = devlend_sync::lock(&node.doorbells_used);
         let doorbell_base = (0..IRQ_DOORBELL_BITS.saturating_sub(u32::from(vectors)) + 1)
             .find(|b| {
                 let bits = doorbell_bits(*b, vectors);
@@ -797,10 +794,7 @@ impl Lender {
         }
         dev.device.reset();
         if let Some(link) = &link {
-            *link
-                .doorbells_used
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) &=
+            *devlend_sync::lock(&link.doorbells_used) &=
                 !doorbell_bits(l.doorbell_base, dev.device.msix_vectors());
         }
         tracing::info!(

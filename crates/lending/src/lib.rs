@@ -120,7 +120,7 @@ impl WindowPool {
     }
 
     pub(crate) fn take(&self) -> Result<usize, LendingError> {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let mut used = devlend_sync::lock(&self.used);
         let free = used
             .iter()
             .position(|u| !u)
@@ -132,7 +132,7 @@ impl WindowPool {
     }
 
     pub(crate) fn give(&self, window: usize) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let mut used = devlend_sync::lock(&self.used);
         if window != channel::MAILBOX_WINDOW {
             if let Some(slot) = used.get_mut(window) {
                 *slot = false;
@@ -192,7 +192,7 @@ impl LinkRuntime {
     /// Stops the management thread and waits for it.
     fn stop(&self) {
         self.inner.stop.store(true, Ordering::Release);
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let thread = devlend_sync::lock(&self.thread).take();
         if let Some(t) = thread {
             let _ = t.join();
         }
@@ -315,7 +315,7 @@ impl Node {
     }
 
     fn links(&self) -> Vec<Arc<LinkRuntime>> {
-        self.links.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        devlend_sync::lock(&self.links).clone()
     }
 
     fn link(&self, id: LinkId) -> Option<Arc<LinkRuntime>> {
@@ -368,14 +368,11 @@ impl Node {
                         source: e,
                     }
                 })?;
-            self.links
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Arc::new(LinkRuntime {
-                    inner,
-                    mailbox: base,
-                    thread: Mutex::new(Some(thread)),
-                }));
+            devlend_sync::lock(&self.links).push(Arc::new(LinkRuntime {
+                inner,
+                mailbox: base,
+                thread: Mutex::new(Some(thread)),
+            }));
         }
         Ok(LinkId(i))
     }
@@ -385,7 +382,7 @@ impl Node {
     /// when their leases expire (no more heartbeats come).
     pub fn detach(&self, id: LinkId) -> Result<(), LendingError> {
         let link = {
-            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            let mut links = devlend_sync::lock(&self.links);
             let pos = links
                 .iter()
                 .position(|l| l.inner.id == id)
@@ -532,8 +529,7 @@ impl Node {
         match inner.call(Request::List)? {
             Response::Devices { devices } => {
                 if let Some(d) = devices.first() {
-                    *inner.peer_name.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(d.owner.clone());
+                    *devlend_sync::lock(&inner.peer_name) = Some(d.owner.clone());
                 }
                 Ok(devices)
             }
@@ -618,10 +614,7 @@ impl Node {
         let returned = match lender.end_lease(lease, &reason) {
             Ok(()) => {
                 if let Some(link) = link.upgrade() {
-                    link.events
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(Event::Revoked { lease, reason });
+                    devlend_sync::lock(&link.events).push(Event::Revoked { lease, reason });
                 }
                 false
             }
@@ -640,11 +633,7 @@ impl Node {
     /// holds (e.g. ask a VM to release it); called on its own thread. Without one, the
     /// borrower's driver keeps the device for the grace period and then sees it removed.
     pub fn set_reclaim_hook(&self, hook: Option<ReclaimHook>) {
-        *self
-            .host
-            .reclaim_hook
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = hook;
+        *devlend_sync::lock(&self.host.reclaim_hook) = hook;
     }
 
     /// Lease renewals (heartbeats) this node granted as a lender, since it started.
@@ -666,7 +655,7 @@ impl Node {
                     host: self.host.cfg.name.clone(),
                 };
                 if let Ok(Response::Hello { host }) = inner.call_within(hello, STATUS_HELLO_WAIT) {
-                    *inner.peer_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(host);
+                    *devlend_sync::lock(&inner.peer_name) = Some(host);
                 }
             }
             links.push(LinkStatus {
@@ -690,7 +679,7 @@ impl Drop for Node {
     fn drop(&mut self) {
         if let Some(e) = self.expiry.take() {
             let (stopped, cv) = &*e.stop;
-            *stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            *devlend_sync::lock(stopped) = true;
             cv.notify_all();
             let _ = e.thread.join();
         }
@@ -712,10 +701,7 @@ fn expire_leases(host: &HostCore) {
     for (lease, reason, link) in host.lender.expire() {
         tracing::warn!("lease {lease} revoked: {reason}");
         if let Some(link) = link.upgrade() {
-            link.events
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Event::Revoked { lease, reason });
+            devlend_sync::lock(&link.events).push(Event::Revoked { lease, reason });
         }
     }
 }
@@ -726,15 +712,12 @@ fn expire_leases(host: &HostCore) {
 /// cannot delay the take-back of its devices.
 fn expiry_loop(host: Weak<HostCore>, stop: Arc<(Mutex<bool>, std::sync::Condvar)>) {
     let (stopped, cv) = &*stop;
-    let mut guard = stopped.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = devlend_sync::lock(stopped);
     loop {
         if *guard {
             return;
         }
-        guard = cv
-            .wait_timeout(guard, EXPIRY_TICK)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
+        guard = devlend_sync::wait_timeout(cv, guard, EXPIRY_TICK).0;
         if *guard {
             return;
         }
@@ -742,7 +725,7 @@ fn expiry_loop(host: Weak<HostCore>, stop: Arc<(Mutex<bool>, std::sync::Condvar)
         let Some(h) = host.upgrade() else { return };
         expire_leases(&h);
         drop(h);
-        guard = stopped.lock().unwrap_or_else(|e| e.into_inner());
+        guard = devlend_sync::lock(stopped);
     }
 }
 
@@ -755,10 +738,7 @@ pub(crate) fn unexpected(r: Response) -> LendingError {
 
 impl Inner {
     pub(crate) fn peer_name(&self) -> Option<String> {
-        self.peer_name
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        devlend_sync::lock(&self.peer_name).clone()
     }
 
     /// The admission hook's refusal of a borrow request, if any.
@@ -780,10 +760,7 @@ impl Inner {
     ) -> Result<Response, LendingError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+        devlend_sync::lock(&self.pending).insert(id, tx);
         let sent = self
             .channel
             .send(&Envelope::Request { id, body }.encode(), timeout);
@@ -795,10 +772,7 @@ impl Inner {
             },
             Err(e) => Err(e.into()),
         };
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        devlend_sync::lock(&self.pending).remove(&id);
         result
     }
 
@@ -812,7 +786,7 @@ impl Inner {
             Envelope::Request { id, body } => {
                 let response = match body {
                     Request::Hello { host } => {
-                        *self.peer_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(host);
+                        *devlend_sync::lock(&self.peer_name) = Some(host);
                         Response::Hello {
                             host: self.cfg.name.clone(),
                         }
@@ -839,12 +813,7 @@ impl Inner {
                 }
             }
             Envelope::Response { id, body } => {
-                if let Some(tx) = self
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id)
-                {
+                if let Some(tx) = devlend_sync::lock(&self.pending).remove(&id) {
                     let _ = tx.send(body);
                 }
             }
@@ -866,12 +835,7 @@ impl Inner {
                 };
                 let grace = Duration::from_millis(grace_ms);
                 tracing::warn!("{reason}: {name} goes in {grace:?}");
-                let hook = self
-                    .host
-                    .reclaim_hook
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
+                let hook = devlend_sync::lock(&self.host.reclaim_hook).clone();
                 if let Some(hook) = hook {
                     let spawned = std::thread::Builder::new()
                         .name(format!("devlend-reclaim-{name}"))
@@ -902,7 +866,7 @@ fn management_loop(weak: Weak<Inner>, ntb: Arc<dyn Ntb>) {
             inner
                 .borrower
                 .remove_all("the link to the lender went down");
-            *inner.peer_name.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *devlend_sync::lock(&inner.peer_name) = None;
         }
         if ntb.link_state() == LinkState::Down {
             drop(inner);
@@ -941,7 +905,7 @@ fn management_loop(weak: Weak<Inner>, ntb: Arc<dyn Ntb>) {
         expire_leases(&inner.host);
         // Each link tells its own peer: a peer that does not make room in its mailbox holds
         // its own link's thread, never another's.
-        let events = std::mem::take(&mut *inner.events.lock().unwrap_or_else(|e| e.into_inner()));
+        let events = std::mem::take(&mut *devlend_sync::lock(&inner.events));
         for body in events {
             if let Err(e) = inner.post(Envelope::Event { body }) {
                 tracing::debug!("event not delivered: {e}");

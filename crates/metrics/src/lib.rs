@@ -221,9 +221,7 @@ impl Registry {
     /// The counters of device `name` in `role` (made on first use; kept across leases, as
     /// Prometheus counters must not go back).
     pub fn device(&self, name: &str, role: Role) -> Arc<DeviceMetrics> {
-        self.devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.devices)
             .entry((name.to_string(), role))
             .or_default()
             .clone()
@@ -231,29 +229,21 @@ impl Registry {
 
     /// The counters of link `index`.
     pub fn link(&self, index: usize) -> Arc<LinkMetrics> {
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.links)
             .entry(index)
             .or_default()
             .clone()
     }
 
     fn devices(&self) -> Vec<((String, Role), Arc<DeviceMetrics>)> {
-        self.devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.devices)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 
     fn link_metrics(&self, index: usize) -> Option<Arc<LinkMetrics>> {
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&index)
-            .cloned()
+        devlend_sync::lock(&self.links).get(&index).cloned()
     }
 
     /// Every counter now, with the links' and node's live values.

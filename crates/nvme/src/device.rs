@@ -18,7 +18,7 @@
 //!   after releasing it (an interrupt sink may block or cross the fabric).
 
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,7 @@ use crate::regs::{
     REG_VS, VERSION_1_4,
 };
 use crate::virt::{Role, Virtualization};
+use devlend_sync::lock;
 
 /// PCI Vendor ID this model reports.
 pub const PCI_VENDOR_ID: u16 = 0x1dec;
@@ -56,12 +57,6 @@ pub const MSIX_BAR_SIZE: u64 = 0x2000;
 pub const MSIX_PBA_OFFSET: u32 = 0x1000;
 /// PCI Device ID of this model's virtual functions (the PF's SR-IOV VF Device ID).
 pub const PCI_VF_DEVICE_ID: u16 = 0x0002;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded data stays consistent at every await-free step; a panic elsewhere must not
-    // take the device down with it.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Registers that are plain storage (CSTS and the doorbells live in atomics).
 #[derive(Debug, Default)]

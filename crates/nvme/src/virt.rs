@@ -13,9 +13,10 @@
 //! secondaries' hot path reads only atomics.
 
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use crate::status::Status;
+use devlend_sync::lock;
 
 /// How the virtual functions see the namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,10 +109,6 @@ pub(crate) struct Virtualization {
     enabled_vfs: AtomicU16,
     /// The PF's VF Memory Space Enable.
     vf_memory: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Virtualization {

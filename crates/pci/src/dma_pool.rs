@@ -26,7 +26,7 @@ struct Shared {
 impl Shared {
     fn free_list(&self) -> MutexGuard<'_, BTreeMap<usize, usize>> {
         // Every update is a complete insert/remove: the list is consistent even after a panic.
-        self.free.lock().unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.free)
     }
 
     fn release(&self, first: usize, count: usize) {

@@ -123,11 +123,11 @@ impl Iommu {
 
     fn read_maps(&self) -> RwLockReadGuard<'_, BTreeMap<u64, Mapping>> {
         // The map is only changed by whole-value inserts and removes: never inconsistent.
-        self.maps.read().unwrap_or_else(|e| e.into_inner())
+        devlend_sync::read(&self.maps)
     }
 
     fn write_maps(&self) -> RwLockWriteGuard<'_, BTreeMap<u64, Mapping>> {
-        self.maps.write().unwrap_or_else(|e| e.into_inner())
+        devlend_sync::write(&self.maps)
     }
 
     /// Makes `target` reachable at `[iova, iova + target.len())`, read-only unless `writable`.

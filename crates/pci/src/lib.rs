@@ -203,30 +203,9 @@ pub trait Interrupts {
 /// of a busy device arrive well within it; an idle waiter sleeps after it.
 pub const INTERRUPT_SPIN: Duration = Duration::from_micros(200);
 
-/// Polls `ready` for at most `budget`, yielding the CPU every few polls (on machines with fewer
-/// cores than runnable threads a pure spin would starve the thread being waited for). Returns
-/// whether `ready` turned true.
-pub fn spin_until(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
-    if ready() {
-        return true;
-    }
-    let start = std::time::Instant::now();
-    let mut polls = 0u32;
-    loop {
-        if ready() {
-            return true;
-        }
-        polls = polls.wrapping_add(1);
-        if !polls.is_multiple_of(16) {
-            std::hint::spin_loop();
-            continue;
-        }
-        std::thread::yield_now();
-        if start.elapsed() >= budget {
-            return ready();
-        }
-    }
-}
+/// Polls `ready` for at most `budget` with the spin-then-yield cadence every devlend waiter
+/// shares (`devlend_sync::Spin`). Returns whether `ready` turned true.
+pub use devlend_sync::spin_until;
 
 /// A PCIe function as a driver uses it.
 pub trait PciFunction:

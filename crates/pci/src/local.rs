@@ -77,12 +77,12 @@ impl EventFdInterrupts {
 
     fn read(&self) -> RwLockReadGuard<'_, Vec<Vector>> {
         // Whole-element updates only: never inconsistent after a panic.
-        self.vectors.read().unwrap_or_else(|e| e.into_inner())
+        devlend_sync::read(&self.vectors)
     }
 
     /// Grows (or shrinks) to `vectors` eventfds; existing ones are kept.
     pub fn resize(&self, vectors: u16) -> Result<(), FunctionError> {
-        let mut v = self.vectors.write().unwrap_or_else(|e| e.into_inner());
+        let mut v = devlend_sync::write(&self.vectors);
         v.truncate(usize::from(vectors));
         while v.len() < usize::from(vectors) {
             let own = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
@@ -120,7 +120,7 @@ impl EventFdInterrupts {
 
     /// Delivers `vector` to `fd` instead; `None` restores the function's own eventfd.
     pub fn redirect(&self, vector: u16, fd: Option<Arc<EventFd>>) -> Result<(), FunctionError> {
-        let mut v = self.vectors.write().unwrap_or_else(|e| e.into_inner());
+        let mut v = devlend_sync::write(&self.vectors);
         match v.get_mut(usize::from(vector)) {
             Some(slot) => {
                 slot.redirect = fd;

@@ -153,7 +153,7 @@ impl MsixTable {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the plain-data state inconsistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.state)
     }
 
     fn deliver(&self, vectors: &[u16]) {

@@ -8,12 +8,13 @@
 //! [`PresentedVf`] overlays them on the VF, with BAR sizing derived from the VF's BAR masks like
 //! any [`ConfigSpace`], and passes every other access to the VF.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use crate::config::{command, header, pcie, Identity};
 use crate::{
     AccessSize, BarIndex, BarSpec, ConfigSpace, ConfigSpaceBuilder, MemoryArea, PciDevice,
 };
+use devlend_sync::lock;
 
 /// Errors of presenting a VF.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,10 +25,6 @@ pub enum SriovError {
     /// The VF's BARs do not make a valid header.
     #[error("the VF's BARs are invalid: {0}")]
     Bars(#[from] crate::config::ConfigError),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A VF presented as a standalone function: the presenter's Vendor/Device ID, BAR registers

@@ -206,7 +206,7 @@ impl TestDevice {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // State is plain data updated in place; a panic elsewhere cannot leave it torn.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.state)
     }
 
     /// The MSI-X table (for tests that inspect masks and pending bits).

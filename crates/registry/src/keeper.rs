@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::{LeaseId, Registry, RegistryError};
+use devlend_sync::lock;
 
 /// Registers a host's records under a (new) lease.
 pub type OnLease = Box<dyn FnMut(&Registry, LeaseId) -> Result<(), RegistryError> + Send>;
@@ -118,24 +119,18 @@ impl LeaseKeeper {
     /// Waits until the keeper has had more than `generation` leases and holds one.
     pub fn wait_generation(&self, generation: u64, timeout: Duration) -> bool {
         let st = lock(&self.shared.state);
-        let (st, _) = self
-            .shared
-            .changed
-            .wait_timeout_while(st, timeout, |s| {
-                s.generation <= generation || s.lease.is_none()
-            })
-            .unwrap_or_else(|e| e.into_inner());
+        let (st, _) = devlend_sync::wait_timeout_while(&self.shared.changed, st, timeout, |s| {
+            s.generation <= generation || s.lease.is_none()
+        });
         st.generation > generation && st.lease.is_some()
     }
 
     /// Waits until the keeper has lost its lease (etcd unreachable for a TTL, or expired).
     pub fn wait_lost(&self, timeout: Duration) -> bool {
         let st = lock(&self.shared.state);
-        let (st, _) = self
-            .shared
-            .changed
-            .wait_timeout_while(st, timeout, |s| s.lease.is_some())
-            .unwrap_or_else(|e| e.into_inner());
+        let (st, _) = devlend_sync::wait_timeout_while(&self.shared.changed, st, timeout, |s| {
+            s.lease.is_some()
+        });
         st.lease.is_none()
     }
 
@@ -162,10 +157,6 @@ impl Drop for LeaseKeeper {
     fn drop(&mut self) {
         self.halt();
     }
-}
-
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn keep(registry: &Registry, shared: &Shared, ttl: Duration, mut on_lease: OnLease) {

@@ -146,11 +146,11 @@ impl VfioFunction {
 
     fn irqs(&self) -> MutexGuard<'_, Option<MsixIrqs>> {
         // Whole-value updates only: consistent after a panic.
-        self.irqs.lock().unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.irqs)
     }
 
     fn dma(&self) -> MutexGuard<'_, DmaMaps> {
-        self.dma.lock().unwrap_or_else(|e| e.into_inner())
+        devlend_sync::lock(&self.dma)
     }
 
     /// Resets the function through VFIO (MSI-X off first, the emulated table back to its

@@ -79,10 +79,7 @@ impl Observe {
                 Ok(d)
             })?;
             if let Some(d) = built {
-                me.local
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(name, d);
+                devlend_sync::lock(&me.local).insert(name, d);
             }
             Ok(dev)
         })
@@ -169,10 +166,7 @@ impl Observe {
     /// Config-space snapshots of every device this host sees (or only `name`).
     pub fn lspci(&self, node: &Node, only: Option<&str>) -> anyhow::Result<Vec<PciSnapshot>> {
         let mut out = Vec::new();
-        let local: Vec<(String, Arc<dyn PciDevice>)> = self
-            .local
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let local: Vec<(String, Arc<dyn PciDevice>)> = devlend_sync::lock(&self.local)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();

@@ -23,7 +23,7 @@ static STATE_FILES: Mutex<()> = Mutex::new(());
 
 fn lock() -> MutexGuard<'static, ()> {
     // The guarded data is `()`: a panic while it was held leaves nothing half-updated in memory.
-    STATE_FILES.lock().unwrap_or_else(|p| p.into_inner())
+    devlend_sync::lock(&STATE_FILES)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

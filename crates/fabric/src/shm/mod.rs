@@ -48,6 +48,7 @@ use crate::endpoint::{
 };
 use crate::page::{self, ControlPage};
 use crate::{AddressSpace, FabricError, LinkConfig, Resolved, Result};
+use devlend_sync::lock;
 
 /// How often blocked background calls look at the shutdown flag, and how long a connector
 /// waits before retrying a rendezvous.
@@ -58,10 +59,6 @@ const RETRY: Duration = Duration::from_millis(10);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Sends window announcements over the connection.
 struct SocketAnnounce(Arc<OwnedFd>);

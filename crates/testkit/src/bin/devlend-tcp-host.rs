@@ -26,13 +26,13 @@ struct Registers(Mutex<Vec<u8>>);
 
 impl MmioHandler for Registers {
     fn mmio_read(&self, offset: u64, data: &mut [u8]) {
-        let regs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let regs = devlend_sync::lock(&self.0);
         for (i, b) in data.iter_mut().enumerate() {
             *b = regs.get(offset as usize + i).copied().unwrap_or(0xff);
         }
     }
     fn mmio_write(&self, offset: u64, data: &[u8]) {
-        let mut regs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut regs = devlend_sync::lock(&self.0);
         for (i, b) in data.iter().enumerate() {
             if let Some(r) = regs.get_mut(offset as usize + i) {
                 *r = *b;
