@@ -63,7 +63,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD as IRQ_INFO_EVENTFD, VFIO_REGION_INFO_FLAG_READ as REGION_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE as REGION_FLAG_WRITE,
 };
-const MSIX_VECTOR_MASKED: u32 = 1;
+const MSIX_VECTOR_MASKED: u32 = devlend_pci::msix::VECTOR_CONTROL_MASK;
 
 /// Message counters, readable while the server runs (e.g. to count messages per guest I/O).
 #[derive(Debug, Default)]
