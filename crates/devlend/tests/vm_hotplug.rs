@@ -34,6 +34,12 @@ use common::{scratch, NodeProcess};
 use devlend_testkit::guest::live::{Hotplug, LiveGuest, LiveSpec, POWER_ON_AND_RESCAN};
 use devlend_testkit::guest::{self, VmAssets};
 
+/// The two-VM test's devices. Serials given: `devlend add nvme` gives every device the
+/// serial DEVLEND0001 today, and Linux refuses a second controller with a serial it has
+/// (`Duplicate cntlid 0 ... rejecting`).
+const TWO_VM_DEVICES: [(&str, Option<&str>); 2] =
+    [("nvme0", Some("DLHP0")), ("nvme1", Some("DLHP1"))];
+
 /// Generous: TCG guests on a machine shared with other builds.
 const GUEST_CMD: Duration = Duration::from_secs(120);
 /// Size of each lent disk.
@@ -66,25 +72,29 @@ impl Drop for Scratch {
 }
 
 impl Rig {
-    fn new(tag: &str, devices: &[(&str, &str)]) -> Rig {
+    /// Devices are (name, serial); `None`: the serial `devlend add` gives.
+    fn new(tag: &str, devices: &[(&str, Option<&str>)]) -> Rig {
         let dir = scratch(tag);
         let fabric = dir.join("fabric");
         let lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
         let borrower = NodeProcess::start(&dir, "borrower", &[&fabric], 5000);
         for (name, serial) in devices {
             let image = dir.join(format!("{name}.img"));
-            lender.ctl_ok(&[
+            let size = DISK_BYTES.to_string();
+            let mut args = vec![
                 "add",
                 "nvme",
                 "--name",
                 name,
                 "--size",
-                &DISK_BYTES.to_string(),
-                "--serial",
-                serial,
+                &size,
                 "--image",
                 image.to_str().unwrap(),
-            ]);
+            ];
+            if let Some(serial) = serial {
+                args.extend(["--serial", serial]);
+            }
+            lender.ctl_ok(&args);
         }
         borrower.wait_peer_lists(devices.first().map_or("", |d| d.0));
         Rig {
@@ -169,6 +179,30 @@ fn wait_gone_cmd(serial: &str) -> String {
     format!(
         "i=0; while :; do f=0; for b in /sys/block/nvme*; do [ -e $b/device/serial ] && [ \"$(tr -d ' ' < $b/device/serial)\" = {serial} ] && f=1; done; [ $f = 0 ] && exit 0; i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done"
     )
+}
+
+/// The serials of the guest's NVMe disks now.
+fn serials(guest: &mut LiveGuest) -> Vec<String> {
+    ok(
+        guest,
+        "for b in /sys/block/nvme*; do [ -e $b/device/serial ] && tr -d ' ' < $b/device/serial; done; true",
+    )
+}
+
+/// The serial of the controller the guest found at the guest address in a `borrow --vm`
+/// reply (waits for it at most a minute).
+fn serial_at(guest: &mut LiveGuest, reply: &serde_json::Value) -> String {
+    let addr = reply["vm"]["guest_address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no guest address in {reply}"));
+    let lines = ok(
+        guest,
+        &format!("i=0; while :; do for c in /sys/bus/pci/devices/{addr}/nvme/nvme*; do [ -e $c/serial ] && {{ tr -d ' ' < $c/serial; exit 0; }}; done; i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done"),
+    );
+    lines
+        .last()
+        .cloned()
+        .unwrap_or_else(|| panic!("no serial at {addr}"))
 }
 
 /// Shell: no block device has serial `serial` right now.
@@ -280,7 +314,7 @@ fn hot_add_return_move_two_devices_reclaim_lender_death() {
         return;
     };
     let start = Instant::now();
-    let mut rig = Rig::new("vm-hotplug", &[("nvme0", "DLHP0"), ("nvme1", "DLHP1")]);
+    let mut rig = Rig::new("vm-hotplug", &TWO_VM_DEVICES);
     // Two guests, booted side by side; both run to the end of the test.
     let (mut a, mut b) = std::thread::scope(|s| {
         let a = s.spawn(|| boot(&assets, &rig.dir, Hotplug::Acpi, "a"));
@@ -290,11 +324,13 @@ fn hot_add_return_move_two_devices_reclaim_lender_death() {
 
     // 1. Hot-add into A: the disk appears, a pattern written with O_DIRECT reads back and is in
     //    the lender's image.
-    ok(&mut a, &absent_cmd("DLHP0"));
+    let before = serials(&mut a);
     let t = Instant::now();
     let reply = rig.borrow_into("nvme0", &a);
     assert_eq!(reply["vm"]["device_id"], "devlend-nvme0", "{reply}");
-    let disk_a = disk(&mut a, "DLHP0");
+    let s0 = serial_at(&mut a, &reply);
+    assert!(!before.contains(&s0), "{s0} was there before: {before:?}");
+    let disk_a = disk(&mut a, &s0);
     println!(
         "A: nvme0 is /dev/{disk_a} {:?} after the borrow",
         t.elapsed()
@@ -316,22 +352,29 @@ fn hot_add_return_move_two_devices_reclaim_lender_death() {
     assert!(ret.status.success(), "{}", stderr(&ret));
     assert!(stdout(&ret).contains("orderly"), "{}", stdout(&ret));
     println!("return from A (ACPI): {:?}", t.elapsed());
-    ok(&mut a, &wait_gone_cmd("DLHP0"));
+    ok(&mut a, &wait_gone_cmd(&s0));
     assert!(!qemu_device_ids(&a).contains(&"devlend-nvme0".to_string()));
     assert_eq!(rig.lender_state("nvme0"), "available");
     assert!(rig.borrowed().is_empty());
 
     // 2. The same device into B, which reads what A wrote; A keeps running.
-    ok(&mut b, &absent_cmd("DLHP0"));
+    ok(&mut b, &absent_cmd(&s0));
     rig.borrow_into("nvme0", &b);
-    let disk_b0 = disk(&mut b, "DLHP0");
+    let disk_b0 = disk(&mut b, &s0);
     let out = ok(&mut b, &read_check_cmd(&disk_b0, "from-guest-a"));
     assert!(out.iter().any(|l| l == "READ-CHECK-OK"), "{out:?}");
     assert_eq!(ok(&mut a, "echo a-still-here"), ["a-still-here"]);
 
     // Two devices in B at once (distinct serials), each with its own data.
-    rig.borrow_into("nvme1", &b);
-    let disk_b1 = disk(&mut b, "DLHP1");
+    let before = serials(&mut b);
+    let reply = rig.borrow_into("nvme1", &b);
+    let s1 = serial_at(&mut b, &reply);
+    assert!(!before.contains(&s1), "{s1} was there before: {before:?}");
+    assert_ne!(
+        s0, s1,
+        "two devices with one serial: Linux refuses the second"
+    );
+    let disk_b1 = disk(&mut b, &s1);
     assert_ne!(disk_b0, disk_b1);
     let out = ok(&mut b, &write_check_cmd(&disk_b1, "from-guest-b"));
     assert!(out.iter().any(|l| l == "WRITE-CHECK-OK"), "{out:?}");
@@ -356,7 +399,7 @@ fn hot_add_return_move_two_devices_reclaim_lender_death() {
         v["returned"], true,
         "the guest did not release it in order: {v}"
     );
-    ok(&mut b, &wait_gone_cmd("DLHP1"));
+    ok(&mut b, &wait_gone_cmd(&s1));
     assert!(!qemu_device_ids(&b).contains(&"devlend-nvme1".to_string()));
     assert_eq!(rig.lender_state("nvme1"), "available");
     assert_eq!(rig.borrowed(), ["nvme0"]);
@@ -400,7 +443,7 @@ fn hot_add_return_move_two_devices_reclaim_lender_death() {
     let v: serde_json::Value = serde_json::from_slice(&ret.stdout).unwrap();
     assert_eq!(v["removal"], "orderly", "{v}");
     assert_eq!(v["lease_had_ended"], true, "{v}");
-    ok(&mut b, &wait_gone_cmd("DLHP0"));
+    ok(&mut b, &wait_gone_cmd(&s0));
     assert!(rig.borrowed().is_empty());
     assert!(b.is_running() && a.is_running(), "a QEMU died");
     assert_eq!(ok(&mut a, "echo a-at-the-end"), ["a-at-the-end"]);
@@ -422,7 +465,7 @@ fn a_guest_that_ignores_the_unplug_request_gets_a_surprise_removal() {
     let start = Instant::now();
     let rig = Rig::new(
         "vm-hotplug-ignore",
-        &[("nvme0", "DLHPX"), ("nvme1", "DLHPY")],
+        &[("nvme0", Some("DLHPX")), ("nvme1", Some("DLHPY"))],
     );
     let mut c = boot(&assets, &rig.dir, Hotplug::Ignored, "c");
     ok(&mut c, &absent_cmd("DLHPX"));
@@ -588,7 +631,7 @@ fn refusals_borrow_nothing() {
     else {
         return;
     };
-    let rig = Rig::new("vm-hotplug-refusals", &[("nvme0", "DLHPR")]);
+    let rig = Rig::new("vm-hotplug-refusals", &[("nvme0", None)]);
     let refused = |qmp: &Path, extra: &[&str], why: &str| {
         let mut args = vec!["borrow", "nvme0", "--vm", qmp.to_str().unwrap()];
         args.extend_from_slice(extra);
