@@ -75,14 +75,14 @@ impl PeerWindow {
 
 /// The peer's register counts, as it announced them (already bounded by the page maxima).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct PeerInfo {
+pub(crate) struct PeerCounts {
     pub(crate) mw_count: usize,
     pub(crate) spad_count: usize,
     pub(crate) msg_count: usize,
     pub(crate) db_valid: u64,
 }
 
-impl PeerInfo {
+impl PeerCounts {
     /// Bounds untrusted counts by what a page can hold.
     pub(crate) fn bounded(mw_count: u64, spad_count: u64, msg_count: u64, db_count: u64) -> Self {
         let db_count = db_count.min(64);
@@ -122,28 +122,29 @@ struct Producer {
     head: u32,
 }
 
-/// One connection: this side's page, the peer's page, what the peer exported.
-pub(crate) struct Session {
+/// One connection of the page-based backends (shm, loopback): this side's control page, the
+/// peer's, what the peer exported. (Not `devlend_fabric_tcp`'s `Session`, a TLS connection.)
+pub(crate) struct PagePair {
     local: Arc<ControlPage>,
     peer: Arc<ControlPage>,
-    peer_info: PeerInfo,
+    peer_counts: PeerCounts,
     down: AtomicBool,
     reads: Mutex<u32>,
     producer: Mutex<Producer>,
     announce: Box<dyn Announce>,
 }
 
-impl Session {
+impl PagePair {
     pub(crate) fn new(
         local: Arc<ControlPage>,
         peer: Arc<ControlPage>,
-        peer_info: PeerInfo,
+        peer_counts: PeerCounts,
         announce: Box<dyn Announce>,
     ) -> Self {
         Self {
             local,
             peer,
-            peer_info,
+            peer_counts,
             down: AtomicBool::new(false),
             reads: Mutex::new(0),
             producer: Mutex::new(Producer::default()),
@@ -302,14 +303,14 @@ impl Session {
 
 /// The live connection as the hot paths see it.
 struct Live {
-    session: Arc<Session>,
+    session: Arc<PagePair>,
     /// The peer's announced translations, indexed by its window number.
     windows: Vec<Option<PeerWindow>>,
 }
 
 struct LinkInner {
     generation: u64,
-    session: Option<Arc<Session>>,
+    session: Option<Arc<PagePair>>,
     /// This side's current page: the session's, or the last one (registers stay readable
     /// while the link is down; a new connection starts from a fresh page).
     page: Arc<ControlPage>,
@@ -358,7 +359,7 @@ impl Endpoint {
     }
 
     /// The current connection, or [`FabricError::LinkDown`].
-    pub(crate) fn session(&self) -> Result<Arc<Session>> {
+    pub(crate) fn session(&self) -> Result<Arc<PagePair>> {
         let s = devlend_sync::read(&self.current)
             .as_ref()
             .map(|live| live.session.clone())
@@ -375,14 +376,14 @@ impl Endpoint {
 
     /// Brings the link up on `session`: installs it, re-announces every local translation to
     /// the new peer, and starts the ring service thread.
-    pub(crate) fn attach(self: &Arc<Self>, session: Arc<Session>) -> Result<()> {
+    pub(crate) fn attach(self: &Arc<Self>, session: Arc<PagePair>) -> Result<()> {
         self.install(&session);
         self.announce_all(&session)?;
         self.start_service(session)
     }
 
     /// Makes `session` the current connection (link up, generation advanced).
-    pub(crate) fn install(&self, session: &Arc<Session>) {
+    pub(crate) fn install(&self, session: &Arc<PagePair>) {
         {
             let mut link = lock(&self.link);
             if let Some(old) = link.session.take() {
@@ -393,7 +394,7 @@ impl Endpoint {
             link.session = Some(session.clone());
             *devlend_sync::write(&self.current) = Some(Live {
                 session: session.clone(),
-                windows: vec![None; session.peer_info.mw_count],
+                windows: vec![None; session.peer_counts.mw_count],
             });
             link.generation += 1;
         }
@@ -401,7 +402,7 @@ impl Endpoint {
     }
 
     /// Tells the peer of `session` about every local translation.
-    pub(crate) fn announce_all(&self, session: &Session) -> Result<()> {
+    pub(crate) fn announce_all(&self, session: &PagePair) -> Result<()> {
         let windows = lock(&self.windows);
         for (i, w) in windows.iter().enumerate() {
             if let Some(w) = w {
@@ -412,7 +413,7 @@ impl Endpoint {
     }
 
     /// Starts the ring service thread of `session`; it ends when the session goes down.
-    pub(crate) fn start_service(self: &Arc<Self>, session: Arc<Session>) -> Result<()> {
+    pub(crate) fn start_service(self: &Arc<Self>, session: Arc<PagePair>) -> Result<()> {
         let ep = self.clone();
         std::thread::Builder::new()
             .name("ntb-mmio-service".into())
@@ -425,7 +426,7 @@ impl Endpoint {
     /// ignored when `session` is no longer the current connection.
     pub(crate) fn set_peer_window(
         &self,
-        session: &Arc<Session>,
+        session: &Arc<PagePair>,
         window: usize,
         what: Option<PeerWindow>,
     ) -> Result<()> {
@@ -456,7 +457,7 @@ impl Endpoint {
 
     /// Takes the link down if `session` is still the current one: every waiter on it returns
     /// [`FabricError::LinkDown`], and what the peer exported is forgotten.
-    pub(crate) fn detach(&self, session: &Arc<Session>) {
+    pub(crate) fn detach(&self, session: &Arc<PagePair>) {
         session.stop_waiters();
         let mut link = lock(&self.link);
         if link
@@ -473,7 +474,7 @@ impl Endpoint {
     }
 
     /// The ring service loop of one connection.
-    fn serve_ring(&self, session: &Session) {
+    fn serve_ring(&self, session: &PagePair) {
         if let Err(e) = self.serve_ring_inner(session) {
             if !session.is_down() {
                 tracing::warn!("ntb ring service stopped: {e}");
@@ -481,7 +482,7 @@ impl Endpoint {
         }
     }
 
-    fn serve_ring_inner(&self, session: &Session) -> Result<()> {
+    fn serve_ring_inner(&self, session: &PagePair) -> Result<()> {
         let local = &session.local;
         let ring_wait = local.wait_word(page::RING_WAIT)?;
         let space_wait = local.wait_word(page::SPACE_WAIT)?;
@@ -669,7 +670,7 @@ impl Endpoint {
     // ---- PeerWindows ----
 
     pub(crate) fn peer_mw_count(&self) -> usize {
-        self.session().map_or(0, |s| s.peer_info.mw_count)
+        self.session().map_or(0, |s| s.peer_counts.mw_count)
     }
 
     pub(crate) fn peer_mw_size(&self, window: usize) -> Result<u64> {
@@ -680,7 +681,7 @@ impl Endpoint {
     fn with_window<R>(
         &self,
         window: usize,
-        f: impl FnOnce(&Arc<Session>, &PeerWindow) -> Result<R>,
+        f: impl FnOnce(&Arc<PagePair>, &PeerWindow) -> Result<R>,
     ) -> Result<R> {
         let current = devlend_sync::read(&self.current);
         let live = current
@@ -706,7 +707,7 @@ impl Endpoint {
         window: usize,
         offset: WindowOffset,
         len: usize,
-        f: impl FnOnce(&Arc<Session>, &PeerWindow) -> Result<R>,
+        f: impl FnOnce(&Arc<PagePair>, &PeerWindow) -> Result<R>,
     ) -> Result<R> {
         if len == 0 {
             return Err(FabricError::BadAccessSize(0));
@@ -826,7 +827,7 @@ impl Endpoint {
 
     pub(crate) fn peer_db_set(&self, bits: u64) -> Result<()> {
         let s = self.session()?;
-        registers::check_peer_doorbells(bits, self.db_valid_mask(), s.peer_info.db_valid)?;
+        registers::check_peer_doorbells(bits, self.db_valid_mask(), s.peer_counts.db_valid)?;
         s.peer
             .u64_at(page::DB_BITS)?
             .fetch_or(bits, Ordering::AcqRel);
@@ -853,13 +854,13 @@ impl Endpoint {
 
     pub(crate) fn peer_spad_read(&self, index: usize) -> Result<u32> {
         let s = self.session()?;
-        let off = Self::spad_index(index, s.peer_info.spad_count)?;
+        let off = Self::spad_index(index, s.peer_counts.spad_count)?;
         Ok(s.peer.mem().load_u32(off)?)
     }
 
     pub(crate) fn peer_spad_write(&self, index: usize, value: u32) -> Result<()> {
         let s = self.session()?;
-        let off = Self::spad_index(index, s.peer_info.spad_count)?;
+        let off = Self::spad_index(index, s.peer_counts.spad_count)?;
         Ok(s.peer.mem().store_u32(off, value)?)
     }
 
@@ -887,7 +888,7 @@ impl Endpoint {
 
     pub(crate) fn peer_msg_write(&self, index: usize, value: u32) -> Result<()> {
         let s = self.session()?;
-        registers::check_index("message register", index, s.peer_info.msg_count)?;
+        registers::check_index("message register", index, s.peer_counts.msg_count)?;
         let bit = 1u64 << index;
         let _serialize = lock(&self.msg_write);
         let sts = s.peer.u64_at(page::MSG_STS)?;
@@ -1100,16 +1101,16 @@ mod tests {
 
     /// An endpoint with a recording device behind window 0, attached to a session whose peer
     /// page the test writes as a (misbehaving) peer would.
-    fn fake_peer(cfg: LinkConfig) -> (Arc<Endpoint>, Arc<Session>, Arc<Recorder>) {
+    fn fake_peer(cfg: LinkConfig) -> (Arc<Endpoint>, Arc<PagePair>, Arc<Recorder>) {
         let asp = Arc::new(AddressSpace::new());
         let rec = Arc::new(Recorder::default());
         asp.add_mmio(BusAddr(0x10000), 0x1000, rec.clone()).unwrap();
         let ep = Arc::new(Endpoint::new(cfg, asp).unwrap());
         ep.mw_set_trans(0, BusAddr(0x10000), 0x1000).unwrap();
-        let session = Arc::new(Session::new(
+        let session = Arc::new(PagePair::new(
             Arc::new(ControlPage::create().unwrap()),
             Arc::new(ControlPage::create().unwrap()),
-            PeerInfo::of(&cfg),
+            PeerCounts::of(&cfg),
             Box::new(Silent),
         ));
         ep.attach(session.clone()).unwrap();
@@ -1118,7 +1119,7 @@ mod tests {
 
     /// Produces one raw entry into the endpoint's ring, as the peer process would.
     #[allow(clippy::too_many_arguments)]
-    fn produce(s: &Session, pos: u32, kind: u32, window: u32, len: u32, offset: u64, tag: u32) {
+    fn produce(s: &PagePair, pos: u32, kind: u32, window: u32, len: u32, offset: u64, tag: u32) {
         let m = s.local.mem();
         let e = ControlPage::entry_offset(pos);
         m.store_u32(e + page::E_KIND, kind).unwrap();
@@ -1132,7 +1133,7 @@ mod tests {
     }
 
     /// Waits (failure guard: 20 s) for the completion `tag` in the fake peer's page.
-    fn completion(s: &Session, tag: u32) -> u32 {
+    fn completion(s: &PagePair, tag: u32) -> u32 {
         let deadline = Instant::now() + Duration::from_secs(20);
         while s.peer.mem().load_u32(page::CPL_TAG).unwrap() != tag {
             assert!(Instant::now() < deadline, "no completion {tag}");

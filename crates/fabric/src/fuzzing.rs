@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use devlend_memory::SharedMemory;
 
-use crate::endpoint::{Announce, Endpoint, LocalWindow, PeerInfo, Session};
+use crate::endpoint::{Announce, Endpoint, LocalWindow, PagePair, PeerCounts};
 use crate::page::{self, ControlPage};
 use crate::{AddressSpace, BusAddr, LinkConfig, MmioHandler, Result};
 
@@ -62,10 +62,10 @@ pub fn ring_entries(data: &[u8]) {
     else {
         return;
     };
-    let session = Arc::new(Session::new(
+    let session = Arc::new(PagePair::new(
         Arc::new(local),
         Arc::new(peer),
-        PeerInfo::of(&LinkConfig::default()),
+        PeerCounts::of(&LinkConfig::default()),
         Box::new(Silent),
     ));
     if ep.attach(session.clone()).is_err() {
@@ -154,11 +154,11 @@ pub fn ring_entries(data: &[u8]) {
     ep.detach(&session);
 }
 
-fn session_local(session: &Session) -> &SharedMemory {
+fn session_local(session: &PagePair) -> &SharedMemory {
     session.local_page().mem()
 }
 
-fn wait_head(session: &Session, position: u32) {
+fn wait_head(session: &PagePair, position: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while session.local_page().mem().load_u32(page::RING_HEAD).ok() != Some(position) {
         assert!(Instant::now() < deadline, "the ring service wedged");

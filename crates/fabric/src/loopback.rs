@@ -5,13 +5,13 @@
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use crate::endpoint::{
-    delegate_ntb, Announce, Endpoint, LocalWindow, PeerInfo, PeerWindow, Session,
+    delegate_ntb, Announce, Endpoint, LocalWindow, PagePair, PeerCounts, PeerWindow,
 };
 use crate::page::ControlPage;
 use crate::{AddressSpace, LinkConfig, Resolved, Result};
 
 /// The peer's endpoint and its side of the connection.
-type PeerSlot = Arc<OnceLock<(Weak<Endpoint>, Weak<Session>)>>;
+type PeerSlot = Arc<OnceLock<(Weak<Endpoint>, Weak<PagePair>)>>;
 
 /// Announces translations straight into the peer's endpoint.
 struct DirectAnnounce(PeerSlot);
@@ -36,7 +36,7 @@ impl Announce for DirectAnnounce {
 /// What both sides of a pair share: their endpoints and the current connection.
 struct Pair {
     ends: [Arc<Endpoint>; 2],
-    sessions: Mutex<Option<[Arc<Session>; 2]>>,
+    sessions: Mutex<Option<[Arc<PagePair>; 2]>>,
 }
 
 impl Pair {
@@ -52,16 +52,16 @@ impl Pair {
         ];
         let slots: [PeerSlot; 2] = [Arc::new(OnceLock::new()), Arc::new(OnceLock::new())];
         let [pa, pb] = pages;
-        let sa = Arc::new(Session::new(
+        let sa = Arc::new(PagePair::new(
             pa.clone(),
             pb.clone(),
-            PeerInfo::of(b.config()),
+            PeerCounts::of(b.config()),
             Box::new(DirectAnnounce(slots[0].clone())),
         ));
-        let sb = Arc::new(Session::new(
+        let sb = Arc::new(PagePair::new(
             pb,
             pa,
-            PeerInfo::of(a.config()),
+            PeerCounts::of(a.config()),
             Box::new(DirectAnnounce(slots[1].clone())),
         ));
         let _ = slots[0].set((Arc::downgrade(b), Arc::downgrade(&sb)));

@@ -44,7 +44,7 @@ use devlend_memory::{MemSpan, SharedMemory};
 use rustix::fs::FlockOperation;
 
 use crate::endpoint::{
-    delegate_ntb, Announce, Endpoint, LocalWindow, PeerInfo, PeerWindow, Session,
+    delegate_ntb, Announce, Endpoint, LocalWindow, PagePair, PeerCounts, PeerWindow,
 };
 use crate::page::{self, ControlPage};
 use crate::{AddressSpace, FabricError, LinkConfig, Resolved, Result};
@@ -293,14 +293,14 @@ fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
         return Err(FabricError::Protocol("expected Hello first".into()));
     };
     let peer = Arc::new(ControlPage::from_peer(page)?);
-    let info = PeerInfo::bounded(
+    let info = PeerCounts::bounded(
         u64::from(mw_count),
         u64::from(spad_count),
         u64::from(msg_count),
         u64::from(db_count),
     );
     let conn = Arc::new(conn);
-    let session = Arc::new(Session::new(
+    let session = Arc::new(PagePair::new(
         local,
         peer,
         info,
@@ -319,7 +319,7 @@ fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
 }
 
 /// Reads window announcements until the connection ends.
-fn serve_control(shared: &Shared, conn: &OwnedFd, session: &Arc<Session>) -> Result<()> {
+fn serve_control(shared: &Shared, conn: &OwnedFd, session: &Arc<PagePair>) -> Result<()> {
     while let Some(msg) = recv_wire(shared, conn, None)? {
         let (window, what) = match msg {
             wire::Wire::TransRam {
