@@ -135,6 +135,8 @@ pub struct GuestSpec {
     pub assets: VmAssets,
     /// The NVMe device.
     pub disk: GuestDisk,
+    /// Further NVMe devices, after `disk` on the command line (none by default).
+    pub more_disks: Vec<GuestDisk>,
     /// Contents of `/test.sh` (a busybox `sh` script).
     pub script: String,
     /// Hard limit for the whole run; the guest is killed after it.
@@ -160,6 +162,7 @@ impl GuestSpec {
         Self {
             assets,
             disk,
+            more_disks: Vec::new(),
             script: script.into(),
             timeout: Duration::from_secs(120),
             mem_mib: 512,
@@ -250,22 +253,11 @@ pub fn boot_with(
             "console=ttyS0 quiet panic=-1 no_timer_check {}",
             spec.append
         ));
-    match &spec.disk {
-        GuestDisk::VfioUser { socket } => {
-            let dev = serde_json::json!({
-                "driver": "vfio-user-pci",
-                "socket": {"path": socket.display().to_string(), "type": "unix"},
-            });
-            cmd.args(["-device", &dev.to_string()]);
-        }
-        GuestDisk::QemuNvme { image } => {
-            cmd.arg("-drive")
-                .arg(format!(
-                    "file={},if=none,id=nvm,format=raw",
-                    image.display()
-                ))
-                .args(["-device", "nvme,drive=nvm,serial=qemu-nvme"]);
-        }
+    for (i, disk) in std::iter::once(&spec.disk)
+        .chain(&spec.more_disks)
+        .enumerate()
+    {
+        disk_args(&mut cmd, disk, i);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -279,6 +271,33 @@ pub fn boot_with(
     let _ = child.kill();
     let _ = child.wait();
     result
+}
+
+/// Adds the QEMU arguments of the `index`th NVMe device.
+fn disk_args(cmd: &mut Command, disk: &GuestDisk, index: usize) {
+    match disk {
+        GuestDisk::VfioUser { socket } => {
+            let dev = serde_json::json!({
+                "driver": "vfio-user-pci",
+                "socket": {"path": socket.display().to_string(), "type": "unix"},
+            });
+            cmd.args(["-device", &dev.to_string()]);
+        }
+        GuestDisk::QemuNvme { image } => {
+            // The first keeps the names it always had (serial `qemu-nvme`).
+            let id = match index {
+                0 => String::new(),
+                i => i.to_string(),
+            };
+            cmd.arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id=nvm{id},format=raw",
+                    image.display()
+                ))
+                .arg("-device")
+                .arg(format!("nvme,drive=nvm{id},serial=qemu-nvme{id}"));
+        }
+    }
 }
 
 fn collect(
