@@ -7,9 +7,10 @@ mod cluster;
 mod cmd;
 mod host;
 mod pair;
-mod proto;
 mod vfio;
 mod vm;
+
+use devlend_proto as proto;
 
 use clap::{Parser, Subcommand};
 

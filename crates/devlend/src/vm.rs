@@ -95,19 +95,6 @@ pub struct Port {
 
 pub use crate::proto::{Removal, VmAttachment as Attachment};
 
-impl Removal {
-    /// One line for people.
-    pub fn describe(self, grace: Duration) -> String {
-        match self {
-            Removal::Orderly => "the guest released it (orderly hot-unplug)".into(),
-            Removal::Surprise => format!(
-                "the guest did not release it within {grace:?}: surprise removal (the guest's driver sees the device fail)"
-            ),
-            Removal::AlreadyGone => "the VM no longer had it".into(),
-        }
-    }
-}
-
 /// The QEMU device id for a borrowed device `name`: `devlend-NAME`.
 pub fn device_id(name: &str) -> Result<String, VmError> {
     let id = format!("devlend-{name}");

@@ -9,65 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devlend_fabric::{
-    loopback_pair, AddressSpace, BusAddr, LinkConfig, LoopbackNtb, MemoryWindows, Messages, Ntb,
-    PeerWindows, WindowOffset,
-};
-use devlend_lending::channel::{Channel, MAILBOX_WINDOW};
-use devlend_lending::protocol::{
-    AreaGrant, BarDesc, BarGrant, DeviceDesc, Envelope, Grant, Request, Response,
-};
-use devlend_lending::{LendingError, Node, NodeConfig, MAILBOX_BASE};
+use devlend_fabric::{loopback_pair, AddressSpace, LinkConfig, LoopbackNtb, Ntb, WindowOffset};
+use devlend_lending::channel::MAILBOX_WINDOW;
+use devlend_lending::protocol::{Envelope, Request, Response};
+use devlend_lending::{LendingError, Node, NodeConfig};
 use devlend_pci::test_device::{dma_status, regs, TestDevice, REGS_BAR};
 use devlend_pci::{AccessSize, PciFunction};
 
-const GUARD: Duration = Duration::from_secs(20);
-
-/// A peer that speaks the management protocol by hand.
-struct RawPeer {
-    ntb: Arc<LoopbackNtb>,
-    ch: Channel,
-    next_id: u64,
-}
-
-impl RawPeer {
-    fn new(ntb: Arc<LoopbackNtb>) -> Self {
-        let ch = Channel::new(ntb.clone() as Arc<dyn Ntb>, MAILBOX_BASE).unwrap();
-        Self {
-            ntb,
-            ch,
-            next_id: 1,
-        }
-    }
-
-    /// Sends a request and waits for its answer.
-    fn call(&mut self, body: Request) -> Response {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.ch
-            .send(&Envelope::Request { id, body }.encode(), GUARD)
-            .unwrap();
-        let deadline = Instant::now() + GUARD;
-        loop {
-            assert!(Instant::now() < deadline, "no answer to request {id}");
-            let _ = self.ch.wait(Duration::from_millis(20));
-            for record in self.ch.drain().0 {
-                if let Ok(Envelope::Response { id: got, body }) = Envelope::parse(&record) {
-                    if got == id {
-                        return body;
-                    }
-                }
-            }
-        }
-    }
-
-    fn refused(&mut self, body: Request) -> String {
-        match self.call(body.clone()) {
-            Response::Error { message } => message,
-            other => panic!("{body:?} was answered with {other:?}"),
-        }
-    }
-}
+use devlend_testkit::hostile::{serve_absurd_lender, RawPeer, ABSURD, GUARD};
 
 fn link() -> (Arc<LoopbackNtb>, Arc<LoopbackNtb>, Arc<AddressSpace>) {
     let asp = Arc::new(AddressSpace::new());
@@ -131,7 +80,7 @@ fn a_hostile_borrower_gets_errors_and_the_honest_one_keeps_working() {
     let f1 = honest.borrow("td1").unwrap();
     io_works(&*f1, 1);
 
-    let mut bad = RawPeer::new(hostile_end);
+    let mut bad = RawPeer::new(hostile_end as Arc<dyn Ntb>);
     // A DMA map without a lease, naming a window that will never be translated: refused for
     // the lease at once (it used to wait 5 s for the window first, holding the link's thread,
     // and then answer that the window was never translated).
@@ -314,86 +263,6 @@ fn a_hostile_borrower_gets_errors_and_the_honest_one_keeps_working() {
 }
 
 /// A device description and grant with one absurd value each, by device name.
-fn absurd(name: &str, lease: u64) -> (DeviceDesc, Grant) {
-    let mut desc = DeviceDesc {
-        name: name.to_string(),
-        kind: "nvme".into(),
-        owner: "evil".into(),
-        borrower: None,
-        vectors: 4,
-        bars: vec![BarDesc {
-            index: 0,
-            size: 0x4000,
-            is_64bit: true,
-            prefetchable: false,
-        }],
-        detail: String::new(),
-        size_bytes: None,
-    };
-    let mut grant = Grant {
-        lease,
-        device: desc.clone(),
-        bars: vec![BarGrant {
-            index: 0,
-            window: 1,
-            size: 0x4000,
-            areas: Vec::new(),
-        }],
-        doorbell_base: 0,
-        lease_ms: 3000,
-    };
-    match name {
-        "doorbells-wrap" => {
-            grant.doorbell_base = 0xffff_fff0;
-            grant.device.vectors = 0x20;
-        }
-        "too-many-vectors" => grant.device.vectors = u16::MAX,
-        "bar-index" => grant.bars[0].index = 9,
-        "bar-size-zero" => grant.bars[0].size = 0,
-        "bar-size-odd" => grant.bars[0].size = 0x3000,
-        "window-out-of-range" => grant.bars[0].window = usize::MAX,
-        "window-too-small" => grant.bars[0].size = 1 << 62,
-        "area-outside" => grant.bars[0].areas.push(AreaGrant {
-            offset: u64::MAX - 0xfff,
-            len: 0x2000,
-            window: 2,
-            wake_word: 0,
-        }),
-        "wake-word" => grant.bars[0].areas.push(AreaGrant {
-            offset: 0x1000,
-            len: 0x1000,
-            window: 2,
-            wake_word: u64::MAX - 2,
-        }),
-        "many-bars" => {
-            grant.bars = (0..40)
-                .map(|i| BarGrant {
-                    index: (i % 6) as u8,
-                    window: 1,
-                    size: 0x1000,
-                    areas: Vec::new(),
-                })
-                .collect()
-        }
-        _ => {}
-    }
-    desc.vectors = grant.device.vectors;
-    (desc, grant)
-}
-
-const ABSURD: [&str; 10] = [
-    "doorbells-wrap",
-    "too-many-vectors",
-    "bar-index",
-    "bar-size-zero",
-    "bar-size-odd",
-    "window-out-of-range",
-    "window-too-small",
-    "area-outside",
-    "wake-word",
-    "many-bars",
-];
-
 #[test]
 fn a_hostile_lender_gets_its_grants_refused_and_given_back() {
     let (evil_end, borrower_end, _) = link();
@@ -402,61 +271,12 @@ fn a_hostile_lender_gets_its_grants_refused_and_given_back() {
     let node = Node::start(cfg, vec![borrower_end as Arc<dyn Ntb>]).unwrap();
     // The hostile lender: translates window 1 onto a small region, answers every List with
     // absurd descriptions and every Borrow with an absurd grant, and counts returns.
-    let evil = RawPeer::new(evil_end.clone());
-    evil_end
-        .address_space()
-        .add_ram(
-            BusAddr(0x10_0000),
-            Arc::new(devlend_fabric::SharedMemory::new("bar", 0x4000).unwrap()),
-        )
-        .unwrap();
-    evil_end
-        .mw_set_trans(1, BusAddr(0x10_0000), 0x4000)
-        .unwrap();
+    let evil = RawPeer::new(evil_end as Arc<dyn Ntb>);
     let stop = Arc::new(AtomicBool::new(false));
     let returns = Arc::new(AtomicU64::new(0));
     let server = {
         let (stop, returns) = (stop.clone(), returns.clone());
-        std::thread::spawn(move || {
-            let mut next_lease = 1;
-            while !stop.load(Ordering::Relaxed) {
-                let _ = evil.ch.wait(Duration::from_millis(20));
-                for record in evil.ch.drain().0 {
-                    let Ok(Envelope::Request { id, body }) = Envelope::parse(&record) else {
-                        continue;
-                    };
-                    let answer = match body {
-                        Request::List => {
-                            let mut devices: Vec<DeviceDesc> =
-                                ABSURD.iter().map(|n| absurd(n, 0).0).collect();
-                            devices[0].detail = "y".repeat(1000);
-                            Response::Devices { devices }
-                        }
-                        Request::Borrow { device, .. } => {
-                            next_lease += 1;
-                            Response::Granted {
-                                grant: absurd(&device, next_lease).1,
-                            }
-                        }
-                        Request::Return { .. } => {
-                            returns.fetch_add(1, Ordering::Relaxed);
-                            Response::Ok
-                        }
-                        Request::Hello { .. } => Response::Hello {
-                            host: "evil".into(),
-                        },
-                        _ => Response::Error {
-                            message: "no".into(),
-                        },
-                    };
-                    if id != 0 {
-                        let _ = evil
-                            .ch
-                            .send(&Envelope::Response { id, body: answer }.encode(), GUARD);
-                    }
-                }
-            }
-        })
+        std::thread::spawn(move || serve_absurd_lender(evil, &stop, &returns, |_| {}))
     };
     node.wait_link_up(GUARD).unwrap();
     assert_eq!(node.peer_devices().unwrap().len(), ABSURD.len());

@@ -8,6 +8,7 @@
 //!   one that keeps running and takes commands ([`guest::live`], the hot-plug tests), and
 //!   runs vfio-user servers as child processes.
 //! - [`conformance`]: one NTB conformance suite, run against every backend.
+//! - [`hostile`]: a hand-written peer of the lending protocol and the absurd offers it makes.
 //! - [`tcp`], [`proxy`]: hosts for tcp fabric tests and a TCP proxy that injects faults.
 //! - the `devlend-tcp-host` binary: one side of a tcp link, run in a namespace by
 //!   `tests/tcp_netns.rs`.
@@ -17,6 +18,7 @@
 
 pub mod conformance;
 pub mod guest;
+pub mod hostile;
 pub mod netns;
 pub mod proxy;
 pub mod tcp;

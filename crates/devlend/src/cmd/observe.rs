@@ -17,9 +17,9 @@ use devlend_fabric::{LinkState, Ntb};
 use devlend_lending::Node;
 use devlend_metrics::{LinkInfo, MeteredFunction, MeteredNtb, NodeInfo, Registry, Role};
 use devlend_pci::{AccessSize, BarIndex, PciDevice, PciFunction};
-use serde::{Deserialize, Serialize};
 
 use crate::host::FabricSpec;
+pub use crate::proto::{LinkDetail, PciSnapshot};
 
 /// Counters and the handles `lspci` reads.
 pub struct Observe {
@@ -29,17 +29,6 @@ pub struct Observe {
     local: Mutex<HashMap<String, Arc<dyn PciDevice>>>,
     /// The links as configured (for `status`: peer address, TLS identity).
     specs: Vec<FabricSpec>,
-}
-
-/// One link as `status` describes it beyond the lending layer's view.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LinkDetail {
-    /// The fabric spec.
-    pub spec: String,
-    /// The peer's address (tcp) or rendezvous directory (shm).
-    pub address: String,
-    /// The name the peer's certificate must carry (tcp with TLS), or why there is none.
-    pub tls_identity: String,
 }
 
 impl Observe {
@@ -227,23 +216,6 @@ impl Observe {
         }
         Ok(out)
     }
-}
-
-/// A device's config space as `lspci` decodes it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PciSnapshot {
-    /// Device name.
-    pub name: String,
-    /// "local" (owned, not lent), "lent", or "borrowed".
-    pub role: String,
-    /// Owning host.
-    pub owner: String,
-    /// Holder, if lent.
-    pub borrower: Option<String>,
-    /// BAR sizes by slot.
-    pub bar_sizes: [Option<u64>; 6],
-    /// Config space (256 bytes, or 4096 when it has extended capabilities).
-    pub config: Vec<u8>,
 }
 
 fn bar_sizes(spec: impl Fn(BarIndex) -> Option<u64>) -> [Option<u64>; 6] {

@@ -7,15 +7,46 @@
 //! `{"v":1,"ok":false,"error":{"code":"not_found","message":"..."}}`. [`VERSION`] changes
 //! whenever a message changes shape; a node refuses a request of another version (and a
 //! client a reply of another version) with [`ErrorCode::VersionMismatch`], never a guess.
+//!
+//! A crate of its own (the `devlend` binary's only one) so that its fuzz target
+//! (`crates/proto/fuzz`) can reach [`parse_request`], the parser of every line a node reads
+//! from its management socket.
 
 use std::fmt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use super::cmd::observe::{LinkDetail, PciSnapshot};
 pub use devlend_lending::LeaseStatus;
 pub use devlend_metrics::Snapshot as MetricsSnapshot;
+
+/// One link as `status` describes it beyond the lending layer's view.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LinkDetail {
+    /// The fabric spec.
+    pub spec: String,
+    /// The peer's address (tcp) or rendezvous directory (shm).
+    pub address: String,
+    /// The name the peer's certificate must carry (tcp with TLS), or why there is none.
+    pub tls_identity: String,
+}
+
+/// A device's config space as `lspci` decodes it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PciSnapshot {
+    /// Device name.
+    pub name: String,
+    /// "local" (owned, not lent), "lent", or "borrowed".
+    pub role: String,
+    /// Owning host.
+    pub owner: String,
+    /// Holder, if lent.
+    pub borrower: Option<String>,
+    /// BAR sizes by slot.
+    pub bar_sizes: [Option<u64>; 6],
+    /// Config space (256 bytes, or 4096 when it has extended capabilities).
+    pub config: Vec<u8>,
+}
 
 /// Version of the management protocol this build speaks.
 pub const VERSION: u32 = 1;
@@ -526,6 +557,19 @@ pub enum Removal {
     Surprise,
     /// The VM no longer had it.
     AlreadyGone,
+}
+
+impl Removal {
+    /// One line for people.
+    pub fn describe(self, grace: std::time::Duration) -> String {
+        match self {
+            Removal::Orderly => "the guest released it (orderly hot-unplug)".into(),
+            Removal::Surprise => format!(
+                "the guest did not release it within {grace:?}: surprise removal (the guest's driver sees the device fail)"
+            ),
+            Removal::AlreadyGone => "the VM no longer had it".into(),
+        }
+    }
 }
 
 /// `return`.
