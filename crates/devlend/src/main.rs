@@ -69,6 +69,9 @@ enum Cmd {
     /// Hidden: the peer process of `bench fabric`.
     #[command(name = "__fabric-bench-peer", hide = true)]
     FabricBenchPeer(cmd::bench_fabric::PeerArgs),
+    /// Hidden: a borrower process of `bench sharing`.
+    #[command(name = "__sharing-bench-borrower", hide = true)]
+    SharingBenchBorrower(cmd::bench_sharing::BorrowerArgs),
 }
 
 #[derive(Subcommand)]
@@ -83,6 +86,8 @@ enum BenchCmd {
     Vm(cmd::bench_vm::Args),
     /// A cluster on etcd: borrow-by-name time at 2, 8, 16 hosts; a dead lender's exit time.
     Cluster(cmd::bench_cluster::Args),
+    /// One device shared by 1, 2, 4, 8 borrowers through SR-IOV VFs vs the local function.
+    Sharing(cmd::bench_sharing::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -138,7 +143,9 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench(BenchCmd::Lending(a)) => cmd::bench_lending::run(a),
         Cmd::Bench(BenchCmd::Vm(a)) => cmd::bench_vm::run(a),
         Cmd::Bench(BenchCmd::Cluster(a)) => cmd::bench_cluster::run(a),
+        Cmd::Bench(BenchCmd::Sharing(a)) => cmd::bench_sharing::run(a),
         Cmd::FabricBenchPeer(a) => cmd::bench_fabric::run_peer(a),
+        Cmd::SharingBenchBorrower(a) => cmd::bench_sharing::run_borrower(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

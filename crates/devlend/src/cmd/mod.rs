@@ -6,6 +6,7 @@ pub mod bench_fabric;
 pub mod bench_fabric_tcp;
 pub mod bench_lending;
 pub mod bench_nvme;
+pub mod bench_sharing;
 pub mod bench_vm;
 pub mod ctl;
 pub mod demo;
