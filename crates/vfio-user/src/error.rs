@@ -192,4 +192,17 @@ pub enum ServerError {
     /// Probing the function's config space failed.
     #[error("probing the function: {0}")]
     Probe(#[from] FunctionError),
+    /// Something is listening on the socket path already (another server, a node's
+    /// management socket): it is left alone.
+    #[error("{path} is a live socket (something accepts connections on it): choose another path, or stop what serves it")]
+    SocketInUse {
+        /// The socket path.
+        path: String,
+    },
+    /// The path exists and is not a socket: it is left alone.
+    #[error("{path} exists and is not a socket")]
+    NotASocket {
+        /// The path.
+        path: String,
+    },
 }

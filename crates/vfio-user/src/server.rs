@@ -188,12 +188,28 @@ impl Server {
         })
     }
 
-    /// Binds the listening socket, replacing a stale socket file (never another kind of file).
+    /// Binds the listening socket. A stale socket file (nothing accepts on it) is replaced; a
+    /// live socket ([`ServerError::SocketInUse`]) and any other kind of file
+    /// ([`ServerError::NotASocket`]) are refused and left alone.
     pub fn bind(socket_path: &Path) -> Result<UnixListener, ServerError> {
         if let Ok(meta) = std::fs::symlink_metadata(socket_path) {
-            if meta.file_type().is_socket() {
-                std::fs::remove_file(socket_path)
-                    .map_err(|e| sock_err("remove stale", socket_path, e))?;
+            if !meta.file_type().is_socket() {
+                return Err(ServerError::NotASocket {
+                    path: socket_path.display().to_string(),
+                });
+            }
+            match UnixStream::connect(socket_path) {
+                Ok(_) => {
+                    return Err(ServerError::SocketInUse {
+                        path: socket_path.display().to_string(),
+                    })
+                }
+                // Nobody listens: a socket file left by a server that is gone.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(socket_path)
+                        .map_err(|e| sock_err("remove stale", socket_path, e))?;
+                }
+                Err(e) => return Err(sock_err("probe", socket_path, e)),
             }
         }
         UnixListener::bind(socket_path).map_err(|e| sock_err("bind", socket_path, e))
@@ -896,5 +912,33 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![(1, 1), (2, 2), (4, 4)]);
+    }
+
+    #[test]
+    fn bind_refuses_a_live_socket_and_other_files_and_replaces_a_stale_one() {
+        let dir = std::env::temp_dir().join(format!("vfio-user-bind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s.sock");
+        let live = Server::bind(&sock).unwrap();
+        assert!(matches!(
+            Server::bind(&sock),
+            Err(ServerError::SocketInUse { .. })
+        ));
+        assert!(
+            UnixStream::connect(&sock).is_ok(),
+            "the live socket is gone"
+        );
+        drop(live);
+        let again = Server::bind(&sock).unwrap();
+        drop(again);
+        let file = dir.join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            Server::bind(&file),
+            Err(ServerError::NotASocket { .. })
+        ));
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
