@@ -565,13 +565,46 @@ impl Drop for BorrowedFunction {
 /// The borrowing half of a node.
 pub(crate) struct Borrower {
     held: Mutex<HashMap<String, Arc<BorrowedFunction>>>,
+    /// Devices taken from this host without it giving them back (lender gone, link down,
+    /// revoked), with why; until forgotten or borrowed again.
+    lost: Mutex<HashMap<String, LostDevice>>,
+}
+
+/// A device this host held until it was taken away (not given back).
+#[derive(Clone, Debug)]
+pub struct LostDevice {
+    /// The device as it was granted.
+    pub device: DeviceDesc,
+    /// Why it went.
+    pub reason: String,
 }
 
 impl Borrower {
     pub(crate) fn new() -> Self {
         Self {
             held: Mutex::new(HashMap::new()),
+            lost: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn note_lost(&self, f: &BorrowedFunction, why: &str) {
+        devlend_sync::lock(&self.lost).insert(
+            f.grant.device.name.clone(),
+            LostDevice {
+                device: f.grant.device.clone(),
+                reason: why.to_string(),
+            },
+        );
+    }
+
+    /// Devices lost (see [`LostDevice`]).
+    pub(crate) fn lost(&self) -> Vec<LostDevice> {
+        devlend_sync::lock(&self.lost).values().cloned().collect()
+    }
+
+    /// Forgets a lost device; returns it if it was lost.
+    pub(crate) fn forget_lost(&self, name: &str) -> Option<LostDevice> {
+        devlend_sync::lock(&self.lost).remove(name)
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<Arc<BorrowedFunction>> {
@@ -597,6 +630,7 @@ impl Borrower {
         let held: Vec<_> = devlend_sync::lock(&self.held).drain().collect();
         for (_, f) in held {
             f.mark_removed(why);
+            self.note_lost(&f, why);
         }
     }
 
@@ -615,7 +649,9 @@ impl Borrower {
             .find(|(_, f)| f.grant.lease == lease)
             .map(|(n, _)| n.clone());
         if let Some(f) = name.and_then(|n| held.remove(&n)) {
-            f.mark_removed(&format!("the lender revoked it: {why}"));
+            let why = format!("the lender revoked it: {why}");
+            f.mark_removed(&why);
+            self.note_lost(&f, &why);
         }
     }
 }
@@ -700,6 +736,7 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
     };
     // Interrupt bits left over from an earlier holder must not fire into the new driver.
     let _ = node.ntb.db_clear(crate::lender_doorbell_mask(&f.grant));
+    node.borrower.forget_lost(name);
     devlend_sync::lock(&node.borrower.held).insert(name.to_string(), f.clone());
     tracing::info!(
         "borrowed {name} (lease {}, {} doorbell area(s) reached by direct stores)",

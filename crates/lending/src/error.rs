@@ -35,11 +35,22 @@ pub enum LendingError {
     #[error("{0} is not lent to anyone")]
     NotLent(String),
     /// All inbound windows are in use.
-    #[error("no free NTB memory window on this host")]
+    #[error(
+        "no free NTB memory window on this host: every device lent over a link takes one of the link's windows per BAR and per doorbell page, and every borrowed device one for its DMA pool (one window is the management channel's). Return a device that uses this link, or use another link"
+    )]
     NoFreeWindow,
     /// Not enough doorbell bits for the device's interrupt vectors.
-    #[error("not enough free doorbell bits for {0} interrupt vectors")]
-    NoDoorbellBits(u16),
+    #[error(
+        "not enough free doorbell bits for {vectors} interrupt vectors: a link has {total} interrupt doorbell bits, one per MSI-X vector of every device lent over it, and {free} are free. Return a device borrowed over this link, borrow over another link, or lend devices with fewer vectors (an NVMe device added with `devlend add nvme --queues N` has N+1)"
+    )]
+    NoDoorbellBits {
+        /// The device's vectors.
+        vectors: u16,
+        /// Interrupt doorbell bits of a link.
+        total: u32,
+        /// Of them free now.
+        free: u32,
+    },
     /// The peer refused, with its reason.
     #[error("the peer refused: {0}")]
     Refused(String),

@@ -45,6 +45,11 @@ const DMA_WINDOW_WAIT: Duration = Duration::from_secs(5);
 /// Doorbell bits available for interrupt vectors.
 const IRQ_DOORBELL_BITS: u32 = 48;
 
+/// The doorbell bits interrupts may use (the low [`IRQ_DOORBELL_BITS`]).
+fn irq_doorbell_mask() -> u64 {
+    (1u64 << IRQ_DOORBELL_BITS) - 1
+}
+
 /// Where a lent device's vectors go: a doorbell ring on the borrower.
 type InterruptRoute = Arc<dyn Fn(u16) + Send + Sync>;
 
@@ -607,7 +612,12 @@ impl Lender {
                 *doorbells_used & bits == 0
             })
             .filter(|b| b + u32::from(vectors) <= IRQ_DOORBELL_BITS)
-            .ok_or(LendingError::NoDoorbellBits(vectors))?;
+            .ok_or(LendingError::NoDoorbellBits {
+                vectors,
+                total: IRQ_DOORBELL_BITS,
+                free: IRQ_DOORBELL_BITS
+                    .saturating_sub((*doorbells_used & irq_doorbell_mask()).count_ones()),
+            })?;
         let mut windows = Vec::new();
         let mut setup = || -> Result<(), LendingError> {
             for (bar, spec, base) in &dev.bars {

@@ -32,7 +32,7 @@ mod error;
 pub mod lender;
 pub mod protocol;
 
-pub use borrower::BorrowedFunction;
+pub use borrower::{BorrowedFunction, LostDevice};
 pub use error::LendingError;
 pub use lender::{DeviceBuilder, LeaseStatus};
 
@@ -571,6 +571,23 @@ impl Node {
     /// The borrowed function `name`, if this host holds it.
     pub fn borrowed(&self, name: &str) -> Option<Arc<BorrowedFunction>> {
         self.links().iter().find_map(|l| l.inner.borrower.get(name))
+    }
+
+    /// Devices this host held until they were taken from it (lender gone, link down,
+    /// revoked) rather than given back, with why; each until [`Node::forget_lost`] or a new
+    /// borrow of the same name.
+    pub fn lost(&self) -> Vec<LostDevice> {
+        self.links()
+            .iter()
+            .flat_map(|l| l.inner.borrower.lost())
+            .collect()
+    }
+
+    /// Forgets a lost device (the user has seen it go); returns it if it was lost.
+    pub fn forget_lost(&self, name: &str) -> Option<LostDevice> {
+        self.links()
+            .iter()
+            .find_map(|l| l.inner.borrower.forget_lost(name))
     }
 
     /// Gives back the borrowed device `name`.
