@@ -292,6 +292,7 @@ impl Cluster {
                     detail: d.record.detail,
                     vfio_user: None,
                     vm: None,
+                    reason: None,
                 }
             })
             .partition(|d| d.owner == self.shared.name);

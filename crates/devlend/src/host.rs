@@ -150,8 +150,17 @@ fn tcp_config_with(
     }
 }
 
+/// Inbound memory windows of each link a node opens: one for the management channel, three
+/// per NVMe device lent over the link (two BARs and the doorbell page), one per device
+/// borrowed over it (its DMA pool). With 32, the link's 48 interrupt doorbell bits are the
+/// limit, which `add nvme --queues` moves (README, "Known limits").
+pub const LINK_WINDOWS: usize = 32;
+
 fn link_config() -> devlend_fabric::LinkConfig {
-    let mut cfg = devlend_fabric::LinkConfig::default();
+    let mut cfg = devlend_fabric::LinkConfig {
+        mw_count: LINK_WINDOWS,
+        ..Default::default()
+    };
     // The spin budget of fabric waits, for tuning (README, "Benchmarks").
     if let Some(us) = std::env::var("DEVLEND_FABRIC_SPIN_US")
         .ok()
@@ -210,7 +219,13 @@ pub struct NvmeOptions {
     pub serial: Option<String>,
     /// Model.
     pub model: Option<String>,
+    /// I/O queue pairs ([`MAX_QUEUES`] at most; default 16).
+    pub queues: Option<u16>,
 }
+
+/// Most I/O queue pairs `add nvme --queues` allows: the vectors (one more) must fit in the
+/// 48 interrupt doorbell bits of a link.
+pub const MAX_QUEUES: u16 = 47;
 
 impl NvmeOptions {
     /// One line for listings.
@@ -236,7 +251,140 @@ impl NvmeOptions {
         if let Some(m) = &self.model {
             cfg.model = m.clone();
         }
+        if let Some(q) = self.queues {
+            cfg.max_io_queue_pairs = q;
+        }
         cfg
+    }
+}
+
+/// The serial number of an NVMe device added without `--serial`: `DL` and 16 hex digits of
+/// an FNV-1a hash of the node's and the device's names, so that two devices (of one node or
+/// of two) differ and a guest given both accepts both, and a device keeps its serial across
+/// restarts. At most 20 characters, as NVMe allows.
+pub fn default_serial(node: &str, device: &str) -> String {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = node
+        .bytes()
+        .chain([0u8])
+        .chain(device.bytes())
+        .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
+    format!("DL{hash:016X}")
+}
+
+/// The block size of the NVMe model's namespace: an image's size is a multiple of it.
+pub const IMAGE_BLOCK_BYTES: u64 = 512;
+
+/// An image held by one device: an exclusive `flock` on it, so no second device (in this node
+/// process or another) opens it while this one lives. Dropped on a failed add, the image it
+/// created is removed again.
+pub struct ImageLock {
+    file: std::fs::File,
+    /// The image, when this lock created it (removed if the add fails).
+    created: Option<PathBuf>,
+}
+
+impl ImageLock {
+    /// Checks `opts` and takes the image: an existing image must have the size `--size` asks
+    /// for (if any); a missing one is created with it. Refuses (`invalid`) a size that is not
+    /// a positive multiple of [`IMAGE_BLOCK_BYTES`], and (`in_use`) an image another device
+    /// holds.
+    pub fn take(opts: &NvmeOptions) -> anyhow::Result<ImageLock> {
+        use crate::proto::{ErrorBody, ErrorCode};
+        let path = &opts.image;
+        if let Some(q) = opts.queues.filter(|q| !(1..=MAX_QUEUES).contains(q)) {
+            return Err(ErrorBody::new(
+                ErrorCode::Invalid,
+                format!("--queues {q}: an NVMe device has 1 to {MAX_QUEUES} I/O queue pairs"),
+            )
+            .into());
+        }
+        if let Some(size) = opts.size {
+            if size == 0 || size % IMAGE_BLOCK_BYTES != 0 {
+                return Err(ErrorBody::new(
+                    ErrorCode::Invalid,
+                    format!(
+                        "--size {size} is not a positive multiple of the {IMAGE_BLOCK_BYTES}-byte block size (e.g. 64M)"
+                    ),
+                )
+                .into());
+            }
+        }
+        let (file, created) = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+        {
+            Ok(f) => {
+                let len = f
+                    .metadata()
+                    .with_context(|| format!("reading the size of {}", path.display()))?
+                    .len();
+                if let Some(size) = opts.size.filter(|s| *s != len) {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Invalid,
+                        format!(
+                            "{} exists with {len} bytes, not the {size} --size asks for (devlend never resizes an image): leave out --size to use it as it is, or resize the file yourself",
+                            path.display()
+                        ),
+                    )
+                    .into());
+                }
+                (f, None)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let size = opts.size.ok_or_else(|| {
+                    ErrorBody::new(
+                        ErrorCode::Invalid,
+                        format!(
+                            "{} does not exist; give --size to create it",
+                            path.display()
+                        ),
+                    )
+                })?;
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                if let Err(e) = f.set_len(size) {
+                    let _ = std::fs::remove_file(path);
+                    return Err(e).with_context(|| format!("sizing {}", path.display()));
+                }
+                (f, Some(path.clone()))
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+        };
+        let lock = ImageLock { file, created };
+        match rustix::fs::flock(&lock.file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        {
+            Ok(()) => Ok(lock),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(ErrorBody::new(
+                ErrorCode::InUse,
+                format!(
+                    "{} is in use: another device (of this node or another devlend process) has it; one image backs one device at a time",
+                    path.display()
+                ),
+            )
+            .into()),
+            Err(e) => Err(anyhow::Error::from(std::io::Error::from(e)))
+                .with_context(|| format!("locking {}", path.display())),
+        }
+    }
+
+    /// The add succeeded: the image stays whatever happens to the lock.
+    pub fn keep(&mut self) {
+        self.created = None;
+    }
+}
+
+impl Drop for ImageLock {
+    fn drop(&mut self) {
+        if let Some(path) = self.created.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -393,11 +541,35 @@ pub fn local_nvme(opts: NvmeOptions) -> anyhow::Result<Arc<dyn PciFunction>> {
     Ok(Arc::new(f))
 }
 
-/// Runs the unmodified user-space driver on `f`: writes a pattern, reads it back, flushes.
-pub fn check_device(f: Arc<dyn PciFunction>, offset: u64, bytes: u64) -> anyhow::Result<String> {
+/// Runs the unmodified user-space driver on `f`. Read-only unless `write`: then it writes a
+/// pattern over `bytes` at `offset` (destroying what was there), flushes, reads back and
+/// verifies.
+pub fn check_device(
+    f: Arc<dyn PciFunction>,
+    offset: u64,
+    bytes: u64,
+    write: bool,
+) -> anyhow::Result<Checked> {
     let what = f.describe();
     let drv = devlend_nvme_driver::Controller::new(f).context("initialising the NVMe driver")?;
+    let serial = drv.identity().serial.clone();
     let len = usize::try_from(bytes)?;
+    let geometry = format!(
+        "{} blocks of {} bytes",
+        drv.capacity_bytes() / u64::from(drv.lba_bytes()),
+        drv.lba_bytes()
+    );
+    if !write {
+        let mut back = vec![0u8; len];
+        drv.read_at(offset, &mut back).context("reading")?;
+        drv.shutdown().context("shutting the controller down")?;
+        return Ok(Checked {
+            summary: format!(
+                "{what}: read {bytes} bytes at offset {offset}, nothing written ({geometry}, serial {serial}; --write overwrites them with a test pattern and verifies it)"
+            ),
+            serial,
+        });
+    }
     let pattern: Vec<u8> = (0..len)
         .map(|i| (i as u64).wrapping_mul(2654435761).wrapping_add(offset) as u8 ^ (i >> 12) as u8)
         .collect();
@@ -407,11 +579,34 @@ pub fn check_device(f: Arc<dyn PciFunction>, offset: u64, bytes: u64) -> anyhow:
     drv.read_at(offset, &mut back).context("reading back")?;
     anyhow::ensure!(back == pattern, "read-back differs from what was written");
     drv.shutdown().context("shutting the controller down")?;
-    Ok(format!(
-        "{what}: wrote {bytes} bytes at offset {offset}, flushed, read back and verified ({} blocks of {} bytes)",
-        drv.capacity_bytes() / u64::from(drv.lba_bytes()),
-        drv.lba_bytes()
-    ))
+    Ok(Checked {
+        summary: format!(
+            "{what}: wrote {bytes} bytes at offset {offset}, flushed, read back and verified ({geometry}, serial {serial})"
+        ),
+        serial,
+    })
+}
+
+/// What [`check_device`] found.
+pub struct Checked {
+    /// One line for people.
+    pub summary: String,
+    /// The controller's serial number (Identify Controller).
+    pub serial: String,
+}
+
+/// Refuses (`in_use`) a path something accepts connections on: a vfio-user socket must not
+/// take it over.
+pub fn refuse_live_socket(path: &Path) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        let e = devlend_vfio_user::ServerError::SocketInUse {
+            path: path.display().to_string(),
+        };
+        return Err(
+            crate::proto::ErrorBody::new(crate::proto::ErrorCode::InUse, e.to_string()).into(),
+        );
+    }
+    Ok(())
 }
 
 /// A vfio-user server serving one function on a socket, in its own thread, one client at a
@@ -423,7 +618,8 @@ pub struct VfioServer {
 }
 
 impl VfioServer {
-    /// Starts serving `f` on `socket` (a stale socket file is replaced).
+    /// Starts serving `f` on `socket` (a stale socket file is replaced; a live one, or any
+    /// other file, is refused).
     pub fn start(f: Arc<dyn PciFunction>, socket: &Path) -> anyhow::Result<Self> {
         Self::start_server(devlend_vfio_user::Server::new(f)?, socket)
     }
@@ -436,18 +632,21 @@ impl VfioServer {
     }
 
     fn start_server(server: devlend_vfio_user::Server, socket: &Path) -> anyhow::Result<Self> {
-        use std::os::unix::fs::FileTypeExt;
         use std::sync::atomic::Ordering;
-        if let Ok(meta) = std::fs::symlink_metadata(socket) {
-            anyhow::ensure!(
-                meta.file_type().is_socket(),
-                "{} exists and is not a socket",
-                socket.display()
-            );
-            std::fs::remove_file(socket)?;
-        }
-        let listener = std::os::unix::net::UnixListener::bind(socket)
-            .with_context(|| format!("binding the vfio-user socket {}", socket.display()))?;
+        let listener = match devlend_vfio_user::Server::bind(socket) {
+            Ok(l) => l,
+            Err(e @ devlend_vfio_user::ServerError::SocketInUse { .. }) => {
+                return Err(crate::proto::ErrorBody::new(
+                    crate::proto::ErrorCode::InUse,
+                    e.to_string(),
+                )
+                .into())
+            }
+            Err(e) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("binding the vfio-user socket {}", socket.display())))
+            }
+        };
         listener.set_nonblocking(true)?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -512,6 +711,16 @@ impl Drop for VfioServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_serials_differ_per_node_and_device_and_fit_nvme() {
+        let a = default_serial("lender", "nvme0");
+        assert_eq!(a, default_serial("lender", "nvme0"));
+        assert_ne!(a, default_serial("lender", "nvme1"));
+        assert_ne!(a, default_serial("other", "nvme0"));
+        assert_ne!(default_serial("ab", "c"), default_serial("a", "bc"));
+        assert!(a.len() <= 20 && a.is_ascii(), "{a}");
+    }
 
     #[test]
     fn tcp_cpus_are_two_cpu_numbers() {

@@ -44,7 +44,8 @@ enum Cmd {
     Status(cmd::verbs::PlainArgs),
     /// Wait until the node answers (and, with --peer/--device, a peer is linked, a device listed).
     Wait(cmd::wait::Args),
-    /// Run the user-space NVMe driver on a borrowed device: write, flush, read back, verify.
+    /// Run the user-space NVMe driver on a borrowed device: read (only with --write: write a
+    /// test pattern over the data, flush, read back, verify).
     Check(cmd::verbs::CheckArgs),
     /// Show the devices this host sees (its own and borrowed) as `lspci` would (-v, -vv).
     Lspci(cmd::lspci::Args),

@@ -190,6 +190,7 @@ impl Pair {
             size: Some(size),
             serial: Some(format!("DEVLEND-{name}")),
             model: Some("devlend lent NVMe".into()),
+            queues: None,
             vfs: None,
             vf_namespaces: None,
         };
@@ -214,6 +215,7 @@ impl Pair {
             size: Some(size),
             serial: Some(format!("DEVLEND-{name}")),
             model: Some("devlend lent NVMe".into()),
+            queues: None,
             vfs: Some(vfs),
             vf_namespaces: Some(namespaces.into()),
         };

@@ -239,7 +239,7 @@ fn borrow_by_name_across_hosts_with_links_made_on_demand() {
         Some(winner_name.as_str())
     );
     // The device works across the link made on demand.
-    let out = winner.ctl_ok(&["check", "disk0", "--bytes", "64K"]);
+    let out = winner.ctl_ok(&["check", "--write", "disk0", "--bytes", "64K"]);
     assert!(out.contains("verified"), "{out}");
     let s = status(winner);
     assert_eq!(
@@ -266,7 +266,7 @@ fn borrow_by_name_across_hosts_with_links_made_on_demand() {
     wait_for("the loser borrows after the return", 15, || {
         loser.ctl(&["borrow", "disk0"]).status.success()
     });
-    let out = loser.ctl_ok(&["check", "disk0", "--bytes", "64K"]);
+    let out = loser.ctl_ok(&["check", "--write", "disk0", "--bytes", "64K"]);
     assert!(out.contains("verified"), "{out}");
     drop((alpha, beta, gamma));
 }
@@ -304,7 +304,7 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
 
     // etcd unreachable: lending in place goes on, new borrows fail clearly.
     etcd.kill_all();
-    user.ctl_ok(&["check", "d1", "--bytes", "64K"]);
+    user.ctl_ok(&["check", "--write", "d1", "--bytes", "64K"]);
     let e = err(&other.ctl(&["borrow", "d2"]));
     assert!(e.contains("etcd unreachable"), "{e}");
     wait_for("the nodes notice they lost their registration", 15, || {
@@ -315,7 +315,7 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
         e.contains("not registered: etcd at etcd://") || e.contains("etcd unreachable"),
         "{e}"
     );
-    user.ctl_ok(&["check", "d1", "--bytes", "64K"]);
+    user.ctl_ok(&["check", "--write", "d1", "--bytes", "64K"]);
     // etcd back: every node registers again, devices and claims included.
     etcd.restart(&[0, 1, 2]);
     wait_for("re-registration", 30, || {
@@ -328,7 +328,7 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
             && find(&other, "d2").is_some()
     });
     other.ctl_ok(&["borrow", "d2"]);
-    user.ctl_ok(&["check", "d1", "--bytes", "64K"]);
+    user.ctl_ok(&["check", "--write", "d1", "--bytes", "64K"]);
 
     // The borrower of d1 killed: its claim goes with its lease, the lender reclaims d1 when
     // the heartbeats stop, and another host gets it.
@@ -340,7 +340,7 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
     wait_for("d1 borrowed by another host", 15, || {
         other.ctl(&["borrow", "d1"]).status.success()
     });
-    other.ctl_ok(&["check", "d1", "--bytes", "64K"]);
+    other.ctl_ok(&["check", "--write", "d1", "--bytes", "64K"]);
 
     // The lender killed: its devices leave the inventory within the TTL, the borrower sees a
     // surprise removal (I/O fails, nothing hangs) and drops its claims and link.
@@ -351,7 +351,7 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
     });
     eprintln!("lender killed: devices gone from the inventory after {t:?} (TTL {TTL_S} s)");
     assert!(t < Duration::from_secs(TTL_S + 3), "{t:?}");
-    let e = err(&other.ctl(&["check", "d1", "--bytes", "4K"]));
+    let e = err(&other.ctl(&["check", "--write", "d1", "--bytes", "4K"]));
     assert!(!e.is_empty());
     wait_for("the borrower drops what the dead lender lent", 15, || {
         let s = status(&other);
@@ -455,7 +455,7 @@ fn hosts_on_one_machine_link_through_shm_on_demand() {
     borrower.ctl_ok(&["borrow", "shm0"]);
     let s = status(&borrower);
     assert_eq!(s["links"][0]["fabric"], "shm", "{s}");
-    let out = borrower.ctl_ok(&["check", "shm0", "--bytes", "256K"]);
+    let out = borrower.ctl_ok(&["check", "--write", "shm0", "--bytes", "256K"]);
     assert!(out.contains("verified"), "{out}");
     borrower.ctl_ok(&["return", "shm0"]);
     assert!(status(&borrower)["links"].as_array().unwrap().is_empty());

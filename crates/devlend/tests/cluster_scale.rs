@@ -338,7 +338,9 @@ fn sixteen_hosts_borrow_storm_and_failures() {
 
     // The borrowed devices work (one per lender is enough to show the links are real).
     let w0 = winner_of(0);
-    let out = hosts[w0].node.ctl_ok(&["check", "d0", "--bytes", "64K"]);
+    let out = hosts[w0]
+        .node
+        .ctl_ok(&["check", "--write", "d0", "--bytes", "64K"]);
     assert!(out.contains("verified"), "{out}");
 
     // One etcd member of three killed: a return and a new borrow still go through.
@@ -354,7 +356,9 @@ fn sixteen_hosts_borrow_storm_and_failures() {
 
     // etcd away: lending in place goes on, new borrows fail clearly; back: all re-register.
     etcd.kill_all();
-    let out = hosts[other].node.ctl_ok(&["check", "d0", "--bytes", "64K"]);
+    let out = hosts[other]
+        .node
+        .ctl_ok(&["check", "--write", "d0", "--bytes", "64K"]);
     assert!(out.contains("verified"), "{out}");
     hosts[other].node.ctl_ok(&["return", "d0"]);
     let e = hosts[w0].node.ctl(&["borrow", "d0"]);
@@ -371,7 +375,7 @@ fn sixteen_hosts_borrow_storm_and_failures() {
     });
     let out = hosts[winner_of(1)]
         .node
-        .ctl_ok(&["check", "d1", "--bytes", "64K"]);
+        .ctl_ok(&["check", "--write", "d1", "--bytes", "64K"]);
     assert!(
         out.contains("verified"),
         "lending in place during the outage: {out}"
@@ -455,7 +459,7 @@ fn sixteen_hosts_borrow_storm_and_failures() {
     });
     let out = hosts[taker]
         .node
-        .ctl_ok(&["check", &format!("d{dev}"), "--bytes", "64K"]);
+        .ctl_ok(&["check", "--write", &format!("d{dev}"), "--bytes", "64K"]);
     assert!(out.contains("verified"), "{out}");
     assert_eq!(hosts[0].name, "h0");
 

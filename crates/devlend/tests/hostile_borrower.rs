@@ -73,7 +73,7 @@ fn truncating_shared_memfds_cannot_crash_the_lender() {
     let honest = NodeProcess::start(&dir, "honest", &[&fb], 3000);
     honest.ctl_ok(&["borrow", "nvme1"]);
     assert!(honest
-        .ctl_ok(&["check", "nvme1", "--bytes", "256K"])
+        .ctl_ok(&["check", "--write", "nvme1", "--bytes", "256K"])
         .contains("verified"));
 
     // This process is the hostile borrower on the other link.
@@ -111,7 +111,7 @@ fn truncating_shared_memfds_cannot_crash_the_lender() {
     // The lender is up and its other borrower still does verified I/O.
     assert!(lender.ctl_ok(&["list"]).contains("nvme1"));
     assert!(honest
-        .ctl_ok(&["check", "nvme1", "--bytes", "256K"])
+        .ctl_ok(&["check", "--write", "nvme1", "--bytes", "256K"])
         .contains("verified"));
     drop(ctrl);
     drop(node);

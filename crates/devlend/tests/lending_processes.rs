@@ -78,7 +78,7 @@ fn a_killed_borrower_loses_the_device_when_its_lease_expires() {
     let again = NodeProcess::start(&dir, "borrower2", &[&fabric], 1000);
     again.ctl_ok(&["borrow", "nvme0"]);
     assert!(again
-        .ctl_ok(&["check", "nvme0", "--bytes", "256K"])
+        .ctl_ok(&["check", "--write", "nvme0", "--bytes", "256K"])
         .contains("verified"));
     let _ = std::fs::remove_dir_all(&dir);
 }

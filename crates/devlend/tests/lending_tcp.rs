@@ -91,7 +91,9 @@ fn lending_over_tcp_between_namespaces() {
     // The user-space driver on the borrowed device, across the network; bytes in the image.
     let offset = 1u64 << 20;
     let len = 256 * 1024;
-    let report = alice.ctl_ok(&["check", "nvme0", "--bytes", "256K", "--offset", "1M"]);
+    let report = alice.ctl_ok(&[
+        "check", "--write", "nvme0", "--bytes", "256K", "--offset", "1M",
+    ]);
     assert!(report.contains("verified"), "{report}");
     let mut back = vec![0u8; len];
     std::fs::File::open(&image)
@@ -122,7 +124,7 @@ fn lending_over_tcp_between_namespaces() {
     let state = alice.state.clone();
     std::thread::spawn(move || {
         let out = Command::new(exe())
-            .args(["check", "nvme0", "--bytes", "64K", "--state"])
+            .args(["check", "--write", "nvme0", "--bytes", "64K", "--state"])
             .arg(&state)
             .output();
         let _ = tx.send(out.map(|o| o.status.success()).unwrap_or(false));

@@ -122,7 +122,9 @@ fn lspci_and_status_show_devices_leases_and_links() {
         assert!(vv.contains(line), "missing {line:?} in\n{vv}");
     }
     // The driver's set-up (memory, bus mastering, MSI-X) shows in the borrower's view.
-    borrower.ctl_ok(&["check", "nvme0", "--bytes", "64K", "--offset", "1M"]);
+    borrower.ctl_ok(&[
+        "check", "--write", "nvme0", "--bytes", "64K", "--offset", "1M",
+    ]);
     let after = borrower.ctl_ok(&["lspci", "nvme0", "-vv"]);
     assert!(after.contains("\tControl: I/O- Mem+ BusMaster+"), "{after}");
     assert!(after.contains("MSI-X: Enable+ Count=17"), "{after}");
@@ -176,7 +178,9 @@ fn metrics_endpoint_counts_io_and_passes_promtool() {
         &l_before,
         &format!("devlend_device_dma_write_bytes_total{lent}"),
     );
-    borrower.ctl_ok(&["check", "nvme0", "--bytes", "256K", "--offset", "1M"]);
+    borrower.ctl_ok(&[
+        "check", "--write", "nvme0", "--bytes", "256K", "--offset", "1M",
+    ]);
     let (_, page) = get(&b_addr, "/metrics");
     let (_, l_page) = get(&l_addr, "/metrics");
     assert!(series(&page, &format!("devlend_device_mmio_writes_total{dev}")) > mmio_before);
@@ -319,7 +323,7 @@ fn top_shows_rates_that_change_while_io_runs() {
     let io = std::thread::spawn(move || {
         for i in 0..20u64 {
             let out = Command::new(exe())
-                .args(["check", "nvme0", "--bytes", "256K", "--offset"])
+                .args(["check", "--write", "nvme0", "--bytes", "256K", "--offset"])
                 .arg(format!("{}M", 1 + i))
                 .arg("--state")
                 .arg(&state)
@@ -479,7 +483,9 @@ fn a_restarted_lender_lends_again_and_a_restarted_borrower_says_what_it_held() {
     assert!(list.contains("nvme0"), "{list}");
     borrower.wait_peer_lists("nvme0");
     borrower.ctl_ok(&["borrow", "nvme0"]);
-    borrower.ctl_ok(&["check", "nvme0", "--bytes", "64K", "--offset", "1M"]);
+    borrower.ctl_ok(&[
+        "check", "--write", "nvme0", "--bytes", "64K", "--offset", "1M",
+    ]);
     drop((lender, borrower));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -493,7 +499,7 @@ fn a_long_check_prints_no_progress_when_stderr_is_not_a_terminal() {
     // only stderr not being a terminal keeps it off the pipe.
     let out = Command::new(exe())
         .args([
-            "check", "nvme0", "--bytes", "4M", "--offset", "1M", "--state",
+            "check", "--write", "nvme0", "--bytes", "4M", "--offset", "1M", "--state",
         ])
         .arg(&borrower.state)
         .env("DEVLEND_PROGRESS_DELAY_MS", "0")
@@ -541,7 +547,7 @@ fn a_long_check_shows_progress_in_a_terminal() {
         &format!("cat >> {}", pane_log.display()),
     ]);
     let cmd = format!(
-        "DEVLEND_PROGRESS_DELAY_MS=0 {} check nvme0 --bytes 4M --offset 1M --state {}; echo CHECK-\"\"DONE",
+        "DEVLEND_PROGRESS_DELAY_MS=0 {} check --write nvme0 --bytes 4M --offset 1M --state {}; echo CHECK-\"\"DONE",
         exe(),
         borrower.state.display()
     );

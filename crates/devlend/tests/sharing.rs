@@ -134,6 +134,7 @@ fn vfs_are_lent_to_different_borrowers_at_once_and_bad_input_changes_nothing() {
             s.spawn(move || {
                 let out = who.ctl_ok(&[
                     "check",
+                    "--write",
                     if offset == 4096 {
                         "nvme0-vf1"
                     } else {
@@ -254,7 +255,7 @@ fn a_killed_vf_borrower_loses_only_its_vf_while_the_others_io_goes_on() {
     let again = NodeProcess::start(&dir.0, "again", &[&fa], 1000);
     again.ctl_ok(&["borrow", "nvme0-vf1"]);
     assert!(again
-        .ctl_ok(&["check", "nvme0-vf1", "--bytes", "256K"])
+        .ctl_ok(&["check", "--write", "nvme0-vf1", "--bytes", "256K"])
         .contains("verified"));
     wait_ops(
         50,

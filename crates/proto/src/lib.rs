@@ -319,6 +319,9 @@ pub struct AddRequest {
     pub serial: Option<String>,
     /// Model string.
     pub model: Option<String>,
+    /// I/O queue pairs (MSI-X vectors: one more).
+    #[serde(default)]
+    pub queues: Option<u16>,
     /// Lend this many SR-IOV virtual functions (each its own device) instead of the device.
     #[serde(default)]
     pub vfs: Option<u16>,
@@ -375,15 +378,19 @@ pub struct ReclaimRequest {
     pub grace_ms: u64,
 }
 
-/// Run the user-space NVMe driver on a borrowed device: write, read back, flush.
+/// Run the user-space NVMe driver on a borrowed device: read, or (with `write`) write,
+/// flush, read back and verify.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CheckRequest {
     /// Device name.
     pub name: String,
-    /// Bytes to write and verify.
+    /// Bytes to read (or write and verify).
     pub bytes: u64,
     /// Byte offset on the device.
     pub offset: u64,
+    /// Overwrite the range with a test pattern (destroys its data); without it, only read.
+    #[serde(default)]
+    pub write: bool,
 }
 
 /// Config-space snapshots of the devices this host sees (all, or one).
@@ -408,6 +415,9 @@ pub enum DeviceState {
     /// Hot-added to a VM here, but its lease ended (the lender died or revoked it): the
     /// guest sees a failed device until `devlend return` takes it out of the VM.
     LeaseEnded,
+    /// Held by this host until it was taken away without being given back (its lender died,
+    /// the link went down, the lender revoked it); `reason` says which. `return` forgets it.
+    Lost,
 }
 
 /// A device in a listing or status.
@@ -445,6 +455,9 @@ pub struct Device {
     /// Borrowed here and hot-added to this VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmAttachment>,
+    /// Why a `lost` device went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl Device {
@@ -473,6 +486,16 @@ impl Device {
             detail: d.detail.clone(),
             vfio_user: None,
             vm: None,
+            reason: None,
+        }
+    }
+
+    /// A device this host lost (see [`DeviceState::Lost`]).
+    pub fn lost(l: &devlend_lending::LostDevice) -> Self {
+        Device {
+            state: DeviceState::Lost,
+            reason: Some(l.reason.clone()),
+            ..Self::from_desc(&l.device, true)
         }
     }
 }
@@ -587,6 +610,9 @@ pub struct ReturnReply {
     /// VM): it left the VM, and there was nothing to give back.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lease_had_ended: bool,
+    /// The device was lost (not held any more): why. The return only forgot it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
 }
 
 /// `reclaim`.
@@ -639,6 +665,9 @@ pub struct StatusReply {
     pub lending: Vec<Device>,
     /// Devices it holds.
     pub borrowed: Vec<Device>,
+    /// Devices it held until they were taken away (state `lost`, with the reason).
+    #[serde(default)]
+    pub lost: Vec<Device>,
     /// Leases it granted.
     pub leases: Vec<LeaseStatus>,
     /// Each configured link's address and TLS identity.
@@ -653,10 +682,16 @@ pub struct StatusReply {
 pub struct CheckReply {
     /// Device.
     pub name: String,
-    /// Bytes written, read back and verified.
+    /// Bytes read (with `wrote`: written, read back and verified).
     pub bytes: u64,
+    /// Whether the range was overwritten with a test pattern (`--write`).
+    #[serde(default)]
+    pub wrote: bool,
     /// At this byte offset.
     pub offset: u64,
+    /// The controller's serial number, as the driver read it (Identify Controller).
+    #[serde(default)]
+    pub serial: String,
     /// One line for people.
     pub summary: String,
 }

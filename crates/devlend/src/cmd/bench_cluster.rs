@@ -151,6 +151,7 @@ impl Rig {
                 size: Some(4 << 20),
                 serial: None,
                 model: None,
+                queues: None,
                 vfs: None,
                 vf_namespaces: None,
             },

@@ -74,6 +74,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         size: Some(size),
         serial: None,
         model: None,
+        queues: None,
     })?;
     let mut notes = Vec::new();
     let cfg = devlend_nvme_driver::DriverConfig {

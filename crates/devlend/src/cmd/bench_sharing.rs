@@ -175,6 +175,7 @@ impl Rig {
                 size: Some(IMAGE_BYTES),
                 serial: None,
                 model: None,
+                queues: None,
                 vfs: Some(u16::try_from(borrowers)?),
                 vf_namespaces: Some("shared".into()),
             },
@@ -252,6 +253,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         size: Some(IMAGE_BYTES),
         serial: None,
         model: None,
+        queues: None,
     })?;
     let local = Controller::new(local)?;
     let w = Workload::new(

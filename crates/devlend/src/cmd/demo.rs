@@ -158,6 +158,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         size: Some(a.size),
         serial: None,
         model: None,
+        queues: None,
     })?;
     let dur = Duration::from_secs_f64(a.seconds.max(0.2));
     let local_ctrl = Controller::new(local.clone())?;

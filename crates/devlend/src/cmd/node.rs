@@ -46,7 +46,8 @@ pub struct Args {
     /// the threads that read the socket and serve the peer on CPU READER (off by default).
     #[arg(long, value_name = "WRITER,READER")]
     tcp_cpus: Option<String>,
-    /// Lease timeout in milliseconds: a silent borrower loses its devices after this long.
+    /// Lease timeout in milliseconds (at least 100): a silent borrower loses its devices after
+    /// this long.
     #[arg(long)]
     lease_ms: Option<u64>,
     /// Borrow this device from a peer as soon as the link is up (retrying until it is offered).
@@ -171,6 +172,16 @@ impl Args {
             fabrics.push("shm:/tmp/devlend-fabric".into());
         }
         let name = self.name.or(file.name).unwrap_or_else(hostname);
+        devlend_fabric_tcp::keys::check_host_name(&name).map_err(|_| {
+            anyhow::anyhow!(
+                "node name {name:?} is not valid: use letters, digits, '-' and '.' (no spaces), not starting with '-' or '.' (it names the host's TLS certificate)"
+            )
+        })?;
+        let lease_ms = self.lease_ms.or(file.lease_ms).unwrap_or(3000);
+        anyhow::ensure!(
+            lease_ms >= MIN_LEASE_MS,
+            "--lease-ms {lease_ms} is too short: a lease is at least {MIN_LEASE_MS} ms (borrowers renew it every quarter of it)"
+        );
         let cpus = match self.tcp_cpus.or(file.tcp_cpus) {
             Some(s) => host::parse_tcp_cpus(&s)?,
             None => Default::default(),
@@ -191,13 +202,16 @@ impl Args {
                 .state
                 .or(file.state)
                 .unwrap_or_else(|| DEFAULT_STATE.into()),
-            lease: Duration::from_millis(self.lease_ms.or(file.lease_ms).unwrap_or(3000)),
+            lease: Duration::from_millis(lease_ms),
             borrow: self.borrow.map(|b| (b, self.vfio_user)),
             cluster,
             metrics: self.metrics.or(file.metrics),
         })
     }
 }
+
+/// The shortest lease a node grants (`--lease-ms`).
+const MIN_LEASE_MS: u64 = 100;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -222,6 +236,10 @@ struct Daemon {
     /// Devices being taken out of their VMs right now (by `return`, a lender's take-back or
     /// the shutdown): a second take-back of one of them is refused, not run twice.
     leaving: Mutex<HashSet<String>>,
+    /// The image each NVMe device (or SR-IOV physical function) this node lends holds.
+    images: Mutex<HashMap<String, host::ImageLock>>,
+    /// Borrowed devices a `check` is running on now.
+    checking: Mutex<HashSet<String>>,
     /// The state directory (default home of vfio-user sockets for VMs).
     state: PathBuf,
     /// Counters, the metrics page, lspci snapshots.
@@ -279,6 +297,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         servers: Mutex::new(HashMap::new()),
         vms: Mutex::new(HashMap::new()),
         leaving: Mutex::new(HashSet::new()),
+        checking: Mutex::new(HashSet::new()),
+        images: Mutex::new(HashMap::new()),
         state: s.state.clone(),
         observe: Arc::new(observe),
         insecure_tcp: s.tcp.insecure,
@@ -308,6 +328,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     for req in super::persist::devices(&s.state)? {
+        let req = with_defaults(&daemon, req);
         if let Request::Add(add) = &req {
             let name = &add.name;
             match handle(&daemon, req.clone()) {
@@ -545,6 +566,7 @@ fn serve_connection(d: &Daemon, stream: UnixStream, limits: Limits, guard: Activ
     let answer = match read_request(&stream, limits) {
         Ok(None) => return,
         Ok(Some(line)) => proto::parse_request(&line).and_then(|req| {
+            let req = with_defaults(d, req);
             handle(d, req.clone())
                 .and_then(|v| {
                     super::persist::record(&d.state, &req)?;
@@ -560,6 +582,18 @@ fn serve_connection(d: &Daemon, stream: UnixStream, limits: Limits, guard: Activ
     let _ = (&stream).write_all(&line);
 }
 
+/// Fills in what a request leaves to the node, so that what is recorded in `devices.json`
+/// (and replayed after a restart) is what was built: an NVMe device's serial number.
+fn with_defaults(d: &Daemon, req: Request) -> Request {
+    match req {
+        Request::Add(mut add) if add.serial.is_none() => {
+            add.serial = Some(host::default_serial(d.node.name(), &add.name));
+            Request::Add(add)
+        }
+        other => other,
+    }
+}
+
 fn device_of(d: &devlend_lending::protocol::DeviceDesc, held: bool) -> proto::Device {
     proto::Device::from_desc(d, held)
 }
@@ -573,6 +607,7 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
             size,
             serial,
             model,
+            queues,
             vfs,
             vf_namespaces,
         }) => {
@@ -588,9 +623,16 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
                 size,
                 serial,
                 model,
+                queues,
             };
+            if d.node.local_devices().iter().any(|x| x.name == name) {
+                return Err(devlend_lending::LendingError::DuplicateName(name).into());
+            }
+            // Checked, created if missing and locked: a failure below drops the lock, which
+            // removes an image it created.
+            let mut lock = host::ImageLock::take(&opts)?;
             let detail = opts.detail()?;
-            if let Some(vfs) = vfs {
+            let devices = if let Some(vfs) = vfs {
                 let ns = host::parse_vf_namespaces(vf_namespaces.as_deref().unwrap_or("shared"))?;
                 let (pf, offers) = host::nvme_sriov(&opts, &name, vfs, ns)?;
                 let pf_detail = format!(
@@ -598,29 +640,32 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
                     host::SRIOV_TOTAL_VFS
                 );
                 let descs = d.node.add_sriov_device(&name, &pf_detail, pf, offers)?;
-                return Ok(Reply::Add(proto::AddReply {
-                    devices: descs.iter().map(|x| device_of(x, false)).collect(),
-                }));
-            }
-            anyhow::ensure!(vf_namespaces.is_none(), "--vf-namespaces needs --vfs N");
-            if let Some(c) = &d.cluster {
-                c.check_device_name(&name)?;
-            }
-            let desc = d.node.add_device(
-                &name,
-                &detail,
-                d.observe.meter_builder(&name, host::nvme_builder(opts)),
-            )?;
-            if let Some(c) = &d.cluster {
-                // A name that exists elsewhere in the cluster is refused; nothing stays.
-                if let Err(e) = c.register_device(&name, &detail, desc.size_bytes) {
-                    let _ = d.node.remove_device(&name);
-                    return Err(e);
+                descs.iter().map(|x| device_of(x, false)).collect()
+            } else {
+                anyhow::ensure!(vf_namespaces.is_none(), "--vf-namespaces needs --vfs N");
+                if let Some(c) = &d.cluster {
+                    c.check_device_name(&name)?;
                 }
-            }
-            Reply::Add(proto::AddReply {
-                devices: vec![device_of(&desc, false)],
-            })
+                let desc = d.node.add_device(
+                    &name,
+                    &detail,
+                    d.observe.meter_builder(&name, host::nvme_builder(opts)),
+                )?;
+                if let Some(c) = &d.cluster {
+                    // A name that exists elsewhere in the cluster is refused; nothing stays.
+                    if let Err(e) = c.register_device(&name, &detail, desc.size_bytes) {
+                        let _ = d.node.remove_device(&name);
+                        return Err(e);
+                    }
+                }
+                vec![device_of(&desc, false)]
+            };
+            lock.keep();
+            d.images
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name, lock);
+            Reply::Add(proto::AddReply { devices })
         }
         Request::AddVfio(proto::AddVfioRequest { name, bdf, bind }) => {
             anyhow::ensure!(
@@ -695,24 +740,43 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
             vm: None,
             ..
         }) => {
+            if let Some(sock) = &vfio_user {
+                // Refused before the lease is asked for (bind checks again).
+                host::refuse_live_socket(sock)?;
+            }
             let f = borrow_fn(d, &name)?;
+            // From here on the lease is ours: any failure gives it back.
+            let server = match &vfio_user {
+                Some(sock) => {
+                    match host::VfioServer::start(d.observe.meter_borrowed(&name, f.clone()), sock)
+                    {
+                        Ok(server) => Some(server),
+                        Err(e) => {
+                            if let Err(back) = give_back_fn(d, &name, false) {
+                                eprintln!(
+                                    "devlend node: returning {name} after a failed borrow: {back:#}"
+                                );
+                            }
+                            return Err(e.context(format!("{name} not borrowed (given back)")));
+                        }
+                    }
+                }
+                None => None,
+            };
             d.observe.note_borrowed(&name);
-            let mut out = proto::BorrowReply {
+            let out = proto::BorrowReply {
                 name: name.clone(),
                 owner: f.device().owner.clone(),
                 lease: f.lease(),
-                vfio_user: None,
+                vfio_user: vfio_user.clone(),
                 vm: None,
                 timing: d.cluster.as_ref().and_then(|c| c.borrow_timing(&name)),
             };
-            if let Some(sock) = vfio_user {
-                let server =
-                    host::VfioServer::start(d.observe.meter_borrowed(&name, f.clone()), &sock)?;
+            if let (Some(server), Some(sock)) = (server, &vfio_user) {
                 eprintln!(
                     "devlend node: {name}: vfio-user server listening on {}",
                     sock.display()
                 );
-                out.vfio_user = Some(sock);
                 d.servers
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -725,12 +789,14 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
             let TakenBack {
                 removal,
                 lease_had_ended,
+                lost,
             } = take_back(d, &name, grace, Why::Return)?;
             Reply::Return(proto::ReturnReply {
                 name,
                 removal,
                 removal_text: removal.map(|how| how.describe(grace)),
                 lease_had_ended,
+                lost,
             })
         }
         Request::Reclaim(proto::ReclaimRequest { name, grace_ms }) => {
@@ -780,6 +846,20 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
                     .collect(),
                 lending: st.lending.iter().map(|x| device_of(x, false)).collect(),
                 borrowed,
+                // Those still in a VM are listed above, as lease_ended.
+                lost: d
+                    .node
+                    .lost()
+                    .iter()
+                    .filter(|l| !vms.contains_key(&l.device.name))
+                    .map(|l| {
+                        let mut dev = proto::Device::lost(l);
+                        dev.vfio_user = servers
+                            .get(&l.device.name)
+                            .map(|s| s.socket().to_path_buf());
+                        dev
+                    })
+                    .collect(),
                 leases: st.leases,
                 link_details: d.observe.link_details(d.insecure_tcp),
                 cluster: d.cluster.as_ref().map(|c| c.status()),
@@ -789,6 +869,7 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
             name,
             bytes,
             offset,
+            write,
         }) => {
             let f = d.node.borrowed(&name).ok_or_else(|| {
                 ErrorBody::new(
@@ -796,12 +877,17 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
                     format!("{name} is not borrowed here; run `devlend borrow {name}` first"),
                 )
             })?;
-            let summary = host::check_device(d.observe.meter_borrowed(&name, f), offset, bytes)?;
+            // The driver resets the controller: never under a VMM, never under another check.
+            let _checking = CheckGuard::enter(d, &name)?;
+            let checked =
+                host::check_device(d.observe.meter_borrowed(&name, f), offset, bytes, write)?;
             Reply::Check(proto::CheckReply {
                 name,
                 bytes,
+                wrote: write,
                 offset,
-                summary,
+                serial: checked.serial,
+                summary: checked.summary,
             })
         }
         Request::Lspci(proto::LspciRequest { name }) => Reply::Lspci(proto::LspciReply {
@@ -813,6 +899,62 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
             Reply::Empty(proto::Empty {})
         }
     })
+}
+
+/// A `check` running on a device: while it lives, the device is not checked again or served.
+struct CheckGuard<'a> {
+    d: &'a Daemon,
+    name: String,
+}
+
+impl<'a> CheckGuard<'a> {
+    /// Refuses (`in_use`) a device served over vfio-user, in a VM, or being checked already:
+    /// the driver's controller reset would pull it from under whoever uses it.
+    fn enter(d: &'a Daemon, name: &str) -> Result<Self, ErrorBody> {
+        let in_use = |why: String| {
+            ErrorBody::new(
+                ErrorCode::InUse,
+                format!(
+                    "{name} {why}; check would reset the controller under it (and --write overwrite its data): `devlend return {name}` and borrow it again without --vfio-user/--vm to check it"
+                ),
+            )
+        };
+        if let Some(v) = d.vms.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Err(in_use(format!("is in the VM at {}", v.att.qmp.display())));
+        }
+        if let Some(server) = d
+            .servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Err(in_use(format!(
+                "is served over vfio-user at {} (a VMM may be using it)",
+                server.socket().display()
+            )));
+        }
+        let mut checking = d.checking.lock().unwrap_or_else(|e| e.into_inner());
+        if !checking.insert(name.to_string()) {
+            return Err(ErrorBody::new(
+                ErrorCode::InUse,
+                format!("another check is running on {name}; wait for it"),
+            ));
+        }
+        Ok(CheckGuard {
+            d,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for CheckGuard<'_> {
+    fn drop(&mut self) {
+        self.d
+            .checking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+    }
 }
 
 /// `borrow NAME --vm QMP`: checks the VM first (nothing is borrowed when it cannot take the
@@ -916,12 +1058,14 @@ enum Why {
 }
 
 /// How a take-back went.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct TakenBack {
     /// How it left its VM (`None`: it was in none).
     removal: Option<vm::Removal>,
     /// The lease had ended before (the lender revoked it or is gone): nothing was given back.
     lease_had_ended: bool,
+    /// It was lost (taken from this host, not in a VM): why. The take-back only forgot it.
+    lost: Option<String>,
 }
 
 /// Marks a device as leaving its VM for as long as it lives.
@@ -987,12 +1131,23 @@ fn take_back(d: &Daemon, name: &str, grace: Duration, why: Why) -> anyhow::Resul
         return Ok(TakenBack {
             removal,
             lease_had_ended,
+            lost: None,
         });
     }
-    give_back_fn(d, name, lease_had_ended)?;
+    // Taken from this host already (lender gone, revoked): nothing to give back; the take-back
+    // forgets it.
+    let forgotten = if d.node.borrowed(name).is_none() {
+        d.node.forget_lost(name).map(|l| l.reason)
+    } else {
+        None
+    };
+    if lease_had_ended || forgotten.is_none() {
+        give_back_fn(d, name, lease_had_ended)?;
+    }
     Ok(TakenBack {
         removal,
         lease_had_ended,
+        lost: forgotten.filter(|_| !lease_had_ended),
     })
 }
 

@@ -64,7 +64,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.device {
         Device::Nvme(a) => {
+            // The image is this server's alone while it runs (as a node's device holds it).
+            let mut lock = crate::host::ImageLock::take(&crate::host::NvmeOptions {
+                image: a.image.clone(),
+                size: a.size,
+                serial: None,
+                model: None,
+                queues: None,
+            })?;
             let function = local_nvme(&a)?;
+            lock.keep();
             serve(function, &a.vfio_user)
         }
     }

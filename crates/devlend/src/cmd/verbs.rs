@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::ctl::{call, Target};
 use crate::proto::{
-    AddRequest, AddVfioRequest, BorrowRequest, CheckRequest, Device, DeviceState, ListRequest,
-    ReclaimRequest, ReturnRequest, StatusRequest, VmAttachment,
+    AddRequest, AddVfioRequest, BorrowRequest, CheckRequest, Device, DeviceState, ErrorBody,
+    ErrorCode, ListRequest, ReclaimRequest, ReturnRequest, StatusRequest, VmAttachment,
 };
 
 /// `devlend add nvme ...`
@@ -37,6 +37,11 @@ pub struct AddArgs {
     /// NVMe model string.
     #[arg(long)]
     model: Option<String>,
+    /// NVMe I/O queue pairs (1 to 47, default 16). The device has one MSI-X vector per queue
+    /// plus one, and each takes one of the 48 interrupt doorbell bits of the link it is lent
+    /// over: with 16, two devices fit on one link; with 4, nine.
+    #[arg(long, value_name = "N")]
+    queues: Option<u16>,
     /// Lend N SR-IOV virtual functions (NAME-vf1 ... NAME-vfN, each borrowable on its own)
     /// instead of the device: this host manages the physical function.
     #[arg(long, value_name = "N")]
@@ -108,12 +113,17 @@ pub struct CheckArgs {
     target: Target,
     /// Borrowed device name.
     name: String,
-    /// Bytes to write, read back and verify.
+    /// Bytes to read (with --write: to write, read back and verify).
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     bytes: u64,
     /// Byte offset on the device.
     #[arg(long, default_value = "0", value_parser = parse_size)]
     offset: u64,
+    /// Overwrite --bytes at --offset with a test pattern, flush, read back and verify. THIS
+    /// DESTROYS WHAT IS STORED THERE (at offset 0: the partition table and superblock).
+    /// Without it, check only reads.
+    #[arg(long)]
+    write: bool,
 }
 
 /// `devlend keygen`
@@ -128,6 +138,10 @@ pub struct KeygenArgs {
     /// Print JSON instead of text (an error too, on stderr).
     #[arg(long)]
     pub json: bool,
+    /// Replace a CA that is already in --dir. Every key it signed (handed out to hosts
+    /// already) stops working.
+    #[arg(long)]
+    force: bool,
 }
 
 /// What `keygen --json` prints.
@@ -140,7 +154,32 @@ struct KeygenReply<'a> {
 /// Runs `keygen`.
 pub fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     let names: Vec<&str> = a.hosts.iter().map(String::as_str).collect();
-    devlend_fabric_tcp::keys::generate(&a.dir, &names)?;
+    for (i, n) in names.iter().enumerate() {
+        if names.get(..i).is_some_and(|seen| seen.contains(n)) {
+            return Err(ErrorBody::new(
+                ErrorCode::Invalid,
+                format!("host name {n:?} is given twice: each host needs its own name"),
+            )
+            .into());
+        }
+    }
+    let ca = devlend_fabric_tcp::keys::ca_path(&a.dir);
+    if ca.exists() && !a.force {
+        return Err(ErrorBody::new(
+            ErrorCode::AlreadyExists,
+            format!(
+                "{} holds a CA already: a new one would make every key it signed stop working. Use another --dir, or --force to replace it",
+                ca.display()
+            ),
+        )
+        .into());
+    }
+    devlend_fabric_tcp::keys::generate(&a.dir, &names).map_err(|e| match e {
+        devlend_fabric_tcp::keys::KeyError::BadHostName(_) => {
+            anyhow::Error::from(ErrorBody::new(ErrorCode::Invalid, e.to_string()))
+        }
+        e => e.into(),
+    })?;
     if a.json {
         println!(
             "{}",
@@ -198,6 +237,7 @@ fn device_line(d: &Device) -> String {
     let state = match (&d.state, &d.borrower) {
         (DeviceState::Lent | DeviceState::Borrowed, Some(b)) => format!("lent to {b}"),
         (DeviceState::ManagingVfs, _) => "manages its VFs".into(),
+        (DeviceState::Lost, _) => "lost (not held any more)".into(),
         (DeviceState::Borrowed, None) => "borrowed".into(),
         (DeviceState::LeaseEnded, _) => "lease ended".into(),
         _ => "available".into(),
@@ -247,6 +287,7 @@ pub fn add(a: AddArgs) -> anyhow::Result<()> {
         size: a.size,
         serial: a.serial,
         model: a.model,
+        queues: a.queues,
         vfs: a.vfs,
         vf_namespaces: a.vf_namespaces,
     };
@@ -265,8 +306,12 @@ fn add_vfio(a: AddArgs) -> anyhow::Result<()> {
         anyhow::anyhow!("`devlend add vfio` needs the function's PCI address, e.g. 0000:01:00.0")
     })?;
     anyhow::ensure!(
-        a.image.is_none() && a.size.is_none() && a.serial.is_none() && a.model.is_none(),
-        "--image, --size, --serial and --model are for `devlend add nvme`; a real device brings its own"
+        a.image.is_none()
+            && a.size.is_none()
+            && a.serial.is_none()
+            && a.model.is_none()
+            && a.queues.is_none(),
+        "--image, --size, --serial, --model and --queues are for `devlend add nvme`; a real device brings its own"
     );
     let name = match a.name {
         Some(n) => n,
@@ -350,9 +395,13 @@ pub fn give_back(a: NameArgs) -> anyhow::Result<()> {
         } else {
             ""
         };
-        match &v.removal_text {
-            Some(how) => format!("returned {}: {how}{ended}\n", v.name),
-            None => format!("returned {}{ended}\n", v.name),
+        match (&v.lost, &v.removal_text) {
+            (Some(why), _) => format!(
+                "forgot {}: it was lost before ({why}); nothing to give back\n",
+                v.name
+            ),
+            (None, Some(how)) => format!("returned {}: {how}{ended}\n", v.name),
+            (None, None) => format!("returned {}{ended}\n", v.name),
         }
     })
 }
@@ -403,6 +452,14 @@ pub fn status(a: PlainArgs) -> anyhow::Result<()> {
         for d in &v.lending {
             s.push_str(&format!("  lending  {}", device_line(d)));
         }
+        for d in &v.lost {
+            s.push_str(&format!("  lost     {}", device_line(d)));
+            s.push_str(&format!(
+                "           {}; `devlend return {}` forgets it\n",
+                d.reason.as_deref().unwrap_or("taken away"),
+                d.name
+            ));
+        }
         for d in &v.borrowed {
             s.push_str(&format!("  borrowed {}", device_line(d)));
             if let Some(vm) = &d.vm {
@@ -445,6 +502,7 @@ pub fn check(a: CheckArgs) -> anyhow::Result<()> {
         name: a.name,
         bytes: a.bytes,
         offset: a.offset,
+        write: a.write,
     };
     let v = call(&a.target.state, req, Duration::from_secs(300))?;
     emit(&a.target, &v, |v| format!("{}\n", v.summary))
