@@ -1,0 +1,328 @@
+//! Who reads the socket, and how it passes between readers.
+//!
+//! Two kinds of thread read a connection's socket:
+//!
+//! - the **reader thread**, for the peer's requests (and replies nobody else picks up). It
+//!   sleeps in [`Watch::wait`] on a one-shot epoll watch of the socket, *without* holding the
+//!   receive buffers, so that a caller can take the socket over at any time without waiting
+//!   for this thread to be scheduled;
+//! - a **caller** waiting for the reply to its own request (a read, say). It reads the socket
+//!   itself, so that the reply wakes the caller directly, not through the reader thread (one
+//!   wake-up instead of two on the latency path).
+//!
+//! The receive buffers are behind one lock ([`Handoff`]'s `rx`), so only one thread reads the
+//! socket at a time: whoever holds it "has the socket". The hand-off protocol, with its three
+//! pieces of state:
+//!
+//! - `leaders` counts the callers that want the socket. The reader thread, while it holds the
+//!   socket and reads on (adaptive polling), gives it up as soon as this is non-zero
+//!   ([`Handoff::wanted`]).
+//! - `leading` is set while a caller has the socket: another caller then waits for its reply
+//!   on its channel ([`Handoff::led`]) rather than queueing for the lock; the caller that has
+//!   the socket hands every reply it reads to its caller.
+//! - `armed` (under the lock) tells whether the reader thread's watch may be armed. A caller
+//!   taking the socket disarms the watch (so that its reply does not wake the reader thread
+//!   too); the **last** caller to leave (`leaders` back to 0) re-arms it. The reader thread,
+//!   after its turn, re-arms the watch itself unless a caller waits for the socket; then that
+//!   caller (or the last one after it) re-arms it.
+//!
+//! The invariants (checked by the model test below): one reader of the socket at a time; while
+//! a caller has the socket, the watch is disarmed; and no lost wake-up — when nobody has the
+//! socket and no caller wants it, the watch is armed, so data arriving later wakes the reader
+//! thread. A caller waiting on its channel therefore always gets its reply: from the caller
+//! that has the socket, or from the reader thread once that caller left. (In the session every
+//! wait also has a timeout, the keepalive interval, so a lost wake-up would cost latency rather
+//! than a hang; the model waits without timeouts, so there it is a deadlock, and detected.)
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use devlend_fabric::FabricError;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+
+use super::recv::Pumped;
+use super::{lock, EndError, Reply, RxState, Session};
+use crate::ntb::Inner;
+use crate::watch::Watch;
+
+/// A spinning reader yields the CPU every this many polls of the socket (on two cores, a pure
+/// spin would starve the thread it waits for).
+const SPIN_YIELD_EVERY: u32 = 1;
+
+/// The reader thread's wake-up on the socket, as the hand-off drives it.
+pub(super) trait Arm {
+    /// Lets the next event (or one already pending) wake the reader thread, once.
+    fn arm(&self) -> io::Result<()>;
+    /// Keeps events from waking the reader thread until the next [`Arm::arm`].
+    fn disarm(&self) -> io::Result<()>;
+}
+
+impl Arm for Watch {
+    fn arm(&self) -> io::Result<()> {
+        Watch::arm(self)
+    }
+
+    fn disarm(&self) -> io::Result<()> {
+        Watch::disarm(self)
+    }
+}
+
+/// The receive state `S`, with what the hand-off keeps under the same lock.
+struct Held<S> {
+    state: S,
+    /// The watch may be armed (a caller taking over the socket disarms it first).
+    armed: bool,
+}
+
+/// The socket's receive state and the reader thread's watch `W`, handed between the reader
+/// thread and callers (see the module's documentation).
+pub(super) struct Handoff<S, W> {
+    rx: Mutex<Held<S>>,
+    watch: W,
+    /// Callers that want to read; the reader thread leaves the socket to them meanwhile, and
+    /// the last one re-arms the watch.
+    leaders: AtomicUsize,
+    /// A caller is reading: other callers wait for their reply instead of taking over.
+    leading: AtomicBool,
+}
+
+impl<S, W: Arm> Handoff<S, W> {
+    /// `watch` must be armed.
+    pub(super) fn new(state: S, watch: W) -> Self {
+        Self {
+            rx: Mutex::new(Held { state, armed: true }),
+            watch,
+            leaders: AtomicUsize::new(0),
+            leading: AtomicBool::new(false),
+        }
+    }
+
+    /// The reader thread's watch (it waits on it).
+    pub(super) fn watch(&self) -> &W {
+        &self.watch
+    }
+
+    /// Whether a caller has the socket (and hands other callers their replies).
+    pub(super) fn led(&self) -> bool {
+        self.leading.load(Ordering::Acquire)
+    }
+
+    /// Whether a caller wants the socket: the reader thread should give it up.
+    pub(super) fn wanted(&self) -> bool {
+        self.leaders.load(Ordering::Acquire) != 0
+    }
+
+    /// Runs `read` with the receive state: the reader thread's first read (what came with
+    /// the handshake), before its watch fired.
+    pub(super) fn first<T>(&self, read: impl FnOnce(&mut S) -> T) -> T {
+        read(&mut lock(&self.rx).state)
+    }
+
+    /// A caller takes the socket and runs `read` with it, disarming the reader thread's watch
+    /// meanwhile; the last caller out re-arms it. `Ok(None)` when another caller had taken
+    /// the socket first (wait for it to hand the reply over). An error when the watch could
+    /// not be re-armed (the reader thread would not wake: the connection is unusable).
+    pub(super) fn lead<T>(&self, read: impl FnOnce(&mut S) -> T) -> io::Result<Option<T>> {
+        self.leaders.fetch_add(1, Ordering::AcqRel);
+        let mut st = lock(&self.rx);
+        let result = if self.leading.swap(true, Ordering::AcqRel) {
+            // Lost the race to another caller: wait for it instead.
+            None
+        } else {
+            if st.armed {
+                // A failure only costs the reader thread a spurious wake-up.
+                let _ = self.watch.disarm();
+                st.armed = false;
+            }
+            let r = read(&mut st.state);
+            self.leading.store(false, Ordering::Release);
+            Some(r)
+        };
+        if self.leaders.fetch_sub(1, Ordering::AcqRel) == 1 && !st.armed {
+            // The last caller out hands the socket back to the reader thread.
+            self.watch.arm()?;
+            st.armed = true;
+        }
+        drop(st);
+        Ok(result)
+    }
+
+    /// The reader thread's turn once its watch fired: `read` runs with the socket (giving it
+    /// up when [`Handoff::wanted`]) and returns whether to go on (`false`: the connection
+    /// ended). Then the watch is re-armed, unless a caller waits for the socket: that caller
+    /// re-arms it when it is done.
+    pub(super) fn reader_turn<E: From<io::Error>>(
+        &self,
+        read: impl FnOnce(&mut S) -> Result<bool, E>,
+    ) -> Result<bool, E> {
+        let mut st = lock(&self.rx);
+        // The event disarmed the watch; `armed` stays set (a caller disarming again is
+        // harmless).
+        if !read(&mut st.state)? {
+            return Ok(false);
+        }
+        if !self.wanted() {
+            self.watch.arm()?;
+            st.armed = true;
+        }
+        // Else a caller waits for the socket and re-arms the watch when it is done.
+        Ok(true)
+    }
+}
+
+/// Waits until `sock` is readable (or has an error or hang-up); `false` after `timeout`.
+fn wait_readable(sock: &std::net::TcpStream, timeout: Duration) -> Result<bool, EndError> {
+    let timeout = Timespec::try_from(timeout.max(Duration::from_millis(1))).ok();
+    loop {
+        let mut fds = [PollFd::new(sock, PollFlags::IN)];
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(EndError::Io(e.into())),
+        }
+    }
+}
+
+impl Session {
+    /// Waits for the reply on `reply`, reading the socket itself when no one else is.
+    pub(super) fn await_reply(
+        &self,
+        inner: &Inner,
+        reply: &Receiver<Reply>,
+        deadline: Instant,
+    ) -> Result<Reply, FabricError> {
+        loop {
+            match reply.try_recv() {
+                Ok(r) => return Ok(r),
+                Err(TryRecvError::Disconnected) => return Err(FabricError::LinkDown),
+                Err(TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(FabricError::Timeout);
+            }
+            if self.rx.led() {
+                // Another caller reads the socket and hands our reply over.
+                match reply.recv_timeout((deadline - now).min(self.keepalive_interval)) {
+                    Ok(r) => return Ok(r),
+                    Err(RecvTimeoutError::Disconnected) => return Err(FabricError::LinkDown),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                }
+            }
+            match self.rx.lead(|st| self.lead(inner, st, reply, deadline)) {
+                Ok(Some(r)) => return r,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "fabric link down: cannot watch the socket");
+                    inner.link_down(self);
+                    return Err(FabricError::LinkDown);
+                }
+            }
+        }
+    }
+
+    /// A caller with the socket: reads it until its reply came.
+    fn lead(
+        &self,
+        inner: &Inner,
+        st: &mut RxState,
+        reply: &Receiver<Reply>,
+        deadline: Instant,
+    ) -> Result<Reply, FabricError> {
+        let end = |e: EndError| {
+            if !matches!(e, EndError::Closed) {
+                tracing::warn!(reason = %e, "fabric link down");
+            }
+            inner.link_down(self);
+            FabricError::LinkDown
+        };
+        let spin_start = Instant::now();
+        let mut polls = 0u32;
+        loop {
+            match reply.try_recv() {
+                Ok(r) => return Ok(r),
+                Err(TryRecvError::Disconnected) => return Err(FabricError::LinkDown),
+                Err(TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(FabricError::Timeout);
+            }
+            // Poll for the spin budget, then sleep until the socket is readable.
+            let readable = if now.duration_since(spin_start) < self.spin {
+                polls = polls.wrapping_add(1);
+                if polls.is_multiple_of(SPIN_YIELD_EVERY) {
+                    std::thread::yield_now();
+                }
+                true
+            } else {
+                let wait = (deadline - now).min(self.keepalive_interval);
+                wait_readable(&self.sock, wait).map_err(end)?
+            };
+            if readable {
+                match self.pump(inner, st) {
+                    Ok(Pumped::Nothing | Pumped::Data) => {}
+                    Ok(Pumped::Eof) => {
+                        tracing::info!("fabric peer closed the link");
+                        return Err(end(EndError::Closed));
+                    }
+                    Err(e) => return Err(end(e)),
+                }
+            } else if self.silent_too_long() {
+                return Err(end(EndError::Silent));
+            }
+        }
+    }
+
+    /// The reader thread: reads the socket whenever no caller does (see the module's
+    /// documentation).
+    pub(super) fn read_loop(&self, inner: &Inner) -> Result<(), EndError> {
+        // What came with the end of the handshake, before any wake-up.
+        if self.rx.first(|st| self.pump(inner, st))? == Pumped::Eof {
+            return Ok(());
+        }
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(EndError::Closed);
+            }
+            if !self.rx.watch().wait(self.keepalive_interval)? {
+                if self.silent_too_long() {
+                    return Err(EndError::Silent);
+                }
+                continue;
+            }
+            if !self.rx.reader_turn(|st| {
+                Ok::<_, EndError>(self.read_while_busy(inner, st)? != Pumped::Eof)
+            })? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads the socket until it has been quiet for the spin budget, or until a caller wants
+    /// it (adaptive polling: the peer's next request usually follows within the budget).
+    fn read_while_busy(&self, inner: &Inner, st: &mut RxState) -> Result<Pumped, EndError> {
+        let mut last = Instant::now();
+        let mut polls = 0u32;
+        while !self.rx.wanted() {
+            match self.pump(inner, st)? {
+                Pumped::Eof => return Ok(Pumped::Eof),
+                Pumped::Data => last = Instant::now(),
+                Pumped::Nothing if last.elapsed() >= self.spin => break,
+                Pumped::Nothing => {
+                    polls = polls.wrapping_add(1);
+                    if polls.is_multiple_of(SPIN_YIELD_EVERY) {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+        Ok(Pumped::Nothing)
+    }
+}
+
+#[cfg(test)]
+mod tests;
