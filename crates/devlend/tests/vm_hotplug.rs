@@ -34,11 +34,9 @@ use common::{scratch, NodeProcess};
 use devlend_testkit::guest::live::{Hotplug, LiveGuest, LiveSpec, POWER_ON_AND_RESCAN};
 use devlend_testkit::guest::{self, VmAssets};
 
-/// The two-VM test's devices. Serials given: `devlend add nvme` gives every device the
-/// serial DEVLEND0001 today, and Linux refuses a second controller with a serial it has
-/// (`Duplicate cntlid 0 ... rejecting`).
-const TWO_VM_DEVICES: [(&str, Option<&str>); 2] =
-    [("nvme0", Some("DLHP0")), ("nvme1", Some("DLHP1"))];
+/// The two-VM test's devices, with the serials `devlend add nvme` gives (one per device:
+/// Linux refuses a second controller with a serial it has, `Duplicate cntlid 0 ... rejecting`).
+const TWO_VM_DEVICES: [(&str, Option<&str>); 2] = [("nvme0", None), ("nvme1", None)];
 
 /// Generous: TCG guests on a machine shared with other builds.
 const GUEST_CMD: Duration = Duration::from_secs(120);
@@ -190,14 +188,15 @@ fn serials(guest: &mut LiveGuest) -> Vec<String> {
 }
 
 /// The serial of the controller the guest found at the guest address in a `borrow --vm`
-/// reply (waits for it at most a minute).
+/// reply, once the controller is live (before, sysfs may show `(efault)`); waits at most a
+/// minute.
 fn serial_at(guest: &mut LiveGuest, reply: &serde_json::Value) -> String {
     let addr = reply["vm"]["guest_address"]
         .as_str()
         .unwrap_or_else(|| panic!("no guest address in {reply}"));
     let lines = ok(
         guest,
-        &format!("i=0; while :; do for c in /sys/bus/pci/devices/{addr}/nvme/nvme*; do [ -e $c/serial ] && {{ tr -d ' ' < $c/serial; exit 0; }}; done; i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done"),
+        &format!("i=0; while :; do for c in /sys/bus/pci/devices/{addr}/nvme/nvme*; do [ \"$(cat $c/state 2>/dev/null)\" = live ] && {{ tr -d ' ' < $c/serial; exit 0; }}; done; i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done"),
     );
     lines
         .last()
