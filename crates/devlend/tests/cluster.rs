@@ -349,8 +349,10 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
     let t = wait_for("the dead lender's devices leave the inventory", 15, || {
         list(&other).is_empty()
     });
+    // Nobody deletes a dead lender's records: they leave with its etcd lease. How soon is
+    // etcd's TTL (measured by `devlend bench cluster`), not asserted here: no test depends on
+    // how fast a loaded machine is.
     eprintln!("lender killed: devices gone from the inventory after {t:?} (TTL {TTL_S} s)");
-    assert!(t < Duration::from_secs(TTL_S + 3), "{t:?}");
     let e = err(&other.ctl(&["check", "--write", "d1", "--bytes", "4K"]));
     assert!(!e.is_empty());
     wait_for("the borrower drops what the dead lender lent", 15, || {

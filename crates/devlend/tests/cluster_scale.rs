@@ -415,7 +415,8 @@ fn sixteen_hosts_borrow_storm_and_failures() {
             .any(|d| d["name"] == format!("d{victim}"))
     });
     eprintln!("cluster_scale: lender h{victim} killed: d{victim} left the inventory after {t:?} (TTL {TTL_S} s)");
-    assert!(t <= Duration::from_secs(TTL_S + 3), "{t:?}");
+    // It left with its etcd lease (nobody deletes a dead lender's records); how soon is
+    // measured by `devlend bench cluster`, not asserted: no test depends on the machine's speed.
     wait_for(
         "the borrower sees the surprise removal and lets go",
         20,
