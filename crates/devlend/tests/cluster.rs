@@ -9,9 +9,8 @@ mod etcd_rig;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use common::{exe, scratch, NodeProcess};
+use common::{exe, scratch, status, wait_for, NodeProcess};
 use etcd_rig::EtcdCluster;
 use serde_json::Value;
 
@@ -87,23 +86,6 @@ fn add(node: &NodeProcess, dir: &Path, name: &str) -> std::process::Output {
         "--name",
         name,
     ])
-}
-
-fn status(node: &NodeProcess) -> Value {
-    serde_json::from_str(&node.ctl_ok(&["status", "--json"])).unwrap()
-}
-
-/// Waits for `cond` on this node's view, at most `secs`.
-fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "{what}: not within {secs} s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
 }
 
 /// Removes a scratch directory even when the test fails.

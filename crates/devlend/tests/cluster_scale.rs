@@ -19,9 +19,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{exe, NodeProcess};
+use common::{exe, status, wait_for, NodeProcess};
 use etcd_rig::EtcdCluster;
 use serde_json::Value;
 
@@ -169,22 +169,6 @@ fn holder(node: &NodeProcess, device: &str) -> Option<String> {
         .into_iter()
         .find(|d| d["name"] == device)
         .and_then(|d| d["borrower"].as_str().map(str::to_string))
-}
-
-fn status(node: &NodeProcess) -> Value {
-    serde_json::from_str(&node.ctl_ok(&["status", "--json"])).unwrap()
-}
-
-fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "{what}: not within {secs} s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
 }
 
 fn scratch() -> PathBuf {

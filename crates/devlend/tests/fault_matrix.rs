@@ -59,16 +59,7 @@ fn reps() -> usize {
 
 fn lender(dir: &Path, fabric: &Path) -> NodeProcess {
     let lender = NodeProcess::start(dir, "lender", &[fabric], LEASE_MS);
-    lender.ctl_ok(&[
-        "add",
-        "nvme",
-        "--name",
-        "nvme0",
-        "--size",
-        "16M",
-        "--image",
-        dir.join("lent.img").to_str().unwrap(),
-    ]);
+    lender.add_nvme("nvme0", &dir.join("lent.img"), "16M");
     lender
 }
 
@@ -324,16 +315,7 @@ fn tcp_cut(ns: &NetnsPair, rep: usize) -> Row {
         LEASE_MS,
         &["--insecure-tcp"],
     );
-    lender.ctl_ok(&[
-        "add",
-        "nvme",
-        "--name",
-        "nvme0",
-        "--size",
-        "16M",
-        "--image",
-        dir.join("lent.img").to_str().unwrap(),
-    ]);
+    lender.add_nvme("nvme0", &dir.join("lent.img"), "16M");
     let fabric = std::path::PathBuf::from(format!("tcp:{lender_ip}:{port}"));
     let exe = std::env::current_exe().unwrap();
     let (mut child, acked, ended) = spawn_writer(ns.command(1, exe.to_str().unwrap()), &fabric);

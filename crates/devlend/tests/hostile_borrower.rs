@@ -17,17 +17,7 @@ mod common;
 use common::{scratch, NodeProcess};
 
 fn add_nvme(lender: &NodeProcess, dir: &Path, name: &str) {
-    let image = dir.join(format!("{name}.img"));
-    lender.ctl_ok(&[
-        "add",
-        "nvme",
-        "--name",
-        name,
-        "--size",
-        "16M",
-        "--image",
-        image.to_str().unwrap(),
-    ]);
+    lender.add_nvme(name, &dir.join(format!("{name}.img")), "16M");
 }
 
 /// This process's descriptors whose memfd name starts with `name`.

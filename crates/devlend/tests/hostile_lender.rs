@@ -25,7 +25,7 @@ const CHILD_ENV: &str = "DEVLEND_HOSTILE_LENDER_FABRIC";
 const GUARD: Duration = Duration::from_secs(60);
 
 fn verified(node: &NodeProcess) {
-    let out = node.ctl_ok(&["check", "nvme0", "--bytes", "256K"]);
+    let out = node.ctl_ok(&["check", "--write", "nvme0", "--bytes", "256K"]);
     assert!(out.contains("verified"), "{out}");
 }
 
@@ -34,16 +34,7 @@ fn a_hostile_lender_process_is_refused_and_the_honest_device_keeps_working() {
     let dir = scratch("hostile-lender");
     let (honest_fabric, evil_fabric) = (dir.join("fabric-honest"), dir.join("fabric-evil"));
     let lender = NodeProcess::start(&dir, "lender", &[&honest_fabric], 3000);
-    lender.ctl_ok(&[
-        "add",
-        "nvme",
-        "--name",
-        "nvme0",
-        "--size",
-        "16M",
-        "--image",
-        dir.join("lent.img").to_str().unwrap(),
-    ]);
+    lender.add_nvme("nvme0", &dir.join("lent.img"), "16M");
 
     // The hostile lender: this test binary again, in a process of its own. It prints one
     // `RETURNED n` line per grant given back.

@@ -34,16 +34,7 @@ fn a_hostile_vmm_gets_its_guest_ram_refused_and_the_borrower_stays_up() {
     let dir = scratch("hostile-vmm");
     let fabric = dir.join("fabric");
     let lender = NodeProcess::start(&dir, "lender", &[&fabric], 3000);
-    lender.ctl_ok(&[
-        "add",
-        "nvme",
-        "--name",
-        "nvme0",
-        "--size",
-        "16M",
-        "--image",
-        dir.join("lent.img").to_str().unwrap(),
-    ]);
+    lender.add_nvme("nvme0", &dir.join("lent.img"), "16M");
     let borrower = NodeProcess::start(&dir, "borrower", &[&fabric], 3000);
     borrower.wait_peer_lists("nvme0");
     let sock = dir.join("vfio-user.sock");

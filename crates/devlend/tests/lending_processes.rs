@@ -25,26 +25,13 @@ fn borrower_here(fabric: &Path) -> Node {
     node
 }
 
-fn add_nvme(lender: &NodeProcess, image: &Path, size: &str) {
-    lender.ctl_ok(&[
-        "add",
-        "nvme",
-        "--name",
-        "nvme0",
-        "--size",
-        size,
-        "--image",
-        image.to_str().unwrap(),
-    ]);
-}
-
 #[test]
 fn driver_suite_runs_unchanged_on_a_borrowed_device() {
     let dir = scratch("suite");
     let fabric = dir.join("fabric");
     let lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
     let image = dir.join("lent.img");
-    add_nvme(&lender, &image, "64M");
+    lender.add_nvme("nvme0", &image, "64M");
     let node = borrower_here(&fabric);
     let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
     // The doorbell page is memory the device polls: on shm the borrower reaches it directly.
@@ -64,7 +51,7 @@ fn a_killed_borrower_loses_the_device_when_its_lease_expires() {
     let dir = scratch("lease");
     let fabric = dir.join("fabric");
     let lender = NodeProcess::start(&dir, "lender", &[&fabric], 1000);
-    add_nvme(&lender, &dir.join("lent.img"), "16M");
+    lender.add_nvme("nvme0", &dir.join("lent.img"), "16M");
     let mut borrower = NodeProcess::start(&dir, "borrower", &[&fabric], 1000);
     borrower.ctl_ok(&["borrow", "nvme0"]);
     assert_eq!(lender.borrower_of("nvme0").as_deref(), Some("borrower"));
@@ -89,7 +76,7 @@ fn a_killed_lender_is_a_surprise_removal_and_completed_writes_survive() {
     let fabric = dir.join("fabric");
     let mut lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
     let image = dir.join("lent.img");
-    add_nvme(&lender, &image, "32M");
+    lender.add_nvme("nvme0", &image, "32M");
     let node = borrower_here(&fabric);
     let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
     let ctrl = Controller::new(f).unwrap();
@@ -134,7 +121,7 @@ fn a_second_borrower_is_refused_with_the_holders_name() {
     let dir = scratch("owner");
     let (fa, fb) = (dir.join("fabric-a"), dir.join("fabric-b"));
     let lender = NodeProcess::start(&dir, "lender", &[&fa, &fb], 5000);
-    add_nvme(&lender, &dir.join("lent.img"), "16M");
+    lender.add_nvme("nvme0", &dir.join("lent.img"), "16M");
     let alice = NodeProcess::start(&dir, "alice", &[&fa], 5000);
     let bob = NodeProcess::start(&dir, "bob", &[&fb], 5000);
     assert!(bob.ctl_ok(&["list"]).contains("nvme0"));

@@ -63,16 +63,7 @@ fn lending_over_tcp_between_namespaces() {
         ],
     );
     let image = dir.join("lent.img");
-    lender.ctl_ok(&[
-        "add",
-        "nvme",
-        "--name",
-        "nvme0",
-        "--size",
-        "16M",
-        "--image",
-        image.to_str().unwrap(),
-    ]);
+    lender.add_nvme("nvme0", &image, "16M");
     let alice = node(
         1,
         "alice",

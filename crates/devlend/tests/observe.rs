@@ -81,16 +81,7 @@ fn pair(dir: &Path) -> (NodeProcess, NodeProcess) {
         &metrics,
     );
     let image = dir.join("disk.img");
-    lender.ctl_ok(&[
-        "add",
-        "nvme",
-        "--name",
-        "nvme0",
-        "--size",
-        "64M",
-        "--image",
-        image.to_str().unwrap(),
-    ]);
+    lender.add_nvme("nvme0", &image, "64M");
     borrower.wait_peer_lists("nvme0");
     (lender, borrower)
 }
@@ -372,16 +363,7 @@ fn logs_have_no_colour_codes_off_a_terminal_and_help_names_devlend_log() {
     let borrower =
         NodeProcess::start_with(Command::new(exe()), &dir, "borrower", &[fabric], 3000, &[]);
     let image = dir.join("disk.img");
-    lender.ctl_ok(&[
-        "add",
-        "nvme",
-        "--name",
-        "nvme0",
-        "--size",
-        "16M",
-        "--image",
-        image.to_str().unwrap(),
-    ]);
+    lender.add_nvme("nvme0", &image, "16M");
     borrower.wait_peer_lists("nvme0");
     borrower.ctl_ok(&["borrow", "nvme0"]);
     let log = dir.join("lender.log");

@@ -44,16 +44,7 @@ fn reclaim_gives_a_grace_then_removes_and_offers_the_device_again() {
     let fabric = dir.join("fabric");
     let lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
     let image = dir.join("lent.img");
-    lender.ctl_ok(&[
-        "add",
-        "nvme",
-        "--name",
-        "nvme0",
-        "--size",
-        "16M",
-        "--image",
-        image.to_str().unwrap(),
-    ]);
+    lender.add_nvme("nvme0", &image, "16M");
     let node = borrower_here(&fabric);
     let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
     let ctrl = Controller::new(f).unwrap();

@@ -5,6 +5,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// `devlend status --json` on this node.
+pub fn status(node: &NodeProcess) -> serde_json::Value {
+    node.ctl_json(&["status"])
+}
+
+/// Polls `cond` until it holds, at most `secs` (a bound on liveness, not a measurement);
+/// returns how long it took.
+pub fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what}: not within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
 /// The binary under test.
 pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_devlend")
@@ -98,6 +117,14 @@ impl NodeProcess {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `devlend add nvme --name NAME --size SIZE --image IMAGE`, which must succeed.
+    pub fn add_nvme(&self, name: &str, image: &Path, size: &str) -> String {
+        let image = image.to_str().expect("a UTF-8 image path");
+        self.ctl_ok(&[
+            "add", "nvme", "--name", name, "--size", size, "--image", image,
+        ])
     }
 
     /// SIGKILL, and reap.
