@@ -300,11 +300,26 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
     user.ctl_ok(&["check", "--write", "d1", "--bytes", "64K"]);
     // etcd back: every node registers again, devices and claims included.
     etcd.restart(&[0, 1, 2]);
-    wait_for("re-registration", 30, || {
+    let reregistered = || {
         [&lender, &user, &other]
             .iter()
             .all(|n| status(n)["cluster"]["registrations"].as_u64() >= Some(2))
-    });
+    };
+    let start = std::time::Instant::now();
+    while !reregistered() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let views: Vec<String> = [&lender, &user, &other]
+                .iter()
+                .map(|n| status(n)["cluster"].to_string())
+                .collect();
+            panic!("re-registration: not within 60 s: {}", views.join("; "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!(
+        "etcd back: every node registered again after {:?}",
+        start.elapsed()
+    );
     wait_for("the inventory is back", 10, || {
         find(&other, "d1").is_some_and(|d| d["borrower"].as_str() == Some("user"))
             && find(&other, "d2").is_some()
