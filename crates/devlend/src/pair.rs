@@ -183,18 +183,11 @@ impl Pair {
 
     /// Asks the lender to add an NVMe device backed by `image` (created with `size`).
     pub fn lender_add_nvme(&self, name: &str, image: &Path, size: u64) -> anyhow::Result<()> {
-        let req = proto::AddRequest {
-            kind: "nvme".into(),
-            name: name.into(),
-            image: image.to_path_buf(),
-            size: Some(size),
-            serial: Some(format!("DEVLEND-{name}")),
-            model: Some("devlend lent NVMe".into()),
-            queues: None,
-            vfs: None,
-            vf_namespaces: None,
-        };
-        ctl::call(&self.lender_state, req, Duration::from_secs(30))?;
+        ctl::call(
+            &self.lender_state,
+            nvme_request(name, image, size),
+            Duration::from_secs(30),
+        )?;
         Ok(())
     }
 
@@ -209,15 +202,9 @@ impl Pair {
         namespaces: &str,
     ) -> anyhow::Result<proto::AddReply> {
         let req = proto::AddRequest {
-            kind: "nvme".into(),
-            name: name.into(),
-            image: image.to_path_buf(),
-            size: Some(size),
-            serial: Some(format!("DEVLEND-{name}")),
-            model: Some("devlend lent NVMe".into()),
-            queues: None,
             vfs: Some(vfs),
             vf_namespaces: Some(namespaces.into()),
+            ..nvme_request(name, image, size)
         };
         ctl::call(&self.lender_state, req, Duration::from_secs(30))
     }
@@ -255,5 +242,20 @@ impl Drop for Pair {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
         drop(self.netns.take());
+    }
+}
+
+/// The demo's `add nvme` request: a whole function, its serial and model named after it.
+fn nvme_request(name: &str, image: &Path, size: u64) -> proto::AddRequest {
+    proto::AddRequest {
+        kind: "nvme".into(),
+        name: name.into(),
+        image: image.to_path_buf(),
+        size: Some(size),
+        serial: Some(format!("DEVLEND-{name}")),
+        model: Some("devlend lent NVMe".into()),
+        queues: None,
+        vfs: None,
+        vf_namespaces: None,
     }
 }
