@@ -19,7 +19,7 @@ use devlend_testkit::hostile::{serve_absurd_lender, RawPeer, ABSURD};
 
 mod common;
 
-use common::{scratch, NodeProcess};
+use common::{borrowed_names, scratch, NodeProcess};
 
 const CHILD_ENV: &str = "DEVLEND_HOSTILE_LENDER_FABRIC";
 const GUARD: Duration = Duration::from_secs(60);
@@ -97,13 +97,7 @@ fn a_hostile_lender_process_is_refused_and_the_honest_device_keeps_working() {
     let links = v["links"].as_array().unwrap();
     assert_eq!(links.len(), 2, "{v}");
     assert!(links.iter().all(|l| l["link"] == "up"), "{v}");
-    let held: Vec<&str> = v["borrowed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|d| d["name"].as_str())
-        .collect();
-    assert_eq!(held, ["nvme0"], "{v}");
+    assert_eq!(borrowed_names(&borrower), ["nvme0"], "{v}");
     assert!(borrower.ctl_ok(&["list"]).contains("many-bars"));
     verified(&borrower);
 

@@ -15,7 +15,7 @@ mod vfio_client;
 
 mod common;
 
-use common::{scratch, NodeProcess};
+use common::{borrowed_names, scratch, NodeProcess};
 use devlend_vfio_user::wire::Header;
 use vfio_client::{dma_map, memfd, raw, region_rw, unsealed_memfd, Client};
 
@@ -88,13 +88,7 @@ fn a_hostile_vmm_gets_its_guest_ram_refused_and_the_borrower_stays_up() {
     // The borrower is up and still holds the device it serves.
     let v: serde_json::Value =
         serde_json::from_str(&borrower.ctl_ok(&["status", "--json"])).unwrap();
-    let held: Vec<&str> = v["borrowed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|d| d["name"].as_str())
-        .collect();
-    assert_eq!(held, ["nvme0"], "{v}");
+    assert_eq!(borrowed_names(&borrower), ["nvme0"], "{v}");
     assert_eq!(lender.borrower_of("nvme0").as_deref(), Some("borrower"));
     drop(c);
     drop(borrower);

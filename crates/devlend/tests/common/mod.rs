@@ -10,6 +10,16 @@ pub fn status(node: &NodeProcess) -> serde_json::Value {
     node.ctl_json(&["status"])
 }
 
+/// The names of the devices this node holds as a borrower (`status`'s `borrowed`).
+pub fn borrowed_names(node: &NodeProcess) -> Vec<String> {
+    status(node)["borrowed"]
+        .as_array()
+        .expect("status lists borrowed devices")
+        .iter()
+        .filter_map(|d| d["name"].as_str().map(str::to_string))
+        .collect()
+}
+
 /// Polls `cond` until it holds, at most `secs` (a bound on liveness, not a measurement);
 /// returns how long it took.
 pub fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> Duration {
