@@ -169,6 +169,7 @@ fn a_client_that_leaves_gets_the_device_cleaned_up_and_the_next_is_served() {
     let f = MockFunction::new();
     let dir = std::env::temp_dir().join(format!("vfio-user-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = RemoveDir(dir.clone());
     let path = dir.join("sock");
     let server = Server::new(f.clone()).unwrap();
     let stats = server.stats();
@@ -216,4 +217,13 @@ fn a_client_that_leaves_gets_the_device_cleaned_up_and_the_next_is_served() {
         drop(probe);
     }
     assert!(stats.snapshot().clients >= 3);
+}
+
+/// Removes a test's directory (and the socket in it) when the test ends, passed or failed.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
