@@ -5,7 +5,9 @@ use devlend_memory::BusAddr;
 use devlend_pci::DmaAccess;
 
 use crate::command::{admin_opcode, nvm_opcode, AdminOp, Command, DataPointer};
-use crate::controller::{event, Controller, DoorbellBuffer, Features, ERROR_LOG_ENTRIES};
+use crate::controller::{
+    event, Controller, DoorbellBuffer, Features, QueuePlacement, ERROR_LOG_ENTRIES,
+};
 use crate::identify::{self, cns, IDENTIFY_BYTES};
 use crate::io::{NSID, NSID_BROADCAST};
 use crate::queues::{CompletionQueue, SubmissionQueue};
@@ -178,6 +180,11 @@ impl Controller {
         if !base.is_multiple_of(self.page_size) {
             return Status::INVALID_PRP_OFFSET;
         }
+        match self.queue_placement(base, u64::from(entries) * CQE_BYTES, false) {
+            QueuePlacement::Ok => {}
+            QueuePlacement::CompletionInCmb => return Status::INVALID_CMB_USE,
+            QueuePlacement::Straddles => return Status::INVALID_FIELD,
+        }
         let ring = self.ring(base, u64::from(entries) * CQE_BYTES, DmaAccess::Write);
         let shadow = false;
         if let Some(s) = self.cqs.get_mut(slot) {
@@ -224,6 +231,11 @@ impl Controller {
         }
         if !base.is_multiple_of(self.page_size) {
             return Status::INVALID_PRP_OFFSET;
+        }
+        match self.queue_placement(base, u64::from(entries) * SQE_BYTES, true) {
+            QueuePlacement::Ok => {}
+            QueuePlacement::CompletionInCmb => return Status::INVALID_CMB_USE,
+            QueuePlacement::Straddles => return Status::INVALID_FIELD,
         }
         let ring = self.ring(base, u64::from(entries) * SQE_BYTES, DmaAccess::Read);
         let shadow = false;

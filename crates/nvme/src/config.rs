@@ -64,6 +64,9 @@ pub struct NvmeConfig {
     /// SR-IOV: the physical function gets the SR-IOV capability and a primary controller
     /// whose secondaries are the VFs ([`crate::NvmeDevice::new_virtual_function`]).
     pub sriov: Option<crate::virt::SriovConfig>,
+    /// A Controller Memory Buffer of this many bytes in BAR 2 (a power of two from 64 KiB to
+    /// 1 GiB; `None`: no CMB, `CAP.CMBS` clear). Not offered together with SR-IOV.
+    pub cmb_bytes: Option<u64>,
 }
 
 impl NvmeConfig {
@@ -85,6 +88,7 @@ impl NvmeConfig {
             ready_timeout_500ms: 20,
             read_only: false,
             sriov: None,
+            cmb_bytes: None,
         }
     }
 
@@ -116,6 +120,14 @@ impl NvmeConfig {
         if let Some(s) = &self.sriov {
             if s.total_vfs == 0 || s.total_vfs > crate::virt::MAX_SECONDARIES {
                 return Err(NvmeError::InvalidConfig("total_vfs must be 1 to 127"));
+            }
+        }
+        if let Some(bytes) = self.cmb_bytes {
+            crate::cmb::check_size(bytes)?;
+            if self.sriov.is_some() {
+                return Err(NvmeError::InvalidConfig(
+                    "a CMB is not offered on a function with SR-IOV",
+                ));
             }
         }
         Ok(())

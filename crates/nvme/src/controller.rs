@@ -140,6 +140,17 @@ impl ErrorLog {
     }
 }
 
+/// Where a queue was placed relative to the CMB ([`Controller::queue_placement`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum QueuePlacement {
+    /// Wholly in host memory, or a submission queue wholly in the CMB.
+    Ok,
+    /// A completion queue touching the CMB (`CMBSZ.CQS` is clear).
+    CompletionInCmb,
+    /// Partly in the CMB and partly outside it.
+    Straddles,
+}
+
 /// What the register path hands the core when CC.EN goes to 1.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AdminQueueRegs {
@@ -193,6 +204,9 @@ pub(crate) struct Controller {
     pub(crate) dbbuf: Option<DoorbellBuffer>,
     pub(crate) counters: IoCounters,
     pub(crate) errors: ErrorLog,
+    /// The Controller Memory Buffer, for the queue placement checks (its addressing is in
+    /// the DMA port).
+    pub(crate) cmb: Option<Arc<crate::cmb::Cmb>>,
     segs: Vec<crate::prp::Segment>,
     bounce: Vec<u8>,
 }
@@ -276,6 +290,7 @@ impl Controller {
             dbbuf: None,
             counters: IoCounters::default(),
             errors: ErrorLog::default(),
+            cmb: None,
             segs: Vec::new(),
             bounce: Vec::new(),
         })
@@ -339,7 +354,11 @@ impl Controller {
             && regs.asq != 0
             && regs.acq != 0
             && regs.asq.is_multiple_of(cc.page_size())
-            && regs.acq.is_multiple_of(cc.page_size());
+            && regs.acq.is_multiple_of(cc.page_size())
+            && self.queue_placement(regs.asq, u64::from(asqs) * SQE_BYTES, true)
+                == QueuePlacement::Ok
+            && self.queue_placement(regs.acq, u64::from(acqs) * CQE_BYTES, false)
+                == QueuePlacement::Ok;
         self.set_csts(0, CSTS_SHST_MASK);
         if !valid {
             tracing::warn!(
@@ -431,6 +450,30 @@ impl Controller {
         tracing::warn!("nvme: controller fatal status: {why}");
         self.fatal = true;
         self.set_csts(CSTS_CFS, 0);
+    }
+
+    /// Whether a queue of `len` bytes at `base` may live where it is: wholly in host memory,
+    /// or (a submission queue only: `CMBSZ.CQS` is clear) wholly in the mapped CMB.
+    pub(crate) fn queue_placement(&self, base: u64, len: u64, submission: bool) -> QueuePlacement {
+        let Some(cmb) = &self.cmb else {
+            return QueuePlacement::Ok;
+        };
+        if !cmb.overlaps(base, len) {
+            return QueuePlacement::Ok;
+        }
+        if !submission {
+            return QueuePlacement::CompletionInCmb;
+        }
+        let inside = cmb.mapped_at().is_some_and(|cba| {
+            base.checked_sub(cba)
+                .and_then(|off| off.checked_add(len))
+                .is_some_and(|end| end <= cmb.len())
+        });
+        if inside {
+            QueuePlacement::Ok
+        } else {
+            QueuePlacement::Straddles
+        }
     }
 
     /// The direct mapping of a queue ring, if the port offers one.

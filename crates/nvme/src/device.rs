@@ -29,14 +29,15 @@ use devlend_pci::{
     DmaError, DmaPort, InterruptSink, MemoryArea, MsixTable, PciDevice,
 };
 
+use crate::cmb::{Cmb, CmbPort, CMB_BAR};
 use crate::config::NvmeConfig;
 use crate::controller::{AdminQueueRegs, Controller};
 use crate::error::NvmeError;
 use crate::queues::{DoorbellArray, WAKE_WORD};
 use crate::regs::{
-    capabilities, ControllerConfig, Doorbell, AQA_WRITABLE, BAR0_SIZE, CC_WRITABLE, DOORBELL_BASE,
-    QUEUE_BASE_MASK, REG_ACQ, REG_AQA, REG_ASQ, REG_CAP, REG_CC, REG_CSTS, REG_INTMC, REG_INTMS,
-    REG_VS, VERSION_1_4,
+    capabilities, ControllerConfig, Doorbell, AQA_WRITABLE, BAR0_SIZE, CAP_CMBS, CC_WRITABLE,
+    DOORBELL_BASE, QUEUE_BASE_MASK, REG_ACQ, REG_AQA, REG_ASQ, REG_CAP, REG_CC, REG_CSTS,
+    REG_INTMC, REG_INTMS, REG_VS, VERSION_1_4,
 };
 use crate::virt::{Role, Virtualization};
 use devlend_sync::lock;
@@ -150,6 +151,8 @@ struct Inner {
     idle_recheck: Duration,
     vectors: u16,
     role: Role,
+    /// The Controller Memory Buffer in BAR 2, if configured.
+    cmb: Option<Arc<Cmb>>,
 }
 
 /// An NVMe controller with one namespace backed by a raw image file, as a PCIe function.
@@ -197,6 +200,7 @@ fn config_space(
     vectors: u16,
     total_vfs: Option<u16>,
     virtual_function: bool,
+    cmb_bytes: Option<u64>,
 ) -> Result<ConfigSpace, NvmeError> {
     let mut b = if virtual_function {
         ConfigSpaceBuilder::new_virtual_function(IDENTITY)
@@ -220,6 +224,17 @@ fn config_space(
             prefetchable: false,
         },
     )?;
+    if let Some(size) = cmb_bytes {
+        // 64-bit prefetchable, as QEMU's NVMe places its CMB: plain memory, no side effects.
+        b.bar(
+            bar(CMB_BAR)?,
+            BarSpec {
+                size,
+                is_64bit: true,
+                prefetchable: true,
+            },
+        )?;
+    }
     if !virtual_function {
         b.power_management()?;
     }
@@ -317,7 +332,12 @@ impl NvmeDevice {
             Role::Primary(v) => (Some(v.total_vfs()), false),
             Role::Secondary { .. } => (None, true),
         };
-        let config = config_space(vectors, total_vfs, is_vf)?;
+        // Only a plain function has a CMB (validate refuses it with SR-IOV).
+        let cmb = match (cfg.cmb_bytes, &role) {
+            (Some(bytes), Role::Plain) => Some(Arc::new(Cmb::new(bytes)?)),
+            _ => None,
+        };
+        let config = config_space(vectors, total_vfs, is_vf, cmb.as_ref().map(|c| c.len()))?;
         let msix = Arc::new(MsixTable::new(msix_layout(vectors)?, irq));
         let gate = Arc::new(BusMasterGate {
             port: dma,
@@ -328,14 +348,25 @@ impl NvmeDevice {
                 .map_err(|_| NvmeError::InvalidConfig("cannot allocate the doorbell page"))?,
         );
         let csts = Arc::new(AtomicU32::new(0));
-        let core = Controller::new(
+        // The controller's DMA: its own buffer first, then the bus (see crate::cmb).
+        let port: Arc<dyn DmaPort> = match &cmb {
+            Some(c) => Arc::new(CmbPort {
+                cmb: c.clone(),
+                port: gate.clone(),
+            }),
+            None => gate.clone(),
+        };
+        let mut core = Controller::new(
             &cfg,
-            gate.clone(),
+            port,
             doorbells.clone(),
             csts.clone(),
             PCI_VENDOR_ID,
             role.clone(),
         )?;
+        core.cmb = cmb.clone();
+        let cap = capabilities(cfg.max_queue_entries, cfg.ready_timeout_500ms)
+            | if cmb.is_some() { CAP_CMBS } else { 0 };
         let inner = Arc::new(Inner {
             counters: Counters::default(),
             config: Mutex::new(config),
@@ -343,7 +374,7 @@ impl NvmeDevice {
             msix,
             gate,
             memory_enabled: AtomicBool::new(false),
-            cap: capabilities(cfg.max_queue_entries, cfg.ready_timeout_500ms),
+            cap,
             regs: Mutex::new(Registers::default()),
             csts,
             doorbells,
@@ -354,6 +385,7 @@ impl NvmeDevice {
             idle_recheck: cfg.idle_recheck,
             vectors,
             role,
+            cmb,
         });
         let worker_inner = inner.clone();
         let join = std::thread::Builder::new()
@@ -481,6 +513,9 @@ impl Inner {
     }
 
     fn read_reg32(&self, offset: u64) -> u32 {
+        if let Some(v) = self.cmb.as_ref().and_then(|c| c.read_reg32(offset)) {
+            return v;
+        }
         let regs = lock(&self.regs);
         match offset {
             REG_CAP => self.cap as u32,
@@ -501,6 +536,9 @@ impl Inner {
     fn write_reg32(&self, offset: u64, v: u32) {
         if offset == REG_CC {
             self.write_cc(v);
+            return;
+        }
+        if self.cmb.as_ref().is_some_and(|c| c.write_reg32(offset, v)) {
             return;
         }
         let mut regs = lock(&self.regs);
@@ -625,6 +663,9 @@ impl Inner {
         }
         lock(&self.config).reset();
         self.msix.reset();
+        if let Some(cmb) = &self.cmb {
+            cmb.reset();
+        }
         self.gate.enabled.store(false, Ordering::Release);
         self.memory_enabled.store(false, Ordering::Release);
         if let Role::Primary(virt) = &self.role {
@@ -690,6 +731,11 @@ impl PciDevice for NvmeDevice {
         }
         match bar.get() {
             REGISTER_BAR => self.inner.bar0_read(offset, data),
+            CMB_BAR if self.inner.cmb.is_some() => {
+                if let Some(cmb) = &self.inner.cmb {
+                    cmb.bar_read(offset, data);
+                }
+            }
             _ => {
                 if !self.inner.msix.bar_read(bar, offset, data) {
                     data.fill(0xff);
@@ -704,6 +750,11 @@ impl PciDevice for NvmeDevice {
         }
         match bar.get() {
             REGISTER_BAR => self.inner.bar0_write(offset, data),
+            CMB_BAR if self.inner.cmb.is_some() => {
+                if let Some(cmb) = &self.inner.cmb {
+                    cmb.bar_write(offset, data);
+                }
+            }
             _ => {
                 let _ = self.inner.msix.bar_write(bar, offset, data);
             }

@@ -4,7 +4,8 @@
 //!
 //! - [`NvmeDevice`] implements [`devlend_pci::PciDevice`]: type 0 config space (class
 //!   01:08:02, PCI Express with FLR, MSI-X, PM), BAR0 = registers + doorbells (64-bit, 16 KiB,
-//!   DSTRD 0), BAR4 = MSI-X table (offset 0) and PBA (offset 0x1000).
+//!   DSTRD 0), BAR4 = MSI-X table (offset 0) and PBA (offset 0x1000), and with
+//!   [`NvmeConfig::cmb_bytes`] BAR2 = a Controller Memory Buffer ([`cmb`]).
 //! - Commands run on the device's own worker thread, woken by doorbell writes, with bounded
 //!   adaptive polling; shadow doorbells (Doorbell Buffer Config) keep most doorbell writes off
 //!   a trapped path.
@@ -19,6 +20,7 @@
 #![warn(missing_docs)]
 
 mod admin;
+pub mod cmb;
 pub mod command;
 mod config;
 mod controller;
@@ -39,6 +41,7 @@ mod transfer;
 pub mod virt;
 
 pub use admin::{fid, lid};
+pub use cmb::CMB_BAR;
 pub use command::{AdminOp, Command, Completion, NvmOp};
 pub use config::{BlockSize, NvmeConfig};
 pub use device::{

@@ -21,6 +21,14 @@ pub const REG_AQA: u64 = 0x24;
 pub const REG_ASQ: u64 = 0x28;
 /// Admin Completion Queue Base Address (64-bit).
 pub const REG_ACQ: u64 = 0x30;
+/// Controller Memory Buffer Location (reads zero unless `CMBMSC.CRE` is set).
+pub const REG_CMBLOC: u64 = 0x38;
+/// Controller Memory Buffer Size (reads zero unless `CMBMSC.CRE` is set).
+pub const REG_CMBSZ: u64 = 0x3c;
+/// Controller Memory Buffer Memory Space Control (64-bit, NVMe 1.4).
+pub const REG_CMBMSC: u64 = 0x50;
+/// Controller Memory Buffer Status (NVMe 1.4).
+pub const REG_CMBSTS: u64 = 0x58;
 /// First doorbell register (SQ 0 tail).
 pub const DOORBELL_BASE: u64 = 0x1000;
 /// Doorbell stride exponent this model reports (`CAP.DSTRD`): 4-byte doorbells.
@@ -51,6 +59,60 @@ pub const CAP_CSS_NVM: u64 = 1;
 pub const CAP_MPSMIN_SHIFT: u32 = 48;
 /// `CAP.MPSMAX` shift (bits 55:52).
 pub const CAP_MPSMAX_SHIFT: u32 = 52;
+
+/// `CAP.CMBS` (bit 57): CMBMSC and CMBSTS exist and the CMB is addressed by `CMBMSC.CBA`.
+pub const CAP_CMBS: u64 = 1 << 57;
+
+/// `CMBLOC.BIR` mask (bits 2:0): the BAR holding the buffer.
+pub const CMBLOC_BIR_MASK: u32 = 0b111;
+/// `CMBLOC.CQMMS` (bit 3): a submission queue and its completion queue may be in different
+/// memories (SQ in the CMB, CQ in host memory).
+pub const CMBLOC_CQMMS: u32 = 1 << 3;
+/// `CMBLOC.CQPDS` (bit 4): physically discontiguous queues in the CMB (not supported).
+pub const CMBLOC_CQPDS: u32 = 1 << 4;
+/// `CMBLOC.CDPMLS` (bit 5): one command's PRP list and data may be partly in the CMB and partly
+/// in host memory.
+pub const CMBLOC_CDPMLS: u32 = 1 << 5;
+/// `CMBLOC.CDPCILS` (bit 6): a command in the CMB may point at data in host memory and back.
+pub const CMBLOC_CDPCILS: u32 = 1 << 6;
+/// `CMBLOC.CDMMMS` (bit 7): data and metadata in different memories (no metadata here).
+pub const CMBLOC_CDMMMS: u32 = 1 << 7;
+/// `CMBLOC.CQDA` (bit 8): queues in the CMB need only dword alignment (not supported: they are
+/// page-aligned like any queue).
+pub const CMBLOC_CQDA: u32 = 1 << 8;
+/// `CMBLOC.OFST` shift (bits 31:12), in `CMBSZ.SZU` units.
+pub const CMBLOC_OFST_SHIFT: u32 = 12;
+
+/// `CMBSZ.SQS` (bit 0): submission queues in the CMB.
+pub const CMBSZ_SQS: u32 = 1;
+/// `CMBSZ.CQS` (bit 1): completion queues in the CMB (not supported).
+pub const CMBSZ_CQS: u32 = 1 << 1;
+/// `CMBSZ.LISTS` (bit 2): PRP lists in the CMB.
+pub const CMBSZ_LISTS: u32 = 1 << 2;
+/// `CMBSZ.RDS` (bit 3): read data (controller to host) in the CMB.
+pub const CMBSZ_RDS: u32 = 1 << 3;
+/// `CMBSZ.WDS` (bit 4): write data (host to controller) in the CMB.
+pub const CMBSZ_WDS: u32 = 1 << 4;
+/// `CMBSZ.SZU` shift (bits 11:8): size unit, `4 KiB * 16 ^ SZU`.
+pub const CMBSZ_SZU_SHIFT: u32 = 8;
+/// `CMBSZ.SZ` shift (bits 31:12): size in `SZU` units.
+pub const CMBSZ_SZ_SHIFT: u32 = 12;
+/// The size unit this model reports: 1 (64 KiB).
+pub const CMB_SZU: u32 = 1;
+/// Bytes per `CMBSZ.SZU` unit (64 KiB): the CMB's size and `CMBMSC.CBA` are multiples of it.
+pub const CMB_UNIT_BYTES: u64 = 4096 << (4 * CMB_SZU);
+
+/// `CMBMSC.CRE` (bit 0): Capabilities Registers Enabled (CMBLOC and CMBSZ read non-zero).
+pub const CMBMSC_CRE: u64 = 1;
+/// `CMBMSC.CMSE` (bit 1): Controller Memory Space Enable (addresses in `CBA .. CBA + size`
+/// refer to the CMB).
+pub const CMBMSC_CMSE: u64 = 1 << 1;
+/// `CMBMSC.CBA` (bits 63:12): Controller Base Address.
+pub const CMBMSC_CBA_MASK: u64 = !0xfff;
+/// The bits of CMBMSC that exist (bits 11:2 are reserved and read as zero).
+pub const CMBMSC_WRITABLE: u64 = CMBMSC_CBA_MASK | CMBMSC_CMSE | CMBMSC_CRE;
+/// `CMBSTS.CBAI` (bit 0): Controller Base Address Invalid (the last CMSE enable was refused).
+pub const CMBSTS_CBAI: u32 = 1;
 
 /// `CC.EN`.
 pub const CC_EN: u32 = 1;

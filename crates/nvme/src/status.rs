@@ -40,6 +40,9 @@ impl Status {
     pub const COMMAND_SEQUENCE_ERROR: Status = Status::dnr(SCT_GENERIC, 0x0c);
     /// Namespace is Write Protected.
     pub const NAMESPACE_WRITE_PROTECTED: Status = Status::dnr(SCT_GENERIC, 0x20);
+    /// Invalid Use of Controller Memory Buffer (a completion queue placed in the CMB, which
+    /// `CMBSZ.CQS` does not offer).
+    pub const INVALID_CMB_USE: Status = Status::dnr(SCT_GENERIC, 0x12);
     /// PRP Offset Invalid.
     pub const INVALID_PRP_OFFSET: Status = Status::dnr(SCT_GENERIC, 0x13);
     /// LBA Out of Range.

@@ -1543,3 +1543,352 @@ fn a_vfs_dma_reaches_only_its_own_domain() {
         "VF 2's memory untouched by VF 1's DMA"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Controller Memory Buffer (NVMe 1.4: CAP.CMBS, CMBLOC, CMBSZ, CMBMSC, CMBSTS)
+// ---------------------------------------------------------------------------------------------
+
+const CMB_BYTES: u64 = 1 << 20;
+/// Right after host memory: a multiple of the 64 KiB size unit, and nothing the host port maps.
+const CBA: u64 = HOST_BASE + HOST_LEN as u64;
+
+fn bar2() -> BarIndex {
+    BarIndex::new(devlend_nvme::CMB_BAR).unwrap()
+}
+
+fn with_cmb() -> Harness {
+    Harness::with(|c| c.cmb_bytes = Some(CMB_BYTES), true)
+}
+
+/// Writes CMBMSC as Linux does: the high dword, then the low one.
+fn write_cmbmsc(h: &Harness, v: u64) {
+    h.write32(REG_CMBMSC + 4, (v >> 32) as u32);
+    h.write32(REG_CMBMSC, v as u32);
+}
+
+fn cmb_read(h: &Harness, off: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    h.dev.bar_read(bar2(), off, &mut v);
+    v
+}
+
+#[test]
+fn cmb_registers() {
+    // Without a CMB: CAP.CMBS clear, the registers read zero and ignore writes, no BAR 2.
+    let h = Harness::new();
+    assert_eq!(h.read64(REG_CAP) & CAP_CMBS, 0);
+    write_cmbmsc(&h, CBA | CMBMSC_CMSE | CMBMSC_CRE);
+    for (name, reg) in [
+        ("CMBLOC", REG_CMBLOC),
+        ("CMBSZ", REG_CMBSZ),
+        ("CMBMSC", REG_CMBMSC),
+        ("CMBMSC hi", REG_CMBMSC + 4),
+        ("CMBSTS", REG_CMBSTS),
+    ] {
+        assert_eq!(h.read32(reg), 0, "no CMB: {name}");
+    }
+    assert!(h.dev.bar_spec(bar2()).is_none());
+
+    let h = with_cmb();
+    let bar = h.dev.bar_spec(bar2()).unwrap();
+    assert_eq!(
+        (bar.size, bar.is_64bit, bar.prefetchable),
+        (CMB_BYTES, true, true)
+    );
+    // BAR sizing through the mask: 64-bit (type 10b) prefetchable (bit 3).
+    h.dev.config_write(0x18, AccessSize::Dword, 0xffff_ffff);
+    let raw = h.dev.config_read(0x18, AccessSize::Dword);
+    assert_eq!(raw & 0xf, 0b1100);
+    assert_eq!(raw & !0xf, !(CMB_BYTES as u32 - 1));
+    h.dev.config_write(0x18, AccessSize::Dword, 0);
+
+    let cap = h.read64(REG_CAP);
+    let before: &[(&str, u64, u64)] = &[
+        ("CAP.CMBS", (cap >> 57) & 1, 1),
+        ("CMBLOC before CRE", u64::from(h.read32(REG_CMBLOC)), 0),
+        ("CMBSZ before CRE", u64::from(h.read32(REG_CMBSZ)), 0),
+        ("CMBMSC", h.read64(REG_CMBMSC), 0),
+        ("CMBSTS", u64::from(h.read32(REG_CMBSTS)), 0),
+    ];
+    for (name, got, want) in before {
+        assert_eq!(got, want, "{name}");
+    }
+    // CRE: the capability registers read their values. Reserved bits 11:2 stay zero.
+    h.write32(REG_CMBMSC, 0xffc | CMBMSC_CRE as u32);
+    let loc = h.read32(REG_CMBLOC);
+    let sz = h.read32(REG_CMBSZ);
+    let after: &[(&str, u32, u32)] = &[
+        ("CMBMSC (reserved bits zero)", h.read32(REG_CMBMSC), 1),
+        ("CMBLOC.BIR", loc & CMBLOC_BIR_MASK, 2),
+        ("CMBLOC.OFST", loc >> CMBLOC_OFST_SHIFT, 0),
+        ("CMBLOC.CQMMS", loc & CMBLOC_CQMMS, CMBLOC_CQMMS),
+        ("CMBLOC.CQPDS", loc & CMBLOC_CQPDS, 0),
+        ("CMBLOC.CDPMLS", loc & CMBLOC_CDPMLS, CMBLOC_CDPMLS),
+        ("CMBLOC.CDPCILS", loc & CMBLOC_CDPCILS, CMBLOC_CDPCILS),
+        ("CMBLOC.CQDA", loc & CMBLOC_CQDA, 0),
+        ("CMBSZ.SQS", sz & CMBSZ_SQS, CMBSZ_SQS),
+        ("CMBSZ.CQS", sz & CMBSZ_CQS, 0),
+        ("CMBSZ.LISTS", sz & CMBSZ_LISTS, CMBSZ_LISTS),
+        ("CMBSZ.RDS", sz & CMBSZ_RDS, CMBSZ_RDS),
+        ("CMBSZ.WDS", sz & CMBSZ_WDS, CMBSZ_WDS),
+        ("CMBSZ.SZU (64 KiB)", (sz >> CMBSZ_SZU_SHIFT) & 0xf, 1),
+        ("CMBSZ.SZ (units)", sz >> CMBSZ_SZ_SHIFT, 16),
+        ("CMBSTS.CBAI (no CMSE)", h.read32(REG_CMBSTS), 0),
+    ];
+    for (name, got, want) in after {
+        assert_eq!(got, want, "{name}");
+    }
+    // Read-only registers ignore writes.
+    h.write32(REG_CMBLOC, 0xffff_ffff);
+    h.write32(REG_CMBSZ, 0);
+    h.write32(REG_CMBSTS, 1);
+    assert_eq!((h.read32(REG_CMBLOC), h.read32(REG_CMBSZ)), (loc, sz));
+
+    // CMSE with a base that is not a multiple of the size unit: CBAI, nothing mapped.
+    let cases: &[(&str, u64, u32)] = &[
+        ("aligned base", CBA, 0),
+        ("4 KiB but not 64 KiB aligned", CBA + 0x1000, CMBSTS_CBAI),
+        ("range wraps past 2^64", 0xffff_ffff_fff1_0000, CMBSTS_CBAI),
+        ("aligned again clears CBAI", CBA, 0),
+    ];
+    for (name, cba, cbai) in cases {
+        write_cmbmsc(&h, cba | CMBMSC_CMSE | CMBMSC_CRE);
+        assert_eq!(h.read32(REG_CMBSTS), *cbai, "{name}");
+        assert_eq!(h.read64(REG_CMBMSC), cba | 3, "{name}: CMBMSC reads back");
+    }
+    // Clearing CRE hides the capability registers again.
+    write_cmbmsc(&h, 0);
+    assert_eq!((h.read32(REG_CMBLOC), h.read32(REG_CMBSZ)), (0, 0));
+
+    // A controller reset keeps CMBMSC; a function level reset clears it.
+    let mut h = with_cmb();
+    write_cmbmsc(&h, CBA | CMBMSC_CMSE | CMBMSC_CRE);
+    h.enable();
+    h.write32(REG_CC, 0);
+    assert!(h.wait_csts(CSTS_RDY, 0));
+    assert_eq!(h.read64(REG_CMBMSC), CBA | 3);
+    h.dev.reset();
+    h.pci_enable();
+    assert_eq!(h.read64(REG_CMBMSC), 0);
+    // BAR 2 is plain memory while memory space is enabled, all-ones past its end.
+    h.dev.bar_write(bar2(), 0x100, b"cmb!");
+    assert_eq!(cmb_read(&h, 0x100, 4), b"cmb!");
+    assert_eq!(cmb_read(&h, CMB_BYTES, 4), [0xff; 4]);
+    h.dev.config_write(0x04, AccessSize::Word, 0x4);
+    assert_eq!(cmb_read(&h, 0x100, 4), [0xff; 4]);
+}
+
+/// An I/O submission queue, a PRP list and write data in the CMB (addresses the host port does
+/// not map at all, so every one of them was read from the buffer), the completion queue and the
+/// read buffer in host memory; then read data into the CMB.
+#[test]
+fn cmb_holds_a_submission_queue_prp_lists_and_data() {
+    let mut h = with_cmb();
+    write_cmbmsc(&h, CBA | CMBMSC_CMSE | CMBMSC_CRE);
+    h.enable();
+    let entries = 16u32;
+    let cq_base = 0x4_0000u64;
+    assert_eq!(
+        h.status(0, create_cq(1, entries, cq_base, 1)),
+        Status::SUCCESS
+    );
+    let sq_off = 0x1_0000u64;
+    let mut sq = create_sq(1, entries, 0, 1);
+    sq.prp1 = CBA + sq_off;
+    assert_eq!(h.status(0, sq), Status::SUCCESS);
+
+    // 16 KiB of write data at CMB 0x4_0000 and its PRP list at CMB 0x2_0000.
+    let len = 16 * 1024usize;
+    let data = pattern(len, 7);
+    h.dev.bar_write(bar2(), 0x4_0000, &data);
+    let mut list = Vec::new();
+    for p in 1..4u64 {
+        list.extend_from_slice(&(CBA + 0x4_0000 + p * PAGE).to_le_bytes());
+    }
+    h.dev.bar_write(bar2(), 0x2_0000, &list);
+    let blocks = (len / 512) as u32;
+    let mut tail = 0u32;
+    let mut cq_head = 0u32;
+    let mut run = |h: &mut Harness, c: Command| -> Status {
+        let mut c = c;
+        c.cid = 0x100 + tail as u16;
+        h.dev
+            .bar_write(bar2(), sq_off + u64::from(tail) * 64, &c.to_bytes());
+        tail = (tail + 1) % entries;
+        h.write32(DOORBELL_BASE + 8, tail);
+        let at = cq_base + u64::from(cq_head) * 16;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if h.mem.load_u32(at + 12).unwrap() & (1 << 16) != 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no completion");
+            std::thread::yield_now();
+        }
+        let mut b = [0u8; 16];
+        h.mem.read_at(at, &mut b).unwrap();
+        let (done, _) = devlend_nvme::Completion::from_bytes(&b);
+        assert_eq!(done.cid, c.cid);
+        cq_head += 1;
+        h.write32(DOORBELL_BASE + 12, cq_head);
+        done.status
+    };
+    let w = rw(nvm_opcode::WRITE, 8, blocks, CBA + 0x4_0000, CBA + 0x2_0000);
+    assert_eq!(run(&mut h, w), Status::SUCCESS);
+    let img = h.image_bytes();
+    assert_eq!(
+        &img[8 * 512..8 * 512 + len],
+        &data[..],
+        "written from the CMB"
+    );
+
+    // Read it back into host memory (PRP list in host memory).
+    let buf = 0x20_0000u64;
+    let mut host_list = Vec::new();
+    for p in 1..4u64 {
+        host_list.extend_from_slice(&(HOST_BASE + buf + p * PAGE).to_le_bytes());
+    }
+    h.mem.write_at(0x1f_0000, &host_list).unwrap();
+    let r = rw(
+        nvm_opcode::READ,
+        8,
+        blocks,
+        HOST_BASE + buf,
+        HOST_BASE + 0x1f_0000,
+    );
+    assert_eq!(run(&mut h, r), Status::SUCCESS);
+    assert_eq!(h.read_mem(buf, len), data);
+
+    // Read data into the CMB (RDS), one page.
+    let r = rw(nvm_opcode::READ, 8, 8, CBA + 0x8_0000, 0);
+    assert_eq!(run(&mut h, r), Status::SUCCESS);
+    assert_eq!(cmb_read(&h, 0x8_0000, 4096), data[..4096]);
+}
+
+/// Queues or data pointers at CMB addresses that are not (wholly) in the buffer get an error
+/// status, and nothing outside the buffer changes.
+#[test]
+fn cmb_bad_placements_get_error_statuses() {
+    let mut h = with_cmb();
+    write_cmbmsc(&h, CBA | CMBMSC_CMSE | CMBMSC_CRE);
+    h.enable();
+    // A completion queue in the CMB: CMBSZ.CQS is clear.
+    let mut cq = create_cq(1, 16, 0, 1);
+    cq.prp1 = CBA;
+    assert_eq!(h.status(0, cq), Status::INVALID_CMB_USE);
+    // A submission queue that starts in the CMB and runs past its end.
+    assert_eq!(h.status(0, create_cq(1, 16, 0x4_0000, 1)), Status::SUCCESS);
+    let mut sq = create_sq(1, 128, 0, 1);
+    sq.prp1 = CBA + CMB_BYTES - PAGE;
+    assert_eq!(h.status(0, sq), Status::INVALID_FIELD);
+    // One that ends inside it but starts in host memory.
+    let mut sq = create_sq(1, 128, 0, 1);
+    sq.prp1 = CBA - PAGE;
+    assert_eq!(h.status(0, sq), Status::INVALID_FIELD);
+    h.create_io_pair(2, 16);
+
+    // Data pointers just past the CMB's end: nothing there, Data Transfer Error, the image
+    // unchanged. A PRP list in the CMB whose entries point past it: the same.
+    let image = h.image_bytes();
+    h.dev.bar_write(bar2(), CMB_BYTES - 4096, &pattern(4096, 3));
+    let past = CBA + CMB_BYTES;
+    let mut list = Vec::new();
+    for p in 0..3u64 {
+        list.extend_from_slice(&(past + p * PAGE).to_le_bytes());
+    }
+    h.dev.bar_write(bar2(), 0x3_0000, &list);
+    let cmb_before = cmb_read(&h, 0, CMB_BYTES as usize);
+    let cases: &[(&str, Command)] = &[
+        (
+            "write from past the end",
+            rw(nvm_opcode::WRITE, 0, 8, past, 0),
+        ),
+        (
+            "read into past the end",
+            rw(nvm_opcode::READ, 0, 8, past, 0),
+        ),
+        (
+            "PRP list entries past the end",
+            rw(
+                nvm_opcode::WRITE,
+                0,
+                32,
+                CBA + CMB_BYTES - 4096,
+                CBA + 0x3_0000,
+            ),
+        ),
+        (
+            "PRP list read into past the end",
+            rw(
+                nvm_opcode::READ,
+                0,
+                32,
+                CBA + CMB_BYTES - 4096,
+                CBA + 0x3_0000,
+            ),
+        ),
+        (
+            "PRP list itself past the end",
+            rw(nvm_opcode::WRITE, 0, 32, CBA, past),
+        ),
+    ];
+    for (name, c) in cases {
+        assert_eq!(
+            h.status(2, *c),
+            Status::DATA_TRANSFER_ERROR,
+            "{name}"
+        );
+        let now = cmb_read(&h, 0, CMB_BYTES as usize);
+        let first = now.iter().zip(&cmb_before).position(|(a, b)| a != b);
+        assert_eq!(first, None, "{name}: the CMB changed");
+    }
+    assert_eq!(h.image_bytes(), image, "the image is unchanged");
+    assert!(
+        cmb_read(&h, 0, CMB_BYTES as usize) == cmb_before,
+        "the CMB is unchanged"
+    );
+
+    // CMSE with an unaligned base: CBAI, and the addresses are not the buffer's: a read aimed
+    // there fails and the buffer keeps its contents.
+    write_cmbmsc(&h, (CBA + 0x1000) | CMBMSC_CMSE | CMBMSC_CRE);
+    assert_eq!(h.read32(REG_CMBSTS), CMBSTS_CBAI);
+    let r = rw(nvm_opcode::READ, 0, 8, CBA + 0x1000, 0);
+    assert_eq!(h.status(2, r), Status::DATA_TRANSFER_ERROR);
+    let r = rw(nvm_opcode::READ, 0, 8, CBA, 0);
+    assert_eq!(h.status(2, r), Status::DATA_TRANSFER_ERROR);
+    assert!(cmb_read(&h, 0, CMB_BYTES as usize) == cmb_before);
+}
+
+/// An admin completion queue in the CMB is refused at enable (CSTS.CFS); an admin submission
+/// queue in the CMB works.
+#[test]
+fn cmb_admin_queues() {
+    let h = with_cmb();
+    write_cmbmsc(&h, CBA | CMBMSC_CMSE | CMBMSC_CRE);
+    h.write32(REG_AQA, (15 << 16) | 15);
+    h.write64(REG_ASQ, HOST_BASE);
+    h.write64(REG_ACQ, CBA);
+    h.write32(REG_CC, Harness::CC_READY);
+    assert_eq!(h.read32(REG_CSTS) & (CSTS_CFS | CSTS_RDY), CSTS_CFS);
+    h.write32(REG_CC, 0);
+    assert!(h.wait_csts(CSTS_RDY | CSTS_CFS, 0));
+
+    h.write64(REG_ASQ, CBA);
+    h.write64(REG_ACQ, HOST_BASE + ADMIN_CQ);
+    h.write32(REG_CC, Harness::CC_READY);
+    assert!(h.wait_csts(CSTS_RDY, CSTS_RDY));
+    let mut c = identify(1, 0, DATA);
+    c.cid = 9;
+    h.dev.bar_write(bar2(), 0, &c.to_bytes());
+    h.write32(DOORBELL_BASE, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.mem.load_u32(ADMIN_CQ + 12).unwrap() & (1 << 16) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no completion");
+        std::thread::yield_now();
+    }
+    let mut b = [0u8; 16];
+    h.mem.read_at(ADMIN_CQ, &mut b).unwrap();
+    let (done, _) = devlend_nvme::Completion::from_bytes(&b);
+    assert_eq!((done.cid, done.status), (9, Status::SUCCESS));
+    assert_eq!(&h.read_mem(DATA, 2), &PCI_VENDOR_ID.to_le_bytes());
+}
