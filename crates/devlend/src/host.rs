@@ -221,6 +221,8 @@ pub struct NvmeOptions {
     pub model: Option<String>,
     /// I/O queue pairs ([`MAX_QUEUES`] at most; default 16).
     pub queues: Option<u16>,
+    /// A Controller Memory Buffer of this many bytes (none by default).
+    pub cmb: Option<u64>,
 }
 
 /// Most I/O queue pairs `add nvme --queues` allows: the vectors (one more) must fit in the
@@ -239,7 +241,16 @@ impl NvmeOptions {
                 )
             })?,
         };
-        Ok(format!("{} ({} MiB)", self.image.display(), size >> 20))
+        let cmb = match self.cmb {
+            Some(b) if b >= 1 << 20 => format!(", CMB {} MiB", b >> 20),
+            Some(b) => format!(", CMB {} KiB", b >> 10),
+            None => String::new(),
+        };
+        Ok(format!(
+            "{} ({} MiB{cmb})",
+            self.image.display(),
+            size >> 20
+        ))
     }
 
     fn config(&self) -> devlend_nvme::NvmeConfig {
@@ -254,6 +265,7 @@ impl NvmeOptions {
         if let Some(q) = self.queues {
             cfg.max_io_queue_pairs = q;
         }
+        cfg.cmb_bytes = self.cmb;
         cfg
     }
 }
@@ -293,6 +305,18 @@ impl ImageLock {
     pub fn take(opts: &NvmeOptions) -> anyhow::Result<ImageLock> {
         use crate::proto::{ErrorBody, ErrorCode};
         let path = &opts.image;
+        if let Some(b) = opts.cmb {
+            if devlend_nvme::cmb::check_size(b).is_err() {
+                return Err(ErrorBody::new(
+                    ErrorCode::Invalid,
+                    format!(
+                        "--cmb {b}: a Controller Memory Buffer is a power of two from 64K to 1G \
+                         (e.g. --cmb 1M)"
+                    ),
+                )
+                .into());
+            }
+        }
         if let Some(q) = opts.queues.filter(|q| !(1..=MAX_QUEUES).contains(q)) {
             return Err(ErrorBody::new(
                 ErrorCode::Invalid,
@@ -549,9 +573,31 @@ pub fn check_device(
     offset: u64,
     bytes: u64,
     write: bool,
+    cmb: bool,
 ) -> anyhow::Result<Checked> {
     let what = f.describe();
-    let drv = devlend_nvme_driver::Controller::new(f).context("initialising the NVMe driver")?;
+    let config = devlend_nvme_driver::DriverConfig {
+        cmb_submission_queues: cmb,
+        ..Default::default()
+    };
+    let drv = devlend_nvme_driver::Controller::with_config(f, config)
+        .context("initialising the NVMe driver")?;
+    let what = if cmb {
+        let (n, of) = (drv.cmb_queue_count(), drv.io_queue_count());
+        if n == 0 {
+            return Err(crate::proto::ErrorBody::new(
+                crate::proto::ErrorCode::Invalid,
+                format!(
+                    "{what} offers no Controller Memory Buffer for submission queues; \
+                     its lender adds one with `devlend add nvme --cmb SIZE`"
+                ),
+            )
+            .into());
+        }
+        format!("{what} (submission queues in the device's CMB: {n} of {of})")
+    } else {
+        what
+    };
     let serial = drv.identity().serial.clone();
     let len = usize::try_from(bytes)?;
     let geometry = format!(

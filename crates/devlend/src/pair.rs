@@ -257,5 +257,6 @@ fn nvme_request(name: &str, image: &Path, size: u64) -> proto::AddRequest {
         queues: None,
         vfs: None,
         vf_namespaces: None,
+        cmb: None,
     }
 }

@@ -43,6 +43,37 @@ fn driver_suite_runs_unchanged_on_a_borrowed_device() {
         image: Some(image),
     };
     suite::run_all(&target).unwrap();
+
+    // A second device with a Controller Memory Buffer: the driver puts its submission queues
+    // there (the case checks every one is), reaching BAR 2 through the NTB window.
+    let cmb_image = dir.join("lent-cmb.img");
+    let image_arg = cmb_image.to_str().unwrap();
+    lender.ctl_ok(&[
+        "add", "nvme", "--name", "nvme1", "--size", "64M", "--image", image_arg, "--cmb", "1M",
+    ]);
+    let f: Arc<dyn PciFunction> = node.borrow("nvme1").unwrap();
+    let bar2 = devlend_pci::BarIndex::new(2).unwrap();
+    assert!(
+        f.bar_mappings(bar2).is_empty(),
+        "the CMB is reached by posted writes"
+    );
+    let probe = f.clone();
+    let target = Target {
+        make: Box::new(move || f.clone()),
+        image: Some(cmb_image),
+    };
+    suite::cmb_submission_queues(&target).unwrap();
+    let c = Controller::with_config(
+        probe,
+        devlend_nvme_driver::DriverConfig {
+            cmb_submission_queues: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(c.cmb_queue_count(), c.io_queue_count());
+    assert_eq!(c.cmb().map(|i| i.bytes), Some(1 << 20));
+    drop(c);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -98,6 +98,41 @@ fn lending_over_tcp_between_namespaces() {
         "the image lacks the written bytes"
     );
 
+    // A device with a Controller Memory Buffer: the driver's submission queues go into it
+    // through the BAR window (posted writes over tcp), and the data checks pass. `--cmb` on a
+    // device without one is refused and says how to get one.
+    let cmb_image = dir.join("lent-cmb.img");
+    lender.ctl_ok(&[
+        "add",
+        "nvme",
+        "--name",
+        "nvme1",
+        "--size",
+        "16M",
+        "--image",
+        cmb_image.to_str().unwrap(),
+        "--cmb",
+        "256K",
+    ]);
+    alice.wait_peer_lists("nvme1");
+    alice.ctl_ok(&["borrow", "nvme1"]);
+    let report = alice.ctl_ok(&[
+        "check", "--write", "--cmb", "nvme1", "--bytes", "512K", "--offset", "2M",
+    ]);
+    assert!(report.contains("verified"), "{report}");
+    assert!(
+        report.contains("submission queues in the device's CMB"),
+        "{report}"
+    );
+    let no_cmb = alice.ctl(&["check", "--cmb", "nvme0", "--bytes", "4K"]);
+    assert!(!no_cmb.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_cmb.stderr).contains("--cmb SIZE"),
+        "{}",
+        String::from_utf8_lossy(&no_cmb.stderr)
+    );
+    alice.ctl_ok(&["return", "nvme1"]);
+
     // Hand over, then kill -9 the new holder: its lease expires and the device is offered again.
     alice.ctl_ok(&["return", "nvme0"]);
     bob.ctl_ok(&["borrow", "nvme0"]);

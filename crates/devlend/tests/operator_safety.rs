@@ -414,6 +414,33 @@ fn a_third_default_nvme_device_on_one_link_is_refused_naming_the_limit_and_fewer
         p.dir.join("d0.img").to_str().unwrap(),
     ]);
     assert_eq!(code, "invalid", "{msg}");
+    // A Controller Memory Buffer of a size the model cannot offer, or beside SR-IOV: refused
+    // with what would do, and nothing added or created.
+    let fresh = p.dir.join("cmb.img");
+    for (extra, says) in [
+        (&["--cmb", "100K"][..], "power of two from 64K to 1G"),
+        (&["--cmb", "2G"][..], "power of two from 64K to 1G"),
+        (&["--cmb", "32K"][..], "--cmb 1M"),
+        (&["--cmb", "1M", "--vfs", "2"][..], "--cmb and --vfs"),
+    ] {
+        let mut args = vec![
+            "add",
+            "nvme",
+            "--name",
+            "cmb",
+            "--size",
+            "1M",
+            "--image",
+            fresh.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, msg) = p.lender.ctl_err(&args);
+        assert_eq!(code, "invalid", "{extra:?}: {msg}");
+        assert!(msg.contains(says), "{extra:?}: {msg}");
+        assert!(!fresh.exists(), "{extra:?} created the image");
+    }
+    let listed = p.lender.ctl_ok(&["list"]);
+    assert!(!listed.contains("cmb"), "{listed}");
 }
 
 #[test]

@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use devlend_pci::{AccessSize, BarIndex, DmaBuffer, PciFunction};
 
+use crate::cmb::{self, CmbInfo, CmbSpace};
 use crate::cmd::{admin, io, Command};
 use crate::error::NvmeError;
 use crate::identify::{self, ControllerIdentity, NamespaceIdentity, IDENTIFY_BYTES};
-use crate::queue::{Completion, CompletionMode, DmaSlice, Hw, QueuePair};
+use crate::queue::{Completion, CompletionMode, DmaSlice, Hw, QueuePair, SqPlacement};
 use crate::regs::{self, pci, Capabilities};
 
 /// How to bring the controller up.
@@ -29,6 +30,10 @@ pub struct DriverConfig {
     pub admin_timeout: Duration,
     /// How long shutdown processing may take (CSTS.SHST).
     pub shutdown_timeout: Duration,
+    /// Place the I/O submission queues in the controller's memory buffer when it offers one
+    /// for them (`CAP.CMBS`, `CMBSZ.SQS`); host memory otherwise, and for any queue that does
+    /// not fit. [`Controller::cmb_queue_count`] tells how many went there.
+    pub cmb_submission_queues: bool,
 }
 
 impl Default for DriverConfig {
@@ -41,6 +46,7 @@ impl Default for DriverConfig {
             io_timeout: Duration::from_secs(30),
             admin_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
+            cmb_submission_queues: false,
         }
     }
 }
@@ -93,6 +99,10 @@ pub struct Controller {
     version: u32,
     next_queue: AtomicUsize,
     shut_down: AtomicBool,
+    /// The controller memory buffer, when the I/O submission queues may use it.
+    cmb: Option<CmbInfo>,
+    /// I/O submission queues placed in it.
+    cmb_queues: usize,
 }
 
 /// Exclusive use of one I/O queue pair for the queue-depth API (submit up to
@@ -136,6 +146,12 @@ impl Controller {
         };
         let version = hw.read32(regs::VS)?;
         disable(&hw)?;
+        let cmb = if config.cmb_submission_queues {
+            cmb::enable(&hw)?
+        } else {
+            cmb::disable(&hw)?;
+            None
+        };
 
         let vectors = setup_msix(&hw, &config)?;
         let admin_entries = ADMIN_QUEUE_ENTRIES.min(caps.max_queue_entries);
@@ -166,6 +182,8 @@ impl Controller {
             version,
             next_queue: AtomicUsize::new(0),
             shut_down: AtomicBool::new(false),
+            cmb,
+            cmb_queues: 0,
         };
         match ctrl.finish_init(vectors) {
             Ok(()) => Ok(ctrl),
@@ -254,8 +272,24 @@ impl Controller {
             .queue_entries
             .clamp(2, 65536)
             .min(self.hw.caps.max_queue_entries);
+        let mut space = self.cmb.map(CmbSpace::new);
         for qid in 1..=count as u16 {
-            let q = self.create_io_queue(qid, entries, vectors)?;
+            let sq_bytes = u64::from(entries) * crate::cmd::SQE_BYTES as u64;
+            let placement = match space.as_mut().and_then(|s| {
+                let at = s.take(sq_bytes)?;
+                Some((s.info, at))
+            }) {
+                Some((info, at)) => SqPlacement::Cmb {
+                    bar: info.bar,
+                    offset: info.bar_offset + at,
+                    bus_addr: info.bus_addr + at,
+                },
+                None => SqPlacement::Host,
+            };
+            let q = self.create_io_queue(qid, entries, vectors, placement)?;
+            if q.sq_in_cmb() {
+                self.cmb_queues += 1;
+            }
             self.io.push(Mutex::new(q));
         }
         Ok(())
@@ -266,10 +300,17 @@ impl Controller {
         qid: u16,
         entries: u32,
         vectors: u16,
+        placement: SqPlacement,
     ) -> Result<QueuePair, NvmeError> {
         let interrupt = self.config.completion == CompletionMode::Interrupt;
         let vector = if vectors > qid { qid } else { 0 };
-        let q = QueuePair::new(&self.hw, qid, entries, interrupt.then_some(vector))?;
+        let q = QueuePair::placed(
+            &self.hw,
+            qid,
+            entries,
+            interrupt.then_some(vector),
+            placement,
+        )?;
         let cdw10 = ((entries - 1) << 16) | u32::from(qid);
         let mut cq_flags = admin::QUEUE_PHYS_CONTIGUOUS;
         if interrupt {
@@ -407,6 +448,17 @@ impl Controller {
     /// I/O queue pairs created.
     pub fn io_queue_count(&self) -> usize {
         self.io.len()
+    }
+
+    /// The controller memory buffer the driver enabled for its submission queues (with
+    /// [`DriverConfig::cmb_submission_queues`] on a controller that offers one).
+    pub fn cmb(&self) -> Option<CmbInfo> {
+        self.cmb
+    }
+
+    /// I/O submission queues in the controller memory buffer.
+    pub fn cmb_queue_count(&self) -> usize {
+        self.cmb_queues
     }
 
     /// Allocates DMA memory for the queue-depth API.

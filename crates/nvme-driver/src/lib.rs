@@ -7,7 +7,8 @@
 //!   queue, MSI-X, Identify, Number of Queues, I/O queue pairs), a block API
 //!   ([`Controller::read_at`], [`Controller::write_at`], [`Controller::flush`]) with PRP lists
 //!   and MDTS splitting, a queue-depth API ([`Controller::io_queue`] → [`IoQueue`]), and
-//!   shutdown.
+//!   shutdown. With [`DriverConfig::cmb_submission_queues`] the I/O submission queues go into
+//!   the controller's memory buffer ([`cmb`]).
 //! - [`workload`]: the benchmark runner (random reads or writes at a queue depth → IOPS and
 //!   latency percentiles), shared by `devlend bench nvme` and the lending benchmark.
 //! - [`suite`]: the acceptance suite, run against any function that presents an NVMe
@@ -29,6 +30,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod cmb;
 pub mod cmd;
 mod controller;
 mod error;
@@ -39,6 +41,7 @@ pub mod regs;
 pub mod suite;
 pub mod workload;
 
+pub use cmb::CmbInfo;
 pub use cmd::Status;
 pub use controller::{Controller, DriverConfig, IoQueue, IoRequest};
 pub use error::NvmeError;

@@ -145,11 +145,45 @@ struct Slot {
     prp_pages: Vec<DmaBuffer>,
 }
 
+/// Where a submission queue lives.
+pub(crate) enum SqRing {
+    /// Host memory the device fetches entries from.
+    Host(DmaBuffer),
+    /// The controller's memory buffer: entries are written through the BAR.
+    Cmb {
+        /// The CMB's BAR.
+        bar: BarIndex,
+        /// The queue's offset in that BAR.
+        offset: u64,
+        /// The queue's bus address (in `CMBMSC.CBA .. + size`).
+        bus_addr: u64,
+        /// Read back after writing an entry, before the doorbell: the doorbell is a direct
+        /// store that could overtake the entry's posted write.
+        flush: bool,
+    },
+}
+
+/// Where to put a new queue pair's submission queue.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum SqPlacement {
+    /// Host memory.
+    Host,
+    /// The CMB at this BAR offset and bus address.
+    Cmb {
+        /// The CMB's BAR.
+        bar: BarIndex,
+        /// Offset in the BAR.
+        offset: u64,
+        /// Bus address.
+        bus_addr: u64,
+    },
+}
+
 /// A submission queue and its completion queue (same id, same size).
 pub(crate) struct QueuePair {
     qid: u16,
     entries: u32,
-    sq: DmaBuffer,
+    sq: SqRing,
     cq: DmaBuffer,
     sq_tail: u32,
     cq_head: u32,
@@ -167,15 +201,42 @@ impl QueuePair {
     /// Allocates the rings for queue `qid` with `entries` slots (2 to 65536); `vector` is the
     /// MSI-X vector to sleep on, `None` to poll.
     pub fn new(hw: &Hw, qid: u16, entries: u32, vector: Option<u16>) -> Result<Self, NvmeError> {
+        Self::placed(hw, qid, entries, vector, SqPlacement::Host)
+    }
+
+    /// Like [`Self::new`] with the submission queue where `placement` says.
+    pub fn placed(
+        hw: &Hw,
+        qid: u16,
+        entries: u32,
+        vector: Option<u16>,
+        placement: SqPlacement,
+    ) -> Result<Self, NvmeError> {
         if !(2..=65536).contains(&entries) {
             return Err(NvmeError::InvalidRequest(format!(
                 "a queue of {entries} entries (2 to 65536)"
             )));
         }
         let n = entries as usize;
-        let sq = hw.fun.dma_alloc(n * SQE_BYTES)?;
+        let sq = match placement {
+            SqPlacement::Host => {
+                let sq = hw.fun.dma_alloc(n * SQE_BYTES)?;
+                sq.fill(0)?;
+                SqRing::Host(sq)
+            }
+            // Every entry is written before the doorbell that hands it over: no need to clear.
+            SqPlacement::Cmb {
+                bar,
+                offset,
+                bus_addr,
+            } => SqRing::Cmb {
+                bar,
+                offset,
+                bus_addr,
+                flush: !hw.fun.bar_mappings(hw.bar).is_empty(),
+            },
+        };
         let cq = hw.fun.dma_alloc(n * CQE_BYTES)?;
-        sq.fill(0)?;
         cq.fill(0)?;
         // One command slot fewer than entries: a full queue would look empty.
         let capacity = n - 1;
@@ -204,7 +265,15 @@ impl QueuePair {
     }
 
     pub fn sq_bus_addr(&self) -> u64 {
-        self.sq.bus_addr().raw()
+        match &self.sq {
+            SqRing::Host(b) => b.bus_addr().raw(),
+            SqRing::Cmb { bus_addr, .. } => *bus_addr,
+        }
+    }
+
+    /// Whether the submission queue is in the controller's memory buffer.
+    pub fn sq_in_cmb(&self) -> bool {
+        matches!(self.sq, SqRing::Cmb { .. })
     }
 
     pub fn cq_bus_addr(&self) -> u64 {
@@ -276,9 +345,25 @@ impl QueuePair {
         }
         cmd.cid = cid;
         let at = self.sq_tail as usize * SQE_BYTES;
-        if let Err(e) = self.sq.write_at(at, &cmd.to_bytes()) {
+        let written = match &self.sq {
+            SqRing::Host(b) => b.write_at(at, &cmd.to_bytes()).map_err(NvmeError::from),
+            SqRing::Cmb {
+                bar, offset, flush, ..
+            } => {
+                let bar_at = offset + at as u64;
+                let mut w = hw.fun.bar_write(*bar, bar_at, &cmd.to_bytes());
+                if *flush && w.is_ok() {
+                    // A read does not pass the posted writes before it: once it answers, the
+                    // entry is in the buffer.
+                    let mut b = [0u8; 4];
+                    w = hw.fun.bar_read(*bar, bar_at, &mut b);
+                }
+                w.map_err(NvmeError::from)
+            }
+        };
+        if let Err(e) = written {
             self.recycle(pages);
-            return Err(e.into());
+            return Err(e);
         }
         let tail = (self.sq_tail + 1) % self.entries;
         if let Err(e) = hw.write32(self.sq_doorbell, tail) {
@@ -602,7 +687,10 @@ mod tests {
 
     fn sqe(q: &QueuePair, slot: usize) -> [u8; SQE_BYTES] {
         let mut b = [0u8; SQE_BYTES];
-        q.sq.read_at(slot * SQE_BYTES, &mut b).unwrap();
+        match &q.sq {
+            SqRing::Host(sq) => sq.read_at(slot * SQE_BYTES, &mut b).unwrap(),
+            SqRing::Cmb { .. } => panic!("these tests keep the queue in host memory"),
+        }
         b
     }
 

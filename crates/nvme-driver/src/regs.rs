@@ -17,6 +17,28 @@ pub const AQA: u64 = 0x24;
 pub const ASQ: u64 = 0x28;
 /// Admin Completion Queue base address (64-bit).
 pub const ACQ: u64 = 0x30;
+/// Controller Memory Buffer Location (NVMe 1.2+).
+pub const CMBLOC: u64 = 0x38;
+/// Controller Memory Buffer Size.
+pub const CMBSZ: u64 = 0x3c;
+/// Controller Memory Buffer Memory Space Control (64-bit, NVMe 1.4).
+pub const CMBMSC: u64 = 0x50;
+/// Controller Memory Buffer Status (NVMe 1.4).
+pub const CMBSTS: u64 = 0x58;
+/// `CAP.CMBS` (bit 57): the 1.4 CMB scheme (CMBMSC, CMBSTS).
+pub const CAP_CMBS: u64 = 1 << 57;
+/// `CMBLOC.CQMMS`: a submission queue in the CMB may complete into host memory.
+pub const CMBLOC_CQMMS: u32 = 1 << 3;
+/// `CMBLOC.CDPCILS`: a command in the CMB may point at data in host memory.
+pub const CMBLOC_CDPCILS: u32 = 1 << 6;
+/// `CMBSZ.SQS`: submission queues may be in the CMB.
+pub const CMBSZ_SQS: u32 = 1;
+/// `CMBMSC.CRE`: capability registers (CMBLOC, CMBSZ) enabled.
+pub const CMBMSC_CRE: u64 = 1;
+/// `CMBMSC.CMSE`: controller memory space enabled at `CMBMSC.CBA`.
+pub const CMBMSC_CMSE: u64 = 1 << 1;
+/// `CMBSTS.CBAI`: the controller refused the base address.
+pub const CMBSTS_CBAI: u32 = 1;
 /// First doorbell register.
 pub const DOORBELL_BASE: u64 = 0x1000;
 
@@ -73,6 +95,8 @@ pub struct Capabilities {
     pub max_page_bytes: u64,
     /// The NVM command set is supported (CSS bit 0).
     pub nvm_command_set: bool,
+    /// `CAP.CMBS`: a Controller Memory Buffer addressed through CMBMSC (NVMe 1.4).
+    pub cmb_space: bool,
 }
 
 impl Capabilities {
@@ -93,6 +117,7 @@ impl Capabilities {
             min_page_bytes: 1u64 << (12 + mpsmin),
             max_page_bytes: 1u64 << (12 + mpsmax),
             nvm_command_set: css & 1 == 1,
+            cmb_space: cap & CAP_CMBS != 0,
         }
     }
 

@@ -86,6 +86,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("workload_runs", workload_runs),
     ("removal_errors", removal_errors),
     ("removal_all_ones", removal_all_ones),
+    ("cmb_submission_queues", cmb_submission_queues),
 ];
 
 /// Runs every case in order; stops at the first failure.
@@ -768,4 +769,122 @@ pub fn removal_errors(t: &Target) -> Result<(), SuiteError> {
 /// bounded waits (CSTS all-ones), in interrupt and in polling mode.
 pub fn removal_all_ones(t: &Target) -> Result<(), SuiteError> {
     removal_case(t, "removal_all_ones", VanishMode::AllOnes)
+}
+
+/// I/O submission queues in the controller memory buffer (SmartIO/libnvm's "remote queue":
+/// the submission queue near the device, the completion queue near the driver). When the
+/// controller offers a CMB for submission queues (`CMBSZ.SQS` once `CMBMSC.CRE` is set),
+/// every I/O submission queue must be placed there; without one the driver keeps them in host
+/// memory. Either way: writes and reads of one block to a multi-page PRP list on every queue,
+/// in interrupt and polling mode, the block API, and afterwards a bring-up without the option
+/// turns the CMB off again.
+pub fn cmb_submission_queues(t: &Target) -> Result<(), SuiteError> {
+    let x = Ctx {
+        case: "cmb_submission_queues",
+    };
+    let bar0 = BarIndex::new(0).ok_or_else(|| SuiteError::Check {
+        case: x.case,
+        detail: "BAR index 0".into(),
+    })?;
+    let mut offered = false;
+    for (round, mode) in [CompletionMode::Interrupt, CompletionMode::Polling]
+        .into_iter()
+        .enumerate()
+    {
+        let cfg = DriverConfig {
+            cmb_submission_queues: true,
+            ..config(2, mode)
+        };
+        let c = x.bring_up(t, cfg)?;
+        let cmbsz = if c.capabilities().cmb_space {
+            x.step(
+                "read CMBSZ",
+                c.function()
+                    .bar_read_u32(bar0, crate::regs::CMBSZ)
+                    .map_err(NvmeError::from),
+            )?
+        } else {
+            0
+        };
+        offered = cmbsz & crate::regs::CMBSZ_SQS != 0;
+        let (n, of) = (c.cmb_queue_count(), c.io_queue_count());
+        x.check(of >= 1, || "no I/O queue".into())?;
+        if offered {
+            x.check(c.cmb().is_some() && n == of, || {
+                format!(
+                    "the controller offers a CMB for submission queues, yet {n} of {of} are \
+                     there ({:?})",
+                    c.cmb()
+                )
+            })?;
+        } else {
+            x.check(c.cmb().is_none() && n == 0, || {
+                format!("no CMB offered, yet {n} queues placed in {:?}", c.cmb())
+            })?;
+        }
+        let lba = c.lba_bytes() as usize;
+        // The second half of the namespace, apart from the other cases' ranges.
+        let base_block = c.capacity_bytes() / 2 / lba as u64;
+        for q in 0..of {
+            for (i, len) in [lba, 64 * 1024].into_iter().enumerate() {
+                let seed = (round * 16 + q * 4 + i) as u8;
+                let data = pattern(len, seed);
+                let buf = x.step("alloc", c.alloc_dma(len))?;
+                x.step("fill", buf.write_at(0, &data).map_err(NvmeError::from))?;
+                let slice = x.step("slice", DmaSlice::new(buf.clone(), 0, len))?;
+                let lba0 = base_block + (q * 1000 + i * 200) as u64;
+                let blocks = (len / lba) as u32;
+                let mut io = x.step("queue", c.io_queue(q))?;
+                x.step(
+                    format!("write {len} bytes on queue {q}"),
+                    io.run_batch(vec![IoRequest::Write {
+                        lba: lba0,
+                        blocks,
+                        data: slice.clone(),
+                    }]),
+                )?;
+                x.step("clear", buf.fill(0).map_err(NvmeError::from))?;
+                x.step(
+                    format!("read {len} bytes on queue {q}"),
+                    io.run_batch(vec![IoRequest::Read {
+                        lba: lba0,
+                        blocks,
+                        data: slice,
+                    }]),
+                )?;
+                drop(io);
+                let mut back = vec![0u8; len];
+                x.step(
+                    "copy out",
+                    buf.read_at(0, &mut back).map_err(NvmeError::from),
+                )?;
+                x.same(&data, &back, lba0 * lba as u64)?;
+            }
+        }
+        // More commands than one pass of the queue holds: the tail wraps inside the buffer.
+        let entries = u64::from(c.config().queue_entries);
+        let mut w = Workload::new(Pattern::RandWrite, 4, Limit::Ops(entries * 2));
+        w.queue = of - 1;
+        w.region = Some(((base_block + 4000) * lba as u64, 1 << 20));
+        x.step("workload past a queue wrap", workload::run(&c, &w))?;
+        let at = (base_block + 8000) * lba as u64;
+        x.round_trip(&c, at, 300 * 1024 + lba, 90 + round as u8)?;
+        x.step("shutdown", c.shutdown())?;
+    }
+    // Without the option the queues are in host memory and the CMB is off again.
+    let c = x.bring_up(t, config(1, CompletionMode::Interrupt))?;
+    x.check(c.cmb().is_none() && c.cmb_queue_count() == 0, || {
+        "a bring-up without cmb_submission_queues used the CMB".into()
+    })?;
+    if offered {
+        let msc = x.step(
+            "read CMBMSC",
+            c.function()
+                .bar_read_u64(bar0, crate::regs::CMBMSC)
+                .map_err(NvmeError::from),
+        )?;
+        x.check(msc == 0, || format!("CMBMSC is {msc:#x}, not 0"))?;
+    }
+    x.round_trip(&c, c.capacity_bytes() / 2, 8192, 99)?;
+    x.step("shutdown", c.shutdown())
 }

@@ -40,7 +40,13 @@ impl Drop for Image {
 /// The NVMe model on `image` (created on first use), bound in-process. MDTS is the largest the
 /// model offers (4 MiB), so one command's PRP list spans several list pages.
 fn local_function(image: &std::path::Path) -> Arc<dyn PciFunction> {
+    local_function_with(image, None)
+}
+
+/// The same, with a Controller Memory Buffer of `cmb_bytes`.
+fn local_function_with(image: &std::path::Path, cmb_bytes: Option<u64>) -> Arc<dyn PciFunction> {
     let mut config = NvmeConfig::new(image);
+    config.cmb_bytes = cmb_bytes;
     config.create_size = Some(IMAGE_BYTES);
     config.mdts = 10;
     let f = LocalFunction::new(DMA_BYTES, move |dma, irq| {
@@ -87,12 +93,13 @@ cases!(
     workload_runs,
     removal_errors,
     removal_all_ones,
+    cmb_submission_queues,
 );
 
 #[test]
 fn every_case_is_listed_here() {
     // `cases!` above and `suite::CASES` must not drift apart.
-    assert_eq!(suite::CASES.len(), 14);
+    assert_eq!(suite::CASES.len(), 15);
 }
 
 #[test]
@@ -105,6 +112,42 @@ fn whole_suite_in_order_on_one_device() {
         make: Box::new(move || fun.clone()),
         image: Some(image.0.clone()),
     };
+    if let Err(e) = suite::run_all(&t) {
+        panic!("{e}");
+    }
+}
+
+/// The CMB case on a device that has one: the driver must put every I/O submission queue
+/// there (the case checks it against CMBSZ), and the rest of the suite runs unchanged with the
+/// CMB present.
+#[test]
+fn cmb_submission_queues_on_a_device_with_a_cmb() {
+    let image = Image::new("cmb");
+    let path = image.0.clone();
+    let fun = local_function_with(&path, Some(1 << 20));
+    let probe = fun.clone();
+    let t = Target {
+        make: Box::new(move || fun.clone()),
+        image: Some(image.0.clone()),
+    };
+    if let Err(e) = suite::cmb_submission_queues(&t) {
+        panic!("{e}");
+    }
+    // The case ran against a CMB (not the fallback): CAP.CMBS is set on this function.
+    let bar0 = devlend_pci::BarIndex::new(0).unwrap();
+    assert_ne!(probe.bar_read_u64(bar0, 0).unwrap() & (1 << 57), 0);
+    let c = devlend_nvme_driver::Controller::with_config(
+        probe,
+        devlend_nvme_driver::DriverConfig {
+            cmb_submission_queues: true,
+            io_queues: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(c.cmb_queue_count(), 3);
+    assert_eq!(c.cmb().unwrap().bytes, 1 << 20);
+    drop(c);
     if let Err(e) = suite::run_all(&t) {
         panic!("{e}");
     }

@@ -1833,11 +1833,7 @@ fn cmb_bad_placements_get_error_statuses() {
         ),
     ];
     for (name, c) in cases {
-        assert_eq!(
-            h.status(2, *c),
-            Status::DATA_TRANSFER_ERROR,
-            "{name}"
-        );
+        assert_eq!(h.status(2, *c), Status::DATA_TRANSFER_ERROR, "{name}");
         let now = cmb_read(&h, 0, CMB_BYTES as usize);
         let first = now.iter().zip(&cmb_before).position(|(a, b)| a != b);
         assert_eq!(first, None, "{name}: the CMB changed");

@@ -328,6 +328,10 @@ pub struct AddRequest {
     /// With `vfs`: `shared` (one namespace for all) or `private` (one per VF).
     #[serde(default)]
     pub vf_namespaces: Option<String>,
+    /// A Controller Memory Buffer of this many bytes in BAR 2 (a power of two, 64 KiB to
+    /// 1 GiB); none when absent.
+    #[serde(default)]
+    pub cmb: Option<u64>,
 }
 
 /// Lend a real PCI function through VFIO.
@@ -391,6 +395,10 @@ pub struct CheckRequest {
     /// Overwrite the range with a test pattern (destroys its data); without it, only read.
     #[serde(default)]
     pub write: bool,
+    /// Place the driver's I/O submission queues in the device's Controller Memory Buffer
+    /// (fails when the device has none).
+    #[serde(default)]
+    pub cmb: bool,
 }
 
 /// Config-space snapshots of the devices this host sees (all, or one).

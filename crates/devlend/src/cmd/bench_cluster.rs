@@ -154,6 +154,7 @@ impl Rig {
                 queues: None,
                 vfs: None,
                 vf_namespaces: None,
+                cmb: None,
             },
             CTL_TIMEOUT,
         )?;

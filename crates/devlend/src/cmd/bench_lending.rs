@@ -75,6 +75,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         serial: None,
         model: None,
         queues: None,
+        cmb: None,
     })?;
     let mut notes = Vec::new();
     let cfg = devlend_nvme_driver::DriverConfig {

@@ -178,6 +178,7 @@ impl Rig {
                 queues: None,
                 vfs: Some(u16::try_from(borrowers)?),
                 vf_namespaces: Some("shared".into()),
+                cmb: None,
             },
             CTL_TIMEOUT,
         )
@@ -254,6 +255,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         serial: None,
         model: None,
         queues: None,
+        cmb: None,
     })?;
     let local = Controller::new(local)?;
     let w = Workload::new(

@@ -159,6 +159,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         serial: None,
         model: None,
         queues: None,
+        cmb: None,
     })?;
     let dur = Duration::from_secs_f64(a.seconds.max(0.2));
     let local_ctrl = Controller::new(local.clone())?;

@@ -610,6 +610,7 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
             queues,
             vfs,
             vf_namespaces,
+            cmb,
         }) => {
             if kind != "nvme" {
                 return Err(ErrorBody::new(
@@ -624,7 +625,16 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
                 serial,
                 model,
                 queues,
+                cmb,
             };
+            if vfs.is_some() && cmb.is_some() {
+                return Err(ErrorBody::new(
+                    ErrorCode::Invalid,
+                    "--cmb and --vfs do not go together: the model offers a Controller Memory \
+                     Buffer only on a device without SR-IOV",
+                )
+                .into());
+            }
             if d.node.local_devices().iter().any(|x| x.name == name) {
                 return Err(devlend_lending::LendingError::DuplicateName(name).into());
             }
@@ -870,6 +880,7 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
             bytes,
             offset,
             write,
+            cmb,
         }) => {
             let f = d.node.borrowed(&name).ok_or_else(|| {
                 ErrorBody::new(
@@ -879,8 +890,13 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
             })?;
             // The driver resets the controller: never under a VMM, never under another check.
             let _checking = CheckGuard::enter(d, &name)?;
-            let checked =
-                host::check_device(d.observe.meter_borrowed(&name, f), offset, bytes, write)?;
+            let checked = host::check_device(
+                d.observe.meter_borrowed(&name, f),
+                offset,
+                bytes,
+                write,
+                cmb,
+            )?;
             Reply::Check(proto::CheckReply {
                 name,
                 bytes,

@@ -71,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 serial: None,
                 model: None,
                 queues: None,
+                cmb: None,
             })?;
             let function = local_nvme(&a)?;
             lock.keep();

@@ -50,6 +50,11 @@ pub struct AddArgs {
     /// its own slice of the image).
     #[arg(long, value_name = "shared|private", requires = "vfs")]
     vf_namespaces: Option<String>,
+    /// Give the NVMe device a Controller Memory Buffer of SIZE in BAR 2 (a power of two from
+    /// 64K to 1G): a driver may place submission queues, PRP lists and data there, which the
+    /// device then reads from itself instead of across the link. Off by default.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    cmb: Option<u64>,
 }
 
 /// `devlend list`, `devlend status`
@@ -124,6 +129,11 @@ pub struct CheckArgs {
     /// Without it, check only reads.
     #[arg(long)]
     write: bool,
+    /// Put the driver's I/O submission queues in the device's Controller Memory Buffer (a
+    /// device added with `--cmb`): commands then cross the link as posted writes into the
+    /// device, which no longer fetches them. Fails on a device without one.
+    #[arg(long)]
+    cmb: bool,
 }
 
 /// `devlend keygen`
@@ -290,6 +300,7 @@ pub fn add(a: AddArgs) -> anyhow::Result<()> {
         queues: a.queues,
         vfs: a.vfs,
         vf_namespaces: a.vf_namespaces,
+        cmb: a.cmb,
     };
     let v = call(&a.target.state, req, TIMEOUT)?;
     emit(&a.target, &v, |v| {
@@ -310,8 +321,9 @@ fn add_vfio(a: AddArgs) -> anyhow::Result<()> {
             && a.size.is_none()
             && a.serial.is_none()
             && a.model.is_none()
-            && a.queues.is_none(),
-        "--image, --size, --serial, --model and --queues are for `devlend add nvme`; a real device brings its own"
+            && a.queues.is_none()
+            && a.cmb.is_none(),
+        "--image, --size, --serial, --model, --queues and --cmb are for `devlend add nvme`; a real device brings its own"
     );
     let name = match a.name {
         Some(n) => n,
@@ -503,6 +515,7 @@ pub fn check(a: CheckArgs) -> anyhow::Result<()> {
         bytes: a.bytes,
         offset: a.offset,
         write: a.write,
+        cmb: a.cmb,
     };
     let v = call(&a.target.state, req, Duration::from_secs(300))?;
     emit(&a.target, &v, |v| format!("{}\n", v.summary))
