@@ -67,7 +67,8 @@
 //! A caller waiting for a reply reads the socket itself when no other caller does: it takes
 //! the socket out of the reader thread's one-shot epoll watch for the time, so the reply wakes
 //! nobody else. Every reader polls the socket adaptively: for the fabric's spin budget
-//! ([`LinkConfig::spin`]) before it sleeps, because a wake-up of an idle vCPU costs far more
+//! ([`LinkConfig::spin`], yielding the CPU between polls: `devlend_sync::Spin::yielding`)
+//! before it sleeps, because a wake-up of an idle vCPU costs far more
 //! than the round trip itself. Dropping the [`TcpNtb`] stops and joins every thread.
 //!
 //! [`TcpConfig::cpus`] pins the writer thread, and the supervisor and service threads, to

@@ -6,7 +6,7 @@
 //!   it half-updated and then panic), so a panic in one thread must not take every other
 //!   user of the lock (a device, a link, a node) down with it.
 //! * [`Spin`] and [`spin_until`]: the adaptive wait in front of a sleep. Poll, and every
-//!   [`YIELD_EVERY`] polls yield the CPU: on a machine with fewer cores than runnable threads
+//!   [`YIELD_EVERY`] polls (every poll for [`Spin::yielding`]) yield the CPU: on a machine with fewer cores than runnable threads
 //!   the thread being waited for may be queued behind the waiter, and a pure spin would burn
 //!   exactly the time it needs (measured: round trips of ~3x the spin budget instead of ~1 us
 //!   on a loaded 2-core VM).
@@ -88,6 +88,8 @@ pub struct Spin {
     start: Instant,
     budget: Duration,
     polls: u32,
+    /// Yield at every this many pauses (never 0).
+    yield_every: u32,
 }
 
 impl Spin {
@@ -97,14 +99,26 @@ impl Spin {
             start: Instant::now(),
             budget,
             polls: 0,
+            yield_every: YIELD_EVERY,
         }
     }
 
-    /// Call between two polls: a spin-loop hint, or every [`YIELD_EVERY`]th call a yield, after
-    /// which the budget is checked.
+    /// A spin of at most `budget`, starting now, that yields the CPU at every pause: for a
+    /// waiter whose poll is itself a system call (a read of a socket, `devlend-fabric-tcp`'s
+    /// readers), which already costs more than the spin-loop hints it would replace; on two
+    /// cores, every poll without a yield delays the thread being waited for.
+    pub fn yielding(budget: Duration) -> Self {
+        Self {
+            yield_every: 1,
+            ..Self::new(budget)
+        }
+    }
+
+    /// Call between two polls: a spin-loop hint, or every [`YIELD_EVERY`]th call (every call
+    /// for [`Spin::yielding`]) a yield, after which the budget is checked.
     pub fn pause(&mut self) -> Pause {
         self.polls = self.polls.wrapping_add(1);
-        if !self.polls.is_multiple_of(YIELD_EVERY) {
+        if !self.polls.is_multiple_of(self.yield_every) {
             std::hint::spin_loop();
             return Pause::Spun;
         }
@@ -176,6 +190,16 @@ mod tests {
             assert_eq!(spin.pause(), Pause::Spun);
         }
         assert_eq!(spin.pause(), Pause::Yielded);
+    }
+
+    #[test]
+    fn a_yielding_spin_yields_at_every_pause_and_ends_once_spent() {
+        let mut spin = Spin::yielding(Duration::from_secs(3600));
+        for _ in 0..3 {
+            assert_eq!(spin.pause(), Pause::Yielded);
+        }
+        let mut spin = Spin::yielding(Duration::ZERO);
+        assert_eq!(spin.pause(), Pause::Spent);
     }
 
     #[test]

@@ -44,13 +44,10 @@ use devlend_fabric::FabricError;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use super::recv::Pumped;
-use super::{lock, EndError, Reply, RxState, Session};
+use super::{EndError, Reply, RxState, Session};
 use crate::ntb::Inner;
 use crate::watch::Watch;
-
-/// A spinning reader yields the CPU every this many polls of the socket (on two cores, a pure
-/// spin would starve the thread it waits for).
-const SPIN_YIELD_EVERY: u32 = 1;
+use devlend_sync::{lock, Pause, Spin};
 
 /// The reader thread's wake-up on the socket, as the hand-off drives it.
 pub(super) trait Arm {
@@ -239,8 +236,11 @@ impl Session {
             inner.link_down(self);
             FabricError::LinkDown
         };
-        let spin_start = Instant::now();
-        let mut polls = 0u32;
+        // Poll the socket for the spin budget, yielding the CPU between polls (a poll is a
+        // system call; on two cores a pure spin would starve the thread it waits for), then
+        // sleep until the socket is readable.
+        let mut spin = Spin::yielding(self.spin);
+        let mut spinning = !self.spin.is_zero();
         loop {
             match reply.try_recv() {
                 Ok(r) => return Ok(r),
@@ -251,12 +251,8 @@ impl Session {
             if now >= deadline {
                 return Err(FabricError::Timeout);
             }
-            // Poll for the spin budget, then sleep until the socket is readable.
-            let readable = if now.duration_since(spin_start) < self.spin {
-                polls = polls.wrapping_add(1);
-                if polls.is_multiple_of(SPIN_YIELD_EVERY) {
-                    std::thread::yield_now();
-                }
+            let readable = if spinning {
+                spinning = spin.pause() != Pause::Spent;
                 true
             } else {
                 let wait = (deadline - now).min(self.keepalive_interval);
@@ -305,17 +301,15 @@ impl Session {
     /// Reads the socket until it has been quiet for the spin budget, or until a caller wants
     /// it (adaptive polling: the peer's next request usually follows within the budget).
     fn read_while_busy(&self, inner: &Inner, st: &mut RxState) -> Result<Pumped, EndError> {
-        let mut last = Instant::now();
-        let mut polls = 0u32;
+        // The budget runs from the last data; between polls the CPU is yielded (as in `lead`).
+        let mut spin = Spin::yielding(self.spin);
         while !self.rx.wanted() {
             match self.pump(inner, st)? {
                 Pumped::Eof => return Ok(Pumped::Eof),
-                Pumped::Data => last = Instant::now(),
-                Pumped::Nothing if last.elapsed() >= self.spin => break,
+                Pumped::Data => spin = Spin::yielding(self.spin),
                 Pumped::Nothing => {
-                    polls = polls.wrapping_add(1);
-                    if polls.is_multiple_of(SPIN_YIELD_EVERY) {
-                        std::thread::yield_now();
+                    if spin.pause() == Pause::Spent {
+                        break;
                     }
                 }
             }

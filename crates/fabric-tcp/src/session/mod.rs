@@ -22,13 +22,14 @@ mod send;
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::frame::{self, FrameError, Status};
 use crate::queue::{InQueue, OutQueue};
 use crate::record::{Opener, RecordError, Sealer, MAX_RECORD};
 use crate::watch::Watch;
+use devlend_sync::lock;
 
 pub(crate) use establish::{supervise, Mode};
 use handoff::Handoff;
@@ -37,19 +38,6 @@ use pending::{Inflight, Tags};
 use recv::{NetBuf, RxState};
 pub(crate) use send::Flush;
 use send::{Sealed, SendState};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `m`'s guard if no one holds it.
-fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
-    match m.try_lock() {
-        Ok(g) => Some(g),
-        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-        Err(std::sync::TryLockError::WouldBlock) => None,
-    }
-}
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use devlend_fabric::FabricError;
 
-use super::{lock, EndError, Flush, Reply, Session};
+use super::{EndError, Flush, Reply, Session};
 use crate::frame::{Frame, Status};
 use crate::ntb::Inner;
+use devlend_sync::lock;
 
 /// Most requests needing a reply (reads, scratchpad reads, message writes) that one side may
 /// have outstanding; a peer exceeding it breaks the protocol.

@@ -10,9 +10,10 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::Session;
-use super::{lock, nonblocking, take_credit, Channel, EndError, Flush, Inbound, PeerInfo, Reply};
+use super::{nonblocking, take_credit, Channel, EndError, Flush, Inbound, PeerInfo, Reply};
 use crate::frame::{self, Frame, FrameError, Hello};
 use crate::ntb::Inner;
+use devlend_sync::lock;
 
 /// The receive buffers.
 pub(super) struct RxState {

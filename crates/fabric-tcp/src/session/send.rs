@@ -12,11 +12,12 @@ use std::sync::atomic::Ordering;
 
 use devlend_fabric::FabricError;
 
-use super::{lock, nonblocking, try_lock, EndError, Session};
+use super::{nonblocking, EndError, Session};
 use crate::frame::{self, Frame};
 use crate::ntb::Inner;
 use crate::queue::Take;
 use crate::record::{WireBuf, MAX_PLAINTEXT};
+use devlend_sync::{lock, try_lock};
 
 /// Buffers of the sender that holds [`Session::send`].
 #[derive(Default)]
