@@ -80,9 +80,10 @@
 //!
 //! # Lock order
 //!
-//! `windows` → `session slot` → send queue, and receive buffers (`rx`) → send lock → send
-//! queue / TLS state. Every other lock (link, doorbells, messages, scratchpads, pending reads,
-//! leaders, the inbound queue) is a leaf: nothing else is taken while it is held.
+//! `windows` (the registers') → the current connection (the link's slot) → send queue, and
+//! receive buffers (`rx`) → send lock → send queue / TLS state. Every other lock (link state,
+//! doorbells, messages, scratchpads, pending reads, leaders, the inbound queue) is a leaf:
+//! nothing else is taken while it is held.
 #![warn(missing_docs)]
 
 pub mod cpu;

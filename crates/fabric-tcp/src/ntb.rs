@@ -71,6 +71,7 @@ struct MsgRegs {
     sts: u64,
 }
 
+/// Whether the link is up, and how many times it changed.
 struct LinkInner {
     up: bool,
     generation: u64,
@@ -86,24 +87,80 @@ pub struct TcpStats {
     pub refused: u64,
 }
 
-/// State shared by the user's handle and the connection threads.
-pub(crate) struct Inner {
-    pub(crate) cfg: TcpConfig,
-    pub(crate) creds: Credentials,
-    asp: Arc<AddressSpace>,
+/// This side's registers, which the peer's requests write and the user's handle reads: the
+/// windows' translations, doorbells, scratchpads and message registers, with the condition
+/// variables their waiters sleep on.
+struct Registers {
     windows: Mutex<Vec<Option<Translation>>>,
-    slot: Mutex<Option<Arc<Session>>>,
-    link: Mutex<LinkInner>,
-    link_cv: Condvar,
     db: Mutex<DbRegs>,
     db_cv: Condvar,
     spads: Mutex<Vec<u32>>,
     msgs: Mutex<MsgRegs>,
     msg_cv: Condvar,
-    stop: AtomicBool,
-    stop_lock: Mutex<()>,
-    stop_cv: Condvar,
-    pub(crate) wake: EventFd,
+}
+
+impl Registers {
+    fn new(link: &devlend_fabric::LinkConfig) -> Self {
+        Self {
+            windows: Mutex::new(vec![None; link.mw_count]),
+            db: Mutex::new(DbRegs { bits: 0, mask: 0 }),
+            db_cv: Condvar::new(),
+            spads: Mutex::new(vec![0; link.spad_count]),
+            msgs: Mutex::new(MsgRegs {
+                values: vec![0; link.msg_count],
+                sts: 0,
+            }),
+            msg_cv: Condvar::new(),
+        }
+    }
+
+    /// Wakes every register waiter, so that it sees the connection it waits on gone. Waiters
+    /// check the connection under these locks: taking them orders the wake-up after the check.
+    fn wake_waiters(&self) {
+        drop(lock(&self.db));
+        self.db_cv.notify_all();
+        drop(lock(&self.msgs));
+        self.msg_cv.notify_all();
+    }
+}
+
+/// The link: the current connection (up, or still in its hello) and the link state the user's
+/// waits watch.
+struct LinkSlot {
+    /// The current connection.
+    current: Mutex<Option<Arc<Session>>>,
+    state: Mutex<LinkInner>,
+    /// Notified when `state` changes and when a connection is refused (see
+    /// [`TcpNtb::wait_refused`]).
+    changed: Condvar,
+}
+
+/// The user's handle asking the connection threads to end: a flag, a condition variable for
+/// the supervisor's pauses, and an eventfd that ends a listener's poll.
+struct Stop {
+    requested: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+    wake: EventFd,
+}
+
+impl Stop {
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Sets the flag and wakes the supervisor wherever it waits.
+    fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+        drop(lock(&self.lock));
+        self.cv.notify_all();
+        let _ = self.wake.write(1);
+    }
+}
+
+/// The counters behind [`TcpStats`], and the refusal streak.
+#[derive(Default)]
+struct Counters {
     links_up: AtomicU64,
     refused: AtomicU64,
     /// Connections refused or failed before link-up since the last link-up (the back-off
@@ -111,39 +168,56 @@ pub(crate) struct Inner {
     streak: AtomicU64,
 }
 
+/// State shared by the user's handle and the connection threads.
+pub(crate) struct Inner {
+    pub(crate) cfg: TcpConfig,
+    pub(crate) creds: Credentials,
+    asp: Arc<AddressSpace>,
+    regs: Registers,
+    link: LinkSlot,
+    stop: Stop,
+    counters: Counters,
+}
+
 impl Inner {
     pub(crate) fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
+        self.stop.requested()
+    }
+
+    /// The eventfd that the stop request writes (a listener polls it beside its socket).
+    pub(crate) fn stop_event(&self) -> &EventFd {
+        &self.stop.wake
     }
 
     /// Sleeps `d` or until stopped; returns whether stopped.
     pub(crate) fn pause(&self, d: Duration) -> bool {
-        let g = lock(&self.stop_lock);
-        let _g = devlend_sync::wait_timeout_while(&self.stop_cv, g, d, |_| !self.stopped());
+        let g = lock(&self.stop.lock);
+        let _g = devlend_sync::wait_timeout_while(&self.stop.cv, g, d, |_| !self.stopped());
         self.stopped()
     }
 
     /// Counts a connection that ended before link-up; returns how many did in a row.
     pub(crate) fn count_refusal(&self) -> u64 {
-        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.counters.refused.fetch_add(1, Ordering::Relaxed);
         let streak = self
+            .counters
             .streak
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
-        drop(lock(&self.link));
-        self.link_cv.notify_all();
+        drop(lock(&self.link.state));
+        self.link.changed.notify_all();
         streak
     }
 
     /// Connections that ended before link-up since the last link-up.
     pub(crate) fn refusal_streak(&self) -> u64 {
-        self.streak.load(Ordering::Relaxed)
+        self.counters.streak.load(Ordering::Relaxed)
     }
 
     /// Makes `s` the current connection and queues the hello, which carries the current
     /// translations (so that translations and hello cannot cross).
     pub(crate) fn publish(&self, s: &Arc<Session>) {
-        let windows = lock(&self.windows);
+        let windows = lock(&self.regs.windows);
         let hello = Hello {
             version: frame::VERSION,
             spad_count: self.cfg.link.spad_count as u16,
@@ -152,17 +226,17 @@ impl Inner {
             window_sizes: windows.iter().map(|w| w.map_or(0, |t| t.size)).collect(),
         };
         let _ = s.out.push_now(|b| Frame::Hello(hello).encode(b));
-        *lock(&self.slot) = Some(s.clone());
+        *lock(&self.link.current) = Some(s.clone());
     }
 
     pub(crate) fn link_up(&self) {
-        let mut l = lock(&self.link);
+        let mut l = lock(&self.link.state);
         l.up = true;
         l.generation += 1;
         drop(l);
-        self.links_up.fetch_add(1, Ordering::Relaxed);
-        self.streak.store(0, Ordering::Relaxed);
-        self.link_cv.notify_all();
+        self.counters.links_up.fetch_add(1, Ordering::Relaxed);
+        self.counters.streak.store(0, Ordering::Relaxed);
+        self.link.changed.notify_all();
     }
 
     /// Ends connection `s` (idempotent): the link goes down if it was up, and every waiter
@@ -172,31 +246,23 @@ impl Inner {
             return;
         };
         {
-            let mut slot = lock(&self.slot);
-            if slot.as_deref().is_some_and(|cur| std::ptr::eq(cur, s)) {
-                *slot = None;
+            let mut current = lock(&self.link.current);
+            if current.as_deref().is_some_and(|cur| std::ptr::eq(cur, s)) {
+                *current = None;
             }
         }
         if was_up {
-            let mut l = lock(&self.link);
+            let mut l = lock(&self.link.state);
             l.up = false;
             l.generation += 1;
         }
-        self.link_cv.notify_all();
-        // Waiters check the session under these locks: taking them orders the wake-up after
-        // the check.
-        drop(lock(&self.db));
-        self.db_cv.notify_all();
-        drop(lock(&self.msgs));
-        self.msg_cv.notify_all();
+        self.link.changed.notify_all();
+        self.regs.wake_waiters();
     }
 
     fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
-        drop(lock(&self.stop_lock));
-        self.stop_cv.notify_all();
-        let _ = self.wake.write(1);
-        let current = lock(&self.slot).clone();
+        self.stop.request();
+        let current = lock(&self.link.current).clone();
         if let Some(s) = current {
             self.link_down(&s);
         }
@@ -204,7 +270,7 @@ impl Inner {
 
     /// The connection, when the link is up.
     fn session(&self) -> Result<Arc<Session>> {
-        match lock(&self.slot).clone() {
+        match lock(&self.link.current).clone() {
             Some(s) if s.is_up() => Ok(s),
             _ => Err(FabricError::LinkDown),
         }
@@ -218,7 +284,7 @@ impl Inner {
         offset: u64,
         len: usize,
     ) -> std::result::Result<Resolved, Status> {
-        let t = lock(&self.windows)
+        let t = lock(&self.regs.windows)
             .get(usize::from(window))
             .copied()
             .ok_or(Status::NoSuchIndex)?
@@ -377,18 +443,18 @@ impl Inner {
                 }
             }
             Inbound::DbSet(bits) => {
-                let mut db = lock(&self.db);
+                let mut db = lock(&self.regs.db);
                 db.bits |= bits & self.cfg.link.db_valid_mask();
                 drop(db);
-                self.db_cv.notify_all();
+                self.regs.db_cv.notify_all();
             }
             Inbound::SpadWrite { index, value } => {
-                if let Some(v) = lock(&self.spads).get_mut(usize::from(index)) {
+                if let Some(v) = lock(&self.regs.spads).get_mut(usize::from(index)) {
                     *v = value;
                 }
             }
             Inbound::SpadRead { tag, index } => {
-                let value = lock(&self.spads).get(usize::from(index)).copied();
+                let value = lock(&self.regs.spads).get(usize::from(index)).copied();
                 match value {
                     Some(v) => s.reply(tag, Status::Ok, &v.to_le_bytes()),
                     None => s.reply(tag, Status::NoSuchIndex, &[]),
@@ -396,7 +462,7 @@ impl Inner {
             }
             Inbound::MsgWrite { tag, index, value } => {
                 let status = {
-                    let mut m = lock(&self.msgs);
+                    let mut m = lock(&self.regs.msgs);
                     let bit = 1u64 << (index % 64);
                     let sts = m.sts;
                     match m.values.get_mut(usize::from(index)) {
@@ -410,7 +476,7 @@ impl Inner {
                     }
                 };
                 if status == Status::Ok {
-                    self.msg_cv.notify_all();
+                    self.regs.msg_cv.notify_all();
                 }
                 s.reply(tag, status, &[]);
             }
@@ -448,29 +514,23 @@ impl TcpNtb {
             cfg,
             creds,
             asp,
-            windows: Mutex::new(vec![None; link.mw_count]),
-            slot: Mutex::new(None),
-            link: Mutex::new(LinkInner {
-                up: false,
-                generation: 0,
-            }),
-            link_cv: Condvar::new(),
-            db: Mutex::new(DbRegs { bits: 0, mask: 0 }),
-            db_cv: Condvar::new(),
-            spads: Mutex::new(vec![0; link.spad_count]),
-            msgs: Mutex::new(MsgRegs {
-                values: vec![0; link.msg_count],
-                sts: 0,
-            }),
-            msg_cv: Condvar::new(),
-            stop: AtomicBool::new(false),
-            stop_lock: Mutex::new(()),
-            stop_cv: Condvar::new(),
-            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .map_err(|e| TcpError::Os("eventfd", e))?,
-            links_up: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            streak: AtomicU64::new(0),
+            regs: Registers::new(&link),
+            link: LinkSlot {
+                current: Mutex::new(None),
+                state: Mutex::new(LinkInner {
+                    up: false,
+                    generation: 0,
+                }),
+                changed: Condvar::new(),
+            },
+            stop: Stop {
+                requested: AtomicBool::new(false),
+                lock: Mutex::new(()),
+                cv: Condvar::new(),
+                wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .map_err(|e| TcpError::Os("eventfd", e))?,
+            },
+            counters: Counters::default(),
         });
         let thread_inner = inner.clone();
         let supervisor = std::thread::Builder::new()
@@ -523,18 +583,19 @@ impl TcpNtb {
     /// Counters since creation.
     pub fn stats(&self) -> TcpStats {
         TcpStats {
-            links_up: self.inner.links_up.load(Ordering::Relaxed),
-            refused: self.inner.refused.load(Ordering::Relaxed),
+            links_up: self.inner.counters.links_up.load(Ordering::Relaxed),
+            refused: self.inner.counters.refused.load(Ordering::Relaxed),
         }
     }
 
     /// Waits until at least `count` connections were refused (see [`TcpStats::refused`]).
     pub fn wait_refused(&self, count: u64, timeout: Duration) -> Result<()> {
-        let l = lock(&self.inner.link);
-        let _l = devlend_sync::wait_timeout_while(&self.inner.link_cv, l, timeout, |_| {
-            self.inner.refused.load(Ordering::Relaxed) < count
+        let refused = &self.inner.counters.refused;
+        let l = lock(&self.inner.link.state);
+        let _l = devlend_sync::wait_timeout_while(&self.inner.link.changed, l, timeout, |_| {
+            refused.load(Ordering::Relaxed) < count
         });
-        if self.inner.refused.load(Ordering::Relaxed) >= count {
+        if refused.load(Ordering::Relaxed) >= count {
             Ok(())
         } else {
             Err(FabricError::Timeout)
@@ -616,7 +677,7 @@ impl Drop for TcpNtb {
 
 impl Link for TcpNtb {
     fn link_state(&self) -> LinkState {
-        if lock(&self.inner.link).up {
+        if lock(&self.inner.link.state).up {
             LinkState::Up
         } else {
             LinkState::Down
@@ -624,8 +685,8 @@ impl Link for TcpNtb {
     }
 
     fn wait_link(&self, want: LinkState, timeout: Duration) -> Result<()> {
-        let l = lock(&self.inner.link);
-        let (l, _) = devlend_sync::wait_timeout_while(&self.inner.link_cv, l, timeout, |l| {
+        let l = lock(&self.inner.link.state);
+        let (l, _) = devlend_sync::wait_timeout_while(&self.inner.link.changed, l, timeout, |l| {
             l.up != (want == LinkState::Up)
         });
         if l.up == (want == LinkState::Up) {
@@ -636,13 +697,13 @@ impl Link for TcpNtb {
     }
 
     fn link_generation(&self) -> u64 {
-        lock(&self.inner.link).generation
+        lock(&self.inner.link.state).generation
     }
 
     /// Closes the connection at once (the peer's waits end too once it notices); the
     /// background thread reconnects or accepts again as after any link-down.
     fn drop_peer(&self, reason: &str) {
-        let current = lock(&self.inner.slot).clone();
+        let current = lock(&self.inner.link.current).clone();
         if let Some(s) = current {
             tracing::warn!(reason, "fabric link down: dropping the peer");
             self.inner.link_down(&s);
@@ -664,7 +725,7 @@ impl MemoryWindows for TcpNtb {
         self.check_window(window)?;
         registers::check_translation(&self.inner.cfg.link, window, addr, size)?;
         self.inner.asp.resolve(addr, size)?;
-        let mut windows = lock(&self.inner.windows);
+        let mut windows = lock(&self.inner.regs.windows);
         if let Some(slot) = windows.get_mut(window) {
             *slot = Some(Translation { addr, size });
         }
@@ -673,7 +734,7 @@ impl MemoryWindows for TcpNtb {
 
     fn mw_clear_trans(&self, window: usize) -> Result<()> {
         self.check_window(window)?;
-        let mut windows = lock(&self.inner.windows);
+        let mut windows = lock(&self.inner.regs.windows);
         if let Some(slot) = windows.get_mut(window) {
             *slot = None;
         }
@@ -685,7 +746,7 @@ impl MemoryWindows for TcpNtb {
 /// Called with the `windows` lock held, so that it cannot cross the hello. A connection that
 /// is closing takes no more frames: that is [`registers::announced`]'s link-down.
 fn announce(inner: &Inner, window: usize, size: u64) -> Result<()> {
-    if let Some(s) = lock(&inner.slot).as_ref() {
+    if let Some(s) = lock(&inner.link.current).as_ref() {
         registers::announced(s.out.push_now(|b| {
             Frame::Trans {
                 window: window as u16,
@@ -759,36 +820,37 @@ impl Doorbells for TcpNtb {
     }
 
     fn db_read(&self) -> u64 {
-        lock(&self.inner.db).bits
+        lock(&self.inner.regs.db).bits
     }
 
     fn db_clear(&self, bits: u64) -> Result<()> {
         self.check_db(bits)?;
-        lock(&self.inner.db).bits &= !bits;
+        lock(&self.inner.regs.db).bits &= !bits;
         Ok(())
     }
 
     fn db_read_mask(&self) -> u64 {
-        lock(&self.inner.db).mask
+        lock(&self.inner.regs.db).mask
     }
 
     fn db_set_mask(&self, bits: u64) -> Result<()> {
         self.check_db(bits)?;
-        lock(&self.inner.db).mask |= bits;
+        lock(&self.inner.regs.db).mask |= bits;
         Ok(())
     }
 
     fn db_clear_mask(&self, bits: u64) -> Result<()> {
         self.check_db(bits)?;
-        lock(&self.inner.db).mask &= !bits;
-        self.inner.db_cv.notify_all();
+        lock(&self.inner.regs.db).mask &= !bits;
+        self.inner.regs.db_cv.notify_all();
         Ok(())
     }
 
     fn db_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
         registers::check_db_wait(bits, self.db_valid_mask())?;
         let s = self.inner.session()?;
-        wait_on(&self.inner.db, &self.inner.db_cv, &s, timeout, |db| {
+        let regs = &self.inner.regs;
+        wait_on(&regs.db, &regs.db_cv, &s, timeout, |db| {
             registers::deliverable(db.bits, db.mask, bits)
         })
     }
@@ -810,7 +872,7 @@ impl Scratchpads for TcpNtb {
     }
 
     fn spad_read(&self, index: usize) -> Result<u32> {
-        lock(&self.inner.spads)
+        lock(&self.inner.regs.spads)
             .get(index)
             .copied()
             .ok_or(FabricError::NoSuchIndex {
@@ -822,7 +884,7 @@ impl Scratchpads for TcpNtb {
 
     fn spad_write(&self, index: usize, value: u32) -> Result<()> {
         let count = self.spad_count();
-        let mut spads = lock(&self.inner.spads);
+        let mut spads = lock(&self.inner.regs.spads);
         let v = spads.get_mut(index).ok_or(FabricError::NoSuchIndex {
             what: "scratchpad",
             index,
@@ -880,11 +942,11 @@ impl Messages for TcpNtb {
     }
 
     fn msg_read_sts(&self) -> u64 {
-        lock(&self.inner.msgs).sts
+        lock(&self.inner.regs.msgs).sts
     }
 
     fn msg_read(&self, index: usize) -> Result<u32> {
-        lock(&self.inner.msgs)
+        lock(&self.inner.regs.msgs)
             .values
             .get(index)
             .copied()
@@ -897,7 +959,7 @@ impl Messages for TcpNtb {
 
     fn msg_clear_sts(&self, bits: u64) -> Result<()> {
         registers::check_messages(bits, self.msg_count())?;
-        lock(&self.inner.msgs).sts &= !bits;
+        lock(&self.inner.regs.msgs).sts &= !bits;
         Ok(())
     }
 
@@ -926,9 +988,8 @@ impl Messages for TcpNtb {
     fn msg_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
         registers::check_msg_wait(bits, self.msg_count())?;
         let s = self.inner.session()?;
-        wait_on(&self.inner.msgs, &self.inner.msg_cv, &s, timeout, |m| {
-            m.sts & bits
-        })
+        let regs = &self.inner.regs;
+        wait_on(&regs.msgs, &regs.msg_cv, &s, timeout, |m| m.sts & bits)
     }
 }
 

@@ -144,9 +144,9 @@ fn accept(inner: &Inner, listener: &TcpListener) -> Option<(TcpStream, SocketAdd
         if inner.stopped() {
             return None;
         }
-        // SAFETY: `inner.wake` owns this descriptor and outlives the borrow (vmm-sys-util's
-        // EventFd offers no `AsFd`).
-        let wake = unsafe { std::os::fd::BorrowedFd::borrow_raw(inner.wake.as_raw_fd()) };
+        // SAFETY: `inner`'s stop event owns this descriptor and outlives the borrow
+        // (vmm-sys-util's EventFd offers no `AsFd`).
+        let wake = unsafe { std::os::fd::BorrowedFd::borrow_raw(inner.stop_event().as_raw_fd()) };
         let mut fds = [
             PollFd::new(listener, PollFlags::IN),
             PollFd::from_borrowed_fd(wake, PollFlags::IN),
