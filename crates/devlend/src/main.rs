@@ -89,6 +89,8 @@ enum BenchCmd {
     Cluster(cmd::bench_cluster::Args),
     /// One device shared by 1, 2, 4, 8 borrowers through SR-IOV VFs vs the local function.
     Sharing(cmd::bench_sharing::Args),
+    /// Borrowed QD1 latency with the submission queue in the device's CMB vs in host memory.
+    Cmb(cmd::bench_cmb::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -145,6 +147,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench(BenchCmd::Vm(a)) => cmd::bench_vm::run(a),
         Cmd::Bench(BenchCmd::Cluster(a)) => cmd::bench_cluster::run(a),
         Cmd::Bench(BenchCmd::Sharing(a)) => cmd::bench_sharing::run(a),
+        Cmd::Bench(BenchCmd::Cmb(a)) => cmd::bench_cmb::run(a),
         Cmd::FabricBenchPeer(a) => cmd::bench_fabric::run_peer(a),
         Cmd::SharingBenchBorrower(a) => cmd::bench_sharing::run_borrower(a),
     };

@@ -155,7 +155,9 @@ impl Cmb {
             self.decode.store(0, Ordering::Release);
         } else if self.base_is_valid(cba) {
             regs.sts &= !CMBSTS_CBAI;
-            self.decode.store(cba | 1, Ordering::Release);
+            if self.decode.swap(cba | 1, Ordering::AcqRel) != cba | 1 {
+                tracing::info!("nvme: CMB mapped at {cba:#x} ({} bytes)", self.len);
+            }
         } else {
             tracing::warn!(
                 cba,

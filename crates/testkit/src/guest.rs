@@ -657,7 +657,8 @@ echo "{marker}"
     }
 
     /// The `/test.sh` for a disk of `disk_bytes`: driver binds, namespace size, O_DIRECT
-    /// write/read-back, mke2fs + mount + write + remount + read back.
+    /// write/read-back, mke2fs + mount + write + remount + read back. It also prints the
+    /// kernel's nvme and CMB messages (`NVME-DMESG`).
     pub fn script(disk_bytes: u64) -> String {
         let sectors = disk_bytes / 512;
         let seek_blocks = PATTERN_OFFSET / 4096;
@@ -672,6 +673,7 @@ while [ ! -e /sys/block/nvme0n1 ]; do
 done
 echo "NVME-BOUND driver=$(basename $(readlink /sys/block/nvme0n1/device/device/driver 2>/dev/null || readlink /sys/class/nvme/nvme0/device/driver))"
 echo "NVME-MODEL $(cat /sys/class/nvme/nvme0/model 2>/dev/null)"
+dmesg 2>/dev/null | grep -i -e cmb -e nvme | sed 's/^/NVME-DMESG /'
 sectors=$(cat /sys/block/nvme0n1/size)
 echo "NVME-SECTORS $sectors"
 [ "$sectors" = "{sectors}" ] || fail "namespace has $sectors sectors, expected {sectors}"

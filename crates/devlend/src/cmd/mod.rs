@@ -2,6 +2,7 @@
 
 pub mod baseline;
 pub mod bench_cluster;
+pub mod bench_cmb;
 pub mod bench_fabric;
 pub mod bench_fabric_tcp;
 pub mod bench_lending;

@@ -1,0 +1,52 @@
+//! Smoke test of `devlend bench cmb` (shm only, no root needed): it runs, both drivers did I/O,
+//! and `--json` has the BENCH.md shape. The numbers themselves are never checked.
+
+mod common;
+
+#[test]
+fn bench_cmb_quick_json_has_the_bench_md_shape() {
+    let tmp = common::TempRoot::new("bench-cmb");
+    let out = tmp
+        .command(env!("CARGO_BIN_EXE_devlend"))
+        .args([
+            "bench",
+            "cmb",
+            "--quick",
+            "--json",
+            "--no-tcp",
+            "--seconds",
+            "0.05",
+        ])
+        .output()
+        .expect("running devlend");
+    assert!(
+        out.status.success(),
+        "devlend bench cmb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(json["bench"], "cmb");
+    let figures = json["figures"].as_array().expect("figures array");
+    let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
+    for pattern in ["randread", "randwrite"] {
+        for what in ["median latency", "p99 latency", "IOPS"] {
+            let name = format!("{pattern}-4k-qd1 {what}, SQ in the CMB, borrowed over shm");
+            assert!(
+                names.contains(&name.as_str()),
+                "missing figure {name} in {names:?}"
+            );
+        }
+    }
+    for f in figures {
+        assert!(f["value"].is_number(), "{f}");
+        assert_eq!(f["baseline_name"], "SQ in host memory", "{f}");
+        assert!(f["baseline"].is_number(), "{f}");
+        if f["unit"] == "IOPS" {
+            // Both placements completed commands.
+            assert!(f["value"].as_f64().unwrap() > 0.0, "{f}");
+            assert!(f["baseline"].as_f64().unwrap() > 0.0, "{f}");
+        }
+    }
+    tmp.assert_empty();
+}
