@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use devlend_lending::{Node, NodeConfig};
+use devlend_sync::lock;
 use serde::Deserialize;
 
 use super::ctl::{DEFAULT_STATE, SOCKET_NAME};
@@ -400,7 +401,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|d| d.name.clone())
         .collect();
     // Also devices still in a VM whose lease ended (their lender died): they leave the VM.
-    for name in daemon.vms.lock().unwrap_or_else(|e| e.into_inner()).keys() {
+    for name in lock(&daemon.vms).keys() {
         if !held.contains(name) {
             held.push(name.clone());
         }
@@ -640,7 +641,7 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
             }
             // Checked, created if missing and locked: a failure below drops the lock, which
             // removes an image it created.
-            let mut lock = host::ImageLock::take(&opts)?;
+            let mut image_lock = host::ImageLock::take(&opts)?;
             let detail = opts.detail()?;
             let devices = if let Some(vfs) = vfs {
                 let ns = host::parse_vf_namespaces(vf_namespaces.as_deref().unwrap_or("shared"))?;
@@ -670,11 +671,8 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
                 }
                 vec![device_of(&desc, false)]
             };
-            lock.keep();
-            d.images
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(name, lock);
+            image_lock.keep();
+            lock(&d.images).insert(name, image_lock);
             Reply::Add(proto::AddReply { devices })
         }
         Request::AddVfio(proto::AddVfioRequest { name, bdf, bind }) => {
@@ -787,10 +785,7 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
                     "devlend node: {name}: vfio-user server listening on {}",
                     sock.display()
                 );
-                d.servers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(name, server);
+                lock(&d.servers).insert(name, server);
             }
             Reply::Borrow(out)
         }
@@ -820,8 +815,8 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
         }
         Request::Status(_) => {
             let st = d.node.status();
-            let vms = d.vms.lock().unwrap_or_else(|e| e.into_inner());
-            let servers = d.servers.lock().unwrap_or_else(|e| e.into_inner());
+            let vms = lock(&d.vms);
+            let servers = lock(&d.servers);
             let mut borrowed: Vec<proto::Device> = st
                 .borrowed
                 .iter()
@@ -935,21 +930,16 @@ impl<'a> CheckGuard<'a> {
                 ),
             )
         };
-        if let Some(v) = d.vms.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+        if let Some(v) = lock(&d.vms).get(name) {
             return Err(in_use(format!("is in the VM at {}", v.att.qmp.display())));
         }
-        if let Some(server) = d
-            .servers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-        {
+        if let Some(server) = lock(&d.servers).get(name) {
             return Err(in_use(format!(
                 "is served over vfio-user at {} (a VMM may be using it)",
                 server.socket().display()
             )));
         }
-        let mut checking = d.checking.lock().unwrap_or_else(|e| e.into_inner());
+        let mut checking = lock(&d.checking);
         if !checking.insert(name.to_string()) {
             return Err(ErrorBody::new(
                 ErrorCode::InUse,
@@ -965,11 +955,7 @@ impl<'a> CheckGuard<'a> {
 
 impl Drop for CheckGuard<'_> {
     fn drop(&mut self) {
-        self.d
-            .checking
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.name);
+        lock(&self.d.checking).remove(&self.name);
     }
 }
 
@@ -1010,10 +996,7 @@ fn borrow_into_vm(
         None => vm::device_id(name)?,
     };
     anyhow::ensure!(
-        !d.vms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(name),
+        !lock(&d.vms).contains_key(name),
         "{name} is already in a VM"
     );
     let (qmp, port) = vm::preflight(qmp_path, port, &id)?;
@@ -1044,10 +1027,7 @@ fn borrow_into_vm(
             return Err(e);
         }
     };
-    d.servers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(name.to_string(), server);
+    lock(&d.servers).insert(name.to_string(), server);
     let out = proto::BorrowReply {
         name: name.to_string(),
         owner,
@@ -1056,10 +1036,7 @@ fn borrow_into_vm(
         vm: Some(att.clone()),
         timing: None,
     };
-    d.vms
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(name.to_string(), InVm { att, desc });
+    lock(&d.vms).insert(name.to_string(), InVm { att, desc });
     Ok(out)
 }
 
@@ -1092,11 +1069,7 @@ struct Leaving<'a> {
 
 impl<'a> Leaving<'a> {
     fn start(d: &'a Daemon, name: &str) -> anyhow::Result<Self> {
-        let fresh = d
-            .leaving
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string());
+        let fresh = lock(&d.leaving).insert(name.to_string());
         anyhow::ensure!(fresh, "{name} is being taken back already");
         Ok(Self {
             d,
@@ -1107,11 +1080,7 @@ impl<'a> Leaving<'a> {
 
 impl Drop for Leaving<'_> {
     fn drop(&mut self) {
-        self.d
-            .leaving
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.name);
+        lock(&self.d.leaving).remove(&self.name);
     }
 }
 
@@ -1120,25 +1089,17 @@ impl Drop for Leaving<'_> {
 /// serves `return`, the daemon's shutdown and a lender's forced take-back ([`on_reclaim`]).
 fn take_back(d: &Daemon, name: &str, grace: Duration, why: Why) -> anyhow::Result<TakenBack> {
     let _leaving = Leaving::start(d, name)?;
-    let att = d
-        .vms
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(name)
-        .map(|v| v.att.clone());
+    let att = lock(&d.vms).get(name).map(|v| v.att.clone());
     let removal = match &att {
         Some(att) => Some(vm::detach(att, grace).with_context(|| {
             format!("asking the VM at {} to release {name}", att.qmp.display())
         })?),
         None => None,
     };
-    d.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+    lock(&d.vms).remove(name);
     // Stop serving first: after a surprise removal QEMU may still send requests, which the
     // removed function answers with errors.
-    d.servers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(name);
+    lock(&d.servers).remove(name);
     // A device whose lender died or revoked it while it sat in a VM: it has left the VM now,
     // and there is no lease left to give back.
     let lease_had_ended = att.is_some() && d.node.borrowed(name).is_none();
@@ -1171,11 +1132,7 @@ fn take_back(d: &Daemon, name: &str, grace: Duration, why: Why) -> anyhow::Resul
 /// out of it as on `return`, leaving a margin of the grace for the lease to travel back.
 /// (Other borrowed devices keep their users until the lender revokes them.)
 fn on_reclaim(d: &Daemon, name: &str, grace: Duration) {
-    let in_vm = d
-        .vms
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains_key(name);
+    let in_vm = lock(&d.vms).contains_key(name);
     if !in_vm {
         return;
     }
