@@ -22,8 +22,11 @@
 //! Threads: each link runs one management thread (drains the mailbox, serves the peer's
 //! requests, routes responses to waiting callers, sends heartbeats and notices); each node
 //! runs one expiry thread that ends leases whose heartbeats stopped, whatever its links wait
-//! for. Lock
-//! order: `Node.pending` and the lender/borrower tables are never held across a fabric wait.
+//! for. A borrowed function whose interrupt vectors are routed to eventfds
+//! (`set_interrupt_eventfd`, as a vfio-user front-end does) runs one forwarder thread
+//! (`devlend-irq-NAME`), and each reclaim notice runs the node's reclaim hook on a thread of
+//! its own. Lock order: a link's table of requests waiting for responses (`pending`) and the
+//! lender/borrower tables are never held across a fabric wait.
 #![warn(missing_docs)]
 
 pub mod borrower;

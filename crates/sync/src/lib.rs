@@ -1,6 +1,6 @@
 //! Locks and waits, written once for every devlend crate.
 //!
-//! * [`lock`], [`read`], [`write`], [`wait`], [`wait_timeout`], [`wait_timeout_while`],
+//! * [`lock`], [`read`], [`write`](fn@write), [`wait`], [`wait_timeout`], [`wait_timeout_while`],
 //!   [`try_lock`]: the standard library's locks without lock poisoning. Every structure devlend
 //!   guards is consistent between statements (no guard is held across a step that can leave
 //!   it half-updated and then panic), so a panic in one thread must not take every other
