@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use devlend_nvme_driver::workload::{self, Limit, Pattern, Stats, Workload};
+use devlend_nvme_driver::workload::{self, Limit, Pattern, Summary, Workload};
 use devlend_nvme_driver::Controller;
 use devlend_pci::PciFunction;
 
@@ -80,7 +80,7 @@ fn borrow(fabric: &Path, device: &str) -> (devlend_lending::Node, Arc<dyn PciFun
     }
 }
 
-fn report(what: &str, qd: usize, s: &Stats) {
+fn report(what: &str, qd: usize, s: &Summary) {
     println!(
         "VFIO-BENCH {what} qd{qd} iops={:.0} median_us={:.1} ops={}",
         s.iops, s.median_us, s.ops

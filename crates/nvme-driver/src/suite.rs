@@ -411,7 +411,7 @@ pub fn queues_in_parallel(t: &Target) -> Result<(), SuiteError> {
     }
     // And the queue-depth API on every queue from its own thread.
     let n = c.io_queue_count();
-    let stats: Vec<Result<workload::Stats, NvmeError>> = std::thread::scope(|s| {
+    let stats: Vec<Result<workload::Summary, NvmeError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
             .map(|q| {
                 let c = &c;

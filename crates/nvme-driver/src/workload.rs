@@ -70,9 +70,10 @@ impl Workload {
     }
 }
 
-/// What a run measured.
+/// What a run measured: a summary of its per-command latencies (a result, not a set of
+/// running counters; those are `devlend-metrics`').
 #[derive(Clone, Debug, PartialEq)]
-pub struct Stats {
+pub struct Summary {
     /// Commands completed.
     pub ops: u64,
     /// Bytes moved.
@@ -93,7 +94,7 @@ pub struct Stats {
     pub max_us: f64,
 }
 
-impl Stats {
+impl Summary {
     /// Summarises per-command latencies (microseconds) over `elapsed`.
     pub fn from_latencies(mut lat_us: Vec<f64>, bytes_per_op: u64, elapsed: Duration) -> Self {
         let ops = lat_us.len() as u64;
@@ -160,7 +161,7 @@ impl Iterator for Offsets {
 }
 
 /// Runs `w` on `ctrl` and measures it. Any failed command ends the run with its error.
-pub fn run(ctrl: &Controller, w: &Workload) -> Result<Stats, NvmeError> {
+pub fn run(ctrl: &Controller, w: &Workload) -> Result<Summary, NvmeError> {
     let lba = u64::from(ctrl.lba_bytes());
     let block = w.block_bytes as u64;
     if block == 0 || !block.is_multiple_of(lba) || block > ctrl.max_transfer_bytes() {
@@ -268,7 +269,7 @@ pub fn run(ctrl: &Controller, w: &Workload) -> Result<Stats, NvmeError> {
     }
     let elapsed = begin.elapsed();
     debug_assert_eq!(completed, latencies.len() as u64);
-    Ok(Stats::from_latencies(latencies, block, elapsed))
+    Ok(Summary::from_latencies(latencies, block, elapsed))
 }
 
 #[cfg(test)]
@@ -300,14 +301,14 @@ mod tests {
 
     #[test]
     fn stats_summarise() {
-        let s = Stats::from_latencies(vec![3.0, 1.0, 2.0, 4.0], 4096, Duration::from_secs(2));
+        let s = Summary::from_latencies(vec![3.0, 1.0, 2.0, 4.0], 4096, Duration::from_secs(2));
         assert_eq!(s.ops, 4);
         assert_eq!(s.iops, 2.0);
         assert_eq!(s.median_us, 2.0);
         assert_eq!(s.p99_us, 4.0);
         assert_eq!(s.max_us, 4.0);
         assert_eq!(s.mean_us, 2.5);
-        let empty = Stats::from_latencies(Vec::new(), 4096, Duration::ZERO);
+        let empty = Summary::from_latencies(Vec::new(), 4096, Duration::ZERO);
         assert_eq!(empty.iops, 0.0);
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use devlend_bench::{Figure, Report};
 use devlend_nvme::{NvmeConfig, NvmeDevice};
-use devlend_nvme_driver::workload::{self, Limit, Offsets, Pattern, Stats, Workload};
+use devlend_nvme_driver::workload::{self, Limit, Offsets, Pattern, Summary, Workload};
 use devlend_nvme_driver::{CompletionMode, Controller, DriverConfig};
 use devlend_pci::{LocalFunction, PciDevice, PciFunction};
 
@@ -128,7 +128,7 @@ fn bench(
                 Pattern::RandRead => "file pread",
                 Pattern::RandWrite => "file pwrite",
             };
-            let med = |v: &[Stats], f: fn(&Stats) -> f64| {
+            let med = |v: &[Summary], f: fn(&Summary) -> f64| {
                 let mut x: Vec<f64> = v.iter().map(f).collect();
                 devlend_bench::median(&mut x)
             };
@@ -205,7 +205,7 @@ fn prepare_image(image: &Path, size: u64) -> anyhow::Result<u64> {
 
 /// The file's own rate for `w`: `queue_depth` threads, each issuing synchronous pread or
 /// pwrite calls at offsets from the same generator as the device run.
-fn file_rate(file: &File, w: &Workload, duration: Duration) -> anyhow::Result<Stats> {
+fn file_rate(file: &File, w: &Workload, duration: Duration) -> anyhow::Result<Summary> {
     let (start, len) = w.region.unwrap_or((0, 0));
     let write = w.pattern == Pattern::RandWrite;
     let block = w.block_bytes;
@@ -247,7 +247,7 @@ fn file_rate(file: &File, w: &Workload, duration: Duration) -> anyhow::Result<St
     for r in results {
         all.extend(r?);
     }
-    Ok(Stats::from_latencies(all, block as u64, elapsed))
+    Ok(Summary::from_latencies(all, block as u64, elapsed))
 }
 
 /// The NVMe model on `image`, bound in-process.
