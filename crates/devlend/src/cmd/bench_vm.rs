@@ -40,6 +40,13 @@ pub struct Args {
     /// doorbell with no socket message and no wake-up, at the price of CPU taken from the vCPU.
     #[arg(long, default_value_t = 300)]
     poll_row_us: u64,
+    /// Skip the row of a device borrowed over tcp (it needs root: two network namespaces).
+    #[arg(long)]
+    no_tcp: bool,
+    /// Skip the rows measured while a CPU-bound thread spins on one core (QEMU's NVMe and the
+    /// device borrowed over shm, both under the same load).
+    #[arg(long)]
+    no_load: bool,
     /// Scratch directory (image, sockets); default: a fresh directory under the system temp.
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -48,38 +55,65 @@ pub struct Args {
     vm_env: Option<PathBuf>,
 }
 
-/// A workload: `dd` with O_DIRECT, sequential, queue depth 1.
+/// A workload: `dd` with O_DIRECT, sequential; `parallel` processes at once on disjoint ranges
+/// (each at queue depth 1, so the device sees up to `parallel` commands outstanding).
 struct Workload {
     name: &'static str,
     write: bool,
     block: u64,
     count: u64,
+    parallel: u64,
 }
 
-const WORKLOADS: [Workload; 4] = [
+impl Workload {
+    /// I/Os over every process.
+    fn ios(&self) -> u64 {
+        self.count.saturating_mul(self.parallel)
+    }
+}
+
+const WORKLOADS: [Workload; 6] = [
     Workload {
         name: "write-4k",
         write: true,
         block: 4096,
         count: 16384,
+        parallel: 1,
     },
     Workload {
         name: "read-4k",
         write: false,
         block: 4096,
         count: 16384,
+        parallel: 1,
     },
     Workload {
         name: "write-128k",
         write: true,
         block: 128 << 10,
         count: 2048,
+        parallel: 1,
     },
     Workload {
         name: "read-128k",
         write: false,
         block: 128 << 10,
         count: 2048,
+        parallel: 1,
+    },
+    Workload {
+        name: "write-4k-x4",
+        write: true,
+        block: 4096,
+        count: 4096,
+        parallel: 4,
+    },
+    Workload {
+        name: "read-4k-x4",
+        write: false,
+        block: 4096,
+        count: 4096,
+        parallel: 4,
     },
 ];
 
@@ -99,9 +133,13 @@ pub struct Row {
     pub name: String,
     /// The device.
     pub backend: Backend,
-    /// Goal for this row's ratio to the first row (the issue's target for a borrowed device:
+    /// Goal for this row's ratio to its baseline (the issue's target for a borrowed device:
     /// at least as fast as QEMU's own NVMe).
     pub target: Option<Target>,
+    /// The row this one is compared with (its own index: it is a baseline).
+    pub baseline: usize,
+    /// Boots of this row run while a CPU-bound thread spins on one core (see [`CpuLoad`]).
+    pub load: bool,
 }
 
 /// Samples of one workload on one row.
@@ -132,10 +170,37 @@ run() { # run NAME ROUND dd-arguments...
     t1=$(cs); i1=$(irqs)
     echo "BENCH-END $name $round cs=$((t1 - t0)) irqs=$((i1 - i0))"
 }
+par() { # par NAME ROUND PROCESSES COUNT BLOCK WRITE: each process its own range, all at once
+    name=$1; round=$2; n=$3; count=$4; bs=$5; w=$6
+    echo "BENCH-BEGIN $name $round"
+    i0=$(irqs); t0=$(cs); pids=""; k=0
+    while [ $k -lt $n ]; do
+        if [ $w = 1 ]; then
+            dd if=/dev/zero of=/dev/nvme0n1 bs=$bs count=$count seek=$((k * count)) oflag=direct 2>/dev/null &
+        else
+            dd if=/dev/nvme0n1 of=/dev/null bs=$bs count=$count skip=$((k * count)) iflag=direct 2>/dev/null &
+        fi
+        pids="$pids $!"; k=$((k + 1))
+    done
+    for p in $pids; do wait $p || { echo "BENCH-FAIL $name"; exit 1; }; done
+    t1=$(cs); i1=$(irqs)
+    echo "BENCH-END $name $round cs=$((t1 - t0)) irqs=$((i1 - i0))"
+}
 "#,
     );
     for round in 0..ROUNDS_PER_BOOT {
         for w in &WORKLOADS {
+            if w.parallel > 1 {
+                s.push_str(&format!(
+                    "par {} {round} {} {} {} {}\n",
+                    w.name,
+                    w.parallel,
+                    w.count,
+                    w.block,
+                    u8::from(w.write)
+                ));
+                continue;
+            }
             let dd = if w.write {
                 format!(
                     "if=/dev/zero of=/dev/nvme0n1 bs={} count={} oflag=direct",
@@ -205,24 +270,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             vfio_user: dir.join("unused"),
         })
     };
+    let row = |name: String, backend: Backend| Row {
+        name,
+        backend,
+        target: None,
+        baseline: 0,
+        load: false,
+    };
     let mut rows = vec![
-        Row {
-            name: "qemu-nvme".into(),
-            backend: Backend::QemuNvme,
-            target: None,
-        },
-        Row {
-            name: "vfio-user-local".into(),
-            backend: Backend::VfioUser(local(None)?),
-            target: None,
-        },
+        row("qemu-nvme".into(), Backend::QemuNvme),
+        row("vfio-user-local".into(), Backend::VfioUser(local(None)?)),
     ];
     if args.poll_row_us > 0 {
-        rows.push(Row {
-            name: format!("vfio-user-local-poll{}us", args.poll_row_us),
-            backend: Backend::VfioUser(local(Some(args.poll_row_us))?),
-            target: None,
-        });
+        rows.push(row(
+            format!("vfio-user-local-poll{}us", args.poll_row_us),
+            Backend::VfioUser(local(Some(args.poll_row_us))?),
+        ));
     }
     // The borrowed row: the same image, owned by a lender host (a `devlend node` process),
     // borrowed over the shm fabric by this process and served to QEMU over vfio-user.
@@ -230,12 +293,57 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     pair.lender_add_nvme("vm0", &image, args.size)?;
     let borrowed: Arc<dyn PciFunction> = pair.borrow("vm0")?;
     rows.push(Row {
-        name: "vfio-user-borrowed-shm".into(),
-        backend: Backend::VfioUser(borrowed),
         target: Some(Target::AtLeast(1.0)),
+        ..row(
+            "vfio-user-borrowed-shm".into(),
+            Backend::VfioUser(borrowed.clone()),
+        )
     });
-    let report = measure(&assets, &dir, &image, rows, args.boots)?;
+    if !args.no_load {
+        // The same two devices again, each boot under the same CPU-bound load: QEMU's NVMe is
+        // the baseline of the borrowed row (the issue's target: at least 0.9x under load).
+        let base = rows.len();
+        rows.push(Row {
+            baseline: base,
+            load: true,
+            ..row("qemu-nvme-loaded".into(), Backend::QemuNvme)
+        });
+        rows.push(Row {
+            target: Some(Target::AtLeast(0.9)),
+            baseline: base,
+            load: true,
+            ..row(
+                "vfio-user-borrowed-shm-loaded".into(),
+                Backend::VfioUser(borrowed),
+            )
+        });
+    }
+    // The tcp pair last: it moves this thread (and the guests it starts) into a network
+    // namespace. Its image is its own (the lender in the namespace owns and locks it).
+    let mut notes = Vec::new();
+    let tcp = if args.no_tcp {
+        None
+    } else {
+        match crate::pair::Pair::start_tcp(&dir) {
+            Ok(p) => {
+                let img = p.dir.join("tcp.img");
+                p.lender_add_nvme("vm1", &img, args.size)?;
+                let f: Arc<dyn PciFunction> = p.borrow("vm1")?;
+                rows.push(row("vfio-user-borrowed-tcp".into(), Backend::VfioUser(f)));
+                Some(p)
+            }
+            Err(e) => {
+                notes.push(format!("tcp row not measured: {e:#}"));
+                None
+            }
+        }
+    };
+    let mut report = measure(&assets, &dir, &image, rows, args.boots)?;
+    report.notes.extend(notes);
     pair.borrower.give_back("vm0")?;
+    if let Some(p) = tcp {
+        p.borrower.give_back("vm1")?;
+    }
     report.emit(args.json);
     Ok(())
 }
@@ -282,27 +390,36 @@ pub fn measure(
             };
             eprintln!("bench vm: boot {}/{boots}: {}", boot + 1, row.name);
             let per_row = results.get_mut(i).context("row index")?;
+            let load = if row.load {
+                Some(CpuLoad::start()?)
+            } else {
+                None
+            };
             run_boot(assets, dir, disk.clone(), stats.as_ref(), &script, per_row)
                 .with_context(|| format!("{} (boot {})", row.name, boot + 1))?;
+            drop(load);
         }
     }
 
     let mut report = Report::new("vm");
     let mut time_notes = Vec::new();
-    let baseline_name = rows.first().map(|r| r.name.clone()).unwrap_or_default();
     for w in &WORKLOADS {
-        let (bm, bi) = results
-            .first()
-            .and_then(|b| b.get(w.name))
-            .map(|s| (median(&mut s.mbps.clone()), median(&mut s.iops.clone())))
-            .unwrap_or((0.0, 0.0));
         for (i, row) in rows.iter().enumerate() {
+            let baseline_name = rows
+                .get(row.baseline)
+                .map(|r| r.name.clone())
+                .unwrap_or_default();
+            let (bm, bi) = results
+                .get(row.baseline)
+                .and_then(|b| b.get(w.name))
+                .map(|s| (median(&mut s.mbps.clone()), median(&mut s.iops.clone())))
+                .unwrap_or((0.0, 0.0));
             let Some(s) = results.get_mut(i).and_then(|r| r.get_mut(w.name)) else {
                 continue;
             };
             let (mbps, iops) = (median(&mut s.mbps), median(&mut s.iops));
-            let unit_name = format!("{}-qd1 {}", w.name, row.name);
-            if i == 0 {
+            let unit_name = format!("{}-qd{} {}", w.name, w.parallel, row.name);
+            if i == row.baseline {
                 report.push(Figure::new(format!("{unit_name} MB/s"), "MB/s", mbps));
                 report.push(Figure::new(format!("{unit_name} IOPS"), "IOPS", iops));
             } else {
@@ -320,9 +437,9 @@ pub fn measure(
             let msgs = median(&mut s.msgs_per_io);
             let sync = median(&mut s.sync_msgs_per_io);
             let irqs = median(&mut s.irqs_per_io);
-            if i > 0 && !s.msgs_per_io.is_empty() {
+            if i != row.baseline && !s.msgs_per_io.is_empty() {
                 time_notes.push(format!(
-                    "{} {}: {:.2}x qemu-nvme IOPS; per I/O {msgs:.2} socket messages ({sync:.2} waited on by the vCPU), {irqs:.2} interrupts (eventfd -> QEMU main loop -> MSI-X), 0 data copies (DMA into the guest's memfd)",
+                    "{} {}: {:.2}x {baseline_name} IOPS; per I/O {msgs:.2} socket messages ({sync:.2} waited on by the vCPU), {irqs:.2} interrupts (eventfd -> QEMU main loop -> MSI-X), 0 data copies (DMA into the guest's memfd)",
                     row.name,
                     w.name,
                     if bi > 0.0 { iops / bi } else { 0.0 },
@@ -352,9 +469,14 @@ pub fn measure(
         }
     }
     report.notes.push(format!(
-        "guest: TCG, 1 vCPU, 512 MiB memfd RAM; busybox dd O_DIRECT sequential qd1, {} boots per row interleaved, {} rounds per boot, medians; time from the guest's /proc/uptime (10 ms ticks)",
+        "guest: TCG, 1 vCPU, 512 MiB memfd RAM; busybox dd O_DIRECT sequential, qd1 = one dd, qd4 = four dd processes at once on disjoint ranges; {} boots per row interleaved, {} rounds per boot, medians; time from the guest's /proc/uptime (10 ms ticks)",
         boots, ROUNDS_PER_BOOT
     ));
+    if rows.iter().any(|r| r.load) {
+        report.notes.push(
+            "-loaded rows: a thread of this process spins on the last CPU (pinned) for the whole boot, the same for QEMU's NVMe and the borrowed device; their ratio is to qemu-nvme-loaded".into(),
+        );
+    }
     report.notes.extend(time_notes);
     report.notes.push(
         "vfio-user-local uses the NVMe model's default doorbell polling (30 us after each command, then it sleeps and the next doorbell is a posted socket message that wakes it); the -poll row keeps polling the shadow doorbells longer, so at queue depth 1 the next command is seen with no message and no wake-up, at the cost of CPU taken from the guest's vCPU on these 2 shared cores".into(),
@@ -363,6 +485,53 @@ pub fn measure(
         "vfio-user: guest RAM is DMA-mapped from QEMU's memfd (no copies); each MMIO access is one socket message (doorbell writes are posted: the vCPU does not wait), each completion one eventfd write that QEMU's main loop turns into an MSI-X message under TCG".into(),
     );
     Ok(report)
+}
+
+/// A CPU-bound thread pinned to the machine's last allowed CPU, spinning until dropped: the
+/// "busy core" of the loaded rows.
+struct CpuLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CpuLoad {
+    fn start() -> anyhow::Result<CpuLoad> {
+        let cpu = devlend_fabric_tcp::cpu::allowed()?
+            .last()
+            .copied()
+            .context("no CPU allowed")?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("cpu-load".into())
+            .spawn(move || {
+                if let Err(e) = devlend_fabric_tcp::cpu::pin(&[cpu]) {
+                    tracing::warn!("cpu load: pinning to CPU {cpu}: {e}");
+                }
+                let mut x = 1u64;
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    for _ in 0..10_000 {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1),
+                        );
+                    }
+                }
+            })
+            .context("starting the CPU load")?;
+        Ok(CpuLoad {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for CpuLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// One workload run as the guest reported it: name, centiseconds, interrupts, and the server's
@@ -430,12 +599,13 @@ fn run_boot(
         };
         let secs = (cs / 100.0).max(0.01);
         let s = per_row.entry(w.name).or_default();
-        s.mbps.push((w.block * w.count) as f64 / secs / 1e6);
-        s.iops.push(w.count as f64 / secs);
-        s.irqs_per_io.push(irqs / w.count as f64);
+        let ios = w.ios() as f64;
+        s.mbps.push(w.block as f64 * ios / secs / 1e6);
+        s.iops.push(ios / secs);
+        s.irqs_per_io.push(irqs / ios);
         if let Some((total, sync)) = msgs {
-            s.msgs_per_io.push(total as f64 / w.count as f64);
-            s.sync_msgs_per_io.push(sync as f64 / w.count as f64);
+            s.msgs_per_io.push(total as f64 / ios);
+            s.sync_msgs_per_io.push(sync as f64 / ios);
         }
     }
     Ok(())
