@@ -641,6 +641,20 @@ pub struct Checked {
     pub serial: String,
 }
 
+/// Waits up to 200 ms for a connection on the non-blocking `listener`: the pause of an idle
+/// accept loop between two looks at its stop flag.
+pub fn wait_for_connection(listener: &impl std::os::fd::AsFd) {
+    let wait = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 200_000_000,
+    };
+    let mut fds = [rustix::event::PollFd::new(
+        listener,
+        rustix::event::PollFlags::IN,
+    )];
+    let _ = rustix::event::poll(&mut fds, Some(&wait));
+}
+
 /// Refuses (`in_use`) a path something accepts connections on: a vfio-user socket must not
 /// take it over.
 pub fn refuse_live_socket(path: &Path) -> anyhow::Result<()> {
@@ -708,15 +722,7 @@ impl VfioServer {
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            let wait = rustix::event::Timespec {
-                                tv_sec: 0,
-                                tv_nsec: 200_000_000,
-                            };
-                            let mut fds = [rustix::event::PollFd::new(
-                                &listener,
-                                rustix::event::PollFlags::IN,
-                            )];
-                            let _ = rustix::event::poll(&mut fds, Some(&wait));
+                            wait_for_connection(&listener);
                         }
                         Err(e) => {
                             tracing::warn!("vfio-user accept failed: {e}");

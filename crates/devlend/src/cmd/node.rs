@@ -379,15 +379,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // Idle: wait for a connection or a signal.
-                let wait = rustix::event::Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 200_000_000,
-                };
-                let mut fds = [rustix::event::PollFd::new(
-                    &listener,
-                    rustix::event::PollFlags::IN,
-                )];
-                let _ = rustix::event::poll(&mut fds, Some(&wait));
+                host::wait_for_connection(&listener);
             }
             Err(e) => return Err(e).context("accepting a management connection"),
         }
