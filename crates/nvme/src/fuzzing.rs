@@ -90,9 +90,19 @@ impl FuzzController {
         let doorbells = Arc::new(
             DoorbellArray::new(6).map_err(|_| NvmeError::InvalidConfig("fuzz doorbells"))?,
         );
-        let core = Controller::new(
+        // A 64 KiB CMB mapped right after host memory: fuzzed queue and PRP addresses meet
+        // its decoder (inside, outside, straddling) too.
+        let cmb = Arc::new(crate::cmb::Cmb::new(crate::cmb::CMB_MIN_BYTES)?);
+        let cba =
+            (HOST_BASE + HOST_LEN as u64) | crate::regs::CMBMSC_CMSE | crate::regs::CMBMSC_CRE;
+        cmb.write_reg32(crate::regs::REG_CMBMSC, cba as u32);
+        let port = crate::cmb::CmbPort {
+            cmb: cmb.clone(),
+            port: Arc::new(Port { mem: mem.clone() }),
+        };
+        let mut core = Controller::new(
             &cfg,
-            Arc::new(Port { mem: mem.clone() }),
+            Arc::new(port),
             doorbells.clone(),
             Arc::new(AtomicU32::new(0)),
             0,
@@ -107,6 +117,7 @@ impl FuzzController {
                 2,
             ))),
         )?;
+        core.cmb = Some(cmb);
         Ok(FuzzController {
             core,
             mem,
