@@ -64,6 +64,9 @@ enum Cmd {
     Demo(cmd::demo::Args),
     /// Serve a local device model to a VMM over vfio-user (no lending: the baseline).
     Serve(cmd::serve::Args),
+    /// Enable a real device's SR-IOV virtual functions so each can be lent on its own.
+    #[command(subcommand)]
+    Sriov(cmd::sriov::Cmd),
     /// Measurements, each beside its same-run baseline.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -141,6 +144,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Keygen(a) => cmd::verbs::keygen(a),
         Cmd::Demo(a) => cmd::demo::run(a),
         Cmd::Serve(a) => cmd::serve::run(a),
+        Cmd::Sriov(c) => cmd::sriov::run(c),
         Cmd::Bench(BenchCmd::Fabric(a)) => cmd::bench_fabric::run(a),
         Cmd::Bench(BenchCmd::Nvme(a)) => cmd::bench_nvme::run(a),
         Cmd::Bench(BenchCmd::Lending(a)) => cmd::bench_lending::run(a),

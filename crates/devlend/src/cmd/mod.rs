@@ -17,6 +17,7 @@ pub mod observe;
 pub mod persist;
 pub mod progress;
 pub mod serve;
+pub mod sriov;
 pub mod top;
 pub mod verbs;
 pub mod wait;
