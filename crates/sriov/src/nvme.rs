@@ -284,6 +284,17 @@ pub fn bring_online(h: &dyn PfHost, plan: Plan) -> Result<Vec<VfReport>, SriovEr
         });
     }
     let mut caps = identify_caps(h)?;
+    for r in [Resource::Queue, Resource::Interrupt] {
+        let f = caps.flexible(r);
+        tracing::info!(
+            "{pf}: primary controller {}: {} flexible {r} resources, {} held by it, {} by secondaries, at most {} per VF",
+            caps.cntlid,
+            f.total,
+            f.allocated_primary,
+            f.assigned_secondary,
+            f.max_per_secondary
+        );
+    }
     if !caps.manages_queues_and_interrupts() || caps.queues.total == 0 {
         return Err(SriovError::NoVirtMgmt(pf));
     }

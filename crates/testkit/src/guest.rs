@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod bundle;
 pub mod live;
 
 /// Printed by the guest's `/init` with the script's exit status.
