@@ -235,6 +235,7 @@ kill $LENDER
 wait $LENDER
 echo "SRIOV-DRIVERS-AFTER $(drv $VF1) $(drv $VF2) pf=$(drv $PF) state=$(cat $P/nvme/*/state)"
 grep -i "reset failed" /tmp/lender.log && fail "a VFIO reset failed"
+grep "Could not unbind VFIO group" /tmp/lender.log && fail "a VF's group did not leave its container"
 sed 's/^/lender: /' /tmp/lender.log | tail -20
 sync
 echo SRIOV-ALL-DONE

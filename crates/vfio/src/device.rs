@@ -385,7 +385,10 @@ impl Drop for VfioFunction {
                 tracing::warn!("unmapping DMA at {a:#x}: {e}");
             }
         }
-        // Fields drop in order after this: the device and its mappings, then the owner.
+        // The BAR mappings hold the device open: unmapped before the device is closed, so
+        // that its group can leave its container.
+        self.bars = Default::default();
+        // Fields drop in order after this: the device, then the owner.
     }
 }
 

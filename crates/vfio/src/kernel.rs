@@ -27,11 +27,13 @@ vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 1
 /// A function opened through VFIO: its own type1 container (one IOMMU domain per lent
 /// function, as SmartIO gives each borrower), its group, its device.
 pub struct KernelVfio {
-    // Drop order: the device before the container it is attached through.
-    device: VfioDevice,
-    container: Arc<VfioContainer>,
+    // Drop order: the duplicate descriptor first (while it is open, the group cannot leave
+    // its container: VFIO_GROUP_UNSET_CONTAINER fails with EBUSY), then the device, then the
+    // container it is attached through.
     /// A duplicate of the device descriptor for positioned reads and writes that report errors.
     file: File,
+    device: VfioDevice,
+    container: Arc<VfioContainer>,
     regions: Vec<RegionInfo>,
     resettable: bool,
 }
