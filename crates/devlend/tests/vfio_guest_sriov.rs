@@ -69,7 +69,7 @@ fn borrow(fabric: &Path, device: &str) -> (devlend_lending::Node, Arc<dyn PciFun
     let asp = Arc::new(devlend_fabric::AddressSpace::new());
     let ntb = devlend_fabric::shm::ShmNtb::open(fabric, asp, Default::default())
         .expect("opening the shm fabric");
-    let mut cfg = devlend_lending::NodeConfig::new(&format!("borrower-{device}"));
+    let mut cfg = devlend_lending::NodeConfig::new(format!("borrower-{device}"));
     cfg.lease = Duration::from_millis(LEASE_MS);
     // Under TCG on a loaded host the lender can take seconds to answer while it maps the other
     // borrower's pool into its VF's IOMMU domain: a generous bound, and a smaller pool (the
