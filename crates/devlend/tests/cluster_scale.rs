@@ -71,6 +71,9 @@ impl Net {
     }
 
     fn create() -> Result<Net, String> {
+        for gone in devlend_testkit::netns::sweep_stale("dlc") {
+            eprintln!("cluster_scale: deleted {gone}, left by a run that was killed");
+        }
         let pid = std::process::id();
         let mut net = Net {
             tag: format!("dlc{pid}"),

@@ -58,6 +58,37 @@ fn ip(args: &[&str]) -> Result<(), NetnsError> {
     }
 }
 
+/// Deletes the namespaces named `PREFIX<pid>…` whose process is gone: a test killed before
+/// its `Drop` ran (SIGKILL from a timeout, an aborted run) leaves them behind, and the next run
+/// that uses the same prefix removes them. Namespaces of live processes are left alone.
+/// Returns the names deleted.
+pub fn sweep_stale(prefix: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return Vec::new();
+    };
+    let mut deleted = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = stale_owner(&name, prefix) else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if ip(&["netns", "del", &name]).is_ok() {
+            deleted.push(name);
+        }
+    }
+    deleted
+}
+
+/// The pid in `PREFIX<pid><rest>`, when `name` has that shape (`rest` not starting with a digit).
+fn stale_owner(name: &str, prefix: &str) -> Option<u32> {
+    let rest = name.strip_prefix(prefix)?;
+    let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    rest.get(..digits)?.parse().ok()
+}
+
 /// Two namespaces joined by a veth pair; deleted on drop.
 #[derive(Debug)]
 pub struct NetnsPair {
@@ -85,6 +116,9 @@ impl NetnsPair {
         let uid = rustix::process::geteuid().as_raw();
         if uid != 0 {
             return Err(NetnsError::NotRoot(uid));
+        }
+        for gone in sweep_stale("dlt") {
+            eprintln!("netns: deleted {gone}, left by a process that no longer exists");
         }
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let tag = format!("{}x{n}", std::process::id());
@@ -151,5 +185,20 @@ impl Drop for NetnsPair {
             // Deleting a namespace also deletes its veth end (and so the pair).
             let _ = ip(&["netns", "del", name]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stale_owner;
+
+    #[test]
+    fn the_owner_pid_is_read_only_from_names_of_the_prefix() {
+        assert_eq!(stale_owner("dlt1234x0a", "dlt"), Some(1234));
+        assert_eq!(stale_owner("dlc29715-h15", "dlc"), Some(29715));
+        assert_eq!(stale_owner("dlc29715-sw", "dlc"), Some(29715));
+        assert_eq!(stale_owner("dltx0a", "dlt"), None);
+        assert_eq!(stale_owner("other1234", "dlt"), None);
+        assert_eq!(stale_owner("dlt99999999999999999999x", "dlt"), None);
     }
 }
