@@ -12,7 +12,7 @@ use devlend_pci::{AccessSize, BarIndex};
 use crate::error::NvmeError;
 use crate::queue::Hw;
 use crate::regs::{
-    self, CMBLOC_CDPCILS, CMBLOC_CQMMS, CMBMSC_CMSE, CMBMSC_CRE, CMBSTS_CBAI, CMBSZ_SQS,
+    self, CMBLOC_CDPCILS, CMBLOC_CQMMS, CMBMSC_CMSE, CMBMSC_CRE, CMBSTS_CBAI, CMBSZ_SQS, CMBSZ_WDS,
 };
 
 /// The bus address the driver gives the CMB when its BAR has none assigned (the bindings here
@@ -31,6 +31,8 @@ pub struct CmbInfo {
     pub bytes: u64,
     /// The bus address the controller decodes it at (`CMBMSC.CBA`).
     pub bus_addr: u64,
+    /// `CMBSZ.WDS`: write data may be in it.
+    pub write_data: bool,
 }
 
 /// A CMB's size unit in bytes (`4 KiB * 16 ^ SZU`); `None` for a reserved value.
@@ -117,6 +119,7 @@ pub(crate) fn enable(hw: &Hw) -> Result<Option<CmbInfo>, NvmeError> {
         bar_offset,
         bytes,
         bus_addr,
+        write_data: sz & CMBSZ_WDS != 0,
     }))
 }
 
@@ -157,6 +160,7 @@ mod tests {
             bar_offset: 0,
             bytes: 64 << 10,
             bus_addr: UNASSIGNED_CMB_BUS_ADDR,
+            write_data: true,
         });
         assert_eq!(s.take(100), Some(0));
         assert_eq!(s.take(16 << 10), Some(4096));

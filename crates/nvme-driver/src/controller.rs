@@ -32,7 +32,9 @@ pub struct DriverConfig {
     pub shutdown_timeout: Duration,
     /// Place the I/O submission queues in the controller's memory buffer when it offers one
     /// for them (`CAP.CMBS`, `CMBSZ.SQS`); host memory otherwise, and for any queue that does
-    /// not fit. [`Controller::cmb_queue_count`] tells how many went there.
+    /// not fit. [`Controller::cmb_queue_count`] tells how many went there. When the CMB also
+    /// takes write data (`CMBSZ.WDS`) and has room, writes of up to 4 KiB on those queues push
+    /// their data into it too ([`IoQueue::cmb_writes`]).
     pub cmb_submission_queues: bool,
 }
 
@@ -51,6 +53,8 @@ impl Default for DriverConfig {
     }
 }
 
+/// Write data buffers (4 KiB each) per I/O queue in the CMB, when it has room for them.
+const CMB_DATA_BUFFERS: usize = 16;
 /// Entries in the admin queues.
 const ADMIN_QUEUE_ENTRIES: u32 = 32;
 /// Bytes the block API stages per window (several commands of at most MDTS each).
@@ -103,6 +107,8 @@ pub struct Controller {
     cmb: Option<CmbInfo>,
     /// I/O submission queues placed in it.
     cmb_queues: usize,
+    /// Of those, queues with write data buffers in it.
+    cmb_write_queues: usize,
 }
 
 /// Exclusive use of one I/O queue pair for the queue-depth API (submit up to
@@ -184,6 +190,7 @@ impl Controller {
             shut_down: AtomicBool::new(false),
             cmb,
             cmb_queues: 0,
+            cmb_write_queues: 0,
         };
         match ctrl.finish_init(vectors) {
             Ok(()) => Ok(ctrl),
@@ -273,19 +280,37 @@ impl Controller {
             .clamp(2, 65536)
             .min(self.hw.caps.max_queue_entries);
         let mut space = self.cmb.map(CmbSpace::new);
-        for qid in 1..=count as u16 {
-            let sq_bytes = u64::from(entries) * crate::cmd::SQE_BYTES as u64;
-            let placement = match space.as_mut().and_then(|s| {
-                let at = s.take(sq_bytes)?;
-                Some((s.info, at))
-            }) {
-                Some((info, at)) => SqPlacement::Cmb {
-                    bar: info.bar,
-                    offset: info.bar_offset + at,
-                    bus_addr: info.bus_addr + at,
-                },
-                None => SqPlacement::Host,
-            };
+        // Every submission queue first; then write data buffers for each, as space allows.
+        let mut placements: Vec<SqPlacement> = (1..=count)
+            .map(|_| {
+                let sq_bytes = u64::from(entries) * crate::cmd::SQE_BYTES as u64;
+                match space.as_mut().and_then(|s| {
+                    let at = s.take(sq_bytes)?;
+                    Some((s.info, at))
+                }) {
+                    Some((info, at)) => SqPlacement::Cmb {
+                        bar: info.bar,
+                        offset: info.bar_offset + at,
+                        bus_addr: info.bus_addr + at,
+                        data: None,
+                    },
+                    None => SqPlacement::Host,
+                }
+            })
+            .collect();
+        let buffers = CMB_DATA_BUFFERS.min(entries.saturating_sub(1) as usize);
+        for p in placements.iter_mut() {
+            if let (SqPlacement::Cmb { data, .. }, Some(s)) =
+                (p, space.as_mut().filter(|s| s.info.write_data))
+            {
+                let bytes = buffers as u64 * crate::queue::CMB_DATA_BYTES;
+                if let Some(at) = s.take(bytes).filter(|_| buffers > 0) {
+                    *data = Some((s.info.bar_offset + at, s.info.bus_addr + at, buffers));
+                    self.cmb_write_queues += 1;
+                }
+            }
+        }
+        for (qid, placement) in (1..=count as u16).zip(placements) {
             let q = self.create_io_queue(qid, entries, vectors, placement)?;
             if q.sq_in_cmb() {
                 self.cmb_queues += 1;
@@ -459,6 +484,12 @@ impl Controller {
     /// I/O submission queues in the controller memory buffer.
     pub fn cmb_queue_count(&self) -> usize {
         self.cmb_queues
+    }
+
+    /// I/O queues whose writes of up to 4 KiB push their data into the controller memory
+    /// buffer ([`IoQueue::cmb_writes`]).
+    pub fn cmb_write_queue_count(&self) -> usize {
+        self.cmb_write_queues
     }
 
     /// Allocates DMA memory for the queue-depth API.
@@ -690,6 +721,12 @@ impl IoQueue<'_> {
     /// Commands outstanding now.
     pub fn in_flight(&self) -> usize {
         self.q.in_flight()
+    }
+
+    /// Writes on this queue whose data were pushed into the controller memory buffer (at most
+    /// 4 KiB each, with [`DriverConfig::cmb_submission_queues`] when the CMB has room).
+    pub fn cmb_writes(&self) -> u64 {
+        self.q.cmb_writes()
     }
 
     /// Whether an earlier failure left the queue unusable (reset the controller).

@@ -143,7 +143,21 @@ struct Slot {
     #[allow(dead_code)]
     data: Option<Arc<DmaBuffer>>,
     prp_pages: Vec<DmaBuffer>,
+    /// The CMB data buffer a write's data were copied into.
+    cmb_data: Option<CmbBuf>,
 }
+
+/// A write data buffer in the CMB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CmbBuf {
+    /// Offset in the CMB's BAR.
+    bar_offset: u64,
+    /// Bus address (in `CMBMSC.CBA .. + size`).
+    bus_addr: u64,
+}
+
+/// Bytes of one CMB data buffer: a write of at most this many bytes may go through one.
+pub(crate) const CMB_DATA_BYTES: u64 = regs::HOST_PAGE_BYTES as u64;
 
 /// Where a submission queue lives.
 pub(crate) enum SqRing {
@@ -176,6 +190,9 @@ pub(crate) enum SqPlacement {
         offset: u64,
         /// Bus address.
         bus_addr: u64,
+        /// Write data buffers of [`CMB_DATA_BYTES`] in the CMB, from this BAR offset and bus
+        /// address, and how many.
+        data: Option<(u64, u64, usize)>,
     },
 }
 
@@ -195,6 +212,10 @@ pub(crate) struct QueuePair {
     free: Vec<u16>,
     prp_cache: Vec<DmaBuffer>,
     broken: bool,
+    /// Free CMB write data buffers; empty without them.
+    cmb_data: Vec<CmbBuf>,
+    /// Writes whose data went through a CMB buffer.
+    cmb_writes: u64,
 }
 
 impl QueuePair {
@@ -218,6 +239,7 @@ impl QueuePair {
             )));
         }
         let n = entries as usize;
+        let mut cmb_data = Vec::new();
         let sq = match placement {
             SqPlacement::Host => {
                 let sq = hw.fun.dma_alloc(n * SQE_BYTES)?;
@@ -229,12 +251,24 @@ impl QueuePair {
                 bar,
                 offset,
                 bus_addr,
-            } => SqRing::Cmb {
-                bar,
-                offset,
-                bus_addr,
-                flush: !hw.fun.bar_mappings(hw.bar).is_empty(),
-            },
+                data,
+            } => {
+                if let Some((off, bus, count)) = data {
+                    for i in 0..count as u64 {
+                        let at = i * CMB_DATA_BYTES;
+                        cmb_data.push(CmbBuf {
+                            bar_offset: off + at,
+                            bus_addr: bus + at,
+                        });
+                    }
+                }
+                SqRing::Cmb {
+                    bar,
+                    offset,
+                    bus_addr,
+                    flush: !hw.fun.bar_mappings(hw.bar).is_empty(),
+                }
+            }
         };
         let cq = hw.fun.dma_alloc(n * CQE_BYTES)?;
         cq.fill(0)?;
@@ -257,6 +291,8 @@ impl QueuePair {
             free,
             prp_cache: Vec::new(),
             broken: false,
+            cmb_data,
+            cmb_writes: 0,
         })
     }
 
@@ -269,6 +305,11 @@ impl QueuePair {
             SqRing::Host(b) => b.bus_addr().raw(),
             SqRing::Cmb { bus_addr, .. } => *bus_addr,
         }
+    }
+
+    /// Writes whose data went through a CMB buffer (pushed into the device, not fetched).
+    pub fn cmb_writes(&self) -> u64 {
+        self.cmb_writes
     }
 
     /// Whether the submission queue is in the controller's memory buffer.
@@ -311,7 +352,7 @@ impl QueuePair {
             });
         };
         match self.place(hw, &mut cmd, cid, data) {
-            Ok(prp_pages) => {
+            Ok((prp_pages, cmb_data)) => {
                 if let Some(slot) = self.slots.get_mut(usize::from(cid)) {
                     *slot = Slot {
                         busy: true,
@@ -319,6 +360,7 @@ impl QueuePair {
                         opcode: cmd.opcode,
                         data: data.map(|d| d.buf.clone()),
                         prp_pages,
+                        cmb_data,
                     };
                 }
                 Ok(())
@@ -336,12 +378,22 @@ impl QueuePair {
         cmd: &mut Command,
         cid: u16,
         data: Option<&DmaSlice>,
-    ) -> Result<Vec<DmaBuffer>, NvmeError> {
+    ) -> Result<(Vec<DmaBuffer>, Option<CmbBuf>), NvmeError> {
         let mut pages = Vec::new();
+        let mut cmb_data = None;
         if let Some(d) = data {
-            let (prp1, prp2) = self.prps(hw, d, &mut pages)?;
-            cmd.prp1 = prp1;
-            cmd.prp2 = prp2;
+            match self.push_write_data(hw, cmd, d)? {
+                Some(buf) => {
+                    cmd.prp1 = buf.bus_addr;
+                    cmd.prp2 = 0;
+                    cmb_data = Some(buf);
+                }
+                None => {
+                    let (prp1, prp2) = self.prps(hw, d, &mut pages)?;
+                    cmd.prp1 = prp1;
+                    cmd.prp2 = prp2;
+                }
+            }
         }
         cmd.cid = cid;
         let at = self.sq_tail as usize * SQE_BYTES;
@@ -363,6 +415,9 @@ impl QueuePair {
         };
         if let Err(e) = written {
             self.recycle(pages);
+            if let Some(buf) = cmb_data {
+                self.cmb_data.push(buf);
+            }
             return Err(e);
         }
         let tail = (self.sq_tail + 1) % self.entries;
@@ -372,7 +427,43 @@ impl QueuePair {
             return Err(e);
         }
         self.sq_tail = tail;
-        Ok(pages)
+        if cmb_data.is_some() {
+            self.cmb_writes += 1;
+        }
+        Ok((pages, cmb_data))
+    }
+
+    /// A write of at most [`CMB_DATA_BYTES`] on a queue with CMB data buffers: its data are
+    /// copied into a free one through the BAR (posted writes, ahead of the command), so the
+    /// device reads them from itself. `None` (host PRPs) for anything else.
+    fn push_write_data(
+        &mut self,
+        hw: &Hw,
+        cmd: &Command,
+        d: &DmaSlice,
+    ) -> Result<Option<CmbBuf>, NvmeError> {
+        let SqRing::Cmb { bar, .. } = &self.sq else {
+            return Ok(None);
+        };
+        if cmd.opcode != crate::cmd::io::WRITE || d.len as u64 > CMB_DATA_BYTES {
+            return Ok(None);
+        }
+        let Some(buf) = self.cmb_data.pop() else {
+            return Ok(None);
+        };
+        let mut bytes = vec![0u8; d.len];
+        let pushed = d
+            .buf
+            .read_at(d.offset, &mut bytes)
+            .map_err(NvmeError::from)
+            .and_then(|()| Ok(hw.fun.bar_write(*bar, buf.bar_offset, &bytes)?));
+        match pushed {
+            Ok(()) => Ok(Some(buf)),
+            Err(e) => {
+                self.cmb_data.push(buf);
+                Err(e)
+            }
+        }
     }
 
     /// PRP1 and PRP2 for `d`, building list pages into `pages` when more than two are needed.
@@ -467,6 +558,9 @@ impl QueuePair {
                     });
                     added += 1;
                     self.recycle(taken.prp_pages);
+                    if let Some(buf) = taken.cmb_data {
+                        self.cmb_data.push(buf);
+                    }
                 }
                 _ => {
                     unknown.get_or_insert(entry.cid);

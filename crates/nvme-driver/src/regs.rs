@@ -33,6 +33,8 @@ pub const CMBLOC_CQMMS: u32 = 1 << 3;
 pub const CMBLOC_CDPCILS: u32 = 1 << 6;
 /// `CMBSZ.SQS`: submission queues may be in the CMB.
 pub const CMBSZ_SQS: u32 = 1;
+/// `CMBSZ.WDS`: write data may be in the CMB.
+pub const CMBSZ_WDS: u32 = 1 << 4;
 /// `CMBMSC.CRE`: capability registers (CMBLOC, CMBSZ) enabled.
 pub const CMBMSC_CRE: u64 = 1;
 /// `CMBMSC.CMSE`: controller memory space enabled at `CMBMSC.CBA`.

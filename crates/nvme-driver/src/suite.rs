@@ -835,6 +835,7 @@ pub fn cmb_submission_queues(t: &Target) -> Result<(), SuiteError> {
                 let lba0 = base_block + (q * 1000 + i * 200) as u64;
                 let blocks = (len / lba) as u32;
                 let mut io = x.step("queue", c.io_queue(q))?;
+                let pushed_before = io.cmb_writes();
                 x.step(
                     format!("write {len} bytes on queue {q}"),
                     io.run_batch(vec![IoRequest::Write {
@@ -843,6 +844,15 @@ pub fn cmb_submission_queues(t: &Target) -> Result<(), SuiteError> {
                         data: slice.clone(),
                     }]),
                 )?;
+                // With write data buffers in the CMB, a write of up to 4 KiB pushes its data
+                // there; a larger one goes by PRPs to host memory.
+                let pushed = io.cmb_writes() - pushed_before;
+                let expect = u64::from(c.cmb_write_queue_count() == of && len <= 4096);
+                x.check(pushed == expect, || {
+                    format!(
+                        "{len}-byte write on queue {q}: {pushed} pushed into the CMB, not {expect}"
+                    )
+                })?;
                 x.step("clear", buf.fill(0).map_err(NvmeError::from))?;
                 x.step(
                     format!("read {len} bytes on queue {q}"),

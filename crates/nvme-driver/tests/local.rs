@@ -146,6 +146,8 @@ fn cmb_submission_queues_on_a_device_with_a_cmb() {
     )
     .unwrap();
     assert_eq!(c.cmb_queue_count(), 3);
+    // 3 queues of 256 entries (48 KiB) and 16 write buffers of 4 KiB each (192 KiB) fit in 1 MiB.
+    assert_eq!(c.cmb_write_queue_count(), 3);
     assert_eq!(c.cmb().unwrap().bytes, 1 << 20);
     drop(c);
     if let Err(e) = suite::run_all(&t) {
