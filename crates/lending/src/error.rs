@@ -20,6 +20,10 @@ pub enum LendingError {
     /// The device is lent and cannot be removed or changed now.
     #[error("device {0} is lent; it must be returned first")]
     Busy(String),
+    /// The device's last lease just ended and it is being reset (its windows cleared, its
+    /// DMA unmapped, the function reset); it is offered again when that is done.
+    #[error("device {0} is being reset after its last lease ended; try again in a moment")]
+    Resetting(String),
     /// The device is an SR-IOV physical function whose virtual functions are offered.
     #[error("device {device} is the physical function of {vfs}; it is not lendable while its virtual functions are offered: borrow one of them")]
     PhysicalFunction {

@@ -252,6 +252,15 @@ struct Exported {
     /// the lease expiry too).
     size_bytes: Option<u64>,
     lease: Option<Lease>,
+    /// A lease has ended and the device is being reset outside the table's lock: not lendable
+    /// or removable until that is done.
+    resetting: bool,
+    /// Serializes what reaches the device itself on behalf of a lease (config accesses that
+    /// are not virtual, the reset when the lease ends), without the table's lock: a slow
+    /// device (a real function's FLR, a model whose worker waits on a DMA read from a peer
+    /// that stopped answering) then holds only its own accesses, never other devices' leases
+    /// and heartbeats. Lock order: this, then the table.
+    access: Arc<Mutex<()>>,
 }
 
 impl Exported {
@@ -389,6 +398,8 @@ impl Lender {
             bars,
             areas,
             lease: None,
+            resetting: false,
+            access: Arc::default(),
         };
         let desc = exported.desc(owner);
         self.state().devices.insert(name.to_string(), exported);
@@ -443,6 +454,9 @@ impl Lender {
             .ok_or_else(|| LendingError::NoSuchDevice(name.to_string()))?;
         if dev.lease.is_some() {
             return Err(LendingError::Busy(name.to_string()));
+        }
+        if dev.resetting {
+            return Err(LendingError::Resetting(name.to_string()));
         }
         if let Some(dev) = st.devices.remove(name) {
             for (_, _, base) in dev.bars {
@@ -502,29 +516,53 @@ impl Lender {
                 lease,
                 offset,
                 size,
-            } => self.with_lease(lease, |d, l| {
-                let size = config_size(offset, size)?;
-                let value = if VirtualBars::covers(offset) {
-                    l.vbars.read(offset, size)
-                } else {
-                    d.device.config_read(offset, size)
+            } => {
+                let size = match config_size(offset, size) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return Response::Error {
+                            message: e.to_string(),
+                        }
+                    }
                 };
-                Ok(Response::Value { value })
-            }),
+                if VirtualBars::covers(offset) {
+                    self.with_lease(lease, |_, l| {
+                        Ok(Response::Value {
+                            value: l.vbars.read(offset, size),
+                        })
+                    })
+                } else {
+                    self.on_device(lease, |d| Response::Value {
+                        value: d.config_read(offset, size),
+                    })
+                }
+            }
             Request::ConfigWrite {
                 lease,
                 offset,
                 size,
                 value,
-            } => self.with_lease(lease, |d, l| {
-                let size = config_size(offset, size)?;
+            } => {
+                let size = match config_size(offset, size) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return Response::Error {
+                            message: e.to_string(),
+                        }
+                    }
+                };
                 if VirtualBars::covers(offset) {
-                    l.vbars.write(offset, size, value);
+                    self.with_lease(lease, |_, l| {
+                        l.vbars.write(offset, size, value);
+                        Ok(Response::Ok)
+                    })
                 } else {
-                    d.device.config_write(offset, size, value);
+                    self.on_device(lease, |d| {
+                        d.config_write(offset, size, value);
+                        Response::Ok
+                    })
                 }
-                Ok(Response::Ok)
-            }),
+            }
             Request::MapDma {
                 lease,
                 iova,
@@ -553,6 +591,32 @@ impl Lender {
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),
         })
+    }
+
+    /// Runs `f` on the device `lease` is held on, holding the device's own access lock but
+    /// not the table's (see [`Exported::access`]); the lease is checked again once that lock is
+    /// held, so an access never reaches a device whose lease ended meanwhile.
+    fn on_device(
+        &self,
+        lease: u64,
+        f: impl FnOnce(&dyn PciDevice) -> Response,
+    ) -> Result<Response, LendingError> {
+        let not_held =
+            || LendingError::Refused(format!("lease {lease} is not held (expired or returned)"));
+        let (device, access) = {
+            let st = self.state();
+            let d = st
+                .devices
+                .values()
+                .find(|d| d.lease.as_ref().is_some_and(|l| l.id == lease))
+                .ok_or_else(not_held)?;
+            (d.device.clone(), d.access.clone())
+        };
+        let _serial = devlend_sync::lock(&access);
+        if !self.is_held(lease) {
+            return Err(not_held());
+        }
+        Ok(f(&*device))
     }
 
     fn with_lease(
@@ -600,6 +664,9 @@ impl Lender {
                 device: name.to_string(),
                 holder: l.borrower.clone(),
             });
+        }
+        if dev.resetting {
+            return Err(LendingError::Resetting(name.to_string()));
         }
         if dev.device.needs_direct_dma() && node.ntb.backend() == "tcp" {
             return Err(LendingError::Refused(direct_dma_refusal(name, "tcp")));
@@ -775,18 +842,33 @@ impl Lender {
 
     /// Ends a lease: windows cleared (the borrower's accesses fail), IOMMU emptied (the
     /// device's DMA fails), interrupts cut, device reset, offered again.
+    ///
+    /// The lease leaves the table at once (under its lock) and the device is marked resetting;
+    /// the slow part (windows, IOMMU, the reset itself) runs under the device's own access lock
+    /// only, so other devices' leases, heartbeats and config accesses go on meanwhile.
     pub(crate) fn end_lease(&self, lease: u64, why: &str) -> Result<(), LendingError> {
-        let mut guard = self.state();
-        let st = &mut *guard;
-        let dev = st
-            .devices
-            .values_mut()
-            .find(|d| d.lease.as_ref().is_some_and(|l| l.id == lease))
-            .ok_or_else(|| LendingError::Refused(format!("lease {lease} is not held")))?;
-        let Some(l) = dev.lease.take() else {
-            return Ok(());
+        let (name, l, device, iommu, sink, access) = {
+            let mut st = self.state();
+            let dev = st
+                .devices
+                .values_mut()
+                .find(|d| d.lease.as_ref().is_some_and(|l| l.id == lease))
+                .ok_or_else(|| LendingError::Refused(format!("lease {lease} is not held")))?;
+            let Some(l) = dev.lease.take() else {
+                return Ok(());
+            };
+            dev.resetting = true;
+            (
+                dev.name.clone(),
+                l,
+                dev.device.clone(),
+                dev.iommu.clone(),
+                dev.sink.clone(),
+                dev.access.clone(),
+            )
         };
-        dev.sink.route(None);
+        let serial = devlend_sync::lock(&access);
+        sink.route(None);
         let link = l.link.upgrade();
         for w in all_windows(&l.windows) {
             if let Some(link) = &link {
@@ -797,19 +879,22 @@ impl Lender {
             }
         }
         for (iova, len) in &l.dma {
-            if let Err(e) = dev.device.dma_unmap(BusAddr(*iova), *len) {
-                tracing::warn!("unmapping DMA at {iova:#x} from {}: {e}", dev.name);
+            if let Err(e) = device.dma_unmap(BusAddr(*iova), *len) {
+                tracing::warn!("unmapping DMA at {iova:#x} from {name}: {e}");
             }
-            let _ = dev.iommu.unmap(BusAddr(*iova), *len);
+            let _ = iommu.unmap(BusAddr(*iova), *len);
         }
-        dev.device.reset();
+        device.reset();
         if let Some(link) = &link {
             *devlend_sync::lock(&link.doorbells_used) &=
-                !doorbell_bits(l.doorbell_base, dev.device.msix_vectors());
+                !doorbell_bits(l.doorbell_base, device.msix_vectors());
         }
+        if let Some(d) = self.state().devices.get_mut(&name) {
+            d.resetting = false;
+        }
+        drop(serial);
         tracing::info!(
-            "{} is back from {} ({why}); reset and available",
-            dev.name,
+            "{name} is back from {} ({why}); reset and available",
             l.borrower
         );
         Ok(())

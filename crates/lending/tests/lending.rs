@@ -329,3 +329,109 @@ fn a_vanished_lender_is_a_surprise_removal() {
         "{e}"
     );
 }
+
+/// A test device whose reset waits until the test lets it go: a function whose FLR is slow
+/// (or a model whose worker waits on a DMA read from a peer that stopped answering).
+struct SlowReset {
+    inner: Arc<dyn devlend_pci::PciDevice>,
+    entered: std::sync::mpsc::SyncSender<()>,
+    gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl devlend_pci::PciDevice for SlowReset {
+    fn config_read(&self, offset: u16, size: AccessSize) -> u32 {
+        self.inner.config_read(offset, size)
+    }
+    fn config_write(&self, offset: u16, size: AccessSize, value: u32) {
+        self.inner.config_write(offset, size, value)
+    }
+    fn bar_spec(&self, bar: devlend_pci::BarIndex) -> Option<devlend_pci::BarSpec> {
+        self.inner.bar_spec(bar)
+    }
+    fn bar_read(&self, bar: devlend_pci::BarIndex, offset: u64, data: &mut [u8]) {
+        self.inner.bar_read(bar, offset, data)
+    }
+    fn bar_write(&self, bar: devlend_pci::BarIndex, offset: u64, data: &[u8]) {
+        self.inner.bar_write(bar, offset, data)
+    }
+    fn reset(&self) {
+        // Resets before the first lease (none here) and at every lease's end wait for the
+        // test: it sends one message per reset it lets through.
+        let _ = self.entered.try_send(());
+        if let Ok(gate) = self.gate.lock() {
+            let _ = gate.recv();
+        }
+        self.inner.reset()
+    }
+    fn msix_vectors(&self) -> u16 {
+        self.inner.msix_vectors()
+    }
+    fn kind(&self) -> &'static str {
+        "slow-reset"
+    }
+}
+
+#[test]
+fn a_slow_reset_holds_only_its_own_device() {
+    let h = hosts(2, Duration::from_secs(5));
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(4);
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let slot = std::sync::Mutex::new(Some((entered_tx, gate)));
+    h.lender
+        .add_device(
+            "slow",
+            "test device with a slow reset",
+            Box::new(move |dma, irq| {
+                let inner = TestDevice::build(dma, irq).map_err(|e| e.to_string())?;
+                let (entered, gate) = slot
+                    .lock()
+                    .map_err(|e| e.to_string())?
+                    .take()
+                    .ok_or("built twice")?;
+                Ok(Arc::new(SlowReset {
+                    inner,
+                    entered,
+                    gate: std::sync::Mutex::new(gate),
+                }) as Arc<dyn devlend_pci::PciDevice>)
+            }),
+        )
+        .unwrap();
+    let other = h.borrowers[1].borrow("td0").unwrap();
+    enable(&*other);
+    let slow = h.borrowers[0].borrow("slow").unwrap();
+    enable(&*slow);
+
+    std::thread::scope(|scope| {
+        // Returning `slow` enters its reset and stays there until released.
+        let returner = scope.spawn(|| h.borrowers[0].give_back("slow"));
+        entered
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the return reaches the device's reset");
+
+        // Meanwhile the other device's borrower is served: config and BAR accesses answer
+        // (before, the lender's whole table was locked for the reset).
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let other = &other;
+        scope.spawn(move || {
+            let r = other.config_read(0x00, AccessSize::Dword);
+            let m = other.bar_read_u32(REGS_BAR, regs::MAGIC);
+            let _ = done_tx.send((r.map_err(|e| e.to_string()), m.map_err(|e| e.to_string())));
+        });
+        let Ok((id, magic)) = done.recv_timeout(Duration::from_secs(60)) else {
+            release.send(()).unwrap();
+            panic!("another device's accesses were not answered while one device was being reset");
+        };
+        // The device being reset is not offered yet, and says so.
+        let refused = h.borrowers[1].borrow("slow").map(|_| ());
+        release.send(()).unwrap();
+        assert!(id.is_ok(), "{id:?}");
+        assert_eq!(magic, Ok(test_device::MAGIC));
+        let err = refused.unwrap_err();
+        assert!(err.to_string().contains("being reset"), "{err}");
+        returner.join().unwrap().unwrap();
+    });
+    // Reset done: offered again.
+    let again = h.borrowers[1].borrow("slow").unwrap();
+    assert_eq!(again.config_read(0x04, AccessSize::Word).unwrap() & 0x6, 0);
+    drop((again, other, slow));
+}
