@@ -3,9 +3,10 @@
 //! in host memory, interleaved in one run on one link.
 //!
 //! Two identical devices (each with a CMB) are lent over one link and borrowed by this
-//! process: one driver keeps its submission queue in borrower memory (the device fetches each
-//! command across the link: a non-posted read), the other puts it in the CMB (the command
-//! crosses as a posted write through the BAR window). Samples alternate between the two.
+//! process: one driver keeps its submission queue and data in borrower memory (the device
+//! fetches each command, and a write's data, across the link: non-posted reads), the other
+//! puts the queue and small writes' data in the CMB (they cross as posted writes through the
+//! BAR window). Samples alternate between the two.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -202,7 +203,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if a.polling { "polled" } else { "interrupt-driven" }
     ));
     report.notes.push(
-        "SQ in host memory: the device fetches each 64-byte command from borrower memory (a non-posted read across the link). SQ in the CMB: the driver writes it into the device's BAR (a posted write); on shm the driver reads the entry back before its doorbell, a direct store, so the doorbell cannot overtake it".into(),
+        "SQ in host memory: the device fetches each 64-byte command, and a write's data, from borrower memory (non-posted reads across the link). SQ in the CMB: the driver writes the command, and a write's data of up to 4 KiB, into the device's BAR (posted writes); on shm the driver reads the entry back before its doorbell, a direct store, so the doorbell cannot overtake it".into(),
     );
     report.notes.extend(notes);
     report.emit(a.json);
