@@ -209,6 +209,8 @@ pub(crate) struct Controller {
     pub(crate) cmb: Option<Arc<crate::cmb::Cmb>>,
     segs: Vec<crate::prp::Segment>,
     bounce: Vec<u8>,
+    /// Submission queue entries read ahead in one DMA read (see `process_sq`).
+    sqe_ahead: Vec<u8>,
 }
 
 impl Controller {
@@ -293,6 +295,7 @@ impl Controller {
             cmb: None,
             segs: Vec::new(),
             bounce: Vec::new(),
+            sqe_ahead: Vec::new(),
         })
     }
 
@@ -516,6 +519,10 @@ impl Controller {
             return false;
         }
         let mut done = 0;
+        // Entries fetched ahead by one DMA read: (index of the first, how many, their bytes).
+        let mut ahead = std::mem::take(&mut self.sqe_ahead);
+        let mut ahead_first = 0u32;
+        let mut ahead_count = 0u32;
         while done < SQ_BURST {
             let Some(sq) = self.sqs.get(qid).and_then(Option::as_ref) else {
                 break;
@@ -523,7 +530,8 @@ impl Controller {
             if sq.head == sq.tail {
                 break;
             }
-            let (head, entries, base, cqid) = (sq.head, sq.entries, sq.base, sq.cqid);
+            let (head, tail, entries, base, cqid) =
+                (sq.head, sq.tail, sq.entries, sq.base, sq.cqid);
             let cqi = usize::from(cqid);
             if self
                 .cqs
@@ -543,18 +551,49 @@ impl Controller {
             }
             let mut entry = [0u8; Command::BYTES];
             let offset = u64::from(head) * SQE_BYTES;
-            let fetched = match self
+            let ring = self
                 .sqs
                 .get(qid)
                 .and_then(Option::as_ref)
-                .and_then(|q| q.ring.as_ref())
-            {
+                .and_then(|q| q.ring.as_ref());
+            let fetched = match ring {
                 Some(ring) => ring.read_at(offset, &mut entry).is_ok(),
-                None => base
-                    .checked_add(offset)
-                    .is_some_and(|a| self.dma.dma_read(BusAddr(a), &mut entry).is_ok()),
+                None => {
+                    // Without a direct mapping every fetch is a DMA read, and over a fabric a
+                    // read is a round trip: an I/O queue's entries up to the tail (not past the
+                    // end of the ring, nor the burst) come in one read, as a device fetches
+                    // several commands in one read request. The host may not change entries
+                    // between head and tail, so reading them early is safe.
+                    let cached =
+                        ahead_count > 0 && head >= ahead_first && head - ahead_first < ahead_count;
+                    if !cached && qid != 0 {
+                        let until = if tail > head { tail } else { entries };
+                        let n = (until - head).min(SQ_BURST - done).max(1);
+                        ahead.resize(n as usize * Command::BYTES, 0);
+                        if base
+                            .checked_add(offset)
+                            .is_some_and(|a| self.dma.dma_read(BusAddr(a), &mut ahead).is_ok())
+                        {
+                            ahead_first = head;
+                            ahead_count = n;
+                        } else {
+                            ahead_count = 0;
+                        }
+                    }
+                    let at = (head.wrapping_sub(ahead_first) as usize) * Command::BYTES;
+                    match ahead.get(at..at + Command::BYTES) {
+                        Some(bytes) if ahead_count > 0 && head >= ahead_first => {
+                            entry.copy_from_slice(bytes);
+                            true
+                        }
+                        _ => base
+                            .checked_add(offset)
+                            .is_some_and(|a| self.dma.dma_read(BusAddr(a), &mut entry).is_ok()),
+                    }
+                }
             };
             if !fetched {
+                self.sqe_ahead = ahead;
                 self.fail("submission queue entry fetch failed");
                 return true;
             }
@@ -591,10 +630,12 @@ impl Controller {
                 );
             }
             if self.fatal {
+                self.sqe_ahead = ahead;
                 return true;
             }
             done += 1;
         }
+        self.sqe_ahead = ahead;
         done > 0
     }
 
