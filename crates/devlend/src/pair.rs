@@ -109,6 +109,11 @@ impl Pair {
         )
     }
 
+    /// The network namespaces of a tcp pair (lender in side 0, this process's link in side 1).
+    pub fn netns(&self) -> Option<&devlend_testkit::netns::NetnsPair> {
+        self.netns.as_ref()
+    }
+
     fn scratch(parent: &Path, tag: &str) -> anyhow::Result<PathBuf> {
         let dir = parent.join(format!("devlend-pair-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

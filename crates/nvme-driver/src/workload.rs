@@ -53,6 +53,9 @@ pub struct Workload {
     pub queue: usize,
     /// Seed of the offset sequence (same seed, same offsets).
     pub seed: u64,
+    /// Consecutive blocks from the start of the region (wrapping at its end) instead of
+    /// random ones.
+    pub sequential: bool,
 }
 
 impl Workload {
@@ -66,6 +69,22 @@ impl Workload {
             region: None,
             queue: 0,
             seed: 0x5eed_d1ce,
+            sequential: false,
+        }
+    }
+
+    /// `block_bytes` sequential reads or writes at `queue_depth` for `limit`, from the start
+    /// of the namespace.
+    pub fn sequential(
+        pattern: Pattern,
+        block_bytes: usize,
+        queue_depth: usize,
+        limit: Limit,
+    ) -> Self {
+        Self {
+            block_bytes,
+            sequential: true,
+            ..Self::new(pattern, queue_depth, limit)
         }
     }
 }
@@ -222,7 +241,13 @@ pub fn run(ctrl: &Controller, w: &Workload) -> Result<Summary, NvmeError> {
                 .get(slot)
                 .cloned()
                 .ok_or_else(|| NvmeError::InvalidRequest("workload slot".into()))?;
-            let lba_at = offsets.next().unwrap_or(start) / lba;
+            let at = if w.sequential {
+                // Slot `submitted` of the region, wrapping (the region holds at least one).
+                start + (submitted % (len / block)) * block
+            } else {
+                offsets.next().unwrap_or(start)
+            };
+            let lba_at = at / lba;
             let req = if write {
                 IoRequest::Write {
                     lba: lba_at,

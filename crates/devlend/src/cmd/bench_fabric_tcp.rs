@@ -371,7 +371,11 @@ fn recv_nonblocking(s: &TcpStream, buf: &mut [u8]) -> std::io::Result<Option<usi
     }
 }
 
-fn recv_adaptive(s: &TcpStream, buf: &mut [u8], spin: Duration) -> std::io::Result<usize> {
+pub(crate) fn recv_adaptive(
+    s: &TcpStream,
+    buf: &mut [u8],
+    spin: Duration,
+) -> std::io::Result<usize> {
     let start = Instant::now();
     loop {
         if let Some(n) = recv_nonblocking(s, buf)? {

@@ -1,19 +1,31 @@
 //! `devlend bench lending`: the same driver and workload on a local function and on a function
 //! borrowed over the fabric, interleaved in one run.
 //!
+//! Over `shm` every figure is compared with the local function. Over `tcp` every figure is
+//! compared with what the same link does with no device in between: a raw TLS request/response
+//! of the same sizes with the same number outstanding, or a raw TLS stream
+//! ([`crate::cmd::baseline_tls`]), measured in the same run, interleaved with the device's
+//! samples.
+//!
 //! The local baseline is the same NVMe model bound in-process; it runs in its own worker
 //! thread exactly as it does when lent, so the ratio isolates the cost of lending: MMIO through
 //! the window, DMA through the IOMMU into borrower memory, interrupts as doorbells.
 
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::Context;
+use devlend_fabric_tcp::TlsCredentials;
+use devlend_nvme_driver::DriverConfig;
 
 use devlend_bench::{median, Figure, Report, Target};
 use devlend_nvme_driver::workload::{self, Limit, Pattern, Workload};
 use devlend_nvme_driver::Controller;
 use devlend_pci::PciFunction;
 
+use crate::cmd::baseline_tls::{RawTlsClient, RawTlsServer};
 use crate::host::{self, NvmeOptions};
 use crate::pair::Pair;
 
@@ -47,6 +59,7 @@ struct Sample {
     iops: f64,
     median_us: f64,
     p99_us: f64,
+    mib_per_s: f64,
 }
 
 fn sample(c: &Controller, w: &Workload) -> anyhow::Result<Sample> {
@@ -55,8 +68,151 @@ fn sample(c: &Controller, w: &Workload) -> anyhow::Result<Sample> {
         iops: s.iops,
         median_us: s.median_us,
         p99_us: s.p99_us,
+        mib_per_s: s.mib_per_s,
     })
 }
+
+/// Port of the raw TLS baseline server (the fabric listens on 7790).
+const RAW_PORT: u16 = 7791;
+
+/// The tcp side: the borrowed controller and the raw TLS baseline on the same link.
+struct TcpSide {
+    pair: Pair,
+    ctrl: Controller,
+    raw: RawTlsClient,
+    server: RawTlsServer,
+}
+
+impl TcpSide {
+    /// Starts the pair (this thread moves into the borrower's network namespace), borrows a
+    /// device, and connects the raw baseline between the same namespaces with the same keys.
+    fn start(dir: &std::path::Path, size: u64, cfg: DriverConfig) -> anyhow::Result<Self> {
+        let pair = Pair::start_tcp(dir)?;
+        pair.lender_add_nvme("bench1", &pair.dir.join("lent.img"), size)?;
+        let f: Arc<dyn PciFunction> = pair.borrow("bench1")?;
+        let ctrl = Controller::with_config(f, cfg)?;
+        let ns = pair.netns().context("a tcp pair without namespaces")?;
+        let keys = pair.dir.join("keys");
+        let server_creds = Arc::new(TlsCredentials::load(&keys, "lender", "borrower")?);
+        let client_creds = TlsCredentials::load(&keys, "borrower", "lender")?;
+        let addr = SocketAddr::new(ns.addr(0).into(), RAW_PORT);
+        // The listening socket is made in the lender's namespace and stays there.
+        let listener = std::thread::scope(|sc| {
+            sc.spawn(|| -> anyhow::Result<TcpListener> {
+                ns.enter(0)?;
+                Ok(TcpListener::bind(addr)?)
+            })
+            .join()
+        })
+        .map_err(|_| anyhow::anyhow!("the baseline's listener thread panicked"))??;
+        let spin = devlend_fabric_tcp::TcpConfig::default().link.spin;
+        let server = RawTlsServer::start(listener, server_creds, spin)?;
+        let raw = RawTlsClient::connect(TcpStream::connect(addr)?, &client_creds, spin)?;
+        Ok(Self {
+            pair,
+            ctrl,
+            raw,
+            server,
+        })
+    }
+
+    /// The raw baseline of `row`, one sample.
+    fn baseline(&mut self, row: &Row, secs: f64, stream_bytes: usize) -> anyhow::Result<Sample> {
+        let (req, reply) = match row.pattern {
+            Pattern::RandRead => (RAW_REQUEST, row.block),
+            Pattern::RandWrite => (row.block, RAW_WRITE_REPLY),
+        };
+        if row.sequential {
+            let bps = match row.pattern {
+                Pattern::RandRead => self.raw.stream_from_server(stream_bytes, row.block)?,
+                Pattern::RandWrite => self.raw.stream_to_server(stream_bytes, row.block)?,
+            };
+            let mib_per_s = bps / (1024.0 * 1024.0);
+            return Ok(Sample {
+                iops: bps / row.block as f64,
+                median_us: 0.0,
+                p99_us: 0.0,
+                mib_per_s,
+            });
+        }
+        let s = self.raw.rpc_pipeline(req, reply, row.qd, secs)?;
+        anyhow::ensure!(s.ops > 0, "the raw baseline completed nothing");
+        Ok(Sample {
+            iops: s.per_sec,
+            median_us: s.median_us,
+            p99_us: s.p99_us,
+            mib_per_s: s.per_sec * row.block as f64 / (1024.0 * 1024.0),
+        })
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        self.ctrl.shutdown()?;
+        self.pair.borrower.give_back("bench1")?;
+        self.raw.quit()?;
+        self.server.join()?;
+        drop(self.pair);
+        Ok(())
+    }
+}
+
+/// The request of the raw read baseline: what a driver must at least send for a read.
+const RAW_REQUEST: usize = 64;
+/// The answer of the raw write baseline: what a device must at least send back for a write.
+const RAW_WRITE_REPLY: usize = 16;
+
+/// One workload of the benchmark.
+struct Row {
+    name: &'static str,
+    pattern: Pattern,
+    qd: usize,
+    block: usize,
+    sequential: bool,
+}
+
+const ROWS: [Row; 6] = [
+    Row {
+        name: "randread-4k-qd1",
+        pattern: Pattern::RandRead,
+        qd: 1,
+        block: 4096,
+        sequential: false,
+    },
+    Row {
+        name: "randwrite-4k-qd1",
+        pattern: Pattern::RandWrite,
+        qd: 1,
+        block: 4096,
+        sequential: false,
+    },
+    Row {
+        name: "randread-4k-qd32",
+        pattern: Pattern::RandRead,
+        qd: 32,
+        block: 4096,
+        sequential: false,
+    },
+    Row {
+        name: "randwrite-4k-qd32",
+        pattern: Pattern::RandWrite,
+        qd: 32,
+        block: 4096,
+        sequential: false,
+    },
+    Row {
+        name: "seqread-128k-qd8",
+        pattern: Pattern::RandRead,
+        qd: 8,
+        block: 128 << 10,
+        sequential: true,
+    },
+    Row {
+        name: "seqwrite-128k-qd8",
+        pattern: Pattern::RandWrite,
+        qd: 8,
+        block: 128 << 10,
+        sequential: true,
+    },
+];
 
 /// Runs the benchmark.
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -65,6 +221,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         (a.seconds.max(0.1), a.reps.max(1))
     };
+    // Bytes of one raw stream sample: about what the device moves in a sample.
+    let stream_bytes: usize = if a.quick { 16 << 20 } else { 64 << 20 };
     let size = 256u64 << 20;
     let pair = Pair::start(&a.dir)?;
     pair.lender_add_nvme("bench0", &pair.dir.join("lent.img"), size)?;
@@ -78,7 +236,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         cmb: None,
     })?;
     let mut notes = Vec::new();
-    let cfg = devlend_nvme_driver::DriverConfig {
+    let cfg = DriverConfig {
         completion: if a.polling {
             devlend_nvme_driver::CompletionMode::Polling
         } else {
@@ -87,17 +245,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ..Default::default()
     };
     // The tcp pair last: it moves this thread into a network namespace.
-    let tcp = if a.no_tcp {
+    let mut tcp = if a.no_tcp {
         None
     } else {
-        match Pair::start_tcp(&a.dir) {
-            Ok(p) => {
-                p.lender_add_nvme("bench1", &p.dir.join("lent.img"), size)?;
-                let f: Arc<dyn PciFunction> = p.borrow("bench1")?;
-                Some((p, Controller::with_config(f, cfg.clone())?))
-            }
+        match TcpSide::start(&a.dir, size, cfg.clone()) {
+            Ok(t) => Some(t),
             Err(e) => {
-                notes.push(format!("tcp row not measured: {e:#}"));
+                notes.push(format!("tcp rows not measured: {e:#}"));
                 None
             }
         }
@@ -105,87 +259,111 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let local = Controller::with_config(local, cfg.clone())?;
     let borrowed = Controller::with_config(borrowed, cfg)?;
     let mut report = Report::new("lending");
-    for (name, pattern, qd) in [
-        ("randread-4k-qd1", Pattern::RandRead, 1),
-        ("randwrite-4k-qd1", Pattern::RandWrite, 1),
-        ("randread-4k-qd32", Pattern::RandRead, 32),
-        ("randwrite-4k-qd32", Pattern::RandWrite, 32),
-    ] {
-        let w = Workload::new(pattern, qd, Limit::Duration(Duration::from_secs_f64(secs)));
-        let (mut l, mut b, mut t) = (Vec::new(), Vec::new(), Vec::new());
+    for row in &ROWS {
+        let name = row.name;
+        let w = if row.sequential {
+            Workload::sequential(
+                row.pattern,
+                row.block,
+                row.qd,
+                Limit::Duration(Duration::from_secs_f64(secs)),
+            )
+        } else {
+            Workload::new(
+                row.pattern,
+                row.qd,
+                Limit::Duration(Duration::from_secs_f64(secs)),
+            )
+        };
+        let (mut l, mut b, mut t, mut r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
+            // Interleaved: local, shm, raw tcp, tcp.
             l.push(sample(&local, &w)?);
             b.push(sample(&borrowed, &w)?);
-            if let Some((_, c)) = &tcp {
-                t.push(sample(c, &w)?);
+            if let Some(side) = tcp.as_mut() {
+                r.push(side.baseline(row, secs, stream_bytes)?);
+                t.push(sample(&side.ctrl, &w)?);
             }
             eprint!(".");
         }
         let pick =
             |v: &[Sample], f: fn(&Sample) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
-        let (l_iops, l_med, l_p99) = (
-            pick(&l, |s| s.iops),
-            pick(&l, |s| s.median_us),
-            pick(&l, |s| s.p99_us),
-        );
-        let iops = Figure::new(
-            format!("{name} IOPS, borrowed over shm"),
-            "IOPS",
-            pick(&b, |s| s.iops),
-        )
-        .against("local", l_iops);
-        let lat = Figure::new(
-            format!("{name} median latency, borrowed over shm"),
-            "us",
-            pick(&b, |s| s.median_us),
-        )
-        .against("local", l_med);
-        let p99 = Figure::new(
-            format!("{name} p99 latency, borrowed over shm"),
-            "us",
-            pick(&b, |s| s.p99_us),
-        )
-        .against("local", l_p99);
-        if qd == 1 {
-            report.push(lat.target(Target::AtMost(1.25)));
-            report.push(iops);
+        let shm = |what: &str, unit: &str, f: fn(&Sample) -> f64| {
+            Figure::new(
+                format!("{name} {what}, borrowed over shm"),
+                unit,
+                pick(&b, f),
+            )
+            .against("local", pick(&l, f))
+        };
+        if row.sequential {
+            report.push(shm("bandwidth", "MiB/s", |s| s.mib_per_s));
+        } else if row.qd == 1 {
+            report.push(shm("median latency", "us", |s| s.median_us).target(Target::AtMost(1.25)));
+            report.push(shm("IOPS", "IOPS", |s| s.iops).target(Target::AtLeast(0.9)));
+            report.push(shm("p99 latency", "us", |s| s.p99_us).target(Target::AtMost(1.5)));
         } else {
-            report.push(iops.target(Target::AtLeast(0.9)));
-            report.push(lat);
+            report.push(shm("IOPS", "IOPS", |s| s.iops).target(Target::AtLeast(0.9)));
+            report.push(shm("median latency", "us", |s| s.median_us));
+            report.push(shm("p99 latency", "us", |s| s.p99_us));
         }
-        report.push(p99);
-        if !t.is_empty() {
-            report.push(
-                Figure::new(
-                    format!("{name} IOPS, borrowed over tcp"),
-                    "IOPS",
-                    pick(&t, |s| s.iops),
-                )
-                .against("local", l_iops),
-            );
-            report.push(
-                Figure::new(
-                    format!("{name} median latency, borrowed over tcp"),
-                    "us",
-                    pick(&t, |s| s.median_us),
-                )
-                .against("local", l_med),
-            );
+        if t.is_empty() {
+            continue;
+        }
+        let raw_name = if row.sequential {
+            match row.pattern {
+                Pattern::RandRead => "raw TLS stream, server to client".to_string(),
+                Pattern::RandWrite => "raw TLS stream, client to server".to_string(),
+            }
+        } else {
+            let (req, reply) = match row.pattern {
+                Pattern::RandRead => (RAW_REQUEST, row.block),
+                Pattern::RandWrite => (row.block, RAW_WRITE_REPLY),
+            };
+            format!(
+                "raw TLS {req} B request, {reply} B answer, {} outstanding",
+                row.qd
+            )
+        };
+        let tcp_fig = |what: &str, unit: &str, f: fn(&Sample) -> f64| {
+            Figure::new(
+                format!("{name} {what}, borrowed over tcp"),
+                unit,
+                pick(&t, f),
+            )
+            .against(raw_name.clone(), pick(&r, f))
+        };
+        if row.sequential {
+            report
+                .push(tcp_fig("bandwidth", "MiB/s", |s| s.mib_per_s).target(Target::AtLeast(0.7)));
+        } else if row.qd == 1 {
+            report
+                .push(tcp_fig("median latency", "us", |s| s.median_us).target(Target::AtMost(3.0)));
+            report.push(tcp_fig("p99 latency", "us", |s| s.p99_us));
+            report.push(tcp_fig("IOPS", "IOPS", |s| s.iops));
+        } else {
+            report.push(tcp_fig("IOPS", "IOPS", |s| s.iops).target(Target::AtLeast(0.5)));
+            report.push(tcp_fig("median latency", "us", |s| s.median_us));
         }
     }
     eprintln!();
     local.shutdown()?;
     borrowed.shutdown()?;
     pair.borrower.give_back("bench0")?;
-    if let Some((p, c)) = tcp {
-        c.shutdown()?;
-        p.borrower.give_back("bench1")?;
-        drop(p);
+    let had_tcp = tcp.is_some();
+    if let Some(side) = tcp {
+        side.stop()?;
     }
     report.notes.push(format!(
-        "same driver and workload ({} completions); {reps} interleaved sample(s) of {secs} s per side, medians; local = the same NVMe model bound in-process with its own worker thread; tcp = TLS 1.3 over a veth link between two network namespaces",
+        "same driver and workload ({} completions); {reps} interleaved sample(s) of {secs} s per side, medians; local = the same NVMe model bound in-process with its own worker thread",
         if a.polling { "polled" } else { "interrupt-driven" }
     ));
+    if had_tcp {
+        report.notes.push(format!(
+            "tcp = TLS 1.3 over a veth link between two network namespaces; each tcp row's baseline is plain TLS 1.3 (rustls, the fabric's keys and cipher suite) between the same namespaces in the same run, interleaved with the device samples, threads left to the scheduler: a {RAW_REQUEST} B request answered with 4 KiB for reads, 4 KiB answered with {RAW_WRITE_REPLY} B for writes, with the same number outstanding; a stream of 128 KiB writes ({} MiB per sample) for the sequential rows",
+            stream_bytes >> 20
+        ));
+    }
     report.notes.extend(notes);
     report.emit(a.json);
     Ok(())

@@ -115,6 +115,7 @@ fn bench(
                     region: Some(region),
                     queue: 0,
                     seed: 0x1234 + rep as u64,
+                    sequential: false,
                 };
                 device.push(
                     workload::run(&ctrl, &w).with_context(|| format!("{name} on the device"))?,

@@ -1,6 +1,7 @@
 //! One module per subcommand; each owns its `Args` and `run`.
 
 pub mod baseline;
+pub mod baseline_tls;
 pub mod bench_cluster;
 pub mod bench_cmb;
 pub mod bench_fabric;
