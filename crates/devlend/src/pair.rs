@@ -196,6 +196,23 @@ impl Pair {
         Ok(())
     }
 
+    /// Like [`Pair::lender_add_nvme`] with a Controller Memory Buffer of `cmb` bytes
+    /// (`devlend add nvme --cmb SIZE`).
+    pub fn lender_add_nvme_cmb(
+        &self,
+        name: &str,
+        image: &Path,
+        size: u64,
+        cmb: u64,
+    ) -> anyhow::Result<()> {
+        let req = proto::AddRequest {
+            cmb: Some(cmb),
+            ..nvme_request(name, image, size)
+        };
+        ctl::call(&self.lender_state, req, Duration::from_secs(30))?;
+        Ok(())
+    }
+
     /// Asks the lender to add an NVMe physical function backed by `image` with `vfs` virtual
     /// functions offered as `NAME-vf1` ... (`devlend add nvme --vfs N --vf-namespaces NS`).
     pub fn lender_add_nvme_vfs(

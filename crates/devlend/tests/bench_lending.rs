@@ -77,7 +77,9 @@ fn bench_lending_quick_json_has_every_row_beside_its_baseline() {
             ),
         ] {
             for m in ["median latency", "p99 latency", "IOPS"] {
-                raw(find(&format!("{row} {m}, borrowed over tcp")), what);
+                for side in ["tcp", "tcp, SQ in CMB"] {
+                    raw(find(&format!("{row} {m}, borrowed over {side}")), what);
+                }
             }
         }
         for (row, what) in [
@@ -90,16 +92,22 @@ fn bench_lending_quick_json_has_every_row_beside_its_baseline() {
                 "4096 B request, 16 B answer, 32 outstanding",
             ),
         ] {
-            raw(find(&format!("{row} IOPS, borrowed over tcp")), what);
+            for side in ["tcp", "tcp, SQ in CMB"] {
+                raw(find(&format!("{row} IOPS, borrowed over {side}")), what);
+            }
         }
-        raw(
-            find("seqread-128k-qd8 bandwidth, borrowed over tcp"),
-            "stream, server to client",
-        );
-        raw(
-            find("seqwrite-128k-qd8 bandwidth, borrowed over tcp"),
-            "stream, client to server",
-        );
+        for side in ["tcp", "tcp, SQ in CMB"] {
+            raw(
+                find(&format!("seqread-128k-qd8 bandwidth, borrowed over {side}")),
+                "stream, server to client",
+            );
+            raw(
+                find(&format!(
+                    "seqwrite-128k-qd8 bandwidth, borrowed over {side}"
+                )),
+                "stream, client to server",
+            );
+        }
     }
     for f in figures {
         assert!(f["value"].is_number(), "{f}");

@@ -357,7 +357,9 @@ impl Inner {
                     }
                     Ok(true)
                 }
-                Ok(Resolved::Mmio(..)) => Ok(false),
+                // Doorbell-style device memory takes the write here, without a hop through
+                // the service thread (run to completion); other MMIO goes there.
+                Ok(Resolved::Mmio(h, base)) => Ok(h.mmio_write_nonblocking(base, data)),
                 Err(status) => {
                     tracing::debug!(
                         window,

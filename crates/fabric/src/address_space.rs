@@ -16,6 +16,15 @@ pub trait MmioHandler: Send + Sync {
     fn mmio_read(&self, offset: u64, data: &mut [u8]);
     /// A posted write.
     fn mmio_write(&self, offset: u64, data: &[u8]);
+    /// A posted write offered by a thread that must not block (a fabric's socket reader, so
+    /// that a doorbell reaches the device without a hop through another thread): applies it
+    /// and returns `true` only when that cannot block (a store into doorbell-style memory and
+    /// a wake-up); returns `false`, having done nothing, when it must go to
+    /// [`MmioHandler::mmio_write`] instead. The default takes nothing.
+    fn mmio_write_nonblocking(&self, offset: u64, data: &[u8]) -> bool {
+        let _ = (offset, data);
+        false
+    }
 }
 
 /// What a region holds.

@@ -78,6 +78,8 @@ impl RoutedSink {
 struct BarHandler {
     device: Arc<dyn PciDevice>,
     bar: BarIndex,
+    /// The BAR's doorbell-style memory ([`PciDevice::bar_memory`]).
+    areas: Vec<MemoryArea>,
 }
 
 impl MmioHandler for BarHandler {
@@ -87,6 +89,20 @@ impl MmioHandler for BarHandler {
 
     fn mmio_write(&self, offset: u64, data: &[u8]) {
         self.device.bar_write(self.bar, offset, data);
+    }
+
+    /// A write wholly inside doorbell-style memory is a store and a wake-up (what a borrower
+    /// with a direct mapping does itself): the fabric's reader thread applies it at once.
+    fn mmio_write_nonblocking(&self, offset: u64, data: &[u8]) -> bool {
+        for a in &self.areas {
+            let Some(at) = offset.checked_sub(a.offset) else {
+                continue;
+            };
+            if at.saturating_add(data.len() as u64) <= a.mem.len() {
+                return a.write_and_wake(at, data).is_ok();
+            }
+        }
+        false
     }
 }
 
@@ -367,6 +383,7 @@ impl Lender {
                 Arc::new(BarHandler {
                     device: device.clone(),
                     bar,
+                    areas: device.bar_memory(bar),
                 }),
             )?;
             bars.push((bar, spec, base));

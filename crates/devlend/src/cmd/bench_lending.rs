@@ -79,6 +79,8 @@ const RAW_PORT: u16 = 7791;
 struct TcpSide {
     pair: Pair,
     ctrl: Controller,
+    /// A second device, with a Controller Memory Buffer holding the I/O submission queues.
+    cmb: Controller,
     raw: RawTlsClient,
     server: RawTlsServer,
 }
@@ -90,7 +92,16 @@ impl TcpSide {
         let pair = Pair::start_tcp(dir)?;
         pair.lender_add_nvme("bench1", &pair.dir.join("lent.img"), size)?;
         let f: Arc<dyn PciFunction> = pair.borrow("bench1")?;
-        let ctrl = Controller::with_config(f, cfg)?;
+        pair.lender_add_nvme_cmb("bench2", &pair.dir.join("lent-cmb.img"), size, CMB_BYTES)?;
+        let g: Arc<dyn PciFunction> = pair.borrow("bench2")?;
+        let ctrl = Controller::with_config(f, cfg.clone())?;
+        let cmb = Controller::with_config(
+            g,
+            DriverConfig {
+                cmb_submission_queues: true,
+                ..cfg
+            },
+        )?;
         let ns = pair.netns().context("a tcp pair without namespaces")?;
         let keys = pair.dir.join("keys");
         let server_creds = Arc::new(TlsCredentials::load(&keys, "lender", "borrower")?);
@@ -111,6 +122,7 @@ impl TcpSide {
         Ok(Self {
             pair,
             ctrl,
+            cmb,
             raw,
             server,
         })
@@ -147,13 +159,18 @@ impl TcpSide {
 
     fn stop(self) -> anyhow::Result<()> {
         self.ctrl.shutdown()?;
+        self.cmb.shutdown()?;
         self.pair.borrower.give_back("bench1")?;
+        self.pair.borrower.give_back("bench2")?;
         self.raw.quit()?;
         self.server.join()?;
         drop(self.pair);
         Ok(())
     }
 }
+
+/// The Controller Memory Buffer of the second tcp device.
+const CMB_BYTES: u64 = 1 << 20;
 
 /// The request of the raw read baseline: what a driver must at least send for a read.
 const RAW_REQUEST: usize = 64;
@@ -276,6 +293,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             )
         };
         let (mut l, mut b, mut t, mut r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut c = Vec::new();
         for _ in 0..reps {
             // Interleaved: local, shm, raw tcp, tcp.
             l.push(sample(&local, &w)?);
@@ -283,6 +301,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             if let Some(side) = tcp.as_mut() {
                 r.push(side.baseline(row, secs, stream_bytes)?);
                 t.push(sample(&side.ctrl, &w)?);
+                c.push(sample(&side.cmb, &w)?);
             }
             eprint!(".");
         }
@@ -325,25 +344,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 row.qd
             )
         };
-        let tcp_fig = |what: &str, unit: &str, f: fn(&Sample) -> f64| {
-            Figure::new(
-                format!("{name} {what}, borrowed over tcp"),
-                unit,
-                pick(&t, f),
-            )
-            .against(raw_name.clone(), pick(&r, f))
-        };
-        if row.sequential {
-            report
-                .push(tcp_fig("bandwidth", "MiB/s", |s| s.mib_per_s).target(Target::AtLeast(0.7)));
-        } else if row.qd == 1 {
-            report
-                .push(tcp_fig("median latency", "us", |s| s.median_us).target(Target::AtMost(3.0)));
-            report.push(tcp_fig("p99 latency", "us", |s| s.p99_us));
-            report.push(tcp_fig("IOPS", "IOPS", |s| s.iops));
-        } else {
-            report.push(tcp_fig("IOPS", "IOPS", |s| s.iops).target(Target::AtLeast(0.5)));
-            report.push(tcp_fig("median latency", "us", |s| s.median_us));
+        // The device with its submission queues in host memory (the default), then the one
+        // with them in its Controller Memory Buffer.
+        for (side, v) in [("tcp", &t), ("tcp, SQ in CMB", &c)] {
+            let tcp_fig = |what: &str, unit: &str, f: fn(&Sample) -> f64| {
+                Figure::new(
+                    format!("{name} {what}, borrowed over {side}"),
+                    unit,
+                    pick(v, f),
+                )
+                .against(raw_name.clone(), pick(&r, f))
+            };
+            if row.sequential {
+                report.push(
+                    tcp_fig("bandwidth", "MiB/s", |s| s.mib_per_s).target(Target::AtLeast(0.7)),
+                );
+            } else if row.qd == 1 {
+                report.push(
+                    tcp_fig("median latency", "us", |s| s.median_us).target(Target::AtMost(3.0)),
+                );
+                report.push(tcp_fig("p99 latency", "us", |s| s.p99_us));
+                report.push(tcp_fig("IOPS", "IOPS", |s| s.iops));
+            } else {
+                report.push(tcp_fig("IOPS", "IOPS", |s| s.iops).target(Target::AtLeast(0.5)));
+                report.push(tcp_fig("median latency", "us", |s| s.median_us));
+            }
         }
     }
     eprintln!();
@@ -360,7 +385,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     ));
     if had_tcp {
         report.notes.push(format!(
-            "tcp = TLS 1.3 over a veth link between two network namespaces; each tcp row's baseline is plain TLS 1.3 (rustls, the fabric's keys and cipher suite) between the same namespaces in the same run, interleaved with the device samples, threads left to the scheduler: a {RAW_REQUEST} B request answered with 4 KiB for reads, 4 KiB answered with {RAW_WRITE_REPLY} B for writes, with the same number outstanding; a stream of 128 KiB writes ({} MiB per sample) for the sequential rows",
+            "tcp = TLS 1.3 over a veth link between two network namespaces; 'SQ in CMB' = a second lent device with a {} KiB Controller Memory Buffer holding the driver's I/O submission queues (entries pushed as posted writes, never fetched across the link); each tcp row's baseline is plain TLS 1.3 (rustls, the fabric's keys and cipher suite) between the same namespaces in the same run, interleaved with the device samples, threads left to the scheduler: a {RAW_REQUEST} B request answered with 4 KiB for reads, 4 KiB answered with {RAW_WRITE_REPLY} B for writes, with the same number outstanding; a stream of 128 KiB writes ({} MiB per sample) for the sequential rows",
+            CMB_BYTES >> 10,
             stream_bytes >> 20
         ));
     }
