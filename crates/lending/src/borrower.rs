@@ -71,7 +71,10 @@ pub struct BorrowedFunction {
     node: Weak<Inner>,
     grant: Grant,
     bars: [Option<BarGrant>; 6],
-    areas: Vec<DirectArea>,
+    /// Emptied when the function is removed: a real device's registers are mapped through
+    /// its VFIO descriptor, which must not outlive the lease (the lender's unbind of the
+    /// device waits for every descriptor to close).
+    areas: std::sync::RwLock<Vec<DirectArea>>,
     pool: DmaPool,
     dma: Mutex<DmaState>,
     removed: AtomicBool,
@@ -130,6 +133,7 @@ impl BorrowedFunction {
                 tracing::warn!("{} removed: {why}", self.grant.device.name);
             }
         }
+        devlend_sync::write(&self.areas).clear();
         let mut r = devlend_sync::lock(&self.redirect);
         if let Some((stop, t)) = r.thread.take() {
             stop.store(true, Ordering::Release);
@@ -162,6 +166,16 @@ impl BorrowedFunction {
             Some(end) if len > 0 && end <= g.size => Ok(g),
             _ => Err(bad),
         }
+    }
+
+    /// The directly mapped area holding `[offset, offset + len)` of BAR `bar`, with the offset
+    /// inside it.
+    fn direct_area(&self, bar: BarIndex, offset: u64, len: usize) -> Option<(MemoryArea, u64)> {
+        devlend_sync::read(&self.areas).iter().find_map(|d| {
+            let at = offset.checked_sub(d.area.offset)?;
+            (d.bar == bar.get() && at.checked_add(len as u64)? <= d.area.mem.len())
+                .then(|| (d.area.clone(), at))
+        })
     }
 
     fn config_check(offset: u16, size: AccessSize) -> Result<(), FunctionError> {
@@ -362,7 +376,7 @@ impl ConfigAccess for BorrowedFunction {
 
 impl BarAccess for BorrowedFunction {
     fn bar_mappings(&self, bar: BarIndex) -> Vec<MemoryArea> {
-        self.areas
+        devlend_sync::read(&self.areas)
             .iter()
             .filter(|d| d.bar == bar.get())
             .map(|d| d.area.clone())
@@ -372,6 +386,12 @@ impl BarAccess for BorrowedFunction {
     fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError> {
         let node = self.node()?;
         let g = self.bar(bar, offset, data.len())?;
+        // A real device's registers mapped through the window: a load the device answers.
+        if let Some((area, at)) = self.direct_area(bar, offset, data.len()) {
+            if area.is_registers() {
+                return area.mem.read_at(at, data).map_err(FunctionError::from);
+            }
+        }
         node.ntb
             .peer_mw_read(g.window, WindowOffset(offset), data)
             .map_err(|e| self.fabric_error(e))
@@ -381,14 +401,10 @@ impl BarAccess for BorrowedFunction {
         let node = self.node()?;
         let g = self.bar(bar, offset, data.len())?;
         // Doorbell-style memory: a direct store through the window, and a wake-up only when
-        // the device sleeps. No message, no lender thread.
-        for d in &self.areas {
-            if d.bar == bar.get() && offset >= d.area.offset {
-                let at = offset - d.area.offset;
-                if at.saturating_add(data.len() as u64) <= d.area.mem.len() {
-                    return d.area.write_and_wake(at, data).map_err(FunctionError::from);
-                }
-            }
+        // the device sleeps; a real device's registers: a store the device sees. No message,
+        // no lender thread.
+        if let Some((area, at)) = self.direct_area(bar, offset, data.len()) {
+            return area.write_and_wake(at, data).map_err(FunctionError::from);
         }
         node.ntb
             .peer_mw_write(g.window, WindowOffset(offset), data)
@@ -699,7 +715,8 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
             for a in &b.areas {
                 crate::wait_peer_window(&*node.ntb, a.window, a.len, node.cfg.request_timeout)?;
                 if let Some(mem) = node.ntb.peer_mw_direct(a.window)? {
-                    if a.wake_word.saturating_add(4) <= mem.len() {
+                    let fits = a.wake_word.is_none_or(|w| w.saturating_add(4) <= mem.len());
+                    if fits {
                         let area = MemoryArea {
                             offset: a.offset,
                             mem,
@@ -716,7 +733,7 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
         let f = BorrowedFunction {
             node: Arc::downgrade(node),
             bars,
-            areas,
+            areas: std::sync::RwLock::new(areas),
             pool: DmaPool::new(mem.clone(), base),
             dma: Mutex::new(DmaState::default()),
             removed: AtomicBool::new(false),
@@ -739,9 +756,9 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
     node.borrower.forget_lost(name);
     devlend_sync::lock(&node.borrower.held).insert(name.to_string(), f.clone());
     tracing::info!(
-        "borrowed {name} (lease {}, {} doorbell area(s) reached by direct stores)",
+        "borrowed {name} (lease {}, {} BAR area(s) reached by direct loads and stores)",
         f.grant.lease,
-        f.areas.len()
+        devlend_sync::read(&f.areas).len()
     );
     Ok(f)
 }
@@ -794,7 +811,7 @@ mod tests {
                     offset: 0x1000,
                     len: 0x1000,
                     window: 2,
-                    wake_word: 0xffc,
+                    wake_word: Some(0xffc),
                 }],
             }],
             doorbell_base,
@@ -826,7 +843,7 @@ mod tests {
         g.bars[0].areas[0].offset = u64::MAX - 0xfff;
         assert!(check_grant(&g).is_err());
         let mut g = grant(0, 1);
-        g.bars[0].areas[0].wake_word = u64::MAX - 1;
+        g.bars[0].areas[0].wake_word = Some(u64::MAX - 1);
         assert!(check_grant(&g).is_err());
     }
 }

@@ -40,8 +40,9 @@ pub struct DeviceDesc {
     pub size_bytes: Option<u64>,
 }
 
-/// Part of a BAR that is memory the device polls (doorbells), exposed through its own window:
-/// the borrower stores into it directly and wakes the device through its sleep word.
+/// Part of a BAR exposed through its own window, reached by the borrower's plain loads and
+/// stores: memory a device model polls (doorbells; the borrower wakes the device through its
+/// sleep word), or a real device's registers (no sleep word: the device sees every access).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AreaGrant {
     /// Offset of the area in the BAR.
@@ -50,8 +51,9 @@ pub struct AreaGrant {
     pub len: u64,
     /// Lender's inbound window onto the area's memory.
     pub window: usize,
-    /// Offset of the device's sleep word inside the window.
-    pub wake_word: u64,
+    /// Offset of the device's sleep word inside the window; `None` for a real device's
+    /// registers.
+    pub wake_word: Option<u64>,
 }
 
 /// Where a granted BAR is reached.
@@ -131,8 +133,10 @@ impl Grant {
                         ))
                     }
                 }
-                if a.wake_word.checked_add(4).is_none_or(|end| end > a.len) {
-                    return Err(format!("wake word at {:#x}", a.wake_word));
+                if let Some(w) = a.wake_word {
+                    if w.checked_add(4).is_none_or(|end| end > a.len) {
+                        return Err(format!("wake word at {w:#x}"));
+                    }
                 }
             }
         }

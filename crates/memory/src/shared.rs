@@ -132,6 +132,9 @@ pub struct SharedMemory {
     fd_offset: u64,
     ptr: NonNull<u8>,
     len: usize,
+    /// A device's registers (a BAR mapped through VFIO), not RAM: see
+    /// [`SharedMemory::map_device`].
+    device: bool,
 }
 
 // SAFETY: `SharedMemory` owns its mapping (unmapped only in `Drop`) and its fd; nothing in it
@@ -165,6 +168,26 @@ impl SharedMemory {
         Self::map(fd, 0, len)
     }
 
+    /// Maps `len` bytes of a device's registers: `fd` is a VFIO device descriptor and
+    /// `[fd_offset, fd_offset + len)` (page-aligned) a part of one of its BAR regions that VFIO
+    /// lets be mapped. The result is accessed like RAM (register-sized accesses are single
+    /// loads and stores, see `copy`), but it is not RAM: no futex, and it is announced to a peer
+    /// as device memory ([`SharedMemory::is_device`]).
+    ///
+    /// No seal check ([`check_mappable`]): a device region cannot be truncated. The caller
+    /// vouches that `fd` is a VFIO device (the shm fabric asks the kernel for the region before
+    /// mapping what a peer sent); the kernel refuses ranges outside a mappable area.
+    pub fn map_device(fd: OwnedFd, fd_offset: u64, len: usize) -> Result<Self, MemError> {
+        let mut m = Self::map_unchecked(fd, fd_offset, len)?;
+        m.device = true;
+        Ok(m)
+    }
+
+    /// Whether this is a device's registers ([`SharedMemory::map_device`]) rather than RAM.
+    pub fn is_device(&self) -> bool {
+        self.device
+    }
+
     /// Maps `len` bytes of `fd` from `fd_offset` (page-aligned), shared and writable.
     ///
     /// The fd may come from another process, so it must pass [`check_mappable`]: sealed
@@ -177,6 +200,19 @@ impl SharedMemory {
         }
         use std::os::fd::AsFd;
         check_mappable(fd.as_fd(), fd_offset, len as u64)?;
+        Self::map_unchecked(fd, fd_offset, len)
+    }
+
+    /// `mmap` of `fd` without the checks of [`SharedMemory::map`] (callers made their own).
+    fn map_unchecked(fd: OwnedFd, fd_offset: u64, len: usize) -> Result<Self, MemError> {
+        if len == 0 {
+            return Err(MemError::ZeroSize);
+        }
+        let off = libc::off_t::try_from(fd_offset).map_err(|_| MemError::OutOfBounds {
+            offset: fd_offset,
+            len: len as u64,
+            size: i64::MAX as u64,
+        })?;
         // SAFETY: a fresh mapping chosen by the kernel (NULL hint); `fd` is valid for the call.
         let ptr = unsafe {
             libc::mmap(
@@ -185,7 +221,7 @@ impl SharedMemory {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                fd_offset as libc::off_t,
+                off,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -197,6 +233,7 @@ impl SharedMemory {
             fd_offset,
             ptr,
             len,
+            device: false,
         })
     }
 

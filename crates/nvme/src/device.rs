@@ -772,7 +772,7 @@ impl PciDevice for NvmeDevice {
         vec![MemoryArea {
             offset: DOORBELL_BASE,
             mem: self.doorbell_page(),
-            wake_word: WAKE_WORD,
+            wake_word: Some(WAKE_WORD),
         }]
     }
 

@@ -253,20 +253,24 @@ pub trait InterruptSink: Send + Sync {
     fn signal(&self, vector: u16);
 }
 
-/// Part of a BAR that is plain memory the device polls (doorbell-style registers, as SPDK's
-/// vfio-user NVMe target keeps them): a write there may be done as a store into `mem`, after
-/// which the writer wakes the device if it sleeps: when the 32-bit word at `wake_word` (an
-/// offset in `mem`) is non-zero, `futex_wake` it. Whoever binds the device (a local binding,
-/// a lender exporting it through an NTB window, a vfio-user server mapping it into a guest)
-/// may take this fast path; going through [`PciDevice::bar_write`] is always correct too.
+/// Part of a BAR that may be reached by plain loads and stores, so that whoever binds the
+/// device (a local binding, a lender exporting it through an NTB window, a vfio-user server
+/// mapping it into a guest) may take this fast path; going through [`PciDevice::bar_write`] is
+/// always correct too. Two kinds:
+///
+/// - memory a device model polls (doorbell-style registers, as SPDK's vfio-user NVMe target
+///   keeps them): after a store the writer wakes the device if it sleeps: when the 32-bit word
+///   at `wake_word` (an offset in `mem`) is non-zero, `futex_wake` it;
+/// - a real device's registers (`wake_word` `None`, `mem` [`SharedMemory::is_device`]): a BAR
+///   mapped through VFIO, where the device itself sees every load and store.
 #[derive(Clone, Debug)]
 pub struct MemoryArea {
     /// Offset of the area in its BAR (page-aligned).
     pub offset: u64,
     /// The memory (its length is the area's length; page-granular).
     pub mem: MemSpan,
-    /// Offset in `mem` of the device's sleep word.
-    pub wake_word: u64,
+    /// Offset in `mem` of the device's sleep word; `None` for a real device's registers.
+    pub wake_word: Option<u64>,
 }
 
 impl MemoryArea {
@@ -275,18 +279,28 @@ impl MemoryArea {
         // Every store into shared memory is atomic, and an aligned register-sized store is a
         // single one, so a 32-bit doorbell lands whole (devlend_memory's copies).
         self.mem.write_at(offset, data)?;
+        let Some(wake_word) = self.wake_word else {
+            // Registers: the device saw the store.
+            return Ok(());
+        };
         // Store the doorbell, then look at the sleep word; the device stores its sleep word,
         // then looks at the doorbells. The fences make at least one side see the other.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         if self
             .mem
-            .atomic_u32_at(self.wake_word)?
+            .atomic_u32_at(wake_word)?
             .load(std::sync::atomic::Ordering::SeqCst)
             != 0
         {
-            self.mem.futex_wake(self.wake_word, 1)?;
+            self.mem.futex_wake(wake_word, 1)?;
         }
         Ok(())
+    }
+
+    /// Whether this is a real device's registers (loads reach the device too), not memory a
+    /// model polls.
+    pub fn is_registers(&self) -> bool {
+        self.wake_word.is_none()
     }
 }
 

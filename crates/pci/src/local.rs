@@ -229,13 +229,16 @@ impl InterruptSink for EventFdInterrupts {
 
 /// A device model bound in-process.
 pub struct LocalFunction {
+    /// Memory-backed BAR areas (doorbell pages, a real device's mapped registers): written by
+    /// direct stores, as a borrower does. Declared (so dropped) before the device: a real
+    /// device's areas hold its VFIO descriptor, which must be closed before the device gives
+    /// the function back to its driver.
+    areas: Vec<(BarIndex, crate::MemoryArea)>,
     device: Arc<dyn PciDevice>,
     pool: DmaPool,
     iommu: Arc<Iommu>,
     interrupts: Arc<EventFdInterrupts>,
     bars: [Option<BarSpec>; 6],
-    /// Memory-backed BAR areas (doorbell pages): written by direct stores, as a borrower does.
-    areas: Vec<(BarIndex, crate::MemoryArea)>,
 }
 
 impl std::fmt::Debug for LocalFunction {

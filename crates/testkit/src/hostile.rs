@@ -127,13 +127,13 @@ pub fn absurd(name: &str, lease: u64) -> (DeviceDesc, Grant) {
             offset: u64::MAX - 0xfff,
             len: 0x2000,
             window: 2,
-            wake_word: 0,
+            wake_word: Some(0),
         }),
         "wake-word" => grant.bars[0].areas.push(AreaGrant {
             offset: 0x1000,
             len: 0x1000,
             window: 2,
-            wake_word: u64::MAX - 2,
+            wake_word: Some(u64::MAX - 2),
         }),
         "many-bars" => {
             grant.bars = (0..40)

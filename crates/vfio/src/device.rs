@@ -3,8 +3,10 @@
 use std::any::Any;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use devlend_memory::{BusAddr, MemSpan};
-use devlend_pci::{AccessSize, BarIndex, BarSpec, DmaError, InterruptSink, MsixTable, PciDevice};
+use devlend_memory::{BusAddr, MemSpan, SharedMemory};
+use devlend_pci::{
+    AccessSize, BarIndex, BarSpec, DmaError, InterruptSink, MemoryArea, MsixTable, PciDevice,
+};
 use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 
 use crate::dma::DmaMaps;
@@ -27,6 +29,9 @@ struct Bar {
     spec: BarSpec,
     /// mmapped parts: (offset in the BAR, mapping).
     maps: Vec<(u64, BarMapping)>,
+    /// The same parts as device memory another process can map (`PciDevice::bar_memory`):
+    /// a borrower on `shm` reaches them with its own loads and stores.
+    exported: Vec<MemoryArea>,
 }
 
 impl Bar {
@@ -111,6 +116,7 @@ impl VfioFunction {
             };
             skip = spec.is_64bit;
             let mut maps = Vec::new();
+            let mut exported = Vec::new();
             if let Some(region) = &region {
                 for (off, len) in layout::mappable_areas(region, bar, msix.as_ref().map(|m| &m.1)) {
                     match hw.region_mmap(u32::from(i), off, len) {
@@ -118,10 +124,19 @@ impl VfioFunction {
                         Ok(None) => {}
                         Err(e) => tracing::warn!("BAR{i} at {off:#x}: not mapped ({e}); trapped"),
                     }
+                    match export(&*hw, u32::from(i), off, len) {
+                        Ok(Some(a)) => exported.push(a),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("BAR{i} at {off:#x}: not exported ({e})"),
+                    }
                 }
             }
             if let Some(slot) = bars.get_mut(usize::from(i)) {
-                *slot = Some(Bar { spec, maps });
+                *slot = Some(Bar {
+                    spec,
+                    maps,
+                    exported,
+                });
             }
         }
         let msix = msix.map(|(cap, l)| (cap, Arc::new(MsixTable::new(l, sink))));
@@ -208,6 +223,29 @@ impl VfioFunction {
             | if enable { 0x8000 } else { 0 }
             | if mask { 0x4000 } else { 0 }
     }
+}
+
+/// Part `[offset, offset + len)` of BAR region `index` as device memory another process can
+/// map (`None` when `hw` gives no descriptor for it).
+fn export(
+    hw: &dyn VfioHw,
+    index: u32,
+    offset: u64,
+    len: u64,
+) -> Result<Option<MemoryArea>, VfioError> {
+    let Some((fd, fd_offset)) = hw.region_fd(index, offset, len)? else {
+        return Ok(None);
+    };
+    let n = usize::try_from(len).map_err(|_| VfioError::NoRegion(index))?;
+    let mem = SharedMemory::map_device(fd, fd_offset, n).map_err(|e| VfioError::Io {
+        op: "mmap BAR for export",
+        source: std::io::Error::other(e),
+    })?;
+    Ok(Some(MemoryArea {
+        offset,
+        mem: MemSpan::whole(Arc::new(mem)),
+        wake_word: None,
+    }))
 }
 
 fn all_ones(size: AccessSize) -> u32 {
@@ -336,6 +374,12 @@ impl PciDevice for VfioFunction {
 
     fn msix_vectors(&self) -> u16 {
         self.msix.as_ref().map_or(0, |(_, t)| t.vectors())
+    }
+
+    fn bar_memory(&self, bar: BarIndex) -> Vec<MemoryArea> {
+        self.bar(bar)
+            .map(|b| b.exported.clone())
+            .unwrap_or_default()
     }
 
     fn kind(&self) -> &'static str {

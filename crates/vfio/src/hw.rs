@@ -1,6 +1,6 @@
 //! The narrow seam between the backend and the kernel: [`VfioHw`].
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -52,6 +52,19 @@ pub trait VfioHw: Send + Sync {
         offset: u64,
         len: u64,
     ) -> Result<Option<BarMapping>, VfioError>;
+    /// A descriptor through which another process can map `[offset, offset + len)` of region
+    /// `index` itself (a duplicate of the device descriptor), with the file offset of that
+    /// range; `Ok(None)` when this implementation has none (then the BAR is reached only
+    /// through this process).
+    fn region_fd(
+        &self,
+        index: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(OwnedFd, u64)>, VfioError> {
+        let _ = (index, offset, len);
+        Ok(None)
+    }
     /// How many MSI-X vectors VFIO can signal.
     fn msix_count(&self) -> u32;
     /// Routes MSI-X vector `i` to `fds[i]` (enabling MSI-X in the device); an empty slice

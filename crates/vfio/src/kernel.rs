@@ -173,6 +173,22 @@ impl VfioHw for KernelVfio {
         BarMapping::map(self.file.as_fd(), at, len).map(Some)
     }
 
+    fn region_fd(
+        &self,
+        index: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(std::os::fd::OwnedFd, u64)>, VfioError> {
+        let len_usize = usize::try_from(len).map_err(|_| VfioError::NoRegion(index))?;
+        let at = self.region_at(index, offset, len_usize)?;
+        let fd = self
+            .file
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(VfioError::io("duplicating the device descriptor"))?;
+        Ok(Some((fd, at)))
+    }
+
     fn msix_count(&self) -> u32 {
         self.device
             .get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX)

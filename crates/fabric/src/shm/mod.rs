@@ -21,7 +21,12 @@
 //! the peer could shrink the memfd of a RAM region it exported (our RAM regions are not
 //! sealed by `devlend-memory`), which would fault our accesses through that window; a peer that
 //! keeps a RAM mapping after `mw_clear_trans` still reaches that memory, as mappings cannot be
-//! revoked. MMIO windows are enforced on the owning side for every access.
+//! revoked. MMIO windows are enforced on the owning side for every access. A device window's
+//! descriptor is checked to be a VFIO device whose region holds the range before it is mapped;
+//! beyond the mapping, that descriptor gives its holder VFIO's other calls on the device
+//! (config, reset, interrupts) too, which an NTB window would not; and a lender that turns off
+//! the device's memory decoding makes the borrower's next access fault (VFIO's mapping raises
+//! SIGBUS), where a hardware NTB would complete it with all-ones.
 //!
 //! ## Threads
 //! `ShmNtb::open` starts one rendezvous thread, owned by the returned `ShmNtb` and joined when it
@@ -29,6 +34,7 @@
 //! ring service thread of the shared `endpoint` core.
 
 mod socket;
+mod vfio;
 mod wire;
 
 use std::fs::{File, OpenOptions};
@@ -82,7 +88,12 @@ impl Announce for SocketAnnounce {
                     .fd_offset()
                     .checked_add(offset)
                     .ok_or_else(|| FabricError::Protocol("RAM window offset overflows".into()))?;
-                socket::send(sock, &wire::trans_ram(w, *size, fd_offset), Some(mem.fd()))
+                let msg = if mem.is_device() {
+                    wire::trans_device(w, *size, fd_offset)
+                } else {
+                    wire::trans_ram(w, *size, fd_offset)
+                };
+                socket::send(sock, &msg, Some(mem.fd()))
             }
         }
     }
@@ -251,6 +262,33 @@ fn map_peer_ram(fd: OwnedFd, fd_offset: u64, size: u64) -> Result<MemSpan> {
     Ok(MemSpan::new(mem, delta, size)?)
 }
 
+/// Maps `size` bytes of a real device's registers that the peer maps itself: `fd` must be a
+/// VFIO device descriptor and `[fd_offset, fd_offset + size)` (page-aligned) inside one of its
+/// regions that VFIO allows to be mapped (`VFIO_DEVICE_GET_REGION_INFO`); anything else (a
+/// plain file the peer could truncate under our mapping) is refused. The kernel itself refuses
+/// a range outside the region's mappable areas.
+fn map_peer_device(fd: OwnedFd, fd_offset: u64, size: u64) -> Result<MemSpan> {
+    let bad = |why: String| FabricError::Protocol(format!("device window announcement: {why}"));
+    let end = fd_offset
+        .checked_add(size)
+        .ok_or_else(|| bad("range overflows".into()))?;
+    if !fd_offset.is_multiple_of(4096) || !size.is_multiple_of(4096) {
+        return Err(bad(format!(
+            "{size:#x} bytes at {fd_offset:#x} are not whole pages"
+        )));
+    }
+    let region = vfio::region_holding(&fd, fd_offset, end).map_err(bad)?;
+    if !region.mappable {
+        return Err(bad(format!(
+            "VFIO region {} does not allow mapping",
+            region.index
+        )));
+    }
+    let len = usize::try_from(size).map_err(|_| bad("too large".into()))?;
+    let mem = Arc::new(SharedMemory::map_device(fd, fd_offset, len)?);
+    Ok(MemSpan::whole(mem))
+}
+
 /// Parses a control message as the reader does and acts on what it announces (maps a RAM
 /// window, maps a Hello's control page), for `crate::fuzzing`.
 #[cfg(any(test, feature = "fuzzing"))]
@@ -262,6 +300,12 @@ pub(crate) fn parse_untrusted_control(bytes: &[u8], fds: Vec<OwnedFd>) -> Result
             fd_offset,
             ..
         } => map_peer_ram(fd, fd_offset, size).map(|_| ()),
+        wire::Wire::TransDevice {
+            size,
+            fd,
+            fd_offset,
+            ..
+        } => map_peer_device(fd, fd_offset, size).map(|_| ()),
         wire::Wire::Hello { page, .. } => ControlPage::from_peer(page).map(|_| ()),
         wire::Wire::TransMmio { .. } | wire::Wire::Clear { .. } => Ok(()),
     }
@@ -330,6 +374,15 @@ fn serve_control(shared: &Shared, conn: &OwnedFd, session: &Arc<PagePair>) -> Re
             } => (
                 window,
                 Some(PeerWindow::Ram(map_peer_ram(fd, fd_offset, size)?)),
+            ),
+            wire::Wire::TransDevice {
+                window,
+                size,
+                fd,
+                fd_offset,
+            } => (
+                window,
+                Some(PeerWindow::Ram(map_peer_device(fd, fd_offset, size)?)),
             ),
             wire::Wire::TransMmio { window, size } => (window, Some(PeerWindow::Mmio { size })),
             wire::Wire::Clear { window } => (window, None),
@@ -417,6 +470,19 @@ mod tests {
         // Our own memory is sealed: mapped.
         let fd = small.fd().try_clone_to_owned().unwrap();
         parse_untrusted_control(&wire::trans_ram(1, 0x1000, 0), vec![fd]).unwrap();
+    }
+
+    #[test]
+    fn a_device_window_on_anything_but_a_vfio_device_is_refused() {
+        // A memfd announced as a device's registers would be mapped without the seal check:
+        // refused, as is a range that is not whole pages.
+        let mem = SharedMemory::new("fake-device", 0x2000).unwrap();
+        let fd = mem.fd().try_clone_to_owned().unwrap();
+        let err = parse_untrusted_control(&wire::trans_device(1, 0x1000, 0), vec![fd]).unwrap_err();
+        assert!(err.to_string().contains("not a VFIO device"), "{err}");
+        let fd = mem.fd().try_clone_to_owned().unwrap();
+        let err = parse_untrusted_control(&wire::trans_device(1, 0x800, 0), vec![fd]).unwrap_err();
+        assert!(err.to_string().contains("whole pages"), "{err}");
     }
 
     #[test]

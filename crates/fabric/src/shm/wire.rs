@@ -15,6 +15,7 @@ const HELLO: u32 = 1;
 const TRANS_RAM: u32 = 2;
 const TRANS_MMIO: u32 = 3;
 const CLEAR: u32 = 4;
+const TRANS_DEVICE: u32 = 5;
 
 /// Largest window size a peer may announce (a sanity bound; RAM windows are also checked
 /// against the size of the descriptor they come with).
@@ -33,6 +34,14 @@ pub(super) enum Wire {
     },
     /// The sender translated `window` onto `size` bytes of its RAM: `fd` from `fd_offset`.
     TransRam {
+        window: u32,
+        size: u64,
+        fd: OwnedFd,
+        fd_offset: u64,
+    },
+    /// The sender translated `window` onto `size` bytes of a real device's registers that it
+    /// maps: `fd` (a VFIO device) from `fd_offset` (inside one of its BAR regions).
+    TransDevice {
         window: u32,
         size: u64,
         fd: OwnedFd,
@@ -89,6 +98,10 @@ pub(super) fn trans_ram(window: u32, size: u64, fd_offset: u64) -> [u8; LEN] {
     encode([TRANS_RAM, window, 0, 0, 0, 0], size, fd_offset)
 }
 
+pub(super) fn trans_device(window: u32, size: u64, fd_offset: u64) -> [u8; LEN] {
+    encode([TRANS_DEVICE, window, 0, 0, 0, 0], size, fd_offset)
+}
+
 pub(super) fn trans_mmio(window: u32, size: u64) -> [u8; LEN] {
     encode([TRANS_MMIO, window, 0, 0, 0, 0], size, 0)
 }
@@ -109,7 +122,7 @@ pub(super) fn decode(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Wire> {
     let tag = u32_at(buf, 0);
     let a = u32_at(buf, 4);
     let x = u64_at(buf, 24);
-    let want_fds = usize::from(matches!(tag, HELLO | TRANS_RAM));
+    let want_fds = usize::from(matches!(tag, HELLO | TRANS_RAM | TRANS_DEVICE));
     if fds.len() != want_fds {
         return Err(bad(format!(
             "message {tag} came with {} descriptors",
@@ -133,6 +146,12 @@ pub(super) fn decode(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Wire> {
             })
         }
         (TRANS_RAM, Some(fd)) if size_ok(x) => Ok(Wire::TransRam {
+            window: a,
+            size: x,
+            fd,
+            fd_offset: u64_at(buf, 32),
+        }),
+        (TRANS_DEVICE, Some(fd)) if size_ok(x) => Ok(Wire::TransDevice {
             window: a,
             size: x,
             fd,
@@ -169,6 +188,15 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
+            decode(&trans_device(4, 0x1000, 1 << 40), vec![some_fd()]).unwrap(),
+            Wire::TransDevice {
+                window: 4,
+                size: 0x1000,
+                fd_offset: 0x100_0000_0000,
+                ..
+            }
+        ));
+        assert!(matches!(
             decode(&clear(2), vec![]).unwrap(),
             Wire::Clear { window: 2 }
         ));
@@ -183,6 +211,8 @@ mod tests {
         let table: Vec<(Vec<u8>, usize)> = vec![
             (trans_ram(3, 0x2000, 0).to_vec(), 0),
             (trans_ram(3, 0, 0).to_vec(), 1),
+            (trans_device(3, 0x1000, 0).to_vec(), 0),
+            (trans_device(3, 0, 0).to_vec(), 1),
             (trans_mmio(1, u64::MAX).to_vec(), 0),
             (clear(1).to_vec(), 1),
             (hello(1, 1, 1, 1).to_vec(), 0),

@@ -250,7 +250,7 @@ fn memory_area_stores_land_at_any_alignment() {
     let area = crate::MemoryArea {
         offset: 0x1000,
         mem: devlend_memory::MemSpan::whole(mem.clone()),
-        wake_word: 0xffc,
+        wake_word: Some(0xffc),
     };
     area.write_and_wake(0x8, &0x1234_5678u32.to_le_bytes())
         .unwrap();

@@ -35,6 +35,9 @@ struct MockHw {
     bar0: Mutex<Vec<u8>>,
     calls: Mutex<Calls>,
     reset_fails: bool,
+    /// When set, BAR0 may be mapped and this memfd stands for it in `region_fd` (another
+    /// process's view of the BAR).
+    export: Option<Arc<SharedMemory>>,
 }
 
 impl MockHw {
@@ -53,6 +56,7 @@ impl MockHw {
             bar0: Mutex::new(vec![0; 0x4000]),
             calls: Mutex::default(),
             reset_fails,
+            export: None,
         })
     }
 
@@ -76,9 +80,14 @@ impl VfioHw for MockHw {
             7 => 256,
             _ => return None,
         };
+        let mmap = if index == 0 && self.export.is_some() {
+            vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_MMAP
+        } else {
+            0
+        };
         Some(RegionInfo {
             size,
-            flags: RW,
+            flags: RW | mmap,
             sparse: None,
         })
     }
@@ -116,6 +125,19 @@ impl VfioHw for MockHw {
 
     fn region_mmap(&self, _: u32, _: u64, _: u64) -> Result<Option<BarMapping>, VfioError> {
         Ok(None)
+    }
+
+    fn region_fd(
+        &self,
+        index: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(std::os::fd::OwnedFd, u64)>, VfioError> {
+        let Some(mem) = self.export.as_ref().filter(|_| index == 0) else {
+            return Ok(None);
+        };
+        range(mem.len(), offset, len as usize)?;
+        Ok(Some((mem.fd().try_clone_to_owned().unwrap(), offset)))
     }
 
     fn msix_count(&self) -> u32 {
@@ -334,4 +356,30 @@ fn reset_turns_msix_off_and_reports_failure() {
     let e = f.try_reset().unwrap_err().to_string();
     assert!(e.contains("cannot be reset"), "{e}");
     assert_eq!(hw.calls().resets, 1);
+}
+
+#[test]
+fn mappable_bar_parts_are_exported_as_registers_without_the_msix_pages() {
+    // Without a descriptor for other processes, nothing is exported.
+    let (_hw, f, _rx) = function(false);
+    assert!(f.bar_memory(BAR0).is_empty());
+
+    let bar = Arc::new(SharedMemory::new("bar0", 0x4000).unwrap());
+    let mut hw = MockHw::new(false);
+    Arc::get_mut(&mut hw).unwrap().export = Some(bar.clone());
+    let (tx, _rx) = mpsc::channel();
+    let f = VfioFunction::new(hw.clone(), Arc::new(ChannelSink(Mutex::new(tx)))).unwrap();
+    let areas = f.bar_memory(BAR0);
+    // The registers and doorbells (0..0x2000); the MSI-X table (0x2000) and PBA (0x3000)
+    // pages stay with the emulated table.
+    let spans: Vec<(u64, u64)> = areas.iter().map(|a| (a.offset, a.mem.len())).collect();
+    assert_eq!(spans, vec![(0, 0x2000)]);
+    assert!(areas
+        .iter()
+        .all(|a| a.is_registers() && a.mem.memory().0.is_device()));
+    // A store through the area is a store into the BAR (here: the memfd standing for it).
+    areas[0]
+        .write_and_wake(0x1008, &7u32.to_le_bytes())
+        .unwrap();
+    assert_eq!(bar.load_u32(0x1008).unwrap(), 7);
 }
