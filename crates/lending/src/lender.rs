@@ -533,53 +533,13 @@ impl Lender {
                 lease,
                 offset,
                 size,
-            } => {
-                let size = match config_size(offset, size) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        return Response::Error {
-                            message: e.to_string(),
-                        }
-                    }
-                };
-                if VirtualBars::covers(offset) {
-                    self.with_lease(lease, |_, l| {
-                        Ok(Response::Value {
-                            value: l.vbars.read(offset, size),
-                        })
-                    })
-                } else {
-                    self.on_device(lease, |d| Response::Value {
-                        value: d.config_read(offset, size),
-                    })
-                }
-            }
+            } => self.config_access(lease, offset, size, None),
             Request::ConfigWrite {
                 lease,
                 offset,
                 size,
                 value,
-            } => {
-                let size = match config_size(offset, size) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        return Response::Error {
-                            message: e.to_string(),
-                        }
-                    }
-                };
-                if VirtualBars::covers(offset) {
-                    self.with_lease(lease, |_, l| {
-                        l.vbars.write(offset, size, value);
-                        Ok(Response::Ok)
-                    })
-                } else {
-                    self.on_device(lease, |d| {
-                        d.config_write(offset, size, value);
-                        Response::Ok
-                    })
-                }
-            }
+            } => self.config_access(lease, offset, size, Some(value)),
             Request::MapDma {
                 lease,
                 iova,
@@ -607,6 +567,40 @@ impl Lender {
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),
+        })
+    }
+
+    /// A borrower's config read (`write` `None`) or write: the BAR registers are the lease's
+    /// virtual ones, everything else goes to the device under its own access lock.
+    fn config_access(
+        &self,
+        lease: u64,
+        offset: u16,
+        size: u8,
+        write: Option<u32>,
+    ) -> Result<Response, LendingError> {
+        let size = config_size(offset, size)?;
+        if VirtualBars::covers(offset) {
+            return self.with_lease(lease, |_, l| {
+                Ok(match write {
+                    Some(value) => {
+                        l.vbars.write(offset, size, value);
+                        Response::Ok
+                    }
+                    None => Response::Value {
+                        value: l.vbars.read(offset, size),
+                    },
+                })
+            });
+        }
+        self.on_device(lease, |d| match write {
+            Some(value) => {
+                d.config_write(offset, size, value);
+                Response::Ok
+            }
+            None => Response::Value {
+                value: d.config_read(offset, size),
+            },
         })
     }
 
