@@ -26,6 +26,8 @@
 //!
 //! Needs root (QEMU provisioning); skips with a reason when not root and `CI` is unset.
 
+mod guest_lending;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -66,9 +68,6 @@ fn main() {
 // ---------------------------------------------------------------------------------------------
 
 fn borrow(fabric: &Path, device: &str) -> (devlend_lending::Node, Arc<dyn PciFunction>) {
-    let asp = Arc::new(devlend_fabric::AddressSpace::new());
-    let ntb = devlend_fabric::shm::ShmNtb::open(fabric, asp, Default::default())
-        .expect("opening the shm fabric");
     let mut cfg = devlend_lending::NodeConfig::new(format!("borrower-{device}"));
     cfg.lease = Duration::from_millis(LEASE_MS);
     // Under TCG on a loaded host the lender can take seconds to answer while it maps the other
@@ -76,22 +75,7 @@ fn borrow(fabric: &Path, device: &str) -> (devlend_lending::Node, Arc<dyn PciFun
     // patterns are 1 MiB).
     cfg.request_timeout = Duration::from_secs(60);
     cfg.dma_pool_bytes = 16 << 20;
-    let node = devlend_lending::Node::start(cfg, vec![ntb as Arc<dyn devlend_fabric::Ntb>])
-        .expect("starting the borrower node");
-    node.wait_link_up(Duration::from_secs(120))
-        .expect("the link to the lender comes up");
-    // The device may still be on its way back from a dead borrower: retry until it is offered.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        match node.borrow(device) {
-            Ok(f) => return (node, f as Arc<dyn PciFunction>),
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("borrow {device}: {e} (retrying)");
-                std::thread::sleep(Duration::from_millis(250));
-            }
-            Err(e) => panic!("borrowing {device}: {e}"),
-        }
-    }
+    guest_lending::borrow_on_shm(fabric, device, cfg)
 }
 
 fn write_check(c: &Controller, offset: u64, seed: u8) {
@@ -242,10 +226,7 @@ echo SRIOV-ALL-DONE
 "#;
 
 fn skip_or_fail(why: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("vfio_guest_sriov cannot run: {why}");
-    }
-    println!("SKIPPED vfio_guest_sriov: {why}");
+    guest_lending::skip_or_fail("vfio_guest_sriov", why);
 }
 
 fn host_test() {
