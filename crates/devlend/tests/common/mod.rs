@@ -41,10 +41,33 @@ pub fn exe() -> &'static str {
 
 /// A fresh scratch directory.
 pub fn scratch(tag: &str) -> PathBuf {
+    sweep_stale_scratch();
     let d = std::env::temp_dir().join(format!("devlend-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Removes the scratch directories (`devlend-test-TAG-PID`) of test processes that no longer
+/// exist: a test that failed before its last line, or was killed, leaves its directory
+/// behind, and the next run removes it. Directories of live processes are left alone.
+fn sweep_stale_scratch() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("devlend-test-")
+            .and_then(|rest| rest.rsplit('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// A `devlend node` process, killed on drop.
