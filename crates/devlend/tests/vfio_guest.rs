@@ -26,10 +26,9 @@
 
 mod guest_lending;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devlend_nvme_driver::workload::{self, Limit, Pattern, Summary, Workload};
@@ -233,46 +232,6 @@ fn skip_or_fail(why: &str) {
     guest_lending::skip_or_fail("vfio_guest", why);
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("running a host tool");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The binary and the shared libraries it needs (ldd), stripped when `strip` exists.
-fn add_binary(files: &mut Vec<(String, u32, Vec<u8>)>, src: &Path, dst: &str, work: &Path) {
-    let stripped = work.join(dst.replace('/', "_"));
-    let ok = Command::new("strip")
-        .arg("-o")
-        .arg(&stripped)
-        .arg(src)
-        .status()
-        .is_ok_and(|s| s.success());
-    let bytes = std::fs::read(if ok { &stripped } else { src }).expect("reading a binary");
-    files.push((dst.to_string(), 0o100755, bytes));
-    for line in run(Command::new("ldd").arg(src)).lines() {
-        let path = line
-            .split_whitespace()
-            .find(|w| w.starts_with('/'))
-            .map(PathBuf::from);
-        if let Some(lib) = path {
-            let name = lib.to_string_lossy().trim_start_matches('/').to_string();
-            if !files.iter().any(|f| f.0 == name) {
-                let real = std::fs::canonicalize(&lib).expect("library path");
-                files.push((
-                    name,
-                    0o100755,
-                    std::fs::read(real).expect("reading a library"),
-                ));
-            }
-        }
-    }
-}
-
 /// The two binaries the guest runs (`devlend`, and this test for the borrower and benchmark
 /// roles), built with optimisations: the benchmark row measures what lending costs, not what
 /// an unoptimised build costs (a debug build's borrower made the row 3 to 4 times worse under
@@ -336,7 +295,7 @@ fn guest_binaries(repo: &Path) -> (PathBuf, PathBuf) {
 
 fn host_test() {
     let start = Instant::now();
-    if !rustix_is_root() {
+    if !guest_lending::is_root() {
         return skip_or_fail("needs root (QEMU provisioning, as the other guest tests)");
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -345,122 +304,37 @@ fn host_test() {
     else {
         return;
     };
-    let cache = std::env::var("DEVLEND_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo.join(".cache"));
-    let modules = run(Command::new("bash")
-        .arg(repo.join("scripts/vfio-guest.sh"))
-        .arg(&cache));
-    let modules = PathBuf::from(
-        modules
-            .lines()
-            .find_map(|l| l.strip_prefix("VFIO_MODULES="))
-            .expect("vfio-guest.sh prints VFIO_MODULES="),
-    );
+    let modules = guest_lending::vfio_modules(&repo);
 
     let work = std::env::temp_dir().join(format!("devlend-vfio-guest-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
-    let mut files: Vec<(String, u32, Vec<u8>)> = Vec::new();
-    for d in [
-        "devlend",
-        "lib",
-        "lib64",
-        "lib/x86_64-linux-gnu",
-        "usr",
-        "usr/lib",
-        "usr/lib/x86_64-linux-gnu",
-    ] {
-        files.push((d.to_string(), 0o040755, Vec::new()));
-    }
     let (devlend_bin, me) = guest_binaries(&repo);
-    add_binary(&mut files, &devlend_bin, "devlend/devlend", &work);
-    add_binary(&mut files, &me, "devlend/vfio-guest", &work);
-    files.push(("test.sh".into(), 0o100755, SCRIPT.as_bytes().to_vec()));
-    let refs: Vec<(&str, u32, &[u8])> = files
-        .iter()
-        .map(|(n, m, b)| (n.as_str(), *m, b.as_slice()))
-        .collect();
-    let mut initrd = std::fs::read(&assets.initramfs).unwrap();
-    initrd.extend(std::fs::read(&modules).unwrap());
-    initrd.extend(devlend_testkit::guest::cpio_newc(&refs));
-    let initrd_path = work.join("initrd.cpio");
-    std::fs::write(&initrd_path, &initrd).unwrap();
+    let mut bundle = devlend_testkit::guest::bundle::Bundle::new();
+    bundle
+        .binary(&devlend_bin, "devlend/devlend", &work)
+        .expect("bundling devlend");
+    bundle
+        .binary(&me, "devlend/vfio-guest", &work)
+        .expect("bundling this test");
+    bundle.file("test.sh", 0o100755, SCRIPT.as_bytes().to_vec());
     let disk = work.join("disk.img");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(DISK_BYTES)
         .unwrap();
 
-    let mut child = Command::new(&assets.qemu)
-        .args(["-accel", "tcg", "-M", "q35,kernel-irqchip=split"])
-        .args(["-device", "intel-iommu,intremap=on,aw-bits=48"])
-        .args([
-            "-m",
-            "1536",
-            "-smp",
-            "2",
-            "-nographic",
-            "-no-reboot",
-            "-nic",
-            "none",
-        ])
-        .arg("-kernel")
-        .arg(&assets.kernel)
-        .arg("-initrd")
-        .arg(&initrd_path)
-        .args([
-            "-append",
-            "console=ttyS0 intel_iommu=on quiet panic=-1 no_timer_check",
-        ])
-        .arg("-drive")
+    let mut qemu = guest_lending::iommu_guest(&assets, &modules, &bundle, &work);
+    qemu.arg("-drive")
         .arg(format!("file={},if=none,id=d0,format=raw", disk.display()))
-        .args(["-device", "nvme,drive=d0,serial=vfio-guest"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting QEMU");
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
-            let l = String::from_utf8_lossy(&line)
-                .trim_end_matches('\r')
-                .to_string();
-            println!("guest: {l}");
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let mut stderr = child.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(1200);
-    let mut console = Vec::new();
-    let mut timed_out = false;
-    loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(l) => console.push(l),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
-                break;
-            }
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = reader.join();
-    let qemu_err = err_reader.join().unwrap_or_default();
+        .args(["-device", "nvme,drive=d0,serial=vfio-guest"]);
+    let run = devlend_testkit::guest::bundle::run(qemu, Duration::from_secs(1200))
+        .expect("running the guest");
+    let console = &run.console;
+    let transcript = || run.transcript();
     let has = |m: &str| console.iter().any(|l| l.contains(m));
-    let transcript = || format!("{}\n--- qemu ---\n{qemu_err}", console.join("\n"));
     assert!(
-        !timed_out,
+        !run.timed_out,
         "the guest did not finish in time:\n{}",
         transcript()
     );
@@ -557,9 +431,4 @@ fn host_test() {
         "vfio_guest passed in {:.0} s",
         start.elapsed().as_secs_f64()
     );
-}
-
-fn rustix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }

@@ -28,8 +28,7 @@
 
 mod guest_lending;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -231,8 +230,7 @@ fn skip_or_fail(why: &str) {
 
 fn host_test() {
     let start = Instant::now();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !guest_lending::is_root() {
         return skip_or_fail("needs root (QEMU provisioning, as the other guest tests)");
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -241,25 +239,7 @@ fn host_test() {
     else {
         return;
     };
-    let cache = std::env::var("DEVLEND_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo.join(".cache"));
-    let out = Command::new("bash")
-        .arg(repo.join("scripts/vfio-guest.sh"))
-        .arg(&cache)
-        .output()
-        .expect("running scripts/vfio-guest.sh");
-    assert!(
-        out.status.success(),
-        "vfio-guest.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let modules = PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("VFIO_MODULES="))
-            .expect("vfio-guest.sh prints VFIO_MODULES="),
-    );
+    let modules = guest_lending::vfio_modules(&repo);
 
     let work = std::env::temp_dir().join(format!("devlend-vfio-sriov-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
@@ -280,31 +260,14 @@ fn host_test() {
         )
         .expect("bundling this test");
     bundle.file("test.sh", 0o100755, SCRIPT.as_bytes().to_vec());
-    let mut initrd = std::fs::read(&assets.initramfs).unwrap();
-    initrd.extend(std::fs::read(&modules).unwrap());
-    initrd.extend(bundle.cpio());
-    let initrd_path = work.join("initrd.cpio");
-    std::fs::write(&initrd_path, &initrd).unwrap();
     let disk = work.join("disk.img");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(DISK_BYTES)
         .unwrap();
 
-    let mut qemu = Command::new(&assets.qemu);
-    qemu.args(["-accel", "tcg", "-M", "q35,kernel-irqchip=split"])
-        .args(["-device", "intel-iommu,intremap=on,aw-bits=48"])
-        .args(["-m", "1536", "-smp", "2", "-nographic", "-no-reboot"])
-        .args(["-nic", "none"])
-        .arg("-kernel")
-        .arg(&assets.kernel)
-        .arg("-initrd")
-        .arg(&initrd_path)
-        .args([
-            "-append",
-            "console=ttyS0 intel_iommu=on quiet panic=-1 no_timer_check",
-        ])
-        .args(["-device", "nvme-subsys,id=subsys0,nqn=devlend-sriov"])
+    let mut qemu = guest_lending::iommu_guest(&assets, &modules, &bundle, &work);
+    qemu.args(["-device", "nvme-subsys,id=subsys0,nqn=devlend-sriov"])
         // 6 flexible queues and 4 interrupts: 3 queues (admin + 2 I/O) and 2 vectors per VF.
         .args([
             "-device",

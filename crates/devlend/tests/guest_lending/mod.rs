@@ -42,3 +42,62 @@ pub fn skip_or_fail(test: &str, why: &str) {
     }
     println!("SKIPPED {test}: {why}");
 }
+
+/// Whether this process runs as root (the guest tests provision QEMU and boot it).
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// The guest kernel's VFIO modules as an initramfs layer (`scripts/vfio-guest.sh`, cached in
+/// `DEVLEND_CACHE` or the repository's `.cache`).
+pub fn vfio_modules(repo: &Path) -> std::path::PathBuf {
+    let cache = std::env::var("DEVLEND_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo.join(".cache"));
+    let out = std::process::Command::new("bash")
+        .arg(repo.join("scripts/vfio-guest.sh"))
+        .arg(&cache)
+        .output()
+        .expect("running scripts/vfio-guest.sh");
+    assert!(
+        out.status.success(),
+        "vfio-guest.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::path::PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("VFIO_MODULES="))
+            .expect("vfio-guest.sh prints VFIO_MODULES="),
+    )
+}
+
+/// QEMU for a guest with a virtual IOMMU (q35, intel-iommu, TCG, 2 vCPUs, 1.5 GiB, no
+/// network) booting the provisioned kernel on the base initramfs, the VFIO `modules` layer and
+/// `bundle` (written to `work/initrd.cpio`); the caller adds its devices.
+pub fn iommu_guest(
+    assets: &devlend_testkit::guest::VmAssets,
+    modules: &Path,
+    bundle: &devlend_testkit::guest::bundle::Bundle,
+    work: &Path,
+) -> std::process::Command {
+    let mut initrd = std::fs::read(&assets.initramfs).expect("reading the base initramfs");
+    initrd.extend(std::fs::read(modules).expect("reading the VFIO modules layer"));
+    initrd.extend(bundle.cpio());
+    let initrd_path = work.join("initrd.cpio");
+    std::fs::write(&initrd_path, &initrd).expect("writing the initramfs");
+    let mut qemu = std::process::Command::new(&assets.qemu);
+    qemu.args(["-accel", "tcg", "-M", "q35,kernel-irqchip=split"])
+        .args(["-device", "intel-iommu,intremap=on,aw-bits=48"])
+        .args(["-m", "1536", "-smp", "2", "-nographic", "-no-reboot"])
+        .args(["-nic", "none"])
+        .arg("-kernel")
+        .arg(&assets.kernel)
+        .arg("-initrd")
+        .arg(&initrd_path)
+        .args([
+            "-append",
+            "console=ttyS0 intel_iommu=on quiet panic=-1 no_timer_check",
+        ]);
+    qemu
+}
