@@ -15,7 +15,7 @@ use devlend_fabric::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::frame::{self, Frame, Hello, Status};
-use crate::session::{self, Flush, Inbound, Mode, Reply, Session};
+use crate::session::{self, Connection, Flush, Inbound, Mode, Reply};
 use crate::{Credentials, TcpConfig, TcpError};
 use devlend_sync::lock;
 
@@ -29,7 +29,7 @@ const MMIO_CHUNK: usize = 64;
 fn wait_on<T>(
     state: &Mutex<T>,
     cv: &Condvar,
-    session: &Session,
+    session: &Connection,
     timeout: Duration,
     mut hit: impl FnMut(&T) -> u64,
 ) -> Result<u64> {
@@ -128,7 +128,7 @@ impl Registers {
 /// waits watch.
 struct LinkSlot {
     /// The current connection.
-    current: Mutex<Option<Arc<Session>>>,
+    current: Mutex<Option<Arc<Connection>>>,
     state: Mutex<LinkInner>,
     /// Notified when `state` changes and when a connection is refused (see
     /// [`TcpNtb::wait_refused`]).
@@ -216,7 +216,7 @@ impl Inner {
 
     /// Makes `s` the current connection and queues the hello, which carries the current
     /// translations (so that translations and hello cannot cross).
-    pub(crate) fn publish(&self, s: &Arc<Session>) {
+    pub(crate) fn publish(&self, s: &Arc<Connection>) {
         let windows = lock(&self.regs.windows);
         let hello = Hello {
             version: frame::VERSION,
@@ -241,7 +241,7 @@ impl Inner {
 
     /// Ends connection `s` (idempotent): the link goes down if it was up, and every waiter
     /// wakes up to see it.
-    pub(crate) fn link_down(&self, s: &Session) {
+    pub(crate) fn link_down(&self, s: &Connection) {
         let Some(was_up) = s.close() else {
             return;
         };
@@ -269,7 +269,7 @@ impl Inner {
     }
 
     /// The connection, when the link is up.
-    fn session(&self) -> Result<Arc<Session>> {
+    fn session(&self) -> Result<Arc<Connection>> {
         match lock(&self.link.current).clone() {
             Some(s) if s.is_up() => Ok(s),
             _ => Err(FabricError::LinkDown),
@@ -342,7 +342,7 @@ impl Inner {
     /// and registers; MMIO handlers run on the service thread). Returns whether it did.
     pub(crate) fn apply_inline(
         &self,
-        s: &Session,
+        s: &Connection,
         f: &Frame<'_>,
     ) -> std::result::Result<bool, session::EndError> {
         match *f {
@@ -415,7 +415,7 @@ impl Inner {
         }
     }
 
-    pub(crate) fn apply(&self, s: &Session, item: Inbound) {
+    pub(crate) fn apply(&self, s: &Connection, item: Inbound) {
         match item {
             Inbound::Write {
                 window,
@@ -615,7 +615,7 @@ impl TcpNtb {
 
     /// The connection and the peer's translated size of `window`, checked for an access of
     /// `len` bytes at `offset`.
-    fn checked_peer(&self, window: usize, offset: u64, len: usize) -> Result<Arc<Session>> {
+    fn checked_peer(&self, window: usize, offset: u64, len: usize) -> Result<Arc<Connection>> {
         if len == 0 {
             return Err(FabricError::BadAccessSize(0));
         }
@@ -629,7 +629,7 @@ impl TcpNtb {
     }
 }
 
-fn peer_size(s: &Session, window: usize) -> Result<u64> {
+fn peer_size(s: &Connection, window: usize) -> Result<u64> {
     let peer = lock(&s.peer);
     let size = *peer
         .window_sizes

@@ -123,7 +123,7 @@ struct Producer {
 }
 
 /// One connection of the page-based backends (shm, loopback): this side's control page, the
-/// peer's, what the peer exported. (Not `devlend_fabric_tcp`'s `Session`, a TLS connection.)
+/// peer's, what the peer exported. (Not `devlend_fabric_tcp`'s `Connection`, a TLS connection.)
 pub(crate) struct PagePair {
     local: Arc<ControlPage>,
     peer: Arc<ControlPage>,
@@ -303,15 +303,15 @@ impl PagePair {
 
 /// The live connection as the hot paths see it.
 struct Live {
-    session: Arc<PagePair>,
+    pair: Arc<PagePair>,
     /// The peer's announced translations, indexed by its window number.
     windows: Vec<Option<PeerWindow>>,
 }
 
 struct LinkInner {
     generation: u64,
-    session: Option<Arc<PagePair>>,
-    /// This side's current page: the session's, or the last one (registers stay readable
+    pair: Option<Arc<PagePair>>,
+    /// This side's current page: the pair's, or the last one (registers stay readable
     /// while the link is down; a new connection starts from a fresh page).
     page: Arc<ControlPage>,
 }
@@ -323,7 +323,7 @@ pub(crate) struct Endpoint {
     db_mask: AtomicU64,
     windows: Mutex<Vec<Option<LocalWindow>>>,
     link: Mutex<LinkInner>,
-    /// The current connection and what the peer exported over it: a copy of `link.session`
+    /// The current connection and what the peer exported over it: a copy of `link.pair`
     /// (written only under `link`) plus the peer's window table, behind one lock so that a
     /// RAM window access costs one uncontended read lock.
     current: RwLock<Option<Live>>,
@@ -341,7 +341,7 @@ impl Endpoint {
             windows: Mutex::new(vec![None; cfg.mw_count]),
             link: Mutex::new(LinkInner {
                 generation: 0,
-                session: None,
+                pair: None,
                 page: Arc::new(ControlPage::create()?),
             }),
             current: RwLock::new(None),
@@ -359,10 +359,10 @@ impl Endpoint {
     }
 
     /// The current connection, or [`FabricError::LinkDown`].
-    pub(crate) fn session(&self) -> Result<Arc<PagePair>> {
+    pub(crate) fn pair(&self) -> Result<Arc<PagePair>> {
         let s = devlend_sync::read(&self.current)
             .as_ref()
-            .map(|live| live.session.clone())
+            .map(|live| live.pair.clone())
             .ok_or(FabricError::LinkDown)?;
         if s.is_down() {
             return Err(FabricError::LinkDown);
@@ -374,66 +374,66 @@ impl Endpoint {
         lock(&self.link).page.clone()
     }
 
-    /// Brings the link up on `session`: installs it, re-announces every local translation to
+    /// Brings the link up on `pair`: installs it, re-announces every local translation to
     /// the new peer, and starts the ring service thread.
-    pub(crate) fn attach(self: &Arc<Self>, session: Arc<PagePair>) -> Result<()> {
-        self.install(&session);
-        self.announce_all(&session)?;
-        self.start_service(session)
+    pub(crate) fn attach(self: &Arc<Self>, pair: Arc<PagePair>) -> Result<()> {
+        self.install(&pair);
+        self.announce_all(&pair)?;
+        self.start_service(pair)
     }
 
-    /// Makes `session` the current connection (link up, generation advanced).
-    pub(crate) fn install(&self, session: &Arc<PagePair>) {
+    /// Makes `pair` the current connection (link up, generation advanced).
+    pub(crate) fn install(&self, pair: &Arc<PagePair>) {
         {
             let mut link = lock(&self.link);
-            if let Some(old) = link.session.take() {
+            if let Some(old) = link.pair.take() {
                 old.stop_waiters();
                 link.generation += 1;
             }
-            link.page = session.local.clone();
-            link.session = Some(session.clone());
+            link.page = pair.local.clone();
+            link.pair = Some(pair.clone());
             *devlend_sync::write(&self.current) = Some(Live {
-                session: session.clone(),
-                windows: vec![None; session.peer_counts.mw_count],
+                pair: pair.clone(),
+                windows: vec![None; pair.peer_counts.mw_count],
             });
             link.generation += 1;
         }
         self.link_changed.notify_all();
     }
 
-    /// Tells the peer of `session` about every local translation.
-    pub(crate) fn announce_all(&self, session: &PagePair) -> Result<()> {
+    /// Tells the peer of `pair` about every local translation.
+    pub(crate) fn announce_all(&self, pair: &PagePair) -> Result<()> {
         let windows = lock(&self.windows);
         for (i, w) in windows.iter().enumerate() {
             if let Some(w) = w {
-                session.announce.announce(i, Some(w))?;
+                pair.announce.announce(i, Some(w))?;
             }
         }
         Ok(())
     }
 
-    /// Starts the ring service thread of `session`; it ends when the session goes down.
-    pub(crate) fn start_service(self: &Arc<Self>, session: Arc<PagePair>) -> Result<()> {
+    /// Starts the ring service thread of `pair`; it ends when the pair goes down.
+    pub(crate) fn start_service(self: &Arc<Self>, pair: Arc<PagePair>) -> Result<()> {
         let ep = self.clone();
         std::thread::Builder::new()
             .name("ntb-mmio-service".into())
-            .spawn(move || ep.serve_ring(&session))
+            .spawn(move || ep.serve_ring(&pair))
             .map_err(|e| FabricError::io("spawn ring service thread", e))?;
         Ok(())
     }
 
-    /// Installs (or clears) what the peer of `session` exported behind its window `window`;
-    /// ignored when `session` is no longer the current connection.
+    /// Installs (or clears) what the peer of `pair` exported behind its window `window`;
+    /// ignored when `pair` is no longer the current connection.
     pub(crate) fn set_peer_window(
         &self,
-        session: &Arc<PagePair>,
+        pair: &Arc<PagePair>,
         window: usize,
         what: Option<PeerWindow>,
     ) -> Result<()> {
         let mut current = devlend_sync::write(&self.current);
         let Some(live) = current
             .as_mut()
-            .filter(|live| Arc::ptr_eq(&live.session, session))
+            .filter(|live| Arc::ptr_eq(&live.pair, pair))
         else {
             return Ok(());
         };
@@ -455,17 +455,13 @@ impl Endpoint {
         self.with_window(window, |_, w| Ok(w.clone()))
     }
 
-    /// Takes the link down if `session` is still the current one: every waiter on it returns
+    /// Takes the link down if `pair` is still the current one: every waiter on it returns
     /// [`FabricError::LinkDown`], and what the peer exported is forgotten.
-    pub(crate) fn detach(&self, session: &Arc<PagePair>) {
-        session.stop_waiters();
+    pub(crate) fn detach(&self, pair: &Arc<PagePair>) {
+        pair.stop_waiters();
         let mut link = lock(&self.link);
-        if link
-            .session
-            .as_ref()
-            .is_some_and(|s| Arc::ptr_eq(s, session))
-        {
-            link.session = None;
+        if link.pair.as_ref().is_some_and(|s| Arc::ptr_eq(s, pair)) {
+            link.pair = None;
             *devlend_sync::write(&self.current) = None;
             link.generation += 1;
             drop(link);
@@ -474,16 +470,16 @@ impl Endpoint {
     }
 
     /// The ring service loop of one connection.
-    fn serve_ring(&self, session: &PagePair) {
-        if let Err(e) = self.serve_ring_inner(session) {
-            if !session.is_down() {
+    fn serve_ring(&self, pair: &PagePair) {
+        if let Err(e) = self.serve_ring_inner(pair) {
+            if !pair.is_down() {
                 tracing::warn!("ntb ring service stopped: {e}");
             }
         }
     }
 
-    fn serve_ring_inner(&self, session: &PagePair) -> Result<()> {
-        let local = &session.local;
+    fn serve_ring_inner(&self, pair: &PagePair) -> Result<()> {
+        let local = &pair.local;
         let ring_wait = local.wait_word(page::RING_WAIT)?;
         let space_wait = local.wait_word(page::SPACE_WAIT)?;
         let head_word = local.u32_at(page::RING_HEAD)?;
@@ -497,7 +493,7 @@ impl Endpoint {
                 self.cfg.spin,
                 None,
                 || (seq.load(Ordering::Acquire) == want).then_some(()),
-                || session.is_down(),
+                || pair.is_down(),
             );
             if ready.is_err() {
                 return Ok(());
@@ -531,7 +527,7 @@ impl Endpoint {
                             Some(buf) => {
                                 match self.local_access(window, offset, Access::Read(&mut *buf)) {
                                     Ok(()) => {
-                                        session.peer.mem().write_at(page::CPL_DATA, buf)?;
+                                        pair.peer.mem().write_at(page::CPL_DATA, buf)?;
                                         CPL_OK
                                     }
                                     Err(code) => code,
@@ -539,7 +535,7 @@ impl Endpoint {
                             }
                             None => CPL_BAD_REQUEST,
                         };
-                        let peer = &session.peer;
+                        let peer = &pair.peer;
                         peer.mem().store_u32(page::CPL_STATUS, code)?;
                         peer.u32_at(page::CPL_TAG)?.store(tag, Ordering::Release);
                         peer.wait_word(page::CPL_WAIT)?.notify();
@@ -593,7 +589,7 @@ impl Endpoint {
     // ---- Link ----
 
     pub(crate) fn link_state(&self) -> LinkState {
-        match self.session() {
+        match self.pair() {
             Ok(_) => LinkState::Up,
             Err(_) => LinkState::Down,
         }
@@ -603,7 +599,7 @@ impl Endpoint {
         let deadline = deadline_after(timeout);
         let mut link = lock(&self.link);
         loop {
-            let up = link.session.as_ref().is_some_and(|s| !s.is_down());
+            let up = link.pair.as_ref().is_some_and(|s| !s.is_down());
             if (want == LinkState::Up) == up {
                 return Ok(());
             }
@@ -618,12 +614,12 @@ impl Endpoint {
         }
     }
 
-    /// Counts every up and every down. A session that has ended but is not yet detached counts
+    /// Counts every up and every down. A pair that has ended but is not yet detached counts
     /// as down already: its waiters are stopped, and [`Self::link_state`] and
     /// [`Self::wait_link`] report the link down from that moment, so the generation must too.
     pub(crate) fn link_generation(&self) -> u64 {
         let link = lock(&self.link);
-        let ended = link.session.as_ref().is_some_and(|s| s.is_down());
+        let ended = link.pair.as_ref().is_some_and(|s| s.is_down());
         link.generation + u64::from(ended)
     }
 
@@ -649,7 +645,7 @@ impl Endpoint {
             count: self.cfg.mw_count,
         })?;
         *slot = Some(translation.clone());
-        if let Ok(s) = self.session() {
+        if let Ok(s) = self.pair() {
             registers::announced(s.announce.announce(window, Some(&translation)))?;
         }
         Ok(())
@@ -661,7 +657,7 @@ impl Endpoint {
         if let Some(slot) = windows.get_mut(window) {
             *slot = None;
         }
-        if let Ok(s) = self.session() {
+        if let Ok(s) = self.pair() {
             registers::announced(s.announce.announce(window, None))?;
         }
         Ok(())
@@ -670,14 +666,14 @@ impl Endpoint {
     // ---- PeerWindows ----
 
     pub(crate) fn peer_mw_count(&self) -> usize {
-        self.session().map_or(0, |s| s.peer_counts.mw_count)
+        self.pair().map_or(0, |s| s.peer_counts.mw_count)
     }
 
     pub(crate) fn peer_mw_size(&self, window: usize) -> Result<u64> {
         Ok(self.peer_window(window)?.size())
     }
 
-    /// Runs `f` on the live session and peer window `window`, under the `current` read lock.
+    /// Runs `f` on the live pair and peer window `window`, under the `current` read lock.
     fn with_window<R>(
         &self,
         window: usize,
@@ -686,7 +682,7 @@ impl Endpoint {
         let current = devlend_sync::read(&self.current);
         let live = current
             .as_ref()
-            .filter(|live| !live.session.is_down())
+            .filter(|live| !live.pair.is_down())
             .ok_or(FabricError::LinkDown)?;
         match live.windows.get(window) {
             None => Err(FabricError::NoSuchIndex {
@@ -695,7 +691,7 @@ impl Endpoint {
                 count: live.windows.len(),
             }),
             Some(None) => Err(FabricError::WindowNotTranslated(window)),
-            Some(Some(w)) => f(&live.session, w),
+            Some(Some(w)) => f(&live.pair, w),
         }
     }
 
@@ -805,7 +801,7 @@ impl Endpoint {
 
     pub(crate) fn db_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
         registers::check_db_wait(bits, self.db_valid_mask())?;
-        let s = self.session()?;
+        let s = self.pair()?;
         let db = s.local.u64_at(page::DB_BITS)?;
         s.local
             .wait_word(page::DB_WAIT)?
@@ -826,7 +822,7 @@ impl Endpoint {
     }
 
     pub(crate) fn peer_db_set(&self, bits: u64) -> Result<()> {
-        let s = self.session()?;
+        let s = self.pair()?;
         registers::check_peer_doorbells(bits, self.db_valid_mask(), s.peer_counts.db_valid)?;
         s.peer
             .u64_at(page::DB_BITS)?
@@ -853,13 +849,13 @@ impl Endpoint {
     }
 
     pub(crate) fn peer_spad_read(&self, index: usize) -> Result<u32> {
-        let s = self.session()?;
+        let s = self.pair()?;
         let off = Self::spad_index(index, s.peer_counts.spad_count)?;
         Ok(s.peer.mem().load_u32(off)?)
     }
 
     pub(crate) fn peer_spad_write(&self, index: usize, value: u32) -> Result<()> {
-        let s = self.session()?;
+        let s = self.pair()?;
         let off = Self::spad_index(index, s.peer_counts.spad_count)?;
         Ok(s.peer.mem().store_u32(off, value)?)
     }
@@ -887,7 +883,7 @@ impl Endpoint {
     }
 
     pub(crate) fn peer_msg_write(&self, index: usize, value: u32) -> Result<()> {
-        let s = self.session()?;
+        let s = self.pair()?;
         registers::check_index("message register", index, s.peer_counts.msg_count)?;
         let bit = 1u64 << index;
         let _serialize = lock(&self.msg_write);
@@ -905,7 +901,7 @@ impl Endpoint {
 
     pub(crate) fn msg_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
         registers::check_msg_wait(bits, self.cfg.msg_count)?;
-        let s = self.session()?;
+        let s = self.pair()?;
         let sts = s.local.u64_at(page::MSG_STS)?;
         s.local
             .wait_word(page::MSG_WAIT)?
@@ -1099,7 +1095,7 @@ mod tests {
         }
     }
 
-    /// An endpoint with a recording device behind window 0, attached to a session whose peer
+    /// An endpoint with a recording device behind window 0, attached to a pair whose peer
     /// page the test writes as a (misbehaving) peer would.
     fn fake_peer(cfg: LinkConfig) -> (Arc<Endpoint>, Arc<PagePair>, Arc<Recorder>) {
         let asp = Arc::new(AddressSpace::new());
@@ -1107,14 +1103,14 @@ mod tests {
         asp.add_mmio(BusAddr(0x10000), 0x1000, rec.clone()).unwrap();
         let ep = Arc::new(Endpoint::new(cfg, asp).unwrap());
         ep.mw_set_trans(0, BusAddr(0x10000), 0x1000).unwrap();
-        let session = Arc::new(PagePair::new(
+        let pair = Arc::new(PagePair::new(
             Arc::new(ControlPage::create().unwrap()),
             Arc::new(ControlPage::create().unwrap()),
             PeerCounts::of(&cfg),
             Box::new(Silent),
         ));
-        ep.attach(session.clone()).unwrap();
-        (ep, session, rec)
+        ep.attach(pair.clone()).unwrap();
+        (ep, pair, rec)
     }
 
     /// Produces one raw entry into the endpoint's ring, as the peer process would.

@@ -62,13 +62,13 @@ pub fn ring_entries(data: &[u8]) {
     else {
         return;
     };
-    let session = Arc::new(PagePair::new(
+    let pair = Arc::new(PagePair::new(
         Arc::new(local),
         Arc::new(peer),
         PeerCounts::of(&LinkConfig::default()),
         Box::new(Silent),
     ));
-    if ep.attach(session.clone()).is_err() {
+    if ep.attach(pair.clone()).is_err() {
         return;
     }
     let mut position = 0u32;
@@ -100,7 +100,7 @@ pub fn ring_entries(data: &[u8]) {
         let tag = word(20);
         let well_sequenced = word(24) % 8 != 0;
         let e = ControlPage::entry_offset(position);
-        let m = session_local(&session);
+        let m = pair_local(&pair);
         let _ = m.store_u32(e + page::E_KIND, kind);
         let _ = m.store_u32(e + page::E_WINDOW, window);
         let _ = m.store_u32(e + page::E_LEN, len);
@@ -118,29 +118,29 @@ pub fn ring_entries(data: &[u8]) {
             };
             let _ = m.store_u32(e + page::E_SEQ, bogus);
         }
-        if let Ok(w) = session.local_page().wait_word(page::RING_WAIT) {
+        if let Ok(w) = pair.local_page().wait_word(page::RING_WAIT) {
             w.notify();
         }
         // Keep the ring from overflowing: wait for the consumer every half ring.
         if position & (page::RING_ENTRIES / 2 - 1) == 0 {
-            wait_head(&session, position);
+            wait_head(&pair, position);
         }
     }
     // A well-formed read must still be answered.
     let tag = 0xfeed_f00d;
     let e = ControlPage::entry_offset(position);
-    let m = session_local(&session);
+    let m = pair_local(&pair);
     let _ = m.store_u32(e + page::E_KIND, 2);
     let _ = m.store_u32(e + page::E_WINDOW, 0);
     let _ = m.store_u32(e + page::E_LEN, 4);
     let _ = m.store_u64(e + page::E_OFFSET, 0);
     let _ = m.store_u32(e + page::E_TAG, tag);
     let _ = m.store_u32(e + page::E_SEQ, position.wrapping_add(1));
-    if let Ok(w) = session.local_page().wait_word(page::RING_WAIT) {
+    if let Ok(w) = pair.local_page().wait_word(page::RING_WAIT) {
         w.notify();
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    let peer = session.peer_page();
+    let peer = pair.peer_page();
     while peer.mem().load_u32(page::CPL_TAG).ok() != Some(tag) {
         assert!(
             Instant::now() < deadline,
@@ -151,16 +151,16 @@ pub fn ring_entries(data: &[u8]) {
     let mut got = [0u8; 4];
     let _ = peer.mem().read_at(page::CPL_DATA, &mut got);
     assert_eq!(got, [0x5a; 4], "a well-formed read was misanswered");
-    ep.detach(&session);
+    ep.detach(&pair);
 }
 
-fn session_local(session: &PagePair) -> &SharedMemory {
-    session.local_page().mem()
+fn pair_local(pair: &PagePair) -> &SharedMemory {
+    pair.local_page().mem()
 }
 
-fn wait_head(session: &PagePair, position: u32) {
+fn wait_head(pair: &PagePair, position: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while session.local_page().mem().load_u32(page::RING_HEAD).ok() != Some(position) {
+    while pair.local_page().mem().load_u32(page::RING_HEAD).ok() != Some(position) {
         assert!(Instant::now() < deadline, "the ring service wedged");
         std::thread::yield_now();
     }

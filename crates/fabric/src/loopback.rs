@@ -18,7 +18,7 @@ struct DirectAnnounce(PeerSlot);
 
 impl Announce for DirectAnnounce {
     fn announce(&self, window: usize, what: Option<&LocalWindow>) -> Result<()> {
-        let Some((ep, session)) = self
+        let Some((ep, pair)) = self
             .0
             .get()
             .and_then(|(e, s)| Some((e.upgrade()?, s.upgrade()?)))
@@ -29,20 +29,20 @@ impl Announce for DirectAnnounce {
             Resolved::Ram(span) => PeerWindow::Ram(span.clone()),
             Resolved::Mmio(..) => PeerWindow::Mmio { size: w.size },
         });
-        ep.set_peer_window(&session, window, exported)
+        ep.set_peer_window(&pair, window, exported)
     }
 }
 
 /// What both sides of a pair share: their endpoints and the current connection.
 struct Pair {
     ends: [Arc<Endpoint>; 2],
-    sessions: Mutex<Option<[Arc<PagePair>; 2]>>,
+    pairs: Mutex<Option<[Arc<PagePair>; 2]>>,
 }
 
 impl Pair {
     fn up(&self) -> Result<()> {
-        let mut sessions = devlend_sync::lock(&self.sessions);
-        if sessions.is_some() {
+        let mut pairs = devlend_sync::lock(&self.pairs);
+        if pairs.is_some() {
             return Ok(());
         }
         let [a, b] = &self.ends;
@@ -79,12 +79,12 @@ impl Pair {
             b.detach(&sb);
             return Err(e);
         }
-        *sessions = Some([sa, sb]);
+        *pairs = Some([sa, sb]);
         Ok(())
     }
 
     fn down(&self) {
-        let taken = devlend_sync::lock(&self.sessions).take();
+        let taken = devlend_sync::lock(&self.pairs).take();
         if let Some([sa, sb]) = taken {
             let [a, b] = &self.ends;
             a.detach(&sa);
@@ -133,7 +133,7 @@ pub fn loopback_pair(
     let b = Arc::new(Endpoint::new(cfg, asp_b)?);
     let pair = Arc::new(Pair {
         ends: [a.clone(), b.clone()],
-        sessions: Mutex::new(None),
+        pairs: Mutex::new(None),
     });
     pair.up()?;
     Ok((

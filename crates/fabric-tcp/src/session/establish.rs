@@ -11,7 +11,7 @@ use std::time::Duration;
 use rustix::event::{poll, PollFd, PollFlags};
 
 use super::send::writer_loop;
-use super::{Channel, EndError, Flush, Session, Tls};
+use super::{Channel, Connection, EndError, Flush, Tls};
 use crate::ntb::Inner;
 use crate::tls;
 use crate::Credentials;
@@ -205,7 +205,7 @@ fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: Socke
             return;
         }
     };
-    let session = match Session::new(clone, chan, &inner.cfg) {
+    let session = match Connection::new(clone, chan, &inner.cfg) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::warn!(peer = %peer, error = %e, "fabric session setup failed");

@@ -44,7 +44,7 @@ use devlend_fabric::FabricError;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use super::recv::Pumped;
-use super::{EndError, Reply, RxState, Session};
+use super::{Connection, EndError, Reply, RxState};
 use crate::ntb::Inner;
 use crate::watch::Watch;
 use devlend_sync::{lock, Pause, Spin};
@@ -183,7 +183,7 @@ fn wait_readable(sock: &std::net::TcpStream, timeout: Duration) -> Result<bool, 
     }
 }
 
-impl Session {
+impl Connection {
     /// Waits for the reply on `reply`, reading the socket itself when no one else is.
     pub(super) fn await_reply(
         &self,

@@ -1,4 +1,4 @@
-//! One connection. Its state ([`Session`]) is shared by four kinds of thread: the supervisor's
+//! One connection. Its state ([`Connection`]) is shared by four kinds of thread: the supervisor's
 //! reader thread, the writer thread, the service thread, and the callers of
 //! [`crate::TcpNtb`]. The work is split by job:
 //!
@@ -94,7 +94,7 @@ pub(crate) enum Inbound {
 
 /// What the peer announced in its hello, kept up to date by its translation frames.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct PeerInfo {
+pub(crate) struct PeerResources {
     pub(crate) spad_count: usize,
     pub(crate) msg_count: usize,
     pub(crate) db_valid_mask: u64,
@@ -109,10 +109,10 @@ pub(crate) struct Reply {
 }
 
 /// The state of one connection, shared by its threads and by callers.
-pub(crate) struct Session {
+pub(crate) struct Connection {
     pub(crate) out: OutQueue,
     pub(crate) inq: InQueue<Inbound>,
-    pub(crate) peer: Mutex<PeerInfo>,
+    pub(crate) peer: Mutex<PeerResources>,
     up: AtomicBool,
     closed: AtomicBool,
     /// This side's requests waiting for their replies.
@@ -140,7 +140,7 @@ pub(crate) struct Session {
     keepalive_timeout: Duration,
 }
 
-impl Session {
+impl Connection {
     fn new(sock: TcpStream, mut chan: Channel, cfg: &crate::TcpConfig) -> std::io::Result<Self> {
         let early = chan.early.take();
         let (send_limit, service_limit) = (cfg.send_queue_bytes, cfg.service_queue_bytes);
@@ -148,7 +148,7 @@ impl Session {
         Ok(Self {
             out: OutQueue::new(send_limit),
             inq: InQueue::new(service_limit),
-            peer: Mutex::new(PeerInfo::default()),
+            peer: Mutex::new(PeerResources::default()),
             up: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             tags: Tags::new(),
@@ -255,20 +255,20 @@ fn nonblocking(mut call: impl FnMut() -> libc::ssize_t) -> std::io::Result<Optio
 mod testing {
     use std::net::{TcpListener, TcpStream};
 
-    use super::{Channel, Session};
+    use super::{Channel, Connection};
 
     /// A plain-TCP session on one end of a loopback connection, and the other end (the
     /// "peer", a bare socket).
-    pub(super) fn plain_session() -> (Session, TcpStream) {
+    pub(super) fn plain_session() -> (Connection, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (sock, _) = l.accept().unwrap();
         let cfg = crate::TcpConfig::default();
-        (Session::new(sock, Channel::plain(), &cfg).unwrap(), peer)
+        (Connection::new(sock, Channel::plain(), &cfg).unwrap(), peer)
     }
 
     /// Two sessions joined by TLS over loopback: (client, server).
-    pub(super) fn tls_sessions() -> (Session, Session) {
+    pub(super) fn tls_sessions() -> (Connection, Connection) {
         let dir = std::env::temp_dir().join(format!(
             "devlend-session-tls-{}-{:?}",
             std::process::id(),
@@ -294,8 +294,8 @@ mod testing {
         let (s, schan) = t.join().unwrap();
         let cfg = crate::TcpConfig::default();
         (
-            Session::new(c, chan.unwrap(), &cfg).unwrap(),
-            Session::new(s, schan, &cfg).unwrap(),
+            Connection::new(c, chan.unwrap(), &cfg).unwrap(),
+            Connection::new(s, schan, &cfg).unwrap(),
         )
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use devlend_fabric::FabricError;
 
-use super::{EndError, Flush, Reply, Session};
+use super::{Connection, EndError, Flush, Reply};
 use crate::frame::{Frame, Status};
 use crate::ntb::Inner;
 use devlend_sync::lock;
@@ -136,11 +136,11 @@ impl Inflight {
 }
 
 /// Counts a request of the peer that needs a reply (see [`Inflight`]).
-pub(crate) fn take_credit(session: &Session) -> Result<(), EndError> {
+pub(crate) fn take_credit(session: &Connection) -> Result<(), EndError> {
     session.inflight.take()
 }
 
-impl Session {
+impl Connection {
     /// Sends a request that needs a reply and waits for it (at most `timeout`).
     pub(crate) fn call(
         &self,

@@ -9,8 +9,8 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::Session;
-use super::{nonblocking, take_credit, Channel, EndError, Flush, Inbound, PeerInfo, Reply};
+use super::Connection;
+use super::{nonblocking, take_credit, Channel, EndError, Flush, Inbound, PeerResources, Reply};
 use crate::frame::{self, Frame, FrameError, Hello};
 use crate::ntb::Inner;
 use devlend_sync::lock;
@@ -24,11 +24,11 @@ pub(super) struct RxState {
     /// The peer's hello arrived.
     pub(super) hello: bool,
     /// What came with the end of the handshake (plaintext, then the start of the records
-    /// that follow), for the first [`Session::pump`].
+    /// that follow), for the first [`Connection::pump`].
     pub(super) early: Option<(Vec<u8>, Vec<u8>)>,
 }
 
-/// What one [`Session::pump`] found.
+/// What one [`Connection::pump`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Pumped {
     /// The socket held nothing.
@@ -172,7 +172,7 @@ fn frames(
     Ok(used)
 }
 
-impl Session {
+impl Connection {
     /// Reads what the socket holds and handles every complete frame: the peer's requests
     /// (applied here when that keeps the order, else queued for the service thread), replies
     /// to this side's requests (handed to their callers).
@@ -254,7 +254,7 @@ impl Session {
     }
 }
 
-fn accept_hello(session: &Session, h: Hello) -> Result<(), EndError> {
+fn accept_hello(session: &Connection, h: Hello) -> Result<(), EndError> {
     if h.version != frame::VERSION {
         return Err(EndError::Protocol(format!(
             "peer speaks protocol version {}, this side {}",
@@ -262,7 +262,7 @@ fn accept_hello(session: &Session, h: Hello) -> Result<(), EndError> {
             frame::VERSION
         )));
     }
-    *lock(&session.peer) = PeerInfo {
+    *lock(&session.peer) = PeerResources {
         spad_count: usize::from(h.spad_count),
         msg_count: usize::from(h.msg_count),
         db_valid_mask: h.db_valid_mask,
@@ -276,7 +276,7 @@ fn accept_hello(session: &Session, h: Hello) -> Result<(), EndError> {
 /// a translation to the peer's state, a request (owned) to `batch` for the service thread,
 /// counting those that need a reply against the peer's credit.
 fn handle(
-    session: &Session,
+    session: &Connection,
     f: Frame<'_>,
     batch: &mut Vec<Inbound>,
     batch_bytes: &mut usize,
@@ -458,7 +458,7 @@ mod tests {
         assert_eq!(calls, 1);
     }
 
-    fn dispatch(session: &Session, frames: &[Frame<'_>]) -> (Vec<Inbound>, usize) {
+    fn dispatch(session: &Connection, frames: &[Frame<'_>]) -> (Vec<Inbound>, usize) {
         let (mut batch, mut bytes) = (Vec::new(), 0);
         for f in frames {
             handle(session, f.clone(), &mut batch, &mut bytes).unwrap();

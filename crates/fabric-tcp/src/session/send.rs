@@ -12,14 +12,14 @@ use std::sync::atomic::Ordering;
 
 use devlend_fabric::FabricError;
 
-use super::{nonblocking, EndError, Session};
+use super::{nonblocking, Connection, EndError};
 use crate::frame::{self, Frame};
 use crate::ntb::Inner;
 use crate::queue::Take;
 use crate::record::{WireBuf, MAX_PLAINTEXT};
 use devlend_sync::{lock, try_lock};
 
-/// Buffers of the sender that holds [`Session::send`].
+/// Buffers of the sender that holds [`Connection::send`].
 #[derive(Default)]
 pub(super) struct SendState {
     /// Plaintext frames taken from the queue.
@@ -50,7 +50,7 @@ const INLINE_WRITE: usize = 64 * 1024;
 /// Spare sealed-record buffers kept.
 const FREE_BUFS: usize = 8;
 
-/// How a thread moves queued frames to the socket (see [`Session::flush`]).
+/// How a thread moves queued frames to the socket (see [`Connection::flush`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Flush {
     /// The writer thread: waits for the send lock, blocks on the socket.
@@ -95,11 +95,11 @@ fn send_nonblocking(sock: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
     Ok(sent.unwrap_or(0))
 }
 
-impl Session {
+impl Connection {
     /// A posted write of `data` (any length) at `offset` of the peer's `window`. Plain TCP: sent
     /// by this thread straight from `data` when no one else is sending (after what is queued,
     /// so the order holds), else queued for whoever is. TLS: see
-    /// [`Session::write_posted_sealed`].
+    /// [`Connection::write_posted_sealed`].
     pub(crate) fn write_posted(
         &self,
         window: u16,
@@ -356,7 +356,7 @@ impl Session {
 }
 
 /// The writer thread: sends what is queued, and a keepalive when idle.
-pub(super) fn writer_loop(inner: &Inner, session: &Session) {
+pub(super) fn writer_loop(inner: &Inner, session: &Connection) {
     loop {
         match session.out.wait(inner.cfg.keepalive_interval) {
             Take::Closed => break,
@@ -487,7 +487,7 @@ mod tests {
     }
 
     /// What `session` receives until `n` bytes of frames came, re-encoded.
-    fn receive(session: &Session, n: usize) -> Vec<u8> {
+    fn receive(session: &Connection, n: usize) -> Vec<u8> {
         let mut plain = Vec::new();
         while plain.len() < n {
             let mut fds = [rustix::event::PollFd::new(

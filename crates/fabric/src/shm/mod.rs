@@ -344,7 +344,7 @@ fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
         u64::from(db_count),
     );
     let conn = Arc::new(conn);
-    let session = Arc::new(PagePair::new(
+    let pair = Arc::new(PagePair::new(
         local,
         peer,
         info,
@@ -355,15 +355,15 @@ fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
         return Ok(());
     }
     let result = ep
-        .attach(session.clone())
-        .and_then(|()| serve_control(shared, &conn, &session));
-    ep.detach(&session);
+        .attach(pair.clone())
+        .and_then(|()| serve_control(shared, &conn, &pair));
+    ep.detach(&pair);
     *lock(&shared.conn) = None;
     result
 }
 
 /// Reads window announcements until the connection ends.
-fn serve_control(shared: &Shared, conn: &OwnedFd, session: &Arc<PagePair>) -> Result<()> {
+fn serve_control(shared: &Shared, conn: &OwnedFd, pair: &Arc<PagePair>) -> Result<()> {
     while let Some(msg) = recv_wire(shared, conn, None)? {
         let (window, what) = match msg {
             wire::Wire::TransRam {
@@ -390,7 +390,7 @@ fn serve_control(shared: &Shared, conn: &OwnedFd, session: &Arc<PagePair>) -> Re
                 return Err(FabricError::Protocol("second Hello".into()));
             }
         };
-        shared.ep.set_peer_window(session, window as usize, what)?;
+        shared.ep.set_peer_window(pair, window as usize, what)?;
     }
     Ok(())
 }

@@ -125,8 +125,8 @@ fn the_reader_thread_rearms_after_its_turn_unless_a_caller_waits() {
 // The model check. The socket, the reader thread's one-shot watch and the reply channels are
 // modelled under one lock, so that "every thread waits for something that cannot happen" is an
 // exact observation (no timeout decides it). The threads run the real [`Handoff`]; around it,
-// the callers and the reader thread do what `Session::await_reply`, `Session::lead` and
-// `Session::read_loop` do, with every wait made endless: a lost wake-up becomes a deadlock,
+// the callers and the reader thread do what `Connection::await_reply`, `Connection::lead` and
+// `Connection::read_loop` do, with every wait made endless: a lost wake-up becomes a deadlock,
 // which the model detects and reports.
 
 /// What a thread of the model waits for.
@@ -291,7 +291,7 @@ impl Rng {
     }
 }
 
-/// One caller making `calls` requests, as `Session::call` does (`None` on a deadlock).
+/// One caller making `calls` requests, as `Connection::call` does (`None` on a deadlock).
 fn caller(m: &Model, h: &Rx, me: usize, calls: usize, rng: &mut Rng) -> Option<()> {
     for _ in 0..calls {
         {
@@ -301,7 +301,7 @@ fn caller(m: &Model, h: &Rx, me: usize, calls: usize, rng: &mut Rng) -> Option<(
         }
         m.changed.notify_all();
         rng.maybe_yield();
-        // Session::await_reply.
+        // Connection::await_reply.
         loop {
             if m.world().delivered[me] {
                 break;
@@ -312,7 +312,7 @@ fn caller(m: &Model, h: &Rx, me: usize, calls: usize, rng: &mut Rng) -> Option<(
                 drop(m.wait(me, Wait::Reply(me))?);
                 continue;
             }
-            // Session::lead: read until our reply came, sleeping on the socket meanwhile.
+            // Connection::lead: read until our reply came, sleeping on the socket meanwhile.
             let got = h
                 .lead(|_| loop {
                     if m.world().delivered[me] {
@@ -332,7 +332,7 @@ fn caller(m: &Model, h: &Rx, me: usize, calls: usize, rng: &mut Rng) -> Option<(
     Some(())
 }
 
-/// The reader thread, as `Session::read_loop` and `Session::read_while_busy` (`None` on a
+/// The reader thread, as `Connection::read_loop` and `Connection::read_while_busy` (`None` on a
 /// deadlock).
 fn reader(m: &Model, h: &Rx, me: usize, rng: &mut Rng) -> Option<()> {
     loop {
