@@ -7,6 +7,7 @@
 //! Only the NVMe 1.4 scheme (`CAP.CMBS`: the driver tells the controller where the buffer is
 //! with `CMBMSC.CBA`) is used; an older controller's CMB is left alone.
 
+use devlend_pci::config::{bar as bar_bits, header};
 use devlend_pci::{AccessSize, BarIndex};
 
 use crate::error::NvmeError;
@@ -42,15 +43,15 @@ fn size_unit(szu: u32) -> Option<u64> {
 
 /// Reads the address a memory BAR is assigned (0 when unassigned).
 fn bar_address(hw: &Hw, bar: BarIndex) -> Result<u64, NvmeError> {
-    let reg = regs::pci::BAR0 + 4 * u16::from(bar.get());
+    let reg = header::BAR0 + 4 * u16::from(bar.get());
     let lo = hw.fun.config_read(reg, AccessSize::Dword)?;
-    let is_64 = lo & 0b110 == 0b100;
+    let is_64 = lo & 0b110 == bar_bits::TYPE_64BIT;
     let hi = if is_64 && bar.get() < 5 {
         hw.fun.config_read(reg + 4, AccessSize::Dword)?
     } else {
         0
     };
-    Ok((u64::from(hi) << 32) | u64::from(lo & !0xf))
+    Ok((u64::from(hi) << 32) | u64::from(lo & !bar_bits::FLAGS_MASK))
 }
 
 /// Turns the CMB off (CMBMSC = 0) when the controller has the 1.4 scheme.

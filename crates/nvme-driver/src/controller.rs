@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
+use devlend_pci::config::{bar, cap, command, header, msix, status, CAPABILITIES_START};
+use devlend_pci::msix as table;
 use devlend_pci::{AccessSize, BarIndex, DmaBuffer, PciFunction};
 
 use crate::cmb::{self, CmbInfo, CmbSpace};
@@ -862,7 +864,7 @@ fn opcode_name(opcode: u8) -> &'static str {
 
 /// Enables memory space and bus mastering, checks the class code and BAR0, and returns BAR0.
 fn enable_function(fun: &dyn PciFunction) -> Result<BarIndex, NvmeError> {
-    let class_rev = fun.config_read(pci::REVISION_CLASS, AccessSize::Dword)?;
+    let class_rev = fun.config_read(header::REVISION_ID, AccessSize::Dword)?;
     if class_rev == u32::MAX {
         return Err(NvmeError::DeviceRemoved(
             "config space reads all-ones".into(),
@@ -872,14 +874,13 @@ fn enable_function(fun: &dyn PciFunction) -> Result<BarIndex, NvmeError> {
     if class != pci::CLASS_NVME {
         return Err(NvmeError::NotNvme { class });
     }
-    let bar0 = fun.config_read(pci::BAR0, AccessSize::Dword)?;
-    if bar0 & pci::BAR_IO_SPACE != 0 {
+    let bar0 = fun.config_read(header::BAR0, AccessSize::Dword)?;
+    if bar0 & bar::IO != 0 {
         return Err(NvmeError::Bar0NotMemory { raw: bar0 });
     }
-    let command = fun.config_read(pci::COMMAND, AccessSize::Word)? as u16;
-    let command =
-        command | pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER | pci::COMMAND_INTX_DISABLE;
-    fun.config_write(pci::COMMAND, AccessSize::Word, u32::from(command))?;
+    let old = fun.config_read(header::COMMAND, AccessSize::Word)? as u16;
+    let enabled = old | command::MEMORY_SPACE | command::BUS_MASTER | command::INTX_DISABLE;
+    fun.config_write(header::COMMAND, AccessSize::Word, u32::from(enabled))?;
     BarIndex::new(0).ok_or_else(|| internal("BAR index 0"))
 }
 
@@ -953,12 +954,12 @@ fn wait_until(
 /// Returns the number of vectors in use.
 fn setup_msix(hw: &Hw, config: &DriverConfig) -> Result<u16, NvmeError> {
     let fun = hw.fun.as_ref();
-    let cap = find_capability(fun, pci::CAP_ID_MSIX)?.ok_or(NvmeError::NoMsix)?;
-    let control = fun.config_read(cap + pci::MSIX_MESSAGE_CONTROL, AccessSize::Word)? as u16;
-    let table_size = (control & pci::MSIX_TABLE_SIZE_MASK) + 1;
-    let table = fun.config_read(cap + pci::MSIX_TABLE, AccessSize::Dword)?;
-    let bir = BarIndex::new((table & 0x7) as u8).ok_or(NvmeError::NoMsix)?;
-    let table_offset = u64::from(table & !0x7);
+    let cap = find_capability(fun, cap::ID_MSIX)?.ok_or(NvmeError::NoMsix)?;
+    let control = fun.config_read(cap + msix::CONTROL, AccessSize::Word)? as u16;
+    let table_size = (control & msix::CONTROL_TABLE_SIZE) + 1;
+    let table = fun.config_read(cap + msix::TABLE, AccessSize::Dword)?;
+    let bir = BarIndex::new((table & msix::BIR_MASK) as u8).ok_or(NvmeError::NoMsix)?;
+    let table_offset = u64::from(table & !msix::BIR_MASK);
     let available = table_size.min(fun.interrupt_vectors()).max(1);
     let wanted = match config.completion {
         CompletionMode::Interrupt => config.io_queues.saturating_add(1),
@@ -967,49 +968,49 @@ fn setup_msix(hw: &Hw, config: &DriverConfig) -> Result<u16, NvmeError> {
     let used = wanted.min(available);
     // Enable with the function masked while the entries are programmed.
     let masked =
-        (control | pci::MSIX_ENABLE | pci::MSIX_FUNCTION_MASK) & !pci::MSIX_TABLE_SIZE_MASK;
-    fun.config_write(
-        cap + pci::MSIX_MESSAGE_CONTROL,
-        AccessSize::Word,
-        u32::from(masked),
-    )?;
+        (control | msix::CONTROL_ENABLE | msix::CONTROL_FUNCTION_MASK) & !msix::CONTROL_TABLE_SIZE;
+    fun.config_write(cap + msix::CONTROL, AccessSize::Word, u32::from(masked))?;
     for v in 0..table_size {
-        let entry = table_offset + u64::from(v) * pci::MSIX_ENTRY_BYTES;
+        let entry = table_offset + u64::from(v) * table::ENTRY_LEN;
         if v < used {
             let addr = pci::MSIX_MESSAGE_ADDRESS;
-            fun.bar_write_u32(bir, entry + pci::MSIX_ENTRY_ADDR_LO, addr as u32)?;
-            fun.bar_write_u32(bir, entry + pci::MSIX_ENTRY_ADDR_HI, (addr >> 32) as u32)?;
-            fun.bar_write_u32(bir, entry + pci::MSIX_ENTRY_DATA, u32::from(v))?;
-            fun.bar_write_u32(bir, entry + pci::MSIX_ENTRY_CONTROL, 0)?;
+            fun.bar_write_u32(bir, entry + table::ENTRY_ADDR_LO, addr as u32)?;
+            fun.bar_write_u32(bir, entry + table::ENTRY_ADDR_HI, (addr >> 32) as u32)?;
+            fun.bar_write_u32(bir, entry + table::ENTRY_DATA, u32::from(v))?;
+            fun.bar_write_u32(bir, entry + table::ENTRY_VECTOR_CONTROL, 0)?;
         } else {
-            fun.bar_write_u32(bir, entry + pci::MSIX_ENTRY_CONTROL, pci::MSIX_ENTRY_MASKED)?;
+            fun.bar_write_u32(
+                bir,
+                entry + table::ENTRY_VECTOR_CONTROL,
+                table::VECTOR_CONTROL_MASK,
+            )?;
         }
     }
     fun.config_write(
-        cap + pci::MSIX_MESSAGE_CONTROL,
+        cap + msix::CONTROL,
         AccessSize::Word,
-        u32::from(masked & !pci::MSIX_FUNCTION_MASK),
+        u32::from(masked & !msix::CONTROL_FUNCTION_MASK),
     )?;
     Ok(used)
 }
 
 /// Walks the capability list from 0x34 for capability `id`; a malformed list ends the walk.
 fn find_capability(fun: &dyn PciFunction, id: u8) -> Result<Option<u16>, NvmeError> {
-    let status = fun.config_read(pci::STATUS, AccessSize::Word)? as u16;
-    if status & pci::STATUS_CAP_LIST == 0 {
+    let sts = fun.config_read(header::STATUS, AccessSize::Word)? as u16;
+    if sts & status::CAPABILITIES_LIST == 0 {
         return Ok(None);
     }
-    let mut ptr = (fun.config_read(pci::CAPABILITIES_POINTER, AccessSize::Byte)? as u16) & 0xfc;
+    let mut ptr = (fun.config_read(header::CAPABILITIES_POINTER, AccessSize::Byte)? as u16) & 0xfc;
     for _ in 0..pci::MAX_CAPABILITIES {
         // Capabilities live after the 64-byte header and inside the 256-byte legacy space.
-        if !(0x40..=0xfc).contains(&ptr) {
+        if !(CAPABILITIES_START..=0xfc).contains(&ptr) {
             return Ok(None);
         }
-        let header = fun.config_read(ptr, AccessSize::Word)? as u16;
-        if (header & 0xff) as u8 == id {
+        let id_next = fun.config_read(ptr, AccessSize::Word)? as u16;
+        if (id_next & 0xff) as u8 == id {
             return Ok(Some(ptr));
         }
-        ptr = (header >> 8) & 0xfc;
+        ptr = (id_next >> 8) & 0xfc;
     }
     Ok(None)
 }

@@ -1,5 +1,5 @@
-//! Controller registers in BAR0 (NVMe base specification 1.4, section 3.1) and PCI config
-//! space offsets the driver uses.
+//! Controller registers in BAR0 (NVMe base specification 1.4, section 3.1) and the few
+//! PCI-level values the driver chooses (its config space offsets are `devlend-pci`'s).
 
 use std::time::Duration;
 
@@ -149,63 +149,13 @@ pub fn aqa(sq_entries: u32, cq_entries: u32) -> u32 {
     ((cq_entries.saturating_sub(1) & 0xfff) << 16) | (sq_entries.saturating_sub(1) & 0xfff)
 }
 
-/// The PCI config space offsets and bits the driver uses, under the driver's names. Every one is
-/// `devlend-pci`'s (its `config` and `msix` modules), the single place they are declared.
+/// PCI-level values the driver chooses or checks that are not config space registers (every
+/// config space offset and bit the driver uses is `devlend-pci`'s: `devlend_pci::config` and
+/// `devlend_pci::msix`, the single place they are declared).
 pub mod pci {
-    use devlend_pci::config::{bar, cap, command, header, msix, status};
-    use devlend_pci::msix as table;
-
-    /// Command register (16-bit).
-    pub const COMMAND: u16 = header::COMMAND;
-    /// Status register (16-bit).
-    pub const STATUS: u16 = header::STATUS;
-    /// Revision ID (8-bit); the class code follows in the next three bytes.
-    pub const REVISION_CLASS: u16 = header::REVISION_ID;
-    /// BAR0.
-    pub const BAR0: u16 = header::BAR0;
-    /// Capabilities pointer (8-bit).
-    pub const CAPABILITIES_POINTER: u16 = header::CAPABILITIES_POINTER;
-
-    /// Command: respond to memory space accesses.
-    pub const COMMAND_MEMORY: u16 = command::MEMORY_SPACE;
-    /// Command: bus master (the device may DMA).
-    pub const COMMAND_BUS_MASTER: u16 = command::BUS_MASTER;
-    /// Command: INTx disable.
-    pub const COMMAND_INTX_DISABLE: u16 = command::INTX_DISABLE;
-    /// Status: a capability list is present.
-    pub const STATUS_CAP_LIST: u16 = status::CAPABILITIES_LIST;
-
-    /// BAR bit 0: an I/O space BAR.
-    pub const BAR_IO_SPACE: u32 = bar::IO;
-
     /// Class code of an NVM Express controller: mass storage, non-volatile memory, NVMe (an NVMe
     /// spec value, not a register; the driver does not depend on the device model).
     pub const CLASS_NVME: u32 = 0x01_08_02;
-
-    /// Capability ID of MSI-X.
-    pub const CAP_ID_MSIX: u8 = cap::ID_MSIX;
-    /// MSI-X Message Control offset from the capability.
-    pub const MSIX_MESSAGE_CONTROL: u16 = msix::CONTROL;
-    /// MSI-X Table offset/BIR offset from the capability.
-    pub const MSIX_TABLE: u16 = msix::TABLE;
-    /// Message Control: table size (N - 1) mask.
-    pub const MSIX_TABLE_SIZE_MASK: u16 = msix::CONTROL_TABLE_SIZE;
-    /// Message Control: function mask.
-    pub const MSIX_FUNCTION_MASK: u16 = msix::CONTROL_FUNCTION_MASK;
-    /// Message Control: MSI-X enable.
-    pub const MSIX_ENABLE: u16 = msix::CONTROL_ENABLE;
-    /// Bytes per MSI-X table entry.
-    pub const MSIX_ENTRY_BYTES: u64 = table::ENTRY_LEN;
-    /// Entry offset of Message Address (low).
-    pub const MSIX_ENTRY_ADDR_LO: u64 = table::ENTRY_ADDR_LO;
-    /// Entry offset of Message Address (high).
-    pub const MSIX_ENTRY_ADDR_HI: u64 = table::ENTRY_ADDR_HI;
-    /// Entry offset of Message Data.
-    pub const MSIX_ENTRY_DATA: u64 = table::ENTRY_DATA;
-    /// Entry offset of Vector Control.
-    pub const MSIX_ENTRY_CONTROL: u64 = table::ENTRY_VECTOR_CONTROL;
-    /// Vector Control: masked.
-    pub const MSIX_ENTRY_MASKED: u32 = table::VECTOR_CONTROL_MASK;
     /// The message address the driver programs (the x86 interrupt window; a local binding
     /// does not interpret it, a lending layer redirects it). A driver's choice, not a register.
     pub const MSIX_MESSAGE_ADDRESS: u64 = 0xfee0_0000;

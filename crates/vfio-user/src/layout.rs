@@ -2,11 +2,11 @@
 //! (by the standard all-ones sizing dance), the config space size, the MSI-X table location and
 //! whether FLR is available.
 
+use devlend_pci::config::cap::{ID_MSIX as CAP_ID_MSIX, ID_PCI_EXPRESS as CAP_ID_PCIE};
+use devlend_pci::config::{bar, cap, command, header, msix as msix_cap, pcie, status};
+use devlend_pci::config::{CAPABILITIES_START, CONFIG_SPACE_SIZE};
+use devlend_pci::msix::ENTRY_LEN;
 use devlend_pci::{AccessSize, BarIndex, FunctionError, PciFunction};
-
-/// Capability ids.
-const CAP_ID_PCIE: u8 = 0x10;
-const CAP_ID_MSIX: u8 = 0x11;
 
 /// One memory BAR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,7 +33,7 @@ pub struct MsixInfo {
 impl MsixInfo {
     /// BAR offset of a vector's entry.
     pub fn entry(&self, vector: u16) -> u64 {
-        self.table_offset + u64::from(vector) * 16
+        self.table_offset + u64::from(vector) * ENTRY_LEN
     }
 }
 
@@ -59,15 +59,15 @@ fn rd(f: &dyn PciFunction, off: u16, size: AccessSize) -> Result<u32, FunctionEr
 /// Walks the capability list: `(id, offset)` pairs, bounded against loops.
 fn capabilities(f: &dyn PciFunction) -> Result<Vec<(u8, u16)>, FunctionError> {
     let mut caps = Vec::new();
-    let status = rd(f, 0x06, AccessSize::Word)?;
-    if status & 0x10 == 0 {
+    let sts = rd(f, header::STATUS, AccessSize::Word)?;
+    if sts & u32::from(status::CAPABILITIES_LIST) == 0 {
         return Ok(caps);
     }
-    let mut ptr = (rd(f, 0x34, AccessSize::Byte)? & 0xfc) as u16;
-    while ptr >= 0x40 && caps.len() < 48 {
-        let id = rd(f, ptr, AccessSize::Byte)? as u8;
+    let mut ptr = (rd(f, header::CAPABILITIES_POINTER, AccessSize::Byte)? & 0xfc) as u16;
+    while ptr >= CAPABILITIES_START && caps.len() < 48 {
+        let id = rd(f, ptr + cap::ID, AccessSize::Byte)? as u8;
         caps.push((id, ptr));
-        ptr = (rd(f, ptr + 1, AccessSize::Byte)? & 0xfc) as u16;
+        ptr = (rd(f, ptr + cap::NEXT, AccessSize::Byte)? & 0xfc) as u16;
     }
     Ok(caps)
 }
@@ -75,22 +75,23 @@ fn capabilities(f: &dyn PciFunction) -> Result<Vec<(u8, u16)>, FunctionError> {
 /// Sizes the BARs (memory decoding off meanwhile, original values restored) and finds the
 /// capabilities the server needs.
 pub fn probe(f: &dyn PciFunction) -> Result<DeviceLayout, FunctionError> {
-    let cmd = rd(f, 0x04, AccessSize::Word)?;
-    f.config_write(0x04, AccessSize::Word, cmd & !0x3)?;
+    let cmd = rd(f, header::COMMAND, AccessSize::Word)?;
+    let decoding = u32::from(command::IO_SPACE | command::MEMORY_SPACE);
+    f.config_write(header::COMMAND, AccessSize::Word, cmd & !decoding)?;
     let mut bars = [None; 6];
     let mut slot = 0usize;
     while slot < 6 {
-        let off = 0x10 + 4 * slot as u16;
+        let off = header::BAR0 + 4 * slot as u16;
         let orig = rd(f, off, AccessSize::Dword)?;
-        if orig & 1 == 1 {
+        if orig & bar::IO == bar::IO {
             slot += 1; // I/O BAR: not served.
             continue;
         }
-        let is_64bit = (orig >> 1) & 3 == 2 && slot < 5;
+        let is_64bit = orig & 0b110 == bar::TYPE_64BIT && slot < 5;
         f.config_write(off, AccessSize::Dword, 0xffff_ffff)?;
         let lo = rd(f, off, AccessSize::Dword)?;
         f.config_write(off, AccessSize::Dword, orig)?;
-        let mut mask = u64::from(lo & !0xf);
+        let mut mask = u64::from(lo & !bar::FLAGS_MASK);
         if is_64bit {
             let orig_hi = rd(f, off + 4, AccessSize::Dword)?;
             f.config_write(off + 4, AccessSize::Dword, 0xffff_ffff)?;
@@ -108,7 +109,7 @@ pub fn probe(f: &dyn PciFunction) -> Result<DeviceLayout, FunctionError> {
         }
         slot += if is_64bit { 2 } else { 1 };
     }
-    f.config_write(0x04, AccessSize::Word, cmd)?;
+    f.config_write(header::COMMAND, AccessSize::Word, cmd)?;
 
     let caps = capabilities(f)?;
     let mut config_size = 256;
@@ -117,28 +118,28 @@ pub fn probe(f: &dyn PciFunction) -> Result<DeviceLayout, FunctionError> {
     for (id, off) in caps {
         match id {
             CAP_ID_PCIE => {
-                config_size = 4096;
-                let devcap = rd(f, off + 4, AccessSize::Dword)?;
-                if devcap & (1 << 28) != 0 {
-                    flr_devctl = Some(off + 8);
+                config_size = CONFIG_SPACE_SIZE as u32;
+                let devcap = rd(f, off + pcie::DEVICE_CAPABILITIES, AccessSize::Dword)?;
+                if devcap & pcie::DEVCAP_FLR != 0 {
+                    flr_devctl = Some(off + pcie::DEVICE_CONTROL);
                 }
             }
             CAP_ID_MSIX => {
-                let ctrl = rd(f, off + 2, AccessSize::Word)?;
-                let table = rd(f, off + 4, AccessSize::Dword)?;
-                if let Some(table_bar) = BarIndex::new((table & 7) as u8) {
+                let ctrl = rd(f, off + msix_cap::CONTROL, AccessSize::Word)?;
+                let table = rd(f, off + msix_cap::TABLE, AccessSize::Dword)?;
+                if let Some(table_bar) = BarIndex::new((table & msix_cap::BIR_MASK) as u8) {
                     msix = Some(MsixInfo {
                         cap_offset: off,
-                        vectors: (ctrl & 0x7ff) as u16 + 1,
+                        vectors: (ctrl as u16 & msix_cap::CONTROL_TABLE_SIZE) + 1,
                         table_bar,
-                        table_offset: u64::from(table & !7),
+                        table_offset: u64::from(table & !msix_cap::BIR_MASK),
                     });
                 }
             }
             _ => {}
         }
     }
-    let has_intx_pin = rd(f, 0x3d, AccessSize::Byte)? != 0;
+    let has_intx_pin = rd(f, header::INTERRUPT_PIN, AccessSize::Byte)? != 0;
     Ok(DeviceLayout {
         bars,
         config_size,

@@ -814,7 +814,8 @@ impl<'a> Session<'a> {
         };
         let f = self.function();
         let v = f.config_read(devctl, AccessSize::Word)?;
-        f.config_write(devctl, AccessSize::Word, v | 0x8000)?;
+        let flr = u32::from(devlend_pci::config::pcie::DEVCTL_INITIATE_FLR);
+        f.config_write(devctl, AccessSize::Word, v | flr)?;
         Ok(())
     }
 

@@ -4,6 +4,7 @@ use std::any::Any;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devlend_memory::{BusAddr, MemSpan, SharedMemory};
+use devlend_pci::config::{cap::ID_MSIX as CAP_ID_MSIX, header::BAR0, msix};
 use devlend_pci::{
     AccessSize, BarIndex, BarSpec, DmaError, InterruptSink, MemoryArea, MsixTable, PciDevice,
 };
@@ -12,13 +13,13 @@ use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 use crate::dma::DmaMaps;
 use crate::hw::{BarMapping, VfioHw};
 use crate::irq::MsixIrqs;
-use crate::layout::{self, BAR0, CAP_ID_MSIX};
+use crate::layout;
 use crate::VfioError;
 
 const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
-/// MSI-X Enable and Function Mask: bits 7 and 6 of the Message Control word's upper byte.
-const MSIX_ENABLE_BIT: u32 = 0x80;
-const MSIX_MASK_BIT: u32 = 0x40;
+/// MSI-X Enable and Function Mask in the Message Control word's upper byte (bits 7 and 6).
+const MSIX_ENABLE_BIT: u32 = (msix::CONTROL_ENABLE >> 8) as u32;
+const MSIX_MASK_BIT: u32 = (msix::CONTROL_FUNCTION_MASK >> 8) as u32;
 /// The most MSI-X vectors a function presents: a borrower gets each as a doorbell bit on its
 /// link, and the lender has 48 of those for all the devices it lends over one link (real
 /// NVMe SSDs have 65 to 130+). The Table Size field the driver reads is lowered to match;

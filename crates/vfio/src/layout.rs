@@ -2,30 +2,22 @@
 //! BARs of which kind, where the MSI-X table and PBA are, and which parts of each BAR may be
 //! mmapped (the parts VFIO allows, minus the pages the MSI-X emulation must see).
 
+use devlend_pci::config::{bar, header, msix as msix_cap, status, CAPABILITIES_START};
 use devlend_pci::config::{BarRegion, MsixLayout};
 use devlend_pci::{AccessSize, BarIndex, BarSpec};
 
 use crate::hw::RegionInfo;
 use crate::VfioError;
-
-/// Config offset of BAR0.
-pub const BAR0: u16 = 0x10;
-/// Config offset of the capabilities pointer.
-const CAP_POINTER: u16 = 0x34;
-/// Status register; bit 4 says a capability list exists.
-const STATUS: u16 = 0x06;
-/// MSI-X capability ID.
-pub const CAP_ID_MSIX: u8 = 0x11;
 /// Page size used for mmap granularity.
 pub const PAGE: u64 = 4096;
 
 /// A memory BAR's kind from its register's low bits; `None` for an I/O BAR.
 pub fn bar_kind(register: u32) -> Option<(bool, bool)> {
-    if register & 1 != 0 {
+    if register & bar::IO != 0 {
         return None;
     }
-    let is_64bit = (register >> 1) & 0b11 == 0b10;
-    let prefetchable = register & 0b1000 != 0;
+    let is_64bit = register & 0b110 == bar::TYPE_64BIT;
+    let prefetchable = register & bar::PREFETCHABLE != 0;
     Some((is_64bit, prefetchable))
 }
 
@@ -35,7 +27,7 @@ pub fn bar_spec(region: Option<&RegionInfo>, register: u32) -> Option<BarSpec> {
     let region = region.filter(|r| r.size > 0)?;
     let (is_64bit, prefetchable) = bar_kind(register)?;
     Some(BarSpec {
-        size: region.size.max(16).checked_next_power_of_two()?,
+        size: region.size.max(bar::MIN_SIZE).checked_next_power_of_two()?,
         is_64bit,
         prefetchable,
     })
@@ -47,12 +39,12 @@ pub fn find_capability(
     read: &dyn Fn(u16, AccessSize) -> Result<u32, VfioError>,
     id: u8,
 ) -> Result<Option<u16>, VfioError> {
-    if read(STATUS, AccessSize::Word)? & (1 << 4) == 0 {
+    if read(header::STATUS, AccessSize::Word)? & u32::from(status::CAPABILITIES_LIST) == 0 {
         return Ok(None);
     }
-    let mut ptr = (read(CAP_POINTER, AccessSize::Byte)? & 0xfc) as u16;
+    let mut ptr = (read(header::CAPABILITIES_POINTER, AccessSize::Byte)? & 0xfc) as u16;
     for _ in 0..48 {
-        if !(0x40..=0xfc).contains(&ptr) {
+        if !(CAPABILITIES_START..=0xfc).contains(&ptr) {
             return Ok(None);
         }
         let header = read(ptr, AccessSize::Word)?;
@@ -69,19 +61,20 @@ pub fn msix_layout(
     read: &dyn Fn(u16, AccessSize) -> Result<u32, VfioError>,
     cap: u16,
 ) -> Result<MsixLayout, VfioError> {
-    let control = read(cap + 2, AccessSize::Word)?;
-    let table = read(cap + 4, AccessSize::Dword)?;
-    let pba = read(cap + 8, AccessSize::Dword)?;
+    let control = read(cap + msix_cap::CONTROL, AccessSize::Word)?;
+    let table = read(cap + msix_cap::TABLE, AccessSize::Dword)?;
+    let pba = read(cap + msix_cap::PBA, AccessSize::Dword)?;
     let region = |v: u32, what: &str| -> Result<BarRegion, VfioError> {
-        let bar = BarIndex::new((v & 7) as u8)
-            .ok_or_else(|| VfioError::Config(format!("MSI-X {what} in BAR indicator {}", v & 7)))?;
+        let bir = v & msix_cap::BIR_MASK;
+        let bar = BarIndex::new(bir as u8)
+            .ok_or_else(|| VfioError::Config(format!("MSI-X {what} in BAR indicator {bir}")))?;
         Ok(BarRegion {
             bar,
-            offset: v & !7,
+            offset: v & !msix_cap::BIR_MASK,
         })
     };
     Ok(MsixLayout {
-        vectors: ((control & 0x7ff) + 1) as u16,
+        vectors: (control as u16 & msix_cap::CONTROL_TABLE_SIZE) + 1,
         table: region(table, "table")?,
         pba: region(pba, "PBA")?,
     })
@@ -146,6 +139,7 @@ pub fn mappable_areas(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use devlend_pci::config::cap::ID_MSIX as CAP_ID_MSIX;
     use vfio_bindings::bindings::vfio::{
         VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
     };
