@@ -45,87 +45,70 @@ fn histogram(out: &mut String, name: &str, l: &str, h: &Histogram) {
     let _ = writeln!(out, "{name}_count{{{l}}} {}", h.count());
 }
 
-type DeviceField = fn(&DeviceMetrics) -> u64;
-type LinkField = fn(&LinkMetrics) -> u64;
+/// One counter series of a metrics type: name suffix, help text, the value.
+type Field<M> = (&'static str, &'static str, fn(&M) -> u64);
 
-const DEVICE_COUNTERS: &[(&str, &str, DeviceField)] = &[
-    ("config_reads_total", "Config-space reads.", |m| {
-        m.config_reads.get()
-    }),
-    ("config_writes_total", "Config-space writes.", |m| {
-        m.config_writes.get()
-    }),
-    ("mmio_reads_total", "BAR (MMIO) reads.", |m| {
-        m.mmio_reads.get()
-    }),
-    ("mmio_writes_total", "BAR (MMIO) writes.", |m| {
-        m.mmio_writes.get()
-    }),
-    (
-        "doorbells_total",
-        "Doorbell writes that went through the BAR (not stores into a mapped doorbell page).",
-        |m| m.doorbells.get(),
+/// Every counter of `table` for each `(labels, metrics)` row: a header, then one line a row.
+fn counters<M>(out: &mut String, prefix: &str, table: &[Field<M>], rows: &[(&str, &M)]) {
+    for (suffix, help, field) in table {
+        let name = format!("{prefix}_{suffix}");
+        header(out, &name, "counter", help);
+        for (l, m) in rows {
+            let _ = writeln!(out, "{name}{{{l}}} {}", field(m));
+        }
+    }
+}
+
+/// A counter series named after its field: `total!(config_reads, "help")` is the series
+/// `…_config_reads_total` with the value of `m.config_reads`.
+macro_rules! total {
+    ($field:ident, $help:literal) => {
+        (concat!(stringify!($field), "_total"), $help, |m| {
+            m.$field.get()
+        })
+    };
+}
+
+const DEVICE_COUNTERS: &[Field<DeviceMetrics>] = &[
+    total!(config_reads, "Config-space reads."),
+    total!(config_writes, "Config-space writes."),
+    total!(mmio_reads, "BAR (MMIO) reads."),
+    total!(mmio_writes, "BAR (MMIO) writes."),
+    total!(
+        doorbells,
+        "Doorbell writes that went through the BAR (not stores into a mapped doorbell page)."
     ),
-    (
-        "dma_read_bytes_total",
-        "Bytes the device read from memory by DMA.",
-        |m| m.dma_read_bytes.get(),
+    total!(dma_read_bytes, "Bytes the device read from memory by DMA."),
+    total!(dma_write_bytes, "Bytes the device wrote to memory by DMA."),
+    total!(interrupts, "MSI-X interrupts."),
+    total!(
+        errors,
+        "Failed accesses (DMA refused, calls on a removed function)."
     ),
-    (
-        "dma_write_bytes_total",
-        "Bytes the device wrote to memory by DMA.",
-        |m| m.dma_write_bytes.get(),
-    ),
-    ("interrupts_total", "MSI-X interrupts.", |m| {
-        m.interrupts.get()
-    }),
-    (
-        "errors_total",
-        "Failed accesses (DMA refused, calls on a removed function).",
-        |m| m.errors.get(),
-    ),
-    ("resets_total", "Function-level resets.", |m| m.resets.get()),
+    total!(resets, "Function-level resets."),
 ];
 
-const LINK_COUNTERS: &[(&str, &str, LinkField)] = &[
-    (
-        "window_writes_total",
-        "Posted writes through the peer's memory windows.",
-        |m| m.window_writes.get(),
+const LINK_COUNTERS: &[Field<LinkMetrics>] = &[
+    total!(
+        window_writes,
+        "Posted writes through the peer's memory windows."
     ),
-    (
-        "window_write_bytes_total",
-        "Bytes written through the peer's memory windows.",
-        |m| m.window_write_bytes.get(),
+    total!(
+        window_write_bytes,
+        "Bytes written through the peer's memory windows."
     ),
-    (
-        "window_reads_total",
-        "Non-posted reads through the peer's memory windows.",
-        |m| m.window_reads.get(),
+    total!(
+        window_reads,
+        "Non-posted reads through the peer's memory windows."
     ),
-    (
-        "window_read_bytes_total",
-        "Bytes read through the peer's memory windows.",
-        |m| m.window_read_bytes.get(),
+    total!(
+        window_read_bytes,
+        "Bytes read through the peer's memory windows."
     ),
-    (
-        "doorbells_sent_total",
-        "Doorbell bits rung on the peer.",
-        |m| m.doorbells_sent.get(),
-    ),
-    (
-        "doorbells_received_total",
-        "Doorbell bits received from the peer.",
-        |m| m.doorbells_received.get(),
-    ),
-    (
-        "messages_sent_total",
-        "Message-register writes to the peer.",
-        |m| m.messages_sent.get(),
-    ),
-    ("errors_total", "Fabric calls that failed.", |m| {
-        m.errors.get()
-    }),
+    total!(doorbells_sent, "Doorbell bits rung on the peer."),
+    total!(doorbells_received, "Doorbell bits received from the peer."),
+    total!(messages_sent, "Message-register writes to the peer."),
+    total!(errors, "Fabric calls that failed."),
 ];
 
 pub(crate) fn render(r: &Registry, node: &str, links: &[LinkInfo], info: &NodeInfo) -> String {
@@ -137,13 +120,12 @@ pub(crate) fn render(r: &Registry, node: &str, links: &[LinkInfo], info: &NodeIn
             labels(&[("node", node), ("device", name), ("role", role.as_str())])
         })
         .collect();
-    for (suffix, help, field) in DEVICE_COUNTERS {
-        let name = format!("devlend_device_{suffix}");
-        header(&mut out, &name, "counter", help);
-        for ((_, m), l) in devices.iter().zip(&device_labels) {
-            let _ = writeln!(out, "{name}{{{l}}} {}", field(m));
-        }
-    }
+    let device_rows: Vec<(&str, &DeviceMetrics)> = device_labels
+        .iter()
+        .map(String::as_str)
+        .zip(devices.iter().map(|(_, m)| &**m))
+        .collect();
+    counters(&mut out, "devlend_device", DEVICE_COUNTERS, &device_rows);
     let name = "devlend_device_round_trip_seconds";
     header(
         &mut out,
@@ -190,13 +172,11 @@ pub(crate) fn render(r: &Registry, node: &str, links: &[LinkInfo], info: &NodeIn
             li.reconnects
         );
     }
-    for (suffix, help, field) in LINK_COUNTERS {
-        let name = format!("devlend_link_{suffix}");
-        header(&mut out, &name, "counter", help);
-        for (l, _, m) in &link_rows {
-            let _ = writeln!(out, "{name}{{{l}}} {}", field(m));
-        }
-    }
+    let link_counter_rows: Vec<(&str, &LinkMetrics)> = link_rows
+        .iter()
+        .map(|(l, _, m)| (l.as_str(), &**m))
+        .collect();
+    counters(&mut out, "devlend_link", LINK_COUNTERS, &link_counter_rows);
     let name = "devlend_link_read_round_trip_seconds";
     header(
         &mut out,
