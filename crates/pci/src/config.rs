@@ -174,6 +174,8 @@ pub mod pcie {
     pub const LINK_CAPABILITIES_2: u16 = 0x2c;
     /// Link Control 2 (16 bits).
     pub const LINK_CONTROL_2: u16 = 0x30;
+    /// Link Status 2 (16 bits).
+    pub const LINK_STATUS_2: u16 = 0x32;
     /// Length of a version 2 capability of an endpoint.
     pub const LEN: u16 = 0x3c;
 

@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 
-use crate::config::{cap, header, msix, pcie, pm};
+use crate::config::{cap, header, msix, pcie, pm, sriov as iov};
 
 /// How many entries of a capability list are walked at most (a looping list stops there).
 pub const MAX_CAPABILITIES: usize = 48;
@@ -64,6 +64,15 @@ fn flag(v: u32, bit: u32) -> char {
     } else {
         '-'
     }
+}
+
+/// Flags as `lspci` prints them, `Name+` or `Name-` each, separated by spaces.
+fn flag_list(v: u32, named: &[(&str, u32)]) -> String {
+    let each: Vec<String> = named
+        .iter()
+        .map(|(name, bit)| format!("{name}{}", flag(v, *bit)))
+        .collect();
+    each.join(" ")
 }
 
 /// A decoder of one capability: appends its lines, `at` is the capability's offset.
@@ -210,37 +219,40 @@ pub fn render(f: &Function<'_>, verbosity: Verbosity) -> String {
         _ => "??",
     };
     if verbosity == Verbosity::VeryVerbose {
+        let control = [
+            ("I/O", 1),
+            ("Mem", 1 << 1),
+            ("BusMaster", 1 << 2),
+            ("SpecCycle", 1 << 3),
+            ("MemWINV", 1 << 4),
+            ("VGASnoop", 1 << 5),
+            ("ParErr", 1 << 6),
+            ("Stepping", 1 << 7),
+            ("SERR", 1 << 8),
+            ("FastB2B", 1 << 9),
+            ("DisINTx", 1 << 10),
+        ];
+        let _ = writeln!(out, "\tControl: {}", flag_list(cmd, &control));
+        let before = [
+            ("Cap", 1 << 4),
+            ("66MHz", 1 << 5),
+            ("UDF", 1 << 6),
+            ("FastB2B", 1 << 7),
+            ("ParErr", 1 << 8),
+        ];
+        let after = [
+            (">TAbort", 1 << 11),
+            ("<TAbort", 1 << 12),
+            ("<MAbort", 1 << 13),
+            (">SERR", 1 << 14),
+            ("<PERR", 1 << 15),
+            ("INTx", 1 << 3),
+        ];
         let _ = writeln!(
             out,
-            "\tControl: I/O{} Mem{} BusMaster{} SpecCycle{} MemWINV{} VGASnoop{} ParErr{} \
-             Stepping{} SERR{} FastB2B{} DisINTx{}",
-            flag(cmd, 1),
-            flag(cmd, 1 << 1),
-            flag(cmd, 1 << 2),
-            flag(cmd, 1 << 3),
-            flag(cmd, 1 << 4),
-            flag(cmd, 1 << 5),
-            flag(cmd, 1 << 6),
-            flag(cmd, 1 << 7),
-            flag(cmd, 1 << 8),
-            flag(cmd, 1 << 9),
-            flag(cmd, 1 << 10),
-        );
-        let _ = writeln!(
-            out,
-            "\tStatus: Cap{} 66MHz{} UDF{} FastB2B{} ParErr{} DEVSEL={devsel} >TAbort{} \
-             <TAbort{} <MAbort{} >SERR{} <PERR{} INTx{}",
-            flag(status, 1 << 4),
-            flag(status, 1 << 5),
-            flag(status, 1 << 6),
-            flag(status, 1 << 7),
-            flag(status, 1 << 8),
-            flag(status, 1 << 11),
-            flag(status, 1 << 12),
-            flag(status, 1 << 13),
-            flag(status, 1 << 14),
-            flag(status, 1 << 15),
-            flag(status, 1 << 3),
+            "\tStatus: {} DEVSEL={devsel} {}",
+            flag_list(status, &before),
+            flag_list(status, &after)
         );
         if cmd & 4 != 0 {
             let _ = write!(out, "\tLatency: {latency}");
@@ -432,11 +444,16 @@ fn power_management(c: Cfg<'_>, at: u16, verbosity: Verbosity, out: &mut String)
     let aux = AUX_MA.get(((pmc >> 6) & 7) as usize).copied().unwrap_or(0);
     let _ = writeln!(
         out,
-        "\t\tFlags: PMEClk{} DSI{} D1{} D2{} AuxCurrent={aux}mA PME(D0{},D1{},D2{},D3hot{},D3cold{})",
-        flag(pmc, 1 << 3),
-        flag(pmc, 1 << 5),
-        flag(pmc, 1 << 9),
-        flag(pmc, 1 << 10),
+        "\t\tFlags: {} AuxCurrent={aux}mA PME(D0{},D1{},D2{},D3hot{},D3cold{})",
+        flag_list(
+            pmc,
+            &[
+                ("PMEClk", 1 << 3),
+                ("DSI", 1 << 5),
+                ("D1", 1 << 9),
+                ("D2", 1 << 10)
+            ]
+        ),
         flag(pmc, 1 << 11),
         flag(pmc, 1 << 12),
         flag(pmc, 1 << 13),
@@ -552,33 +569,48 @@ fn express(c: Cfg<'_>, at: u16, verbosity: Verbosity, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "\t\t\tExtTag{} AttnBtn{} AttnInd{} PwrInd{} RBE{} FLReset{} SlotPowerLimit {}W",
-        flag(devcap, 1 << 5),
-        flag(devcap, 1 << 12),
-        flag(devcap, 1 << 13),
-        flag(devcap, 1 << 14),
-        flag(devcap, 1 << 15),
-        flag(devcap, 1 << 28),
+        "\t\t\t{} SlotPowerLimit {}W",
+        flag_list(
+            devcap,
+            &[
+                ("ExtTag", 1 << 5),
+                ("AttnBtn", 1 << 12),
+                ("AttnInd", 1 << 13),
+                ("PwrInd", 1 << 14),
+                ("RBE", 1 << 15),
+                ("FLReset", 1 << 28),
+            ]
+        ),
         slot_power(devcap),
     );
     let devctl = u32::from(c.u16(at + pcie::DEVICE_CONTROL));
     let _ = writeln!(
         out,
-        "\t\tDevCtl:\tCorrErr{} NonFatalErr{} FatalErr{} UnsupReq{}",
-        flag(devctl, 1),
-        flag(devctl, 2),
-        flag(devctl, 4),
-        flag(devctl, 8),
+        "\t\tDevCtl:\t{}",
+        flag_list(
+            devctl,
+            &[
+                ("CorrErr", 1),
+                ("NonFatalErr", 2),
+                ("FatalErr", 4),
+                ("UnsupReq", 8)
+            ]
+        )
     );
     let _ = writeln!(
         out,
-        "\t\t\tRlxdOrd{} ExtTag{} PhantFunc{} AuxPwr{} NoSnoop{} FLReset{}",
-        flag(devctl, 1 << 4),
-        flag(devctl, 1 << 8),
-        flag(devctl, 1 << 9),
-        flag(devctl, 1 << 10),
-        flag(devctl, 1 << 11),
-        flag(devctl, 1 << 15),
+        "\t\t\t{}",
+        flag_list(
+            devctl,
+            &[
+                ("RlxdOrd", 1 << 4),
+                ("ExtTag", 1 << 8),
+                ("PhantFunc", 1 << 9),
+                ("AuxPwr", 1 << 10),
+                ("NoSnoop", 1 << 11),
+                ("FLReset", 1 << 15)
+            ]
+        )
     );
     let _ = writeln!(
         out,
@@ -589,13 +621,18 @@ fn express(c: Cfg<'_>, at: u16, verbosity: Verbosity, out: &mut String) {
     let devsta = u32::from(c.u16(at + pcie::DEVICE_STATUS));
     let _ = writeln!(
         out,
-        "\t\tDevSta:\tCorrErr{} NonFatalErr{} FatalErr{} UnsupReq{} AuxPwr{} TransPend{}",
-        flag(devsta, 1),
-        flag(devsta, 2),
-        flag(devsta, 4),
-        flag(devsta, 8),
-        flag(devsta, 16),
-        flag(devsta, 32),
+        "\t\tDevSta:\t{}",
+        flag_list(
+            devsta,
+            &[
+                ("CorrErr", 1),
+                ("NonFatalErr", 2),
+                ("FatalErr", 4),
+                ("UnsupReq", 8),
+                ("AuxPwr", 16),
+                ("TransPend", 32)
+            ]
+        )
     );
     // Link.
     let lnkcap = c.u32(at + pcie::LINK_CAPABILITIES);
@@ -623,12 +660,17 @@ fn express(c: Cfg<'_>, at: u16, verbosity: Verbosity, out: &mut String) {
     out.push('\n');
     let _ = writeln!(
         out,
-        "\t\t\tClockPM{} Surprise{} LLActRep{} BwNot{} ASPMOptComp{}",
-        flag(lnkcap, 1 << 18),
-        flag(lnkcap, 1 << 19),
-        flag(lnkcap, 1 << 20),
-        flag(lnkcap, 1 << 21),
-        flag(lnkcap, 1 << 22),
+        "\t\t\t{}",
+        flag_list(
+            lnkcap,
+            &[
+                ("ClockPM", 1 << 18),
+                ("Surprise", 1 << 19),
+                ("LLActRep", 1 << 20),
+                ("BwNot", 1 << 21),
+                ("ASPMOptComp", 1 << 22)
+            ]
+        )
     );
     let lnkctl = u32::from(c.u16(at + pcie::LINK_CONTROL));
     let aspm_ctl = match lnkctl & 3 {
@@ -646,12 +688,17 @@ fn express(c: Cfg<'_>, at: u16, verbosity: Verbosity, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "\t\t\tExtSynch{} ClockPM{} AutWidDis{} BWInt{} AutBWInt{}",
-        flag(lnkctl, 1 << 7),
-        flag(lnkctl, 1 << 8),
-        flag(lnkctl, 1 << 9),
-        flag(lnkctl, 1 << 10),
-        flag(lnkctl, 1 << 11),
+        "\t\t\t{}",
+        flag_list(
+            lnkctl,
+            &[
+                ("ExtSynch", 1 << 7),
+                ("ClockPM", 1 << 8),
+                ("AutWidDis", 1 << 9),
+                ("BWInt", 1 << 10),
+                ("AutBWInt", 1 << 11)
+            ]
+        )
     );
     let lnksta = u32::from(c.u16(at + pcie::LINK_STATUS));
     let _ = writeln!(
@@ -662,13 +709,18 @@ fn express(c: Cfg<'_>, at: u16, verbosity: Verbosity, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "\t\t\tTrErr{} Train{} SlotClk{} DLActive{} BWMgmt{} ABWMgmt{}",
-        flag(lnksta, 1 << 10),
-        flag(lnksta, 1 << 11),
-        flag(lnksta, 1 << 12),
-        flag(lnksta, 1 << 13),
-        flag(lnksta, 1 << 14),
-        flag(lnksta, 1 << 15),
+        "\t\t\t{}",
+        flag_list(
+            lnksta,
+            &[
+                ("TrErr", 1 << 10),
+                ("Train", 1 << 11),
+                ("SlotClk", 1 << 12),
+                ("DLActive", 1 << 13),
+                ("BWMgmt", 1 << 14),
+                ("ABWMgmt", 1 << 15)
+            ]
+        )
     );
     if version >= 2 {
         express_v2(c, at, out);
@@ -771,12 +823,16 @@ fn express_v2(c: Cfg<'_>, at: u16, out: &mut String) {
     };
     let _ = writeln!(
         out,
-        "\t\tLnkCap2: Supported Link Speeds: {}, Crosslink{} Retimer{} 2Retimers{} DRS{}",
-        vector,
-        flag(lnkcap2, 1 << 8),
-        flag(lnkcap2, 1 << 23),
-        flag(lnkcap2, 1 << 24),
-        flag(lnkcap2, 1 << 31),
+        "\t\tLnkCap2: Supported Link Speeds: {vector}, {}",
+        flag_list(
+            lnkcap2,
+            &[
+                ("Crosslink", 1 << 8),
+                ("Retimer", 1 << 23),
+                ("2Retimers", 1 << 24),
+                ("DRS", 1 << 31),
+            ]
+        ),
     );
     let lnkctl2 = u32::from(c.u16(at + pcie::LINK_CONTROL_2));
     let _ = writeln!(
@@ -796,7 +852,7 @@ fn express_v2(c: Cfg<'_>, at: u16, out: &mut String) {
         out,
         "\t\t\t Compliance Preset/De-emphasis: -6dB de-emphasis, 0dB preshoot",
     );
-    let lnksta2 = u32::from(c.u16(at + 0x32));
+    let lnksta2 = u32::from(c.u16(at + pcie::LINK_STATUS_2));
     let _ = writeln!(
         out,
         "\t\tLnkSta2: Current De-emphasis Level: {}, EqualizationComplete{} EqualizationPhase1{}",
@@ -824,9 +880,9 @@ fn sriov(c: Cfg<'_>, at: u16, verbosity: Verbosity, out: &mut String) {
     if verbosity < Verbosity::VeryVerbose {
         return;
     }
-    let caps = c.u32(at + 0x04);
-    let ctl = u32::from(c.u16(at + 0x08));
-    let sta = u32::from(c.u16(at + 0x0a));
+    let caps = c.u32(at + iov::CAPABILITIES);
+    let ctl = u32::from(c.u16(at + iov::CONTROL));
+    let sta = u32::from(c.u16(at + iov::STATUS));
     let _ = writeln!(
         out,
         "\t\tIOVCap:\tMigration{} 10BitTagReq{} IntMsgNum {}",
@@ -836,39 +892,44 @@ fn sriov(c: Cfg<'_>, at: u16, verbosity: Verbosity, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "\t\tIOVCtl:\tEnable{} Migration{} Interrupt{} MSE{} ARIHierarchy{} 10BitTagReq{}",
-        flag(ctl, 1),
-        flag(ctl, 1 << 1),
-        flag(ctl, 1 << 2),
-        flag(ctl, 1 << 3),
-        flag(ctl, 1 << 4),
-        flag(ctl, 1 << 5),
+        "\t\tIOVCtl:\t{}",
+        flag_list(
+            ctl,
+            &[
+                ("Enable", 1),
+                ("Migration", 1 << 1),
+                ("Interrupt", 1 << 2),
+                ("MSE", 1 << 3),
+                ("ARIHierarchy", 1 << 4),
+                ("10BitTagReq", 1 << 5)
+            ]
+        )
     );
     let _ = writeln!(out, "\t\tIOVSta:\tMigration{}", flag(sta, 1));
     let _ = writeln!(
         out,
         "\t\tInitial VFs: {}, Total VFs: {}, Number of VFs: {}, Function Dependency Link: {:02x}",
-        c.u16(at + 0x0c),
-        c.u16(at + 0x0e),
-        c.u16(at + 0x10),
-        c.u8(at + 0x12),
+        c.u16(at + iov::INITIAL_VFS),
+        c.u16(at + iov::TOTAL_VFS),
+        c.u16(at + iov::NUM_VFS),
+        c.u8(at + iov::FUNCTION_DEPENDENCY_LINK),
     );
     let _ = writeln!(
         out,
         "\t\tVF offset: {}, stride: {}, Device ID: {:04x}",
-        c.u16(at + 0x14),
-        c.u16(at + 0x16),
-        c.u16(at + 0x1a),
+        c.u16(at + iov::FIRST_VF_OFFSET),
+        c.u16(at + iov::VF_STRIDE),
+        c.u16(at + iov::VF_DEVICE_ID),
     );
     let _ = writeln!(
         out,
         "\t\tSupported Page Size: {:08x}, System Page Size: {:08x}",
-        c.u32(at + 0x1c),
-        c.u32(at + 0x20),
+        c.u32(at + iov::SUPPORTED_PAGE_SIZES),
+        c.u32(at + iov::SYSTEM_PAGE_SIZE),
     );
     let mut i = 0u16;
     while i < 6 {
-        let off = at + 0x24 + 4 * i;
+        let off = at + iov::VF_BAR0 + 4 * i;
         let flg = c.u32(off);
         let is_64 = (flg >> 1) & 3 == 2;
         let this = i;
@@ -897,8 +958,8 @@ fn sriov(c: Cfg<'_>, at: u16, verbosity: Verbosity, out: &mut String) {
     let _ = writeln!(
         out,
         "\t\tVF Migration: offset: {:08x}, BIR: {}",
-        c.u32(at + 0x3c) & !7,
-        c.u32(at + 0x3c) & 7
+        c.u32(at + iov::VF_MIGRATION_STATE) & !7,
+        c.u32(at + iov::VF_MIGRATION_STATE) & 7
     );
 }
 
