@@ -17,25 +17,19 @@ use devlend_nvme_driver::workload::{self, Limit, Pattern, Workload};
 use devlend_nvme_driver::{Controller, DriverConfig};
 use devlend_pci::PciFunction;
 
+use crate::cmd::bench_args::SampleArgs;
 use crate::cmd::ctl;
 use crate::pair::Pair;
 use crate::proto;
 
 /// Options.
 #[derive(clap::Args)]
+#[command(mut_arg("reps", |a| a.help(
+    "Samples per placement (interleaved host, CMB, host, ...); medians are reported"
+)))]
 pub struct Args {
-    /// Seconds per sample.
-    #[arg(long, default_value_t = 1.0)]
-    seconds: f64,
-    /// Samples per placement (interleaved host, CMB, host, ...); medians are reported.
-    #[arg(long, default_value_t = 3)]
-    reps: usize,
-    /// A short run (for smoke tests).
-    #[arg(long)]
-    quick: bool,
-    /// Print JSON (docs/BENCH.md) instead of a table.
-    #[arg(long)]
-    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) run: SampleArgs,
     /// Reap completions by polling instead of waiting for MSI-X interrupts.
     #[arg(long)]
     polling: bool,
@@ -124,11 +118,7 @@ fn sample(c: &Controller, w: &Workload) -> anyhow::Result<Sample> {
 
 /// Runs the benchmark.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let (secs, reps) = if a.quick {
-        (0.2, 1)
-    } else {
-        (a.seconds.max(0.1), a.reps.max(1))
-    };
+    let (secs, reps) = a.run.plan();
     let base = DriverConfig {
         io_queues: 1,
         completion: if a.polling {
@@ -206,6 +196,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "SQ in host memory: the device fetches each 64-byte command, and a write's data, from borrower memory (non-posted reads across the link). SQ in the CMB: the driver writes the command, and a write's data of up to 4 KiB, into the device's BAR (posted writes); on shm the driver reads the entry back before its doorbell, a direct store, so the doorbell cannot overtake it".into(),
     );
     report.notes.extend(notes);
-    report.emit(a.json);
+    report.emit(a.run.json);
     Ok(())
 }

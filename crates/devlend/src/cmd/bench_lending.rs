@@ -26,24 +26,18 @@ use devlend_nvme_driver::Controller;
 use devlend_pci::PciFunction;
 
 use crate::cmd::baseline_tls::{RawTlsClient, RawTlsServer};
+use crate::cmd::bench_args::SampleArgs;
 use crate::host::{self, NvmeOptions};
 use crate::pair::Pair;
 
 /// Options.
 #[derive(clap::Args)]
+#[command(mut_arg("reps", |a| a.help(
+    "Samples per side (interleaved local, borrowed, local, ...); medians are reported"
+)))]
 pub struct Args {
-    /// Seconds per sample.
-    #[arg(long, default_value_t = 1.0)]
-    seconds: f64,
-    /// Samples per side (interleaved local, borrowed, local, ...); medians are reported.
-    #[arg(long, default_value_t = 3)]
-    reps: usize,
-    /// A short run (for smoke tests).
-    #[arg(long)]
-    quick: bool,
-    /// Print JSON (docs/BENCH.md) instead of a table.
-    #[arg(long)]
-    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) run: SampleArgs,
     /// Reap completions by polling instead of waiting for MSI-X interrupts (both sides).
     #[arg(long)]
     polling: bool,
@@ -233,13 +227,9 @@ const ROWS: [Row; 6] = [
 
 /// Runs the benchmark.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let (secs, reps) = if a.quick {
-        (0.2, 1)
-    } else {
-        (a.seconds.max(0.1), a.reps.max(1))
-    };
+    let (secs, reps) = a.run.plan();
     // Bytes of one raw stream sample: about what the device moves in a sample.
-    let stream_bytes: usize = if a.quick { 16 << 20 } else { 64 << 20 };
+    let stream_bytes: usize = if a.run.quick { 16 << 20 } else { 64 << 20 };
     let size = 256u64 << 20;
     let pair = Pair::start(&a.dir)?;
     pair.lender_add_nvme("bench0", &pair.dir.join("lent.img"), size)?;
@@ -391,6 +381,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ));
     }
     report.notes.extend(notes);
-    report.emit(a.json);
+    report.emit(a.run.json);
     Ok(())
 }

@@ -24,6 +24,7 @@ use devlend_nvme_driver::workload::{self, Limit, Pattern, Workload};
 use devlend_nvme_driver::Controller;
 use devlend_pci::PciFunction;
 
+use super::bench_args::SampleArgs;
 use super::ctl::call;
 use crate::host::{self, FabricSpec, NvmeOptions};
 use crate::proto::{AddRequest, StatusRequest};
@@ -40,19 +41,13 @@ const CTL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Options.
 #[derive(clap::Args)]
+#[command(mut_arg("reps", |a| a.help(
+    "Samples per borrower count (interleaved with the local ones); medians are reported"
+)))]
+#[command(mut_arg("quick", |a| a.help("A short run (for smoke tests): one sample of 0.2 s per side")))]
 pub struct Args {
-    /// Seconds per sample.
-    #[arg(long, default_value_t = 1.0)]
-    seconds: f64,
-    /// Samples per borrower count (interleaved with the local ones); medians are reported.
-    #[arg(long, default_value_t = 3)]
-    reps: usize,
-    /// A short run (for smoke tests): one sample of 0.2 s per side.
-    #[arg(long)]
-    quick: bool,
-    /// Print JSON (docs/BENCH.md) instead of a table.
-    #[arg(long)]
-    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) run: SampleArgs,
     /// Scratch directory.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
@@ -242,11 +237,7 @@ impl Rig {
 
 /// Runs the benchmark.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let (secs, reps) = if a.quick {
-        (0.2, 1)
-    } else {
-        (a.seconds.max(0.1), a.reps.max(1))
-    };
+    let (secs, reps) = a.run.plan();
     let most = SIZES.iter().copied().max().unwrap_or(1);
     let mut rig = Rig::start(&a.dir, most)?;
     let local = host::local_nvme(NvmeOptions {
@@ -337,7 +328,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     ));
     drop(rig);
-    report.emit(a.json);
+    report.emit(a.run.json);
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 
 pub mod baseline;
 pub mod baseline_tls;
+pub mod bench_args;
 pub mod bench_cluster;
 pub mod bench_cmb;
 pub mod bench_fabric;
