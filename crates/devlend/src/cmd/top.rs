@@ -4,7 +4,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use devlend_metrics::Snapshot;
+use devlend_metrics::{DeviceSnapshot, LinkSnapshot, Snapshot};
 
 use super::ctl::{call, Target};
 
@@ -114,6 +114,8 @@ pub fn screen(
     ));
     for l in &now.links {
         let old = prev.and_then(|p| p.links.iter().find(|o| o.info.index == l.info.index));
+        // A counter's rate since the previous sample.
+        let since = |f: fn(&LinkSnapshot) -> u64| per_s(f(l), old.map(f));
         out.push_str(&format!(
             "{:<5} {:<6} {:<12} {:<5} {:>6} {:>14} {:>14} {:>10.0} {:>10.0} {:>6}\n",
             l.info.index,
@@ -125,16 +127,10 @@ pub fn screen(
             },
             if l.info.up { "up" } else { "down" },
             l.info.reconnects,
-            rate(
-                per_s(l.window_write_bytes, old.map(|o| o.window_write_bytes)),
-                "B/s"
-            ),
-            rate(
-                per_s(l.window_read_bytes, old.map(|o| o.window_read_bytes)),
-                "B/s"
-            ),
-            per_s(l.doorbells_sent, old.map(|o| o.doorbells_sent)),
-            per_s(l.doorbells_received, old.map(|o| o.doorbells_received)),
+            rate(since(|s| s.window_write_bytes), "B/s"),
+            rate(since(|s| s.window_read_bytes), "B/s"),
+            since(|s| s.doorbells_sent),
+            since(|s| s.doorbells_received),
             l.errors,
         ));
     }
@@ -166,25 +162,18 @@ pub fn screen(
             }
             _ => "-".to_string(),
         };
+        // A counter's rate since the previous sample.
+        let since = |f: fn(&DeviceSnapshot) -> u64| per_s(f(d), old.map(f));
         out.push_str(&format!(
             "{:<12} {:<8} {:>7.0} {:>9.0} {:>9.0} {:>12} {:>12} {:>7.0} {:>6} {:>9}\n",
             d.name,
             d.role.as_str(),
-            per_s(
-                d.config_reads + d.config_writes,
-                old.map(|o| o.config_reads + o.config_writes)
-            ),
-            per_s(d.mmio_reads, old.map(|o| o.mmio_reads)),
-            per_s(d.mmio_writes, old.map(|o| o.mmio_writes)),
-            rate(
-                per_s(d.dma_read_bytes, old.map(|o| o.dma_read_bytes)),
-                "B/s"
-            ),
-            rate(
-                per_s(d.dma_write_bytes, old.map(|o| o.dma_write_bytes)),
-                "B/s"
-            ),
-            per_s(d.interrupts, old.map(|o| o.interrupts)),
+            since(|s| s.config_reads + s.config_writes),
+            since(|s| s.mmio_reads),
+            since(|s| s.mmio_writes),
+            rate(since(|s| s.dma_read_bytes), "B/s"),
+            rate(since(|s| s.dma_write_bytes), "B/s"),
+            since(|s| s.interrupts),
             d.errors,
             rtt,
         ));
