@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::ctl::{call, Target};
 use crate::proto::{
-    AddRequest, AddVfioRequest, BorrowRequest, CheckRequest, Device, DeviceState, ErrorBody,
-    ErrorCode, ListRequest, ReclaimRequest, ReturnRequest, StatusRequest, VmAttachment,
+    AddReply, AddRequest, AddVfioRequest, BorrowRequest, CheckRequest, Device, DeviceState,
+    ErrorBody, ErrorCode, ListRequest, ReclaimRequest, ReturnRequest, StatusRequest, VmAttachment,
 };
 
 /// `devlend add nvme ...`
@@ -302,8 +302,12 @@ pub fn add(a: AddArgs) -> anyhow::Result<()> {
         vf_namespaces: a.vf_namespaces,
         cmb: a.cmb,
     };
-    let v = call(&a.target.state, req, TIMEOUT)?;
-    emit(&a.target, &v, |v| {
+    emit_added(&a.target, call(&a.target.state, req, TIMEOUT)?)
+}
+
+/// Prints what `add` added: its devices, one line each, or the reply as JSON.
+fn emit_added(target: &Target, v: AddReply) -> anyhow::Result<()> {
+    emit(target, &v, |v| {
         v.devices
             .iter()
             .map(|d| format!("added {}", device_line(d)))
@@ -334,13 +338,7 @@ fn add_vfio(a: AddArgs) -> anyhow::Result<()> {
         bdf,
         bind: a.bind,
     };
-    let v = call(&a.target.state, req, TIMEOUT)?;
-    emit(&a.target, &v, |v| {
-        v.devices
-            .iter()
-            .map(|d| format!("added {}", device_line(d)))
-            .collect()
-    })
+    emit_added(&a.target, call(&a.target.state, req, TIMEOUT)?)
 }
 
 /// Runs `list`.
