@@ -253,7 +253,8 @@ impl NvmeOptions {
         ))
     }
 
-    fn config(&self) -> devlend_nvme::NvmeConfig {
+    /// The device model's configuration.
+    pub(crate) fn config(&self) -> devlend_nvme::NvmeConfig {
         let mut cfg = devlend_nvme::NvmeConfig::new(&self.image);
         cfg.create_size = self.size;
         if let Some(s) = &self.serial {

@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use devlend_nvme::{NvmeConfig, NvmeDevice};
+use devlend_nvme::NvmeDevice;
 use devlend_pci::{LocalFunction, PciDevice, PciFunction};
 use devlend_vfio_user::Server;
+
+use crate::host::NvmeOptions;
 
 /// Arguments.
 #[derive(clap::Args)]
@@ -46,6 +48,21 @@ pub struct NvmeArgs {
     pub vfio_user: PathBuf,
 }
 
+impl NvmeArgs {
+    /// The device these options describe, as a node's `add nvme` builds it (default queues,
+    /// no CMB).
+    pub fn options(&self) -> NvmeOptions {
+        NvmeOptions {
+            image: self.image.clone(),
+            size: self.size,
+            serial: self.serial.clone(),
+            model: self.model.clone(),
+            queues: None,
+            cmb: None,
+        }
+    }
+}
+
 /// A byte count with an optional K/M/G (binary) suffix.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_uppercase();
@@ -65,14 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.device {
         Device::Nvme(a) => {
             // The image is this server's alone while it runs (as a node's device holds it).
-            let mut lock = crate::host::ImageLock::take(&crate::host::NvmeOptions {
-                image: a.image.clone(),
-                size: a.size,
-                serial: None,
-                model: None,
-                queues: None,
-                cmb: None,
-            })?;
+            let mut lock = crate::host::ImageLock::take(&a.options())?;
             let function = local_nvme(&a)?;
             lock.keep();
             serve(function, &a.vfio_user)
@@ -82,14 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// The NVMe model bound locally, as the `PciFunction` the server (or a bench) uses.
 pub fn local_nvme(a: &NvmeArgs) -> anyhow::Result<Arc<dyn PciFunction>> {
-    let mut config = NvmeConfig::new(&a.image);
-    config.create_size = a.size;
-    if let Some(s) = &a.serial {
-        config.serial = s.clone();
-    }
-    if let Some(m) = &a.model {
-        config.model = m.clone();
-    }
+    let mut config = a.options().config();
     if let Some(us) = a.poll_spin_us {
         config.poll_spin = std::time::Duration::from_micros(us);
     }
