@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use devlend_pci::config::{bar, cap, command, header, msix, status, CAPABILITIES_START};
+use devlend_pci::config::{bar, cap, command, header, msix, status};
 use devlend_pci::msix as table;
 use devlend_pci::{AccessSize, BarIndex, DmaBuffer, PciFunction};
 
@@ -1000,17 +1000,15 @@ fn find_capability(fun: &dyn PciFunction, id: u8) -> Result<Option<u16>, NvmeErr
     if sts & status::CAPABILITIES_LIST == 0 {
         return Ok(None);
     }
-    let mut ptr = (fun.config_read(header::CAPABILITIES_POINTER, AccessSize::Byte)? as u16) & 0xfc;
-    for _ in 0..pci::MAX_CAPABILITIES {
-        // Capabilities live after the 64-byte header and inside the 256-byte legacy space.
-        if !(CAPABILITIES_START..=0xfc).contains(&ptr) {
-            return Ok(None);
-        }
-        let id_next = fun.config_read(ptr, AccessSize::Word)? as u16;
-        if (id_next & 0xff) as u8 == id {
-            return Ok(Some(ptr));
-        }
-        ptr = (id_next >> 8) & 0xfc;
-    }
-    Ok(None)
+    let first = (fun.config_read(header::CAPABILITIES_POINTER, AccessSize::Byte)? as u16) & 0xfc;
+    // One word read per capability: its ID and Next pointer.
+    let visit = |at: u16| -> Result<cap::Step, NvmeError> {
+        let id_next = fun.config_read(at, AccessSize::Word)?;
+        Ok(cap::step(id_next as u8, || (id_next >> 8) as u8, id))
+    };
+    // A list that loops is treated as one without MSI-X.
+    Ok(match cap::find(first, visit)? {
+        cap::Search::Found(at) => Some(at),
+        cap::Search::Absent | cap::Search::Looping => None,
+    })
 }

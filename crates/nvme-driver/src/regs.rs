@@ -151,7 +151,8 @@ pub fn aqa(sq_entries: u32, cq_entries: u32) -> u32 {
 
 /// PCI-level values the driver chooses or checks that are not config space registers (every
 /// config space offset and bit the driver uses is `devlend-pci`'s: `devlend_pci::config` and
-/// `devlend_pci::msix`, the single place they are declared).
+/// `devlend_pci::msix`, the single place they are declared, as is the capability walk,
+/// `devlend_pci::config::cap::find`).
 pub mod pci {
     /// Class code of an NVM Express controller: mass storage, non-volatile memory, NVMe (an NVMe
     /// spec value, not a register; the driver does not depend on the device model).
@@ -159,9 +160,6 @@ pub mod pci {
     /// The message address the driver programs (the x86 interrupt window; a local binding
     /// does not interpret it, a lending layer redirects it). A driver's choice, not a register.
     pub const MSIX_MESSAGE_ADDRESS: u64 = 0xfee0_0000;
-    /// Capability walks stop after this many entries (a looping list is malformed). A driver's
-    /// limit, not a register.
-    pub const MAX_CAPABILITIES: usize = 48;
 }
 
 #[cfg(test)]

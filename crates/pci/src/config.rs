@@ -132,6 +132,57 @@ pub mod cap {
     pub const ID: u16 = 0x00;
     /// Offset of the Next Capability Pointer byte in every capability.
     pub const NEXT: u16 = 0x01;
+    /// Most entries a walk of the list visits: each capability takes at least 4 of the 192
+    /// bytes after the header, so a longer walk is a list that loops.
+    pub const MAX_WALK: usize = 48;
+
+    /// What a walk of the capability list found.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Search {
+        /// The capability is at this offset.
+        Found(u16),
+        /// The list ended (a pointer outside the capability area, e.g. 0) without it.
+        Absent,
+        /// [`MAX_WALK`] entries without an end: the list loops.
+        Looping,
+    }
+
+    /// What the caller saw at one capability of a walk.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Step {
+        /// This is the capability sought.
+        Found,
+        /// It is not; the walk goes on at this Next pointer (its low two bits are ignored).
+        Next(u8),
+    }
+
+    /// Walks the capability list from `first` (the Capabilities Pointer as the caller read
+    /// it); `visit(at)` reads the capability at `at` and says whether it is the one sought. A
+    /// pointer outside `0x40..0x100` ends the list. The one walk every reader of a function's
+    /// list uses (the device model's config space, the driver, VFIO's probe), each with its
+    /// own config reads.
+    pub fn find<E>(first: u16, mut visit: impl FnMut(u16) -> Result<Step, E>) -> Result<Search, E> {
+        let mut at = first;
+        for _ in 0..MAX_WALK {
+            if !(super::CAPABILITIES_START..super::EXTENDED_CONFIG_START).contains(&at) {
+                return Ok(Search::Absent);
+            }
+            match visit(at)? {
+                Step::Found => return Ok(Search::Found(at)),
+                Step::Next(next) => at = u16::from(next) & !0x3,
+            }
+        }
+        Ok(Search::Looping)
+    }
+
+    /// [`Step`] from the two bytes of a capability's header: ID and Next.
+    pub fn step(header_id: u8, next: impl FnOnce() -> u8, id: u8) -> Step {
+        if header_id == id {
+            Step::Found
+        } else {
+            Step::Next(next())
+        }
+    }
 }
 
 /// The Power Management capability (PCI PM 1.2).
@@ -909,19 +960,16 @@ impl ConfigSpace {
 
     /// Offset of the first capability with `id` in the list, walking from 0x34.
     pub fn capability_offset(&self, id: u8) -> Option<u16> {
-        let mut at = load(&self.regs, header::CAPABILITIES_POINTER, 1) as u16;
-        // Each capability takes at least 4 bytes of the 192 after the header: a bound on the
-        // walk even if the list were corrupt.
-        for _ in 0..48 {
-            if !(CAPABILITIES_START..EXTENDED_CONFIG_START).contains(&at) {
-                return None;
-            }
-            if load(&self.regs, at + cap::ID, 1) as u8 == id {
-                return Some(at);
-            }
-            at = load(&self.regs, at + cap::NEXT, 1) as u16 & !0x3;
+        let byte = |off: u16| load(&self.regs, off, 1) as u8;
+        let first = u16::from(byte(header::CAPABILITIES_POINTER));
+        let visit = |at: u16| {
+            let step = cap::step(byte(at + cap::ID), || byte(at + cap::NEXT), id);
+            Ok::<_, std::convert::Infallible>(step)
+        };
+        match cap::find(first, visit) {
+            Ok(cap::Search::Found(at)) => Some(at),
+            _ => None,
         }
-        None
     }
 
     /// The MSI-X layout and the offset of its capability, if the function has MSI-X.

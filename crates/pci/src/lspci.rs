@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use crate::config::{cap, header, msix, pcie, pm, sriov as iov};
 
 /// How many entries of a capability list are walked at most (a looping list stops there).
-pub const MAX_CAPABILITIES: usize = 48;
+pub const MAX_CAPABILITIES: usize = cap::MAX_WALK;
 
 /// How much `lspci` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

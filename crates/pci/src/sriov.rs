@@ -10,7 +10,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::config::{command, header, pcie, Identity};
+use crate::config::{cap, command, header, pcie, Identity};
 use crate::{
     AccessSize, BarIndex, BarSpec, ConfigSpace, ConfigSpaceBuilder, MemoryArea, PciDevice,
 };
@@ -98,20 +98,18 @@ impl PresentedVf {
     }
 }
 
-/// Walks `dev`'s capability list through config reads (bounded like [`ConfigSpace`]'s walk).
+/// Walks `dev`'s capability list through config reads ([`cap::find`]).
 fn capability(dev: &dyn PciDevice, id: u8) -> Option<u16> {
-    let mut at = dev.config_read(header::CAPABILITIES_POINTER, AccessSize::Byte) as u16;
-    for _ in 0..48 {
-        if !(crate::config::CAPABILITIES_START..crate::config::EXTENDED_CONFIG_START).contains(&at)
-        {
-            return None;
-        }
-        if dev.config_read(at, AccessSize::Byte) as u8 == id {
-            return Some(at);
-        }
-        at = dev.config_read(at + 1, AccessSize::Byte) as u16 & !0x3;
+    let byte = |off: u16| dev.config_read(off, AccessSize::Byte) as u8;
+    let first = u16::from(byte(header::CAPABILITIES_POINTER));
+    let visit = |at: u16| {
+        let step = cap::step(byte(at + cap::ID), || byte(at + cap::NEXT), id);
+        Ok::<_, std::convert::Infallible>(step)
+    };
+    match cap::find(first, visit) {
+        Ok(cap::Search::Found(at)) => Some(at),
+        _ => None,
     }
-    None
 }
 
 impl PciDevice for PresentedVf {

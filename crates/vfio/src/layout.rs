@@ -2,7 +2,7 @@
 //! BARs of which kind, where the MSI-X table and PBA are, and which parts of each BAR may be
 //! mmapped (the parts VFIO allows, minus the pages the MSI-X emulation must see).
 
-use devlend_pci::config::{bar, header, msix as msix_cap, status, CAPABILITIES_START};
+use devlend_pci::config::{bar, cap, header, msix as msix_cap, status};
 use devlend_pci::config::{BarRegion, MsixLayout};
 use devlend_pci::{AccessSize, BarIndex, BarSpec};
 
@@ -42,18 +42,17 @@ pub fn find_capability(
     if read(header::STATUS, AccessSize::Word)? & u32::from(status::CAPABILITIES_LIST) == 0 {
         return Ok(None);
     }
-    let mut ptr = (read(header::CAPABILITIES_POINTER, AccessSize::Byte)? & 0xfc) as u16;
-    for _ in 0..48 {
-        if !(CAPABILITIES_START..=0xfc).contains(&ptr) {
-            return Ok(None);
-        }
-        let header = read(ptr, AccessSize::Word)?;
-        if (header & 0xff) as u8 == id {
-            return Ok(Some(ptr));
-        }
-        ptr = ((header >> 8) & 0xfc) as u16;
+    let first = (read(header::CAPABILITIES_POINTER, AccessSize::Byte)? & 0xfc) as u16;
+    // One word read per capability: its ID and Next pointer.
+    let visit = |at: u16| -> Result<cap::Step, VfioError> {
+        let id_next = read(at, AccessSize::Word)?;
+        Ok(cap::step(id_next as u8, || (id_next >> 8) as u8, id))
+    };
+    match cap::find(first, visit)? {
+        cap::Search::Found(at) => Ok(Some(at)),
+        cap::Search::Absent => Ok(None),
+        cap::Search::Looping => Err(VfioError::Config("the capability list does not end".into())),
     }
-    Err(VfioError::Config("the capability list does not end".into()))
 }
 
 /// The MSI-X layout declared by the capability at `cap`.
