@@ -175,6 +175,21 @@ pub mod cap {
         Ok(Search::Looping)
     }
 
+    /// [`find`] through byte reads (`byte(offset)`): the Capabilities Pointer, then each
+    /// capability's ID, and its Next pointer only when the walk goes on. `None` when the list
+    /// ends or loops without `id`.
+    pub fn find_by_bytes(byte: impl Fn(u16) -> u8, id: u8) -> Option<u16> {
+        let first = u16::from(byte(super::header::CAPABILITIES_POINTER));
+        let visit = |at: u16| {
+            let step = step(byte(at + ID), || byte(at + NEXT), id);
+            Ok::<_, std::convert::Infallible>(step)
+        };
+        match find(first, visit) {
+            Ok(Search::Found(at)) => Some(at),
+            _ => None,
+        }
+    }
+
     /// [`Step`] from the two bytes of a capability's header: ID and Next.
     pub fn step(header_id: u8, next: impl FnOnce() -> u8, id: u8) -> Step {
         if header_id == id {
@@ -960,16 +975,7 @@ impl ConfigSpace {
 
     /// Offset of the first capability with `id` in the list, walking from 0x34.
     pub fn capability_offset(&self, id: u8) -> Option<u16> {
-        let byte = |off: u16| load(&self.regs, off, 1) as u8;
-        let first = u16::from(byte(header::CAPABILITIES_POINTER));
-        let visit = |at: u16| {
-            let step = cap::step(byte(at + cap::ID), || byte(at + cap::NEXT), id);
-            Ok::<_, std::convert::Infallible>(step)
-        };
-        match cap::find(first, visit) {
-            Ok(cap::Search::Found(at)) => Some(at),
-            _ => None,
-        }
+        cap::find_by_bytes(|off| load(&self.regs, off, 1) as u8, id)
     }
 
     /// The MSI-X layout and the offset of its capability, if the function has MSI-X.

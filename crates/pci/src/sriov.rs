@@ -98,18 +98,9 @@ impl PresentedVf {
     }
 }
 
-/// Walks `dev`'s capability list through config reads ([`cap::find`]).
+/// Walks `dev`'s capability list through config reads ([`cap::find_by_bytes`]).
 fn capability(dev: &dyn PciDevice, id: u8) -> Option<u16> {
-    let byte = |off: u16| dev.config_read(off, AccessSize::Byte) as u8;
-    let first = u16::from(byte(header::CAPABILITIES_POINTER));
-    let visit = |at: u16| {
-        let step = cap::step(byte(at + cap::ID), || byte(at + cap::NEXT), id);
-        Ok::<_, std::convert::Infallible>(step)
-    };
-    match cap::find(first, visit) {
-        Ok(cap::Search::Found(at)) => Some(at),
-        _ => None,
-    }
+    cap::find_by_bytes(|off| dev.config_read(off, AccessSize::Byte) as u8, id)
 }
 
 impl PciDevice for PresentedVf {
