@@ -213,33 +213,31 @@ fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: Socke
         }
     };
     inner.publish(&session);
-    let writer = {
-        let (inner, session) = (inner.clone(), session.clone());
-        std::thread::Builder::new()
-            .name("fabric-tcp-writer".into())
-            .spawn(move || {
-                crate::cpu::place(inner.cfg.cpus.writer, "writer");
-                writer_loop(&inner, &session)
-            })
-    };
-    let service = {
-        let (inner, session) = (inner.clone(), session.clone());
-        std::thread::Builder::new()
-            .name("fabric-tcp-service".into())
-            .spawn(move || {
-                crate::cpu::place(inner.cfg.cpus.reader, "service");
-                while let Some((items, _)) = session.inq.pop_all() {
-                    for item in items {
-                        inner.apply(&session, item);
-                    }
-                    session.inq.done();
-                    if let Err(e) = session.flush(Flush::NonBlocking) {
-                        tracing::debug!(error = %e, "fabric send failed");
-                        inner.link_down(&session);
-                    }
+    let writer = connection_thread(
+        inner,
+        &session,
+        "writer",
+        inner.cfg.cpus.writer,
+        writer_loop,
+    );
+    let service = connection_thread(
+        inner,
+        &session,
+        "service",
+        inner.cfg.cpus.reader,
+        |inner, session| {
+            while let Some((items, _)) = session.inq.pop_all() {
+                for item in items {
+                    inner.apply(session, item);
                 }
-            })
-    };
+                session.inq.done();
+                if let Err(e) = session.flush(Flush::NonBlocking) {
+                    tracing::debug!(error = %e, "fabric send failed");
+                    inner.link_down(session);
+                }
+            }
+        },
+    );
     let result = match (&writer, &service) {
         (Ok(_), Ok(_)) => session.read_loop(inner),
         _ => Err(EndError::Protocol(
@@ -269,6 +267,24 @@ fn run_session(inner: &Arc<Inner>, stream: TcpStream, chan: Channel, peer: Socke
     if let Ok(s) = service {
         let _ = s.join();
     }
+}
+
+/// Starts one of a connection's threads, `fabric-tcp-ROLE`, placed on `cpu` (see
+/// [`crate::TcpConfig::cpus`]), running `body`.
+fn connection_thread(
+    inner: &Arc<Inner>,
+    session: &Arc<Connection>,
+    role: &'static str,
+    cpu: Option<usize>,
+    body: fn(&Inner, &Connection),
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let (inner, session) = (inner.clone(), session.clone());
+    std::thread::Builder::new()
+        .name(format!("fabric-tcp-{role}"))
+        .spawn(move || {
+            crate::cpu::place(cpu, role);
+            body(&inner, &session)
+        })
 }
 
 #[cfg(test)]
