@@ -122,6 +122,24 @@ struct Producer {
     head: u32,
 }
 
+/// Writes the header of the ring entry at `e`: what it asks (`kind`), of which window, how many
+/// bytes at which offset.
+fn store_request(
+    page: &ControlPage,
+    e: u64,
+    kind: u32,
+    window: usize,
+    len: usize,
+    offset: u64,
+) -> Result<()> {
+    let mem = page.mem();
+    mem.store_u32(e + page::E_KIND, kind)?;
+    mem.store_u32(e + page::E_WINDOW, window as u32)?;
+    mem.store_u32(e + page::E_LEN, len as u32)?;
+    mem.store_u64(e + page::E_OFFSET, offset)?;
+    Ok(())
+}
+
 /// One connection of the page-based backends (shm, loopback): this side's control page, the
 /// peer's, what the peer exported. (Not `devlend_fabric_tcp`'s `Connection`, a TLS connection.)
 pub(crate) struct PagePair {
@@ -234,12 +252,8 @@ impl PagePair {
         let mut at = offset;
         for chunk in data.chunks(page::ENTRY_DATA_MAX) {
             self.push(&mut producer, cfg.spin, deadline, |p, e| {
-                let mem = p.mem();
-                mem.store_u32(e + page::E_KIND, KIND_WRITE)?;
-                mem.store_u32(e + page::E_WINDOW, window as u32)?;
-                mem.store_u32(e + page::E_LEN, chunk.len() as u32)?;
-                mem.store_u64(e + page::E_OFFSET, at)?;
-                mem.write_at(e + page::E_DATA, chunk)?;
+                store_request(p, e, KIND_WRITE, window, chunk.len(), at)?;
+                p.mem().write_at(e + page::E_DATA, chunk)?;
                 Ok(())
             })?;
             at += chunk.len() as u64;
@@ -264,12 +278,8 @@ impl PagePair {
             {
                 let mut producer = lock(&self.producer);
                 self.push(&mut producer, cfg.spin, deadline, |p, e| {
-                    let mem = p.mem();
-                    mem.store_u32(e + page::E_KIND, KIND_READ)?;
-                    mem.store_u32(e + page::E_WINDOW, window as u32)?;
-                    mem.store_u32(e + page::E_LEN, chunk.len() as u32)?;
-                    mem.store_u64(e + page::E_OFFSET, at)?;
-                    mem.store_u32(e + page::E_TAG, tag)?;
+                    store_request(p, e, KIND_READ, window, chunk.len(), at)?;
+                    p.mem().store_u32(e + page::E_TAG, tag)?;
                     Ok(())
                 })?;
             }
