@@ -268,7 +268,7 @@ impl Drop for Pair {
 }
 
 /// The demo's `add nvme` request: a whole function, its serial and model named after it.
-fn nvme_request(name: &str, image: &Path, size: u64) -> proto::AddRequest {
+pub(crate) fn nvme_request(name: &str, image: &Path, size: u64) -> proto::AddRequest {
     proto::AddRequest {
         kind: "nvme".into(),
         name: name.into(),

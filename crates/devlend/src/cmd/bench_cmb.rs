@@ -64,17 +64,10 @@ struct Side {
 }
 
 fn add(pair: &Pair, name: &str) -> anyhow::Result<()> {
+    let image = pair.dir.join(format!("{name}.img"));
     let req = proto::AddRequest {
-        kind: "nvme".into(),
-        name: name.into(),
-        image: pair.dir.join(format!("{name}.img")),
-        size: Some(IMAGE_BYTES),
-        serial: Some(format!("DEVLEND-{name}")),
-        model: Some("devlend lent NVMe".into()),
-        queues: None,
-        vfs: None,
-        vf_namespaces: None,
         cmb: Some(CMB_BYTES),
+        ..crate::pair::nvme_request(name, &image, IMAGE_BYTES)
     };
     ctl::call(&pair.lender_state, req, Duration::from_secs(30))?;
     Ok(())
