@@ -151,7 +151,7 @@ pub struct VirtualBars {
 }
 
 /// Config-space offset of BAR0.
-const BAR0_OFFSET: u16 = 0x10;
+const BAR0_OFFSET: u16 = devlend_pci::config::header::BAR0;
 
 impl VirtualBars {
     /// Registers for a device with these BARs (from [`PciDevice::bar_spec`]).

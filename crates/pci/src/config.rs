@@ -124,6 +124,8 @@ pub mod bar {
 pub mod cap {
     /// Power Management capability ID.
     pub const ID_POWER_MANAGEMENT: u8 = 0x01;
+    /// MSI capability ID.
+    pub const ID_MSI: u8 = 0x05;
     /// PCI Express capability ID.
     pub const ID_PCI_EXPRESS: u8 = 0x10;
     /// MSI-X capability ID.

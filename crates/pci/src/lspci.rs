@@ -108,8 +108,8 @@ pub const CAPABILITIES: &[CapabilityDecoder] = &[
     },
 ];
 
-/// Extended capability ID of SR-IOV.
-pub const EXT_ID_SRIOV: u16 = 0x0010;
+/// Extended capability ID of SR-IOV (`config::sriov::EXT_CAP_ID`).
+pub const EXT_ID_SRIOV: u16 = iov::EXT_CAP_ID;
 
 /// The extended capabilities decoded in full.
 pub const EXTENDED_CAPABILITIES: &[ExtendedCapabilityDecoder] = &[ExtendedCapabilityDecoder {

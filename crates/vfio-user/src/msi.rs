@@ -12,8 +12,10 @@
 //! stay here. When the client gives the MSI vector an eventfd, the server enables MSI-X in the
 //! function itself and routes its vector 0 there.
 
+use devlend_pci::config::cap;
+
 /// Length of the window (an MSI-X capability's size; a 32-bit MSI capability needs 10 bytes).
-pub const CAP_BYTES: u16 = 12;
+pub const CAP_BYTES: u16 = devlend_pci::config::msix::LEN;
 
 /// Bits the client may change, per byte of the window: MSI Enable; Message Address (dword
 /// aligned); Message Data.
@@ -31,8 +33,8 @@ impl MsiCap {
     /// A capability at `offset` (where the MSI-X one is) linking to `next`.
     pub fn new(offset: u16, next: u8) -> Self {
         let mut bytes = [0u8; CAP_BYTES as usize];
-        bytes[0] = 0x05;
-        bytes[1] = next;
+        bytes[usize::from(cap::ID)] = cap::ID_MSI;
+        bytes[usize::from(cap::NEXT)] = next;
         Self { offset, bytes }
     }
 

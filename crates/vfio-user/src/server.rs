@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devlend_memory::{BusAddr, MemSpan, SharedMemory};
+use devlend_pci::config::{cap, msix as msix_cap};
+use devlend_pci::msix as table;
 use devlend_pci::{AccessSize, BarIndex, PciFunction};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -63,7 +65,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD as IRQ_INFO_EVENTFD, VFIO_REGION_INFO_FLAG_READ as REGION_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE as REGION_FLAG_WRITE,
 };
-const MSIX_VECTOR_MASKED: u32 = devlend_pci::msix::VECTOR_CONTROL_MASK;
+const MSIX_VECTOR_MASKED: u32 = table::VECTOR_CONTROL_MASK;
 
 /// Message counters, readable while the server runs (e.g. to count messages per guest I/O).
 #[derive(Debug, Default)]
@@ -284,7 +286,7 @@ impl<'a> Session<'a> {
             Some(m) if server.msi_only => {
                 let next = server
                     .function
-                    .config_read(m.cap_offset + 1, AccessSize::Byte)
+                    .config_read(m.cap_offset + cap::NEXT, AccessSize::Byte)
                     .unwrap_or(0);
                 Some(MsiCap::new(m.cap_offset, next as u8))
             }
@@ -732,12 +734,11 @@ impl<'a> Session<'a> {
             ));
         };
         let f = self.function();
-        let ctrl = f.config_read(msix.cap_offset + 2, AccessSize::Word)?;
-        f.config_write(
-            msix.cap_offset + 2,
-            AccessSize::Word,
-            (ctrl | 0x8000) & !0x4000,
-        )?;
+        let at = msix.cap_offset + msix_cap::CONTROL;
+        let ctrl = f.config_read(at, AccessSize::Word)?;
+        let enable = u32::from(msix_cap::CONTROL_ENABLE);
+        let function_mask = u32::from(msix_cap::CONTROL_FUNCTION_MASK);
+        f.config_write(at, AccessSize::Word, (ctrl | enable) & !function_mask)?;
         Ok(())
     }
 
@@ -780,9 +781,9 @@ impl<'a> Session<'a> {
         };
         let at = msix.entry(vector);
         let f = self.function();
-        f.bar_write_u32(msix.table_bar, at, 0xfee0_0000)?;
-        f.bar_write_u32(msix.table_bar, at + 4, 0)?;
-        f.bar_write_u32(msix.table_bar, at + 8, u32::from(vector))?;
+        f.bar_write_u32(msix.table_bar, at + table::ENTRY_ADDR_LO, 0xfee0_0000)?;
+        f.bar_write_u32(msix.table_bar, at + table::ENTRY_ADDR_HI, 0)?;
+        f.bar_write_u32(msix.table_bar, at + table::ENTRY_DATA, u32::from(vector))?;
         Ok(())
     }
 
@@ -792,7 +793,7 @@ impl<'a> Session<'a> {
                 "the function has no MSI-X".into(),
             ));
         };
-        let at = msix.entry(vector) + 12;
+        let at = msix.entry(vector) + table::ENTRY_VECTOR_CONTROL;
         let f = self.function();
         let ctrl = f.bar_read_u32(msix.table_bar, at)?;
         let new = if masked {
