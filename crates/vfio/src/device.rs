@@ -209,7 +209,7 @@ impl VfioFunction {
     /// Where the upper byte of MSI-X Message Control sits inside an access, as a bit shift.
     fn msix_control_shift(&self, offset: u16, size: AccessSize) -> Option<(u32, &Arc<MsixTable>)> {
         let (cap, table) = self.msix.as_ref()?;
-        let hi = cap.checked_add(3)?;
+        let hi = cap.checked_add(msix::CONTROL + 1)?;
         let at = hi.checked_sub(offset)?;
         (usize::from(at) < size.len()).then_some((u32::from(at) * 8, table))
     }
@@ -218,11 +218,12 @@ impl VfioFunction {
     /// to the vectors presented and Enable / Function Mask from the emulated table.
     fn msix_control(&self, hw_control: u16, table: &MsixTable) -> u16 {
         let (enable, mask) = table.control();
-        let size = table.vectors().saturating_sub(1) & 0x7ff;
-        (hw_control & !0xc7ff)
+        let size = table.vectors().saturating_sub(1) & msix::CONTROL_TABLE_SIZE;
+        let ours = msix::CONTROL_ENABLE | msix::CONTROL_FUNCTION_MASK | msix::CONTROL_TABLE_SIZE;
+        (hw_control & !ours)
             | size
-            | if enable { 0x8000 } else { 0 }
-            | if mask { 0x4000 } else { 0 }
+            | if enable { msix::CONTROL_ENABLE } else { 0 }
+            | if mask { msix::CONTROL_FUNCTION_MASK } else { 0 }
     }
 }
 
