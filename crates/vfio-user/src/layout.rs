@@ -3,8 +3,8 @@
 //! whether FLR is available.
 
 use devlend_pci::config::cap::{ID_MSIX as CAP_ID_MSIX, ID_PCI_EXPRESS as CAP_ID_PCIE};
+use devlend_pci::config::CONFIG_SPACE_SIZE;
 use devlend_pci::config::{bar, cap, command, header, msix as msix_cap, pcie, status};
-use devlend_pci::config::{CAPABILITIES_START, CONFIG_SPACE_SIZE};
 use devlend_pci::msix::ENTRY_LEN;
 use devlend_pci::{AccessSize, BarIndex, FunctionError, PciFunction};
 
@@ -63,12 +63,15 @@ fn capabilities(f: &dyn PciFunction) -> Result<Vec<(u8, u16)>, FunctionError> {
     if sts & u32::from(status::CAPABILITIES_LIST) == 0 {
         return Ok(caps);
     }
-    let mut ptr = (rd(f, header::CAPABILITIES_POINTER, AccessSize::Byte)? & 0xfc) as u16;
-    while ptr >= CAPABILITIES_START && caps.len() < 48 {
-        let id = rd(f, ptr + cap::ID, AccessSize::Byte)? as u8;
-        caps.push((id, ptr));
-        ptr = (rd(f, ptr + cap::NEXT, AccessSize::Byte)? & 0xfc) as u16;
-    }
+    let first = (rd(f, header::CAPABILITIES_POINTER, AccessSize::Byte)? & 0xfc) as u16;
+    // The walk never finds: it visits every capability (at most cap::MAX_WALK).
+    cap::find(first, |at| {
+        let id = rd(f, at + cap::ID, AccessSize::Byte)? as u8;
+        caps.push((id, at));
+        Ok::<_, FunctionError>(cap::Step::Next(
+            rd(f, at + cap::NEXT, AccessSize::Byte)? as u8
+        ))
+    })?;
     Ok(caps)
 }
 
