@@ -6,9 +6,9 @@ mod common;
 #[test]
 fn bench_cmb_quick_json_has_the_bench_md_shape() {
     let tmp = common::TempRoot::new("bench-cmb");
-    let out = tmp
-        .command(env!("CARGO_BIN_EXE_devlend"))
-        .args([
+    let json = common::bench_json(
+        &tmp,
+        &[
             "bench",
             "cmb",
             "--quick",
@@ -16,17 +16,8 @@ fn bench_cmb_quick_json_has_the_bench_md_shape() {
             "--no-tcp",
             "--seconds",
             "0.05",
-        ])
-        .output()
-        .expect("running devlend");
-    assert!(
-        out.status.success(),
-        "devlend bench cmb failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
-    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
-    assert_eq!(json["bench"], "cmb");
     let figures = json["figures"].as_array().expect("figures array");
     let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
     for pattern in ["randread", "randwrite"] {

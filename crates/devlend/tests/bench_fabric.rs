@@ -6,18 +6,7 @@ mod common;
 #[test]
 fn bench_fabric_quick_json_has_figures_with_baselines() {
     let tmp = common::TempRoot::new("bench-fabric");
-    let out = tmp
-        .command(env!("CARGO_BIN_EXE_devlend"))
-        .args(["bench", "fabric", "--quick", "--json"])
-        .output()
-        .expect("run devlend");
-    assert!(
-        out.status.success(),
-        "devlend bench fabric failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    assert_eq!(v["bench"], "fabric");
+    let v = common::bench_json(&tmp, &["bench", "fabric", "--quick", "--json"]);
     let figures = v["figures"].as_array().expect("figures");
     let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
     for want in [

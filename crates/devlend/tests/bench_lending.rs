@@ -7,38 +7,15 @@ mod common;
 
 use devlend_testkit::netns::NetnsPair;
 
-/// Whether this test may make network namespaces (CI must: it fails there otherwise).
-fn can_use_namespaces() -> bool {
-    match NetnsPair::create() {
-        Ok(_) => true,
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("CI needs network namespaces (run as root): {e}")
-        }
-        Err(e) => {
-            eprintln!("not checking the tcp rows: {e}");
-            false
-        }
-    }
-}
-
 #[test]
 fn bench_lending_quick_json_has_every_row_beside_its_baseline() {
-    let tcp = can_use_namespaces();
+    let tcp = NetnsPair::create_or_skip("the tcp rows").is_some();
     let tmp = common::TempRoot::new("bench-lending");
-    let mut cmd = tmp.command(env!("CARGO_BIN_EXE_devlend"));
-    cmd.args(["bench", "lending", "--quick", "--json"]);
+    let mut args = vec!["bench", "lending", "--quick", "--json"];
     if !tcp {
-        cmd.arg("--no-tcp");
+        args.push("--no-tcp");
     }
-    let out = cmd.output().expect("running devlend");
-    assert!(
-        out.status.success(),
-        "devlend bench lending failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
-    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
-    assert_eq!(json["bench"], "lending");
+    let json = common::bench_json(&tmp, &args);
     let figures = json["figures"].as_array().expect("figures array");
     let find = |name: &str| {
         figures

@@ -6,19 +6,10 @@ mod common;
 #[test]
 fn bench_nvme_quick_json_has_the_bench_md_shape() {
     let tmp = common::TempRoot::new("bench-nvme");
-    let out = tmp
-        .command(env!("CARGO_BIN_EXE_devlend"))
-        .args(["bench", "nvme", "--quick", "--json", "--seconds", "0.05"])
-        .output()
-        .expect("running devlend");
-    assert!(
-        out.status.success(),
-        "devlend bench nvme failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let json = common::bench_json(
+        &tmp,
+        &["bench", "nvme", "--quick", "--json", "--seconds", "0.05"],
     );
-    let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
-    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
-    assert_eq!(json["bench"], "nvme");
     let figures = json["figures"].as_array().expect("figures array");
     let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
     for pattern in ["randread", "randwrite"] {

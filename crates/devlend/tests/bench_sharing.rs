@@ -7,19 +7,7 @@ mod common;
 #[test]
 fn bench_sharing_quick_json_has_every_borrower_doing_io() {
     let tmp = common::TempRoot::new("bench-sharing");
-    let out = tmp
-        .command(env!("CARGO_BIN_EXE_devlend"))
-        .args(["bench", "sharing", "--quick", "--json"])
-        .output()
-        .expect("running devlend");
-    assert!(
-        out.status.success(),
-        "devlend bench sharing failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
-    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
-    assert_eq!(json["bench"], "sharing");
+    let json = common::bench_json(&tmp, &["bench", "sharing", "--quick", "--json"]);
     let figures = json["figures"].as_array().expect("figures array");
     let find = |name: &str| {
         figures

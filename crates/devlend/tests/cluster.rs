@@ -19,17 +19,7 @@ const TTL_S: u64 = 2;
 const LEASE_MS: u64 = 1000;
 
 fn keygen(dir: &Path, names: &[&str]) {
-    let out = Command::new(exe())
-        .args(["keygen", "--dir"])
-        .arg(dir.join("keys"))
-        .args(names)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::keygen(&dir.join("keys"), &[], names);
 }
 
 fn cluster_node(dir: &Path, name: &str, etcd: &EtcdCluster) -> NodeProcess {
@@ -88,6 +78,16 @@ fn add(node: &NodeProcess, dir: &Path, name: &str) -> std::process::Output {
     ])
 }
 
+/// [`add`], which must succeed.
+fn add_ok(node: &NodeProcess, dir: &Path, name: &str) {
+    let out = add(node, dir, name);
+    assert!(
+        out.status.success(),
+        "add {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Removes a scratch directory even when the test fails.
 struct Scratch(std::path::PathBuf);
 
@@ -114,12 +114,7 @@ fn borrow_by_name_across_hosts_with_links_made_on_demand() {
     let beta = cluster_node(&dir, "beta", &etcd);
     let gamma = cluster_node(&dir, "gamma", &etcd);
 
-    let out = add(&alpha, &dir, "disk0");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    add_ok(&alpha, &dir, "disk0");
     // The same name elsewhere is refused at registration, and leaves nothing behind.
     let e = err(&add(&beta, &dir, "disk0"));
     assert!(
@@ -266,12 +261,7 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
     let mut user = cluster_node(&dir, "user", &etcd);
     let other = cluster_node(&dir, "other", &etcd);
     for n in ["d1", "d2"] {
-        let out = add(&lender, &dir, n);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        add_ok(&lender, &dir, n);
     }
     user.ctl_ok(&["borrow", "d1"]);
 
@@ -375,15 +365,11 @@ fn bench_cluster_quick_reports_every_figure_beside_its_baseline() {
     }
     let dir = scratch("cluster-bench");
     let _cleanup = Scratch(dir.clone());
-    let out = Command::new(exe())
-        .args(["bench", "cluster", "--quick", "--json", "--dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::output_ok(
+        Command::new(exe())
+            .args(["bench", "cluster", "--quick", "--json", "--dir"])
+            .arg(&dir),
+        "devlend bench cluster",
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let figures = v["figures"].as_array().unwrap();
@@ -450,12 +436,7 @@ fn hosts_on_one_machine_link_through_shm_on_demand() {
     };
     let lender = start("left");
     let borrower = start("right");
-    let out = add(&lender, &dir, "shm0");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    add_ok(&lender, &dir, "shm0");
     borrower.ctl_ok(&["borrow", "shm0"]);
     let s = status(&borrower);
     assert_eq!(s["links"][0]["fabric"], "shm", "{s}");

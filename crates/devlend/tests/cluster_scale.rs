@@ -228,17 +228,7 @@ fn sixteen_hosts_borrow_storm_and_failures() {
 
     let names: Vec<String> = (0..HOSTS).map(|i| format!("h{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let out = Command::new(exe())
-        .args(["keygen", "--dir"])
-        .arg(dir.join("keys"))
-        .args(&refs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::keygen(&dir.join("keys"), &[], &refs);
 
     let mut hosts: Vec<Host> = (0..HOSTS)
         .map(|i| start_host(&net, &dir, i, &registry))

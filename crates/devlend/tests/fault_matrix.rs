@@ -353,21 +353,6 @@ fn tcp_cut(ns: &NetnsPair, rep: usize) -> Row {
     row
 }
 
-/// Network namespaces for the tcp row: skipped with a reason when they cannot be made and
-/// `CI` is unset; under `CI` their absence fails the test.
-fn namespaces() -> Option<NetnsPair> {
-    match NetnsPair::create() {
-        Ok(p) => Some(p),
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("CI needs network namespaces (run as root): {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED the cut-tcp-link row: {e}");
-            None
-        }
-    }
-}
-
 fn add(total: &Mutex<Row>, r: Row) {
     let mut t = total.lock().unwrap();
     t.runs += r.runs;
@@ -390,7 +375,7 @@ fn fault_matrix_loses_no_acknowledged_write_and_hangs_nothing() {
         ),
         ("cut tcp link", Mutex::new(Row::default())),
     ];
-    let ns = namespaces();
+    let ns = NetnsPair::create_or_skip("the cut-tcp-link row");
     for rep in 0..reps {
         add(&rows[0].1, lender_killed(rep));
         add(&rows[1].1, borrower_fault(rep, false));

@@ -13,35 +13,14 @@ use std::time::Duration;
 use common::{check_pattern_byte, exe, scratch, NodeProcess};
 use devlend_testkit::netns::NetnsPair;
 
-fn namespaces() -> Option<NetnsPair> {
-    match NetnsPair::create() {
-        Ok(p) => Some(p),
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("CI needs network namespaces (run as root): {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping the tcp lending test: {e}");
-            None
-        }
-    }
-}
-
 #[test]
 fn lending_over_tcp_between_namespaces() {
-    let Some(ns) = namespaces() else { return };
+    let Some(ns) = NetnsPair::create_or_skip("the tcp lending test") else {
+        return;
+    };
     let dir = scratch("tcp");
     let keys = dir.join("keys");
-    let out = Command::new(exe())
-        .args(["keygen", "--dir"])
-        .arg(&keys)
-        .args(["lender", "alice", "bob"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "keygen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::keygen(&keys, &[], &["lender", "alice", "bob"]);
     let keys_arg = keys.to_str().unwrap();
     let lender_ip = ns.addr(0);
     let node = |side: usize, name: &str, fabrics: &[String]| {

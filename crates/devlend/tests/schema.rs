@@ -128,17 +128,7 @@ fn replies_are_typed_and_errors_carry_stable_codes() {
         .unwrap();
     assert!(!out.status.success());
     assert_eq!(json_error(&out.stderr).0, "unreachable");
-    let out = Command::new(exe())
-        .args(["keygen", "--json", "--dir"])
-        .arg(dir.join("keys"))
-        .args(["a", "b"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::keygen(&dir.join("keys"), &["--json"], &["a", "b"]);
     let keys: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(keys["hosts"], serde_json::json!(["a", "b"]));
 

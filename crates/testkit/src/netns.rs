@@ -111,6 +111,21 @@ impl NetnsPair {
         self.names.get(side).map_or("", |s| s.as_str())
     }
 
+    /// Creates the pair, or says why not and returns `None`: a test that needs namespaces
+    /// skips `what` (printed) where they cannot be made, but fails under `CI`, which must run it.
+    pub fn create_or_skip(what: &str) -> Option<Self> {
+        match Self::create() {
+            Ok(p) => Some(p),
+            Err(e) if std::env::var_os("CI").is_some() => {
+                panic!("CI needs network namespaces (run as root): {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPED {what}: {e}");
+                None
+            }
+        }
+    }
+
     /// Creates the pair (root only).
     pub fn create() -> Result<Self, NetnsError> {
         let uid = rustix::process::geteuid().as_raw();

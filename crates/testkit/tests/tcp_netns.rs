@@ -17,17 +17,6 @@ use devlend_testkit::tcp::*;
 
 const PORT: u16 = 7411;
 
-fn namespaces() -> Option<NetnsPair> {
-    match NetnsPair::create() {
-        Ok(p) => Some(p),
-        Err(e) if std::env::var_os("CI").is_some() => panic!("CI needs network namespaces: {e}"),
-        Err(e) => {
-            eprintln!("skipping the network-namespace test: {e}");
-            None
-        }
-    }
-}
-
 /// A host process; killed with SIGKILL when dropped.
 struct HostProcess(Child);
 
@@ -74,7 +63,7 @@ fn addr(ns: &NetnsPair, side: usize) -> SocketAddr {
 
 /// Host process listening in namespace 0; this thread's node connects from namespace 1.
 fn setup() -> Option<(NetnsPair, KeysDir, HostProcess, TcpNtb, Host)> {
-    let ns = namespaces()?;
+    let ns = NetnsPair::create_or_skip("the network-namespace test")?;
     let keys = deployment();
     let child = spawn_host(&ns, 0, "listen", addr(&ns, 0), &keys);
     ns.enter(1).unwrap();
@@ -149,7 +138,7 @@ fn kill_9_of_the_listener_host_is_link_down_and_its_restart_links_up() {
 
 #[test]
 fn kill_9_of_the_connector_host_is_link_down() {
-    let Some(ns) = namespaces() else {
+    let Some(ns) = NetnsPair::create_or_skip("the network-namespace test") else {
         return;
     };
     let keys = deployment();
@@ -185,7 +174,7 @@ fn a_cut_link_is_link_down_and_a_restored_one_links_up() {
 
 #[test]
 fn proxy_faults_between_namespaces_are_link_down_never_a_hang() {
-    let Some(ns) = namespaces() else {
+    let Some(ns) = NetnsPair::create_or_skip("the network-namespace test") else {
         return;
     };
     let keys = deployment();

@@ -39,6 +39,41 @@ pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_devlend")
 }
 
+/// Runs `cmd`, which must succeed (the failure names `what` and carries stderr); returns its
+/// output.
+pub fn output_ok(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `devlend keygen [EXTRA…] --dir KEYS NAMES…`, which must succeed; returns its output.
+pub fn keygen(keys: &Path, extra: &[&str], names: &[&str]) -> Output {
+    let mut cmd = Command::new(exe());
+    cmd.arg("keygen")
+        .args(extra)
+        .arg("--dir")
+        .arg(keys)
+        .args(names);
+    output_ok(&mut cmd, "devlend keygen")
+}
+
+/// `devlend ARGS…` (a `bench … --json` command) run in `tmp`, which must succeed and print
+/// one JSON object naming `args[1]` as its bench; returns that object.
+pub fn bench_json(tmp: &TempRoot, args: &[&str]) -> serde_json::Value {
+    let out = output_ok(tmp.command(exe()).args(args), &format!("devlend {args:?}"));
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(json["bench"], args[1], "{json}");
+    json
+}
+
 /// A fresh scratch directory.
 pub fn scratch(tag: &str) -> PathBuf {
     sweep_stale_scratch();
