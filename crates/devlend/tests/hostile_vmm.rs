@@ -15,7 +15,7 @@ mod vfio_client;
 
 mod common;
 
-use common::{borrowed_names, scratch, NodeProcess};
+use common::{borrowed_names, ShmLender};
 use devlend_vfio_user::wire::Header;
 use vfio_client::{dma_map, memfd, raw, region_rw, unsealed_memfd, Client};
 
@@ -31,11 +31,9 @@ fn ids(c: &mut Client) -> [u8; 4] {
 
 #[test]
 fn a_hostile_vmm_gets_its_guest_ram_refused_and_the_borrower_stays_up() {
-    let dir = scratch("hostile-vmm");
-    let fabric = dir.join("fabric");
-    let lender = NodeProcess::start(&dir, "lender", &[&fabric], 3000);
-    lender.add_nvme("nvme0", &dir.join("lent.img"), "16M");
-    let borrower = NodeProcess::start(&dir, "borrower", &[&fabric], 3000);
+    let rig = ShmLender::start("hostile-vmm", 3000, "16M");
+    let borrower = rig.borrower(3000);
+    let ShmLender { dir, lender, .. } = rig;
     borrower.wait_peer_lists("nvme0");
     let sock = dir.join("vfio-user.sock");
     borrower.ctl_ok(&["borrow", "nvme0", "--vfio-user", sock.to_str().unwrap()]);

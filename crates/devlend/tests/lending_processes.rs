@@ -2,37 +2,27 @@
 //! through the CLI, with `kill -9` of either side.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::process::Command;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use devlend_fabric::{AddressSpace, LinkConfig, Ntb, ShmNtb};
-use devlend_lending::{Node, NodeConfig};
 use devlend_nvme_driver::suite::{self, Target};
 use devlend_nvme_driver::Controller;
 use devlend_pci::PciFunction;
 
 mod common;
 
-use common::{exe, scratch, NodeProcess};
-
-/// This test process as the borrower host on `fabric`.
-fn borrower_here(fabric: &Path) -> Node {
-    let ntb = ShmNtb::open(fabric, Arc::new(AddressSpace::new()), LinkConfig::default()).unwrap();
-    let node = Node::start(NodeConfig::new("test-borrower"), vec![ntb as Arc<dyn Ntb>]).unwrap();
-    node.wait_link_up(Duration::from_secs(30)).unwrap();
-    node
-}
+use common::{borrower_here, exe, scratch, NodeProcess, ShmLender};
 
 #[test]
 fn driver_suite_runs_unchanged_on_a_borrowed_device() {
-    let dir = scratch("suite");
-    let fabric = dir.join("fabric");
-    let lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
-    let image = dir.join("lent.img");
-    lender.add_nvme("nvme0", &image, "64M");
-    let node = borrower_here(&fabric);
+    let ShmLender {
+        dir,
+        fabric,
+        image,
+        lender,
+    } = ShmLender::start("suite", 5000, "64M");
+    let node = borrower_here("test-borrower", &[&fabric]);
     let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
     // The doorbell page is memory the device polls: on shm the borrower reaches it directly.
     let areas = f.bar_mappings(devlend_pci::BarIndex::ALL[0]);
@@ -79,11 +69,14 @@ fn driver_suite_runs_unchanged_on_a_borrowed_device() {
 
 #[test]
 fn a_killed_borrower_loses_the_device_when_its_lease_expires() {
-    let dir = scratch("lease");
-    let fabric = dir.join("fabric");
-    let lender = NodeProcess::start(&dir, "lender", &[&fabric], 1000);
-    lender.add_nvme("nvme0", &dir.join("lent.img"), "16M");
-    let mut borrower = NodeProcess::start(&dir, "borrower", &[&fabric], 1000);
+    let rig = ShmLender::start("lease", 1000, "16M");
+    let mut borrower = rig.borrower(1000);
+    let ShmLender {
+        dir,
+        fabric,
+        lender,
+        ..
+    } = rig;
     borrower.ctl_ok(&["borrow", "nvme0"]);
     assert_eq!(lender.borrower_of("nvme0").as_deref(), Some("borrower"));
     borrower.kill9();
@@ -103,12 +96,13 @@ fn a_killed_borrower_loses_the_device_when_its_lease_expires() {
 
 #[test]
 fn a_killed_lender_is_a_surprise_removal_and_completed_writes_survive() {
-    let dir = scratch("surprise");
-    let fabric = dir.join("fabric");
-    let mut lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
-    let image = dir.join("lent.img");
-    lender.add_nvme("nvme0", &image, "32M");
-    let node = borrower_here(&fabric);
+    let ShmLender {
+        dir,
+        fabric,
+        image,
+        mut lender,
+    } = ShmLender::start("surprise", 5000, "32M");
+    let node = borrower_here("test-borrower", &[&fabric]);
     let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
     let ctrl = Controller::new(f).unwrap();
     let chunk = 64 * 1024;

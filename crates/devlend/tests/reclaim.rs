@@ -4,19 +4,16 @@
 //! and offers it again, and a borrower that gives it back within the grace is not revoked.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use devlend_fabric::{AddressSpace, LinkConfig, Ntb, ShmNtb};
-use devlend_lending::{Node, NodeConfig};
 use devlend_nvme_driver::Controller;
 use devlend_pci::PciFunction;
 
 mod common;
 
-use common::{scratch, NodeProcess};
+use common::{borrower_here, NodeProcess, ShmLender};
 
 const BLOCK: usize = 4096;
 
@@ -26,13 +23,6 @@ fn block(i: u64) -> Vec<u8> {
         .collect()
 }
 
-fn borrower_here(fabric: &Path) -> Arc<Node> {
-    let ntb = ShmNtb::open(fabric, Arc::new(AddressSpace::new()), LinkConfig::default()).unwrap();
-    let node = Node::start(NodeConfig::new("driver-host"), vec![ntb as Arc<dyn Ntb>]).unwrap();
-    node.wait_link_up(Duration::from_secs(30)).unwrap();
-    Arc::new(node)
-}
-
 fn reclaim(lender: &NodeProcess, grace: &str) -> serde_json::Value {
     let out = lender.ctl_ok(&["reclaim", "nvme0", "--grace", grace, "--json"]);
     serde_json::from_str(&out).unwrap()
@@ -40,12 +30,13 @@ fn reclaim(lender: &NodeProcess, grace: &str) -> serde_json::Value {
 
 #[test]
 fn reclaim_gives_a_grace_then_removes_and_offers_the_device_again() {
-    let dir = scratch("reclaim");
-    let fabric = dir.join("fabric");
-    let lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
-    let image = dir.join("lent.img");
-    lender.add_nvme("nvme0", &image, "16M");
-    let node = borrower_here(&fabric);
+    let ShmLender {
+        dir,
+        fabric,
+        image,
+        lender,
+    } = ShmLender::start("reclaim", 5000, "16M");
+    let node = Arc::new(borrower_here("driver-host", &[&fabric]));
     let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
     let ctrl = Controller::new(f).unwrap();
     // Sustained writes, each recorded once acknowledged, until the device goes.

@@ -7,30 +7,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use devlend_fabric::{AddressSpace, LinkConfig, Ntb, ShmNtb};
-use devlend_lending::{Node, NodeConfig};
 use devlend_nvme_driver::suite::{self, Target};
 use devlend_nvme_driver::Controller;
 use devlend_pci::PciFunction;
 
 mod common;
 
-use common::{check_pattern_byte, scratch, NodeProcess};
+use common::{borrower_here, check_pattern_byte, scratch, NodeProcess};
 
 /// TotalVFs of the model (`devlend add nvme --vfs` accepts 1 to this).
 const TOTAL_VFS: u64 = 8;
-
-/// This test process as a borrower host on `fabrics` (one link each).
-fn borrower_here(name: &str, fabrics: &[&Path]) -> Node {
-    let asp = Arc::new(AddressSpace::new());
-    let ntbs = fabrics
-        .iter()
-        .map(|f| ShmNtb::open(f, asp.clone(), LinkConfig::default()).unwrap() as Arc<dyn Ntb>)
-        .collect();
-    let node = Node::start(NodeConfig::new(name), ntbs).unwrap();
-    node.wait_link_up(Duration::from_secs(30)).unwrap();
-    node
-}
 
 fn add_vfs(lender: &NodeProcess, image: &Path, size: &str, vfs: &str, namespaces: &str) -> String {
     lender.ctl_ok(&[

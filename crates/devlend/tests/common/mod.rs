@@ -248,6 +248,56 @@ impl Drop for NodeProcess {
     }
 }
 
+/// This test process as a borrower host `name` on the shm fabrics `fabrics`, its links up.
+pub fn borrower_here(name: &str, fabrics: &[&Path]) -> devlend_lending::Node {
+    let asp = std::sync::Arc::new(devlend_fabric::AddressSpace::new());
+    let ntbs = fabrics
+        .iter()
+        .map(|f| {
+            devlend_fabric::ShmNtb::open(f, asp.clone(), devlend_fabric::LinkConfig::default())
+                .unwrap() as std::sync::Arc<dyn devlend_fabric::Ntb>
+        })
+        .collect();
+    let node = devlend_lending::Node::start(devlend_lending::NodeConfig::new(name), ntbs).unwrap();
+    node.wait_link_up(Duration::from_secs(30)).unwrap();
+    node
+}
+
+/// A scratch directory with a `devlend node` lender on its shm fabric, lending `nvme0`.
+pub struct ShmLender {
+    /// The scratch directory.
+    pub dir: PathBuf,
+    /// The shm fabric (`DIR/fabric`).
+    pub fabric: PathBuf,
+    /// `nvme0`'s image (`DIR/lent.img`).
+    pub image: PathBuf,
+    /// The lender node.
+    pub lender: NodeProcess,
+}
+
+impl ShmLender {
+    /// A fresh scratch directory `tag` and a lender with lease `lease_ms` on its fabric,
+    /// lending `nvme0` of `size` (`devlend add nvme --size`).
+    pub fn start(tag: &str, lease_ms: u64, size: &str) -> ShmLender {
+        let dir = scratch(tag);
+        let fabric = dir.join("fabric");
+        let image = dir.join("lent.img");
+        let lender = NodeProcess::start(&dir, "lender", &[&fabric], lease_ms);
+        lender.add_nvme("nvme0", &image, size);
+        ShmLender {
+            dir,
+            fabric,
+            image,
+            lender,
+        }
+    }
+
+    /// A borrower `devlend node` process on the same fabric.
+    pub fn borrower(&self, lease_ms: u64) -> NodeProcess {
+        NodeProcess::start(&self.dir, "borrower", &[&self.fabric], lease_ms)
+    }
+}
+
 /// The bytes `devlend check --offset OFF` writes at position `i` of its buffer.
 pub fn check_pattern_byte(i: usize, offset: u64) -> u8 {
     ((i as u64).wrapping_mul(2654435761).wrapping_add(offset) as u8) ^ ((i >> 12) as u8)
