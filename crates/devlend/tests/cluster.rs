@@ -10,7 +10,7 @@ mod etcd_rig;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{exe, scratch, status, wait_for, NodeProcess};
+use common::{exe, status, wait_for, NodeProcess, ScratchDir};
 use etcd_rig::EtcdCluster;
 use serde_json::Value;
 
@@ -88,15 +88,6 @@ fn add_ok(node: &NodeProcess, dir: &Path, name: &str) {
     );
 }
 
-/// Removes a scratch directory even when the test fails.
-struct Scratch(std::path::PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn etcd_ready(test: &str) -> bool {
     etcd_rig::etcd_or_skip(test)
 }
@@ -107,8 +98,7 @@ fn borrow_by_name_across_hosts_with_links_made_on_demand() {
         return;
     }
     let etcd = EtcdCluster::start(1);
-    let dir = scratch("cluster-borrow");
-    let _cleanup = Scratch(dir.clone());
+    let dir = ScratchDir::new("cluster-borrow");
     keygen(&dir, &["alpha", "beta", "gamma"]);
     let alpha = cluster_node(&dir, "alpha", &etcd);
     let beta = cluster_node(&dir, "beta", &etcd);
@@ -254,8 +244,7 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
         return;
     }
     let mut etcd = EtcdCluster::start(3);
-    let dir = scratch("cluster-failures");
-    let _cleanup = Scratch(dir.clone());
+    let dir = ScratchDir::new("cluster-failures");
     keygen(&dir, &["lender", "user", "other"]);
     let mut lender = cluster_node(&dir, "lender", &etcd);
     let mut user = cluster_node(&dir, "user", &etcd);
@@ -363,12 +352,11 @@ fn bench_cluster_quick_reports_every_figure_beside_its_baseline() {
     if !etcd_ready("bench cluster") {
         return;
     }
-    let dir = scratch("cluster-bench");
-    let _cleanup = Scratch(dir.clone());
+    let dir = ScratchDir::new("cluster-bench");
     let out = common::output_ok(
         Command::new(exe())
             .args(["bench", "cluster", "--quick", "--json", "--dir"])
-            .arg(&dir),
+            .arg(&*dir),
         "devlend bench cluster",
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -413,8 +401,7 @@ fn hosts_on_one_machine_link_through_shm_on_demand() {
         return;
     }
     let etcd = EtcdCluster::start(1);
-    let dir = scratch("cluster-shm");
-    let _cleanup = Scratch(dir.clone());
+    let dir = ScratchDir::new("cluster-shm");
     let registry = etcd.addr().to_string();
     let shm = dir.join("fabric");
     let start = |name: &str| {

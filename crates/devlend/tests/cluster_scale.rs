@@ -17,11 +17,11 @@ mod etcd_rig;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use common::{exe, status, wait_for, NodeProcess};
+use common::{exe, status, wait_for, NodeProcess, ScratchDir};
 use etcd_rig::EtcdCluster;
 use serde_json::Value;
 
@@ -174,22 +174,6 @@ fn holder(node: &NodeProcess, device: &str) -> Option<String> {
         .and_then(|d| d["borrower"].as_str().map(str::to_string))
 }
 
-fn scratch() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("devlend-cluster-scale-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Removes the scratch directory even when the test fails.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn start_host(net: &Net, dir: &Path, i: usize, registry: &str) -> Host {
     let name = format!("h{i}");
     let mut cmd = Command::new("ip");
@@ -220,8 +204,7 @@ fn start_host(net: &Net, dir: &Path, i: usize, registry: &str) -> Host {
 fn sixteen_hosts_borrow_storm_and_failures() {
     let t0 = Instant::now();
     let Some(net) = can_run() else { return };
-    let dir = Scratch(scratch());
-    let dir = dir.0.clone();
+    let dir = ScratchDir::new("cluster-scale");
     net.enter_switch().unwrap();
     let mut etcd = EtcdCluster::start_on(3, IpAddr::V4(net.switch_addr()), Vec::new());
     let registry = etcd.addr().to_string();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{exe, scratch, NodeProcess};
+use common::{exe, NodeProcess, ScratchDir};
 
 /// A tool the tests compare against, installed by scripts/deps.sh; missing only fails with CI.
 fn tool(name: &str) -> Option<String> {
@@ -88,7 +88,7 @@ fn pair(dir: &Path) -> (NodeProcess, NodeProcess) {
 
 #[test]
 fn lspci_and_status_show_devices_leases_and_links() {
-    let dir = scratch("observe-lspci");
+    let dir = ScratchDir::new("observe-lspci");
     let (lender, borrower) = pair(&dir);
     // Before the borrow: the lender's own device, not lent; the borrower sees nothing.
     let own = lender.ctl_ok(&["lspci", "-vv"]);
@@ -139,14 +139,12 @@ fn lspci_and_status_show_devices_leases_and_links() {
     let text = lender.ctl_ok(&["status"]);
     assert!(text.contains("lease "), "{text}");
     assert!(text.contains("held by borrower"), "{text}");
-    drop((lender, borrower));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn metrics_endpoint_counts_io_and_passes_promtool() {
-    let dir = scratch("observe-metrics");
-    let (lender, borrower) = pair(&dir);
+    let dir = ScratchDir::new("observe-metrics");
+    let (_lender, borrower) = pair(&dir);
     let b_addr = metrics_addr(&dir.join("borrower.log"));
     let l_addr = metrics_addr(&dir.join("lender.log"));
     borrower.ctl_ok(&["borrow", "nvme0"]);
@@ -229,8 +227,6 @@ fn metrics_endpoint_counts_io_and_passes_promtool() {
             );
         }
     }
-    drop((lender, borrower));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A tmux server of this test's own (its own socket), killed on drop.
@@ -240,6 +236,48 @@ struct Tmux {
 }
 
 impl Tmux {
+    /// A server on a socket named after `tag` and this process, with a detached shell
+    /// session `session` of 150 columns and `rows` rows.
+    fn start(bin: String, tag: &str, session: &str, rows: u16) -> Tmux {
+        let tmux = Tmux {
+            bin,
+            socket: format!("devlend-{tag}-{}", std::process::id()),
+        };
+        let rows = rows.to_string();
+        tmux.run(&[
+            "new-session",
+            "-d",
+            "-x",
+            "150",
+            "-y",
+            &rows,
+            "-s",
+            session,
+            "sh",
+        ]);
+        tmux
+    }
+
+    /// Polls `session`'s screen until `found` takes something from it, at most `secs`
+    /// (a bound on liveness); panics with `what` and the last screen otherwise.
+    fn wait_screen<T>(
+        &self,
+        session: &str,
+        secs: u64,
+        what: &str,
+        mut found: impl FnMut(&str) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let screen = self.run(&["capture-pane", "-p", "-t", session]);
+            if let Some(v) = found(&screen) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{what}:\n{screen}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn run(&self, args: &[&str]) -> String {
         let out = Command::new(&self.bin)
             .arg("-L")
@@ -271,43 +309,25 @@ fn mmio_writes_per_s(screen: &str) -> Option<f64> {
 #[test]
 fn top_shows_rates_that_change_while_io_runs() {
     let Some(bin) = tool("tmux") else { return };
-    let dir = scratch("observe-top");
-    let (lender, borrower) = pair(&dir);
+    let dir = ScratchDir::new("observe-top");
+    let (_lender, borrower) = pair(&dir);
     borrower.ctl_ok(&["borrow", "nvme0"]);
-    let tmux = Tmux {
-        bin,
-        socket: format!("devlend-top-{}", std::process::id()),
-    };
+    let tmux = Tmux::start(bin, "top", "top", 30);
     let cmd = format!(
         "{} top --state {} --interval 0.3",
         exe(),
         borrower.state.display()
     );
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-x",
-        "150",
-        "-y",
-        "30",
-        "-s",
-        "top",
-        "sh",
-    ]);
     tmux.run(&["send-keys", "-t", "top", &cmd, "Enter"]);
     // Idle first: the view is up and nvme0 shows no writes.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let idle = loop {
-        let screen = tmux.run(&["capture-pane", "-p", "-t", "top"]);
+    let idle = tmux.wait_screen("top", 30, "top never drew", |screen| {
         if screen.contains("devlend top - node borrower") && !screen.contains("rates from the next")
         {
-            if let Some(v) = mmio_writes_per_s(&screen) {
-                break v;
-            }
+            mmio_writes_per_s(screen)
+        } else {
+            None
         }
-        assert!(Instant::now() < deadline, "top never drew:\n{screen}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    });
     assert_eq!(idle, 0.0, "no I/O yet");
     // I/O in the background; the figure must rise above zero on the live screen.
     let state = borrower.state.clone();
@@ -323,18 +343,11 @@ fn top_shows_rates_that_change_while_io_runs() {
             assert!(out.status.success(), "{out:?}");
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let busy = loop {
-        let screen = tmux.run(&["capture-pane", "-p", "-t", "top"]);
-        if let Some(v) = mmio_writes_per_s(&screen).filter(|v| *v > 0.0) {
-            break (v, screen);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rates never moved:\n{screen}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let busy = tmux.wait_screen("top", 60, "the rates never moved", |screen| {
+        mmio_writes_per_s(screen)
+            .filter(|v| *v > 0.0)
+            .map(|v| (v, screen.to_string()))
+    });
     io.join().unwrap();
     assert!(busy.0 > 0.0, "{}", busy.1);
     assert!(
@@ -342,13 +355,11 @@ fn top_shows_rates_that_change_while_io_runs() {
         "capture-pane shows text, not escapes"
     );
     tmux.run(&["send-keys", "-t", "top", "C-c", ""]);
-    drop((lender, borrower));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn logs_have_no_colour_codes_off_a_terminal_and_help_names_devlend_log() {
-    let dir = scratch("observe-logs");
+    let dir = ScratchDir::new("observe-logs");
     let fabric = format!("shm:{}", dir.join("fabric").display());
     let mut cmd = Command::new(exe());
     cmd.env("DEVLEND_LOG", "info");
@@ -386,8 +397,6 @@ fn logs_have_no_colour_codes_off_a_terminal_and_help_names_devlend_log() {
     );
     let help = Command::new(exe()).arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("DEVLEND_LOG"));
-    drop((lender, borrower));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -415,7 +424,7 @@ fn completions_man_page_and_the_example_config() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/node.toml");
     let text = std::fs::read_to_string(example).unwrap();
     assert!(text.contains("metrics = "));
-    let dir = scratch("observe-config");
+    let dir = ScratchDir::new("observe-config");
     let fabric = format!("shm:{}", dir.join("fabric").display());
     let node = NodeProcess::start_with(
         Command::new(exe()),
@@ -429,13 +438,11 @@ fn completions_man_page_and_the_example_config() {
     assert_eq!(st["name"], "lender");
     let addr = metrics_addr(&dir.join("lender.log"));
     assert!(get(&addr, "/metrics").0.starts_with("HTTP/1.1 200"));
-    drop(node);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_restarted_lender_lends_again_and_a_restarted_borrower_says_what_it_held() {
-    let dir = scratch("observe-restart");
+    let dir = ScratchDir::new("observe-restart");
     let (mut lender, mut borrower) = pair(&dir);
     assert!(dir.join("lender/devices.json").exists());
     borrower.ctl_ok(&["borrow", "nvme0"]);
@@ -468,14 +475,12 @@ fn a_restarted_lender_lends_again_and_a_restarted_borrower_says_what_it_held() {
     borrower.ctl_ok(&[
         "check", "--write", "nvme0", "--bytes", "64K", "--offset", "1M",
     ]);
-    drop((lender, borrower));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_long_check_prints_no_progress_when_stderr_is_not_a_terminal() {
-    let dir = scratch("observe-progress");
-    let (lender, borrower) = pair(&dir);
+    let dir = ScratchDir::new("observe-progress");
+    let (_lender, borrower) = pair(&dir);
     borrower.ctl_ok(&["borrow", "nvme0"]);
     // A zero delay makes progress due from the first instant, however fast the check runs:
     // only stderr not being a terminal keeps it off the pipe.
@@ -493,31 +498,15 @@ fn a_long_check_prints_no_progress_when_stderr_is_not_a_terminal() {
         "progress bytes on a pipe: {:?}",
         String::from_utf8_lossy(&out.stderr)
     );
-    drop((lender, borrower));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_long_check_shows_progress_in_a_terminal() {
     let Some(bin) = tool("tmux") else { return };
-    let dir = scratch("observe-progress-tty");
-    let (lender, borrower) = pair(&dir);
+    let dir = ScratchDir::new("observe-progress-tty");
+    let (_lender, borrower) = pair(&dir);
     borrower.ctl_ok(&["borrow", "nvme0"]);
-    let tmux = Tmux {
-        bin,
-        socket: format!("devlend-progress-{}", std::process::id()),
-    };
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-x",
-        "150",
-        "-y",
-        "20",
-        "-s",
-        "p",
-        "sh",
-    ]);
+    let tmux = Tmux::start(bin, "progress", "p", 20);
     // Every byte the terminal receives goes to a file too, so a progress line later erased
     // is still seen; a zero delay makes it due at once, however fast the check runs.
     let pane_log = dir.join("pane.log");
@@ -534,15 +523,9 @@ fn a_long_check_shows_progress_in_a_terminal() {
         borrower.state.display()
     );
     tmux.run(&["send-keys", "-t", "p", &cmd, "Enter"]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let screen = tmux.run(&["capture-pane", "-p", "-t", "p"]);
-        if screen.contains("CHECK-DONE") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "check never ended:\n{screen}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    tmux.wait_screen("p", 120, "check never ended", |screen| {
+        screen.contains("CHECK-DONE").then_some(())
+    });
     // pipe-pane's cat may still be writing what it read; the check's own line came before
     // CHECK-DONE on the same pty, so wait for that marker in the file. (The typed command
     // reads CHECK-""DONE, so only the echo's output matches.)
@@ -563,6 +546,4 @@ fn a_long_check_shows_progress_in_a_terminal() {
         seen.contains("devlend: check... 0 s"),
         "no progress line while the check ran:\n{seen}"
     );
-    drop((lender, borrower));
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{exe, json_error, scratch, NodeProcess};
+use common::{exe, json_error, NodeProcess, ScratchDir};
 use serde_json::Value;
 
 /// Sends raw bytes on the node's socket (in a thread: the node may stop reading) and returns
@@ -57,7 +57,7 @@ fn answers(node: &NodeProcess) {
 
 #[test]
 fn replies_are_typed_and_errors_carry_stable_codes() {
-    let dir = scratch("schema-typed");
+    let dir = ScratchDir::new("schema-typed");
     let fabric = dir.join("fabric");
     let lender = NodeProcess::start(&dir, "lender", &[&fabric], 3000);
     let borrower = NodeProcess::start(&dir, "borrower", &[&fabric], 3000);
@@ -134,14 +134,11 @@ fn replies_are_typed_and_errors_carry_stable_codes() {
 
     let returned = borrower.ctl_json(&["return", "nvme0"]);
     assert_eq!(returned["name"], "nvme0", "{returned}");
-    drop(borrower);
-    drop(lender);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn another_protocol_version_is_refused_on_both_sides() {
-    let dir = scratch("schema-version");
+    let dir = ScratchDir::new("schema-version");
     let fabric = dir.join("fabric");
     let node = NodeProcess::start(&dir, "n", &[&fabric], 3000);
     // A client of another version (or of none): the node says so.
@@ -187,12 +184,11 @@ fn another_protocol_version_is_refused_on_both_sides() {
         let (code, msg) = json_error(&out.stderr);
         assert_eq!(code, "version_mismatch", "{msg}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn the_socket_answers_garbage_and_long_lines_and_keeps_serving() {
-    let dir = scratch("schema-garbage");
+    let dir = ScratchDir::new("schema-garbage");
     let fabric = dir.join("fabric");
     let node = NodeProcess::start(&dir, "n", &[&fabric], 3000);
     for garbage in [
@@ -226,12 +222,11 @@ fn the_socket_answers_garbage_and_long_lines_and_keeps_serving() {
     assert!(node.ctl(&["status"]).status.success());
     drop(stuck);
     answers(&node);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn the_socket_caps_connections_and_closes_idle_ones() {
-    let dir = scratch("schema-limits");
+    let dir = ScratchDir::new("schema-limits");
     let fabric = dir.join("fabric");
     let mut cmd = Command::new(exe());
     cmd.env("DEVLEND_MGMT_MAX_CONNECTIONS", "4")
@@ -277,13 +272,11 @@ fn the_socket_caps_connections_and_closes_idle_ones() {
     let r: Value = serde_json::from_str(all.trim()).unwrap();
     assert_eq!(code(&r), "idle_timeout", "{r}");
     answers(&node);
-    drop(node);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn wait_blocks_until_the_node_answers() {
-    let dir = scratch("schema-wait");
+    let dir = ScratchDir::new("schema-wait");
     let state = dir.join("late");
     // Nothing there yet: a short wait fails with a timeout that says why.
     let out = Command::new(exe())
@@ -302,7 +295,7 @@ fn wait_blocks_until_the_node_answers() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let node = NodeProcess::start(&dir, "late", &[&dir.join("fabric")], 3000);
+    let _node = NodeProcess::start(&dir, "late", &[&dir.join("fabric")], 3000);
     let out = waiter.wait_with_output().unwrap();
     assert!(out.status.success());
     assert!(
@@ -310,6 +303,4 @@ fn wait_blocks_until_the_node_answers() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    drop(node);
-    let _ = std::fs::remove_dir_all(&dir);
 }

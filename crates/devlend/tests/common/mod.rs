@@ -83,6 +83,36 @@ pub fn scratch(tag: &str) -> PathBuf {
     d
 }
 
+/// A fresh scratch directory ([`scratch`]), removed with what is in it when dropped (when
+/// the test ends, passed or failed).
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// A fresh directory for `tag`.
+    pub fn new(tag: &str) -> ScratchDir {
+        ScratchDir(scratch(tag))
+    }
+}
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for ScratchDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Removes the scratch directories (`devlend-test-TAG-PID`) of test processes that no longer
 /// exist: a test that failed before its last line, or was killed, leaves its directory
 /// behind, and the next run removes it. Directories of live processes are left alone.
