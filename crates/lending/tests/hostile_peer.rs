@@ -5,32 +5,26 @@
 //! honest peer on another link keeps doing I/O. (The same over processes and shared memory,
 //! with truncated memfds: `crates/devlend/tests/hostile_borrower.rs`.)
 
+mod common;
+use common::{link_from, test_device};
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devlend_fabric::{loopback_pair, AddressSpace, LinkConfig, LoopbackNtb, Ntb, WindowOffset};
+use devlend_fabric::{AddressSpace, LoopbackNtb, Ntb, WindowOffset};
 use devlend_lending::channel::MAILBOX_WINDOW;
 use devlend_lending::protocol::{Envelope, Request, Response};
 use devlend_lending::{LendingError, Node, NodeConfig};
-use devlend_pci::test_device::{dma_status, regs, TestDevice, REGS_BAR};
+use devlend_pci::test_device::{dma_status, regs, REGS_BAR};
 use devlend_pci::{AccessSize, PciFunction};
 
 use devlend_testkit::hostile::{serve_absurd_lender, RawPeer, ABSURD, GUARD};
 
 fn link() -> (Arc<LoopbackNtb>, Arc<LoopbackNtb>, Arc<AddressSpace>) {
     let asp = Arc::new(AddressSpace::new());
-    let (a, b) = loopback_pair(
-        LinkConfig::default(),
-        asp.clone(),
-        Arc::new(AddressSpace::new()),
-    )
-    .unwrap();
+    let (a, b) = link_from(asp.clone());
     (a, b, asp)
-}
-
-fn test_device() -> devlend_lending::DeviceBuilder {
-    Box::new(|dma, irq| TestDevice::build(dma, irq).map_err(|e| e.to_string()))
 }
 
 /// One DMA copy by the device through the borrowed function, checked.
@@ -59,18 +53,8 @@ fn io_works(f: &dyn PciFunction, seed: u8) {
 fn a_hostile_borrower_gets_errors_and_the_honest_one_keeps_working() {
     // Two links into one lender host (one address space): a hostile and an honest borrower.
     let lender_asp = Arc::new(AddressSpace::new());
-    let (l0, hostile_end) = loopback_pair(
-        LinkConfig::default(),
-        lender_asp.clone(),
-        Arc::new(AddressSpace::new()),
-    )
-    .unwrap();
-    let (l1, honest_end) = loopback_pair(
-        LinkConfig::default(),
-        lender_asp,
-        Arc::new(AddressSpace::new()),
-    )
-    .unwrap();
+    let (l0, hostile_end) = link_from(lender_asp.clone());
+    let (l1, honest_end) = link_from(lender_asp);
     let mut cfg = NodeConfig::new("lender");
     cfg.lease = Duration::from_millis(1000);
     let lender = Node::start(cfg, vec![l0 as Arc<dyn Ntb>, l1 as Arc<dyn Ntb>]).unwrap();

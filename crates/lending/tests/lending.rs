@@ -3,12 +3,12 @@
 //! removal. (The same behaviours across real processes and `kill -9` are tested in
 //! `crates/devlend/tests/`.)
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devlend_fabric::{
-    loopback_pair, AddressSpace, BusAddr, LinkConfig, LoopbackNtb, Ntb, SharedMemory,
-};
+use devlend_fabric::{AddressSpace, BusAddr, LoopbackNtb, Ntb, SharedMemory};
 use devlend_lending::{LendingError, Node, NodeConfig};
 use devlend_pci::test_device::{self, dma_status, regs, TestDevice, MSIX_BAR, REGS_BAR};
 use devlend_pci::{
@@ -27,12 +27,7 @@ fn hosts(n: usize, lease: Duration) -> Hosts {
     let mut links = Vec::new();
     let mut borrowers = Vec::new();
     for i in 0..n {
-        let (l, b) = loopback_pair(
-            LinkConfig::default(),
-            lender_asp.clone(),
-            Arc::new(AddressSpace::new()),
-        )
-        .unwrap();
+        let (l, b) = common::link_from(lender_asp.clone());
         let mut cfg = NodeConfig::new(format!("borrower{i}"));
         cfg.lease = lease;
         borrowers.push(Node::start(cfg, vec![b.clone() as Arc<dyn Ntb>]).unwrap());
@@ -48,13 +43,7 @@ fn hosts(n: usize, lease: Duration) -> Hosts {
             .collect(),
     )
     .unwrap();
-    lender
-        .add_device(
-            "td0",
-            "test device",
-            Box::new(|dma, irq| TestDevice::build(dma, irq).map_err(|e| e.to_string())),
-        )
-        .unwrap();
+    common::add_td0(&lender);
     Hosts {
         lender,
         borrowers,

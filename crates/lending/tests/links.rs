@@ -1,12 +1,13 @@
 //! Links attached and detached while nodes run (as a cluster node makes them on demand), and
 //! the admission hook a lender consults before granting.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devlend_fabric::{loopback_pair, AddressSpace, LinkConfig, Ntb};
 use devlend_lending::{LendingError, LinkId, Node, NodeConfig};
-use devlend_pci::test_device::TestDevice;
 
 #[test]
 fn links_come_and_go_and_the_admission_hook_decides_borrows() {
@@ -23,13 +24,7 @@ fn links_come_and_go_and_the_admission_hook_decides_borrows() {
     }));
     let lender = Node::start_on(cfg, lender_asp.clone());
     assert!(lender.link_ids().is_empty());
-    lender
-        .add_device(
-            "td0",
-            "test device",
-            Box::new(|dma, irq| TestDevice::build(dma, irq).map_err(|e| e.to_string())),
-        )
-        .unwrap();
+    common::add_td0(&lender);
 
     let mut borrowers = Vec::new();
     let mut asps = Vec::new();
