@@ -360,3 +360,7 @@ pub trait PciDevice: Send + Sync {
 #[cfg(test)]
 #[path = "tests/robustness.rs"]
 mod robustness;
+
+#[cfg(test)]
+#[path = "tests/support.rs"]
+mod test_support;

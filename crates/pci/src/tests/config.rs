@@ -1,9 +1,6 @@
 use super::*;
-use crate::{AccessSize::*, BarIndex, BarSpec};
-
-fn b(i: u8) -> BarIndex {
-    BarIndex::new(i).unwrap()
-}
+use crate::test_support::{bar as b, bar_spec as spec, msix_in};
+use crate::{AccessSize::*, BarIndex};
 
 const ID: Identity = Identity {
     vendor_id: 0x1234,
@@ -14,17 +11,7 @@ const ID: Identity = Identity {
     subsystem_id: 0xdef0,
 };
 
-const LAYOUT: MsixLayout = MsixLayout {
-    vectors: 4,
-    table: BarRegion {
-        bar: BarIndex::ALL[2],
-        offset: 0,
-    },
-    pba: BarRegion {
-        bar: BarIndex::ALL[2],
-        offset: 0x800,
-    },
-};
+const LAYOUT: MsixLayout = msix_in(BarIndex::ALL[2], 4, 0, 0x800);
 
 /// BAR0: 64-bit 16 KiB; BAR2: 32-bit 4 KiB; BAR3: 64-bit prefetchable 1 MiB (slots 3 and 4);
 /// capabilities PCIe, MSI-X, PM in that order.
@@ -40,14 +27,6 @@ fn space() -> ConfigSpace {
         0x40 + pcie::LEN + msix::LEN
     );
     bld.build().unwrap()
-}
-
-fn spec(size: u64, is_64bit: bool, prefetchable: bool) -> BarSpec {
-    BarSpec {
-        size,
-        is_64bit,
-        prefetchable,
-    }
 }
 
 #[test]

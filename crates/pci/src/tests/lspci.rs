@@ -1,14 +1,7 @@
 use super::*;
-use crate::config::{BarRegion, Identity, MsixLayout, PciExpressCap, CONFIG_SPACE_SIZE};
-use crate::{AccessSize, BarIndex, BarSpec, ConfigSpace, ConfigSpaceBuilder};
-
-fn spec(size: u64, is_64bit: bool, prefetchable: bool) -> BarSpec {
-    BarSpec {
-        size,
-        is_64bit,
-        prefetchable,
-    }
-}
+use crate::config::{Identity, PciExpressCap, CONFIG_SPACE_SIZE};
+use crate::test_support::{bar_spec as spec, msix_in};
+use crate::{AccessSize, BarIndex, ConfigSpace, ConfigSpaceBuilder};
 
 /// A function shaped like the NVMe model: BAR0 64-bit 16 KiB, BAR2 64-bit 16 KiB (MSI-X),
 /// PM, PCIe, MSI-X with 17 vectors.
@@ -25,18 +18,7 @@ fn nvme_like() -> ConfigSpace {
     b.bar(BarIndex::ALL[2], spec(0x4000, true, false)).unwrap();
     b.power_management().unwrap();
     b.pci_express(PciExpressCap { flr_capable: true }).unwrap();
-    b.msix(MsixLayout {
-        vectors: 17,
-        table: BarRegion {
-            bar: BarIndex::ALL[2],
-            offset: 0,
-        },
-        pba: BarRegion {
-            bar: BarIndex::ALL[2],
-            offset: 0x2000,
-        },
-    })
-    .unwrap();
+    b.msix(msix_in(BarIndex::ALL[2], 17, 0, 0x2000)).unwrap();
     b.build().unwrap()
 }
 
@@ -52,18 +34,8 @@ fn other() -> ConfigSpace {
     });
     b.bar(BarIndex::ALL[1], spec(0x10_0000, false, true))
         .unwrap();
-    b.msix(MsixLayout {
-        vectors: 2,
-        table: BarRegion {
-            bar: BarIndex::ALL[1],
-            offset: 0x1000,
-        },
-        pba: BarRegion {
-            bar: BarIndex::ALL[1],
-            offset: 0x2000,
-        },
-    })
-    .unwrap();
+    b.msix(msix_in(BarIndex::ALL[1], 2, 0x1000, 0x2000))
+        .unwrap();
     b.build().unwrap()
 }
 

@@ -2,9 +2,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::*;
-use crate::config::{
-    cap, msix, sriov, BarRegion, ConfigError, MsixLayout, PciExpressCap, SriovCap,
-};
+use crate::config::{cap, msix, sriov, ConfigError, MsixLayout, PciExpressCap, SriovCap};
+use crate::test_support::{bar as b, msix_in};
 use crate::AccessSize::*;
 use crate::ConfigEffect;
 
@@ -17,16 +16,8 @@ const PF: Identity = Identity {
     subsystem_id: 0x0101,
 };
 
-fn b(i: u8) -> BarIndex {
-    BarIndex::new(i).unwrap()
-}
-
 fn spec(size: u64, is_64bit: bool) -> BarSpec {
-    BarSpec {
-        size,
-        is_64bit,
-        prefetchable: false,
-    }
+    crate::test_support::bar_spec(size, is_64bit, false)
 }
 
 /// VF BAR0: 64-bit 16 KiB; VF BAR2: 32-bit 1 KiB (below a page: decoded as one page).
@@ -346,17 +337,7 @@ fn bad_capability_options_are_refused() {
 // A virtual function's own config space, and its presentation as a function of its own.
 // ---------------------------------------------------------------------------------------------
 
-const VF_LAYOUT: MsixLayout = MsixLayout {
-    vectors: 2,
-    table: BarRegion {
-        bar: BarIndex::ALL[2],
-        offset: 0,
-    },
-    pba: BarRegion {
-        bar: BarIndex::ALL[2],
-        offset: 0x800,
-    },
-};
+const VF_LAYOUT: MsixLayout = msix_in(BarIndex::ALL[2], 2, 0, 0x800);
 
 fn vf_space() -> ConfigSpace {
     let mut bld = ConfigSpaceBuilder::new_virtual_function(PF);
