@@ -56,28 +56,45 @@ fn ok(reply: &str) -> Vec<String> {
     vec![format!(r#"{{"return": {reply}, "id": {{id}}}}"#)]
 }
 
-#[test]
-fn negotiates_and_returns_typed_replies() {
-    let path = socket_path("typed");
-    let server = fake(&path, Some(GREETING), |req| {
+/// A fake QEMU on socket `tag` that negotiates and answers every other command with
+/// `answer(command name)`, and a client connected to it.
+fn fake_qemu(
+    tag: &str,
+    mut answer: impl FnMut(&str) -> Vec<String> + Send + 'static,
+) -> (PathBuf, JoinHandle<Vec<serde_json::Value>>, Qmp) {
+    let path = socket_path(tag);
+    let server = fake(&path, Some(GREETING), move |req| {
         match req["execute"].as_str().unwrap() {
             "qmp_capabilities" => ok("{}"),
-            "query-memdev" => {
-                ok(r#"[{"id": "mem", "size": 536870912, "share": true, "merge": true}]"#)
-            }
-            "qom-list" => ok(
-                r#"[{"name": "type", "type": "string"}, {"name": "rp1", "type": "child<pcie-root-port>"}]"#,
-            ),
-            "query-pci" => ok(
-                r#"[{"bus": 0, "devices": [{"bus": 0, "slot": 16, "function": 0, "qdev_id": "rp1",
+            other => answer(other),
+        }
+    });
+    let qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+    (path, server, qmp)
+}
+
+/// The commands the fake server saw, once its client is gone; removes its socket.
+fn finish(path: &PathBuf, server: JoinHandle<Vec<serde_json::Value>>) -> Vec<serde_json::Value> {
+    let seen = server.join().unwrap();
+    let _ = std::fs::remove_file(path);
+    seen
+}
+
+#[test]
+fn negotiates_and_returns_typed_replies() {
+    let (path, server, mut qmp) = fake_qemu("typed", |command| match command {
+        "query-memdev" => ok(r#"[{"id": "mem", "size": 536870912, "share": true, "merge": true}]"#),
+        "qom-list" => ok(
+            r#"[{"name": "type", "type": "string"}, {"name": "rp1", "type": "child<pcie-root-port>"}]"#,
+        ),
+        "query-pci" => ok(
+            r#"[{"bus": 0, "devices": [{"bus": 0, "slot": 16, "function": 0, "qdev_id": "rp1",
                 "class_info": {"class": 1540, "desc": "PCI bridge"}, "id": {"vendor": 6966, "device": 12},
                 "pci_bridge": {"bus": {"number": 0, "secondary": 1, "subordinate": 1},
                   "devices": [{"bus": 1, "slot": 0, "function": 0, "qdev_id": "nv", "class_info": {"class": 264}, "id": {"vendor": 7660, "device": 1}}]}}]}]"#,
-            ),
-            other => panic!("unexpected {other}"),
-        }
+        ),
+        other => panic!("unexpected {other}"),
     });
-    let mut qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
     assert_eq!(qmp.greeting().version.qemu.major, 11);
     let mem = qmp.execute(&QueryMemdev).unwrap();
     assert_eq!(mem[0].id.as_deref(), Some("mem"));
@@ -93,7 +110,7 @@ fn negotiates_and_returns_typed_replies() {
     assert_eq!(bridge.bus.secondary, 1);
     assert_eq!(bridge.devices[0].address(), "0000:01:00.0");
     drop(qmp);
-    let seen = server.join().unwrap();
+    let seen = finish(&path, server);
     let names: Vec<&str> = seen
         .iter()
         .map(|r| r["execute"].as_str().unwrap())
@@ -105,22 +122,18 @@ fn negotiates_and_returns_typed_replies() {
     // Commands without arguments carry none; the others carry theirs.
     assert!(seen[1].get("arguments").is_none());
     assert_eq!(seen[2]["arguments"]["path"], "/machine/peripheral");
-    let _ = std::fs::remove_file(&path);
 }
 
 #[test]
 fn device_add_sends_the_json_form_and_errors_are_typed() {
-    let path = socket_path("add");
-    let server = fake(&path, Some(GREETING), |req| {
-        match req["execute"].as_str().unwrap() {
-        "qmp_capabilities" => ok("{}"),
+    let (path, server, mut qmp) = fake_qemu("add", |command| {
+        match command {
         "device_add" => vec![
             r#"{"error": {"class": "GenericError", "desc": "Duplicate device ID 'dl0'"}, "id": {id}}"#.into(),
         ],
         other => panic!("unexpected {other}"),
     }
     });
-    let mut qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
     let add = DeviceAdd::vfio_user_pci("dl0", Some("rp1"), std::path::Path::new("/tmp/x.sock"));
     match qmp.execute(&add) {
         Err(Error::Command {
@@ -135,21 +148,18 @@ fn device_add_sends_the_json_form_and_errors_are_typed() {
         other => panic!("expected a command error, got {other:?}"),
     }
     drop(qmp);
-    let seen = server.join().unwrap();
+    let seen = finish(&path, server);
     assert_eq!(
         seen[1]["arguments"],
         serde_json::json!({"driver": "vfio-user-pci", "id": "dl0", "bus": "rp1",
             "socket": {"path": "/tmp/x.sock", "type": "unix"}})
     );
-    let _ = std::fs::remove_file(&path);
 }
 
 #[test]
 fn events_between_replies_are_queued_and_waited_for() {
-    let path = socket_path("events");
-    let server = fake(&path, Some(GREETING), |req| {
-        match req["execute"].as_str().unwrap() {
-        "qmp_capabilities" => ok("{}"),
+    let (path, server, mut qmp) = fake_qemu("events", |command| {
+        match command {
         // The event that answers device_del arrives before the reply of the next command.
         "device_del" => ok("{}"),
         "query-memdev" => vec![
@@ -160,7 +170,6 @@ fn events_between_replies_are_queued_and_waited_for() {
         other => panic!("unexpected {other}"),
     }
     });
-    let mut qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
     qmp.execute(&DeviceDel { id: "dl0".into() }).unwrap();
     assert!(qmp.execute(&QueryMemdev).unwrap().is_empty());
     let ev = qmp
@@ -181,8 +190,7 @@ fn events_between_replies_are_queued_and_waited_for() {
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].event, "RTC_CHANGE");
     drop(qmp);
-    server.join().unwrap();
-    let _ = std::fs::remove_file(&path);
+    finish(&path, server);
 }
 
 #[test]
@@ -195,8 +203,7 @@ fn a_socket_that_is_not_qemu_is_refused() {
         }
         other => panic!("expected NotQmp, got {:?}", other.err()),
     }
-    server.join().unwrap();
-    let _ = std::fs::remove_file(&path);
+    finish(&path, server);
 }
 
 #[test]
