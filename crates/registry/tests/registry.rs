@@ -35,17 +35,20 @@ fn device(name: &str, lender: &str) -> DeviceRecord {
     }
 }
 
-fn registry(c: &EtcdCluster) -> Registry {
-    Registry::connect(&c.addr()).expect("connect")
+/// A one-member etcd cluster and a registry client of it, or `None` when the test is skipped
+/// (no etcd outside CI).
+fn registry() -> Option<(EtcdCluster, Registry)> {
+    if !common::etcd_or_skip("registry") {
+        return None;
+    }
+    let c = EtcdCluster::start(1);
+    let r = Registry::connect(&c.addr()).expect("connect");
+    Some((c, r))
 }
 
 #[test]
 fn a_live_node_name_and_a_device_name_cannot_be_registered_twice() {
-    if !common::etcd_or_skip("registry") {
-        return;
-    }
-    let c = EtcdCluster::start(1);
-    let r = registry(&c);
+    let Some((_etcd, r)) = registry() else { return };
     let a = r.grant(Duration::from_secs(5)).unwrap();
     let b = r.grant(Duration::from_secs(5)).unwrap();
     r.register_node(&node("alpha"), a).unwrap();
@@ -83,11 +86,8 @@ fn a_live_node_name_and_a_device_name_cannot_be_registered_twice() {
 
 #[test]
 fn racing_claims_have_exactly_one_winner_and_every_loser_is_told_who_won() {
-    if !common::etcd_or_skip("registry") {
-        return;
-    }
-    let c = EtcdCluster::start(1);
-    let r = Arc::new(registry(&c));
+    let Some((_etcd, r)) = registry() else { return };
+    let r = Arc::new(r);
     let lender = r.grant(Duration::from_secs(10)).unwrap();
     r.register_device(&device("gpu0", "lender"), lender)
         .unwrap();
@@ -134,11 +134,7 @@ fn racing_claims_have_exactly_one_winner_and_every_loser_is_told_who_won() {
 
 #[test]
 fn expired_leases_free_devices_and_remove_lenders_and_watches_see_it() {
-    if !common::etcd_or_skip("registry") {
-        return;
-    }
-    let c = EtcdCluster::start(1);
-    let r = registry(&c);
+    let Some((_etcd, r)) = registry() else { return };
     let lender = r.grant(Duration::from_secs(30)).unwrap();
     r.register_node(&node("lender"), lender).unwrap();
     r.register_device(&device("nvme1", "lender"), lender)
