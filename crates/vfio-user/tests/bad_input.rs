@@ -18,8 +18,7 @@ fn still_works(c: &mut Client) {
 
 #[test]
 fn framing_errors_keep_the_stream_in_sync() {
-    let (mut c, t) = start(MockFunction::new());
-    c.version();
+    let mut c = negotiated(MockFunction::new());
     // size < 16: only the header is consumed.
     let h = Header {
         msg_id: 77,
@@ -82,14 +81,12 @@ fn framing_errors_keep_the_stream_in_sync() {
     // A message typed as a reply is dropped without an answer.
     c.send(4, 1, &info_req(16, 0), &[]);
     still_works(&mut c);
-    drop(c);
-    t.join().unwrap();
+    c.close();
 }
 
 #[test]
 fn region_accesses_out_of_range_are_refused() {
-    let (mut c, t) = start(MockFunction::new());
-    c.version();
+    let mut c = negotiated(MockFunction::new());
     for (region, offset, count) in [
         (7u32, 4095u64, 2u32),
         (7, 4096, 1),
@@ -149,15 +146,13 @@ fn region_accesses_out_of_range_are_refused() {
         EINVAL
     );
     still_works(&mut c);
-    drop(c);
-    t.join().unwrap();
+    c.close();
 }
 
 #[test]
 fn overlapping_and_bad_dma_maps_are_refused() {
     let f = MockFunction::new();
-    let (mut c, t) = start(f.clone());
-    c.version();
+    let mut c = negotiated(f.clone());
     let ram = memfd(0x10_0000);
     let ok = c.call(2, &dma_map(3, 0, 0x10_0000, 0x1_0000), &[raw(&ram)]);
     assert!(!ok.is_error());
@@ -218,15 +213,13 @@ fn overlapping_and_bad_dma_maps_are_refused() {
     );
     assert_eq!(f.state.lock().unwrap().maps.len(), 2);
     still_works(&mut c);
-    drop(c);
-    t.join().unwrap();
+    c.close();
 }
 
 #[test]
 fn unsealed_or_short_guest_ram_is_refused() {
     let f = MockFunction::new();
-    let (mut c, t) = start(f.clone());
-    c.version();
+    let mut c = negotiated(f.clone());
     // A VMM's fd that anyone holding it could truncate under our mapping: refused.
     let loose = unsealed_memfd(0x10_0000);
     assert_eq!(
@@ -249,14 +242,12 @@ fn unsealed_or_short_guest_ram_is_refused() {
     assert!(small.set_len(0).is_err());
     assert_eq!(f.state.lock().unwrap().maps.len(), 1);
     still_works(&mut c);
-    drop(c);
-    t.join().unwrap();
+    c.close();
 }
 
 #[test]
 fn unexpected_fds_are_closed_and_refused() {
-    let (mut c, t) = start(MockFunction::new());
-    c.version();
+    let mut c = negotiated(MockFunction::new());
     still_works(&mut c);
     let before = open_fds();
     let ev = EventFd::new(0).unwrap();
@@ -290,15 +281,14 @@ fn unexpected_fds_are_closed_and_refused() {
     // Every received duplicate was closed by the server: only ours (and the memfd) remain.
     still_works(&mut c);
     assert_eq!(open_fds(), after_create + 1);
-    drop(c);
-    t.join().unwrap();
+    c.close();
 }
 
 #[test]
 fn garbage_never_panics() {
     // A deterministic pseudo-random mix of well-framed garbage: the server must answer each
     // command (or stay silent for posted ones) and keep serving.
-    let (mut c, t) = start(MockFunction::new());
+    let mut c = start(MockFunction::new());
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = || {
         x ^= x << 13;
@@ -316,6 +306,5 @@ fn garbage_never_panics() {
     }
     still_works(&mut c);
     let _ = HEADER_LEN;
-    drop(c);
-    t.join().unwrap();
+    c.close();
 }

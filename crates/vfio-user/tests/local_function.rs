@@ -43,9 +43,7 @@ fn test_device_dma_and_msix_through_the_server() {
     assert_eq!(layout.bars[1], None);
     assert!(layout.flr_devctl.is_some());
     assert_eq!(layout.msix.map(|m| m.vectors), Some(test_device::VECTORS));
-    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-    let t = std::thread::spawn(move || server.serve_connection(&b));
-    let mut c = Client::new(a);
+    let mut c = Session::serve(server);
     c.version();
 
     // Guest RAM: 2 MiB memfd, mapped at IOVA 1 GiB from fd offset 1 MiB.
@@ -100,6 +98,5 @@ fn test_device_dma_and_msix_through_the_server() {
     assert!(!r.is_error());
     let r = c.call(9, &region_rw(0x04, 7, 2, &[]), &[]);
     assert_eq!(&r.payload[16..18], &[0, 0]);
-    drop(c);
-    t.join().unwrap();
+    c.close();
 }

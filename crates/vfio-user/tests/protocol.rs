@@ -15,7 +15,7 @@ const EVENTFD_TRIGGER: u32 = (1 << 2) | (1 << 5);
 #[test]
 fn startup_sequence_and_regions() {
     let f = MockFunction::new();
-    let (mut c, t) = start(f.clone());
+    let mut c = start(f.clone());
     let v = c.version();
     assert!(!v.is_error());
     assert_eq!(&v.payload[..4], &[0, 0, 0, 0]);
@@ -77,15 +77,13 @@ fn startup_sequence_and_regions() {
     let reset = c.call(13, &[], &[]);
     assert!(!reset.is_error());
     assert_eq!(f.state.lock().unwrap().flrs, 1);
-    drop(c);
-    t.join().unwrap();
+    c.close();
 }
 
 #[test]
 fn dma_lands_in_client_memory_and_is_unmapped() {
     let f = MockFunction::new();
-    let (mut c, t) = start(f.clone());
-    c.version();
+    let mut c = negotiated(f.clone());
     let ram = memfd(0x20_0000);
     let r = c.call(
         2,
@@ -122,15 +120,13 @@ fn dma_lands_in_client_memory_and_is_unmapped() {
     // Unmap-all removes the rest.
     let r = c.call(3, &dma_unmap(2, 0, 0), &[]);
     assert!(!r.is_error());
-    drop(c);
-    t.join().unwrap();
+    c.close();
 }
 
 #[test]
 fn msix_eventfds_route_unmask_and_deassign() {
     let f = MockFunction::new();
-    let (mut c, t) = start(f.clone());
-    c.version();
+    let mut c = negotiated(f.clone());
     // QEMU's first step without NORESIZE: vector 0, no fd (deassign).
     let r = c.call(8, &set_irqs(EVENTFD_TRIGGER, 2, 0, 1), &[]);
     assert!(!r.is_error());
@@ -160,8 +156,7 @@ fn msix_eventfds_route_unmask_and_deassign() {
     assert!(!r.is_error());
     assert!(f.state.lock().unwrap().routes.iter().all(|r| r.is_none()));
     assert!(f.vector_masked(2));
-    drop(c);
-    t.join().unwrap();
+    c.close();
 }
 
 #[test]

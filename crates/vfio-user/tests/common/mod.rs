@@ -130,32 +130,34 @@ impl ConfigAccess for MockFunction {
     }
 }
 
+/// The bytes of BAR0 an access of `len` at `offset` of `bar` covers; only BAR0 exists.
+fn bar0_range(
+    bar: BarIndex,
+    offset: u64,
+    len: usize,
+) -> Result<std::ops::Range<usize>, FunctionError> {
+    let end = offset as usize + len;
+    if bar.get() != 0 || end > BAR0_SIZE as usize {
+        return Err(FunctionError::BadBarAccess {
+            bar: bar.get(),
+            offset,
+            len,
+        });
+    }
+    Ok(offset as usize..end)
+}
+
 impl BarAccess for MockFunction {
     fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError> {
-        let s = self.state.lock().unwrap();
-        let end = offset as usize + data.len();
-        if bar.get() != 0 || end > s.bar0.len() {
-            return Err(FunctionError::BadBarAccess {
-                bar: bar.get(),
-                offset,
-                len: data.len(),
-            });
-        }
-        data.copy_from_slice(&s.bar0[offset as usize..end]);
+        let range = bar0_range(bar, offset, data.len())?;
+        data.copy_from_slice(&self.state.lock().unwrap().bar0[range]);
         Ok(())
     }
 
     fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), FunctionError> {
+        let range = bar0_range(bar, offset, data.len())?;
         let mut s = self.state.lock().unwrap();
-        let end = offset as usize + data.len();
-        if bar.get() != 0 || end > s.bar0.len() {
-            return Err(FunctionError::BadBarAccess {
-                bar: bar.get(),
-                offset,
-                len: data.len(),
-            });
-        }
-        s.bar0[offset as usize..end].copy_from_slice(data);
+        s.bar0[range].copy_from_slice(data);
         s.bar_writes.push((offset, data.to_vec()));
         Ok(())
     }
@@ -355,16 +357,52 @@ pub fn info_req(argsz: u32, index: u32) -> Vec<u8> {
 }
 
 /// A server on one end of a socket pair, served on its own thread.
-pub fn start(
-    function: Arc<MockFunction>,
-) -> (
-    Client,
-    std::thread::JoinHandle<devlend_vfio_user::Disconnect>,
-) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = devlend_vfio_user::Server::new(function).expect("probe");
-    let t = std::thread::spawn(move || server.serve_connection(&b));
-    (Client::new(a), t)
+pub fn start(function: Arc<MockFunction>) -> Session {
+    Session::serve(devlend_vfio_user::Server::new(function).expect("probe"))
+}
+
+/// [`start`], and the version negotiated.
+pub fn negotiated(function: Arc<MockFunction>) -> Session {
+    let mut c = start(function);
+    c.version();
+    c
+}
+
+/// A client connected to a server thread serving one connection; derefs to the [`Client`].
+pub struct Session {
+    client: Client,
+    server: std::thread::JoinHandle<devlend_vfio_user::Disconnect>,
+}
+
+impl Session {
+    /// `server` serving one end of a socket pair on a thread of its own, a client on the other.
+    pub fn serve(server: devlend_vfio_user::Server) -> Session {
+        let (a, b) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || server.serve_connection(&b));
+        Session {
+            client: Client::new(a),
+            server,
+        }
+    }
+
+    /// Hangs up and waits for the server thread to end (it must not have panicked).
+    pub fn close(self) {
+        drop(self.client);
+        self.server.join().unwrap();
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
 }
 
 /// Open descriptors of this process.
