@@ -16,8 +16,8 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -253,14 +253,9 @@ fn borrower_fault(rep: usize, stop_instead: bool) -> Row {
     let dir = scratch(&format!("faults-borrower-{rep}-{stop_instead}"));
     let fabric = dir.join("fabric");
     let lender = lender(&dir, &fabric);
-    let (mut child, acked, ended) =
+    let (child, acked, ended) =
         spawn_writer(Command::new(std::env::current_exe().unwrap()), &fabric);
-    let target = 20 + (rep as u64 * 7) % 30;
-    let deadline = Instant::now() + HANG;
-    while acked.load(Ordering::SeqCst) < target {
-        assert!(Instant::now() < deadline, "the writer child never wrote");
-        std::thread::yield_now();
-    }
+    wait_acked(&acked, 20 + (rep as u64 * 7) % 30, "the writer child");
     let pid = libc::pid_t::try_from(child.id()).unwrap();
     let sig = if stop_instead {
         libc::SIGSTOP
@@ -285,20 +280,7 @@ fn borrower_fault(rep: usize, stop_instead: bool) -> Row {
     } else {
         let _ = ended.recv_timeout(HANG);
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    let n = acked.load(Ordering::SeqCst);
-    let row = Row {
-        runs: 1,
-        acked: n,
-        lost: lost(&dir.join("lent.img"), n),
-        hangs,
-        by_expiry: usize::from(ended_by_expiry(&dir.join("lender.log"))),
-        reclaim_ms: vec![reclaim_ms],
-    };
-    drop(lender);
-    let _ = std::fs::remove_dir_all(&dir);
-    row
+    child_run(child, &acked, lender, dir, hangs, reclaim_ms)
 }
 
 /// A cut tcp link (the veth between two network namespaces goes down) under a borrower
@@ -318,16 +300,8 @@ fn tcp_cut(ns: &NetnsPair, rep: usize) -> Row {
     lender.add_nvme("nvme0", &dir.join("lent.img"), "16M");
     let fabric = std::path::PathBuf::from(format!("tcp:{lender_ip}:{port}"));
     let exe = std::env::current_exe().unwrap();
-    let (mut child, acked, ended) = spawn_writer(ns.command(1, exe.to_str().unwrap()), &fabric);
-    let target = 10 + (rep as u64 * 3) % 10;
-    let deadline = Instant::now() + HANG;
-    while acked.load(Ordering::SeqCst) < target {
-        assert!(
-            Instant::now() < deadline,
-            "the tcp writer child never wrote"
-        );
-        std::thread::yield_now();
-    }
+    let (child, acked, ended) = spawn_writer(ns.command(1, exe.to_str().unwrap()), &fabric);
+    wait_acked(&acked, 10 + (rep as u64 * 3) % 10, "the tcp writer child");
     // The lender learns its peer's name now, so that its `status` asks the cut peer nothing.
     lender.ctl_ok(&["status"]);
     ns.set_link(false).unwrap();
@@ -336,9 +310,32 @@ fn tcp_cut(ns: &NetnsPair, rep: usize) -> Row {
     let reclaim_ms = start.elapsed().as_millis() as u64;
     // The writer's I/O fails once its side sees the link down (keepalive): no hang.
     let hangs = usize::from(ended.recv_timeout(HANG).is_err());
+    let row = child_run(child, &acked, lender, dir, hangs, reclaim_ms);
+    ns.set_link(true).unwrap();
+    row
+}
+
+/// Waits until the writer child has had `target` writes acknowledged (bounded by `HANG`).
+fn wait_acked(acked: &AtomicU64, target: u64, who: &str) {
+    let deadline = Instant::now() + HANG;
+    while acked.load(Ordering::SeqCst) < target {
+        assert!(Instant::now() < deadline, "{who} never wrote");
+        std::thread::yield_now();
+    }
+}
+
+/// Ends a run with a writer child: kills and reaps the child, stops the lender, and reads the
+/// row from the lender's image and log in `dir` (then removed).
+fn child_run(
+    mut child: Child,
+    acked: &AtomicU64,
+    lender: NodeProcess,
+    dir: PathBuf,
+    hangs: usize,
+    reclaim_ms: u64,
+) -> Row {
     let _ = child.kill();
     let _ = child.wait();
-    ns.set_link(true).unwrap();
     let n = acked.load(Ordering::SeqCst);
     let row = Row {
         runs: 1,
