@@ -18,15 +18,11 @@ fn bench_cmb_quick_json_has_the_bench_md_shape() {
             "0.05",
         ],
     );
-    let figures = json["figures"].as_array().expect("figures array");
-    let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
+    let figures = common::figures(&json);
     for pattern in ["randread", "randwrite"] {
         for what in ["median latency", "p99 latency", "IOPS"] {
             let name = format!("{pattern}-4k-qd1 {what}, SQ in the CMB, borrowed over shm");
-            assert!(
-                names.contains(&name.as_str()),
-                "missing figure {name} in {names:?}"
-            );
+            common::figure(figures, &name);
         }
     }
     for f in figures {

@@ -7,7 +7,7 @@ mod common;
 fn bench_fabric_quick_json_has_figures_with_baselines() {
     let tmp = common::TempRoot::new("bench-fabric");
     let v = common::bench_json(&tmp, &["bench", "fabric", "--quick", "--json"]);
-    let figures = v["figures"].as_array().expect("figures");
+    let figures = common::figures(&v);
     let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
     for want in [
         "window-write-4k",

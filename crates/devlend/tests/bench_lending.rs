@@ -16,13 +16,8 @@ fn bench_lending_quick_json_has_every_row_beside_its_baseline() {
         args.push("--no-tcp");
     }
     let json = common::bench_json(&tmp, &args);
-    let figures = json["figures"].as_array().expect("figures array");
-    let find = |name: &str| {
-        figures
-            .iter()
-            .find(|f| f["name"] == name)
-            .unwrap_or_else(|| panic!("missing figure {name} in {json}"))
-    };
+    let figures = common::figures(&json);
+    let find = |name: &str| common::figure(figures, name);
     for row in ["randread-4k-qd1", "randwrite-4k-qd1"] {
         for what in ["median latency", "IOPS", "p99 latency"] {
             let f = find(&format!("{row} {what}, borrowed over shm"));

@@ -8,13 +8,8 @@ mod common;
 fn bench_sharing_quick_json_has_every_borrower_doing_io() {
     let tmp = common::TempRoot::new("bench-sharing");
     let json = common::bench_json(&tmp, &["bench", "sharing", "--quick", "--json"]);
-    let figures = json["figures"].as_array().expect("figures array");
-    let find = |name: &str| {
-        figures
-            .iter()
-            .find(|f| f["name"] == name)
-            .unwrap_or_else(|| panic!("missing figure {name:?} in {figures:?}"))
-    };
+    let figures = common::figures(&json);
+    let find = |name: &str| common::figure(figures, name);
     for n in [1, 2, 4, 8] {
         for i in 1..=n {
             let f = find(&format!(

@@ -83,6 +83,22 @@ pub fn scratch(tag: &str) -> PathBuf {
     d
 }
 
+/// The `figures` array of a bench's JSON.
+pub fn figures(json: &serde_json::Value) -> &[serde_json::Value] {
+    json["figures"].as_array().expect("figures array")
+}
+
+/// The figure named `name`; panics, naming the figures there are, when there is none.
+pub fn figure<'a>(figures: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    figures
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| {
+            let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
+            panic!("missing figure {name:?} in {names:?}")
+        })
+}
+
 /// A fresh scratch directory ([`scratch`]), removed with what is in it when dropped (when
 /// the test ends, passed or failed).
 pub struct ScratchDir(PathBuf);
