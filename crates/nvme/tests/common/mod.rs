@@ -431,36 +431,27 @@ pub fn cmd(opcode: u8) -> Command {
     }
 }
 
-pub fn create_cq(qid: u16, entries: u32, base: u64, vector: u16) -> Command {
+/// A Create I/O Completion or Submission Queue command: queue `qid` of `entries` entries,
+/// physically contiguous at `base` of host memory, CDW11 `cdw11`.
+fn create_queue(opcode: u8, qid: u16, entries: u32, base: u64, cdw11: u32) -> Command {
     Command {
-        opcode: admin_opcode::CREATE_IO_CQ,
+        opcode,
         prp1: HOST_BASE + base,
-        cdw: [
-            ((entries - 1) << 16) | u32::from(qid),
-            (u32::from(vector) << 16) | 0b11,
-            0,
-            0,
-            0,
-            0,
-        ],
+        cdw: [((entries - 1) << 16) | u32::from(qid), cdw11, 0, 0, 0, 0],
         ..Command::default()
     }
 }
 
+/// Create I/O CQ `qid` with interrupts enabled on `vector`.
+pub fn create_cq(qid: u16, entries: u32, base: u64, vector: u16) -> Command {
+    let cdw11 = (u32::from(vector) << 16) | 0b11;
+    create_queue(admin_opcode::CREATE_IO_CQ, qid, entries, base, cdw11)
+}
+
+/// Create I/O SQ `qid` completing on CQ `cqid`.
 pub fn create_sq(qid: u16, entries: u32, base: u64, cqid: u16) -> Command {
-    Command {
-        opcode: admin_opcode::CREATE_IO_SQ,
-        prp1: HOST_BASE + base,
-        cdw: [
-            ((entries - 1) << 16) | u32::from(qid),
-            (u32::from(cqid) << 16) | 1,
-            0,
-            0,
-            0,
-            0,
-        ],
-        ..Command::default()
-    }
+    let cdw11 = (u32::from(cqid) << 16) | 1;
+    create_queue(admin_opcode::CREATE_IO_SQ, qid, entries, base, cdw11)
 }
 
 pub fn identify(cns: u8, nsid: u32, buf: u64) -> Command {
