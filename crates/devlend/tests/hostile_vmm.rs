@@ -16,8 +16,7 @@ mod vfio_client;
 mod common;
 
 use common::{borrowed_names, ShmLender};
-use devlend_vfio_user::wire::Header;
-use vfio_client::{dma_map, memfd, raw, region_rw, unsealed_memfd, Client};
+use vfio_client::{command_header, dma_map, memfd, raw, region_rw, unsealed_memfd, Client};
 
 /// VFIO's config-space region index.
 const CONFIG_REGION: u32 = 7;
@@ -61,13 +60,7 @@ fn a_hostile_vmm_gets_its_guest_ram_refused_and_the_borrower_stays_up() {
     let r = c.call(2, &dma_map(3, 0x1000, 0x10_0000, 0x1_0000), &[raw(&small)]);
     assert_eq!(r.errno(), libc::EBADF, "a too-short memfd was mapped");
     // A message shorter than its header: refused, the stream stays in sync.
-    let h = Header {
-        msg_id: 77,
-        command: 4,
-        size: 3,
-        flags: 0,
-        error: 0,
-    };
+    let h = command_header(77, 4, 3);
     c.send_raw(&h.encode(), &[]);
     let r = c.recv();
     assert_eq!((r.header.msg_id, r.errno()), (77, libc::EINVAL));

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use devlend_vfio_user::wire::{Header, HEADER_LEN, MAX_MESSAGE};
+use devlend_vfio_user::wire::{HEADER_LEN, MAX_MESSAGE};
 use vmm_sys_util::eventfd::EventFd;
 
 const EINVAL: i32 = libc::EINVAL;
@@ -20,13 +20,7 @@ fn still_works(c: &mut Client) {
 fn framing_errors_keep_the_stream_in_sync() {
     let mut c = negotiated(MockFunction::new());
     // size < 16: only the header is consumed.
-    let h = Header {
-        msg_id: 77,
-        command: 4,
-        size: 3,
-        flags: 0,
-        error: 0,
-    };
+    let h = command_header(77, 4, 3);
     c.send_raw(&h.encode(), &[]);
     let r = c.recv();
     assert!(r.is_error());
@@ -35,13 +29,7 @@ fn framing_errors_keep_the_stream_in_sync() {
 
     // Oversized: drained and refused with E2BIG.
     let size = MAX_MESSAGE + 100;
-    let h = Header {
-        msg_id: 78,
-        command: 10,
-        size,
-        flags: 0,
-        error: 0,
-    };
+    let h = command_header(78, 10, size);
     let mut m = h.encode().to_vec();
     m.resize(size as usize, 0xab);
     c.send_raw(&m, &[]);

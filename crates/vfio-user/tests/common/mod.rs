@@ -405,6 +405,17 @@ impl std::ops::DerefMut for Session {
     }
 }
 
+/// The header of a message that is a command (flags 0), `size` bytes in all.
+pub fn command_header(msg_id: u16, command: u16, size: u32) -> Header {
+    Header {
+        msg_id,
+        command,
+        size,
+        flags: 0,
+        error: 0,
+    }
+}
+
 /// Open descriptors of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
