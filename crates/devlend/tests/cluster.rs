@@ -92,13 +92,20 @@ fn etcd_ready(test: &str) -> bool {
     etcd_rig::etcd_or_skip(test)
 }
 
+/// An etcd cluster of `members` and a scratch directory `tag`, or `None` when `test` is
+/// skipped (no etcd, outside CI).
+fn etcd_and_dir(test: &str, members: usize, tag: &str) -> Option<(EtcdCluster, ScratchDir)> {
+    if !etcd_ready(test) {
+        return None;
+    }
+    Some((EtcdCluster::start(members), ScratchDir::new(tag)))
+}
+
 #[test]
 fn borrow_by_name_across_hosts_with_links_made_on_demand() {
-    if !etcd_ready("cluster") {
+    let Some((etcd, dir)) = etcd_and_dir("cluster", 1, "cluster-borrow") else {
         return;
-    }
-    let etcd = EtcdCluster::start(1);
-    let dir = ScratchDir::new("cluster-borrow");
+    };
     keygen(&dir, &["alpha", "beta", "gamma"]);
     let alpha = cluster_node(&dir, "alpha", &etcd);
     let beta = cluster_node(&dir, "beta", &etcd);
@@ -240,11 +247,9 @@ fn borrow_by_name_across_hosts_with_links_made_on_demand() {
 
 #[test]
 fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
-    if !etcd_ready("cluster") {
+    let Some((mut etcd, dir)) = etcd_and_dir("cluster", 3, "cluster-failures") else {
         return;
-    }
-    let mut etcd = EtcdCluster::start(3);
-    let dir = ScratchDir::new("cluster-failures");
+    };
     keygen(&dir, &["lender", "user", "other"]);
     let mut lender = cluster_node(&dir, "lender", &etcd);
     let mut user = cluster_node(&dir, "user", &etcd);
@@ -397,11 +402,9 @@ fn bench_cluster_quick_reports_every_figure_beside_its_baseline() {
 
 #[test]
 fn hosts_on_one_machine_link_through_shm_on_demand() {
-    if !etcd_ready("cluster shm") {
+    let Some((etcd, dir)) = etcd_and_dir("cluster shm", 1, "cluster-shm") else {
         return;
-    }
-    let etcd = EtcdCluster::start(1);
-    let dir = ScratchDir::new("cluster-shm");
+    };
     let registry = etcd.addr().to_string();
     let shm = dir.join("fabric");
     let start = |name: &str| {
