@@ -30,13 +30,8 @@ fn reclaim(lender: &NodeProcess, grace: &str) -> serde_json::Value {
 
 #[test]
 fn reclaim_gives_a_grace_then_removes_and_offers_the_device_again() {
-    let ShmLender {
-        dir,
-        fabric,
-        image,
-        lender,
-    } = ShmLender::start("reclaim", 5000, "16M");
-    let node = Arc::new(borrower_here("driver-host", &[&fabric]));
+    let rig = ShmLender::start("reclaim", 5000, "16M");
+    let node = Arc::new(borrower_here("driver-host", &[&rig.fabric]));
     let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
     let ctrl = Controller::new(f).unwrap();
     // Sustained writes, each recorded once acknowledged, until the device goes.
@@ -61,7 +56,7 @@ fn reclaim_gives_a_grace_then_removes_and_offers_the_device_again() {
         std::thread::yield_now();
     }
     let before = acked.load(Ordering::SeqCst);
-    let v = reclaim(&lender, "1s");
+    let v = reclaim(&rig.lender, "1s");
     let during = acked.load(Ordering::SeqCst) - before;
     assert_eq!(
         v["returned"], false,
@@ -83,7 +78,7 @@ fn reclaim_gives_a_grace_then_removes_and_offers_the_device_again() {
     // completion could not be delivered): its slot is the one of write `n - 4000`, which
     // holds one or the other.
     let n = acked.load(Ordering::SeqCst);
-    let file = std::fs::File::open(&image).unwrap();
+    let file = std::fs::File::open(&rig.image).unwrap();
     for i in n.saturating_sub(4000)..n {
         let mut back = vec![0u8; BLOCK];
         file.read_exact_at(&mut back, (i % 4000) * BLOCK as u64)
@@ -95,7 +90,7 @@ fn reclaim_gives_a_grace_then_removes_and_offers_the_device_again() {
         );
     }
     // Reset and offered again at once: free on the lender, and borrowable here.
-    assert_eq!(lender.borrower_of("nvme0"), None);
+    assert_eq!(rig.lender.borrower_of("nvme0"), None);
     let f: Arc<dyn PciFunction> = node.borrow("nvme0").unwrap();
     let ctrl = Controller::new(f).unwrap();
     let mut back = vec![0u8; BLOCK];
@@ -112,15 +107,15 @@ fn reclaim_gives_a_grace_then_removes_and_offers_the_device_again() {
             let _ = node.give_back(name);
         }
     })));
-    let v = reclaim(&lender, "20s");
+    let v = reclaim(&rig.lender, "20s");
     assert_eq!(v["returned"], true, "{v}");
     assert!(v["elapsed_ms"].as_u64().unwrap() < 20_000, "{v}");
-    assert_eq!(lender.borrower_of("nvme0"), None);
+    assert_eq!(rig.lender.borrower_of("nvme0"), None);
     // Nothing to reclaim now: an error that says so.
-    let out = lender.ctl(&["reclaim", "nvme0"]);
+    let out = rig.lender.ctl(&["reclaim", "nvme0"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not lent"));
     node.set_reclaim_hook(None);
     drop(node);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&rig.dir);
 }
