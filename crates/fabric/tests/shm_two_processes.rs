@@ -6,7 +6,7 @@
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ use devlend_fabric::{
     AddressSpace, BusAddr, Doorbells, FabricError, Link, LinkConfig, LinkState, MemoryWindows,
     Messages, MmioHandler, Ntb, PeerWindows, Scratchpads, SharedMemory, ShmNtb, WindowOffset,
 };
+use devlend_testkit::process::KillOnDrop;
 
 const LONG: Duration = Duration::from_secs(30);
 const CHILD_ENV: &str = "DEVLEND_FABRIC_CHILD";
@@ -169,8 +170,8 @@ fn child_role() {
     }
 }
 
-/// Kills (SIGKILL) and reaps the peer when dropped.
-struct Peer(Child);
+/// The peer process: killed (SIGKILL) and reaped when dropped.
+struct Peer(KillOnDrop);
 
 impl Peer {
     fn spawn(dir: &Path) -> Peer {
@@ -192,18 +193,11 @@ impl Peer {
             }
         }
         std::thread::spawn(move || for _ in lines {});
-        Peer(child)
+        Peer(KillOnDrop(child))
     }
 
     fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.kill();
+        self.0.kill9();
     }
 }
 

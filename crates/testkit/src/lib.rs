@@ -10,6 +10,7 @@
 //! - [`conformance`]: one NTB conformance suite, run against every backend.
 //! - [`hostile`]: a hand-written peer of the lending protocol and the absurd offers it makes.
 //! - [`tcp`], [`proxy`]: hosts for tcp fabric tests and a TCP proxy that injects faults.
+//! - [`process`]: a child process killed when the test lets go of it.
 //! - the `devlend-tcp-host` binary: one side of a tcp link, run in a namespace by
 //!   `tests/tcp_netns.rs`.
 //!
@@ -20,5 +21,6 @@ pub mod conformance;
 pub mod guest;
 pub mod hostile;
 pub mod netns;
+pub mod process;
 pub mod proxy;
 pub mod tcp;

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use devlend_fabric::{
@@ -12,26 +12,14 @@ use devlend_fabric::{
 };
 use devlend_fabric_tcp::TcpNtb;
 use devlend_testkit::netns::NetnsPair;
+use devlend_testkit::process::KillOnDrop;
 use devlend_testkit::proxy::Proxy;
 use devlend_testkit::tcp::*;
 
 const PORT: u16 = 7411;
 
 /// A host process; killed with SIGKILL when dropped.
-struct HostProcess(Child);
-
-impl HostProcess {
-    fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
+type HostProcess = KillOnDrop;
 
 fn spawn_host(
     ns: &NetnsPair,
@@ -54,7 +42,7 @@ fn spawn_host(
         .read_line(&mut line)
         .unwrap();
     assert!(line.starts_with("ready"), "host said {line:?}");
-    HostProcess(child)
+    KillOnDrop(child)
 }
 
 fn addr(ns: &NetnsPair, side: usize) -> SocketAddr {
