@@ -17,10 +17,6 @@ use std::time::Duration;
 use common::{exe, scratch, NodeProcess};
 use devlend_testkit::guest::{self, acceptance};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn borrower_server(dir: &Path, fabric: &Path, socket: &Path) -> Command {
     let mut server = Command::new(exe());
     server
@@ -48,6 +44,18 @@ struct Lent {
     image: PathBuf,
     socket: PathBuf,
     lender: NodeProcess,
+}
+
+impl Lent {
+    /// The borrower node serving the borrowed `nvme0` on the socket ([`borrower_server`]),
+    /// once its socket is up.
+    fn serve_borrowed(&self) -> guest::ServerProcess {
+        guest::ServerProcess::spawn(
+            borrower_server(&self.dir, &self.fabric, &self.socket),
+            Duration::from_secs(60),
+        )
+        .expect("the borrower serves the borrowed device")
+    }
 }
 
 fn lend_nvme(tag: &str, size: u64) -> Lent {
@@ -93,8 +101,7 @@ fn lend_nvme_with(tag: &str, size: u64, extra: &[&str]) -> Lent {
 /// keeps its queues in guest RAM; the same checks pass.
 #[test]
 fn guest_nvme_driver_on_borrowed_device_over_vfio_user() {
-    let Some(assets) = guest::provision_for_tests(&repo_root()).expect("provisioning VM assets")
-    else {
+    let Some(assets) = common::vm_assets() else {
         return;
     };
     let disk_bytes = acceptance::MIN_DISK_BYTES;
@@ -135,70 +142,36 @@ fn guest_nvme_driver_on_borrowed_device_over_vfio_user() {
 
 #[test]
 fn guest_survives_a_lender_that_dies() {
-    let Some(assets) = guest::provision_for_tests(&repo_root()).expect("provisioning VM assets")
-    else {
+    let Some(assets) = common::vm_assets() else {
         return;
     };
-    let Lent {
-        dir,
-        fabric,
-        socket,
-        mut lender,
-        ..
-    } = lend_nvme("vm-lender-dies", 64 << 20);
-    let _server = guest::ServerProcess::spawn(
-        borrower_server(&dir, &fabric, &socket),
-        Duration::from_secs(60),
-    )
-    .expect("the borrower serves the borrowed device");
-    let spec = guest::vanish::spec(assets, &socket, &dir);
-    let out = guest::boot_with(&spec, |line| {
-        if line.contains(guest::vanish::MARKER) {
-            lender.kill9();
-        }
-    })
-    .expect("boot");
-    guest::vanish::check(&out);
-    let _ = std::fs::remove_dir_all(&dir);
+    let mut lent = lend_nvme("vm-lender-dies", 64 << 20);
+    let _server = lent.serve_borrowed();
+    guest::vanish::run(assets, &lent.socket, &lent.dir, || lent.lender.kill9());
+    let _ = std::fs::remove_dir_all(&lent.dir);
 }
 
 #[test]
 fn guest_sees_a_reclaimed_device_fail_and_qemu_survives() {
-    let Some(assets) = guest::provision_for_tests(&repo_root()).expect("provisioning VM assets")
-    else {
+    let Some(assets) = common::vm_assets() else {
         return;
     };
-    let Lent {
-        dir,
-        fabric,
-        socket,
-        lender,
-        ..
-    } = lend_nvme("vm-reclaim", 64 << 20);
-    let _server = guest::ServerProcess::spawn(
-        borrower_server(&dir, &fabric, &socket),
-        Duration::from_secs(60),
-    )
-    .expect("the borrower serves the borrowed device");
-    let spec = guest::vanish::spec(assets, &socket, &dir);
+    let lent = lend_nvme("vm-reclaim", 64 << 20);
+    let _server = lent.serve_borrowed();
     let (tx, rx) = std::sync::mpsc::channel();
-    let state = lender.state.clone();
+    let state = lent.lender.state.clone();
     // `devlend reclaim` on the lender while the guest reads: after the grace the guest's
     // device fails (I/O errors, the controller looks dead), and QEMU keeps running.
-    let out = guest::boot_with(&spec, |line| {
-        if line.contains(guest::vanish::MARKER) {
-            let (state, tx) = (state.clone(), tx.clone());
-            std::thread::spawn(move || {
-                let out = Command::new(exe())
-                    .args(["reclaim", "nvme0", "--grace", "1s", "--json", "--state"])
-                    .arg(&state)
-                    .output();
-                let _ = tx.send(out);
-            });
-        }
-    })
-    .expect("boot");
-    guest::vanish::check(&out);
+    let out = guest::vanish::run(assets, &lent.socket, &lent.dir, || {
+        let (state, tx) = (state.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let out = Command::new(exe())
+                .args(["reclaim", "nvme0", "--grace", "1s", "--json", "--state"])
+                .arg(&state)
+                .output();
+            let _ = tx.send(out);
+        });
+    });
     for line in out
         .console
         .iter()
@@ -218,7 +191,7 @@ fn guest_sees_a_reclaimed_device_fail_and_qemu_survives() {
     let v: serde_json::Value = serde_json::from_slice(&reclaimed.stdout).unwrap();
     assert_eq!(v["returned"], false, "{v}");
     // Reset and offered again.
-    assert_eq!(lender.borrower_of("nvme0"), None);
-    drop(lender);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(lent.lender.borrower_of("nvme0"), None);
+    drop(lent.lender);
+    let _ = std::fs::remove_dir_all(&lent.dir);
 }

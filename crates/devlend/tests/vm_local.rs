@@ -7,7 +7,8 @@
 //! printed reason otherwise, except under `CI`, where it fails instead.
 //! The borrowed case is the same run with another server command (see `vm_borrowed.rs`).
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,19 +23,12 @@ use devlend_testkit::guest::{self, acceptance};
 use devlend_vfio_user::Server;
 use vmm_sys_util::eventfd::EventFd;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 #[test]
 fn guest_nvme_driver_on_local_model_over_vfio_user() {
-    let Some(assets) = guest::provision_for_tests(&repo_root()).expect("provisioning VM assets")
-    else {
+    let Some(assets) = common::vm_assets() else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("devlend-vm-local-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("work dir");
+    let dir = common::ScratchDir::new("vm-local");
     let image = dir.join("disk.img");
     let socket = dir.join("nvme.sock");
     let disk_bytes = acceptance::MIN_DISK_BYTES;
@@ -55,7 +49,6 @@ fn guest_nvme_driver_on_local_model_over_vfio_user() {
         println!("guest: {line}");
     }
     println!("guest run took {:?}", out.elapsed);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A function whose far side disappears on demand, as a borrowed function does when its lender
@@ -152,13 +145,10 @@ impl PciFunction for Severable {
 /// declares the controller dead and its I/O fails; nothing hangs and the guest powers off.
 #[test]
 fn guest_survives_a_device_that_disappears() {
-    let Some(assets) = guest::provision_for_tests(&repo_root()).expect("provisioning VM assets")
-    else {
+    let Some(assets) = common::vm_assets() else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("devlend-vm-gone-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("work dir");
+    let dir = common::ScratchDir::new("vm-gone");
     let image = dir.join("disk.img");
     let socket = dir.join("nvme.sock");
     let mut config = NvmeConfig::new(&image);
@@ -176,14 +166,7 @@ fn guest_survives_a_device_that_disappears() {
     let path = socket.clone();
     std::thread::spawn(move || server.serve_listener(&listener, &path, |_, _| {}));
 
-    let spec = guest::vanish::spec(assets, &socket, &dir);
-    let out = guest::boot_with(&spec, |line| {
-        if line.contains(guest::vanish::MARKER) {
-            function.sever();
-        }
-    })
-    .expect("boot");
-    guest::vanish::check(&out);
+    let out = guest::vanish::run(assets, &socket, &dir, || function.sever());
     for l in out
         .console
         .iter()
@@ -195,5 +178,4 @@ fn guest_survives_a_device_that_disappears() {
         "guest saw the dead device and powered off after {:?}",
         out.elapsed
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

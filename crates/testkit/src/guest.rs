@@ -588,6 +588,24 @@ dmesg | grep -i nvme | tail -4
         spec
     }
 
+    /// Boots the guest of [`spec`], calls `take_away` when it prints [`MARKER`], and
+    /// [`check`]s what it saw; returns its output.
+    pub fn run(
+        assets: VmAssets,
+        socket: &Path,
+        work_dir: &Path,
+        mut take_away: impl FnMut(),
+    ) -> GuestOutput {
+        let out = super::boot_with(&spec(assets, socket, work_dir), |line| {
+            if line.contains(MARKER) {
+                take_away();
+            }
+        })
+        .expect("boot");
+        check(&out);
+        out
+    }
+
     /// Panics with the transcript unless the guest did I/O, saw it fail after the device went
     /// away, and finished in time.
     pub fn check(out: &GuestOutput) {
@@ -631,6 +649,16 @@ pub mod acceptance {
             .collect()
     }
 
+    /// The start of a guest script: `fail` (print the failure marker and exit 1), and a wait
+    /// of at most 30 s for the nvme driver's disk.
+    const WAIT_FOR_DISK: &str = r#"fail() { echo "DEVLEND-VM-FAIL: $*"; exit 1; }
+i=0
+while [ ! -e /sys/block/nvme0n1 ]; do
+    i=$((i + 1)); [ $i -gt 300 ] && fail "no /sys/block/nvme0n1 after 30 s"
+    sleep 0.1
+done
+"#;
+
     /// Printed by the second guest when the first guest's files survived.
     pub const REUSE_MARKER: &str = "DEVLEND-VM-REUSE-PASS";
 
@@ -640,13 +668,7 @@ pub mod acceptance {
         let sectors = disk_bytes / 512;
         format!(
             r#"#!/bin/sh
-fail() {{ echo "DEVLEND-VM-FAIL: $*"; exit 1; }}
-i=0
-while [ ! -e /sys/block/nvme0n1 ]; do
-    i=$((i + 1)); [ $i -gt 300 ] && fail "no /sys/block/nvme0n1 after 30 s"
-    sleep 0.1
-done
-[ "$(cat /sys/block/nvme0n1/size)" = "{sectors}" ] || fail "size after reconnect"
+{wait_for_disk}[ "$(cat /sys/block/nvme0n1/size)" = "{sectors}" ] || fail "size after reconnect"
 mount -t ext2 /dev/nvme0n1 /mnt || fail "mount after reconnect"
 cmp /bin/busybox /mnt/busybox.copy || fail "busybox copy differs after reconnect"
 [ "$(cat /mnt/dir/small)" = hello-devlend ] || fail "small file differs after reconnect"
@@ -654,6 +676,7 @@ umount /mnt || fail "umount"
 echo "{marker}"
 "#,
             marker = REUSE_MARKER,
+            wait_for_disk = WAIT_FOR_DISK,
         )
     }
 
@@ -666,13 +689,7 @@ echo "{marker}"
         let count = PATTERN_LEN / 4096;
         format!(
             r#"#!/bin/sh
-fail() {{ echo "DEVLEND-VM-FAIL: $*"; exit 1; }}
-i=0
-while [ ! -e /sys/block/nvme0n1 ]; do
-    i=$((i + 1)); [ $i -gt 300 ] && fail "no /sys/block/nvme0n1 after 30 s"
-    sleep 0.1
-done
-echo "NVME-BOUND driver=$(basename $(readlink /sys/block/nvme0n1/device/device/driver 2>/dev/null || readlink /sys/class/nvme/nvme0/device/driver))"
+{wait_for_disk}echo "NVME-BOUND driver=$(basename $(readlink /sys/block/nvme0n1/device/device/driver 2>/dev/null || readlink /sys/class/nvme/nvme0/device/driver))"
 echo "NVME-MODEL $(cat /sys/class/nvme/nvme0/model 2>/dev/null)"
 dmesg 2>/dev/null | grep -i -e cmb -e nvme | sed 's/^/NVME-DMESG /'
 sectors=$(cat /sys/block/nvme0n1/size)
@@ -703,6 +720,7 @@ echo "{pass}"
             offset = PATTERN_OFFSET,
             fs_kib = FS_KIB,
             pass = PASS_MARKER,
+            wait_for_disk = WAIT_FOR_DISK,
         )
     }
 }

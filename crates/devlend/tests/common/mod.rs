@@ -34,6 +34,13 @@ pub fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> Durati
     start.elapsed()
 }
 
+/// QEMU, the guest kernel and initramfs for the VM tests, or `None` (printed) where this
+/// machine cannot provision them outside CI.
+pub fn vm_assets() -> Option<devlend_testkit::guest::VmAssets> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    devlend_testkit::guest::provision_for_tests(&repo).expect("provisioning VM assets")
+}
+
 /// The binary under test.
 pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_devlend")
