@@ -45,9 +45,7 @@ const BENCH_SECS: u64 = 5;
 const BENCH_ROUNDS: usize = 2;
 
 fn pattern(seed: u8) -> Vec<u8> {
-    (0..PATTERN_LEN)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
-        .collect()
+    guest_lending::pattern(PATTERN_LEN, 1, seed)
 }
 
 fn main() {
@@ -228,10 +226,6 @@ sync
 echo VFIO-ALL-DONE
 "#;
 
-fn skip_or_fail(why: &str) {
-    guest_lending::skip_or_fail("vfio_guest", why);
-}
-
 /// The two binaries the guest runs (`devlend`, and this test for the borrower and benchmark
 /// roles), built with optimisations: the benchmark row measures what lending costs, not what
 /// an unoptimised build costs (a debug build's borrower made the row 3 to 4 times worse under
@@ -295,36 +289,19 @@ fn guest_binaries(repo: &Path) -> (PathBuf, PathBuf) {
 
 fn host_test() {
     let start = Instant::now();
-    if !guest_lending::is_root() {
-        return skip_or_fail("needs root (QEMU provisioning, as the other guest tests)");
-    }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let Some(assets) =
-        devlend_testkit::guest::provision_for_tests(&repo).expect("provisioning QEMU")
-    else {
+    let Some(rig) = guest_lending::HostRig::new("vfio_guest") else {
         return;
     };
-    let modules = guest_lending::vfio_modules(&repo);
-
-    let work = std::env::temp_dir().join(format!("devlend-vfio-guest-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).unwrap();
-    let (devlend_bin, me) = guest_binaries(&repo);
-    let mut bundle = devlend_testkit::guest::bundle::Bundle::new();
-    bundle
-        .binary(&devlend_bin, "devlend/devlend", &work)
-        .expect("bundling devlend");
-    bundle
-        .binary(&me, "devlend/vfio-guest", &work)
-        .expect("bundling this test");
-    bundle.file("test.sh", 0o100755, SCRIPT.as_bytes().to_vec());
-    let disk = work.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(DISK_BYTES)
-        .unwrap();
-
-    let mut qemu = guest_lending::iommu_guest(&assets, &modules, &bundle, &work);
+    let (devlend_bin, me) = guest_binaries(&rig.repo);
+    let (bundle, disk) = rig.bundle(
+        &[
+            (&devlend_bin, "devlend/devlend"),
+            (&me, "devlend/vfio-guest"),
+        ],
+        SCRIPT,
+        DISK_BYTES,
+    );
+    let mut qemu = rig.qemu(&bundle);
     qemu.arg("-drive")
         .arg(format!("file={},if=none,id=d0,format=raw", disk.display()))
         .args(["-device", "nvme,drive=d0,serial=vfio-guest"]);
@@ -332,29 +309,20 @@ fn host_test() {
         .expect("running the guest");
     let console = &run.console;
     let transcript = || run.transcript();
-    let has = |m: &str| console.iter().any(|l| l.contains(m));
-    assert!(
-        !run.timed_out,
-        "the guest did not finish in time:\n{}",
-        transcript()
+    guest_lending::assert_markers(
+        &run,
+        &[
+            "VFIO-DRIVER-LENT vfio-pci",
+            "VFIO-SUITE-OK",
+            "VFIO-KILLED",
+            "VFIO-EXPIRED",
+            "VFIO-READBACK-OK",
+            "VFIO-DRIVER-AFTER nvme",
+            "VFIO-ALL-DONE",
+            "DEVLEND-TEST-EXIT 0",
+        ],
+        "VFIO-FAIL",
     );
-    for marker in [
-        "VFIO-DRIVER-LENT vfio-pci",
-        "VFIO-SUITE-OK",
-        "VFIO-KILLED",
-        "VFIO-EXPIRED",
-        "VFIO-READBACK-OK",
-        "VFIO-DRIVER-AFTER nvme",
-        "VFIO-ALL-DONE",
-        "DEVLEND-TEST-EXIT 0",
-    ] {
-        assert!(
-            has(marker),
-            "missing {marker:?} in the guest's run:\n{}",
-            transcript()
-        );
-    }
-    assert!(!has("VFIO-FAIL"), "{}", transcript());
     let cases = console
         .iter()
         .filter(|l| l.contains("VFIO-CASE-OK"))
@@ -374,17 +342,13 @@ fn host_test() {
     );
 
     // The bytes the borrowers wrote are in the image behind QEMU's controller.
-    let image = std::fs::read(&disk).unwrap();
-    for (offset, seed, who) in [
-        (SUITE_OFFSET, 0xa5, "the suite borrower"),
-        (KILLED_OFFSET, 0x3c, "the killed borrower"),
-    ] {
-        let at = usize::try_from(offset).unwrap();
-        assert!(
-            image.get(at..at + PATTERN_LEN) == Some(pattern(seed).as_slice()),
-            "{who}'s flushed write is not in the disk image"
-        );
-    }
+    guest_lending::assert_on_disk(
+        &disk,
+        &[
+            (SUITE_OFFSET, pattern(0xa5), "the suite borrower"),
+            (KILLED_OFFSET, pattern(0x3c), "the killed borrower"),
+        ],
+    );
 
     // The benchmark row.
     // The mean over the interleaved rounds (direct, borrowed, direct, borrowed).
@@ -426,7 +390,7 @@ fn host_test() {
         b1 / d1,
         b1 / d1 <= 1.25
     );
-    let _ = std::fs::remove_dir_all(&work);
+    rig.remove();
     println!(
         "vfio_guest passed in {:.0} s",
         start.elapsed().as_secs_f64()

@@ -49,9 +49,7 @@ const LEASE_MS: u64 = 20_000;
 const ROUNDS_AFTER_KILL: u32 = 2;
 
 fn pattern(seed: u8) -> Vec<u8> {
-    (0..PATTERN_LEN)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[2] ^ seed)
-        .collect()
+    guest_lending::pattern(PATTERN_LEN, 2, seed)
 }
 
 fn main() {
@@ -224,49 +222,21 @@ sync
 echo SRIOV-ALL-DONE
 "#;
 
-fn skip_or_fail(why: &str) {
-    guest_lending::skip_or_fail("vfio_guest_sriov", why);
-}
-
 fn host_test() {
     let start = Instant::now();
-    if !guest_lending::is_root() {
-        return skip_or_fail("needs root (QEMU provisioning, as the other guest tests)");
-    }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let Some(assets) =
-        devlend_testkit::guest::provision_for_tests(&repo).expect("provisioning QEMU")
-    else {
+    let Some(rig) = guest_lending::HostRig::new("vfio_guest_sriov") else {
         return;
     };
-    let modules = guest_lending::vfio_modules(&repo);
-
-    let work = std::env::temp_dir().join(format!("devlend-vfio-sriov-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).unwrap();
-    let mut bundle = devlend_testkit::guest::bundle::Bundle::new();
-    bundle
-        .binary(
-            Path::new(env!("CARGO_BIN_EXE_devlend")),
-            "devlend/devlend",
-            &work,
-        )
-        .expect("bundling devlend");
-    bundle
-        .binary(
-            &std::env::current_exe().unwrap(),
-            "devlend/sriov-guest",
-            &work,
-        )
-        .expect("bundling this test");
-    bundle.file("test.sh", 0o100755, SCRIPT.as_bytes().to_vec());
-    let disk = work.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(DISK_BYTES)
-        .unwrap();
-
-    let mut qemu = guest_lending::iommu_guest(&assets, &modules, &bundle, &work);
+    let me = std::env::current_exe().unwrap();
+    let (bundle, disk) = rig.bundle(
+        &[
+            (Path::new(env!("CARGO_BIN_EXE_devlend")), "devlend/devlend"),
+            (&me, "devlend/sriov-guest"),
+        ],
+        SCRIPT,
+        DISK_BYTES,
+    );
+    let mut qemu = rig.qemu(&bundle);
     qemu.args(["-device", "nvme-subsys,id=subsys0,nqn=devlend-sriov"])
         // 6 flexible queues and 4 interrupts: 3 queues (admin + 2 I/O) and 2 vectors per VF.
         .args([
@@ -280,28 +250,21 @@ fn host_test() {
     let run = devlend_testkit::guest::bundle::run(qemu, Duration::from_secs(1200))
         .expect("running the guest");
     let transcript = run.transcript();
-    assert!(
-        !run.timed_out,
-        "the guest did not finish in time:\n{transcript}"
+    guest_lending::assert_markers(
+        &run,
+        &[
+            "SRIOV-DRIVERS-LENT vfio-pci vfio-pci pf=nvme",
+            "SRIOV-CONCURRENT",
+            "SRIOV-KILLED",
+            "SRIOV-B-DONE",
+            "SRIOV-EXPIRED",
+            "SRIOV-READBACK-OK",
+            "SRIOV-DRIVERS-AFTER none none pf=nvme state=live",
+            "SRIOV-AGAIN 0 commands",
+            "SRIOV-ALL-DONE",
+        ],
+        "SRIOV-FAIL",
     );
-    let has = |m: &str| run.console.iter().any(|l| l.contains(m));
-    assert!(!has("SRIOV-FAIL"), "{transcript}");
-    for marker in [
-        "SRIOV-DRIVERS-LENT vfio-pci vfio-pci pf=nvme",
-        "SRIOV-CONCURRENT",
-        "SRIOV-KILLED",
-        "SRIOV-B-DONE",
-        "SRIOV-EXPIRED",
-        "SRIOV-READBACK-OK",
-        "SRIOV-DRIVERS-AFTER none none pf=nvme state=live",
-        "SRIOV-AGAIN 0 commands",
-        "SRIOV-ALL-DONE",
-    ] {
-        assert!(
-            has(marker),
-            "missing {marker:?} in the guest's run:\n{transcript}"
-        );
-    }
     assert!(run.passed(), "the guest script failed:\n{transcript}");
     // Each VF went online with its resources, and each is its own function to devlend.
     let online: Vec<&str> = run.lines_with("SRIOV-ONLINE ").collect();
@@ -323,18 +286,18 @@ fn host_test() {
     );
 
     // The bytes each borrower wrote are in the image behind the shared namespace.
-    let image = std::fs::read(&disk).unwrap();
-    for (offset, seed, who) in [
-        (A_OFFSET, A_SEED, "borrower A (killed after its flush)"),
-        (B_OFFSET, B_FINAL_SEED, "borrower B"),
-    ] {
-        let at = usize::try_from(offset).unwrap();
-        assert!(
-            image.get(at..at + PATTERN_LEN) == Some(pattern(seed).as_slice()),
-            "{who}'s flushed write is not in the disk image"
-        );
-    }
-    let _ = std::fs::remove_dir_all(&work);
+    guest_lending::assert_on_disk(
+        &disk,
+        &[
+            (
+                A_OFFSET,
+                pattern(A_SEED),
+                "borrower A (killed after its flush)",
+            ),
+            (B_OFFSET, pattern(B_FINAL_SEED), "borrower B"),
+        ],
+    );
+    rig.remove();
     println!(
         "vfio_guest_sriov passed in {:.0} s",
         start.elapsed().as_secs_f64()

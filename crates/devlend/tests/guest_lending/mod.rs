@@ -1,5 +1,7 @@
 //! What the guest tests that lend a real device through VFIO share (`vfio_guest`,
-//! `vfio_guest_sriov`): a borrower on the guest's `shm` fabric, and the skip-or-fail rule.
+//! `vfio_guest_sriov`): a borrower on the guest's `shm` fabric, the skip-or-fail rule, and the
+//! host side's rig (QEMU with a virtual IOMMU, a bundle of binaries, a disk image) and checks.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::sync::Arc;
@@ -33,6 +35,14 @@ pub fn borrow_on_shm(
             Err(e) => panic!("borrowing {device}: {e}"),
         }
     }
+}
+
+/// `len` bytes of a test pattern: byte `byte` (0 to 3) of a multiplicative hash of each
+/// position, XORed with `seed`.
+pub fn pattern(len: usize, byte: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[byte] ^ seed)
+        .collect()
 }
 
 /// A guest test that cannot run: a failure when `CI` is set, a printed skip otherwise.
@@ -100,4 +110,107 @@ pub fn iommu_guest(
             "console=ttyS0 intel_iommu=on quiet panic=-1 no_timer_check",
         ]);
     qemu
+}
+
+/// The host side of a VFIO guest test: provisioned QEMU, the VFIO modules layer and a fresh
+/// work directory.
+pub struct HostRig {
+    /// The repository root.
+    pub repo: std::path::PathBuf,
+    /// QEMU, the kernel and the base initramfs.
+    pub assets: devlend_testkit::guest::VmAssets,
+    /// The VFIO modules layer.
+    pub modules: std::path::PathBuf,
+    /// A fresh directory for the bundle, the initramfs and the disk image.
+    pub work: std::path::PathBuf,
+}
+
+impl HostRig {
+    /// The rig for `test`, or `None` when it is skipped (not root: see [`skip_or_fail`]; a
+    /// machine that cannot provision guests: see `provision_for_tests`).
+    pub fn new(test: &str) -> Option<HostRig> {
+        if !is_root() {
+            skip_or_fail(
+                test,
+                "needs root (QEMU provisioning, as the other guest tests)",
+            );
+            return None;
+        }
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let assets =
+            devlend_testkit::guest::provision_for_tests(&repo).expect("provisioning QEMU")?;
+        let modules = vfio_modules(&repo);
+        let work = std::env::temp_dir().join(format!("devlend-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).expect("making the work directory");
+        Some(HostRig {
+            repo,
+            assets,
+            modules,
+            work,
+        })
+    }
+
+    /// A bundle of `binaries` (each a path and its name in the guest) with `script` as
+    /// `/test.sh`, and an empty raw disk image of `disk_bytes` in the work directory.
+    pub fn bundle(
+        &self,
+        binaries: &[(&Path, &str)],
+        script: &str,
+        disk_bytes: u64,
+    ) -> (devlend_testkit::guest::bundle::Bundle, std::path::PathBuf) {
+        let mut bundle = devlend_testkit::guest::bundle::Bundle::new();
+        for (src, dst) in binaries {
+            bundle
+                .binary(src, dst, &self.work)
+                .unwrap_or_else(|e| panic!("bundling {}: {e}", src.display()));
+        }
+        bundle.file("test.sh", 0o100755, script.as_bytes().to_vec());
+        let disk = self.work.join("disk.img");
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(disk_bytes))
+            .expect("making the disk image");
+        (bundle, disk)
+    }
+
+    /// QEMU for this rig's guest ([`iommu_guest`]) with `bundle`; the caller adds its devices.
+    pub fn qemu(&self, bundle: &devlend_testkit::guest::bundle::Bundle) -> std::process::Command {
+        iommu_guest(&self.assets, &self.modules, bundle, &self.work)
+    }
+
+    /// Removes the work directory (a failed test leaves it, to be looked at).
+    pub fn remove(self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// Fails, with the guest's transcript, unless the guest finished in time, printed every one of
+/// `markers` and never `fail`.
+pub fn assert_markers(run: &devlend_testkit::guest::GuestOutput, markers: &[&str], fail: &str) {
+    let has = |m: &str| run.console.iter().any(|l| l.contains(m));
+    assert!(
+        !run.timed_out,
+        "the guest did not finish in time:\n{}",
+        run.transcript()
+    );
+    assert!(!has(fail), "{}", run.transcript());
+    for marker in markers {
+        assert!(
+            has(marker),
+            "missing {marker:?} in the guest's run:\n{}",
+            run.transcript()
+        );
+    }
+}
+
+/// Fails unless each write `(offset, bytes, who)` is in the disk image at `disk`.
+pub fn assert_on_disk(disk: &Path, writes: &[(u64, Vec<u8>, &str)]) {
+    let image = std::fs::read(disk).expect("reading the disk image");
+    for (offset, bytes, who) in writes {
+        let at = usize::try_from(*offset).expect("an offset within the image");
+        assert!(
+            image.get(at..at + bytes.len()) == Some(bytes.as_slice()),
+            "{who}'s flushed write is not in the disk image"
+        );
+    }
 }
