@@ -201,6 +201,7 @@ impl Controller {
                 pending_since: None,
                 sq_count: 0,
                 ring,
+                reserved: 0,
             });
         }
         self.io_queue_created = true;
@@ -251,6 +252,7 @@ impl Controller {
                 cqid,
                 shadow,
                 ring,
+                in_flight: 0,
             });
         }
         self.io_queue_created = true;

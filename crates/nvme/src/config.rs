@@ -29,6 +29,10 @@ impl BlockSize {
     }
 }
 
+/// Default [`NvmeConfig::io_workers`]: enough to overlap several round trips of a fabric
+/// link without crowding a small host with threads.
+pub const DEFAULT_IO_WORKERS: u16 = 4;
+
 /// Configuration of an NVMe controller model with one namespace backed by a raw image file.
 #[derive(Clone, Debug)]
 pub struct NvmeConfig {
@@ -67,11 +71,16 @@ pub struct NvmeConfig {
     /// A Controller Memory Buffer of this many bytes in BAR 2 (a power of two from 64 KiB to
     /// 1 GiB; `None`: no CMB, `CAP.CMBS` clear). Not offered together with SR-IOV.
     pub cmb_bytes: Option<u64>,
+    /// Threads that run NVM Read and Write commands when the device's DMA is a message (its
+    /// submission queue has no direct mapping, e.g. borrowed over `tcp`), so that this many
+    /// commands' data transfers overlap (1 to 16; 1: every command runs on the worker thread,
+    /// one at a time). Over a direct mapping (`shm`, local) commands always run on the worker.
+    pub io_workers: u16,
 }
 
 impl NvmeConfig {
     /// Defaults for an image at `image`: 16 I/O queue pairs of up to 1024 entries, 128 KiB
-    /// MDTS, 512-byte blocks, 30 µs of polling.
+    /// MDTS, 512-byte blocks, 30 µs of polling, [`DEFAULT_IO_WORKERS`] I/O threads.
     pub fn new(image: impl Into<PathBuf>) -> Self {
         NvmeConfig {
             image: image.into(),
@@ -89,6 +98,7 @@ impl NvmeConfig {
             read_only: false,
             sriov: None,
             cmb_bytes: None,
+            io_workers: DEFAULT_IO_WORKERS,
         }
     }
 
@@ -116,6 +126,9 @@ impl NvmeConfig {
         }
         if self.poll_spin > Duration::from_millis(10) {
             return Err(NvmeError::InvalidConfig("poll_spin must be at most 10 ms"));
+        }
+        if !(1..=16).contains(&self.io_workers) {
+            return Err(NvmeError::InvalidConfig("io_workers must be 1 to 16"));
         }
         if let Some(s) = &self.sriov {
             if s.total_vfs == 0 || s.total_vfs > crate::virt::MAX_SECONDARIES {

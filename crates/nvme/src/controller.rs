@@ -16,9 +16,10 @@ use std::time::Instant;
 use devlend_memory::{BusAddr, MemSpan};
 use devlend_pci::{DmaAccess, DmaPort};
 
-use crate::command::{Command, Completion, NvmOp};
+use crate::command::{admin_opcode, Command, Completion, NvmOp};
 use crate::config::NvmeConfig;
 use crate::identify::{ControllerInfo, NamespaceInfo};
+use crate::inflight::{Dispatch, IoDone, IoJob};
 use crate::io::{IoCounters, Namespace};
 use crate::queues::{wrap, CompletionQueue, DoorbellArray, SubmissionQueue};
 use crate::regs::{
@@ -171,7 +172,10 @@ pub(crate) struct Controller {
     pub(crate) fired: Vec<u16>,
     pub(crate) doorbells: Arc<DoorbellArray>,
     csts: Arc<AtomicU32>,
-    pub(crate) ns: Namespace,
+    pub(crate) ns: Arc<Namespace>,
+    /// The pool that runs NVM Read and Write commands off the core lock (see
+    /// [`crate::inflight`]); `None`: every command runs on the worker.
+    pub(crate) dispatch: Option<Arc<Dispatch>>,
     pub(crate) limits: Limits,
     /// The limits of the configuration (a secondary's `limits` shrink to its resources).
     full_limits: Limits,
@@ -269,7 +273,8 @@ impl Controller {
             fired: Vec::new(),
             doorbells,
             csts,
-            ns,
+            ns: Arc::new(ns),
+            dispatch: None,
             limits,
             full_limits: limits,
             role,
@@ -386,6 +391,7 @@ impl Controller {
                 cqid: 0,
                 shadow: false,
                 ring: asq_ring,
+                in_flight: 0,
             });
         }
         if let Some(slot) = self.cqs.get_mut(0) {
@@ -402,6 +408,7 @@ impl Controller {
                 pending_since: None,
                 sq_count: 1,
                 ring: acq_ring,
+                reserved: 0,
             });
         }
         self.ready = true;
@@ -493,6 +500,10 @@ impl Controller {
         if !self.ready || self.fatal || self.shut_down {
             return false;
         }
+        if self.dispatch.as_ref().is_some_and(|d| d.draining()) {
+            // A reset waits for the commands in flight: fetch nothing more.
+            return false;
+        }
         if let Role::Secondary { virt, vf } = &self.role {
             if !virt.is_online(*vf) {
                 // Taken offline (or its VF disabled) while enabled: it stops, as after a
@@ -537,14 +548,14 @@ impl Controller {
                 .cqs
                 .get(cqi)
                 .and_then(Option::as_ref)
-                .is_none_or(|c| c.is_full())
+                .is_none_or(|c| !c.has_room())
             {
                 self.refresh_cq_head(cqi);
                 if self
                     .cqs
                     .get(cqi)
                     .and_then(Option::as_ref)
-                    .is_none_or(|c| c.is_full())
+                    .is_none_or(|c| !c.has_room())
                 {
                     break;
                 }
@@ -597,12 +608,21 @@ impl Controller {
                 self.fail("submission queue entry fetch failed");
                 return true;
             }
+            let cmd = Command::parse(&entry);
+            if qid == 0 && self.must_wait_for_in_flight(&cmd) {
+                // Left at the head: fetched again on a later pass, once the queue's commands
+                // in flight have posted.
+                break;
+            }
             let new_head = wrap(head, entries);
             if let Some(sq) = self.sqs.get_mut(qid).and_then(Option::as_mut) {
                 sq.head = new_head;
             }
-            let cmd = Command::parse(&entry);
             let qid16 = qid as u16;
+            if qid != 0 && self.hand_off(qid16, cqid, &cmd, new_head != tail) {
+                done += 1;
+                continue;
+            }
             let outcome = if qid == 0 {
                 self.admin(&cmd)
             } else {
@@ -637,6 +657,107 @@ impl Controller {
         }
         self.sqe_ahead = ahead;
         done > 0
+    }
+
+    /// A Delete I/O Submission Queue of a queue with commands in flight waits until they have
+    /// posted (a queue is deleted only once its commands are complete).
+    fn must_wait_for_in_flight(&self, cmd: &Command) -> bool {
+        if cmd.opcode != admin_opcode::DELETE_IO_SQ {
+            return false;
+        }
+        let qid = usize::from((cmd.cdw[0] & 0xffff) as u16);
+        qid != 0
+            && self
+                .sqs
+                .get(qid)
+                .and_then(Option::as_ref)
+                .is_some_and(|q| q.in_flight > 0)
+    }
+
+    /// Hands an NVM Read or Write to the pool (see [`crate::inflight`]) when the submission
+    /// queue has no direct mapping (its DMA is a message: the same test as the burst fetch)
+    /// and another command is in flight or waiting behind it; a lone command runs on the
+    /// worker, without a thread hop. Returns whether it was handed off.
+    fn hand_off(&mut self, sqid: u16, cqid: u16, cmd: &Command, more_waiting: bool) -> bool {
+        let Some(dispatch) = self.dispatch.clone() else {
+            return false;
+        };
+        let Ok(op @ (NvmOp::Read(_) | NvmOp::Write(_))) = NvmOp::parse(cmd) else {
+            return false;
+        };
+        let direct = self
+            .sqs
+            .get(usize::from(sqid))
+            .and_then(Option::as_ref)
+            .is_none_or(|q| q.ring.is_some());
+        if direct || (!more_waiting && dispatch.in_flight() == 0) {
+            return false;
+        }
+        let (Some(sq), Some(cq)) = (
+            self.sqs.get_mut(usize::from(sqid)).and_then(Option::as_mut),
+            self.cqs.get_mut(usize::from(cqid)).and_then(Option::as_mut),
+        ) else {
+            return false;
+        };
+        sq.in_flight = sq.in_flight.saturating_add(1);
+        cq.reserved = cq.reserved.saturating_add(1);
+        dispatch.submit(IoJob {
+            sqid,
+            cqid,
+            cid: cmd.cid,
+            nsid: cmd.nsid,
+            op,
+            ns: self.ns.clone(),
+            dma: self.dma.clone(),
+            page_size: self.page_size,
+            max_transfer: self.limits.max_transfer,
+            write_cache: self.features.write_cache,
+        });
+        true
+    }
+
+    /// Posts the completion of a command that ran on a pool thread, records its error and
+    /// counters, and decides its interrupt. Queues are not torn down while commands are in
+    /// flight (Delete I/O SQ and the resets wait), so both are still there.
+    pub(crate) fn complete_io(&mut self, done: IoDone) {
+        let mut sqhd = None;
+        if let Some(sq) = self
+            .sqs
+            .get_mut(usize::from(done.sqid))
+            .and_then(Option::as_mut)
+        {
+            sq.in_flight = sq.in_flight.saturating_sub(1);
+            sqhd = Some(sq.head as u16);
+        }
+        if let Some(cq) = self
+            .cqs
+            .get_mut(usize::from(done.cqid))
+            .and_then(Option::as_mut)
+        {
+            cq.reserved = cq.reserved.saturating_sub(1);
+        }
+        self.counters.add(&done.counters);
+        if !done.status.is_success() {
+            self.errors
+                .record(done.sqid, done.cid, done.status, done.nsid);
+        }
+        if let (Some(sqhd), false) = (sqhd, self.fatal) {
+            self.post(
+                usize::from(done.cqid),
+                Completion {
+                    dw0: 0,
+                    dw1: 0,
+                    sqhd,
+                    sqid: done.sqid,
+                    cid: done.cid,
+                    status: done.status,
+                },
+            );
+            self.raise_interrupts();
+        }
+        if let Some(d) = &self.dispatch {
+            d.finished();
+        }
     }
 
     fn io(&mut self, cmd: &Command) -> Status {

@@ -13,6 +13,12 @@
 //!   indexes, re-checks, and waits on the word (at most [`NvmeConfig::idle_recheck`]). The
 //!   sleep-word store and the doorbell store are both `SeqCst`, so a doorbell written while it
 //!   goes to sleep is either seen by the re-check or wakes it.
+//! - With [`NvmeConfig::io_workers`] above 1, that many pool threads (`nvme-io`) run the NVM
+//!   Read and Write commands the worker hands them when DMA is a message (see
+//!   [`crate::inflight`]); each takes `core` only to post its completion, signals the vectors
+//!   after releasing it, and wakes a sleeping worker when it left something for it (a
+//!   coalesced interrupt's deadline, a freed completion slot, a Delete I/O SQ that waited).
+//!   A CC write and a function level reset first drain the commands in flight.
 //! - Lock order: `core` before `regs`. `config` is never held while taking another lock.
 //!   The worker takes only `core`, once per pass, and signals the MSI-X vectors of that pass
 //!   after releasing it (an interrupt sink may block or cross the fabric).
@@ -33,6 +39,7 @@ use crate::cmb::{Cmb, CmbPort, CMB_BAR};
 use crate::config::NvmeConfig;
 use crate::controller::{AdminQueueRegs, Controller};
 use crate::error::NvmeError;
+use crate::inflight::{Dispatch, Scratch};
 use crate::queues::{DoorbellArray, WAKE_WORD};
 use crate::regs::{
     capabilities, ControllerConfig, Doorbell, AQA_WRITABLE, BAR0_SIZE, CAP_CMBS, CC_WRITABLE,
@@ -153,12 +160,16 @@ struct Inner {
     role: Role,
     /// The Controller Memory Buffer in BAR 2, if configured.
     cmb: Option<Arc<Cmb>>,
+    /// The hand-off to the pool threads (`None` with one I/O worker).
+    dispatch: Option<Arc<Dispatch>>,
 }
 
 /// An NVMe controller with one namespace backed by a raw image file, as a PCIe function.
 pub struct NvmeDevice {
     inner: Arc<Inner>,
     join: Mutex<Option<JoinHandle<()>>>,
+    /// The pool threads (see [`crate::inflight`]).
+    pool: Mutex<Vec<JoinHandle<()>>>,
     /// What it was built from (a primary builds its secondaries from it).
     cfg: NvmeConfig,
 }
@@ -365,6 +376,8 @@ impl NvmeDevice {
             role.clone(),
         )?;
         core.cmb = cmb.clone();
+        let dispatch = (cfg.io_workers > 1).then(|| Arc::new(Dispatch::new()));
+        core.dispatch = dispatch.clone();
         let cap = capabilities(cfg.max_queue_entries, cfg.ready_timeout_500ms)
             | if cmb.is_some() { CAP_CMBS } else { 0 };
         let inner = Arc::new(Inner {
@@ -386,6 +399,7 @@ impl NvmeDevice {
             vectors,
             role,
             cmb,
+            dispatch,
         });
         let worker_inner = inner.clone();
         let join = std::thread::Builder::new()
@@ -393,11 +407,31 @@ impl NvmeDevice {
             .spawn(move || worker_inner.run())
             .map_err(NvmeError::Thread)?;
         let _ = inner.worker.set(join.thread().clone());
-        Ok(Arc::new(NvmeDevice {
+        let io_workers = if inner.dispatch.is_some() {
+            cfg.io_workers
+        } else {
+            0
+        };
+        let dev = Arc::new(NvmeDevice {
             inner,
             join: Mutex::new(Some(join)),
+            pool: Mutex::new(Vec::new()),
             cfg,
-        }))
+        });
+        for _ in 0..io_workers {
+            let pool_inner = dev.inner.clone();
+            match std::thread::Builder::new()
+                .name("nvme-io".into())
+                .spawn(move || pool_inner.run_io())
+            {
+                Ok(j) => lock(&dev.pool).push(j),
+                Err(e) => {
+                    dev.shutdown();
+                    return Err(NvmeError::Thread(e));
+                }
+            }
+        }
+        Ok(dev)
     }
 
     /// The doorbell page: BAR0 offsets `0x1000..0x2000` (SQ y tail at `8 * y`, CQ y head at
@@ -427,6 +461,15 @@ impl NvmeDevice {
         if let Some(j) = lock(&self.join).take() {
             if j.join().is_err() {
                 tracing::warn!("nvme: the worker thread panicked");
+            }
+        }
+        // The pool finishes what the worker handed it (posting the completions), then exits.
+        if let Some(d) = &self.inner.dispatch {
+            d.stop();
+        }
+        for j in std::mem::take(&mut *lock(&self.pool)) {
+            if j.join().is_err() {
+                tracing::warn!("nvme: an I/O pool thread panicked");
             }
         }
     }
@@ -487,6 +530,51 @@ impl Inner {
             }
             self.set_sleeping(0);
             last_work = Instant::now();
+        }
+    }
+
+    /// A pool thread: runs the commands the worker hands it and posts their completions.
+    fn run_io(&self) {
+        let Some(dispatch) = &self.dispatch else {
+            return;
+        };
+        let mut scratch = Scratch::default();
+        let mut vectors = Vec::new();
+        while let Some(job) = dispatch.next() {
+            let done = job.run(&mut scratch);
+            let wake_worker = {
+                let mut core = lock(&self.core);
+                core.complete_io(done);
+                core.take_interrupts(&mut vectors);
+                // What only the worker does next: a coalesced interrupt falls due, a
+                // completion slot it waited for is free, a Delete I/O SQ may go on.
+                core.interrupt_deadline().is_some() || core.has_work()
+            };
+            for &v in &vectors {
+                self.irq.signal(v);
+            }
+            if wake_worker {
+                self.wake();
+            }
+        }
+    }
+
+    /// Locks the core with no command in flight, for a transition that tears the queues
+    /// down (CC.EN 1 -> 0, CC.SHN, a function level reset): the worker stops fetching while
+    /// this waits for the pool to post what it holds.
+    fn quiesced_core(&self) -> std::sync::MutexGuard<'_, Controller> {
+        let Some(dispatch) = &self.dispatch else {
+            return lock(&self.core);
+        };
+        dispatch.begin_drain();
+        loop {
+            dispatch.wait_idle();
+            let core = lock(&self.core);
+            // Hand-offs happen under the core lock, and the worker makes none while draining.
+            if dispatch.in_flight() == 0 {
+                dispatch.end_drain();
+                return core;
+            }
         }
     }
 
@@ -555,7 +643,7 @@ impl Inner {
     }
 
     fn write_cc(&self, v: u32) {
-        let mut core = lock(&self.core);
+        let mut core = self.quiesced_core();
         let mut regs = lock(&self.regs);
         let old = ControllerConfig { raw: regs.cc };
         let new = ControllerConfig {
@@ -657,7 +745,7 @@ impl Inner {
 
     fn reset(&self) {
         {
-            let mut core = lock(&self.core);
+            let mut core = self.quiesced_core();
             core.power_on_reset();
             *lock(&self.regs) = Registers::default();
         }

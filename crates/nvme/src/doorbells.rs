@@ -181,13 +181,17 @@ impl Controller {
         if !self.ready || self.fatal || self.shut_down {
             return false;
         }
-        // A full completion queue whose head doorbell has not moved blocks its submission
-        // queues: nothing to do there until the driver consumes entries.
+        // A completion queue without a free slot (beyond those reserved for commands in
+        // flight) whose head doorbell has not moved blocks its submission queues: nothing to
+        // do there until the driver consumes entries or a command in flight posts (its pool
+        // thread then wakes the worker).
         let blocked = |cqid: usize| {
             self.cqs
                 .get(cqid)
                 .and_then(Option::as_ref)
-                .is_none_or(|cq| cq.is_full() && self.cq_doorbell(cqid, cq.shadow) == Some(cq.head))
+                .is_none_or(|cq| {
+                    !cq.has_room() && self.cq_doorbell(cqid, cq.shadow) == Some(cq.head)
+                })
         };
         for (qid, sq) in self.sqs.iter().enumerate() {
             let Some(sq) = sq else { continue };
@@ -214,7 +218,7 @@ impl Controller {
             // A completion queue head matters only when the queue is full (it blocks
             // submissions): only then ask for an MMIO ring on the next head update.
             for (qid, cq) in self.cqs.iter().enumerate() {
-                if let Some(cq) = cq.as_ref().filter(|q| q.shadow && q.is_full()) {
+                if let Some(cq) = cq.as_ref().filter(|q| q.shadow && !q.has_room()) {
                     self.write_event_index(2 * qid + 1, cq.head);
                 }
             }

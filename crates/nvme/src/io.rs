@@ -38,6 +38,17 @@ pub(crate) struct IoCounters {
     pub media_errors: u128,
 }
 
+impl IoCounters {
+    /// Adds what one command (run off the core lock) counted.
+    pub fn add(&mut self, other: &IoCounters) {
+        self.units_read = self.units_read.saturating_add(other.units_read);
+        self.units_written = self.units_written.saturating_add(other.units_written);
+        self.read_commands = self.read_commands.saturating_add(other.read_commands);
+        self.write_commands = self.write_commands.saturating_add(other.write_commands);
+        self.media_errors = self.media_errors.saturating_add(other.media_errors);
+    }
+}
+
 /// The one namespace: a raw image file of `blocks` logical blocks.
 #[derive(Debug)]
 pub(crate) struct Namespace {

@@ -16,7 +16,8 @@
 //! [`status`] (status codes), [`prp`] (PRP walker), `queues`, `controller` (transitions,
 //! fetch, completion), `doorbells` (MMIO and shadow doorbells), `interrupts` (MSI-X,
 //! coalescing, asynchronous events), `admin`, `io` (the namespace), [`identify`], `transfer`
-//! (data movement), `device` (PCI function and worker thread).
+//! (data movement), `inflight` (NVM commands run off the worker when DMA is a message),
+//! `device` (PCI function, worker and pool threads).
 #![warn(missing_docs)]
 
 mod admin;
@@ -31,6 +32,7 @@ mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod identify;
+mod inflight;
 mod interrupts;
 mod io;
 pub mod prp;
@@ -43,7 +45,7 @@ pub mod virt;
 pub use admin::{fid, lid};
 pub use cmb::CMB_BAR;
 pub use command::{AdminOp, Command, Completion, NvmOp};
-pub use config::{BlockSize, NvmeConfig};
+pub use config::{BlockSize, NvmeConfig, DEFAULT_IO_WORKERS};
 pub use device::{
     NvmeDevice, NvmeStats, MSIX_BAR, MSIX_BAR_SIZE, MSIX_PBA_OFFSET, PCI_CLASS_NVME, PCI_DEVICE_ID,
     PCI_VENDOR_ID, PCI_VF_DEVICE_ID, REGISTER_BAR,

@@ -84,6 +84,8 @@ pub(crate) struct SubmissionQueue {
     pub shadow: bool,
     /// Direct mapping of the ring (cached translation, like an IOTLB entry).
     pub ring: Option<MemSpan>,
+    /// Commands fetched from it that run on a pool thread and are not yet posted.
+    pub in_flight: u32,
 }
 
 /// A completion queue.
@@ -113,12 +115,22 @@ pub(crate) struct CompletionQueue {
     pub sq_count: u32,
     /// Direct mapping of the ring.
     pub ring: Option<MemSpan>,
+    /// Slots promised to commands in flight (see [`crate::inflight`]).
+    pub reserved: u32,
 }
 
 impl CompletionQueue {
     /// No free slot: posting would overwrite an entry the driver has not consumed.
     pub fn is_full(&self) -> bool {
         wrap(self.tail, self.entries) == self.head
+    }
+
+    /// Whether a command may be fetched for this queue: a slot is free beyond those reserved
+    /// for commands in flight.
+    pub fn has_room(&self) -> bool {
+        let posted = (self.tail + self.entries - self.head) % self.entries;
+        let free = self.entries.saturating_sub(1).saturating_sub(posted);
+        free > self.reserved
     }
 
     /// Whether `head` is a valid new head: it may only move over posted entries.
@@ -150,6 +162,7 @@ mod tests {
             pending_since: None,
             sq_count: 0,
             ring: None,
+            reserved: 0,
         }
     }
 
@@ -166,5 +179,17 @@ mod tests {
         assert!(!q.head_is_valid(4));
         assert_eq!(wrap(3, 4), 0);
         assert_eq!(wrap(1, 4), 2);
+    }
+
+    #[test]
+    fn room_counts_reserved_slots() {
+        let mut q = cq(4, 0, 1); // one posted, two free
+        assert!(q.has_room());
+        q.reserved = 1;
+        assert!(q.has_room());
+        q.reserved = 2;
+        assert!(!q.has_room(), "both free slots promised");
+        assert!(!q.is_full());
+        assert!(!cq(4, 0, 3).has_room());
     }
 }

@@ -149,6 +149,15 @@ impl Harness {
     }
 
     pub fn with(tweak: impl FnOnce(&mut NvmeConfig), direct: bool) -> Harness {
+        Harness::with_port(tweak, direct, |p| p)
+    }
+
+    /// Like [`Harness::with`], with the DMA port wrapped by `wrap` (a test double in front).
+    pub fn with_port(
+        tweak: impl FnOnce(&mut NvmeConfig),
+        direct: bool,
+        wrap: impl FnOnce(Arc<dyn DmaPort>) -> Arc<dyn DmaPort>,
+    ) -> Harness {
         let image = TempImage::new();
         let mut cfg = NvmeConfig::new(&image.0);
         cfg.create_size = Some(IMAGE_BYTES);
@@ -156,10 +165,10 @@ impl Harness {
         tweak(&mut cfg);
         let mem = Arc::new(SharedMemory::new("nvme-test", HOST_LEN).unwrap());
         let irqs = Arc::new(Irqs::default());
-        let port = Arc::new(MemPort {
+        let port = wrap(Arc::new(MemPort {
             mem: mem.clone(),
             direct,
-        });
+        }));
         let dev = NvmeDevice::new(cfg.clone(), port, irqs.clone()).unwrap();
         let h = Harness {
             dev,
