@@ -138,6 +138,21 @@ impl FuzzController {
         }
     }
 
+    /// The controller core (unit tests drive it directly).
+    #[cfg(test)]
+    pub(crate) fn core(&mut self) -> &mut Controller {
+        &mut self.core
+    }
+
+    /// Consumes every posted completion (moves the CQ head doorbells to the tails).
+    #[cfg(test)]
+    pub(crate) fn consume(&mut self) {
+        self.consume_all();
+        for q in 0..2 {
+            self.core.refresh_cq_head(q);
+        }
+    }
+
     fn consume_all(&mut self) {
         for q in 0..2usize {
             let tail = self

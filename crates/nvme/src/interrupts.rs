@@ -6,9 +6,28 @@ use crate::command::Completion;
 use crate::controller::Controller;
 use crate::status::Status;
 
+/// Whether `pending` completions first posted at `since` must be signalled at `now` under
+/// `coalescing` (threshold in entries, aggregation time): at the threshold, or once the time
+/// has passed since the first of them.
+fn interrupt_due(
+    pending: u32,
+    since: Option<Instant>,
+    coalescing: Option<(u32, Duration)>,
+    now: Instant,
+) -> bool {
+    match coalescing {
+        None => pending > 0,
+        Some((threshold, time)) => {
+            pending >= threshold || since.is_none_or(|t| now.saturating_duration_since(t) >= time)
+        }
+    }
+}
+
 impl Controller {
     /// Interrupt Coalescing for an I/O completion queue on `vector`: the aggregation
-    /// threshold (entries) and time, or `None` when interrupts are not delayed.
+    /// threshold (entries, THR + 1) and time (TIME in 100 µs units), or `None` when
+    /// interrupts are not delayed: the admin queue and vector 0 are never coalesced, nor a
+    /// vector with Coalescing Disable set, and an Aggregation Time of 0 means no delay.
     pub(crate) fn coalescing(&self, qid: usize, vector: u16) -> Option<(u32, Duration)> {
         let f = &self.features;
         let time_100us = (f.interrupt_coalescing >> 8) & 0xff;
@@ -17,7 +36,7 @@ impl Controller {
             .get(usize::from(vector))
             .copied()
             .unwrap_or(true);
-        if qid == 0 || time_100us == 0 || disabled {
+        if qid == 0 || vector == 0 || time_100us == 0 || disabled {
             return None;
         }
         let threshold = (f.interrupt_coalescing & 0xff) + 1;
@@ -30,7 +49,11 @@ impl Controller {
     /// Signals the completion queues with new entries, unless Interrupt Coalescing lets the
     /// interrupt wait (fewer entries than the threshold, and younger than the time limit).
     pub(crate) fn raise_interrupts(&mut self) {
-        let now = Instant::now();
+        self.raise_interrupts_at(Instant::now());
+    }
+
+    /// [`Controller::raise_interrupts`] as of `now` (tests pass their own clock).
+    pub(crate) fn raise_interrupts_at(&mut self, now: Instant) {
         for qid in 0..self.cqs.len() {
             let Some((pending, since, vector, enabled)) = self
                 .cqs
@@ -43,13 +66,7 @@ impl Controller {
             if pending == 0 {
                 continue;
             }
-            let due = match self.coalescing(qid, vector) {
-                None => true,
-                Some((threshold, time)) => {
-                    pending >= threshold
-                        || since.is_none_or(|t| now.saturating_duration_since(t) >= time)
-                }
-            };
+            let due = interrupt_due(pending, since, self.coalescing(qid, vector), now);
             if !due && enabled {
                 continue;
             }
@@ -146,5 +163,104 @@ impl Controller {
             worked = true;
         }
         worked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::FuzzController;
+
+    fn completion(cid: u16) -> Completion {
+        Completion {
+            dw0: 0,
+            dw1: 0,
+            sqhd: 0,
+            sqid: 1,
+            cid,
+            status: Status::SUCCESS,
+        }
+    }
+
+    fn since(c: &Controller) -> Instant {
+        c.cqs[1].as_ref().unwrap().pending_since.unwrap()
+    }
+
+    fn fired(c: &mut Controller) -> Vec<u16> {
+        let mut v = Vec::new();
+        c.take_interrupts(&mut v);
+        v
+    }
+
+    #[test]
+    fn due_at_threshold_or_time() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let c = Some((4, ms(1)));
+        assert!(!interrupt_due(3, Some(t), c, t));
+        assert!(interrupt_due(4, Some(t), c, t));
+        assert!(!interrupt_due(
+            1,
+            Some(t),
+            c,
+            t + Duration::from_micros(999)
+        ));
+        assert!(interrupt_due(1, Some(t), c, t + ms(1)));
+        assert!(interrupt_due(1, None, None, t));
+        assert!(!interrupt_due(0, None, None, t));
+    }
+
+    /// The I/O completion queue of the fuzzing controller (vector 1, interrupts enabled),
+    /// with completions posted by hand and the clock passed in: no sleeping.
+    #[test]
+    fn held_until_threshold_or_time_per_vector() {
+        let path = std::env::temp_dir().join(format!(
+            "devlend-nvme-coalescing-{}.img",
+            std::process::id()
+        ));
+        let mut f = FuzzController::new(&path).unwrap();
+        f.run(&[], &[]);
+        let c = f.core();
+        assert_eq!(c.cqs[1].as_ref().map(|q| q.vector), Some(1));
+        fired(c); // the admin queue's, from creating the queues
+                  // THR = 3 (four entries), TIME = 2 (200 µs).
+        c.features.interrupt_coalescing = (2 << 8) | 3;
+        assert_eq!(c.coalescing(1, 1), Some((4, Duration::from_micros(200))));
+        assert_eq!(c.coalescing(0, 0), None, "admin queue");
+        assert_eq!(c.coalescing(1, 0), None, "vector 0");
+        for cid in 0..3 {
+            c.post(1, completion(cid));
+        }
+        let t0 = since(c);
+        c.raise_interrupts_at(t0 + Duration::from_micros(199));
+        assert!(fired(c).is_empty(), "three of four, before the time");
+        assert_eq!(
+            c.interrupt_deadline(),
+            Some(t0 + Duration::from_micros(200))
+        );
+        c.raise_interrupts_at(t0 + Duration::from_micros(200));
+        assert_eq!(fired(c), vec![1], "the aggregation time passed");
+        assert_eq!(c.interrupt_deadline(), None);
+        // Four reach the threshold at once.
+        f.consume();
+        let c = f.core();
+        for cid in 3..7 {
+            c.post(1, completion(cid));
+        }
+        let t1 = since(c);
+        c.raise_interrupts_at(t1);
+        assert_eq!(fired(c), vec![1], "threshold reached");
+        // Coalescing Disable on vector 1: every completion signals.
+        c.features.vector_coalescing_disabled[1] = true;
+        c.post(1, completion(8));
+        c.raise_interrupts_at(since(c));
+        assert_eq!(fired(c), vec![1]);
+        // Aggregation Time 0: no delay.
+        c.features.vector_coalescing_disabled[1] = false;
+        c.features.interrupt_coalescing = 3;
+        c.post(1, completion(9));
+        c.raise_interrupts_at(since(c));
+        assert_eq!(fired(c), vec![1]);
+        let _ = std::fs::remove_file(&path);
     }
 }
