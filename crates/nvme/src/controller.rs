@@ -674,8 +674,8 @@ impl Controller {
                 .is_some_and(|q| q.in_flight > 0)
     }
 
-    /// Hands an NVM Read or Write to the pool (see [`crate::inflight`]) when the submission
-    /// queue has no direct mapping (its DMA is a message: the same test as the burst fetch)
+    /// Hands an NVM Read or Write to the pool (see [`crate::inflight`]) when its submission or
+    /// completion queue has no direct mapping (DMA is a message: the test of the burst fetch)
     /// and another command is in flight or waiting behind it; a lone command runs on the
     /// worker, without a thread hop. Returns whether it was handed off.
     fn hand_off(&mut self, sqid: u16, cqid: u16, cmd: &Command, more_waiting: bool) -> bool {
@@ -685,11 +685,18 @@ impl Controller {
         let Ok(op @ (NvmOp::Read(_) | NvmOp::Write(_))) = NvmOp::parse(cmd) else {
             return false;
         };
+        // The completion queue is always in host memory; the submission queue may be in the
+        // CMB (then its ring is direct even when host memory is reached by messages).
         let direct = self
             .sqs
             .get(usize::from(sqid))
             .and_then(Option::as_ref)
-            .is_none_or(|q| q.ring.is_some());
+            .is_none_or(|q| q.ring.is_some())
+            && self
+                .cqs
+                .get(usize::from(cqid))
+                .and_then(Option::as_ref)
+                .is_none_or(|q| q.ring.is_some());
         if direct || (!more_waiting && dispatch.in_flight() == 0) {
             return false;
         }
