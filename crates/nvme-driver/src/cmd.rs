@@ -35,6 +35,8 @@ pub mod admin {
 
     /// Feature: Number of Queues.
     pub const FEATURE_NUMBER_OF_QUEUES: u32 = 0x07;
+    /// Feature: Interrupt Coalescing.
+    pub const FEATURE_INTERRUPT_COALESCING: u32 = 0x08;
 
     /// Create queue CDW11: physically contiguous.
     pub const QUEUE_PHYS_CONTIGUOUS: u32 = 1 << 0;

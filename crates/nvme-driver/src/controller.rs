@@ -38,6 +38,30 @@ pub struct DriverConfig {
     /// takes write data (`CMBSZ.WDS`) and has room, writes of up to 4 KiB on those queues push
     /// their data into it too ([`IoQueue::cmb_writes`]).
     pub cmb_submission_queues: bool,
+    /// Ask the controller to coalesce I/O completion interrupts (Set Features, Interrupt
+    /// Coalescing) at initialization; `None` (the default) leaves it off. Change it later with
+    /// [`Controller::set_interrupt_coalescing`].
+    pub interrupt_coalescing: Option<InterruptCoalescing>,
+}
+
+/// Interrupt Coalescing (NVMe Set Features 0x08): an I/O completion queue's interrupt waits
+/// until `threshold` completions are pending on its vector or `time_100us` (in 100 µs units)
+/// has passed since the first of them. The admin queue is never coalesced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InterruptCoalescing {
+    /// Completions per interrupt (1 to 256).
+    pub threshold: u16,
+    /// The longest an interrupt waits, in 100 µs units (0: no delay).
+    pub time_100us: u8,
+}
+
+impl InterruptCoalescing {
+    /// CDW11 of Set Features: Aggregation Time in bits 15:8, the 0's based Aggregation
+    /// Threshold in bits 7:0.
+    pub fn cdw11(self) -> u32 {
+        let threshold = u32::from(self.threshold.clamp(1, 256) - 1);
+        (u32::from(self.time_100us) << 8) | threshold
+    }
 }
 
 impl Default for DriverConfig {
@@ -51,6 +75,7 @@ impl Default for DriverConfig {
             admin_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
             cmb_submission_queues: false,
+            interrupt_coalescing: None,
         }
     }
 }
@@ -269,6 +294,9 @@ impl Controller {
                 .with_cdw(11, cdw11),
             None,
         )?;
+        if let Some(c) = self.config.interrupt_coalescing {
+            self.set_interrupt_coalescing(Some(c))?;
+        }
         let granted_sq = (dw0 & 0xffff) + 1;
         let granted_cq = (dw0 >> 16) + 1;
         let mut count = u32::from(want).min(granted_sq).min(granted_cq);
@@ -465,6 +493,23 @@ impl Controller {
     /// Namespace size in bytes.
     pub fn capacity_bytes(&self) -> u64 {
         self.namespace.capacity_bytes()
+    }
+
+    /// Sets Interrupt Coalescing (`None`: off, an interrupt per completion pass). Applies to
+    /// every I/O completion queue's vector; the controller never coalesces the admin queue.
+    pub fn set_interrupt_coalescing(
+        &self,
+        c: Option<InterruptCoalescing>,
+    ) -> Result<(), NvmeError> {
+        let cdw11 = c.map_or(0, InterruptCoalescing::cdw11);
+        self.admin_command(
+            "set features (interrupt coalescing)",
+            Command::new(admin::SET_FEATURES, 0)
+                .with_cdw(10, admin::FEATURE_INTERRUPT_COALESCING)
+                .with_cdw(11, cdw11),
+            None,
+        )
+        .map(|_| ())
     }
 
     /// Largest transfer of one command (MDTS and the configured limit).

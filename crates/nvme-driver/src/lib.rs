@@ -43,6 +43,6 @@ pub mod workload;
 
 pub use cmb::CmbInfo;
 pub use cmd::Status;
-pub use controller::{Controller, DriverConfig, IoQueue, IoRequest};
+pub use controller::{Controller, DriverConfig, InterruptCoalescing, IoQueue, IoRequest};
 pub use error::NvmeError;
 pub use queue::{Completion, CompletionMode, DmaSlice};

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use devlend_fabric_tcp::TlsCredentials;
-use devlend_nvme_driver::DriverConfig;
+use devlend_nvme_driver::{DriverConfig, InterruptCoalescing};
 
 use devlend_bench::{median, Figure, Report, Target};
 use devlend_nvme_driver::workload::{self, Limit, Pattern, Workload};
@@ -44,6 +44,13 @@ pub struct Args {
     /// Skip the row of a device borrowed over tcp (it needs root: two network namespaces).
     #[arg(long)]
     no_tcp: bool,
+    /// At QD32 over tcp, ask the borrowed controllers for Interrupt Coalescing: an interrupt
+    /// per this many completions (off by default; off again after the QD32 rows).
+    #[arg(long, value_name = "COMPLETIONS")]
+    tcp_qd32_coalescing: Option<u16>,
+    /// With --tcp-qd32-coalescing: the longest an interrupt waits, in 100 µs units.
+    #[arg(long, default_value_t = 1, value_name = "UNITS")]
+    coalescing_time_100us: u8,
     /// Scratch directory.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
@@ -282,6 +289,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 Limit::Duration(Duration::from_secs_f64(secs)),
             )
         };
+        let coalescing = a
+            .tcp_qd32_coalescing
+            .filter(|_| row.qd == 32)
+            .map(|threshold| InterruptCoalescing {
+                threshold,
+                time_100us: a.coalescing_time_100us,
+            });
+        if let (Some(side), Some(c)) = (tcp.as_ref(), coalescing) {
+            side.ctrl.set_interrupt_coalescing(Some(c))?;
+            side.cmb.set_interrupt_coalescing(Some(c))?;
+        }
         let (mut l, mut b, mut t, mut r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut c = Vec::new();
         for _ in 0..reps {
@@ -294,6 +312,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 c.push(sample(&side.cmb, &w)?);
             }
             eprint!(".");
+        }
+        if let (Some(side), Some(_)) = (tcp.as_ref(), coalescing) {
+            side.ctrl.set_interrupt_coalescing(None)?;
+            side.cmb.set_interrupt_coalescing(None)?;
         }
         let pick =
             |v: &[Sample], f: fn(&Sample) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
@@ -378,6 +400,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "tcp = TLS 1.3 over a veth link between two network namespaces; 'SQ in CMB' = a second lent device with a {} KiB Controller Memory Buffer holding the driver's I/O submission queues (entries pushed as posted writes, never fetched across the link); each tcp row's baseline is plain TLS 1.3 (rustls, the fabric's keys and cipher suite) between the same namespaces in the same run, interleaved with the device samples, threads left to the scheduler: a {RAW_REQUEST} B request answered with 4 KiB for reads, 4 KiB answered with {RAW_WRITE_REPLY} B for writes, with the same number outstanding; a stream of 128 KiB writes ({} MiB per sample) for the sequential rows",
             CMB_BYTES >> 10,
             stream_bytes >> 20
+        ));
+    }
+    if let (true, Some(n)) = (had_tcp, a.tcp_qd32_coalescing) {
+        report.notes.push(format!(
+            "QD32 tcp rows with Interrupt Coalescing asked for by the driver: an interrupt per {n} completions or after {} µs",
+            100 * u32::from(a.coalescing_time_100us)
         ));
     }
     report.notes.extend(notes);
