@@ -724,7 +724,7 @@ impl Controller {
     }
 
     /// Posts the completion of a command that ran on a pool thread, records its error and
-    /// counters, and decides its interrupt. Queues are not torn down while commands are in
+    /// counters, and signals the vector once no other command for the queue is in flight. Queues are not torn down while commands are in
     /// flight (Delete I/O SQ and the resets wait), so both are still there.
     pub(crate) fn complete_io(&mut self, done: IoDone) {
         let mut sqhd = None;
@@ -736,12 +736,14 @@ impl Controller {
             sq.in_flight = sq.in_flight.saturating_sub(1);
             sqhd = Some(sq.head as u16);
         }
+        let mut last_for_cq = true;
         if let Some(cq) = self
             .cqs
             .get_mut(usize::from(done.cqid))
             .and_then(Option::as_mut)
         {
             cq.reserved = cq.reserved.saturating_sub(1);
+            last_for_cq = cq.reserved == 0;
         }
         self.counters.add(&done.counters);
         if !done.status.is_success() {
@@ -760,7 +762,12 @@ impl Controller {
                     status: done.status,
                 },
             );
-            self.raise_interrupts();
+            // One message for the completions of a burst, as the worker sends one per pass:
+            // while more commands for this queue are in flight, the last of them to post (or
+            // the worker's next pass) signals the vector.
+            if last_for_cq {
+                self.raise_interrupts();
+            }
         }
         if let Some(d) = &self.dispatch {
             d.finished();
