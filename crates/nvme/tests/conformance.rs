@@ -607,14 +607,10 @@ fn log_pages() {
     for _ in 0..3 {
         assert!(h.status(1, write(0, 8, DATA + 0x1000)).is_success());
     }
-    let log = |lid: u8, numd: u32| Command {
-        opcode: admin_opcode::GET_LOG_PAGE,
-        nsid: 0xffff_ffff,
-        prp1: HOST_BASE + DATA,
-        cdw: [((numd - 1) << 16) | u32::from(lid), 0, 0, 0, 0, 0],
-        ..Command::default()
-    };
-    assert!(h.admin(log(lid::SMART_HEALTH, 128)).status.is_success());
+    assert!(h
+        .admin(log_page(lid::SMART_HEALTH, 128))
+        .status
+        .is_success());
     let s = h.read_mem(DATA, 512);
     let temp = u16::from_le_bytes([s[1], s[2]]);
     assert!((273..373).contains(&temp));
@@ -627,20 +623,29 @@ fn log_pages() {
         "24 units of 512 bytes round up to one thousand"
     );
 
-    assert!(h.admin(log(lid::FIRMWARE_SLOT, 128)).status.is_success());
+    assert!(h
+        .admin(log_page(lid::FIRMWARE_SLOT, 128))
+        .status
+        .is_success());
     let f = h.read_mem(DATA, 16);
     assert_eq!(f[0] & 7, 1);
     assert_eq!(&f[8..11], b"0.1");
 
     // An error is recorded in the error log.
     assert_eq!(h.admin(cmd(0x7f)).status, Status::INVALID_OPCODE);
-    assert!(h.admin(log(lid::ERROR_INFORMATION, 16)).status.is_success());
+    assert!(h
+        .admin(log_page(lid::ERROR_INFORMATION, 16))
+        .status
+        .is_success());
     let e = h.read_mem(DATA, 64);
     assert!(u64::from_le_bytes(e[0..8].try_into().unwrap()) >= 1);
     let status = u16::from_le_bytes([e[12], e[13]]) >> 1;
     assert_eq!(status & 0xff, 0x01);
 
-    assert!(h.admin(log(lid::COMMAND_EFFECTS, 1024)).status.is_success());
+    assert!(h
+        .admin(log_page(lid::COMMAND_EFFECTS, 1024))
+        .status
+        .is_success());
     let ce = h.read_mem(DATA, 4096);
     assert_eq!(ce[4 * 6] & 1, 1, "identify supported");
     assert_eq!(

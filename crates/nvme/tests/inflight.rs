@@ -147,6 +147,17 @@ fn second_data_read_is_issued_before_the_first_completes() {
         assert_eq!(c.sqid, 1);
         cids.push(c.cid);
     }
+    // The vector was signalled for them (the last to post, or the worker's pass, sends it).
+    let irqs = h.irqs.counts.lock().unwrap();
+    let (irqs, _) = h
+        .irqs
+        .cv
+        .wait_timeout_while(irqs, Duration::from_secs(5), |c| {
+            c.get(1).copied().unwrap_or(0) == 0
+        })
+        .unwrap();
+    assert!(irqs.get(1).copied().unwrap_or(0) >= 1, "no interrupt");
+    drop(irqs);
     cids.sort_unstable();
     let mut want = vec![ca, cb];
     want.sort_unstable();
@@ -285,19 +296,18 @@ fn every_completion_posted_once_with_its_phase_and_counted() {
         }
     }
     assert!(posted(&mut h, 1).is_none(), "no extra completion");
-    let log = |lid: u8, numd: u32| Command {
-        opcode: admin_opcode::GET_LOG_PAGE,
-        nsid: 0xffff_ffff,
-        prp1: HOST_BASE + DATA,
-        cdw: [((numd - 1) << 16) | u32::from(lid), 0, 0, 0, 0, 0],
-        ..Command::default()
-    };
-    assert!(h.admin(log(lid::SMART_HEALTH, 128)).status.is_success());
+    assert!(h
+        .admin(log_page(lid::SMART_HEALTH, 128))
+        .status
+        .is_success());
     let s = h.read_mem(DATA, 512);
     let reads = u128::from_le_bytes(s[64..80].try_into().unwrap());
     let writes = u128::from_le_bytes(s[80..96].try_into().unwrap());
     assert_eq!((reads, writes), (30, 29), "the failed write is not counted");
-    assert!(h.admin(log(lid::ERROR_INFORMATION, 16)).status.is_success());
+    assert!(h
+        .admin(log_page(lid::ERROR_INFORMATION, 16))
+        .status
+        .is_success());
     let e = h.read_mem(DATA, 64);
     assert_eq!(u16::from_le_bytes([e[8], e[9]]), 1, "sqid");
     assert_eq!(Some(u16::from_le_bytes([e[10], e[11]])), bad_cid, "cid");

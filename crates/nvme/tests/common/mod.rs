@@ -473,6 +473,17 @@ pub fn identify(cns: u8, nsid: u32, buf: u64) -> Command {
     }
 }
 
+/// Get Log Page `lid` of `numd` dwords (all namespaces) into host offset `DATA`.
+pub fn log_page(lid: u8, numd: u32) -> Command {
+    Command {
+        opcode: admin_opcode::GET_LOG_PAGE,
+        nsid: 0xffff_ffff,
+        prp1: HOST_BASE + DATA,
+        cdw: [((numd - 1) << 16) | u32::from(lid), 0, 0, 0, 0, 0],
+        ..Command::default()
+    }
+}
+
 /// Read/Write/Compare of `blocks` at `slba` with PRP1/PRP2 given as host offsets (PRP2
 /// absolute when `prp2_abs`).
 pub fn rw(opcode: u8, slba: u64, blocks: u32, prp1: u64, prp2: u64) -> Command {
