@@ -32,7 +32,7 @@ impl BlockSize {
 /// Default [`NvmeConfig::io_workers`]: 1, every command on the worker thread. Four pool
 /// threads overlap the commands' round trips over `tcp`, but on the loaded 2-core host where
 /// this was measured (`devlend bench lending`, README) they cost more CPU per I/O than the
-/// overlap saved: QD32 writes over tcp were ~15-20% slower than with one worker. Raise it on
+/// overlap saved: QD32 writes over tcp were 16-32% slower than with one worker. Raise it on
 /// a host with cores to spare and a link whose round trips dominate.
 pub const DEFAULT_IO_WORKERS: u16 = 1;
 
