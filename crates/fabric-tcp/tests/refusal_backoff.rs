@@ -1,25 +1,10 @@
 //! A peer that keeps being refused is retried with back-off, and the refusals are warned
 //! about a handful of times (at the 1st, 2nd, 4th, 8th, ... in a row), not once per attempt.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devlend_fabric_tcp::{TcpConfig, TcpNtb};
+use devlend_fabric_tcp::TcpConfig;
 use devlend_testkit::tcp::*;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Warnings for `n` refusals in a row: one per power of two up to `n`.
 fn warned(n: u64) -> usize {
@@ -28,13 +13,7 @@ fn warned(n: u64) -> usize {
 
 #[test]
 fn an_untrusted_peer_is_retried_with_back_off_and_few_warnings() {
-    let log = Captured::default();
-    let writer = log.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    let log = capture_warnings();
     // Two deployments: neither side trusts the other's CA. Short pauses so that many
     // attempts happen; the assertions count attempts and lines, never time.
     let quick = TcpConfig {
@@ -42,23 +21,14 @@ fn an_untrusted_peer_is_retried_with_back_off_and_few_warnings() {
         reconnect_max: Duration::from_millis(8),
         ..cfg()
     };
-    let (k1, k2) = (deployment(), deployment());
-    let (ha, hb) = (host(), host());
-    let a = TcpNtb::listen(localhost(), ha.asp.clone(), quick, creds(&k1, "a", "b")).unwrap();
-    let b = TcpNtb::connect(
-        a.local_addr().unwrap(),
-        hb.asp.clone(),
-        quick,
-        creds(&k2, "b", "a"),
-    )
-    .unwrap();
+    let ((a, b), _hosts) = untrusting_pair(quick);
     const ATTEMPTS: u64 = 40;
     b.wait_refused(ATTEMPTS, Duration::from_secs(120)).unwrap();
     let refused_b = b.stats().refused;
     drop(b);
     let refused_a = a.stats().refused;
     drop(a);
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let text = log.text();
     let warnings = text.lines().filter(|l| l.contains("WARN")).count();
     println!("{text}");
     assert!(refused_a >= 1, "the listener refused nothing");

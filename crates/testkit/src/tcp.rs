@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devlend_fabric::{AddressSpace, BusAddr, MmioHandler, SharedMemory};
-use devlend_fabric_tcp::{keys, Credentials, TcpConfig, TlsCredentials};
+use devlend_fabric_tcp::{keys, Credentials, TcpConfig, TcpNtb, TlsCredentials};
 
 /// Guard timeout for waits that should succeed.
 pub const GUARD: Duration = Duration::from_secs(20);
@@ -117,4 +117,55 @@ pub fn creds(dir: &std::path::Path, me: &str, peer: &str) -> Credentials {
 
 pub fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
+}
+
+/// The warnings `tracing` logged in this process since [`capture_warnings`].
+#[derive(Clone, Default)]
+pub struct Warnings(Arc<Mutex<Vec<u8>>>);
+
+impl Warnings {
+    /// Every line logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Warnings {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs this process's `tracing` subscriber (once per test binary: it is global) that
+/// keeps warnings and worse, without colours, for the test to read.
+pub fn capture_warnings() -> Warnings {
+    let log = Warnings::default();
+    let writer = log.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+    log
+}
+
+/// Two hosts of two different deployments (neither trusts the other's CA) with `cfg`: `a`
+/// listens on loopback, `b` connects to it, and each refuses the other. Returns `(a, b)` and
+/// the hosts they run on (kept alive with them).
+pub fn untrusting_pair(cfg: TcpConfig) -> ((TcpNtb, TcpNtb), (Host, Host)) {
+    let (k1, k2) = (deployment(), deployment());
+    let (ha, hb) = (host(), host());
+    let a = TcpNtb::listen(localhost(), ha.asp.clone(), cfg, creds(&k1, "a", "b")).unwrap();
+    let b = TcpNtb::connect(
+        a.local_addr().unwrap(),
+        hb.asp.clone(),
+        cfg,
+        creds(&k2, "b", "a"),
+    )
+    .unwrap();
+    ((a, b), (ha, hb))
 }
