@@ -15,8 +15,8 @@ use devlend_fabric::{
 };
 use devlend_pci::{
     AccessSize, BarAccess, BarIndex, BarSpec, ConfigAccess, DmaAccess, DmaAlloc, DmaBuffer,
-    DmaError, DmaPort, DmaRemap, FunctionError, InterruptSink, Interrupts, MemoryArea, PciDevice,
-    PciFunction,
+    DmaError, DmaPort, DmaRemap, DmaSpanResult, FunctionError, InterruptSink, Interrupts,
+    MemoryArea, PciDevice, PciFunction,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -152,12 +152,7 @@ impl DmaPort for MeteredDma {
         let r = self.inner.dma_write(addr, data);
         self.count(r, data.len() as u64, &self.m.dma_write_bytes)
     }
-    fn dma_span(
-        &self,
-        addr: BusAddr,
-        len: u64,
-        access: DmaAccess,
-    ) -> Result<Option<MemSpan>, DmaError> {
+    fn dma_span(&self, addr: BusAddr, len: u64, access: DmaAccess) -> DmaSpanResult {
         let r = self.inner.dma_span(addr, len, access);
         // A span handed out is the access itself (the device copies from or into it next);
         // `None` falls back to dma_read/dma_write, which count themselves.

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devlend_memory::{BusAddr, MemSpan, SharedMemory};
-use devlend_pci::{DmaAccess, DmaError, DmaPort};
+use devlend_pci::{DmaAccess, DmaError, DmaPort, DmaSpanResult};
 use devlend_sync::lock;
 
 use crate::error::NvmeError;
@@ -269,12 +269,7 @@ impl DmaPort for CmbPort {
         }
     }
 
-    fn dma_span(
-        &self,
-        addr: BusAddr,
-        len: u64,
-        access: DmaAccess,
-    ) -> Result<Option<MemSpan>, DmaError> {
+    fn dma_span(&self, addr: BusAddr, len: u64, access: DmaAccess) -> DmaSpanResult {
         match self.cmb.route(addr, len)? {
             Route::Host => self.port.dma_span(addr, len, access),
             Route::Buffer(at) => self
@@ -305,7 +300,7 @@ mod tests {
                 len: data.len() as u64,
             })
         }
-        fn dma_span(&self, _: BusAddr, _: u64, _: DmaAccess) -> Result<Option<MemSpan>, DmaError> {
+        fn dma_span(&self, _: BusAddr, _: u64, _: DmaAccess) -> DmaSpanResult {
             Ok(None)
         }
     }

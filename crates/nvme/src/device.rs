@@ -32,7 +32,7 @@ use devlend_memory::{BusAddr, MemSpan};
 use devlend_pci::config::{sriov, BarRegion, Identity, MsixLayout, PciExpressCap, SriovCap};
 use devlend_pci::{
     AccessSize, BarIndex, BarSpec, ConfigEffect, ConfigSpace, ConfigSpaceBuilder, DmaAccess,
-    DmaError, DmaPort, InterruptSink, MemoryArea, MsixTable, PciDevice,
+    DmaError, DmaPort, DmaSpanResult, InterruptSink, MemoryArea, MsixTable, PciDevice,
 };
 
 use crate::cmb::{Cmb, CmbPort, CMB_BAR};
@@ -97,12 +97,7 @@ impl DmaPort for BusMasterGate {
         self.port.dma_write(addr, data)
     }
 
-    fn dma_span(
-        &self,
-        addr: BusAddr,
-        len: u64,
-        access: DmaAccess,
-    ) -> Result<Option<MemSpan>, DmaError> {
+    fn dma_span(&self, addr: BusAddr, len: u64, access: DmaAccess) -> DmaSpanResult {
         if !self.enabled.load(Ordering::Acquire) {
             return Err(DmaError::BusMasterDisabled);
         }

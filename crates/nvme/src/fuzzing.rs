@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use devlend_memory::{BusAddr, MemSpan, SharedMemory};
-use devlend_pci::{DmaAccess, DmaError, DmaPort};
+use devlend_pci::{DmaAccess, DmaError, DmaPort, DmaSpanResult};
 
 use crate::config::NvmeConfig;
 use crate::controller::{AdminQueueRegs, Controller};
@@ -53,12 +53,7 @@ impl DmaPort for Port {
         let off = self.offset(addr, data.len() as u64)?;
         Ok(self.mem.write_at(off, data)?)
     }
-    fn dma_span(
-        &self,
-        addr: BusAddr,
-        len: u64,
-        _access: DmaAccess,
-    ) -> Result<Option<MemSpan>, DmaError> {
+    fn dma_span(&self, addr: BusAddr, len: u64, _access: DmaAccess) -> DmaSpanResult {
         let off = self.offset(addr, len)?;
         // Alternate between the zero-copy and bounce paths by address bit 12.
         if addr.0 & 0x1000 != 0 {

@@ -10,12 +10,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use devlend_memory::{BusAddr, MemSpan};
+use devlend_memory::BusAddr;
 use devlend_nvme::command::admin_opcode;
 use devlend_nvme::lid;
 use devlend_nvme::regs::{CSTS_RDY, REG_CC};
 use devlend_nvme::{Command, Status};
-use devlend_pci::{DmaAccess, DmaError, DmaPort, PciDevice};
+use devlend_pci::{DmaAccess, DmaError, DmaPort, DmaSpanResult, PciDevice};
 
 #[derive(Default)]
 struct Gate {
@@ -89,12 +89,7 @@ impl DmaPort for GatedPort {
         self.inner.dma_write(addr, data)
     }
 
-    fn dma_span(
-        &self,
-        addr: BusAddr,
-        len: u64,
-        access: DmaAccess,
-    ) -> Result<Option<MemSpan>, DmaError> {
+    fn dma_span(&self, addr: BusAddr, len: u64, access: DmaAccess) -> DmaSpanResult {
         self.inner.dma_span(addr, len, access)
     }
 }

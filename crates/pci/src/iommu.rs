@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use devlend_memory::{BusAddr, ByteRange, MemSpan};
 
-use crate::{DmaAccess, DmaError, DmaPort, DmaRemap, FunctionError};
+use crate::{DmaAccess, DmaError, DmaPort, DmaRemap, DmaSpanResult, FunctionError};
 
 /// Memory a device may reach that is not mapped into this process: every access is a
 /// (fallible) transfer, e.g. a request across a message-based NTB fabric.
@@ -276,12 +276,7 @@ impl DmaPort for Iommu {
         })
     }
 
-    fn dma_span(
-        &self,
-        addr: BusAddr,
-        len: u64,
-        access: DmaAccess,
-    ) -> Result<Option<MemSpan>, DmaError> {
+    fn dma_span(&self, addr: BusAddr, len: u64, access: DmaAccess) -> DmaSpanResult {
         if len == 0 {
             return Ok(None);
         }

@@ -228,6 +228,10 @@ pub enum DmaAccess {
     Write,
 }
 
+/// What [`DmaPort::dma_span`] answers: the directly mapped span, `None` (go through
+/// `dma_read`/`dma_write`), or why the access is refused.
+pub type DmaSpanResult = Result<Option<MemSpan>, DmaError>;
+
 /// A device's bus-master port: every DMA goes through it and is translated (IOMMU-like) onto
 /// exactly the memory the binding granted. Anything else is an error, and touches nothing.
 pub trait DmaPort: Send + Sync {
@@ -238,12 +242,7 @@ pub trait DmaPort: Send + Sync {
     /// Zero-copy fast path: the memory behind `[addr, addr + len)` when it is one directly
     /// mapped span (`Ok(None)` when it must go through `dma_read`/`dma_write`). Permissions and
     /// bounds are checked as for a read or write.
-    fn dma_span(
-        &self,
-        addr: BusAddr,
-        len: u64,
-        access: DmaAccess,
-    ) -> Result<Option<MemSpan>, DmaError>;
+    fn dma_span(&self, addr: BusAddr, len: u64, access: DmaAccess) -> DmaSpanResult;
 }
 
 /// Where a device's MSI-X messages go, after the device's own MSI-X table has applied enables

@@ -11,7 +11,9 @@ use devlend_memory::{BusAddr, MemSpan, SharedMemory};
 use devlend_nvme::command::{admin_opcode, nvm_opcode};
 use devlend_nvme::regs::*;
 use devlend_nvme::{Command, Completion, NvmeConfig, NvmeDevice, Status};
-use devlend_pci::{AccessSize, BarIndex, DmaAccess, DmaError, DmaPort, InterruptSink, PciDevice};
+use devlend_pci::{
+    AccessSize, BarIndex, DmaAccess, DmaError, DmaPort, DmaSpanResult, InterruptSink, PciDevice,
+};
 
 /// Bus address of the first byte of host memory.
 pub const HOST_BASE: u64 = 0x1_0000_0000;
@@ -51,12 +53,7 @@ impl DmaPort for MemPort {
         let off = self.offset(addr, data.len() as u64)?;
         Ok(self.mem.write_at(off, data)?)
     }
-    fn dma_span(
-        &self,
-        addr: BusAddr,
-        len: u64,
-        _access: DmaAccess,
-    ) -> Result<Option<MemSpan>, DmaError> {
+    fn dma_span(&self, addr: BusAddr, len: u64, _access: DmaAccess) -> DmaSpanResult {
         let off = self.offset(addr, len)?;
         if !self.direct {
             return Ok(None);
