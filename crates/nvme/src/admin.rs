@@ -186,23 +186,10 @@ impl Controller {
             QueuePlacement::Straddles => return Status::INVALID_FIELD,
         }
         let ring = self.ring(base, u64::from(entries) * CQE_BYTES, DmaAccess::Write);
-        let shadow = false;
         if let Some(s) = self.cqs.get_mut(slot) {
-            *s = Some(CompletionQueue {
-                base,
-                entries,
-                tail: 0,
-                head: 0,
-                phase: true,
-                interrupts,
-                vector,
-                shadow,
-                pending: 0,
-                pending_since: None,
-                sq_count: 0,
-                ring,
-                reserved: 0,
-            });
+            *s = Some(CompletionQueue::new(
+                base, entries, interrupts, vector, ring,
+            ));
         }
         self.io_queue_created = true;
         self.switch_to_shadow(slot);
@@ -239,21 +226,11 @@ impl Controller {
             QueuePlacement::Straddles => return Status::INVALID_FIELD,
         }
         let ring = self.ring(base, u64::from(entries) * SQE_BYTES, DmaAccess::Read);
-        let shadow = false;
         if let Some(cq) = self.cqs.get_mut(usize::from(cqid)).and_then(Option::as_mut) {
             cq.sq_count += 1;
         }
         if let Some(s) = self.sqs.get_mut(slot) {
-            *s = Some(SubmissionQueue {
-                base,
-                entries,
-                head: 0,
-                tail: 0,
-                cqid,
-                shadow,
-                ring,
-                in_flight: 0,
-            });
+            *s = Some(SubmissionQueue::new(base, entries, cqid, ring));
         }
         self.io_queue_created = true;
         self.switch_to_shadow(slot);

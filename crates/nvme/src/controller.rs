@@ -383,32 +383,12 @@ impl Controller {
         let asq_ring = self.ring(regs.asq, u64::from(asqs) * SQE_BYTES, DmaAccess::Read);
         let acq_ring = self.ring(regs.acq, u64::from(acqs) * CQE_BYTES, DmaAccess::Write);
         if let Some(slot) = self.sqs.get_mut(0) {
-            *slot = Some(SubmissionQueue {
-                base: regs.asq,
-                entries: asqs,
-                head: 0,
-                tail: 0,
-                cqid: 0,
-                shadow: false,
-                ring: asq_ring,
-                in_flight: 0,
-            });
+            *slot = Some(SubmissionQueue::new(regs.asq, asqs, 0, asq_ring));
         }
         if let Some(slot) = self.cqs.get_mut(0) {
             *slot = Some(CompletionQueue {
-                base: regs.acq,
-                entries: acqs,
-                tail: 0,
-                head: 0,
-                phase: true,
-                interrupts: true,
-                vector: 0,
-                shadow: false,
-                pending: 0,
-                pending_since: None,
                 sq_count: 1,
-                ring: acq_ring,
-                reserved: 0,
+                ..CompletionQueue::new(regs.acq, acqs, true, 0, acq_ring)
             });
         }
         self.ready = true;

@@ -88,6 +88,23 @@ pub(crate) struct SubmissionQueue {
     pub in_flight: u32,
 }
 
+impl SubmissionQueue {
+    /// A new, empty queue of `entries` at `base` posting to `cqid` (nothing fetched, nothing in
+    /// flight): what Create I/O Submission Queue and CC.EN 0 -> 1 (the admin queue) make.
+    pub fn new(base: u64, entries: u32, cqid: u16, ring: Option<MemSpan>) -> Self {
+        Self {
+            base,
+            entries,
+            head: 0,
+            tail: 0,
+            cqid,
+            shadow: false,
+            ring,
+            in_flight: 0,
+        }
+    }
+}
+
 /// A completion queue.
 #[derive(Debug)]
 pub(crate) struct CompletionQueue {
@@ -120,6 +137,32 @@ pub(crate) struct CompletionQueue {
 }
 
 impl CompletionQueue {
+    /// A new, empty queue of `entries` at `base` (phase 1, nothing posted, no submission
+    /// queue yet): what Create I/O Completion Queue and CC.EN 0 -> 1 (the admin queue) make.
+    pub fn new(
+        base: u64,
+        entries: u32,
+        interrupts: bool,
+        vector: u16,
+        ring: Option<MemSpan>,
+    ) -> Self {
+        Self {
+            base,
+            entries,
+            tail: 0,
+            head: 0,
+            phase: true,
+            interrupts,
+            vector,
+            shadow: false,
+            pending: 0,
+            pending_since: None,
+            sq_count: 0,
+            ring,
+            reserved: 0,
+        }
+    }
+
     /// No free slot: posting would overwrite an entry the driver has not consumed.
     pub fn is_full(&self) -> bool {
         wrap(self.tail, self.entries) == self.head
@@ -150,19 +193,9 @@ mod tests {
 
     fn cq(entries: u32, head: u32, tail: u32) -> CompletionQueue {
         CompletionQueue {
-            base: 0,
-            entries,
             tail,
             head,
-            phase: true,
-            interrupts: true,
-            vector: 0,
-            shadow: false,
-            pending: 0,
-            pending_since: None,
-            sq_count: 0,
-            ring: None,
-            reserved: 0,
+            ..CompletionQueue::new(0, entries, true, 0, None)
         }
     }
 
