@@ -70,6 +70,10 @@ enum Cmd {
     /// Measurements, each beside its same-run baseline.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Random reads or writes with O_DIRECT on a block device at a queue depth (threads):
+    /// prints one JSON line with IOPS, median and p99 latency and the count (`bench vm` runs
+    /// it inside its guests). randwrite overwrites the range.
+    IoLoad(cmd::io_load::Args),
     /// Hidden: the peer process of `bench fabric`.
     #[command(name = "__fabric-bench-peer", hide = true)]
     FabricBenchPeer(cmd::bench_fabric::PeerArgs),
@@ -145,6 +149,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Demo(a) => cmd::demo::run(a),
         Cmd::Serve(a) => cmd::serve::run(a),
         Cmd::Sriov(c) => cmd::sriov::run(c),
+        Cmd::IoLoad(a) => cmd::io_load::run_cmd(a),
         Cmd::Bench(BenchCmd::Fabric(a)) => cmd::bench_fabric::run(a),
         Cmd::Bench(BenchCmd::Nvme(a)) => cmd::bench_nvme::run(a),
         Cmd::Bench(BenchCmd::Lending(a)) => cmd::bench_lending::run(a),

@@ -2,16 +2,16 @@
 //! against the backing file's own `pread`/`pwrite` rate at the same block size, access pattern
 //! and queue depth, measured in the same run (interleaved, medians of repetitions).
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use devlend_bench::{Figure, Report};
 use devlend_nvme::{NvmeConfig, NvmeDevice};
-use devlend_nvme_driver::workload::{self, Limit, Offsets, Pattern, Summary, Workload};
+use devlend_nvme_driver::workload::{self, Limit, Pattern, Summary, Workload};
 use devlend_nvme_driver::{CompletionMode, Controller, DriverConfig};
 use devlend_pci::{LocalFunction, PciDevice, PciFunction};
 
@@ -121,7 +121,7 @@ fn bench(
                     workload::run(&ctrl, &w).with_context(|| format!("{name} on the device"))?,
                 );
                 baseline.push(
-                    file_rate(&file, &w, duration)
+                    super::io_load::run(&file, &w)
                         .with_context(|| format!("{name} on the file"))?,
                 );
             }
@@ -202,53 +202,6 @@ fn prepare_image(image: &Path, size: u64) -> anyhow::Result<u64> {
     }
     f.sync_all()?;
     Ok(size)
-}
-
-/// The file's own rate for `w`: `queue_depth` threads, each issuing synchronous pread or
-/// pwrite calls at offsets from the same generator as the device run.
-fn file_rate(file: &File, w: &Workload, duration: Duration) -> anyhow::Result<Summary> {
-    let (start, len) = w.region.unwrap_or((0, 0));
-    let write = w.pattern == Pattern::RandWrite;
-    let block = w.block_bytes;
-    let begin = Instant::now();
-    let results: Vec<anyhow::Result<Vec<f64>>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..w.queue_depth.max(1))
-            .map(|i| {
-                s.spawn(move || -> anyhow::Result<Vec<f64>> {
-                    let mut offsets =
-                        Offsets::new(w.seed + i as u64 * 7919, start, len, block as u64)
-                            .context("the region holds no block")?;
-                    let mut buf = vec![i as u8 | 1; block];
-                    let mut lat = Vec::new();
-                    let begin = Instant::now();
-                    while begin.elapsed() < duration {
-                        let at = offsets.next().unwrap_or(start);
-                        let t = Instant::now();
-                        if write {
-                            file.write_all_at(&buf, at)?;
-                        } else {
-                            file.read_exact_at(&mut buf, at)?;
-                        }
-                        lat.push(devlend_bench::micros(t.elapsed()));
-                    }
-                    Ok(lat)
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a file worker panicked")))
-            })
-            .collect()
-    });
-    let elapsed = begin.elapsed();
-    let mut all = Vec::new();
-    for r in results {
-        all.extend(r?);
-    }
-    Ok(Summary::from_latencies(all, block as u64, elapsed))
 }
 
 /// The NVMe model on `image`, bound in-process.

@@ -13,6 +13,7 @@ pub mod bench_sharing;
 pub mod bench_vm;
 pub mod ctl;
 pub mod demo;
+pub mod io_load;
 pub mod lspci;
 pub mod node;
 pub mod observe;
