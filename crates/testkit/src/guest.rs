@@ -150,6 +150,9 @@ pub struct GuestSpec {
     pub work_dir: PathBuf,
     /// Extra kernel command-line words (e.g. `loglevel=7` for debugging).
     pub append: String,
+    /// Further initramfs layers (newc cpio archives, e.g. a [`bundle::Bundle`]'s) after the
+    /// script's (none by default).
+    pub layers: Vec<Vec<u8>>,
 }
 
 impl GuestSpec {
@@ -170,6 +173,7 @@ impl GuestSpec {
             cpus: 1,
             work_dir: work_dir.to_path_buf(),
             append: String::new(),
+            layers: Vec::new(),
         }
     }
 }
@@ -228,6 +232,9 @@ pub fn boot_with(
     let mut image = std::fs::read(&spec.assets.initramfs)
         .map_err(io(format!("reading {}", spec.assets.initramfs.display())))?;
     image.extend_from_slice(&cpio_newc(&[("test.sh", 0o100755, spec.script.as_bytes())]));
+    for layer in &spec.layers {
+        image.extend_from_slice(layer);
+    }
     std::fs::write(&initrd, &image).map_err(io("writing the initrd"))?;
 
     let mut cmd = Command::new(&spec.assets.qemu);
