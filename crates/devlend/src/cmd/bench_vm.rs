@@ -1,6 +1,8 @@
 //! `devlend bench vm`: one guest workload (O_DIRECT 4 KiB and 128 KiB sequential writes and
-//! reads with busybox `dd`, timed inside the guest) on each backend, same guest configuration
-//! (TCG, 1 vCPU, 512 MiB memfd RAM), same image, boots interleaved (A B A B):
+//! reads with busybox `dd`, timed inside the guest; random 4 KiB reads and writes at QD1 and
+//! QD32 with latency percentiles by `devlend io-load`, this binary bundled into the guest) on
+//! each backend, same guest configuration (TCG, 1 vCPU, 512 MiB memfd RAM), same image, boots
+//! interleaved (A B A B):
 //!
 //! 1. `qemu-nvme`: QEMU's built-in NVMe controller (the baseline);
 //! 2. `vfio-user-local`: our NVMe model bound locally, served by our vfio-user server.
@@ -18,6 +20,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use devlend_bench::{median, Figure, Report, Target};
 use devlend_pci::PciFunction;
+use devlend_testkit::guest::bundle::Bundle;
 use devlend_testkit::guest::{self, GuestDisk, GuestSpec, VmAssets};
 use devlend_vfio_user::{Server, Stats, StatsSnapshot};
 
@@ -29,7 +32,8 @@ pub struct Args {
     /// Print one JSON object (docs/BENCH.md) instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
-    /// Guest boots per backend (interleaved A B A B); each boot runs every workload 3 times.
+    /// Guest boots per backend (interleaved A B A B); each boot runs every workload --rounds
+    /// times.
     #[arg(long, default_value_t = 2)]
     boots: u32,
     /// Image size (bytes; K, M, G suffixes). The workloads use the first 256 MiB.
@@ -44,9 +48,23 @@ pub struct Args {
     #[arg(long)]
     no_tcp: bool,
     /// Skip the rows measured while a CPU-bound thread spins on one core (QEMU's NVMe and the
-    /// device borrowed over shm, both under the same load).
+    /// devices borrowed over shm and tcp, all under the same load).
     #[arg(long)]
     no_load: bool,
+    /// Skip the rows of our device bound locally (vfio-user-local and its -poll row).
+    #[arg(long)]
+    no_local: bool,
+    /// Only these workloads (comma-separated: write-4k, read-4k, write-128k, read-128k,
+    /// write-4k-x4, read-4k-x4, randread-4k-qd1, randwrite-4k-qd1, randread-4k-qd32,
+    /// randwrite-4k-qd32); default: all of them.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Rounds of the workloads in each boot (figures are medians over boots and rounds).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Seconds of each `io-load` run in the guest (the random QD1 and QD32 workloads).
+    #[arg(long, default_value_t = 2.0)]
+    io_secs: f64,
     /// Scratch directory (image, sockets); default: a fresh directory under the system temp.
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -117,7 +135,83 @@ const WORKLOADS: [Workload; 6] = [
     },
 ];
 
-const ROUNDS_PER_BOOT: u32 = 3;
+/// A random 4 KiB workload run in the guest by `devlend io-load` (this binary, bundled), which
+/// times every I/O: IOPS, median and p99 latency.
+struct IoLoad {
+    name: &'static str,
+    pattern: &'static str,
+    qd: u32,
+}
+
+const IO_LOADS: [IoLoad; 4] = [
+    IoLoad {
+        name: "randread-4k-qd1",
+        pattern: "randread",
+        qd: 1,
+    },
+    IoLoad {
+        name: "randwrite-4k-qd1",
+        pattern: "randwrite",
+        qd: 1,
+    },
+    IoLoad {
+        name: "randread-4k-qd32",
+        pattern: "randread",
+        qd: 32,
+    },
+    IoLoad {
+        name: "randwrite-4k-qd32",
+        pattern: "randwrite",
+        qd: 32,
+    },
+];
+
+/// The io-load runs touch the first 256 MiB, as the dd workloads do.
+const IO_LOAD_RANGE: &str = "256M";
+
+/// Where the bundled binary is in the guest.
+const GUEST_DEVLEND: &str = "devlend/devlend";
+
+/// What each boot runs.
+pub struct Plan {
+    /// Boots per row.
+    pub boots: u32,
+    /// Rounds of the workloads per boot.
+    pub rounds: u32,
+    /// Seconds of each io-load run.
+    pub io_secs: f64,
+    dd: Vec<&'static Workload>,
+    io: Vec<&'static IoLoad>,
+}
+
+impl Plan {
+    /// Every workload, or those named in `only`.
+    fn new(boots: u32, rounds: u32, io_secs: f64, only: &[String]) -> anyhow::Result<Plan> {
+        let known = || {
+            WORKLOADS
+                .iter()
+                .map(|w| w.name)
+                .chain(IO_LOADS.iter().map(|l| l.name))
+        };
+        if let Some(bad) = only.iter().find(|n| !known().any(|k| k == n.as_str())) {
+            bail!(
+                "no workload {bad:?} (known: {})",
+                known().collect::<Vec<_>>().join(", ")
+            );
+        }
+        if !(io_secs.is_finite() && io_secs > 0.0) {
+            bail!("--io-secs {io_secs} is not a positive number of seconds");
+        }
+        let chosen = |name: &str| only.is_empty() || only.iter().any(|n| n == name);
+        Ok(Plan {
+            boots,
+            rounds,
+            io_secs,
+            dd: WORKLOADS.iter().filter(|w| chosen(w.name)).collect(),
+            io: IO_LOADS.iter().filter(|l| chosen(l.name)).collect(),
+        })
+    }
+}
 
 /// How a row's guest reaches its NVMe device.
 pub enum Backend {
@@ -147,12 +241,14 @@ pub struct Row {
 struct Samples {
     mbps: Vec<f64>,
     iops: Vec<f64>,
+    median_us: Vec<f64>,
+    p99_us: Vec<f64>,
     msgs_per_io: Vec<f64>,
     sync_msgs_per_io: Vec<f64>,
     irqs_per_io: Vec<f64>,
 }
 
-fn guest_script() -> String {
+fn guest_script(plan: &Plan) -> String {
     let mut s = String::from(
         r#"#!/bin/sh
 i=0
@@ -186,10 +282,29 @@ par() { # par NAME ROUND PROCESSES COUNT BLOCK WRITE: each process its own range
     t1=$(cs); i1=$(irqs)
     echo "BENCH-END $name $round cs=$((t1 - t0)) irqs=$((i1 - i0))"
 }
+load() { # load NAME ROUND io-load-arguments...: devlend io-load times each I/O itself
+    name=$1; round=$2; shift 2
+    echo "BENCH-BEGIN $name $round"
+    i0=$(irqs)
+    out=$(/@DEVLEND@ io-load --device /dev/nvme0n1 "$@") || { echo "BENCH-FAIL $name"; exit 1; }
+    i1=$(irqs)
+    echo "BENCH-IO $name $round irqs=$((i1 - i0)) $out"
+}
 "#,
-    );
-    for round in 0..ROUNDS_PER_BOOT {
-        for w in &WORKLOADS {
+    )
+    .replace("@DEVLEND@", GUEST_DEVLEND);
+    for round in 0..plan.rounds {
+        for l in &plan.io {
+            s.push_str(&format!(
+                "load {} {round} --pattern {} --qd {} --block 4096 --range {IO_LOAD_RANGE} --secs {} --seed {}\n",
+                l.name,
+                l.pattern,
+                l.qd,
+                plan.io_secs,
+                0x5eed + u64::from(round),
+            ));
+        }
+        for w in &plan.dd {
             if w.parallel > 1 {
                 s.push_str(&format!(
                     "par {} {round} {} {} {} {}\n",
@@ -219,6 +334,40 @@ par() { # par NAME ROUND PROCESSES COUNT BLOCK WRITE: each process its own range
     s
 }
 
+/// The host's load averages, as `/proc/loadavg` gives them (for the report's notes).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+/// The medians of one workload's samples on one row.
+#[derive(Default)]
+struct Medians {
+    mbps: f64,
+    iops: f64,
+    median_us: f64,
+    p99_us: f64,
+    msgs: f64,
+    sync: f64,
+    irqs: f64,
+}
+
+impl Medians {
+    fn of(s: &Samples) -> Medians {
+        let med = |v: &Vec<f64>| median(&mut v.clone());
+        Medians {
+            mbps: med(&s.mbps),
+            iops: med(&s.iops),
+            median_us: med(&s.median_us),
+            p99_us: med(&s.p99_us),
+            msgs: med(&s.msgs_per_io),
+            sync: med(&s.sync_msgs_per_io),
+            irqs: med(&s.irqs_per_io),
+        }
+    }
+}
+
 /// Removes a directory tree when dropped.
 struct RemoveDirOnDrop(PathBuf);
 
@@ -239,6 +388,7 @@ impl Drop for RemoveFileOnDrop {
 
 /// Runs the subcommand.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let plan = Plan::new(args.boots, args.rounds, args.io_secs, &args.only)?;
     let assets = match &args.vm_env {
         Some(p) => VmAssets::from_env_file(p)?,
         None => {
@@ -277,11 +427,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         baseline: 0,
         load: false,
     };
-    let mut rows = vec![
-        row("qemu-nvme".into(), Backend::QemuNvme),
-        row("vfio-user-local".into(), Backend::VfioUser(local(None)?)),
-    ];
-    if args.poll_row_us > 0 {
+    let mut rows = vec![row("qemu-nvme".into(), Backend::QemuNvme)];
+    if !args.no_local {
+        rows.push(row(
+            "vfio-user-local".into(),
+            Backend::VfioUser(local(None)?),
+        ));
+    }
+    if args.poll_row_us > 0 && !args.no_local {
         rows.push(row(
             format!("vfio-user-local-poll{}us", args.poll_row_us),
             Backend::VfioUser(local(Some(args.poll_row_us))?),
@@ -299,10 +452,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Backend::VfioUser(borrowed.clone()),
         )
     });
+    let mut loaded_base = None;
     if !args.no_load {
         // The same two devices again, each boot under the same CPU-bound load: QEMU's NVMe is
         // the baseline of the borrowed row (the issue's target: at least 0.9x under load).
         let base = rows.len();
+        loaded_base = Some(base);
         rows.push(Row {
             baseline: base,
             load: true,
@@ -329,7 +484,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let img = p.dir.join("tcp.img");
                 p.lender_add_nvme("vm1", &img, args.size)?;
                 let f: Arc<dyn PciFunction> = p.borrow("vm1")?;
-                rows.push(row("vfio-user-borrowed-tcp".into(), Backend::VfioUser(f)));
+                rows.push(row(
+                    "vfio-user-borrowed-tcp".into(),
+                    Backend::VfioUser(f.clone()),
+                ));
+                if let Some(base) = loaded_base {
+                    rows.push(Row {
+                        baseline: base,
+                        load: true,
+                        ..row("vfio-user-borrowed-tcp-loaded".into(), Backend::VfioUser(f))
+                    });
+                }
                 Some(p)
             }
             Err(e) => {
@@ -338,7 +503,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     };
-    let mut report = measure(&assets, &dir, &image, rows, args.boots)?;
+    let mut report = measure(&assets, &dir, &image, rows, &plan)?;
     report.notes.extend(notes);
     pair.borrower.give_back("vm0")?;
     if let Some(p) = tcp {
@@ -348,13 +513,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Boots each row `boots` times, interleaved, and builds the report (first row = baseline).
+/// Boots each row `plan.boots` times, interleaved, and builds the report (first row = baseline).
 pub fn measure(
     assets: &VmAssets,
     dir: &Path,
     image: &Path,
     rows: Vec<Row>,
-    boots: u32,
+    plan: &Plan,
 ) -> anyhow::Result<Report> {
     // Start a server thread per vfio-user row; each serves one guest after another.
     let mut disks = Vec::new();
@@ -380,7 +545,20 @@ pub fn measure(
         }
     }
 
-    let script = guest_script();
+    let script = guest_script(plan);
+    // io-load runs in the guest: this binary (the release build when the bench is run as the
+    // README says) with its shared libraries, as one more initramfs layer.
+    let mut layers = Vec::new();
+    if !plan.io.is_empty() {
+        let me = std::env::current_exe().context("finding this binary")?;
+        let mut bundle = Bundle::new();
+        bundle
+            .binary(&me, GUEST_DEVLEND, dir)
+            .context("bundling devlend for the guest")?;
+        layers.push(bundle.cpio());
+    }
+    let boots = plan.boots;
+    let load_before = load_average();
     let mut results: Vec<BTreeMap<&'static str, Samples>> =
         rows.iter().map(|_| BTreeMap::new()).collect();
     for boot in 0..boots {
@@ -395,7 +573,13 @@ pub fn measure(
             } else {
                 None
             };
-            run_boot(assets, dir, disk.clone(), stats.as_ref(), &script, per_row)
+            let mut spec = GuestSpec::new(assets.clone(), disk.clone(), script.as_str(), dir);
+            spec.layers = layers.clone();
+            // dd's rounds took up to 10 minutes on a loaded host; io-load's are bounded by time.
+            spec.timeout = Duration::from_secs(600).saturating_add(Duration::from_secs_f64(
+                f64::from(plan.rounds) * plan.io.len() as f64 * (plan.io_secs + 30.0),
+            ));
+            run_boot(&spec, stats.as_ref(), per_row)
                 .with_context(|| format!("{} (boot {})", row.name, boot + 1))?;
             drop(load);
         }
@@ -403,84 +587,124 @@ pub fn measure(
 
     let mut report = Report::new("vm");
     let mut time_notes = Vec::new();
-    for w in &WORKLOADS {
+    // (key, label, run by io-load)
+    let workloads: Vec<(&'static str, String, bool)> = plan
+        .dd
+        .iter()
+        .map(|w| (w.name, format!("{}-qd{}", w.name, w.parallel), false))
+        .chain(plan.io.iter().map(|l| (l.name, l.name.to_string(), true)))
+        .collect();
+    for (key, label, io) in &workloads {
         for (i, row) in rows.iter().enumerate() {
             let baseline_name = rows
                 .get(row.baseline)
                 .map(|r| r.name.clone())
                 .unwrap_or_default();
-            let (bm, bi) = results
+            let base = results
                 .get(row.baseline)
-                .and_then(|b| b.get(w.name))
-                .map(|s| (median(&mut s.mbps.clone()), median(&mut s.iops.clone())))
-                .unwrap_or((0.0, 0.0));
-            let Some(s) = results.get_mut(i).and_then(|r| r.get_mut(w.name)) else {
+                .and_then(|b| b.get(key))
+                .map(Medians::of)
+                .unwrap_or_default();
+            let Some(s) = results.get(i).and_then(|r| r.get(key)) else {
                 continue;
             };
-            let (mbps, iops) = (median(&mut s.mbps), median(&mut s.iops));
-            let unit_name = format!("{}-qd{} {}", w.name, w.parallel, row.name);
-            if i == row.baseline {
-                report.push(Figure::new(format!("{unit_name} MB/s"), "MB/s", mbps));
-                report.push(Figure::new(format!("{unit_name} IOPS"), "IOPS", iops));
-            } else {
-                let mut by_rate = Figure::new(format!("{unit_name} MB/s"), "MB/s", mbps)
-                    .against(baseline_name.clone(), bm);
-                let mut by_ops = Figure::new(format!("{unit_name} IOPS"), "IOPS", iops)
-                    .against(baseline_name.clone(), bi);
-                if let Some(t) = row.target {
-                    by_rate = by_rate.target(t);
-                    by_ops = by_ops.target(t);
-                }
-                report.push(by_rate);
-                report.push(by_ops);
+            let m = Medians::of(s);
+            let unit_name = format!("{label} {}", row.name);
+            // (name, unit, value, baseline, the row's throughput target applies)
+            let mut figures = Vec::new();
+            if !io {
+                figures.push((format!("{unit_name} MB/s"), "MB/s", m.mbps, base.mbps, true));
             }
-            let msgs = median(&mut s.msgs_per_io);
-            let sync = median(&mut s.sync_msgs_per_io);
-            let irqs = median(&mut s.irqs_per_io);
+            figures.push((format!("{unit_name} IOPS"), "IOPS", m.iops, base.iops, true));
+            if *io {
+                figures.push((
+                    format!("{unit_name} median latency"),
+                    "us",
+                    m.median_us,
+                    base.median_us,
+                    false,
+                ));
+                figures.push((
+                    format!("{unit_name} p99 latency"),
+                    "us",
+                    m.p99_us,
+                    base.p99_us,
+                    false,
+                ));
+            }
+            for (name, unit, value, baseline, throughput) in figures {
+                let mut f = Figure::new(name, unit, value);
+                if i != row.baseline {
+                    f = f.against(baseline_name.clone(), baseline);
+                    if let (Some(t), true) = (row.target, throughput) {
+                        f = f.target(t);
+                    }
+                }
+                report.push(f);
+            }
             if i != row.baseline && !s.msgs_per_io.is_empty() {
                 time_notes.push(format!(
-                    "{} {}: {:.2}x {baseline_name} IOPS; per I/O {msgs:.2} socket messages ({sync:.2} waited on by the vCPU), {irqs:.2} interrupts (eventfd -> QEMU main loop -> MSI-X), 0 data copies (DMA into the guest's memfd)",
+                    "{} {key}: {:.2}x {baseline_name} IOPS; per I/O {:.2} socket messages ({:.2} waited on by the vCPU), {:.2} interrupts (eventfd -> QEMU main loop -> MSI-X), 0 data copies (DMA into the guest's memfd)",
                     row.name,
-                    w.name,
-                    if bi > 0.0 { iops / bi } else { 0.0 },
+                    if base.iops > 0.0 { m.iops / base.iops } else { 0.0 },
+                    m.msgs,
+                    m.sync,
+                    m.irqs,
                 ));
             }
             if !s.msgs_per_io.is_empty() {
                 report.push(Figure::new(
                     format!("{unit_name} socket messages per I/O"),
                     "msgs/IO",
-                    msgs,
+                    m.msgs,
                 ));
             }
             if !s.sync_msgs_per_io.is_empty() {
                 report.push(Figure::new(
                     format!("{unit_name} of which waited on (not posted)"),
                     "msgs/IO",
-                    sync,
+                    m.sync,
                 ));
             }
             if !s.irqs_per_io.is_empty() {
                 report.push(Figure::new(
                     format!("{unit_name} guest interrupts per I/O"),
                     "irqs/IO",
-                    irqs,
+                    m.irqs,
                 ));
             }
         }
     }
     report.notes.push(format!(
-        "guest: TCG, 1 vCPU, 512 MiB memfd RAM; busybox dd O_DIRECT sequential, qd1 = one dd, qd4 = four dd processes at once on disjoint ranges; {} boots per row interleaved, {} rounds per boot, medians; time from the guest's /proc/uptime (10 ms ticks)",
-        boots, ROUNDS_PER_BOOT
+        "guest: TCG, 1 vCPU, 512 MiB memfd RAM; {} boots per row interleaved, {} rounds per boot, medians over them",
+        boots, plan.rounds
     ));
+    if !plan.dd.is_empty() {
+        report.notes.push(
+            "dd rows: busybox dd O_DIRECT sequential, qd1 = one dd, qd4 = four dd processes at once on disjoint ranges; time from the guest's /proc/uptime (10 ms ticks)".into(),
+        );
+    }
+    if !plan.io.is_empty() {
+        report.notes.push(format!(
+            "rand*-qd1/qd32 rows: `devlend io-load` in the guest (this binary, bundled), O_DIRECT 4 KiB at random offsets in the first {IO_LOAD_RANGE}, QD n = n threads each with one synchronous I/O outstanding, {} s per run; each I/O timed on the guest's monotonic clock; median and p99 latency are the medians over runs of each run's own percentile",
+            plan.io_secs
+        ));
+    }
     if rows.iter().any(|r| r.load) {
         report.notes.push(
             "-loaded rows: a thread of this process spins on the last CPU (pinned) for the whole boot, the same for QEMU's NVMe and the borrowed device; their ratio is to qemu-nvme-loaded".into(),
         );
     }
     report.notes.extend(time_notes);
-    report.notes.push(
+    if rows.iter().any(|r| r.name.starts_with("vfio-user-local")) {
+        report.notes.push(
         "vfio-user-local uses the NVMe model's default doorbell polling (30 us after each command, then it sleeps and the next doorbell is a posted socket message that wakes it); the -poll row keeps polling the shadow doorbells longer, so at queue depth 1 the next command is seen with no message and no wake-up, at the cost of CPU taken from the guest's vCPU on these 2 shared cores".into(),
     );
+    }
+    report.notes.push(format!(
+        "host load average (1, 5, 15 min) at the start: {load_before}; at the end: {}",
+        load_average()
+    ));
     report.notes.push(
         "vfio-user: guest RAM is DMA-mapped from QEMU's memfd (no copies); each MMIO access is one socket message (doorbell writes are posted: the vCPU does not wait), each completion one eventfd write that QEMU's main loop turns into an MSI-X message under TCG".into(),
     );
@@ -534,42 +758,75 @@ impl Drop for CpuLoad {
     }
 }
 
-/// One workload run as the guest reported it: name, centiseconds, interrupts, and the server's
-/// (all, non-posted) message counts over it.
-type Measured = (String, f64, f64, Option<(u64, u64)>);
+/// One workload run as the guest reported it, with the server's (all, non-posted) message
+/// counts over it.
+struct Measured {
+    name: String,
+    result: RunResult,
+    irqs: f64,
+    msgs: Option<(u64, u64)>,
+}
+
+/// What the guest measured.
+enum RunResult {
+    /// A dd workload: guest time in centiseconds.
+    Dd { cs: f64 },
+    /// An io-load run: its own figures.
+    IoLoad {
+        ios: f64,
+        iops: f64,
+        median_us: f64,
+        p99_us: f64,
+    },
+}
+
+/// The io-load figures of a `BENCH-IO` line's JSON.
+fn io_load_result(json: &str) -> Option<RunResult> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+    Some(RunResult::IoLoad {
+        ios: f("ios")?,
+        iops: f("iops")?,
+        median_us: f("median_us")?,
+        p99_us: f("p99_us")?,
+    })
+}
 
 fn run_boot(
-    assets: &VmAssets,
-    dir: &Path,
-    disk: GuestDisk,
+    spec: &GuestSpec,
     stats: Option<&Arc<Stats>>,
-    script: &str,
     per_row: &mut BTreeMap<&'static str, Samples>,
 ) -> anyhow::Result<()> {
-    let mut spec = GuestSpec::new(assets.clone(), disk, script, dir);
-    spec.timeout = Duration::from_secs(600);
     let begin: Mutex<Option<StatsSnapshot>> = Mutex::new(None);
     let collected: Mutex<Vec<Measured>> = Mutex::new(Vec::new());
-    let out = guest::boot_with(&spec, |line| {
+    let out = guest::boot_with(spec, |line| {
         let mut words = line.split_whitespace();
-        match words.next() {
+        let tag = words.next();
+        match tag {
             Some("BENCH-BEGIN") => {
                 if let Ok(mut b) = begin.lock() {
                     *b = stats.map(|s| s.snapshot());
                 }
             }
-            Some("BENCH-END") => {
+            Some("BENCH-END") | Some("BENCH-IO") => {
                 let name = words.next().unwrap_or_default().to_string();
                 let _round = words.next();
                 let mut cs = None;
                 let mut irqs = None;
-                for kv in words {
-                    match kv.split_once('=') {
+                let mut json = None;
+                for word in words {
+                    match word.split_once('=') {
                         Some(("cs", v)) => cs = v.parse::<f64>().ok(),
                         Some(("irqs", v)) => irqs = v.parse::<f64>().ok(),
+                        _ if word.starts_with('{') => json = Some(word),
                         _ => {}
                     }
                 }
+                let result = if tag == Some("BENCH-IO") {
+                    json.and_then(io_load_result)
+                } else {
+                    cs.map(|cs| RunResult::Dd { cs })
+                };
                 let msgs = stats.and_then(|s| {
                     let start = begin.lock().ok()?.take()?;
                     let now = s.snapshot();
@@ -577,8 +834,13 @@ fn run_boot(
                     let posted = now.posted.saturating_sub(start.posted);
                     Some((total, total.saturating_sub(posted)))
                 });
-                if let (Some(cs), Some(irqs), Ok(mut c)) = (cs, irqs, collected.lock()) {
-                    c.push((name, cs, irqs, msgs));
+                if let (Some(result), Some(irqs), Ok(mut c)) = (result, irqs, collected.lock()) {
+                    c.push(Measured {
+                        name,
+                        result,
+                        irqs,
+                        msgs,
+                    });
                 }
             }
             _ => {}
@@ -593,20 +855,109 @@ fn run_boot(
         );
     }
     let collected = collected.into_inner().unwrap_or_default();
-    for (name, cs, irqs, msgs) in collected {
-        let Some(w) = WORKLOADS.iter().find(|w| w.name == name) else {
-            continue;
+    for m in collected {
+        let (key, ios) = match &m.result {
+            RunResult::Dd { cs } => {
+                let Some(w) = WORKLOADS.iter().find(|w| w.name == m.name) else {
+                    continue;
+                };
+                let secs = (cs / 100.0).max(0.01);
+                let ios = w.ios() as f64;
+                let s = per_row.entry(w.name).or_default();
+                s.mbps.push(w.block as f64 * ios / secs / 1e6);
+                s.iops.push(ios / secs);
+                (w.name, ios)
+            }
+            RunResult::IoLoad {
+                ios,
+                iops,
+                median_us,
+                p99_us,
+            } => {
+                let Some(l) = IO_LOADS.iter().find(|l| l.name == m.name) else {
+                    continue;
+                };
+                let s = per_row.entry(l.name).or_default();
+                s.iops.push(*iops);
+                s.median_us.push(*median_us);
+                s.p99_us.push(*p99_us);
+                (l.name, ios.max(1.0))
+            }
         };
-        let secs = (cs / 100.0).max(0.01);
-        let s = per_row.entry(w.name).or_default();
-        let ios = w.ios() as f64;
-        s.mbps.push(w.block as f64 * ios / secs / 1e6);
-        s.iops.push(ios / secs);
-        s.irqs_per_io.push(irqs / ios);
-        if let Some((total, sync)) = msgs {
+        let s = per_row.entry(key).or_default();
+        s.irqs_per_io.push(m.irqs / ios);
+        if let Some((total, sync)) = m.msgs {
             s.msgs_per_io.push(total as f64 / ios);
             s.sync_msgs_per_io.push(sync as f64 / ios);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_selects_workloads_and_refuses_unknown_ones() {
+        let all = Plan::new(1, 1, 1.0, &[]).expect("the default plan");
+        assert_eq!(
+            (all.dd.len(), all.io.len()),
+            (WORKLOADS.len(), IO_LOADS.len())
+        );
+        let some = Plan::new(1, 2, 0.5, &["randread-4k-qd32".into(), "write-4k".into()])
+            .expect("a plan of two");
+        assert_eq!(
+            some.dd.iter().map(|w| w.name).collect::<Vec<_>>(),
+            ["write-4k"]
+        );
+        assert_eq!(
+            some.io.iter().map(|l| l.name).collect::<Vec<_>>(),
+            ["randread-4k-qd32"]
+        );
+        assert!(Plan::new(1, 1, 1.0, &["randread-4k-qd64".into()]).is_err());
+        assert!(Plan::new(1, 1, 0.0, &[]).is_err());
+        assert!(Plan::new(1, 1, f64::NAN, &[]).is_err());
+    }
+
+    #[test]
+    fn the_guest_script_runs_the_chosen_workloads_every_round() {
+        let plan =
+            Plan::new(1, 2, 0.5, &["randwrite-4k-qd32".into(), "read-4k".into()]).expect("a plan");
+        let script = guest_script(&plan);
+        assert!(script.contains("out=$(/devlend/devlend io-load --device /dev/nvme0n1"));
+        for round in 0..2 {
+            assert!(
+                script.contains(&format!(
+                    "load randwrite-4k-qd32 {round} --pattern randwrite --qd 32 --block 4096 --range 256M --secs 0.5"
+                )),
+                "{script}"
+            );
+            assert!(script.contains(&format!("run read-4k {round} if=/dev/nvme0n1")));
+        }
+        assert!(!script.contains("randread-4k-qd1 "), "{script}");
+        assert!(!script.contains("run write-4k "), "{script}");
+        assert!(script.ends_with("echo BENCH-DONE\n"));
+    }
+
+    #[test]
+    fn an_io_load_line_gives_its_figures_and_a_broken_one_none() {
+        let Some(RunResult::IoLoad {
+            ios,
+            iops,
+            median_us,
+            p99_us,
+        }) = io_load_result(
+            r#"{"block_bytes":4096,"iops":3965.2,"ios":1000,"max_us":82669.2,"median_us":51.4,"p99_us":1096.3,"pattern":"randwrite","qd":1,"secs":0.25}"#,
+        )
+        else {
+            panic!("an io-load line parses");
+        };
+        assert_eq!(
+            (ios, iops, median_us, p99_us),
+            (1000.0, 3965.2, 51.4, 1096.3)
+        );
+        assert!(io_load_result(r#"{"ios":1000}"#).is_none());
+        assert!(io_load_result("{\"ios\":10").is_none());
+    }
 }
