@@ -44,7 +44,7 @@ pub struct Args {
     /// doorbell with no socket message and no wake-up, at the price of CPU taken from the vCPU.
     #[arg(long, default_value_t = 300)]
     poll_row_us: u64,
-    /// Skip the row of a device borrowed over tcp (it needs root: two network namespaces).
+    /// Skip the rows of a device borrowed over tcp (they need root: two network namespaces).
     #[arg(long)]
     no_tcp: bool,
     /// Skip the rows measured while a CPU-bound thread spins on one core (QEMU's NVMe and the
