@@ -342,6 +342,16 @@ pub trait PciDevice: Send + Sync {
     fn needs_direct_dma(&self) -> bool {
         false
     }
+    /// Lets MSI-X vector `v` reach whoever holds the device as a signal on `fds[v]`, with no
+    /// thread of this process in between, while the vector may be delivered (MSI-X enabled, the
+    /// function and the vector unmasked); a masked vector's message still latches its pending
+    /// bit here and is signalled on `fds[v]` when unmasked. `None` takes every vector back to
+    /// the [`InterruptSink`]. Returns whether the device did it: only a real device whose
+    /// hardware signals eventfds can (the default: `false`, messages go to the sink).
+    fn set_interrupt_fds(&self, fds: Option<&[Arc<EventFd>]>) -> bool {
+        let _ = fds;
+        false
+    }
     /// The binding granted bus addresses `[iova, iova + mem.len())` onto `mem` (also mapped in
     /// the device's [`DmaPort`]). Only a device that [`PciDevice::needs_direct_dma`] acts on it
     /// (programming its hardware IOMMU); a model does nothing.

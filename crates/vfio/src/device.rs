@@ -9,10 +9,11 @@ use devlend_pci::{
     AccessSize, BarIndex, BarSpec, DmaError, InterruptSink, MemoryArea, MsixTable, PciDevice,
 };
 use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::DmaMaps;
 use crate::hw::{BarMapping, VfioHw};
-use crate::irq::MsixIrqs;
+use crate::irq::{DirectFds, MsixIrqs};
 use crate::layout;
 use crate::VfioError;
 
@@ -47,8 +48,10 @@ impl Bar {
 /// A real PCIe function behind VFIO, as a [`PciDevice`] (see the crate documentation for how
 /// each kind of traffic is carried).
 ///
-/// Lock order: `irqs` before `dma`; neither is held while calling into the interrupt sink
-/// (the table calls it after releasing its own lock).
+/// Lock order: `irqs` before `dma`, and before the holder's eventfds inside the table's sink
+/// (`DirectFds`). `dma` is never held while calling into the interrupt sink; `irqs` is, when a
+/// mask or enable change delivers pending messages (the table calls the sink after releasing
+/// its own lock): a sink must not call back into the function.
 pub struct VfioFunction {
     hw: Arc<dyn VfioHw>,
     config_len: u64,
@@ -140,8 +143,11 @@ impl VfioFunction {
                 });
             }
         }
-        let msix = msix.map(|(cap, l)| (cap, Arc::new(MsixTable::new(l, sink))));
-        let irqs = msix.as_ref().map(|(_, t)| MsixIrqs::new(t.clone()));
+        let holder = Arc::new(DirectFds::new(sink));
+        let msix = msix.map(|(cap, l)| (cap, Arc::new(MsixTable::new(l, holder.clone()))));
+        let irqs = msix
+            .as_ref()
+            .map(|(_, t)| MsixIrqs::new(t.clone(), holder.clone()));
         Ok(Self {
             hw,
             config_len: config.size.min(4096),
@@ -191,6 +197,12 @@ impl VfioFunction {
     /// MSI-X vectors currently routed through VFIO eventfds (0 while MSI-X is disabled).
     pub fn routed_vectors(&self) -> usize {
         self.irqs().as_ref().map_or(0, MsixIrqs::routed)
+    }
+
+    /// The vectors VFIO currently signals on the holder's eventfds
+    /// ([`PciDevice::set_interrupt_fds`]) rather than this side's.
+    pub fn direct_vectors(&self) -> Vec<u16> {
+        self.irqs().as_ref().map_or_else(Vec::new, MsixIrqs::direct)
     }
 
     fn bar(&self, bar: BarIndex) -> Option<&Bar> {
@@ -354,7 +366,13 @@ impl PciDevice for VfioFunction {
             return;
         }
         if let Some((_, table)) = &self.msix {
-            if table.bar_write(bar, offset, data) {
+            if table.claims(bar, offset, data.len() as u64) {
+                // Under the lock, so that the retarget follows the mask it reflects.
+                let mut irqs = self.irqs();
+                table.bar_write(bar, offset, data);
+                if let Some(i) = irqs.as_mut() {
+                    i.resync(&*self.hw);
+                }
                 return;
             }
         }
@@ -390,6 +408,16 @@ impl PciDevice for VfioFunction {
 
     fn needs_direct_dma(&self) -> bool {
         true
+    }
+
+    fn set_interrupt_fds(&self, fds: Option<&[Arc<EventFd>]>) -> bool {
+        match self.irqs().as_mut() {
+            Some(i) => {
+                i.set_holder_fds(&*self.hw, fds.map(<[_]>::to_vec));
+                true
+            }
+            None => false,
+        }
     }
 
     fn dma_map(&self, iova: BusAddr, mem: &MemSpan, writable: bool) -> Result<(), DmaError> {

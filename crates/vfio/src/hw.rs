@@ -70,6 +70,9 @@ pub trait VfioHw: Send + Sync {
     /// Routes MSI-X vector `i` to `fds[i]` (enabling MSI-X in the device); an empty slice
     /// disables MSI-X.
     fn set_msix(&self, fds: &[&EventFd]) -> Result<(), VfioError>;
+    /// Points vector `vector` alone at `fd` while MSI-X is enabled (`VFIO_DEVICE_SET_IRQS`
+    /// with `start = vector, count = 1`); the other vectors keep their eventfds.
+    fn set_msix_vector(&self, vector: u32, fd: &EventFd) -> Result<(), VfioError>;
     /// Maps `[iova, iova + len)` of the device's IOVA space onto the process memory at `vaddr`.
     ///
     /// # Safety

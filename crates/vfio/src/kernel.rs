@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
     vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, VFIO_BASE, VFIO_DEVICE_FLAGS_RESET,
-    VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_TYPE,
+    VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_TYPE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,9 +18,21 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ref};
 use crate::hw::{BarMapping, RegionInfo, VfioHw};
 use crate::VfioError;
 
-// vfio-ioctls drops the result of these three (or cannot map read-only), so they are made
+// vfio-ioctls drops the result of these (or sets only whole ranges of vectors) (or cannot map read-only), so they are made
 // here from vfio-bindings' structures.
+vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE as u32, VFIO_BASE + 10);
 vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE as u32, VFIO_BASE + 11);
+
+/// `struct vfio_irq_set` with room for exactly one eventfd in its trailing `data`.
+#[repr(C)]
+struct IrqSetOne {
+    argsz: u32,
+    flags: u32,
+    index: u32,
+    start: u32,
+    count: u32,
+    fd: i32,
+}
 vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 13);
 vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 14);
 
@@ -205,6 +217,26 @@ impl VfioHw for KernelVfio {
             what: "VFIO_DEVICE_SET_IRQS (MSI-X)".into(),
             source: Box::new(e),
         })
+    }
+
+    fn set_msix_vector(&self, vector: u32, fd: &EventFd) -> Result<(), VfioError> {
+        let set = IrqSetOne {
+            argsz: std::mem::size_of::<IrqSetOne>() as u32,
+            flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            index: VFIO_PCI_MSIX_IRQ_INDEX,
+            start: vector,
+            count: 1,
+            fd: fd.as_raw_fd(),
+        };
+        // SAFETY: the kernel reads `argsz` bytes of `set`, a live vfio_irq_set header followed
+        // by exactly `count` (1) descriptors; `fd` stays open for the call (borrowed).
+        let rc = unsafe { ioctl_with_ref(&self.device, VFIO_DEVICE_SET_IRQS(), &set) };
+        if rc < 0 {
+            return Err(VfioError::io("VFIO_DEVICE_SET_IRQS (one MSI-X vector)")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
     }
 
     unsafe fn dma_map(

@@ -23,6 +23,10 @@ const DEVICE_VECTORS: u16 = 65;
 struct Calls {
     msix: Vec<usize>,
     fds: Vec<EventFd>,
+    /// `set_msix_vector` calls: vector and the descriptor number it was pointed at.
+    vector_fds: Vec<(u32, i32)>,
+    /// The descriptor numbers of the last `set_msix` call.
+    own_raw: Vec<i32>,
     maps: Vec<(u64, u64, bool)>,
     unmaps: Vec<(u64, u64)>,
     resets: usize,
@@ -148,6 +152,21 @@ impl VfioHw for MockHw {
         let mut c = self.calls();
         c.msix.push(fds.len());
         c.fds = fds.iter().map(|f| f.try_clone().unwrap()).collect();
+        c.own_raw = fds
+            .iter()
+            .map(|f| std::os::fd::AsRawFd::as_raw_fd(*f))
+            .collect();
+        Ok(())
+    }
+
+    fn set_msix_vector(&self, vector: u32, fd: &EventFd) -> Result<(), VfioError> {
+        use std::os::fd::AsRawFd;
+        let mut c = self.calls();
+        assert!(
+            !c.msix.is_empty() && c.msix.last() != Some(&0),
+            "a vector is retargeted only while MSI-X is enabled"
+        );
+        c.vector_fds.push((vector, fd.as_raw_fd()));
         Ok(())
     }
 
@@ -382,4 +401,142 @@ fn mappable_bar_parts_are_exported_as_registers_without_the_msix_pages() {
         .write_and_wake(0x1008, &7u32.to_le_bytes())
         .unwrap();
     assert_eq!(bar.load_u32(0x1008).unwrap(), 7);
+}
+
+fn holder_fds() -> Vec<Arc<EventFd>> {
+    (0..MAX_VECTORS)
+        .map(|_| Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap()))
+        .collect()
+}
+
+fn raw(fd: &EventFd) -> i32 {
+    std::os::fd::AsRawFd::as_raw_fd(fd)
+}
+
+/// Waits until `fd` is signalled (bounded), returning its count.
+fn signalled(fd: &EventFd) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match fd.read() {
+            Ok(n) => return n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "the eventfd was never signalled");
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn pba(f: &VfioFunction) -> u64 {
+    let mut b = [0u8; 8];
+    f.bar_read(BAR0, 0x3000, &mut b);
+    u64::from_le_bytes(b)
+}
+
+fn wait_pending(f: &VfioFunction, vector: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pba(f) & (1 << vector) == 0 {
+        assert!(Instant::now() < deadline, "vector {vector} never pending");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn holder_fds_take_deliverable_vectors_and_masks_take_them_back() {
+    let (hw, f, rx) = function(false);
+    let ctl = MSIX_CAP as u16 + 2;
+    let fds = holder_fds();
+    f.config_write(ctl, AccessSize::Word, 0xc000); // enabled, function masked
+    assert!(f.set_interrupt_fds(Some(&fds)));
+    assert!(hw.calls().vector_fds.is_empty(), "function masked");
+    entry_write(&f, 1, 0);
+    entry_write(&f, 2, 1); // masked
+    assert!(hw.calls().vector_fds.is_empty(), "function still masked");
+    f.config_write(ctl + 1, AccessSize::Byte, 0x80); // function mask off
+    assert_eq!(hw.calls().vector_fds, vec![(1, raw(&fds[1]))]);
+    assert_eq!(f.direct_vectors(), vec![1]);
+    let own = hw.calls().own_raw.clone();
+
+    // Vector 2 is masked: VFIO still signals this side, the message waits in the PBA.
+    hw.calls().fds[2].write(1).unwrap();
+    wait_pending(&f, 2);
+    assert!(fds[2].read().is_err(), "a masked vector reached the holder");
+    // Unmasking it retargets it and signals the pending message on the holder's eventfd.
+    f.bar_write(BAR0, 0x2000 + 2 * 16 + 12, &0u32.to_le_bytes());
+    assert_eq!(signalled(&fds[2]), 1);
+    assert_eq!(pba(&f), 0);
+    assert_eq!(hw.calls().vector_fds.last(), Some(&(2, raw(&fds[2]))));
+    assert_eq!(f.direct_vectors(), vec![1, 2]);
+
+    // Masking vector 1 points it back here: a message latches its pending bit.
+    f.bar_write(BAR0, 0x2000 + 16 + 12, &1u32.to_le_bytes());
+    assert_eq!(hw.calls().vector_fds.last(), Some(&(1, own[1])));
+    hw.calls().fds[1].write(1).unwrap();
+    wait_pending(&f, 1);
+    assert!(fds[1].read().is_err());
+
+    // The function mask takes every vector back; clearing it returns the unmasked ones.
+    f.config_write(ctl + 1, AccessSize::Byte, 0xc0);
+    assert_eq!(hw.calls().vector_fds.last(), Some(&(2, own[2])));
+    assert!(f.direct_vectors().is_empty());
+    f.config_write(ctl + 1, AccessSize::Byte, 0x80);
+    assert_eq!(f.direct_vectors(), vec![2]);
+    assert_eq!(pba(&f), 0b10, "vector 1 is still masked and pending");
+
+    // Taking the holder's eventfds away: back here, messages to the sink again.
+    assert!(f.set_interrupt_fds(None));
+    assert_eq!(hw.calls().vector_fds.last(), Some(&(2, own[2])));
+    assert!(f.direct_vectors().is_empty());
+    hw.calls().fds[2].write(1).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(2));
+    assert!(rx.try_recv().is_err());
+
+    // Disable: nothing is retargeted while MSI-X is off (the mock checks it).
+    f.config_write(ctl, AccessSize::Word, 0);
+    assert!(f.set_interrupt_fds(Some(&fds)));
+    assert!(f.direct_vectors().is_empty());
+    assert_eq!(hw.calls().msix, vec![MAX_VECTORS as usize, 0]);
+}
+
+#[test]
+fn the_lease_ending_returns_every_vector_before_the_reset() {
+    let (hw, f, _rx) = function(false);
+    let ctl = MSIX_CAP as u16 + 2;
+    let fds = holder_fds();
+    assert!(f.set_interrupt_fds(Some(&fds)));
+    f.config_write(ctl, AccessSize::Word, 0xc000);
+    for v in 0..3 {
+        entry_write(&f, v, 0);
+    }
+    f.config_write(ctl, AccessSize::Word, 0x8000);
+    assert_eq!(
+        f.direct_vectors(),
+        vec![0, 1, 2],
+        "holder's fds before enable"
+    );
+    // A reset during the lease (the borrower's driver) keeps the holder: MSI-X is off, and
+    // the vectors go to the holder again once re-enabled and unmasked.
+    f.try_reset().unwrap();
+    assert!(f.direct_vectors().is_empty());
+    f.config_write(ctl, AccessSize::Word, 0x8000);
+    assert!(
+        f.direct_vectors().is_empty(),
+        "the reset masked every vector"
+    );
+    entry_write(&f, 0, 0);
+    assert_eq!(f.direct_vectors(), vec![0]);
+    assert_eq!(hw.calls().vector_fds.last(), Some(&(0, raw(&fds[0]))));
+    // The lease ends (given back, or the borrower killed): every vector back here first.
+    let own = hw.calls().own_raw.clone();
+    assert!(f.set_interrupt_fds(None));
+    assert_eq!(hw.calls().vector_fds.last(), Some(&(0, own[0])));
+    assert!(f.direct_vectors().is_empty());
+    f.try_reset().unwrap();
+    assert_eq!(hw.calls().resets, 2);
+    // Lent again: MSI-X and masks from scratch, no stale holder.
+    f.config_write(ctl, AccessSize::Word, 0x8000);
+    entry_write(&f, 0, 0);
+    assert!(f.direct_vectors().is_empty());
+    drop(fds);
 }
