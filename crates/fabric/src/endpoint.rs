@@ -944,7 +944,7 @@ impl Access<'_> {
 
 /// Implements every `ntb.h` trait of `$ty` by delegating to its `ep: Arc<Endpoint>` field.
 macro_rules! delegate_ntb {
-    ($ty:ty, $name:literal) => {
+    ($ty:ty, $name:literal $(, { $($extra:tt)* })?) => {
         impl $crate::Link for $ty {
             fn link_state(&self) -> $crate::LinkState {
                 self.ep.link_state()
@@ -1076,6 +1076,7 @@ macro_rules! delegate_ntb {
             fn backend(&self) -> &'static str {
                 $name
             }
+            $($($extra)*)?
         }
     };
 }

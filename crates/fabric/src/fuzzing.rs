@@ -193,7 +193,8 @@ mod tests {
             let mut msg = rng.bytes(len);
             // Steer the tag field into the valid range half the time.
             if let Some(b) = msg.get_mut(0).filter(|_| i % 2 == 0) {
-                *b = (rng.next() % 5) as u8;
+                // 0..=7: every kind (1 Hello ..= 6 InterruptFd) and an unknown tag either side.
+                *b = (rng.next() % 8) as u8;
                 if let Some(rest) = msg.get_mut(1..4) {
                     rest.fill(0);
                 }

@@ -202,4 +202,31 @@ pub trait Ntb:
     fn address_space(&self) -> &AddressSpace;
     /// Name of the backend ("loopback", "shm", "tcp"), for status output.
     fn backend(&self) -> &'static str;
+    /// Whether the fabric can hand the peer interrupt descriptors
+    /// ([`Ntb::give_interrupt_fd`]); `false` by default.
+    fn carries_interrupt_fds(&self) -> bool {
+        false
+    }
+    /// Hands the peer `fd`, an eventfd that this side (or a device it owns) will signal instead
+    /// of ringing the peer's doorbell bit `bit`: on hardware, a device's MSI-X write that the
+    /// NTB carries straight to the peer's interrupt controller, with no CPU of this side
+    /// involved. `cookie` is opaque to the fabric (the lending layer's lease): the peer takes
+    /// the descriptor with the same cookie only. `Ok(false)` when the fabric cannot carry
+    /// descriptors (the default): the peer then sees doorbells only.
+    fn give_interrupt_fd(
+        &self,
+        bit: u32,
+        cookie: u64,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<bool> {
+        let _ = (bit, cookie, fd);
+        Ok(false)
+    }
+    /// Takes the eventfd the peer gave (on the current link) for this side's doorbell bit
+    /// `bit` with `cookie`; each is taken once, and a newer one for the same bit replaces an
+    /// older one. `None` until it arrives, and always on fabrics that cannot carry descriptors.
+    fn take_interrupt_fd(&self, bit: u32, cookie: u64) -> Option<vmm_sys_util::eventfd::EventFd> {
+        let _ = (bit, cookie);
+        None
+    }
 }

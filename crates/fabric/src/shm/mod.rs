@@ -37,8 +37,9 @@ mod socket;
 mod vfio;
 mod wire;
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +49,7 @@ use std::time::Duration;
 
 use devlend_memory::{MemSpan, SharedMemory};
 use rustix::fs::FlockOperation;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::endpoint::{
     delegate_ntb, Announce, Endpoint, LocalWindow, PagePair, PeerCounts, PeerWindow,
@@ -106,6 +108,8 @@ struct Shared {
     shutdown: AtomicBool,
     /// The current connection, so that dropping the handle can cut it.
     conn: Mutex<Option<Arc<OwnedFd>>>,
+    /// Eventfds the current peer gave for our doorbell bits, with their cookies, until taken.
+    interrupt_fds: Mutex<HashMap<u32, (u64, EventFd)>>,
 }
 
 /// One side of a shared-memory link (see the module docs).
@@ -115,7 +119,30 @@ pub struct ShmNtb {
     thread: Option<JoinHandle<()>>,
 }
 
-delegate_ntb!(ShmNtb, "shm");
+delegate_ntb!(ShmNtb, "shm", {
+    fn carries_interrupt_fds(&self) -> bool {
+        true
+    }
+
+    fn give_interrupt_fd(&self, bit: u32, cookie: u64, fd: &EventFd) -> Result<bool> {
+        let conn = lock(&self.shared.conn)
+            .clone()
+            .ok_or(FabricError::LinkDown)?;
+        // SAFETY: the descriptor is `fd`'s, open for the whole call (borrowed).
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+        socket::send(conn.as_fd(), &wire::interrupt_fd(bit, cookie), Some(fd))?;
+        Ok(true)
+    }
+
+    fn take_interrupt_fd(&self, bit: u32, cookie: u64) -> Option<EventFd> {
+        let mut fds = lock(&self.shared.interrupt_fds);
+        if fds.get(&bit).is_some_and(|(c, _)| *c == cookie) {
+            fds.remove(&bit).map(|(_, fd)| fd)
+        } else {
+            None
+        }
+    }
+});
 
 impl ShmNtb {
     /// Opens this host's side of the link rendezvousing in `dir` (created if missing). Returns
@@ -140,6 +167,7 @@ impl ShmNtb {
             dir: dir.to_path_buf(),
             shutdown: AtomicBool::new(false),
             conn: Mutex::new(None),
+            interrupt_fds: Mutex::new(HashMap::new()),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -289,6 +317,23 @@ fn map_peer_device(fd: OwnedFd, fd_offset: u64, size: u64) -> Result<MemSpan> {
     Ok(MemSpan::whole(mem))
 }
 
+/// An interrupt descriptor from the peer: it must be an eventfd (reads of anything else could
+/// block or mean something else), and is made non-blocking.
+fn peer_eventfd(fd: OwnedFd) -> Result<EventFd> {
+    let bad = |why: String| FabricError::Protocol(format!("interrupt descriptor: {why}"));
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| bad(format!("cannot identify it ({e})")))?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(bad(format!("{} is not an eventfd", link.display())));
+    }
+    let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| bad(e.to_string()))?;
+    rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK)
+        .map_err(|e| bad(e.to_string()))?;
+    // SAFETY: `fd` is an open eventfd we own (checked above); its ownership moves into the
+    // EventFd, which closes it once.
+    Ok(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
+}
+
 /// Parses a control message as the reader does and acts on what it announces (maps a RAM
 /// window, maps a Hello's control page), for `crate::fuzzing`.
 #[cfg(any(test, feature = "fuzzing"))]
@@ -307,6 +352,7 @@ pub(crate) fn parse_untrusted_control(bytes: &[u8], fds: Vec<OwnedFd>) -> Result
             ..
         } => map_peer_device(fd, fd_offset, size).map(|_| ()),
         wire::Wire::Hello { page, .. } => ControlPage::from_peer(page).map(|_| ()),
+        wire::Wire::InterruptFd { fd, .. } => peer_eventfd(fd).map(|_| ()),
         wire::Wire::TransMmio { .. } | wire::Wire::Clear { .. } => Ok(()),
     }
 }
@@ -359,6 +405,7 @@ fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
         .and_then(|()| serve_control(shared, &conn, &pair));
     ep.detach(&pair);
     *lock(&shared.conn) = None;
+    lock(&shared.interrupt_fds).clear();
     result
 }
 
@@ -386,6 +433,11 @@ fn serve_control(shared: &Shared, conn: &OwnedFd, pair: &Arc<PagePair>) -> Resul
             ),
             wire::Wire::TransMmio { window, size } => (window, Some(PeerWindow::Mmio { size })),
             wire::Wire::Clear { window } => (window, None),
+            wire::Wire::InterruptFd { bit, cookie, fd } => {
+                let fd = peer_eventfd(fd)?;
+                lock(&shared.interrupt_fds).insert(bit, (cookie, fd));
+                continue;
+            }
             wire::Wire::Hello { .. } => {
                 return Err(FabricError::Protocol("second Hello".into()));
             }
@@ -483,6 +535,54 @@ mod tests {
         let fd = mem.fd().try_clone_to_owned().unwrap();
         let err = parse_untrusted_control(&wire::trans_device(1, 0x800, 0), vec![fd]).unwrap_err();
         assert!(err.to_string().contains("whole pages"), "{err}");
+    }
+
+    #[test]
+    fn an_interrupt_descriptor_reaches_the_peer_and_anything_but_an_eventfd_is_refused() {
+        let dir = tmpdir("irqfd");
+        let cfg = LinkConfig::default();
+        let a = ShmNtb::open(&dir, Arc::new(AddressSpace::new()), cfg).unwrap();
+        let b = ShmNtb::open(&dir, Arc::new(AddressSpace::new()), cfg).unwrap();
+        a.wait_link(LinkState::Up, LONG).unwrap();
+        b.wait_link(LinkState::Up, LONG).unwrap();
+        let ours = EventFd::new(0).unwrap();
+        assert!(crate::Ntb::carries_interrupt_fds(&*a));
+        let old = EventFd::new(0).unwrap();
+        assert!(crate::Ntb::give_interrupt_fd(&*a, 5, 1, &old).unwrap());
+        assert!(crate::Ntb::give_interrupt_fd(&*a, 5, 2, &ours).unwrap());
+        let deadline = std::time::Instant::now() + LONG;
+        let theirs = loop {
+            if let Some(fd) = crate::Ntb::take_interrupt_fd(&*b, 5, 2) {
+                break fd;
+            }
+            assert!(
+                crate::Ntb::take_interrupt_fd(&*b, 5, 1).is_none(),
+                "another cookie's descriptor"
+            );
+            assert!(std::time::Instant::now() < deadline, "never arrived");
+            std::thread::yield_now();
+        };
+        assert!(
+            crate::Ntb::take_interrupt_fd(&*b, 5, 2).is_none(),
+            "taken once"
+        );
+        // Non-blocking on the receiving side; the sender's signal is what it reads.
+        assert!(theirs.read().is_err());
+        ours.write(3).unwrap();
+        assert_eq!(theirs.read().unwrap(), 3);
+        drop(a);
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let mem = SharedMemory::new("not-an-eventfd", 0x1000).unwrap();
+        let fd = mem.fd().try_clone_to_owned().unwrap();
+        let err = parse_untrusted_control(&wire::interrupt_fd(1, 7), vec![fd]).unwrap_err();
+        assert!(err.to_string().contains("not an eventfd"), "{err}");
+        let fd = EventFd::new(0).unwrap();
+        let owned = fd.try_clone().unwrap();
+        // SAFETY: `owned` is a fresh duplicate whose descriptor moves into the OwnedFd.
+        let owned = unsafe { OwnedFd::from_raw_fd(owned.into_raw_fd()) };
+        parse_untrusted_control(&wire::interrupt_fd(1, 7), vec![owned]).unwrap();
     }
 
     #[test]

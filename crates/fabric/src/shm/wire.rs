@@ -16,6 +16,10 @@ const TRANS_RAM: u32 = 2;
 const TRANS_MMIO: u32 = 3;
 const CLEAR: u32 = 4;
 const TRANS_DEVICE: u32 = 5;
+const INTERRUPT_FD: u32 = 6;
+
+/// Doorbell bits a link may have (an interrupt descriptor names one of them).
+const DOORBELL_BITS: u32 = 64;
 
 /// Largest window size a peer may announce (a sanity bound; RAM windows are also checked
 /// against the size of the descriptor they come with).
@@ -47,6 +51,10 @@ pub(super) enum Wire {
         fd: OwnedFd,
         fd_offset: u64,
     },
+    /// The sender will signal `fd` (an eventfd) instead of ringing the receiver's doorbell bit
+    /// `bit`: a device's MSI-X message carried straight to the receiver.
+    /// `cookie` is opaque here (the lending layer's lease).
+    InterruptFd { bit: u32, cookie: u64, fd: OwnedFd },
     /// The sender translated `window` onto `size` bytes of MMIO.
     TransMmio { window: u32, size: u64 },
     /// The sender cleared `window`.
@@ -102,6 +110,10 @@ pub(super) fn trans_device(window: u32, size: u64, fd_offset: u64) -> [u8; LEN] 
     encode([TRANS_DEVICE, window, 0, 0, 0, 0], size, fd_offset)
 }
 
+pub(super) fn interrupt_fd(bit: u32, cookie: u64) -> [u8; LEN] {
+    encode([INTERRUPT_FD, bit, 0, 0, 0, 0], cookie, 0)
+}
+
 pub(super) fn trans_mmio(window: u32, size: u64) -> [u8; LEN] {
     encode([TRANS_MMIO, window, 0, 0, 0, 0], size, 0)
 }
@@ -122,7 +134,10 @@ pub(super) fn decode(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Wire> {
     let tag = u32_at(buf, 0);
     let a = u32_at(buf, 4);
     let x = u64_at(buf, 24);
-    let want_fds = usize::from(matches!(tag, HELLO | TRANS_RAM | TRANS_DEVICE));
+    let want_fds = usize::from(matches!(
+        tag,
+        HELLO | TRANS_RAM | TRANS_DEVICE | INTERRUPT_FD
+    ));
     if fds.len() != want_fds {
         return Err(bad(format!(
             "message {tag} came with {} descriptors",
@@ -156,6 +171,11 @@ pub(super) fn decode(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Wire> {
             size: x,
             fd,
             fd_offset: u64_at(buf, 32),
+        }),
+        (INTERRUPT_FD, Some(fd)) if a < DOORBELL_BITS => Ok(Wire::InterruptFd {
+            bit: a,
+            cookie: x,
+            fd,
         }),
         (TRANS_MMIO, None) if size_ok(x) => Ok(Wire::TransMmio { window: a, size: x }),
         (CLEAR, None) => Ok(Wire::Clear { window: a }),
@@ -197,6 +217,14 @@ mod tests {
             }
         ));
         assert!(matches!(
+            decode(&interrupt_fd(63, u64::MAX), vec![some_fd()]).unwrap(),
+            Wire::InterruptFd {
+                bit: 63,
+                cookie: u64::MAX,
+                ..
+            }
+        ));
+        assert!(matches!(
             decode(&clear(2), vec![]).unwrap(),
             Wire::Clear { window: 2 }
         ));
@@ -214,6 +242,10 @@ mod tests {
             (trans_device(3, 0x1000, 0).to_vec(), 0),
             (trans_device(3, 0, 0).to_vec(), 1),
             (trans_mmio(1, u64::MAX).to_vec(), 0),
+            (interrupt_fd(3, 0).to_vec(), 0),
+            (interrupt_fd(3, 0).to_vec(), 2),
+            (interrupt_fd(64, 0).to_vec(), 1),
+            (interrupt_fd(u32::MAX, 0).to_vec(), 1),
             (clear(1).to_vec(), 1),
             (hello(1, 1, 1, 1).to_vec(), 0),
             (encode([HELLO, 99, 0, 0, 0, 0], 0, 0).to_vec(), 1),
