@@ -4,23 +4,28 @@
 //! - BAR accesses go through the lender's inbound windows (posted writes, non-posted reads);
 //! - DMA memory is this host's RAM, exposed through one of its inbound windows and mapped by
 //!   the lender's IOMMU at the same bus addresses the driver sees;
-//! - interrupts are doorbell bits: waiting for vector *v* waits for bit `base + v`.
+//! - interrupts are doorbell bits: waiting for vector *v* waits for bit `base + v`; except a
+//!   real device's on a fabric that carries descriptors (`lender::direct_interrupts`), whose
+//!   vectors are eventfds the lender hands over with the lease and the device's hardware
+//!   signals itself: waiting for vector *v* waits on its eventfd.
 //!
 //! When the link drops or the lender revokes the lease, the function is *removed*: every call
 //! fails with [`FunctionError::Removed`], waits end at once, nothing hangs.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use devlend_fabric::{BusAddr, FabricError, SharedMemory, WindowOffset};
+use devlend_fabric::{BusAddr, FabricError, LinkState, SharedMemory, WindowOffset};
 use devlend_pci::dma_pool::DmaPool;
 use devlend_pci::{
     AccessSize, BarAccess, BarIndex, ConfigAccess, DmaAlloc, DmaBuffer, DmaRemap, FunctionError,
     Interrupts, MemSpan, MemoryArea, PciFunction,
 };
+use rustix::event::{PollFd, PollFlags, Timespec};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::protocol::{BarGrant, DeviceDesc, Grant, Request, Response};
@@ -80,6 +85,10 @@ pub struct BorrowedFunction {
     removed: AtomicBool,
     reason: Mutex<String>,
     redirect: Mutex<Redirect>,
+    /// Per vector, the eventfd the device's hardware signals itself (a real device lent over
+    /// a fabric that carries descriptors, see `lender::direct_interrupts`); empty when the
+    /// vectors ring doorbells.
+    irq_fds: Arc<[EventFd]>,
 }
 
 #[derive(Default)]
@@ -476,6 +485,9 @@ impl Interrupts for BorrowedFunction {
     fn wait_interrupt(&self, vector: u16, timeout: Duration) -> Result<bool, FunctionError> {
         let bit = self.vector_bit(vector)?;
         let node = self.node()?;
+        if let Some(fd) = self.irq_fds.get(usize::from(vector)) {
+            return self.wait_eventfd(&node, fd, timeout);
+        }
         // Poll the doorbell first, with the same budget a local binding polls its vector.
         let spin = devlend_pci::INTERRUPT_SPIN.min(timeout);
         if devlend_pci::spin_until(spin, || node.ntb.db_read() & bit != 0 || self.is_removed()) {
@@ -523,6 +535,15 @@ impl Interrupts for BorrowedFunction {
         if r.fds.is_empty() {
             return Ok(());
         }
+        if !self.irq_fds.is_empty() {
+            let routes: Vec<(usize, Arc<EventFd>)> = r
+                .fds
+                .iter()
+                .map(|(v, fd)| (usize::from(*v), fd.clone()))
+                .collect();
+            r.thread = Some(self.spawn_forwarder(&routes)?);
+            return Ok(());
+        }
         let routes: Vec<(u64, Arc<EventFd>)> = r
             .fds
             .iter()
@@ -558,6 +579,152 @@ impl Interrupts for BorrowedFunction {
         r.thread = Some((stop, t));
         Ok(())
     }
+}
+
+impl BorrowedFunction {
+    /// Waits for vector eventfd `fd`: polled (a non-blocking read) with the budget a local
+    /// binding polls its vector, then `poll(2)` in slices that look at removal and the link.
+    fn wait_eventfd(
+        &self,
+        node: &Inner,
+        fd: &EventFd,
+        timeout: Duration,
+    ) -> Result<bool, FunctionError> {
+        let mut fired = false;
+        let spin = devlend_pci::INTERRUPT_SPIN.min(timeout);
+        devlend_pci::spin_until(spin, || {
+            fired = fired || fd.read().is_ok();
+            fired || self.is_removed()
+        });
+        let deadline = Instant::now().checked_add(timeout);
+        while !fired {
+            if self.is_removed() {
+                return Err(removed_error(self));
+            }
+            if node.ntb.link_state() == LinkState::Down {
+                return Err(self.fabric_error(FabricError::LinkDown));
+            }
+            let left = deadline.map_or(EVENTFD_SLICE, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            if left.is_zero() {
+                return Ok(false);
+            }
+            if readable(fd, left.min(EVENTFD_SLICE)).map_err(|source| FunctionError::Io {
+                op: "poll an interrupt eventfd",
+                source,
+            })? {
+                fired = fd.read().is_ok();
+            }
+        }
+        if self.is_removed() {
+            return Err(removed_error(self));
+        }
+        Ok(true)
+    }
+
+    /// Forwards the device's eventfds of the vectors in `routes` to the caller's eventfds
+    /// until stopped.
+    fn spawn_forwarder(
+        &self,
+        routes: &[(usize, Arc<EventFd>)],
+    ) -> Result<(Arc<AtomicBool>, JoinHandle<()>), FunctionError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let fds = self.irq_fds.clone();
+        let routes = routes.to_vec();
+        let t = std::thread::Builder::new()
+            .name(format!("devlend-irq-{}", self.grant.device.name))
+            .spawn(move || {
+                let watched: Vec<(&EventFd, &EventFd)> = routes
+                    .iter()
+                    .filter_map(|(v, to)| Some((fds.get(*v)?, &**to)))
+                    .collect();
+                while !stop2.load(Ordering::Acquire) {
+                    let mut polled: Vec<PollFd<'_>> = watched
+                        .iter()
+                        .map(|(from, _)| PollFd::from_borrowed_fd(borrow_fd(from), PollFlags::IN))
+                        .collect();
+                    let slice = Timespec::try_from(EVENTFD_SLICE).unwrap_or(Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 50_000_000,
+                    });
+                    match rustix::event::poll(&mut polled, Some(&slice)) {
+                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => {
+                            tracing::warn!("interrupt forwarder: poll: {e}");
+                            return;
+                        }
+                    }
+                    drop(polled);
+                    for (from, to) in &watched {
+                        if from.read().is_ok() {
+                            let _ = to.write(1);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| FunctionError::Io {
+                op: "spawn interrupt forwarder",
+                source: e,
+            })?;
+        Ok((stop, t))
+    }
+}
+
+/// How long one blocking wait on an interrupt eventfd lasts before removal and the link are
+/// looked at again.
+const EVENTFD_SLICE: Duration = Duration::from_millis(50);
+
+fn borrow_fd(fd: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor is `fd`'s, open for as long as the borrow of `fd`.
+    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
+}
+
+/// Whether `fd` becomes readable within `timeout` (`poll(2)`).
+fn readable(fd: &EventFd, timeout: Duration) -> std::io::Result<bool> {
+    let mut polled = [PollFd::from_borrowed_fd(borrow_fd(fd), PollFlags::IN)];
+    let t =
+        Timespec::try_from(timeout).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    match rustix::event::poll(&mut polled, Some(&t)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Takes the eventfd the lender gave for each of `grant`'s vectors (doorbell bit `base + v`,
+/// tagged with the lease), waiting up to `timeout` for them to arrive: the grant and the
+/// descriptors travel on different paths.
+fn take_interrupt_fds(
+    ntb: &dyn devlend_fabric::Ntb,
+    grant: &Grant,
+    timeout: Duration,
+) -> Result<Vec<EventFd>, LendingError> {
+    let deadline = Instant::now().checked_add(timeout);
+    let mut fds = Vec::with_capacity(usize::from(grant.device.vectors));
+    for v in 0..u32::from(grant.device.vectors) {
+        let bit = grant
+            .doorbell_base
+            .checked_add(v)
+            .ok_or_else(|| LendingError::Protocol("doorbell bit overflows".into()))?;
+        loop {
+            if let Some(fd) = ntb.take_interrupt_fd(bit, grant.lease) {
+                fds.push(fd);
+                break;
+            }
+            if ntb.link_state() == LinkState::Down {
+                return Err(LendingError::LinkDown);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(LendingError::Protocol(format!(
+                    "the lender's eventfd for vector {v} did not arrive in time"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    Ok(fds)
 }
 
 impl PciFunction for BorrowedFunction {
@@ -727,6 +894,15 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
                 }
             }
         }
+        let irq_fds = if crate::lender::direct_interrupts(
+            &grant.device.kind,
+            grant.device.vectors,
+            &*node.ntb,
+        ) {
+            take_interrupt_fds(&*node.ntb, &grant, node.cfg.request_timeout)?
+        } else {
+            Vec::new()
+        };
         let bytes = node.cfg.dma_pool_bytes;
         let mem = Arc::new(SharedMemory::new("devlend-dma", bytes)?);
         let base = POOL_IOVA;
@@ -739,6 +915,7 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
             removed: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
             redirect: Mutex::new(Redirect::default()),
+            irq_fds: irq_fds.into(),
             grant: grant.clone(),
         };
         f.map_memory(node, base, &MemSpan::whole(mem), true)?;

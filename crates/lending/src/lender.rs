@@ -28,6 +28,7 @@ use devlend_pci::{DmaError, DmaTarget, Iommu, RemoteMemory};
 
 use crate::protocol::{AreaGrant, BarDesc, BarGrant, DeviceDesc, Grant, Request, Response};
 use crate::{Inner, LendingError};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Builds a device model given its DMA port and interrupt sink.
 pub type DeviceBuilder = Box<
@@ -696,6 +697,7 @@ impl Lender {
                 free: IRQ_DOORBELL_BITS
                     .saturating_sub((*doorbells_used & irq_doorbell_mask()).count_ones()),
             })?;
+        let lease_id = st.next_lease;
         let mut windows = Vec::new();
         let mut setup = || -> Result<(), LendingError> {
             for (bar, spec, base) in &dev.bars {
@@ -722,7 +724,7 @@ impl Lender {
                     node.ntb.mw_set_trans(window, a.addr, len)?;
                 }
             }
-            Ok(())
+            give_interrupt_fds(&*node.ntb, &*dev.device, doorbell_base, lease_id)
         };
         if let Err(e) = setup() {
             for w in all_windows(&windows) {
@@ -742,7 +744,7 @@ impl Lender {
         })));
         let lease_len = Duration::from_millis(lease_ms.clamp(200, 600_000));
         let specs: Vec<(BarIndex, BarSpec)> = dev.bars.iter().map(|(b, s, _)| (*b, *s)).collect();
-        let id = st.next_lease;
+        let id = lease_id;
         st.next_lease += 1;
         dev.lease = Some(Lease {
             id,
@@ -880,6 +882,9 @@ impl Lender {
         };
         let serial = devlend_sync::lock(&access);
         sink.route(None);
+        // Every vector back to this side's own eventfds before the reset, so that the next
+        // holder never receives this one's interrupts (a no-op for a device without them).
+        device.set_interrupt_fds(None);
         let link = l.link.upgrade();
         for w in all_windows(&l.windows) {
             if let Some(link) = &link {
@@ -966,6 +971,51 @@ fn direct_dma_refusal(device: &str, fabric: &str) -> String {
     )
 }
 
+/// Whether a lent device's vectors reach the borrower as eventfds its hardware signals (no
+/// lender thread in between, as a hardware NTB carries an MSI-X write straight to the
+/// borrower's interrupt controller): a real device's (kind `vfio`) with vectors, on a fabric
+/// that carries descriptors. The borrower applies the same rule to know it must wait for them.
+pub(crate) fn direct_interrupts(kind: &str, vectors: u16, ntb: &dyn Ntb) -> bool {
+    kind == "vfio" && vectors > 0 && ntb.carries_interrupt_fds()
+}
+
+/// Hands the borrower one eventfd per vector of `device` (doorbell bit `base + v`, tagged with
+/// the lease) and has the device signal them (see [`direct_interrupts`]); nothing for other
+/// devices, which ring doorbells through their interrupt sink.
+fn give_interrupt_fds(
+    ntb: &dyn Ntb,
+    device: &dyn PciDevice,
+    base: u32,
+    lease: u64,
+) -> Result<(), LendingError> {
+    let vectors = device.msix_vectors();
+    if !direct_interrupts(device.kind(), vectors, ntb) {
+        return Ok(());
+    }
+    let mut fds = Vec::with_capacity(usize::from(vectors));
+    for v in 0..u32::from(vectors) {
+        let fd = EventFd::new(EFD_NONBLOCK).map_err(|source| LendingError::Io {
+            op: "eventfd for an interrupt vector",
+            source,
+        })?;
+        let bit = base
+            .checked_add(v)
+            .ok_or_else(|| LendingError::Device("doorbell bit overflows".into()))?;
+        if !ntb.give_interrupt_fd(bit, lease, &fd)? {
+            return Err(LendingError::Device(
+                "the fabric cannot carry interrupt descriptors".into(),
+            ));
+        }
+        fds.push(Arc::new(fd));
+    }
+    if !device.set_interrupt_fds(Some(&fds)) {
+        return Err(LendingError::Device(
+            "the device cannot signal its vectors on descriptors".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn doorbell_bits(base: u32, vectors: u16) -> u64 {
     let n = u32::from(vectors);
     if n == 0 {
@@ -997,6 +1047,110 @@ impl From<FabricError> for Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The test device, presented as a real device that signals its vectors on eventfds
+    /// (recording what the lender asks of it, in order).
+    struct EventfdDevice {
+        inner: Arc<dyn PciDevice>,
+        calls: Arc<Mutex<Vec<&'static str>>>,
+        fds: Arc<Mutex<Vec<Arc<EventFd>>>>,
+    }
+
+    impl PciDevice for EventfdDevice {
+        fn config_read(&self, offset: u16, size: AccessSize) -> u32 {
+            self.inner.config_read(offset, size)
+        }
+        fn config_write(&self, offset: u16, size: AccessSize, value: u32) {
+            self.inner.config_write(offset, size, value)
+        }
+        fn bar_spec(&self, bar: BarIndex) -> Option<BarSpec> {
+            self.inner.bar_spec(bar)
+        }
+        fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) {
+            self.inner.bar_read(bar, offset, data)
+        }
+        fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) {
+            self.inner.bar_write(bar, offset, data)
+        }
+        fn reset(&self) {
+            self.calls.lock().unwrap().push("reset");
+            self.inner.reset()
+        }
+        fn msix_vectors(&self) -> u16 {
+            self.inner.msix_vectors()
+        }
+        fn kind(&self) -> &'static str {
+            "vfio"
+        }
+        fn set_interrupt_fds(&self, fds: Option<&[Arc<EventFd>]>) -> bool {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(if fds.is_some() { "fds" } else { "none" });
+            *self.fds.lock().unwrap() = fds.map(<[_]>::to_vec).unwrap_or_default();
+            true
+        }
+    }
+
+    #[test]
+    fn a_real_devices_vectors_reach_a_shm_borrower_as_eventfds_and_come_back_first() {
+        use devlend_fabric::{Link, LinkConfig, LinkState, ShmNtb};
+        use devlend_pci::Interrupts;
+        let dir = std::env::temp_dir().join(format!("devlend-irqfd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let lender_asp = Arc::new(AddressSpace::new());
+        let l = ShmNtb::open(&dir, lender_asp, LinkConfig::default()).unwrap();
+        let b = ShmNtb::open(&dir, Arc::new(AddressSpace::new()), LinkConfig::default()).unwrap();
+        let long = Duration::from_secs(20);
+        l.wait_link(LinkState::Up, long).unwrap();
+        b.wait_link(LinkState::Up, long).unwrap();
+        let lender =
+            crate::Node::start(crate::NodeConfig::new("lender"), vec![l as Arc<dyn Ntb>]).unwrap();
+        let borrower =
+            crate::Node::start(crate::NodeConfig::new("borrower"), vec![b as Arc<dyn Ntb>])
+                .unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let fds = Arc::new(Mutex::new(Vec::new()));
+        let (c, f) = (calls.clone(), fds.clone());
+        lender
+            .add_device(
+                "rd0",
+                "test device as a real one",
+                Box::new(move |dma, irq| {
+                    let inner = devlend_pci::test_device::TestDevice::build(dma, irq)
+                        .map_err(|e| e.to_string())?;
+                    Ok(Arc::new(EventfdDevice {
+                        inner,
+                        calls: c,
+                        fds: f,
+                    }) as Arc<dyn PciDevice>)
+                }),
+            )
+            .unwrap();
+        let dev = borrower.borrow("rd0").unwrap();
+        assert_eq!(*calls.lock().unwrap(), vec!["fds"]);
+        let given = fds.lock().unwrap().clone();
+        assert_eq!(given.len(), usize::from(dev.interrupt_vectors()));
+        // The device's hardware signals vector 1: the borrower's wait sees it, vector 0 not.
+        given[1].write(1).unwrap();
+        assert!(dev.wait_interrupt(1, long).unwrap());
+        assert!(!dev.wait_interrupt(0, Duration::from_millis(1)).unwrap());
+        drop(dev);
+        borrower.give_back("rd0").unwrap();
+        let deadline = Instant::now() + long;
+        while !calls.lock().unwrap().contains(&"reset") {
+            assert!(Instant::now() < deadline, "the lease never ended");
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            calls.lock().unwrap()[..3],
+            ["fds", "none", "reset"],
+            "every vector back to the lender before the reset"
+        );
+        drop(borrower);
+        drop(lender);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn bar(i: u8) -> BarIndex {
         BarIndex::new(i).unwrap()

@@ -120,6 +120,10 @@ impl PciDevice for MeteredDevice {
     fn capacity_bytes(&self) -> Option<u64> {
         self.inner.capacity_bytes()
     }
+    fn set_interrupt_fds(&self, fds: Option<&[Arc<vmm_sys_util::eventfd::EventFd>]>) -> bool {
+        // Vectors signalled this way bypass the interrupt counter.
+        self.inner.set_interrupt_fds(fds)
+    }
 }
 
 struct MeteredDma {
@@ -465,6 +469,21 @@ impl Ntb for MeteredNtb {
     }
     fn backend(&self) -> &'static str {
         self.inner.backend()
+    }
+    fn carries_interrupt_fds(&self) -> bool {
+        self.inner.carries_interrupt_fds()
+    }
+    fn give_interrupt_fd(
+        &self,
+        bit: u32,
+        cookie: u64,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> devlend_fabric::Result<bool> {
+        let r = self.inner.give_interrupt_fd(bit, cookie, fd);
+        self.count(r)
+    }
+    fn take_interrupt_fd(&self, bit: u32, cookie: u64) -> Option<vmm_sys_util::eventfd::EventFd> {
+        self.inner.take_interrupt_fd(bit, cookie)
     }
 }
 

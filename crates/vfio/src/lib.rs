@@ -8,7 +8,7 @@
 //! |---|---|
 //! | config reads/writes | VFIO's config region (`pread`/`pwrite`), so VFIO's own virtualisation of BARs and MSI-X stays in force; MSI-X Enable and Function Mask are kept here (the kernel owns the real ones through `VFIO_DEVICE_SET_IRQS`) |
 //! | BAR MMIO | the BAR's VFIO region, `mmap`ed where the region allows it (volatile loads and stores), `pread`/`pwrite` elsewhere |
-//! | MSI-X | the table and PBA are emulated here ([`MsixTable`]); each vector is an eventfd given to `VFIO_DEVICE_SET_IRQS`, and a thread turns a fired eventfd into a message through the table, which honours the vector's and the function's masks |
+//! | MSI-X | the table and PBA are emulated here ([`MsixTable`]); each vector is an eventfd given to `VFIO_DEVICE_SET_IRQS`, and a thread turns a fired eventfd into a message through the table, which honours the vector's and the function's masks; or, while deliverable, the holder's own eventfd ([`PciDevice::set_interrupt_fds`]), which VFIO signals with no thread here |
 //! | DMA | the device reaches memory through the hardware IOMMU only: each grant the binding makes ([`PciDevice::dma_map`]) becomes `VFIO_IOMMU_MAP_DMA` of that memory at the bus address the borrower's driver uses; unmapped when the grant or the lease ends |
 //! | reset | `VFIO_DEVICE_RESET` (FLR or what the kernel has for the function) |
 //!
@@ -18,6 +18,7 @@
 //!
 //! [`PciDevice`]: devlend_pci::PciDevice
 //! [`PciDevice::dma_map`]: devlend_pci::PciDevice::dma_map
+//! [`PciDevice::set_interrupt_fds`]: devlend_pci::PciDevice::set_interrupt_fds
 //! [`MsixTable`]: devlend_pci::MsixTable
 #![warn(missing_docs)]
 
