@@ -933,9 +933,11 @@ pub(crate) fn borrow(node: &Arc<Inner>, name: &str) -> Result<Arc<BorrowedFuncti
     node.borrower.forget_lost(name);
     devlend_sync::lock(&node.borrower.held).insert(name.to_string(), f.clone());
     tracing::info!(
-        "borrowed {name} (lease {}, {} BAR area(s) reached by direct loads and stores)",
+        "borrowed {name} (lease {}, {} BAR area(s) reached by direct loads and stores, {} \
+         vector(s) signalled by the device on eventfds)",
         f.grant.lease,
-        devlend_sync::read(&f.areas).len()
+        devlend_sync::read(&f.areas).len(),
+        f.irq_fds.len()
     );
     Ok(f)
 }
