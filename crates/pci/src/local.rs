@@ -51,6 +51,9 @@ struct Vector {
 /// eventfd, or one the caller supplied (a VMM's irqfd).
 pub struct EventFdInterrupts {
     vectors: RwLock<Vec<Vector>>,
+    /// The device signals the own eventfds itself (a real device's hardware, see
+    /// [`PciDevice::set_interrupt_fds`]): waiters read them instead of the pending flags.
+    direct: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for EventFdInterrupts {
@@ -70,6 +73,7 @@ impl EventFdInterrupts {
     pub fn new(vectors: u16) -> Result<Self, FunctionError> {
         let sink = Self {
             vectors: RwLock::new(Vec::new()),
+            direct: std::sync::atomic::AtomicBool::new(false),
         };
         sink.resize(vectors)?;
         Ok(sink)
@@ -133,10 +137,21 @@ impl EventFdInterrupts {
         }
     }
 
+    /// Every vector's own eventfd, in vector order.
+    fn own_fds(&self) -> Vec<Arc<EventFd>> {
+        self.read().iter().map(|v| v.own.clone()).collect()
+    }
+
+    /// Whether the device writes the own eventfds itself.
+    fn is_direct(&self) -> bool {
+        self.direct.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Waits until `vector` fires (consuming it) or `timeout` passes: polls for up to
     /// [`crate::INTERRUPT_SPIN`], then sleeps on the vector's eventfd.
     pub fn wait(&self, vector: u16, timeout: Duration) -> Result<bool, FunctionError> {
         use std::sync::atomic::Ordering::SeqCst;
+        let direct = self.is_direct();
         let (fd, pending, sleepers) = {
             let v = self.read();
             let slot = v
@@ -148,8 +163,19 @@ impl EventFdInterrupts {
                 slot.sleepers.clone(),
             )
         };
+        // A direct vector's event is the eventfd's count (the device wrote it); a flag set by
+        // `signal` (the sink path, before a switch) counts too.
+        let take = || -> bool {
+            if direct {
+                if let Ok(n) = fd.read() {
+                    return n > 0 || pending.swap(false, SeqCst);
+                }
+            }
+            pending.swap(false, SeqCst)
+        };
         let spin = crate::INTERRUPT_SPIN.min(timeout);
-        if crate::spin_until(spin, || pending.load(SeqCst)) && pending.swap(false, SeqCst) {
+        let ready = || direct || pending.load(SeqCst);
+        if crate::spin_until(spin, || ready() && take()) {
             return Ok(true);
         }
         let deadline = Instant::now().checked_add(timeout);
@@ -187,8 +213,13 @@ impl EventFdInterrupts {
                     return Err(io("poll")(err));
                 }
             }
-            // Drain the wake-up; the event itself is the pending flag.
+            // Drain the wake-up: for a direct vector it is the event; otherwise the event is
+            // the pending flag.
             match fd.read() {
+                Ok(n) if direct && n > 0 => {
+                    pending.store(false, SeqCst);
+                    return Ok(true);
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(io("eventfd read")(e)),
@@ -283,6 +314,13 @@ impl LocalFunction {
                 .map_err(|e| setup(FunctionError::Transport(e.to_string())))?;
         }
         interrupts.resize(device.msix_vectors()).map_err(setup)?;
+        // A real device signals the vectors' eventfds itself, as it does a borrower's: no
+        // thread of this process between its interrupt and the waiter.
+        if device.set_interrupt_fds(Some(&interrupts.own_fds())) {
+            interrupts
+                .direct
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let bars = BarIndex::ALL.map(|b| device.bar_spec(b));
         let areas = BarIndex::ALL
             .iter()
@@ -434,11 +472,19 @@ impl Interrupts for LocalFunction {
         self.interrupts.wait(vector, timeout)
     }
 
+    /// A device that signals its eventfds directly goes back to the sink path first (a
+    /// redirected vector is written by [`EventFdInterrupts`]).
     fn set_interrupt_eventfd(
         &self,
         vector: u16,
         fd: Option<Arc<EventFd>>,
     ) -> Result<(), FunctionError> {
+        if self.interrupts.is_direct() {
+            self.device.set_interrupt_fds(None);
+            self.interrupts
+                .direct
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         self.interrupts.redirect(vector, fd)
     }
 }

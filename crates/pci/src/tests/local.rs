@@ -431,3 +431,77 @@ fn dma_memory_exhaustion() {
     let r: Result<LocalFunction, BindError<&str>> = LocalFunction::new(4096, |_, _| Err("nope"));
     assert!(matches!(r, Err(BindError::Device("nope"))));
 }
+
+/// A device that signals its vectors on the eventfds it is given (as a VFIO device does), and
+/// records what it was given.
+#[derive(Default)]
+struct SignalsFds {
+    fds: std::sync::Mutex<Option<Vec<Arc<EventFd>>>>,
+}
+
+impl SignalsFds {
+    /// The device's hardware raises `vector`.
+    fn fire(&self, vector: usize) {
+        let fds = self.fds.lock().unwrap();
+        fds.as_ref().expect("direct fds")[vector].write(1).unwrap();
+    }
+}
+
+impl PciDevice for SignalsFds {
+    fn config_read(&self, _: u16, _: AccessSize) -> u32 {
+        u32::MAX
+    }
+    fn config_write(&self, _: u16, _: AccessSize, _: u32) {}
+    fn bar_spec(&self, _: BarIndex) -> Option<BarSpec> {
+        None
+    }
+    fn bar_read(&self, _: BarIndex, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&self, _: BarIndex, _: u64, _: &[u8]) {}
+    fn reset(&self) {}
+    fn msix_vectors(&self) -> u16 {
+        2
+    }
+    fn kind(&self) -> &'static str {
+        "signals-fds"
+    }
+    fn set_interrupt_fds(&self, fds: Option<&[Arc<EventFd>]>) -> bool {
+        *self.fds.lock().unwrap() = fds.map(<[_]>::to_vec);
+        true
+    }
+}
+
+#[test]
+fn a_device_that_signals_eventfds_is_waited_for_directly_until_a_vector_is_redirected() {
+    let dev = Arc::new(SignalsFds::default());
+    let d = dev.clone();
+    let f = LocalFunction::new(DMA_PAGE_SIZE, move |_, _| {
+        Ok::<_, FunctionError>(d as Arc<dyn PciDevice>)
+    })
+    .unwrap();
+    assert_eq!(dev.fds.lock().unwrap().as_ref().map(Vec::len), Some(2));
+    assert!(!f.wait_interrupt(1, NO_WAIT).unwrap());
+    // The device writes the eventfd itself: no InterruptSink::signal in between.
+    dev.fire(1);
+    assert!(f.wait_interrupt(1, NO_WAIT).unwrap());
+    assert!(!f.wait_interrupt(1, NO_WAIT).unwrap(), "consumed");
+    assert!(
+        !f.wait_interrupt(0, NO_WAIT).unwrap(),
+        "only vector 1 fired"
+    );
+    // Fired while the waiter sleeps.
+    let f = Arc::new(f);
+    let g = f.clone();
+    let t = std::thread::spawn(move || g.wait_interrupt(0, WAIT).unwrap());
+    dev.fire(0);
+    assert!(t.join().unwrap());
+    // A caller's eventfd for one vector: the device goes back to the sink path.
+    let irqfd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    f.set_interrupt_eventfd(0, Some(irqfd.clone())).unwrap();
+    assert!(dev.fds.lock().unwrap().is_none(), "direct fds taken back");
+    f.interrupts().signal(0);
+    assert_eq!(irqfd.read().unwrap(), 1);
+    f.interrupts().signal(1);
+    assert!(f.wait_interrupt(1, NO_WAIT).unwrap());
+}
