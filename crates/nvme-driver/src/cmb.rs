@@ -57,8 +57,8 @@ fn bar_address(hw: &Hw, bar: BarIndex) -> Result<u64, NvmeError> {
 /// Turns the CMB off (CMBMSC = 0) when the controller has the 1.4 scheme.
 pub(crate) fn disable(hw: &Hw) -> Result<(), NvmeError> {
     if hw.caps.cmb_space {
-        hw.write32(regs::CMBMSC + 4, 0)?;
-        hw.write32(regs::CMBMSC, 0)?;
+        hw.write32(regs::REG_CMBMSC + 4, 0)?;
+        hw.write32(regs::REG_CMBMSC, 0)?;
     }
     Ok(())
 }
@@ -71,10 +71,10 @@ pub(crate) fn enable(hw: &Hw) -> Result<Option<CmbInfo>, NvmeError> {
     if !hw.caps.cmb_space {
         return Ok(None);
     }
-    hw.write32(regs::CMBMSC + 4, 0)?;
-    hw.write32(regs::CMBMSC, CMBMSC_CRE as u32)?;
-    let sz = hw.read32(regs::CMBSZ)?;
-    let loc = hw.read32(regs::CMBLOC)?;
+    hw.write32(regs::REG_CMBMSC + 4, 0)?;
+    hw.write32(regs::REG_CMBMSC, CMBMSC_CRE as u32)?;
+    let sz = hw.read32(regs::REG_CMBSZ)?;
+    let loc = hw.read32(regs::REG_CMBLOC)?;
     let usable = sz != u32::MAX
         && sz & CMBSZ_SQS != 0
         && loc & CMBLOC_CQMMS != 0
@@ -105,9 +105,9 @@ pub(crate) fn enable(hw: &Hw) -> Result<Option<CmbInfo>, NvmeError> {
     };
     let msc = bus_addr | CMBMSC_CMSE | CMBMSC_CRE;
     // The high half first: the low half carries CMSE, so the enable sees the whole base.
-    hw.write32(regs::CMBMSC + 4, (msc >> 32) as u32)?;
-    hw.write32(regs::CMBMSC, msc as u32)?;
-    if hw.read32(regs::CMBSTS)? & CMBSTS_CBAI != 0 {
+    hw.write32(regs::REG_CMBMSC + 4, (msc >> 32) as u32)?;
+    hw.write32(regs::REG_CMBMSC, msc as u32)?;
+    if hw.read32(regs::REG_CMBSTS)? & CMBSTS_CBAI != 0 {
         tracing::warn!(
             bus_addr,
             "the controller refused the CMB's base (CMBSTS.CBAI)"

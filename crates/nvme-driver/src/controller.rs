@@ -155,7 +155,7 @@ impl Controller {
     /// queue and MSI-X, identifies controller and namespace, and creates the I/O queues.
     pub fn with_config(fun: Arc<dyn PciFunction>, config: DriverConfig) -> Result<Self, NvmeError> {
         let bar = enable_function(fun.as_ref())?;
-        let cap = fun.bar_read_u64(bar, regs::CAP)?;
+        let cap = fun.bar_read_u64(bar, regs::REG_CAP)?;
         if cap == u64::MAX {
             return Err(NvmeError::DeviceRemoved("CAP reads all-ones".into()));
         }
@@ -177,7 +177,7 @@ impl Controller {
             caps,
             mode: config.completion,
         };
-        let version = hw.read32(regs::VS)?;
+        let version = hw.read32(regs::REG_VS)?;
         disable(&hw)?;
         let cmb = if config.cmb_submission_queues {
             cmb::enable(&hw)?
@@ -190,11 +190,11 @@ impl Controller {
         let admin_entries = ADMIN_QUEUE_ENTRIES.min(caps.max_queue_entries);
         let admin_vector = (config.completion == CompletionMode::Interrupt).then_some(0);
         let admin = QueuePair::new(&hw, 0, admin_entries, admin_vector)?;
-        hw.write32(regs::AQA, regs::aqa(admin_entries, admin_entries))?;
-        hw.write64(regs::ASQ, admin.sq_bus_addr())?;
-        hw.write64(regs::ACQ, admin.cq_bus_addr())?;
-        hw.write32(regs::CC, regs::cc_config())?;
-        hw.write32(regs::CC, regs::cc_config() | regs::CC_EN)?;
+        hw.write32(regs::REG_AQA, regs::aqa(admin_entries, admin_entries))?;
+        hw.write64(regs::REG_ASQ, admin.sq_bus_addr())?;
+        hw.write64(regs::REG_ACQ, admin.cq_bus_addr())?;
+        hw.write32(regs::REG_CC, regs::cc_config())?;
+        hw.write32(regs::REG_CC, regs::cc_config() | regs::CC_EN)?;
         wait_csts(&hw, "CSTS.RDY = 1 after enable", caps.ready_timeout, |c| {
             c & regs::CSTS_RDY != 0
         })?;
@@ -224,7 +224,7 @@ impl Controller {
             Err(e) => {
                 // Leave the controller disabled; nothing else to undo.
                 ctrl.shut_down.store(true, Ordering::Release);
-                let _ = ctrl.hw.write32(regs::CC, 0);
+                let _ = ctrl.hw.write32(regs::REG_CC, 0);
                 Err(e)
             }
         }
@@ -702,9 +702,11 @@ impl Controller {
                 }
             }
         }
-        let cc = self.hw.read32(regs::CC)?;
-        self.hw
-            .write32(regs::CC, (cc & !regs::CC_SHN_MASK) | regs::CC_SHN_NORMAL)?;
+        let cc = self.hw.read32(regs::REG_CC)?;
+        self.hw.write32(
+            regs::REG_CC,
+            (cc & !regs::CC_SHN_MASK) | regs::CC_SHN_NORMAL,
+        )?;
         wait_csts_raw(
             &self.hw,
             "CSTS.SHST = shutdown complete",
@@ -931,11 +933,11 @@ fn enable_function(fun: &dyn PciFunction) -> Result<BarIndex, NvmeError> {
 
 /// Clears CC.EN and waits for CSTS.RDY = 0 (CAP.TO).
 fn disable(hw: &Hw) -> Result<(), NvmeError> {
-    let cc = hw.read32(regs::CC)?;
+    let cc = hw.read32(regs::REG_CC)?;
     if cc == u32::MAX {
         return Err(NvmeError::DeviceRemoved("CC reads all-ones".into()));
     }
-    hw.write32(regs::CC, cc & !(regs::CC_EN | regs::CC_SHN_MASK))?;
+    hw.write32(regs::REG_CC, cc & !(regs::CC_EN | regs::CC_SHN_MASK))?;
     wait_csts_raw(
         hw,
         "CSTS.RDY = 0 after disable",
@@ -962,7 +964,7 @@ fn wait_csts_raw(
     done: impl Fn(u32) -> bool,
 ) -> Result<(), NvmeError> {
     wait_until(hw, what, timeout, |hw| {
-        let csts = hw.read32(regs::CSTS)?;
+        let csts = hw.read32(regs::REG_CSTS)?;
         if csts == u32::MAX {
             return Err(NvmeError::DeviceRemoved("CSTS reads all-ones".into()));
         }

@@ -121,7 +121,7 @@ impl Hw {
 
     /// Reads CSTS; all-ones means the device is gone, CFS that it failed.
     pub fn check_status(&self) -> Result<u32, NvmeError> {
-        let csts = self.read32(regs::CSTS)?;
+        let csts = self.read32(regs::REG_CSTS)?;
         if csts == u32::MAX {
             return Err(NvmeError::DeviceRemoved(
                 "CSTS reads all-ones (the device no longer answers)".into(),
@@ -697,7 +697,7 @@ mod tests {
 
     impl BarAccess for Scripted {
         fn bar_read(&self, _: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError> {
-            let v = if offset == regs::CSTS {
+            let v = if offset == regs::REG_CSTS {
                 self.csts.load(std::sync::atomic::Ordering::SeqCst)
             } else {
                 0

@@ -1,83 +1,11 @@
-//! Controller registers in BAR0 (NVMe base specification 1.4, section 3.1) and the few
-//! PCI-level values the driver chooses (its config space offsets are `devlend-pci`'s).
+//! Controller registers in BAR0 (NVMe base specification 1.4, section 3.1): the driver's
+//! choices (page size, CC and AQA values), CAP decoding, and the few PCI-level values the
+//! driver chooses (its config space offsets are `devlend-pci`'s). The specification's offsets
+//! and field layouts are `devlend-nvme-spec`'s, re-exported here (`regs::REG_CC`, ...).
 
 use std::time::Duration;
 
-/// Controller Capabilities (64-bit).
-pub const CAP: u64 = 0x00;
-/// Version.
-pub const VS: u64 = 0x08;
-/// Controller Configuration.
-pub const CC: u64 = 0x14;
-/// Controller Status.
-pub const CSTS: u64 = 0x1c;
-/// Admin Queue Attributes.
-pub const AQA: u64 = 0x24;
-/// Admin Submission Queue base address (64-bit).
-pub const ASQ: u64 = 0x28;
-/// Admin Completion Queue base address (64-bit).
-pub const ACQ: u64 = 0x30;
-/// Controller Memory Buffer Location (NVMe 1.2+).
-pub const CMBLOC: u64 = 0x38;
-/// Controller Memory Buffer Size.
-pub const CMBSZ: u64 = 0x3c;
-/// Controller Memory Buffer Memory Space Control (64-bit, NVMe 1.4).
-pub const CMBMSC: u64 = 0x50;
-/// Controller Memory Buffer Status (NVMe 1.4).
-pub const CMBSTS: u64 = 0x58;
-/// `CAP.CMBS` (bit 57): the 1.4 CMB scheme (CMBMSC, CMBSTS).
-pub const CAP_CMBS: u64 = 1 << 57;
-/// `CMBLOC.CQMMS`: a submission queue in the CMB may complete into host memory.
-pub const CMBLOC_CQMMS: u32 = 1 << 3;
-/// `CMBLOC.CDPCILS`: a command in the CMB may point at data in host memory.
-pub const CMBLOC_CDPCILS: u32 = 1 << 6;
-/// `CMBSZ.SQS`: submission queues may be in the CMB.
-pub const CMBSZ_SQS: u32 = 1;
-/// `CMBSZ.WDS`: write data may be in the CMB.
-pub const CMBSZ_WDS: u32 = 1 << 4;
-/// `CMBMSC.CRE`: capability registers (CMBLOC, CMBSZ) enabled.
-pub const CMBMSC_CRE: u64 = 1;
-/// `CMBMSC.CMSE`: controller memory space enabled at `CMBMSC.CBA`.
-pub const CMBMSC_CMSE: u64 = 1 << 1;
-/// `CMBSTS.CBAI`: the controller refused the base address.
-pub const CMBSTS_CBAI: u32 = 1;
-/// First doorbell register.
-pub const DOORBELL_BASE: u64 = 0x1000;
-
-/// CC.EN: enable.
-pub const CC_EN: u32 = 1 << 0;
-/// CC.CSS shift (I/O command set selected; 0 = NVM).
-pub const CC_CSS_SHIFT: u32 = 4;
-/// CC.MPS shift (memory page size = 2^(12 + MPS)).
-pub const CC_MPS_SHIFT: u32 = 7;
-/// CC.AMS shift (arbitration; 0 = round robin).
-pub const CC_AMS_SHIFT: u32 = 11;
-/// CC.SHN shift (shutdown notification).
-pub const CC_SHN_SHIFT: u32 = 14;
-/// CC.SHN mask (in place).
-pub const CC_SHN_MASK: u32 = 0b11 << CC_SHN_SHIFT;
-/// CC.SHN value for a normal shutdown.
-pub const CC_SHN_NORMAL: u32 = 0b01 << CC_SHN_SHIFT;
-/// CC.IOSQES shift (I/O submission queue entry size, log2).
-pub const CC_IOSQES_SHIFT: u32 = 16;
-/// CC.IOCQES shift (I/O completion queue entry size, log2).
-pub const CC_IOCQES_SHIFT: u32 = 20;
-
-/// CSTS.RDY: ready.
-pub const CSTS_RDY: u32 = 1 << 0;
-/// CSTS.CFS: controller fatal status.
-pub const CSTS_CFS: u32 = 1 << 1;
-/// CSTS.SHST shift (shutdown status).
-pub const CSTS_SHST_SHIFT: u32 = 2;
-/// CSTS.SHST mask (in place).
-pub const CSTS_SHST_MASK: u32 = 0b11 << CSTS_SHST_SHIFT;
-/// CSTS.SHST value: shutdown processing complete.
-pub const CSTS_SHST_COMPLETE: u32 = 0b10 << CSTS_SHST_SHIFT;
-
-/// log2 of a submission queue entry (64 bytes).
-pub const SQE_SIZE_LOG2: u32 = 6;
-/// log2 of a completion queue entry (16 bytes).
-pub const CQE_SIZE_LOG2: u32 = 4;
+pub use devlend_nvme_spec::regs::*;
 
 /// The host memory page size the driver uses: 4 KiB (CC.MPS = 0).
 pub const HOST_PAGE_BYTES: usize = 4096;
@@ -137,8 +65,8 @@ impl Capabilities {
 /// CC for an NVM command set controller with 4 KiB pages and the standard entry sizes,
 /// without EN.
 pub fn cc_config() -> u32 {
-    (SQE_SIZE_LOG2 << CC_IOSQES_SHIFT)
-        | (CQE_SIZE_LOG2 << CC_IOCQES_SHIFT)
+    (SQES_LOG2 << CC_IOSQES_SHIFT)
+        | (CQES_LOG2 << CC_IOCQES_SHIFT)
         | (0 << CC_MPS_SHIFT)
         | (0 << CC_CSS_SHIFT)
         | (0 << CC_AMS_SHIFT)

@@ -800,7 +800,7 @@ pub fn cmb_submission_queues(t: &Target) -> Result<(), SuiteError> {
             x.step(
                 "read CMBSZ",
                 c.function()
-                    .bar_read_u32(bar0, crate::regs::CMBSZ)
+                    .bar_read_u32(bar0, crate::regs::REG_CMBSZ)
                     .map_err(NvmeError::from),
             )?
         } else {
@@ -890,7 +890,7 @@ pub fn cmb_submission_queues(t: &Target) -> Result<(), SuiteError> {
         let msc = x.step(
             "read CMBMSC",
             c.function()
-                .bar_read_u64(bar0, crate::regs::CMBMSC)
+                .bar_read_u64(bar0, crate::regs::REG_CMBMSC)
                 .map_err(NvmeError::from),
         )?;
         x.check(msc == 0, || format!("CMBMSC is {msc:#x}, not 0"))?;
