@@ -2,29 +2,17 @@
 
 use std::fmt;
 
-/// Bytes in a submission queue entry.
-pub const SQE_BYTES: usize = 64;
-/// Bytes in a completion queue entry.
-pub const CQE_BYTES: usize = 16;
+pub use devlend_nvme_spec::opcode::nvm;
 
-/// Admin command opcodes.
+/// Bytes in a submission queue entry.
+pub const SQE_BYTES: usize = 1 << devlend_nvme_spec::regs::SQES_LOG2;
+/// Bytes in a completion queue entry.
+pub const CQE_BYTES: usize = 1 << devlend_nvme_spec::regs::CQES_LOG2;
+
+/// Admin command opcodes (`devlend-nvme-spec`'s) and the admin commands' field values the
+/// driver uses.
 pub mod admin {
-    /// Delete I/O Submission Queue.
-    pub const DELETE_IO_SQ: u8 = 0x00;
-    /// Create I/O Submission Queue.
-    pub const CREATE_IO_SQ: u8 = 0x01;
-    /// Delete I/O Completion Queue.
-    pub const DELETE_IO_CQ: u8 = 0x04;
-    /// Create I/O Completion Queue.
-    pub const CREATE_IO_CQ: u8 = 0x05;
-    /// Identify.
-    pub const IDENTIFY: u8 = 0x06;
-    /// Set Features.
-    pub const SET_FEATURES: u8 = 0x09;
-    /// Get Features.
-    pub const GET_FEATURES: u8 = 0x0a;
-    /// Virtualization Management (a primary controller's).
-    pub const VIRTUALIZATION_MANAGEMENT: u8 = 0x1c;
+    pub use devlend_nvme_spec::opcode::admin::*;
 
     /// Identify CNS: namespace data structure.
     pub const CNS_NAMESPACE: u32 = 0x00;
@@ -42,16 +30,6 @@ pub mod admin {
     pub const QUEUE_PHYS_CONTIGUOUS: u32 = 1 << 0;
     /// Create I/O CQ CDW11: interrupts enabled.
     pub const CQ_INTERRUPTS_ENABLED: u32 = 1 << 1;
-}
-
-/// NVM command set I/O opcodes.
-pub mod io {
-    /// Flush.
-    pub const FLUSH: u8 = 0x00;
-    /// Write.
-    pub const WRITE: u8 = 0x01;
-    /// Read.
-    pub const READ: u8 = 0x02;
 }
 
 /// A submission queue entry, before it is placed in a queue (the queue fills in the CID).
@@ -264,7 +242,7 @@ mod tests {
 
     #[test]
     fn command_layout() {
-        let mut c = Command::new(io::READ, 1)
+        let mut c = Command::new(nvm::READ, 1)
             .with_cdw(10, 0x1122_3344)
             .with_cdw(12, 7);
         c.cid = 0xabcd;

@@ -9,7 +9,7 @@ use devlend_pci::msix as table;
 use devlend_pci::{AccessSize, BarIndex, DmaBuffer, PciFunction};
 
 use crate::cmb::{self, CmbInfo, CmbSpace};
-use crate::cmd::{admin, io, Command};
+use crate::cmd::{admin, nvm, Command};
 use crate::error::NvmeError;
 use crate::identify::{self, ControllerIdentity, NamespaceIdentity, IDENTIFY_BYTES};
 use crate::queue::{Completion, CompletionMode, DmaSlice, Hw, QueuePair, SqPlacement};
@@ -790,9 +790,9 @@ impl IoQueue<'_> {
         let ctrl = self.ctrl;
         let lba_bytes = u64::from(ctrl.namespace.lba_bytes);
         let (opcode, lba, blocks, data) = match &req {
-            IoRequest::Read { lba, blocks, data } => (io::READ, *lba, *blocks, Some(data)),
-            IoRequest::Write { lba, blocks, data } => (io::WRITE, *lba, *blocks, Some(data)),
-            IoRequest::Flush => (io::FLUSH, 0, 0, None),
+            IoRequest::Read { lba, blocks, data } => (nvm::READ, *lba, *blocks, Some(data)),
+            IoRequest::Write { lba, blocks, data } => (nvm::WRITE, *lba, *blocks, Some(data)),
+            IoRequest::Flush => (nvm::FLUSH, 0, 0, None),
         };
         let mut cmd = Command::new(opcode, ctrl.nsid);
         if let Some(data) = data {
@@ -902,9 +902,9 @@ impl IoQueue<'_> {
 /// A name for an I/O opcode, for errors.
 fn opcode_name(opcode: u8) -> &'static str {
     match opcode {
-        io::READ => "read",
-        io::WRITE => "write",
-        io::FLUSH => "flush",
+        nvm::READ => "read",
+        nvm::WRITE => "write",
+        nvm::FLUSH => "flush",
         _ => "I/O command",
     }
 }

@@ -445,7 +445,7 @@ impl QueuePair {
         let SqRing::Cmb { bar, .. } = &self.sq else {
             return Ok(None);
         };
-        if cmd.opcode != crate::cmd::io::WRITE || d.len as u64 > CMB_DATA_BYTES {
+        if cmd.opcode != crate::cmd::nvm::WRITE || d.len as u64 > CMB_DATA_BYTES {
             return Ok(None);
         }
         let Some(buf) = self.cmb_data.pop() else {
@@ -659,7 +659,7 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
-    use crate::cmd::io;
+    use crate::cmd::nvm;
 
     const BUS_BASE: u64 = 0x10_0000_0000;
 
@@ -798,12 +798,12 @@ mod tests {
         for round in 0..5u32 {
             q.submit(
                 &hw,
-                Command::new(io::FLUSH, 1),
+                Command::new(nvm::FLUSH, 1),
                 None,
                 100 + u64::from(round),
             )
             .unwrap();
-            let full = q.submit(&hw, Command::new(io::FLUSH, 1), None, 0);
+            let full = q.submit(&hw, Command::new(nvm::FLUSH, 1), None, 0);
             assert!(matches!(full, Err(NvmeError::QueueFull { .. })));
             // Tail doorbell of SQ 1 with the stride of 4 bytes.
             assert_eq!(f.last_write(0x1008), Some((round + 1) % 2));
@@ -827,7 +827,7 @@ mod tests {
         let f = Scripted::new();
         let hw = hw(&f, CompletionMode::Polling);
         let mut q = QueuePair::new(&hw, 1, 8, None).unwrap();
-        q.submit(&hw, Command::new(io::FLUSH, 1), None, 1).unwrap();
+        q.submit(&hw, Command::new(nvm::FLUSH, 1), None, 1).unwrap();
         post(&q, 0, 999, true, 0);
         let r = q.reap(&hw, &mut Vec::new(), 1, Duration::from_secs(5));
         assert!(matches!(
@@ -835,7 +835,7 @@ mod tests {
             Err(NvmeError::CompletionForUnknownCommand { cid: 999, .. })
         ));
         assert!(q.is_broken());
-        let again = q.submit(&hw, Command::new(io::FLUSH, 1), None, 2);
+        let again = q.submit(&hw, Command::new(nvm::FLUSH, 1), None, 2);
         assert!(matches!(again, Err(NvmeError::QueueBroken { qid: 1 })));
     }
 
@@ -846,7 +846,7 @@ mod tests {
             let hw = hw(&f, mode);
             let vector = (mode == CompletionMode::Interrupt).then_some(0);
             let mut q = QueuePair::new(&hw, 1, 8, vector).unwrap();
-            q.submit(&hw, Command::new(io::FLUSH, 1), None, 1).unwrap();
+            q.submit(&hw, Command::new(nvm::FLUSH, 1), None, 1).unwrap();
             let r = q.reap(&hw, &mut Vec::new(), 1, Duration::from_millis(30));
             assert!(
                 matches!(r, Err(NvmeError::Timeout { .. })),
@@ -854,7 +854,7 @@ mod tests {
             );
 
             let mut q = QueuePair::new(&hw, 2, 8, vector).unwrap();
-            q.submit(&hw, Command::new(io::FLUSH, 1), None, 1).unwrap();
+            q.submit(&hw, Command::new(nvm::FLUSH, 1), None, 1).unwrap();
             f.csts.store(
                 regs::CSTS_RDY | regs::CSTS_CFS,
                 std::sync::atomic::Ordering::SeqCst,
@@ -866,7 +866,7 @@ mod tests {
             );
 
             let mut q = QueuePair::new(&hw, 3, 8, vector).unwrap();
-            q.submit(&hw, Command::new(io::FLUSH, 1), None, 1).unwrap();
+            q.submit(&hw, Command::new(nvm::FLUSH, 1), None, 1).unwrap();
             f.csts.store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
             let r = q.reap(&hw, &mut Vec::new(), 1, Duration::from_secs(30));
             assert!(
@@ -885,7 +885,7 @@ mod tests {
         let buf = Arc::new(f.dma_alloc(601 * 4096).unwrap());
         let base = buf.bus_addr().raw();
         let data = DmaSlice::new(buf, 512, 600 * 4096).unwrap();
-        q.submit(&hw, Command::new(io::READ, 1), Some(&data), 7)
+        q.submit(&hw, Command::new(nvm::READ, 1), Some(&data), 7)
             .unwrap();
         let e = sqe(&q, 0);
         let prp1 = u64::from_le_bytes(e[24..32].try_into().unwrap());
@@ -920,12 +920,12 @@ mod tests {
         let f = Scripted::new();
         let hw = hw(&f, CompletionMode::Polling);
         let mut q = QueuePair::new(&hw, 1, 8, None).unwrap();
-        q.submit(&hw, Command::new(io::READ, 1), None, 5).unwrap();
+        q.submit(&hw, Command::new(nvm::READ, 1), None, 5).unwrap();
         post(&q, 0, 0, true, 0x80 | (1 << 14));
         let mut out = Vec::new();
         q.reap(&hw, &mut out, 1, Duration::from_secs(5)).unwrap();
         assert!(out[0].status.is_lba_out_of_range());
         assert!(out[0].status.dnr);
-        assert_eq!(out[0].opcode, io::READ);
+        assert_eq!(out[0].opcode, nvm::READ);
     }
 }

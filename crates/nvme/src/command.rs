@@ -6,49 +6,8 @@
 
 use crate::status::Status;
 
-/// Admin opcodes (NVMe base spec 1.4, figure 139).
-pub mod admin_opcode {
-    /// Delete I/O Submission Queue.
-    pub const DELETE_IO_SQ: u8 = 0x00;
-    /// Create I/O Submission Queue.
-    pub const CREATE_IO_SQ: u8 = 0x01;
-    /// Get Log Page.
-    pub const GET_LOG_PAGE: u8 = 0x02;
-    /// Delete I/O Completion Queue.
-    pub const DELETE_IO_CQ: u8 = 0x04;
-    /// Create I/O Completion Queue.
-    pub const CREATE_IO_CQ: u8 = 0x05;
-    /// Identify.
-    pub const IDENTIFY: u8 = 0x06;
-    /// Abort.
-    pub const ABORT: u8 = 0x08;
-    /// Set Features.
-    pub const SET_FEATURES: u8 = 0x09;
-    /// Get Features.
-    pub const GET_FEATURES: u8 = 0x0a;
-    /// Asynchronous Event Request.
-    pub const ASYNC_EVENT_REQUEST: u8 = 0x0c;
-    /// Doorbell Buffer Config.
-    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
-    /// Virtualization Management.
-    pub const VIRTUALIZATION_MANAGEMENT: u8 = 0x1c;
-}
-
-/// NVM command set opcodes (NVM command set, figure 346).
-pub mod nvm_opcode {
-    /// Flush.
-    pub const FLUSH: u8 = 0x00;
-    /// Write.
-    pub const WRITE: u8 = 0x01;
-    /// Read.
-    pub const READ: u8 = 0x02;
-    /// Compare.
-    pub const COMPARE: u8 = 0x05;
-    /// Write Zeroes.
-    pub const WRITE_ZEROES: u8 = 0x08;
-    /// Dataset Management.
-    pub const DATASET_MANAGEMENT: u8 = 0x09;
-}
+/// Admin and NVM command set opcodes, `devlend-nvme-spec`'s under this crate's names.
+pub use devlend_nvme_spec::opcode::{admin as admin_opcode, nvm as nvm_opcode};
 
 /// A 64-byte submission queue entry, fields as laid out in the common command format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -7,10 +7,10 @@
 
 use std::fmt;
 
+use devlend_nvme_spec::opcode::admin::{IDENTIFY, VIRTUALIZATION_MANAGEMENT};
+
 /// Bytes an Identify command returns.
 pub const IDENTIFY_LEN: usize = 4096;
-const OPC_IDENTIFY: u8 = 0x06;
-const OPC_VIRT_MGMT: u8 = 0x1c;
 const CNS_PRIMARY_CAPS: u32 = 0x14;
 const CNS_SECONDARY_LIST: u32 = 0x15;
 /// Secondary Controller List: entries start at byte 32, 32 bytes each, at most 127.
@@ -99,13 +99,13 @@ impl AdminCmd {
     pub fn encode(&self) -> Encoded {
         match *self {
             AdminCmd::IdentifyPrimaryCaps => Encoded {
-                opcode: OPC_IDENTIFY,
+                opcode: IDENTIFY,
                 cdw10: CNS_PRIMARY_CAPS,
                 cdw11: 0,
                 data_len: IDENTIFY_LEN as u32,
             },
             AdminCmd::IdentifySecondaryList { from } => Encoded {
-                opcode: OPC_IDENTIFY,
+                opcode: IDENTIFY,
                 cdw10: CNS_SECONDARY_LIST | (u32::from(from.0) << 16),
                 cdw11: 0,
                 data_len: IDENTIFY_LEN as u32,
@@ -116,7 +116,7 @@ impl AdminCmd {
                 cntlid,
                 count,
             } => Encoded {
-                opcode: OPC_VIRT_MGMT,
+                opcode: VIRTUALIZATION_MANAGEMENT,
                 cdw10: (action as u32) | ((resource as u32) << 8) | (u32::from(cntlid.0) << 16),
                 cdw11: u32::from(count),
                 data_len: 0,
