@@ -146,3 +146,95 @@ pub const CQES_LOG2: u32 = 4;
 pub const SQE_BYTES: u64 = 1 << SQES_LOG2;
 /// Completion queue entry size in bytes.
 pub const CQE_BYTES: u64 = 1 << CQES_LOG2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fields of one register never overlap, and every in-place value lies in its field.
+    #[test]
+    fn fields_do_not_overlap() {
+        let cap = [
+            CAP_MQES_MASK,
+            CAP_CQR,
+            0b11 << CAP_AMS_SHIFT,
+            0xff << CAP_TO_SHIFT,
+        ];
+        let cap_hi = [
+            0xf << CAP_DSTRD_SHIFT,
+            0xff << CAP_CSS_SHIFT,
+            0xf << CAP_MPSMIN_SHIFT,
+            0xf << CAP_MPSMAX_SHIFT,
+            CAP_CMBS,
+        ];
+        assert_disjoint(cap.iter().chain(cap_hi.iter()).copied());
+        let cc = [
+            CC_EN,
+            0b111 << CC_CSS_SHIFT,
+            0xf << CC_MPS_SHIFT,
+            0b111 << CC_AMS_SHIFT,
+            CC_SHN_MASK,
+            0xf << CC_IOSQES_SHIFT,
+            0xf << CC_IOCQES_SHIFT,
+        ];
+        assert_disjoint(cc.iter().map(|&f| u64::from(f)));
+        assert_disjoint(
+            [CSTS_RDY, CSTS_CFS, CSTS_SHST_MASK]
+                .map(u64::from)
+                .into_iter(),
+        );
+        assert_disjoint(
+            [AQA_ASQS_MASK, 0xfff << AQA_ACQS_SHIFT]
+                .map(u64::from)
+                .into_iter(),
+        );
+        let loc = [
+            CMBLOC_BIR_MASK,
+            CMBLOC_CQMMS,
+            CMBLOC_CQPDS,
+            CMBLOC_CDPMLS,
+            CMBLOC_CDPCILS,
+            CMBLOC_CDMMMS,
+            CMBLOC_CQDA,
+            0xf_ffff << CMBLOC_OFST_SHIFT,
+        ];
+        assert_disjoint(loc.iter().map(|&f| u64::from(f)));
+        let sz = [
+            CMBSZ_SQS,
+            CMBSZ_CQS,
+            CMBSZ_LISTS,
+            CMBSZ_RDS,
+            CMBSZ_WDS,
+            0xf << CMBSZ_SZU_SHIFT,
+            0xf_ffff << CMBSZ_SZ_SHIFT,
+        ];
+        assert_disjoint(sz.iter().map(|&f| u64::from(f)));
+        assert_disjoint([CMBMSC_CRE, CMBMSC_CMSE, CMBMSC_CBA_MASK].into_iter());
+        assert_eq!(CC_SHN_NORMAL & !CC_SHN_MASK, 0);
+        assert_eq!(
+            (CSTS_SHST_OCCURRING | CSTS_SHST_COMPLETE) & !CSTS_SHST_MASK,
+            0
+        );
+    }
+
+    #[test]
+    fn doorbells_follow_the_registers() {
+        let registers = [
+            REG_CAP, REG_VS, REG_INTMS, REG_INTMC, REG_CC, REG_CSTS, REG_NSSR, REG_AQA, REG_ASQ,
+            REG_ACQ, REG_CMBLOC, REG_CMBSZ, REG_CMBMSC, REG_CMBSTS,
+        ];
+        let last = registers.into_iter().max();
+        assert!(last < Some(DOORBELL_BASE));
+        assert_eq!(SQE_BYTES, 64);
+        assert_eq!(CQE_BYTES, 16);
+    }
+
+    fn assert_disjoint(fields: impl Iterator<Item = u64>) {
+        let mut seen = 0u64;
+        for f in fields {
+            assert_ne!(f, 0);
+            assert_eq!(seen & f, 0, "field {f:#x} overlaps {seen:#x}");
+            seen |= f;
+        }
+    }
+}
