@@ -32,12 +32,12 @@ pub struct Capabilities {
 impl Capabilities {
     /// Decodes CAP.
     pub fn decode(cap: u64) -> Self {
-        let mqes = (cap & 0xffff) as u32;
-        let to_units = (cap >> 24) & 0xff;
-        let dstrd = ((cap >> 32) & 0xf) as u32;
-        let css = (cap >> 37) & 0xff;
-        let mpsmin = ((cap >> 48) & 0xf) as u32;
-        let mpsmax = ((cap >> 52) & 0xf) as u32;
+        let mqes = (cap & CAP_MQES_MASK) as u32;
+        let to_units = (cap >> CAP_TO_SHIFT) & 0xff;
+        let dstrd = ((cap >> CAP_DSTRD_SHIFT) & 0xf) as u32;
+        let css = (cap >> CAP_CSS_SHIFT) & 0xff;
+        let mpsmin = ((cap >> CAP_MPSMIN_SHIFT) & 0xf) as u32;
+        let mpsmax = ((cap >> CAP_MPSMAX_SHIFT) & 0xf) as u32;
         Self {
             max_queue_entries: mqes + 1,
             doorbell_stride: 4u64 << dstrd,
@@ -46,7 +46,7 @@ impl Capabilities {
             ready_timeout: Duration::from_millis(500 * to_units.max(1)),
             min_page_bytes: 1u64 << (12 + mpsmin),
             max_page_bytes: 1u64 << (12 + mpsmax),
-            nvm_command_set: css & 1 == 1,
+            nvm_command_set: css & CAP_CSS_NVM == CAP_CSS_NVM,
             cmb_space: cap & CAP_CMBS != 0,
         }
     }
@@ -74,7 +74,8 @@ pub fn cc_config() -> u32 {
 
 /// AQA for admin queues of `sq_entries` and `cq_entries` (counts, at least 2).
 pub fn aqa(sq_entries: u32, cq_entries: u32) -> u32 {
-    ((cq_entries.saturating_sub(1) & 0xfff) << 16) | (sq_entries.saturating_sub(1) & 0xfff)
+    ((cq_entries.saturating_sub(1) & AQA_ASQS_MASK) << AQA_ACQS_SHIFT)
+        | (sq_entries.saturating_sub(1) & AQA_ASQS_MASK)
 }
 
 /// PCI-level values the driver chooses or checks that are not config space registers (every
