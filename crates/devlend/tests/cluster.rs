@@ -141,34 +141,19 @@ fn borrow_by_name_across_hosts_with_links_made_on_demand() {
         "{e}"
     );
     // Malformed and unreachable registries.
-    let out = Command::new(exe())
-        .args([
-            "node",
-            "--name",
-            "delta",
-            "--registry",
-            "http://127.0.0.1:1",
-            "--state",
-        ])
-        .arg(dir.join("delta"))
-        .output()
-        .unwrap();
-    assert!(err(&out).contains("must start with etcd://"));
-    let out = Command::new(exe())
-        .args([
-            "node",
-            "--name",
-            "delta",
-            "--registry",
-            "etcd://127.0.0.1:1",
-            "--cluster-addr",
-            "127.0.0.1",
-            "--state",
-        ])
-        .arg(dir.join("delta"))
-        .output()
-        .unwrap();
-    let e = err(&out);
+    let delta = |registry_args: &[&str]| {
+        let out = Command::new(exe())
+            .args(["node", "--name", "delta", "--registry"])
+            .args(registry_args)
+            .arg("--state")
+            .arg(dir.join("delta"))
+            .output()
+            .unwrap();
+        err(&out)
+    };
+    let e = delta(&["http://127.0.0.1:1"]);
+    assert!(e.contains("must start with etcd://"), "{e}");
+    let e = delta(&["etcd://127.0.0.1:1", "--cluster-addr", "127.0.0.1"]);
     assert!(e.contains("etcd unreachable at etcd://127.0.0.1:1"), "{e}");
 
     // Every host sees the cluster's device, its lender, no borrower.

@@ -502,8 +502,7 @@ mod tests {
     use super::*;
     use devlend_fabric::{AddressSpace, LinkConfig};
     use devlend_pci::local::LocalFunction;
-    use devlend_pci::test_device::TestDevice;
-    use std::sync::Mutex;
+    use devlend_pci::test_device::{DirectStandIn, TestDevice};
 
     #[test]
     fn a_metered_link_counts_window_traffic_doorbells_and_read_round_trips() {
@@ -561,75 +560,28 @@ mod tests {
         assert_eq!(fn_m.errors.get(), 1);
     }
 
-    /// A device whose DMA bypasses its port (as a VFIO device's does), recording its mappings.
-    struct DirectDma {
-        inner: TestDevice,
-        maps: Mutex<Vec<(BusAddr, u64, bool)>>,
-    }
-
-    impl PciDevice for DirectDma {
-        fn config_read(&self, offset: u16, size: AccessSize) -> u32 {
-            self.inner.config_read(offset, size)
-        }
-        fn config_write(&self, offset: u16, size: AccessSize, value: u32) {
-            self.inner.config_write(offset, size, value)
-        }
-        fn bar_spec(&self, bar: BarIndex) -> Option<BarSpec> {
-            self.inner.bar_spec(bar)
-        }
-        fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) {
-            self.inner.bar_read(bar, offset, data)
-        }
-        fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) {
-            self.inner.bar_write(bar, offset, data)
-        }
-        fn reset(&self) {
-            self.inner.reset()
-        }
-        fn msix_vectors(&self) -> u16 {
-            self.inner.msix_vectors()
-        }
-        fn kind(&self) -> &'static str {
-            "direct"
-        }
-        fn needs_direct_dma(&self) -> bool {
-            true
-        }
-        fn dma_map(&self, iova: BusAddr, mem: &MemSpan, writable: bool) -> Result<(), DmaError> {
-            self.maps.lock().unwrap().push((iova, mem.len(), writable));
-            Ok(())
-        }
-        fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), DmaError> {
-            let _ = len;
-            self.maps.lock().unwrap().retain(|m| m.0 != iova);
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_metered_device_passes_direct_dma_mappings_to_the_device() {
-        let dev = Arc::new(Mutex::new(None::<Arc<DirectDma>>));
-        let slot = dev.clone();
+        let dev = Arc::new(DirectStandIn::default());
+        let d = dev.clone();
         let m = Arc::new(DeviceMetrics::default());
         let local = LocalFunction::new(1 << 20, move |dma, irq| {
-            MeteredDevice::build(dma, irq, m, |dma, irq| {
-                let d = Arc::new(DirectDma {
-                    inner: TestDevice::new(dma, irq).map_err(|e| e.to_string())?,
-                    maps: Mutex::new(Vec::new()),
-                });
-                *slot.lock().unwrap() = Some(d.clone());
-                Ok(d as Arc<dyn PciDevice>)
-            })
-        });
-        let _local = local.unwrap();
-        let d = dev.lock().unwrap().clone().unwrap();
-        assert!(MeteredDevice::wrap(d.clone(), Arc::default()).needs_direct_dma());
+            MeteredDevice::build(dma, irq, m, |_, _| Ok(d as Arc<dyn PciDevice>))
+        })
+        .unwrap();
+        assert!(local.device().needs_direct_dma());
         // The binding maps its DMA pool into the device through the wrapper.
-        let maps = d.maps.lock().unwrap().clone();
+        let maps = dev.maps.lock().unwrap().clone();
         assert_eq!(
             maps.len(),
             1,
             "the binding's DMA pool reached the device: {maps:?}"
+        );
+        let (iova, len, _) = maps[0];
+        local.device().dma_unmap(iova, len).unwrap();
+        assert!(
+            dev.maps.lock().unwrap().is_empty(),
+            "the unmap reached it too"
         );
     }
 }

@@ -366,3 +366,63 @@ impl PciDevice for TestDevice {
         "test-device"
     }
 }
+
+/// A device without registers that a binding takes for real hardware: it claims direct DMA
+/// ([`PciDevice::needs_direct_dma`]), records the mappings the binding tells it of, and keeps
+/// the eventfds of [`PciDevice::set_interrupt_fds`], which [`DirectStandIn::fire`] signals as
+/// a device's interrupt hardware would. Config reads return all-ones; it has no BARs.
+#[derive(Debug, Default)]
+pub struct DirectStandIn {
+    /// `(iova, len, writable)` of every mapping in force.
+    pub maps: Mutex<Vec<(BusAddr, u64, bool)>>,
+    /// The eventfds it signals, while it has them.
+    pub fds: Mutex<Option<Vec<Arc<vmm_sys_util::eventfd::EventFd>>>>,
+}
+
+impl DirectStandIn {
+    /// The hardware raises `vector` on its eventfd (panics without one: a test's mistake).
+    pub fn fire(&self, vector: usize) {
+        let fds = devlend_sync::lock(&self.fds);
+        let fd = fds
+            .as_ref()
+            .and_then(|f| f.get(vector))
+            .expect("an eventfd");
+        fd.write(1).expect("eventfd write");
+    }
+}
+
+impl PciDevice for DirectStandIn {
+    fn config_read(&self, _: u16, _: AccessSize) -> u32 {
+        u32::MAX
+    }
+    fn config_write(&self, _: u16, _: AccessSize, _: u32) {}
+    fn bar_spec(&self, _: BarIndex) -> Option<BarSpec> {
+        None
+    }
+    fn bar_read(&self, _: BarIndex, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&self, _: BarIndex, _: u64, _: &[u8]) {}
+    fn reset(&self) {}
+    fn msix_vectors(&self) -> u16 {
+        2
+    }
+    fn kind(&self) -> &'static str {
+        "direct-stand-in"
+    }
+    fn needs_direct_dma(&self) -> bool {
+        true
+    }
+    fn set_interrupt_fds(&self, fds: Option<&[Arc<vmm_sys_util::eventfd::EventFd>]>) -> bool {
+        *devlend_sync::lock(&self.fds) = fds.map(<[_]>::to_vec);
+        true
+    }
+    fn dma_map(&self, iova: BusAddr, mem: &crate::MemSpan, writable: bool) -> Result<(), DmaError> {
+        devlend_sync::lock(&self.maps).push((iova, mem.len(), writable));
+        Ok(())
+    }
+    fn dma_unmap(&self, iova: BusAddr, len: u64) -> Result<(), DmaError> {
+        devlend_sync::lock(&self.maps).retain(|m| m.0 .0 < iova.0 || m.0 .0 - iova.0 >= len);
+        Ok(())
+    }
+}

@@ -351,6 +351,14 @@ mod tests {
     use crate::session::pending::MAX_OUTSTANDING;
     use crate::session::testing::plain_session;
 
+    /// Whether handling `frame` ends the connection as a protocol error.
+    fn protocol_error(session: &Connection, frame: Frame<'_>) -> bool {
+        matches!(
+            handle(session, frame, &mut Vec::new(), &mut 0),
+            Err(EndError::Protocol(_))
+        )
+    }
+
     fn encode(frames: &[Frame<'_>]) -> Vec<u8> {
         let mut out = Vec::new();
         for f in frames {
@@ -524,13 +532,10 @@ mod tests {
         for _ in 0..MAX_OUTSTANDING - 3 {
             take_credit(&session).unwrap();
         }
-        let over = handle(
+        assert!(protocol_error(
             &session,
-            Frame::SpadRead { tag: 1, index: 0 },
-            &mut Vec::new(),
-            &mut 0,
-        );
-        assert!(matches!(over, Err(EndError::Protocol(_))));
+            Frame::SpadRead { tag: 1, index: 0 }
+        ));
     }
 
     #[test]
@@ -593,15 +598,11 @@ mod tests {
             }],
         );
         assert_eq!(lock(&session.peer).window_sizes, [4096, 65536]);
-        let bad = handle(
+        assert!(protocol_error(
             &session,
-            Frame::Trans { window: 2, size: 1 },
-            &mut Vec::new(),
-            &mut 0,
-        );
-        assert!(matches!(bad, Err(EndError::Protocol(_))));
-        let again = handle(&session, Frame::Hello(hello), &mut Vec::new(), &mut 0);
-        assert!(matches!(again, Err(EndError::Protocol(_))));
+            Frame::Trans { window: 2, size: 1 }
+        ));
+        assert!(protocol_error(&session, Frame::Hello(hello)));
     }
 
     #[test]
@@ -642,28 +643,20 @@ mod tests {
             got.extend_from_slice(b);
             Ok(())
         };
-        assert!(session
-            .chan
-            .recv(&session.sock, &mut net, &mut None, &mut sink)
-            .unwrap()
-            .is_none());
+        let mut recv = || {
+            session
+                .chan
+                .recv(&session.sock, &mut net, &mut None, &mut sink)
+                .unwrap()
+        };
+        assert!(recv().is_none());
         peer.write_all(b"hello").unwrap();
         // Blocks until the bytes are there; then they are handed over whole.
         assert!(readable(&session.sock));
-        let r = session
-            .chan
-            .recv(&session.sock, &mut net, &mut None, &mut sink)
-            .unwrap()
-            .unwrap();
-        assert!(!r.eof);
+        assert!(!recv().unwrap().eof);
         drop(peer);
         assert!(readable(&session.sock));
-        let r = session
-            .chan
-            .recv(&session.sock, &mut net, &mut None, &mut sink)
-            .unwrap()
-            .unwrap();
-        assert!(r.eof);
+        assert!(recv().unwrap().eof);
         assert_eq!(got, b"hello");
     }
 }

@@ -432,49 +432,9 @@ fn dma_memory_exhaustion() {
     assert!(matches!(r, Err(BindError::Device("nope"))));
 }
 
-/// A device that signals its vectors on the eventfds it is given (as a VFIO device does), and
-/// records what it was given.
-#[derive(Default)]
-struct SignalsFds {
-    fds: std::sync::Mutex<Option<Vec<Arc<EventFd>>>>,
-}
-
-impl SignalsFds {
-    /// The device's hardware raises `vector`.
-    fn fire(&self, vector: usize) {
-        let fds = self.fds.lock().unwrap();
-        fds.as_ref().expect("direct fds")[vector].write(1).unwrap();
-    }
-}
-
-impl PciDevice for SignalsFds {
-    fn config_read(&self, _: u16, _: AccessSize) -> u32 {
-        u32::MAX
-    }
-    fn config_write(&self, _: u16, _: AccessSize, _: u32) {}
-    fn bar_spec(&self, _: BarIndex) -> Option<BarSpec> {
-        None
-    }
-    fn bar_read(&self, _: BarIndex, _: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn bar_write(&self, _: BarIndex, _: u64, _: &[u8]) {}
-    fn reset(&self) {}
-    fn msix_vectors(&self) -> u16 {
-        2
-    }
-    fn kind(&self) -> &'static str {
-        "signals-fds"
-    }
-    fn set_interrupt_fds(&self, fds: Option<&[Arc<EventFd>]>) -> bool {
-        *self.fds.lock().unwrap() = fds.map(<[_]>::to_vec);
-        true
-    }
-}
-
 #[test]
 fn a_device_that_signals_eventfds_is_waited_for_directly_until_a_vector_is_redirected() {
-    let dev = Arc::new(SignalsFds::default());
+    let dev = Arc::new(test_device::DirectStandIn::default());
     let d = dev.clone();
     let f = LocalFunction::new(DMA_PAGE_SIZE, move |_, _| {
         Ok::<_, FunctionError>(d as Arc<dyn PciDevice>)
