@@ -22,7 +22,8 @@
 //! - [`sriov`]: [`PresentedVf`], a virtual function presented as a function of its own (the
 //!   SR-IOV capability itself is part of [`ConfigSpace`]).
 //! - [`local`]: [`LocalFunction`], the in-process binding (the performance baseline).
-//! - [`test_device`]: a small device with a DMA engine and MSI-X, for tests of the layers above.
+//! - `test_device` (feature `test-device`, for the tests of the crates above only): a small device
+//!   with a DMA engine and MSI-X, and a register-less stand-in for real hardware.
 //!
 //! A `cargo fuzz` target in `fuzz/` drives the test device with arbitrary accesses.
 #![warn(missing_docs)]
@@ -36,6 +37,7 @@ pub mod local;
 pub mod lspci;
 pub mod msix;
 pub mod sriov;
+#[cfg(any(test, feature = "test-device"))]
 pub mod test_device;
 
 pub use config::{ConfigEffect, ConfigSpace, ConfigSpaceBuilder, SriovCap, SriovState};
