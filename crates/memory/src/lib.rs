@@ -15,4 +15,5 @@ mod shared;
 pub use addr::{BusAddr, ByteRange, RangeError};
 pub use shared::{
     check_mappable, file_info, futex_wait, futex_wake, FileInfo, MemError, MemSpan, SharedMemory,
+    SleepWord, Slept,
 };

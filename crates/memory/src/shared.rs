@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rustix::thread::futex::Flags as FutexFlags;
@@ -481,6 +481,72 @@ pub fn futex_wake(word: &AtomicU32, count: u32) {
     let _ = rustix::thread::futex::wake(word, FutexFlags::empty(), count.min(i32::MAX as u32));
 }
 
+/// The sleep protocol of one sleeper on a 32-bit word that wakers in any process can reach
+/// (a device model's worker and the writers of its doorbells): the word is 1 while the
+/// sleeper sleeps or is about to, 0 otherwise.
+///
+/// The sleeper [`announce`](SleepWord::announce)s, re-checks its condition, then
+/// [`sleep`](SleepWord::sleep)s and [`end`](SleepWord::end)s. A waker makes the condition
+/// true, then calls [`wake`](SleepWord::wake), which sets the word back to 0 *before* its
+/// futex wake: a wake that comes after the sleeper's re-check but before its futex wait makes
+/// that wait return at once, because the kernel compares the word with 1. (Leaving the word at
+/// 1 would lose such a wake, and the sleeper would sleep until its timeout.) Announce and
+/// wake are `SeqCst`, so either the re-check sees the condition or the waker sees the 1.
+///
+/// A peer that writes the word can only cause spurious wake-ups or a sleep until the timeout.
+#[derive(Clone, Copy)]
+pub struct SleepWord<'a>(&'a AtomicU32);
+
+/// How [`SleepWord::sleep`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slept {
+    /// A waker cleared the word (before or during the wait).
+    Woken,
+    /// The word was still 1: the timeout passed (or a signal or a spurious wake-up came).
+    TimedOut,
+}
+
+impl<'a> SleepWord<'a> {
+    /// The protocol on `word`.
+    pub fn new(word: &'a AtomicU32) -> Self {
+        Self(word)
+    }
+
+    /// The sleeper: about to sleep (then re-check the condition before [`SleepWord::sleep`]).
+    pub fn announce(&self) {
+        self.0.store(1, Ordering::SeqCst);
+    }
+
+    /// The sleeper: sleeps while the word is 1, at most `timeout`.
+    pub fn sleep(&self, timeout: Option<std::time::Duration>) -> Slept {
+        futex_wait(self.0, 1, timeout);
+        if self.0.load(Ordering::SeqCst) == 0 {
+            Slept::Woken
+        } else {
+            Slept::TimedOut
+        }
+    }
+
+    /// The sleeper: awake again (after [`SleepWord::sleep`], or instead of it when the
+    /// re-check found work).
+    pub fn end(&self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+
+    /// A waker, after making the condition true: wakes the sleeper if it sleeps or is about
+    /// to. Returns whether it did (a futex wake was made). The busy case (no sleeper) is one
+    /// load and writes nothing.
+    pub fn wake(&self) -> bool {
+        fence(Ordering::SeqCst);
+        if self.0.load(Ordering::SeqCst) != 0 && self.0.swap(0, Ordering::SeqCst) != 0 {
+            futex_wake(self.0, 1);
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// A bounds-checked view of part of a [`SharedMemory`]: what an IOMMU lookup or a direct
 /// window mapping resolves to. Offsets are relative to the span's start.
 #[derive(Clone, Debug)]
@@ -704,6 +770,48 @@ mod tests {
         // A value that differs returns at once; misaligned words are errors.
         a.futex_wait(64, 7, None).unwrap();
         assert!(a.futex_wake(66, 1).is_err());
+    }
+
+    /// The interleaving that lost wake-ups before the waker cleared the word: the sleeper has
+    /// announced and re-checked (nothing to do), the waker makes the condition true and wakes
+    /// (nobody is in the futex yet), and only then does the sleeper call its futex wait. The
+    /// wait must not sleep. Deterministic: with a waker that left the word at 1 the sleep
+    /// below would end only by its timeout and report `TimedOut`, every time.
+    #[test]
+    fn a_wake_before_the_futex_wait_is_not_lost() {
+        let mem = Arc::new(SharedMemory::new("t", 4096).unwrap());
+        let other = SharedMemory::map(mem.fd().try_clone_to_owned().unwrap(), 0, 4096).unwrap();
+        let sleeper = SleepWord::new(mem.atomic_u32(0xffc).unwrap());
+        let waker = SleepWord::new(other.atomic_u32(0xffc).unwrap());
+        sleeper.announce();
+        // (The sleeper's re-check of its condition found nothing here.)
+        other.store_u32(0, 1).unwrap(); // the condition, in the other mapping
+        assert!(waker.wake(), "the waker saw the announced sleeper");
+        assert_eq!(mem.load_u32(0xffc).unwrap(), 0, "the wake cleared the word");
+        assert_eq!(
+            sleeper.sleep(Some(std::time::Duration::from_secs(2))),
+            Slept::Woken
+        );
+        sleeper.end();
+        // No sleeper: a wake writes nothing and makes no system call.
+        assert!(!waker.wake());
+        assert_eq!(mem.load_u32(0xffc).unwrap(), 0);
+        // A sleeper in its futex wait is woken by a waker in another mapping.
+        sleeper.announce();
+        let t = {
+            let mem = mem.clone();
+            std::thread::spawn(move || {
+                let s = SleepWord::new(mem.atomic_u32(0xffc).unwrap());
+                // Spurious wake-ups (a signal) report TimedOut; sleep until cleared.
+                while s.sleep(Some(std::time::Duration::from_secs(60))) != Slept::Woken {}
+                s.end();
+            })
+        };
+        // Wait until the sleeper is in (or about to be in) its wait, then wake it.
+        while !waker.wake() {
+            std::thread::yield_now();
+        }
+        t.join().unwrap();
     }
 
     /// A memfd as another process might hand one over: unsealed.

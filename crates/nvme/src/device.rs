@@ -9,10 +9,13 @@
 //!   ([`PciDevice::bar_memory`]) does the same from its own process.
 //! - The worker thread (`nvme-worker`) owns command processing. It polls the doorbells
 //!   (the page, or the shadow doorbell buffer) for up to [`NvmeConfig::poll_spin`] after its
-//!   last command, yielding between passes, then sets the sleep word, publishes event
-//!   indexes, re-checks, and waits on the word (at most [`NvmeConfig::idle_recheck`]). The
-//!   sleep-word store and the doorbell store are both `SeqCst`, so a doorbell written while it
-//!   goes to sleep is either seen by the re-check or wakes it.
+//!   last command, yielding between passes, then sets the sleep word to 1, publishes event
+//!   indexes, re-checks, and waits on the word while it is 1 (at most
+//!   [`NvmeConfig::idle_recheck`]). The sleep-word store and the doorbell store are both
+//!   `SeqCst`, so a doorbell written while it goes to sleep is either seen by the re-check or
+//!   wakes it: a waker sets the word back to 0 before its futex wake, so a wake that comes
+//!   between the re-check and the wait makes the wait return at once (the kernel compares the
+//!   word) instead of being lost until `idle_recheck`.
 //! - With [`NvmeConfig::io_workers`] above 1, that many pool threads (`nvme-io`) run the NVM
 //!   Read and Write commands the worker hands them when DMA is a message (see
 //!   [`crate::inflight`]); each takes `core` only to post its completion, signals the vectors
@@ -23,12 +26,12 @@
 //!   The worker takes only `core`, once per pass, and signals the MSI-X vectors of that pass
 //!   after releasing it (an interrupt sink may block or cross the fabric).
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use devlend_memory::{BusAddr, MemSpan};
+use devlend_memory::{BusAddr, MemSpan, SleepWord};
 use devlend_pci::config::{sriov, BarRegion, Identity, MsixLayout, PciExpressCap, SriovCap};
 use devlend_pci::{
     AccessSize, BarIndex, BarSpec, ConfigEffect, ConfigSpace, ConfigSpaceBuilder, DmaAccess,
@@ -452,7 +455,7 @@ impl NvmeDevice {
     /// also done on drop.
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Ordering::SeqCst);
-        let _ = self.inner.doorbells.page().futex_wake(WAKE_WORD, 1);
+        self.inner.wake();
         if let Some(j) = lock(&self.join).take() {
             if j.join().is_err() {
                 tracing::warn!("nvme: the worker thread panicked");
@@ -501,7 +504,10 @@ impl Inner {
                 std::thread::yield_now();
                 continue;
             }
-            self.set_sleeping(1);
+            let word = self.sleep_word();
+            if let Some(w) = word {
+                w.announce();
+            }
             self.counters.sleeps.fetch_add(1, Ordering::Relaxed);
             let (pending, deadline) = {
                 let mut core = lock(&self.core);
@@ -518,12 +524,13 @@ impl Inner {
                         d.saturating_duration_since(Instant::now())
                     })
                     .min(self.idle_recheck);
-                let _ = self
-                    .doorbells
-                    .page()
-                    .futex_wait(WAKE_WORD, 1, Some(timeout));
+                if let Some(w) = word {
+                    w.sleep(Some(timeout));
+                }
             }
-            self.set_sleeping(0);
+            if let Some(w) = word {
+                w.end();
+            }
             last_work = Instant::now();
         }
     }
@@ -575,23 +582,17 @@ impl Inner {
 
     /// The sleep word lives in the doorbell page so that a front-end that stores doorbells
     /// straight into the page (a lender's NTB window, a vfio-user mapping) can wake the
-    /// worker with a futex wake from any process.
-    fn set_sleeping(&self, v: u32) {
-        if let Some(w) = self.doorbells.wake_word() {
-            w.store(v, Ordering::SeqCst);
-        }
+    /// worker with a futex wake from any process ([`SleepWord`]).
+    fn sleep_word(&self) -> Option<SleepWord<'_>> {
+        self.doorbells.wake_word().map(SleepWord::new)
     }
 
     /// After a doorbell store: a futex wake only when the worker sleeps (the common, busy
-    /// case costs one atomic load).
+    /// case costs one atomic load). The word goes back to 0 before the wake, so a worker that
+    /// has re-checked but not yet called its futex wait does not sleep (see the module docs).
     fn wake(&self) {
-        let asleep = self
-            .doorbells
-            .wake_word()
-            .is_some_and(|w| w.load(Ordering::SeqCst) != 0);
-        if asleep {
+        if self.sleep_word().is_some_and(|w| w.wake()) {
             self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
-            let _ = self.doorbells.page().futex_wake(WAKE_WORD, 1);
         }
     }
 
@@ -673,7 +674,6 @@ impl Inner {
                 .doorbell_writes
                 .fetch_add(1, Ordering::Relaxed);
             slot.store(v & 0xffff, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
             self.wake();
         }
     }

@@ -261,7 +261,9 @@ pub trait InterruptSink: Send + Sync {
 ///
 /// - memory a device model polls (doorbell-style registers, as SPDK's vfio-user NVMe target
 ///   keeps them): after a store the writer wakes the device if it sleeps: when the 32-bit word
-///   at `wake_word` (an offset in `mem`) is non-zero, `futex_wake` it;
+///   at `wake_word` (an offset in `mem`) is non-zero, set it to zero and `futex_wake` it (the
+///   device sleeps while the word is 1, so a wake that came before its futex wait is not
+///   lost);
 /// - a real device's registers (`wake_word` `None`, `mem` [`SharedMemory::is_device`]): a BAR
 ///   mapped through VFIO, where the device itself sees every load and store.
 #[derive(Clone, Debug)]
@@ -284,17 +286,10 @@ impl MemoryArea {
             // Registers: the device saw the store.
             return Ok(());
         };
-        // Store the doorbell, then look at the sleep word; the device stores its sleep word,
-        // then looks at the doorbells. The fences make at least one side see the other.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        if self
-            .mem
-            .atomic_u32_at(wake_word)?
-            .load(std::sync::atomic::Ordering::SeqCst)
-            != 0
-        {
-            self.mem.futex_wake(wake_word, 1)?;
-        }
+        // Store the doorbell, then wake the device if it sleeps or is about to (the sleep
+        // protocol of `devlend_memory::SleepWord`: the word is cleared before the wake, so a
+        // wake between the device's re-check and its futex wait is not lost).
+        devlend_memory::SleepWord::new(self.mem.atomic_u32_at(wake_word)?).wake();
         Ok(())
     }
 

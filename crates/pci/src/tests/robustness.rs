@@ -261,3 +261,33 @@ fn memory_area_stores_land_at_any_alignment() {
     assert_eq!(back, [1, 2, 3, 4]);
     assert!(area.write_and_wake(4093, &[0; 4]).is_err());
 }
+
+/// A store into a memory area whose device has announced that it sleeps clears the sleep word
+/// before the futex wake (`devlend_memory::SleepWord`): a device between its re-check and its
+/// futex wait then does not sleep. A store while the device is awake leaves the word alone.
+#[test]
+fn memory_area_store_clears_an_announced_sleep() {
+    use std::sync::Arc;
+    let mem = Arc::new(devlend_memory::SharedMemory::new("area", 4096).unwrap());
+    let area = crate::MemoryArea {
+        offset: 0,
+        mem: devlend_memory::MemSpan::whole(mem.clone()),
+        wake_word: Some(0xffc),
+    };
+    let device = devlend_memory::SleepWord::new(mem.atomic_u32_at(0xffc).unwrap());
+    device.announce();
+    area.write_and_wake(0x8, &1u32.to_le_bytes()).unwrap();
+    assert_eq!(
+        mem.load_u32(0xffc).unwrap(),
+        0,
+        "the sleep word was cleared"
+    );
+    assert_eq!(
+        device.sleep(Some(std::time::Duration::from_secs(2))),
+        devlend_memory::Slept::Woken
+    );
+    device.end();
+    area.write_and_wake(0x8, &2u32.to_le_bytes()).unwrap();
+    assert_eq!(mem.load_u32(0xffc).unwrap(), 0);
+    assert_eq!(mem.load_u32(0x8).unwrap(), 2);
+}
