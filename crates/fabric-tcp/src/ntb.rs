@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::frame::{self, Frame, Hello, Status};
 use crate::session::{self, Connection, Flush, Inbound, Mode, Reply};
 use crate::{Credentials, TcpConfig, TcpError};
-use devlend_sync::lock;
+use devlend_sync::{lock, posted};
 
 /// Largest single MMIO access handed to an [`devlend_fabric::MmioHandler`]; longer accesses
 /// are split into consecutive pieces of this size.
@@ -774,6 +774,13 @@ impl PeerWindows for TcpNtb {
 
     fn peer_mw_write(&self, window: usize, offset: WindowOffset, data: &[u8]) -> Result<()> {
         let s = self.checked_peer(window, offset.0, data.len())?;
+        if data.len() <= HELD_WRITE_MAX && posted::held() {
+            // Inside a posted-write batch: queued behind what is queued, sent with the rest
+            // of the batch when it ends (or sooner, by whoever flushes first).
+            s.queue_posted(window as u16, offset.0, data)?;
+            defer_flush(&s);
+            return Ok(());
+        }
         s.write_posted(window as u16, offset.0, data)
     }
 
@@ -864,7 +871,33 @@ impl Doorbells for TcpNtb {
         s.out
             .push_request(|b| Frame::DbSet { bits }.encode(b))
             .map_err(|_| FabricError::LinkDown)?;
+        if posted::held() {
+            // A doorbell is a posted write too (an MSI-X message after the completion it
+            // announces): it leaves with its batch.
+            defer_flush(&s);
+            return Ok(());
+        }
         s.flush(Flush::Caller).map_err(|_| FabricError::LinkDown)
+    }
+}
+
+/// Posted writes up to this size are held back inside a batch ([`posted`]); larger ones are
+/// sent at once (they fill records and segments by themselves).
+const HELD_WRITE_MAX: usize = 16 * 1024;
+
+/// Flushes `s` when this thread's posted-write batch ends (once per connection and batch).
+fn defer_flush(s: &Arc<Connection>) {
+    let c = Arc::clone(s);
+    let key = Arc::as_ptr(s) as usize;
+    let deferred = posted::defer(key, move || {
+        // A send that fails takes the link down on the writer thread as well; a posted
+        // write has no one to report to.
+        if let Err(e) = c.flush(Flush::Caller) {
+            tracing::debug!(error = %e, "fabric send of a posted-write batch failed");
+        }
+    });
+    if !deferred {
+        let _ = s.flush(Flush::Caller);
     }
 }
 

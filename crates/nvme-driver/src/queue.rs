@@ -351,7 +351,14 @@ impl QueuePair {
                 capacity: self.capacity(),
             });
         };
-        match self.place(hw, &mut cmd, cid, data) {
+        // The command's stores (its data and entry when they go into the CMB, then the
+        // doorbell) are one batch of posted writes: a fabric with a fixed cost per message
+        // sends them together (see `devlend_sync::posted`).
+        let placed = {
+            let _posted = devlend_sync::posted::Batch::begin();
+            self.place(hw, &mut cmd, cid, data)
+        };
+        match placed {
             Ok((prp_pages, cmb_data)) => {
                 if let Some(slot) = self.slots.get_mut(usize::from(cid)) {
                     *slot = Slot {

@@ -50,7 +50,7 @@ use crate::regs::{
     REG_INTMC, REG_INTMS, REG_VS, VERSION_1_4,
 };
 use crate::virt::{Role, Virtualization};
-use devlend_sync::lock;
+use devlend_sync::{lock, posted};
 
 /// PCI Vendor ID this model reports.
 pub const PCI_VENDOR_ID: u16 = 0x1dec;
@@ -485,14 +485,21 @@ impl Inner {
         let mut vectors = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
             let worked = {
-                let mut core = lock(&self.core);
-                let worked = core.poll();
-                core.take_interrupts(&mut vectors);
+                // One pass is one batch of posted writes (data, completions, then the MSI-X
+                // messages announcing them): a fabric with a fixed cost per message sends them
+                // together when the pass ends (see `devlend_sync::posted`).
+                let _posted = posted::Batch::begin();
+                let worked = {
+                    let mut core = lock(&self.core);
+                    let worked = core.poll();
+                    core.take_interrupts(&mut vectors);
+                    worked
+                };
+                for &v in &vectors {
+                    self.irq.signal(v);
+                }
                 worked
             };
-            for &v in &vectors {
-                self.irq.signal(v);
-            }
             if worked {
                 self.counters.busy_passes.fetch_add(1, Ordering::Relaxed);
                 last_work = Instant::now();
@@ -543,6 +550,7 @@ impl Inner {
         let mut scratch = Scratch::default();
         let mut vectors = Vec::new();
         while let Some(job) = dispatch.next() {
+            let _posted = posted::Batch::begin();
             let done = job.run(&mut scratch);
             let wake_worker = {
                 let mut core = lock(&self.core);

@@ -10,7 +10,10 @@
 //!   the thread being waited for may be queued behind the waiter, and a pure spin would burn
 //!   exactly the time it needs (measured: round trips of ~3x the spin budget instead of ~1 us
 //!   on a loaded 2-core VM).
+//! * [`posted`]: a thread's batch of posted writes, which a fabric may send together.
 #![warn(missing_docs)]
+
+pub mod posted;
 
 use std::sync::{
     Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError,

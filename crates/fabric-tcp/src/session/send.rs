@@ -167,6 +167,33 @@ impl Connection {
         Ok(())
     }
 
+    /// Queues a posted write of `data` at `offset` of the peer's `window` behind what is
+    /// queued, without sending it: the caller flushes later (the end of a posted-write
+    /// batch). Sealed (TLS) or sent with the other queued frames, so small writes share
+    /// records and system calls.
+    pub(crate) fn queue_posted(
+        &self,
+        window: u16,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), FabricError> {
+        let mut at = offset;
+        for piece in data.chunks(frame::MAX_DATA) {
+            self.out
+                .push_request(|b| {
+                    Frame::Write {
+                        window,
+                        offset: at,
+                        data: piece,
+                    }
+                    .encode(b)
+                })
+                .map_err(|_| FabricError::LinkDown)?;
+            at += piece.len() as u64;
+        }
+        Ok(())
+    }
+
     /// Moves queued frames to the socket, as `how` allows. Frames that stay queued are sent
     /// by the writer thread, which this wakes.
     pub(crate) fn flush(&self, how: Flush) -> Result<(), EndError> {
@@ -449,6 +476,33 @@ mod tests {
             .unwrap();
         session.write_posted(3, 1000, &data).unwrap();
         assert!(reader.join().unwrap());
+    }
+
+    /// What a posted-write batch relies on: queued posted writes stay in the sender until a
+    /// flush, then leave in order after what was queued before them, in one write.
+    #[test]
+    fn queued_posted_writes_wait_for_a_flush_and_keep_their_order() {
+        let (session, peer) = plain_session();
+        session
+            .out
+            .push_now(|b| Frame::DbSet { bits: 1 }.encode(b))
+            .unwrap();
+        session.queue_posted(3, 0, &[7u8; 64]).unwrap();
+        session.queue_posted(3, 64, &[8u8; 16]).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            (&peer).read(&mut byte).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "nothing was sent before the flush"
+        );
+        peer.set_nonblocking(false).unwrap();
+        session.flush(Flush::Caller).unwrap();
+        let mut want = Vec::new();
+        Frame::DbSet { bits: 1 }.encode(&mut want);
+        want.extend(writes(0, &[7u8; 64], frame::MAX_DATA));
+        want.extend(writes(64, &[8u8; 16], frame::MAX_DATA));
+        assert_eq!(read_exact(&peer, want.len()), want);
     }
 
     #[test]
