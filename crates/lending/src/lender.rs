@@ -103,7 +103,8 @@ impl MmioHandler for BarHandler {
                 return a.write_and_wake(at, data).is_ok();
             }
         }
-        false
+        // Device memory the device applies without blocking (a CMB's entries and data).
+        self.device.bar_write_nonblocking(self.bar, offset, data)
     }
 }
 

@@ -852,6 +852,19 @@ impl PciDevice for NvmeDevice {
         }
     }
 
+    /// A write into the CMB is a store into its memory (no lock); other writes are not.
+    fn bar_write_nonblocking(&self, bar: BarIndex, offset: u64, data: &[u8]) -> bool {
+        match (&self.inner.cmb, bar.get()) {
+            (Some(cmb), CMB_BAR) => {
+                if self.inner.decodes() {
+                    cmb.bar_write(offset, data);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn reset(&self) {
         self.inner.reset();
     }

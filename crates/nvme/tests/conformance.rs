@@ -1683,6 +1683,32 @@ fn cmb_registers() {
     assert_eq!(cmb_read(&h, 0x100, 4), [0xff; 4]);
 }
 
+/// A write into the CMB may be applied by a thread that must not block (a lender's socket
+/// reader): `bar_write_nonblocking` takes it as `bar_write` would. Register writes it refuses,
+/// doing nothing, so they go the ordinary way.
+#[test]
+fn cmb_writes_are_nonblocking_and_register_writes_are_not() {
+    let h = with_cmb();
+    assert!(h.dev.bar_write_nonblocking(bar2(), 0x200, b"fast"));
+    assert_eq!(cmb_read(&h, 0x200, 4), b"fast");
+    // Past the buffer: taken (nothing blocks) and dropped, as bar_write drops it.
+    assert!(h.dev.bar_write_nonblocking(bar2(), CMB_BYTES, b"lost"));
+    let bar0 = BarIndex::new(0).unwrap();
+    let cc = h.read32(REG_CC);
+    assert!(!h
+        .dev
+        .bar_write_nonblocking(bar0, REG_CC, &1u32.to_le_bytes()));
+    assert_eq!(h.read32(REG_CC), cc, "a refused write changed nothing");
+    // Memory space off: taken and dropped.
+    h.dev.config_write(0x04, AccessSize::Word, 0x4);
+    assert!(h.dev.bar_write_nonblocking(bar2(), 0x200, b"gone"));
+    h.pci_enable();
+    assert_eq!(cmb_read(&h, 0x200, 4), b"fast");
+    // A device without a CMB takes none.
+    let plain = Harness::new();
+    assert!(!plain.dev.bar_write_nonblocking(bar2(), 0, b"none"));
+}
+
 /// An I/O submission queue, a PRP list and write data in the CMB (addresses the host port does
 /// not map at all, so every one of them was read from the buffer), the completion queue and the
 /// read buffer in host memory; then read data into the CMB.

@@ -315,6 +315,15 @@ pub trait PciDevice: Send + Sync {
     fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]);
     /// A write at `offset` in BAR `bar`.
     fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]);
+    /// [`PciDevice::bar_write`] when that write cannot block: a plain store into device
+    /// memory that takes no lock the device holds while it waits (a Controller Memory
+    /// Buffer's data). Applies it and returns `true`; returns `false`, having done nothing,
+    /// for every other write. A lender's socket reader applies such writes itself instead of
+    /// handing them to another thread. The default takes nothing.
+    fn bar_write_nonblocking(&self, bar: BarIndex, offset: u64, data: &[u8]) -> bool {
+        let _ = (bar, offset, data);
+        false
+    }
     /// Function-level reset: config space and device state to power-on values.
     fn reset(&self);
     /// Number of MSI-X vectors.
