@@ -567,40 +567,11 @@ mod tests {
         assert_eq!(fn_m.errors.get(), 1);
     }
 
-    /// A device that takes every write as nonblocking, and counts them.
-    #[derive(Default)]
-    struct TakesNonblocking(std::sync::atomic::AtomicU32);
-
-    impl PciDevice for TakesNonblocking {
-        fn config_read(&self, _: u16, _: AccessSize) -> u32 {
-            u32::MAX
-        }
-        fn config_write(&self, _: u16, _: AccessSize, _: u32) {}
-        fn bar_spec(&self, _: BarIndex) -> Option<BarSpec> {
-            None
-        }
-        fn bar_read(&self, _: BarIndex, _: u64, data: &mut [u8]) {
-            data.fill(0xff);
-        }
-        fn bar_write(&self, _: BarIndex, _: u64, _: &[u8]) {}
-        fn bar_write_nonblocking(&self, _: BarIndex, _: u64, _: &[u8]) -> bool {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            true
-        }
-        fn reset(&self) {}
-        fn msix_vectors(&self) -> u16 {
-            1
-        }
-        fn kind(&self) -> &'static str {
-            "takes-nonblocking"
-        }
-    }
-
     /// A metered device passes a nonblocking BAR write to the device (a lender's socket reader
     /// applies CMB writes through it) and counts it as an MMIO write.
     #[test]
     fn a_metered_device_passes_nonblocking_writes_to_the_device() {
-        let dev = Arc::new(TakesNonblocking::default());
+        let dev = Arc::new(DirectStandIn::default());
         let d = dev.clone();
         let m = Arc::new(DeviceMetrics::default());
         let mm = m.clone();
@@ -611,7 +582,11 @@ mod tests {
         assert!(local
             .device()
             .bar_write_nonblocking(BarIndex::ALL[2], 0, b"cmb!"));
-        assert_eq!(dev.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            dev.nonblocking_writes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
         assert_eq!(m.mmio_writes.get(), 1);
     }
 

@@ -370,11 +370,15 @@ impl PciDevice for TestDevice {
 /// A device without registers that a binding takes for real hardware: it claims direct DMA
 /// ([`PciDevice::needs_direct_dma`]), records the mappings the binding tells it of, and keeps
 /// the eventfds of [`PciDevice::set_interrupt_fds`], which [`DirectStandIn::fire`] signals as
-/// a device's interrupt hardware would. Config reads return all-ones; it has no BARs.
+/// a device's interrupt hardware would. Config reads return all-ones; it has no BARs, and it
+/// takes every [`PciDevice::bar_write_nonblocking`] (counting them), as stores into mapped
+/// device memory.
 #[derive(Debug, Default)]
 pub struct DirectStandIn {
     /// `(iova, len, writable)` of every mapping in force.
     pub maps: Mutex<Vec<(BusAddr, u64, bool)>>,
+    /// Writes taken by [`PciDevice::bar_write_nonblocking`].
+    pub nonblocking_writes: std::sync::atomic::AtomicU32,
     /// The eventfds it signals, while it has them.
     pub fds: Mutex<Option<Vec<Arc<vmm_sys_util::eventfd::EventFd>>>>,
 }
@@ -403,6 +407,11 @@ impl PciDevice for DirectStandIn {
         data.fill(0xff);
     }
     fn bar_write(&self, _: BarIndex, _: u64, _: &[u8]) {}
+    fn bar_write_nonblocking(&self, _: BarIndex, _: u64, _: &[u8]) -> bool {
+        self.nonblocking_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
     fn reset(&self) {}
     fn msix_vectors(&self) -> u16 {
         2

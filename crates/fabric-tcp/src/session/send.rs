@@ -114,20 +114,7 @@ impl Connection {
         }
         let down = |_| FabricError::LinkDown;
         let Some(mut st) = try_lock(&self.send) else {
-            let mut at = offset;
-            for piece in data.chunks(frame::MAX_DATA) {
-                self.out
-                    .push_request(|b| {
-                        Frame::Write {
-                            window,
-                            offset: at,
-                            data: piece,
-                        }
-                        .encode(b)
-                    })
-                    .map_err(down)?;
-                at += piece.len() as u64;
-            }
+            self.queue_posted(window, offset, data)?;
             self.out.notify_writer();
             return Ok(());
         };
