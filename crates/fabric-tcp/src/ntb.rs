@@ -774,12 +774,10 @@ impl PeerWindows for TcpNtb {
 
     fn peer_mw_write(&self, window: usize, offset: WindowOffset, data: &[u8]) -> Result<()> {
         let s = self.checked_peer(window, offset.0, data.len())?;
-        if data.len() <= HELD_WRITE_MAX && posted::held() {
+        if data.len() <= HELD_WRITE_MAX && defer_flush(&s) {
             // Inside a posted-write batch: queued behind what is queued, sent with the rest
             // of the batch when it ends (or sooner, by whoever flushes first).
-            s.queue_posted(window as u16, offset.0, data)?;
-            defer_flush(&s);
-            return Ok(());
+            return s.queue_posted(window as u16, offset.0, data);
         }
         s.write_posted(window as u16, offset.0, data)
     }
@@ -871,10 +869,9 @@ impl Doorbells for TcpNtb {
         s.out
             .push_request(|b| Frame::DbSet { bits }.encode(b))
             .map_err(|_| FabricError::LinkDown)?;
-        if posted::held() {
-            // A doorbell is a posted write too (an MSI-X message after the completion it
-            // announces): it leaves with its batch.
-            defer_flush(&s);
+        // A doorbell is a posted write too (an MSI-X message after the completion it
+        // announces): inside a batch it leaves with the batch.
+        if defer_flush(&s) {
             return Ok(());
         }
         s.flush(Flush::Caller).map_err(|_| FabricError::LinkDown)
@@ -885,20 +882,17 @@ impl Doorbells for TcpNtb {
 /// sent at once (they fill records and segments by themselves).
 const HELD_WRITE_MAX: usize = 16 * 1024;
 
-/// Flushes `s` when this thread's posted-write batch ends (once per connection and batch).
-fn defer_flush(s: &Arc<Connection>) {
+/// Inside a posted-write batch, registers a flush of `s` for the batch's end (once per
+/// connection and batch) and returns `true`; outside one returns `false`: the caller flushes.
+fn defer_flush(s: &Arc<Connection>) -> bool {
     let c = Arc::clone(s);
-    let key = Arc::as_ptr(s) as usize;
-    let deferred = posted::defer(key, move || {
+    posted::defer(Arc::as_ptr(s) as usize, move || {
         // A send that fails takes the link down on the writer thread as well; a posted
         // write has no one to report to.
         if let Err(e) = c.flush(Flush::Caller) {
             tracing::debug!(error = %e, "fabric send of a posted-write batch failed");
         }
-    });
-    if !deferred {
-        let _ = s.flush(Flush::Caller);
-    }
+    })
 }
 
 impl Scratchpads for TcpNtb {

@@ -241,17 +241,28 @@ fn local_function_survives_random_driver_accesses() {
     }
 }
 
+/// A page of doorbell-style memory at `offset` of its BAR, with the device's sleep word at
+/// its end, and the memory behind it.
+fn doorbell_area(
+    offset: u64,
+) -> (
+    std::sync::Arc<devlend_memory::SharedMemory>,
+    crate::MemoryArea,
+) {
+    let mem = std::sync::Arc::new(devlend_memory::SharedMemory::new("area", 4096).unwrap());
+    let area = crate::MemoryArea {
+        offset,
+        mem: devlend_memory::MemSpan::whole(mem.clone()),
+        wake_word: Some(0xffc),
+    };
+    (mem, area)
+}
+
 /// A doorbell-style store into a memory area lands whole at any alignment (it used to be an
 /// atomic store only when 4-byte aligned, and an error otherwise).
 #[test]
 fn memory_area_stores_land_at_any_alignment() {
-    use std::sync::Arc;
-    let mem = Arc::new(devlend_memory::SharedMemory::new("area", 4096).unwrap());
-    let area = crate::MemoryArea {
-        offset: 0x1000,
-        mem: devlend_memory::MemSpan::whole(mem.clone()),
-        wake_word: Some(0xffc),
-    };
+    let (mem, area) = doorbell_area(0x1000);
     area.write_and_wake(0x8, &0x1234_5678u32.to_le_bytes())
         .unwrap();
     assert_eq!(mem.load_u32(0x8).unwrap(), 0x1234_5678);
@@ -267,13 +278,7 @@ fn memory_area_stores_land_at_any_alignment() {
 /// futex wait then does not sleep. A store while the device is awake leaves the word alone.
 #[test]
 fn memory_area_store_clears_an_announced_sleep() {
-    use std::sync::Arc;
-    let mem = Arc::new(devlend_memory::SharedMemory::new("area", 4096).unwrap());
-    let area = crate::MemoryArea {
-        offset: 0,
-        mem: devlend_memory::MemSpan::whole(mem.clone()),
-        wake_word: Some(0xffc),
-    };
+    let (mem, area) = doorbell_area(0);
     let device = devlend_memory::SleepWord::new(mem.atomic_u32_at(0xffc).unwrap());
     device.announce();
     area.write_and_wake(0x8, &1u32.to_le_bytes()).unwrap();
