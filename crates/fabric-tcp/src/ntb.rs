@@ -645,6 +645,11 @@ fn peer_size(s: &Connection, window: usize) -> Result<u64> {
     Ok(size)
 }
 
+/// Most read requests [`PeerWindows::peer_mw_read_many`] has outstanding at once: enough to
+/// cover a device's burst (32 commands' data), and far below the tags a side may have
+/// outstanding, so that callers taking tags one by one cannot starve each other.
+const READS_AT_ONCE: usize = 32;
+
 /// Maps a failed reply of the peer to the error the caller sees. `access` is the window access
 /// the request made (window, offset, length, the size it was checked against here), for
 /// [`Status::OutsideWindow`]; requests that access no window pass `None`.
@@ -783,34 +788,64 @@ impl PeerWindows for TcpNtb {
     }
 
     fn peer_mw_read(&self, window: usize, offset: WindowOffset, buf: &mut [u8]) -> Result<()> {
-        let s = self.checked_peer(window, offset.0, buf.len())?;
+        self.peer_mw_read_many(window, &mut [(offset, buf)])
+    }
+
+    /// Every read goes out (in pieces of at most [`frame::MAX_DATA`], [`READS_AT_ONCE`] pieces
+    /// at a time) before the first reply is awaited, so that a batch costs about one round
+    /// trip.
+    fn peer_mw_read_many(
+        &self,
+        window: usize,
+        reads: &mut [(WindowOffset, &mut [u8])],
+    ) -> Result<()> {
+        // (which read, where in its buffer, window offset, length) of each request.
+        let mut pieces = Vec::new();
+        let mut session = None;
+        for (i, (offset, buf)) in reads.iter().enumerate() {
+            session = Some(self.checked_peer(window, offset.0, buf.len())?);
+            let mut at = 0usize;
+            while at < buf.len() {
+                let len = (buf.len() - at).min(frame::MAX_DATA);
+                pieces.push((i, at, offset.0 + at as u64, len));
+                at += len;
+            }
+        }
+        let Some(s) = session else {
+            return Ok(());
+        };
         let timeout = self.inner.cfg.link.completion_timeout;
-        let mut at = offset.0;
-        for piece in buf.chunks_mut(frame::MAX_DATA) {
-            let len = piece.len() as u32;
-            let Reply { status, data } = s.call(&self.inner, timeout, |tag, b| {
-                Frame::Read {
-                    tag,
-                    window: window as u16,
-                    offset: at,
-                    len,
+        for group in pieces.chunks(READS_AT_ONCE) {
+            let replies = s.call_many(&self.inner, timeout, group.len(), |k, tag, b| {
+                if let Some(&(_, _, offset, len)) = group.get(k) {
+                    Frame::Read {
+                        tag,
+                        window: window as u16,
+                        offset,
+                        len: len as u32,
+                    }
+                    .encode(b)
                 }
-                .encode(b)
             })?;
-            if status != Status::Ok {
-                let size = peer_size(&s, window).unwrap_or(0);
-                let access = Some((at, piece.len(), size));
-                return Err(reply_error(status, "memory window", window, 0, access));
+            for (&(i, at, offset, len), Reply { status, data }) in group.iter().zip(replies) {
+                if status != Status::Ok {
+                    let size = peer_size(&s, window).unwrap_or(0);
+                    let access = Some((offset, len, size));
+                    return Err(reply_error(status, "memory window", window, 0, access));
+                }
+                let piece = reads
+                    .get_mut(i)
+                    .and_then(|(_, buf)| buf.get_mut(at..at + len))
+                    .ok_or_else(|| FabricError::Protocol("read piece out of place".into()))?;
+                if data.len() != piece.len() {
+                    return Err(FabricError::Protocol(format!(
+                        "read of {} bytes answered with {}",
+                        piece.len(),
+                        data.len()
+                    )));
+                }
+                piece.copy_from_slice(&data);
             }
-            if data.len() != piece.len() {
-                return Err(FabricError::Protocol(format!(
-                    "read of {} bytes answered with {}",
-                    piece.len(),
-                    data.len()
-                )));
-            }
-            piece.copy_from_slice(&data);
-            at += u64::from(len);
         }
         Ok(())
     }

@@ -188,3 +188,86 @@ fn a_second_hello_or_a_reply_flood_ends_the_link() {
     let _ = s.write_all(&reads);
     a.wait_link(LinkState::Down, GUARD).unwrap();
 }
+
+/// Reads frames from the raw peer's socket until `want` read requests came, answering
+/// nothing; returns them as (tag, offset, length).
+fn read_requests(s: &mut TcpStream, buf: &mut Vec<u8>, want: usize) -> Vec<(u32, u64, u32)> {
+    let mut reads = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while reads.len() < want {
+        while let Some((frame, used)) = devlend_fabric_tcp::frame::parse(buf).unwrap() {
+            if let Frame::Read {
+                tag, offset, len, ..
+            } = frame
+            {
+                reads.push((tag, offset, len));
+            }
+            buf.drain(..used);
+        }
+        if reads.len() >= want {
+            break;
+        }
+        // A read timeout (GUARD) here fails the test: the requests did not all come.
+        let n = s
+            .read(&mut chunk)
+            .expect("the read requests did not all arrive");
+        assert!(n > 0, "the node closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    reads
+}
+
+/// Several reads in one call all leave before the first reply is awaited: the peer here sees
+/// every request (a 100 KiB read in two pieces among them) before it answers any, then answers
+/// them out of order, and each buffer gets its own bytes.
+#[test]
+fn reads_in_one_call_are_all_outstanding_at_once() {
+    let (a, mut s, _h) = raw_peer();
+    let mut hello = Vec::new();
+    Frame::Hello(Hello {
+        version: VERSION,
+        spad_count: 4,
+        msg_count: 4,
+        db_valid_mask: 0xf,
+        window_sizes: vec![1 << 20],
+    })
+    .encode(&mut hello);
+    s.write_all(&hello).unwrap();
+    a.wait_link(LinkState::Up, GUARD).unwrap();
+    let sizes = [16usize, 4096, 100 * 1024, 8];
+    let caller = std::thread::spawn(move || {
+        let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|n| vec![0u8; *n]).collect();
+        let mut reads: Vec<(WindowOffset, &mut [u8])> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| (WindowOffset(i as u64 * 0x4_0000), b.as_mut_slice()))
+            .collect();
+        let r = a.peer_mw_read_many(0, &mut reads);
+        (r, bufs, a)
+    });
+    let mut pending = Vec::new();
+    let reads = read_requests(&mut s, &mut pending, 5);
+    // Answer in reverse order; every byte tells its window offset.
+    let mut out = Vec::new();
+    for &(tag, offset, len) in reads.iter().rev() {
+        let data: Vec<u8> = (0..u64::from(len))
+            .map(|i| (offset + i) as u8 ^ 0x5a)
+            .collect();
+        Frame::Reply {
+            tag,
+            status: devlend_fabric_tcp::frame::Status::Ok,
+            data: &data,
+        }
+        .encode(&mut out);
+    }
+    s.write_all(&out).unwrap();
+    let (r, bufs, _a) = caller.join().unwrap();
+    r.unwrap();
+    for (i, b) in bufs.iter().enumerate() {
+        let base = i as u64 * 0x4_0000;
+        let want: Vec<u8> = (0..b.len() as u64)
+            .map(|k| (base + k) as u8 ^ 0x5a)
+            .collect();
+        assert_eq!(b, &want, "read {i}");
+    }
+}

@@ -135,6 +135,22 @@ pub trait PeerWindows {
     /// Non-posted read at `offset`; it does not pass this side's earlier posted writes to the
     /// same window.
     fn peer_mw_read(&self, window: usize, offset: WindowOffset, buf: &mut [u8]) -> Result<()>;
+    /// Several non-posted reads of window `window`, as a device with several read requests
+    /// outstanding issues them: on a fabric where a read is a round trip (`tcp`) they are all
+    /// sent before the first reply is awaited, so they cost about one round trip, not one
+    /// each. Each read is ordered as [`PeerWindows::peer_mw_read`] is; what one read finds
+    /// does not depend on the others. Fails (with the first error) if any fails. The default
+    /// reads one after the other.
+    fn peer_mw_read_many(
+        &self,
+        window: usize,
+        reads: &mut [(WindowOffset, &mut [u8])],
+    ) -> Result<()> {
+        for (offset, buf) in reads.iter_mut() {
+            self.peer_mw_read(window, *offset, buf)?;
+        }
+        Ok(())
+    }
     /// A direct load/store mapping of the window when it targets peer RAM and the backend can
     /// map it (shared memory): `Ok(None)` means "use read/write". The span covers exactly the
     /// translated size.

@@ -133,6 +133,16 @@ impl RemoteMemory for PeerWindowMemory {
             .map_err(|e| DmaError::Path(e.to_string()))
     }
 
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), DmaError> {
+        let mut at = Vec::with_capacity(reads.len());
+        for (offset, buf) in reads.iter_mut() {
+            at.push((self.at(*offset)?, &mut **buf));
+        }
+        self.ntb
+            .peer_mw_read_many(self.window, &mut at)
+            .map_err(|e| DmaError::Path(e.to_string()))
+    }
+
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
         self.ntb
             .peer_mw_write(self.window, self.at(offset)?, data)

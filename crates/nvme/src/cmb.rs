@@ -255,6 +255,18 @@ impl DmaPort for CmbPort {
         }
     }
 
+    fn dma_read_many(&self, reads: &mut [(BusAddr, &mut [u8])]) -> Result<(), DmaError> {
+        // Reads of the buffer are local; the others go to the host together.
+        let mut host = Vec::with_capacity(reads.len());
+        for (addr, buf) in reads.iter_mut() {
+            match self.cmb.route(*addr, buf.len() as u64)? {
+                Route::Host => host.push((*addr, &mut **buf)),
+                Route::Buffer(_) => self.dma_read(*addr, buf)?,
+            }
+        }
+        self.port.dma_read_many(&mut host)
+    }
+
     fn dma_write(&self, addr: BusAddr, data: &[u8]) -> Result<(), DmaError> {
         match self.cmb.route(addr, data.len() as u64)? {
             Route::Host => self.port.dma_write(addr, data),
@@ -357,6 +369,31 @@ mod tests {
             .dma_span(BusAddr(0x4_0000_0000), 4096, DmaAccess::Read)
             .unwrap()
             .is_some());
+    }
+
+    #[test]
+    fn a_batch_of_reads_is_split_between_the_buffer_and_the_host() {
+        let c = Arc::new(Cmb::new(64 << 10).unwrap());
+        let p = CmbPort {
+            cmb: c.clone(),
+            port: Arc::new(NoHost),
+        };
+        enable(&c, 0x4_0000_0000);
+        c.bar_write(0x2000, b"cmb!");
+        let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
+        let mut reads = [
+            (BusAddr(0x4_0001_0000), &mut a[..]),
+            (BusAddr(0x4_0000_2000), &mut b[..]),
+        ];
+        p.dma_read_many(&mut reads).unwrap();
+        assert_eq!((a, &b), ([0xee; 4], b"cmb!"));
+        // A read straddling the buffer's end fails the batch.
+        let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
+        let mut reads = [
+            (BusAddr(0x4_0000_2000), &mut a[..]),
+            (BusAddr(0x4_0000_fffe), &mut b[..]),
+        ];
+        assert!(p.dma_read_many(&mut reads).is_err());
     }
 
     #[test]

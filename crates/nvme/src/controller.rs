@@ -22,6 +22,7 @@ use crate::identify::{ControllerInfo, NamespaceInfo};
 use crate::inflight::{Dispatch, IoDone, IoJob};
 use crate::io::{IoCounters, Namespace};
 use crate::queues::{wrap, CompletionQueue, DoorbellArray, SubmissionQueue};
+use crate::readahead::{self, ReadAhead};
 use crate::regs::{
     ControllerConfig, AQA_ACQS_SHIFT, AQA_ASQS_MASK, CC_CSS_NVM, CQE_BYTES, CSTS_CFS, CSTS_RDY,
     CSTS_SHST_COMPLETE, CSTS_SHST_MASK, MPSMAX, MPSMIN, SQE_BYTES,
@@ -215,6 +216,8 @@ pub(crate) struct Controller {
     bounce: Vec<u8>,
     /// Submission queue entries read ahead in one DMA read (see `process_sq`).
     sqe_ahead: Vec<u8>,
+    /// Host memory the current burst's Writes need, read ahead ([`crate::readahead`]).
+    data_ahead: readahead::Ahead,
 }
 
 impl Controller {
@@ -301,6 +304,7 @@ impl Controller {
             segs: Vec::new(),
             bounce: Vec::new(),
             sqe_ahead: Vec::new(),
+            data_ahead: Vec::new(),
         })
     }
 
@@ -506,14 +510,77 @@ impl Controller {
     }
 
     fn process_sq(&mut self, qid: usize) -> bool {
+        let worked = self.process_burst(qid);
+        // What was read ahead is the burst's alone.
+        self.data_ahead.clear();
+        worked
+    }
+
+    /// Before a burst of I/O queue `qid` runs: reads ahead the data its Writes need (see
+    /// [`crate::readahead`]) when host memory is reached by messages (the queues have no
+    /// direct mapping) and the worker runs the commands itself. Returns the entries it
+    /// fetched from host memory to find them, `(index of the first, how many)` in `sqes`.
+    fn read_ahead_burst(&mut self, qid: usize, sqes: &mut Vec<u8>) -> Option<(u32, u32)> {
+        if qid == 0 || self.dispatch.is_some() {
+            return None;
+        }
+        let sq = self.sqs.get(qid)?.as_ref()?;
+        let cq_direct = self
+            .cqs
+            .get(usize::from(sq.cqid))?
+            .as_ref()
+            .is_some_and(|q| q.ring.is_some());
+        if sq.head == sq.tail || (sq.ring.is_some() && cq_direct) {
+            return None;
+        }
+        let until = if sq.tail > sq.head {
+            sq.tail
+        } else {
+            sq.entries
+        };
+        let n = (until - sq.head).min(SQ_BURST);
+        let first = u64::from(sq.head) * SQE_BYTES;
+        let mut fetched = None;
+        let mut cmds = Vec::with_capacity(n as usize);
+        match &sq.ring {
+            Some(ring) => {
+                let mut entry = [0u8; Command::BYTES];
+                for i in 0..u64::from(n) {
+                    if ring.read_at(first + i * SQE_BYTES, &mut entry).is_ok() {
+                        cmds.push(Command::parse(&entry));
+                    }
+                }
+            }
+            None => {
+                sqes.resize(n as usize * Command::BYTES, 0);
+                let at = sq.base.checked_add(first)?;
+                self.dma.dma_read(BusAddr(at), sqes).ok()?;
+                fetched = Some((sq.head, n));
+                for bytes in sqes.chunks_exact(Command::BYTES) {
+                    let mut entry = [0u8; Command::BYTES];
+                    entry.copy_from_slice(bytes);
+                    cmds.push(Command::parse(&entry));
+                }
+            }
+        }
+        let geometry = readahead::Geometry {
+            page_size: self.page_size,
+            max_transfer: self.limits.max_transfer,
+            block_shift: self.ns.block_shift(),
+        };
+        readahead::read_ahead(&*self.dma, &cmds, geometry, &mut self.data_ahead);
+        fetched
+    }
+
+    fn process_burst(&mut self, qid: usize) -> bool {
         if self.refresh_sq_tail(qid).is_none() {
             return false;
         }
         let mut done = 0;
         // Entries fetched ahead by one DMA read: (index of the first, how many, their bytes).
         let mut ahead = std::mem::take(&mut self.sqe_ahead);
-        let mut ahead_first = 0u32;
-        let mut ahead_count = 0u32;
+        let (mut ahead_first, mut ahead_count) =
+            self.read_ahead_burst(qid, &mut ahead).unwrap_or((0, 0));
         while done < SQ_BURST {
             let Some(sq) = self.sqs.get(qid).and_then(Option::as_ref) else {
                 break;
@@ -759,8 +826,12 @@ impl Controller {
             Ok(op) => op,
             Err(s) => return s,
         };
+        let port = ReadAhead {
+            port: &*self.dma,
+            ahead: &self.data_ahead,
+        };
         let mut t = Transfer {
-            dma: &*self.dma,
+            dma: &port,
             page_size: self.page_size,
             segs: &mut self.segs,
             bounce: &mut self.bounce,

@@ -93,6 +93,13 @@ impl DmaPort for BusMasterGate {
         self.port.dma_read(addr, buf)
     }
 
+    fn dma_read_many(&self, reads: &mut [(BusAddr, &mut [u8])]) -> Result<(), DmaError> {
+        if !self.enabled.load(Ordering::Acquire) {
+            return Err(DmaError::BusMasterDisabled);
+        }
+        self.port.dma_read_many(reads)
+    }
+
     fn dma_write(&self, addr: BusAddr, data: &[u8]) -> Result<(), DmaError> {
         if !self.enabled.load(Ordering::Acquire) {
             return Err(DmaError::BusMasterDisabled);

@@ -16,7 +16,8 @@
 //! [`status`] (status codes), [`prp`] (PRP walker), `queues`, `controller` (transitions,
 //! fetch, completion), `doorbells` (MMIO and shadow doorbells), `interrupts` (MSI-X,
 //! coalescing, asynchronous events), `admin`, `io` (the namespace), [`identify`], `transfer`
-//! (data movement), `inflight` (NVM commands run off the worker when DMA is a message),
+//! (data movement), `inflight` (NVM commands run off the worker when DMA is a message), `readahead` (a
+//! burst's write data read in one batch when DMA is a message),
 //! `device` (PCI function, worker and pool threads).
 #![warn(missing_docs)]
 
@@ -37,6 +38,7 @@ mod interrupts;
 mod io;
 pub mod prp;
 mod queues;
+mod readahead;
 pub mod regs;
 pub mod status;
 mod transfer;

@@ -29,6 +29,14 @@ pub trait RemoteMemory: Send + Sync {
     }
     /// Copies `buf.len()` bytes at `offset` into `buf`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError>;
+    /// Several reads, all issued before the first answer is awaited where the memory allows
+    /// it (see [`DmaPort::dma_read_many`]). The default reads one after the other.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), DmaError> {
+        for (offset, buf) in reads.iter_mut() {
+            self.read(*offset, buf)?;
+        }
+        Ok(())
+    }
     /// Copies `data` to `offset`.
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError>;
 }
@@ -239,6 +247,9 @@ fn walk<'m>(
     Ok(())
 }
 
+/// Reads gathered for one remote memory: (offset in it, buffer).
+type RemoteReads<'m, 'b> = (&'m Arc<dyn RemoteMemory>, Vec<(u64, &'b mut [u8])>);
+
 fn path_bug() -> DmaError {
     DmaError::Path("internal: DMA chunk outside its buffer".into())
 }
@@ -258,6 +269,48 @@ impl DmaPort for Iommu {
                 DmaTarget::Remote(mem) => mem.read(offset, dst),
             }
         })
+    }
+
+    fn dma_read_many(&self, reads: &mut [(BusAddr, &mut [u8])]) -> Result<(), DmaError> {
+        let maps = self.read_maps();
+        for (addr, buf) in reads.iter() {
+            if !buf.is_empty() {
+                walk(
+                    &maps,
+                    *addr,
+                    buf.len() as u64,
+                    DmaAccess::Read,
+                    |_, _, _, _| Ok(()),
+                )?;
+            }
+        }
+        // Every read is allowed: pieces in mapped memory are copied now, the others are
+        // gathered by the memory they reach and read there together.
+        let mut remote: Vec<RemoteReads<'_, '_>> = Vec::new();
+        for (addr, buf) in reads.iter_mut() {
+            let len = buf.len() as u64;
+            let mut rest: &mut [u8] = buf;
+            walk(&maps, *addr, len, DmaAccess::Read, |m, offset, _, n| {
+                let (piece, tail) = std::mem::take(&mut rest)
+                    .split_at_mut_checked(n)
+                    .ok_or_else(path_bug)?;
+                rest = tail;
+                match &m.target {
+                    DmaTarget::Direct(span) => Ok(span.read_at(offset, piece)?),
+                    DmaTarget::Remote(mem) => {
+                        match remote.iter_mut().find(|(r, _)| Arc::ptr_eq(r, mem)) {
+                            Some((_, list)) => list.push((offset, piece)),
+                            None => remote.push((mem, vec![(offset, piece)])),
+                        }
+                        Ok(())
+                    }
+                }
+            })?;
+        }
+        for (mem, list) in remote.iter_mut() {
+            mem.read_many(list)?;
+        }
+        Ok(())
     }
 
     fn dma_write(&self, addr: BusAddr, data: &[u8]) -> Result<(), DmaError> {

@@ -239,6 +239,17 @@ pub type DmaSpanResult = Result<Option<MemSpan>, DmaError>;
 pub trait DmaPort: Send + Sync {
     /// Reads `buf.len()` bytes at bus address `addr`.
     fn dma_read(&self, addr: BusAddr, buf: &mut [u8]) -> Result<(), DmaError>;
+    /// Several reads, as a device with several read requests outstanding issues them: where
+    /// a read is a message (memory across a fabric) they all go out before the first answer
+    /// is awaited. Each is checked and translated as [`DmaPort::dma_read`]; fails (with the
+    /// first error) if any fails, and then what was read into the buffers is unspecified.
+    /// The default reads one after the other.
+    fn dma_read_many(&self, reads: &mut [(BusAddr, &mut [u8])]) -> Result<(), DmaError> {
+        for (addr, buf) in reads.iter_mut() {
+            self.dma_read(*addr, buf)?;
+        }
+        Ok(())
+    }
     /// Writes `data` at bus address `addr`.
     fn dma_write(&self, addr: BusAddr, data: &[u8]) -> Result<(), DmaError>;
     /// Zero-copy fast path: the memory behind `[addr, addr + len)` when it is one directly

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -163,6 +163,59 @@ impl Connection {
             }
             other => other,
         }
+    }
+
+    /// Sends `count` requests that need replies, all of them before awaiting the first (one
+    /// flush: they leave together), and waits for every reply (at most `timeout` after they
+    /// were sent). `encode(i, tag, buf)` encodes request `i`. The replies come back in
+    /// request order. The caller keeps `count` well below [`MAX_OUTSTANDING`]: tags are
+    /// taken one by one, so callers each holding some while waiting for more could wait
+    /// on each other.
+    pub(crate) fn call_many(
+        &self,
+        inner: &Inner,
+        timeout: Duration,
+        count: usize,
+        mut encode: impl FnMut(usize, u32, &mut Vec<u8>),
+    ) -> Result<Vec<Reply>, FabricError> {
+        let mut waiting = Vec::with_capacity(count);
+        let forget = |waiting: &[(u32, Receiver<Reply>)]| {
+            for (tag, _) in waiting {
+                self.tags.release(*tag);
+            }
+        };
+        for i in 0..count {
+            let (tx, rx) = sync_channel(1);
+            let tag = match self.tags.acquire(tx, timeout) {
+                Ok(tag) => tag,
+                Err(e) => {
+                    forget(&waiting);
+                    return Err(e);
+                }
+            };
+            waiting.push((tag, rx));
+            if self.out.push_request(|b| encode(i, tag, b)).is_err() {
+                forget(&waiting);
+                return Err(FabricError::LinkDown);
+            }
+        }
+        if self.flush(Flush::Caller).is_err() {
+            forget(&waiting);
+            return Err(FabricError::LinkDown);
+        }
+        let deadline = Instant::now() + timeout;
+        let mut replies = Vec::with_capacity(count);
+        for (i, (_, rx)) in waiting.iter().enumerate() {
+            match self.await_reply(inner, rx, deadline) {
+                Ok(r) => replies.push(r),
+                Err(e) => {
+                    // Those still unanswered are forgotten (a late reply is dropped).
+                    forget(waiting.get(i..).unwrap_or_default());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(replies)
     }
 
     /// Queues the reply to one of the peer's requests.

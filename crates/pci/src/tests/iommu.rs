@@ -20,6 +20,8 @@ fn bytes(m: &SharedMemory) -> Vec<u8> {
 struct FakeRemote {
     data: Mutex<Vec<u8>>,
     transfers: Mutex<usize>,
+    /// (offset, length) of the reads of each `read_many`.
+    batches: Mutex<Vec<Vec<(u64, usize)>>>,
     fail: bool,
 }
 
@@ -28,6 +30,7 @@ impl FakeRemote {
         Arc::new(Self {
             data: Mutex::new(vec![0; len]),
             transfers: Mutex::new(0),
+            batches: Mutex::new(Vec::new()),
             fail,
         })
     }
@@ -44,6 +47,18 @@ impl RemoteMemory for FakeRemote {
         }
         let d = self.data.lock().unwrap();
         buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), DmaError> {
+        self.batches
+            .lock()
+            .unwrap()
+            .push(reads.iter().map(|(o, b)| (*o, b.len())).collect());
+        let d = self.data.lock().unwrap();
+        for (offset, buf) in reads.iter_mut() {
+            let at = *offset as usize;
+            buf.copy_from_slice(&d[at..at + buf.len()]);
+        }
         Ok(())
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
@@ -236,6 +251,65 @@ fn remote_memory_targets() {
         io.dma_read(BusAddr(0x2000), &mut b),
         Err(DmaError::Path(_))
     ));
+}
+
+#[test]
+fn several_reads_reach_each_remote_memory_in_one_batch() {
+    let io = Iommu::new();
+    let m = mem(0x1000);
+    let r = FakeRemote::new(0x2000, false);
+    let r2 = FakeRemote::new(0x1000, false);
+    let fill = |v: &mut Vec<u8>, seed: u8| {
+        for (i, b) in v.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(7).wrapping_add(seed);
+        }
+    };
+    fill(&mut r.data.lock().unwrap(), 1);
+    fill(&mut r2.data.lock().unwrap(), 2);
+    let mut direct = vec![0u8; 0x1000];
+    fill(&mut direct, 3);
+    m.write_at(0, &direct).unwrap();
+    io.map(BusAddr(0x0), span(&m, 0, 0x1000), true).unwrap();
+    io.map(BusAddr(0x1000), DmaTarget::Remote(r.clone()), true)
+        .unwrap();
+    io.map(BusAddr(0x3000), DmaTarget::Remote(r2.clone()), false)
+        .unwrap();
+    // Across the direct mapping into r; inside r; across r into r2; inside the direct one.
+    let at = [
+        (0xff0u64, 0x20usize),
+        (0x1800, 0x100),
+        (0x2ff0, 0x20),
+        (0x100, 0x100),
+    ];
+    let mut bufs: Vec<Vec<u8>> = at.iter().map(|(_, n)| vec![0u8; *n]).collect();
+    let mut reads: Vec<(BusAddr, &mut [u8])> = at
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|((a, _), b)| (BusAddr(*a), b.as_mut_slice()))
+        .collect();
+    io.dma_read_many(&mut reads).unwrap();
+    for ((a, n), got) in at.iter().zip(&bufs) {
+        let mut one = vec![0u8; *n];
+        io.dma_read(BusAddr(*a), &mut one).unwrap();
+        assert_eq!(got, &one, "read at {a:#x}");
+    }
+    // One batch for each remote memory, in order; the single reads above came after.
+    assert_eq!(
+        *r.batches.lock().unwrap(),
+        [vec![(0, 0x10), (0x800, 0x100), (0x1ff0, 0x10)]]
+    );
+    assert_eq!(*r2.batches.lock().unwrap(), [vec![(0, 0x10)]]);
+
+    // One read reaching unmapped space: nothing is transferred at all.
+    let transfers = *r.transfers.lock().unwrap();
+    let (mut a, mut b) = ([0u8; 8], [0u8; 8]);
+    let mut reads = [(BusAddr(0x1000), &mut a[..]), (BusAddr(0x3ffc), &mut b[..])];
+    assert!(matches!(
+        io.dma_read_many(&mut reads),
+        Err(DmaError::Unmapped { .. })
+    ));
+    assert_eq!(r.batches.lock().unwrap().len(), 1);
+    assert_eq!(*r.transfers.lock().unwrap(), transfers);
 }
 
 #[test]
