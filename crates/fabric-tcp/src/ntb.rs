@@ -888,13 +888,38 @@ impl Doorbells for TcpNtb {
         Ok(())
     }
 
+    /// The waiter reads the socket itself while no other caller does (as a caller waiting
+    /// for a read's reply does), so that the doorbell wakes it directly: the reader thread
+    /// is not a hop between the peer's doorbell and its waiter.
     fn db_wait(&self, bits: u64, timeout: Duration) -> Result<u64> {
         registers::check_db_wait(bits, self.db_valid_mask())?;
         let s = self.inner.session()?;
         let regs = &self.inner.regs;
-        wait_on(&regs.db, &regs.db_cv, &s, timeout, |db| {
+        let rung = || {
+            let db = lock(&regs.db);
             registers::deliverable(db.bits, db.mask, bits)
-        })
+        };
+        // A timeout too large to add to now waits an hour at a time.
+        let deadline = Instant::now() + timeout.min(Duration::from_secs(3600));
+        s.await_until(
+            &self.inner,
+            deadline,
+            || match rung() {
+                0 if s.is_up() => None,
+                0 => Some(Err(FabricError::LinkDown)),
+                b => Some(Ok(b)),
+            },
+            |wait| match wait_on(&regs.db, &regs.db_cv, &s, wait, |db| {
+                registers::deliverable(db.bits, db.mask, bits)
+            }) {
+                Err(FabricError::Timeout) => None,
+                r => Some(r),
+            },
+        )
+    }
+
+    fn db_wait_polls(&self) -> bool {
+        true
     }
 
     fn peer_db_set(&self, bits: u64) -> Result<()> {

@@ -176,6 +176,13 @@ pub trait Doorbells {
     fn db_wait(&self, bits: u64, timeout: Duration) -> Result<u64>;
     /// Sets `bits` in the peer's doorbell register.
     fn peer_db_set(&self, bits: u64) -> Result<()>;
+    /// Whether [`Doorbells::db_wait`] polls the link itself for a while before it sleeps, on
+    /// the waiter's thread (`tcp`: the waiter reads the socket), so that a waiter needs no
+    /// spin of its own in front of it. `false` by default: a waiter that wants the doorbell
+    /// soon polls [`Doorbells::db_read`] first.
+    fn db_wait_polls(&self) -> bool {
+        false
+    }
 }
 
 /// Scratchpad registers (`ntb_spad_*`, `ntb_peer_spad_*`).

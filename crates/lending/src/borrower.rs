@@ -488,8 +488,14 @@ impl Interrupts for BorrowedFunction {
         if let Some(fd) = self.irq_fds.get(usize::from(vector)) {
             return self.wait_eventfd(&node, fd, timeout);
         }
-        // Poll the doorbell first, with the same budget a local binding polls its vector.
-        let spin = devlend_pci::INTERRUPT_SPIN.min(timeout);
+        // Poll the doorbell first, with the same budget a local binding polls its vector,
+        // unless the fabric's own wait polls the link (then it reads the doorbell's message
+        // on this thread, and a spin here would only watch another thread do it).
+        let spin = if node.ntb.db_wait_polls() {
+            Duration::ZERO
+        } else {
+            devlend_pci::INTERRUPT_SPIN.min(timeout)
+        };
         if devlend_pci::spin_until(spin, || node.ntb.db_read() & bit != 0 || self.is_removed()) {
             if self.is_removed() {
                 return Err(removed_error(self));

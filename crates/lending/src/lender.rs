@@ -93,14 +93,22 @@ impl MmioHandler for BarHandler {
     }
 
     /// A write wholly inside doorbell-style memory is a store and a wake-up (what a borrower
-    /// with a direct mapping does itself): the fabric's reader thread applies it at once.
+    /// with a direct mapping does itself): the fabric's reader thread applies it at once. If
+    /// the device sleeps, that thread first offers to do the work itself (run to
+    /// completion, [`PciDevice::run_nonblocking`]), and wakes the device only if it cannot.
     fn mmio_write_nonblocking(&self, offset: u64, data: &[u8]) -> bool {
         for a in &self.areas {
             let Some(at) = offset.checked_sub(a.offset) else {
                 continue;
             };
             if at.saturating_add(data.len() as u64) <= a.mem.len() {
-                return a.write_and_wake(at, data).is_ok();
+                if a.write(at, data).is_err() {
+                    return false;
+                }
+                if a.is_registers() || !self.device.run_nonblocking() {
+                    let _ = a.wake();
+                }
+                return true;
             }
         }
         // Device memory the device applies without blocking (a CMB's entries and data).

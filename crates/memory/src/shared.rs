@@ -533,6 +533,12 @@ impl<'a> SleepWord<'a> {
         self.0.store(0, Ordering::SeqCst);
     }
 
+    /// Whether the sleeper announced a sleep that no waker has ended yet (it sleeps, or is
+    /// about to).
+    pub fn is_announced(&self) -> bool {
+        self.0.load(Ordering::SeqCst) != 0
+    }
+
     /// A waker, after making the condition true: wakes the sleeper if it sleeps or is about
     /// to. Returns whether it did (a futex wake was made). The busy case (no sleeper) is one
     /// load and writes nothing.

@@ -111,6 +111,9 @@ impl PciDevice for MeteredDevice {
         }
         done
     }
+    fn run_nonblocking(&self) -> bool {
+        self.inner.run_nonblocking()
+    }
     fn reset(&self) {
         self.m.resets.inc();
         self.inner.reset()
@@ -425,6 +428,9 @@ impl PeerWindows for MeteredNtb {
 impl Doorbells for MeteredNtb {
     fn db_valid_mask(&self) -> u64 {
         self.inner.db_valid_mask()
+    }
+    fn db_wait_polls(&self) -> bool {
+        self.inner.db_wait_polls()
     }
     fn db_read(&self) -> u64 {
         self.inner.db_read()

@@ -509,6 +509,57 @@ impl Controller {
         worked
     }
 
+    /// Whether a pass now would wait for nothing: no admin command waiting, shadow doorbells
+    /// (if any) in mapped memory, and every waiting I/O command (up to a burst per queue) in a
+    /// queue whose ring is mapped, its PRP lists and the data it reads mapped too (see
+    /// [`readahead::reads_only_mapped`]). A pass writes any memory freely: posted writes do
+    /// not wait.
+    pub(crate) fn pending_is_local(&mut self) -> bool {
+        if !self.ready || self.fatal || self.shut_down {
+            return false;
+        }
+        if self
+            .dbbuf
+            .as_ref()
+            .is_some_and(|d| d.shadow_span.is_none() || d.event_span.is_none())
+        {
+            return false;
+        }
+        let geometry = readahead::Geometry {
+            page_size: self.page_size,
+            max_transfer: self.limits.max_transfer,
+            block_shift: self.ns.block_shift(),
+        };
+        let mut entry = [0u8; Command::BYTES];
+        for qid in 0..self.sqs.len() {
+            if self.refresh_sq_tail(qid).is_none() {
+                continue;
+            }
+            let Some(sq) = self.sqs.get(qid).and_then(Option::as_ref) else {
+                continue;
+            };
+            if sq.head == sq.tail {
+                continue;
+            }
+            let Some(ring) = sq.ring.as_ref().filter(|_| qid != 0) else {
+                return false;
+            };
+            let mut at = sq.head;
+            for _ in 0..SQ_BURST {
+                if at == sq.tail {
+                    break;
+                }
+                if ring.read_at(u64::from(at) * SQE_BYTES, &mut entry).is_err()
+                    || !readahead::reads_only_mapped(&*self.dma, &Command::parse(&entry), geometry)
+                {
+                    return false;
+                }
+                at = wrap(at, sq.entries);
+            }
+        }
+        true
+    }
+
     fn process_sq(&mut self, qid: usize) -> bool {
         let worked = self.process_burst(qid);
         // What was read ahead is the burst's alone.

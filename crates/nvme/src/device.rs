@@ -135,6 +135,9 @@ pub struct NvmeStats {
     pub sleeps: u64,
     /// Worker passes that processed at least one command.
     pub busy_passes: u64,
+    /// Passes run by the thread that stored a doorbell while the worker slept
+    /// ([`PciDevice::run_nonblocking`]), instead of waking the worker.
+    pub inline_passes: u64,
 }
 
 #[derive(Default)]
@@ -143,6 +146,7 @@ struct Counters {
     wakeups: AtomicU64,
     sleeps: AtomicU64,
     busy_passes: AtomicU64,
+    inline_passes: AtomicU64,
 }
 
 struct Inner {
@@ -455,6 +459,7 @@ impl NvmeDevice {
             wakeups: c.wakeups.load(Ordering::Relaxed),
             sleeps: c.sleeps.load(Ordering::Relaxed),
             busy_passes: c.busy_passes.load(Ordering::Relaxed),
+            inline_passes: c.inline_passes.load(Ordering::Relaxed),
         }
     }
 
@@ -870,6 +875,36 @@ impl PciDevice for NvmeDevice {
             }
             _ => false,
         }
+    }
+
+    /// One worker pass on the calling thread, while the worker sleeps and only when the pass
+    /// waits for nothing ([`Controller::pending_is_local`]): every waiting command in a queue
+    /// whose ring is device memory (a submission queue in the CMB), reading only memory this
+    /// process maps; posted writes (data, completions, MSI-X) never wait. Afterwards the
+    /// worker is left asleep unless work or a coalesced interrupt remains for it.
+    fn run_nonblocking(&self) -> bool {
+        let inner = &*self.inner;
+        if !inner.sleep_word().is_some_and(|w| w.is_announced()) {
+            // Awake: it takes the doorbell itself, and the caller goes on.
+            return false;
+        }
+        let Some(mut core) = devlend_sync::try_lock(&inner.core) else {
+            return false;
+        };
+        if !core.pending_is_local() {
+            return false;
+        }
+        let mut vectors = Vec::new();
+        let _posted = posted::Batch::begin();
+        core.poll();
+        core.take_interrupts(&mut vectors);
+        let rest = core.has_work() || core.has_interrupts() || core.interrupt_deadline().is_some();
+        drop(core);
+        inner.counters.inline_passes.fetch_add(1, Ordering::Relaxed);
+        for &v in &vectors {
+            inner.irq.signal(v);
+        }
+        !rest
     }
 
     fn reset(&self) {

@@ -153,6 +153,70 @@ pub(crate) fn read_ahead(port: &dyn DmaPort, cmds: &[Command], g: Geometry, out:
     }
 }
 
+/// The device's port limited to memory it maps: a read of anything else fails at once (with
+/// [`DmaError::Path`]) instead of going out as a message.
+struct MappedOnly<'a>(&'a dyn DmaPort);
+
+impl DmaPort for MappedOnly<'_> {
+    fn dma_read(&self, addr: BusAddr, buf: &mut [u8]) -> Result<(), DmaError> {
+        match self.0.dma_span(addr, buf.len() as u64, DmaAccess::Read)? {
+            Some(span) => Ok(span.read_at(0, buf)?),
+            None => Err(DmaError::Path("memory reached by messages".into())),
+        }
+    }
+
+    fn dma_write(&self, addr: BusAddr, data: &[u8]) -> Result<(), DmaError> {
+        self.0.dma_write(addr, data)
+    }
+
+    fn dma_span(&self, addr: BusAddr, len: u64, access: DmaAccess) -> DmaSpanResult {
+        self.0.dma_span(addr, len, access)
+    }
+}
+
+/// Whether running `cmd` reads only memory the port maps (its PRP lists, and the data of a
+/// command that reads host memory), so that it waits for no message. A command that fails
+/// before it reads anything (a bad opcode or field, bad PRPs) counts as reading nothing; a
+/// PRP list or data the port cannot map at all counts as not mapped (the worker, which may
+/// wait, then runs it and fails it).
+pub(crate) fn reads_only_mapped(port: &dyn DmaPort, cmd: &Command, g: Geometry) -> bool {
+    let blocks = |r: &crate::command::BlockRange| {
+        u64::from(r.blocks)
+            .checked_shl(g.block_shift)
+            .filter(|l| *l <= g.max_transfer)
+    };
+    let (data, len, reads_data) = match NvmOp::parse(cmd) {
+        Err(_) | Ok(NvmOp::Flush) | Ok(NvmOp::WriteZeroes { .. }) => return true,
+        Ok(NvmOp::DatasetManagement { ranges, data, .. }) => (data, u64::from(ranges) * 16, true),
+        Ok(NvmOp::Read(r)) => match blocks(&r) {
+            Some(len) => (r.data, len, false),
+            // Too long: fails with Invalid Field before any transfer.
+            None => return true,
+        },
+        Ok(NvmOp::Write(r) | NvmOp::Compare(r)) => match blocks(&r) {
+            Some(len) => (r.data, len, true),
+            None => return true,
+        },
+    };
+    let mut segs = Vec::new();
+    match prp::walk(
+        &MappedOnly(port),
+        data.prp1,
+        data.prp2,
+        len,
+        g.page_size,
+        &mut segs,
+    ) {
+        Ok(()) => {}
+        Err(prp::PrpError::Dma(_)) => return false,
+        Err(_) => return true,
+    }
+    !reads_data
+        || segs
+            .iter()
+            .all(|s| matches!(port.dma_span(s.addr, s.len, DmaAccess::Read), Ok(Some(_))))
+}
+
 /// One [`DmaPort::dma_read_many`] over all of `reads`.
 fn read_all(port: &dyn DmaPort, reads: &mut Ahead) -> Result<(), DmaError> {
     let mut batch: Vec<(BusAddr, &mut [u8])> = reads

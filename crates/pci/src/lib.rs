@@ -290,17 +290,27 @@ pub struct MemoryArea {
 impl MemoryArea {
     /// Stores `data` at `offset` inside the area and wakes the device if it sleeps.
     pub fn write_and_wake(&self, offset: u64, data: &[u8]) -> Result<(), devlend_memory::MemError> {
+        self.write(offset, data)?;
+        self.wake()
+    }
+
+    /// Stores `data` at `offset` inside the area, without waking the device (the caller
+    /// then runs the device's work itself, [`PciDevice::run_nonblocking`], or calls
+    /// [`MemoryArea::wake`]).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), devlend_memory::MemError> {
         // Every store into shared memory is atomic, and an aligned register-sized store is a
         // single one, so a 32-bit doorbell lands whole (devlend_memory's copies).
-        self.mem.write_at(offset, data)?;
-        let Some(wake_word) = self.wake_word else {
-            // Registers: the device saw the store.
-            return Ok(());
-        };
-        // Store the doorbell, then wake the device if it sleeps or is about to (the sleep
-        // protocol of `devlend_memory::SleepWord`: the word is cleared before the wake, so a
-        // wake between the device's re-check and its futex wait is not lost).
-        devlend_memory::SleepWord::new(self.mem.atomic_u32_at(wake_word)?).wake();
+        self.mem.write_at(offset, data)
+    }
+
+    /// Wakes the device after a [`MemoryArea::write`] if it sleeps or is about to (the sleep
+    /// protocol of `devlend_memory::SleepWord`: the word is cleared before the wake, so a wake
+    /// between the device's re-check and its futex wait is not lost). Registers need nothing:
+    /// the device saw the store.
+    pub fn wake(&self) -> Result<(), devlend_memory::MemError> {
+        if let Some(wake_word) = self.wake_word {
+            devlend_memory::SleepWord::new(self.mem.atomic_u32_at(wake_word)?).wake();
+        }
         Ok(())
     }
 
@@ -333,6 +343,17 @@ pub trait PciDevice: Send + Sync {
     /// handing them to another thread. The default takes nothing.
     fn bar_write_nonblocking(&self, bar: BarIndex, offset: u64, data: &[u8]) -> bool {
         let _ = (bar, offset, data);
+        false
+    }
+    /// After a store into one of its [`MemoryArea`]s that the device polls (a doorbell,
+    /// [`MemoryArea::write`]) found it asleep: runs the work the store asked for on the
+    /// calling thread, when the device can do all of it without waiting (no read that is a
+    /// round trip across a fabric, no lock another thread holds), and returns `true`. Returns
+    /// `false`, having done nothing, otherwise, and when the device is awake anyway (it takes
+    /// the store itself): the caller then wakes it ([`MemoryArea::wake`]). Run to
+    /// completion: a lender's socket reader does a lone command's work itself instead of
+    /// waking the device's thread for it. The default does nothing.
+    fn run_nonblocking(&self) -> bool {
         false
     }
     /// Function-level reset: config space and device state to power-on values.

@@ -171,6 +171,10 @@ impl PciDevice for PresentedVf {
         self.vf.bar_write(bar, offset, data);
     }
 
+    fn run_nonblocking(&self) -> bool {
+        self.vf.run_nonblocking()
+    }
+
     fn reset(&self) {
         self.vf.reset();
         lock(&self.overlay).reset();

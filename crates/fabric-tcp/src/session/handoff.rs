@@ -34,6 +34,7 @@
 //! wait also has a timeout, the keepalive interval, so a lost wake-up would cost latency rather
 //! than a hang; the model waits without timeouts, so there it is a deadlock, and detected.)
 
+use std::cell::Cell;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -65,6 +66,21 @@ impl Arm for Watch {
     fn disarm(&self) -> io::Result<()> {
         Watch::disarm(self)
     }
+}
+
+thread_local! {
+    /// The [`Handoff`] whose socket this thread is reading (its address; 0: none), so that a
+    /// wait on the same socket from inside that reading (which would wait for itself) fails
+    /// instead of deadlocking.
+    static READING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Runs `read` marked as reading the socket of the hand-off at `at`.
+fn reading<T>(at: usize, read: impl FnOnce() -> T) -> T {
+    let before = READING.with(|r| r.replace(at));
+    let out = read();
+    READING.with(|r| r.set(before));
+    out
 }
 
 /// The receive state `S`, with what the hand-off keeps under the same lock.
@@ -115,7 +131,12 @@ impl<S, W: Arm> Handoff<S, W> {
     /// Runs `read` with the receive state: the reader thread's first read (what came with
     /// the handshake), before its watch fired.
     pub(super) fn first<T>(&self, read: impl FnOnce(&mut S) -> T) -> T {
-        read(&mut lock(&self.rx).state)
+        let mut st = lock(&self.rx);
+        reading(self.address(), || read(&mut st.state))
+    }
+
+    fn address(&self) -> usize {
+        std::ptr::from_ref(self) as usize
     }
 
     /// A caller takes the socket and runs `read` with it, disarming the reader thread's watch
@@ -123,6 +144,13 @@ impl<S, W: Arm> Handoff<S, W> {
     /// the socket first (wait for it to hand the reply over). An error when the watch could
     /// not be re-armed (the reader thread would not wake: the connection is unusable).
     pub(super) fn lead<T>(&self, read: impl FnOnce(&mut S) -> T) -> io::Result<Option<T>> {
+        if READING.with(Cell::get) == self.address() {
+            // This thread reads the socket already, further up its stack (it applies what it
+            // read, and that waits on the link): the wait would be for itself.
+            return Err(io::Error::other(
+                "a wait on the link from the thread that reads its socket",
+            ));
+        }
         self.leaders.fetch_add(1, Ordering::AcqRel);
         let mut st = lock(&self.rx);
         let result = if self.leading.swap(true, Ordering::AcqRel) {
@@ -134,7 +162,7 @@ impl<S, W: Arm> Handoff<S, W> {
                 let _ = self.watch.disarm();
                 st.armed = false;
             }
-            let r = read(&mut st.state);
+            let r = reading(self.address(), || read(&mut st.state));
             self.leading.store(false, Ordering::Release);
             Some(r)
         };
@@ -158,7 +186,7 @@ impl<S, W: Arm> Handoff<S, W> {
         let mut st = lock(&self.rx);
         // The event disarmed the watch; `armed` stays set (a caller disarming again is
         // harmless).
-        if !read(&mut st.state)? {
+        if !reading(self.address(), || read(&mut st.state))? {
             return Ok(false);
         }
         if !self.wanted() {
@@ -191,25 +219,53 @@ impl Connection {
         reply: &Receiver<Reply>,
         deadline: Instant,
     ) -> Result<Reply, FabricError> {
+        self.await_until(
+            inner,
+            deadline,
+            || match reply.try_recv() {
+                Ok(r) => Some(Ok(r)),
+                Err(TryRecvError::Disconnected) => Some(Err(FabricError::LinkDown)),
+                Err(TryRecvError::Empty) => None,
+            },
+            |wait| match reply.recv_timeout(wait) {
+                Ok(r) => Some(Ok(r)),
+                Err(RecvTimeoutError::Disconnected) => Some(Err(FabricError::LinkDown)),
+                Err(RecvTimeoutError::Timeout) => None,
+            },
+        )
+    }
+
+    /// Waits until `check` has an answer (`Some`), or until `deadline`
+    /// ([`FabricError::Timeout`]). While no other caller reads the socket, this thread reads
+    /// it itself, so that what it waits for wakes it directly rather than through the reader
+    /// thread; while another caller does, it waits in `park` (for at most the time given,
+    /// then `check` again), and that caller's reading brings the answer.
+    pub(crate) fn await_until<T>(
+        &self,
+        inner: &Inner,
+        deadline: Instant,
+        mut check: impl FnMut() -> Option<Result<T, FabricError>>,
+        mut park: impl FnMut(Duration) -> Option<Result<T, FabricError>>,
+    ) -> Result<T, FabricError> {
         loop {
-            match reply.try_recv() {
-                Ok(r) => return Ok(r),
-                Err(TryRecvError::Disconnected) => return Err(FabricError::LinkDown),
-                Err(TryRecvError::Empty) => {}
+            if let Some(r) = check() {
+                return r;
             }
             let now = Instant::now();
             if now >= deadline {
                 return Err(FabricError::Timeout);
             }
             if self.rx.led() {
-                // Another caller reads the socket and hands our reply over.
-                match reply.recv_timeout((deadline - now).min(self.keepalive_interval)) {
-                    Ok(r) => return Ok(r),
-                    Err(RecvTimeoutError::Disconnected) => return Err(FabricError::LinkDown),
-                    Err(RecvTimeoutError::Timeout) => continue,
+                // Another caller reads the socket and brings our answer.
+                match park((deadline - now).min(self.keepalive_interval)) {
+                    Some(r) => return r,
+                    None => continue,
                 }
             }
-            match self.rx.lead(|st| self.lead(inner, st, reply, deadline)) {
+            match self
+                .rx
+                .lead(|st| self.lead(inner, st, &mut check, deadline))
+            {
                 Ok(Some(r)) => return r,
                 Ok(None) => {}
                 Err(e) => {
@@ -221,14 +277,14 @@ impl Connection {
         }
     }
 
-    /// A caller with the socket: reads it until its reply came.
-    fn lead(
+    /// A caller with the socket: reads it until `check` has its answer.
+    fn lead<T>(
         &self,
         inner: &Inner,
         st: &mut RxState,
-        reply: &Receiver<Reply>,
+        check: &mut impl FnMut() -> Option<Result<T, FabricError>>,
         deadline: Instant,
-    ) -> Result<Reply, FabricError> {
+    ) -> Result<T, FabricError> {
         let end = |e: EndError| {
             if !matches!(e, EndError::Closed) {
                 tracing::warn!(reason = %e, "fabric link down");
@@ -242,10 +298,8 @@ impl Connection {
         let mut spin = Spin::yielding(self.spin);
         let mut spinning = !self.spin.is_zero();
         loop {
-            match reply.try_recv() {
-                Ok(r) => return Ok(r),
-                Err(TryRecvError::Disconnected) => return Err(FabricError::LinkDown),
-                Err(TryRecvError::Empty) => {}
+            if let Some(r) = check() {
+                return r;
             }
             let now = Instant::now();
             if now >= deadline {
@@ -260,7 +314,12 @@ impl Connection {
             };
             if readable {
                 match self.pump(inner, st) {
-                    Ok(Pumped::Nothing | Pumped::Data) => {}
+                    // Data restarts the spin: what is waited for usually follows soon.
+                    Ok(Pumped::Data) => {
+                        spin = Spin::yielding(self.spin);
+                        spinning = !self.spin.is_zero();
+                    }
+                    Ok(Pumped::Nothing) => {}
                     Ok(Pumped::Eof) => {
                         tracing::info!("fabric peer closed the link");
                         return Err(end(EndError::Closed));

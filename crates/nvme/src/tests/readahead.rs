@@ -242,3 +242,39 @@ fn read_ahead_stops_at_its_limit() {
     assert_eq!(total as u64, READ_AHEAD_MAX);
     assert_eq!(port.batches(), [vec![P as usize; 4]]);
 }
+
+#[test]
+fn only_commands_that_read_mapped_memory_count_as_local() {
+    let mapped = Port::new(true);
+    let messages = Port::new(false);
+    let list = BASE + 0x8_0000;
+    prp_list(&messages, list, &[BASE + 0x5_0000, BASE + 0x6_0000]);
+    prp_list(&mapped, list, &[BASE + 0x5_0000, BASE + 0x6_0000]);
+    let read_one = io(nvm_opcode::READ, PAGE, BASE, 0);
+    let read_listed = io(nvm_opcode::READ, 3 * PAGE, BASE + 0x4_0000, list);
+    let write_one = write(PAGE, BASE, 0);
+    let mut dsm = io(nvm_opcode::DATASET_MANAGEMENT, PAGE, BASE, 0);
+    dsm.cdw = [0, 0, 0, 0, 0, 0];
+    let flush = io(nvm_opcode::FLUSH, 512, 0, 0);
+    let mut bad = write(PAGE, BASE, 0);
+    bad.opcode = 0x7f;
+    let too_long = write(2 << 20, BASE, 0);
+    let misaligned = write(PAGE, BASE + 2, 0);
+    let local = |p: &Port, c: &Command| reads_only_mapped(p, c, GEOMETRY);
+    // Reads write host memory (posted) and read nothing, unless they have a PRP list.
+    assert!(local(&messages, &read_one));
+    assert!(!local(&messages, &read_listed));
+    assert!(local(&mapped, &read_listed));
+    // Writes, and Dataset Management's ranges, read their buffer.
+    assert!(!local(&messages, &write_one));
+    assert!(local(&mapped, &write_one));
+    assert!(!local(&messages, &dsm));
+    assert!(local(&mapped, &dsm));
+    // Commands that fail before any transfer, or move no data, read nothing.
+    for c in [&flush, &bad, &too_long, &misaligned] {
+        assert!(local(&messages, c), "{:#x}", c.opcode);
+    }
+    // Nothing was sent as a message to find out.
+    assert_eq!(messages.single_reads.load(Ordering::SeqCst), 0);
+    assert!(messages.batches().is_empty());
+}

@@ -39,6 +39,32 @@ fn armed<S, W: Arm>(h: &Handoff<S, W>) -> bool {
     h.rx.lock().unwrap().armed
 }
 
+/// A wait on the socket from inside its own reading (a frame being applied that waits on the
+/// link) fails at once, in each of the three ways of reading, instead of waiting for itself;
+/// the state is as before, and another hand-off can still be led from there.
+#[test]
+fn a_wait_from_the_thread_that_reads_the_socket_fails_instead_of_deadlocking() {
+    let h = Handoff::new(0u32, Log::default());
+    let other = Handoff::new(0u32, Log::default());
+    let nested = |_: &mut u32| {
+        let err = h.lead(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("reads its socket"), "{err}");
+        // Another link's socket is not this one.
+        assert!(other.lead(|_| ()).unwrap().is_some());
+    };
+    h.first(nested);
+    h.lead(nested).unwrap().unwrap();
+    h.reader_turn(|n| {
+        nested(n);
+        Ok::<_, std::io::Error>(true)
+    })
+    .unwrap();
+    // Outside any reading, leading works again.
+    assert!(h.lead(|_| ()).unwrap().is_some());
+    assert!(!h.led());
+    assert_eq!(h.leaders.load(Ordering::Acquire), 0);
+}
+
 #[test]
 fn a_caller_disarms_the_watch_while_it_reads_and_the_last_one_out_rearms_it() {
     let h = Handoff::new(0u32, Log::default());
