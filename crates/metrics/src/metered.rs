@@ -536,8 +536,9 @@ mod tests {
     use devlend_pci::local::LocalFunction;
     use devlend_pci::test_device::{DirectStandIn, TestDevice};
 
-    #[test]
-    fn a_metered_link_counts_window_traffic_doorbells_and_read_round_trips() {
+    /// One side of a loopback link whose peer (kept, so the link stays up) translates no
+    /// window, metered.
+    fn metered_loopback() -> (MeteredNtb, Arc<LinkMetrics>, Arc<dyn Ntb>) {
         let (a, _b) = devlend_fabric::loopback_pair(
             LinkConfig::default(),
             Arc::new(AddressSpace::new()),
@@ -545,7 +546,13 @@ mod tests {
         )
         .unwrap();
         let m = Arc::new(LinkMetrics::default());
-        let a: Arc<dyn Ntb> = Arc::new(MeteredNtb::new(a, m.clone()));
+        (MeteredNtb::new(a, m.clone()), m, _b)
+    }
+
+    #[test]
+    fn a_metered_link_counts_window_traffic_doorbells_and_read_round_trips() {
+        let (a, m, _peer) = metered_loopback();
+        let a: Arc<dyn Ntb> = Arc::new(a);
         let _ = a.peer_mw_write(0, WindowOffset(0), &[0u8; 64]);
         assert_eq!(m.window_write_bytes.get(), 64);
         assert_eq!(m.window_writes.get(), 1);
@@ -565,14 +572,7 @@ mod tests {
     /// the clock), each counted as a read.
     #[test]
     fn a_metered_link_passes_a_batch_of_reads_as_one() {
-        let (a, _b) = devlend_fabric::loopback_pair(
-            LinkConfig::default(),
-            Arc::new(AddressSpace::new()),
-            Arc::new(AddressSpace::new()),
-        )
-        .unwrap();
-        let m = Arc::new(LinkMetrics::default());
-        let a = MeteredNtb::new(a, m.clone());
+        let (a, m, _peer) = metered_loopback();
         let (mut x, mut y, mut z) = ([0u8; 8], [0u8; 16], [0u8; 4]);
         let mut reads = [
             (WindowOffset(0), &mut x[..]),
