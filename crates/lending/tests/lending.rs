@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devlend_fabric::{AddressSpace, BusAddr, LoopbackNtb, Ntb, SharedMemory};
+use devlend_fabric::{AddressSpace, BusAddr, LoopbackNtb, MemoryWindows, Ntb, SharedMemory};
 use devlend_lending::{LendingError, Node, NodeConfig};
 use devlend_pci::test_device::{self, dma_status, regs, TestDevice, MSIX_BAR, REGS_BAR};
 use devlend_pci::{
@@ -423,4 +423,23 @@ fn a_slow_reset_holds_only_its_own_device() {
     let again = h.borrowers[1].borrow("slow").unwrap();
     assert_eq!(again.config_read(0x04, AccessSize::Word).unwrap() & 0x6, 0);
     drop((again, other, slow));
+}
+
+#[test]
+fn a_window_cleared_before_the_revocation_notice_is_a_removal() {
+    let h = hosts(1, Duration::from_secs(5));
+    let f = h.borrowers[0].borrow("td0").unwrap();
+    enable(&*f);
+    // The lender ends a lease by clearing its windows first and telling the borrower after:
+    // an access in between finds the window gone, and that is the device taken away, not
+    // a transport fault the driver might retry.
+    let lender_end = &h.links[0].0;
+    for w in 0..lender_end.mw_count() {
+        let _ = lender_end.mw_clear_trans(w);
+    }
+    let r = f.bar_read_u32(REGS_BAR, regs::MAGIC);
+    assert!(matches!(r, Err(FunctionError::Removed(_))), "{r:?}");
+    // And it stays removed: later accesses fail the same way without touching the fabric.
+    let r = f.bar_write_u64(REGS_BAR, regs::SCRATCH, 1);
+    assert!(matches!(r, Err(FunctionError::Removed(_))), "{r:?}");
 }
