@@ -27,7 +27,23 @@ pub struct Pair {
     /// More borrower hosts in this process, each with its own address space and its own shm
     /// link to the lender (`Pair::start_with_borrowers`).
     pub more_borrowers: Vec<Node>,
-    keep_dir: bool,
+    /// Last, so that the directory goes after the borrower nodes have stopped (a shm link
+    /// whose peer left listens again at its rendezvous until its node stops).
+    scratch: ScratchDir,
+}
+
+/// Removes the scratch directory when dropped, unless kept.
+struct ScratchDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 impl Pair {
@@ -148,12 +164,15 @@ impl Pair {
         let ntbs = host::open_fabrics(std::slice::from_ref(&ours), &auth)?;
         let mut pair = Pair {
             netns,
+            scratch: ScratchDir {
+                path: dir.clone(),
+                keep: false,
+            },
             dir,
             lender_state,
             lender: Some(lender),
             borrower: Node::start(NodeConfig::new("borrower"), ntbs)?,
             more_borrowers: Vec::new(),
-            keep_dir: false,
         };
         pair.wait_lender()?;
         pair.borrower
@@ -238,7 +257,7 @@ impl Pair {
 
     /// Keeps the scratch directory after drop (for inspection).
     pub fn keep(&mut self) {
-        self.keep_dir = true;
+        self.scratch.keep = true;
     }
 }
 
@@ -260,9 +279,7 @@ impl Drop for Pair {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if !self.keep_dir {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        // The scratch directory goes with the last field, after the borrower nodes.
         drop(self.netns.take());
     }
 }
