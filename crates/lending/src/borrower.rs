@@ -156,20 +156,13 @@ impl BorrowedFunction {
                 self.mark_removed("the link to the lender went down");
                 removed_error(self)
             }
-            other => FunctionError::Transport(other.to_string()),
-        }
-    }
-
-    /// A failed access to a BAR window. The lender clears a lease's windows before its
-    /// revocation notice reaches us: a granted window that is no longer translated is the
-    /// device taken away, a surprise removal.
-    fn bar_error(&self, e: FabricError) -> FunctionError {
-        match e {
+            // The lender clears a lease's windows before its revocation notice reaches us: a
+            // BAR window no longer translated is the device taken away, a surprise removal.
             FabricError::WindowNotTranslated(_) => {
                 self.mark_removed("the lender withdrew the device's memory window");
                 removed_error(self)
             }
-            other => self.fabric_error(other),
+            other => FunctionError::Transport(other.to_string()),
         }
     }
 
@@ -416,7 +409,7 @@ impl BarAccess for BorrowedFunction {
         }
         node.ntb
             .peer_mw_read(g.window, WindowOffset(offset), data)
-            .map_err(|e| self.bar_error(e))
+            .map_err(|e| self.fabric_error(e))
     }
 
     fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), FunctionError> {
@@ -430,7 +423,7 @@ impl BarAccess for BorrowedFunction {
         }
         node.ntb
             .peer_mw_write(g.window, WindowOffset(offset), data)
-            .map_err(|e| self.bar_error(e))
+            .map_err(|e| self.fabric_error(e))
     }
 }
 
