@@ -15,7 +15,7 @@ use devlend_fabric::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::frame::{self, Frame, Hello, Status};
-use crate::session::{self, Connection, Flush, Inbound, Mode, Reply};
+use crate::session::{self, Connection, Flush, Inbound, Lead, Mode, Reply};
 use crate::{Credentials, TcpConfig, TcpError};
 use devlend_sync::{lock, posted};
 
@@ -903,6 +903,7 @@ impl Doorbells for TcpNtb {
         let deadline = Instant::now() + timeout.min(Duration::from_secs(3600));
         s.await_until(
             &self.inner,
+            Lead::Answer,
             deadline,
             || match rung() {
                 0 if s.is_up() => None,
@@ -920,6 +921,45 @@ impl Doorbells for TcpNtb {
 
     fn db_wait_polls(&self) -> bool {
         true
+    }
+
+    fn wait_reading(
+        &self,
+        deadline: Instant,
+        woken: &mut dyn FnMut() -> bool,
+        park: &mut dyn FnMut(Duration),
+    ) -> Result<bool> {
+        let s = self.inner.session()?;
+        // `woken` is called from both closures below, one at a time.
+        let woken = std::cell::RefCell::new(woken);
+        let done = || (*woken.borrow_mut())();
+        match s.await_until(
+            &self.inner,
+            Lead::Yielding,
+            deadline,
+            || {
+                if done() {
+                    Some(Ok(()))
+                } else if s.is_up() {
+                    None
+                } else {
+                    Some(Err(FabricError::LinkDown))
+                }
+            },
+            |wait| {
+                park(wait);
+                done().then_some(Ok(()))
+            },
+        ) {
+            Ok(()) | Err(FabricError::Timeout) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn interrupt_wait_reading(&self) {
+        if let Ok(s) = self.inner.session() {
+            s.interrupt_reading();
+        }
     }
 
     fn peer_db_set(&self, bits: u64) -> Result<()> {

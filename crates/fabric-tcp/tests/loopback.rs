@@ -294,3 +294,84 @@ fn a_posted_write_batch_keeps_the_order() {
     p.ha.ram.read_at(0, &mut first).unwrap();
     assert_eq!(first, [9u8; 8]);
 }
+
+/// `wait_reading`: the waiter reads the socket itself, so the peer's doorbell ends its wait;
+/// and an interruption from this process makes it check at once, not at the link's next
+/// data (keepalives here come every half minute, beyond the guard).
+#[test]
+fn a_wait_reading_the_link_ends_on_a_doorbell_and_on_an_interruption() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::mpsc::channel;
+    use std::time::Instant;
+
+    let keys = deployment();
+    let mut quiet = cfg();
+    quiet.keepalive_interval = Duration::from_secs(30);
+    quiet.keepalive_timeout = Duration::from_secs(90);
+    quiet.link.spin = Duration::ZERO;
+    let p = pair_with(creds(&keys, "a", "b"), creds(&keys, "b", "a"), quiet);
+    p.a.wait_link(LinkState::Up, GUARD).unwrap();
+    p.b.wait_link(LinkState::Up, GUARD).unwrap();
+    let hour = Instant::now() + Duration::from_secs(3600);
+    let flag = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (done, finished) = channel();
+        let b = &p.b;
+        s.spawn(move || {
+            let r = b.wait_reading(hour, &mut || b.db_read() & 1 != 0, &mut |d| {
+                std::thread::sleep(d.min(Duration::from_millis(1)))
+            });
+            done.send(r).unwrap();
+        });
+        p.a.peer_db_set(1).unwrap();
+        let r = finished
+            .recv_timeout(GUARD)
+            .expect("the doorbell did not end the wait");
+        assert!(r.unwrap(), "tcp waits reading the link");
+    });
+    let checks = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let (done, finished) = channel();
+        let (b, flag, checks) = (&p.b, &flag, &checks);
+        s.spawn(move || {
+            let mut woken = || {
+                checks.fetch_add(1, Ordering::SeqCst);
+                flag.load(Ordering::SeqCst)
+            };
+            let r = b.wait_reading(hour, &mut woken, &mut |d| {
+                std::thread::sleep(d.min(Duration::from_millis(1)))
+            });
+            done.send(r).unwrap();
+        });
+        // Once the waiter has checked twice (before taking the socket and with it), it
+        // sleeps on the socket next: only the interruption ends that sleep.
+        let deadline = Instant::now() + GUARD;
+        while checks.load(Ordering::SeqCst) < 2 {
+            assert!(Instant::now() < deadline, "the waiter never checked");
+            std::thread::yield_now();
+        }
+        flag.store(true, Ordering::SeqCst);
+        p.b.interrupt_wait_reading();
+        let r = finished
+            .recv_timeout(GUARD)
+            .expect("the interruption was not seen");
+        assert!(r.unwrap());
+    });
+    // A stale interruption costs the next wait one check, nothing else.
+    p.b.interrupt_wait_reading();
+    std::thread::scope(|s| {
+        let (done, finished) = channel();
+        let b = &p.b;
+        s.spawn(move || {
+            let r = b.wait_reading(hour, &mut || b.db_read() & 2 != 0, &mut |d| {
+                std::thread::sleep(d.min(Duration::from_millis(1)))
+            });
+            done.send(r).unwrap();
+        });
+        p.a.peer_db_set(2).unwrap();
+        let r = finished
+            .recv_timeout(GUARD)
+            .expect("the doorbell did not end the wait");
+        assert!(r.unwrap());
+    });
+}

@@ -62,7 +62,7 @@ pub use error::FabricError;
 pub use loopback::{loopback_pair, LoopbackNtb};
 pub use shm::ShmNtb;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Result type of fabric calls.
 pub type Result<T> = std::result::Result<T, FabricError>;
@@ -183,6 +183,28 @@ pub trait Doorbells {
     fn db_wait_polls(&self) -> bool {
         false
     }
+    /// Waits on the calling thread until `woken()` holds or `deadline` passes, reading the
+    /// link itself meanwhile as [`Doorbells::db_wait`] does (`tcp`: while no other thread
+    /// reads the socket, this one does), so that a write arriving for this thread's device
+    /// wakes it directly rather than through the fabric's reader thread. While another
+    /// thread reads the link, `park(d)` sleeps at most `d` the caller's own way (that
+    /// thread's reading wakes it). Returns `Ok(true)` once it has waited; `Ok(false)`, having
+    /// waited for nothing, on a fabric whose link no thread reads (the default): the caller
+    /// then sleeps its own way. [`FabricError::LinkDown`] when the link goes down.
+    fn wait_reading(
+        &self,
+        deadline: Instant,
+        woken: &mut dyn FnMut() -> bool,
+        park: &mut dyn FnMut(Duration),
+    ) -> Result<bool> {
+        let _ = (deadline, woken, park);
+        Ok(false)
+    }
+    /// Makes a [`Doorbells::wait_reading`] in progress that reads the link check its `woken`
+    /// now rather than at the link's next data: for a wake-up that comes from this process
+    /// (another thread of the waiter's device), not over the link. A waiter parked meanwhile
+    /// is woken its own way. Nothing by default.
+    fn interrupt_wait_reading(&self) {}
 }
 
 /// Scratchpad registers (`ntb_spad_*`, `ntb_peer_spad_*`).

@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use devlend_fabric::{AddressSpace, BusAddr, FabricError, MmioHandler, Ntb, WindowOffset};
-use devlend_pci::{AccessSize, BarIndex, BarSpec, DmaPort, InterruptSink, MemoryArea, PciDevice};
+use devlend_pci::{
+    AccessSize, BarIndex, BarSpec, DmaPort, IdleWait, InterruptSink, MemoryArea, PciDevice,
+};
 use devlend_pci::{DmaError, DmaTarget, Iommu, RemoteMemory};
 
 use crate::protocol::{AreaGrant, BarDesc, BarGrant, DeviceDesc, Grant, Request, Response};
@@ -113,6 +115,30 @@ impl MmioHandler for BarHandler {
         }
         // Device memory the device applies without blocking (a CMB's entries and data).
         self.device.bar_write_nonblocking(self.bar, offset, data)
+    }
+}
+
+/// A lent device's idle wait on the borrower's link (`devlend_fabric::Doorbells::wait_reading`): the
+/// device's thread reads the link while it waits for a doorbell. Weak: the link's window
+/// handlers hold the device.
+struct LinkIdleWait(Weak<dyn Ntb>);
+
+impl IdleWait for LinkIdleWait {
+    fn idle_wait(
+        &self,
+        deadline: Instant,
+        woken: &mut dyn FnMut() -> bool,
+        park: &mut dyn FnMut(Duration),
+    ) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|ntb| ntb.wait_reading(deadline, woken, park).unwrap_or(false))
+    }
+
+    fn interrupt(&self) {
+        if let Some(ntb) = self.0.upgrade() {
+            ntb.interrupt_wait_reading();
+        }
     }
 }
 
@@ -754,6 +780,11 @@ impl Lender {
         }
         *doorbells_used |= doorbell_bits(doorbell_base, vectors);
         drop(doorbells_used);
+        // On a link a thread must read (tcp), the device's thread reads it while idle.
+        if node.ntb.db_wait_polls() {
+            dev.device
+                .set_idle_wait(Some(Arc::new(LinkIdleWait(Arc::downgrade(&node.ntb)))));
+        }
         let ntb = node.ntb.clone();
         dev.sink.route(Some(Arc::new(move |v: u16| {
             if v < vectors {
@@ -901,6 +932,7 @@ impl Lender {
         };
         let serial = devlend_sync::lock(&access);
         sink.route(None);
+        device.set_idle_wait(None);
         // Every vector back to this side's own eventfds before the reset, so that the next
         // holder never receives this one's interrupts (a no-op for a device without them).
         device.set_interrupt_fds(None);

@@ -114,6 +114,9 @@ impl PciDevice for MeteredDevice {
     fn run_nonblocking(&self) -> bool {
         self.inner.run_nonblocking()
     }
+    fn set_idle_wait(&self, wait: Option<Arc<dyn devlend_pci::IdleWait>>) {
+        self.inner.set_idle_wait(wait)
+    }
     fn reset(&self) {
         self.m.resets.inc();
         self.inner.reset()
@@ -431,6 +434,17 @@ impl Doorbells for MeteredNtb {
     }
     fn db_wait_polls(&self) -> bool {
         self.inner.db_wait_polls()
+    }
+    fn wait_reading(
+        &self,
+        deadline: std::time::Instant,
+        woken: &mut dyn FnMut() -> bool,
+        park: &mut dyn FnMut(std::time::Duration),
+    ) -> devlend_fabric::Result<bool> {
+        self.inner.wait_reading(deadline, woken, park)
+    }
+    fn interrupt_wait_reading(&self) {
+        self.inner.interrupt_wait_reading()
     }
     fn db_read(&self) -> u64 {
         self.inner.db_read()

@@ -35,7 +35,7 @@ use devlend_memory::{BusAddr, MemSpan, SleepWord};
 use devlend_pci::config::{sriov, BarRegion, Identity, MsixLayout, PciExpressCap, SriovCap};
 use devlend_pci::{
     AccessSize, BarIndex, BarSpec, ConfigEffect, ConfigSpace, ConfigSpaceBuilder, DmaAccess,
-    DmaError, DmaPort, DmaSpanResult, InterruptSink, MemoryArea, MsixTable, PciDevice,
+    DmaError, DmaPort, DmaSpanResult, IdleWait, InterruptSink, MemoryArea, MsixTable, PciDevice,
 };
 
 use crate::cmb::{Cmb, CmbPort, CMB_BAR};
@@ -171,6 +171,9 @@ struct Inner {
     cmb: Option<Arc<Cmb>>,
     /// The hand-off to the pool threads (`None` with one I/O worker).
     dispatch: Option<Arc<Dispatch>>,
+    /// How the worker waits when idle, if not on its sleep word alone
+    /// ([`PciDevice::set_idle_wait`]).
+    idle_wait: Mutex<Option<Arc<dyn IdleWait>>>,
 }
 
 /// An NVMe controller with one namespace backed by a raw image file, as a PCIe function.
@@ -409,6 +412,7 @@ impl NvmeDevice {
             role,
             cmb,
             dispatch,
+            idle_wait: Mutex::new(None),
         });
         let worker_inner = inner.clone();
         let join = std::thread::Builder::new()
@@ -517,7 +521,12 @@ impl Inner {
                 last_work = Instant::now();
                 continue;
             }
-            if last_work.elapsed() < self.spin {
+            // A worker that reads a link while idle goes to it at once: the link's wait polls
+            // the socket first, and a doorbell read there reaches this thread directly (if it
+            // polled its word here instead, the fabric's reader thread would take the socket
+            // meanwhile and the doorbell would come through that thread).
+            let reader = lock(&self.idle_wait).clone();
+            if reader.is_none() && last_work.elapsed() < self.spin {
                 // Yield rather than spin hard: on an oversubscribed host the thread that will
                 // ring the next doorbell may be waiting for this very core.
                 std::thread::yield_now();
@@ -544,7 +553,22 @@ impl Inner {
                     })
                     .min(self.idle_recheck);
                 if let Some(w) = word {
-                    w.sleep(Some(timeout));
+                    // On a link a thread must read, the worker reads it itself while idle:
+                    // the doorbell that ends the wait then wakes no other thread first.
+                    let read = reader.is_some_and(|r| {
+                        r.idle_wait(
+                            Instant::now()
+                                .checked_add(timeout)
+                                .unwrap_or_else(Instant::now),
+                            &mut || !w.is_announced() || self.stop.load(Ordering::Acquire),
+                            &mut |d| {
+                                w.sleep(Some(d));
+                            },
+                        )
+                    });
+                    if !read {
+                        w.sleep(Some(timeout));
+                    }
                 }
             }
             if let Some(w) = word {
@@ -610,9 +634,14 @@ impl Inner {
     /// After a doorbell store: a futex wake only when the worker sleeps (the common, busy
     /// case costs one atomic load). The word goes back to 0 before the wake, so a worker that
     /// has re-checked but not yet called its futex wait does not sleep (see the module docs).
+    /// A worker that reads a link while idle ([`PciDevice::set_idle_wait`]) is told too: it
+    /// sees the word only between reads.
     fn wake(&self) {
         if self.sleep_word().is_some_and(|w| w.wake()) {
             self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+            if let Some(r) = lock(&self.idle_wait).as_ref() {
+                r.interrupt();
+            }
         }
     }
 
@@ -905,6 +934,17 @@ impl PciDevice for NvmeDevice {
             inner.irq.signal(v);
         }
         !rest
+    }
+
+    /// The worker is woken, so that it waits the new way from now on (it may sleep on its
+    /// word, or in the wait taken back, until its next recheck otherwise).
+    fn set_idle_wait(&self, wait: Option<Arc<dyn IdleWait>>) {
+        let old = std::mem::replace(&mut *lock(&self.inner.idle_wait), wait);
+        self.inner.wake();
+        if let Some(old) = old {
+            // The wake above told the new one only.
+            old.interrupt();
+        }
     }
 
     fn reset(&self) {

@@ -321,6 +321,24 @@ impl MemoryArea {
     }
 }
 
+/// A device thread's wait for work on a lender whose fabric a thread reads (`tcp`): the wait
+/// reads the link itself, so what the borrower sends wakes the device's thread with no other
+/// thread in between (see `devlend_fabric::Doorbells::wait_reading`).
+pub trait IdleWait: Send + Sync {
+    /// Waits until `woken()` holds or `deadline` passes, parking in `park(d)` (at most `d`)
+    /// while another thread reads the link. `false`, having waited for nothing, when it
+    /// cannot (the link is down or reads itself): the caller sleeps its own way.
+    fn idle_wait(
+        &self,
+        deadline: std::time::Instant,
+        woken: &mut dyn FnMut() -> bool,
+        park: &mut dyn FnMut(std::time::Duration),
+    ) -> bool;
+    /// A wake-up of the device's thread from this process (not over the link): a wait in
+    /// progress that reads the link checks its `woken` now.
+    fn interrupt(&self);
+}
+
 /// A PCIe function as the bus sees it: what a device model implements.
 ///
 /// Accesses a driver controls cannot fail or panic here: like hardware, a bad read returns
@@ -355,6 +373,13 @@ pub trait PciDevice: Send + Sync {
     /// waking the device's thread for it. The default does nothing.
     fn run_nonblocking(&self) -> bool {
         false
+    }
+    /// How the device's thread waits while it has nothing to do, from now on (`None`: its
+    /// own way, the default). A lender on a fabric that a thread must read (`tcp`) gives one
+    /// that reads the link while it waits ([`IdleWait`]), so that the borrower's doorbell
+    /// wakes the device's thread directly. A device without a thread of its own ignores it.
+    fn set_idle_wait(&self, wait: Option<Arc<dyn IdleWait>>) {
+        let _ = wait;
     }
     /// Function-level reset: config space and device state to power-on values.
     fn reset(&self);

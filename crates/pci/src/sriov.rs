@@ -175,6 +175,10 @@ impl PciDevice for PresentedVf {
         self.vf.run_nonblocking()
     }
 
+    fn set_idle_wait(&self, wait: Option<Arc<dyn crate::IdleWait>>) {
+        self.vf.set_idle_wait(wait);
+    }
+
     fn reset(&self) {
         self.vf.reset();
         lock(&self.overlay).reset();

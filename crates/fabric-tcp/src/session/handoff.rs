@@ -9,6 +9,14 @@
 //! - a **caller** waiting for the reply to its own request (a read, say). It reads the socket
 //!   itself, so that the reply wakes the caller directly, not through the reader thread (one
 //!   wake-up instead of two on the latency path).
+//! - a **device's thread waiting for work** ([`Lead::Yielding`]: a lent NVMe controller's
+//!   worker while it is idle). It reads the socket too, so that the doorbell that ends its
+//!   wait reaches it with no thread in between; it gives the socket up to another such thread
+//!   that comes to wait (the device that was busy last is the likeliest to get the next
+//!   doorbell), and another caller that finds the socket free while it comes for it nudges it
+//!   to leave. A caller waiting for a reply while it has the socket waits for the reply to be
+//!   handed over, as from any other caller: taking over would put two wake-ups (the nudge, then
+//!   the lock) where the hand-over puts one, and measured slower.
 //!
 //! The receive buffers are behind one lock ([`Handoff`]'s `rx`), so only one thread reads the
 //! socket at a time: whoever holds it "has the socket". The hand-off protocol, with its three
@@ -36,6 +44,7 @@
 
 use std::cell::Cell;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Mutex;
@@ -100,6 +109,9 @@ pub(super) struct Handoff<S, W> {
     leaders: AtomicUsize,
     /// A caller is reading: other callers wait for their reply instead of taking over.
     leading: AtomicBool,
+    /// The caller reading gives the socket up to any other caller that wants it (it waits
+    /// for work of its own, not for a reply: [`Handoff::lead_yielding`]).
+    yielding: AtomicBool,
 }
 
 impl<S, W: Arm> Handoff<S, W> {
@@ -110,6 +122,7 @@ impl<S, W: Arm> Handoff<S, W> {
             watch,
             leaders: AtomicUsize::new(0),
             leading: AtomicBool::new(false),
+            yielding: AtomicBool::new(false),
         }
     }
 
@@ -128,6 +141,18 @@ impl<S, W: Arm> Handoff<S, W> {
         self.leaders.load(Ordering::Acquire) != 0
     }
 
+    /// Whether the caller that has the socket gives it up to others: a caller waiting for a
+    /// reply then takes the socket over rather than waiting for that caller to hand the reply
+    /// over (one thread less between the wire and it).
+    pub(super) fn led_yielding(&self) -> bool {
+        self.leading.load(Ordering::SeqCst) && self.yielding.load(Ordering::SeqCst)
+    }
+
+    /// For a caller that leads yielding: another caller wants the socket, give it up.
+    pub(super) fn wanted_by_another(&self) -> bool {
+        self.leaders.load(Ordering::SeqCst) > 1
+    }
+
     /// Runs `read` with the receive state: the reader thread's first read (what came with
     /// the handshake), before its watch fired.
     pub(super) fn first<T>(&self, read: impl FnOnce(&mut S) -> T) -> T {
@@ -143,7 +168,37 @@ impl<S, W: Arm> Handoff<S, W> {
     /// meanwhile; the last caller out re-arms it. `Ok(None)` when another caller had taken
     /// the socket first (wait for it to hand the reply over). An error when the watch could
     /// not be re-armed (the reader thread would not wake: the connection is unusable).
-    pub(super) fn lead<T>(&self, read: impl FnOnce(&mut S) -> T) -> io::Result<Option<T>> {
+    ///
+    /// If the caller that has the socket leads yielding ([`Handoff::lead_yielding`]),
+    /// `nudge` is called once this caller counts as wanting the socket: it must make that
+    /// caller look at [`Handoff::wanted_by_another`] soon (it may sleep on the socket).
+    pub(super) fn lead<T>(
+        &self,
+        nudge: impl FnOnce(),
+        read: impl FnOnce(&mut S) -> T,
+    ) -> io::Result<Option<T>> {
+        self.lead_with(false, nudge, read)
+    }
+
+    /// As [`Handoff::lead`], for a caller that waits for work of its own rather than for a
+    /// reply: while it has the socket, `read` gives it up as soon as
+    /// [`Handoff::wanted_by_another`] holds (a caller that comes for the socket nudges it).
+    /// It takes the socket from a caller that leads yielding too: the latest to wait is the
+    /// likeliest to get work next (the device that was just busy).
+    pub(super) fn lead_yielding<T>(
+        &self,
+        nudge: impl FnOnce(),
+        read: impl FnOnce(&mut S) -> T,
+    ) -> io::Result<Option<T>> {
+        self.lead_with(true, nudge, read)
+    }
+
+    fn lead_with<T>(
+        &self,
+        yielding: bool,
+        nudge: impl FnOnce(),
+        read: impl FnOnce(&mut S) -> T,
+    ) -> io::Result<Option<T>> {
         if READING.with(Cell::get) == self.address() {
             // This thread reads the socket already, further up its stack (it applies what it
             // read, and that waits on the link): the wait would be for itself.
@@ -151,7 +206,15 @@ impl<S, W: Arm> Handoff<S, W> {
                 "a wait on the link from the thread that reads its socket",
             ));
         }
-        self.leaders.fetch_add(1, Ordering::AcqRel);
+        // Sequentially consistent with `yielding` below: either this caller sees the leader
+        // yielding and nudges it, or that leader sees this caller in `leaders` when it checks
+        // `wanted_by_another`, which it does before it first waits.
+        self.leaders.fetch_add(1, Ordering::SeqCst);
+        if self.led_yielding() {
+            // (A caller waiting for a reply gets here only if the socket was free when it
+            // looked, and a yielding caller took it since.)
+            nudge();
+        }
         let mut st = lock(&self.rx);
         let result = if self.leading.swap(true, Ordering::AcqRel) {
             // Lost the race to another caller: wait for it instead.
@@ -162,7 +225,9 @@ impl<S, W: Arm> Handoff<S, W> {
                 let _ = self.watch.disarm();
                 st.armed = false;
             }
+            self.yielding.store(yielding, Ordering::SeqCst);
             let r = reading(self.address(), || read(&mut st.state));
+            self.yielding.store(false, Ordering::SeqCst);
             self.leading.store(false, Ordering::Release);
             Some(r)
         };
@@ -198,13 +263,40 @@ impl<S, W: Arm> Handoff<S, W> {
     }
 }
 
-/// Waits until `sock` is readable (or has an error or hang-up); `false` after `timeout`.
-fn wait_readable(sock: &std::net::TcpStream, timeout: Duration) -> Result<bool, EndError> {
+/// How a caller waiting in [`Connection::await_until`] holds the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lead {
+    /// Until its answer comes: it waits for something the link brings (a reply, the peer's
+    /// doorbell), and other callers wait for it to hand theirs over.
+    Answer,
+    /// Until its answer comes or another caller that waits this way comes for the socket: it
+    /// waits for work of its own (a device's thread while idle), and the latest device to go
+    /// idle, the likeliest to get the next doorbell, has the socket.
+    Yielding,
+}
+
+/// Waits until `sock` is readable (or has an error or hang-up), or until `wake` is signalled
+/// (then cleared); whether the socket is readable, `false` after `timeout`.
+fn wait_readable(
+    sock: &std::net::TcpStream,
+    wake: &OwnedFd,
+    timeout: Duration,
+) -> Result<bool, EndError> {
     let timeout = Timespec::try_from(timeout.max(Duration::from_millis(1))).ok();
     loop {
-        let mut fds = [PollFd::new(sock, PollFlags::IN)];
+        let mut fds = [
+            PollFd::new(sock, PollFlags::IN),
+            PollFd::new(wake, PollFlags::IN),
+        ];
         match poll(&mut fds, timeout.as_ref()) {
-            Ok(n) => return Ok(n > 0),
+            Ok(_) => {
+                let [sock, wake_fd] = &fds;
+                if !wake_fd.revents().is_empty() {
+                    // Cleared, so that it wakes no later wait; the count does not matter.
+                    let _ = rustix::io::read(wake, &mut [0u8; 8]);
+                }
+                return Ok(!sock.revents().is_empty());
+            }
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(EndError::Io(e.into())),
         }
@@ -221,6 +313,7 @@ impl Connection {
     ) -> Result<Reply, FabricError> {
         self.await_until(
             inner,
+            Lead::Answer,
             deadline,
             || match reply.try_recv() {
                 Ok(r) => Some(Ok(r)),
@@ -239,14 +332,19 @@ impl Connection {
     /// ([`FabricError::Timeout`]). While no other caller reads the socket, this thread reads
     /// it itself, so that what it waits for wakes it directly rather than through the reader
     /// thread; while another caller does, it waits in `park` (for at most the time given,
-    /// then `check` again), and that caller's reading brings the answer.
+    /// then `check` again), and that caller's reading brings the answer. A caller that leads
+    /// [`Lead::Yielding`] gives the socket up to another that comes to wait the same way (and
+    /// parks once before it tries again).
     pub(crate) fn await_until<T>(
         &self,
         inner: &Inner,
+        how: Lead,
         deadline: Instant,
         mut check: impl FnMut() -> Option<Result<T, FabricError>>,
         mut park: impl FnMut(Duration) -> Option<Result<T, FabricError>>,
     ) -> Result<T, FabricError> {
+        // Gave the socket up to another caller: wait in `park` once before taking it again.
+        let mut gave_way = false;
         loop {
             if let Some(r) = check() {
                 return r;
@@ -255,18 +353,26 @@ impl Connection {
             if now >= deadline {
                 return Err(FabricError::Timeout);
             }
-            if self.rx.led() {
+            // Only a caller that yields itself takes the socket from one that yields: a caller
+            // waiting for a reply waits for it to be handed over, as from any caller (taking
+            // the socket over would wake two threads instead of one, measured slower).
+            let take_over = how == Lead::Yielding && self.rx.led_yielding();
+            if gave_way || (self.rx.led() && !take_over) {
                 // Another caller reads the socket and brings our answer.
+                gave_way = false;
                 match park((deadline - now).min(self.keepalive_interval)) {
                     Some(r) => return r,
                     None => continue,
                 }
             }
-            match self
-                .rx
-                .lead(|st| self.lead(inner, st, &mut check, deadline))
-            {
-                Ok(Some(r)) => return r,
+            let read = |st: &mut RxState| self.lead(inner, st, how, &mut check, deadline);
+            let led = match how {
+                Lead::Answer => self.rx.lead(|| self.interrupt_reading(), read),
+                Lead::Yielding => self.rx.lead_yielding(|| self.interrupt_reading(), read),
+            };
+            match led {
+                Ok(Some(Some(r))) => return r,
+                Ok(Some(None)) => gave_way = true,
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "fabric link down: cannot watch the socket");
@@ -277,14 +383,16 @@ impl Connection {
         }
     }
 
-    /// A caller with the socket: reads it until `check` has its answer.
+    /// A caller with the socket: reads it until `check` has its answer; `None` when it leads
+    /// [`Lead::Yielding`] and another caller wants the socket.
     fn lead<T>(
         &self,
         inner: &Inner,
         st: &mut RxState,
+        how: Lead,
         check: &mut impl FnMut() -> Option<Result<T, FabricError>>,
         deadline: Instant,
-    ) -> Result<T, FabricError> {
+    ) -> Option<Result<T, FabricError>> {
         let end = |e: EndError| {
             if !matches!(e, EndError::Closed) {
                 tracing::warn!(reason = %e, "fabric link down");
@@ -298,19 +406,25 @@ impl Connection {
         let mut spin = Spin::yielding(self.spin);
         let mut spinning = !self.spin.is_zero();
         loop {
+            if how == Lead::Yielding && self.rx.wanted_by_another() {
+                return None;
+            }
             if let Some(r) = check() {
-                return r;
+                return Some(r);
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(FabricError::Timeout);
+                return Some(Err(FabricError::Timeout));
             }
             let readable = if spinning {
                 spinning = spin.pause() != Pause::Spent;
                 true
             } else {
                 let wait = (deadline - now).min(self.keepalive_interval);
-                wait_readable(&self.sock, wait).map_err(end)?
+                match wait_readable(&self.sock, &self.lead_wake, wait) {
+                    Ok(r) => r,
+                    Err(e) => return Some(Err(end(e))),
+                }
             };
             if readable {
                 match self.pump(inner, st) {
@@ -322,12 +436,12 @@ impl Connection {
                     Ok(Pumped::Nothing) => {}
                     Ok(Pumped::Eof) => {
                         tracing::info!("fabric peer closed the link");
-                        return Err(end(EndError::Closed));
+                        return Some(Err(end(EndError::Closed)));
                     }
-                    Err(e) => return Err(end(e)),
+                    Err(e) => return Some(Err(end(e))),
                 }
             } else if self.silent_too_long() {
-                return Err(end(EndError::Silent));
+                return Some(Err(end(EndError::Silent)));
             }
         }
     }

@@ -21,6 +21,7 @@ mod recv;
 mod send;
 
 use std::net::TcpStream;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -30,9 +31,11 @@ use crate::queue::{InQueue, OutQueue};
 use crate::record::{Opener, RecordError, Sealer, MAX_RECORD};
 use crate::watch::Watch;
 use devlend_sync::lock;
+use rustix::event::{eventfd, EventfdFlags};
 
 pub(crate) use establish::{supervise, Mode};
 use handoff::Handoff;
+pub(crate) use handoff::Lead;
 pub(crate) use pending::take_credit;
 use pending::{Inflight, Tags};
 use recv::{NetBuf, RxState};
@@ -134,6 +137,10 @@ pub(crate) struct Connection {
     /// How long a reader keeps polling the socket before it sleeps (adaptive polling: a
     /// reply or the peer's next request usually comes within it, and a wake-up costs more).
     spin: Duration,
+    /// Signalled to make a caller that reads the socket check what it waits for now, when
+    /// that comes from this process rather than from the socket
+    /// ([`Connection::interrupt_reading`]).
+    lead_wake: OwnedFd,
     /// When bytes last arrived (for the keepalive timeout).
     last_rx: Mutex<Instant>,
     keepalive_interval: Duration,
@@ -145,6 +152,7 @@ impl Connection {
         let early = chan.early.take();
         let (send_limit, service_limit) = (cfg.send_queue_bytes, cfg.service_queue_bytes);
         let watch = Watch::new(&sock)?;
+        let lead_wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         Ok(Self {
             out: OutQueue::new(send_limit),
             inq: InQueue::new(service_limit),
@@ -171,10 +179,20 @@ impl Connection {
                 watch,
             ),
             spin: cfg.link.spin,
+            lead_wake,
             last_rx: Mutex::new(Instant::now()),
             keepalive_interval: cfg.keepalive_interval,
             keepalive_timeout: cfg.keepalive_timeout,
         })
+    }
+
+    /// Makes the caller reading the socket, if one does, check what it waits for at once
+    /// instead of at the next data: for a wait whose end comes from this process (a device
+    /// woken by one of its own threads) rather than over the link. A stale signal costs the
+    /// next reader one extra check.
+    pub(crate) fn interrupt_reading(&self) {
+        // A full counter (EAGAIN) still wakes the reader.
+        let _ = rustix::io::write(&self.lead_wake, &1u64.to_ne_bytes());
     }
 
     fn silent_too_long(&self) -> bool {

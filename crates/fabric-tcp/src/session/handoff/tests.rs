@@ -47,20 +47,20 @@ fn a_wait_from_the_thread_that_reads_the_socket_fails_instead_of_deadlocking() {
     let h = Handoff::new(0u32, Log::default());
     let other = Handoff::new(0u32, Log::default());
     let nested = |_: &mut u32| {
-        let err = h.lead(|_| ()).unwrap_err();
+        let err = h.lead(|| {}, |_| ()).unwrap_err();
         assert!(err.to_string().contains("reads its socket"), "{err}");
         // Another link's socket is not this one.
-        assert!(other.lead(|_| ()).unwrap().is_some());
+        assert!(other.lead(|| {}, |_| ()).unwrap().is_some());
     };
     h.first(nested);
-    h.lead(nested).unwrap().unwrap();
+    h.lead(|| {}, nested).unwrap().unwrap();
     h.reader_turn(|n| {
         nested(n);
         Ok::<_, std::io::Error>(true)
     })
     .unwrap();
     // Outside any reading, leading works again.
-    assert!(h.lead(|_| ()).unwrap().is_some());
+    assert!(h.lead(|| {}, |_| ()).unwrap().is_some());
     assert!(!h.led());
     assert_eq!(h.leaders.load(Ordering::Acquire), 0);
 }
@@ -70,13 +70,16 @@ fn a_caller_disarms_the_watch_while_it_reads_and_the_last_one_out_rearms_it() {
     let h = Handoff::new(0u32, Log::default());
     assert!(!h.led() && !h.wanted());
     let got = h
-        .lead(|n| {
-            // While a caller reads: it is the leader, it wants the socket, the watch is off.
-            assert!(h.led() && h.wanted());
-            assert_eq!(h.watch().take(), ["disarm"]);
-            *n += 1;
-            *n
-        })
+        .lead(
+            || {},
+            |n| {
+                // While a caller reads: it is the leader, it wants the socket, the watch is off.
+                assert!(h.led() && h.wanted());
+                assert_eq!(h.watch().take(), ["disarm"]);
+                *n += 1;
+                *n
+            },
+        )
         .unwrap();
     assert_eq!(got, Some(1));
     assert_eq!(h.watch().take(), ["arm"]);
@@ -88,12 +91,12 @@ fn a_caller_that_is_not_the_last_out_leaves_the_watch_to_the_next() {
     let h = Handoff::new((), Log::default());
     // Another caller wants the socket (it waits for the lock).
     h.leaders.fetch_add(1, Ordering::AcqRel);
-    h.lead(|_| ()).unwrap();
+    h.lead(|| {}, |_| ()).unwrap();
     assert_eq!(h.watch().take(), ["disarm"]);
     assert!(!armed(&h));
     h.leaders.fetch_sub(1, Ordering::AcqRel);
     // That caller, last out, re-arms; it does not disarm again.
-    h.lead(|_| ()).unwrap();
+    h.lead(|| {}, |_| ()).unwrap();
     assert_eq!(h.watch().take(), ["arm"]);
     assert!(armed(&h));
 }
@@ -101,12 +104,12 @@ fn a_caller_that_is_not_the_last_out_leaves_the_watch_to_the_next() {
 #[test]
 fn a_caller_that_lost_the_race_reads_nothing_and_still_rearms_when_last() {
     let h = Handoff::new((), Log::default());
-    h.lead(|_| ()).unwrap();
+    h.lead(|| {}, |_| ()).unwrap();
     h.watch().take();
     // Another caller has the socket (as if it took it between our check and our lock).
     h.leading.store(true, Ordering::Release);
     let mut ran = false;
-    assert!(h.lead(|_| ran = true).unwrap().is_none());
+    assert!(h.lead(|| {}, |_| ran = true).unwrap().is_none());
     assert!(!ran);
     // The watch was armed: nothing to do.
     assert!(h.watch().take().is_empty());
@@ -116,10 +119,10 @@ fn a_caller_that_lost_the_race_reads_nothing_and_still_rearms_when_last() {
 fn a_failure_to_rearm_is_reported_and_tried_again_by_the_next_caller() {
     let h = Handoff::new((), Log::default());
     h.watch().fail_arm.store(true, Ordering::Relaxed);
-    assert!(h.lead(|_| ()).is_err());
+    assert!(h.lead(|| {}, |_| ()).is_err());
     assert!(!armed(&h));
     h.watch().fail_arm.store(false, Ordering::Relaxed);
-    h.lead(|_| ()).unwrap();
+    h.lead(|| {}, |_| ()).unwrap();
     assert_eq!(h.watch().take(), ["disarm", "arm", "arm"]);
     assert!(armed(&h));
 }
@@ -146,6 +149,92 @@ fn the_reader_thread_rearms_after_its_turn_unless_a_caller_waits() {
         .is_err());
     assert!(h.watch().take().is_empty());
     assert_eq!(h.first(|n| *n), 1);
+}
+
+/// A caller that comes for the socket nudges the caller that has it only if that one leads
+/// yielding (it may be asleep on the socket, waiting for work of its own), whichever way it
+/// leads itself; a caller leading until its answer is waited for, not nudged.
+#[test]
+fn a_caller_nudges_only_a_leader_that_yields() {
+    let h = Handoff::new((), Log::default());
+    let mut nudged = 0;
+    // Another caller has the socket, until its answer: this one lost the race, no nudge.
+    h.leading.store(true, Ordering::SeqCst);
+    assert!(h.lead(|| nudged += 1, |_| ()).unwrap().is_none());
+    assert_eq!(nudged, 0);
+    // The same, yielding: nudged.
+    h.yielding.store(true, Ordering::SeqCst);
+    assert!(h.led_yielding());
+    assert!(h.lead(|| nudged += 1, |_| ()).unwrap().is_none());
+    assert_eq!(nudged, 1);
+    // So is it by a caller that yields itself (the latest to wait takes the socket).
+    assert!(h.lead_yielding(|| nudged += 1, |_| ()).unwrap().is_none());
+    assert_eq!(nudged, 2);
+    h.leading.store(false, Ordering::SeqCst);
+    h.yielding.store(false, Ordering::SeqCst);
+    // Leading yielding is seen while it lasts, and only then.
+    let inside = h
+        .lead_yielding(|| {}, |_| (h.led_yielding(), h.wanted_by_another()))
+        .unwrap();
+    assert_eq!(inside, Some((true, false)));
+    assert!(!h.led_yielding() && !h.led());
+}
+
+/// A thread that leads yielding (asleep on the socket, as an idle device's thread is) gives
+/// the socket up to a caller that wants it: the caller's nudge wakes it, it leaves, and the
+/// caller reads the socket itself instead of waiting for its reply to be handed over.
+#[test]
+fn a_yielding_leader_gives_the_socket_to_a_caller_that_wants_it() {
+    let h = Arc::new(Handoff::new(0u32, Log::default()));
+    // The leader's "socket": asleep until nudged (a nudge is the only thing that wakes it).
+    let nudge = Arc::new((Mutex::new(false), Condvar::new()));
+    let leader = {
+        let (h, nudge) = (h.clone(), nudge.clone());
+        std::thread::spawn(move || {
+            h.lead_yielding(
+                || {},
+                |n| {
+                    let (flag, cv) = &*nudge;
+                    let mut woken = flag.lock().unwrap();
+                    loop {
+                        if h.wanted_by_another() {
+                            *n += 1;
+                            return "gave way";
+                        }
+                        // Every wait ends on a nudge; a missed one would hang here (the test
+                        // harness's timeout then reports it), not pass.
+                        while !*woken {
+                            woken = cv.wait(woken).unwrap();
+                        }
+                        *woken = false;
+                    }
+                },
+            )
+        })
+    };
+    while !h.led_yielding() {
+        std::thread::yield_now();
+    }
+    let (flag, cv) = &*nudge;
+    let got = h
+        .lead(
+            || {
+                *flag.lock().unwrap() = true;
+                cv.notify_all();
+            },
+            |n| {
+                // The leader left before this caller got the socket.
+                assert_eq!(*n, 1);
+                assert!(h.led() && !h.led_yielding());
+                "read by the caller"
+            },
+        )
+        .unwrap();
+    assert_eq!(got, Some("read by the caller"));
+    assert_eq!(leader.join().unwrap().unwrap(), Some("gave way"));
+    // The last one out re-armed the reader thread's watch.
+    assert!(armed(&h) && !h.led() && !h.wanted());
+    assert_eq!(h.watch().take(), ["disarm", "arm"]);
 }
 
 // The model check. The socket, the reader thread's one-shot watch and the reply channels are
@@ -340,13 +429,16 @@ fn caller(m: &Model, h: &Rx, me: usize, calls: usize, rng: &mut Rng) -> Option<(
             }
             // Connection::lead: read until our reply came, sleeping on the socket meanwhile.
             let got = h
-                .lead(|_| loop {
-                    if m.world().delivered[me] {
-                        return Some(());
-                    }
-                    drop(m.wait(me, Wait::Socket(me))?);
-                    m.read(0, rng);
-                })
+                .lead(
+                    || {},
+                    |_| loop {
+                        if m.world().delivered[me] {
+                            return Some(());
+                        }
+                        drop(m.wait(me, Wait::Socket(me))?);
+                        m.read(0, rng);
+                    },
+                )
                 .expect("the model's watch does not fail");
             match got {
                 Some(Some(())) => break,
@@ -519,9 +611,9 @@ fn model_detects_a_watch_left_disarmed() {
         m.world().waits[2] = Some(Wait::Watch);
         // Caller 0 reads its reply and leaves; then caller 1's reply arrives.
         if broken {
-            Handoff::new((), Broken(m.clone())).lead(read_own_reply)
+            Handoff::new((), Broken(m.clone())).lead(|| {}, read_own_reply)
         } else {
-            Handoff::new((), m.clone()).lead(read_own_reply)
+            Handoff::new((), m.clone()).lead(|| {}, read_own_reply)
         }
         .unwrap()
         .unwrap();
