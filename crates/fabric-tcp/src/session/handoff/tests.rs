@@ -255,8 +255,12 @@ enum Wait {
     Watch,
     /// The peer for a request to answer.
     Request,
-    /// The peer for its `n`-th message of its own (not a reply) to be read.
+    /// The peer for its `n`-th message of its own (not a reply) to be read; an idle waiter
+    /// parked until its work (that message) was read by whoever has the socket.
     Read(usize),
+    /// An idle waiter that has the socket (yielding): bytes on the socket, a nudge, or its
+    /// work (the `n`-th message of the peer's own) read.
+    Idle(usize),
 }
 
 struct World {
@@ -267,6 +271,8 @@ struct World {
     socket: VecDeque<Option<usize>>,
     /// Messages of the peer's own read.
     pings: usize,
+    /// A caller nudged the idle waiter that has the socket (cleared when it looks).
+    nudged: bool,
     /// Replies read and handed to their caller's channel.
     delivered: Vec<bool>,
     /// The watch (one-shot): armed.
@@ -289,6 +295,7 @@ impl World {
             Wait::Watch => self.done || (self.armed && !self.socket.is_empty()),
             Wait::Request => self.done || !self.requests.is_empty(),
             Wait::Read(n) => self.pings >= n,
+            Wait::Idle(n) => self.pings >= n || self.nudged || !self.socket.is_empty(),
         }
     }
 
@@ -308,6 +315,8 @@ struct Model {
     readers: AtomicUsize,
     /// Socket reads done by callers and by the reader thread.
     reads: [AtomicUsize; 2],
+    /// Times an idle waiter gave the socket up to another.
+    gave_way: AtomicUsize,
 }
 
 impl Arm for Model {
@@ -338,6 +347,12 @@ impl Arm for Arc<Model> {
 impl Model {
     fn world(&self) -> MutexGuard<'_, World> {
         self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What `Connection::interrupt_reading` does: wakes the caller that has the socket.
+    fn nudge(&self) {
+        self.world().nudged = true;
+        self.changed.notify_all();
     }
 
     /// Thread `me` waits until `w` is ready; `None` once a deadlock was seen.
@@ -430,7 +445,7 @@ fn caller(m: &Model, h: &Rx, me: usize, calls: usize, rng: &mut Rng) -> Option<(
             // Connection::lead: read until our reply came, sleeping on the socket meanwhile.
             let got = h
                 .lead(
-                    || {},
+                    || m.nudge(),
                     |_| loop {
                         if m.world().delivered[me] {
                             return Some(());
@@ -442,6 +457,53 @@ fn caller(m: &Model, h: &Rx, me: usize, calls: usize, rng: &mut Rng) -> Option<(
                 .expect("the model's watch does not fail");
             match got {
                 Some(Some(())) => break,
+                Some(None) => return None,
+                None => {}
+            }
+        }
+    }
+    Some(())
+}
+
+/// An idle device's thread waiting for its work, `n` messages of the peer's own one after the
+/// other, as `Connection::await_until` with `Lead::Yielding` does (`None` on a deadlock): it
+/// reads the socket itself while no caller waiting for a reply does, gives it up when another
+/// wants it, and otherwise parks until whoever reads the socket reads its work.
+fn idler(m: &Model, h: &Rx, me: usize, n: usize, rng: &mut Rng) -> Option<()> {
+    for k in 1..=n {
+        let mut gave_way = false;
+        loop {
+            if m.world().pings >= k {
+                break;
+            }
+            rng.maybe_yield();
+            let take_over = h.led_yielding();
+            if gave_way || (h.led() && !take_over) {
+                gave_way = false;
+                drop(m.wait(me, Wait::Read(k))?);
+                continue;
+            }
+            let got = h
+                .lead_yielding(
+                    || m.nudge(),
+                    |_| loop {
+                        if h.wanted_by_another() {
+                            return Some(false);
+                        }
+                        if m.world().pings >= k {
+                            return Some(true);
+                        }
+                        m.wait(me, Wait::Idle(k))?.nudged = false;
+                        m.read(0, rng);
+                    },
+                )
+                .expect("the model's watch does not fail");
+            match got {
+                Some(Some(true)) => break,
+                Some(Some(false)) => {
+                    m.gave_way.fetch_add(1, Ordering::Relaxed);
+                    gave_way = true;
+                }
                 Some(None) => return None,
                 None => {}
             }
@@ -509,6 +571,7 @@ fn model(callers: usize, threads: usize) -> Arc<Model> {
             requests: VecDeque::new(),
             socket: VecDeque::new(),
             pings: 0,
+            nudged: false,
             delivered: vec![false; callers],
             armed: true,
             waits: vec![None; threads],
@@ -519,14 +582,16 @@ fn model(callers: usize, threads: usize) -> Arc<Model> {
         changed: Condvar::new(),
         readers: AtomicUsize::new(0),
         reads: [AtomicUsize::new(0), AtomicUsize::new(0)],
+        gave_way: AtomicUsize::new(0),
     })
 }
 
 /// Runs `callers` callers of `calls` requests each, the reader thread, the peer answering
-/// them and the peer sending `calls` messages of its own; returns the deadlock seen, if any,
-/// and how many socket reads callers and the reader thread did.
-fn run(callers: usize, calls: usize, seed: u64) -> (Option<String>, [usize; 2]) {
-    let threads = callers + 3;
+/// them, the peer sending `calls` messages of its own and `idlers` idle waiters waiting for
+/// those; returns the deadlock seen, if any, and how many socket reads callers (and idle
+/// waiters) and the reader thread did.
+fn run(callers: usize, idlers: usize, calls: usize, seed: u64) -> (Option<String>, [usize; 3]) {
+    let threads = callers + 3 + idlers;
     let m = model(callers, threads);
     let h = Arc::new(Handoff::new((), m.clone()));
     let finished = Arc::new(AtomicUsize::new(0));
@@ -535,15 +600,17 @@ fn run(callers: usize, calls: usize, seed: u64) -> (Option<String>, [usize; 2]) 
             let (m, h, finished) = (m.clone(), h.clone(), finished.clone());
             std::thread::spawn(move || {
                 let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(me as u64) | 1);
-                if me < callers || me == callers + 2 {
+                if me < callers || me >= callers + 2 {
                     if me < callers {
                         caller(&m, &h, me, calls, &mut rng);
-                    } else {
+                    } else if me == callers + 2 {
                         pinger(&m, me, calls, &mut rng);
+                    } else {
+                        idler(&m, &h, me, calls, &mut rng);
                     }
                     let mut world = m.world();
                     world.alive[me] = false;
-                    if finished.fetch_add(1, Ordering::AcqRel) == callers {
+                    if finished.fetch_add(1, Ordering::AcqRel) == callers + idlers {
                         world.done = true;
                     } else if world.lost.is_none() && world.stuck() {
                         world.lost = Some(format!("{:?}", world.waits));
@@ -567,6 +634,7 @@ fn run(callers: usize, calls: usize, seed: u64) -> (Option<String>, [usize; 2]) 
         [
             m.reads[0].load(Ordering::Relaxed),
             m.reads[1].load(Ordering::Relaxed),
+            m.gave_way.load(Ordering::Relaxed),
         ],
     )
 }
@@ -576,7 +644,7 @@ fn model_one_reader_at_a_time_and_no_lost_wake_up() {
     let mut reads = [0, 0];
     for seed in 0..150 {
         for callers in 1..=3 {
-            let (lost, r) = run(callers, 40, seed);
+            let (lost, r) = run(callers, 0, 40, seed);
             assert_eq!(lost, None, "lost wake-up: {callers} callers, seed {seed}");
             reads[0] += r[0];
             reads[1] += r[1];
@@ -585,6 +653,27 @@ fn model_one_reader_at_a_time_and_no_lost_wake_up() {
     // Both ways of reading the socket were exercised: callers that read for themselves, and
     // the reader thread (for callers whose leader left before their reply came).
     assert!(reads[0] > 0 && reads[1] > 0, "reads {reads:?}");
+}
+
+/// The same with idle waiters reading the socket too (yielding it to each other and to callers
+/// that come for it): still one reader at a time, and every reply and every message read.
+#[test]
+fn model_with_idle_waiters_no_lost_wake_up() {
+    let mut reads = [0, 0, 0];
+    for seed in 0..100 {
+        for (callers, idlers) in [(0, 1), (1, 1), (2, 1), (1, 2), (2, 2)] {
+            let (lost, r) = run(callers, idlers, 30, seed);
+            assert_eq!(
+                lost, None,
+                "lost wake-up: {callers} callers, {idlers} idle waiters, seed {seed}"
+            );
+            reads[0] += r[0];
+            reads[1] += r[1];
+            reads[2] += r[2];
+        }
+    }
+    // Callers and idle waiters read, the reader thread read, and idle waiters gave way.
+    assert!(reads.iter().all(|&n| n > 0), "reads {reads:?}");
 }
 
 /// The model's detector flags a lost wake-up when there is one: with a watch that the last
