@@ -314,21 +314,24 @@ fn a_wait_reading_the_link_ends_on_a_doorbell_and_on_an_interruption() {
     p.b.wait_link(LinkState::Up, GUARD).unwrap();
     let hour = Instant::now() + Duration::from_secs(3600);
     let flag = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let (done, finished) = channel();
-        let b = &p.b;
-        s.spawn(move || {
-            let r = b.wait_reading(hour, &mut || b.db_read() & 1 != 0, &mut |d| {
-                std::thread::sleep(d.min(Duration::from_millis(1)))
+    let a_doorbell_ends_a_wait = |bit: u64| {
+        std::thread::scope(|s| {
+            let (done, finished) = channel();
+            let b = &p.b;
+            s.spawn(move || {
+                let r = b.wait_reading(hour, &mut || b.db_read() & bit != 0, &mut |d| {
+                    std::thread::sleep(d.min(Duration::from_millis(1)))
+                });
+                done.send(r).unwrap();
             });
-            done.send(r).unwrap();
+            p.a.peer_db_set(bit).unwrap();
+            let r = finished
+                .recv_timeout(GUARD)
+                .expect("the doorbell did not end the wait");
+            assert!(r.unwrap(), "tcp waits reading the link");
         });
-        p.a.peer_db_set(1).unwrap();
-        let r = finished
-            .recv_timeout(GUARD)
-            .expect("the doorbell did not end the wait");
-        assert!(r.unwrap(), "tcp waits reading the link");
-    });
+    };
+    a_doorbell_ends_a_wait(1);
     let checks = AtomicUsize::new(0);
     std::thread::scope(|s| {
         let (done, finished) = channel();
@@ -359,19 +362,5 @@ fn a_wait_reading_the_link_ends_on_a_doorbell_and_on_an_interruption() {
     });
     // A stale interruption costs the next wait one check, nothing else.
     p.b.interrupt_wait_reading();
-    std::thread::scope(|s| {
-        let (done, finished) = channel();
-        let b = &p.b;
-        s.spawn(move || {
-            let r = b.wait_reading(hour, &mut || b.db_read() & 2 != 0, &mut |d| {
-                std::thread::sleep(d.min(Duration::from_millis(1)))
-            });
-            done.send(r).unwrap();
-        });
-        p.a.peer_db_set(2).unwrap();
-        let r = finished
-            .recv_timeout(GUARD)
-            .expect("the doorbell did not end the wait");
-        assert!(r.unwrap());
-    });
+    a_doorbell_ends_a_wait(2);
 }

@@ -141,9 +141,9 @@ impl<S, W: Arm> Handoff<S, W> {
         self.leaders.load(Ordering::Acquire) != 0
     }
 
-    /// Whether the caller that has the socket gives it up to others: a caller waiting for a
-    /// reply then takes the socket over rather than waiting for that caller to hand the reply
-    /// over (one thread less between the wire and it).
+    /// Whether the caller that has the socket gives it up to others: a caller that comes to
+    /// wait the same way takes the socket over, and any caller that comes for the socket
+    /// nudges it (a caller waiting for a reply otherwise waits for it to be handed over).
     pub(super) fn led_yielding(&self) -> bool {
         self.leading.load(Ordering::SeqCst) && self.yielding.load(Ordering::SeqCst)
     }
