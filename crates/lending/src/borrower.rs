@@ -183,14 +183,25 @@ impl BorrowedFunction {
         }
     }
 
-    /// The directly mapped area holding `[offset, offset + len)` of BAR `bar`, with the offset
-    /// inside it.
-    fn direct_area(&self, bar: BarIndex, offset: u64, len: usize) -> Option<(MemoryArea, u64)> {
-        devlend_sync::read(&self.areas).iter().find_map(|d| {
+    /// Runs `access` on the directly mapped area holding `[offset, offset + len)` of BAR `bar`,
+    /// with the offset inside it; `None` when no such area is mapped. The access runs under the
+    /// areas' read lock, so a removal (which clears them) never overlaps it, and it takes no
+    /// reference count: a doorbell store on this path costs the store and the lock, as the
+    /// driver's hot path wants.
+    fn on_direct_area<R>(
+        &self,
+        bar: BarIndex,
+        offset: u64,
+        len: usize,
+        access: impl FnOnce(&MemoryArea, u64) -> R,
+    ) -> Option<R> {
+        let areas = devlend_sync::read(&self.areas);
+        let (area, at) = areas.iter().find_map(|d| {
             let at = offset.checked_sub(d.area.offset)?;
             (d.bar == bar.get() && at.checked_add(len as u64)? <= d.area.mem.len())
-                .then(|| (d.area.clone(), at))
-        })
+                .then_some((&d.area, at))
+        })?;
+        Some(access(area, at))
     }
 
     fn config_check(offset: u16, size: AccessSize) -> Result<(), FunctionError> {
@@ -399,29 +410,38 @@ impl BarAccess for BorrowedFunction {
     }
 
     fn bar_read(&self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), FunctionError> {
-        let node = self.node()?;
+        if self.is_removed() {
+            return Err(removed_error(self));
+        }
         let g = self.bar(bar, offset, data.len())?;
         // A real device's registers mapped through the window: a load the device answers.
-        if let Some((area, at)) = self.direct_area(bar, offset, data.len()) {
-            if area.is_registers() {
-                return area.mem.read_at(at, data).map_err(FunctionError::from);
-            }
+        let direct = self.on_direct_area(bar, offset, data.len(), |area, at| {
+            area.is_registers().then(|| area.mem.read_at(at, data))
+        });
+        if let Some(Some(read)) = direct {
+            return read.map_err(FunctionError::from);
         }
-        node.ntb
+        self.node()?
+            .ntb
             .peer_mw_read(g.window, WindowOffset(offset), data)
             .map_err(|e| self.fabric_error(e))
     }
 
     fn bar_write(&self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), FunctionError> {
-        let node = self.node()?;
+        if self.is_removed() {
+            return Err(removed_error(self));
+        }
         let g = self.bar(bar, offset, data.len())?;
         // Doorbell-style memory: a direct store through the window, and a wake-up only when
         // the device sleeps; a real device's registers: a store the device sees. No message,
         // no lender thread.
-        if let Some((area, at)) = self.direct_area(bar, offset, data.len()) {
-            return area.write_and_wake(at, data).map_err(FunctionError::from);
+        if let Some(written) = self.on_direct_area(bar, offset, data.len(), |area, at| {
+            area.write_and_wake(at, data)
+        }) {
+            return written.map_err(FunctionError::from);
         }
-        node.ntb
+        self.node()?
+            .ntb
             .peer_mw_write(g.window, WindowOffset(offset), data)
             .map_err(|e| self.fabric_error(e))
     }
@@ -490,10 +510,10 @@ impl Interrupts for BorrowedFunction {
 
     fn wait_interrupt(&self, vector: u16, timeout: Duration) -> Result<bool, FunctionError> {
         let bit = self.vector_bit(vector)?;
-        let node = self.node()?;
         if let Some(fd) = self.irq_fds.get(usize::from(vector)) {
-            return self.wait_eventfd(&node, fd, timeout);
+            return self.wait_eventfd(fd, timeout);
         }
+        let node = self.node()?;
         // Poll the doorbell first, with the same budget a local binding polls its vector,
         // unless the fabric's own wait polls the link (then it reads the doorbell's message
         // on this thread, and a spin here would only watch another thread do it).
@@ -596,18 +616,18 @@ impl Interrupts for BorrowedFunction {
 impl BorrowedFunction {
     /// Waits for vector eventfd `fd`: polled (a non-blocking read) with the budget a local
     /// binding polls its vector, then `poll(2)` in slices that look at removal and the link.
-    fn wait_eventfd(
-        &self,
-        node: &Inner,
-        fd: &EventFd,
-        timeout: Duration,
-    ) -> Result<bool, FunctionError> {
+    fn wait_eventfd(&self, fd: &EventFd, timeout: Duration) -> Result<bool, FunctionError> {
         let mut fired = false;
         let spin = devlend_pci::INTERRUPT_SPIN.min(timeout);
         devlend_pci::spin_until(spin, || {
             fired = fired || fd.read().is_ok();
             fired || self.is_removed()
         });
+        if fired && !self.is_removed() {
+            return Ok(true);
+        }
+        // Sleeping: from here on the node is needed (its link state).
+        let node = self.node()?;
         let deadline = Instant::now().checked_add(timeout);
         while !fired {
             if self.is_removed() {
