@@ -42,7 +42,7 @@ const PATTERN_LEN: usize = 1 << 20;
 const DISK_BYTES: u64 = 256 << 20;
 const BENCH_SECS: u64 = 5;
 /// Rounds of the benchmark row, each direct then borrowed (the guest script's loop).
-const BENCH_ROUNDS: usize = 2;
+const BENCH_ROUNDS: usize = 3;
 
 fn pattern(seed: u8) -> Vec<u8> {
     guest_lending::pattern(PATTERN_LEN, 1, seed)
@@ -213,7 +213,7 @@ vfio-guest borrower /tmp/f nvme0 readback || fail "readback borrower"
 kill $LENDER
 wait $LENDER
 echo "VFIO-DRIVER-AFTER $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
-for round in 1 2; do
+for round in 1 2 3; do
     vfio-guest bench-direct $BDF || fail "direct benchmark"
     lender
     vfio-guest borrower /tmp/f nvme0 bench || fail "borrowed benchmark"
