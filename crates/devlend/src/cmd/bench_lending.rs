@@ -51,9 +51,30 @@ pub struct Args {
     /// With --tcp-qd32-coalescing: the longest an interrupt waits, in 100 µs units.
     #[arg(long, default_value_t = 1, value_name = "UNITS")]
     coalescing_time_100us: u8,
+    /// Only these rows (comma-separated: randread-4k-qd1, randwrite-4k-qd1, randread-4k-qd32,
+    /// randwrite-4k-qd32, seqread-128k-qd8, seqwrite-128k-qd8); default: all of them.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Scratch directory.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
+}
+
+/// The rows named in `only` (all of them when it is empty); an unknown name is an error.
+fn chosen_rows(only: &[String]) -> anyhow::Result<Vec<&'static Row>> {
+    if let Some(bad) = only
+        .iter()
+        .find(|n| !ROWS.iter().any(|r| r.name == n.as_str()))
+    {
+        anyhow::bail!(
+            "no row {bad:?} (known: {})",
+            ROWS.iter().map(|r| r.name).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(ROWS
+        .iter()
+        .filter(|r| only.is_empty() || only.iter().any(|n| n == r.name))
+        .collect())
 }
 
 struct Sample {
@@ -234,6 +255,7 @@ const ROWS: [Row; 6] = [
 
 /// Runs the benchmark.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let rows = chosen_rows(&a.only)?;
     let (secs, reps) = a.run.plan();
     // Bytes of one raw stream sample: about what the device moves in a sample.
     let stream_bytes: usize = if a.run.quick { 16 << 20 } else { 64 << 20 };
@@ -273,7 +295,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let local = Controller::with_config(local, cfg.clone())?;
     let borrowed = Controller::with_config(borrowed, cfg)?;
     let mut report = Report::new("lending");
-    for row in &ROWS {
+    for row in rows {
         let name = row.name;
         let w = if row.sequential {
             Workload::sequential(
@@ -411,4 +433,36 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     report.notes.extend(notes);
     report.emit(a.run.json);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_selects_rows_and_refuses_unknown_ones() {
+        let names = |v: Vec<&Row>| v.iter().map(|r| r.name).collect::<Vec<_>>();
+        assert_eq!(
+            chosen_rows(&[]).map(names).ok(),
+            Some(ROWS.iter().map(|r| r.name).collect())
+        );
+        let only = [
+            "seqwrite-128k-qd8".to_string(),
+            "randread-4k-qd1".to_string(),
+        ];
+        // In the benchmark's own order, whatever the order asked.
+        assert_eq!(
+            chosen_rows(&only).map(names).ok(),
+            Some(vec!["randread-4k-qd1", "seqwrite-128k-qd8"])
+        );
+        let err = chosen_rows(&["seqread-4k".to_string()])
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(
+                |e| e.contains("no row \"seqread-4k\"") && e.contains("seqread-128k-qd8")
+            ),
+            "{err:?}"
+        );
+    }
 }
