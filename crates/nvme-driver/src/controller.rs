@@ -786,6 +786,24 @@ impl IoQueue<'_> {
     /// Submits one request; its completion carries `tag`. The LBA range is not checked here
     /// (the controller answers out-of-range requests with a status).
     pub fn submit(&mut self, req: IoRequest, tag: u64) -> Result<(), NvmeError> {
+        self.submit_with(req, tag, true)
+    }
+
+    /// Queues `req` like [`Self::submit`] without ringing the submission queue's doorbell:
+    /// [`Self::ring`] (or the next [`Self::reap`], which rings first) hands over every request
+    /// queued since with one doorbell write, and the device fetches them together. Over a
+    /// fabric that is one posted write and one fetch for the batch instead of one per request.
+    pub fn submit_deferred(&mut self, req: IoRequest, tag: u64) -> Result<(), NvmeError> {
+        self.submit_with(req, tag, false)
+    }
+
+    /// Rings the submission queue's doorbell for the requests queued with
+    /// [`Self::submit_deferred`] (nothing when there are none).
+    pub fn ring(&mut self) -> Result<(), NvmeError> {
+        self.q.ring(&self.ctrl.hw)
+    }
+
+    fn submit_with(&mut self, req: IoRequest, tag: u64, ring: bool) -> Result<(), NvmeError> {
         self.ctrl.check_live()?;
         let ctrl = self.ctrl;
         let lba_bytes = u64::from(ctrl.namespace.lba_bytes);
@@ -819,7 +837,11 @@ impl IoQueue<'_> {
                 .with_cdw(11, (lba >> 32) as u32)
                 .with_cdw(12, blocks - 1);
         }
-        self.q.submit(&ctrl.hw, cmd, data, tag)
+        if ring {
+            self.q.submit(&ctrl.hw, cmd, data, tag)
+        } else {
+            self.q.submit_deferred(&ctrl.hw, cmd, data, tag)
+        }
     }
 
     /// Collects completions into `out` until at least `min` arrived (or none is outstanding),
@@ -845,11 +867,13 @@ impl IoQueue<'_> {
         let mut failure = None;
         let mut submitted = 0usize;
         while completed < total {
+            // The requests that fit go with one doorbell write (one message on a fabric).
             while submitted < total && self.in_flight() < self.capacity() {
                 let Some(req) = pending.next() else { break };
-                self.submit(req, submitted as u64)?;
+                self.submit_deferred(req, submitted as u64)?;
                 submitted += 1;
             }
+            self.ring()?;
             done.clear();
             completed += self.reap(&mut done, 1, timeout)?;
             for c in &done {

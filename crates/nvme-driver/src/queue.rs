@@ -32,6 +32,12 @@ const POLL_STATUS_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a polling waiter busy-waits after its last progress before it starts yielding its
 /// CPU between probes (yielding early hands the CPU to other work for a whole time slice).
 const POLL_SPIN_TIME: Duration = Duration::from_micros(50);
+
+/// Deferred entries ([`QueuePair::submit_deferred`]) are handed over at once when their data
+/// reaches this many bytes, as Linux's block layer flushes a plug that holds a request of
+/// 128 KiB or more (`BLK_PLUG_FLUSH_SIZE`): a doorbell saved per 128 KiB is little, and a
+/// device can start on a large transfer while the next is being placed.
+const DEFER_FLUSH_BYTES: u64 = 128 << 10;
 /// PRP list pages a queue keeps for reuse.
 const PRP_PAGE_CACHE: usize = 64;
 
@@ -203,6 +209,11 @@ pub(crate) struct QueuePair {
     sq: SqRing,
     cq: DmaBuffer,
     sq_tail: u32,
+    /// The tail last written to the doorbell: entries up to `sq_tail` are placed, those past
+    /// this one not yet handed over ([`Self::submit_deferred`], [`Self::ring`]).
+    sq_published: u32,
+    /// Data bytes of the entries placed since the doorbell was last written.
+    unrung_bytes: u64,
     cq_head: u32,
     phase: bool,
     sq_doorbell: u64,
@@ -282,6 +293,8 @@ impl QueuePair {
             sq,
             cq,
             sq_tail: 0,
+            sq_published: 0,
+            unrung_bytes: 0,
             cq_head: 0,
             phase: true,
             sq_doorbell: hw.caps.sq_tail_doorbell(qid),
@@ -338,9 +351,53 @@ impl QueuePair {
     pub fn submit(
         &mut self,
         hw: &Hw,
+        cmd: Command,
+        data: Option<&DmaSlice>,
+        tag: u64,
+    ) -> Result<(), NvmeError> {
+        self.submit_inner(hw, cmd, data, tag, true)
+    }
+
+    /// Places `cmd` like [`Self::submit`] without ringing the doorbell: the next
+    /// [`Self::ring`] (or [`Self::reap`], which rings first) hands over every entry placed
+    /// since, with one doorbell write, as Linux's blk-mq does for a batch of requests. The
+    /// device then also fetches them together.
+    pub fn submit_deferred(
+        &mut self,
+        hw: &Hw,
+        cmd: Command,
+        data: Option<&DmaSlice>,
+        tag: u64,
+    ) -> Result<(), NvmeError> {
+        self.submit_inner(hw, cmd, data, tag, false)
+    }
+
+    /// Writes the submission queue's tail doorbell if entries were placed since it was last
+    /// written. A failed write leaves the queue broken (the device may or may not have seen
+    /// the entries).
+    pub fn ring(&mut self, hw: &Hw) -> Result<(), NvmeError> {
+        if self.sq_published == self.sq_tail {
+            return Ok(());
+        }
+        if self.broken {
+            return Err(NvmeError::QueueBroken { qid: self.qid });
+        }
+        if let Err(e) = hw.write32(self.sq_doorbell, self.sq_tail) {
+            self.broken = true;
+            return Err(e);
+        }
+        self.sq_published = self.sq_tail;
+        self.unrung_bytes = 0;
+        Ok(())
+    }
+
+    fn submit_inner(
+        &mut self,
+        hw: &Hw,
         mut cmd: Command,
         data: Option<&DmaSlice>,
         tag: u64,
+        ring: bool,
     ) -> Result<(), NvmeError> {
         if self.broken {
             return Err(NvmeError::QueueBroken { qid: self.qid });
@@ -356,7 +413,7 @@ impl QueuePair {
         // sends them together (see `devlend_sync::posted`).
         let placed = {
             let _posted = devlend_sync::posted::Batch::begin();
-            self.place(hw, &mut cmd, cid, data)
+            self.place(hw, &mut cmd, cid, data, ring)
         };
         match placed {
             Ok((prp_pages, cmb_data)) => {
@@ -369,6 +426,13 @@ impl QueuePair {
                         prp_pages,
                         cmb_data,
                     };
+                }
+                if !ring {
+                    let len = data.map_or(0, |d| d.len() as u64);
+                    self.unrung_bytes = self.unrung_bytes.saturating_add(len);
+                    if self.unrung_bytes >= DEFER_FLUSH_BYTES {
+                        self.ring(hw)?;
+                    }
                 }
                 Ok(())
             }
@@ -385,6 +449,7 @@ impl QueuePair {
         cmd: &mut Command,
         cid: u16,
         data: Option<&DmaSlice>,
+        ring: bool,
     ) -> Result<(Vec<DmaBuffer>, Option<CmbBuf>), NvmeError> {
         let mut pages = Vec::new();
         let mut cmb_data = None;
@@ -427,13 +492,11 @@ impl QueuePair {
             }
             return Err(e);
         }
-        let tail = (self.sq_tail + 1) % self.entries;
-        if let Err(e) = hw.write32(self.sq_doorbell, tail) {
-            // The entry may or may not have been seen: the queue's state is unknown.
-            self.broken = true;
-            return Err(e);
+        self.sq_tail = (self.sq_tail + 1) % self.entries;
+        if ring {
+            // On a failed write the entry may or may not have been seen: the queue is broken.
+            self.ring(hw)?;
         }
-        self.sq_tail = tail;
         if cmb_data.is_some() {
             self.cmb_writes += 1;
         }
@@ -608,6 +671,8 @@ impl QueuePair {
         min: usize,
         timeout: Duration,
     ) -> Result<usize, NvmeError> {
+        // Entries placed without a doorbell are handed over before waiting for them.
+        self.ring(hw)?;
         let start = Instant::now();
         let deadline = start + timeout;
         let mut got = self.drain(hw, out)?;
@@ -827,6 +892,54 @@ mod tests {
             assert_eq!(f.last_write(0x100c), Some((round + 1) % 2));
             assert_eq!(q.in_flight(), 0);
         }
+    }
+
+    #[test]
+    fn deferred_entries_go_with_one_doorbell_write() {
+        let f = Scripted::new();
+        let hw = hw(&f, CompletionMode::Polling);
+        let mut q = QueuePair::new(&hw, 1, 8, None).unwrap();
+        let tail_writes = |f: &Scripted| {
+            f.writes
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(o, _)| *o == 0x1008)
+                .count()
+        };
+        for tag in 0..3 {
+            q.submit_deferred(&hw, Command::new(nvm::FLUSH, 1), None, tag)
+                .unwrap();
+        }
+        // Placed, not handed over: no doorbell yet.
+        assert_eq!(tail_writes(&f), 0);
+        assert_eq!(q.in_flight(), 3);
+        q.ring(&hw).unwrap();
+        assert_eq!((tail_writes(&f), f.last_write(0x1008)), (1, Some(3)));
+        // Nothing new: no second write.
+        q.ring(&hw).unwrap();
+        assert_eq!(tail_writes(&f), 1);
+
+        // A reap hands over what was deferred before it waits.
+        q.submit_deferred(&hw, Command::new(nvm::FLUSH, 1), None, 3)
+            .unwrap();
+        for (slot, cid) in (0..4u32).zip([0u16, 1, 2, 3]) {
+            let got = u16::from_le_bytes(sqe(&q, slot as usize)[2..4].try_into().unwrap());
+            assert_eq!(got, cid);
+            post(&q, slot, got, true, 0);
+        }
+        let mut out = Vec::new();
+        assert_eq!(q.reap(&hw, &mut out, 4, Duration::from_secs(5)).unwrap(), 4);
+        assert_eq!((tail_writes(&f), f.last_write(0x1008)), (2, Some(4)));
+
+        // Deferred data of 128 KiB or more goes at once (as Linux flushes such a plug).
+        let small = DmaSlice::whole(Arc::new(f.dma_alloc(64 << 10).unwrap()));
+        q.submit_deferred(&hw, Command::new(nvm::READ, 1), Some(&small), 4)
+            .unwrap();
+        assert_eq!(tail_writes(&f), 2);
+        q.submit_deferred(&hw, Command::new(nvm::READ, 1), Some(&small), 5)
+            .unwrap();
+        assert_eq!((tail_writes(&f), f.last_write(0x1008)), (3, Some(6)));
     }
 
     #[test]
