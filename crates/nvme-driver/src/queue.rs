@@ -37,7 +37,7 @@ const POLL_SPIN_TIME: Duration = Duration::from_micros(50);
 /// reaches this many bytes, as Linux's block layer flushes a plug that holds a request of
 /// 128 KiB or more (`BLK_PLUG_FLUSH_SIZE`): a doorbell saved per 128 KiB is little, and a
 /// device can start on a large transfer while the next is being placed.
-const DEFER_FLUSH_BYTES: u64 = 128 << 10;
+pub(crate) const DEFER_FLUSH_BYTES: u64 = 128 << 10;
 /// PRP list pages a queue keeps for reuse.
 const PRP_PAGE_CACHE: usize = 64;
 
@@ -382,7 +382,14 @@ impl QueuePair {
         if self.broken {
             return Err(NvmeError::QueueBroken { qid: self.qid });
         }
-        if let Err(e) = hw.write32(self.sq_doorbell, self.sq_tail) {
+        // A batch of its own, as a submission's stores: a fabric with a fixed cost per message
+        // sends the doorbell (with whatever the caller's batch holds) when it ends, on this
+        // thread, rather than as a lone posted write.
+        let written = {
+            let _posted = devlend_sync::posted::Batch::begin();
+            hw.write32(self.sq_doorbell, self.sq_tail)
+        };
+        if let Err(e) = written {
             self.broken = true;
             return Err(e);
         }
