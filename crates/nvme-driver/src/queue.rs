@@ -420,10 +420,20 @@ impl QueuePair {
         // sends them together (see `devlend_sync::posted`).
         let placed = {
             let _posted = devlend_sync::posted::Batch::begin();
-            self.place(hw, &mut cmd, cid, data, ring)
+            self.place(hw, &mut cmd, cid, data).and_then(|placed| {
+                if ring {
+                    // On a failed write the entry may or may not have been seen: the queue
+                    // is broken.
+                    self.ring(hw)?;
+                }
+                Ok(placed)
+            })
         };
         match placed {
             Ok((prp_pages, cmb_data)) => {
+                if cmb_data.is_some() {
+                    self.cmb_writes += 1;
+                }
                 if let Some(slot) = self.slots.get_mut(usize::from(cid)) {
                     *slot = Slot {
                         busy: true,
@@ -450,13 +460,14 @@ impl QueuePair {
         }
     }
 
+    /// Writes `cmd` (with PRPs or CMB data for `data`) at the tail and advances it; ringing
+    /// the doorbell is the caller's.
     fn place(
         &mut self,
         hw: &Hw,
         cmd: &mut Command,
         cid: u16,
         data: Option<&DmaSlice>,
-        ring: bool,
     ) -> Result<(Vec<DmaBuffer>, Option<CmbBuf>), NvmeError> {
         let mut pages = Vec::new();
         let mut cmb_data = None;
@@ -500,13 +511,6 @@ impl QueuePair {
             return Err(e);
         }
         self.sq_tail = (self.sq_tail + 1) % self.entries;
-        if ring {
-            // On a failed write the entry may or may not have been seen: the queue is broken.
-            self.ring(hw)?;
-        }
-        if cmb_data.is_some() {
-            self.cmb_writes += 1;
-        }
         Ok((pages, cmb_data))
     }
 
