@@ -120,8 +120,11 @@ fn a_lone_read_from_a_cmb_queue_runs_on_the_storing_thread() {
     // woken, as any doorbell would, and the next try goes on.
     let mut inline = 0;
     for i in 0..8u64 {
+        // The counters once the worker sleeps: taken before, they could miss the end of the
+        // worker's last pass (it counts a pass after it signalled the pass's completions,
+        // which the previous try may have reaped already).
+        r.until_asleep(r.h.dev.stats().sleeps);
         let before = r.h.dev.stats();
-        r.until_asleep(before.sleeps);
         let buf = 0x30_0000 + i * 0x1000;
         let cid = r.store(rw(nvm_opcode::READ, 0, 8, HOST_BASE + buf, 0));
         let ran = r.h.dev.run_nonblocking();
