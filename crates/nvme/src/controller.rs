@@ -21,7 +21,7 @@ use crate::config::NvmeConfig;
 use crate::identify::{ControllerInfo, NamespaceInfo};
 use crate::inflight::{Dispatch, IoDone, IoJob};
 use crate::io::{IoCounters, Namespace};
-use crate::queues::{wrap, CompletionQueue, DoorbellArray, SubmissionQueue};
+use crate::queues::{wrap, CompletionQueue, DoorbellArray, Fetched, SubmissionQueue};
 use crate::readahead::{self, ReadAhead};
 use crate::regs::{
     ControllerConfig, AQA_ACQS_SHIFT, AQA_ASQS_MASK, CC_CSS_NVM, CQE_BYTES, CSTS_CFS, CSTS_RDY,
@@ -33,6 +33,24 @@ use crate::virt::{Role, VfNamespaces};
 
 /// Commands taken from one submission queue before moving to the next (round robin).
 const SQ_BURST: u32 = 32;
+/// When completions are messages (the completion queue has no direct mapping, as over
+/// `tcp`), a burst ends once its Reads have written this much data to host memory: the pass
+/// then ends, and the completions so far and their MSI-X message leave with the data instead
+/// of waiting for the rest of the burst (a device posts each completion as its command is
+/// done). The entries already fetched stay with the queue for the next pass. This limit holds
+/// for a submission queue in device memory (the CMB), whose entries cost nothing to fetch.
+const PASS_PUSH_MAPPED: u64 = 64 << 10;
+/// [`PASS_PUSH_MAPPED`] for a submission queue whose entries are fetched by messages: every
+/// burst costs a fetch round trip, so a burst of 4 KiB reads runs whole (32 of them, 128 KiB;
+/// cut at 64 KiB, twice as many fetches measured 15-21% fewer QD32 reads over tcp) and larger
+/// reads still end the pass early.
+const PASS_PUSH_FETCHED: u64 = SQ_BURST as u64 * 4096;
+
+/// Whether entries `(index of the first, how many)` include entry `index`.
+fn holds((first, count): (u32, u32), index: u32) -> bool {
+    index >= first && index - first < count
+}
+
 /// Error log entries kept.
 pub(crate) const ERROR_LOG_ENTRIES: usize = crate::identify::ELPE as usize + 1;
 
@@ -569,9 +587,16 @@ impl Controller {
 
     /// Before a burst of I/O queue `qid` runs: reads ahead the data its Writes need (see
     /// [`crate::readahead`]) when host memory is reached by messages (the queues have no
-    /// direct mapping) and the worker runs the commands itself. Returns the entries it
-    /// fetched from host memory to find them, `(index of the first, how many)` in `sqes`.
-    fn read_ahead_burst(&mut self, qid: usize, sqes: &mut Vec<u8>) -> Option<(u32, u32)> {
+    /// direct mapping) and the worker runs the commands itself. `have` tells which entries
+    /// `sqes` holds already, `(index of the first, how many)` (kept from a burst cut short):
+    /// when they include the head they are used, else the entries are fetched from host
+    /// memory into `sqes`. Returns the entries `sqes` then holds.
+    fn read_ahead_burst(
+        &mut self,
+        qid: usize,
+        sqes: &mut Vec<u8>,
+        have: (u32, u32),
+    ) -> Option<(u32, u32)> {
         if qid == 0 || self.dispatch.is_some() {
             return None;
         }
@@ -602,6 +627,16 @@ impl Controller {
                     }
                 }
             }
+            None if holds(have, sq.head) => {
+                let skip = (sq.head - have.0) as usize * Command::BYTES;
+                fetched = Some(have);
+                let held = sqes.get(skip..).unwrap_or_default();
+                for bytes in held.chunks_exact(Command::BYTES).take(n as usize) {
+                    let mut entry = [0u8; Command::BYTES];
+                    entry.copy_from_slice(bytes);
+                    cmds.push(Command::parse(&entry));
+                }
+            }
             None => {
                 sqes.resize(n as usize * Command::BYTES, 0);
                 let at = sq.base.checked_add(first)?;
@@ -628,10 +663,23 @@ impl Controller {
             return false;
         }
         let mut done = 0;
-        // Entries fetched ahead by one DMA read: (index of the first, how many, their bytes).
+        // Bytes the burst's Reads wrote to host memory (see `PASS_PUSH_MAPPED`).
+        let mut pushed = 0u64;
+        // Entries fetched ahead by one DMA read: (index of the first, how many, their bytes);
+        // first those a burst cut short left with the queue.
         let mut ahead = std::mem::take(&mut self.sqe_ahead);
+        let mut have = (0, 0);
+        if let Some(kept) = self
+            .sqs
+            .get_mut(qid)
+            .and_then(Option::as_mut)
+            .and_then(|q| q.kept.take())
+        {
+            have = (kept.first, kept.count);
+            ahead = kept.bytes;
+        }
         let (mut ahead_first, mut ahead_count) =
-            self.read_ahead_burst(qid, &mut ahead).unwrap_or((0, 0));
+            self.read_ahead_burst(qid, &mut ahead, have).unwrap_or(have);
         while done < SQ_BURST {
             let Some(sq) = self.sqs.get(qid).and_then(Option::as_ref) else {
                 break;
@@ -673,8 +721,7 @@ impl Controller {
                     // end of the ring, nor the burst) come in one read, as a device fetches
                     // several commands in one read request. The host may not change entries
                     // between head and tail, so reading them early is safe.
-                    let cached =
-                        ahead_count > 0 && head >= ahead_first && head - ahead_first < ahead_count;
+                    let cached = holds((ahead_first, ahead_count), head);
                     if !cached && qid != 0 {
                         let until = if tail > head { tail } else { entries };
                         let n = (until - head).min(SQ_BURST - done).max(1);
@@ -729,6 +776,11 @@ impl Controller {
             if let Some((status, dw0)) = outcome {
                 if !status.is_success() {
                     self.errors.record(qid16, cmd.cid, status, cmd.nsid);
+                } else if qid != 0 {
+                    if let Ok(NvmOp::Read(r)) = NvmOp::parse(&cmd) {
+                        let bytes = u64::from(r.blocks) << self.ns.block_shift();
+                        pushed = pushed.saturating_add(bytes);
+                    }
                 }
                 let sqhd = self
                     .sqs
@@ -752,9 +804,42 @@ impl Controller {
                 return true;
             }
             done += 1;
+            if new_head != tail && self.push_limit(qid, cqi).is_some_and(|l| pushed >= l) {
+                if holds((ahead_first, ahead_count), new_head) {
+                    if let Some(sq) = self.sqs.get_mut(qid).and_then(Option::as_mut) {
+                        sq.kept = Some(Fetched {
+                            first: ahead_first,
+                            count: ahead_count,
+                            bytes: std::mem::take(&mut ahead),
+                        });
+                    }
+                }
+                break;
+            }
         }
         self.sqe_ahead = ahead;
         done > 0
+    }
+
+    /// After how many bytes of read data a burst of I/O queue `qid` ends (see
+    /// [`PASS_PUSH_MAPPED`]); `None`: it runs whole. It may end early when its completion
+    /// queue `cqi` is reached by messages, the worker runs the commands itself, and nothing
+    /// was read ahead for the burst's Writes (it would be read again).
+    fn push_limit(&self, qid: usize, cqi: usize) -> Option<u64> {
+        let cq_messages = self
+            .cqs
+            .get(cqi)
+            .and_then(Option::as_ref)
+            .is_some_and(|q| q.ring.is_none());
+        if qid == 0 || self.dispatch.is_some() || !self.data_ahead.is_empty() || !cq_messages {
+            return None;
+        }
+        let sq = self.sqs.get(qid).and_then(Option::as_ref)?;
+        Some(if sq.ring.is_some() {
+            PASS_PUSH_MAPPED
+        } else {
+            PASS_PUSH_FETCHED
+        })
     }
 
     /// A Delete I/O Submission Queue of a queue with commands in flight waits until they have

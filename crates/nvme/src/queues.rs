@@ -86,6 +86,19 @@ pub(crate) struct SubmissionQueue {
     pub ring: Option<MemSpan>,
     /// Commands fetched from it that run on a pool thread and are not yet posted.
     pub in_flight: u32,
+    /// Entries fetched by one DMA read that a burst cut short left unrun (see
+    /// `Controller::process_burst`): the next pass runs them without fetching them again.
+    /// They die with the queue (deleted, or the controller reset).
+    pub kept: Option<Fetched>,
+}
+
+/// Submission queue entries fetched ahead by one DMA read: those at indices `first` to
+/// `first + count - 1` (never across the end of the ring), `count` times 64 bytes.
+#[derive(Debug, Default)]
+pub(crate) struct Fetched {
+    pub first: u32,
+    pub count: u32,
+    pub bytes: Vec<u8>,
 }
 
 impl SubmissionQueue {
@@ -101,6 +114,7 @@ impl SubmissionQueue {
             shadow: false,
             ring,
             in_flight: 0,
+            kept: None,
         }
     }
 }

@@ -62,15 +62,27 @@ impl DmaPort for MemPort {
     }
 }
 
-/// Counts interrupts per vector.
+/// A clock of events, shared by every test of a binary: a test's test doubles stamp what they
+/// see with it to tell the order across threads.
+pub static EVENTS: AtomicU64 = AtomicU64::new(0);
+
+/// The next stamp of [`EVENTS`].
+pub fn stamp() -> u64 {
+    EVENTS.fetch_add(1, Ordering::SeqCst)
+}
+
+/// Counts interrupts per vector, and stamps each ([`stamp`]).
 #[derive(Default)]
 pub struct Irqs {
     pub counts: Mutex<Vec<u64>>,
     pub cv: Condvar,
+    /// (vector, stamp) of every signal, in order.
+    pub signals: Mutex<Vec<(u16, u64)>>,
 }
 
 impl InterruptSink for Irqs {
     fn signal(&self, vector: u16) {
+        self.signals.lock().unwrap().push((vector, stamp()));
         let mut c = self.counts.lock().unwrap();
         let v = usize::from(vector);
         if c.len() <= v {
