@@ -680,6 +680,8 @@ impl Controller {
         }
         let (mut ahead_first, mut ahead_count) =
             self.read_ahead_burst(qid, &mut ahead, have).unwrap_or(have);
+        // Fixed for the burst: its queues, the pool and what was read ahead do not change.
+        let push_limit = self.push_limit(qid);
         while done < SQ_BURST {
             let Some(sq) = self.sqs.get(qid).and_then(Option::as_ref) else {
                 break;
@@ -776,7 +778,7 @@ impl Controller {
             if let Some((status, dw0)) = outcome {
                 if !status.is_success() {
                     self.errors.record(qid16, cmd.cid, status, cmd.nsid);
-                } else if qid != 0 {
+                } else if push_limit.is_some() {
                     if let Ok(NvmOp::Read(r)) = NvmOp::parse(&cmd) {
                         let bytes = u64::from(r.blocks) << self.ns.block_shift();
                         pushed = pushed.saturating_add(bytes);
@@ -804,7 +806,7 @@ impl Controller {
                 return true;
             }
             done += 1;
-            if new_head != tail && self.push_limit(qid, cqi).is_some_and(|l| pushed >= l) {
+            if new_head != tail && push_limit.is_some_and(|l| pushed >= l) {
                 if holds((ahead_first, ahead_count), new_head) {
                     if let Some(sq) = self.sqs.get_mut(qid).and_then(Option::as_mut) {
                         sq.kept = Some(Fetched {
@@ -823,18 +825,21 @@ impl Controller {
 
     /// After how many bytes of read data a burst of I/O queue `qid` ends (see
     /// [`PASS_PUSH_MAPPED`]); `None`: it runs whole. It may end early when its completion
-    /// queue `cqi` is reached by messages, the worker runs the commands itself, and nothing
-    /// was read ahead for the burst's Writes (it would be read again).
-    fn push_limit(&self, qid: usize, cqi: usize) -> Option<u64> {
-        let cq_messages = self
-            .cqs
-            .get(cqi)
-            .and_then(Option::as_ref)
-            .is_some_and(|q| q.ring.is_none());
-        if qid == 0 || self.dispatch.is_some() || !self.data_ahead.is_empty() || !cq_messages {
+    /// queue is reached by messages, the worker runs the commands itself, and nothing was read
+    /// ahead for the burst's Writes (it would be read again).
+    fn push_limit(&self, qid: usize) -> Option<u64> {
+        if qid == 0 || self.dispatch.is_some() || !self.data_ahead.is_empty() {
             return None;
         }
         let sq = self.sqs.get(qid).and_then(Option::as_ref)?;
+        let cq_messages = self
+            .cqs
+            .get(usize::from(sq.cqid))
+            .and_then(Option::as_ref)
+            .is_some_and(|q| q.ring.is_none());
+        if !cq_messages {
+            return None;
+        }
         Some(if sq.ring.is_some() {
             PASS_PUSH_MAPPED
         } else {

@@ -94,7 +94,7 @@ pub(crate) struct SubmissionQueue {
 
 /// Submission queue entries fetched ahead by one DMA read: those at indices `first` to
 /// `first + count - 1` (never across the end of the ring), `count` times 64 bytes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Fetched {
     pub first: u32,
     pub count: u32,
