@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,15 +16,12 @@ use devlend_memory::BusAddr;
 use devlend_nvme::Status;
 use devlend_pci::{DmaAccess, DmaError, DmaPort, DmaSpanResult};
 
-/// Where `Harness::create_io_pair` puts the submission queue of pair `qid`.
-fn sq_base(qid: u64) -> u64 {
-    0x4_0000 + qid * 0x2_0000 + 0x1_0000
-}
-
 /// Records, stamped ([`stamp`]), the device's reads of I/O queue 1's submission ring (the
 /// entries of each) and its writes of read data into `INTO`.
 struct Log {
     inner: Arc<dyn DmaPort>,
+    /// Bus address of I/O queue 1's submission ring (`u64::MAX` until the queue exists).
+    ring: AtomicU64,
     fetches: Mutex<Vec<usize>>,
     /// (offset from `INTO`, stamp) of each write of read data.
     data: Mutex<Vec<(u64, u64)>>,
@@ -34,8 +32,8 @@ const INTO: u64 = DATA + 0x20_0000;
 
 impl Log {
     fn note_read(&self, addr: BusAddr, len: usize) {
-        let ring = HOST_BASE + sq_base(1);
-        if (ring..ring + 0x1_0000).contains(&addr.0) {
+        let ring = self.ring.load(Ordering::SeqCst);
+        if (ring..ring.saturating_add(64 * 64)).contains(&addr.0) {
             self.fetches.lock().unwrap().push(len / 64);
         }
     }
@@ -79,6 +77,7 @@ fn setup() -> (Harness, Arc<Log>) {
         |p| {
             let l = Arc::new(Log {
                 inner: p,
+                ring: AtomicU64::new(u64::MAX),
                 fetches: Mutex::new(Vec::new()),
                 data: Mutex::new(Vec::new()),
             });
@@ -89,7 +88,10 @@ fn setup() -> (Harness, Arc<Log>) {
     h.enable();
     h.create_io_pair(1, 64);
     h.create_io_pair(2, 64);
-    (h, log.expect("the port was wrapped"))
+    let log = log.expect("the port was wrapped");
+    let ring = h.queues[1].as_ref().expect("queue 1").sq_base;
+    log.ring.store(HOST_BASE + ring, Ordering::SeqCst);
+    (h, log)
 }
 
 /// Writes `n` blocks of `bytes` (4 or 8 KiB, each its own pattern) through queue 2, one at a
