@@ -215,6 +215,10 @@ pub(crate) struct QueuePair {
     /// Data bytes of the entries placed since the doorbell was last written.
     unrung_bytes: u64,
     cq_head: u32,
+    /// The head last written to the completion queue's doorbell. Entries consumed since are
+    /// reported later, with the next submission's doorbell or before the driver waits (see
+    /// [`Self::report_head`]).
+    cq_reported: u32,
     phase: bool,
     sq_doorbell: u64,
     cq_doorbell: u64,
@@ -296,6 +300,7 @@ impl QueuePair {
             sq_published: 0,
             unrung_bytes: 0,
             cq_head: 0,
+            cq_reported: 0,
             phase: true,
             sq_doorbell: hw.caps.sq_tail_doorbell(qid),
             cq_doorbell: hw.caps.cq_head_doorbell(qid),
@@ -387,7 +392,8 @@ impl QueuePair {
         // thread, rather than as a lone posted write.
         let written = {
             let _posted = devlend_sync::posted::Batch::begin();
-            hw.write32(self.sq_doorbell, self.sq_tail)
+            self.report_head(hw)
+                .and_then(|()| hw.write32(self.sq_doorbell, self.sq_tail))
         };
         if let Err(e) = written {
             self.broken = true;
@@ -648,14 +654,41 @@ impl QueuePair {
                 }
             }
         }
-        if consumed > 0 {
-            hw.write32(self.cq_doorbell, self.cq_head)?;
+        // The head is reported at once only when half the ring is consumed unreported;
+        // otherwise it leaves with the next doorbell the driver writes anyway.
+        if consumed > 0 && self.unreported() >= self.entries / 2 {
+            self.report_head(hw)?;
         }
         if let Some(cid) = unknown {
             self.broken = true;
             return Err(NvmeError::CompletionForUnknownCommand { qid: self.qid, cid });
         }
         Ok(added)
+    }
+
+    /// Completion entries consumed since the head was last written to the doorbell.
+    fn unreported(&self) -> u32 {
+        (self.cq_head + self.entries - self.cq_reported) % self.entries
+    }
+
+    /// Writes the completion queue's head doorbell if entries were consumed since it was last
+    /// written.
+    ///
+    /// A consumed entry frees its slot only for the device's next post, and the device needs
+    /// to know of it only when the queue would otherwise look full to it. So the head is not
+    /// written as soon as entries are consumed: it goes with the next submission's tail
+    /// doorbell ([`Self::ring`], in the same batch of posted writes: one message on a fabric
+    /// where each costs a system call, where it would be two), or before the driver waits for
+    /// more completions ([`Self::reap`]), or at once when half the ring is consumed
+    /// unreported. Whenever the driver waits, the device has been told of every slot it
+    /// freed, so a device that finds the queue full is never waited for in vain.
+    fn report_head(&mut self, hw: &Hw) -> Result<(), NvmeError> {
+        if self.cq_reported == self.cq_head {
+            return Ok(());
+        }
+        hw.write32(self.cq_doorbell, self.cq_head)?;
+        self.cq_reported = self.cq_head;
+        Ok(())
     }
 
     /// Collects completions into `out` until at least `min` arrived (or nothing is
@@ -690,6 +723,8 @@ impl QueuePair {
         let mut last_progress = start;
         let mut last_check = start;
         while got < min && self.in_flight() > 0 {
+            // Before waiting, the device learns of every slot consumed so far.
+            self.report_head(hw)?;
             let now = Instant::now();
             if now >= deadline {
                 hw.check_status()?;
@@ -951,6 +986,78 @@ mod tests {
         q.submit_deferred(&hw, Command::new(nvm::READ, 1), Some(&small), 5)
             .unwrap();
         assert_eq!((tail_writes(&f), f.last_write(0x1008)), (3, Some(6)));
+    }
+
+    #[test]
+    fn the_cq_head_goes_with_the_next_doorbell_or_before_a_wait() {
+        let f = Scripted::new();
+        let hw = hw(&f, CompletionMode::Polling);
+        let mut q = QueuePair::new(&hw, 1, 8, None).unwrap();
+        // (SQ 1 tail, CQ 1 head) doorbell writes, in order.
+        let doorbells = |f: &Scripted| -> Vec<(u64, u32)> {
+            let w = f.writes.lock().unwrap();
+            w.iter()
+                .filter(|(o, _)| *o == 0x1008 || *o == 0x100c)
+                .copied()
+                .collect()
+        };
+        let mut out = Vec::new();
+        q.submit(&hw, Command::new(nvm::FLUSH, 1), None, 0).unwrap();
+        q.submit(&hw, Command::new(nvm::FLUSH, 1), None, 1).unwrap();
+        post(&q, 0, 0, true, 0);
+        assert_eq!(q.reap(&hw, &mut out, 1, Duration::from_secs(5)).unwrap(), 1);
+        // Consumed, not yet reported: the reap that got what it wanted did not wait.
+        assert_eq!(doorbells(&f), [(0x1008, 1), (0x1008, 2)]);
+
+        // The next submission reports it, just before its own doorbell.
+        q.submit(&hw, Command::new(nvm::FLUSH, 1), None, 2).unwrap();
+        assert_eq!(
+            doorbells(&f),
+            [(0x1008, 1), (0x1008, 2), (0x100c, 1), (0x1008, 3)]
+        );
+
+        // A reap that must wait reports what it consumed first.
+        post(&q, 1, 1, true, 0);
+        out.clear();
+        let r = q.reap(&hw, &mut out, 2, Duration::from_millis(50));
+        assert!(matches!(r, Err(NvmeError::Timeout { .. })), "{r:?}");
+        assert_eq!(out.len(), 1);
+        assert_eq!(doorbells(&f).last(), Some(&(0x100c, 2)));
+    }
+
+    #[test]
+    fn half_a_ring_consumed_is_reported_at_once() {
+        let f = Scripted::new();
+        let hw = hw(&f, CompletionMode::Polling);
+        let mut q = QueuePair::new(&hw, 1, 8, None).unwrap();
+        let head_writes = |f: &Scripted| -> Vec<u32> {
+            let w = f.writes.lock().unwrap();
+            w.iter()
+                .filter(|(o, _)| *o == 0x100c)
+                .map(|(_, v)| *v)
+                .collect()
+        };
+        let mut out = Vec::new();
+        // `n` commands handed over with one doorbell, completed, and reaped at once.
+        let mut round = |q: &mut QueuePair, first: usize, n: usize| {
+            for _ in 0..n {
+                q.submit_deferred(&hw, Command::new(nvm::FLUSH, 1), None, 0)
+                    .unwrap();
+            }
+            q.ring(&hw).unwrap();
+            for slot in first..first + n {
+                let cid = u16::from_le_bytes(sqe(q, slot)[2..4].try_into().unwrap());
+                post(q, slot as u32, cid, true, 0);
+            }
+            out.clear();
+            assert_eq!(q.reap(&hw, &mut out, n, Duration::from_secs(5)).unwrap(), n);
+        };
+        // 3 of 8 entries consumed: held for the next doorbell.
+        round(&mut q, 0, 3);
+        assert!(head_writes(&f).is_empty());
+        // The next round's doorbell reports them; its 4 make half the ring: reported at once.
+        round(&mut q, 3, 4);
+        assert_eq!(head_writes(&f), [3, 7]);
     }
 
     #[test]
