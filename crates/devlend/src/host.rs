@@ -139,12 +139,17 @@ pub fn tcp_config(tcp: &TcpOptions) -> devlend_fabric_tcp::TcpConfig {
     tcp_config_with(link_config(), tcp)
 }
 
+/// `link` for a tcp link: its spin budget is [`devlend_fabric_tcp::TCP_SPIN`] unless the
+/// environment sets one.
 fn tcp_config_with(
     link: devlend_fabric::LinkConfig,
     tcp: &TcpOptions,
 ) -> devlend_fabric_tcp::TcpConfig {
     devlend_fabric_tcp::TcpConfig {
-        link,
+        link: devlend_fabric::LinkConfig {
+            spin: spin_from_env().unwrap_or(devlend_fabric_tcp::TCP_SPIN),
+            ..link
+        },
         cpus: tcp.cpus,
         ..Default::default()
     }
@@ -161,14 +166,18 @@ fn link_config() -> devlend_fabric::LinkConfig {
         mw_count: LINK_WINDOWS,
         ..Default::default()
     };
-    // The spin budget of fabric waits, for tuning (README, "Benchmarks").
-    if let Some(us) = std::env::var("DEVLEND_FABRIC_SPIN_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        cfg.spin = std::time::Duration::from_micros(us);
+    if let Some(spin) = spin_from_env() {
+        cfg.spin = spin;
     }
     cfg
+}
+
+/// The spin budget of fabric waits set for tuning (README, "Benchmarks").
+fn spin_from_env() -> Option<std::time::Duration> {
+    std::env::var("DEVLEND_FABRIC_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_micros)
 }
 
 /// Opens one end of a link onto `asp`; it comes up when the peer arrives.

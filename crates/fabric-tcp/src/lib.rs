@@ -106,6 +106,15 @@ use std::time::Duration;
 
 use devlend_fabric::LinkConfig;
 
+/// The spin budget of a tcp link's waits ([`LinkConfig::spin`] in [`TcpConfig::default`]):
+/// twice the shared-memory default. A wait that outlasts its spin sleeps in `poll(2)` and is
+/// woken through the network stack, a costlier wake-up than the futex of `shm`; and the gap it
+/// spans is the peer's turnaround, which over tcp includes its own socket work. Measured at
+/// 30 µs, a lent device's worker went to sleep between most bursts of the QD32 write row
+/// with the SQ and data in the CMB, once the borrower sent one message per burst instead of
+/// two (README, "The CQ head doorbell leaves with the next submission").
+pub const TCP_SPIN: Duration = Duration::from_micros(60);
+
 /// Parameters of a tcp link side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpConfig {
@@ -147,7 +156,10 @@ pub struct ThreadCpus {
 impl Default for TcpConfig {
     fn default() -> Self {
         Self {
-            link: LinkConfig::default(),
+            link: LinkConfig {
+                spin: TCP_SPIN,
+                ..LinkConfig::default()
+            },
             keepalive_interval: Duration::from_millis(500),
             keepalive_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(5),
