@@ -229,19 +229,25 @@ fn metrics_endpoint_counts_io_and_passes_promtool() {
     }
 }
 
-/// A tmux server of this test's own (its own socket), killed on drop.
+/// A tmux server of this test's own, killed on drop. Its socket is in a scratch directory of
+/// its own (removed on drop too), not in tmux's shared `/tmp/tmux-UID`, where a killed
+/// server leaves its socket file behind.
 struct Tmux {
     bin: String,
-    socket: String,
+    socket: std::path::PathBuf,
+    // Dropped after `drop` has killed the server.
+    _dir: ScratchDir,
 }
 
 impl Tmux {
-    /// A server on a socket named after `tag` and this process, with a detached shell
+    /// A server on a socket in a scratch directory named after `tag`, with a detached shell
     /// session `session` of 150 columns and `rows` rows.
     fn start(bin: String, tag: &str, session: &str, rows: u16) -> Tmux {
+        let dir = ScratchDir::new(&format!("tmux-{tag}"));
         let tmux = Tmux {
             bin,
-            socket: format!("devlend-{tag}-{}", std::process::id()),
+            socket: dir.join("socket"),
+            _dir: dir,
         };
         let rows = rows.to_string();
         tmux.run(&[
@@ -280,7 +286,7 @@ impl Tmux {
 
     fn run(&self, args: &[&str]) -> String {
         let out = Command::new(&self.bin)
-            .arg("-L")
+            .arg("-S")
             .arg(&self.socket)
             .args(args)
             .output()
@@ -293,7 +299,9 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = Command::new(&self.bin)
-            .args(["-L", &self.socket, "kill-server"])
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
             .output();
     }
 }
