@@ -134,22 +134,11 @@ pub fn open_fabrics(specs: &[FabricSpec], tcp: &TcpOptions) -> anyhow::Result<Ve
         .collect()
 }
 
-/// The tcp link configuration for these options (spin budget from the environment).
+/// The tcp link configuration for these options: the spin budget is
+/// [`devlend_fabric_tcp::TCP_SPIN`] unless the environment sets one.
 pub fn tcp_config(tcp: &TcpOptions) -> devlend_fabric_tcp::TcpConfig {
-    tcp_config_with(link_config(), tcp)
-}
-
-/// `link` for a tcp link: its spin budget is [`devlend_fabric_tcp::TCP_SPIN`] unless the
-/// environment sets one.
-fn tcp_config_with(
-    link: devlend_fabric::LinkConfig,
-    tcp: &TcpOptions,
-) -> devlend_fabric_tcp::TcpConfig {
     devlend_fabric_tcp::TcpConfig {
-        link: devlend_fabric::LinkConfig {
-            spin: spin_from_env().unwrap_or(devlend_fabric_tcp::TCP_SPIN),
-            ..link
-        },
+        link: link_config(devlend_fabric_tcp::TCP_SPIN),
         cpus: tcp.cpus,
         ..Default::default()
     }
@@ -161,23 +150,17 @@ fn tcp_config_with(
 /// limit, which `add nvme --queues` moves (README, "Known limits").
 pub const LINK_WINDOWS: usize = 32;
 
-fn link_config() -> devlend_fabric::LinkConfig {
-    let mut cfg = devlend_fabric::LinkConfig {
+/// A link's geometry, with the spin budget of its waits: `spin` unless the environment sets
+/// one for tuning (`DEVLEND_FABRIC_SPIN_US`, README, "Benchmarks").
+fn link_config(spin: std::time::Duration) -> devlend_fabric::LinkConfig {
+    devlend_fabric::LinkConfig {
         mw_count: LINK_WINDOWS,
+        spin: std::env::var("DEVLEND_FABRIC_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(spin, std::time::Duration::from_micros),
         ..Default::default()
-    };
-    if let Some(spin) = spin_from_env() {
-        cfg.spin = spin;
     }
-    cfg
-}
-
-/// The spin budget of fabric waits set for tuning (README, "Benchmarks").
-fn spin_from_env() -> Option<std::time::Duration> {
-    std::env::var("DEVLEND_FABRIC_SPIN_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(std::time::Duration::from_micros)
 }
 
 /// Opens one end of a link onto `asp`; it comes up when the peer arrives.
@@ -186,21 +169,25 @@ pub fn open_fabric(
     asp: Arc<AddressSpace>,
     tcp: &TcpOptions,
 ) -> anyhow::Result<Arc<dyn Ntb>> {
-    let cfg = link_config();
-    let tcp_cfg = tcp_config_with(cfg, tcp);
     Ok(match spec {
         FabricSpec::Shm(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let cfg = link_config(devlend_fabric::LinkConfig::default().spin);
             devlend_fabric::shm::ShmNtb::open(dir, asp, cfg)
                 .with_context(|| format!("opening the shm fabric in {}", dir.display()))?
         }
         FabricSpec::TcpListen { peer, addr } => Arc::new(
-            devlend_fabric_tcp::TcpNtb::listen(*addr, asp, tcp_cfg, tcp.credentials(peer)?)
+            devlend_fabric_tcp::TcpNtb::listen(*addr, asp, tcp_config(tcp), tcp.credentials(peer)?)
                 .with_context(|| format!("listening on {addr}"))?,
         ),
         FabricSpec::TcpConnect { peer, addr } => Arc::new(
-            devlend_fabric_tcp::TcpNtb::connect(*addr, asp, tcp_cfg, tcp.credentials(peer)?)
-                .with_context(|| format!("connecting to {addr}"))?,
+            devlend_fabric_tcp::TcpNtb::connect(
+                *addr,
+                asp,
+                tcp_config(tcp),
+                tcp.credentials(peer)?,
+            )
+            .with_context(|| format!("connecting to {addr}"))?,
         ),
     })
 }
