@@ -627,22 +627,21 @@ impl Controller {
                     }
                 }
             }
-            None if holds(have, sq.head) => {
-                let skip = (sq.head - have.0) as usize * Command::BYTES;
-                fetched = Some(have);
+            None => {
+                // The entries kept from a burst cut short when they include the head, else
+                // the burst's entries fetched now.
+                let skip = if holds(have, sq.head) {
+                    fetched = Some(have);
+                    (sq.head - have.0) as usize * Command::BYTES
+                } else {
+                    sqes.resize(n as usize * Command::BYTES, 0);
+                    let at = sq.base.checked_add(first)?;
+                    self.dma.dma_read(BusAddr(at), sqes).ok()?;
+                    fetched = Some((sq.head, n));
+                    0
+                };
                 let held = sqes.get(skip..).unwrap_or_default();
                 for bytes in held.chunks_exact(Command::BYTES).take(n as usize) {
-                    let mut entry = [0u8; Command::BYTES];
-                    entry.copy_from_slice(bytes);
-                    cmds.push(Command::parse(&entry));
-                }
-            }
-            None => {
-                sqes.resize(n as usize * Command::BYTES, 0);
-                let at = sq.base.checked_add(first)?;
-                self.dma.dma_read(BusAddr(at), sqes).ok()?;
-                fetched = Some((sq.head, n));
-                for bytes in sqes.chunks_exact(Command::BYTES) {
                     let mut entry = [0u8; Command::BYTES];
                     entry.copy_from_slice(bytes);
                     cmds.push(Command::parse(&entry));
