@@ -12,7 +12,8 @@
 //!    borrower reads the killed one's completed write back;
 //! 4. the benchmark row: the same driver and workload on the device used directly through
 //!    VFIO by one process, then borrowed through devlend (4 KiB random reads, QD1 and QD32),
-//!    in two interleaved rounds; the figures are printed, never asserted;
+//!    in four rounds, the order alternating (direct first, then borrowed first); the figures are
+//!    printed, never asserted;
 //! 5. the lender stops and the controller goes back to the guest's nvme driver.
 //!
 //! From the host, after the guest powers off: both patterns are in the disk image behind
@@ -41,8 +42,9 @@ const KILLED_OFFSET: u64 = 112 << 20;
 const PATTERN_LEN: usize = 1 << 20;
 const DISK_BYTES: u64 = 256 << 20;
 const BENCH_SECS: u64 = 5;
-/// Rounds of the benchmark row, each direct then borrowed (the guest script's loop).
-const BENCH_ROUNDS: usize = 3;
+/// Rounds of the benchmark row, alternately direct then borrowed and borrowed then direct (the
+/// guest script's loop).
+const BENCH_ROUNDS: usize = 4;
 
 fn pattern(seed: u8) -> Vec<u8> {
     guest_lending::pattern(PATTERN_LEN, 1, seed)
@@ -213,12 +215,17 @@ vfio-guest borrower /tmp/f nvme0 readback || fail "readback borrower"
 kill $LENDER
 wait $LENDER
 echo "VFIO-DRIVER-AFTER $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
-for round in 1 2 3; do
-    vfio-guest bench-direct $BDF || fail "direct benchmark"
+direct() { vfio-guest bench-direct $BDF || fail "direct benchmark"; }
+borrowed() {
     lender
     vfio-guest borrower /tmp/f nvme0 bench || fail "borrowed benchmark"
     kill $LENDER
     wait $LENDER
+}
+# Order balanced (direct first, then borrowed first, ...) so that a drift of the host's speed
+# within a round does not favour the side that always runs first.
+for order in db bd db bd; do
+    if [ $order = db ]; then direct; borrowed; else borrowed; direct; fi
 done
 grep -i "reset failed" /tmp/lender.log && fail "a VFIO reset failed"
 sed 's/^/lender: /' /tmp/lender.log | tail -20
@@ -351,8 +358,9 @@ fn host_test() {
     );
 
     // The benchmark row.
-    // The mean over the interleaved rounds (direct, borrowed, direct, borrowed).
-    let figure = |what: &str, qd: usize, key: &str| -> f64 {
+    // The mean over the rounds (order alternating: direct first, then borrowed first), and
+    // each round's own ratio, its two sides measured next to each other.
+    let figure = |what: &str, qd: usize, key: &str| -> Vec<f64> {
         let prefix = format!("VFIO-BENCH {what} qd{qd} ");
         let values: Vec<f64> = console
             .iter()
@@ -369,7 +377,16 @@ fn host_test() {
             transcript()
         );
         println!("  {what} qd{qd} {key} per round: {values:?}");
-        values.iter().sum::<f64>() / values.len() as f64
+        values
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let per_round = |b: &[f64], d: &[f64]| -> String {
+        let r: Vec<String> = b
+            .iter()
+            .zip(d)
+            .map(|(b, d)| format!("{:.2}", b / d))
+            .collect();
+        r.join(", ")
     };
     let (d32, b32) = (figure("direct", 32, "iops"), figure("borrowed", 32, "iops"));
     let (d1, b1) = (
@@ -378,17 +395,24 @@ fn host_test() {
     );
     println!(
         "vfio bench (QEMU nvme in a TCG guest, release build, 4 KiB random read, {BENCH_SECS} s \
-         each, mean of {BENCH_ROUNDS} interleaved rounds):"
+         each, mean of {BENCH_ROUNDS} rounds, order alternating):"
+    );
+    let (r32, r1) = (mean(&b32) / mean(&d32), mean(&b1) / mean(&d1));
+    println!(
+        "  QD32: borrowed {:.0} IOPS vs direct {:.0} IOPS: ratio {r32:.2} (target >= 0.9: {}; \
+         rounds {})",
+        mean(&b32),
+        mean(&d32),
+        r32 >= 0.9,
+        per_round(&b32, &d32)
     );
     println!(
-        "  QD32: borrowed {b32:.0} IOPS vs direct {d32:.0} IOPS: ratio {:.2} (target >= 0.9: {})",
-        b32 / d32,
-        b32 / d32 >= 0.9
-    );
-    println!(
-        "  QD1 median: borrowed {b1:.1} us vs direct {d1:.1} us: ratio {:.2} (target <= 1.25: {})",
-        b1 / d1,
-        b1 / d1 <= 1.25
+        "  QD1 median: borrowed {:.1} us vs direct {:.1} us: ratio {r1:.2} (target <= 1.25: {}; \
+         rounds {})",
+        mean(&b1),
+        mean(&d1),
+        r1 <= 1.25,
+        per_round(&b1, &d1)
     );
     rig.remove();
     println!(
