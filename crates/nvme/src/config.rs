@@ -36,6 +36,16 @@ impl BlockSize {
 /// a host with cores to spare and a link whose round trips dominate.
 pub const DEFAULT_IO_WORKERS: u16 = 1;
 
+/// Default [`NvmeConfig::poll_spin`]: 30 µs.
+pub const DEFAULT_POLL_SPIN: Duration = Duration::from_micros(30);
+
+/// Default [`NvmeConfig::poll_spin_max`]: 200 µs, a few times what a sleep and a wake-up cost
+/// on the machines this was measured on. A QEMU guest under TCG often rings the next doorbell
+/// later than 30 µs after a completion: with a fixed 30 µs the worker had gone to sleep before
+/// 0.2 to 0.8 of the commands at QD1, and each of those doorbells came as a socket message and
+/// a wake-up (README, "The worker's poll budget follows the gaps").
+pub const DEFAULT_POLL_SPIN_MAX: Duration = Duration::from_micros(200);
+
 /// Configuration of an NVMe controller model with one namespace backed by a raw image file.
 #[derive(Clone, Debug)]
 pub struct NvmeConfig {
@@ -57,8 +67,14 @@ pub struct NvmeConfig {
     pub mdts: u8,
     /// Logical block size.
     pub block_size: BlockSize,
-    /// How long the worker spins on the doorbells after its last command before sleeping.
+    /// How long the worker polls the doorbells after its last command before sleeping, at
+    /// least: the budget grows towards [`NvmeConfig::poll_spin_max`] while the next command
+    /// keeps coming within that (see [`devlend_sync::SpinBudget`]).
     pub poll_spin: Duration,
+    /// The most the worker's poll budget grows to: idle gaps longer than this are waited out
+    /// asleep, and one of them puts the budget back to [`NvmeConfig::poll_spin`]. Equal to
+    /// `poll_spin` for a fixed budget.
+    pub poll_spin_max: Duration,
     /// The longest an idle worker sleeps before looking at the doorbells anyway. Doorbell
     /// writes through BAR0 wake it at once, and so does a futex wake on the sleep word of
     /// [`crate::NvmeDevice::doorbell_page`]; lower this (e.g. to 50 µs) only for a front-end
@@ -83,7 +99,7 @@ pub struct NvmeConfig {
 
 impl NvmeConfig {
     /// Defaults for an image at `image`: 16 I/O queue pairs of up to 1024 entries, 128 KiB
-    /// MDTS, 512-byte blocks, 30 µs of polling, [`DEFAULT_IO_WORKERS`] I/O threads.
+    /// MDTS, 512-byte blocks, 30 to 200 µs of polling, [`DEFAULT_IO_WORKERS`] I/O threads.
     pub fn new(image: impl Into<PathBuf>) -> Self {
         NvmeConfig {
             image: image.into(),
@@ -95,7 +111,8 @@ impl NvmeConfig {
             max_queue_entries: 1024,
             mdts: 5,
             block_size: BlockSize::B512,
-            poll_spin: Duration::from_micros(30),
+            poll_spin: DEFAULT_POLL_SPIN,
+            poll_spin_max: DEFAULT_POLL_SPIN_MAX,
             idle_recheck: Duration::from_millis(100),
             ready_timeout_500ms: 20,
             read_only: false,
@@ -129,6 +146,11 @@ impl NvmeConfig {
         }
         if self.poll_spin > Duration::from_millis(10) {
             return Err(NvmeError::InvalidConfig("poll_spin must be at most 10 ms"));
+        }
+        if self.poll_spin_max > Duration::from_millis(10) {
+            return Err(NvmeError::InvalidConfig(
+                "poll_spin_max must be at most 10 ms",
+            ));
         }
         if !(1..=16).contains(&self.io_workers) {
             return Err(NvmeError::InvalidConfig("io_workers must be 1 to 16"));

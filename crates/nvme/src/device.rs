@@ -8,8 +8,12 @@
 //!   syscall only on the idle-to-busy edge. A front-end that maps the page
 //!   ([`PciDevice::bar_memory`]) does the same from its own process.
 //! - The worker thread (`nvme-worker`) owns command processing. It polls the doorbells
-//!   (the page, or the shadow doorbell buffer) for up to [`NvmeConfig::poll_spin`] after its
-//!   last command, yielding between passes, then sets the sleep word to 1, publishes event
+//!   (the page, or the shadow doorbell buffer) after its last command, yielding between
+//!   passes, for a budget learned from its recent idle gaps ([`devlend_sync::SpinBudget`]:
+//!   from [`NvmeConfig::poll_spin`] up to [`NvmeConfig::poll_spin_max`], one and a half
+//!   times a gap that ended within the maximum, back to the base after an idle period in
+//!   which it polled past the base with less than half a CPU: other threads
+//!   wanted its CPU), then sets the sleep word to 1, publishes event
 //!   indexes, re-checks, and waits on the word while it is 1 (at most
 //!   [`NvmeConfig::idle_recheck`]). The sleep-word store and the doorbell store are both
 //!   `SeqCst`, so a doorbell written while it goes to sleep is either seen by the re-check or
@@ -50,7 +54,27 @@ use crate::regs::{
     REG_INTMC, REG_INTMS, REG_VS, VERSION_1_4,
 };
 use crate::virt::{Role, Virtualization};
-use devlend_sync::{lock, posted};
+use devlend_sync::{lock, posted, SpinBudget};
+
+/// This thread's CPU time so far.
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// Whether the worker, polling since `(wall, cpu)`, had less than half a CPU: other threads
+/// wanted its CPU (another poller, the thread it waits for), so polling longer does not pay.
+/// (Short turns of other threads, such as a VMM's loop injecting the interrupt the worker just
+/// sent, leave it more than half.) A yield to a thread that yields straight back is cheap, so the length of one yield
+/// alone would not show two pollers taking turns; their CPU time does.
+fn shared_cpu((wall, cpu): (Instant, Duration)) -> bool {
+    let wall = wall.elapsed();
+    let cpu = thread_cpu_time().saturating_sub(cpu);
+    wall >= Duration::from_micros(10) && cpu * 2 < wall
+}
 
 /// PCI Vendor ID this model reports.
 pub const PCI_VENDOR_ID: u16 = 0x1dec;
@@ -164,6 +188,7 @@ struct Inner {
     stop: AtomicBool,
     worker: OnceLock<Thread>,
     spin: Duration,
+    spin_max: Duration,
     idle_recheck: Duration,
     vectors: u16,
     role: Role,
@@ -407,6 +432,7 @@ impl NvmeDevice {
             stop: AtomicBool::new(false),
             worker: OnceLock::new(),
             spin: cfg.poll_spin,
+            spin_max: cfg.poll_spin_max,
             idle_recheck: cfg.idle_recheck,
             vectors,
             role,
@@ -498,6 +524,14 @@ impl Drop for NvmeDevice {
 impl Inner {
     fn run(&self) {
         let mut last_work = Instant::now();
+        // How long to poll before sleeping, learned from the idle gaps (`SpinBudget`), and
+        // when the current idle period began.
+        let mut budget = SpinBudget::new(self.spin, self.spin_max);
+        let mut idle_from: Option<Instant> = None;
+        // Once an idle period's poll goes past the base budget: when, in wall and CPU time.
+        let mut probe: Option<(Instant, Duration)> = None;
+        // Whether other threads took this one's CPU while it polled in this idle period.
+        let mut contended = false;
         let mut vectors = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
             let worked = {
@@ -519,18 +553,39 @@ impl Inner {
             if worked {
                 self.counters.busy_passes.fetch_add(1, Ordering::Relaxed);
                 last_work = Instant::now();
+                if let Some(from) = idle_from.take() {
+                    if let Some(p) = probe.take() {
+                        contended |= shared_cpu(p);
+                    }
+                    if std::mem::take(&mut contended) {
+                        budget.contended();
+                    } else {
+                        budget.record(last_work.saturating_duration_since(from));
+                    }
+                }
                 continue;
+            }
+            if idle_from.is_none() {
+                idle_from = Some(last_work);
             }
             // A worker that reads a link while idle goes to it at once: the link's wait polls
             // the socket first, and a doorbell read there reaches this thread directly (if it
             // polled its word here instead, the fabric's reader thread would take the socket
             // meanwhile and the doorbell would come through that thread).
             let reader = lock(&self.idle_wait).clone();
-            if reader.is_none() && last_work.elapsed() < self.spin {
+            let idle = last_work.elapsed();
+            if reader.is_none() && idle < budget.budget() {
+                // Past the base budget, see whether the poll has its CPU to itself.
+                if idle >= self.spin && probe.is_none() {
+                    probe = Some((Instant::now(), thread_cpu_time()));
+                }
                 // Yield rather than spin hard: on an oversubscribed host the thread that will
                 // ring the next doorbell may be waiting for this very core.
                 std::thread::yield_now();
                 continue;
+            }
+            if let Some(p) = probe.take() {
+                contended |= shared_cpu(p);
             }
             let word = self.sleep_word();
             if let Some(w) = word {

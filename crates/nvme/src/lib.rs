@@ -47,7 +47,9 @@ pub mod virt;
 pub use admin::{fid, lid};
 pub use cmb::CMB_BAR;
 pub use command::{AdminOp, Command, Completion, NvmOp};
-pub use config::{BlockSize, NvmeConfig, DEFAULT_IO_WORKERS};
+pub use config::{
+    BlockSize, NvmeConfig, DEFAULT_IO_WORKERS, DEFAULT_POLL_SPIN, DEFAULT_POLL_SPIN_MAX,
+};
 pub use device::{
     NvmeDevice, NvmeStats, MSIX_BAR, MSIX_BAR_SIZE, MSIX_PBA_OFFSET, PCI_CLASS_NVME, PCI_DEVICE_ID,
     PCI_VENDOR_ID, PCI_VF_DEVICE_ID, REGISTER_BAR,

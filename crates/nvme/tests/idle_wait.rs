@@ -129,6 +129,7 @@ fn rig() -> (Harness, Arc<FakeLink>, Sender<Msg>) {
         |c| {
             c.idle_recheck = Duration::from_secs(1);
             c.poll_spin = Duration::ZERO;
+            c.poll_spin_max = Duration::ZERO;
         },
         false,
     );

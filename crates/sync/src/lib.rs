@@ -11,9 +11,13 @@
 //!   exactly the time it needs (measured: round trips of ~3x the spin budget instead of ~1 us
 //!   on a loaded 2-core VM).
 //! * [`posted`]: a thread's batch of posted writes, which a fabric may send together.
+//! * [`SpinBudget`]: a poll budget learned from the idle gaps a thread saw.
 #![warn(missing_docs)]
 
+mod adaptive;
 pub mod posted;
+
+pub use adaptive::SpinBudget;
 
 use std::sync::{
     Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError,

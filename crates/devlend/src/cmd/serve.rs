@@ -39,8 +39,8 @@ pub struct NvmeArgs {
     /// Controller model number.
     #[arg(long)]
     pub model: Option<String>,
-    /// How long the model's worker polls doorbells after its last command before sleeping
-    /// (µs; default: the model's).
+    /// How long the model's worker polls doorbells after its last command before sleeping,
+    /// fixed (µs; default: the model's adaptive budget, 30 to 200 µs).
     #[arg(long)]
     pub poll_spin_us: Option<u64>,
     /// The UNIX socket to listen on (QEMU: `-device '{"driver":"vfio-user-pci","socket":{...}}'`).
@@ -95,6 +95,7 @@ pub fn local_nvme(a: &NvmeArgs) -> anyhow::Result<Arc<dyn PciFunction>> {
     let mut config = a.options().config();
     if let Some(us) = a.poll_spin_us {
         config.poll_spin = std::time::Duration::from_micros(us);
+        config.poll_spin_max = config.poll_spin;
     }
     // The driver side of the binding allocates nothing here (guest RAM arrives by DMA_MAP), so
     // the local DMA pool stays one page.
