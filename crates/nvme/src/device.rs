@@ -67,9 +67,9 @@ fn thread_cpu_time() -> Duration {
 
 /// Whether the worker, polling since `(wall, cpu)`, had less than half a CPU: other threads
 /// wanted its CPU (another poller, the thread it waits for), so polling longer does not pay.
-/// (Short turns of other threads, such as a VMM's loop injecting the interrupt the worker just
-/// sent, leave it more than half.) A yield to a thread that yields straight back is cheap, so the length of one yield
-/// alone would not show two pollers taking turns; their CPU time does.
+/// Short turns of other threads, such as a VMM's loop injecting the interrupt the worker just
+/// sent, leave it more than half. A yield to a thread that yields straight back is cheap, so
+/// the length of one yield would not show two pollers taking turns; their CPU time does.
 fn shared_cpu((wall, cpu): (Instant, Duration)) -> bool {
     let wall = wall.elapsed();
     let cpu = thread_cpu_time().saturating_sub(cpu);
