@@ -551,21 +551,32 @@ mod tests {
         assert!(crate::Ntb::give_interrupt_fd(&*a, 5, 1, &old).unwrap());
         assert!(crate::Ntb::give_interrupt_fd(&*a, 5, 2, &ours).unwrap());
         let deadline = std::time::Instant::now() + LONG;
+        // Until the second descriptor arrives, the first may be there under its own cookie
+        // (the two messages are read one after the other): taken with cookie 1, it must be
+        // the first eventfd, never the second.
+        let mut first = None;
         let theirs = loop {
             if let Some(fd) = crate::Ntb::take_interrupt_fd(&*b, 5, 2) {
                 break fd;
             }
-            assert!(
-                crate::Ntb::take_interrupt_fd(&*b, 5, 1).is_none(),
-                "another cookie's descriptor"
-            );
+            if let Some(fd) = crate::Ntb::take_interrupt_fd(&*b, 5, 1) {
+                first = Some(fd);
+            }
             assert!(std::time::Instant::now() < deadline, "never arrived");
             std::thread::yield_now();
         };
         assert!(
+            crate::Ntb::take_interrupt_fd(&*b, 5, 1).is_none(),
+            "the later descriptor replaced the earlier one"
+        );
+        assert!(
             crate::Ntb::take_interrupt_fd(&*b, 5, 2).is_none(),
             "taken once"
         );
+        if let Some(first) = first {
+            old.write(1).unwrap();
+            assert_eq!(first.read().unwrap(), 1, "another cookie's descriptor");
+        }
         // Non-blocking on the receiving side; the sender's signal is what it reads.
         assert!(theirs.read().is_err());
         ours.write(3).unwrap();
