@@ -454,11 +454,27 @@ mod tests {
 
     const LONG: Duration = Duration::from_secs(20);
 
-    fn tmpdir(name: &str) -> PathBuf {
+    /// A test's rendezvous directory, removed when the test ends (also when it fails).
+    struct TmpDir(PathBuf);
+
+    impl std::ops::Deref for TmpDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmpdir(name: &str) -> TmpDir {
         let d =
             std::env::temp_dir().join(format!("devlend-shm-unit-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
-        d
+        TmpDir(d)
     }
 
     #[test]
@@ -502,7 +518,6 @@ mod tests {
         ));
         drop(a);
         drop(b);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -583,7 +598,6 @@ mod tests {
         assert_eq!(theirs.read().unwrap(), 3);
         drop(a);
         drop(b);
-        let _ = std::fs::remove_dir_all(&dir);
 
         let mem = SharedMemory::new("not-an-eventfd", 0x1000).unwrap();
         let fd = mem.fd().try_clone_to_owned().unwrap();
