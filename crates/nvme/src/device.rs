@@ -187,8 +187,8 @@ struct Inner {
     core: Mutex<Controller>,
     stop: AtomicBool,
     worker: OnceLock<Thread>,
-    spin: Duration,
-    spin_max: Duration,
+    /// The worker's poll budget as it starts (`poll_spin` up to `poll_spin_max`).
+    spin: SpinBudget,
     idle_recheck: Duration,
     vectors: u16,
     role: Role,
@@ -431,8 +431,7 @@ impl NvmeDevice {
             core: Mutex::new(core),
             stop: AtomicBool::new(false),
             worker: OnceLock::new(),
-            spin: cfg.poll_spin,
-            spin_max: cfg.poll_spin_max,
+            spin: SpinBudget::new(cfg.poll_spin, cfg.poll_spin_max),
             idle_recheck: cfg.idle_recheck,
             vectors,
             role,
@@ -526,7 +525,7 @@ impl Inner {
         let mut last_work = Instant::now();
         // How long to poll before sleeping, learned from the idle gaps (`SpinBudget`), and
         // when the current idle period began.
-        let mut budget = SpinBudget::new(self.spin, self.spin_max);
+        let mut budget = self.spin;
         let mut idle_from: Option<Instant> = None;
         // Once an idle period's poll goes past the base budget: when, in wall and CPU time.
         let mut probe: Option<(Instant, Duration)> = None;
@@ -576,7 +575,7 @@ impl Inner {
             let idle = last_work.elapsed();
             if reader.is_none() && idle < budget.budget() {
                 // Past the base budget, see whether the poll has its CPU to itself.
-                if idle >= self.spin && probe.is_none() {
+                if idle >= budget.base() && probe.is_none() {
                     probe = Some((Instant::now(), thread_cpu_time()));
                 }
                 // Yield rather than spin hard: on an oversubscribed host the thread that will

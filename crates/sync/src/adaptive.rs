@@ -48,6 +48,11 @@ impl SpinBudget {
         self.budget
     }
 
+    /// What the budget starts at and returns to.
+    pub fn base(&self) -> Duration {
+        self.base
+    }
+
     /// The most the budget can grow to.
     pub fn max(&self) -> Duration {
         self.max
@@ -86,6 +91,7 @@ mod tests {
     fn starts_at_the_base_and_short_gaps_keep_it_there() {
         let mut s = SpinBudget::new(30 * US, 200 * US);
         assert_eq!(s.budget(), 30 * US);
+        assert_eq!(s.base(), 30 * US);
         for _ in 0..100 {
             s.record(2 * US);
         }
