@@ -16,6 +16,7 @@ use devlend_fabric::{
     Messages, MmioHandler, Ntb, PeerWindows, Scratchpads, SharedMemory, ShmNtb, WindowOffset,
 };
 use devlend_testkit::process::KillOnDrop;
+use devlend_testkit::scratch::ScratchDir;
 
 const LONG: Duration = Duration::from_secs(30);
 const CHILD_ENV: &str = "DEVLEND_FABRIC_CHILD";
@@ -203,25 +204,8 @@ impl Peer {
 
 /// A unique rendezvous directory, removed on drop (declare it first so that it drops after
 /// the peers and links using it).
-struct TestDir(PathBuf);
-
-impl std::ops::Deref for TestDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tmpdir(name: &str) -> TestDir {
-    let d = std::env::temp_dir().join(format!("devlend-fabric-it-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    TestDir(d)
+fn tmpdir(name: &str) -> ScratchDir {
+    ScratchDir::new("devlend-fabric-it", name)
 }
 
 /// Polls until the peer's announcement of `window` has arrived (failure guard: 30 s).
@@ -243,7 +227,7 @@ fn call(ntb: &ShmNtb, op: u32, arg: u32) -> u32 {
 }
 
 /// This side with 64 KiB of RAM translated behind window 0, linked to a fresh peer.
-fn linked(name: &str) -> (TestDir, Arc<ShmNtb>, Arc<SharedMemory>, Peer) {
+fn linked(name: &str) -> (ScratchDir, Arc<ShmNtb>, Arc<SharedMemory>, Peer) {
     let dir = tmpdir(name);
     let asp = Arc::new(AddressSpace::new());
     let ram = Arc::new(SharedMemory::new("my-ram", RAM_BYTES).unwrap());

@@ -11,6 +11,7 @@
 //! - [`hostile`]: a hand-written peer of the lending protocol and the absurd offers it makes.
 //! - [`tcp`], [`proxy`]: hosts for tcp fabric tests and a TCP proxy that injects faults.
 //! - [`process`]: a child process killed when the test lets go of it.
+//! - [`scratch`]: a test's own temporary directory, removed when the test lets go of it.
 //! - the `devlend-tcp-host` binary: one side of a tcp link, run in a namespace by
 //!   `tests/tcp_netns.rs`.
 //!
@@ -23,4 +24,5 @@ pub mod hostile;
 pub mod netns;
 pub mod process;
 pub mod proxy;
+pub mod scratch;
 pub mod tcp;

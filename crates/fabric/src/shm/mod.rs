@@ -455,26 +455,8 @@ mod tests {
     const LONG: Duration = Duration::from_secs(20);
 
     /// A test's rendezvous directory, removed when the test ends (also when it fails).
-    struct TmpDir(PathBuf);
-
-    impl std::ops::Deref for TmpDir {
-        type Target = Path;
-        fn deref(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TmpDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn tmpdir(name: &str) -> TmpDir {
-        let d =
-            std::env::temp_dir().join(format!("devlend-shm-unit-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        TmpDir(d)
+    fn tmpdir(name: &str) -> devlend_testkit::scratch::ScratchDir {
+        devlend_testkit::scratch::ScratchDir::new("devlend-shm-unit", name)
     }
 
     #[test]
