@@ -84,33 +84,37 @@ fn by_message(port: &dyn DmaPort, addr: BusAddr, len: u64) -> bool {
     matches!(port.dma_span(addr, len, DmaAccess::Read), Ok(None))
 }
 
-/// Reads ahead, into `out` (emptied first), the data of the Writes among `cmds` that the port
-/// reaches by messages: first the PRP lists they need, in one batch, then their data, in
-/// another. At most [`READ_AHEAD_MAX`] bytes of data.
+/// Reads ahead, into `out` (emptied first), what the Reads and Writes among `cmds` read from
+/// host memory the port reaches by messages: first the PRP lists of both, in one batch, then
+/// the data of the Writes, in another. At most [`READ_AHEAD_MAX`] bytes of data. (A Read's
+/// PRP list is the one round trip a Read makes before its data goes out as posted writes.)
 pub(crate) fn read_ahead(port: &dyn DmaPort, cmds: &[Command], g: Geometry, out: &mut Ahead) {
     out.clear();
     if g.page_size < 4096 || !g.page_size.is_power_of_two() {
         return;
     }
     let page_mask = g.page_size - 1;
-    // The writes worth reading ahead: their data pointer and length.
-    let writes: Vec<_> = cmds
+    // The transfers worth reading ahead for: their data pointer, length, and whether the
+    // command reads its data from host memory (a Write) or only its PRP list (a Read).
+    let transfers: Vec<_> = cmds
         .iter()
-        .filter_map(|c| match NvmOp::parse(c) {
-            Ok(NvmOp::Write(r)) => {
-                let len = u64::from(r.blocks).checked_shl(g.block_shift)?;
-                (len > 0 && len <= g.max_transfer).then_some((r.data, len))
-            }
-            _ => None,
+        .filter_map(|c| {
+            let (r, write) = match NvmOp::parse(c) {
+                Ok(NvmOp::Write(r)) => (r, true),
+                Ok(NvmOp::Read(r)) => (r, false),
+                _ => return None,
+            };
+            let len = u64::from(r.blocks).checked_shl(g.block_shift)?;
+            (len > 0 && len <= g.max_transfer).then_some((r.data, len, write))
         })
         .collect();
-    if writes.is_empty() {
+    if transfers.is_empty() {
         return;
     }
 
-    // The first page of each PRP list (what the walker reads first).
+    // The first page of each PRP list (what the walker reads first), of Reads and Writes.
     let mut lists = Vec::new();
-    for (dp, len) in &writes {
+    for (dp, len, _) in &transfers {
         let first = (*len).min(g.page_size - (dp.prp1 & page_mask));
         let Some(rest) = len.checked_sub(first) else {
             continue;
@@ -132,7 +136,7 @@ pub(crate) fn read_ahead(port: &dyn DmaPort, cmds: &[Command], g: Geometry, out:
     let mut data = Vec::new();
     let mut total = 0u64;
     let mut segs: Vec<Segment> = Vec::new();
-    for (dp, len) in &writes {
+    for (dp, len, _) in transfers.iter().filter(|t| t.2) {
         segs.clear();
         let walker = ReadAhead { port, ahead: out };
         if prp::walk(&walker, dp.prp1, dp.prp2, *len, g.page_size, &mut segs).is_err() {

@@ -175,6 +175,47 @@ fn a_bursts_writes_are_read_in_one_batch_after_their_prp_lists() {
 }
 
 #[test]
+fn a_bursts_reads_have_their_prp_lists_read_in_one_batch_and_no_data() {
+    let port = Port::new(false);
+    // Three 16 KiB reads through PRP lists (three entries each), one single-page read (no
+    // list) and one 16 KiB write through a list: one batch of the four lists, then the
+    // write's data alone.
+    let lists = [
+        BASE + 0x8_0000,
+        BASE + 0x9_0000,
+        BASE + 0xa_0000,
+        BASE + 0xb_0000,
+    ];
+    let data = |i: u64| BASE + 0x10_0000 * (i + 1);
+    for (i, list) in lists.iter().enumerate() {
+        let d = data(i as u64);
+        prp_list(&port, *list, &[d + PAGE, d + 2 * PAGE, d + 3 * PAGE]);
+    }
+    let cmds = [
+        io(nvm_opcode::READ, 4 * PAGE, data(0), lists[0]),
+        io(nvm_opcode::READ, PAGE, data(5), 0),
+        io(nvm_opcode::READ, 4 * PAGE, data(1), lists[1]),
+        write(4 * PAGE, data(3), lists[3]),
+        io(nvm_opcode::READ, 4 * PAGE, data(2), lists[2]),
+    ];
+    let mut out = Ahead::new();
+    read_ahead(&port, &cmds, GEOMETRY, &mut out);
+    assert_eq!(port.batches(), [vec![24; 4], vec![4 * PAGE as usize]]);
+    // Each Read's PRP list is served without the port, and so is its walk.
+    let ra = ReadAhead {
+        port: &port,
+        ahead: &out,
+    };
+    for (i, list) in lists.iter().take(3).enumerate() {
+        let mut segs = Vec::new();
+        prp::walk(&ra, data(i as u64), *list, 4 * PAGE, PAGE, &mut segs).unwrap();
+        let covered: u64 = segs.iter().map(|s| s.len).sum();
+        assert_eq!(covered, 4 * PAGE);
+    }
+    assert_eq!(port.single_reads.load(Ordering::SeqCst), 0);
+}
+
+#[test]
 fn nothing_is_read_ahead_from_memory_the_port_maps() {
     let port = Port::new(true);
     let mut out = Ahead::new();
