@@ -46,6 +46,9 @@ pub const DEFAULT_POLL_SPIN: Duration = Duration::from_micros(30);
 /// a wake-up (README, "The worker's poll budget follows the gaps").
 pub const DEFAULT_POLL_SPIN_MAX: Duration = Duration::from_micros(200);
 
+/// Default [`NvmeConfig::interrupt_hold`]: 100 µs.
+pub const DEFAULT_INTERRUPT_HOLD: Duration = Duration::from_micros(100);
+
 /// Configuration of an NVMe controller model with one namespace backed by a raw image file.
 #[derive(Clone, Debug)]
 pub struct NvmeConfig {
@@ -95,6 +98,13 @@ pub struct NvmeConfig {
     /// commands' data transfers overlap (1 to 16; 1: every command runs on the worker thread,
     /// one at a time). Over a direct mapping (`shm`, local) commands always run on the worker.
     pub io_workers: u16,
+    /// The longest a completion waits for its interrupt while the host is still reading the
+    /// entries the previous interrupt of its queue announced (its head doorbell has not yet
+    /// reached them): the host's handler reads on until it finds no new entry, so it usually
+    /// takes the new one too, and then no interrupt is sent for it. Applies to I/O completion
+    /// queues whose ring and head the device reads from memory it maps (local, `shm`, a
+    /// vfio-user guest), not over `tcp`. Zero: every pass's completions are signalled at once.
+    pub interrupt_hold: Duration,
 }
 
 impl NvmeConfig {
@@ -119,6 +129,7 @@ impl NvmeConfig {
             sriov: None,
             cmb_bytes: None,
             io_workers: DEFAULT_IO_WORKERS,
+            interrupt_hold: DEFAULT_INTERRUPT_HOLD,
         }
     }
 
@@ -150,6 +161,11 @@ impl NvmeConfig {
         if self.poll_spin_max > Duration::from_millis(10) {
             return Err(NvmeError::InvalidConfig(
                 "poll_spin_max must be at most 10 ms",
+            ));
+        }
+        if self.interrupt_hold > Duration::from_millis(10) {
+            return Err(NvmeError::InvalidConfig(
+                "interrupt_hold must be at most 10 ms",
             ));
         }
         if !(1..=16).contains(&self.io_workers) {

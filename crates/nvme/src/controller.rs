@@ -236,6 +236,8 @@ pub(crate) struct Controller {
     sqe_ahead: Vec<u8>,
     /// Host memory the current burst's Writes need, read ahead ([`crate::readahead`]).
     data_ahead: readahead::Ahead,
+    /// [`NvmeConfig::interrupt_hold`].
+    pub(crate) interrupt_hold: std::time::Duration,
 }
 
 impl Controller {
@@ -323,6 +325,7 @@ impl Controller {
             bounce: Vec::new(),
             sqe_ahead: Vec::new(),
             data_ahead: Vec::new(),
+            interrupt_hold: cfg.interrupt_hold,
         })
     }
 

@@ -66,13 +66,18 @@ impl Controller {
             if pending == 0 {
                 continue;
             }
+            if enabled && self.held_for_host(qid, now) {
+                continue;
+            }
             let due = interrupt_due(pending, since, self.coalescing(qid, vector), now);
             if !due && enabled {
                 continue;
             }
+            let announce = enabled && self.hold_applies(qid);
             if let Some(cq) = self.cqs.get_mut(qid).and_then(Option::as_mut) {
                 cq.pending = 0;
                 cq.pending_since = None;
+                cq.announced = announce.then_some(cq.tail);
             }
             if enabled && !self.fired.contains(&vector) {
                 self.fired.push(vector);
@@ -80,15 +85,76 @@ impl Controller {
         }
     }
 
-    /// When the earliest interrupt held back by coalescing falls due.
+    /// Whether I/O completion queue `qid`'s new entries wait for their interrupt because the
+    /// host is still reading what the previous one announced ([`NvmeConfig::interrupt_hold`]):
+    /// its head has not reached the tail of then. Once the head reaches it, the entries the
+    /// host has not read are signalled; entries it read already need no interrupt, and are
+    /// dropped from `pending`. Only where the head is read from memory this device maps (the
+    /// doorbell register, or a shadow doorbell in mapped memory) and the ring is mapped too.
+    ///
+    /// [`NvmeConfig::interrupt_hold`]: crate::NvmeConfig::interrupt_hold
+    fn held_for_host(&mut self, qid: usize, now: Instant) -> bool {
+        let Some((announced, since)) = self
+            .cqs
+            .get(qid)
+            .and_then(Option::as_ref)
+            .and_then(|q| Some((q.announced?, q.pending_since)))
+        else {
+            return false;
+        };
+        if !self.hold_applies(qid) {
+            return false;
+        }
+        self.refresh_cq_head(qid);
+        let Some(cq) = self.cqs.get_mut(qid).and_then(Option::as_mut) else {
+            return false;
+        };
+        let entries = cq.entries.max(1);
+        // Entries posted since the interrupt, and how far past its tail the head is (a head
+        // short of it comes out larger than any count of new entries: the ring never holds
+        // more than `entries - 1`).
+        let posted = (cq.tail + entries - announced) % entries;
+        let read = (cq.head + entries - announced) % entries;
+        if read <= posted {
+            cq.announced = None;
+            if cq.head == cq.tail {
+                // The host read every entry: nothing is left to announce.
+                cq.pending = 0;
+                cq.pending_since = None;
+                return true;
+            }
+            return false;
+        }
+        since.is_some_and(|t| now.saturating_duration_since(t) < self.interrupt_hold)
+    }
+
+    /// Whether I/O completion queue `qid`'s interrupts may wait for the host to read what the
+    /// previous one announced: a hold is configured, and the device reads the queue's ring
+    /// and head from memory it maps (no message to learn the head).
+    fn hold_applies(&self, qid: usize) -> bool {
+        let shadow_mapped = self.dbbuf.as_ref().is_some_and(|d| d.shadow_span.is_some());
+        qid != 0
+            && !self.interrupt_hold.is_zero()
+            && self
+                .cqs
+                .get(qid)
+                .and_then(Option::as_ref)
+                .is_some_and(|q| q.ring.is_some() && (!q.shadow || shadow_mapped))
+    }
+
+    /// When the earliest interrupt held back falls due: by coalescing, or while the host
+    /// reads what the previous interrupt announced.
     pub(crate) fn interrupt_deadline(&self) -> Option<Instant> {
         self.cqs
             .iter()
             .enumerate()
             .filter_map(|(qid, q)| {
                 let q = q.as_ref()?;
-                let (_, time) = self.coalescing(qid, q.vector)?;
-                q.pending_since.map(|t| t + time)
+                let since = q.pending_since?;
+                let held =
+                    (q.announced.is_some() && q.pending > 0).then(|| since + self.interrupt_hold);
+                let coalesced = self.coalescing(qid, q.vector).map(|(_, time)| since + time);
+                held.into_iter().chain(coalesced).min()
             })
             .min()
     }
@@ -170,6 +236,8 @@ impl Controller {
 mod tests {
     use super::*;
     use crate::fuzzing::FuzzController;
+    use devlend_pci::DmaAccess;
+    use std::sync::atomic::Ordering;
 
     fn completion(cid: u16) -> Completion {
         Completion {
@@ -221,6 +289,8 @@ mod tests {
         let mut f = FuzzController::new(&path).unwrap();
         f.run(&[], &[]);
         let c = f.core();
+        // Coalescing alone (the hold has its own test).
+        c.interrupt_hold = Duration::ZERO;
         assert_eq!(c.cqs[1].as_ref().map(|q| q.vector), Some(1));
         fired(c); // the admin queue's, from creating the queues
                   // THR = 3 (four entries), TIME = 2 (200 µs).
@@ -259,6 +329,83 @@ mod tests {
         c.features.vector_coalescing_disabled[1] = false;
         c.features.interrupt_coalescing = 3;
         c.post(1, completion(9));
+        c.raise_interrupts_at(since(c));
+        assert_eq!(fired(c), vec![1]);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// The I/O completion queue of the fuzzing controller (ring and head doorbell in memory
+    /// the device maps), with the host's head doorbell moved by hand and the clock passed in.
+    #[test]
+    fn held_while_the_host_reads_what_the_last_interrupt_announced() {
+        let path = std::env::temp_dir().join(format!(
+            "devlend-nvme-interrupt-hold-{}.img",
+            std::process::id()
+        ));
+        let mut f = FuzzController::new(&path).unwrap();
+        f.run(&[], &[]);
+        f.consume();
+        let c = f.core();
+        fired(c);
+        let us = Duration::from_micros;
+        c.interrupt_hold = us(100);
+        // The harness maps every other page: give the queue a ring in a mapped one, as over
+        // `shm` (its entries go there; this test reads none of them).
+        assert!(!c.hold_applies(1), "a ring reached by messages");
+        let mapped = c.ring(
+            crate::fuzzing::HOST_BASE + 0x4000,
+            16 * 16,
+            DmaAccess::Write,
+        );
+        assert!(mapped.is_some());
+        c.cqs[1].as_mut().unwrap().ring = mapped;
+        assert!(c.hold_applies(1));
+        assert!(!c.hold_applies(0), "never the admin queue");
+        let base = c.cqs[1].as_ref().unwrap().tail;
+        let head = |c: &mut Controller, at: u32| {
+            c.doorbells.get(3).unwrap().store(at, Ordering::SeqCst);
+        };
+        // Nothing announced yet: signalled at once.
+        c.post(1, completion(0));
+        c.raise_interrupts_at(since(c));
+        assert_eq!(fired(c), vec![1]);
+        // A second completion while the host has not read the first: held, until the hold's
+        // time at the latest.
+        c.post(1, completion(1));
+        let t1 = since(c);
+        c.raise_interrupts_at(t1 + us(99));
+        assert!(fired(c).is_empty());
+        assert_eq!(c.interrupt_deadline(), Some(t1 + us(100)));
+        // The host read the first only: the second is signalled as soon as that shows.
+        head(c, base + 1);
+        c.raise_interrupts_at(t1 + us(1));
+        assert_eq!(fired(c), vec![1]);
+        // A third, held; the host then reads the second and the third: nothing to signal.
+        c.post(1, completion(2));
+        c.raise_interrupts_at(since(c));
+        assert!(fired(c).is_empty());
+        head(c, base + 3);
+        c.raise_interrupts_at(since(c));
+        assert!(fired(c).is_empty(), "the host read it already");
+        assert_eq!(c.cqs[1].as_ref().unwrap().pending, 0);
+        assert_eq!(c.interrupt_deadline(), None);
+        // A completion after the host read everything is signalled at once; the next one,
+        // unread, waits the hold's time and no longer.
+        c.post(1, completion(3));
+        c.raise_interrupts_at(since(c));
+        assert_eq!(fired(c), vec![1]);
+        c.post(1, completion(4));
+        let t4 = since(c);
+        c.raise_interrupts_at(t4 + us(99));
+        assert!(fired(c).is_empty());
+        c.raise_interrupts_at(t4 + us(100));
+        assert_eq!(fired(c), vec![1], "the hold's time passed");
+        // No hold configured: every pass's completions are signalled.
+        c.interrupt_hold = Duration::ZERO;
+        c.post(1, completion(5));
+        c.raise_interrupts_at(since(c));
+        assert_eq!(fired(c), vec![1]);
+        c.post(1, completion(6));
         c.raise_interrupts_at(since(c));
         assert_eq!(fired(c), vec![1]);
         let _ = std::fs::remove_file(&path);

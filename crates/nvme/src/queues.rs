@@ -142,6 +142,9 @@ pub(crate) struct CompletionQueue {
     pub pending: u32,
     /// When the oldest of them was posted.
     pub pending_since: Option<std::time::Instant>,
+    /// The tail when this queue's last interrupt was sent, until the host's head reaches it
+    /// (see [`crate::NvmeConfig::interrupt_hold`]).
+    pub announced: Option<u32>,
     /// Submission queues posting here.
     pub sq_count: u32,
     /// Direct mapping of the ring.
@@ -171,6 +174,7 @@ impl CompletionQueue {
             shadow: false,
             pending: 0,
             pending_since: None,
+            announced: None,
             sq_count: 0,
             ring,
             reserved: 0,
