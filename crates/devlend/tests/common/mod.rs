@@ -107,13 +107,17 @@ pub fn figure<'a>(figures: &'a [serde_json::Value], name: &str) -> &'a serde_jso
 }
 
 /// A fresh scratch directory ([`scratch`]), removed with what is in it when dropped (when
-/// the test ends, passed or failed).
-pub struct ScratchDir(PathBuf);
+/// the test ends, passed or failed): the testkit's guard, created at once, after the stale
+/// directories of dead test processes are swept.
+pub struct ScratchDir(devlend_testkit::scratch::ScratchDir);
 
 impl ScratchDir {
     /// A fresh directory for `tag`.
     pub fn new(tag: &str) -> ScratchDir {
-        ScratchDir(scratch(tag))
+        sweep_stale_scratch();
+        let d = devlend_testkit::scratch::ScratchDir::new("devlend-test", tag);
+        std::fs::create_dir_all(&*d).unwrap();
+        ScratchDir(d)
     }
 }
 
@@ -127,12 +131,6 @@ impl std::ops::Deref for ScratchDir {
 impl AsRef<Path> for ScratchDir {
     fn as_ref(&self) -> &Path {
         &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
