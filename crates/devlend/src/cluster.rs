@@ -383,16 +383,21 @@ impl Cluster {
     }
 
     /// After `give_back`: releases the claim (later, if etcd is away: the device is given
-    /// back either way) and closes the link if nothing else uses it.
-    pub fn returned(&self, device: &str) -> anyhow::Result<()> {
+    /// back either way) and closes the link if nothing else uses it. Returns why the release
+    /// is still pending, if it is (the manager retries it until etcd takes it).
+    pub fn returned(&self, device: &str) -> anyhow::Result<Option<String>> {
         let s = &self.shared;
         lock(&s.state).held.remove(device);
-        if let Err(e) = s.registry.release(device, &s.name) {
-            tracing::warn!("{device} given back; its claim is released when etcd answers: {e}");
-            lock(&s.state).unreleased.insert(device.to_string());
-        }
+        let pending = match s.registry.release(device, &s.name) {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::warn!("{device} given back; its claim is released when etcd answers: {e}");
+                lock(&s.state).unreleased.insert(device.to_string());
+                Some(format!("{e:#}"))
+            }
+        };
         s.close_unneeded();
-        Ok(())
+        Ok(pending)
     }
 
     /// Cluster facts for `status`.

@@ -252,9 +252,17 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
         find(&other, "d1").unwrap()["borrower"].as_str(),
         Some("user")
     );
+    other.ctl_ok(&["borrow", "d2"]);
 
-    // etcd unreachable: lending in place goes on, new borrows fail clearly.
+    // etcd unreachable: lending in place goes on, new borrows fail clearly, and a return
+    // gives the device back but says that the registry has not taken the claim's release.
     etcd.kill_all();
+    let v = other.ctl_json(&["return", "d2"]);
+    let pending = v["claim_release_pending"].as_str().unwrap_or_default();
+    assert!(pending.contains("etcd"), "{v}");
+    assert!(other.ctl_json(&["status"])["borrowed"]
+        .as_array()
+        .is_some_and(|b| b.iter().all(|d| d["name"] != "d2")));
     user.ctl_ok(&["check", "--write", "d1", "--bytes", "64K"]);
     let e = err(&other.ctl(&["borrow", "d2"]));
     assert!(e.contains("etcd unreachable"), "{e}");
@@ -294,9 +302,10 @@ fn cluster_failures_etcd_away_and_back_lender_killed_borrower_killed() {
         "etcd back: every node registered again after {:?}",
         start.elapsed()
     );
-    wait_for("the inventory is back", 10, || {
+    // The claim on d2 that the return could not release goes too (the node retries it).
+    wait_for("the inventory is back, d2 free", 10, || {
         find(&other, "d1").is_some_and(|d| d["borrower"].as_str() == Some("user"))
-            && find(&other, "d2").is_some()
+            && find(&other, "d2").is_some_and(|d| d["borrower"].is_null())
     });
     other.ctl_ok(&["borrow", "d2"]);
     user.ctl_ok(&["check", "--write", "d1", "--bytes", "64K"]);

@@ -621,6 +621,11 @@ pub struct ReturnReply {
     /// The device was lost (not held any more): why. The return only forgot it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost: Option<String>,
+    /// In a cluster: the device was given back, but the registry has not taken the release of
+    /// this host's claim yet (why: etcd unreachable, say). The node retries until it does;
+    /// until then the registry still shows the device lent to this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_release_pending: Option<String>,
 }
 
 /// `reclaim`.

@@ -787,6 +787,7 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
                 removal,
                 lease_had_ended,
                 lost,
+                claim_release_pending,
             } = take_back(d, &name, grace, Why::Return)?;
             Reply::Return(proto::ReturnReply {
                 name,
@@ -794,6 +795,7 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
                 removal_text: removal.map(|how| how.describe(grace)),
                 lease_had_ended,
                 lost,
+                claim_release_pending,
             })
         }
         Request::Reclaim(proto::ReclaimRequest { name, grace_ms }) => {
@@ -964,15 +966,15 @@ fn borrow_fn(d: &Daemon, name: &str) -> anyhow::Result<Arc<devlend_lending::Borr
 
 /// Gives `name` back (and, in a cluster, releases the claim and closes an unneeded link).
 /// `lease_ended`: the lease is over already (the lender revoked it or is gone), so only the
-/// claim is released.
-fn give_back_fn(d: &Daemon, name: &str, lease_ended: bool) -> anyhow::Result<()> {
+/// claim is released. Returns why the claim's release is still pending, if it is.
+fn give_back_fn(d: &Daemon, name: &str, lease_ended: bool) -> anyhow::Result<Option<String>> {
     if !lease_ended {
         d.node.give_back(name)?;
     }
-    if let Some(c) = &d.cluster {
-        c.returned(name)?;
+    match &d.cluster {
+        Some(c) => c.returned(name),
+        None => Ok(None),
     }
-    Ok(())
 }
 
 fn borrow_into_vm(
@@ -1051,6 +1053,8 @@ struct TakenBack {
     lease_had_ended: bool,
     /// It was lost (taken from this host, not in a VM): why. The take-back only forgot it.
     lost: Option<String>,
+    /// Given back, but the registry did not take the claim's release yet: why.
+    claim_release_pending: Option<String>,
 }
 
 /// Marks a device as leaving its VM for as long as it lives.
@@ -1101,6 +1105,7 @@ fn take_back(d: &Daemon, name: &str, grace: Duration, why: Why) -> anyhow::Resul
             removal,
             lease_had_ended,
             lost: None,
+            claim_release_pending: None,
         });
     }
     // Taken from this host already (lender gone, revoked): nothing to give back; the take-back
@@ -1110,13 +1115,16 @@ fn take_back(d: &Daemon, name: &str, grace: Duration, why: Why) -> anyhow::Resul
     } else {
         None
     };
-    if lease_had_ended || forgotten.is_none() {
-        give_back_fn(d, name, lease_had_ended)?;
-    }
+    let claim_release_pending = if lease_had_ended || forgotten.is_none() {
+        give_back_fn(d, name, lease_had_ended)?
+    } else {
+        None
+    };
     Ok(TakenBack {
         removal,
         lease_had_ended,
         lost: forgotten.filter(|_| !lease_had_ended),
+        claim_release_pending,
     })
 }
 

@@ -400,11 +400,18 @@ pub fn give_back(a: NameArgs) -> anyhow::Result<()> {
         wait,
     )?;
     emit(&a.target, &v, |v| {
-        let ended = if v.lease_had_ended {
+        let mut ended = if v.lease_had_ended {
             "; its lease had ended already (the lender is gone or revoked it), nothing to give back"
+                .to_string()
         } else {
-            ""
+            String::new()
         };
+        if let Some(why) = &v.claim_release_pending {
+            ended.push_str(&format!(
+                "; the registry still shows it lent to this host until etcd takes the release \
+                 (retried every 500 ms; {why})"
+            ));
+        }
         match (&v.lost, &v.removal_text) {
             (Some(why), _) => format!(
                 "forgot {}: it was lost before ({why}); nothing to give back\n",
