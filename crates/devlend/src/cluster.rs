@@ -640,6 +640,15 @@ impl Shared {
         for (device, lender) in active {
             if let Ok(None) = self.registry.owner(&device) {
                 match self.registry.claim(&device, &self.name, lease) {
+                    // Returned since the list above was taken (`returned` forgets the device,
+                    // then releases its claim, which may have found nothing yet): the claim
+                    // just made is a stale one, and nobody else would ever release it.
+                    Ok(Claim::Won) if !self.holds_active(&device) => {
+                        if let Err(e) = self.registry.release(&device, &self.name) {
+                            tracing::warn!("{device} was returned; releasing its claim: {e}");
+                            lock(&self.state).unreleased.insert(device.clone());
+                        }
+                    }
                     Ok(Claim::Won) => {
                         let _ = self.registry.request_link(&lender, &self.name, lease);
                         tracing::info!("claimed {device} again");
@@ -651,6 +660,14 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Whether this node holds `device` with an active lease.
+    fn holds_active(&self, device: &str) -> bool {
+        lock(&self.state)
+            .held
+            .get(device)
+            .is_some_and(|(_, h)| *h == Hold::Active)
     }
 
     /// Lender side: one link per borrower that asks, none for those that stopped asking.
