@@ -388,14 +388,7 @@ impl Cluster {
     pub fn returned(&self, device: &str) -> anyhow::Result<Option<String>> {
         let s = &self.shared;
         lock(&s.state).held.remove(device);
-        let pending = match s.registry.release(device, &s.name) {
-            Ok(()) => None,
-            Err(e) => {
-                tracing::warn!("{device} given back; its claim is released when etcd answers: {e}");
-                lock(&s.state).unreleased.insert(device.to_string());
-                Some(format!("{e:#}"))
-            }
-        };
+        let pending = s.release_or_retry(device);
         s.close_unneeded();
         Ok(pending)
     }
@@ -644,10 +637,7 @@ impl Shared {
                     // then releases its claim, which may have found nothing yet): the claim
                     // just made is a stale one, and nobody else would ever release it.
                     Ok(Claim::Won) if !self.holds_active(&device) => {
-                        if let Err(e) = self.registry.release(&device, &self.name) {
-                            tracing::warn!("{device} was returned; releasing its claim: {e}");
-                            lock(&self.state).unreleased.insert(device.clone());
-                        }
+                        self.release_or_retry(&device);
                     }
                     Ok(Claim::Won) => {
                         let _ = self.registry.request_link(&lender, &self.name, lease);
@@ -660,6 +650,16 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Releases this node's claim on `device`, a device it no longer holds; if etcd does not
+    /// take it now, the manager retries ([`Shared::release_backlog`]). Returns why the release
+    /// is still pending, if it is.
+    fn release_or_retry(&self, device: &str) -> Option<String> {
+        let e = self.registry.release(device, &self.name).err()?;
+        tracing::warn!("{device} given back; its claim is released when etcd answers: {e}");
+        lock(&self.state).unreleased.insert(device.to_string());
+        Some(format!("{e:#}"))
     }
 
     /// Whether this node holds `device` with an active lease.
