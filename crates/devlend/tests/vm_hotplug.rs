@@ -168,14 +168,14 @@ fn ok(guest: &mut LiveGuest, cmd: &str) -> Vec<String> {
 /// at most a minute.
 fn wait_disk_cmd(serial: &str) -> String {
     format!(
-        "i=0; while :; do for b in /sys/block/nvme*; do [ -e $b/device/serial ] && [ \"$(tr -d ' ' < $b/device/serial)\" = {serial} ] && {{ basename $b; exit 0; }}; done; i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done"
+        "i=0; while :; do for b in /sys/block/nvme*; do [ -e \"$b/device/serial\" ] && [ \"$(tr -d ' ' < \"$b/device/serial\" 2>/dev/null)\" = {serial} ] && {{ basename \"$b\"; exit 0; }}; done; i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done"
     )
 }
 
 /// Shell: waits (at most a minute) until no block device has serial `serial`.
 fn wait_gone_cmd(serial: &str) -> String {
     format!(
-        "i=0; while :; do f=0; for b in /sys/block/nvme*; do [ -e $b/device/serial ] && [ \"$(tr -d ' ' < $b/device/serial)\" = {serial} ] && f=1; done; [ $f = 0 ] && exit 0; i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done"
+        "i=0; while :; do f=0; for b in /sys/block/nvme*; do [ -e \"$b/device/serial\" ] && [ \"$(tr -d ' ' < \"$b/device/serial\" 2>/dev/null)\" = {serial} ] && f=1; done; [ $f = 0 ] && exit 0; i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done"
     )
 }
 
@@ -183,7 +183,7 @@ fn wait_gone_cmd(serial: &str) -> String {
 fn serials(guest: &mut LiveGuest) -> Vec<String> {
     ok(
         guest,
-        "for b in /sys/block/nvme*; do [ -e $b/device/serial ] && tr -d ' ' < $b/device/serial; done; true",
+        "for b in /sys/block/nvme*; do [ -e \"$b/device/serial\" ] && tr -d ' ' < \"$b/device/serial\" 2>/dev/null; done; true",
     )
 }
 
@@ -196,18 +196,23 @@ fn serial_at(guest: &mut LiveGuest, reply: &serde_json::Value) -> String {
         .unwrap_or_else(|| panic!("no guest address in {reply}"));
     let lines = ok(
         guest,
-        &format!("i=0; while :; do for c in /sys/bus/pci/devices/{addr}/nvme/nvme*; do [ \"$(cat $c/state 2>/dev/null)\" = live ] && {{ tr -d ' ' < $c/serial; exit 0; }}; done; i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done"),
+        &format!("i=0; while :; do for c in /sys/bus/pci/devices/{addr}/nvme/nvme*; do [ \"$(cat \"$c/state\" 2>/dev/null)\" = live ] && s=$(tr -d ' ' < \"$c/serial\") && [ -n \"$s\" ] && {{ echo \"$s\"; exit 0; }}; done; i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done"),
     );
-    lines
+    let serial = lines
         .last()
         .cloned()
-        .unwrap_or_else(|| panic!("no serial at {addr}"))
+        .unwrap_or_else(|| panic!("no serial at {addr}"));
+    assert!(
+        !serial.is_empty() && serial.chars().all(|c| c.is_ascii_alphanumeric()),
+        "not a serial at {addr}: {lines:?}"
+    );
+    serial
 }
 
 /// Shell: no block device has serial `serial` right now.
 fn absent_cmd(serial: &str) -> String {
     format!(
-        "for b in /sys/block/nvme*; do [ -e $b/device/serial ] && [ \"$(tr -d ' ' < $b/device/serial)\" = {serial} ] && exit 1; done; exit 0"
+        "for b in /sys/block/nvme*; do [ -e \"$b/device/serial\" ] && [ \"$(tr -d ' ' < \"$b/device/serial\" 2>/dev/null)\" = {serial} ] && exit 1; done; exit 0"
     )
 }
 

@@ -63,7 +63,7 @@ fn script(k: u64, other: u64) -> String {
     format!(
         r#"#!/bin/sh
 fail() {{ echo "VM-SHARING-FAIL: $*"; exit 1; }}
-disk() {{ for b in /sys/block/nvme*n1; do [ "$(cat $b/size 2>/dev/null)" = "$1" ] && {{ basename $b; return 0; }}; done; return 1; }}
+disk() {{ for b in /sys/block/nvme*n1; do [ "$(cat "$b/size" 2>/dev/null)" = "$1" ] && {{ basename "$b"; return 0; }}; done; return 1; }}
 i=0
 until P=$(disk {private_sectors}) && S=$(disk {shared_sectors}); do
     i=$((i + 1)); [ $i -gt 600 ] && fail "no private and shared namespace after 60 s: $(ls /sys/block)"
