@@ -597,9 +597,9 @@ impl Shared {
                 tracing::warn!("{device} was removed; releasing its claim");
                 let _ = self.node.give_back(&device);
                 lock(&self.state).held.remove(&device);
-                if let Err(e) = self.registry.release(&device, &self.name) {
-                    tracing::warn!("releasing {device}: {e}");
-                }
+                // A release etcd does not take now (a leader change, a timeout) is retried
+                // with the others: the claim would otherwise stay as long as this node's lease.
+                let _ = self.release_or_retry(&device);
             }
         }
     }
