@@ -10,7 +10,7 @@ mod etcd_rig;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{exe, status, wait_for, NodeProcess, ScratchDir};
+use common::{exe, scratch_dir, status, wait_for, NodeProcess, ScratchDir};
 use etcd_rig::EtcdCluster;
 use serde_json::Value;
 
@@ -98,7 +98,7 @@ fn etcd_and_dir(test: &str, members: usize, tag: &str) -> Option<(EtcdCluster, S
     if !etcd_ready(test) {
         return None;
     }
-    Some((EtcdCluster::start(members), ScratchDir::new(tag)))
+    Some((EtcdCluster::start(members), scratch_dir(tag)))
 }
 
 #[test]
@@ -351,7 +351,7 @@ fn bench_cluster_quick_reports_every_figure_beside_its_baseline() {
     if !etcd_ready("bench cluster") {
         return;
     }
-    let dir = ScratchDir::new("cluster-bench");
+    let dir = scratch_dir("cluster-bench");
     let out = common::output_ok(
         Command::new(exe())
             .args(["bench", "cluster", "--quick", "--json", "--dir"])

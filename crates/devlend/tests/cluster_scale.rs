@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use common::{exe, status, wait_for, NodeProcess, ScratchDir};
+use common::{exe, scratch_dir, status, wait_for, NodeProcess};
 use etcd_rig::EtcdCluster;
 use serde_json::Value;
 
@@ -204,7 +204,7 @@ fn start_host(net: &Net, dir: &Path, i: usize, registry: &str) -> Host {
 fn sixteen_hosts_borrow_storm_and_failures() {
     let t0 = Instant::now();
     let Some(net) = can_run() else { return };
-    let dir = ScratchDir::new("cluster-scale");
+    let dir = scratch_dir("cluster-scale");
     net.enter_switch().unwrap();
     let mut etcd = EtcdCluster::start_on(3, IpAddr::V4(net.switch_addr()), Vec::new());
     let registry = etcd.addr().to_string();

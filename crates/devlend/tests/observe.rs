@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{exe, NodeProcess, ScratchDir};
+use common::{exe, scratch_dir, NodeProcess, ScratchDir};
 
 /// A tool the tests compare against, installed by scripts/deps.sh; missing only fails with CI.
 fn tool(name: &str) -> Option<String> {
@@ -88,7 +88,7 @@ fn pair(dir: &Path) -> (NodeProcess, NodeProcess) {
 
 #[test]
 fn lspci_and_status_show_devices_leases_and_links() {
-    let dir = ScratchDir::new("observe-lspci");
+    let dir = scratch_dir("observe-lspci");
     let (lender, borrower) = pair(&dir);
     // Before the borrow: the lender's own device, not lent; the borrower sees nothing.
     let own = lender.ctl_ok(&["lspci", "-vv"]);
@@ -143,7 +143,7 @@ fn lspci_and_status_show_devices_leases_and_links() {
 
 #[test]
 fn metrics_endpoint_counts_io_and_passes_promtool() {
-    let dir = ScratchDir::new("observe-metrics");
+    let dir = scratch_dir("observe-metrics");
     let (_lender, borrower) = pair(&dir);
     let b_addr = metrics_addr(&dir.join("borrower.log"));
     let l_addr = metrics_addr(&dir.join("lender.log"));
@@ -243,7 +243,7 @@ impl Tmux {
     /// A server on a socket in a scratch directory named after `tag`, with a detached shell
     /// session `session` of 150 columns and `rows` rows.
     fn start(bin: String, tag: &str, session: &str, rows: u16) -> Tmux {
-        let dir = ScratchDir::new(&format!("tmux-{tag}"));
+        let dir = scratch_dir(&format!("tmux-{tag}"));
         let tmux = Tmux {
             bin,
             socket: dir.join("socket"),
@@ -317,7 +317,7 @@ fn mmio_writes_per_s(screen: &str) -> Option<f64> {
 #[test]
 fn top_shows_rates_that_change_while_io_runs() {
     let Some(bin) = tool("tmux") else { return };
-    let dir = ScratchDir::new("observe-top");
+    let dir = scratch_dir("observe-top");
     let (_lender, borrower) = pair(&dir);
     borrower.ctl_ok(&["borrow", "nvme0"]);
     let tmux = Tmux::start(bin, "top", "top", 30);
@@ -367,7 +367,7 @@ fn top_shows_rates_that_change_while_io_runs() {
 
 #[test]
 fn logs_have_no_colour_codes_off_a_terminal_and_help_names_devlend_log() {
-    let dir = ScratchDir::new("observe-logs");
+    let dir = scratch_dir("observe-logs");
     let fabric = format!("shm:{}", dir.join("fabric").display());
     let mut cmd = Command::new(exe());
     cmd.env("DEVLEND_LOG", "info");
@@ -432,7 +432,7 @@ fn completions_man_page_and_the_example_config() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/node.toml");
     let text = std::fs::read_to_string(example).unwrap();
     assert!(text.contains("metrics = "));
-    let dir = ScratchDir::new("observe-config");
+    let dir = scratch_dir("observe-config");
     let fabric = format!("shm:{}", dir.join("fabric").display());
     let node = NodeProcess::start_with(
         Command::new(exe()),
@@ -450,7 +450,7 @@ fn completions_man_page_and_the_example_config() {
 
 #[test]
 fn a_restarted_lender_lends_again_and_a_restarted_borrower_says_what_it_held() {
-    let dir = ScratchDir::new("observe-restart");
+    let dir = scratch_dir("observe-restart");
     let (mut lender, mut borrower) = pair(&dir);
     assert!(dir.join("lender/devices.json").exists());
     borrower.ctl_ok(&["borrow", "nvme0"]);
@@ -487,7 +487,7 @@ fn a_restarted_lender_lends_again_and_a_restarted_borrower_says_what_it_held() {
 
 #[test]
 fn a_long_check_prints_no_progress_when_stderr_is_not_a_terminal() {
-    let dir = ScratchDir::new("observe-progress");
+    let dir = scratch_dir("observe-progress");
     let (_lender, borrower) = pair(&dir);
     borrower.ctl_ok(&["borrow", "nvme0"]);
     // A zero delay makes progress due from the first instant, however fast the check runs:
@@ -511,7 +511,7 @@ fn a_long_check_prints_no_progress_when_stderr_is_not_a_terminal() {
 #[test]
 fn a_long_check_shows_progress_in_a_terminal() {
     let Some(bin) = tool("tmux") else { return };
-    let dir = ScratchDir::new("observe-progress-tty");
+    let dir = scratch_dir("observe-progress-tty");
     let (_lender, borrower) = pair(&dir);
     borrower.ctl_ok(&["borrow", "nvme0"]);
     let tmux = Tmux::start(bin, "progress", "p", 20);

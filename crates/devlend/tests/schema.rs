@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{exe, json_error, NodeProcess, ScratchDir};
+use common::{exe, json_error, scratch_dir, NodeProcess};
 use serde_json::Value;
 
 /// Sends raw bytes on the node's socket (in a thread: the node may stop reading) and returns
@@ -57,7 +57,7 @@ fn answers(node: &NodeProcess) {
 
 #[test]
 fn replies_are_typed_and_errors_carry_stable_codes() {
-    let dir = ScratchDir::new("schema-typed");
+    let dir = scratch_dir("schema-typed");
     let fabric = dir.join("fabric");
     let lender = NodeProcess::start(&dir, "lender", &[&fabric], 3000);
     let borrower = NodeProcess::start(&dir, "borrower", &[&fabric], 3000);
@@ -138,7 +138,7 @@ fn replies_are_typed_and_errors_carry_stable_codes() {
 
 #[test]
 fn another_protocol_version_is_refused_on_both_sides() {
-    let dir = ScratchDir::new("schema-version");
+    let dir = scratch_dir("schema-version");
     let fabric = dir.join("fabric");
     let node = NodeProcess::start(&dir, "n", &[&fabric], 3000);
     // A client of another version (or of none): the node says so.
@@ -188,7 +188,7 @@ fn another_protocol_version_is_refused_on_both_sides() {
 
 #[test]
 fn the_socket_answers_garbage_and_long_lines_and_keeps_serving() {
-    let dir = ScratchDir::new("schema-garbage");
+    let dir = scratch_dir("schema-garbage");
     let fabric = dir.join("fabric");
     let node = NodeProcess::start(&dir, "n", &[&fabric], 3000);
     for garbage in [
@@ -226,7 +226,7 @@ fn the_socket_answers_garbage_and_long_lines_and_keeps_serving() {
 
 #[test]
 fn the_socket_caps_connections_and_closes_idle_ones() {
-    let dir = ScratchDir::new("schema-limits");
+    let dir = scratch_dir("schema-limits");
     let fabric = dir.join("fabric");
     let mut cmd = Command::new(exe());
     cmd.env("DEVLEND_MGMT_MAX_CONNECTIONS", "4")
@@ -276,7 +276,7 @@ fn the_socket_caps_connections_and_closes_idle_ones() {
 
 #[test]
 fn wait_blocks_until_the_node_answers() {
-    let dir = ScratchDir::new("schema-wait");
+    let dir = scratch_dir("schema-wait");
     let state = dir.join("late");
     // Nothing there yet: a short wait fails with a timeout that says why.
     let out = Command::new(exe())

@@ -28,7 +28,7 @@ fn guest_nvme_driver_on_local_model_over_vfio_user() {
     let Some(assets) = common::vm_assets() else {
         return;
     };
-    let dir = common::ScratchDir::new("vm-local");
+    let dir = common::scratch_dir("vm-local");
     let image = dir.join("disk.img");
     let socket = dir.join("nvme.sock");
     let disk_bytes = acceptance::MIN_DISK_BYTES;
@@ -148,7 +148,7 @@ fn guest_survives_a_device_that_disappears() {
     let Some(assets) = common::vm_assets() else {
         return;
     };
-    let dir = common::ScratchDir::new("vm-gone");
+    let dir = common::scratch_dir("vm-gone");
     let image = dir.join("disk.img");
     let socket = dir.join("nvme.sock");
     let mut config = NvmeConfig::new(&image);

@@ -83,11 +83,7 @@ pub fn bench_json(tmp: &TempRoot, args: &[&str]) -> serde_json::Value {
 
 /// A fresh scratch directory.
 pub fn scratch(tag: &str) -> PathBuf {
-    sweep_stale_scratch();
-    let d = std::env::temp_dir().join(format!("devlend-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scratch_dir(tag).keep()
 }
 
 /// The `figures` array of a bench's JSON.
@@ -106,54 +102,13 @@ pub fn figure<'a>(figures: &'a [serde_json::Value], name: &str) -> &'a serde_jso
         })
 }
 
-/// A fresh scratch directory ([`scratch`]), removed with what is in it when dropped (when
-/// the test ends, passed or failed): the testkit's guard, created at once, after the stale
-/// directories of dead test processes are swept.
-pub struct ScratchDir(devlend_testkit::scratch::ScratchDir);
+pub use devlend_testkit::scratch::ScratchDir;
 
-impl ScratchDir {
-    /// A fresh directory for `tag`.
-    pub fn new(tag: &str) -> ScratchDir {
-        sweep_stale_scratch();
-        let d = devlend_testkit::scratch::ScratchDir::new("devlend-test", tag);
-        std::fs::create_dir_all(&*d).unwrap();
-        ScratchDir(d)
-    }
-}
-
-impl std::ops::Deref for ScratchDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for ScratchDir {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-/// Removes the scratch directories (`devlend-test-TAG-PID`) of test processes that no longer
-/// exist: a test that failed before its last line, or was killed, leaves its directory
-/// behind, and the next run removes it. Directories of live processes are left alone.
-fn sweep_stale_scratch() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("devlend-test-")
-            .and_then(|rest| rest.rsplit('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
+/// A fresh scratch directory `devlend-test-TAG-PID` ([`scratch`]), created, removed with what
+/// is in it when dropped (passed or failed), after the directories dead test processes left
+/// are swept.
+pub fn scratch_dir(tag: &str) -> ScratchDir {
+    ScratchDir::fresh("devlend-test", tag).unwrap()
 }
 
 /// A `devlend node` process, killed on drop.
