@@ -13,10 +13,10 @@
 //!   worker while it is idle). It reads the socket too, so that the doorbell that ends its
 //!   wait reaches it with no thread in between; it gives the socket up to another such thread
 //!   that comes to wait (the device that was busy last is the likeliest to get the next
-//!   doorbell), and another caller that finds the socket free while it comes for it nudges it
-//!   to leave. A caller waiting for a reply while it has the socket waits for the reply to be
-//!   handed over, as from any other caller: taking over would put two wake-ups (the nudge, then
-//!   the lock) where the hand-over puts one, and measured slower.
+//!   doorbell) and to a caller waiting for a reply (it nudges it to leave and takes the lock:
+//!   one wake-up, after which it reads its own replies, where a hand-over costs one wake-up
+//!   per reply). Once it gave the socket up, it parks for the rest of its wait and reads the
+//!   socket again only when no one does: it does not take it back from another.
 //!
 //! The receive buffers are behind one lock ([`Handoff`]'s `rx`), so only one thread reads the
 //! socket at a time: whoever holds it "has the socket". The hand-off protocol, with its three
@@ -275,6 +275,42 @@ pub(crate) enum Lead {
     Yielding,
 }
 
+/// Where a waiter of [`Connection::await_until`] stands between its turns at the socket.
+///
+/// A caller that leads yielding (an idle device's thread) holds the socket only while no one
+/// else on the link needs it: a caller waiting for a reply takes it over (and then reads its
+/// own replies, and the next ones, with no hand-over and no wake-up each), as does a device
+/// that goes idle later (the likelier to get the next doorbell). A yielding caller that was
+/// made to give the socket up parks once, and then does not take the socket back from another
+/// while it waits: it reads the socket again only when no one does. (Two devices on one link
+/// otherwise passed the socket back and forth, and the idle one read and handed over every
+/// reply of the busy one: README, "An idle device's thread leaves the socket to the busy".)
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Turns {
+    /// Gave the socket up to another caller: park once before going for it again.
+    gave_way: bool,
+    /// Gave it up at least once in this wait: another thread on the link is busy.
+    displaced: bool,
+}
+
+impl Turns {
+    /// Whether a waiter of kind `how` parks now (another caller brings its answer) rather than
+    /// goes for the socket, given whether a caller has the socket (`led`) and whether that
+    /// caller leads yielding.
+    pub(super) fn park(&mut self, how: Lead, led: bool, led_yielding: bool) -> bool {
+        let take_over = led_yielding && !(how == Lead::Yielding && self.displaced);
+        let park = self.gave_way || (led && !take_over);
+        self.gave_way = false;
+        park
+    }
+
+    /// The waiter gave the socket up to another that wanted it.
+    pub(super) fn gave_way(&mut self) {
+        self.gave_way = true;
+        self.displaced = true;
+    }
+}
+
 /// Waits until `sock` is readable (or has an error or hang-up), or until `wake` is signalled
 /// (then cleared); whether the socket is readable, `false` after `timeout`.
 fn wait_readable(
@@ -343,8 +379,7 @@ impl Connection {
         mut check: impl FnMut() -> Option<Result<T, FabricError>>,
         mut park: impl FnMut(Duration) -> Option<Result<T, FabricError>>,
     ) -> Result<T, FabricError> {
-        // Gave the socket up to another caller: wait in `park` once before taking it again.
-        let mut gave_way = false;
+        let mut turns = Turns::default();
         loop {
             if let Some(r) = check() {
                 return r;
@@ -353,13 +388,8 @@ impl Connection {
             if now >= deadline {
                 return Err(FabricError::Timeout);
             }
-            // Only a caller that yields itself takes the socket from one that yields: a caller
-            // waiting for a reply waits for it to be handed over, as from any caller (taking
-            // the socket over would wake two threads instead of one, measured slower).
-            let take_over = how == Lead::Yielding && self.rx.led_yielding();
-            if gave_way || (self.rx.led() && !take_over) {
+            if turns.park(how, self.rx.led(), self.rx.led_yielding()) {
                 // Another caller reads the socket and brings our answer.
-                gave_way = false;
                 match park((deadline - now).min(self.keepalive_interval)) {
                     Some(r) => return r,
                     None => continue,
@@ -372,7 +402,7 @@ impl Connection {
             };
             match led {
                 Ok(Some(Some(r))) => return r,
-                Ok(Some(None)) => gave_way = true,
+                Ok(Some(None)) => turns.gave_way(),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "fabric link down: cannot watch the socket");

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::{Arm, Handoff};
+use super::{Arm, Handoff, Lead, Turns};
 
 /// A watch that records what was done to it, and can be told to fail arming.
 #[derive(Default)]
@@ -183,6 +183,37 @@ fn a_caller_nudges_only_a_leader_that_yields() {
 /// A thread that leads yielding (asleep on the socket, as an idle device's thread is) gives
 /// the socket up to a caller that wants it: the caller's nudge wakes it, it leaves, and the
 /// caller reads the socket itself instead of waiting for its reply to be handed over.
+#[test]
+fn a_caller_waiting_for_a_reply_takes_the_socket_from_an_idle_device_only() {
+    // (how, led, led_yielding) -> parks?
+    let mut t = Turns::default();
+    assert!(
+        t.park(Lead::Answer, true, false),
+        "another reply's caller hands it over"
+    );
+    assert!(
+        !t.park(Lead::Answer, true, true),
+        "an idle device's thread is made to leave"
+    );
+    assert!(!t.park(Lead::Answer, false, false), "a free socket is read");
+}
+
+#[test]
+fn an_idle_device_that_gave_the_socket_up_does_not_take_it_back_while_it_waits() {
+    let mut t = Turns::default();
+    // A device that goes idle takes the socket from one idle longer.
+    assert!(!t.park(Lead::Yielding, true, true));
+    assert!(t.park(Lead::Yielding, true, false));
+    // Made to give it up: it parks once, even on a free socket...
+    t.gave_way();
+    assert!(t.park(Lead::Yielding, false, false));
+    // ...then waits behind whoever has the socket, an idle device too...
+    assert!(t.park(Lead::Yielding, true, true));
+    assert!(t.park(Lead::Yielding, true, false));
+    // ...and reads it only when no one does.
+    assert!(!t.park(Lead::Yielding, false, false));
+}
+
 #[test]
 fn a_yielding_leader_gives_the_socket_to_a_caller_that_wants_it() {
     let h = Arc::new(Handoff::new(0u32, Log::default()));
@@ -437,8 +468,9 @@ fn caller(m: &Model, h: &Rx, me: usize, calls: usize, rng: &mut Rng) -> Option<(
                 break;
             }
             rng.maybe_yield();
-            if h.led() {
-                // Another caller has the socket and hands our reply over.
+            if Turns::default().park(Lead::Answer, h.led(), h.led_yielding()) {
+                // Another caller has the socket and hands our reply over (one that leads
+                // yielding is made to give it up).
                 drop(m.wait(me, Wait::Reply(me))?);
                 continue;
             }
@@ -471,15 +503,13 @@ fn caller(m: &Model, h: &Rx, me: usize, calls: usize, rng: &mut Rng) -> Option<(
 /// wants it, and otherwise parks until whoever reads the socket reads its work.
 fn idler(m: &Model, h: &Rx, me: usize, n: usize, rng: &mut Rng) -> Option<()> {
     for k in 1..=n {
-        let mut gave_way = false;
+        let mut turns = Turns::default();
         loop {
             if m.world().pings >= k {
                 break;
             }
             rng.maybe_yield();
-            let take_over = h.led_yielding();
-            if gave_way || (h.led() && !take_over) {
-                gave_way = false;
+            if turns.park(Lead::Yielding, h.led(), h.led_yielding()) {
                 drop(m.wait(me, Wait::Read(k))?);
                 continue;
             }
@@ -502,7 +532,7 @@ fn idler(m: &Model, h: &Rx, me: usize, n: usize, rng: &mut Rng) -> Option<()> {
                 Some(Some(true)) => break,
                 Some(Some(false)) => {
                     m.gave_way.fetch_add(1, Ordering::Relaxed);
-                    gave_way = true;
+                    turns.gave_way();
                 }
                 Some(None) => return None,
                 None => {}
