@@ -66,18 +66,19 @@ impl Controller {
             if pending == 0 {
                 continue;
             }
-            if enabled && self.held_for_host(qid, now) {
+            // Asked once per queue and pass: it decides both the wait and the announcement.
+            let hold = enabled && self.hold_applies(qid);
+            if hold && self.held_for_host(qid, now) {
                 continue;
             }
             let due = interrupt_due(pending, since, self.coalescing(qid, vector), now);
             if !due && enabled {
                 continue;
             }
-            let announce = enabled && self.hold_applies(qid);
             if let Some(cq) = self.cqs.get_mut(qid).and_then(Option::as_mut) {
                 cq.pending = 0;
                 cq.pending_since = None;
-                cq.announced = announce.then_some(cq.tail);
+                cq.announced = hold.then_some(cq.tail);
             }
             if enabled && !self.fired.contains(&vector) {
                 self.fired.push(vector);
@@ -89,8 +90,9 @@ impl Controller {
     /// host is still reading what the previous one announced ([`NvmeConfig::interrupt_hold`]):
     /// its head has not reached the tail of then. Once the head reaches it, the entries the
     /// host has not read are signalled; entries it read already need no interrupt, and are
-    /// dropped from `pending`. Only where the head is read from memory this device maps (the
-    /// doorbell register, or a shadow doorbell in mapped memory) and the ring is mapped too.
+    /// dropped from `pending`. The caller asks only where [`Controller::hold_applies`]: the
+    /// head is read from memory this device maps (the doorbell register, or a shadow doorbell
+    /// in mapped memory) and the ring is mapped too.
     ///
     /// [`NvmeConfig::interrupt_hold`]: crate::NvmeConfig::interrupt_hold
     fn held_for_host(&mut self, qid: usize, now: Instant) -> bool {
@@ -102,9 +104,6 @@ impl Controller {
         else {
             return false;
         };
-        if !self.hold_applies(qid) {
-            return false;
-        }
         self.refresh_cq_head(qid);
         let Some(cq) = self.cqs.get_mut(qid).and_then(Option::as_mut) else {
             return false;
