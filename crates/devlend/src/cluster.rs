@@ -45,8 +45,9 @@ use devlend_sync::lock;
 
 /// How long a borrower waits for a lender to answer a link request and the link to come up.
 const LINK_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the link manager re-reads the registry when no watch event woke it.
-const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// How often the link manager re-reads the registry when no watch event woke it (and so
+/// retries a claim release etcd did not take; `return` says so).
+pub(crate) const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 
 /// How this node takes part in a cluster.
 #[derive(Clone, Debug)]

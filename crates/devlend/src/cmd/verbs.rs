@@ -400,16 +400,18 @@ pub fn give_back(a: NameArgs) -> anyhow::Result<()> {
         wait,
     )?;
     emit(&a.target, &v, |v| {
-        let mut ended = if v.lease_had_ended {
+        // What follows "returned NAME[: how]".
+        let mut notes = if v.lease_had_ended {
             "; its lease had ended already (the lender is gone or revoked it), nothing to give back"
                 .to_string()
         } else {
             String::new()
         };
         if let Some(why) = &v.claim_release_pending {
-            ended.push_str(&format!(
+            notes.push_str(&format!(
                 "; the registry still shows it lent to this host until etcd takes the release \
-                 (retried every 500 ms; {why})"
+                 (retried every {} ms; {why})",
+                crate::cluster::RECONCILE_EVERY.as_millis()
             ));
         }
         match (&v.lost, &v.removal_text) {
@@ -417,8 +419,8 @@ pub fn give_back(a: NameArgs) -> anyhow::Result<()> {
                 "forgot {}: it was lost before ({why}); nothing to give back\n",
                 v.name
             ),
-            (None, Some(how)) => format!("returned {}: {how}{ended}\n", v.name),
-            (None, None) => format!("returned {}{ended}\n", v.name),
+            (None, Some(how)) => format!("returned {}: {how}{notes}\n", v.name),
+            (None, None) => format!("returned {}{notes}\n", v.name),
         }
     })
 }
