@@ -575,6 +575,7 @@ pub fn check_device(
     let what = f.describe();
     let config = devlend_nvme_driver::DriverConfig {
         cmb_submission_queues: cmb,
+        cmb_bulk: cmb,
         ..Default::default()
     };
     let drv = devlend_nvme_driver::Controller::with_config(f, config)
@@ -594,6 +595,14 @@ pub fn check_device(
         format!("{what} (submission queues in the device's CMB: {n} of {of})")
     } else {
         what
+    };
+    let pushed = |drv: &devlend_nvme_driver::Controller| {
+        if cmb {
+            let (writes, lists) = drv.cmb_pushed();
+            format!("; {writes} writes' data and {lists} PRP lists pushed into the CMB")
+        } else {
+            String::new()
+        }
     };
     let serial = drv.identity().serial.clone();
     let len = usize::try_from(bytes)?;
@@ -621,10 +630,11 @@ pub fn check_device(
     let mut back = vec![0u8; len];
     drv.read_at(offset, &mut back).context("reading back")?;
     anyhow::ensure!(back == pattern, "read-back differs from what was written");
+    let pushed = pushed(&drv);
     drv.shutdown().context("shutting the controller down")?;
     Ok(Checked {
         summary: format!(
-            "{what}: wrote {bytes} bytes at offset {offset}, flushed, read back and verified ({geometry}, serial {serial})"
+            "{what}: wrote {bytes} bytes at offset {offset}, flushed, read back and verified ({geometry}, serial {serial}{pushed})"
         ),
         serial,
     })

@@ -78,8 +78,9 @@ fn lending_over_tcp_between_namespaces() {
     );
 
     // A device with a Controller Memory Buffer: the driver's submission queues go into it
-    // through the BAR window (posted writes over tcp), and the data checks pass. `--cmb` on a
-    // device without one is refused and says how to get one.
+    // through the BAR window (posted writes over tcp), and the PRP lists and the data of writes
+    // of up to 128 KiB too; the data checks pass. `--cmb` on a device without one is refused
+    // and says how to get one.
     let cmb_image = dir.join("lent-cmb.img");
     lender.ctl_ok(&[
         "add",
@@ -91,7 +92,7 @@ fn lending_over_tcp_between_namespaces() {
         "--image",
         cmb_image.to_str().unwrap(),
         "--cmb",
-        "256K",
+        "1M",
     ]);
     alice.wait_peer_lists("nvme1");
     alice.ctl_ok(&["borrow", "nvme1"]);
@@ -101,6 +102,15 @@ fn lending_over_tcp_between_namespaces() {
     assert!(report.contains("verified"), "{report}");
     assert!(
         report.contains("submission queues in the device's CMB"),
+        "{report}"
+    );
+    // One 96 KiB write: its data and its PRP list (23 entries) are pushed into the CMB, and so
+    // is the list of the read that verifies it.
+    let report = alice.ctl_ok(&[
+        "check", "--write", "--cmb", "nvme1", "--bytes", "96K", "--offset", "4M",
+    ]);
+    assert!(
+        report.contains("verified") && report.contains("; 1 writes' data and 2 PRP lists pushed"),
         "{report}"
     );
     let no_cmb = alice.ctl(&["check", "--cmb", "nvme0", "--bytes", "4K"]);

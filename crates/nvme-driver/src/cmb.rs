@@ -13,7 +13,8 @@ use devlend_pci::{AccessSize, BarIndex};
 use crate::error::NvmeError;
 use crate::queue::Hw;
 use crate::regs::{
-    self, CMBLOC_CDPCILS, CMBLOC_CQMMS, CMBMSC_CMSE, CMBMSC_CRE, CMBSTS_CBAI, CMBSZ_SQS, CMBSZ_WDS,
+    self, CMBLOC_CDPCILS, CMBLOC_CDPMLS, CMBLOC_CQMMS, CMBMSC_CMSE, CMBMSC_CRE, CMBSTS_CBAI,
+    CMBSZ_LISTS, CMBSZ_SQS, CMBSZ_WDS,
 };
 
 /// The bus address the driver gives the CMB when its BAR has none assigned (the bindings here
@@ -34,6 +35,8 @@ pub struct CmbInfo {
     pub bus_addr: u64,
     /// `CMBSZ.WDS`: write data may be in it.
     pub write_data: bool,
+    /// `CMBSZ.LISTS` and `CMBLOC.CDPMLS`: PRP lists may be in it, pointing at host memory.
+    pub lists: bool,
 }
 
 /// A CMB's size unit in bytes (`4 KiB * 16 ^ SZU`); `None` for a reserved value.
@@ -121,6 +124,7 @@ pub(crate) fn enable(hw: &Hw) -> Result<Option<CmbInfo>, NvmeError> {
         bytes,
         bus_addr,
         write_data: sz & CMBSZ_WDS != 0,
+        lists: sz & CMBSZ_LISTS != 0 && loc & CMBLOC_CDPMLS != 0,
     }))
 }
 
@@ -162,6 +166,7 @@ mod tests {
             bytes: 64 << 10,
             bus_addr: UNASSIGNED_CMB_BUS_ADDR,
             write_data: true,
+            lists: true,
         });
         assert_eq!(s.take(100), Some(0));
         assert_eq!(s.take(16 << 10), Some(4096));

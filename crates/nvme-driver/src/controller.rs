@@ -12,7 +12,10 @@ use crate::cmb::{self, CmbInfo, CmbSpace};
 use crate::cmd::{admin, nvm, Command};
 use crate::error::NvmeError;
 use crate::identify::{self, ControllerIdentity, NamespaceIdentity, IDENTIFY_BYTES};
-use crate::queue::{Completion, CompletionMode, DmaSlice, Hw, QueuePair, SqPlacement};
+use crate::queue::{
+    CmbBuf, CmbPools, Completion, CompletionMode, DmaSlice, Hw, QueuePair, SqPlacement,
+    CMB_DATA_BYTES,
+};
 use crate::regs::{self, pci, Capabilities};
 
 /// How to bring the controller up.
@@ -38,6 +41,14 @@ pub struct DriverConfig {
     /// takes write data (`CMBSZ.WDS`) and has room, writes of up to 4 KiB on those queues push
     /// their data into it too ([`IoQueue::cmb_writes`]).
     pub cmb_submission_queues: bool,
+    /// With [`Self::cmb_submission_queues`], also push PRP lists (`CMBSZ.LISTS`) and the data
+    /// of writes of up to [`CMB_BULK_BYTES`] (`CMBSZ.WDS`) into the CMB, as room allows:
+    /// [`CMB_BULK_BUFFERS`] bulk write buffers and [`CMB_LIST_PAGES`] list pages per queue.
+    /// The device then reads none of a command's descriptors or write data across the link,
+    /// which pays where each of its reads of host memory is a round trip (a device borrowed
+    /// over `tcp`); where the device reaches host memory directly (`shm`, a local device) it
+    /// only adds a copy. Off by default.
+    pub cmb_bulk: bool,
     /// Ask the controller to coalesce I/O completion interrupts (Set Features, Interrupt
     /// Coalescing) at initialization; `None` (the default) leaves it off. Change it later with
     /// [`Controller::set_interrupt_coalescing`].
@@ -75,6 +86,7 @@ impl Default for DriverConfig {
             admin_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
             cmb_submission_queues: false,
+            cmb_bulk: false,
             interrupt_coalescing: None,
         }
     }
@@ -82,6 +94,14 @@ impl Default for DriverConfig {
 
 /// Write data buffers (4 KiB each) per I/O queue in the CMB, when it has room for them.
 const CMB_DATA_BUFFERS: usize = 16;
+/// Bytes of one bulk write data buffer in the CMB ([`DriverConfig::cmb_bulk`]); capped by the
+/// largest transfer.
+pub const CMB_BULK_BYTES: u64 = 128 << 10;
+/// Bulk write data buffers per I/O queue in the CMB ([`DriverConfig::cmb_bulk`]), as room
+/// allows: eight 128 KiB writes in flight per queue.
+pub const CMB_BULK_BUFFERS: usize = 8;
+/// PRP list pages per I/O queue in the CMB ([`DriverConfig::cmb_bulk`]), as room allows.
+pub const CMB_LIST_PAGES: usize = 16;
 /// Entries in the admin queues.
 const ADMIN_QUEUE_ENTRIES: u32 = 32;
 /// Bytes the block API stages per window (several commands of at most MDTS each).
@@ -322,23 +342,14 @@ impl Controller {
                         bar: info.bar,
                         offset: info.bar_offset + at,
                         bus_addr: info.bus_addr + at,
-                        data: None,
+                        pools: CmbPools::default(),
                     },
                     None => SqPlacement::Host,
                 }
             })
             .collect();
-        let buffers = CMB_DATA_BUFFERS.min(entries.saturating_sub(1) as usize);
-        for p in placements.iter_mut() {
-            if let (SqPlacement::Cmb { data, .. }, Some(s)) =
-                (p, space.as_mut().filter(|s| s.info.write_data))
-            {
-                let bytes = buffers as u64 * crate::queue::CMB_DATA_BYTES;
-                if let Some(at) = s.take(bytes).filter(|_| buffers > 0) {
-                    *data = Some((s.info.bar_offset + at, s.info.bus_addr + at, buffers));
-                    self.cmb_write_queues += 1;
-                }
-            }
+        if let Some(s) = space.as_mut() {
+            self.place_cmb_buffers(s, &mut placements, entries);
         }
         for (qid, placement) in (1..=count as u16).zip(placements) {
             let q = self.create_io_queue(qid, entries, vectors, placement)?;
@@ -348,6 +359,57 @@ impl Controller {
             self.io.push(Mutex::new(q));
         }
         Ok(())
+    }
+
+    /// Gives each submission queue in the CMB its buffers there, as room allows: the small
+    /// write data buffers first (every queue), then, with [`DriverConfig::cmb_bulk`], list
+    /// pages and bulk buffers, one per queue in turn, so that queues share what is left.
+    fn place_cmb_buffers(
+        &mut self,
+        space: &mut CmbSpace,
+        placements: &mut [SqPlacement],
+        entries: u32,
+    ) {
+        let page = CMB_DATA_BYTES;
+        let slots = entries.saturating_sub(1) as usize;
+        let buf = |space: &CmbSpace, at: u64| CmbBuf {
+            bar_offset: space.info.bar_offset + at,
+            bus_addr: space.info.bus_addr + at,
+        };
+        let small = CMB_DATA_BUFFERS.min(slots);
+        for p in placements.iter_mut() {
+            if let (SqPlacement::Cmb { pools, .. }, true) = (p, space.info.write_data) {
+                if let Some(at) = space.take(small as u64 * page).filter(|_| small > 0) {
+                    pools.small = (0..small as u64)
+                        .map(|i| buf(space, at + i * page))
+                        .collect();
+                    self.cmb_write_queues += 1;
+                }
+            }
+        }
+        if !self.config.cmb_bulk {
+            return;
+        }
+        let bulk_bytes = CMB_BULK_BYTES.min(self.max_transfer).next_multiple_of(page);
+        let rounds = CMB_LIST_PAGES.max(CMB_BULK_BUFFERS).min(slots);
+        for round in 0..rounds {
+            for p in placements.iter_mut() {
+                let SqPlacement::Cmb { pools, .. } = p else {
+                    continue;
+                };
+                if space.info.lists && round < CMB_LIST_PAGES {
+                    if let Some(at) = space.take(page) {
+                        pools.lists.push(buf(space, at));
+                    }
+                }
+                if space.info.write_data && round < CMB_BULK_BUFFERS && bulk_bytes > page {
+                    if let Some(at) = space.take(bulk_bytes) {
+                        pools.bulk_bytes = bulk_bytes;
+                        pools.bulk.push(buf(space, at));
+                    }
+                }
+            }
+        }
     }
 
     fn create_io_queue(
@@ -537,6 +599,18 @@ impl Controller {
     /// buffer ([`IoQueue::cmb_writes`]).
     pub fn cmb_write_queue_count(&self) -> usize {
         self.cmb_write_queues
+    }
+
+    /// Over every I/O queue: writes whose data, and commands whose PRP list, were pushed into
+    /// the controller memory buffer ([`IoQueue::cmb_writes`], [`IoQueue::cmb_lists`]).
+    pub fn cmb_pushed(&self) -> (u64, u64) {
+        self.io.iter().fold((0, 0), |(w, l), m| {
+            let q = devlend_sync::lock(m);
+            (
+                w.saturating_add(q.cmb_writes()),
+                l.saturating_add(q.cmb_lists()),
+            )
+        })
     }
 
     /// Allocates DMA memory for the queue-depth API.
@@ -773,9 +847,28 @@ impl IoQueue<'_> {
     }
 
     /// Writes on this queue whose data were pushed into the controller memory buffer (at most
-    /// 4 KiB each, with [`DriverConfig::cmb_submission_queues`] when the CMB has room).
+    /// 4 KiB each with [`DriverConfig::cmb_submission_queues`] when the CMB has room, and up
+    /// to [`CMB_BULK_BYTES`] with [`DriverConfig::cmb_bulk`]).
     pub fn cmb_writes(&self) -> u64 {
         self.q.cmb_writes()
+    }
+
+    /// Commands on this queue whose PRP list was pushed into the controller memory buffer
+    /// ([`DriverConfig::cmb_bulk`]).
+    pub fn cmb_lists(&self) -> u64 {
+        self.q.cmb_lists()
+    }
+
+    /// Bytes of one of this queue's bulk write data buffers in the controller memory buffer
+    /// ([`DriverConfig::cmb_bulk`]); 0 when it has none.
+    pub fn cmb_bulk_bytes(&self) -> u64 {
+        self.q.cmb_bulk_bytes()
+    }
+
+    /// Whether this queue has PRP list pages in the controller memory buffer
+    /// ([`DriverConfig::cmb_bulk`]).
+    pub fn cmb_has_lists(&self) -> bool {
+        self.q.cmb_has_lists()
     }
 
     /// Whether an earlier failure left the queue unusable (reset the controller).

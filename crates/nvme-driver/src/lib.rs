@@ -43,6 +43,9 @@ pub mod workload;
 
 pub use cmb::CmbInfo;
 pub use cmd::Status;
-pub use controller::{Controller, DriverConfig, InterruptCoalescing, IoQueue, IoRequest};
+pub use controller::{
+    Controller, DriverConfig, InterruptCoalescing, IoQueue, IoRequest, CMB_BULK_BUFFERS,
+    CMB_BULK_BYTES, CMB_LIST_PAGES,
+};
 pub use error::NvmeError;
 pub use queue::{Completion, CompletionMode, DmaSlice};

@@ -149,21 +149,63 @@ struct Slot {
     #[allow(dead_code)]
     data: Option<Arc<DmaBuffer>>,
     prp_pages: Vec<DmaBuffer>,
-    /// The CMB data buffer a write's data were copied into.
-    cmb_data: Option<CmbBuf>,
+    /// The CMB buffers the command's data or PRP list were pushed into.
+    cmb: CmbHeld,
 }
 
-/// A write data buffer in the CMB.
+/// A buffer in the CMB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct CmbBuf {
     /// Offset in the CMB's BAR.
-    bar_offset: u64,
+    pub bar_offset: u64,
     /// Bus address (in `CMBMSC.CBA .. + size`).
-    bus_addr: u64,
+    pub bus_addr: u64,
 }
 
-/// Bytes of one CMB data buffer: a write of at most this many bytes may go through one.
+/// Bytes of one small CMB data buffer (and of a PRP list page): a write of at most this many
+/// bytes may go through one.
 pub(crate) const CMB_DATA_BYTES: u64 = regs::HOST_PAGE_BYTES as u64;
+
+/// Which of a queue's CMB pools a data buffer came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CmbPool {
+    Small,
+    Bulk,
+}
+
+/// The CMB buffers a command holds until it completes.
+#[derive(Clone, Copy, Debug, Default)]
+struct CmbHeld {
+    data: Option<(CmbPool, CmbBuf)>,
+    list: Option<CmbBuf>,
+}
+
+/// A queue's buffers in the CMB beside its ring: free write data buffers, small and bulk, and
+/// PRP list pages (see [`crate::DriverConfig::cmb_bulk`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CmbPools {
+    /// Write data buffers of [`CMB_DATA_BYTES`].
+    pub small: Vec<CmbBuf>,
+    /// Write data buffers of `bulk_bytes` each (bus-contiguous, page-aligned).
+    pub bulk: Vec<CmbBuf>,
+    /// Bytes of one bulk buffer.
+    pub bulk_bytes: u64,
+    /// PRP list pages of [`CMB_DATA_BYTES`].
+    pub lists: Vec<CmbBuf>,
+}
+
+impl CmbPools {
+    fn give_back(&mut self, held: CmbHeld) {
+        match held.data {
+            Some((CmbPool::Small, b)) => self.small.push(b),
+            Some((CmbPool::Bulk, b)) => self.bulk.push(b),
+            None => {}
+        }
+        if let Some(b) = held.list {
+            self.lists.push(b);
+        }
+    }
+}
 
 /// Where a submission queue lives.
 pub(crate) enum SqRing {
@@ -184,7 +226,7 @@ pub(crate) enum SqRing {
 }
 
 /// Where to put a new queue pair's submission queue.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum SqPlacement {
     /// Host memory.
     Host,
@@ -196,9 +238,8 @@ pub(crate) enum SqPlacement {
         offset: u64,
         /// Bus address.
         bus_addr: u64,
-        /// Write data buffers of [`CMB_DATA_BYTES`] in the CMB, from this BAR offset and bus
-        /// address, and how many.
-        data: Option<(u64, u64, usize)>,
+        /// The queue's data buffers and PRP list pages in the CMB.
+        pools: CmbPools,
     },
 }
 
@@ -227,10 +268,18 @@ pub(crate) struct QueuePair {
     free: Vec<u16>,
     prp_cache: Vec<DmaBuffer>,
     broken: bool,
-    /// Free CMB write data buffers; empty without them.
-    cmb_data: Vec<CmbBuf>,
+    /// Free CMB data buffers and list pages; empty without them.
+    cmb: CmbPools,
     /// Writes whose data went through a CMB buffer.
     cmb_writes: u64,
+    /// Commands whose PRP list went into a CMB list page.
+    cmb_lists: u64,
+    /// Staging for data pushed into the CMB (kept across commands).
+    staging: Vec<u8>,
+    /// Bytes of a bulk CMB data buffer, 0 without any.
+    cmb_bulk_bytes: u64,
+    /// Whether the queue has CMB list pages.
+    cmb_has_lists: bool,
 }
 
 impl QueuePair {
@@ -254,7 +303,7 @@ impl QueuePair {
             )));
         }
         let n = entries as usize;
-        let mut cmb_data = Vec::new();
+        let mut cmb = CmbPools::default();
         let sq = match placement {
             SqPlacement::Host => {
                 let sq = hw.fun.dma_alloc(n * SQE_BYTES)?;
@@ -266,17 +315,9 @@ impl QueuePair {
                 bar,
                 offset,
                 bus_addr,
-                data,
+                pools,
             } => {
-                if let Some((off, bus, count)) = data {
-                    for i in 0..count as u64 {
-                        let at = i * CMB_DATA_BYTES;
-                        cmb_data.push(CmbBuf {
-                            bar_offset: off + at,
-                            bus_addr: bus + at,
-                        });
-                    }
-                }
+                cmb = pools;
                 SqRing::Cmb {
                     bar,
                     offset,
@@ -309,8 +350,16 @@ impl QueuePair {
             free,
             prp_cache: Vec::new(),
             broken: false,
-            cmb_data,
             cmb_writes: 0,
+            cmb_lists: 0,
+            staging: Vec::new(),
+            cmb_bulk_bytes: if cmb.bulk.is_empty() {
+                0
+            } else {
+                cmb.bulk_bytes
+            },
+            cmb_has_lists: !cmb.lists.is_empty(),
+            cmb,
         })
     }
 
@@ -328,6 +377,21 @@ impl QueuePair {
     /// Writes whose data went through a CMB buffer (pushed into the device, not fetched).
     pub fn cmb_writes(&self) -> u64 {
         self.cmb_writes
+    }
+
+    /// Commands whose PRP list went into a CMB list page (pushed, not fetched).
+    pub fn cmb_lists(&self) -> u64 {
+        self.cmb_lists
+    }
+
+    /// Bytes of one bulk write data buffer in the CMB; 0 when the queue has none.
+    pub fn cmb_bulk_bytes(&self) -> u64 {
+        self.cmb_bulk_bytes
+    }
+
+    /// Whether the queue has PRP list pages in the CMB.
+    pub fn cmb_has_lists(&self) -> bool {
+        self.cmb_has_lists
     }
 
     /// Whether the submission queue is in the controller's memory buffer.
@@ -436,9 +500,12 @@ impl QueuePair {
             })
         };
         match placed {
-            Ok((prp_pages, cmb_data)) => {
-                if cmb_data.is_some() {
+            Ok((prp_pages, cmb)) => {
+                if cmb.data.is_some() {
                     self.cmb_writes += 1;
+                }
+                if cmb.list.is_some() {
+                    self.cmb_lists += 1;
                 }
                 if let Some(slot) = self.slots.get_mut(usize::from(cid)) {
                     *slot = Slot {
@@ -447,7 +514,7 @@ impl QueuePair {
                         opcode: cmd.opcode,
                         data: data.map(|d| d.buf.clone()),
                         prp_pages,
-                        cmb_data,
+                        cmb,
                     };
                 }
                 if !ring {
@@ -474,20 +541,24 @@ impl QueuePair {
         cmd: &mut Command,
         cid: u16,
         data: Option<&DmaSlice>,
-    ) -> Result<(Vec<DmaBuffer>, Option<CmbBuf>), NvmeError> {
+    ) -> Result<(Vec<DmaBuffer>, CmbHeld), NvmeError> {
         let mut pages = Vec::new();
-        let mut cmb_data = None;
+        let mut held = CmbHeld::default();
         if let Some(d) = data {
-            match self.push_write_data(hw, cmd, d)? {
-                Some(buf) => {
-                    cmd.prp1 = buf.bus_addr;
-                    cmd.prp2 = 0;
-                    cmb_data = Some(buf);
-                }
-                None => {
-                    let (prp1, prp2) = self.prps(hw, d, &mut pages)?;
+            held.data = self.push_write_data(hw, cmd, d)?;
+            let start = match held.data {
+                Some((_, buf)) => Some(buf.bus_addr),
+                None => d.buf.bus_addr().raw().checked_add(d.offset as u64),
+            };
+            match self.prps(hw, start, d.len, &mut pages, &mut held) {
+                Ok((prp1, prp2)) => {
                     cmd.prp1 = prp1;
                     cmd.prp2 = prp2;
+                }
+                Err(e) => {
+                    self.recycle(pages);
+                    self.cmb.give_back(held);
+                    return Err(e);
                 }
             }
         }
@@ -511,62 +582,79 @@ impl QueuePair {
         };
         if let Err(e) = written {
             self.recycle(pages);
-            if let Some(buf) = cmb_data {
-                self.cmb_data.push(buf);
-            }
+            self.cmb.give_back(held);
             return Err(e);
         }
         self.sq_tail = (self.sq_tail + 1) % self.entries;
-        Ok((pages, cmb_data))
+        Ok((pages, held))
     }
 
-    /// A write of at most [`CMB_DATA_BYTES`] on a queue with CMB data buffers: its data are
-    /// copied into a free one through the BAR (posted writes, ahead of the command), so the
-    /// device reads them from itself. `None` (host PRPs) for anything else.
+    /// A write on a queue with CMB data buffers, of at most [`CMB_DATA_BYTES`] (or of at most
+    /// a bulk buffer): its data are copied into a free buffer through the BAR (posted writes,
+    /// ahead of the command), so the device reads them from itself. `None` (host PRPs) for
+    /// anything else, and when no buffer is free.
     fn push_write_data(
         &mut self,
         hw: &Hw,
         cmd: &Command,
         d: &DmaSlice,
-    ) -> Result<Option<CmbBuf>, NvmeError> {
+    ) -> Result<Option<(CmbPool, CmbBuf)>, NvmeError> {
         let SqRing::Cmb { bar, .. } = &self.sq else {
             return Ok(None);
         };
-        if cmd.opcode != crate::cmd::nvm::WRITE || d.len as u64 > CMB_DATA_BYTES {
+        let bar = *bar;
+        if cmd.opcode != crate::cmd::nvm::WRITE {
             return Ok(None);
         }
-        let Some(buf) = self.cmb_data.pop() else {
+        let len = d.len as u64;
+        let taken = if len <= CMB_DATA_BYTES {
+            self.cmb.small.pop().map(|b| (CmbPool::Small, b))
+        } else {
+            None
+        };
+        let taken = taken.or_else(|| {
+            (len <= self.cmb.bulk_bytes)
+                .then(|| self.cmb.bulk.pop().map(|b| (CmbPool::Bulk, b)))
+                .flatten()
+        });
+        let Some((pool, buf)) = taken else {
             return Ok(None);
         };
-        let mut bytes = vec![0u8; d.len];
+        self.staging.resize(d.len, 0);
+        let bytes = self.staging.get_mut(..d.len).unwrap_or_default();
         let pushed = d
             .buf
-            .read_at(d.offset, &mut bytes)
+            .read_at(d.offset, bytes)
             .map_err(NvmeError::from)
-            .and_then(|()| Ok(hw.fun.bar_write(*bar, buf.bar_offset, &bytes)?));
+            .and_then(|()| Ok(hw.fun.bar_write(bar, buf.bar_offset, bytes)?));
         match pushed {
-            Ok(()) => Ok(Some(buf)),
+            Ok(()) => Ok(Some((pool, buf))),
             Err(e) => {
-                self.cmb_data.push(buf);
+                self.cmb.give_back(CmbHeld {
+                    data: Some((pool, buf)),
+                    list: None,
+                });
                 Err(e)
             }
         }
     }
 
-    /// PRP1 and PRP2 for `d`, building list pages into `pages` when more than two are needed.
+    /// PRP1 and PRP2 for `len` bytes at bus address `start`, building list pages when more
+    /// than two are needed: one list page in the CMB (into `held`) when the queue has one
+    /// free and the list fits it, else host pages (into `pages`).
     fn prps(
         &mut self,
         hw: &Hw,
-        d: &DmaSlice,
+        start: Option<u64>,
+        len: usize,
         pages: &mut Vec<DmaBuffer>,
+        held: &mut CmbHeld,
     ) -> Result<(u64, u64), NvmeError> {
         let page = regs::HOST_PAGE_BYTES as u64;
-        let start = d.buf.bus_addr().raw().checked_add(d.offset as u64);
-        let layout = start.and_then(|s| prp::layout(s, d.len as u64, page));
+        let layout = start.and_then(|s| prp::layout(s, len as u64, page));
         match layout {
             None => Err(NvmeError::InvalidRequest(format!(
-                "{} bytes at bus address {:?} cannot be described by PRPs",
-                d.len, start
+                "{len} bytes at bus address {start:?} cannot be described by PRPs"
             ))),
             Some(PrpLayout::One { prp1 }) => Ok((prp1, 0)),
             Some(PrpLayout::Two { prp1, prp2 }) => Ok((prp1, prp2)),
@@ -575,6 +663,10 @@ impl QueuePair {
                 pages: entries,
             }) => {
                 let per_page = regs::HOST_PAGE_BYTES / 8;
+                if let Some(list) = self.push_list(hw, &entries, per_page)? {
+                    held.list = Some(list);
+                    return Ok((prp1, list.bus_addr));
+                }
                 let chunks = prp::list_pages(&entries, per_page);
                 for _ in 0..chunks.len() {
                     let p = match self.prp_cache.pop() {
@@ -596,6 +688,35 @@ impl QueuePair {
                 }
                 let first = pages.first().map(|p| p.bus_addr().raw()).unwrap_or(0);
                 Ok((prp1, first))
+            }
+        }
+    }
+
+    /// A PRP list of one page pushed into a free CMB list page through the BAR (a posted
+    /// write, ahead of the command); `None` when the queue has none free or the list needs
+    /// more than a page.
+    fn push_list(
+        &mut self,
+        hw: &Hw,
+        entries: &[u64],
+        per_page: usize,
+    ) -> Result<Option<CmbBuf>, NvmeError> {
+        let SqRing::Cmb { bar, .. } = &self.sq else {
+            return Ok(None);
+        };
+        let bar = *bar;
+        if entries.len() > per_page {
+            return Ok(None);
+        }
+        let Some(list) = self.cmb.lists.pop() else {
+            return Ok(None);
+        };
+        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+        match hw.fun.bar_write(bar, list.bar_offset, &bytes) {
+            Ok(()) => Ok(Some(list)),
+            Err(e) => {
+                self.cmb.lists.push(list);
+                Err(e.into())
             }
         }
     }
@@ -645,9 +766,7 @@ impl QueuePair {
                     });
                     added += 1;
                     self.recycle(taken.prp_pages);
-                    if let Some(buf) = taken.cmb_data {
-                        self.cmb_data.push(buf);
-                    }
+                    self.cmb.give_back(taken.cmb);
                 }
                 _ => {
                     unknown.get_or_insert(entry.cid);

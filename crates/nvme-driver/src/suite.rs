@@ -776,8 +776,10 @@ pub fn removal_all_ones(t: &Target) -> Result<(), SuiteError> {
 /// controller offers a CMB for submission queues (`CMBSZ.SQS` once `CMBMSC.CRE` is set),
 /// every I/O submission queue must be placed there; without one the driver keeps them in host
 /// memory. Either way: writes and reads of one block to a multi-page PRP list on every queue,
-/// in interrupt and polling mode, the block API, and afterwards a bring-up without the option
-/// turns the CMB off again.
+/// in interrupt and polling mode, and again with [`DriverConfig::cmb_bulk`] (a 64 KiB write
+/// pushes its data, and every command with a PRP list its list, into the CMB when the queue
+/// has buffers there), the block API, and afterwards a bring-up without the option turns the
+/// CMB off again.
 pub fn cmb_submission_queues(t: &Target) -> Result<(), SuiteError> {
     let x = Ctx {
         case: "cmb_submission_queues",
@@ -787,12 +789,17 @@ pub fn cmb_submission_queues(t: &Target) -> Result<(), SuiteError> {
         detail: "BAR index 0".into(),
     })?;
     let mut offered = false;
-    for (round, mode) in [CompletionMode::Interrupt, CompletionMode::Polling]
-        .into_iter()
-        .enumerate()
+    for (round, (mode, bulk)) in [
+        (CompletionMode::Interrupt, false),
+        (CompletionMode::Polling, false),
+        (CompletionMode::Interrupt, true),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let cfg = DriverConfig {
             cmb_submission_queues: true,
+            cmb_bulk: bulk,
             ..config(2, mode)
         };
         let c = x.bring_up(t, cfg)?;
@@ -836,6 +843,21 @@ pub fn cmb_submission_queues(t: &Target) -> Result<(), SuiteError> {
                 let blocks = (len / lba) as u32;
                 let mut io = x.step("queue", c.io_queue(q))?;
                 let pushed_before = io.cmb_writes();
+                let lists_before = io.cmb_lists();
+                let (bulk_bytes, lists) = (io.cmb_bulk_bytes(), io.cmb_has_lists());
+                if offered && bulk {
+                    x.check(bulk_bytes >= 64 * 1024 && lists, || {
+                        format!(
+                            "queue {q} has no bulk buffers ({bulk_bytes} bytes) or list pages \
+                             ({lists}) in the CMB ({:?})",
+                            c.cmb()
+                        )
+                    })?;
+                } else {
+                    x.check(bulk_bytes == 0 && !lists, || {
+                        format!("queue {q} has bulk CMB buffers without cmb_bulk")
+                    })?;
+                }
                 x.step(
                     format!("write {len} bytes on queue {q}"),
                     io.run_batch(vec![IoRequest::Write {
@@ -845,9 +867,12 @@ pub fn cmb_submission_queues(t: &Target) -> Result<(), SuiteError> {
                     }]),
                 )?;
                 // With write data buffers in the CMB, a write of up to 4 KiB pushes its data
-                // there; a larger one goes by PRPs to host memory.
+                // there, and with bulk buffers one of up to a bulk buffer's size; a larger one
+                // goes by PRPs to host memory.
                 let pushed = io.cmb_writes() - pushed_before;
-                let expect = u64::from(c.cmb_write_queue_count() == of && len <= 4096);
+                let expect = u64::from(
+                    c.cmb_write_queue_count() == of && len <= 4096 || len as u64 <= bulk_bytes,
+                );
                 x.check(pushed == expect, || {
                     format!(
                         "{len}-byte write on queue {q}: {pushed} pushed into the CMB, not {expect}"
@@ -862,6 +887,16 @@ pub fn cmb_submission_queues(t: &Target) -> Result<(), SuiteError> {
                         data: slice,
                     }]),
                 )?;
+                // A PRP list (the write's and the read's of 64 KiB) goes into the CMB when the
+                // queue has list pages there.
+                let listed = io.cmb_lists() - lists_before;
+                let expect = if lists && len > 2 * 4096 { 2 } else { 0 };
+                x.check(listed == expect, || {
+                    format!(
+                        "{len}-byte write and read on queue {q}: {listed} PRP lists pushed into \
+                         the CMB, not {expect}"
+                    )
+                })?;
                 drop(io);
                 let mut back = vec![0u8; len];
                 x.step(

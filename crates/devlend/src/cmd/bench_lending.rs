@@ -48,6 +48,11 @@ pub struct Args {
     /// per this many completions (off by default; off again after the QD32 rows).
     #[arg(long, value_name = "COMPLETIONS")]
     tcp_qd32_coalescing: Option<u16>,
+    /// On the 'SQ in CMB' device over tcp, also push PRP lists and the data of writes of up to
+    /// 128 KiB into a 4 MiB CMB (`DriverConfig::cmb_bulk`), instead of a 1 MiB CMB holding
+    /// the submission queues and 4 KiB writes' data.
+    #[arg(long)]
+    cmb_bulk: bool,
     /// With --tcp-qd32-coalescing: the longest an interrupt waits, in 100 µs units.
     #[arg(long, default_value_t = 1, value_name = "UNITS")]
     coalescing_time_100us: u8,
@@ -101,7 +106,8 @@ const RAW_PORT: u16 = 7791;
 struct TcpSide {
     pair: Pair,
     ctrl: Controller,
-    /// A second device, with a Controller Memory Buffer holding the I/O submission queues.
+    /// A second device, with a Controller Memory Buffer holding the I/O submission queues
+    /// (and with `--cmb-bulk` the PRP lists and write data of up to 128 KiB).
     cmb: Controller,
     raw: RawTlsClient,
     server: RawTlsServer,
@@ -110,17 +116,24 @@ struct TcpSide {
 impl TcpSide {
     /// Starts the pair (this thread moves into the borrower's network namespace), borrows a
     /// device, and connects the raw baseline between the same namespaces with the same keys.
-    fn start(dir: &std::path::Path, size: u64, cfg: DriverConfig) -> anyhow::Result<Self> {
+    fn start(
+        dir: &std::path::Path,
+        size: u64,
+        cfg: DriverConfig,
+        bulk: bool,
+    ) -> anyhow::Result<Self> {
         let pair = Pair::start_tcp(dir)?;
         pair.lender_add_nvme("bench1", &pair.dir.join("lent.img"), size)?;
         let f: Arc<dyn PciFunction> = pair.borrow("bench1")?;
-        pair.lender_add_nvme_cmb("bench2", &pair.dir.join("lent-cmb.img"), size, CMB_BYTES)?;
+        let cmb_bytes = if bulk { CMB_BULK_BYTES } else { CMB_BYTES };
+        pair.lender_add_nvme_cmb("bench2", &pair.dir.join("lent-cmb.img"), size, cmb_bytes)?;
         let g: Arc<dyn PciFunction> = pair.borrow("bench2")?;
         let ctrl = Controller::with_config(f, cfg.clone())?;
         let cmb = Controller::with_config(
             g,
             DriverConfig {
                 cmb_submission_queues: true,
+                cmb_bulk: bulk,
                 ..cfg
             },
         )?;
@@ -202,6 +215,9 @@ impl TcpSide {
 
 /// The Controller Memory Buffer of the second tcp device.
 const CMB_BYTES: u64 = 1 << 20;
+/// The same with `--cmb-bulk`: room for both I/O submission queues with their 4 KiB write
+/// buffers, list pages and eight 128 KiB write buffers each (2.3 MiB).
+const CMB_BULK_BYTES: u64 = 4 << 20;
 
 /// The request of the raw read baseline: what a driver must at least send for a read.
 const RAW_REQUEST: usize = 64;
@@ -294,7 +310,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut tcp = if a.no_tcp {
         None
     } else {
-        match TcpSide::start(&a.dir, size, cfg.clone()) {
+        match TcpSide::start(&a.dir, size, cfg.clone(), a.cmb_bulk) {
             Ok(t) => Some(t),
             Err(e) => {
                 notes.push(format!("tcp rows not measured: {e:#}"));
@@ -429,8 +445,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     ));
     if had_tcp {
         report.notes.push(format!(
-            "tcp = TLS 1.3 over a veth link between two network namespaces; 'SQ in CMB' = a second lent device with a {} KiB Controller Memory Buffer holding the driver's I/O submission queues (entries pushed as posted writes, never fetched across the link); each tcp row's baseline is plain TLS 1.3 (rustls, the fabric's keys and cipher suite) between the same namespaces in the same run, interleaved with the device samples, threads left to the scheduler: a {RAW_REQUEST} B request answered with 4 KiB for reads, 4 KiB answered with {RAW_WRITE_REPLY} B for writes, with the same number outstanding; streams of 128 KiB writes ({} MiB each, one after another for as long as a device sample) for the sequential rows",
-            CMB_BYTES >> 10,
+            "tcp = TLS 1.3 over a veth link between two network namespaces; 'SQ in CMB' = a second lent device with a {} KiB Controller Memory Buffer holding the driver's I/O submission queues{} (pushed as posted writes, never fetched across the link); each tcp row's baseline is plain TLS 1.3 (rustls, the fabric's keys and cipher suite) between the same namespaces in the same run, interleaved with the device samples, threads left to the scheduler: a {RAW_REQUEST} B request answered with 4 KiB for reads, 4 KiB answered with {RAW_WRITE_REPLY} B for writes, with the same number outstanding; streams of 128 KiB writes ({} MiB each, one after another for as long as a device sample) for the sequential rows",
+            if a.cmb_bulk { CMB_BULK_BYTES } else { CMB_BYTES } >> 10,
+            if a.cmb_bulk {
+                ", PRP lists and the data of writes of up to 128 KiB (--cmb-bulk)"
+            } else {
+                ""
+            },
             stream_bytes >> 20
         ));
     }

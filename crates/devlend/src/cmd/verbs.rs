@@ -130,7 +130,8 @@ pub struct CheckArgs {
     #[arg(long)]
     write: bool,
     /// Put the driver's I/O submission queues in the device's Controller Memory Buffer (a
-    /// device added with `--cmb`): commands then cross the link as posted writes into the
+    /// device added with `--cmb`), and as room allows the PRP lists and the data of writes of
+    /// up to 128 KiB: commands and their data then cross the link as posted writes into the
     /// device, which no longer fetches them. Fails on a device without one.
     #[arg(long)]
     cmb: bool,
