@@ -115,6 +115,42 @@ use devlend_fabric::LinkConfig;
 /// two (README, "The CQ head doorbell leaves with the next submission").
 pub const TCP_SPIN: Duration = Duration::from_micros(60);
 
+/// The TCP congestion control a link asks for on its socket by default
+/// ([`TcpConfig::congestion`]): one that does not pace. A link is a bus: its bytes come in
+/// bursts (a 128 KiB DMA, then nothing while the device works), and each burst is waited for.
+/// Measured on a host whose default is BBR, which paces every connection at a rate learned
+/// from its recent deliveries: after the link had carried a stream (a 128 KiB write row with
+/// its data pushed into a CMB), a device's 128 KiB read replies were paced over tens of
+/// microseconds each, and the next row ran at half its speed (442-487 against 1042 MB/s, the
+/// socket's pacing rate down from 229 to 22-64 Gbit/s); with `cubic` both rows kept their
+/// speed (README, "An unpaced congestion control").
+pub const CONGESTION: &str = "cubic";
+
+/// Asks for the congestion control `name` on `sock` (`TCP_CONGESTION`). Fails when the
+/// kernel lacks it, or when it is not in `net.ipv4.tcp_allowed_congestion_control` and the
+/// process lacks `CAP_NET_ADMIN`; the socket then keeps the system's default.
+pub fn set_congestion(sock: &std::net::TcpStream, name: &str) -> std::io::Result<()> {
+    rustix::net::sockopt::set_tcp_congestion(sock, name).map_err(std::io::Error::from)
+}
+
+/// Sets on `sock` what a link sets on its own (no Nagle delay, and the congestion control
+/// `congestion` asks for, kept as the system's when refused): for a baseline that is to cross
+/// the same network as a link, on the same terms.
+pub fn tune_like_link(sock: &std::net::TcpStream, congestion: Option<&str>) -> std::io::Result<()> {
+    sock.set_nodelay(true)?;
+    if let Some(name) = congestion {
+        if let Err(e) = set_congestion(sock, name) {
+            tracing::info!(congestion = name, error = %e, "the socket keeps the system's congestion control");
+        }
+    }
+    Ok(())
+}
+
+/// The congestion control `sock` uses.
+pub fn congestion(sock: &std::net::TcpStream) -> std::io::Result<String> {
+    rustix::net::sockopt::tcp_congestion(sock).map_err(std::io::Error::from)
+}
+
 /// Parameters of a tcp link side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpConfig {
@@ -141,6 +177,10 @@ pub struct TcpConfig {
     pub service_queue_bytes: usize,
     /// CPUs to pin the link's threads to (none by default: the scheduler places them).
     pub cpus: ThreadCpus,
+    /// The TCP congestion control to ask for on each connection ([`CONGESTION`] by
+    /// default); `None` keeps the system's. When the kernel refuses it the connection goes on
+    /// with the system's, and says so in the log.
+    pub congestion: Option<&'static str>,
 }
 
 /// CPUs for a link side's own threads (see [`cpu`]). A CPU the process may not run on is
@@ -168,6 +208,7 @@ impl Default for TcpConfig {
             send_queue_bytes: 1 << 20,
             service_queue_bytes: 8 << 20,
             cpus: ThreadCpus::default(),
+            congestion: Some(CONGESTION),
         }
     }
 }
@@ -183,6 +224,15 @@ impl TcpConfig {
         }
         if self.handshake_timeout.is_zero() {
             return Err(TcpError::Config("handshake_timeout must not be zero"));
+        }
+        // TCP_CA_NAME_MAX is 16 with the terminating NUL.
+        if self
+            .congestion
+            .is_some_and(|c| c.is_empty() || c.len() > 15 || !c.is_ascii())
+        {
+            return Err(TcpError::Config(
+                "a congestion control name is 1 to 15 ASCII characters",
+            ));
         }
         if self.link.mw_count > frame::MAX_WINDOWS {
             return Err(TcpError::Config("at most 64 memory windows"));

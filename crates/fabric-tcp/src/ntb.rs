@@ -177,9 +177,27 @@ pub(crate) struct Inner {
     link: LinkSlot,
     stop: Stop,
     counters: Counters,
+    /// The congestion control of the last connection's socket.
+    congestion: Mutex<Option<String>>,
 }
 
 impl Inner {
+    /// Asks for the configured congestion control on a new connection's socket (see
+    /// [`crate::CONGESTION`]) and records what the socket uses.
+    pub(crate) fn note_congestion(&self, sock: &std::net::TcpStream, peer: SocketAddr) {
+        if let Some(name) = self.cfg.congestion {
+            if let Err(e) = crate::set_congestion(sock, name) {
+                tracing::info!(
+                    peer = %peer,
+                    congestion = name,
+                    error = %e,
+                    "the fabric socket keeps the system's congestion control"
+                );
+            }
+        }
+        *lock(&self.congestion) = crate::congestion(sock).ok();
+    }
+
     pub(crate) fn stopped(&self) -> bool {
         self.stop.requested()
     }
@@ -533,6 +551,7 @@ impl TcpNtb {
                     .map_err(|e| TcpError::Os("eventfd", e))?,
             },
             counters: Counters::default(),
+            congestion: Mutex::new(None),
         });
         let thread_inner = inner.clone();
         let supervisor = std::thread::Builder::new()
@@ -588,6 +607,12 @@ impl TcpNtb {
             links_up: self.inner.counters.links_up.load(Ordering::Relaxed),
             refused: self.inner.counters.refused.load(Ordering::Relaxed),
         }
+    }
+
+    /// The TCP congestion control of the last connection's socket (`None` before the first
+    /// connection): [`TcpConfig::congestion`] when the kernel granted it.
+    pub fn congestion(&self) -> Option<String> {
+        lock(&self.inner.congestion).clone()
     }
 
     /// Waits until at least `count` connections were refused (see [`TcpStats::refused`]).

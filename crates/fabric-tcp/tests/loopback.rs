@@ -364,3 +364,43 @@ fn a_wait_reading_the_link_ends_on_a_doorbell_and_on_an_interruption() {
     p.b.interrupt_wait_reading();
     a_doorbell_ends_a_wait(2);
 }
+
+/// Each connection asks for an unpaced congestion control (`CONGESTION`, see its docs) unless
+/// the configuration keeps the system's; a name the kernel cannot take is refused up front.
+#[test]
+fn each_connection_asks_for_the_configured_congestion_control() {
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}")).unwrap();
+    let system = read("tcp_congestion_control").trim().to_string();
+    let want = devlend_fabric_tcp::CONGESTION;
+    let available = read("tcp_available_congestion_control");
+    let allowed = read("tcp_allowed_congestion_control");
+    let root = rustix::process::geteuid().is_root();
+    let grantable = available.split_whitespace().any(|c| c == want)
+        && (root || allowed.split_whitespace().any(|c| c == want));
+    let p = pair();
+    if grantable {
+        assert_eq!(p.a.congestion().as_deref(), Some(want));
+        assert_eq!(p.b.congestion().as_deref(), Some(want));
+    } else {
+        eprintln!("SKIPPED the granted case: {want} is not available to this process");
+        assert_eq!(p.b.congestion().as_deref(), Some(system.as_str()));
+    }
+    drop(p);
+    let keys = deployment();
+    let keep = TcpConfig {
+        congestion: None,
+        ..cfg()
+    };
+    let p = pair_with(creds(&keys, "a", "b"), creds(&keys, "b", "a"), keep);
+    p.a.wait_link(LinkState::Up, GUARD).unwrap();
+    p.b.wait_link(LinkState::Up, GUARD).unwrap();
+    assert_eq!(p.a.congestion().as_deref(), Some(system.as_str()));
+    assert_eq!(p.b.congestion().as_deref(), Some(system.as_str()));
+    for bad in ["", "a-name-longer-than-15"] {
+        let c = TcpConfig {
+            congestion: Some(bad),
+            ..cfg()
+        };
+        assert!(c.validate().is_err(), "{bad:?} accepted");
+    }
+}

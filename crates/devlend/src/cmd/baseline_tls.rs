@@ -84,7 +84,11 @@ where
     S: rustls::SideData,
 {
     fn new(mut tls: C, mut sock: TcpStream, spin: Duration) -> std::io::Result<Self> {
-        sock.set_nodelay(true)?;
+        // The link's socket options, congestion control included.
+        devlend_fabric_tcp::tune_like_link(
+            &sock,
+            devlend_fabric_tcp::TcpConfig::default().congestion,
+        )?;
         // Whole messages are queued before they are flushed: no limit on what may wait.
         tls.set_buffer_limit(None);
         while tls.is_handshaking() {

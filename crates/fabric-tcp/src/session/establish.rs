@@ -181,6 +181,7 @@ fn connection(inner: &Arc<Inner>, stream: TcpStream, peer: SocketAddr, role: Rol
         tracing::warn!(peer = %peer, error = %e, "fabric socket setup failed");
         return;
     }
+    inner.note_congestion(&stream, peer);
     let chan = match establish(&inner.creds, &stream, role) {
         Ok(c) => c,
         Err(reason) => {
