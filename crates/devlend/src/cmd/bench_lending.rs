@@ -48,11 +48,11 @@ pub struct Args {
     /// per this many completions (off by default; off again after the QD32 rows).
     #[arg(long, value_name = "COMPLETIONS")]
     tcp_qd32_coalescing: Option<u16>,
-    /// On the 'SQ in CMB' device over tcp, also push PRP lists and the data of writes of up to
-    /// 128 KiB into a 4 MiB CMB (`DriverConfig::cmb_bulk`), instead of a 1 MiB CMB holding
-    /// the submission queues and 4 KiB writes' data.
+    /// On the 'SQ in CMB' device over tcp, use a 1 MiB CMB for the submission queues and 4
+    /// KiB writes' data only, as before `DriverConfig::cmb_bulk` (by default the driver also
+    /// pushes PRP lists and the data of writes of up to 128 KiB into a 4 MiB CMB).
     #[arg(long)]
-    cmb_bulk: bool,
+    no_cmb_bulk: bool,
     /// With --tcp-qd32-coalescing: the longest an interrupt waits, in 100 µs units.
     #[arg(long, default_value_t = 1, value_name = "UNITS")]
     coalescing_time_100us: u8,
@@ -107,7 +107,7 @@ struct TcpSide {
     pair: Pair,
     ctrl: Controller,
     /// A second device, with a Controller Memory Buffer holding the I/O submission queues
-    /// (and with `--cmb-bulk` the PRP lists and write data of up to 128 KiB).
+    /// and, unless `--no-cmb-bulk`, the PRP lists and write data of up to 128 KiB.
     cmb: Controller,
     raw: RawTlsClient,
     server: RawTlsServer,
@@ -215,7 +215,7 @@ impl TcpSide {
 
 /// The Controller Memory Buffer of the second tcp device.
 const CMB_BYTES: u64 = 1 << 20;
-/// The same with `--cmb-bulk`: room for both I/O submission queues with their 4 KiB write
+/// The same without `--no-cmb-bulk`: room for both I/O submission queues with their 4 KiB write
 /// buffers, list pages and eight 128 KiB write buffers each (2.3 MiB).
 const CMB_BULK_BYTES: u64 = 4 << 20;
 
@@ -310,7 +310,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut tcp = if a.no_tcp {
         None
     } else {
-        match TcpSide::start(&a.dir, size, cfg.clone(), a.cmb_bulk) {
+        match TcpSide::start(&a.dir, size, cfg.clone(), !a.no_cmb_bulk) {
             Ok(t) => Some(t),
             Err(e) => {
                 notes.push(format!("tcp rows not measured: {e:#}"));
@@ -446,11 +446,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if had_tcp {
         report.notes.push(format!(
             "tcp = TLS 1.3 over a veth link between two network namespaces; 'SQ in CMB' = a second lent device with a {} KiB Controller Memory Buffer holding the driver's I/O submission queues{} (pushed as posted writes, never fetched across the link); each tcp row's baseline is plain TLS 1.3 (rustls, the fabric's keys and cipher suite) between the same namespaces in the same run, interleaved with the device samples, threads left to the scheduler: a {RAW_REQUEST} B request answered with 4 KiB for reads, 4 KiB answered with {RAW_WRITE_REPLY} B for writes, with the same number outstanding; streams of 128 KiB writes ({} MiB each, one after another for as long as a device sample) for the sequential rows",
-            if a.cmb_bulk { CMB_BULK_BYTES } else { CMB_BYTES } >> 10,
-            if a.cmb_bulk {
-                ", PRP lists and the data of writes of up to 128 KiB (--cmb-bulk)"
+            if a.no_cmb_bulk { CMB_BYTES } else { CMB_BULK_BYTES } >> 10,
+            if a.no_cmb_bulk {
+                " and the data of writes of up to 4 KiB (--no-cmb-bulk)"
             } else {
-                ""
+                ", PRP lists and the data of writes of up to 128 KiB"
             },
             stream_bytes >> 20
         ));
