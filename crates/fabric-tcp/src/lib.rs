@@ -133,19 +133,6 @@ pub fn set_congestion(sock: &std::net::TcpStream, name: &str) -> std::io::Result
     rustix::net::sockopt::set_tcp_congestion(sock, name).map_err(std::io::Error::from)
 }
 
-/// Sets on `sock` what a link sets on its own (no Nagle delay, and the congestion control
-/// `congestion` asks for, kept as the system's when refused): for a baseline that is to cross
-/// the same network as a link, on the same terms.
-pub fn tune_like_link(sock: &std::net::TcpStream, congestion: Option<&str>) -> std::io::Result<()> {
-    sock.set_nodelay(true)?;
-    if let Some(name) = congestion {
-        if let Err(e) = set_congestion(sock, name) {
-            tracing::info!(congestion = name, error = %e, "the socket keeps the system's congestion control");
-        }
-    }
-    Ok(())
-}
-
 /// The congestion control `sock` uses.
 pub fn congestion(sock: &std::net::TcpStream) -> std::io::Result<String> {
     rustix::net::sockopt::tcp_congestion(sock).map_err(std::io::Error::from)

@@ -84,11 +84,7 @@ where
     S: rustls::SideData,
 {
     fn new(mut tls: C, mut sock: TcpStream, spin: Duration) -> std::io::Result<Self> {
-        // The link's socket options, congestion control included.
-        devlend_fabric_tcp::tune_like_link(
-            &sock,
-            devlend_fabric_tcp::TcpConfig::default().congestion,
-        )?;
+        sock.set_nodelay(true)?;
         // Whole messages are queued before they are flushed: no limit on what may wait.
         tls.set_buffer_limit(None);
         while tls.is_handshaking() {

@@ -173,7 +173,7 @@ impl Pair {
         .map_err(setup)?;
         b.wait_link(LinkState::Up, Duration::from_secs(10))?;
         let raw = TcpStream::connect(SocketAddr::new(server.into(), port + 1))?;
-        devlend_fabric_tcp::tune_like_link(&raw, cfg.congestion)?;
+        raw.set_nodelay(true)?;
         self.borrower = Some(b);
         self.raw = Some(raw);
         Ok(())
@@ -410,7 +410,7 @@ fn read_exact_adaptive(s: &TcpStream, buf: &mut [u8], spin: Duration) -> std::io
 /// answered by the same 8 bytes; b'q' ends.
 fn raw_server(listener: TcpListener, spin: Duration) -> std::io::Result<()> {
     let (mut s, _) = listener.accept()?;
-    devlend_fabric_tcp::tune_like_link(&s, devlend_fabric_tcp::TcpConfig::default().congestion)?;
+    s.set_nodelay(true)?;
     let mut buf = vec![0u8; CHUNK];
     loop {
         let mut op = [0u8; 1];
