@@ -596,14 +596,6 @@ pub fn check_device(
     } else {
         what
     };
-    let pushed = |drv: &devlend_nvme_driver::Controller| {
-        if cmb {
-            let (writes, lists) = drv.cmb_pushed();
-            format!("; {writes} writes' data and {lists} PRP lists pushed into the CMB")
-        } else {
-            String::new()
-        }
-    };
     let serial = drv.identity().serial.clone();
     let len = usize::try_from(bytes)?;
     let geometry = format!(
@@ -630,7 +622,12 @@ pub fn check_device(
     let mut back = vec![0u8; len];
     drv.read_at(offset, &mut back).context("reading back")?;
     anyhow::ensure!(back == pattern, "read-back differs from what was written");
-    let pushed = pushed(&drv);
+    let pushed = if cmb {
+        let (writes, lists) = drv.cmb_pushed();
+        format!("; {writes} writes' data and {lists} PRP lists pushed into the CMB")
+    } else {
+        String::new()
+    };
     drv.shutdown().context("shutting the controller down")?;
     Ok(Checked {
         summary: format!(

@@ -53,6 +53,15 @@ pub fn layout(start: u64, len: u64, page: u64) -> Option<PrpLayout> {
     })
 }
 
+/// The bytes of one list page into `out` (cleared first): `entries` little-endian, then the
+/// pointer to the next list page when one follows.
+pub fn encode_list(entries: &[u64], next: Option<u64>, out: &mut Vec<u8>) {
+    out.clear();
+    for e in entries.iter().chain(next.as_ref()) {
+        out.extend_from_slice(&e.to_le_bytes());
+    }
+}
+
 /// Splits `entries` into the contents of chained list pages of `per_page` entries each (at
 /// least 2): every page but the last holds `per_page - 1` entries and leaves its last slot for
 /// the pointer to the next page, which the caller fills in once the pages have addresses.
@@ -127,6 +136,18 @@ mod tests {
         assert_eq!(layout(0x1002, 8, P), None);
         assert_eq!(layout(0x1000, 8, 3000), None);
         assert_eq!(layout(u64::MAX - 3, 8, P), None);
+    }
+
+    #[test]
+    fn list_pages_encode_little_endian_with_the_next_pointer_last() {
+        let mut out = vec![0xaa; 3];
+        encode_list(&[0x1000, 0x2000], None, &mut out);
+        assert_eq!(out.len(), 16);
+        assert_eq!(out[..8], 0x1000u64.to_le_bytes());
+        assert_eq!(out[8..], 0x2000u64.to_le_bytes());
+        encode_list(&[0x3000], Some(0x9000), &mut out);
+        assert_eq!(out.len(), 16);
+        assert_eq!(out[8..], 0x9000u64.to_le_bytes());
     }
 
     #[test]

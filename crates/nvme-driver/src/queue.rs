@@ -276,9 +276,7 @@ pub(crate) struct QueuePair {
     cmb_lists: u64,
     /// Staging for data pushed into the CMB (kept across commands).
     staging: Vec<u8>,
-    /// Bytes of a bulk CMB data buffer, 0 without any.
-    cmb_bulk_bytes: u64,
-    /// Whether the queue has CMB list pages.
+    /// Whether the queue has CMB list pages (all of them may be in use).
     cmb_has_lists: bool,
 }
 
@@ -353,11 +351,6 @@ impl QueuePair {
             cmb_writes: 0,
             cmb_lists: 0,
             staging: Vec::new(),
-            cmb_bulk_bytes: if cmb.bulk.is_empty() {
-                0
-            } else {
-                cmb.bulk_bytes
-            },
             cmb_has_lists: !cmb.lists.is_empty(),
             cmb,
         })
@@ -384,9 +377,18 @@ impl QueuePair {
         self.cmb_lists
     }
 
-    /// Bytes of one bulk write data buffer in the CMB; 0 when the queue has none.
+    /// Bytes of one bulk write data buffer in the CMB; 0 when the queue has none (the size is
+    /// set only when a bulk buffer was placed).
     pub fn cmb_bulk_bytes(&self) -> u64 {
-        self.cmb_bulk_bytes
+        self.cmb.bulk_bytes
+    }
+
+    /// The CMB's BAR, when the submission queue is in the CMB.
+    fn cmb_bar(&self) -> Option<BarIndex> {
+        match &self.sq {
+            SqRing::Cmb { bar, .. } => Some(*bar),
+            SqRing::Host(_) => None,
+        }
     }
 
     /// Whether the queue has PRP list pages in the CMB.
@@ -599,10 +601,9 @@ impl QueuePair {
         cmd: &Command,
         d: &DmaSlice,
     ) -> Result<Option<(CmbPool, CmbBuf)>, NvmeError> {
-        let SqRing::Cmb { bar, .. } = &self.sq else {
+        let Some(bar) = self.cmb_bar() else {
             return Ok(None);
         };
-        let bar = *bar;
         if cmd.opcode != crate::cmd::nvm::WRITE {
             return Ok(None);
         }
@@ -621,7 +622,7 @@ impl QueuePair {
             return Ok(None);
         };
         self.staging.resize(d.len, 0);
-        let bytes = self.staging.get_mut(..d.len).unwrap_or_default();
+        let bytes = self.staging.as_mut_slice();
         let pushed = d
             .buf
             .read_at(d.offset, bytes)
@@ -677,13 +678,8 @@ impl QueuePair {
                 }
                 let mut bytes = Vec::with_capacity(regs::HOST_PAGE_BYTES);
                 for (i, (chunk, list)) in chunks.iter().zip(pages.iter()).enumerate() {
-                    bytes.clear();
-                    for e in chunk.iter() {
-                        bytes.extend_from_slice(&e.to_le_bytes());
-                    }
-                    if let Some(next) = pages.get(i + 1) {
-                        bytes.extend_from_slice(&next.bus_addr().raw().to_le_bytes());
-                    }
+                    let next = pages.get(i + 1).map(|p| p.bus_addr().raw());
+                    prp::encode_list(chunk, next, &mut bytes);
                     list.write_at(0, &bytes)?;
                 }
                 let first = pages.first().map(|p| p.bus_addr().raw()).unwrap_or(0);
@@ -701,17 +697,17 @@ impl QueuePair {
         entries: &[u64],
         per_page: usize,
     ) -> Result<Option<CmbBuf>, NvmeError> {
-        let SqRing::Cmb { bar, .. } = &self.sq else {
+        let Some(bar) = self.cmb_bar() else {
             return Ok(None);
         };
-        let bar = *bar;
         if entries.len() > per_page {
             return Ok(None);
         }
         let Some(list) = self.cmb.lists.pop() else {
             return Ok(None);
         };
-        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+        let mut bytes = Vec::with_capacity(regs::HOST_PAGE_BYTES);
+        prp::encode_list(entries, None, &mut bytes);
         match hw.fun.bar_write(bar, list.bar_offset, &bytes) {
             Ok(()) => Ok(Some(list)),
             Err(e) => {

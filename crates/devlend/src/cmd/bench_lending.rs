@@ -125,8 +125,12 @@ impl TcpSide {
         let pair = Pair::start_tcp(dir)?;
         pair.lender_add_nvme("bench1", &pair.dir.join("lent.img"), size)?;
         let f: Arc<dyn PciFunction> = pair.borrow("bench1")?;
-        let cmb_bytes = if bulk { CMB_BULK_BYTES } else { CMB_BYTES };
-        pair.lender_add_nvme_cmb("bench2", &pair.dir.join("lent-cmb.img"), size, cmb_bytes)?;
+        pair.lender_add_nvme_cmb(
+            "bench2",
+            &pair.dir.join("lent-cmb.img"),
+            size,
+            cmb_bytes(bulk),
+        )?;
         let g: Arc<dyn PciFunction> = pair.borrow("bench2")?;
         let ctrl = Controller::with_config(f, cfg.clone())?;
         let cmb = Controller::with_config(
@@ -218,6 +222,15 @@ const CMB_BYTES: u64 = 1 << 20;
 /// The same without `--no-cmb-bulk`: room for both I/O submission queues with their 4 KiB write
 /// buffers, list pages and eight 128 KiB write buffers each (2.3 MiB).
 const CMB_BULK_BYTES: u64 = 4 << 20;
+
+/// The second tcp device's CMB size, with or without `DriverConfig::cmb_bulk`.
+fn cmb_bytes(bulk: bool) -> u64 {
+    if bulk {
+        CMB_BULK_BYTES
+    } else {
+        CMB_BYTES
+    }
+}
 
 /// The request of the raw read baseline: what a driver must at least send for a read.
 const RAW_REQUEST: usize = 64;
@@ -446,7 +459,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if had_tcp {
         report.notes.push(format!(
             "tcp = TLS 1.3 over a veth link between two network namespaces; 'SQ in CMB' = a second lent device with a {} KiB Controller Memory Buffer holding the driver's I/O submission queues{} (pushed as posted writes, never fetched across the link); each tcp row's baseline is plain TLS 1.3 (rustls, the fabric's keys and cipher suite) between the same namespaces in the same run, interleaved with the device samples, threads left to the scheduler: a {RAW_REQUEST} B request answered with 4 KiB for reads, 4 KiB answered with {RAW_WRITE_REPLY} B for writes, with the same number outstanding; streams of 128 KiB writes ({} MiB each, one after another for as long as a device sample) for the sequential rows",
-            if a.no_cmb_bulk { CMB_BYTES } else { CMB_BULK_BYTES } >> 10,
+            cmb_bytes(!a.no_cmb_bulk) >> 10,
             if a.no_cmb_bulk {
                 " and the data of writes of up to 4 KiB (--no-cmb-bulk)"
             } else {
