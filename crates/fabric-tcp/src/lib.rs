@@ -126,18 +126,6 @@ pub const TCP_SPIN: Duration = Duration::from_micros(60);
 /// speed (README, "An unpaced congestion control").
 pub const CONGESTION: &str = "cubic";
 
-/// Asks for the congestion control `name` on `sock` (`TCP_CONGESTION`). Fails when the
-/// kernel lacks it, or when it is not in `net.ipv4.tcp_allowed_congestion_control` and the
-/// process lacks `CAP_NET_ADMIN`; the socket then keeps the system's default.
-pub fn set_congestion(sock: &std::net::TcpStream, name: &str) -> std::io::Result<()> {
-    rustix::net::sockopt::set_tcp_congestion(sock, name).map_err(std::io::Error::from)
-}
-
-/// The congestion control `sock` uses.
-pub fn congestion(sock: &std::net::TcpStream) -> std::io::Result<String> {
-    rustix::net::sockopt::tcp_congestion(sock).map_err(std::io::Error::from)
-}
-
 /// Parameters of a tcp link side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpConfig {

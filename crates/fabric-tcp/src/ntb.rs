@@ -183,10 +183,14 @@ pub(crate) struct Inner {
 
 impl Inner {
     /// Asks for the configured congestion control on a new connection's socket (see
-    /// [`crate::CONGESTION`]) and records what the socket uses.
+    /// [`crate::CONGESTION`]; `TCP_CONGESTION` fails when the kernel lacks it, or when it is
+    /// not in `net.ipv4.tcp_allowed_congestion_control` and the process lacks
+    /// `CAP_NET_ADMIN`, and the socket then keeps the system's) and records what the socket
+    /// uses.
     pub(crate) fn note_congestion(&self, sock: &std::net::TcpStream, peer: SocketAddr) {
+        use rustix::net::sockopt;
         if let Some(name) = self.cfg.congestion {
-            if let Err(e) = crate::set_congestion(sock, name) {
+            if let Err(e) = sockopt::set_tcp_congestion(sock, name) {
                 tracing::info!(
                     peer = %peer,
                     congestion = name,
@@ -195,7 +199,7 @@ impl Inner {
                 );
             }
         }
-        *lock(&self.congestion) = crate::congestion(sock).ok();
+        *lock(&self.congestion) = sockopt::tcp_congestion(sock).ok();
     }
 
     pub(crate) fn stopped(&self) -> bool {

@@ -378,13 +378,17 @@ impl Controller {
         };
         let small = CMB_DATA_BUFFERS.min(slots);
         for p in placements.iter_mut() {
-            if let (SqPlacement::Cmb { pools, .. }, true) = (p, space.info.write_data) {
-                if let Some(at) = space.take(small as u64 * page).filter(|_| small > 0) {
-                    pools.small = (0..small as u64)
-                        .map(|i| buf(space, at + i * page))
-                        .collect();
-                    self.cmb_write_queues += 1;
-                }
+            let SqPlacement::Cmb { pools, .. } = p else {
+                continue;
+            };
+            if !space.info.write_data || small == 0 {
+                break;
+            }
+            if let Some(at) = space.take(small as u64 * page) {
+                pools.small = (0..small as u64)
+                    .map(|i| buf(space, at + i * page))
+                    .collect();
+                self.cmb_write_queues += 1;
             }
         }
         if !self.config.cmb_bulk {

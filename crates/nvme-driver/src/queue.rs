@@ -274,7 +274,7 @@ pub(crate) struct QueuePair {
     cmb_writes: u64,
     /// Commands whose PRP list went into a CMB list page.
     cmb_lists: u64,
-    /// Staging for data pushed into the CMB (kept across commands).
+    /// Staging for data and PRP lists pushed into the CMB (kept across commands).
     staging: Vec<u8>,
     /// Whether the queue has CMB list pages (all of them may be in use).
     cmb_has_lists: bool,
@@ -706,9 +706,8 @@ impl QueuePair {
         let Some(list) = self.cmb.lists.pop() else {
             return Ok(None);
         };
-        let mut bytes = Vec::with_capacity(regs::HOST_PAGE_BYTES);
-        prp::encode_list(entries, None, &mut bytes);
-        match hw.fun.bar_write(bar, list.bar_offset, &bytes) {
+        prp::encode_list(entries, None, &mut self.staging);
+        match hw.fun.bar_write(bar, list.bar_offset, &self.staging) {
             Ok(()) => Ok(Some(list)),
             Err(e) => {
                 self.cmb.lists.push(list);

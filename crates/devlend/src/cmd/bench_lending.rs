@@ -221,12 +221,12 @@ impl TcpSide {
 const CMB_BYTES: u64 = 1 << 20;
 /// The same without `--no-cmb-bulk`: room for both I/O submission queues with their 4 KiB write
 /// buffers, list pages and eight 128 KiB write buffers each (2.3 MiB).
-const CMB_BULK_BYTES: u64 = 4 << 20;
+const CMB_BYTES_BULK: u64 = 4 << 20;
 
 /// The second tcp device's CMB size, with or without `DriverConfig::cmb_bulk`.
 fn cmb_bytes(bulk: bool) -> u64 {
     if bulk {
-        CMB_BULK_BYTES
+        CMB_BYTES_BULK
     } else {
         CMB_BYTES
     }
