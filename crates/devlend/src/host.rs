@@ -151,7 +151,7 @@ pub fn tcp_config(tcp: &TcpOptions) -> devlend_fabric_tcp::TcpConfig {
 pub const LINK_WINDOWS: usize = 32;
 
 /// A link's geometry, with the spin budget of its waits: `spin` unless the environment sets
-/// one for tuning (`DEVLEND_FABRIC_SPIN_US`, README, "Benchmarks").
+/// one for tuning (`DEVLEND_FABRIC_SPIN_US`, docs/MEASUREMENTS.md).
 fn link_config(spin: std::time::Duration) -> devlend_fabric::LinkConfig {
     devlend_fabric::LinkConfig {
         mw_count: LINK_WINDOWS,

@@ -112,7 +112,7 @@ use devlend_fabric::LinkConfig;
 /// spans is the peer's turnaround, which over tcp includes its own socket work. Measured at
 /// 30 µs, a lent device's worker went to sleep between most bursts of the QD32 write row
 /// with the SQ and data in the CMB, once the borrower sent one message per burst instead of
-/// two (README, "The CQ head doorbell leaves with the next submission").
+/// two (docs/MEASUREMENTS.md, "The CQ head doorbell leaves with the next submission").
 pub const TCP_SPIN: Duration = Duration::from_micros(60);
 
 /// The TCP congestion control a link asks for on its socket by default
@@ -123,7 +123,7 @@ pub const TCP_SPIN: Duration = Duration::from_micros(60);
 /// its data pushed into a CMB), a device's 128 KiB read replies were paced over tens of
 /// microseconds each, and the next row ran at half its speed (442-487 against 1042 MB/s, the
 /// socket's pacing rate down from 229 to 22-64 Gbit/s); with `cubic` both rows kept their
-/// speed (README, "An unpaced congestion control").
+/// speed (docs/MEASUREMENTS.md, "An unpaced congestion control").
 pub const CONGESTION: &str = "cubic";
 
 /// Parameters of a tcp link side.

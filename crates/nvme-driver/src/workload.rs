@@ -234,7 +234,8 @@ pub fn run(ctrl: &Controller, w: &Workload) -> Result<Summary, NvmeError> {
         // message on a fabric, with their entries and data when they go into the CMB) and one
         // fetch by the device for the lot, as Linux's blk-mq plugs a batch. Larger ones ring
         // each as it is placed: with one doorbell for eight 128 KiB writes over tcp the
-        // sequential write row lost about half its bandwidth in most runs (README, #13).
+        // sequential write row lost about half its bandwidth in most runs
+        // (docs/MEASUREMENTS.md, issue #13).
         let plug = (w.block_bytes as u64) < crate::queue::DEFER_FLUSH_BYTES;
         let posted = plug.then(devlend_sync::posted::Batch::begin);
         while more && !free.is_empty() {

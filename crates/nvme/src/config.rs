@@ -31,9 +31,9 @@ impl BlockSize {
 
 /// Default [`NvmeConfig::io_workers`]: 1, every command on the worker thread. Four pool
 /// threads overlap the commands' round trips over `tcp`, but on the loaded 2-core host where
-/// this was measured (`devlend bench lending`, README) they cost more CPU per I/O than the
-/// overlap saved: QD32 writes over tcp were 16-32% slower than with one worker. Raise it on
-/// a host with cores to spare and a link whose round trips dominate.
+/// this was measured (`devlend bench lending`, docs/MEASUREMENTS.md) they cost more CPU per
+/// I/O than the overlap saved: QD32 writes over tcp were 16-32% slower than with one worker.
+/// Raise it on a host with cores to spare and a link whose round trips dominate.
 pub const DEFAULT_IO_WORKERS: u16 = 1;
 
 /// Default [`NvmeConfig::poll_spin`]: 30 µs.
@@ -43,7 +43,7 @@ pub const DEFAULT_POLL_SPIN: Duration = Duration::from_micros(30);
 /// on the machines this was measured on. A QEMU guest under TCG often rings the next doorbell
 /// later than 30 µs after a completion: with a fixed 30 µs the worker had gone to sleep before
 /// 0.2 to 0.8 of the commands at QD1, and each of those doorbells came as a socket message and
-/// a wake-up (README, "The worker's poll budget follows the gaps").
+/// a wake-up (docs/MEASUREMENTS.md, "The worker's poll budget follows the gaps").
 pub const DEFAULT_POLL_SPIN_MAX: Duration = Duration::from_micros(200);
 
 /// Default [`NvmeConfig::interrupt_hold`]: 100 µs.

@@ -25,7 +25,7 @@ use crate::prp::{self, Segment};
 /// outstanding: 32 writes of 4 KiB. The data of a burst is all read before its first command
 /// runs, so a larger budget makes large writes wait for each other: measured with 128 KiB
 /// writes at QD8 over tcp, a 4 MiB budget lost a third of the bandwidth of reading each
-/// command's data on its own, and 128 KiB lost nothing (docs in the README, #13).
+/// command's data on its own, and 128 KiB lost nothing (docs/MEASUREMENTS.md, issue #13).
 pub(crate) const READ_AHEAD_MAX: u64 = 128 << 10;
 
 /// Host memory read ahead: bus address and bytes.
