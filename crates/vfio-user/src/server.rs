@@ -16,7 +16,7 @@ use std::sync::Arc;
 use devlend_memory::{BusAddr, MemSpan, SharedMemory};
 use devlend_pci::config::{cap, msix as msix_cap};
 use devlend_pci::msix as table;
-use devlend_pci::{AccessSize, BarIndex, PciFunction};
+use devlend_pci::{AccessSize, BarIndex, FunctionError, PciFunction};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::conn::{send_all, Framing, MessageReader, RawMessage};
@@ -629,7 +629,12 @@ impl<'a> Session<'a> {
         for (start, map) in maps {
             if map.backed {
                 if let Err(e) = self.function().dma_unmap(BusAddr(start), map.size) {
-                    tracing::warn!("unmapping {start:#x}+{:#x}: {e}", map.size);
+                    if matches!(e, FunctionError::Removed(_)) {
+                        // The function is gone, and its mappings with it.
+                        tracing::debug!("unmapping {start:#x}+{:#x}: {e}", map.size);
+                    } else {
+                        tracing::warn!("unmapping {start:#x}+{:#x}: {e}", map.size);
+                    }
                 }
             }
         }
@@ -821,15 +826,24 @@ impl<'a> Session<'a> {
     }
 
     /// After a client: stop the device (FLR), take its interrupt routes away, drop its DMA.
+    /// A function that is gone meanwhile (given back to its lender, or its lender died) took
+    /// all of that with it: its refusals are logged at debug level, not as warnings.
     fn teardown(&mut self) {
+        let warn_unless_gone = |what: &str, e: &RequestError| {
+            if matches!(e, RequestError::Function(FunctionError::Removed(_))) {
+                tracing::debug!("{what} after the client left: {e}");
+            } else {
+                tracing::warn!("{what} after the client left: {e}");
+            }
+        };
         if self.server.layout.flr_devctl.is_some() {
             if let Err(e) = self.reset() {
-                tracing::warn!("resetting the function after the client left: {e}");
+                warn_unless_gone("resetting the function", &e);
             }
         }
         for v in 0..self.msix_fds.len() as u16 {
             if let Err(e) = self.route_vector(v, None) {
-                tracing::warn!("unrouting vector {v}: {e}");
+                warn_unless_gone(&format!("unrouting vector {v}"), &e);
             }
         }
         self.intx_fd = None;
