@@ -98,6 +98,21 @@ fn lend_nvme_with(tag: &str, size: u64, extra: &[&str]) -> Lent {
     }
 }
 
+/// After an acceptance run: what the guest found, for the log; the borrower is gone (stopped
+/// after the guest), so its lease ends and the lender offers the device again; then the
+/// lender stops and the scratch directory goes.
+fn finish(lender: NodeProcess, out: &guest::GuestOutput, dir: &Path) {
+    acceptance::print_findings(out);
+    lender.wait_available(
+        "nvme0",
+        Duration::from_secs(60),
+        "the device never came back to the lender",
+    );
+    println!("guest run took {:?}", out.elapsed);
+    drop(lender);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// The device has a 2 MiB Controller Memory Buffer (Linux skips one whose size or BAR is not
 /// aligned to its memremap granule, 2 MiB on x86-64): the guest's nvme driver enables it
 /// (CMBMSC.CRE, then CMSE at its BAR 2 address), fails to register it for peer-to-peer DMA
@@ -126,22 +141,7 @@ fn guest_nvme_driver_on_borrowed_device_over_vfio_user() {
         "the guest's driver never enabled the CMB\n--- lender log ---\n{log}\n{}",
         out.transcript()
     );
-    for line in out
-        .console
-        .iter()
-        .filter(|l| l.starts_with("NVME-") || l.starts_with("ODIRECT-") || l.starts_with("FS-"))
-    {
-        println!("guest: {line}");
-    }
-    // The borrower is gone (stopped after the guest): its lease ends and the device is offered again.
-    lender.wait_available(
-        "nvme0",
-        Duration::from_secs(60),
-        "the device never came back to the lender",
-    );
-    println!("guest run took {:?}", out.elapsed);
-    drop(lender);
-    let _ = std::fs::remove_dir_all(&dir);
+    finish(lender, &out, &dir);
 }
 
 /// Issue #13 item 3: the same acceptance run on a device borrowed over `tcp`. The lender and
@@ -186,22 +186,8 @@ fn guest_nvme_driver_on_device_borrowed_over_tcp() {
         .args(["--borrow", "nvme0", "--vfio-user"])
         .arg(&socket);
     let out = guest::run_acceptance(assets, server, &socket, &image, disk_bytes, &dir);
-    for line in out
-        .console
-        .iter()
-        .filter(|l| l.starts_with("NVME-") || l.starts_with("ODIRECT-") || l.starts_with("FS-"))
-    {
-        println!("guest: {line}");
-    }
-    lender.wait_available(
-        "nvme0",
-        Duration::from_secs(60),
-        "the device never came back to the lender",
-    );
-    println!("guest run over tcp took {:?}", out.elapsed);
-    drop(lender);
+    finish(lender, &out, &dir);
     drop(ns);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -41,13 +41,7 @@ fn guest_nvme_driver_on_local_model_over_vfio_user() {
         .arg("--vfio-user")
         .arg(&socket);
     let out = guest::run_acceptance(assets, server, &socket, &image, disk_bytes, &dir);
-    for line in out
-        .console
-        .iter()
-        .filter(|l| l.starts_with("NVME-") || l.starts_with("ODIRECT-") || l.starts_with("FS-"))
-    {
-        println!("guest: {line}");
-    }
+    acceptance::print_findings(&out);
     println!("guest run took {:?}", out.elapsed);
 }
 

@@ -646,6 +646,18 @@ pub mod acceptance {
     /// Printed by the guest when every check passed.
     pub const PASS_MARKER: &str = "DEVLEND-VM-PASS";
 
+    /// Prints the lines of an acceptance run's console that say what the guest found (its
+    /// driver and model, the CMB messages, the O_DIRECT and file-system checks), for the log.
+    pub fn print_findings(out: &super::GuestOutput) {
+        for line in out
+            .console
+            .iter()
+            .filter(|l| l.starts_with("NVME-") || l.starts_with("ODIRECT-") || l.starts_with("FS-"))
+        {
+            println!("guest: {line}");
+        }
+    }
+
     /// The bytes written at [`PATTERN_OFFSET`] (what `yes devlend-vm-pattern | head -c` makes).
     pub fn pattern() -> Vec<u8> {
         b"devlend-vm-pattern\n"
