@@ -217,7 +217,8 @@ wait $LENDER
 echo "VFIO-DRIVER-AFTER $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
 # Both sides' benchmark processes on vCPU 1: under TCG a thread that moves to the other vCPU
 # meets a cold software TLB there, and the borrowed side has more threads (its node's, the
-# lender's) to push it over (docs/MEASUREMENTS.md, "Lending a real device (VFIO) in a guest": runs 40 to 49).
+# lender's) to push it over (docs/MEASUREMENTS.md, "Lending a real device (VFIO) in a
+# guest": runs 40 to 49).
 direct() { taskset -c 1 vfio-guest bench-direct $BDF || fail "direct benchmark"; }
 borrowed() {
     lender

@@ -22,22 +22,32 @@ use devlend_testkit::guest::{self, acceptance};
 use devlend_testkit::netns::NetnsPair;
 
 fn borrower_server(dir: &Path, fabric: &Path, socket: &Path) -> Command {
-    let mut server = Command::new(exe());
-    server
-        .args([
-            "node",
-            "--name",
-            "borrower",
-            "--lease-ms",
-            "5000",
-            "--fabric",
-        ])
-        .arg(format!("shm:{}", fabric.display()))
+    borrower_server_on(
+        Command::new(exe()),
+        &format!("shm:{}", fabric.display()),
+        &[],
+        dir,
+        socket,
+    )
+}
+
+/// `cmd` (the binary, or the binary inside a network namespace) as the borrower node on
+/// `fabric`, with `extra` node options, serving the borrowed `nvme0` on `socket`.
+fn borrower_server_on(
+    mut cmd: Command,
+    fabric: &str,
+    extra: &[&str],
+    dir: &Path,
+    socket: &Path,
+) -> Command {
+    cmd.args(["node", "--name", "borrower", "--lease-ms", "5000"])
+        .args(["--fabric", fabric])
+        .args(extra)
         .arg("--state")
         .arg(dir.join("borrower"))
         .args(["--borrow", "nvme0", "--vfio-user"])
         .arg(socket);
-    server
+    cmd
 }
 
 /// A scratch directory, a lender node process lending `nvme0` on an image of `size` bytes,
@@ -175,16 +185,13 @@ fn guest_nvme_driver_on_device_borrowed_over_tcp() {
     let image = dir.join("lent.img");
     lender.add_nvme("nvme0", &image, &disk_bytes.to_string());
     let socket = dir.join("nvme.sock");
-    let mut server = ns.command(1, exe());
-    server
-        .args(["node", "--name", "borrower", "--lease-ms", "5000"])
-        .arg("--fabric")
-        .arg(format!("tcp-connect:lender@{lender_ip}:7711"))
-        .args(["--keys", keys_arg])
-        .arg("--state")
-        .arg(dir.join("borrower"))
-        .args(["--borrow", "nvme0", "--vfio-user"])
-        .arg(&socket);
+    let server = borrower_server_on(
+        ns.command(1, exe()),
+        &format!("tcp-connect:lender@{lender_ip}:7711"),
+        &["--keys", keys_arg],
+        &dir,
+        &socket,
+    );
     let out = guest::run_acceptance(assets, server, &socket, &image, disk_bytes, &dir);
     finish(lender, &out, &dir);
     drop(ns);

@@ -9,8 +9,9 @@
 //! be; the aligned middle of a larger copy is volatile 32-byte AVX accesses on x86-64 CPUs
 //! that have AVX, 16-byte SSE2 ones on the others (8-byte atomics off x86-64): each one
 //! instruction that the compiler may not merge, split, repeat or assume stable, as vm-memory
-//! treats guest memory. (With 16-byte accesses a 4 KiB copy ran at 0.8 of `memcpy`.) Ordering comes from the release/acquire
-//! protocol words the callers use (a mailbox commit word, a doorbell), so these are relaxed.
+//! treats guest memory. (With 16-byte accesses a 4 KiB copy ran at 0.8 of `memcpy`.)
+//! Ordering comes from the release/acquire protocol words the callers use (a mailbox commit
+//! word, a doorbell), so these are relaxed.
 //! (vm-memory keeps register-sized accesses whole too, but hands larger copies to `memcpy`.)
 
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};

@@ -629,12 +629,7 @@ impl<'a> Session<'a> {
         for (start, map) in maps {
             if map.backed {
                 if let Err(e) = self.function().dma_unmap(BusAddr(start), map.size) {
-                    if matches!(e, FunctionError::Removed(_)) {
-                        // The function is gone, and its mappings with it.
-                        tracing::debug!("unmapping {start:#x}+{:#x}: {e}", map.size);
-                    } else {
-                        tracing::warn!("unmapping {start:#x}+{:#x}: {e}", map.size);
-                    }
+                    log_undo_failure(&format!("unmapping {start:#x}+{:#x}", map.size), &e.into());
                 }
             }
         }
@@ -829,25 +824,29 @@ impl<'a> Session<'a> {
     /// A function that is gone meanwhile (given back to its lender, or its lender died) took
     /// all of that with it: its refusals are logged at debug level, not as warnings.
     fn teardown(&mut self) {
-        let warn_unless_gone = |what: &str, e: &RequestError| {
-            if matches!(e, RequestError::Function(FunctionError::Removed(_))) {
-                tracing::debug!("{what} after the client left: {e}");
-            } else {
-                tracing::warn!("{what} after the client left: {e}");
-            }
-        };
         if self.server.layout.flr_devctl.is_some() {
             if let Err(e) = self.reset() {
-                warn_unless_gone("resetting the function", &e);
+                log_undo_failure("resetting the function after the client left", &e);
             }
         }
         for v in 0..self.msix_fds.len() as u16 {
             if let Err(e) = self.route_vector(v, None) {
-                warn_unless_gone(&format!("unrouting vector {v}"), &e);
+                log_undo_failure(&format!("unrouting vector {v}"), &e);
             }
         }
         self.intx_fd = None;
         self.unmap_all();
+    }
+}
+
+/// Logs a failure to undo what a client set up (a DMA mapping, an interrupt route, the
+/// device's state): at debug level when the function is gone (given back to its lender, or
+/// its lender died), which took all of that with it; as a warning otherwise.
+fn log_undo_failure(what: &str, e: &RequestError) {
+    if matches!(e, RequestError::Function(FunctionError::Removed(_))) {
+        tracing::debug!("{what}: {e}");
+    } else {
+        tracing::warn!("{what}: {e}");
     }
 }
 

@@ -284,7 +284,8 @@ pub(crate) enum Lead {
 /// made to give the socket up parks once, and then does not take the socket back from another
 /// while it waits: it reads the socket again only when no one does. (Two devices on one link
 /// otherwise passed the socket back and forth, and the idle one read and handed over every
-/// reply of the busy one: docs/MEASUREMENTS.md, "An idle device's thread leaves the socket to the busy".)
+/// reply of the busy one: docs/MEASUREMENTS.md, "An idle device's thread leaves the socket
+/// to the busy".)
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Turns {
     /// Gave the socket up to another caller: park once before going for it again.
