@@ -49,6 +49,10 @@ pub const DEFAULT_POLL_SPIN_MAX: Duration = Duration::from_micros(200);
 /// Default [`NvmeConfig::interrupt_hold`]: 100 µs.
 pub const DEFAULT_INTERRUPT_HOLD: Duration = Duration::from_micros(100);
 
+/// Default [`NvmeConfig::burst_hold`]: 200 µs, the aggregation time that served a one-vCPU
+/// TCG guest at QD32 best (docs/MEASUREMENTS.md, "What the idle QD32 guest row lacks").
+pub const DEFAULT_BURST_HOLD: Duration = Duration::from_micros(200);
+
 /// Configuration of an NVMe controller model with one namespace backed by a raw image file.
 #[derive(Clone, Debug)]
 pub struct NvmeConfig {
@@ -105,6 +109,14 @@ pub struct NvmeConfig {
     /// queues whose ring and head the device reads from memory it maps (local, `shm`, a
     /// vfio-user guest), not over `tcp`. Zero: every pass's completions are signalled at once.
     pub interrupt_hold: Duration,
+    /// The longest a completion waits for its interrupt while the host goes on submitting
+    /// commands, where the device has learned that holding pays (adaptive interrupt
+    /// moderation, see the `burst` module): the host's next commands arrive within twice their
+    /// recent spacing, and one interrupt then carries many completions. A host that waits for
+    /// its interrupts (QD1) turns it off after four such waits. Applies where
+    /// [`NvmeConfig::interrupt_hold`] does, and not when the host set Interrupt Coalescing.
+    /// Zero: off.
+    pub burst_hold: Duration,
 }
 
 impl NvmeConfig {
@@ -130,6 +142,7 @@ impl NvmeConfig {
             cmb_bytes: None,
             io_workers: DEFAULT_IO_WORKERS,
             interrupt_hold: DEFAULT_INTERRUPT_HOLD,
+            burst_hold: DEFAULT_BURST_HOLD,
         }
     }
 
@@ -162,6 +175,9 @@ impl NvmeConfig {
             return Err(NvmeError::InvalidConfig(
                 "poll_spin_max must be at most 10 ms",
             ));
+        }
+        if self.burst_hold > Duration::from_millis(10) {
+            return Err(NvmeError::InvalidConfig("burst_hold must be at most 10 ms"));
         }
         if self.interrupt_hold > Duration::from_millis(10) {
             return Err(NvmeError::InvalidConfig(

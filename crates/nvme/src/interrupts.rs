@@ -71,14 +71,26 @@ impl Controller {
             if hold && self.held_for_host(qid, now) {
                 continue;
             }
-            let due = interrupt_due(pending, since, self.coalescing(qid, vector), now);
+            let coalescing = self.coalescing(qid, vector);
+            let due = interrupt_due(pending, since, coalescing, now);
             if !due && enabled {
                 continue;
+            }
+            // Adaptive moderation, where the host left coalescing off (see `crate::burst`).
+            let arrivals = &self.arrivals;
+            if hold && coalescing.is_none() {
+                let burst = since.zip(self.cqs.get_mut(qid).and_then(Option::as_mut));
+                if burst.is_some_and(|(t, cq)| cq.burst.holds(arrivals, t, now)) {
+                    continue;
+                }
             }
             if let Some(cq) = self.cqs.get_mut(qid).and_then(Option::as_mut) {
                 cq.pending = 0;
                 cq.pending_since = None;
                 cq.announced = hold.then_some(cq.tail);
+                if enabled {
+                    cq.burst.signalled();
+                }
             }
             if enabled && !self.fired.contains(&vector) {
                 self.fired.push(vector);
@@ -153,7 +165,8 @@ impl Controller {
                 let held =
                     (q.announced.is_some() && q.pending > 0).then(|| since + self.interrupt_hold);
                 let coalesced = self.coalescing(qid, q.vector).map(|(_, time)| since + time);
-                held.into_iter().chain(coalesced).min()
+                let burst = q.burst.holding().then(|| self.arrivals.hold_until(since));
+                held.into_iter().chain(coalesced).chain(burst).min()
             })
             .min()
     }
@@ -405,6 +418,76 @@ mod tests {
         c.raise_interrupts_at(since(c));
         assert_eq!(fired(c), vec![1]);
         c.post(1, completion(6));
+        c.raise_interrupts_at(since(c));
+        assert_eq!(fired(c), vec![1]);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// Adaptive moderation (`crate::burst`) on a queue the device maps, the host reading
+    /// every entry at once: off until its probe; the probe is held while commands arrive and
+    /// signalled one gap after the last; the rule is then on; Interrupt Coalescing set by the
+    /// host replaces it.
+    #[test]
+    fn held_while_commands_arrive_once_holding_pays() {
+        let path = std::env::temp_dir().join(format!(
+            "devlend-nvme-burst-hold-{}.img",
+            std::process::id()
+        ));
+        let mut f = FuzzController::new(&path).unwrap();
+        f.run(&[], &[]);
+        f.consume();
+        let c = f.core();
+        fired(c);
+        let us = Duration::from_micros;
+        c.interrupt_hold = us(100);
+        c.arrivals = crate::burst::Arrivals::new(us(200));
+        let mapped = c.ring(
+            crate::fuzzing::HOST_BASE + 0x4000,
+            16 * 16,
+            DmaAccess::Write,
+        );
+        c.cqs[1].as_mut().unwrap().ring = mapped;
+        assert!(c.hold_applies(1));
+        let read_all = |c: &mut Controller| {
+            let tail = c.cqs[1].as_ref().unwrap().tail;
+            c.doorbells.get(3).unwrap().store(tail, Ordering::SeqCst);
+        };
+        // Off: every completion signalled at once, up to the probe.
+        for cid in 0..crate::burst::PROBE_EVERY {
+            c.arrivals.arrived(Instant::now());
+            c.post(1, completion(cid as u16));
+            c.raise_interrupts_at(since(c));
+            assert_eq!(fired(c), vec![1], "completion {cid}");
+            read_all(c);
+        }
+        // The probe: held while a command arrives within the gap.
+        c.post(1, completion(0));
+        let t0 = since(c);
+        c.arrivals.arrived(t0);
+        c.raise_interrupts_at(t0);
+        assert!(fired(c).is_empty(), "the probe holds");
+        let first = c.interrupt_deadline().unwrap();
+        assert!(first <= t0 + us(200));
+        c.arrivals.arrived(t0 + us(1));
+        let then = c.interrupt_deadline().unwrap();
+        assert!(then > first, "an arrival moves the end of the hold");
+        c.raise_interrupts_at(then - Duration::from_nanos(1));
+        assert!(fired(c).is_empty());
+        c.raise_interrupts_at(then);
+        assert_eq!(fired(c), vec![1], "one gap after the last arrival");
+        read_all(c);
+        // On: the next completion is held at once.
+        c.post(1, completion(1));
+        let t1 = since(c);
+        c.arrivals.arrived(t1);
+        c.raise_interrupts_at(t1);
+        assert!(fired(c).is_empty(), "the rule is on");
+        c.raise_interrupts_at(c.interrupt_deadline().unwrap());
+        assert_eq!(fired(c), vec![1], "no command came within the gap");
+        read_all(c);
+        // The host's own Interrupt Coalescing (one entry, 100 µs) replaces the rule.
+        c.features.interrupt_coalescing = 1 << 8;
+        c.post(1, completion(2));
         c.raise_interrupts_at(since(c));
         assert_eq!(fired(c), vec![1]);
         let _ = std::fs::remove_file(&path);

@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 mod admin;
+mod burst;
 pub mod cmb;
 pub mod command;
 mod config;

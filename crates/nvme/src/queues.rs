@@ -151,6 +151,8 @@ pub(crate) struct CompletionQueue {
     pub ring: Option<MemSpan>,
     /// Slots promised to commands in flight (see [`crate::inflight`]).
     pub reserved: u32,
+    /// Whether its interrupts wait while the host goes on submitting (see [`crate::burst`]).
+    pub burst: crate::burst::QueueBurst,
 }
 
 impl CompletionQueue {
@@ -178,6 +180,7 @@ impl CompletionQueue {
             sq_count: 0,
             ring,
             reserved: 0,
+            burst: crate::burst::QueueBurst::default(),
         }
     }
 
