@@ -19,8 +19,9 @@
 //! - while off, one hold in [`PROBE_EVERY`] interrupts is tried, and turns the rule back on if
 //!   it pays.
 //!
-//! Commands are counted controller-wide (a host's threads may submit on any queue); the state
-//! of each queue's rule is its own. Only where the interrupt hold applies (the device reads the
+//! Each completion queue counts the commands of the submission queues that post to it: a
+//! thread waiting on one queue is not kept waiting by another thread's submissions on
+//! another. Only where the interrupt hold applies (the device reads the
 //! completion queue and its head from memory it maps), and never when the host set Interrupt
 //! Coalescing itself: then its settings alone apply.
 
@@ -33,63 +34,30 @@ pub(crate) const PROBE_EVERY: u32 = 256;
 /// The shortest gap waited for the next command.
 const MIN_GAP: Duration = Duration::from_micros(2);
 
-/// Command arrivals, controller-wide.
-#[derive(Debug, Default)]
-pub(crate) struct Arrivals {
-    /// The longest a completion's interrupt is held (zero: the rule is off).
-    pub(crate) max: Duration,
-    /// I/O commands fetched so far.
+/// Arrivals of the commands whose completions go to one queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Arrivals {
+    /// Commands fetched so far.
     count: u64,
     last: Option<Instant>,
-    /// Moving average of the spacing of arrivals closer than `max`.
+    /// Moving average of the spacing of arrivals closer than the longest hold.
     spacing: Duration,
 }
 
 impl Arrivals {
-    pub(crate) fn new(max: Duration) -> Self {
-        Self {
-            max,
-            ..Self::default()
-        }
-    }
-
-    /// An I/O command was fetched at `now`.
-    pub(crate) fn arrived(&mut self, now: Instant) {
-        if self.max.is_zero() {
-            return;
-        }
-        self.count = self.count.wrapping_add(1);
-        if let Some(g) = self.last.map(|t| now.saturating_duration_since(t)) {
-            if g < self.max {
-                // Seven parts the old average, one part the new gap.
-                self.spacing = (self.spacing.saturating_mul(7).saturating_add(g)) / 8;
-            }
-        }
-        self.last = Some(now);
-    }
-
-    /// How long after the last arrival a holding queue waits for the next.
-    pub(crate) fn gap(&self) -> Duration {
+    /// How long after the last arrival a holding queue waits for the next, holding at most
+    /// `max`.
+    fn gap(&self, max: Duration) -> Duration {
         self.spacing
             .saturating_mul(2)
-            .clamp(MIN_GAP, self.max.max(MIN_GAP))
-    }
-
-    /// When a hold that began with the oldest entry posted at `since` ends, if no command
-    /// arrives first.
-    pub(crate) fn hold_until(&self, since: Instant) -> Instant {
-        let cap = since.checked_add(self.max).unwrap_or(since);
-        let next = self
-            .last
-            .and_then(|t| t.checked_add(self.gap()))
-            .unwrap_or(since);
-        cap.min(next)
+            .clamp(MIN_GAP, max.max(MIN_GAP))
     }
 }
 
 /// One completion queue's rule.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct QueueBurst {
+    arrivals: Arrivals,
     on: bool,
     misses: u8,
     /// Interrupts sent while off, towards the next probe.
@@ -99,26 +67,56 @@ pub(crate) struct QueueBurst {
 }
 
 impl QueueBurst {
-    /// Whether the interrupt of entries first posted at `since` waits at `now`. When it does
-    /// not after a hold, the hold is scored.
-    pub(crate) fn holds(&mut self, arrivals: &Arrivals, since: Instant, now: Instant) -> bool {
-        if arrivals.max.is_zero() {
+    /// A command that posts to this queue was fetched at `now`; `max` is the longest hold
+    /// (zero: the rule is off, and nothing is counted).
+    pub(crate) fn arrived(&mut self, now: Instant, max: Duration) {
+        if max.is_zero() {
+            return;
+        }
+        let a = &mut self.arrivals;
+        a.count = a.count.wrapping_add(1);
+        if let Some(g) = a.last.map(|t| now.saturating_duration_since(t)) {
+            if g < max {
+                // Seven parts the old average, one part the new gap.
+                a.spacing = (a.spacing.saturating_mul(7).saturating_add(g)) / 8;
+            }
+        }
+        a.last = Some(now);
+    }
+
+    /// When a hold of entries whose oldest was posted at `since` ends, if no command arrives
+    /// first: one gap after the last arrival, and never more than `max` after `since`.
+    pub(crate) fn hold_until(&self, since: Instant, max: Duration) -> Instant {
+        let cap = since.checked_add(max).unwrap_or(since);
+        let a = &self.arrivals;
+        let next = a
+            .last
+            .and_then(|t| t.checked_add(a.gap(max)))
+            .unwrap_or(since);
+        cap.min(next)
+    }
+
+    /// Whether the interrupt of entries first posted at `since` waits at `now`, holding at
+    /// most `max`. When it does not after a hold, the hold is scored.
+    pub(crate) fn holds(&mut self, max: Duration, since: Instant, now: Instant) -> bool {
+        if max.is_zero() {
             return false;
         }
+        let count = self.arrivals.count;
         let from = match self.holding_from {
             Some(from) => from,
             None if self.on || self.since_off >= PROBE_EVERY => {
                 self.since_off = 0;
-                self.holding_from = Some(arrivals.count);
-                arrivals.count
+                self.holding_from = Some(count);
+                count
             }
             None => return false,
         };
-        if now < arrivals.hold_until(since) {
+        if now < self.hold_until(since, max) {
             return true;
         }
         self.holding_from = None;
-        if arrivals.count != from {
+        if count != from {
             self.on = true;
             self.misses = 0;
         } else {
@@ -152,72 +150,76 @@ mod tests {
         Duration::from_micros(n)
     }
 
+    const MAX: Duration = Duration::from_micros(200);
+
     /// Off at first; the probe of the 256th interrupt pays (a command arrives during it), the
     /// rule is then on; a host that stops submitting turns it off after four dry holds.
     #[test]
     fn probes_turn_it_on_and_dry_holds_turn_it_off() {
         let t0 = Instant::now();
-        let mut a = Arrivals::new(us(200));
         let mut q = QueueBurst::default();
         // Arrivals 10 µs apart: the gap settles towards 20 µs.
         let mut t = t0;
         for _ in 0..64 {
             t += us(10);
-            a.arrived(t);
+            q.arrived(t, MAX);
         }
-        assert!(a.gap() > us(18) && a.gap() <= us(20), "{:?}", a.gap());
+        let gap = q.arrivals.gap(MAX);
+        assert!(gap > us(18) && gap <= us(20), "{gap:?}");
         // Off: no hold until the probe.
         for _ in 0..PROBE_EVERY {
-            assert!(!q.holds(&a, t, t));
+            assert!(!q.holds(MAX, t, t));
             q.signalled();
         }
         // The probe holds; a command arrives within the gap; it keeps holding until the gap
         // after that arrival has passed.
-        assert!(q.holds(&a, t, t + us(1)));
-        a.arrived(t + us(5));
-        assert!(q.holds(&a, t, t + us(20)));
-        assert!(!q.holds(&a, t, t + us(5) + a.gap()));
+        assert!(q.holds(MAX, t, t + us(1)));
+        q.arrived(t + us(5), MAX);
+        assert!(q.holds(MAX, t, t + us(20)));
+        let end = t + us(5) + q.arrivals.gap(MAX);
+        assert!(!q.holds(MAX, t, end));
         assert!(q.on, "a hold that saw a command arrive turns the rule on");
         // Never longer than the maximum after the oldest entry, whatever keeps arriving.
         let s = t + us(100);
         let mut now = s;
-        while now < s + us(200) {
-            a.arrived(now);
-            assert!(q.holds(&a, s, now));
+        while now < s + MAX {
+            q.arrived(now, MAX);
+            assert!(q.holds(MAX, s, now));
             now += us(5);
         }
-        a.arrived(now);
-        assert!(!q.holds(&a, s, s + us(200)));
+        q.arrived(now, MAX);
+        assert!(!q.holds(MAX, s, s + MAX));
         // A host that waits for its interrupts: four dry holds, each the gap long, then off.
         let mut s = now + us(1000);
         for i in 0..MISSES_OFF {
-            a.arrived(s);
-            assert!(q.holds(&a, s, s), "hold {i}");
-            assert!(!q.holds(&a, s, s + a.gap()));
+            q.arrived(s, MAX);
+            assert!(q.holds(MAX, s, s), "hold {i}");
+            let end = s + q.arrivals.gap(MAX);
+            assert!(!q.holds(MAX, s, end));
             q.signalled();
             s += us(1000);
         }
         assert!(!q.on);
-        a.arrived(s);
-        assert!(!q.holds(&a, s, s), "off: no hold until the next probe");
+        q.arrived(s, MAX);
+        assert!(!q.holds(MAX, s, s), "off: no hold until the next probe");
     }
 
     /// A failed probe leaves the rule off and waits for the next one.
     #[test]
     fn a_dry_probe_leaves_it_off() {
         let t0 = Instant::now();
-        let mut a = Arrivals::new(us(200));
-        a.arrived(t0);
         let mut q = QueueBurst::default();
+        q.arrived(t0, MAX);
         for _ in 0..PROBE_EVERY {
             q.signalled();
         }
-        assert!(q.holds(&a, t0, t0));
+        assert!(q.holds(MAX, t0, t0));
         assert!(q.holding());
-        assert!(!q.holds(&a, t0, t0 + a.gap()));
+        let end = t0 + q.arrivals.gap(MAX);
+        assert!(!q.holds(MAX, t0, end));
         assert!(!q.on && !q.holding());
         assert!(
-            !q.holds(&a, t0, t0 + us(300)),
+            !q.holds(MAX, t0, t0 + us(300)),
             "the next probe is 256 interrupts away"
         );
     }
@@ -226,13 +228,12 @@ mod tests {
     #[test]
     fn zero_is_off() {
         let t0 = Instant::now();
-        let mut a = Arrivals::new(Duration::ZERO);
-        a.arrived(t0);
         let mut q = QueueBurst {
             on: true,
             ..QueueBurst::default()
         };
-        assert!(!q.holds(&a, t0, t0));
-        assert_eq!(a.count, 0);
+        q.arrived(t0, Duration::ZERO);
+        assert!(!q.holds(Duration::ZERO, t0, t0));
+        assert_eq!(q.arrivals.count, 0);
     }
 }

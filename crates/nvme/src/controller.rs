@@ -238,8 +238,8 @@ pub(crate) struct Controller {
     data_ahead: readahead::Ahead,
     /// [`NvmeConfig::interrupt_hold`].
     pub(crate) interrupt_hold: std::time::Duration,
-    /// I/O command arrivals, for [`NvmeConfig::burst_hold`].
-    pub(crate) arrivals: crate::burst::Arrivals,
+    /// [`NvmeConfig::burst_hold`].
+    pub(crate) burst_hold: std::time::Duration,
 }
 
 impl Controller {
@@ -328,7 +328,7 @@ impl Controller {
             sqe_ahead: Vec::new(),
             data_ahead: Vec::new(),
             interrupt_hold: cfg.interrupt_hold,
-            arrivals: crate::burst::Arrivals::new(cfg.burst_hold),
+            burst_hold: cfg.burst_hold,
         })
     }
 
@@ -770,8 +770,10 @@ impl Controller {
             if let Some(sq) = self.sqs.get_mut(qid).and_then(Option::as_mut) {
                 sq.head = new_head;
             }
-            if qid != 0 && !self.arrivals.max.is_zero() {
-                self.arrivals.arrived(std::time::Instant::now());
+            if qid != 0 && !self.burst_hold.is_zero() {
+                if let Some(cq) = self.cqs.get_mut(cqi).and_then(Option::as_mut) {
+                    cq.burst.arrived(std::time::Instant::now(), self.burst_hold);
+                }
             }
             let qid16 = qid as u16;
             if qid != 0 && self.hand_off(qid16, cqid, &cmd, new_head != tail) {

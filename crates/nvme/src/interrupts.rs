@@ -77,10 +77,10 @@ impl Controller {
                 continue;
             }
             // Adaptive moderation, where the host left coalescing off (see `crate::burst`).
-            let arrivals = &self.arrivals;
+            let max = self.burst_hold;
             if hold && coalescing.is_none() {
                 let burst = since.zip(self.cqs.get_mut(qid).and_then(Option::as_mut));
-                if burst.is_some_and(|(t, cq)| cq.burst.holds(arrivals, t, now)) {
+                if burst.is_some_and(|(t, cq)| cq.burst.holds(max, t, now)) {
                     continue;
                 }
             }
@@ -165,7 +165,10 @@ impl Controller {
                 let held =
                     (q.announced.is_some() && q.pending > 0).then(|| since + self.interrupt_hold);
                 let coalesced = self.coalescing(qid, q.vector).map(|(_, time)| since + time);
-                let burst = q.burst.holding().then(|| self.arrivals.hold_until(since));
+                let burst = q
+                    .burst
+                    .holding()
+                    .then(|| q.burst.hold_until(since, self.burst_hold));
                 held.into_iter().chain(coalesced).chain(burst).min()
             })
             .min()
@@ -440,7 +443,7 @@ mod tests {
         fired(c);
         let us = Duration::from_micros;
         c.interrupt_hold = us(100);
-        c.arrivals = crate::burst::Arrivals::new(us(200));
+        c.burst_hold = us(200);
         let mapped = c.ring(
             crate::fuzzing::HOST_BASE + 0x4000,
             16 * 16,
@@ -448,13 +451,16 @@ mod tests {
         );
         c.cqs[1].as_mut().unwrap().ring = mapped;
         assert!(c.hold_applies(1));
+        let arrived = |c: &mut Controller, t: Instant| {
+            c.cqs[1].as_mut().unwrap().burst.arrived(t, us(200));
+        };
         let read_all = |c: &mut Controller| {
             let tail = c.cqs[1].as_ref().unwrap().tail;
             c.doorbells.get(3).unwrap().store(tail, Ordering::SeqCst);
         };
         // Off: every completion signalled at once, up to the probe.
         for cid in 0..crate::burst::PROBE_EVERY {
-            c.arrivals.arrived(Instant::now());
+            arrived(c, Instant::now());
             c.post(1, completion(cid as u16));
             c.raise_interrupts_at(since(c));
             assert_eq!(fired(c), vec![1], "completion {cid}");
@@ -463,12 +469,12 @@ mod tests {
         // The probe: held while a command arrives within the gap.
         c.post(1, completion(0));
         let t0 = since(c);
-        c.arrivals.arrived(t0);
+        arrived(c, t0);
         c.raise_interrupts_at(t0);
         assert!(fired(c).is_empty(), "the probe holds");
         let first = c.interrupt_deadline().unwrap();
         assert!(first <= t0 + us(200));
-        c.arrivals.arrived(t0 + us(1));
+        arrived(c, t0 + us(1));
         let then = c.interrupt_deadline().unwrap();
         assert!(then > first, "an arrival moves the end of the hold");
         c.raise_interrupts_at(then - Duration::from_nanos(1));
@@ -479,7 +485,7 @@ mod tests {
         // On: the next completion is held at once.
         c.post(1, completion(1));
         let t1 = since(c);
-        c.arrivals.arrived(t1);
+        arrived(c, t1);
         c.raise_interrupts_at(t1);
         assert!(fired(c).is_empty(), "the rule is on");
         c.raise_interrupts_at(c.interrupt_deadline().unwrap());
