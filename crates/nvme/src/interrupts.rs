@@ -349,23 +349,20 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
-    /// The I/O completion queue of the fuzzing controller (ring and head doorbell in memory
-    /// the device maps), with the host's head doorbell moved by hand and the clock passed in.
-    #[test]
-    fn held_while_the_host_reads_what_the_last_interrupt_announced() {
-        let path = std::env::temp_dir().join(format!(
-            "devlend-nvme-interrupt-hold-{}.img",
-            std::process::id()
-        ));
+    /// The fuzzing controller with the ring of its I/O completion queue in memory the device
+    /// maps, as over `shm` (the head doorbell is mapped too), the interrupt hold at 100 µs,
+    /// and the admin queue's interrupt taken. The image is at the path returned.
+    fn mapped_queue(name: &str) -> (FuzzController, std::path::PathBuf) {
+        let path =
+            std::env::temp_dir().join(format!("devlend-nvme-{name}-{}.img", std::process::id()));
         let mut f = FuzzController::new(&path).unwrap();
         f.run(&[], &[]);
         f.consume();
         let c = f.core();
         fired(c);
-        let us = Duration::from_micros;
-        c.interrupt_hold = us(100);
-        // The harness maps every other page: give the queue a ring in a mapped one, as over
-        // `shm` (its entries go there; this test reads none of them).
+        c.interrupt_hold = Duration::from_micros(100);
+        // The harness maps every other page: give the queue a ring in a mapped one (its
+        // entries go there; these tests read none of them).
         assert!(!c.hold_applies(1), "a ring reached by messages");
         let mapped = c.ring(
             crate::fuzzing::HOST_BASE + 0x4000,
@@ -375,6 +372,15 @@ mod tests {
         assert!(mapped.is_some());
         c.cqs[1].as_mut().unwrap().ring = mapped;
         assert!(c.hold_applies(1));
+        (f, path)
+    }
+
+    /// The host's head doorbell moved by hand and the clock passed in.
+    #[test]
+    fn held_while_the_host_reads_what_the_last_interrupt_announced() {
+        let (mut f, path) = mapped_queue("interrupt-hold");
+        let c = f.core();
+        let us = Duration::from_micros;
         assert!(!c.hold_applies(0), "never the admin queue");
         let base = c.cqs[1].as_ref().unwrap().tail;
         let head = |c: &mut Controller, at: u32| {
@@ -432,25 +438,10 @@ mod tests {
     /// host replaces it.
     #[test]
     fn held_while_commands_arrive_once_holding_pays() {
-        let path = std::env::temp_dir().join(format!(
-            "devlend-nvme-burst-hold-{}.img",
-            std::process::id()
-        ));
-        let mut f = FuzzController::new(&path).unwrap();
-        f.run(&[], &[]);
-        f.consume();
+        let (mut f, path) = mapped_queue("burst-hold");
         let c = f.core();
-        fired(c);
         let us = Duration::from_micros;
-        c.interrupt_hold = us(100);
         c.burst_hold = us(200);
-        let mapped = c.ring(
-            crate::fuzzing::HOST_BASE + 0x4000,
-            16 * 16,
-            DmaAccess::Write,
-        );
-        c.cqs[1].as_mut().unwrap().ring = mapped;
-        assert!(c.hold_applies(1));
         let arrived = |c: &mut Controller, t: Instant| {
             c.cqs[1].as_mut().unwrap().burst.arrived(t, us(200));
         };
