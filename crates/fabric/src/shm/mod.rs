@@ -237,10 +237,13 @@ fn rendezvous(shared: &Shared, lock_file: File) {
             },
         };
         if let Some(conn) = conn {
-            if let Err(e) = run_connection(shared, conn) {
-                if !shared.shutdown.load(Ordering::SeqCst) {
-                    tracing::warn!("ntb shm: connection ended: {e}");
+            match run_connection(shared, conn) {
+                Ok(()) => {}
+                Err(_) if shared.shutdown.load(Ordering::SeqCst) => {}
+                Err(Failure::BeforeHello(e)) => {
+                    tracing::debug!("ntb shm: peer went away before its hello: {e}");
                 }
+                Err(Failure::Other(e)) => tracing::warn!("ntb shm: connection ended: {e}"),
             }
         }
     }
@@ -357,10 +360,9 @@ pub(crate) fn parse_untrusted_control(bytes: &[u8], fds: Vec<OwnedFd>) -> Result
     }
 }
 
-fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
+fn run_connection(shared: &Shared, conn: OwnedFd) -> std::result::Result<(), Failure> {
     let ep = &shared.ep;
     let cfg = *ep.config();
-    socket::set_send_timeout(&conn, SEND_TIMEOUT)?;
     let local = Arc::new(ControlPage::create()?);
     let hello = wire::hello(
         cfg.mw_count as u32,
@@ -368,8 +370,11 @@ fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
         cfg.msg_count as u32,
         cfg.db_count,
     );
-    socket::send(conn.as_fd(), &hello, Some(local.fd()))?;
-    let Some(first) = recv_wire(shared, &conn, Some(HELLO_TIMEOUT))? else {
+    let first = socket::set_send_timeout(&conn, SEND_TIMEOUT)
+        .and_then(|()| socket::send(conn.as_fd(), &hello, Some(local.fd())))
+        .and_then(|()| recv_wire(shared, &conn, Some(HELLO_TIMEOUT)))
+        .map_err(Failure::before_hello)?;
+    let Some(first) = first else {
         return Ok(());
     };
     let wire::Wire::Hello {
@@ -380,7 +385,7 @@ fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
         page,
     } = first
     else {
-        return Err(FabricError::Protocol("expected Hello first".into()));
+        return Err(FabricError::Protocol("expected Hello first".into()).into());
     };
     let peer = Arc::new(ControlPage::from_peer(page)?);
     let info = PeerCounts::bounded(
@@ -406,7 +411,34 @@ fn run_connection(shared: &Shared, conn: OwnedFd) -> Result<()> {
     ep.detach(&pair);
     *lock(&shared.conn) = None;
     lock(&shared.interrupt_fds).clear();
-    result
+    Ok(result?)
+}
+
+/// Why a connection ended with an error.
+#[derive(Debug)]
+enum Failure {
+    /// The socket failed before the peer's hello arrived: a listener that closed with our
+    /// connection still in its backlog (the peer shutting down while we rendezvoused again),
+    /// not a link that went down. The rendezvous simply goes on.
+    BeforeHello(FabricError),
+    /// Anything else: a link that was up, or a peer that broke the protocol.
+    Other(FabricError),
+}
+
+impl Failure {
+    /// Classifies an error of the hello exchange: the socket's own errors are `BeforeHello`.
+    fn before_hello(e: FabricError) -> Failure {
+        match e {
+            FabricError::Io { .. } => Failure::BeforeHello(e),
+            e => Failure::Other(e),
+        }
+    }
+}
+
+impl From<FabricError> for Failure {
+    fn from(e: FabricError) -> Failure {
+        Failure::Other(e)
+    }
 }
 
 /// Reads window announcements until the connection ends.
@@ -599,5 +631,63 @@ mod tests {
             ShmNtb::open(&long, Arc::new(AddressSpace::new()), LinkConfig::default()),
             Err(FabricError::Io { .. })
         ));
+    }
+
+    /// The state of a rendezvous thread, without the thread.
+    fn shared(dir: &Path) -> Shared {
+        Shared {
+            ep: Arc::new(
+                Endpoint::new(LinkConfig::default(), Arc::new(AddressSpace::new())).unwrap(),
+            ),
+            dir: dir.to_path_buf(),
+            shutdown: AtomicBool::new(false),
+            conn: Mutex::new(None),
+            interrupt_fds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    #[test]
+    fn a_listener_gone_before_its_hello_is_not_a_link_that_ended() {
+        // A peer shutting down closes its listener: a connection made just before (still in
+        // the backlog) is reset. That is the rendezvous going on, not an error to report.
+        let dir = tmpdir("backlog");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sock");
+        let listener = socket::listen(&path).unwrap();
+        let conn = socket::connect(&path).unwrap();
+        drop(listener);
+        let shared = shared(&dir);
+        let got = run_connection(&shared, conn);
+        assert!(
+            matches!(got, Err(Failure::BeforeHello(FabricError::Io { .. }))),
+            "{got:?}"
+        );
+        // A peer that closes at once: the same.
+        let (conn, peer) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        drop(peer);
+        assert!(matches!(
+            run_connection(&shared, conn),
+            Err(Failure::BeforeHello(FabricError::Io { .. }))
+        ));
+        // A peer that answers with anything but a hello broke the protocol: reported.
+        let (conn, peer) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        socket::send(peer.as_fd(), &wire::trans_mmio(0, 0x1000), None).unwrap();
+        assert!(matches!(
+            run_connection(&shared, conn),
+            Err(Failure::Other(FabricError::Protocol(_)))
+        ));
+        drop(peer);
     }
 }
