@@ -646,6 +646,17 @@ mod tests {
         }
     }
 
+    /// Two connected control sockets.
+    fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+        rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn a_listener_gone_before_its_hello_is_not_a_link_that_ended() {
         // A peer shutting down closes its listener: a connection made just before (still in
@@ -663,26 +674,14 @@ mod tests {
             "{got:?}"
         );
         // A peer that closes at once: the same.
-        let (conn, peer) = rustix::net::socketpair(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::SEQPACKET,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let (conn, peer) = seqpacket_pair();
         drop(peer);
         assert!(matches!(
             run_connection(&shared, conn),
             Err(Failure::BeforeHello(FabricError::Io { .. }))
         ));
         // A peer that answers with anything but a hello broke the protocol: reported.
-        let (conn, peer) = rustix::net::socketpair(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::SEQPACKET,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let (conn, peer) = seqpacket_pair();
         socket::send(peer.as_fd(), &wire::trans_mmio(0, 0x1000), None).unwrap();
         assert!(matches!(
             run_connection(&shared, conn),
