@@ -38,6 +38,10 @@ fn deadline_after(timeout: Duration) -> Option<Instant> {
 const KIND_WRITE: u32 = 1;
 const KIND_READ: u32 = 2;
 /// Completion statuses.
+/// How long taking a link down waits for its ring service thread to finish the request it
+/// is serving; a device handler that blocks longer leaves the thread to end on its own.
+const SERVICE_QUIESCE: Duration = Duration::from_secs(5);
+
 const CPL_OK: u32 = 0;
 const CPL_NOT_TRANSLATED: u32 = 1;
 const CPL_OUTSIDE: u32 = 2;
@@ -150,6 +154,15 @@ pub(crate) struct PagePair {
     reads: Mutex<u32>,
     producer: Mutex<Producer>,
     announce: Box<dyn Announce>,
+    /// The ring service thread, and the channel its end closes.
+    service: Mutex<Option<Service>>,
+}
+
+/// A running ring service thread.
+struct Service {
+    thread: std::thread::JoinHandle<()>,
+    /// Disconnected when the thread ends.
+    done: std::sync::mpsc::Receiver<()>,
 }
 
 impl PagePair {
@@ -167,6 +180,29 @@ impl PagePair {
             reads: Mutex::new(0),
             producer: Mutex::new(Producer::default()),
             announce,
+            service: Mutex::new(None),
+        }
+    }
+
+    /// Waits (up to [`SERVICE_QUIESCE`]) for the ring service thread of this pair to end
+    /// after [`PagePair::stop_waiters`], so that no request of this connection is served
+    /// after the link went down. Not from the service thread itself.
+    fn join_service(&self) {
+        let Some(s) = lock(&self.service).take() else {
+            return;
+        };
+        if s.thread.thread().id() == std::thread::current().id() {
+            return;
+        }
+        match s.done.recv_timeout(SERVICE_QUIESCE) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    "ntb ring service still busy {SERVICE_QUIESCE:?} after the link went down; left to end on its own"
+                );
+            }
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = s.thread.join();
+            }
         }
     }
 
@@ -394,9 +430,10 @@ impl Endpoint {
 
     /// Makes `pair` the current connection (link up, generation advanced).
     pub(crate) fn install(&self, pair: &Arc<PagePair>) {
-        {
+        let replaced = {
             let mut link = lock(&self.link);
-            if let Some(old) = link.pair.take() {
+            let replaced = link.pair.take();
+            if let Some(old) = &replaced {
                 old.stop_waiters();
                 link.generation += 1;
             }
@@ -407,8 +444,12 @@ impl Endpoint {
                 windows: vec![None; pair.peer_counts.mw_count],
             });
             link.generation += 1;
-        }
+            replaced
+        };
         self.link_changed.notify_all();
+        if let Some(old) = replaced {
+            old.join_service();
+        }
     }
 
     /// Tells the peer of `pair` about every local translation.
@@ -425,10 +466,16 @@ impl Endpoint {
     /// Starts the ring service thread of `pair`; it ends when the pair goes down.
     pub(crate) fn start_service(self: &Arc<Self>, pair: Arc<PagePair>) -> Result<()> {
         let ep = self.clone();
-        std::thread::Builder::new()
+        let (ended, done) = std::sync::mpsc::channel();
+        let served = pair.clone();
+        let thread = std::thread::Builder::new()
             .name("ntb-mmio-service".into())
-            .spawn(move || ep.serve_ring(&pair))
+            .spawn(move || {
+                let _ended = ended;
+                ep.serve_ring(&served);
+            })
             .map_err(|e| FabricError::io("spawn ring service thread", e))?;
+        *lock(&pair.service) = Some(Service { thread, done });
         Ok(())
     }
 
@@ -466,7 +513,8 @@ impl Endpoint {
     }
 
     /// Takes the link down if `pair` is still the current one: every waiter on it returns
-    /// [`FabricError::LinkDown`], and what the peer exported is forgotten.
+    /// [`FabricError::LinkDown`], and what the peer exported is forgotten. Returns once the
+    /// pair's ring service thread has ended (see [`PagePair::join_service`]).
     pub(crate) fn detach(&self, pair: &Arc<PagePair>) {
         pair.stop_waiters();
         let mut link = lock(&self.link);
@@ -476,7 +524,10 @@ impl Endpoint {
             link.generation += 1;
             drop(link);
             self.link_changed.notify_all();
+        } else {
+            drop(link);
         }
+        pair.join_service();
     }
 
     /// The ring service loop of one connection.
@@ -1191,6 +1242,43 @@ mod tests {
         s.local.wait_word(page::RING_WAIT).unwrap().notify();
         produce(&s, pos + 2, KIND_READ, 0, 4, 0, 11);
         assert_eq!(completion(&s, 11), CPL_OK);
+        ep.detach(&s);
+    }
+
+    #[test]
+    fn taking_the_link_down_ends_its_ring_service() {
+        // Nothing of a connection may be served after the link went down: when `detach` or a
+        // replacing `install` returns, the old pair's service thread has ended (and dropped
+        // its reference to the pair).
+        let (ep, s, _) = fake_peer(LinkConfig::default());
+        for _ in 0..20 {
+            ep.detach(&s);
+            assert_eq!(Arc::strong_count(&s), 1, "the service thread still runs");
+            assert!(lock(&s.service).is_none());
+            let next = Arc::new(PagePair::new(
+                Arc::new(ControlPage::create().unwrap()),
+                Arc::new(ControlPage::create().unwrap()),
+                PeerCounts::of(&LinkConfig::default()),
+                Box::new(Silent),
+            ));
+            ep.attach(next.clone()).unwrap();
+            let again = Arc::new(PagePair::new(
+                Arc::new(ControlPage::create().unwrap()),
+                Arc::new(ControlPage::create().unwrap()),
+                PeerCounts::of(&LinkConfig::default()),
+                Box::new(Silent),
+            ));
+            // Replaced without a detach: the same.
+            ep.attach(again.clone()).unwrap();
+            assert_eq!(
+                Arc::strong_count(&next),
+                1,
+                "the replaced pair's service still runs"
+            );
+            ep.detach(&again);
+            assert_eq!(Arc::strong_count(&again), 1);
+            ep.attach(s.clone()).unwrap();
+        }
         ep.detach(&s);
     }
 
