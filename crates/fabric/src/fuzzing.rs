@@ -39,6 +39,9 @@ impl Announce for Silent {
     }
 }
 
+/// The tag of the well-formed read that ends every [`ring_entries`] run.
+const FINAL_TAG: u32 = 0xfeed_f00d;
+
 /// Size of one raw ring entry taken from the fuzz input.
 pub const RING_INPUT_ENTRY: usize = 64;
 
@@ -97,7 +100,11 @@ pub fn ring_entries(data: &[u8]) {
             word(8) % 80
         };
         let offset = u64::from(word(12)) | (u64::from(word(16) & 0x8000_0001) << 32);
-        let tag = word(20);
+        // Never the final read's tag: its completion must be that read's, not an earlier one.
+        let tag = match word(20) {
+            FINAL_TAG => FINAL_TAG ^ 1,
+            t => t,
+        };
         let well_sequenced = word(24) % 8 != 0;
         let e = ControlPage::entry_offset(position);
         let m = pair_local(&pair);
@@ -127,7 +134,7 @@ pub fn ring_entries(data: &[u8]) {
         }
     }
     // A well-formed read must still be answered.
-    let tag = 0xfeed_f00d;
+    let tag = FINAL_TAG;
     let e = ControlPage::entry_offset(position);
     let m = pair_local(&pair);
     let _ = m.store_u32(e + page::E_KIND, 2);
@@ -210,5 +217,16 @@ mod tests {
             let n = (rng.next() % 600) as usize;
             ring_entries(&rng.bytes(n * RING_INPUT_ENTRY));
         }
+    }
+
+    #[test]
+    fn an_entry_with_the_final_reads_tag_is_not_taken_for_its_answer() {
+        // Found by the fuzzer: a read outside the window under the final read's tag answered
+        // first, and the check took its (empty) data for the final read's.
+        let mut entry = [0u8; RING_INPUT_ENTRY];
+        for (at, v) in [(0, 2), (8, 16), (12, 0x222c_7e37), (20, FINAL_TAG), (24, 1)] {
+            entry[at..at + 4].copy_from_slice(&u32::to_le_bytes(v));
+        }
+        ring_entries(&entry);
     }
 }
