@@ -1165,14 +1165,19 @@ mod tests {
         asp.add_mmio(BusAddr(0x10000), 0x1000, rec.clone()).unwrap();
         let ep = Arc::new(Endpoint::new(cfg, asp).unwrap());
         ep.mw_set_trans(0, BusAddr(0x10000), 0x1000).unwrap();
-        let pair = Arc::new(PagePair::new(
-            Arc::new(ControlPage::create().unwrap()),
-            Arc::new(ControlPage::create().unwrap()),
-            PeerCounts::of(&cfg),
-            Box::new(Silent),
-        ));
+        let pair = silent_pair(&cfg);
         ep.attach(pair.clone()).unwrap();
         (ep, pair, rec)
+    }
+
+    /// A pair of fresh pages for a peer configured as `cfg`, announcing nothing.
+    fn silent_pair(cfg: &LinkConfig) -> Arc<PagePair> {
+        Arc::new(PagePair::new(
+            Arc::new(ControlPage::create().unwrap()),
+            Arc::new(ControlPage::create().unwrap()),
+            PeerCounts::of(cfg),
+            Box::new(Silent),
+        ))
     }
 
     /// Produces one raw entry into the endpoint's ring, as the peer process would.
@@ -1255,19 +1260,9 @@ mod tests {
             ep.detach(&s);
             assert_eq!(Arc::strong_count(&s), 1, "the service thread still runs");
             assert!(lock(&s.service).is_none());
-            let next = Arc::new(PagePair::new(
-                Arc::new(ControlPage::create().unwrap()),
-                Arc::new(ControlPage::create().unwrap()),
-                PeerCounts::of(&LinkConfig::default()),
-                Box::new(Silent),
-            ));
+            let next = silent_pair(&LinkConfig::default());
             ep.attach(next.clone()).unwrap();
-            let again = Arc::new(PagePair::new(
-                Arc::new(ControlPage::create().unwrap()),
-                Arc::new(ControlPage::create().unwrap()),
-                PeerCounts::of(&LinkConfig::default()),
-                Box::new(Silent),
-            ));
+            let again = silent_pair(&LinkConfig::default());
             // Replaced without a detach: the same.
             ep.attach(again.clone()).unwrap();
             assert_eq!(
