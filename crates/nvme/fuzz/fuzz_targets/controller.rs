@@ -26,6 +26,9 @@ fuzz_target!(|data: &[u8]| {
             let path =
                 std::env::temp_dir().join(format!("devlend-nvme-fuzz-{}.img", std::process::id()));
             *c = FuzzController::new(&path).ok();
+            // The controller holds the image open: unlinked now, it goes when the process
+            // does (libFuzzer ends with `exit`, which runs no destructor of this thread).
+            let _ = std::fs::remove_file(&path);
         }
         if let Some(ctrl) = c.as_mut() {
             ctrl.run(memory, script);
