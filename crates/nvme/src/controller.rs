@@ -770,7 +770,9 @@ impl Controller {
             if let Some(sq) = self.sqs.get_mut(qid).and_then(Option::as_mut) {
                 sq.head = new_head;
             }
-            if qid != 0 && !self.burst_hold.is_zero() {
+            // Arrivals count only where the interrupt hold, and so the rule, can apply (never
+            // the admin queue, nor a queue reached by messages): no clock read otherwise.
+            if !self.burst_hold.is_zero() && self.hold_applies(cqi) {
                 if let Some(cq) = self.cqs.get_mut(cqi).and_then(Option::as_mut) {
                     cq.burst.arrived(std::time::Instant::now(), self.burst_hold);
                 }

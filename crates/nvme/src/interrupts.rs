@@ -142,7 +142,7 @@ impl Controller {
     /// Whether I/O completion queue `qid`'s interrupts may wait for the host to read what the
     /// previous one announced: a hold is configured, and the device reads the queue's ring
     /// and head from memory it maps (no message to learn the head).
-    fn hold_applies(&self, qid: usize) -> bool {
+    pub(crate) fn hold_applies(&self, qid: usize) -> bool {
         let shadow_mapped = self.dbbuf.as_ref().is_some_and(|d| d.shadow_span.is_some());
         qid != 0
             && !self.interrupt_hold.is_zero()
