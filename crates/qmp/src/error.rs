@@ -25,6 +25,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Nothing appeared at the path while the client waited for QEMU to make its socket.
+    #[error("no QMP socket at {path} after waiting {after:?} for QEMU to make it (start QEMU with -qmp unix:{path},server=on,wait=off)")]
+    NotMade {
+        /// The socket's path.
+        path: PathBuf,
+        /// How long the client waited.
+        after: Duration,
+    },
     /// The peer closed the connection (QEMU exited, or the socket is not QEMU's).
     #[error("the QMP peer at {path} closed the connection {while_}")]
     Closed {

@@ -125,6 +125,40 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// Like [`Qmp::connect`], but a socket that does not exist yet is waited for, up to
+    /// `appear`: QEMU makes its `-qmp unix:PATH,server=on` socket early in its start-up, so a
+    /// caller that has just started it (`qemu ... &` then `devlend borrow --vm PATH`) would
+    /// otherwise race it. Only a missing path is waited for; a socket nobody listens on (a
+    /// QEMU that exited) is an error at once. `waiting` is called with the time waited so far
+    /// each time the path was found missing, before the next look (every 50 ms).
+    pub fn connect_when_made(
+        path: &Path,
+        appear: Duration,
+        timeout: Duration,
+        mut waiting: impl FnMut(Duration),
+    ) -> Result<Self> {
+        const LOOK_EVERY: Duration = Duration::from_millis(50);
+        let start = Instant::now();
+        loop {
+            match Self::connect(path, timeout) {
+                Err(Error::Connect { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    let waited = start.elapsed();
+                    let Some(left) = appear.checked_sub(waited).filter(|l| !l.is_zero()) else {
+                        return Err(Error::NotMade {
+                            path: path.to_path_buf(),
+                            after: appear,
+                        });
+                    };
+                    waiting(waited);
+                    std::thread::sleep(LOOK_EVERY.min(left));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The greeting (QEMU's version).
     pub fn greeting(&self) -> &Greeting {
         &self.greeting

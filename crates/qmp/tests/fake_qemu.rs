@@ -241,3 +241,70 @@ fn a_peer_that_closes_and_a_missing_socket_are_errors() {
         Err(Error::Connect { .. })
     ));
 }
+
+#[test]
+fn a_socket_made_after_the_first_look_is_waited_for() {
+    let path = socket_path("late");
+    // The fake QEMU makes its socket only once the client has looked and found nothing, so
+    // the connection can succeed only if the client looks again.
+    let mut server = None;
+    let mut looks = 0;
+    let qmp = Qmp::connect_when_made(
+        &path,
+        Duration::from_secs(60),
+        Duration::from_secs(5),
+        |_| {
+            looks += 1;
+            if server.is_none() {
+                server = Some(fake(&path, Some(GREETING), |req| {
+                    match req["execute"].as_str().unwrap() {
+                        "qmp_capabilities" => ok("{}"),
+                        _ => Vec::new(),
+                    }
+                }));
+            }
+        },
+    )
+    .expect("connects once the socket is made");
+    assert_eq!(qmp.greeting().version.qemu.major, 11);
+    assert_eq!(looks, 1, "one missing look, then connected");
+    drop(qmp);
+    let seen = finish(&path, server.expect("the socket was made"));
+    assert_eq!(seen[0]["execute"], "qmp_capabilities");
+}
+
+#[test]
+fn a_socket_never_made_is_refused_after_the_wait_and_a_dead_one_at_once() {
+    let path = socket_path("never");
+    let mut looks = 0;
+    match Qmp::connect_when_made(
+        &path,
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+        |_| looks += 1,
+    ) {
+        Err(e @ Error::NotMade { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("no QMP socket at"), "{msg}");
+            assert!(msg.contains("-qmp unix:"), "{msg}");
+        }
+        other => panic!("expected NotMade, got {:?}", other.err()),
+    }
+    assert!(looks >= 1);
+
+    // A socket file nobody listens on (its QEMU exited): refused without waiting.
+    let listener = UnixListener::bind(&path).unwrap();
+    drop(listener);
+    let mut looks = 0;
+    assert!(matches!(
+        Qmp::connect_when_made(
+            &path,
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            |_| looks += 1
+        ),
+        Err(Error::Connect { .. })
+    ));
+    assert_eq!(looks, 0);
+    let _ = std::fs::remove_file(&path);
+}
