@@ -17,6 +17,10 @@ use devlend_qmp::Qmp;
 /// How long a QMP command may take before the VM counts as not answering.
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long `borrow --vm` waits for a QMP socket that does not exist yet (a QEMU started just
+/// before makes it in its first second).
+pub const QMP_APPEAR: Duration = Duration::from_secs(10);
+
 /// Default grace period of `devlend return` for a device attached to a VM.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(20);
 
@@ -115,13 +119,21 @@ fn is_valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
-/// Checks that the VM at `qmp_path` can take a vfio-user device with id `id` (on `port`, or on
+/// Checks that the VM at `qmp_path` (waited for up to [`QMP_APPEAR`] if it has no socket yet) can take a vfio-user device with id `id` (on `port`, or on
 /// any free hot-pluggable port), without changing anything. Returns the connection and the port.
 pub fn preflight(qmp_path: &Path, port: Option<&str>, id: &str) -> Result<(Qmp, Port), VmError> {
     if !is_valid_id(id) {
         return Err(VmError::BadId(id.to_string()));
     }
-    let mut qmp = Qmp::connect(qmp_path, QMP_TIMEOUT)?;
+    let mut told = false;
+    let mut qmp = Qmp::connect_when_made(qmp_path, QMP_APPEAR, QMP_TIMEOUT, |_| {
+        if !std::mem::replace(&mut told, true) {
+            tracing::info!(
+                "no QMP socket at {} yet: waiting up to {QMP_APPEAR:?} for QEMU to make it",
+                qmp_path.display()
+            );
+        }
+    })?;
     let path = qmp_path.to_path_buf();
     match qmp.execute(&DeviceListProperties {
         typename: "vfio-user-pci".into(),
@@ -303,8 +315,42 @@ pub fn attach(
     })
 }
 
+/// How often [`detach`] asks again while the guest has not released the device. A request
+/// made before the guest's OS set up hot-plug is lost (Linux clears the ACPI hot-plug event
+/// while it boots, and QEMU accepts the request again for that reason); a native PCIe one is
+/// refused by QEMU for 5 s, and one pressed again during the guest's 5 s pciehp wait would
+/// cancel the removal, so the repeat comes well after that wait.
+pub const ASK_AGAIN_EVERY: Duration = Duration::from_secs(10);
+
+/// What one `device_del` found.
+enum Asked {
+    /// QEMU passed the request on to the guest.
+    Sent,
+    /// QEMU refused it because an unplug is pending (native PCIe: within 5 s of the last).
+    Pending,
+    /// QEMU has no such device: it is gone.
+    Gone,
+}
+
+fn ask_release(qmp: &mut Qmp, id: &str) -> Result<Asked, VmError> {
+    match qmp.execute(&DeviceDel { id: id.to_string() }) {
+        Ok(_) => Ok(Asked::Sent),
+        Err(devlend_qmp::Error::Command { class, .. }) if class == "DeviceNotFound" => {
+            Ok(Asked::Gone)
+        }
+        // "Device ID is already in the process of unplug": an unplug requested moments ago
+        // (by this loop, or by an earlier return that ended in a surprise removal).
+        Err(devlend_qmp::Error::Command { desc, .. }) if desc.contains("process of unplug") => {
+            Ok(Asked::Pending)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Asks the guest to release the device and waits at most `grace` for QEMU's
-/// `DEVICE_DELETED`. The caller then stops serving it, whichever way it went.
+/// `DEVICE_DELETED`, asking again every [`ASK_AGAIN_EVERY`] (a guest that was still booting
+/// when first asked never saw the request). The caller then stops serving it, whichever way
+/// it went.
 pub fn detach(att: &Attachment, grace: Duration) -> Result<Removal, VmError> {
     let mut qmp = match Qmp::connect(&att.qmp, QMP_TIMEOUT) {
         Ok(q) => q,
@@ -312,27 +358,41 @@ pub fn detach(att: &Attachment, grace: Duration) -> Result<Removal, VmError> {
         Err(devlend_qmp::Error::Connect { .. }) => return Ok(Removal::AlreadyGone),
         Err(e) => return Err(e.into()),
     };
-    match qmp.execute(&DeviceDel {
-        id: att.device_id.clone(),
-    }) {
-        Ok(_) => {}
-        Err(devlend_qmp::Error::Command { class, .. }) if class == "DeviceNotFound" => {
-            return Ok(Removal::AlreadyGone)
-        }
-        // An unplug already requested (an earlier return that ended in a surprise removal):
-        // wait for the guest all the same.
-        Err(devlend_qmp::Error::Command { desc, .. }) if desc.contains("in progress") => {}
-        Err(e) => return Err(e.into()),
-    }
     let id = att.device_id.clone();
-    match qmp.wait_event(grace, |e| {
-        e.device_deleted().and_then(|d| d.device).as_deref() == Some(id.as_str())
-    }) {
-        Ok(Some(_)) => Ok(Removal::Orderly),
-        Ok(None) => Ok(Removal::Surprise),
-        // QEMU closed the connection while the guest released the device: it exited.
-        Err(devlend_qmp::Error::Closed { .. }) => Ok(Removal::AlreadyGone),
-        Err(e) => Err(e.into()),
+    let deadline = std::time::Instant::now() + grace;
+    let mut asked = 0u32;
+    loop {
+        match ask_release(&mut qmp, &id)? {
+            Asked::Gone if asked == 0 => return Ok(Removal::AlreadyGone),
+            // Gone between two requests: the guest let it go (its event read below or lost
+            // with an earlier connection).
+            Asked::Gone => return Ok(Removal::Orderly),
+            Asked::Sent => {
+                asked = asked.saturating_add(1);
+                if asked == 1 {
+                    tracing::info!(
+                        "{id}: asked the guest to release it (device_del), waiting up to {grace:?}"
+                    );
+                } else {
+                    tracing::info!(
+                        "{id}: the guest has not released it yet; asked again (request {asked})"
+                    );
+                }
+            }
+            Asked::Pending => {}
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let wait = left.min(ASK_AGAIN_EVERY);
+        match qmp.wait_event(wait, |e| {
+            e.device_deleted().and_then(|d| d.device).as_deref() == Some(id.as_str())
+        }) {
+            Ok(Some(_)) => return Ok(Removal::Orderly),
+            Ok(None) if wait >= left => return Ok(Removal::Surprise),
+            Ok(None) => {}
+            // QEMU closed the connection while the guest released the device: it exited.
+            Err(devlend_qmp::Error::Closed { .. }) => return Ok(Removal::AlreadyGone),
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -14,6 +14,10 @@
 //! - `a_guest_that_ignores_the_unplug_request_gets_a_surprise_removal`: a guest with no
 //!   hot-plug driver; `return --grace 3s` ends in a surprise removal, said so; the lender's
 //!   `reclaim --grace 3s` of a second device ends with it cut off and revoked.
+//! - `an_unplug_asked_before_the_guest_booted_is_asked_again`: a VM stopped in its firmware
+//!   gets the device, `return` asks for it back while the VM is still stopped, then the guest
+//!   boots (its kernel clears the pending ACPI event, so that request is lost); `return` asks
+//!   again and the guest releases the device in order.
 //! - `refusals_borrow_nothing`: no guest boots (QEMU paused before its firmware): a socket
 //!   that is not QEMU, one that does not answer, a missing one, guest RAM that is not
 //!   shareable, an unknown port, an occupied port, a device id in use, an id QEMU would not
@@ -75,7 +79,11 @@ impl Rig {
         let dir = scratch(tag);
         let fabric = dir.join("fabric");
         let lender = NodeProcess::start(&dir, "lender", &[&fabric], 5000);
-        let borrower = NodeProcess::start(&dir, "borrower", &[&fabric], 5000);
+        // At info: the tests read what it did to the VM from its log.
+        let mut cmd = Command::new(common::exe());
+        cmd.env("DEVLEND_LOG", "info");
+        let shm = format!("shm:{}", fabric.display());
+        let borrower = NodeProcess::start_with(cmd, &dir, "borrower", &[shm], 5000, &[]);
         for (name, serial) in devices {
             let image = dir.join(format!("{name}.img"));
             let size = DISK_BYTES.to_string();
@@ -579,6 +587,86 @@ fn a_guest_that_ignores_the_unplug_request_gets_a_surprise_removal() {
     assert_eq!(ok(&mut c, "echo c-still-here"), ["c-still-here"]);
     assert!(c.is_running(), "QEMU died\n{}", c.transcript());
     assert!(qemu_answers(&c));
+    println!("whole run: {:?}", start.elapsed());
+}
+
+/// Waits until `log` contains `what`.
+fn wait_for_log(log: &Path, what: &str) {
+    let deadline = Instant::now() + GUEST_CMD;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(what) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {what:?}:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_unplug_asked_before_the_guest_booted_is_asked_again() {
+    let Some(assets) = guest::provision_for_tests(&repo_root()).expect("provisioning VM assets")
+    else {
+        return;
+    };
+    let start = Instant::now();
+    let rig = Rig::new("vm-hotplug-early", &[("nvme0", Some("DLHPE"))]);
+    let mut spec = LiveSpec::new(assets.clone(), &rig.dir, Hotplug::Acpi);
+    spec.paused = true;
+    let mut g = LiveGuest::boot(&spec, "e").unwrap_or_else(|e| panic!("{e}"));
+    // Run the firmware until it has numbered the root ports' buses, and stop the VM there,
+    // long before its OS boots. (A VM that never ran has a virtual clock at 0, where QEMU
+    // never takes a second request: not the case of a VM someone started.)
+    g.control("cont").unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + GUEST_CMD;
+    loop {
+        let pci = g.control("query-pci").unwrap_or_else(|e| panic!("{e}"));
+        let numbered = pci.as_array().into_iter().flatten().any(|bus| {
+            bus["devices"].as_array().into_iter().flatten().any(|d| {
+                d["qdev_id"] == "rp1" && d["pci_bridge"]["bus"]["secondary"].as_u64() > Some(0)
+            })
+        });
+        if numbered {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the firmware never numbered rp1's bus"
+        );
+    }
+    g.control("stop").unwrap_or_else(|e| panic!("{e}"));
+    // Hot-added while the firmware is stopped: the guest will find it when it boots.
+    rig.borrow_into("nvme0", &g);
+    let log = rig.dir.join("borrower.log");
+    let ret = std::thread::scope(|s| {
+        let ret = s.spawn(|| {
+            rig.borrower
+                .ctl(&["return", "nvme0", "--grace", "300s", "--json"])
+        });
+        // The first request reaches QEMU while the guest is still paused ...
+        wait_for_log(&log, "devlend-nvme0: asked the guest to release it");
+        // ... and the guest's kernel, booting, clears its event: only a second one is seen.
+        g.resume().unwrap_or_else(|e| panic!("{e}"));
+        ret.join().unwrap()
+    });
+    assert!(ret.status.success(), "{}", stderr(&ret));
+    let v: serde_json::Value = serde_json::from_slice(&ret.stdout).unwrap();
+    assert_eq!(v["removal"], "orderly", "{v}\n{}", g.transcript());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("devlend-nvme0: the guest has not released it yet; asked again"),
+        "{text}"
+    );
+    assert!(!qemu_device_ids(&g).contains(&"devlend-nvme0".to_string()));
+    assert_eq!(rig.lender_state("nvme0"), "available");
+    assert!(rig.borrowed().is_empty());
+    // The guest let go of it and keeps running.
+    ok(&mut g, &absent_cmd("DLHPE"));
+    assert!(g.is_running(), "QEMU died\n{}", g.transcript());
     println!("whole run: {:?}", start.elapsed());
 }
 

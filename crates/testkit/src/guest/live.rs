@@ -69,6 +69,9 @@ pub struct LiveSpec {
     pub boot_timeout: Duration,
     /// Extra kernel command-line words.
     pub append: String,
+    /// Start QEMU paused before its firmware (`-S`), with a second QMP socket for the test
+    /// ([`LiveGuest::resume`]); [`LiveGuest::boot`] then returns at once.
+    pub paused: bool,
 }
 
 impl LiveSpec {
@@ -83,6 +86,7 @@ impl LiveSpec {
             boot_timeout: Duration::from_secs(300),
             // Short nvme timeouts: a device that went away fails I/O within seconds.
             append: "nvme_core.io_timeout=5 nvme_core.admin_timeout=5".into(),
+            paused: false,
         }
     }
 }
@@ -116,12 +120,15 @@ pub struct LiveGuest {
     console: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
     qmp: PathBuf,
+    control: Option<PathBuf>,
+    boot_timeout: Duration,
     next_id: u64,
     name: String,
 }
 
 impl LiveGuest {
-    /// Boots the guest and waits until its command loop answers.
+    /// Boots the guest and waits until its command loop answers; with [`LiveSpec::paused`],
+    /// starts QEMU paused and returns at once (then [`LiveGuest::resume`]).
     pub fn boot(spec: &LiveSpec, name: &str) -> Result<Self, GuestError> {
         std::fs::create_dir_all(&spec.work_dir).map_err(io("creating the work dir"))?;
         let initrd = spec.work_dir.join(format!("{name}-initrd.cpio"));
@@ -172,6 +179,15 @@ impl LiveGuest {
             }
         }
         cmd.arg("-append").arg(append);
+        let control = spec
+            .paused
+            .then(|| spec.work_dir.join(format!("{name}-control.qmp")));
+        if let Some(c) = &control {
+            let _ = std::fs::remove_file(c);
+            cmd.arg("-S")
+                .arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", c.display()));
+        }
         for i in 1..=spec.root_ports {
             cmd.args([
                 "-device",
@@ -229,10 +245,78 @@ impl LiveGuest {
             console,
             stderr,
             qmp,
+            control,
+            boot_timeout: spec.boot_timeout,
             next_id: 1,
             name: name.to_string(),
         };
-        let deadline = Instant::now() + spec.boot_timeout;
+        if me.control.is_some() {
+            return Ok(me);
+        }
+        me.wait_ready()?;
+        Ok(me)
+    }
+
+    /// Lets a guest started with [`LiveSpec::paused`] run (QMP `cont` on its second socket)
+    /// and waits until its command loop answers.
+    pub fn resume(&mut self) -> Result<(), GuestError> {
+        self.control("cont")?;
+        self.wait_ready()
+    }
+
+    /// Runs QMP command `execute` (no arguments) on the second socket of a guest started with
+    /// [`LiveSpec::paused`] (the first is the code's under test), and returns its `return`.
+    pub fn control(&self, execute: &str) -> Result<serde_json::Value, GuestError> {
+        let fail = |what: String| GuestError::Io {
+            what,
+            source: std::io::ErrorKind::Other.into(),
+        };
+        let Some(control) = &self.control else {
+            return Err(fail(format!("guest {} was not started paused", self.name)));
+        };
+        let deadline = Instant::now() + self.boot_timeout;
+        let mut stream = loop {
+            match std::os::unix::net::UnixStream::connect(control) {
+                Ok(s) => break s,
+                // QEMU makes the socket early in its start-up.
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(io(format!("connecting to {}", control.display()))(e)),
+            }
+        };
+        let _ = stream.set_read_timeout(Some(self.boot_timeout));
+        let request = serde_json::json!({ "execute": execute });
+        stream
+            .write_all(format!("{{\"execute\":\"qmp_capabilities\"}}\n{request}\n").as_bytes())
+            .map_err(io(format!("sending {execute}")))?;
+        // The greeting, then one answer per command; events may come in between.
+        let mut answers = Vec::new();
+        for line in BufReader::new(stream).lines() {
+            let line = line.map_err(io("reading QMP"))?;
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .map_err(|_| fail(format!("QEMU sent {line:?} on {}", control.display())))?;
+            if v.get("error").is_some() {
+                return Err(fail(format!("QEMU refused {execute}: {line}")));
+            }
+            if let Some(r) = v.get("return") {
+                answers.push(r.clone());
+                if answers.len() == 2 {
+                    break;
+                }
+            }
+        }
+        answers.pop().filter(|_| answers.len() == 1).ok_or_else(|| {
+            fail(format!(
+                "QEMU closed {} before answering {execute}",
+                control.display()
+            ))
+        })
+    }
+
+    fn wait_ready(&self) -> Result<(), GuestError> {
+        let (me, name) = (self, &self.name);
+        let deadline = Instant::now() + me.boot_timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match me.lines.recv_timeout(left) {
@@ -242,7 +326,7 @@ impl LiveGuest {
                     return Err(GuestError::Io {
                         what: format!(
                             "guest {name} did not come up within {:?}\n{}",
-                            spec.boot_timeout,
+                            me.boot_timeout,
                             me.transcript()
                         ),
                         source: std::io::ErrorKind::TimedOut.into(),
@@ -250,8 +334,7 @@ impl LiveGuest {
                 }
             }
         }
-        // The QMP socket exists once QEMU is up (before the guest's kernel).
-        Ok(me)
+        Ok(())
     }
 
     /// Runs `command` in the guest and waits at most `timeout` for it to finish.
@@ -341,5 +424,8 @@ impl Drop for LiveGuest {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.qmp);
+        if let Some(c) = &self.control {
+            let _ = std::fs::remove_file(c);
+        }
     }
 }
