@@ -3,12 +3,17 @@
 #
 #   bash scripts/readme.sh first-command    # the first line of the "The two commands" block
 #   bash scripts/readme.sh lending-by-hand  # the "Lending by hand" block, in a temporary dir
+#   bash scripts/readme.sh sharing          # the SR-IOV block (after a build, devlend on PATH)
+#   bash scripts/readme.sh cluster          # the etcd cluster block (three hosts, etcd on :2379)
+#   bash scripts/readme.sh vm-hotplug       # "Lending by hand", then the running-VM block
 #   bash scripts/readme.sh references       # every repository file README.md names exists
 #   bash scripts/readme.sh print NAME       # print what would run
 #
-# `lending-by-hand` replaces `/tmp/` in the block with a fresh temporary directory (so runs never
-# meet each other's state), runs it with `set -e`, then stops the nodes it started and removes
-# the directory.
+# A block runs with `/tmp/` replaced by a fresh temporary directory (so runs never meet each
+# other's state), under `set -e`; then every process it started in the background (nodes,
+# etcd, QEMU) is stopped and the directory removed. A line whose comment starts with
+# `# error:` must fail, saying what follows. `. .cache/vm.env` reads the cache that
+# scripts/vm-setup.sh filled (`$DEVLEND_CACHE` when set, as in CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +36,65 @@ lending_by_hand() {
     block_after "## Lending by hand"
 }
 
+# The script that runs blocks $2... as `$1`: /tmp/ moved to a fresh directory, `# error:`
+# lines turned into checks that they fail with that message.
+block_script() {
+    local tmp=$1 heading body cache_env
+    shift
+    echo 'set -euo pipefail'
+    # Stop everything the blocks started (their background jobs), whatever happened.
+    echo 'trap '"'"'for p in $(jobs -p); do kill "$p" 2>/dev/null || true; done; wait || true'"'"' EXIT'
+    echo "set -x"
+    for heading in "$@"; do
+        body=$(block_after "$heading")
+        [ -n "$body" ] || { echo "README.md: no sh block after '$heading'" >&2; return 1; }
+        body=${body//\/tmp\//$tmp/}
+        cache_env='. "${DEVLEND_CACHE:-.cache}/vm.env"'
+        body=${body//. .cache\/vm.env/$cache_env}
+        printf '%s\n' "$body" | awk '
+            match($0, /[[:space:]]+#[[:space:]]*error:[[:space:]]*/) {
+                cmd = substr($0, 1, RSTART - 1)
+                msg = substr($0, RSTART + RLENGTH)
+                if (msg ~ /["$`\\]/) { print "README: cannot check an error message with quotes: " msg > "/dev/stderr"; exit 1 }
+                printf "if out=$(%s 2>&1); then echo \"README: expected an error from: %s\" >&2; exit 1; fi\n", cmd, cmd
+                printf "case \"$out\" in *\"%s\"*) echo \"$out\" ;; *) echo \"README: expected %s from %s, got: $out\" >&2; exit 1 ;; esac\n", msg, msg, cmd
+                next
+            }
+            { print }'
+    done
+}
+
+# Runs blocks $2... (in one script, in order) and reports as $1.
+run_blocks() {
+    local name=$1 tmp rc=0
+    shift
+    tmp=$(mktemp -d /tmp/devlend-readme.XXXXXX)
+    if ! block_script "$tmp" "$@" >"$tmp/block.sh"; then
+        rm -rf "$tmp"
+        exit 1
+    fi
+    bash "$tmp/block.sh" >"$tmp/out" 2>&1 || rc=$?
+    # QEMU's console carries terminal escapes: shown, not obeyed.
+    cat -v "$tmp/out"
+    rm -rf "$tmp"
+    if [ "$rc" -ne 0 ]; then
+        echo "README.md's '$name' block failed (exit $rc)" >&2
+        exit "$rc"
+    fi
+    echo "README.md's '$name' block ran"
+}
+
+# What the sharing block takes from earlier in the README: a release build on PATH.
+build_prelude() {
+    cargo build --release --quiet
+    PATH=$PWD/target/release:$PATH
+    export PATH
+}
+
+SHARING="## Sharing one device among several hosts (SR-IOV virtual functions)"
+CLUSTER="## A cluster of hosts (etcd)"
+VM_HOTPLUG="### Into a running VM, and back, without stopping it (the default way)"
+
 case "${1:-}" in
 first-command)
     cmd=$(first_command)
@@ -38,27 +102,13 @@ first-command)
     echo "+ $cmd"
     bash -c "$cmd"
     ;;
-lending-by-hand)
-    body=$(lending_by_hand)
-    [ -n "$body" ] || { echo "README.md: no 'Lending by hand' block found" >&2; exit 1; }
-    tmp=$(mktemp -d /tmp/devlend-readme.XXXXXX)
-    script="$tmp/lending-by-hand.sh"
-    {
-        echo 'set -euo pipefail'
-        # Stop every node the block started (its background jobs), whatever happened.
-        echo 'trap '"'"'for p in $(jobs -p); do kill "$p" 2>/dev/null || true; done; wait || true'"'"' EXIT'
-        echo "set -x"
-        printf '%s\n' "${body//\/tmp\//$tmp/}"
-    } >"$script"
-    rc=0
-    bash "$script" || rc=$?
-    rm -rf "$tmp"
-    if [ "$rc" -ne 0 ]; then
-        echo "README.md's 'Lending by hand' block failed (exit $rc)" >&2
-        exit "$rc"
-    fi
-    echo "README.md's 'Lending by hand' block ran"
+lending-by-hand) run_blocks "Lending by hand" "## Lending by hand" ;;
+sharing)
+    build_prelude
+    run_blocks "sharing (SR-IOV)" "$SHARING"
     ;;
+cluster) run_blocks "cluster (etcd)" "$CLUSTER" ;;
+vm-hotplug) run_blocks "Lending by hand + running VM" "## Lending by hand" "$VM_HOTPLUG" ;;
 references)
     # Paths in backquotes or in the architecture block that look like repository files.
     missing=0
@@ -82,12 +132,15 @@ references)
 print)
     case "${2:-}" in
     first-command) first_command ;;
-    lending-by-hand) lending_by_hand ;;
-    *) echo "usage: $0 print first-command|lending-by-hand" >&2; exit 2 ;;
+    lending-by-hand) block_script /tmp "## Lending by hand" ;;
+    sharing) block_script /tmp "$SHARING" ;;
+    cluster) block_script /tmp "$CLUSTER" ;;
+    vm-hotplug) block_script /tmp "## Lending by hand" "$VM_HOTPLUG" ;;
+    *) echo "usage: $0 print first-command|lending-by-hand|sharing|cluster|vm-hotplug" >&2; exit 2 ;;
     esac
     ;;
 *)
-    echo "usage: $0 first-command|lending-by-hand|print NAME" >&2
+    echo "usage: $0 first-command|lending-by-hand|sharing|cluster|vm-hotplug|references|print NAME" >&2
     exit 2
     ;;
 esac

@@ -28,3 +28,9 @@ echo "== README: the first command"
 bash scripts/readme.sh first-command
 echo "== README: the 'Lending by hand' block"
 bash scripts/readme.sh lending-by-hand
+echo "== README: the SR-IOV sharing block"
+bash scripts/readme.sh sharing
+echo "== README: the etcd cluster block"
+bash scripts/readme.sh cluster
+echo "== README: 'Lending by hand', then the running-VM block (QEMU, hot-plug and back)"
+bash scripts/readme.sh vm-hotplug

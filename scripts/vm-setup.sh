@@ -9,7 +9,8 @@
 #
 # Idempotent: each step is skipped when its output exists; a second run is offline-safe.
 # Usage: scripts/vm-setup.sh [CACHE_DIR]     (default: ${DEVLEND_CACHE:-<repo>/.cache})
-# Exit status: 0 ready; 2 not root (and nothing cached); 3 a host tool cannot be installed;
+# Not root and nothing cached: runs itself again with sudo when there is sudo.
+# Exit status: 0 ready; 2 not root (nothing cached, no sudo); 3 a host tool cannot be installed;
 # anything else: a real failure (mirror unreachable, debootstrap failed, ...).
 set -euo pipefail
 
@@ -26,7 +27,11 @@ if [[ $(id -u) -ne 0 ]]; then
         cat "$ENV_FILE"
         exit 0
     fi
-    log "must run as root the first time (debootstrap, apt-get)"
+    if command -v sudo >/dev/null 2>&1; then
+        log "the first run needs root (debootstrap, apt-get): running it with sudo"
+        exec sudo bash "$REPO/scripts/vm-setup.sh" "$CACHE"
+    fi
+    log "must run as root the first time (debootstrap, apt-get), and there is no sudo here"
     exit 2
 fi
 
