@@ -553,21 +553,10 @@ fn a_guest_that_ignores_the_unplug_request_gets_a_surprise_removal() {
     let v: serde_json::Value = serde_json::from_slice(&rec.stdout).unwrap();
     assert_eq!(v["returned"], false, "{v}");
     assert_eq!(rig.lender_state("nvme1"), "available");
-    let log = rig.dir.join("borrower.log");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains(
-            "nvme1 taken back by its lender; it left its VM: the guest did not release it",
-        ) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the borrower never cut nvme1 off:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_log(
+        &rig.dir.join("borrower.log"),
+        "nvme1 taken back by its lender; it left its VM: the guest did not release it",
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while !rig.borrowed().is_empty() {
         assert!(
