@@ -820,7 +820,7 @@ impl PeerWindows for TcpNtb {
         self.peer_mw_read_many(window, &mut [(offset, buf)])
     }
 
-    /// Every read goes out (in pieces of at most [`frame::MAX_DATA`], [`READS_AT_ONCE`] pieces
+    /// Every read goes out (in pieces of at most [`frame::MAX_DATA`], `READS_AT_ONCE` pieces
     /// at a time) before the first reply is awaited, so that a batch costs about one round
     /// trip.
     fn peer_mw_read_many(

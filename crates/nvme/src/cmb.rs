@@ -7,11 +7,11 @@
 //!   the addresses `CBA .. CBA + size` refer to the buffer; an invalid base (not a multiple of
 //!   the size unit, or a range that wraps) sets `CMBSTS.CBAI` and leaves the buffer unmapped.
 //!   Controller resets (CC.EN 1 -> 0) keep CMBMSC; a function level reset clears it.
-//! - Addressing: [`CmbPort`] sits in front of the device's bus-master port. An access wholly
+//! - Addressing: `CmbPort` sits in front of the device's bus-master port. An access wholly
 //!   inside the enabled buffer is served from the buffer, one wholly outside goes to the port,
 //!   and one that is partly inside fails as an unmapped DMA (the command then ends with Data
 //!   Transfer Error and nothing is transferred).
-//! - The host reaches the buffer through the BAR ([`Cmb::bar_read`], [`Cmb::bar_write`]):
+//! - The host reaches the buffer through the BAR (`Cmb::bar_read`, `Cmb::bar_write`):
 //!   plain memory, byte-granular, no side effects.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -961,7 +961,7 @@ impl PciDevice for NvmeDevice {
     }
 
     /// One worker pass on the calling thread, while the worker sleeps and only when the pass
-    /// waits for nothing ([`Controller::pending_is_local`]): every waiting command in a queue
+    /// waits for nothing (`Controller::pending_is_local`): every waiting command in a queue
     /// whose ring is device memory (a submission queue in the CMB), reading only memory this
     /// process maps; posted writes (data, completions, MSI-X) never wait. Afterwards the
     /// worker is left asleep unless work or a coalesced interrupt remains for it.

@@ -8,7 +8,7 @@
 //! command and then brings it online; a secondary that is offline, or whose VF is not enabled,
 //! fails `CC.EN` with `CSTS.CFS`. Identify CNS 0x14 reports the pool, CNS 0x15 the secondaries.
 //!
-//! [`Virtualization`] is shared by the primary's controller core and every secondary's (each
+//! `Virtualization` is shared by the primary's controller core and every secondary's (each
 //! with its own worker thread). Lock order: a controller's `core` lock, then this one; the
 //! secondaries' hot path reads only atomics.
 

@@ -44,7 +44,9 @@ impl LeaseView {
     }
 }
 
-/// A lease kept alive by a thread; see the [module documentation](self).
+/// A lease kept alive by a thread: it refreshes the lease every third of its TTL, and when
+/// the lease is lost (etcd unreachable for a whole TTL, or the lease gone) it asks for a new
+/// one as soon as etcd answers and calls the registration callback again.
 pub struct LeaseKeeper {
     shared: Arc<Shared>,
     ttl: Duration,
