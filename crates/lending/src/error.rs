@@ -15,7 +15,7 @@ pub enum LendingError {
     #[error("no device named {0}; see `devlend list`")]
     NoSuchDevice(String),
     /// A device by that name exists already.
-    #[error("a device named {0} exists already; pick another --name")]
+    #[error("a device named {0} exists already (a node keeps the devices it lends across restarts; `devlend remove {0}` takes it out); pick another --name")]
     DuplicateName(String),
     /// The device is lent and cannot be removed or changed now.
     #[error("device {0} is lent; it must be returned first")]
@@ -31,6 +31,15 @@ pub enum LendingError {
         device: String,
         /// Its virtual functions, comma-separated.
         vfs: String,
+    },
+    /// The device is a virtual function of an SR-IOV physical function this host manages: it
+    /// comes and goes with its physical function.
+    #[error("device {vf} is a virtual function of {pf}; remove {pf} (it goes with all its virtual functions)")]
+    VirtualFunction {
+        /// The virtual function.
+        vf: String,
+        /// Its physical function.
+        pf: String,
     },
     /// This host holds no lease on that device.
     #[error("this host has not borrowed {0}")]

@@ -492,20 +492,51 @@ impl Lender {
         Ok(())
     }
 
-    pub(crate) fn remove(&self, asp: &AddressSpace, name: &str) -> Result<(), LendingError> {
+    /// Removes device `name` (with its virtual functions, for a managed physical function) and
+    /// returns the names removed. Refused for a device that is lent or resetting, for a
+    /// physical function one of whose virtual functions is, and for a virtual function alone.
+    pub(crate) fn remove(
+        &self,
+        asp: &AddressSpace,
+        name: &str,
+    ) -> Result<Vec<String>, LendingError> {
+        let pf_of = self
+            .state()
+            .pfs
+            .iter()
+            .find(|(_, pf)| pf.vfs.iter().any(|v| v == name))
+            .map(|(pf, _)| pf.clone());
+        if let Some(pf) = pf_of {
+            return Err(LendingError::VirtualFunction {
+                vf: name.to_string(),
+                pf,
+            });
+        }
         let vfs = self.state().pfs.get(name).map(|pf| pf.vfs.clone());
+        self.remove_one(asp, name, vfs.as_deref())?;
+        let mut removed = vec![name.to_string()];
+        removed.extend(vfs.unwrap_or_default());
+        Ok(removed)
+    }
+
+    fn remove_one(
+        &self,
+        asp: &AddressSpace,
+        name: &str,
+        vfs: Option<&[String]>,
+    ) -> Result<(), LendingError> {
         if let Some(vfs) = vfs {
-            // A managed PF goes with its VFs, none of which may be lent.
-            if let Some(lent) = vfs.iter().find(|v| {
-                self.state()
-                    .devices
-                    .get(*v)
-                    .is_some_and(|d| d.lease.is_some())
-            }) {
-                return Err(LendingError::Busy(lent.clone()));
+            // A managed PF goes with its VFs, none of which may be lent or resetting (checked
+            // for all before any goes).
+            for vf in vfs {
+                match self.state().devices.get(vf) {
+                    Some(d) if d.lease.is_some() => return Err(LendingError::Busy(vf.clone())),
+                    Some(d) if d.resetting => return Err(LendingError::Resetting(vf.clone())),
+                    _ => {}
+                }
             }
-            for vf in &vfs {
-                self.remove(asp, vf)?;
+            for vf in vfs {
+                self.remove_one(asp, vf, None)?;
             }
             self.state().pfs.remove(name);
             return Ok(());

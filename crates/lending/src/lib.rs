@@ -518,8 +518,10 @@ impl Node {
         Ok(added)
     }
 
-    /// Removes a device this host owns (it must not be lent).
-    pub fn remove_device(&self, name: &str) -> Result<(), LendingError> {
+    /// Removes a device this host owns (it must not be lent); a managed SR-IOV physical
+    /// function goes with its virtual functions (none may be lent), and a virtual function is
+    /// refused on its own. Returns the names removed.
+    pub fn remove_device(&self, name: &str) -> Result<Vec<String>, LendingError> {
         self.host.lender.remove(&self.asp, name)
     }
 

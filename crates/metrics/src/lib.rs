@@ -227,6 +227,13 @@ impl Registry {
             .clone()
     }
 
+    /// Drops the counters of device `name` in `role` (a device removed from the node: its
+    /// series leave the page; one added again under the name starts from zero, which
+    /// Prometheus reads as a counter reset).
+    pub fn forget_device(&self, name: &str, role: Role) {
+        devlend_sync::lock(&self.devices).remove(&(name.to_string(), role));
+    }
+
     /// The counters of link `index`.
     pub fn link(&self, index: usize) -> Arc<LinkMetrics> {
         devlend_sync::lock(&self.links)

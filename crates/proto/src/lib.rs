@@ -124,9 +124,10 @@ impl ErrorBody {
                 return match l {
                     L::NoSuchDevice(_) => ErrorCode::NotFound,
                     L::DuplicateName(_) => ErrorCode::AlreadyExists,
-                    L::AlreadyLent { .. } | L::Busy(_) | L::PhysicalFunction { .. } => {
-                        ErrorCode::InUse
-                    }
+                    L::AlreadyLent { .. }
+                    | L::Busy(_)
+                    | L::PhysicalFunction { .. }
+                    | L::VirtualFunction { .. } => ErrorCode::InUse,
                     L::NotBorrowed(_) | L::NotLent(_) => ErrorCode::NotHeld,
                     L::LinkDown | L::Timeout => ErrorCode::LinkDown,
                     L::Refused(_) => ErrorCode::Refused,
@@ -212,6 +213,8 @@ pub enum Request {
     Return(ReturnRequest),
     /// Forced take-back of a device this host lends.
     Reclaim(ReclaimRequest),
+    /// Stop lending a device: it leaves this host (and `devices.json`); its image stays.
+    Remove(RemoveRequest),
     /// Node status.
     Status(Empty),
     /// Run the user-space NVMe driver on a borrowed device.
@@ -278,6 +281,7 @@ verb!(AddVfioRequest, AddVfio, AddReply);
 verb!(BorrowRequest, Borrow, BorrowReply);
 verb!(ReturnRequest, Return, ReturnReply);
 verb!(ReclaimRequest, Reclaim, ReclaimReply);
+verb!(RemoveRequest, Remove, RemoveReply);
 verb!(CheckRequest, Check, CheckReply);
 verb!(LspciRequest, Lspci, LspciReply);
 empty_verb!(ListRequest, List, ListReply);
@@ -295,6 +299,7 @@ impl Request {
             Request::Borrow(_) => "borrow",
             Request::Return(_) => "return",
             Request::Reclaim(_) => "reclaim",
+            Request::Remove(_) => "remove",
             Request::Status(_) => "status",
             Request::Check(_) => "check",
             Request::Lspci(_) => "lspci",
@@ -380,6 +385,15 @@ pub struct ReclaimRequest {
     pub name: String,
     /// Grace for the borrower, milliseconds.
     pub grace_ms: u64,
+}
+
+/// Stop lending a device this host owns. Refused while it (or, for an SR-IOV physical
+/// function, one of its virtual functions) is lent; a physical function goes with its virtual
+/// functions, and a virtual function only with its physical function.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    /// Device name.
+    pub name: String,
 }
 
 /// Run the user-space NVMe driver on a borrowed device: read, or (with `write`) write,
@@ -641,6 +655,14 @@ pub struct ReclaimReply {
     pub elapsed_ms: u64,
 }
 
+/// `remove`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoveReply {
+    /// The devices that left the host: the one named, then (for a physical function) its
+    /// virtual functions.
+    pub removed: Vec<String>,
+}
+
 /// One link in `status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LinkStatus {
@@ -730,6 +752,8 @@ pub enum Reply {
     Return(ReturnReply),
     /// `reclaim`.
     Reclaim(ReclaimReply),
+    /// `remove`.
+    Remove(RemoveReply),
     /// `status`.
     Status(Box<StatusReply>),
     /// `check`.
