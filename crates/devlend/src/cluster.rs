@@ -264,6 +264,18 @@ impl Cluster {
         Ok(())
     }
 
+    /// Takes a device this node no longer lends out of the registry (and out of what it
+    /// registers again after a new lease).
+    pub fn unregister_device(&self, name: &str) -> anyhow::Result<()> {
+        let known = lock(&self.shared.state).lending.remove(name).is_some();
+        if known {
+            self.shared
+                .registry
+                .unregister_device(name, &self.shared.name)?;
+        }
+        Ok(())
+    }
+
     /// Every device of the cluster, in the shape of the local listing: this node's under
     /// `local`, the others' under `peer` (owner = lender), each with its borrower.
     pub fn list(&self) -> anyhow::Result<crate::proto::ListReply> {

@@ -32,6 +32,8 @@ enum Cmd {
     Node(cmd::node::Args),
     /// Add a device this host lends (`devlend add nvme --image PATH`).
     Add(cmd::verbs::AddArgs),
+    /// Stop lending a device (on the lender): it leaves this host and its state; its image stays.
+    Remove(cmd::verbs::RemoveArgs),
     /// List devices on this host and its peer, with owner and borrower.
     List(cmd::verbs::PlainArgs),
     /// Borrow a device from the peer.
@@ -128,6 +130,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.cmd {
         Cmd::Node(a) => cmd::node::run(a),
         Cmd::Add(a) => cmd::verbs::add(a),
+        Cmd::Remove(a) => cmd::verbs::remove(a),
         Cmd::List(a) => cmd::verbs::list(a),
         Cmd::Borrow(a) => cmd::verbs::borrow(a),
         Cmd::Return(a) => cmd::verbs::give_back(a),
@@ -189,6 +192,7 @@ impl Cmd {
             Cmd::List(a) | Cmd::Status(a) => a.json(),
             Cmd::Borrow(a) | Cmd::Return(a) => a.json(),
             Cmd::Reclaim(a) => a.json(),
+            Cmd::Remove(a) => a.json(),
             Cmd::Check(a) => a.json(),
             Cmd::Wait(a) => a.json(),
             Cmd::Lspci(a) => a.json(),

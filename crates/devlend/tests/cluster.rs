@@ -227,6 +227,20 @@ fn borrow_by_name_across_hosts_with_links_made_on_demand() {
     });
     let out = loser.ctl_ok(&["check", "--write", "disk0", "--bytes", "64K"]);
     assert!(out.contains("verified"), "{out}");
+
+    // Removed by its lender (once returned): it leaves the cluster's inventory, and its name
+    // is free for another host.
+    loser.ctl_ok(&["return", "disk0"]);
+    wait_for("alpha offers disk0 again", 15, || {
+        alpha.ctl(&["remove", "disk0"]).status.success()
+    });
+    assert!(find(&gamma, "disk0").is_none(), "{:?}", list(&gamma));
+    assert!(find(&beta, "disk0").is_none(), "{:?}", list(&beta));
+    add_ok(&beta, &dir, "disk0");
+    assert_eq!(
+        find(&gamma, "disk0").unwrap()["owner"].as_str(),
+        Some("beta")
+    );
     drop((alpha, beta, gamma));
 }
 

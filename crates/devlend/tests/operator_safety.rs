@@ -483,3 +483,73 @@ fn status_shows_a_device_whose_lender_died_as_lost_with_the_reason() {
     let status = p.borrower.ctl_json(&["status"]);
     assert_eq!(status["lost"], serde_json::json!([]), "{status}");
 }
+
+/// Names `node`'s `list` shows (its own under `local`, its peer's under `peer`).
+fn listed(node: &NodeProcess, side: &str) -> Vec<String> {
+    let v = node.ctl_json(&["list"]);
+    v[side]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {side} in {v}"))
+        .iter()
+        .map(|d| d["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn remove_stops_lending_a_device_for_good_keeps_its_image_and_refuses_what_is_in_use() {
+    let mut p = Pair::new("opsafe-remove");
+    let image = p.dir.join("nvme0.img");
+    let bytes = fill_image(&image, 4 << 20, 9);
+    p.lend("nvme0", &image, &[]);
+    let pf_image = p.dir.join("pf0.img");
+    fill_image(&pf_image, 16 << 20, 10);
+    p.lend("pf0", &pf_image, &["--vfs", "2"]);
+
+    // Lent: refused, naming the borrower and how to take it back; still lent.
+    p.borrower.ctl_ok(&["borrow", "nvme0"]);
+    let (code, msg) = p.lender.ctl_err(&["remove", "nvme0"]);
+    assert_eq!(code, "in_use", "{msg}");
+    assert!(msg.contains("lent to borrower"), "{msg}");
+    assert!(msg.contains("devlend reclaim nvme0"), "{msg}");
+    assert_eq!(p.lender.borrower_of("nvme0").as_deref(), Some("borrower"));
+    // A virtual function goes only with its physical function; a physical function not
+    // while one of its virtual functions is lent.
+    let (code, msg) = p.lender.ctl_err(&["remove", "pf0-vf1"]);
+    assert_eq!(code, "in_use", "{msg}");
+    assert!(msg.contains("virtual function of pf0"), "{msg}");
+    p.borrower.ctl_ok(&["borrow", "pf0-vf2"]);
+    let (code, msg) = p.lender.ctl_err(&["remove", "pf0"]);
+    assert_eq!(code, "in_use", "{msg}");
+    assert!(msg.contains("pf0-vf2 is lent to borrower"), "{msg}");
+    assert!(listed(&p.lender, "local").contains(&"pf0-vf1".to_string()));
+
+    // Returned: removed. The peer no longer sees it, the image keeps its bytes and is free
+    // for another device, and the state no longer has it.
+    p.borrower.ctl_ok(&["return", "nvme0"]);
+    p.borrower.ctl_ok(&["return", "pf0-vf2"]);
+    let v = p.lender.ctl_json(&["remove", "nvme0"]);
+    assert_eq!(v["removed"], serde_json::json!(["nvme0"]), "{v}");
+    assert!(!listed(&p.lender, "local").contains(&"nvme0".to_string()));
+    assert!(!listed(&p.borrower, "peer").contains(&"nvme0".to_string()));
+    assert_eq!(std::fs::read(&image).unwrap(), bytes, "the image changed");
+    let saved = std::fs::read_to_string(p.dir.join("lender").join("devices.json")).unwrap();
+    assert!(!saved.contains("\"nvme0\""), "{saved}");
+    let (code, msg) = p.lender.ctl_err(&["remove", "nvme0"]);
+    assert_eq!(code, "not_found", "{msg}");
+    p.lend("again", &image, &[]);
+
+    // A physical function goes with its virtual functions.
+    let v = p.lender.ctl_json(&["remove", "pf0"]);
+    assert_eq!(
+        v["removed"],
+        serde_json::json!(["pf0", "pf0-vf1", "pf0-vf2"]),
+        "{v}"
+    );
+    assert_eq!(listed(&p.lender, "local"), ["again"]);
+
+    // For good: a restarted lender offers only what is left.
+    p.lender.kill9();
+    let fabric = p.dir.join("fabric");
+    p.lender = NodeProcess::start(&p.dir, "lender", &[&fabric], 5000);
+    assert_eq!(listed(&p.lender, "local"), ["again"]);
+}

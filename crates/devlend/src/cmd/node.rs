@@ -807,6 +807,47 @@ fn handle(d: &Daemon, req: Request) -> anyhow::Result<Reply> {
                 elapsed_ms: r.elapsed_ms,
             })
         }
+        Request::Remove(proto::RemoveRequest { name }) => {
+            let removed = match d.node.remove_device(&name) {
+                Ok(r) => r,
+                Err(devlend_lending::LendingError::Busy(dev)) => {
+                    let to = d
+                        .node
+                        .local_devices()
+                        .into_iter()
+                        .find(|x| x.name == dev)
+                        .and_then(|x| x.borrower)
+                        .map(|b| format!(" to {b}"))
+                        .unwrap_or_default();
+                    return Err(ErrorBody::new(
+                        ErrorCode::InUse,
+                        format!(
+                            "device {dev} is lent{to}: take it back first (`devlend reclaim \
+                             {dev}` here, or `devlend return {dev}` on the borrower)"
+                        ),
+                    )
+                    .into());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for n in &removed {
+                // The last references: the device (its worker, its image) goes now.
+                d.observe.forget_lent(n);
+                lock(&d.images).remove(n);
+            }
+            if let Some(c) = &d.cluster {
+                for n in &removed {
+                    if let Err(e) = c.unregister_device(n) {
+                        tracing::warn!(
+                            "{n} left this node but not yet the registry ({e:#}); its record \
+                             goes with this node's registry lease"
+                        );
+                    }
+                }
+            }
+            tracing::info!("removed {}", removed.join(", "));
+            Reply::Remove(proto::RemoveReply { removed })
+        }
         Request::Status(_) => {
             let st = d.node.status();
             let vms = lock(&d.vms);

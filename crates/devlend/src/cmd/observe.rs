@@ -74,6 +74,13 @@ impl Observe {
         })
     }
 
+    /// Forgets a device this node lent and no longer has: its counters and the reference kept
+    /// for `lspci` (the last one once the lender dropped it, so the device goes now).
+    pub fn forget_lent(&self, name: &str) {
+        devlend_sync::lock(&self.local).remove(name);
+        self.registry.forget_device(name, Role::Lent);
+    }
+
     /// Lists a device just borrowed (its counters start at zero, before any use).
     pub fn note_borrowed(&self, name: &str) {
         let _ = self.registry.device(name, Role::Borrowed);

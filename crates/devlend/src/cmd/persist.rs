@@ -61,6 +61,11 @@ pub fn record(state: &Path, req: &Request) -> anyhow::Result<()> {
             all.push(req.clone());
             write_atomic(&state.join(DEVICES), &serde_json::to_vec_pretty(&all)?)
         }
+        Request::Remove(r) => {
+            let mut all: Vec<Request> = read(&state.join(DEVICES))?;
+            all.retain(|a| !matches!(a, Request::Add(a) if a.name == r.name));
+            write_atomic(&state.join(DEVICES), &serde_json::to_vec_pretty(&all)?)
+        }
         Request::Borrow(b) => {
             let mut held: Vec<String> = read(&state.join(BORROWED))?;
             if !held.contains(&b.name) {

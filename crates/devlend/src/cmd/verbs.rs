@@ -1,4 +1,5 @@
-//! The management verbs: `add`, `list`, `borrow`, `return`, `status`, `check`.
+//! The management verbs: `add`, `remove`, `list`, `borrow`, `return`, `reclaim`, `status`,
+//! `check`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -6,7 +7,8 @@ use std::time::Duration;
 use super::ctl::{call, Target};
 use crate::proto::{
     AddReply, AddRequest, AddVfioRequest, BorrowRequest, CheckRequest, Device, DeviceState,
-    ErrorBody, ErrorCode, ListRequest, ReclaimRequest, ReturnRequest, StatusRequest, VmAttachment,
+    ErrorBody, ErrorCode, ListRequest, ReclaimRequest, RemoveRequest, ReturnRequest, StatusRequest,
+    VmAttachment,
 };
 
 /// `devlend add nvme ...`
@@ -62,6 +64,16 @@ pub struct AddArgs {
 pub struct PlainArgs {
     #[command(flatten)]
     target: Target,
+}
+
+/// `devlend remove NAME`
+#[derive(clap::Args)]
+pub struct RemoveArgs {
+    #[command(flatten)]
+    target: Target,
+    /// A device this host lends (see `devlend list`); an SR-IOV physical function goes with
+    /// its virtual functions.
+    name: String,
 }
 
 /// `devlend borrow NAME`, `devlend return NAME`
@@ -456,6 +468,29 @@ pub fn reclaim(a: ReclaimArgs) -> anyhow::Result<()> {
     })
 }
 
+/// Runs `remove` (on the lender).
+pub fn remove(a: RemoveArgs) -> anyhow::Result<()> {
+    let v = call(
+        &a.target.state,
+        RemoveRequest {
+            name: a.name.clone(),
+        },
+        TIMEOUT,
+    )?;
+    emit(&a.target, &v, |v| {
+        let (first, rest) = v
+            .removed
+            .split_first()
+            .map_or(("", &[][..]), |(f, r)| (f.as_str(), r));
+        let with = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(" with its virtual functions {}", rest.join(", "))
+        };
+        format!("removed {first}{with}: no longer lent from this host; its image stays\n")
+    })
+}
+
 /// Runs `status`.
 pub fn status(a: PlainArgs) -> anyhow::Result<()> {
     let v = call(&a.target.state, StatusRequest, TIMEOUT)?;
@@ -544,6 +579,13 @@ impl PlainArgs {
 }
 
 impl NameArgs {
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.target.json
+    }
+}
+
+impl RemoveArgs {
     /// Whether `--json` was given.
     pub fn json(&self) -> bool {
         self.target.json
