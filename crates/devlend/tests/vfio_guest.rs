@@ -9,7 +9,8 @@
 //!    a known pattern and flushes it;
 //! 3. a second borrower writes another pattern, flushes, and is killed with `kill -9`; the
 //!    lender's lease expires, it resets the function through VFIO and offers it again; a third
-//!    borrower reads the killed one's completed write back;
+//!    borrower reads the killed one's completed write back; `devlend remove` gives the
+//!    controller back to nvme while the lender runs, and it is added again;
 //! 4. the benchmark row: the same driver and workload on the device used directly through
 //!    VFIO by one process, then borrowed through devlend (4 KiB random reads, QD1 and QD32),
 //!    in four rounds, the order alternating (direct first, then borrowed first), both pinned to
@@ -212,6 +213,12 @@ until grep -q "is back from borrower (lease" /tmp/lender.log; do
 done
 echo "VFIO-EXPIRED $(grep 'is back from borrower (lease' /tmp/lender.log | head -1)"
 vfio-guest borrower /tmp/f nvme0 readback || fail "readback borrower"
+# Removed while the node runs: the function goes back to its driver at once, and can be
+# added again.
+devlend remove nvme0 --state /tmp/l || fail "devlend remove"
+echo "VFIO-DRIVER-REMOVED $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
+devlend add vfio $BDF --bind --name nvme0 --state /tmp/l || fail "devlend add vfio after remove"
+echo "VFIO-DRIVER-READDED $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
 kill $LENDER
 wait $LENDER
 echo "VFIO-DRIVER-AFTER $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
@@ -328,6 +335,8 @@ fn host_test() {
             "VFIO-KILLED",
             "VFIO-EXPIRED",
             "VFIO-READBACK-OK",
+            "VFIO-DRIVER-REMOVED nvme",
+            "VFIO-DRIVER-READDED vfio-pci",
             "VFIO-DRIVER-AFTER nvme",
             "VFIO-ALL-DONE",
             "DEVLEND-TEST-EXIT 0",
