@@ -119,8 +119,9 @@ fn is_valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
-/// Checks that the VM at `qmp_path` (waited for up to [`QMP_APPEAR`] if it has no socket yet) can take a vfio-user device with id `id` (on `port`, or on
-/// any free hot-pluggable port), without changing anything. Returns the connection and the port.
+/// Checks that the VM at `qmp_path` (waited for up to [`QMP_APPEAR`] if it has no socket
+/// yet) can take a vfio-user device with id `id` (on `port`, or on any free hot-pluggable
+/// port), without changing anything. Returns the connection and the port.
 pub fn preflight(qmp_path: &Path, port: Option<&str>, id: &str) -> Result<(Qmp, Port), VmError> {
     if !is_valid_id(id) {
         return Err(VmError::BadId(id.to_string()));

@@ -265,7 +265,7 @@ impl LiveGuest {
     }
 
     /// Runs QMP command `execute` (no arguments) on the second socket of a guest started with
-    /// [`LiveSpec::paused`] (the first is the code's under test), and returns its `return`.
+    /// [`LiveSpec::paused`] (the first is for the code under test), and returns its `return`.
     pub fn control(&self, execute: &str) -> Result<serde_json::Value, GuestError> {
         let fail = |what: String| GuestError::Io {
             what,
