@@ -144,7 +144,7 @@ fn lspci_and_status_show_devices_leases_and_links() {
 #[test]
 fn metrics_endpoint_counts_io_and_passes_promtool() {
     let dir = scratch_dir("observe-metrics");
-    let (_lender, borrower) = pair(&dir);
+    let (lender, borrower) = pair(&dir);
     let b_addr = metrics_addr(&dir.join("borrower.log"));
     let l_addr = metrics_addr(&dir.join("lender.log"));
     borrower.ctl_ok(&["borrow", "nvme0"]);
@@ -227,6 +227,19 @@ fn metrics_endpoint_counts_io_and_passes_promtool() {
             );
         }
     }
+    // A device the lender removes leaves its page (once returned and reset).
+    borrower.ctl_ok(&["return", "nvme0"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lender.ctl(&["remove", "nvme0"]).status.success() {
+        assert!(Instant::now() < deadline, "nvme0 never removable");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, l_after) = get(&l_addr, "/metrics");
+    assert!(!l_after.contains("device=\"nvme0\""), "{l_after}");
+    assert!(
+        l_after.contains("devlend_link_up{node=\"lender\""),
+        "{l_after}"
+    );
 }
 
 /// A tmux server of this test's own, killed on drop. Its socket is in a scratch directory of
