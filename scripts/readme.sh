@@ -12,7 +12,8 @@
 # A block runs with `/tmp/` replaced by a fresh temporary directory (so runs never meet each
 # other's state), under `set -e`; then every process it started in the background (nodes,
 # etcd, QEMU) is stopped and the directory removed. A line whose comment starts with
-# `# error:` must fail, saying what follows. `. .cache/vm.env` reads the cache that
+# `# error:` must fail, saying what follows; a line `#   TEXT` under a command is what it
+# prints (checked; a trailing `...` is left out). `. .cache/vm.env` reads the cache that
 # scripts/vm-setup.sh filled (`$DEVLEND_CACHE` when set, as in CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,8 @@ lending_by_hand() {
 }
 
 # The script that runs blocks $2... as `$1`: /tmp/ moved to a fresh directory, `# error:`
-# lines turned into checks that they fail with that message.
+# lines turned into checks that they fail with that message, `#   TEXT` lines into checks
+# that the command above printed TEXT.
 block_script() {
     local tmp=$1 heading body cache_env
     shift
@@ -52,7 +54,21 @@ block_script() {
         cache_env='. "${DEVLEND_CACHE:-.cache}/vm.env"'
         body=${body//. .cache\/vm.env/$cache_env}
         printf '%s\n' "$body" | awk '
+            function flush() { if (have) print pending; have = 0 }
+            # "#   TEXT" under a command: what it prints; checked (a trailing "..." cut off).
+            /^#   / {
+                text = substr($0, 5)
+                sub(/[[:space:]]*[.][.][.]$/, "", text)
+                if (!have || text ~ /["$`\\]/) { print "README: cannot check the output line: " $0 > "/dev/stderr"; exit 1 }
+                cmd = pending
+                sub(/[[:space:]]+#.*$/, "", cmd)
+                have = 0
+                printf "out=$(%s 2>&1) || { echo \"$out\"; exit 1; }\necho \"$out\"\n", cmd
+                printf "case \"$out\" in *\"%s\"*) ;; *) echo \"README: expected %s from %s\" >&2; exit 1 ;; esac\n", text, text, cmd
+                next
+            }
             match($0, /[[:space:]]+#[[:space:]]*error:[[:space:]]*/) {
+                flush()
                 cmd = substr($0, 1, RSTART - 1)
                 msg = substr($0, RSTART + RLENGTH)
                 if (msg ~ /["$`\\]/) { print "README: cannot check an error message with quotes: " msg > "/dev/stderr"; exit 1 }
@@ -60,7 +76,8 @@ block_script() {
                 printf "case \"$out\" in *\"%s\"*) echo \"$out\" ;; *) echo \"README: expected %s from %s, got: $out\" >&2; exit 1 ;; esac\n", msg, msg, cmd
                 next
             }
-            { print }'
+            { flush(); pending = $0; have = 1 }
+            END { flush() }'
     done
 }
 
