@@ -495,72 +495,55 @@ impl Lender {
     /// Removes device `name` (with its virtual functions, for a managed physical function) and
     /// returns the names removed. Refused for a device that is lent or resetting, for a
     /// physical function one of whose virtual functions is, and for a virtual function alone.
+    /// Checked and removed under one hold of the state, so a borrow cannot land in between;
+    /// the devices themselves are dropped after it (a real function's goes back to its driver).
     pub(crate) fn remove(
         &self,
         asp: &AddressSpace,
         name: &str,
     ) -> Result<Vec<String>, LendingError> {
-        let pf_of = self
-            .state()
+        let mut st = self.state();
+        if let Some(pf) = st
             .pfs
             .iter()
             .find(|(_, pf)| pf.vfs.iter().any(|v| v == name))
-            .map(|(pf, _)| pf.clone());
-        if let Some(pf) = pf_of {
+            .map(|(pf, _)| pf.clone())
+        {
             return Err(LendingError::VirtualFunction {
                 vf: name.to_string(),
                 pf,
             });
         }
-        let vfs = self.state().pfs.get(name).map(|pf| pf.vfs.clone());
-        self.remove_one(asp, name, vfs.as_deref())?;
+        let vfs = st.pfs.get(name).map(|pf| pf.vfs.clone());
+        let exported = vfs.clone().unwrap_or_else(|| vec![name.to_string()]);
+        for n in &exported {
+            match st.devices.get(n) {
+                // A managed PF is not exported itself; a VF always is.
+                None if vfs.is_none() => return Err(LendingError::NoSuchDevice(n.clone())),
+                Some(d) if d.lease.is_some() => return Err(LendingError::Busy(n.clone())),
+                Some(d) if d.resetting => return Err(LendingError::Resetting(n.clone())),
+                _ => {}
+            }
+        }
+        let mut gone = Vec::new();
+        for n in &exported {
+            if let Some(dev) = st.devices.remove(n) {
+                for (_, _, base) in &dev.bars {
+                    asp.remove(*base);
+                }
+                for a in &dev.areas {
+                    asp.remove(a.region);
+                }
+                gone.push(dev);
+            }
+        }
+        let pf = st.pfs.remove(name);
+        drop(st);
+        drop(gone);
+        drop(pf);
         let mut removed = vec![name.to_string()];
         removed.extend(vfs.unwrap_or_default());
         Ok(removed)
-    }
-
-    fn remove_one(
-        &self,
-        asp: &AddressSpace,
-        name: &str,
-        vfs: Option<&[String]>,
-    ) -> Result<(), LendingError> {
-        if let Some(vfs) = vfs {
-            // A managed PF goes with its VFs, none of which may be lent or resetting (checked
-            // for all before any goes).
-            for vf in vfs {
-                match self.state().devices.get(vf) {
-                    Some(d) if d.lease.is_some() => return Err(LendingError::Busy(vf.clone())),
-                    Some(d) if d.resetting => return Err(LendingError::Resetting(vf.clone())),
-                    _ => {}
-                }
-            }
-            for vf in vfs {
-                self.remove_one(asp, vf, None)?;
-            }
-            self.state().pfs.remove(name);
-            return Ok(());
-        }
-        let mut st = self.state();
-        let dev = st
-            .devices
-            .get(name)
-            .ok_or_else(|| LendingError::NoSuchDevice(name.to_string()))?;
-        if dev.lease.is_some() {
-            return Err(LendingError::Busy(name.to_string()));
-        }
-        if dev.resetting {
-            return Err(LendingError::Resetting(name.to_string()));
-        }
-        if let Some(dev) = st.devices.remove(name) {
-            for (_, _, base) in dev.bars {
-                asp.remove(base);
-            }
-            for a in dev.areas {
-                asp.remove(a.region);
-            }
-        }
-        Ok(())
     }
 
     pub(crate) fn leases(&self) -> Vec<LeaseStatus> {
