@@ -74,7 +74,7 @@ pub enum LendingError {
     #[error("the peer did not answer in time")]
     Timeout,
     /// The link is down.
-    #[error("the NTB link is down (is the peer's `devlend node` running?)")]
+    #[error("the NTB link is down (is the peer's `devlend node` running? A link comes up a moment after both nodes start: `devlend wait --peer NAME` waits for it)")]
     LinkDown,
     /// The device model could not be built.
     #[error("device: {0}")]
