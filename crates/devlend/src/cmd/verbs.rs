@@ -87,7 +87,8 @@ pub struct NameArgs {
     #[arg(long)]
     vfio_user: Option<PathBuf>,
     /// Hot-add the borrowed device to the running VM whose QMP socket this is (borrow only;
-    /// QEMU's `-qmp unix:PATH,server=on,wait=off`).
+    /// QEMU's `-qmp unix:PATH,server=on,wait=off`; a socket not made yet is waited for up to
+    /// 10 s).
     #[arg(long, value_name = "QMP_SOCKET")]
     vm: Option<PathBuf>,
     /// With --vm: the hot-pluggable port (a pcie-root-port's id) to use (default: the first free).
@@ -97,7 +98,7 @@ pub struct NameArgs {
     #[arg(long, requires = "vm")]
     id: Option<String>,
     /// Return only: how long a VM's guest has to release the device before it is removed by
-    /// surprise (e.g. 20s, 500ms; default 20s).
+    /// surprise (e.g. 20s, 500ms; default 20s); it is asked again every 10 s meanwhile.
     #[arg(long, value_parser = parse_duration)]
     grace: Option<Duration>,
 }
