@@ -527,11 +527,15 @@ impl Lender {
         }
         let mut gone = Vec::new();
         for n in &exported {
-            if let Some(dev) = st.devices.remove(n) {
-                for (_, _, base) in &dev.bars {
-                    asp.remove(*base);
+            if let Some(mut dev) = st.devices.remove(n) {
+                for (_, _, base) in std::mem::take(&mut dev.bars) {
+                    asp.remove(base);
                 }
-                for a in &dev.areas {
+                // The areas go first, here: a real function's areas map its BARs through its
+                // VFIO file, and the function's own drop (below) gives it back to its driver,
+                // which waits until nothing holds that file open (dropped after the device,
+                // as the fields' order would have it, the rebind waited for ever).
+                for a in std::mem::take(&mut dev.areas) {
                     asp.remove(a.region);
                 }
                 gone.push(dev);
