@@ -249,6 +249,13 @@ impl Inner {
         };
         let _ = s.out.push_now(|b| Frame::Hello(hello).encode(b));
         *lock(&self.link.current) = Some(s.clone());
+        drop(windows);
+        // A stop requested before the line above found no connection to close (this one was
+        // still in its handshake): close it now, or its reader would wait on a peer that
+        // waits the same way, and both endpoints' drops would wait for ever.
+        if self.stopped() {
+            self.link_down(s);
+        }
     }
 
     pub(crate) fn link_up(&self) {
@@ -524,17 +531,15 @@ impl std::fmt::Debug for TcpNtb {
     }
 }
 
-impl TcpNtb {
-    fn start(
+impl Inner {
+    /// A link's state before its supervisor thread runs: no connection, link down.
+    fn new(
         asp: Arc<AddressSpace>,
         cfg: TcpConfig,
         creds: Credentials,
-        mode: Mode,
-        local_addr: Option<SocketAddr>,
     ) -> std::result::Result<Self, TcpError> {
-        cfg.validate()?;
         let link = cfg.link;
-        let inner = Arc::new(Inner {
+        Ok(Inner {
             cfg,
             creds,
             asp,
@@ -556,7 +561,20 @@ impl TcpNtb {
             },
             counters: Counters::default(),
             congestion: Mutex::new(None),
-        });
+        })
+    }
+}
+
+impl TcpNtb {
+    fn start(
+        asp: Arc<AddressSpace>,
+        cfg: TcpConfig,
+        creds: Credentials,
+        mode: Mode,
+        local_addr: Option<SocketAddr>,
+    ) -> std::result::Result<Self, TcpError> {
+        cfg.validate()?;
+        let inner = Arc::new(Inner::new(asp, cfg, creds)?);
         let thread_inner = inner.clone();
         let supervisor = std::thread::Builder::new()
             .name("fabric-tcp".into())
@@ -1158,5 +1176,43 @@ impl Ntb for TcpNtb {
 
     fn backend(&self) -> &'static str {
         "tcp"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node stopping while its link's connection is still in its handshake: `stop` finds
+    /// no connection to close, and the connection is published after it. It must be closed
+    /// then, or its reader waits on the peer (which waits the same way) and both nodes' drops
+    /// wait for ever (two `devlend node`s SIGTERMed right after they started hung so).
+    #[test]
+    fn a_connection_published_after_stop_is_closed_at_once() {
+        let inner = Inner::new(
+            Arc::new(AddressSpace::new()),
+            TcpConfig::default(),
+            Credentials::Insecure,
+        )
+        .expect("a link's state");
+        inner.stop();
+        let (session, _peer) = crate::session::testing::plain_session();
+        let session = Arc::new(session);
+        inner.publish(&session);
+        assert_eq!(session.close(), None, "publish left the connection open");
+        assert!(lock(&inner.link.current).is_none());
+
+        // Before a stop, publishing keeps the connection.
+        let inner = Inner::new(
+            Arc::new(AddressSpace::new()),
+            TcpConfig::default(),
+            Credentials::Insecure,
+        )
+        .expect("a link's state");
+        let (session, _peer) = crate::session::testing::plain_session();
+        let session = Arc::new(session);
+        inner.publish(&session);
+        assert!(lock(&inner.link.current).is_some());
+        assert_eq!(session.close(), Some(false), "open until closed");
     }
 }

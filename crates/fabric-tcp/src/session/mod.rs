@@ -270,14 +270,14 @@ fn nonblocking(mut call: impl FnMut() -> libc::ssize_t) -> std::io::Result<Optio
 
 /// Helpers of the modules' tests: a plain session over a loopback connection.
 #[cfg(test)]
-mod testing {
+pub(crate) mod testing {
     use std::net::{TcpListener, TcpStream};
 
     use super::{Channel, Connection};
 
     /// A plain-TCP session on one end of a loopback connection, and the other end (the
     /// "peer", a bare socket).
-    pub(super) fn plain_session() -> (Connection, TcpStream) {
+    pub(crate) fn plain_session() -> (Connection, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (sock, _) = l.accept().unwrap();
