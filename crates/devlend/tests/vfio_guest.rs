@@ -10,7 +10,8 @@
 //! 3. a second borrower writes another pattern, flushes, and is killed with `kill -9`; the
 //!    lender's lease expires, it resets the function through VFIO and offers it again; a third
 //!    borrower reads the killed one's completed write back; `devlend remove` gives the
-//!    controller back to nvme while the lender runs, and it is added again;
+//!    controller back to nvme while the lender runs, and it is added again; lent to a fourth
+//!    borrower, it goes back to nvme when the lender stops (which takes it back first);
 //! 4. the benchmark row: the same driver and workload on the device used directly through
 //!    VFIO by one process, then borrowed through devlend (4 KiB random reads, QD1 and QD32),
 //!    in four rounds, the order alternating (direct first, then borrowed first), both pinned to
@@ -219,7 +220,22 @@ devlend remove nvme0 --state /tmp/l || fail "devlend remove"
 echo "VFIO-DRIVER-REMOVED $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
 devlend add vfio $BDF --bind --name nvme0 --state /tmp/l || fail "devlend add vfio after remove"
 echo "VFIO-DRIVER-READDED $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
+# The lender stops while the function is lent: it takes it back and gives it to nvme.
+vfio-guest borrower /tmp/f nvme0 hold >/tmp/hold2.log 2>&1 &
+HOLD2=$!
+i=0
+until grep -q VFIO-WROTE /tmp/hold2.log; do
+    i=$((i + 1)); [ $i -gt 3000 ] && { cat /tmp/hold2.log; fail "second holder never wrote"; }; sleep 0.1
+done
+echo "VFIO-STOPPING-LENT"
 kill $LENDER
+i=0
+# (Running until it exits; a zombie not yet reaped has exited.)
+while [ -e /proc/$LENDER ] && ! grep -q ') Z' /proc/$LENDER/stat 2>/dev/null; do
+    i=$((i + 1)); [ $i -gt 600 ] && fail "the lender did not stop with its device lent"; sleep 0.1
+done
+echo "VFIO-DRIVER-STOPPED-LENT $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
+kill -9 $HOLD2 2>/dev/null
 wait $LENDER
 echo "VFIO-DRIVER-AFTER $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
 # Both sides' benchmark processes on vCPU 1: under TCG a thread that moves to the other vCPU
@@ -337,6 +353,7 @@ fn host_test() {
             "VFIO-READBACK-OK",
             "VFIO-DRIVER-REMOVED nvme",
             "VFIO-DRIVER-READDED vfio-pci",
+            "VFIO-DRIVER-STOPPED-LENT nvme",
             "VFIO-DRIVER-AFTER nvme",
             "VFIO-ALL-DONE",
             "DEVLEND-TEST-EXIT 0",

@@ -248,6 +248,14 @@ struct Daemon {
     insecure_tcp: bool,
 }
 
+/// At shutdown, how long the borrower of a device this node still lends has to give it back
+/// before it is revoked.
+const SHUTDOWN_RECLAIM_GRACE: Duration = Duration::from_secs(2);
+
+/// At shutdown, how long a device whose lease just ended may take to reset before the node
+/// goes without removing it.
+const SHUTDOWN_RESET_WAIT: Duration = Duration::from_secs(10);
+
 /// Runs the daemon until SIGINT/SIGTERM or a `shutdown` request.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let s = args.resolve()?;
@@ -412,9 +420,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Err(e) => eprintln!("devlend node: returning {name}: {e:#}"),
         }
     }
-    // Devices go away with the node (a real function back to its driver).
+    // Devices go away with the node (a real function back to its driver). One still lent is
+    // taken back first: its borrower is told and has a short grace, then loses it (else the
+    // removal is refused and a real function would stay with vfio-pci after the node).
     for dev in daemon.node.local_devices() {
-        let _ = daemon.node.remove_device(&dev.name);
+        if dev.borrower.is_some() {
+            if let Err(e) = daemon.node.reclaim(&dev.name, SHUTDOWN_RECLAIM_GRACE) {
+                eprintln!("devlend node: taking {} back: {e}", dev.name);
+            }
+        }
+    }
+    for dev in daemon.node.local_devices() {
+        // A device whose lease just ended is reset before it can go.
+        let deadline = std::time::Instant::now() + SHUTDOWN_RESET_WAIT;
+        loop {
+            match daemon.node.remove_device(&dev.name) {
+                Err(devlend_lending::LendingError::Resetting(_))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                // A VF goes with its PF; another error leaves the device to the process's end.
+                _ => break,
+            }
+        }
     }
     let _ = std::fs::remove_file(&sock_path);
     Ok(())
