@@ -196,17 +196,22 @@ lender() {
     done
     devlend add vfio $BDF --bind --name nvme0 --state /tmp/l || fail "devlend add vfio"
 }
+# A borrower that writes its pattern, flushes and holds the device (pid in HOLDER), once it
+# has written.
+holder() {
+    vfio-guest borrower /tmp/f nvme0 hold >"$1" 2>&1 &
+    HOLDER=$!
+    i=0
+    until grep -q VFIO-WROTE "$1"; do
+        i=$((i + 1)); [ $i -gt 3000 ] && { cat "$1"; fail "the holder never wrote"; }; sleep 0.1
+    done
+}
 lender
 echo "VFIO-DRIVER-LENT $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
 devlend list --state /tmp/l | sed 's/^/VFIO-LIST /'
 vfio-guest borrower /tmp/f nvme0 suite || fail "suite borrower"
-vfio-guest borrower /tmp/f nvme0 hold >/tmp/hold.log 2>&1 &
-HOLD=$!
-i=0
-until grep -q VFIO-WROTE /tmp/hold.log; do
-    i=$((i + 1)); [ $i -gt 3000 ] && { cat /tmp/hold.log; fail "holder never wrote"; }; sleep 0.1
-done
-kill -9 $HOLD
+holder /tmp/hold.log
+kill -9 $HOLDER
 echo "VFIO-KILLED"
 i=0
 until grep -q "is back from borrower (lease" /tmp/lender.log; do
@@ -221,12 +226,7 @@ echo "VFIO-DRIVER-REMOVED $(basename $(readlink /sys/bus/pci/devices/$BDF/driver
 devlend add vfio $BDF --bind --name nvme0 --state /tmp/l || fail "devlend add vfio after remove"
 echo "VFIO-DRIVER-READDED $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
 # The lender stops while the function is lent: it takes it back and gives it to nvme.
-vfio-guest borrower /tmp/f nvme0 hold >/tmp/hold2.log 2>&1 &
-HOLD2=$!
-i=0
-until grep -q VFIO-WROTE /tmp/hold2.log; do
-    i=$((i + 1)); [ $i -gt 3000 ] && { cat /tmp/hold2.log; fail "second holder never wrote"; }; sleep 0.1
-done
+holder /tmp/hold2.log
 echo "VFIO-STOPPING-LENT"
 kill $LENDER
 i=0
@@ -235,7 +235,7 @@ while [ -e /proc/$LENDER ] && ! grep -q ') Z' /proc/$LENDER/stat 2>/dev/null; do
     i=$((i + 1)); [ $i -gt 600 ] && fail "the lender did not stop with its device lent"; sleep 0.1
 done
 echo "VFIO-DRIVER-STOPPED-LENT $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
-kill -9 $HOLD2 2>/dev/null
+kill -9 $HOLDER 2>/dev/null
 wait $LENDER
 echo "VFIO-DRIVER-AFTER $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
 # Both sides' benchmark processes on vCPU 1: under TCG a thread that moves to the other vCPU
