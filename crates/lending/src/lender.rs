@@ -303,11 +303,14 @@ struct PlacedArea {
 struct Exported {
     name: String,
     detail: String,
+    /// Declared before `device`, so dropped before it: a real function's areas map its BARs
+    /// through its VFIO file, and the function's own drop gives it back to its driver, which
+    /// waits until nothing holds that file open (dropped after it, the rebind waits for ever).
+    areas: Vec<PlacedArea>,
     device: Arc<dyn PciDevice>,
     iommu: Arc<Iommu>,
     sink: Arc<RoutedSink>,
     bars: Vec<(BarIndex, BarSpec, BusAddr)>,
-    areas: Vec<PlacedArea>,
     /// The device's capacity, asked once when it is added: describing a device (`list`,
     /// `status`, a grant) must not wait for the device, which may be held by a DMA transfer
     /// to a peer that stopped answering, while the lender's table is locked (that would hold
@@ -527,17 +530,14 @@ impl Lender {
         }
         let mut gone = Vec::new();
         for n in &exported {
-            if let Some(mut dev) = st.devices.remove(n) {
-                for (_, _, base) in std::mem::take(&mut dev.bars) {
-                    asp.remove(base);
+            if let Some(dev) = st.devices.remove(n) {
+                for (_, _, base) in &dev.bars {
+                    asp.remove(*base);
                 }
-                // The areas go first, here: a real function's areas map its BARs through its
-                // VFIO file, and the function's own drop (below) gives it back to its driver,
-                // which waits until nothing holds that file open (dropped after the device,
-                // as the fields' order would have it, the rebind waited for ever).
-                for a in std::mem::take(&mut dev.areas) {
+                for a in &dev.areas {
                     asp.remove(a.region);
                 }
+                // Dropped below, areas before the device (see `Exported`).
                 gone.push(dev);
             }
         }
